@@ -1,0 +1,191 @@
+"""The `emoji-ldm` command line: one sub-command per library function.
+
+Every command validates its arguments, calls one typed function and prints
+its result. A `UserError` prints as one line `emoji-ldm: error: ...` with exit
+code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from emoji_ldm import __version__
+from emoji_ldm.errors import UserError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive whole number")
+    return value
+
+
+def _version_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"version {text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"version {text!r} must be 0 or more")
+    return value
+
+
+# --- dataset -----------------------------------------------------------------
+
+
+def cmd_dataset_build(args) -> int:
+    from emoji_ldm.ingest.build import BuildConfig, build_dataset
+    from emoji_ldm.ingest.images import ImageConfig
+    from emoji_ldm.sources import FetchConfig
+
+    config = BuildConfig(
+        source=args.source,
+        out=args.out,
+        image=ImageConfig(size=args.image_size, background=args.background, max_pixels=args.max_pixels),
+        fetch=FetchConfig(timeout_s=args.timeout, retries=args.retries, threads=args.threads, per_host=args.per_host),
+        limit=args.limit,
+        message=args.message,
+        batch_size=args.batch_size,
+    )
+    summary = build_dataset(config)
+    if summary.rejects_uri:
+        print(f"rejected inputs with reasons: {summary.rejects_uri}")
+    print(summary.line())
+    return 0
+
+
+def cmd_dataset_versions(args) -> int:
+    from emoji_ldm.store.ops import format_versions, versions
+
+    print(format_versions(versions(args.uri)))
+    return 0
+
+
+def cmd_dataset_show(args) -> int:
+    from emoji_ldm.store.ops import show
+    from emoji_ldm.store.uri import DatasetRef, normalize_uri
+
+    if args.version is not None and args.tag is not None:
+        raise UserError("give --version or --tag, not both")
+    ref = DatasetRef.parse(args.uri)
+    if args.version is not None or args.tag is not None:
+        ref = DatasetRef(normalize_uri(ref.uri), version=args.version, tag=args.tag)
+    summary = show(ref, sheet=args.sheet, sheet_count=args.sheet_count)
+    print(summary.text())
+    if args.sheet:
+        print(f"contact sheet: {args.sheet}")
+    return 0
+
+
+def cmd_dataset_diff(args) -> int:
+    from emoji_ldm.store.ops import diff
+
+    result = diff(args.uri, args.a, args.b)
+    print(result.text())
+    for id_ in result.added[: args.show]:
+        print(f"+ {id_}")
+    for id_ in result.removed[: args.show]:
+        print(f"- {id_}")
+    return 0
+
+
+def cmd_dataset_tag(args) -> int:
+    from emoji_ldm.store.ops import tag
+
+    tag(args.uri, args.name, args.version)
+    print(f"tagged version {args.version} of {args.uri} as {args.name!r} (read it as {args.uri}@{args.name})")
+    return 0
+
+
+def cmd_dataset_restore(args) -> int:
+    from emoji_ldm.store.ops import restore
+
+    new = restore(args.uri, args.version, message=args.message)
+    print(f"restored version {args.version} of {args.uri} as new version {new}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="emoji-ldm", description="Versioned emoji datasets, latent diffusion training and bulk generation on Ray."
+    )
+    parser.add_argument("--version", action="version", version=f"emoji-ldm {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dataset = sub.add_parser("dataset", help="build and inspect versioned emoji datasets (Delta Lake)")
+    dsub = dataset.add_subparsers(dest="dataset_command", required=True)
+
+    b = dsub.add_parser("build", help="ingest a source into a new version of the dataset at --out")
+    b.add_argument("--source", required=True, help="twemoji | dir:PATH | urls:FILE (.txt, .csv or .parquet)")
+    b.add_argument("--out", required=True, help="dataset URI: a local path or s3://bucket/prefix")
+    b.add_argument("--image-size", type=_positive_int, default=64, help="stored images are N x N (default 64)")
+    b.add_argument("--background", default="white", help="colour that transparency is composited onto (default white)")
+    b.add_argument("--max-pixels", type=_positive_int, default=4096 * 4096,
+                   help="reject images with more pixels than this (decompression bombs; default 4096*4096)")
+    b.add_argument("--limit", type=_positive_int, help="ingest at most N source items")
+    b.add_argument("--message", default="", help="a note recorded with the new version")
+    b.add_argument("--timeout", type=float, default=10.0, help="urls: seconds per download attempt (default 10)")
+    b.add_argument("--retries", type=int, default=3, help="urls: retries on timeouts, 429 and 5xx (default 3)")
+    b.add_argument("--threads", type=_positive_int, default=16, help="urls: concurrent downloads per Ray task (default 16)")
+    b.add_argument("--per-host", type=_positive_int, default=8, help="urls: concurrent downloads per host per task (default 8)")
+    b.add_argument("--batch-size", type=_positive_int, default=256, help="images per Ray Data batch (default 256)")
+    b.set_defaults(func=cmd_dataset_build)
+
+    v = dsub.add_parser("versions", help="list versions: time, operation, rows added/removed, message")
+    v.add_argument("uri")
+    v.set_defaults(func=cmd_dataset_versions)
+
+    s = dsub.add_parser("show", help="summarise a version; --sheet writes a contact sheet PNG")
+    s.add_argument("uri", help="URI, URI@VERSION or URI@TAG")
+    s.add_argument("--version", dest="version", type=_version_number, help="version number to show")
+    s.add_argument("--tag", help="tag name to show")
+    s.add_argument("--sheet", help="write a contact sheet of images with titles/captions to this PNG")
+    s.add_argument("--sheet-count", type=_positive_int, default=64, help="images on the sheet (default 64)")
+    s.set_defaults(func=cmd_dataset_show)
+
+    d = dsub.add_parser("diff", help="rows added/removed between two versions (by content hash)")
+    d.add_argument("uri")
+    d.add_argument("a", help="version number or tag")
+    d.add_argument("b", help="version number or tag")
+    d.add_argument("--show", type=int, default=10, help="print up to N ids of each side (default 10)")
+    d.set_defaults(func=cmd_dataset_diff)
+
+    t = dsub.add_parser("tag", help="name a version; read it back as URI@NAME")
+    t.add_argument("uri")
+    t.add_argument("name")
+    t.add_argument("version", type=_version_number)
+    t.set_defaults(func=cmd_dataset_tag)
+
+    r = dsub.add_parser("restore", help="make an old version current again (as a new version)")
+    r.add_argument("uri")
+    r.add_argument("version", type=_version_number)
+    r.add_argument("--message", default="", help="a note recorded with the new version")
+    r.set_defaults(func=cmd_dataset_restore)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"emoji-ldm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("emoji-ldm: interrupted; the dataset stays at its last committed version", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Delta Lake tables: the one versioned format every stage reads and writes.
+
+Writes go through Ray Data (`Dataset.write_datasink(CommitDeltaDatasink(...))`):
+workers write Parquet files, the driver commits them in one Delta transaction
+whose commit info carries our metadata under the key `emoji_ldm` (operation,
+source, counts, config, code version, message, build id). A write that fails
+or is killed before that commit leaves only unreferenced Parquet files: the
+table stays at its last good version.
+
+Tags live beside the log in `_emoji_ldm/tags.json` (Delta has no tags) and do
+not create versions; rejected inputs of a build live in
+`_emoji_ldm/rejects/build-<id>.parquet`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from deltalake import DeltaTable, Schema
+from deltalake.exceptions import TableNotFoundError
+from deltalake.transaction import CommitProperties, create_table_with_add_actions
+from ray.data._internal.datasource.delta_datasink import DeltaDatasink
+
+from emoji_ldm.errors import UserError
+from emoji_ldm.store.uri import DatasetRef, filesystem, join, normalize_uri, storage_options
+
+logger = logging.getLogger(__name__)
+
+META_KEY = "emoji_ldm"
+SIDECAR = "_emoji_ldm"
+
+EMOJI_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),  # content hash of the stored pixels
+        ("image", pa.binary()),  # RGB PNG at the stored size
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("orig_width", pa.int32()),
+        ("orig_height", pa.int32()),
+        ("orig_format", pa.string()),
+        ("source", pa.string()),  # twemoji | dir:PATH | urls:FILE | crawl:<profile>/<tag>
+        ("source_url", pa.string()),  # path or URL the bytes came from
+        ("title", pa.string()),
+        ("tag", pa.string()),
+        ("caption", pa.string()),
+        ("caption_model", pa.string()),
+        ("ingested_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+def table_exists(uri: str) -> bool:
+    return DeltaTable.is_deltatable(normalize_uri(uri), storage_options=storage_options())
+
+
+def open_table(ref: DatasetRef | str) -> DeltaTable:
+    """The table at the referenced version (latest when none); clear errors for unknown ones."""
+    if isinstance(ref, str):
+        ref = DatasetRef.parse(ref)
+    try:
+        table = DeltaTable(ref.uri, storage_options=storage_options())
+    except TableNotFoundError:
+        raise UserError(
+            f"no dataset at {ref.uri!r}: build one with `emoji-ldm dataset build --out {ref.uri}`"
+        ) from None
+    except OSError as e:
+        raise UserError(f"cannot open the dataset at {ref.uri!r}: {e}") from None
+    version = ref.version
+    if ref.tag is not None:
+        tags = read_tags(ref.uri)
+        if ref.tag not in tags:
+            known = ", ".join(sorted(tags)) or "none"
+            raise UserError(f"unknown tag {ref.tag!r} for {ref.uri!r} (tags: {known})")
+        version = tags[ref.tag]
+    if version is not None:
+        latest = table.version()
+        if not 0 <= version <= latest:
+            raise UserError(f"unknown version {version} of {ref.uri!r}: versions are 0..{latest}")
+        try:
+            table.load_as_version(version)
+        except Exception as e:  # delta-rs raises a generic error for vacuumed versions
+            raise UserError(f"version {version} of {ref.uri!r} cannot be loaded: {e}") from None
+    return table
+
+
+def commit_meta(table_or_entry: dict) -> dict:
+    meta = table_or_entry.get(META_KEY) or {}
+    if isinstance(meta, str):  # written by hand or by another tool
+        try:
+            meta = json.loads(meta)
+        except json.JSONDecodeError:
+            meta = {"message": meta}
+    return meta
+
+
+def history(uri: str) -> list[dict[str, Any]]:
+    """One dict per version, oldest first: version, time, operation, rows added/removed, message."""
+    table = open_table(DatasetRef(normalize_uri(uri)))
+    rows = []
+    for entry in table.history():
+        meta = commit_meta(entry)
+        metrics = entry.get("operationMetrics") or {}
+        counts = meta.get("counts") or {}
+        rows.append(
+            {
+                "version": entry["version"],
+                "time": dt.datetime.fromtimestamp(entry["timestamp"] / 1000, dt.timezone.utc),
+                "operation": meta.get("operation") or entry.get("operation", "?").lower(),
+                "rows_added": int(metrics.get("num_added_rows", counts.get("added", 0)) or 0),
+                "rows_removed": int(metrics.get("num_deleted_rows", counts.get("removed", 0)) or 0),
+                "message": meta.get("message", ""),
+                "meta": meta,
+            }
+        )
+    return sorted(rows, key=lambda r: r["version"])
+
+
+def version_for_build(uri: str, build_id: str) -> int | None:
+    for row in reversed(history(uri)):
+        if row["meta"].get("build_id") == build_id:
+            return row["version"]
+    return None
+
+
+class CommitDeltaDatasink(DeltaDatasink):
+    """Ray's Delta datasink, committing with our metadata and a fixed schema.
+
+    Workers use Ray's own Parquet writer (`DeltaDatasink.write`); only the
+    driver-side commit differs: it records `metadata` in the commit info and
+    appends (or overwrites) with `schema`, so every version is self-describing.
+    """
+
+    def __init__(self, uri: str, *, schema: pa.Schema, metadata: dict, mode: str = "append"):
+        opts = storage_options()
+        super().__init__(normalize_uri(uri), mode=mode, storage_options=opts or None,
+                         filesystem=filesystem(uri)[0])
+        self._commit_schema = schema
+        self._metadata = metadata
+
+    def on_write_complete(self, write_result) -> None:
+        actions = [a for r in write_result.write_returns if r is not None for a in r.add_actions]
+        props = CommitProperties(custom_metadata={META_KEY: self._metadata})
+        delta_schema = Schema.from_arrow(self._commit_schema)
+        if not table_exists(self._path):
+            create_table_with_add_actions(
+                table_uri=self._path,
+                schema=delta_schema,
+                add_actions=actions,
+                mode="overwrite" if self._mode.value == "overwrite" else "error",
+                storage_options=self._storage_options,
+                commit_properties=props,
+            )
+            return
+        table = DeltaTable(self._path, storage_options=self._storage_options)
+        table.create_write_transaction(
+            actions=actions, mode=self._mode.value, schema=delta_schema, commit_properties=props
+        )
+
+
+def read_ids(ref: DatasetRef | str) -> set[str]:
+    """Content hashes at a version (empty when the table does not exist yet)."""
+    if isinstance(ref, str):
+        ref = DatasetRef.parse(ref)
+    if ref.version is None and ref.tag is None and not table_exists(ref.uri):
+        return set()
+    table = open_table(ref)
+    return set(table.to_pyarrow_table(columns=["id"]).column("id").to_pylist())
+
+
+# --- tags -------------------------------------------------------------------
+
+
+def _tags_path(uri: str) -> str:
+    return join(normalize_uri(uri), SIDECAR, "tags.json")
+
+
+def read_tags(uri: str) -> dict[str, int]:
+    fs, path = filesystem(_tags_path(uri))
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+    except FileNotFoundError:
+        return {}
+
+
+def write_tag(uri: str, name: str, version: int) -> None:
+    if not name or not all(c.isalnum() or c in "_.-" for c in name) or name.isdigit():
+        raise UserError(
+            f"tag name {name!r} must be letters, digits, '_', '.' or '-' and not only digits"
+        )
+    table = open_table(DatasetRef(normalize_uri(uri), version=version))  # validates the version
+    tags = read_tags(uri)
+    tags[name] = version
+    fs, path = filesystem(_tags_path(uri))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(tags, indent=2, sort_keys=True).encode())
+    del table
+
+
+# --- rejects ----------------------------------------------------------------
+
+REJECT_SCHEMA = pa.schema(
+    [("source_url", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
+)
+
+
+def write_rejects(uri: str, build_id: str, rejects: pa.Table) -> str | None:
+    if rejects.num_rows == 0:
+        return None
+    target = join(normalize_uri(uri), SIDECAR, "rejects", f"build-{build_id}.parquet")
+    fs, path = filesystem(target)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(rejects.cast(REJECT_SCHEMA), path, filesystem=fs)
+    return target
+
+
+def read_rejects(uri: str, build_id: str) -> pa.Table:
+    target = join(normalize_uri(uri), SIDECAR, "rejects", f"build-{build_id}.parquet")
+    fs, path = filesystem(target)
+    try:
+        return pq.read_table(path, filesystem=fs)
+    except FileNotFoundError:
+        return REJECT_SCHEMA.empty_table()

@@ -1,0 +1,141 @@
+"""Dataset commands beyond build: versions, show (+ contact sheet), diff, tag, restore.
+
+Each is one typed function that the CLI calls as it is
+(`emoji-ldm dataset versions|show|diff|tag|restore`).
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from dataclasses import dataclass
+
+import pyarrow as pa
+from deltalake.transaction import CommitProperties
+from PIL import Image, ImageDraw, ImageFont
+
+from emoji_ldm.errors import UserError
+from emoji_ldm.store.delta import META_KEY, history, open_table, write_tag
+from emoji_ldm.store.uri import DatasetRef, normalize_uri
+from emoji_ldm.version import code_version
+
+
+def versions(uri: str) -> list[dict]:
+    """Every version, oldest first: version, time, operation, rows added/removed, message."""
+    return history(uri)
+
+
+def format_versions(rows: list[dict]) -> str:
+    lines = [f"{'version':>7}  {'time (UTC)':19}  {'operation':10}  {'added':>6}  {'removed':>7}  message"]
+    for r in rows:
+        lines.append(
+            f"{r['version']:>7}  {r['time']:%Y-%m-%d %H:%M:%S}  {r['operation']:10}  "
+            f"{r['rows_added']:>6}  {r['rows_removed']:>7}  {r['message']}"
+        )
+    return "\n".join(lines)
+
+
+@dataclass
+class DatasetSummary:
+    ref: str
+    version: int
+    rows: int
+    sources: dict[str, int]
+    tags: dict[str, int]
+    captioned: int
+    image_sizes: dict[str, int]
+
+    def text(self) -> str:
+        top_tags = ", ".join(f"{k or '(none)'} {v}" for k, v in Counter(self.tags).most_common(8))
+        sources = ", ".join(f"{k} {v}" for k, v in self.sources.items())
+        sizes = ", ".join(f"{k} {v}" for k, v in self.image_sizes.items())
+        return "\n".join(
+            [
+                f"dataset {self.ref} (version {self.version}): {self.rows} rows",
+                f"  sources:   {sources}",
+                f"  tags:      {top_tags}",
+                f"  captioned: {self.captioned}/{self.rows}",
+                f"  images:    {sizes}",
+            ]
+        )
+
+
+def show(ref: str | DatasetRef, sheet: str | None = None, sheet_count: int = 64) -> DatasetSummary:
+    """Summarise a version; with `sheet`, also write a contact sheet PNG of the first images."""
+    ref = DatasetRef.parse(ref) if isinstance(ref, str) else ref
+    table = open_table(ref)
+    meta = table.to_pyarrow_table(columns=["source", "tag", "caption", "width", "height"])
+    sizes = Counter(f"{w}x{h}" for w, h in zip(meta.column("width").to_pylist(), meta.column("height").to_pylist()))
+    summary = DatasetSummary(
+        ref=str(ref),
+        version=table.version(),
+        rows=meta.num_rows,
+        sources=dict(Counter(meta.column("source").to_pylist())),
+        tags=dict(Counter(meta.column("tag").to_pylist())),
+        captioned=meta.num_rows - meta.column("caption").null_count,
+        image_sizes=dict(sizes),
+    )
+    if sheet:
+        rows = table.to_pyarrow_table(columns=["image", "title", "caption"]).slice(0, sheet_count)
+        contact_sheet(rows, sheet)
+    return summary
+
+
+def contact_sheet(rows: pa.Table, path: str, cell: int = 128, columns: int = 8) -> None:
+    """A grid of images, each with its caption (or title) underneath."""
+    if rows.num_rows == 0:
+        raise UserError("the dataset has no rows to put on a contact sheet")
+    font = ImageFont.load_default()
+    label_h = 28
+    n = rows.num_rows
+    cols = min(columns, n)
+    grid_rows = (n + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * cell, grid_rows * (cell + label_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, row in enumerate(rows.to_pylist()):
+        x, y = (i % cols) * cell, (i // cols) * (cell + label_h)
+        img = Image.open(io.BytesIO(row["image"])).convert("RGB")
+        pad = 8
+        sheet.paste(img.resize((cell - 2 * pad, cell - 2 * pad), Image.Resampling.NEAREST), (x + pad, y + pad))
+        label = (row.get("caption") or row.get("title") or "")[:44]
+        for j, part in enumerate((label[:22], label[22:44])):
+            draw.text((x + 4, y + cell - 2 + j * 12), part, fill="black", font=font)
+    sheet.save(path)
+
+
+@dataclass
+class Diff:
+    a: int
+    b: int
+    added: list[str]
+    removed: list[str]
+
+    def text(self) -> str:
+        return f"diff {self.a} -> {self.b}: {len(self.added)} rows added, {len(self.removed)} rows removed (by content hash)"
+
+
+def diff(uri: str, a: str, b: str) -> Diff:
+    """Rows (content hashes) added and removed from version/tag `a` to `b`."""
+    uri = normalize_uri(uri)
+    ta, tb = open_table(DatasetRef.parse(f"{uri}@{a}")), open_table(DatasetRef.parse(f"{uri}@{b}"))
+    ids_a = set(ta.to_pyarrow_table(columns=["id"]).column("id").to_pylist())
+    ids_b = set(tb.to_pyarrow_table(columns=["id"]).column("id").to_pylist())
+    return Diff(ta.version(), tb.version(), sorted(ids_b - ids_a), sorted(ids_a - ids_b))
+
+
+def tag(uri: str, name: str, version: int) -> None:
+    """Name a version (`uri@name` then reads it); re-tagging moves the name."""
+    write_tag(normalize_uri(uri), name, version)
+
+
+def restore(uri: str, version: int, message: str = "") -> int:
+    """Make `version`'s rows current again, as a new version; returns that new version."""
+    uri = normalize_uri(uri)
+    open_table(DatasetRef(uri, version=version))  # validates the version with a clear error
+    table = open_table(DatasetRef(uri))
+    change = diff(uri, str(table.version()), str(version))
+    meta = {"operation": "restore", "restored_version": version, "code_version": code_version(),
+            "counts": {"added": len(change.added), "removed": len(change.removed)},
+            "message": message or f"restore version {version}"}
+    table.restore(version, commit_properties=CommitProperties(custom_metadata={META_KEY: meta}))
+    return open_table(DatasetRef(uri)).version()
