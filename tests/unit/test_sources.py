@@ -1,0 +1,127 @@
+"""Sources: listing (twemoji, dir:, urls:) and fetching with retries against a local server."""
+
+import pandas as pd
+import pytest
+import requests
+
+from emoji_ldm.errors import UserError
+from emoji_ldm.sources import FetchConfig, list_source
+from emoji_ldm.sources.base import FetchError, HostLimiter, fetch_url
+from emoji_ldm.sources.twemoji import describe, twemoji_items
+from tests.conftest import png_bytes
+
+
+def test_twemoji_pack_titles_and_tags():
+    items = twemoji_items()
+    assert len(items) == 4009
+    assert describe("1f004") == ("mahjong red dragon", "Activities")
+    assert describe("2764")[0] == "red heart"
+    title, tag = describe("1f44d-1f3fd")
+    assert title == "thumbs up medium skin tone" and tag == "People & Body"
+    assert describe("1f1e6")[0] == "regional indicator symbol letter a"
+    assert all(i.title for i in items)
+    assert sum(1 for i in items if i.tag) > 3600
+
+
+def test_limit_and_unknown_source():
+    assert len(list_source("twemoji", limit=5)) == 5
+    with pytest.raises(UserError, match="unknown source 'ftp:x'"):
+        list_source("ftp:x")
+    with pytest.raises(UserError, match="positive"):
+        list_source("twemoji", limit=0)
+
+
+def test_dir_with_metadata_csv(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    (tmp_path / "b_c.png").write_bytes(png_bytes())
+    (tmp_path / ".hidden.png").write_bytes(png_bytes())
+    (tmp_path / "metadata.csv").write_text(
+        "file_name,image_url,image_title,tag,prompt\n"
+        "a.png,https://example.org/a.webp,blobcat,Blobs,a cat blob\n"
+    )
+    items = {i.locator.rsplit("/", 1)[1]: i for i in list_source(f"dir:{tmp_path}")}
+    assert set(items) == {"a.png", "b_c.png"}
+    a = items["a.png"]
+    assert (a.title, a.tag, a.caption, a.source_url) == ("blobcat", "Blobs", "a cat blob", "https://example.org/a.webp")
+    assert items["b_c.png"].title == "b c" and items["b_c.png"].caption is None
+
+
+def test_dir_errors(tmp_path):
+    with pytest.raises(UserError, match="is not a folder"):
+        list_source(f"dir:{tmp_path / 'missing'}")
+    with pytest.raises(UserError, match="no files"):
+        list_source(f"dir:{tmp_path}")
+    (tmp_path / "x.png").write_bytes(png_bytes())
+    (tmp_path / "metadata.csv").write_text("name,title\nx.png,x\n")
+    with pytest.raises(UserError, match="no 'file_name' column"):
+        list_source(f"dir:{tmp_path}")
+
+
+def test_url_lists(tmp_path):
+    txt = tmp_path / "u.txt"
+    txt.write_text("# comment\nhttp://127.0.0.1:1/a.png\n\nhttps://example.org/b.png\n")
+    assert [i.locator for i in list_source(f"urls:{txt}")] == ["http://127.0.0.1:1/a.png", "https://example.org/b.png"]
+    csv = tmp_path / "u.csv"
+    csv.write_text("image_url,image_title,tag\nhttp://h/a.png,smile,Faces\n")
+    (item,) = list_source(f"urls:{csv}")
+    assert (item.title, item.tag) == ("smile", "Faces")
+    pq = tmp_path / "u.parquet"
+    pd.DataFrame({"url": ["http://h/1.png", "http://h/2.png"], "title": ["one", "two"]}).to_parquet(pq)
+    assert [i.title for i in list_source(f"urls:{pq}")] == ["one", "two"]
+
+
+def test_malformed_url_lists(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("http://ok/a.png\nnot a url\n")
+    with pytest.raises(UserError, match=r"bad.txt:2: 'not a url' is not an http\(s\) URL"):
+        list_source(f"urls:{bad}")
+    nocol = tmp_path / "nocol.csv"
+    nocol.write_text("link\nhttp://a/b.png\n")
+    with pytest.raises(UserError, match="no 'url' or 'image_url' column"):
+        list_source(f"urls:{nocol}")
+    with pytest.raises(UserError, match="not a readable file"):
+        list_source(f"urls:{tmp_path / 'missing.txt'}")
+    with pytest.raises(UserError, match="unknown list format '.json'"):
+        (tmp_path / "x.json").write_text("[]")
+        list_source(f"urls:{tmp_path / 'x.json'}")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    with pytest.raises(UserError, match="lists no URLs"):
+        list_source(f"urls:{empty}")
+
+
+def test_fetch_retries_on_500_then_succeeds(http_site):
+    http_site.files["/a.png"] = png_bytes()
+    config = FetchConfig(retries=2, backoff_s=0.01)
+    data = fetch_url(requests.Session(), http_site.url("flaky/a.png"), config, HostLimiter(2))
+    assert data == http_site.files["/a.png"]
+    assert http_site.hits["/flaky/a.png"] == 2
+
+
+def test_fetch_does_not_retry_404(http_site):
+    with pytest.raises(FetchError) as e:
+        fetch_url(requests.Session(), http_site.url("status/404"), FetchConfig(backoff_s=0.01), HostLimiter(2))
+    assert e.value.reason == "http_error" and e.value.detail == "HTTP 404"
+    assert http_site.hits["/status/404"] == 1
+
+
+def test_fetch_gives_up_after_retries(http_site):
+    with pytest.raises(FetchError, match="HTTP 503"):
+        fetch_url(requests.Session(), http_site.url("status/503"), FetchConfig(retries=2, backoff_s=0.01), HostLimiter(2))
+    assert http_site.hits["/status/503"] == 3
+
+
+def test_fetch_times_out(http_site):
+    http_site.files["/a.png"] = png_bytes()
+    http_site.slow_s = 2.0
+    config = FetchConfig(timeout_s=0.3, retries=1, backoff_s=0.01)
+    with pytest.raises(FetchError) as e:
+        fetch_url(requests.Session(), http_site.url("slow/a.png"), config, HostLimiter(2))
+    assert e.value.reason == "fetch_failed" and "2 attempts" in e.value.detail
+
+
+def test_fetch_caps_size(http_site):
+    http_site.files["/big.bin"] = b"x" * 5000
+    with pytest.raises(FetchError) as e:
+        fetch_url(requests.Session(), http_site.url("big.bin"), FetchConfig(max_bytes=1000), HostLimiter(2))
+    assert e.value.reason == "too_large_bytes"
