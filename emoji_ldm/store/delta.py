@@ -147,15 +147,20 @@ class CommitDeltaDatasink(DeltaDatasink):
         props = CommitProperties(custom_metadata={META_KEY: self._metadata})
         delta_schema = Schema.from_arrow(self._commit_schema)
         if not table_exists(self._path):
-            create_table_with_add_actions(
-                table_uri=self._path,
-                schema=delta_schema,
-                add_actions=actions,
-                mode="overwrite" if self._mode.value == "overwrite" else "error",
-                storage_options=self._storage_options,
-                commit_properties=props,
-            )
-            return
+            try:
+                create_table_with_add_actions(
+                    table_uri=self._path,
+                    schema=delta_schema,
+                    add_actions=actions,
+                    mode="overwrite" if self._mode.value == "overwrite" else "error",
+                    storage_options=self._storage_options,
+                    commit_properties=props,
+                )
+                return
+            except Exception:
+                # Another writer created the table first (concurrent builds): append to it.
+                if not table_exists(self._path):
+                    raise
         table = DeltaTable(self._path, storage_options=self._storage_options)
         table.create_write_transaction(
             actions=actions, mode=self._mode.value, schema=delta_schema, commit_properties=props
