@@ -132,9 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--message", default="", help="a note recorded with the new version")
     b.add_argument("--timeout", type=float, default=10.0, help="urls: seconds per download attempt (default 10)")
     b.add_argument("--retries", type=int, default=3, help="urls: retries on timeouts, 429 and 5xx (default 3)")
-    b.add_argument("--threads", type=_positive_int, default=16, help="urls: concurrent downloads per Ray task (default 16)")
-    b.add_argument("--per-host", type=_positive_int, default=8, help="urls: concurrent downloads per host per task (default 8)")
-    b.add_argument("--batch-size", type=_positive_int, default=256, help="images per Ray Data batch (default 256)")
+    b.add_argument("--threads", type=_positive_int, default=4, help="urls: concurrent downloads per Ray task (default 4)")
+    b.add_argument("--per-host", type=_positive_int, default=4, help="urls: concurrent connections per host per task (default 4)")
+    b.add_argument("--batch-size", type=_positive_int, default=128, help="images per Ray Data batch (default 128)")
     b.set_defaults(func=cmd_dataset_build)
 
     v = dsub.add_parser("versions", help="list versions: time, operation, rows added/removed, message")

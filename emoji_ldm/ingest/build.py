@@ -13,12 +13,10 @@ Stages:
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import logging
 import time
 import uuid
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,27 +24,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.ingest.images import Cleaned, ImageConfig, clean_image
+from emoji_ldm.ingest.images import ImageConfig
+from emoji_ldm.ingest.tasks import ingest_batch
 from emoji_ldm.runtime import ensure_ray
 from emoji_ldm.sources import FetchConfig, list_source
-from emoji_ldm.sources.base import FetchError, HostLimiter, fetch_bytes
 from emoji_ldm.store.delta import (
-    EMOJI_SCHEMA,
     CommitDeltaDatasink,
     read_ids,
     version_for_build,
     write_rejects,
 )
+from emoji_ldm.store.schema import EMOJI_SCHEMA
 from emoji_ldm.store.uri import check_s3_bucket, normalize_uri
 from emoji_ldm.version import code_version
 
 logger = logging.getLogger(__name__)
-
-# Columns only the build uses; dropped before the write.
-_WORK_SCHEMA = EMOJI_SCHEMA.append(pa.field("_key", pa.int64())).append(
-    pa.field("_reason", pa.string())
-).append(pa.field("_detail", pa.string()))
-
 
 @dataclass(frozen=True)
 class BuildConfig:
@@ -56,7 +48,7 @@ class BuildConfig:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     limit: int | None = None  # ingest at most this many source items
     message: str = ""  # recorded in the commit, shown by `dataset versions`
-    batch_size: int = 256  # images per Ray Data task batch
+    batch_size: int = 128  # images per Ray Data task batch
 
     def __post_init__(self):
         if self.limit is not None and self.limit <= 0:
@@ -78,6 +70,7 @@ class BuildSummary:
     added: int
     seconds: float
     rejects_uri: str | None = None
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: list, ray_start, ingest, write
 
     @property
     def images_per_s(self) -> float:
@@ -94,47 +87,6 @@ class BuildSummary:
             + f" ({self.duplicates_in_build} in build, {self.duplicates_in_table} already in table)"
             + f", {self.added} added -> {where} | {self.seconds:.1f} s, {self.images_per_s:.0f} images/s"
         )
-
-
-def ingest_batch(batch: pa.Table, image: ImageConfig, fetch: FetchConfig) -> pa.Table:
-    """Ray Data task: fetch and clean one batch of source items.
-
-    In: columns key, locator, source, source_url, title, tag, caption.
-    Out: `_WORK_SCHEMA` rows; rejected rows have a null `id`/`image` and a `_reason`.
-    """
-    import requests
-
-    rows = batch.to_pylist()
-    session = requests.Session()
-    limiter = HostLimiter(fetch.per_host)
-    now = dt.datetime.now(dt.timezone.utc)
-
-    def one(row: dict) -> dict:
-        out = {
-            "_key": row["key"], "source": row["source"], "source_url": row["source_url"],
-            "title": row["title"], "tag": row["tag"], "caption": row["caption"],
-            "caption_model": "source" if row["caption"] else None, "ingested_at": now,
-        }
-        try:
-            data = fetch_bytes(row["locator"], fetch, session=session, limiter=limiter)
-        except FetchError as e:
-            return {**out, "_reason": e.reason, "_detail": e.detail}
-        result = clean_image(data, image)
-        if not isinstance(result, Cleaned):
-            return {**out, "_reason": result.reason, "_detail": result.detail}
-        return {
-            **out, "id": result.id, "image": result.png, "width": result.width, "height": result.height,
-            "orig_width": result.orig_width, "orig_height": result.orig_height, "orig_format": result.orig_format,
-        }
-
-    remote = any(r["locator"].startswith(("http://", "https://")) for r in rows)
-    if remote:
-        with ThreadPoolExecutor(max_workers=fetch.threads) as pool:
-            results = list(pool.map(one, rows))
-    else:
-        results = [one(r) for r in rows]
-    session.close()
-    return pa.Table.from_pylist(results, schema=_WORK_SCHEMA)
 
 
 def _keep_rows(batch: pa.Table, keep: np.ndarray) -> pa.Table:
@@ -171,10 +123,19 @@ def build_dataset(config: BuildConfig) -> BuildSummary:
     import ray.data
 
     start = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def lap(name: str, since: list[float] = [start]) -> None:
+        now = time.perf_counter()
+        phases[name] = round(now - since[0], 3)
+        since[0] = now
+
     check_s3_bucket(config.out)
     items = list_source(config.source, config.limit)
     existing = read_ids(config.out)  # also fails early on an unreadable table
+    lap("list")
     ensure_ray()
+    lap("ray_start")
     build_id = uuid.uuid4().hex[:12]
     logger.info("build %s: %d items from %s -> %s", build_id, len(items), config.source, config.out)
 
@@ -187,6 +148,7 @@ def build_dataset(config: BuildConfig) -> BuildSummary:
         batch_format="pyarrow",
         batch_size=config.batch_size,
     ).materialize()
+    lap("ingest")
 
     meta = pa.concat_tables(
         ray.get(ds.select_columns(["_key", "id", "_reason", "_detail", "source_url"]).to_arrow_refs())
@@ -213,10 +175,12 @@ def build_dataset(config: BuildConfig) -> BuildSummary:
         sink = CommitDeltaDatasink(config.out, schema=EMOJI_SCHEMA, metadata=metadata)
         ds.map_batches(_keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow").write_datasink(sink)
         version = version_for_build(config.out, build_id)
+    lap("write")
+    logger.info("build %s phases (s): %s", build_id, phases)
     return BuildSummary(
         out=config.out, version=version, images_in=len(rows), accepted=accepted, rejected=dict(rejected),
         duplicates_in_build=dup_build, duplicates_in_table=dup_table, added=int(len(keep)),
-        seconds=time.perf_counter() - start, rejects_uri=rejects_uri,
+        seconds=time.perf_counter() - start, rejects_uri=rejects_uri, phases=phases,
     )
 
 

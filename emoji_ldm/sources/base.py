@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import random
-import threading
-import time
 from dataclasses import asdict, dataclass
-from urllib.parse import urlsplit
-
-import requests
 
 from emoji_ldm.errors import UserError
 
@@ -38,8 +32,8 @@ class FetchConfig:
     timeout_s: float = 10.0  # connect + read timeout of one attempt
     retries: int = 3  # extra attempts after timeouts, connection errors, 429 and 5xx
     backoff_s: float = 0.5  # first back-off; doubles each retry, with jitter
-    threads: int = 16  # concurrent downloads per Ray task
-    per_host: int = 8  # concurrent downloads per host per Ray task
+    threads: int = 4  # concurrent downloads per Ray task (more only adds GIL contention per core)
+    per_host: int = 4  # concurrent connections per host per Ray task
     max_bytes: int = 20 * 1024 * 1024  # stop reading and reject past this size
 
     def __post_init__(self):
@@ -57,55 +51,53 @@ class FetchError(Exception):
         self.detail = detail
 
 
-class HostLimiter:
-    """At most `per_host` requests in flight to one host (within one task)."""
-
-    def __init__(self, per_host: int):
-        self._per_host = per_host
-        self._lock = threading.Lock()
-        self._sems: dict[str, threading.Semaphore] = {}
-
-    def __call__(self, url: str) -> threading.Semaphore:
-        host = urlsplit(url).netloc
-        with self._lock:
-            if host not in self._sems:
-                self._sems[host] = threading.Semaphore(self._per_host)
-            return self._sems[host]
+_RETRY_STATUS = (429, 500, 502, 503, 504)
 
 
-def _download(session: requests.Session, url: str, config: FetchConfig) -> bytes:
-    with session.get(url, timeout=config.timeout_s, stream=True, headers={"User-Agent": USER_AGENT}) as r:
-        if r.status_code >= 400:
-            raise FetchError("http_error", f"HTTP {r.status_code}")
+def make_pool(config: FetchConfig):
+    """A urllib3 pool: at most `per_host` connections per host (callers block for one),
+    retries with exponential back-off on connection errors, timeouts, 429 and 5xx."""
+    import urllib3
+
+    retry = urllib3.Retry(
+        total=config.retries,
+        backoff_factor=config.backoff_s,
+        backoff_jitter=config.backoff_s / 2,
+        status_forcelist=_RETRY_STATUS,
+        raise_on_status=False,  # the last 5xx comes back as a response we can name
+        respect_retry_after_header=True,
+    )
+    return urllib3.PoolManager(
+        num_pools=64, maxsize=config.per_host, block=True, retries=retry,
+        timeout=urllib3.Timeout(total=config.timeout_s), headers={"User-Agent": USER_AGENT},
+    )
+
+
+def fetch_url(pool, url: str, config: FetchConfig) -> bytes:
+    """GET `url` through `pool`; FetchError(reason, detail) on any failure."""
+    import urllib3
+
+    try:
+        r = pool.request("GET", url, preload_content=False)
+    except urllib3.exceptions.MaxRetryError as e:
+        cause = type(e.reason).__name__ if e.reason else "error"
+        raise FetchError("fetch_failed", f"{cause} after {config.retries + 1} attempts") from None
+    except urllib3.exceptions.HTTPError as e:
+        raise FetchError("fetch_failed", f"{type(e).__name__}: {e}"[:200]) from None
+    try:
+        if r.status >= 400:
+            raise FetchError("http_error", f"HTTP {r.status}")
         chunks, size = [], 0
-        for chunk in r.iter_content(64 * 1024):
+        for chunk in r.stream(64 * 1024):
             size += len(chunk)
             if size > config.max_bytes:
                 raise FetchError("too_large_bytes", f"more than max_bytes {config.max_bytes}")
             chunks.append(chunk)
         return b"".join(chunks)
-
-
-def fetch_url(session: requests.Session, url: str, config: FetchConfig, limiter: HostLimiter) -> bytes:
-    """GET with timeouts, retries with exponential back-off on transient failures."""
-    delay = config.backoff_s
-    for attempt in range(config.retries + 1):
-        last = attempt == config.retries
-        try:
-            with limiter(url):
-                return _download(session, url, config)
-        except FetchError as e:
-            transient = e.reason == "http_error" and (e.detail in ("HTTP 429",) or e.detail.startswith("HTTP 5"))
-            if not transient or last:
-                raise
-        except (requests.Timeout, requests.ConnectionError) as e:
-            if last:
-                raise FetchError("fetch_failed", f"{type(e).__name__} after {attempt + 1} attempts") from None
-        except requests.RequestException as e:
-            raise FetchError("fetch_failed", f"{type(e).__name__}: {e}"[:200]) from None
-        time.sleep(delay * (0.5 + random.random()))
-        delay *= 2
-    raise AssertionError("unreachable")
+    except urllib3.exceptions.HTTPError as e:  # timeouts or resets while reading the body
+        raise FetchError("fetch_failed", f"{type(e).__name__} while reading the body") from None
+    finally:
+        r.release_conn()
 
 
 def read_file(path: str, max_bytes: int) -> bytes:
@@ -119,7 +111,7 @@ def read_file(path: str, max_bytes: int) -> bytes:
     return data
 
 
-def fetch_bytes(locator: str, config: FetchConfig, session=None, limiter=None) -> bytes:
+def fetch_bytes(locator: str, config: FetchConfig, pool=None) -> bytes:
     if locator.startswith(("http://", "https://")):
-        return fetch_url(session or requests.Session(), locator, config, limiter or HostLimiter(config.per_host))
+        return fetch_url(pool if pool is not None else make_pool(config), locator, config)
     return read_file(locator, config.max_bytes)

@@ -27,6 +27,7 @@ from deltalake.transaction import CommitProperties, create_table_with_add_action
 from ray.data._internal.datasource.delta_datasink import DeltaDatasink
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.store.schema import EMOJI_SCHEMA  # noqa: F401  (re-exported)
 from emoji_ldm.store.uri import DatasetRef, filesystem, join, normalize_uri, storage_options
 
 logger = logging.getLogger(__name__)
@@ -34,24 +35,6 @@ logger = logging.getLogger(__name__)
 META_KEY = "emoji_ldm"
 SIDECAR = "_emoji_ldm"
 
-EMOJI_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),  # content hash of the stored pixels
-        ("image", pa.binary()),  # RGB PNG at the stored size
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("orig_width", pa.int32()),
-        ("orig_height", pa.int32()),
-        ("orig_format", pa.string()),
-        ("source", pa.string()),  # twemoji | dir:PATH | urls:FILE | crawl:<profile>/<tag>
-        ("source_url", pa.string()),  # path or URL the bytes came from
-        ("title", pa.string()),
-        ("tag", pa.string()),
-        ("caption", pa.string()),
-        ("caption_model", pa.string()),
-        ("ingested_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
 
 
 def table_exists(uri: str) -> bool:

@@ -2,11 +2,9 @@
 
 import pandas as pd
 import pytest
-import requests
-
 from emoji_ldm.errors import UserError
 from emoji_ldm.sources import FetchConfig, list_source
-from emoji_ldm.sources.base import FetchError, HostLimiter, fetch_url
+from emoji_ldm.sources.base import FetchError, fetch_url, make_pool
 from emoji_ldm.sources.twemoji import describe, twemoji_items
 from tests.conftest import png_bytes
 
@@ -93,21 +91,21 @@ def test_malformed_url_lists(tmp_path):
 def test_fetch_retries_on_500_then_succeeds(http_site):
     http_site.files["/a.png"] = png_bytes()
     config = FetchConfig(retries=2, backoff_s=0.01)
-    data = fetch_url(requests.Session(), http_site.url("flaky/a.png"), config, HostLimiter(2))
+    data = fetch_url(make_pool(config), http_site.url("flaky/a.png"), config)
     assert data == http_site.files["/a.png"]
     assert http_site.hits["/flaky/a.png"] == 2
 
 
 def test_fetch_does_not_retry_404(http_site):
     with pytest.raises(FetchError) as e:
-        fetch_url(requests.Session(), http_site.url("status/404"), FetchConfig(backoff_s=0.01), HostLimiter(2))
+        fetch_url(make_pool(FetchConfig(backoff_s=0.01)), http_site.url("status/404"), FetchConfig(backoff_s=0.01))
     assert e.value.reason == "http_error" and e.value.detail == "HTTP 404"
     assert http_site.hits["/status/404"] == 1
 
 
 def test_fetch_gives_up_after_retries(http_site):
     with pytest.raises(FetchError, match="HTTP 503"):
-        fetch_url(requests.Session(), http_site.url("status/503"), FetchConfig(retries=2, backoff_s=0.01), HostLimiter(2))
+        fetch_url(make_pool(FetchConfig(retries=2, backoff_s=0.01)), http_site.url("status/503"), FetchConfig(retries=2, backoff_s=0.01))
     assert http_site.hits["/status/503"] == 3
 
 
@@ -116,12 +114,12 @@ def test_fetch_times_out(http_site):
     http_site.slow_s = 2.0
     config = FetchConfig(timeout_s=0.3, retries=1, backoff_s=0.01)
     with pytest.raises(FetchError) as e:
-        fetch_url(requests.Session(), http_site.url("slow/a.png"), config, HostLimiter(2))
+        fetch_url(make_pool(config), http_site.url("slow/a.png"), config)
     assert e.value.reason == "fetch_failed" and "2 attempts" in e.value.detail
 
 
 def test_fetch_caps_size(http_site):
     http_site.files["/big.bin"] = b"x" * 5000
     with pytest.raises(FetchError) as e:
-        fetch_url(requests.Session(), http_site.url("big.bin"), FetchConfig(max_bytes=1000), HostLimiter(2))
+        fetch_url(make_pool(FetchConfig(max_bytes=1000)), http_site.url("big.bin"), FetchConfig(max_bytes=1000))
     assert e.value.reason == "too_large_bytes"

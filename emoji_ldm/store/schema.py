@@ -1,0 +1,22 @@
+"""The emoji row schema (pyarrow only, so Ray workers import it cheaply)."""
+
+import pyarrow as pa
+
+EMOJI_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),  # content hash of the stored pixels
+        ("image", pa.binary()),  # RGB PNG at the stored size
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("orig_width", pa.int32()),
+        ("orig_height", pa.int32()),
+        ("orig_format", pa.string()),
+        ("source", pa.string()),  # twemoji | dir:PATH | urls:FILE | crawl:<profile>/<tag>
+        ("source_url", pa.string()),  # path or URL the bytes came from
+        ("title", pa.string()),
+        ("tag", pa.string()),
+        ("caption", pa.string()),
+        ("caption_model", pa.string()),
+        ("ingested_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
