@@ -110,6 +110,63 @@ def cmd_dataset_restore(args) -> int:
     return 0
 
 
+# --- models -------------------------------------------------------------------
+
+
+def _preset_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="tiny | emoji64 | sd-finetune (default tiny)")
+    p.add_argument("--set", dest="sets", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override a preset field, e.g. --set train.lr=2e-4 --set unet.finetune=lora (repeatable)")
+    p.add_argument("--gpu", action="store_true", help="use GPUs (nccl, bf16); default CPU (gloo, fp32)")
+
+
+def cmd_train_vae(args) -> int:
+    from emoji_ldm.models.presets import parse_sets
+    from emoji_ldm.train.vae import VAETrainConfig, train_vae
+
+    card = train_vae(VAETrainConfig(dataset=args.dataset, out=args.out, preset=args.preset,
+                                    overrides=parse_sets(args.sets), workers=args.workers,
+                                    max_steps=args.max_steps, use_gpu=args.gpu))
+    m = card["metrics"]
+    print(f"train-vae: {m['steps']} steps, loss {m['loss']:.4f}, reconstruction MSE {m['recon_mse']:.4f}, "
+          f"latent scaling factor {m['scaling_factor']:.4f} -> {args.out}")
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from emoji_ldm.models.presets import parse_sets
+    from emoji_ldm.train.encode import EncodeConfig, encode
+
+    encode(EncodeConfig(dataset=args.dataset, out=args.out, preset=args.preset, overrides=parse_sets(args.sets),
+                        vae=args.vae, batch_size=args.batch_size, concurrency=args.concurrency, use_gpu=args.gpu,
+                        vae_steps=args.vae_steps))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from emoji_ldm.models.presets import parse_sets
+    from emoji_ldm.train.ldm import TrainConfig, train
+
+    card = train(TrainConfig(data=args.data, out=args.out, preset=args.preset, overrides=parse_sets(args.sets),
+                             workers=args.workers, zero_stage=args.zero_stage, batch_size=args.batch_size,
+                             max_steps=args.max_steps, epochs=args.epochs, resume=args.resume, use_gpu=args.gpu,
+                             max_failures=args.max_failures))
+    loss = card["metrics"].get("loss")
+    print(f"train: {card['training']['steps']} steps, final loss {loss if loss is None else round(loss, 4)} -> "
+          f"model {args.out.rstrip('/')}/model, samples {args.out.rstrip('/')}/samples")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from emoji_ldm.generate import GenerateConfig, generate
+
+    paths = generate(GenerateConfig(model=args.model, prompt=args.prompt, out=args.out,
+                                    negative_prompt=args.negative_prompt, n=args.n, steps=args.steps,
+                                    guidance=args.guidance, seed=args.seed, scheduler=args.scheduler))
+    print(f"generate: {len(paths)} images and sheet.png in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emoji-ldm", description="Versioned emoji datasets, latent diffusion training and bulk generation on Ray."
@@ -167,6 +224,50 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("version", type=_version_number)
     r.add_argument("--message", default="", help="a note recorded with the new version")
     r.set_defaults(func=cmd_dataset_restore)
+
+    tv = sub.add_parser("train-vae", help="stage 1: train the preset's own VAE (tiny) on a dataset, on Ray Train")
+    tv.add_argument("--dataset", required=True, help="URI, URI@VERSION or URI@TAG")
+    tv.add_argument("--out", required=True, help="where the AutoencoderKL folder goes (local or s3://)")
+    tv.add_argument("--workers", type=_positive_int, default=2, help="Ray Train workers (default 2)")
+    tv.add_argument("--max-steps", type=_positive_int, help="default: the preset's vae.train_steps")
+    _preset_args(tv)
+    tv.set_defaults(func=cmd_train_vae)
+
+    en = sub.add_parser("encode", help="run the frozen VAE + text encoder once (Ray Data) into a latent table")
+    en.add_argument("--dataset", required=True, help="URI, URI@VERSION or URI@TAG")
+    en.add_argument("--out", required=True, help="latent table URI (a new version per encode)")
+    en.add_argument("--vae", help="a trained VAE folder/URI (tiny); without it tiny trains one first")
+    en.add_argument("--vae-steps", type=_positive_int, help="steps when encode trains the VAE itself")
+    en.add_argument("--batch-size", type=_positive_int, default=64, help="rows per encoder call (default 64)")
+    en.add_argument("--concurrency", type=_positive_int, default=1, help="encoder actors (default 1)")
+    _preset_args(en)
+    en.set_defaults(func=cmd_encode)
+
+    tr = sub.add_parser("train", help="train the UNet on a latent table: Ray Train + DeepSpeed ZeRO")
+    tr.add_argument("--data", required=True, help="latent table URI[@VERSION]")
+    tr.add_argument("--out", required=True, help="run output URI: model/, checkpoints/, samples/, metrics")
+    tr.add_argument("--workers", type=_positive_int, default=2, help="Ray Train workers (default 2)")
+    tr.add_argument("--zero-stage", type=int, default=2, help="DeepSpeed ZeRO stage 0-3 (default 2)")
+    tr.add_argument("--batch-size", type=_positive_int, help="global batch (default: the preset's)")
+    steps = tr.add_mutually_exclusive_group()
+    steps.add_argument("--max-steps", type=_positive_int, help="optimizer steps (default: the preset's)")
+    steps.add_argument("--epochs", type=float, help="passes over the training rows instead of --max-steps")
+    tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --out")
+    tr.add_argument("--max-failures", type=int, default=2, help="worker restarts from the last checkpoint (default 2)")
+    _preset_args(tr)
+    tr.set_defaults(func=cmd_train)
+
+    ge = sub.add_parser("generate", help="generate emoji PNGs and a sheet from a trained model")
+    ge.add_argument("--model", required=True, help="a model folder/URI (or a training --out)")
+    ge.add_argument("--prompt", required=True)
+    ge.add_argument("--negative-prompt", default="")
+    ge.add_argument("--n", type=int, default=4, help="images (1-64, default 4)")
+    ge.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
+    ge.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    ge.add_argument("--seed", type=int, default=0)
+    ge.add_argument("--scheduler", default="dpmpp", help="dpmpp | ddim | ddpm (default dpmpp)")
+    ge.add_argument("--out", required=True, help="a local folder for the PNGs and sheet.png")
+    ge.set_defaults(func=cmd_generate)
     return parser
 
 

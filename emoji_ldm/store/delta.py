@@ -215,3 +215,14 @@ def read_rejects(uri: str, build_id: str) -> pa.Table:
         return pq.read_table(path, filesystem=fs)
     except FileNotFoundError:
         return REJECT_SCHEMA.empty_table()
+
+
+def read_dataset(ref: DatasetRef | str, columns: list[str] | None = None):
+    """A Ray Dataset of the table at the referenced version (tags resolved); returns (dataset, version)."""
+    import ray.data
+
+    if isinstance(ref, str):
+        ref = DatasetRef.parse(ref)
+    version = open_table(ref).version()
+    ds = ray.data.read_delta(ref.uri, version=version, columns=columns, storage_options=storage_options() or None)
+    return ds, version

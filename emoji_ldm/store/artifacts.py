@@ -1,0 +1,104 @@
+"""Artifacts (models, checkpoints, sample sheets, cards) under a local path or S3 URI.
+
+Everything is written locally first and then copied, so a reader never sees a
+half-written model folder: `upload_dir` copies files, then the `model_index.json`
+or card last (readers look for it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from emoji_ldm.errors import UserError
+from emoji_ldm.store.uri import filesystem, is_s3, join, normalize_uri
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def check_writable(uri: str) -> str:
+    """Fail early (before any training) when `uri` cannot be written."""
+    from emoji_ldm.store.uri import check_s3_bucket
+
+    uri = normalize_uri(uri)
+    check_s3_bucket(uri)
+    fs, path = filesystem(uri)
+    probe = f"{path.rstrip('/')}/.write-probe"
+    try:
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to {uri!r}: {e}") from None
+    return uri
+
+
+def upload_dir(local: str | Path, uri: str, last: tuple[str, ...] = ("model_index.json", "model_card.json")) -> None:
+    """Copy a local folder to `uri` (local or S3); the files named in `last` are copied last."""
+    local = Path(local)
+    fs, path = filesystem(uri)
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name in last)
+    for f in files:
+        target = f"{path.rstrip('/')}/{f.relative_to(local).as_posix()}"
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        pafs.copy_files(str(f), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise UserError(f"{uri!r} does not exist") from None
+
+
+def write_json(uri: str, obj) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(uri: str):
+    return json.loads(read_bytes(uri))
+
+
+def local_copy(uri: str) -> str:
+    """A local folder with the contents of `uri`: the path itself, or a cached download from S3."""
+    uri = normalize_uri(uri)
+    if not is_s3(uri):
+        if not Path(uri).exists():
+            raise UserError(f"{uri!r} does not exist")
+        return uri
+    cache = Path(os.environ.get("EMOJI_LDM_CACHE", Path(tempfile.gettempdir()) / "emoji-ldm-cache"))
+    target = cache / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise UserError(f"{uri!r} does not exist")
+    tmp = Path(tempfile.mkdtemp(dir=cache.parent if cache.exists() else None))
+    pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(target)
+    return str(target)
+
+
+def artifact_uri(out: str, *parts: str) -> str:
+    return join(normalize_uri(out), *parts)

@@ -1,0 +1,186 @@
+"""Encode stage: frozen VAE + text encoder run once in Ray Data, to a latent table.
+
+Input: a dataset version (`URI[@v]`) and a preset (+ `--vae URI` for `tiny`).
+Output: a new version of the latent Delta table at `--out` with columns
+`id`, `caption`, `split` (train/val, 10% held out by content hash),
+`latent` (float16 bytes, `latent_shape`), `text_emb` (float16 bytes,
+`text_shape`), `text_mask` (uint8 bytes). The commit records the dataset URI +
+version and the encoder ids; the empty-caption embedding (for caption dropout)
+is stored once beside the table in `_emoji_ldm/empty_caption.npz`.
+
+    emoji-ldm encode --dataset URI[@v] --preset tiny [--vae URI] --out URI
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from emoji_ldm.errors import UserError
+from emoji_ldm.models.presets import Preset, get_preset, preset_from_dict
+
+logger = logging.getLogger(__name__)
+
+LATENT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("caption", pa.string()),
+        ("split", pa.string()),
+        ("latent", pa.binary()),  # float16, latent_shape (C, h, w), already x scaling factor
+        ("latent_shape", pa.list_(pa.int32())),
+        ("text_emb", pa.binary()),  # float16, text_shape (L, D)
+        ("text_shape", pa.list_(pa.int32())),
+        ("text_mask", pa.binary()),  # uint8, (L,)
+    ]
+)
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    dataset: str
+    out: str
+    preset: str = "tiny"
+    overrides: dict = field(default_factory=dict)
+    vae: str | None = None  # a trained VAE folder/URI (tiny); None: the preset's, or train one first
+    batch_size: int = 64
+    concurrency: int = 1  # encoder actors (one model copy, one CPU or GPU each); leave CPUs for the read tasks
+    use_gpu: bool = False
+    vae_workers: int = 2  # when the VAE must be trained first
+    vae_steps: int | None = None
+
+    def __post_init__(self):
+        if self.batch_size <= 0 or self.concurrency <= 0:
+            raise UserError(f"batch_size and concurrency must be positive, got {self.batch_size}, {self.concurrency}")
+
+
+class Encoder:
+    """Ray Data actor: one VAE + text encoder per actor, called on batches of dataset rows."""
+
+    def __init__(self, preset: dict, vae_path: str | None, device: str):
+        import torch
+
+        from emoji_ldm.models.builders import build_vae, load_text_encoder, vae_scaling_factor
+        from emoji_ldm.store.artifacts import local_copy
+
+        self.preset = preset_from_dict(preset)
+        self.device = torch.device(device)
+        self.vae = build_vae(self.preset, local_copy(vae_path) if vae_path else None).to(self.device).eval()
+        self.scale = vae_scaling_factor(self.vae, self.preset)
+        self.tokenizer, self.text = load_text_encoder(self.preset)
+        self.text.to(self.device)
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from emoji_ldm.models.builders import encode_text
+        from emoji_ldm.train.data import decode_images, split_of
+
+        size = self.preset.image_size
+        pixels = torch.from_numpy(decode_images({"image": batch["image"]}, size)["pixels"]).float()
+        captions = [c if c else (t or "") for c, t in zip(batch["caption"], batch["title"])]
+        with torch.no_grad():
+            latents = self.vae.encode(pixels.to(self.device)).latent_dist.mean * self.scale  # (B, C, h, w)
+            emb, mask, _ = encode_text(self.tokenizer, self.text, captions, self.preset.text.max_length)
+        latents = latents.cpu().numpy().astype(np.float16)
+        emb = emb.cpu().numpy().astype(np.float16)  # (B, L, D)
+        mask = mask.cpu().numpy().astype(np.uint8)  # (B, L)
+        return {
+            "id": batch["id"],
+            "caption": np.array(captions, dtype=object),
+            "split": np.array([split_of(i) for i in batch["id"]], dtype=object),
+            "latent": np.array([x.tobytes() for x in latents], dtype=object),
+            "latent_shape": np.array([list(latents.shape[1:])] * len(latents), dtype=object),
+            "text_emb": np.array([x.tobytes() for x in emb], dtype=object),
+            "text_shape": np.array([list(emb.shape[1:])] * len(emb), dtype=object),
+            "text_mask": np.array([x.tobytes() for x in mask], dtype=object),
+        }
+
+
+def empty_caption_embedding(preset: Preset) -> tuple[np.ndarray, np.ndarray]:
+    from emoji_ldm.models.builders import encode_text, load_text_encoder
+
+    tokenizer, model = load_text_encoder(preset)
+    emb, mask, _ = encode_text(tokenizer, model, [""], preset.text.max_length)
+    return emb[0].numpy().astype(np.float16), mask[0].numpy().astype(np.uint8)  # (L, D), (L,)
+
+
+def _to_table(batch: dict) -> pa.Table:
+    return pa.Table.from_pydict({k: list(v) for k, v in batch.items()}, schema=LATENT_SCHEMA)
+
+
+def encode(config: EncodeConfig) -> dict:
+    """Encode a dataset version into a new version of the latent table; returns a summary."""
+    from emoji_ldm.runtime import ensure_ray
+    from emoji_ldm.store.artifacts import artifact_uri, check_writable, write_bytes
+    from emoji_ldm.store.delta import CommitDeltaDatasink, open_table, read_dataset, version_for_build
+    from emoji_ldm.store.uri import DatasetRef, normalize_uri
+    from emoji_ldm.version import code_version
+
+    start = time.perf_counter()
+    preset = get_preset(config.preset, config.overrides)
+    out = check_writable(config.out)
+    open_table(config.dataset)  # clear error for a missing dataset / version / tag
+    ensure_ray()
+    ds, version = read_dataset(config.dataset, columns=["id", "image", "caption", "title"])
+    meta = ds.select_columns(["caption", "title"]).to_pandas()
+    if len(meta) == 0:
+        raise UserError(f"dataset {config.dataset!r} (version {version}) has no rows to encode")
+    has_text = (meta["caption"].fillna("").str.len() > 0) | (meta["title"].fillna("").str.len() > 0)
+    if not has_text.any():
+        raise UserError(f"dataset {config.dataset!r} has no captions or titles: caption it first")
+
+    vae_path = config.vae
+    if preset.vae.trained_here and not vae_path:
+        from emoji_ldm.train.vae import VAETrainConfig, train_vae
+
+        vae_path = artifact_uri(out, "_emoji_ldm", "vae")
+        print(f"[encode] preset {preset.name!r} trains its own VAE and no --vae was given: "
+              f"training one first ({config.vae_steps or preset.vae.train_steps} steps) -> {vae_path}", flush=True)
+        train_vae(VAETrainConfig(dataset=config.dataset, out=vae_path, preset=config.preset,
+                                 overrides=config.overrides, workers=config.vae_workers, max_steps=config.vae_steps))
+    elif vae_path:
+        vae_path = normalize_uri(vae_path)
+
+    empty_emb, empty_mask = empty_caption_embedding(preset)
+    buf = io.BytesIO()
+    np.savez(buf, emb=empty_emb, mask=empty_mask)
+    write_bytes(artifact_uri(out, "_emoji_ldm", "empty_caption.npz"), buf.getvalue())
+
+    import ray.data
+
+    build_id = uuid.uuid4().hex[:12]
+    encoded = ds.map_batches(
+        Encoder,
+        fn_constructor_kwargs={"preset": preset.to_dict(), "vae_path": vae_path,
+                               "device": "cuda" if config.use_gpu else "cpu"},
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
+        num_gpus=1 if config.use_gpu else 0,
+    ).map_batches(_to_table, batch_format="numpy")
+    counts = {"rows": int(len(meta))}
+    metadata = {
+        "operation": "encode",
+        "source": f"{DatasetRef.parse(config.dataset).uri}@{version}",
+        "dataset": config.dataset, "dataset_version": version,
+        "preset": preset.to_dict(), "vae": vae_path or preset.vae.pretrained, "text_encoder": preset.text.pretrained,
+        "code_version": code_version(), "build_id": build_id, "counts": counts,
+        "config": dataclasses.asdict(config), "message": f"encode {config.dataset}@{version} with {preset.name}",
+    }
+    sink = CommitDeltaDatasink(out, schema=LATENT_SCHEMA, metadata=metadata, mode="overwrite")
+    encoded.write_datasink(sink)
+    latent_version = version_for_build(out, build_id)
+    table = open_table(f"{out}@{latent_version}").to_pyarrow_table(columns=["split"])
+    val = table.column("split").to_pylist().count("val")
+    summary = {"out": out, "version": latent_version, "rows": table.num_rows, "val": val,
+               "dataset_version": version, "vae": metadata["vae"], "seconds": time.perf_counter() - start}
+    print(f"encode: {table.num_rows} rows ({val} held out) from {config.dataset}@{version} -> version "
+          f"{latent_version} of {out} | {summary['seconds']:.1f} s", flush=True)
+    return summary

@@ -1,0 +1,465 @@
+"""Train the latent diffusion UNet on a latent table: Ray Train workers driving DeepSpeed ZeRO.
+
+Input: a latent table version (`emoji-ldm encode`). Output under `--out`:
+  model/            the EMA model as a diffusers StableDiffusionPipeline folder + model_card.json
+  checkpoints/      Ray Train runs; each `step-XXXXXXXX` holds the sharded DeepSpeed
+                    checkpoint of every rank, the EMA weights and the data position
+  config.json       the resolved preset and run settings
+  metrics.jsonl     one line per logged step; loss.png the loss curve
+  samples/          a grid of the preset's sample prompts every K steps
+
+    emoji-ldm train --data LATENT_URI[@v] --preset tiny --out URI [--workers 2] [--zero-stage 2]
+                    [--batch-size B] [--max-steps N | --epochs E] [--resume]
+
+The worker loop (`train_loop`) gets everything through `train_loop_config`;
+model code comes from `emoji_ldm.models` and knows nothing of ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from emoji_ldm.errors import UserError
+from emoji_ldm.models.presets import get_preset, preset_from_dict
+
+logger = logging.getLogger(__name__)
+
+# Parts of the preset that must match to resume from a checkpoint.
+_RESUME_KEYS = ("image_size", "vae", "text", "unet", "noise")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str  # latent table URI[@version]
+    out: str
+    preset: str = "tiny"
+    overrides: dict = field(default_factory=dict)
+    workers: int = 2
+    zero_stage: int = 2
+    batch_size: int | None = None  # global; default: the preset's
+    max_steps: int | None = None
+    epochs: float | None = None
+    resume: bool = False
+    use_gpu: bool = False
+    max_failures: int = 2  # worker restarts (from the latest checkpoint) before giving up
+    threads_per_worker: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.zero_stage, int) or not 0 <= self.zero_stage <= 3:
+            raise UserError(f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        if self.workers <= 0:
+            raise UserError(f"--workers must be positive, got {self.workers}")
+        if self.max_steps is not None and self.epochs is not None:
+            raise UserError("give --max-steps or --epochs, not both")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise UserError(f"--max-steps must be positive, got {self.max_steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise UserError(f"--epochs must be positive, got {self.epochs}")
+        preset = self.resolved_preset()
+        per_step = self.workers * preset.train.grad_accum
+        if preset.train.batch_size % per_step:
+            raise UserError(
+                f"batch size {preset.train.batch_size} is not divisible by workers x grad_accum = "
+                f"{self.workers} x {preset.train.grad_accum}; pick a multiple of {per_step}"
+            )
+
+    def resolved_preset(self):
+        overrides = dict(self.overrides)
+        if self.batch_size is not None:
+            overrides["train.batch_size"] = self.batch_size
+        if self.max_steps is not None:
+            overrides["train.max_steps"] = self.max_steps
+        return get_preset(self.preset, overrides)
+
+
+# --- the worker --------------------------------------------------------------------
+
+
+def _lr_lambda(preset):
+    t = preset.train
+
+    def f(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        floor = t.min_lr / t.lr
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _deepspeed_config(preset, micro: int, zero_stage: int, use_gpu: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": preset.train.grad_accum,
+        "gradient_clipping": preset.train.grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bool(use_gpu)},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def train_loop(cfg: dict) -> None:
+    """Ray Train worker: DeepSpeed engine over this worker's in-memory latent shard."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg["use_gpu"] else "cpu")
+    import deepspeed
+    import ray.train
+    import torch
+    from diffusers.training_utils import EMAModel
+
+    from emoji_ldm.models.builders import build_unet, configure_trainable, count_params, noise_scheduler
+    from emoji_ldm.train.data import shard_to_numpy
+
+    preset = preset_from_dict(cfg["preset"])
+    tc = preset.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(tc.seed * 7919 + rank)
+    device = torch.device("cuda", ray.train.torch.get_device().index) if cfg["use_gpu"] else torch.device("cpu")
+
+    shard = shard_to_numpy(ray.train.get_dataset_shard("train"), ["latent", "text_emb"])
+    latents = torch.from_numpy(shard["latent"])  # (N, C, h, w) float16
+    text = torch.from_numpy(shard["text_emb"])  # (N, L, D) float16
+    empty = torch.from_numpy(np.asarray(cfg["empty_emb"], dtype=np.float16))  # (L, D)
+    micro = tc.batch_size // (world * tc.grad_accum)
+    if len(latents) < micro:
+        raise UserError(f"rank {rank} has {len(latents)} training rows, fewer than its micro batch {micro}")
+
+    unet = build_unet(preset)
+    params = configure_trainable(unet, preset)
+    ema = EMAModel([p.detach().clone() for p in params], decay=tc.ema_decay)  # full copy before ZeRO shards
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(preset))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=unet, optimizer=optimizer, lr_scheduler=scheduler,
+        config=_deepspeed_config(preset, micro, cfg["zero_stage"], cfg["use_gpu"]), dist_init_required=False,
+    )
+    zero3 = cfg["zero_stage"] == 3
+    noise = noise_scheduler(preset)
+    n_batches = len(latents) // micro
+
+    state = {"step": 0, "epoch": 0, "pos": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and cfg.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(cfg["resume_from"])
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            _, client = engine.load_checkpoint(folder, tag="ds", load_lr_scheduler_states=True)
+            state = {k: client[k] for k in state}
+            ema.load_state_dict(torch.load(Path(folder) / "ema.pt", weights_only=False))
+        if rank == 0:
+            print(f"[train] resumed from {checkpoint.path} at step {state['step']}", flush=True)
+
+    if rank == 0:
+        total, trainable = count_params(unet), count_params(unet, trainable_only=True)
+        print(
+            f"[train] preset {preset.name}: {world} workers, ZeRO stage {cfg['zero_stage']}, global batch "
+            f"{micro * world * tc.grad_accum} (micro {micro} x {world} workers x accum {tc.grad_accum}), "
+            f"UNet {total / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable, mode {preset.unet.finetune}), "
+            f"{len(latents)} rows on rank 0, steps {state['step']}->{tc.max_steps}", flush=True,
+        )
+
+    log = _RankZeroLog(cfg, preset) if rank == 0 else None
+    t_last, images_since, losses = time.perf_counter(), 0, []
+    micro_step = 0
+    while state["step"] < tc.max_steps:
+        perm = torch.randperm(len(latents), generator=torch.Generator().manual_seed(tc.seed + 1000 * state["epoch"] + rank))
+        while state["pos"] < n_batches and state["step"] < tc.max_steps:
+            idx = perm[state["pos"] * micro:(state["pos"] + 1) * micro]
+            state["pos"] += 1
+            x0 = latents[idx].to(device, torch.float32)  # (B, C, h, w)
+            cond = text[idx].to(device, torch.float32)  # (B, L, D)
+            drop = torch.rand(len(idx)) < tc.caption_dropout
+            cond[drop] = empty.to(device, torch.float32)  # classifier-free guidance: learn the unconditional too
+            eps = torch.randn_like(x0)
+            t = torch.randint(0, preset.noise.num_train_timesteps, (len(idx),), device=device)
+            noisy = noise.add_noise(x0, eps, t)
+            dtype = torch.bfloat16 if cfg["use_gpu"] else torch.float32
+            pred = engine(noisy.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample
+            loss = torch.nn.functional.mse_loss(pred.float(), eps)
+            engine.backward(loss)
+            engine.step()
+            micro_step += 1
+            images_since += len(idx) * world
+            losses.append(float(loss.detach()))
+            if micro_step % tc.grad_accum:
+                continue
+            state["step"] += 1
+            with deepspeed.zero.GatheredParameters(params, enabled=zero3):
+                ema.step(params)
+            step = state["step"]
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                mean = torch.tensor(sum(losses) / len(losses))
+                torch.distributed.all_reduce(mean)
+                dt = time.perf_counter() - t_last
+                if log:
+                    log.step(step, float(mean) / world, scheduler.get_last_lr()[0], dt / tc.log_every,
+                             images_since / dt)
+                t_last, images_since, losses = time.perf_counter(), 0, []
+            sample_now = tc.sample_every and step % tc.sample_every == 0
+            if sample_now or step == tc.max_steps:
+                _sample(engine, ema, params, preset, cfg, step, log, zero3)
+            if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+                _checkpoint(engine, ema, state, cfg, rank, world, log, step)
+        if state["pos"] >= n_batches:
+            state["epoch"] += 1
+            state["pos"] = 0
+
+
+def _checkpoint(engine, ema, state, cfg, rank, world, log, step) -> None:
+    import ray.train
+    import torch
+
+    folder = tempfile.mkdtemp(prefix="emoji-ldm-ckpt-")
+    engine.save_checkpoint(folder, tag="ds", client_state=dict(state))  # every rank writes its shard
+    if rank == 0:
+        torch.save(ema.state_dict(), Path(folder) / "ema.pt")
+        meta = {**state, "world_size": world, "zero_stage": cfg["zero_stage"],
+                "preset": {k: cfg["preset"][k] for k in _RESUME_KEYS}}
+        (Path(folder) / "state.json").write_text(json.dumps(meta, indent=2))
+        if log:
+            log.flush()
+    metrics = {"step": step, "loss": log.last_loss if log else None}
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                     checkpoint_dir_name=f"step-{step:08d}")
+
+
+def _sample(engine, ema, params, preset, cfg, step, log, zero3) -> None:
+    """EMA weights -> sample grid of the preset's prompts (rank 0 renders; ZeRO-3 gathers on all ranks)."""
+    import copy
+
+    import deepspeed
+
+    module = engine.module
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=zero3):
+        if log is None:
+            return
+        unet = copy.deepcopy(module).float().eval()
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    ema.copy_to(trainable)
+    log.samples(unet, step)
+
+
+class _RankZeroLog:
+    """Rank 0's outputs: per-step lines, metrics.jsonl, loss.png and sample grids, copied to OUT."""
+
+    def __init__(self, cfg: dict, preset):
+        self.cfg, self.preset = cfg, preset
+        self.local = Path(tempfile.mkdtemp(prefix="emoji-ldm-train-"))
+        self.rows: list[dict] = []
+        self.last_loss = None
+        self._components = None
+
+    def step(self, step: int, loss: float, lr: float, step_time: float, images_s: float) -> None:
+        self.last_loss = loss
+        row = {"step": step, "loss": loss, "lr": lr, "step_time_s": step_time, "images_per_s": images_s,
+               "time": time.time()}
+        self.rows.append(row)
+        with open(self.local / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"[train] step {step}/{self.preset.train.max_steps} loss {loss:.4f} lr {lr:.2e} "
+              f"{step_time * 1000:.0f} ms/step {images_s:.0f} images/s", flush=True)
+
+    def flush(self) -> None:
+        from emoji_ldm.store.artifacts import artifact_uri, upload_dir, write_bytes
+
+        if (self.local / "metrics.jsonl").exists():
+            write_bytes(artifact_uri(self.cfg["out"], "metrics.jsonl"), (self.local / "metrics.jsonl").read_bytes())
+        if self.rows:
+            write_bytes(artifact_uri(self.cfg["out"], "loss.png"), loss_curve_png(self.rows))
+        samples = self.local / "samples"
+        if samples.exists():
+            upload_dir(samples, artifact_uri(self.cfg["out"], "samples"))
+
+    def samples(self, unet, step: int) -> None:
+        from emoji_ldm.generate import image_grid, run_pipeline
+        from emoji_ldm.train.export import assemble_pipeline
+
+        pipe = assemble_pipeline(unet, self.preset, self.cfg["vae"])
+        prompts = list(self.preset.sample_prompts)
+        images = run_pipeline(pipe, prompts, steps=20, guidance=4.0, seed=0)
+        (self.local / "samples").mkdir(exist_ok=True)
+        image_grid(images, prompts).save(self.local / "samples" / f"step-{step:08d}.png")
+        self.flush()
+
+
+def loss_curve_png(rows: list[dict]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    losses = [r["loss"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, losses, lw=1.2)
+    if len(losses) >= 10:
+        k = max(2, len(losses) // 20)
+        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, lw=2, label=f"mean of {k}")
+        ax.legend()
+    ax.set_xlabel("step")
+    ax.set_ylabel("noise-prediction MSE")
+    ax.set_title("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# --- the driver ----------------------------------------------------------------------
+
+
+def latest_checkpoint(out: str) -> tuple[str, dict] | None:
+    """(path, state.json) of the newest complete checkpoint under OUT/checkpoints, if any."""
+    import pyarrow.fs as pafs
+
+    from emoji_ldm.store.artifacts import artifact_uri
+    from emoji_ldm.store.uri import filesystem, is_s3
+
+    root = artifact_uri(out, "checkpoints")
+    fs, path = filesystem(root)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except FileNotFoundError:
+        return None
+    found = []
+    for info in infos:
+        if info.path.endswith("/state.json") and "/step-" in info.path:
+            folder = info.path.rsplit("/", 1)[0]
+            with fs.open_input_stream(info.path) as f:
+                state = json.loads(f.read())
+            names = [i.base_name for i in infos if i.path.startswith(folder + "/")]
+            shards = sum(1 for n in names if n.endswith("optim_states.pt"))
+            if shards >= state["world_size"] or state["zero_stage"] == 0:
+                found.append((state["step"], ("s3://" + folder) if is_s3(out) else folder, state))
+    if not found:
+        return None
+    _, folder, state = max(found, key=lambda f: f[0])
+    return folder, state
+
+
+def _check_resume(state: dict, preset, config: TrainConfig) -> None:
+    saved = state["preset"]
+    current = preset.to_dict()
+    diffs = [k for k in _RESUME_KEYS if json.dumps(saved[k], sort_keys=True) != json.dumps(current[k], sort_keys=True)]
+    if diffs:
+        raise UserError(f"--resume: the checkpoint was trained with a different {', '.join(diffs)} config; "
+                        "resume with the same preset and overrides, or train into a new --out")
+    if state["world_size"] != config.workers or state["zero_stage"] != config.zero_stage:
+        raise UserError(
+            f"--resume: the checkpoint was written by {state['world_size']} workers at ZeRO stage "
+            f"{state['zero_stage']}; resume with --workers {state['world_size']} --zero-stage {state['zero_stage']}"
+        )
+
+
+def decode_latents(batch: dict) -> dict:
+    """Ray Data batch: float16 bytes -> fixed-shape arrays."""
+    shape = tuple(batch["latent_shape"][0])
+    tshape = tuple(batch["text_shape"][0])
+    return {
+        "latent": np.stack([np.frombuffer(b, dtype=np.float16).reshape(shape) for b in batch["latent"]]),
+        "text_emb": np.stack([np.frombuffer(b, dtype=np.float16).reshape(tshape) for b in batch["text_emb"]]),
+    }
+
+
+def train(config: TrainConfig) -> dict:
+    """Run training and export the EMA model; returns the model card."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from emoji_ldm.runtime import ensure_ray
+    from emoji_ldm.store.artifacts import artifact_uri, check_writable, read_bytes, write_json
+    from emoji_ldm.store.delta import history, open_table, read_dataset
+    from emoji_ldm.store.uri import DatasetRef, filesystem, storage_options
+    from emoji_ldm.train.export import export_model
+    from emoji_ldm.version import code_version
+
+    preset = config.resolved_preset()
+    ref = DatasetRef.parse(config.data)
+    table = open_table(ref)
+    latent_version = table.version()
+    enc_meta = next((h["meta"] for h in history(ref.uri) if h["version"] == latent_version), {})
+    if enc_meta.get("operation") != "encode":
+        raise UserError(f"{config.data!r} is not a latent table: run `emoji-ldm encode` first")
+    if preset.to_dict()["text"] != enc_meta["preset"]["text"] or preset.image_size != enc_meta["preset"]["image_size"]:
+        raise UserError(f"the latent table was encoded with preset {enc_meta['preset']['name']!r} "
+                        f"(text encoder / image size differ from {preset.name!r}): encode again or use that preset")
+    out = check_writable(config.out)
+
+    existing = latest_checkpoint(out)
+    if existing and not config.resume:
+        raise UserError(f"{out!r} already has checkpoints (latest step {existing[1]['step']}): "
+                        "pass --resume to continue, or choose a new --out")
+    if config.resume and existing:
+        _check_resume(existing[1], preset, config)
+    elif config.resume:
+        logger.warning("--resume: no checkpoint under %s/checkpoints, starting from scratch", out)
+
+    splits = table.to_pyarrow_table(columns=["split"]).column("split").to_pylist()
+    n_train = splits.count("train")
+    if n_train == 0:
+        raise UserError(f"latent table {config.data!r} has no training rows")
+    if config.epochs is not None:
+        steps = max(1, math.ceil(config.epochs * n_train / preset.train.batch_size))
+        preset = get_preset(config.preset, {**config.overrides, "train.max_steps": steps,
+                                             "train.batch_size": preset.train.batch_size})
+
+    empty = np.load(io.BytesIO(read_bytes(artifact_uri(ref.uri, "_emoji_ldm", "empty_caption.npz"))))
+    ensure_ray()
+    ds, _ = read_dataset(ref, columns=["latent", "latent_shape", "text_emb", "text_shape", "split"])
+    # Decode before the workers start (they hold the CPUs on a small node).
+    ds = ds.filter(expr="split == 'train'").map_batches(decode_latents, batch_format="numpy").materialize()
+
+    write_json(artifact_uri(out, "config.json"), {"preset": preset.to_dict(), "run": dataclasses.asdict(config),
+                                                  "latent_table": f"{ref.uri}@{latent_version}"})
+    fs, storage = filesystem(artifact_uri(out, "checkpoints"))
+    env = {k: v for k, v in {**storage_options(), "DS_ACCELERATOR": "cuda" if config.use_gpu else "cpu"}.items()}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "preset": preset.to_dict(), "zero_stage": config.zero_stage, "use_gpu": config.use_gpu,
+            "threads": config.threads_per_worker, "empty_emb": empty["emb"].tolist(), "out": out,
+            "vae": enc_meta["vae"], "resume_from": existing[0] if (config.resume and existing) else None,
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=time.strftime("run-%Y%m%d-%H%M%S"), storage_path=storage, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": env},
+        ),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    final = latest_checkpoint(out)
+    card = {
+        "kind": "emoji-ldm model", "preset": preset.name, "config": preset.to_dict(),
+        "dataset": enc_meta.get("dataset"), "dataset_version": enc_meta.get("dataset_version"),
+        "latent_table": ref.uri, "latent_table_version": latent_version, "vae": enc_meta["vae"],
+        "text_encoder": preset.text.pretrained, "code_version": code_version(),
+        "training": {"workers": config.workers, "zero_stage": config.zero_stage, "steps": final[1]["step"],
+                     "global_batch": preset.train.batch_size},
+        "metrics": result.metrics,
+    }
+    export_model(final[0], preset, enc_meta["vae"], artifact_uri(out, "model"), card)
+    return card

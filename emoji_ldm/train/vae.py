@@ -1,0 +1,170 @@
+"""Stage 1: train the `tiny` preset's own AutoencoderKL (reconstruction + KL) on Ray Train.
+
+Input: a dataset version (`URI[@v]`). Output: a diffusers AutoencoderKL folder at
+`--out` with `vae_card.json` (dataset URI + version, preset, code version,
+final loss, the measured latent scaling factor).
+
+    emoji-ldm train-vae --dataset URI[@v] --preset tiny --out URI [--workers 2] [--max-steps N]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from emoji_ldm.errors import UserError
+from emoji_ldm.models.presets import Preset, get_preset, preset_from_dict
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VAETrainConfig:
+    dataset: str
+    out: str
+    preset: str = "tiny"
+    overrides: dict = field(default_factory=dict)
+    workers: int = 2
+    max_steps: int | None = None  # default: the preset's vae.train_steps
+    use_gpu: bool = False
+
+    def __post_init__(self):
+        if self.workers <= 0:
+            raise UserError(f"--workers must be positive, got {self.workers}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise UserError(f"--max-steps must be positive, got {self.max_steps}")
+
+    def resolved_preset(self) -> Preset:
+        preset = get_preset(self.preset, self.overrides)
+        if not preset.vae.trained_here:
+            raise UserError(
+                f"preset {preset.name!r} uses the pretrained VAE {preset.vae.pretrained!r}; "
+                "train-vae is only for presets that train their own (tiny)"
+            )
+        return preset
+
+
+class VAEWithLoss(torch.nn.Module):
+    """forward() returns (reconstruction, KL per image) so DDP syncs gradients as usual."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x, generator=None):
+        dist = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(dist.sample(generator=generator)).sample  # (B, 3, H, W)
+        return recon, dist.kl()  # KL summed over latent dims, (B,)
+
+
+def vae_train_loop(config: dict) -> None:
+    """Ray Train worker: DDP over the in-memory image shard."""
+    import ray.train
+    from ray.train.torch import prepare_model
+
+    from emoji_ldm.models.builders import build_vae
+    from emoji_ldm.train.data import shard_to_numpy
+
+    preset = preset_from_dict(config["preset"])
+    spec = preset.vae
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(preset.train.seed + rank)
+    pixels = torch.from_numpy(shard_to_numpy(ray.train.get_dataset_shard("train"), ["pixels"])["pixels"])
+    micro = max(1, spec.train_batch_size // world)
+    vae = build_vae(preset)
+    model = prepare_model(VAEWithLoss(vae), parallel_strategy="ddp")
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.train_lr, weight_decay=1e-4)
+    steps = config["max_steps"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) * 0.9 + 0.1)
+    gen = torch.Generator().manual_seed(preset.train.seed * 1000 + rank)
+    if rank == 0:
+        print(f"[train-vae] {world} workers, global batch {micro * world}, {steps} steps, "
+              f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params, {len(pixels)} images on rank 0",
+              flush=True)
+    t0, loss_val = time.perf_counter(), float("nan")
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(pixels), (micro,), generator=gen)
+        x = pixels[idx].float()  # (B, 3, H, W) in [-1, 1]
+        recon, kl = model(x, gen)  # (B, 3, H, W), (B,)
+        rec_loss = torch.nn.functional.mse_loss(recon, x) + 0.5 * torch.nn.functional.l1_loss(recon, x)
+        loss = rec_loss + spec.kl_weight * kl.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_val = float(loss.detach())
+        if rank == 0 and (step % 50 == 0 or step == steps):
+            dt = time.perf_counter() - t0
+            print(f"[train-vae] step {step}/{steps} loss {loss_val:.4f} rec {float(rec_loss):.4f} "
+                  f"{step * micro * world / dt:.0f} images/s", flush=True)
+
+    metrics = {"loss": loss_val, "steps": steps}
+    if rank == 0:
+        inner = (model.module if hasattr(model, "module") else model).vae
+        inner.eval()
+        with torch.no_grad():
+            sample = pixels[: min(512, len(pixels))].float()
+            latents = inner.encode(sample).latent_dist.mean  # (N, C, h, w)
+            scale = float(1.0 / latents.std())
+            recon_mse = float(torch.nn.functional.mse_loss(inner.decode(latents).sample, sample))
+        inner.register_to_config(scaling_factor=scale)
+        metrics.update(scaling_factor=scale, recon_mse=recon_mse)
+        with tempfile.TemporaryDirectory() as tmp:
+            inner.save_pretrained(tmp)
+            with open(f"{tmp}/metrics.json", "w") as f:
+                json.dump(metrics, f)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(metrics)
+
+
+def train_vae(config: VAETrainConfig) -> dict:
+    """Train the preset's VAE on a dataset version; returns its card."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from emoji_ldm.runtime import ensure_ray
+    from emoji_ldm.store.artifacts import artifact_uri, check_writable, upload_dir, write_json
+    from emoji_ldm.store.delta import read_dataset
+    from emoji_ldm.train.data import decode_images
+    from emoji_ldm.version import code_version
+
+    preset = config.resolved_preset()
+    out = check_writable(config.out)
+    ensure_ray()
+    ds, version = read_dataset(config.dataset, columns=["id", "image"])
+    rows = ds.count()
+    if rows == 0:
+        raise UserError(f"dataset {config.dataset!r} (version {version}) has no rows to train on")
+    # Decode before the workers start: on a small node the training workers hold every CPU,
+    # and Ray Data tasks scheduled after them would wait for ever.
+    ds = ds.map_batches(decode_images, fn_kwargs={"size": preset.image_size}, batch_format="numpy").materialize()
+    steps = config.max_steps or preset.vae.train_steps
+    with tempfile.TemporaryDirectory() as storage:
+        trainer = TorchTrainer(
+            vae_train_loop,
+            train_loop_config={"preset": preset.to_dict(), "max_steps": steps},
+            scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
+            torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+            run_config=ray.train.RunConfig(name="train-vae", storage_path=storage),
+            datasets={"train": ds},
+        )
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as folder:
+            metrics = json.load(open(f"{folder}/metrics.json"))
+            upload_dir(folder, out)
+    card = {
+        "kind": "vae", "dataset": config.dataset, "dataset_version": version, "rows": rows,
+        "preset": preset.to_dict(), "code_version": code_version(), "metrics": metrics,
+    }
+    write_json(artifact_uri(out, "vae_card.json"), card)
+    logger.info("VAE written to %s (scaling factor %.4f)", out, metrics["scaling_factor"])
+    return card
