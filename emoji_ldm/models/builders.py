@@ -134,8 +134,7 @@ def load_text_encoder(preset: Preset):
 
 
 def text_hidden_size(preset: Preset) -> int:
-    if preset.unet.pretrained:
-        return 768  # SD 1.x cross-attention width (CLIP ViT-L/14)
+    """Width of the text encoder's hidden states = the UNet's cross-attention width."""
     from transformers import AutoConfig
 
     spec = preset.text

@@ -54,6 +54,7 @@ class TrainConfig:
     use_gpu: bool = False
     max_failures: int = 2  # worker restarts (from the latest checkpoint) before giving up
     threads_per_worker: int = 1
+    crash_at_step: int | None = None  # fault injection for tests: rank 1 dies once at this step
 
     def __post_init__(self):
         if not isinstance(self.zero_stage, int) or not 0 <= self.zero_stage <= 3:
@@ -161,6 +162,9 @@ def train_loop(cfg: dict) -> None:
             _, client = engine.load_checkpoint(folder, tag="ds", load_lr_scheduler_states=True)
             state = {k: client[k] for k in state}
             ema.load_state_dict(torch.load(Path(folder) / "ema.pt", weights_only=False))
+            rng = Path(folder) / f"rng-rank{rank}.pt"
+            if rng.exists():  # exact continuation: the noise and caption-dropout draws go on where they stopped
+                torch.set_rng_state(torch.load(rng, weights_only=False))
         if rank == 0:
             print(f"[train] resumed from {checkpoint.path} at step {state['step']}", flush=True)
 
@@ -202,6 +206,7 @@ def train_loop(cfg: dict) -> None:
             with deepspeed.zero.GatheredParameters(params, enabled=zero3):
                 ema.step(params)
             step = state["step"]
+            _maybe_crash(cfg, step, rank)
             if step % tc.log_every == 0 or step == tc.max_steps:
                 mean = torch.tensor(sum(losses) / len(losses))
                 torch.distributed.all_reduce(mean)
@@ -220,12 +225,24 @@ def train_loop(cfg: dict) -> None:
             state["pos"] = 0
 
 
+def _maybe_crash(cfg: dict, step: int, rank: int) -> None:
+    """Fault injection for tests: rank 1 exits hard once at `crash_at_step` (a marker file makes it once)."""
+    if cfg.get("crash_at_step") != step or rank != 1:
+        return
+    marker = Path(tempfile.gettempdir()) / f"emoji-ldm-crashed-{cfg['run_name']}"
+    if not marker.exists():
+        marker.write_text("crashed once")
+        print(f"[train] fault injection: rank {rank} exits at step {step}", flush=True)
+        os._exit(1)
+
+
 def _checkpoint(engine, ema, state, cfg, rank, world, log, step) -> None:
     import ray.train
     import torch
 
     folder = tempfile.mkdtemp(prefix="emoji-ldm-ckpt-")
     engine.save_checkpoint(folder, tag="ds", client_state=dict(state))  # every rank writes its shard
+    torch.save(torch.get_rng_state(), Path(folder) / f"rng-rank{rank}.pt")
     if rank == 0:
         torch.save(ema.state_dict(), Path(folder) / "ema.pt")
         meta = {**state, "world_size": world, "zero_stage": cfg["zero_stage"],
@@ -430,6 +447,7 @@ def train(config: TrainConfig) -> dict:
     write_json(artifact_uri(out, "config.json"), {"preset": preset.to_dict(), "run": dataclasses.asdict(config),
                                                   "latent_table": f"{ref.uri}@{latent_version}"})
     fs, storage = filesystem(artifact_uri(out, "checkpoints"))
+    run_name = time.strftime("run-%Y%m%d-%H%M%S")
     env = {k: v for k, v in {**storage_options(), "DS_ACCELERATOR": "cuda" if config.use_gpu else "cpu"}.items()}
     trainer = TorchTrainer(
         train_loop,
@@ -437,11 +455,12 @@ def train(config: TrainConfig) -> dict:
             "preset": preset.to_dict(), "zero_stage": config.zero_stage, "use_gpu": config.use_gpu,
             "threads": config.threads_per_worker, "empty_emb": empty["emb"].tolist(), "out": out,
             "vae": enc_meta["vae"], "resume_from": existing[0] if (config.resume and existing) else None,
+            "crash_at_step": config.crash_at_step, "run_name": run_name,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=time.strftime("run-%Y%m%d-%H%M%S"), storage_path=storage, storage_filesystem=fs,
+            name=run_name, storage_path=storage, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": env},

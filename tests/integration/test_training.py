@@ -1,0 +1,162 @@
+"""Training end to end on real Ray Train + DeepSpeed (2 CPU workers, gloo), a few steps each."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+import torch
+from deltalake import write_deltalake
+
+from emoji_ldm.errors import UserError
+from emoji_ldm.ingest.build import BuildConfig, build_dataset
+from emoji_ldm.store.schema import EMOJI_SCHEMA
+from emoji_ldm.train.encode import EncodeConfig, encode
+from emoji_ldm.train.ldm import TrainConfig, latest_checkpoint, train
+from emoji_ldm.train.vae import VAETrainConfig, train_vae
+from tests.conftest import run_cli
+from tests.tiny_models import tiny_clip, tiny_sd_pipeline, tiny_sd_vae
+
+FAST = {"train.log_every": 1, "train.sample_every": 0, "train.checkpoint_every": 3, "train.warmup_steps": 1,
+        "unet.block_out_channels": "32,64", "train.batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def tiny(ray_local, tmp_path_factory):
+    """48 Twemoji -> a 4-step VAE -> a latent table (tiny preset)."""
+    root = tmp_path_factory.mktemp("tiny")
+    build_dataset(BuildConfig(source="twemoji", out=str(root / "ds"), limit=48))
+    card = train_vae(VAETrainConfig(dataset=str(root / "ds"), out=str(root / "vae"), max_steps=4))
+    assert card["dataset_version"] == 0 and card["metrics"]["scaling_factor"] > 0
+    summary = encode(EncodeConfig(dataset=str(root / "ds"), out=str(root / "lat"), vae=str(root / "vae")))
+    assert summary["rows"] == 48 and 0 < summary["val"] < 48
+    return root
+
+
+def _train(tiny, out, **kwargs):
+    overrides = {**FAST, **kwargs.pop("overrides", {})}
+    return train(TrainConfig(data=str(tiny / "lat"), out=str(out), overrides=overrides, **kwargs))
+
+
+def test_tiny_zero2_end_to_end(tiny, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "run"
+    card = _train(tiny, out, max_steps=4, zero_stage=2, overrides={"train.sample_every": 2})
+    assert card["training"] == {"workers": 2, "zero_stage": 2, "steps": 4, "global_batch": 8}
+    assert card["dataset_version"] == 0 and card["latent_table_version"] == 0
+    for name in ("model/model_index.json", "model/model_card.json", "config.json", "loss.png",
+                 "samples/step-00000002.png", "samples/step-00000004.png"):
+        assert (out / name).exists(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["images_per_s"] > 0 for r in rows)
+    lineage = json.loads((out / "model" / "model_card.json").read_text())
+    assert lineage["dataset"].endswith("ds") and lineage["code_version"]
+
+    pipe = StableDiffusionPipeline.from_pretrained(out / "model", safety_checker=None)
+    image = pipe("red heart", num_inference_steps=2, height=32, width=32, output_type="pil").images[0]
+    assert image.size == (32, 32)
+
+    r = run_cli("generate", "--model", str(out), "--prompt", "red heart", "--n", "2", "--steps", "3",
+                "--scheduler", "ddim", "--out", str(tmp_path / "gen"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "gen" / "sheet.png").exists() and (tmp_path / "gen" / "001.png").exists()
+    r = run_cli("generate", "--model", str(out), "--prompt", "x", "--scheduler", "euler", "--out", str(tmp_path))
+    assert r.returncode == 2 and "unknown scheduler 'euler'" in r.stderr
+
+
+def test_zero3(tiny, tmp_path):
+    card = _train(tiny, tmp_path / "run", max_steps=3, zero_stage=3)
+    assert card["training"]["steps"] == 3 and (tmp_path / "run" / "model" / "unet").exists()
+
+
+def test_resume_continues_exactly(tiny, tmp_path):
+    """6 steps straight == 3 steps, then --resume to 6 (weights, optimizer and step)."""
+    _train(tiny, tmp_path / "a", max_steps=6)
+    _train(tiny, tmp_path / "b", max_steps=3)
+    with pytest.raises(UserError, match="already has checkpoints"):
+        _train(tiny, tmp_path / "b", max_steps=6)
+    with pytest.raises(UserError, match="different unet config"):
+        _train(tiny, tmp_path / "b", max_steps=6, resume=True, overrides={"unet.block_out_channels": "32,32"})
+    with pytest.raises(UserError, match="written by 2 workers"):
+        _train(tiny, tmp_path / "b", max_steps=6, resume=True, workers=1)
+    _train(tiny, tmp_path / "b", max_steps=6, resume=True)
+    (pa_, sa), (pb, sb) = latest_checkpoint(str(tmp_path / "a")), latest_checkpoint(str(tmp_path / "b"))
+    assert sa["step"] == sb["step"] == 6
+    ema_a = torch.load(f"{pa_}/ema.pt", weights_only=False)["shadow_params"]
+    ema_b = torch.load(f"{pb}/ema.pt", weights_only=False)["shadow_params"]
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ema_a, ema_b))
+    opt_a = torch.load(f"{pa_}/ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    opt_b = torch.load(f"{pb}/ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    flat_a = opt_a["optimizer_state_dict"]["single_partition_of_fp32_groups"][0]
+    flat_b = opt_b["optimizer_state_dict"]["single_partition_of_fp32_groups"][0]
+    assert torch.allclose(flat_a, flat_b, atol=1e-6)
+
+
+def test_killed_worker_recovers_from_checkpoint(tiny, tmp_path):
+    card = train(TrainConfig(data=str(tiny / "lat"), out=str(tmp_path / "run"), max_steps=5, crash_at_step=4,
+                             overrides={**FAST, "train.checkpoint_every": 2}))
+    assert card["training"]["steps"] == 5
+    assert (tmp_path / "run" / "model" / "model_index.json").exists()
+
+
+def test_loss_falls_when_overfitting(ray_local, tiny, tmp_path):
+    build_dataset(BuildConfig(source="twemoji", out=str(tmp_path / "ds16"), limit=16))
+    encode(EncodeConfig(dataset=str(tmp_path / "ds16"), out=str(tmp_path / "lat16"), vae=str(tiny / "vae")))
+    train(TrainConfig(data=str(tmp_path / "lat16"), out=str(tmp_path / "run"), max_steps=60, workers=1,
+                      overrides={**FAST, "train.batch_size": 12, "train.lr": 2e-3, "train.caption_dropout": 0.0,
+                                 "train.checkpoint_every": 60}))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = sum(r["loss"] for r in rows[:10]) / 10
+    last = sum(r["loss"] for r in rows[-10:]) / 10
+    assert last < 0.7 * first, (first, last)
+
+
+def test_bad_inputs(tiny, tmp_path):
+    with pytest.raises(UserError, match="is not a latent table"):
+        train(TrainConfig(data=str(tiny / "ds"), out=str(tmp_path / "x"), overrides=FAST))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match="cannot write to"):
+        train(TrainConfig(data=str(tiny / "lat"), out=str(blocker / "run"), overrides=FAST))
+    empty = tmp_path / "empty"
+    write_deltalake(str(empty), pa.Table.from_pylist([], schema=EMOJI_SCHEMA))
+    with pytest.raises(UserError, match="has no rows"):
+        encode(EncodeConfig(dataset=str(empty), out=str(tmp_path / "lat"), vae=str(tiny / "vae")))
+    with pytest.raises(UserError, match="unknown version 5"):
+        encode(EncodeConfig(dataset=f"{tiny / 'ds'}@5", out=str(tmp_path / "lat"), vae=str(tiny / "vae")))
+    with pytest.raises(UserError, match="train-vae is only for presets"):
+        train_vae(VAETrainConfig(dataset=str(tiny / "ds"), out=str(tmp_path / "v"), preset="emoji64"))
+    r = run_cli("train", "--data", str(tiny / "lat"), "--out", str(tmp_path / "r"), "--zero-stage", "5")
+    assert r.returncode == 2 and "--zero-stage must be 0, 1, 2 or 3, got 5" in r.stderr
+    r = run_cli("train", "--data", str(tiny / "lat"), "--out", str(tmp_path / "r"), "--workers", "3")
+    assert r.returncode == 2 and "not divisible by workers" in r.stderr
+
+
+def test_emoji64_with_tiny_stand_ins(ray_local, tiny, tmp_path):
+    """The seed's preset through its real loading paths: CLIP + SD-layout VAE from local folders."""
+    clip, vae = tiny_clip(tmp_path / "clip"), tiny_sd_vae(tmp_path / "vae")
+    sets = {"vae.pretrained": str(vae), "text.pretrained": str(clip), "image_size": 32,
+            "unet.block_out_channels": "32,64", "unet.attention_head_dim": 4}
+    encode(EncodeConfig(dataset=str(tiny / "ds"), out=str(tmp_path / "lat"), preset="emoji64", overrides=sets))
+    card = train(TrainConfig(data=str(tmp_path / "lat"), out=str(tmp_path / "run"), preset="emoji64",
+                             max_steps=2, overrides={**FAST, **sets}))
+    assert card["preset"] == "emoji64" and card["vae"] == str(vae)
+    assert (tmp_path / "run" / "model" / "text_encoder" / "config.json").exists()
+
+
+@pytest.mark.parametrize("mode", ["attn2", "lora"])
+def test_sd_finetune_with_tiny_stand_in(ray_local, tiny, tmp_path, mode):
+    from diffusers import StableDiffusionPipeline
+
+    sd = tiny_sd_pipeline(tmp_path / "sd")
+    sets = {"unet.pretrained": str(sd), "vae.pretrained": str(sd), "text.pretrained": str(sd), "image_size": 32,
+            "unet.finetune": mode, "unet.lora_rank": 4}
+    encode(EncodeConfig(dataset=str(tiny / "ds"), out=str(tmp_path / "lat"), preset="sd-finetune", overrides=sets))
+    overrides = {k: v for k, v in {**FAST, **sets}.items() if k != "unet.block_out_channels"}
+    card = train(TrainConfig(data=str(tmp_path / "lat"), out=str(tmp_path / "run"), preset="sd-finetune",
+                             max_steps=2, overrides=overrides))
+    assert card["config"]["unet"]["finetune"] == mode
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "model", safety_checker=None)
+    assert not any("lora" in n for n, _ in pipe.unet.named_parameters())  # LoRA fused on export
