@@ -167,6 +167,15 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from emoji_ldm.evaluate import EvalConfig, evaluate, format_report
+
+    print(format_report(evaluate(EvalConfig(model=args.model, data=args.data, samples=args.samples,
+                                            steps=args.steps, seed=args.seed, near_copy=args.near_copy,
+                                            clip=args.clip, out=args.out))))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emoji-ldm", description="Versioned emoji datasets, latent diffusion training and bulk generation on Ray."
@@ -268,6 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--scheduler", default="dpmpp", help="dpmpp | ddim | ddpm (default dpmpp)")
     ge.add_argument("--out", required=True, help="a local folder for the PNGs and sheet.png")
     ge.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="held-out denoising loss, memorisation, CLIP score of a trained model")
+    ev.add_argument("--model", required=True, help="a model folder/URI (or a training --out)")
+    ev.add_argument("--data", required=True, help="the latent table URI[@VERSION] it was trained on")
+    ev.add_argument("--samples", type=int, default=32, help="samples for memorisation / CLIP score (default 32)")
+    ev.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--near-copy", type=float, default=0.005, help="pixel MSE that counts as a copy (default 0.005)")
+    ev.add_argument("--clip", help="a local CLIP model folder for the CLIP score")
+    ev.add_argument("--out", help="also write the report as JSON here")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

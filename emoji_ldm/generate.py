@@ -89,7 +89,7 @@ def run_pipeline(pipe, prompts: list[str], negative: str = "", steps: int = 25, 
     import torch
 
     limit = pipe.tokenizer.model_max_length
-    too_long = [p for p in prompts if len(pipe.tokenizer(p)["input_ids"]) > limit]
+    too_long = [p for p in prompts if len(pipe.tokenizer(p, verbose=False)["input_ids"]) > limit]
     if too_long:
         logger.warning("%d prompt(s) longer than %d tokens are truncated, e.g. %r", len(too_long), limit,
                        too_long[0][:80])

@@ -68,3 +68,22 @@ def tiny_sd_pipeline(folder: Path) -> Path:
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+def tiny_clip_model(folder: Path) -> Path:
+    """A full CLIPModel (text + vision towers) with tokenizer and image processor, for the CLIP score."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tiny_clip(folder)  # tokenizer files (and a text model we overwrite)
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"vocab_size": 76, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+                     "num_hidden_layers": 2, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1,
+                     "pad_token_id": 1},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

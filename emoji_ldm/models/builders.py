@@ -151,7 +151,7 @@ def text_hidden_size(preset: Preset) -> int:
 def encode_text(tokenizer, model, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Prompts -> (hidden states (B, L, D), attention mask (B, L), number of prompts truncated)."""
     tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    full = tokenizer(prompts, padding=False, truncation=False)["input_ids"]
+    full = tokenizer(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
     truncated = sum(1 for ids in full if len(ids) > max_length)
     use_mask = getattr(model.config, "use_attention_mask", False)
     out = model(tokens.input_ids, attention_mask=tokens.attention_mask if use_mask else None)

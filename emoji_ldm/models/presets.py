@@ -35,7 +35,7 @@ class VAESpec:
     layers_per_block: int = 1
     latent_channels: int = 4
     scaling_factor: float | None = None  # None: 1/std of the latents, measured after stage-1 training
-    train_steps: int = 600  # stage 1 (own VAE only)
+    train_steps: int = 500  # stage 1 (own VAE only)
     train_batch_size: int = 32  # global
     train_lr: float = 1e-3
     kl_weight: float = 1e-6
@@ -153,8 +153,8 @@ PRESETS: dict[str, Preset] = {
         vae=VAESpec(),
         text=TextSpec(pretrained=MINILM, kind="bert", max_length=16),  # emoji names are short
         unet=UNetSpec(block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=8),
-        train=TrainSpec(batch_size=64, lr=5e-4, min_lr=5e-5, warmup_steps=50, max_steps=1200,
-                        caption_dropout=0.1, ema_decay=0.995, checkpoint_every=300, sample_every=400),
+        train=TrainSpec(batch_size=64, lr=5e-4, min_lr=5e-5, warmup_steps=50, max_steps=1000,
+                        caption_dropout=0.1, ema_decay=0.995, checkpoint_every=250, sample_every=250),
     ),
     "emoji64": Preset(
         name="emoji64",

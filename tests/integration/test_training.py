@@ -10,13 +10,14 @@ import torch
 from deltalake import write_deltalake
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.evaluate import EvalConfig, evaluate
 from emoji_ldm.ingest.build import BuildConfig, build_dataset
 from emoji_ldm.store.schema import EMOJI_SCHEMA
 from emoji_ldm.train.encode import EncodeConfig, encode
 from emoji_ldm.train.ldm import TrainConfig, latest_checkpoint, train
 from emoji_ldm.train.vae import VAETrainConfig, train_vae
 from tests.conftest import run_cli
-from tests.tiny_models import tiny_clip, tiny_sd_pipeline, tiny_sd_vae
+from tests.tiny_models import tiny_clip, tiny_clip_model, tiny_sd_pipeline, tiny_sd_vae
 
 FAST = {"train.log_every": 1, "train.sample_every": 0, "train.checkpoint_every": 3, "train.warmup_steps": 1,
         "unet.block_out_channels": "32,64", "train.batch_size": 8}
@@ -64,6 +65,13 @@ def test_tiny_zero2_end_to_end(tiny, tmp_path):
     assert (tmp_path / "gen" / "sheet.png").exists() and (tmp_path / "gen" / "001.png").exists()
     r = run_cli("generate", "--model", str(out), "--prompt", "x", "--scheduler", "euler", "--out", str(tmp_path))
     assert r.returncode == 2 and "unknown scheduler 'euler'" in r.stderr
+
+    report = evaluate(EvalConfig(model=str(out), data=str(tiny / "lat"), samples=3, steps=2,
+                                 clip=str(tiny_clip_model(tmp_path / "clip"))))
+    assert report["heldout_loss"] > 0 and 0 <= report["near_copy_share"] <= 1 and report["samples"] == 3
+    assert report["clip_score"] is not None and "not computed" in report["fid_kid"]
+    r = run_cli("eval", "--model", str(out), "--data", str(tiny / "lat"), "--samples", "2", "--steps", "2")
+    assert r.returncode == 0 and "held-out denoising loss" in r.stdout and "CLIP score: not computed" in r.stdout
 
 
 def test_zero3(tiny, tmp_path):
@@ -160,3 +168,18 @@ def test_sd_finetune_with_tiny_stand_in(ray_local, tiny, tmp_path, mode):
     assert card["config"]["unet"]["finetune"] == mode
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "model", safety_checker=None)
     assert not any("lora" in n for n, _ in pipe.unet.named_parameters())  # LoRA fused on export
+
+
+def test_train_with_checkpoints_and_model_on_s3(s3_server, tiny, tmp_path):
+    """Checkpoints, samples and the exported model under s3:// (moto_server), then resume and generate from S3."""
+    s3_server.client().create_bucket(Bucket="emoji-runs")
+    out = "s3://emoji-runs/runs/tiny"
+    _train(tiny, out, max_steps=3)
+    keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket="emoji-runs")["Contents"]}
+    assert "runs/tiny/model/model_index.json" in keys and "runs/tiny/metrics.jsonl" in keys
+    assert any("/step-00000003/ds/zero_pp_rank_1_mp_rank_00_optim_states.pt" in k for k in keys)
+    card = _train(tiny, out, max_steps=4, resume=True)
+    assert card["training"]["steps"] == 4
+    r = run_cli("generate", "--model", out, "--prompt", "sun", "--n", "1", "--steps", "2",
+                "--out", str(tmp_path / "gen"))
+    assert r.returncode == 0, r.stderr
