@@ -77,6 +77,8 @@ def clip_score(folder: str, images, prompts: list[str]) -> float:
     with torch.no_grad():
         img = model.get_image_features(**proc(images=images, return_tensors="pt"))
         txt = model.get_text_features(**tok(prompts, padding=True, truncation=True, return_tensors="pt"))
+    # transformers 5 returns model outputs whose pooler_output holds the projected features
+    img, txt = getattr(img, "pooler_output", img), getattr(txt, "pooler_output", txt)
     img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
     return float(100 * (img * txt).sum(-1).clamp(min=0).mean())
 

@@ -132,9 +132,12 @@ def train_loop(cfg: dict) -> None:
     torch.manual_seed(tc.seed * 7919 + rank)
     device = torch.device("cuda", ray.train.torch.get_device().index) if cfg["use_gpu"] else torch.device("cpu")
 
-    shard = shard_to_numpy(ray.train.get_dataset_shard("train"), ["latent", "text_emb"])
-    latents = torch.from_numpy(shard["latent"])  # (N, C, h, w) float16
-    text = torch.from_numpy(shard["text_emb"])  # (N, L, D) float16
+    # Every worker gets the whole (small) table and keeps rows rank::world in content-hash order:
+    # the same rows land on the same rank in every run, so a resumed run continues exactly.
+    rows = shard_to_numpy(ray.train.get_dataset_shard("train"), ["id", "latent", "text_emb"])
+    mine = np.argsort(rows["id"], kind="stable")[rank::world]
+    latents = torch.from_numpy(rows["latent"][mine])  # (N, C, h, w) float16
+    text = torch.from_numpy(rows["text_emb"][mine])  # (N, L, D) float16
     empty = torch.from_numpy(np.asarray(cfg["empty_emb"], dtype=np.float16))  # (L, D)
     micro = tc.batch_size // (world * tc.grad_accum)
     if len(latents) < micro:
@@ -177,7 +180,7 @@ def train_loop(cfg: dict) -> None:
             f"{len(latents)} rows on rank 0, steps {state['step']}->{tc.max_steps}", flush=True,
         )
 
-    log = _RankZeroLog(cfg, preset) if rank == 0 else None
+    log = _RankZeroLog(cfg, preset, resumed_at=state["step"]) if rank == 0 else None
     t_last, images_since, losses = time.perf_counter(), 0, []
     micro_step = 0
     while state["step"] < tc.max_steps:
@@ -217,7 +220,8 @@ def train_loop(cfg: dict) -> None:
                 t_last, images_since, losses = time.perf_counter(), 0, []
             sample_now = tc.sample_every and step % tc.sample_every == 0
             if sample_now or step == tc.max_steps:
-                _sample(engine, ema, params, preset, cfg, step, log, zero3)
+                with torch.random.fork_rng():  # sampling must not shift the training RNG stream
+                    _sample(engine, ema, params, preset, cfg, step, log, zero3)
             if step % tc.checkpoint_every == 0 or step == tc.max_steps:
                 _checkpoint(engine, ema, state, cfg, rank, world, log, step)
         if state["pos"] >= n_batches:
@@ -257,29 +261,38 @@ def _checkpoint(engine, ema, state, cfg, rank, world, log, step) -> None:
 
 def _sample(engine, ema, params, preset, cfg, step, log, zero3) -> None:
     """EMA weights -> sample grid of the preset's prompts (rank 0 renders; ZeRO-3 gathers on all ranks)."""
-    import copy
-
     import deepspeed
+
+    from emoji_ldm.models.builders import build_unet, configure_trainable
 
     module = engine.module
     with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=zero3):
         if log is None:
             return
-        unet = copy.deepcopy(module).float().eval()
-    trainable = [p for p in unet.parameters() if p.requires_grad]
-    ema.copy_to(trainable)
-    log.samples(unet, step)
+        # A fresh UNet, not a deepcopy: the engine's module carries ZeRO-3 hooks.
+        weights = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+    unet = build_unet(preset)
+    configure_trainable(unet, preset)
+    unet.load_state_dict(weights)
+    ema.copy_to([p for p in unet.parameters() if p.requires_grad])
+    log.samples(unet.eval(), step)
 
 
 class _RankZeroLog:
     """Rank 0's outputs: per-step lines, metrics.jsonl, loss.png and sample grids, copied to OUT."""
 
-    def __init__(self, cfg: dict, preset):
+    def __init__(self, cfg: dict, preset, resumed_at: int = 0):
+        from emoji_ldm.store.artifacts import artifact_uri, exists, read_bytes
+
         self.cfg, self.preset = cfg, preset
         self.local = Path(tempfile.mkdtemp(prefix="emoji-ldm-train-"))
         self.rows: list[dict] = []
         self.last_loss = None
-        self._components = None
+        previous = artifact_uri(cfg["out"], "metrics.jsonl")
+        if resumed_at and exists(previous):  # keep the history up to the checkpoint we resumed from
+            rows = [json.loads(line) for line in read_bytes(previous).decode().splitlines() if line.strip()]
+            self.rows = [r for r in rows if r["step"] <= resumed_at]
+            (self.local / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
     def step(self, step: int, loss: float, lr: float, step_time: float, images_s: float) -> None:
         self.last_loss = loss
@@ -391,6 +404,7 @@ def decode_latents(batch: dict) -> dict:
     shape = tuple(batch["latent_shape"][0])
     tshape = tuple(batch["text_shape"][0])
     return {
+        **({"id": batch["id"]} if "id" in batch else {}),
         "latent": np.stack([np.frombuffer(b, dtype=np.float16).reshape(shape) for b in batch["latent"]]),
         "text_emb": np.stack([np.frombuffer(b, dtype=np.float16).reshape(tshape) for b in batch["text_emb"]]),
     }
@@ -440,9 +454,11 @@ def train(config: TrainConfig) -> dict:
 
     empty = np.load(io.BytesIO(read_bytes(artifact_uri(ref.uri, "_emoji_ldm", "empty_caption.npz"))))
     ensure_ray()
-    ds, _ = read_dataset(ref, columns=["latent", "latent_shape", "text_emb", "text_shape", "split"])
+    from ray.data.expressions import col
+
+    ds, _ = read_dataset(ref, columns=["id", "latent", "latent_shape", "text_emb", "text_shape", "split"])
     # Decode before the workers start (they hold the CPUs on a small node).
-    ds = ds.filter(expr="split == 'train'").map_batches(decode_latents, batch_format="numpy").materialize()
+    ds = ds.filter(expr=col("split") == "train").map_batches(decode_latents, batch_format="numpy").materialize()
 
     write_json(artifact_uri(out, "config.json"), {"preset": preset.to_dict(), "run": dataclasses.asdict(config),
                                                   "latent_table": f"{ref.uri}@{latent_version}"})
@@ -466,6 +482,7 @@ def train(config: TrainConfig) -> dict:
             worker_runtime_env={"env_vars": env},
         ),
         datasets={"train": ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # workers pick their rows themselves
     )
     result = trainer.fit()
     if result.error:

@@ -80,9 +80,10 @@ def test_zero3(tiny, tmp_path):
 
 
 def test_resume_continues_exactly(tiny, tmp_path):
-    """6 steps straight == 3 steps, then --resume to 6 (weights, optimizer and step)."""
+    """6 steps straight == a run that dies after its step-3 checkpoint, then --resume (weights, optimizer, step)."""
     _train(tiny, tmp_path / "a", max_steps=6)
-    _train(tiny, tmp_path / "b", max_steps=3)
+    with pytest.raises(Exception, match="(?i)fail|error"):  # rank 1 dies at step 4, no restarts allowed
+        _train(tiny, tmp_path / "b", max_steps=6, crash_at_step=4, max_failures=0)
     with pytest.raises(UserError, match="already has checkpoints"):
         _train(tiny, tmp_path / "b", max_steps=6)
     with pytest.raises(UserError, match="different unet config"):
@@ -90,6 +91,8 @@ def test_resume_continues_exactly(tiny, tmp_path):
     with pytest.raises(UserError, match="written by 2 workers"):
         _train(tiny, tmp_path / "b", max_steps=6, resume=True, workers=1)
     _train(tiny, tmp_path / "b", max_steps=6, resume=True)
+    metrics_b = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics_b == [1, 2, 3, 4, 5, 6]
     (pa_, sa), (pb, sb) = latest_checkpoint(str(tmp_path / "a")), latest_checkpoint(str(tmp_path / "b"))
     assert sa["step"] == sb["step"] == 6
     ema_a = torch.load(f"{pa_}/ema.pt", weights_only=False)["shadow_params"]
