@@ -87,7 +87,10 @@ class Encoder:
         captions = [c if c else (t or "") for c, t in zip(batch["caption"], batch["title"])]
         with torch.no_grad():
             latents = self.vae.encode(pixels.to(self.device)).latent_dist.mean * self.scale  # (B, C, h, w)
-            emb, mask, _ = encode_text(self.tokenizer, self.text, captions, self.preset.text.max_length)
+            emb, mask, truncated = encode_text(self.tokenizer, self.text, captions, self.preset.text.max_length)
+        if truncated:
+            logger.warning("%d caption(s) longer than %d tokens were truncated", truncated,
+                           self.preset.text.max_length)
         latents = latents.cpu().numpy().astype(np.float16)
         emb = emb.cpu().numpy().astype(np.float16)  # (B, L, D)
         mask = mask.cpu().numpy().astype(np.uint8)  # (B, L)

@@ -63,6 +63,10 @@ def test_tiny_zero2_end_to_end(tiny, tmp_path):
                 "--scheduler", "ddim", "--out", str(tmp_path / "gen"))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "gen" / "sheet.png").exists() and (tmp_path / "gen" / "001.png").exists()
+    long_prompt = "a very happy smiling yellow cat face with big round eyes " * 6
+    r = run_cli("generate", "--model", str(out), "--prompt", long_prompt, "--n", "1", "--steps", "2",
+                "--out", str(tmp_path / "gen-long"))
+    assert r.returncode == 0 and "truncated" in r.stderr
     r = run_cli("generate", "--model", str(out), "--prompt", "x", "--scheduler", "euler", "--out", str(tmp_path))
     assert r.returncode == 2 and "unknown scheduler 'euler'" in r.stderr
 
