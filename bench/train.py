@@ -1,6 +1,6 @@
 """Training and sampling benchmarks (issue 3), all in one run on this machine.
 
-  1. throughput: a plain single-process diffusers training loop (2 threads) vs
+  1. throughput: a plain single-process diffusers training loop with EMA (2 threads) vs
      `emoji-ldm train` (Ray Train + DeepSpeed ZeRO-2, 2 workers x 1 thread), same
      tiny UNet, same global batch; steady-state images/s (start-up excluded).
   2. precomputed latents (what `encode` gives) vs encoding images and captions
@@ -49,9 +49,12 @@ def plain_loop(preset, latents, text, batch: int, steps: int, encode_fn=None) ->
     """A single-process diffusers loop; returns steady-state images/s (first 3 steps are warm-up)."""
     from emoji_ldm.models.builders import build_unet, noise_scheduler
 
+    from diffusers.training_utils import EMAModel
+
     torch.manual_seed(0)
     unet = build_unet(preset).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    ema = EMAModel(unet.parameters(), decay=0.995)  # the same recipe as ours: EMA every step
     noise = noise_scheduler(preset)
     times = []
     for step in range(steps + 3):
@@ -68,6 +71,7 @@ def plain_loop(preset, latents, text, batch: int, steps: int, encode_fn=None) ->
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
         if step >= 3:
             times.append(time.perf_counter() - t0)
     return batch / statistics.median(times)

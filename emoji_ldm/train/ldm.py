@@ -206,7 +206,10 @@ def train_loop(cfg: dict) -> None:
             if micro_step % tc.grad_accum:
                 continue
             state["step"] += 1
-            with deepspeed.zero.GatheredParameters(params, enabled=zero3):
+            if zero3:  # sharded parameters: every rank takes part in the gather
+                with deepspeed.zero.GatheredParameters(params):
+                    ema.step(params)
+            elif rank == 0:  # full parameters on every rank: only rank 0 keeps (and saves) the EMA
                 ema.step(params)
             step = state["step"]
             _maybe_crash(cfg, step, rank)

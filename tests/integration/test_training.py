@@ -16,7 +16,7 @@ from emoji_ldm.store.schema import EMOJI_SCHEMA
 from emoji_ldm.train.encode import EncodeConfig, encode
 from emoji_ldm.train.ldm import TrainConfig, latest_checkpoint, train
 from emoji_ldm.train.vae import VAETrainConfig, train_vae
-from tests.conftest import run_cli
+from tests.conftest import png_bytes, run_cli
 from tests.tiny_models import tiny_clip, tiny_clip_model, tiny_sd_pipeline, tiny_sd_vae
 
 FAST = {"train.log_every": 1, "train.sample_every": 0, "train.checkpoint_every": 3, "train.warmup_steps": 1,
@@ -139,6 +139,12 @@ def test_bad_inputs(tiny, tmp_path):
     write_deltalake(str(empty), pa.Table.from_pylist([], schema=EMOJI_SCHEMA))
     with pytest.raises(UserError, match="has no rows"):
         encode(EncodeConfig(dataset=str(empty), out=str(tmp_path / "lat"), vae=str(tiny / "vae")))
+    nocap = tmp_path / "nocap"
+    row = {name: None for name in EMOJI_SCHEMA.names}
+    row.update(id="0" * 32, image=png_bytes(size=(32, 32)), width=32, height=32, title="", source="test")
+    write_deltalake(str(nocap), pa.Table.from_pylist([row], schema=EMOJI_SCHEMA))
+    with pytest.raises(UserError, match="no captions or titles"):
+        encode(EncodeConfig(dataset=str(nocap), out=str(tmp_path / "lat"), vae=str(tiny / "vae")))
     with pytest.raises(UserError, match="unknown version 5"):
         encode(EncodeConfig(dataset=f"{tiny / 'ds'}@5", out=str(tmp_path / "lat"), vae=str(tiny / "vae")))
     with pytest.raises(UserError, match="train-vae is only for presets"):
