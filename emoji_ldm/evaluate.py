@@ -90,15 +90,12 @@ def evaluate(config: EvalConfig) -> dict:
     from emoji_ldm.generate import load_pipeline, run_pipeline
     from emoji_ldm.models.builders import noise_scheduler
     from emoji_ldm.models.presets import preset_from_dict
-    from emoji_ldm.store.delta import history, open_table
+    from emoji_ldm.store.delta import open_table
+    from emoji_ldm.train.encode import open_latent_table
     from emoji_ldm.store.uri import DatasetRef
     from emoji_ldm.train.ldm import decode_latents
 
-    ref = DatasetRef.parse(config.data)
-    table = open_table(ref)
-    meta = next((h["meta"] for h in history(ref.uri) if h["version"] == table.version()), {})
-    if meta.get("operation") != "encode":
-        raise UserError(f"{config.data!r} is not a latent table: run `emoji-ldm encode` first")
+    ref, table, meta = open_latent_table(config.data)
     pipe = load_pipeline(config.model)
     preset = preset_from_dict(meta["preset"])
     rows = table.to_pyarrow_table(columns=["id", "caption", "split", "latent", "latent_shape", "text_emb",

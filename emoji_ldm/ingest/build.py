@@ -124,11 +124,13 @@ def build_dataset(config: BuildConfig) -> BuildSummary:
 
     start = time.perf_counter()
     phases: dict[str, float] = {}
+    last = start
 
-    def lap(name: str, since: list[float] = [start]) -> None:
+    def lap(name: str) -> None:
+        nonlocal last
         now = time.perf_counter()
-        phases[name] = round(now - since[0], 3)
-        since[0] = now
+        phases[name] = round(now - last, 3)
+        last = now
 
     check_s3_bucket(config.out)
     items = list_source(config.source, config.limit)

@@ -19,20 +19,6 @@ from PIL import Image, ImageColor, UnidentifiedImageError
 
 from emoji_ldm.errors import UserError
 
-# Reasons, in the order a user reads them in a summary.
-REJECT_REASONS = (
-    "empty",
-    "too_large_bytes",
-    "not_an_image",
-    "unsupported_format",
-    "too_many_pixels",
-    "truncated",
-    "undecodable",
-    "fetch_failed",
-    "http_error",
-    "duplicate",
-)
-
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "MPO")
 
 

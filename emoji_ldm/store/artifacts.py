@@ -91,11 +91,11 @@ def local_copy(uri: str) -> str:
     fs, path = filesystem(uri)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         raise UserError(f"{uri!r} does not exist")
-    tmp = Path(tempfile.mkdtemp(dir=cache.parent if cache.exists() else None))
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache))  # same filesystem as the target, so the rename is atomic
     pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     if target.exists():
         shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(target)
     return str(target)
 

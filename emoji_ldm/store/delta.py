@@ -27,7 +27,6 @@ from deltalake.transaction import CommitProperties, create_table_with_add_action
 from ray.data._internal.datasource.delta_datasink import DeltaDatasink
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.store.schema import EMOJI_SCHEMA  # noqa: F401  (re-exported)
 from emoji_ldm.store.uri import DatasetRef, filesystem, join, normalize_uri, storage_options
 
 logger = logging.getLogger(__name__)

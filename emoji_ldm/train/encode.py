@@ -118,6 +118,19 @@ def _to_table(batch: dict) -> pa.Table:
     return pa.Table.from_pydict({k: list(v) for k, v in batch.items()}, schema=LATENT_SCHEMA)
 
 
+def open_latent_table(data: str):
+    """(ref, table at the referenced version, that version's encode commit metadata) of a latent table."""
+    from emoji_ldm.store.delta import history, open_table
+    from emoji_ldm.store.uri import DatasetRef
+
+    ref = DatasetRef.parse(data)
+    table = open_table(ref)
+    meta = next((h["meta"] for h in history(ref.uri) if h["version"] == table.version()), {})
+    if meta.get("operation") != "encode":
+        raise UserError(f"{data!r} is not a latent table: run `emoji-ldm encode` first")
+    return ref, table, meta
+
+
 def encode(config: EncodeConfig) -> dict:
     """Encode a dataset version into a new version of the latent table; returns a summary."""
     from emoji_ldm.runtime import ensure_ray
@@ -129,15 +142,19 @@ def encode(config: EncodeConfig) -> dict:
     start = time.perf_counter()
     preset = get_preset(config.preset, config.overrides)
     out = check_writable(config.out)
-    open_table(config.dataset)  # clear error for a missing dataset / version / tag
-    ensure_ray()
-    ds, version = read_dataset(config.dataset, columns=["id", "image", "caption", "title"])
-    meta = ds.select_columns(["caption", "title"]).to_pandas()
+    # Checked on the Delta table itself (clear errors for a missing dataset / version / tag),
+    # before Ray starts and without reading the images.
+    table = open_table(config.dataset)
+    version = table.version()
+    meta = table.to_pyarrow_table(columns=["caption", "title"]).to_pandas()
     if len(meta) == 0:
         raise UserError(f"dataset {config.dataset!r} (version {version}) has no rows to encode")
     has_text = (meta["caption"].fillna("").str.len() > 0) | (meta["title"].fillna("").str.len() > 0)
     if not has_text.any():
         raise UserError(f"dataset {config.dataset!r} has no captions or titles: caption it first")
+    ensure_ray()
+    ds, _ = read_dataset(DatasetRef(DatasetRef.parse(config.dataset).uri, version=version),
+                         columns=["id", "image", "caption", "title"])
 
     vae_path = config.vae
     if preset.vae.trained_here and not vae_path:

@@ -138,7 +138,8 @@ def train_loop(cfg: dict) -> None:
     mine = np.argsort(rows["id"], kind="stable")[rank::world]
     latents = torch.from_numpy(rows["latent"][mine])  # (N, C, h, w) float16
     text = torch.from_numpy(rows["text_emb"][mine])  # (N, L, D) float16
-    empty = torch.from_numpy(np.asarray(cfg["empty_emb"], dtype=np.float16))  # (L, D)
+    empty = torch.tensor(cfg["empty_emb"], dtype=torch.float32, device=device)  # (L, D)
+    dtype = torch.bfloat16 if cfg["use_gpu"] else torch.float32
     micro = tc.batch_size // (world * tc.grad_accum)
     if len(latents) < micro:
         raise UserError(f"rank {rank} has {len(latents)} training rows, fewer than its micro batch {micro}")
@@ -191,11 +192,10 @@ def train_loop(cfg: dict) -> None:
             x0 = latents[idx].to(device, torch.float32)  # (B, C, h, w)
             cond = text[idx].to(device, torch.float32)  # (B, L, D)
             drop = torch.rand(len(idx)) < tc.caption_dropout
-            cond[drop] = empty.to(device, torch.float32)  # classifier-free guidance: learn the unconditional too
+            cond[drop] = empty  # classifier-free guidance: learn the unconditional too
             eps = torch.randn_like(x0)
             t = torch.randint(0, preset.noise.num_train_timesteps, (len(idx),), device=device)
             noisy = noise.add_noise(x0, eps, t)
-            dtype = torch.bfloat16 if cfg["use_gpu"] else torch.float32
             pred = engine(noisy.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample
             loss = torch.nn.functional.mse_loss(pred.float(), eps)
             engine.backward(loss)
@@ -420,18 +420,15 @@ def train(config: TrainConfig) -> dict:
 
     from emoji_ldm.runtime import ensure_ray
     from emoji_ldm.store.artifacts import artifact_uri, check_writable, read_bytes, write_json
-    from emoji_ldm.store.delta import history, open_table, read_dataset
-    from emoji_ldm.store.uri import DatasetRef, filesystem, storage_options
+    from emoji_ldm.store.delta import read_dataset
+    from emoji_ldm.store.uri import filesystem, storage_options
+    from emoji_ldm.train.encode import open_latent_table
     from emoji_ldm.train.export import export_model
     from emoji_ldm.version import code_version
 
     preset = config.resolved_preset()
-    ref = DatasetRef.parse(config.data)
-    table = open_table(ref)
+    ref, table, enc_meta = open_latent_table(config.data)
     latent_version = table.version()
-    enc_meta = next((h["meta"] for h in history(ref.uri) if h["version"] == latent_version), {})
-    if enc_meta.get("operation") != "encode":
-        raise UserError(f"{config.data!r} is not a latent table: run `emoji-ldm encode` first")
     if preset.to_dict()["text"] != enc_meta["preset"]["text"] or preset.image_size != enc_meta["preset"]["image_size"]:
         raise UserError(f"the latent table was encoded with preset {enc_meta['preset']['name']!r} "
                         f"(text encoder / image size differ from {preset.name!r}): encode again or use that preset")

@@ -141,12 +141,12 @@ def train_vae(config: VAETrainConfig) -> dict:
     out = check_writable(config.out)
     ensure_ray()
     ds, version = read_dataset(config.dataset, columns=["id", "image"])
-    rows = ds.count()
-    if rows == 0:
-        raise UserError(f"dataset {config.dataset!r} (version {version}) has no rows to train on")
     # Decode before the workers start: on a small node the training workers hold every CPU,
     # and Ray Data tasks scheduled after them would wait for ever.
     ds = ds.map_batches(decode_images, fn_kwargs={"size": preset.image_size}, batch_format="numpy").materialize()
+    rows = ds.count()  # free on a materialized dataset
+    if rows == 0:
+        raise UserError(f"dataset {config.dataset!r} (version {version}) has no rows to train on")
     steps = config.max_steps or preset.vae.train_steps
     with tempfile.TemporaryDirectory() as storage:
         trainer = TorchTrainer(

@@ -12,7 +12,8 @@ from emoji_ldm.ingest.build import BuildConfig, build_dataset
 from emoji_ldm.ingest.images import ImageConfig
 from emoji_ldm.sources import FetchConfig
 from emoji_ldm.store import ops
-from emoji_ldm.store.delta import EMOJI_SCHEMA, history, open_table
+from emoji_ldm.store.delta import history, open_table
+from emoji_ldm.store.schema import EMOJI_SCHEMA
 from emoji_ldm.store.uri import DatasetRef
 from tests.conftest import make_bad_corpus, png_bytes, run_cli
 
