@@ -176,6 +176,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from emoji_ldm.serve.run import ServeConfig, default_config_path, serve_forever
+
+    serve_forever(ServeConfig(model=args.model, host=args.host, port=args.port, sets_uri=args.sets_uri,
+                              config=args.config or default_config_path(), max_batch_size=args.max_batch_size))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emoji-ldm", description="Versioned emoji datasets, latent diffusion training and bulk generation on Ray."
@@ -277,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--scheduler", default="dpmpp", help="dpmpp | ddim | ddpm (default dpmpp)")
     ge.add_argument("--out", required=True, help="a local folder for the PNGs and sheet.png")
     ge.set_defaults(func=cmd_generate)
+
+    sv = sub.add_parser("serve", help="serve the HTTP API and web page on Ray Serve until Ctrl-C")
+    sv.add_argument("--model", required=True, help="a model folder/URI (or a training --out)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    sv.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    sv.add_argument("--sets-uri", default="", help='where `"store": true` emoji sets are written (local or s3://)')
+    sv.add_argument("--max-batch-size", type=_positive_int, help="images per pipeline call (default: the config's, 16)")
+    sv.add_argument("--config", help="a Serve config file (default: the packaged emoji_ldm/serve/serve_config.yaml)")
+    sv.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", help="held-out denoising loss, memorisation, CLIP score of a trained model")
     ev.add_argument("--model", required=True, help="a model folder/URI (or a training --out)")

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -83,23 +84,111 @@ class GenerateConfig:
             raise UserError(f"unknown scheduler {self.scheduler!r}: use one of {', '.join(SCHEDULERS)}")
 
 
-def run_pipeline(pipe, prompts: list[str], negative: str = "", steps: int = 25, guidance: float = 5.0,
-                 seed: int = 0, height: int | None = None) -> list[Image.Image]:
-    """One batched pipeline call; prompts longer than the tokenizer limit are truncated with a warning."""
-    import torch
+@dataclass(frozen=True)
+class SampleJob:
+    """The images of one request: image i is `prompts[i]` started from the noise of `seeds[i]`.
 
-    limit = pipe.tokenizer.model_max_length
-    too_long = [p for p in prompts if len(pipe.tokenizer(p, verbose=False)["input_ids"]) > limit]
-    if too_long:
-        logger.warning("%d prompt(s) longer than %d tokens are truncated, e.g. %r", len(too_long), limit,
-                       too_long[0][:80])
-    size = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    generator = torch.Generator("cpu").manual_seed(seed)
-    with torch.no_grad():
-        out = pipe(prompts, negative_prompt=[negative] * len(prompts) if negative else None,
-                   num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                   height=size, width=size, output_type="pil")
-    return out.images
+    Seeding per image (not per call) makes an image depend only on its own
+    prompt, seed and settings, never on which other requests shared its batch.
+    """
+
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    negative_prompt: str = ""
+    steps: int = 25
+    guidance: float = 5.0
+    scheduler: str | None = "dpmpp"  # None: the pipeline's current scheduler
+
+    def __post_init__(self):
+        if len(self.prompts) != len(self.seeds):
+            raise ValueError(f"{len(self.prompts)} prompts but {len(self.seeds)} seeds")
+
+    @property
+    def settings(self) -> tuple:
+        """Jobs with equal settings can share one pipeline call."""
+        return (self.steps, self.guidance, self.scheduler)
+
+    def split(self, size: int) -> list["SampleJob"]:
+        """Pieces of at most `size` images (a batch never exceeds the server's max batch size)."""
+        from dataclasses import replace
+
+        return [replace(self, prompts=self.prompts[i:i + size], seeds=self.seeds[i:i + size])
+                for i in range(0, len(self.prompts), size)]
+
+
+class Sampler:
+    """A loaded pipeline that samples many jobs in as few pipeline calls as their settings allow."""
+
+    def __init__(self, pipe):
+        from emoji_ldm.models.builders import SCHEDULERS, sampling_scheduler
+
+        self.pipe = pipe
+        self._schedulers = {name: sampling_scheduler(name, pipe.scheduler.config) for name in SCHEDULERS}
+        self.image_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.calls = 0  # pipeline calls so far (the batching tests count them)
+
+    @classmethod
+    def load(cls, uri: str, device: str = "cpu") -> "Sampler":
+        return cls(load_pipeline(uri, device=device))
+
+    def noise(self, seed: int):
+        """The initial latent for `seed`: (1, C, H/8, W/8), drawn on the CPU so every device agrees."""
+        import torch
+
+        c, s = self.pipe.unet.config.in_channels, self.pipe.unet.config.sample_size
+        return torch.randn((1, c, s, s), generator=torch.Generator("cpu").manual_seed(seed))
+
+    def sample(self, jobs: list[SampleJob]) -> list[list[Image.Image]]:
+        """Images per job, in order; one pipeline call per distinct (steps, guidance, scheduler)."""
+        out: list[list[Image.Image] | None] = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(job.settings, []).append(i)
+        for members in groups.values():
+            images = self._call([jobs[i] for i in members])
+            for i in members:
+                n = len(jobs[i].prompts)
+                out[i], images = images[:n], images[n:]
+        return out
+
+    def _call(self, jobs: list[SampleJob]) -> list[Image.Image]:
+        import torch
+
+        first = jobs[0]
+        prompts = [p for job in jobs for p in job.prompts]
+        seeds = [s for job in jobs for s in job.seeds]
+        negatives = [job.negative_prompt for job in jobs for _ in job.prompts]
+        limit = self.pipe.tokenizer.model_max_length
+        too_long = [p for p in prompts if len(self.pipe.tokenizer(p, verbose=False)["input_ids"]) > limit]
+        if too_long:
+            logger.warning("%d prompt(s) longer than %d tokens are truncated, e.g. %r", len(too_long), limit,
+                           too_long[0][:80])
+        if first.scheduler is not None:
+            self.pipe.scheduler = self._schedulers[first.scheduler]
+        latents = torch.cat([self.noise(s) for s in seeds]).to(self.pipe.device)  # (B, C, H/8, W/8)
+        # one generator per image: stochastic samplers (ddpm) draw their step noise per image too
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        self.calls += 1
+        with torch.no_grad():
+            result = self.pipe(prompts, negative_prompt=negatives if any(negatives) else None,
+                               num_inference_steps=first.steps, guidance_scale=first.guidance,
+                               generator=generators, latents=latents, height=self.image_size,
+                               width=self.image_size, output_type="pil")
+        return result.images
+
+
+def run_pipeline(pipe, prompts: list[str], negative: str = "", steps: int = 25, guidance: float = 5.0,
+                 seed: int = 0) -> list[Image.Image]:
+    """One batched call with the pipeline's current scheduler; image i uses seed `seed + i`."""
+    job = SampleJob(tuple(prompts), tuple(seed + i for i in range(len(prompts))), negative, steps, guidance,
+                    scheduler=None)
+    return Sampler(pipe).sample([job])[0]
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def image_grid(images: list[Image.Image], labels: list[str] | None = None, cell: int = 96,

@@ -1,0 +1,324 @@
+"""The Serve application: a FastAPI ingress in front of a batched, autoscaled model deployment.
+
+    HTTP ──► Ingress (FastAPI: validation, web page, zips, set storage)
+                │  DeploymentHandle, requests split into pieces of <= max_batch_size images
+                ▼
+             Generator (one diffusers pipeline per replica; @serve.batch packs concurrent
+                        requests into one pipeline call; autoscaled by ongoing requests)
+
+Input: a model folder/URI (a diffusers pipeline with model_card.json, local or
+S3). Output: PNGs over HTTP; emoji sets as zips, or stored under the
+operator's `sets_uri`. Entry points: `build_app` (the `import_path` of
+`serve_config.yaml`, used by `serve run`, `serve deploy` and the RayService)
+and `application` (the same with deployment options, used by `emoji-ldm serve`).
+
+Replica options (autoscaling, max_ongoing_requests, max_queued_requests, CPUs
+and GPUs) live in `serve_config.yaml`, not here: one file for every way of
+deploying.
+"""
+
+import asyncio
+import base64
+import logging
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from emoji_ldm import __version__
+from emoji_ldm.generate import SampleJob
+from emoji_ldm.serve.schemas import EmojiSetRequest, GenerateRequest
+
+logger = logging.getLogger("ray.serve")
+
+MAX_BODY_BYTES = 256 * 1024  # 256 items of 500 characters fit; anything bigger is refused with 413
+
+
+@dataclass(frozen=True)
+class AppArgs:
+    """The application's `args:` in the Serve config (or `emoji-ldm serve` flags)."""
+
+    model: str
+    sets_uri: str = ""               # where `"store": true` sets go; empty: storing is off
+    max_batch_size: int = 16         # images per pipeline call
+    batch_wait_timeout_s: float = 0.05
+    device: str = "auto"             # auto: cuda when the replica has a GPU, else cpu
+
+    def __post_init__(self):
+        from emoji_ldm.errors import UserError
+
+        if not self.model:
+            raise UserError("args.model is empty: give the model folder/URI to serve")
+        if not 1 <= self.max_batch_size <= 256:
+            raise UserError(f"args.max_batch_size must be from 1 to 256, got {self.max_batch_size}")
+        if not 0 <= self.batch_wait_timeout_s <= 10:
+            raise UserError(f"args.batch_wait_timeout_s must be from 0 to 10 seconds, got {self.batch_wait_timeout_s}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"args.device must be auto, cpu or cuda, got {self.device!r}")
+
+
+# --- the model deployment ---------------------------------------------------------
+
+
+def images_in(jobs: list[SampleJob]) -> int:
+    """Batch size in images, not requests (`@serve.batch` batch_size_fn)."""
+    return sum(len(job.prompts) for job in jobs)
+
+
+@serve.deployment(name="Generator")
+class Generator:
+    """One pipeline per replica; concurrent requests share pipeline calls."""
+
+    def __init__(self, model: str, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.05,
+                 device: str = "auto"):
+        import torch
+
+        from emoji_ldm.generate import Sampler, model_card
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.sampler = Sampler.load(model, device=device)
+        self.card = model_card(model)
+        self.model = model
+        self._batch.set_max_batch_size(max_batch_size)
+        self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.requests = self.images = 0
+        self.batch_sizes: list[int] = []  # images per pipeline call, the last 1000
+        logger.info("Generator: %s on %s, max batch %d images", model, device, max_batch_size)
+
+    async def sample(self, job: SampleJob) -> list[bytes]:
+        """PNG bytes for one job (at most max_batch_size images)."""
+        self.requests += 1
+        return await self._batch(job)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05, batch_size_fn=images_in)
+    async def _batch(self, jobs: list[SampleJob]) -> list[list[bytes]]:
+        # the pipeline runs in a thread so the replica keeps accepting (and queueing) requests meanwhile
+        return await asyncio.to_thread(self._sample_pngs, jobs)
+
+    def _sample_pngs(self, jobs: list[SampleJob]) -> list[list[bytes]]:
+        from emoji_ldm.generate import png_bytes
+
+        size = images_in(jobs)
+        self.images += size
+        self.batch_sizes = (self.batch_sizes + [size])[-1000:]
+        return [[png_bytes(im) for im in images] for images in self.sampler.sample(jobs)]
+
+    def model_card(self) -> dict:
+        return {"uri": self.model, "image_size": self.sampler.image_size, **self.card}
+
+    def stats(self) -> dict:
+        """Counters of this replica: requests in, pipeline calls made, images made, recent batch sizes."""
+        return {"replica": serve.get_replica_context().replica_id.unique_id, "requests": self.requests,
+                "calls": self.sampler.calls, "images": self.images, "batch_sizes": self.batch_sizes[-50:]}
+
+
+# --- the HTTP ingress ----------------------------------------------------------------
+
+api = FastAPI(
+    title="emoji-ldm",
+    version=__version__,
+    description="Generate emoji and themed emoji sets from a trained emoji-ldm model. "
+                "Errors are JSON: `{\"error\": message, \"field\": name or null}`.",
+)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field, self.headers = status, message, field, headers
+
+
+def error_response(status: int, message: str, field: str | None = None, headers: dict | None = None):
+    return JSONResponse({"error": message, "field": field}, status_code=status, headers=headers)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError):
+    return error_response(exc.status, exc.message, exc.field, exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def validation_error(request: Request, exc: RequestValidationError):
+    """422 naming the first bad field (all of them under `errors`); malformed JSON is a 400."""
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        return error_response(400, f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    field = ".".join(loc) or None
+    message = first["msg"].removeprefix("Value error, ")
+    if first.get("type") == "missing":
+        message = "required"
+    details = [{"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body") or None,
+                "error": e["msg"].removeprefix("Value error, ")} for e in errors]
+    return JSONResponse({"error": f"{field}: {message}" if field else message, "field": field, "errors": details},
+                        status_code=422)
+
+
+class BodyLimit:
+    """413 with our JSON for bodies over `max_bytes`, by Content-Length or while streaming.
+
+    (FastAPI's own `max_body_size` answers a declared oversize body in plain text, which would
+    break the API's one error shape.)
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, counted, send)
+
+    async def _refuse(self, scope, receive, send):
+        await error_response(413, _TooLarge(self.max_bytes).detail)(scope, receive, send)
+
+
+class _TooLarge(StarletteHTTPException):
+    """An HTTPException, so FastAPI's body parsing passes it on to `_http_error` instead of a generic 400."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__(413, f"request body is larger than {max_bytes} bytes: send fewer or shorter prompts, "
+                              "or split the set")
+
+
+api.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    """Starlette's own errors (404, 405) in the same JSON shape."""
+    return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+
+def _settings(body) -> dict:
+    return {"negative_prompt": body.negative_prompt, "steps": body.steps, "guidance": body.guidance,
+            "seed": body.seed, "scheduler": body.scheduler}
+
+
+def _b64(png: bytes) -> str:
+    return base64.b64encode(png).decode()
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, generator: DeploymentHandle, args: dict):
+        self.generator = generator
+        self.args = AppArgs(**args)
+        self._card: dict | None = None
+
+    async def _model_card(self) -> dict:
+        if self._card is None:
+            self._card = await self.generator.model_card.remote()
+        return self._card
+
+    async def _sample(self, job: SampleJob) -> list[bytes]:
+        """Split into pieces the Generator batches and replicas share; 503 when they are full or down."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError
+
+        pieces = job.split(self.args.max_batch_size)
+        try:
+            results = await asyncio.gather(*[self.generator.sample.remote(piece) for piece in pieces])
+        except BackPressureError:
+            raise ApiError(503, "the model replicas are at capacity (their queues are full): retry in a few "
+                                "seconds", headers={"Retry-After": "5"}) from None
+        except (ActorDiedError, ActorUnavailableError, RayActorError):
+            raise ApiError(503, "a model replica went away while serving this request: retry; the deployment "
+                                "is replacing it", headers={"Retry-After": "5"}) from None
+        return [png for result in results for png in result]
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(resources.files("emoji_ldm.serve").joinpath("page.html").read_text())
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        card = await self._model_card()
+        return {"status": "ok", "model": card.get("uri"), "version": __version__}
+
+    @api.get("/v1/model")
+    async def model(self) -> dict:
+        """The model card: lineage (dataset and latent table versions, code version), config, metrics."""
+        card = await self._model_card()
+        return {**card, "limits": {"max_batch_size": self.args.max_batch_size, "sets_storage":
+                                   bool(self.args.sets_uri)}}
+
+    @api.post("/v1/generate", responses={200: {"content": {"application/json": {}, "image/png": {}},
+                                               "description": "base64 PNGs as JSON, or one image/png"}})
+    async def generate(self, body: GenerateRequest, request: Request):
+        want_png = body.format == "png" or (body.n == 1 and "image/png" in request.headers.get("accept", ""))
+        if want_png and body.n != 1:
+            raise ApiError(422, "n: format png returns exactly one image; set n to 1 or use format json", "n")
+        seeds = tuple(body.seed + i for i in range(body.n))
+        job = SampleJob((body.prompt,) * body.n, seeds, body.negative_prompt, body.steps, body.guidance,
+                        body.scheduler)
+        start = time.perf_counter()
+        pngs = await self._sample(job)
+        if want_png:
+            return Response(pngs[0], media_type="image/png", headers={"X-Seed": str(seeds[0])})
+        return {"prompt": body.prompt, "seeds": list(seeds), "images": [_b64(p) for p in pngs],
+                "settings": _settings(body), "elapsed_s": round(time.perf_counter() - start, 3)}
+
+    @api.post("/v1/emoji-sets", responses={200: {"content": {"application/zip": {}, "application/json": {}},
+                                                 "description": "a zip (PNGs, sheet.png, manifest.json), or JSON"}})
+    async def emoji_set(self, body: EmojiSetRequest):
+        from emoji_ldm.serve.sets import new_set_id, set_files, set_manifest, store_set, zip_bytes
+
+        if body.store and not self.args.sets_uri:
+            raise ApiError(409, "store: this server has no storage for sets (its operator did not set --sets-uri); "
+                                "leave store false to download the set", "store")
+        prompts = body.prompts()
+        # every item starts from the same noise (one seed): the set shares pose, palette and framing
+        job = SampleJob(tuple(prompts), (body.seed,) * len(prompts), body.negative_prompt, body.steps,
+                        body.guidance, body.scheduler)
+        pngs = await self._sample(job)
+        set_id = new_set_id()
+        card = await self._model_card()
+        manifest = set_manifest(set_id, body.theme, body.items, prompts, _settings(body), card, card.get("uri", ""))
+        files = await asyncio.to_thread(set_files, manifest, pngs)
+        if body.store:
+            uris = await asyncio.to_thread(store_set, self.args.sets_uri, set_id, files)
+            return {"id": set_id, "uri": uris["manifest.json"].rsplit("/", 1)[0], "files": uris, "manifest": manifest}
+        if body.format == "json":
+            return {"id": set_id, "manifest": manifest, "images": [_b64(p) for p in pngs]}
+        return Response(zip_bytes(files, set_id), media_type="application/zip",
+                        headers={"Content-Disposition": f'attachment; filename="{set_id}.zip"'})
+
+
+# --- building the application ------------------------------------------------------------
+
+
+def application(args: dict, deployments: list[dict] | None = None) -> serve.Application:
+    """The bound application; `deployments` are the Serve config's per-deployment options."""
+    config = AppArgs(**args)
+    options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in deployments or []}
+    generator = Generator.options(**options.get("Generator", {})).bind(
+        config.model, config.max_batch_size, config.batch_wait_timeout_s, config.device)
+    return Ingress.options(**options.get("Ingress", {})).bind(generator, asdict(config))
+
+
+def build_app(args: dict) -> serve.Application:
+    """Application builder for `import_path: emoji_ldm.serve.app:build_app` (Serve applies the options)."""
+    return application(args)

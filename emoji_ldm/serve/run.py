@@ -1,0 +1,125 @@
+"""`emoji-ldm serve`: the Serve application on a local Ray (or the RAY_ADDRESS cluster), until Ctrl-C.
+
+It reads the same `serve_config.yaml` as `serve run`/`serve deploy` and the
+RayService, then overrides the model, the sets URI and where HTTP listens.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from emoji_ldm.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "emoji"
+
+
+def default_config_path() -> str:
+    return str(resources.files("emoji_ldm.serve").joinpath("serve_config.yaml"))
+
+
+def load_serve_config(path: str) -> dict:
+    """The Serve config file, validated with Ray's own schema (the one `serve deploy` uses)."""
+    import yaml
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"serve config {path!r} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text())
+        ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") \
+            else ServeDeploySchema.parse_obj(raw)
+    except (yaml.YAMLError, ValidationError) as e:
+        raise UserError(f"serve config {path!r} is not a valid Serve config: {e}") from None
+    apps = [a for a in raw["applications"] if a.get("import_path", "").startswith("emoji_ldm.serve.app:")]
+    if not apps:
+        raise UserError(f"serve config {path!r} has no application with import_path emoji_ldm.serve.app:build_app")
+    return raw
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    sets_uri: str = ""
+    config: str = field(default_factory=default_config_path)
+    max_batch_size: int | None = None  # None: the config file's
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise UserError(f"--port must be from 1 to 65535, got {self.port}")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror}): pick another --port or stop "
+                            "what uses it") from None
+
+
+def start(config: ServeConfig) -> str:
+    """Deploy the application and return its base URL once every replica is up."""
+    from ray import serve
+
+    from emoji_ldm.generate import model_folder
+    from emoji_ldm.runtime import ensure_ray
+    from emoji_ldm.serve.app import AppArgs, application
+    from emoji_ldm.store.uri import normalize_uri
+
+    raw = load_serve_config(config.config)
+    app_cfg = next(a for a in raw["applications"] if a["import_path"].startswith("emoji_ldm.serve.app:"))
+    model = normalize_uri(config.model)
+    model_folder(model)  # fails now, with the path, rather than in a replica
+    if config.sets_uri:
+        from emoji_ldm.store.artifacts import check_writable
+
+        check_writable(config.sets_uri)
+    args = {**app_cfg.get("args", {}), "model": model, "sets_uri": normalize_uri(config.sets_uri)
+            if config.sets_uri else ""}
+    if config.max_batch_size:
+        args["max_batch_size"] = config.max_batch_size
+    AppArgs(**args)
+    _check_port_free(config.host, config.port)
+    ensure_ray()
+    http = {**raw.get("http_options", {}), "host": config.host, "port": config.port}
+    serve.start(http_options=http, proxy_location=raw.get("proxy_location", "EveryNode"))
+    serve.run(application(args, app_cfg.get("deployments")), name=app_cfg.get("name", APP_NAME),
+              route_prefix=app_cfg.get("route_prefix", "/"))
+    return f"http://{config.host}:{config.port}"
+
+
+def serve_forever(config: ServeConfig) -> None:
+    """Serve until Ctrl-C or SIGTERM, then shut Serve down cleanly."""
+    from ray import serve
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        url = start(config)
+        print(f"serving {config.model} at {url}/  (API docs: {url}/docs; Ctrl-C stops)", flush=True)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+        print("serve: stopped", flush=True)

@@ -1,0 +1,84 @@
+"""Emoji sets: the files of one themed set (PNGs, a sheet, manifest.json), zipped or stored.
+
+A set's items share one seed, so they start from the same initial noise and
+differ only by their prompt: that is what makes a set look like one family.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import secrets
+import time
+import zipfile
+
+from emoji_ldm.version import code_version
+
+LINEAGE_KEYS = ("dataset", "dataset_version", "latent_table", "latent_table_version", "code_version", "preset")
+
+
+def new_set_id() -> str:
+    """Server-generated, sortable by time, never chosen by a client: `set-20261122-101500-9f2c4a1b`."""
+    return time.strftime("set-%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(4)
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "item"
+
+
+def lineage(card: dict) -> dict:
+    """The model card's lineage: what data and code the model came from."""
+    return {k: card[k] for k in LINEAGE_KEYS if k in card}
+
+
+def set_manifest(set_id: str, theme: str, items: list[str], prompts: list[str], settings: dict, card: dict,
+                 model_uri: str) -> dict:
+    files = [f"{i:03d}-{slug(item)}.png" for i, item in enumerate(items)]
+    return {
+        "id": set_id,
+        "theme": theme,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "items": [{"index": i, "item": item, "prompt": prompt, "file": f, "seed": settings["seed"]}
+                  for i, (item, prompt, f) in enumerate(zip(items, prompts, files))],
+        "settings": settings,
+        "model": {"uri": model_uri, **lineage(card)},
+        "server_code_version": code_version(),
+    }
+
+
+def set_files(manifest: dict, pngs: list[bytes]) -> dict[str, bytes]:
+    """File name -> bytes: one PNG per item, sheet.png (all items with labels), manifest.json."""
+    import json
+
+    from PIL import Image
+
+    from emoji_ldm.generate import image_grid, png_bytes
+
+    files = {item["file"]: png for item, png in zip(manifest["items"], pngs)}
+    images = [Image.open(io.BytesIO(png)) for png in pngs]
+    files["sheet.png"] = png_bytes(image_grid(images, [item["item"] for item in manifest["items"]]))
+    files["manifest.json"] = json.dumps(manifest, indent=2).encode()
+    return files
+
+
+def zip_bytes(files: dict[str, bytes], folder: str) -> bytes:
+    """A zip with every file under `folder/` (PNGs are already compressed: stored, not deflated)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            method = zipfile.ZIP_DEFLATED if name.endswith(".json") else zipfile.ZIP_STORED
+            zf.writestr(f"{folder}/{name}", data, compress_type=method)
+    return buf.getvalue()
+
+
+def store_set(sets_uri: str, set_id: str, files: dict[str, bytes]) -> dict[str, str]:
+    """Write the files under `sets_uri/set_id/` (local or S3), manifest.json last; returns name -> URI."""
+    from emoji_ldm.store.artifacts import write_bytes
+    from emoji_ldm.store.uri import join
+
+    folder = join(sets_uri, set_id)
+    uris = {}
+    for name in sorted(files, key=lambda n: n == "manifest.json"):  # readers look for the manifest
+        uris[name] = join(folder, name)
+        write_bytes(uris[name], files[name])
+    return uris
