@@ -184,6 +184,17 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_bulk(args) -> int:
+    from emoji_ldm.serve.bulk import BulkConfig, bulk_generate
+
+    bulk_generate(BulkConfig(model=args.model, prompts=args.prompts, out=args.out, per_prompt=args.per_prompt,
+                             negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+                             scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size,
+                             concurrency=args.concurrency, num_cpus=args.num_cpus, num_gpus=args.num_gpus, chunk_size=args.chunk_size,
+                             limit=args.limit))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emoji-ldm", description="Versioned emoji datasets, latent diffusion training and bulk generation on Ray."
@@ -294,6 +305,26 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch-size", type=_positive_int, help="images per pipeline call (default: the config's, 16)")
     sv.add_argument("--config", help="a Serve config file (default: the packaged emoji_ldm/serve/serve_config.yaml)")
     sv.set_defaults(func=cmd_serve)
+
+    bu = sub.add_parser("bulk", help="generate images for every prompt in a file (Ray Data actors), resumable")
+    bu.add_argument("--model", required=True, help="a model folder/URI (or a training --out)")
+    bu.add_argument("--prompts", required=True, help=".txt (one per line), .csv or .parquet with a prompt column")
+    bu.add_argument("--out", required=True, help="output URI: images/ and the manifest/ Delta table")
+    bu.add_argument("--per-prompt", type=_positive_int, default=4, help="images per prompt (default 4)")
+    bu.add_argument("--negative-prompt", default="")
+    bu.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
+    bu.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    bu.add_argument("--seed", type=int, default=0, help="image k of every prompt uses seed + k (default 0)")
+    bu.add_argument("--scheduler", default="dpmpp", help="dpmpp | ddim | ddpm (default dpmpp)")
+    bu.add_argument("--batch-size", type=_positive_int, default=32, help="images per pipeline call (default 32)")
+    bu.add_argument("--concurrency", type=_positive_int, default=1, help="model actors (default 1)")
+    bu.add_argument("--num-cpus", type=float, default=1.0,
+                    help="CPUs per model actor; on CPU it is also the actor's torch threads (default 1)")
+    bu.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model actor (default 0: CPU)")
+    bu.add_argument("--chunk-size", type=_positive_int, default=512,
+                    help="prompts per manifest commit; a killed job redoes at most one chunk (default 512)")
+    bu.add_argument("--limit", type=_positive_int, help="only the first N distinct prompts")
+    bu.set_defaults(func=cmd_bulk)
 
     ev = sub.add_parser("eval", help="held-out denoising loss, memorisation, CLIP score of a trained model")
     ev.add_argument("--model", required=True, help="a model folder/URI (or a training --out)")

@@ -24,7 +24,7 @@ def tiny_clip(folder: Path, hidden: int = 32) -> Path:
     vocab = {t: i for i, t in enumerate(tokens)}
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
@@ -86,4 +86,13 @@ def tiny_clip_model(folder: Path) -> Path:
     )
     CLIPModel(config).save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def tiny_model_with_card(folder: Path) -> Path:
+    """A tiny SD pipeline folder plus the model_card.json a training run writes (for serving tests)."""
+    tiny_sd_pipeline(folder)
+    card = {"kind": "emoji-ldm model", "preset": "tiny-test", "dataset": "s3://data/emoji", "dataset_version": 3,
+            "latent_table": "s3://data/latents", "latent_table_version": 1, "code_version": "test"}
+    (folder / "model_card.json").write_text(json.dumps(card))
     return folder

@@ -1,0 +1,85 @@
+"""The bulk job: Ray Data model actors write PNGs and a Delta manifest (local and S3); re-runs skip done prompts."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.tiny_models import tiny_model_with_card
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(tiny_model_with_card(tmp_path_factory.mktemp("bulk") / "model"))
+
+
+def manifest(uri: str):
+    from emoji_ldm.store.delta import open_table
+
+    table = open_table(uri)
+    return table.version(), table.to_pyarrow_table().to_pylist()
+
+
+def test_bulk_writes_images_and_manifest_and_resumes(s3_server, ray_local, model, tmp_path):
+    from emoji_ldm.serve.bulk import BulkConfig, bulk_generate
+    from emoji_ldm.store.artifacts import exists
+
+    prompts = tmp_path / "prompts.txt"
+    names = [f"face number {i}" for i in range(7)]
+    prompts.write_text("# emoji to make\n" + "\n".join(names + ["face number 0", ""]) + "\n")
+    out = str(tmp_path / "bulk")
+    config = BulkConfig(model=model, prompts=str(prompts), out=out, per_prompt=2, steps=3, batch_size=4,
+                        chunk_size=3)
+    summary = bulk_generate(config)
+    assert summary["images"] == 14 and summary["skipped"] == 0
+    version, rows = manifest(f"{out}/manifest")
+    assert version == 2  # 7 prompts in chunks of 3: three commits
+    assert len(rows) == 14 and {r["prompt"] for r in rows} == set(names)
+    assert sorted((r["prompt"], r["index"], r["seed"]) for r in rows if r["prompt"] == "face number 3") == [
+        ("face number 3", 0, 0), ("face number 3", 1, 1)]
+    assert all(exists(r["uri"]) and r["width"] == 32 for r in rows)
+
+    again = bulk_generate(config)
+    assert again["images"] == 0 and again["skipped"] == 7
+    assert manifest(f"{out}/manifest")[0] == 2  # nothing new, no new version
+
+    prompts.write_text("\n".join(names + ["a new face", "another new face"]))
+    more = bulk_generate(config)
+    assert more["images"] == 4 and more["skipped"] == 7
+    assert len(manifest(f"{out}/manifest")[1]) == 18
+
+
+@pytest.mark.s3
+def test_bulk_to_s3_from_a_csv(s3_server, ray_local, model, tmp_path):
+    from emoji_ldm.serve.bulk import BulkConfig, bulk_generate
+
+    s3_server.client().create_bucket(Bucket="bulk")
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("prompt,notes\nred heart,x\nblue heart,y\n")
+    bulk_generate(BulkConfig(model=model, prompts=str(csv), out="s3://bulk/run", per_prompt=3, steps=2))
+    _, rows = manifest("s3://bulk/run/manifest")
+    assert len(rows) == 6 and all(r["uri"].startswith("s3://bulk/run/images/") for r in rows)
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket="bulk", Prefix="run/images/")["Contents"]]
+    assert len(keys) == 6
+
+
+def test_bulk_bad_input(model, tmp_path):
+    good = tmp_path / "p.txt"
+    good.write_text("red heart\n")
+    nocol = tmp_path / "p.csv"
+    nocol.write_text("text\nred heart\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# only a comment\n")
+    cases = [
+        (["--model", model, "--prompts", str(nocol)], "no `prompt` column"),
+        (["--model", model, "--prompts", str(empty)], "has no prompts"),
+        (["--model", model, "--prompts", str(tmp_path / "missing.txt")], "does not exist"),
+        (["--model", model, "--prompts", str(tmp_path / "p.json")], "use a .txt"),
+        (["--model", str(tmp_path / "no-model"), "--prompts", str(good)], "no-model"),
+        (["--model", model, "--prompts", str(good), "--scheduler", "euler"], "unknown scheduler"),
+        (["--model", model, "--prompts", str(good), "--per-prompt", "0"], "positive whole number"),
+    ]
+    for args, message in cases:
+        result = run_cli("bulk", *args, "--out", str(tmp_path / "out"))
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)

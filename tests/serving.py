@@ -1,0 +1,55 @@
+"""Helpers for the serving tests: deploy the app on the module's Ray, talk HTTP to it."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import urllib3
+
+from tests.conftest import free_port
+
+HTTP = urllib3.PoolManager(maxsize=64, retries=False, timeout=urllib3.Timeout(connect=5, read=300))
+
+
+def deploy(model: str, *, sets_uri: str = "", generator: dict | None = None, ingress: dict | None = None,
+           max_batch_size: int = 16, batch_wait_timeout_s: float = 0.05) -> str:
+    """Start Serve on a free loopback port and run the app with these deployment options; returns the URL."""
+    from ray import serve
+
+    from emoji_ldm.serve.app import application
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    deployments = [{"name": "Generator", "ray_actor_options": {"num_cpus": 0.5}, **(generator or {})},
+                   {"name": "Ingress", "ray_actor_options": {"num_cpus": 0.1}, **(ingress or {})}]
+    args = {"model": model, "sets_uri": sets_uri, "max_batch_size": max_batch_size,
+            "batch_wait_timeout_s": batch_wait_timeout_s}
+    serve.run(application(args, deployments), name="emoji", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def post(url: str, body, headers: dict | None = None) -> urllib3.BaseHTTPResponse:
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return HTTP.request("POST", url, body=data, headers={"content-type": "application/json", **(headers or {})})
+
+
+def get(url: str) -> urllib3.BaseHTTPResponse:
+    return HTTP.request("GET", url)
+
+
+def replica_counts(app: str = "emoji", deployment: str = "Generator") -> dict:
+    from ray import serve
+
+    status = serve.status().applications[app].deployments[deployment]
+    return {str(getattr(k, "value", k)): v for k, v in status.replica_states.items()}
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
