@@ -21,6 +21,7 @@ import asyncio
 import base64
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import resources
 
@@ -49,6 +50,7 @@ class AppArgs:
     max_batch_size: int = 16         # images per pipeline call
     batch_wait_timeout_s: float = 0.05
     device: str = "auto"             # auto: cuda when the replica has a GPU, else cpu
+    torch_threads: int = 0           # CPU threads per replica; 0: Ray's default (the replica's num_cpus)
 
     def __post_init__(self):
         from emoji_ldm.errors import UserError
@@ -59,6 +61,8 @@ class AppArgs:
             raise UserError(f"args.max_batch_size must be from 1 to 256, got {self.max_batch_size}")
         if not 0 <= self.batch_wait_timeout_s <= 10:
             raise UserError(f"args.batch_wait_timeout_s must be from 0 to 10 seconds, got {self.batch_wait_timeout_s}")
+        if self.torch_threads < 0:
+            raise UserError(f"args.torch_threads must be 0 (Ray's default) or more, got {self.torch_threads}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"args.device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -76,14 +80,18 @@ class Generator:
     """One pipeline per replica; concurrent requests share pipeline calls."""
 
     def __init__(self, model: str, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.05,
-                 device: str = "auto"):
+                 device: str = "auto", torch_threads: int = 0):
         import torch
 
-        from emoji_ldm.generate import Sampler, model_card
+        from emoji_ldm.generate import model_card
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.sampler = Sampler.load(model, device=device)
+        # Every torch call of this replica runs on this one thread. With OpenMP, each thread that
+        # runs torch ops gets its own team of workers, and an idle team keeps spinning on the cores:
+        # alternating threads (asyncio.to_thread's pool) made the UNet 2-3x slower on 2 cores.
+        self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
+        self.sampler = self._torch_thread.submit(self._load, model, device, torch_threads).result()
         self.card = model_card(model)
         self.model = model
         self._batch.set_max_batch_size(max_batch_size)
@@ -92,6 +100,16 @@ class Generator:
         self.batch_sizes: list[int] = []  # images per pipeline call, the last 1000
         logger.info("Generator: %s on %s, max batch %d images", model, device, max_batch_size)
 
+    @staticmethod
+    def _load(model: str, device: str, torch_threads: int):
+        import torch
+
+        from emoji_ldm.generate import Sampler
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        return Sampler.load(model, device=device)
+
     async def sample(self, job: SampleJob) -> list[bytes]:
         """PNG bytes for one job (at most max_batch_size images)."""
         self.requests += 1
@@ -99,8 +117,8 @@ class Generator:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05, batch_size_fn=images_in)
     async def _batch(self, jobs: list[SampleJob]) -> list[list[bytes]]:
-        # the pipeline runs in a thread so the replica keeps accepting (and queueing) requests meanwhile
-        return await asyncio.to_thread(self._sample_pngs, jobs)
+        # off the event loop, so the replica keeps accepting (and queueing) requests meanwhile
+        return await asyncio.get_running_loop().run_in_executor(self._torch_thread, self._sample_pngs, jobs)
 
     def _sample_pngs(self, jobs: list[SampleJob]) -> list[list[bytes]]:
         from emoji_ldm.generate import png_bytes
@@ -315,7 +333,7 @@ def application(args: dict, deployments: list[dict] | None = None) -> serve.Appl
     config = AppArgs(**args)
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in deployments or []}
     generator = Generator.options(**options.get("Generator", {})).bind(
-        config.model, config.max_batch_size, config.batch_wait_timeout_s, config.device)
+        config.model, config.max_batch_size, config.batch_wait_timeout_s, config.device, config.torch_threads)
     return Ingress.options(**options.get("Ingress", {})).bind(generator, asdict(config))
 
 
