@@ -5,8 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo-out
+DEMO_PORT ?= 8000
 
-.PHONY: demo test install clean bench bench-train
+.PHONY: demo test install clean bench bench-train bench-serve chromium
 
 # The virtualenv with the package (editable), its pinned deps and test extras.
 # torch==2.13.0 resolves to the CPU wheel on these machines' disk.
@@ -20,7 +21,8 @@ install: $(STAMP)
 
 # The main job on the embedded default, from scratch each time (about 13 minutes on 2 cores):
 # build the Twemoji dataset, encode it (training the tiny VAE first), train the tiny
-# UNet on 2 Ray Train workers under DeepSpeed ZeRO-2, and generate a sample sheet.
+# UNet on 2 Ray Train workers under DeepSpeed ZeRO-2, generate a sample sheet, then serve the
+# model (Ray Serve) and fetch one emoji set through POST /v1/emoji-sets.
 demo: $(STAMP)
 	rm -rf $(DEMO_OUT)
 	$(BIN)/emoji-ldm dataset build --source twemoji --out $(DEMO_OUT)/twemoji --message "make demo"
@@ -28,10 +30,18 @@ demo: $(STAMP)
 	$(BIN)/emoji-ldm encode --dataset $(DEMO_OUT)/twemoji --preset tiny --out $(DEMO_OUT)/latents
 	$(BIN)/emoji-ldm train --data $(DEMO_OUT)/latents --preset tiny --out $(DEMO_OUT)/run --workers 2 --zero-stage 2
 	$(BIN)/emoji-ldm generate --model $(DEMO_OUT)/run --prompt "smiling cat face" --n 8 --out $(DEMO_OUT)/generated
-	@echo "samples during training: $(DEMO_OUT)/run/samples/  loss curve: $(DEMO_OUT)/run/loss.png  generated: $(DEMO_OUT)/generated/sheet.png"
+	infra/demo_set.sh $(DEMO_OUT)/run $(DEMO_OUT)/serve $(DEMO_PORT)
+	@echo "samples during training: $(DEMO_OUT)/run/samples/  loss curve: $(DEMO_OUT)/run/loss.png  generated: $(DEMO_OUT)/generated/sheet.png  emoji set: $(DEMO_OUT)/serve/emoji-set.zip"
 
-# The whole suite (real Ray, a real moto_server S3 process, local HTTP servers).
-test: $(STAMP)
+# Debian's Chromium and ChromeDriver, for the web page and crawler tests (sudo when not root).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+	  ( $(SUDO) apt-get install -y chromium chromium-driver || \
+	    ( $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver ) )
+
+# The whole suite (real Ray, a real moto_server S3 process, local HTTP servers, headless Chromium).
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
@@ -40,6 +50,9 @@ bench: $(STAMP)
 
 bench-train: $(STAMP)
 	$(BIN)/python bench/train.py --demo-out $(DEMO_OUT)
+
+bench-serve: $(STAMP)
+	$(BIN)/python bench/serve.py --model $(DEMO_OUT)/run
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -98,6 +98,26 @@ def naive_server(model: str, port: int) -> None:
     Server(("127.0.0.1", port), Handler).serve_forever()
 
 
+def ceiling(model: str, steps: int) -> dict:
+    """What batching can give on this machine: the pipeline alone (no server), batch 1 vs 8 vs 32."""
+    import torch
+
+    from emoji_ldm.generate import SampleJob, Sampler
+
+    torch.set_num_threads(2)
+    sampler = Sampler.load(model)
+    out = {}
+    for batch in (1, 8, 32):
+        job = SampleJob(("red heart",) * batch, tuple(range(batch)), steps=steps)
+        sampler.sample([job])  # warm-up
+        reps = max(1, 32 // batch)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            sampler.sample([job])
+        out[f"batch_{batch}"] = batch * reps / (time.perf_counter() - t0)
+    return out
+
+
 # --- load --------------------------------------------------------------------------
 
 
@@ -184,15 +204,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--bulk-prompts", type=int, default=128, help="prompts for the bulk job (x4 images)")
     parser.add_argument("--naive-server", type=int, help=argparse.SUPPRESS)  # internal: run the naive server
+    parser.add_argument("--ceiling", action="store_true", help=argparse.SUPPRESS)  # internal: pipeline alone
     args = parser.parse_args()
     if args.naive_server:
         return naive_server(args.model, args.naive_server)
+    if args.ceiling:
+        return print(json.dumps(ceiling(args.model, args.steps)))
     if not Path(args.model).exists():
         raise SystemExit(f"no model at {args.model}: run `make demo` first")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     results = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"), "model": args.model,
                "steps": args.steps, "cpus": os.cpu_count()}
+
+    limit = subprocess.run([sys.executable, __file__, "--model", args.model, "--steps", str(args.steps), "--ceiling"],
+                           env=env, capture_output=True, text=True, check=True)
+    results["pipeline_alone"] = json.loads(limit.stdout.strip().splitlines()[-1])
+    print("pipeline alone, images/s: " + ", ".join(f"{k} {v:.2f}" for k, v in results["pipeline_alone"].items())
+          + f"  (batching ceiling {results['pipeline_alone']['batch_32'] / results['pipeline_alone']['batch_1']:.2f}x)",
+          flush=True)
 
     port = free_port()
     naive = subprocess.Popen([sys.executable, __file__, "--model", args.model, "--naive-server", str(port)],

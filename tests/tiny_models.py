@@ -96,3 +96,46 @@ def tiny_model_with_card(folder: Path) -> Path:
             "latent_table": "s3://data/latents", "latent_table_version": 1, "code_version": "test"}
     (folder / "model_card.json").write_text(json.dumps(card))
     return folder
+
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+
+
+def tiny_qwen25_vl(folder: Path) -> Path:
+    """A randomly initialised Qwen2_5_VLForConditionalGeneration with a small byte-level BPE tokenizer
+    (the Qwen special tokens included) and a Qwen2VLImageProcessorPil, saved as a local model folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2TokenizerFast,
+                              Qwen2VLImageProcessorPil)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = ["describe the emoji: head shape, eyes, mouth, expression, skin colour, action, background colour",
+              "a round yellow face with open eyes, a smiling mouth, a happy expression on a white background",
+              "user assistant system image title emoji with a red heart blob cat pepe frog green"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=QWEN_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(corpus, trainer)
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token=None, bos_token=None)
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS[1:]})
+    tokenizer.save_pretrained(folder)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [1, 1, 2]},
+            "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "bos_token_id": None}
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "patch_size": 14,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 32, "window_size": 56,
+              "fullatt_block_indexes": [1], "in_channels": 3}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                              vision_end_token_id=ids["<|vision_end|>"], eos_token_id=ids["<|im_end|>"],
+                              pad_token_id=ids["<|endoftext|>"])
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder)
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(folder)
+    return folder

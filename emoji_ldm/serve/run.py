@@ -111,6 +111,7 @@ def serve_forever(config: ServeConfig) -> None:
     signal.signal(signal.SIGTERM, _stop)
     try:
         url = start(config)
+        signal.signal(signal.SIGTERM, _stop)  # again: ray.init installs its own SIGTERM handler
         print(f"serving {config.model} at {url}/  (API docs: {url}/docs; Ctrl-C stops)", flush=True)
         while True:
             time.sleep(1)

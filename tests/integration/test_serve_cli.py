@@ -1,4 +1,4 @@
-"""`emoji-ldm serve` as a user runs it: its own local Ray, a set over HTTP, a clean Ctrl-C; and its bad input."""
+"""`emoji-ldm serve` as a user runs it: its own local Ray, a set over HTTP, a clean SIGTERM; and its bad input."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_serve_command_serves_a_set_and_stops_cleanly(model, tmp_path):
         stored = post(url + "/v1/emoji-sets", {"theme": "blob", "items": ["happy"], "steps": 2, "store": True})
         assert stored.status == 200 and (tmp_path / "sets" / stored.json()["id"] / "manifest.json").exists()
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # what Kubernetes and process managers send; Ctrl-C is SIGINT
         try:
             code = proc.wait(120)
         except subprocess.TimeoutExpired:

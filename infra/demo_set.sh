@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The last step of `make demo`: serve a model on a local Ray, ask it for one emoji set over HTTP,
+# save the zip, and shut the service down cleanly (SIGTERM, which `emoji-ldm serve` handles like Ctrl-C).
+#
+#   infra/demo_set.sh MODEL OUT_DIR [PORT]
+set -euo pipefail
+model=$1
+out=$2
+port=${3:-8000}
+bin=$(dirname "$0")/../.venv/bin
+url=http://127.0.0.1:$port
+mkdir -p "$out"
+
+"$bin/emoji-ldm" serve --model "$model" --port "$port" > "$out/serve.log" 2>&1 &
+pid=$!
+stop() {
+  kill -TERM "$pid" 2>/dev/null || true  # not INT: a background job of a script ignores SIGINT
+  wait "$pid" 2>/dev/null || true
+}
+trap stop EXIT
+
+for _ in $(seq 180); do
+  curl -sf "$url/healthz" > /dev/null && break
+  if ! kill -0 "$pid" 2>/dev/null; then
+    echo "emoji-ldm serve exited; its log:" >&2
+    tail -20 "$out/serve.log" >&2
+    exit 1
+  fi
+  sleep 1
+done
+curl -sf "$url/healthz" > /dev/null || { echo "the service did not come up in 180 s; see $out/serve.log" >&2; exit 1; }
+echo "service up at $url/ ; POST /v1/emoji-sets ..."
+
+curl -sS --fail-with-body -X POST "$url/v1/emoji-sets" -H 'content-type: application/json' \
+  -d '{"theme": "cat face", "items": ["grinning", "smiling", "crying", "pouting", "kissing", "weary"], "seed": 1}' \
+  -o "$out/emoji-set.zip"
+rm -rf "$out/emoji-set"
+"$bin/python" -m zipfile -e "$out/emoji-set.zip" "$out/emoji-set"
+stop
+trap - EXIT
+grep -q "serve: stopped" "$out/serve.log" || { echo "the service did not stop cleanly; see $out/serve.log" >&2; exit 1; }
+echo "service stopped cleanly"
+echo "emoji set: $out/emoji-set.zip (sheet: $(ls "$out"/emoji-set/*/sheet.png))"
