@@ -59,6 +59,17 @@ def cmd_dataset_build(args) -> int:
     return 0
 
 
+def cmd_dataset_caption(args) -> int:
+    from emoji_ldm.caption.stage import CaptionConfig, caption_dataset
+
+    caption_dataset(CaptionConfig(dataset=args.uri, captioner=args.captioner, model=args.model,
+                                  template=args.template, batch_size=args.batch_size, concurrency=args.concurrency,
+                                  num_gpus=args.num_gpus, only_missing=args.only_missing,
+                                  chunk_size=args.chunk_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                                  message=args.message))
+    return 0
+
+
 def cmd_dataset_versions(args) -> int:
     from emoji_ldm.store.ops import format_versions, versions
 
@@ -221,6 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--per-host", type=_positive_int, default=4, help="urls: concurrent connections per host per task (default 4)")
     b.add_argument("--batch-size", type=_positive_int, default=128, help="images per Ray Data batch (default 128)")
     b.set_defaults(func=cmd_dataset_build)
+
+    c = dsub.add_parser("caption", help="caption rows (metadata | qwen2.5-vl | vllm) into new versions")
+    c.add_argument("uri", help="dataset URI (its latest version is captioned)")
+    c.add_argument("--captioner", default="metadata", help="metadata (default, no model) | qwen2.5-vl | vllm")
+    c.add_argument("--model", help="qwen2.5-vl/vllm: hub id or local folder (default Qwen/Qwen2.5-VL-3B-Instruct)")
+    c.add_argument("--template", help="a file with your own instruction; must contain {title}")
+    c.add_argument("--batch-size", type=_positive_int, default=16, help="rows per model call (default 16)")
+    c.add_argument("--concurrency", type=_positive_int, default=1, help="model actors / vLLM engines (default 1)")
+    c.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model actor; > 0 runs bf16 (default 0)")
+    c.add_argument("--only-missing", action="store_true", help="caption only rows without a caption (resume)")
+    c.add_argument("--chunk-size", type=_positive_int, default=2048, help="rows per committed version (default 2048)")
+    c.add_argument("--max-new-tokens", type=_positive_int, default=128, help="caption length cap in tokens (128)")
+    c.add_argument("--limit", type=_positive_int, help="caption at most N rows")
+    c.add_argument("--message", default="", help="a note recorded with the new version(s)")
+    c.set_defaults(func=cmd_dataset_caption)
 
     v = dsub.add_parser("versions", help="list versions: time, operation, rows added/removed, message")
     v.add_argument("uri")

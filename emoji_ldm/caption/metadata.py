@@ -86,18 +86,14 @@ def describe(png: bytes, title: str | None, tag: str | None) -> str:
     return ", ".join(parts)
 
 
-class MetadataCaptioner:
-    """Ray Data batch function (no model, so plain tasks): image/title/tag in, caption or error out."""
-
-    name = "metadata"
-
-    def __call__(self, batch: dict) -> dict:
-        captions, errors = [], []
-        for png, title, tag in zip(batch["image"], batch["title"], batch["tag"]):
-            try:
-                captions.append(describe(png, title, tag))
-                errors.append(None)
-            except Exception as e:  # one bad image never fails its batch
-                captions.append(None)
-                errors.append(f"decode: {type(e).__name__}: {e}"[:200])
-        return {"id": batch["id"], "caption": captions, "error": errors}
+def caption_batch(batch: dict) -> dict:
+    """Ray Data batch function (no model, so plain tasks): image/title/tag in; id, caption, error out."""
+    captions, errors = [], []
+    for png, title, tag in zip(batch["image"], batch["title"], batch["tag"]):
+        try:
+            captions.append(describe(png, title, tag))
+            errors.append(None)
+        except Exception as e:  # one bad image never fails its batch
+            captions.append(None)
+            errors.append(f"decode: {type(e).__name__}: {e}"[:200])
+    return {"id": batch["id"], "caption": captions, "error": errors}

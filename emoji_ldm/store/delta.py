@@ -197,14 +197,19 @@ REJECT_SCHEMA = pa.schema(
 )
 
 
+def write_sidecar_parquet(uri: str, name: str, table: pa.Table) -> str:
+    """A Parquet file beside the table, under `_emoji_ldm/<name>` (not part of any version)."""
+    target = join(normalize_uri(uri), SIDECAR, name)
+    fs, path = filesystem(target)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(table, path, filesystem=fs)
+    return target
+
+
 def write_rejects(uri: str, build_id: str, rejects: pa.Table) -> str | None:
     if rejects.num_rows == 0:
         return None
-    target = join(normalize_uri(uri), SIDECAR, "rejects", f"build-{build_id}.parquet")
-    fs, path = filesystem(target)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(rejects.cast(REJECT_SCHEMA), path, filesystem=fs)
-    return target
+    return write_sidecar_parquet(uri, f"rejects/build-{build_id}.parquet", rejects.cast(REJECT_SCHEMA))
 
 
 def read_rejects(uri: str, build_id: str) -> pa.Table:

@@ -17,6 +17,7 @@ EMOJI_SCHEMA = pa.schema(
         ("tag", pa.string()),
         ("caption", pa.string()),
         ("caption_model", pa.string()),
+        ("caption_prompt_id", pa.string()),  # which instruction produced the caption (captioning stage)
         ("ingested_at", pa.timestamp("us", tz="UTC")),
     ]
 )
