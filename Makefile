@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo-out
 DEMO_PORT ?= 8000
 
-.PHONY: demo test install clean bench bench-train bench-serve chromium
+.PHONY: demo test install clean bench bench-train bench-serve bench-caption chromium
 
 # The virtualenv with the package (editable), its pinned deps and test extras.
 # torch==2.13.0 resolves to the CPU wheel on these machines' disk.
@@ -19,13 +19,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on the embedded default, from scratch each time (about 13 minutes on 2 cores):
-# build the Twemoji dataset, encode it (training the tiny VAE first), train the tiny
+# The main job on the embedded default, from scratch each time (about 14 minutes on 2 cores):
+# build the Twemoji dataset, caption it (metadata captioner), encode it (training the tiny VAE first), train the tiny
 # UNet on 2 Ray Train workers under DeepSpeed ZeRO-2, generate a sample sheet, then serve the
 # model (Ray Serve) and fetch one emoji set through POST /v1/emoji-sets.
 demo: $(STAMP)
 	rm -rf $(DEMO_OUT)
 	$(BIN)/emoji-ldm dataset build --source twemoji --out $(DEMO_OUT)/twemoji --message "make demo"
+	$(BIN)/emoji-ldm dataset caption $(DEMO_OUT)/twemoji --captioner metadata
 	$(BIN)/emoji-ldm dataset show $(DEMO_OUT)/twemoji --sheet $(DEMO_OUT)/twemoji-sheet.png
 	$(BIN)/emoji-ldm encode --dataset $(DEMO_OUT)/twemoji --preset tiny --out $(DEMO_OUT)/latents
 	$(BIN)/emoji-ldm train --data $(DEMO_OUT)/latents --preset tiny --out $(DEMO_OUT)/run --workers 2 --zero-stage 2
@@ -50,6 +51,9 @@ bench: $(STAMP)
 
 bench-train: $(STAMP)
 	$(BIN)/python bench/train.py --demo-out $(DEMO_OUT)
+
+bench-caption: $(STAMP)
+	$(BIN)/python bench/caption.py
 
 bench-serve: $(STAMP)
 	$(BIN)/python bench/serve.py --model $(DEMO_OUT)/run
