@@ -20,7 +20,8 @@ stop() {
 trap stop EXIT
 
 for _ in $(seq 180); do
-  curl -sf "$url/healthz" > /dev/null && break
+  # up once it says "serving" (from then on it handles SIGTERM) and /healthz answers
+  grep -q "^serving " "$out/serve.log" && curl -sf "$url/healthz" > /dev/null && break
   if ! kill -0 "$pid" 2>/dev/null; then
     echo "emoji-ldm serve exited; its log:" >&2
     tail -20 "$out/serve.log" >&2

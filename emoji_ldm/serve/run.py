@@ -111,7 +111,9 @@ def serve_forever(config: ServeConfig) -> None:
     signal.signal(signal.SIGTERM, _stop)
     try:
         url = start(config)
-        signal.signal(signal.SIGTERM, _stop)  # again: ray.init installs its own SIGTERM handler
+        # again: ray.init installs its own SIGTERM handler, which aborts the process; a SIGTERM that
+        # arrives before this line (while Serve starts) still does, so callers wait for "serving"
+        signal.signal(signal.SIGTERM, _stop)
         print(f"serving {config.model} at {url}/  (API docs: {url}/docs; Ctrl-C stops)", flush=True)
         while True:
             time.sleep(1)

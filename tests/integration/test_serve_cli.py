@@ -33,6 +33,8 @@ def test_serve_command_serves_a_set_and_stops_cleanly(model, tmp_path):
         def up():
             if proc.poll() is not None:
                 raise AssertionError((tmp_path / "serve.log").read_text()[-3000:])
+            if "serving " not in (tmp_path / "serve.log").read_text():
+                return False  # the command is up (and handles SIGTERM) once it says so
             try:
                 return get(url + "/healthz").status == 200
             except Exception:
