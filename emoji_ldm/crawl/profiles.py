@@ -1,0 +1,119 @@
+"""Site profiles: how to crawl one emoji site, as data (YAML), not code.
+
+A profile names the page URL template (`{tag}`, `{page}`), the default page
+range, the CSS selectors (what to wait for, the items, the image inside an
+item), the attributes holding the image URL and title, how the last page is
+detected, and how to unwrap proxied image URLs to the original. `discords` is
+built in (`profiles/discords.yaml`); any other YAML file works the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from urllib.parse import parse_qs, urljoin, urlparse
+
+from emoji_ldm.errors import UserError
+
+REQUIRED = ("name", "url", "wait_for", "item", "image")
+
+
+@dataclass(frozen=True)
+class Unwrap:
+    path: str   # the proxy's path, e.g. /_next/image
+    param: str  # the query parameter holding the original URL, e.g. url
+
+
+@dataclass(frozen=True)
+class SiteProfile:
+    name: str
+    url: str
+    wait_for: str
+    item: str
+    image: str
+    pages: str = "1-1"
+    image_url_attr: str = "src"
+    title_attr: str = "title"
+    last_page: str = "empty"  # the tag ends at the first page without items
+    unwrap: Unwrap | None = None
+    page_timeout_s: float = 20.0
+    source: str = field(default="", compare=False)  # where the profile came from
+
+    def __post_init__(self):
+        if "{page}" not in self.url:
+            raise UserError(f"profile {self.name!r}: url {self.url!r} must contain {{page}}")
+        if self.last_page != "empty":
+            raise UserError(f"profile {self.name!r}: last_page must be 'empty', got {self.last_page!r}")
+        if self.page_timeout_s <= 0:
+            raise UserError(f"profile {self.name!r}: page_timeout_s must be > 0, got {self.page_timeout_s}")
+        parse_pages(self.pages)
+
+    def page_url(self, tag: str, page: int) -> str:
+        from urllib.parse import quote
+
+        return self.url.format(tag=quote(tag, safe=""), page=page)
+
+    def original_image_url(self, src: str, page_url: str) -> str:
+        """The image's own URL: `src` made absolute, and taken out of the site's image proxy."""
+        url = urljoin(page_url, src)
+        if self.unwrap:
+            parsed = urlparse(url)
+            if parsed.path.rstrip("/") == self.unwrap.path.rstrip("/"):
+                inner = parse_qs(parsed.query).get(self.unwrap.param)
+                if inner:
+                    return urljoin(page_url, inner[0])  # parse_qs has already percent-decoded it
+        return url
+
+
+def builtin_profiles() -> dict[str, Path]:
+    folder = resources.files("emoji_ldm.crawl").joinpath("profiles")
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def load_profile(name_or_path: str) -> SiteProfile:
+    """A built-in profile by name, or a YAML file."""
+    import yaml
+
+    builtin = builtin_profiles()
+    if name_or_path in builtin:
+        path = builtin[name_or_path]
+    elif Path(name_or_path).is_file():
+        path = Path(name_or_path)
+    else:
+        raise UserError(f"unknown profile {name_or_path!r}: use one of {', '.join(sorted(builtin))} or a YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"profile {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"profile {str(path)!r} must be a mapping of settings")
+    missing = [k for k in REQUIRED if not raw.get(k)]
+    if missing:
+        raise UserError(f"profile {str(path)!r} is missing {', '.join(missing)} (needed: {', '.join(REQUIRED)})")
+    known = set(SiteProfile.__dataclass_fields__) - {"source"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(f"profile {str(path)!r} has unknown settings {', '.join(unknown)}")
+    unwrap = raw.pop("unwrap", None)
+    if unwrap is not None:
+        if not isinstance(unwrap, dict) or not unwrap.get("path") or not unwrap.get("param"):
+            raise UserError(f"profile {str(path)!r}: unwrap needs `path` and `param`")
+        unwrap = Unwrap(path=str(unwrap["path"]), param=str(unwrap["param"]))
+    return SiteProfile(**{k: str(v) if k in ("pages",) else v for k, v in raw.items()}, unwrap=unwrap,
+                       source=str(path))
+
+
+def parse_pages(text: str) -> range:
+    """'1-1000' -> range(1, 1001); '7' -> range(7, 8)."""
+    text = str(text).strip()
+    try:
+        first, _, last = text.partition("-")
+        start, end = int(first), int(last or first)
+    except ValueError:
+        raise UserError(f"page range {text!r} is not N or N-M (e.g. 1-1000)") from None
+    if start < 1:
+        raise UserError(f"page range {text!r} must start at 1 or more")
+    if end < start:
+        raise UserError(f"page range {text!r} runs backwards: write the first page first, e.g. {end}-{start}")
+    return range(start, end + 1)
