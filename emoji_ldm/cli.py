@@ -206,6 +206,22 @@ def cmd_bulk(args) -> int:
     return 0
 
 
+def cmd_crawl(args) -> int:
+    from emoji_ldm.crawl.crawler import CrawlConfig, crawl
+    from emoji_ldm.ingest.images import ImageConfig
+    from emoji_ldm.sources import FetchConfig
+
+    summary, stats = crawl(CrawlConfig(
+        profile=args.profile, tag=args.tag, out=args.out, pages=args.pages, workers=args.workers,
+        shard_pages=args.shard_pages, rate_per_host=args.rate, retries=args.retries, robots=not args.ignore_robots,
+        image=ImageConfig(size=args.image_size), fetch=FetchConfig(threads=args.threads, per_host=args.per_host),
+        message=args.message))
+    if summary.rejects_uri:
+        print(f"rejected images with reasons: {summary.rejects_uri}")
+    print(summary.line())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emoji-ldm", description="Versioned emoji datasets, latent diffusion training and bulk generation on Ray."
@@ -278,6 +294,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("version", type=_version_number)
     r.add_argument("--message", default="", help="a note recorded with the new version")
     r.set_defaults(func=cmd_dataset_restore)
+
+    cr = sub.add_parser("crawl", help="crawl a site's tag pages in headless Chromium into a new dataset version")
+    cr.add_argument("--profile", required=True, help="a built-in site profile (discords) or a profile YAML file")
+    cr.add_argument("--tag", required=True, help="the tag to crawl, e.g. Blobs")
+    cr.add_argument("--out", required=True, help="dataset URI: a local path or s3://bucket/prefix")
+    cr.add_argument("--pages", help="page range N-M (default: the profile's, discords 1-1000)")
+    cr.add_argument("--workers", type=_positive_int, default=2, help="browsers, one per Ray actor (default 2)")
+    cr.add_argument("--shard-pages", type=_positive_int, default=5, help="pages per shard (default 5)")
+    cr.add_argument("--rate", type=float, default=1.0,
+                    help="page loads per second per host, all browsers together; 0 lifts the limit (default 1)")
+    cr.add_argument("--retries", type=int, default=2, help="extra attempts per page (default 2)")
+    cr.add_argument("--ignore-robots", action="store_true", help="do not honour robots.txt (only with permission)")
+    cr.add_argument("--threads", type=_positive_int, default=4, help="concurrent image downloads per task (4)")
+    cr.add_argument("--per-host", type=_positive_int, default=4, help="connections per host per task (4)")
+    cr.add_argument("--image-size", type=_positive_int, default=64, help="stored images are N x N (default 64)")
+    cr.add_argument("--message", default="", help="a note recorded with the new version")
+    cr.set_defaults(func=cmd_crawl)
 
     tv = sub.add_parser("train-vae", help="stage 1: train the preset's own VAE (tiny) on a dataset, on Ray Train")
     tv.add_argument("--dataset", required=True, help="URI, URI@VERSION or URI@TAG")

@@ -247,30 +247,11 @@ def make_bad_corpus(folder: Path) -> dict[str, str | None]:
 
 # --- Chromium -------------------------------------------------------------------------
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-# the flags ARCHITECTURE.md lists: without the background-networking ones Chromium keeps dialling
-# Google's hosts, which this machine's closed network refuses
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  "--disable-background-networking", "--disable-component-update", "--no-first-run",
-                  "--disable-sync", "--disable-quic", "--window-size=1200,900")
+def new_chrome(download_dir: Path | None = None):
+    """Headless Debian Chromium through Selenium (the library's launcher); the caller calls `.quit()`."""
+    from emoji_ldm.crawl.browser import Browser
 
-
-def new_chrome(profile_dir: Path, download_dir: Path | None = None):
-    """Headless Debian Chromium through Selenium with a fresh profile; the caller quits it."""
-    from selenium import webdriver
-
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.fail("Chromium is missing: `make test` installs it (apt-get install -y chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={profile_dir}")
-    if download_dir is not None:
-        options.add_experimental_option("prefs", {"download.default_directory": str(download_dir),
-                                                  "download.prompt_for_download": False})
-    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    return Browser(download_dir=str(download_dir) if download_dir else None)
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

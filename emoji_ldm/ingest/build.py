@@ -120,9 +120,18 @@ def _decide(meta: pa.Table, existing: set[str]) -> tuple[np.ndarray, Counter, in
 
 def build_dataset(config: BuildConfig) -> BuildSummary:
     """Build (or append to) the dataset at `config.out` from `config.source`: one new version."""
+    start = time.perf_counter()
+    check_s3_bucket(config.out)
+    items = list_source(config.source, config.limit)
+    return ingest_items(items, config, start=start)
+
+
+def ingest_items(items: list, config: BuildConfig, extra_metadata: dict | None = None,
+                 start: float | None = None) -> BuildSummary:
+    """Stages 2-4 for items already listed (by `build_dataset`, or by the crawler)."""
     import ray.data
 
-    start = time.perf_counter()
+    start = start or time.perf_counter()
     phases: dict[str, float] = {}
     last = start
 
@@ -132,10 +141,12 @@ def build_dataset(config: BuildConfig) -> BuildSummary:
         phases[name] = round(now - last, 3)
         last = now
 
-    check_s3_bucket(config.out)
-    items = list_source(config.source, config.limit)
     existing = read_ids(config.out)  # also fails early on an unreadable table
     lap("list")
+    if not items:
+        return BuildSummary(out=config.out, version=None, images_in=0, accepted=0, rejected={},
+                            duplicates_in_build=0, duplicates_in_table=0, added=0,
+                            seconds=time.perf_counter() - start, phases=phases)
     ensure_ray()
     lap("ray_start")
     build_id = uuid.uuid4().hex[:12]
@@ -173,6 +184,7 @@ def build_dataset(config: BuildConfig) -> BuildSummary:
             "message": config.message,
             "build_id": build_id,
             "rejects": rejects_uri,
+            **_jsonable(extra_metadata or {}),
         }
         sink = CommitDeltaDatasink(config.out, schema=EMOJI_SCHEMA, metadata=metadata)
         ds.map_batches(_keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow").write_datasink(sink)

@@ -35,6 +35,7 @@ def ingest_batch(batch: pa.Table, image: ImageConfig, fetch: FetchConfig) -> pa.
     def one(row: dict) -> dict:
         out = {
             "_key": row["key"], "source": row["source"], "source_url": row["source_url"],
+            "page_url": row.get("page_url"),
             "title": row["title"], "tag": row["tag"], "caption": row["caption"],
             "caption_model": "source" if row["caption"] else None, "ingested_at": now,
         }

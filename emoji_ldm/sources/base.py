@@ -17,6 +17,7 @@ class SourceItem:
     tag: str = ""
     caption: str | None = None  # a caption the source already has (metadata.csv `prompt`)
     source_url: str | None = None  # where the picture came from, when not the locator
+    page_url: str | None = None  # the web page it was found on (crawls)
 
     def to_row(self, key: int) -> dict:
         row = asdict(self)

@@ -13,6 +13,7 @@ EMOJI_SCHEMA = pa.schema(
         ("orig_format", pa.string()),
         ("source", pa.string()),  # twemoji | dir:PATH | urls:FILE | crawl:<profile>/<tag>
         ("source_url", pa.string()),  # path or URL the bytes came from
+        ("page_url", pa.string()),  # the web page the image was found on (crawls), else null
         ("title", pa.string()),
         ("tag", pa.string()),
         ("caption", pa.string()),

@@ -183,7 +183,8 @@ def test_web_page_generates_and_downloads_zip_in_chromium(served, tmp_path):
 
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    driver = new_chrome(tmp_path / "profile", downloads)
+    browser = new_chrome(downloads)
+    driver = browser.driver
     try:
         driver.get(served["url"] + "/")
         WebDriverWait(driver, 30).until(lambda d: "preset" in d.find_element(By.ID, "model").text)
@@ -232,7 +233,7 @@ def test_web_page_generates_and_downloads_zip_in_chromium(served, tmp_path):
         WebDriverWait(driver, 30).until(lambda d: "steps" in d.find_element(By.ID, "status").text)
         assert "error" in driver.find_element(By.ID, "status").get_attribute("class")
     finally:
-        driver.quit()
+        browser.quit()
 
 
 def _wait_for_download(folder, timeout: float = 30):

@@ -1,0 +1,51 @@
+"""Headless Chromium through Selenium, started the way these machines need (see ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from emoji_ldm.errors import UserError
+
+CHROMIUM = os.environ.get("EMOJI_LDM_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("EMOJI_LDM_CHROMEDRIVER", "/usr/bin/chromedriver")
+# Without the background-networking flags Chromium keeps dialling Google's hosts, which a closed
+# network refuses; --disable-dev-shm-usage because containers have a tiny /dev/shm.
+FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--disable-background-networking", "--disable-component-update", "--no-first-run",
+         "--disable-sync", "--disable-quic", "--window-size=1280,1024")
+# A real browser's user-agent, with our name appended so site operators can tell who we are.
+USER_AGENT = ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/156.0 Safari/537.36 "
+              "emoji-ldm/0.1 (+https://github.com/emoji-ldm/emoji-ldm)")
+
+
+class Browser:
+    """One Chromium with its own fresh profile folder; `quit()` removes both."""
+
+    def __init__(self, page_timeout_s: float = 20.0, user_agent: str = USER_AGENT,
+                 download_dir: str | None = None):
+        from selenium import webdriver
+
+        if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+            raise UserError(f"Chromium is missing ({CHROMIUM}, {CHROMEDRIVER}): "
+                            "apt-get install -y chromium chromium-driver")
+        self.profile = tempfile.mkdtemp(prefix="emoji-ldm-chromium-")
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for flag in FLAGS:
+            options.add_argument(flag)
+        options.add_argument(f"--user-data-dir={self.profile}")
+        options.add_argument(f"--user-agent={user_agent}")
+        if download_dir:
+            options.add_experimental_option("prefs", {"download.default_directory": download_dir,
+                                                      "download.prompt_for_download": False})
+        self.driver = webdriver.Chrome(options=options,
+                                       service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+        self.driver.set_page_load_timeout(page_timeout_s)
+
+    def quit(self) -> None:
+        try:
+            self.driver.quit()
+        finally:
+            shutil.rmtree(self.profile, ignore_errors=True)

@@ -1,0 +1,147 @@
+"""A local imitation of discords.com's tag pages, on 127.0.0.1, for the crawler tests and benchmark.
+
+Same class names and nesting as the real site; the items are inserted by
+JavaScript after load (a plain HTTP fetch finds none); images sit behind a
+`/_next/image?url=...` proxy route; Twemoji served as PNG and WebP; one image
+repeated on the next page; one broken image; page 3 answers 500 once; page 4
+is slow; the page after the last renders an empty list.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, quote, urlparse
+
+from PIL import Image
+
+PAGE = """<!doctype html><html><head><title>{tag} emoji</title></head><body>
+<div id="__next"><main><h1>{tag}</h1></main></div>
+<script>
+setTimeout(() => {{
+  const items = {items};
+  const box = document.createElement("div");
+  box.className = "FS5UE28h container";
+  const grid = document.createElement("div");
+  grid.className = "LQY5mtmC";
+  for (const [src, title] of items) {{
+    const item = document.createElement("div");
+    item.className = "aLnnpRah text-center";
+    const frame = document.createElement("div");
+    frame.className = "Mw1EAtrx";
+    const img = document.createElement("img");
+    img.src = src; img.title = title;
+    frame.append(img); item.append(frame); grid.append(item);
+  }}
+  box.append(grid);
+  document.querySelector("main").append(box);
+}}, 150);
+</script></body></html>"""
+
+
+class CrawlSite:
+    """`pages` pages of `per_page` items (then one empty page), on a free loopback port."""
+
+    def __init__(self, pages: int = 6, per_page: int = 6, slow_page: int = 4, flaky_page: int = 3,
+                 slow_s: float = 1.0):
+        from emoji_ldm.sources.twemoji import twemoji_dir
+
+        self.pages, self.per_page, self.slow_page, self.flaky_page, self.slow_s = (
+            pages, per_page, slow_page, flaky_page, slow_s)
+        files = sorted(twemoji_dir().glob("*.png"))[: pages * per_page]
+        self.images: dict[str, bytes] = {}
+        for i, f in enumerate(files):
+            with Image.open(f) as im:
+                buf = io.BytesIO()
+                if i % 3 == 0:  # every third as WebP, as the real site serves
+                    im.convert("RGBA").save(buf, format="WEBP", lossless=True)
+                    self.images[f"{f.stem}.webp"] = buf.getvalue()
+                else:
+                    self.images[f"{f.stem}.png"] = f.read_bytes()
+        self.images["broken.png"] = b"\x89PNG\r\n\x1a\n this is not an image"
+        self.names = [n for n in self.images if n != "broken.png"]
+        self.hits: Counter = Counter()
+        self.failed_once: set[str] = set()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def page_items(self, page: int) -> list[tuple[str, str]]:
+        """(proxied src, title) of a page: its own images, the previous page's first one, page 2's broken one."""
+        if page > self.pages:
+            return []
+        own = self.names[(page - 1) * self.per_page: page * self.per_page]
+        names = own + ([self.names[(page - 2) * self.per_page]] if page > 1 else [])
+        if page == 2:
+            names.append("broken.png")
+        return [(f"/_next/image?url={quote(self.base + '/img/' + n, safe='')}&w=128&q=75", f"blob{n.split('.')[0]}")
+                for n in names]
+
+    def expected_images(self) -> set[str]:
+        """Original URLs of the distinct, decodable images on pages 1..pages."""
+        return {f"{self.base}/img/{n}" for n in self.names}
+
+    def profile_yaml(self, **overrides) -> str:
+        settings = {"name": "testsite", "url": self.base + "/emoji-list/tag/{tag}?page={page}", "pages": "1-1000",
+                    "wait_for": "div.FS5UE28h.container", "item": "div.LQY5mtmC div.aLnnpRah.text-center",
+                    "image": "div.Mw1EAtrx img", "image_url_attr": "src", "title_attr": "title",
+                    "last_page": "empty", "unwrap": {"path": "/_next/image", "param": "url"},
+                    "page_timeout_s": 3, **overrides}
+        return json.dumps(settings)  # JSON is YAML
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _handler(self):
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                url = urlparse(self.path)
+                site.hits[url.path + ("?" + url.query if url.query else "")] += 1
+                if url.path == "/robots.txt":
+                    return self._send(200, b"User-agent: *\nDisallow: /private/\n", "text/plain")
+                if url.path.startswith("/emoji-list/tag/"):
+                    page = int(parse_qs(url.query).get("page", ["1"])[0])
+                    if page == site.flaky_page and self.path not in site.failed_once:
+                        site.failed_once.add(self.path)
+                        return self._send(500, b"<html><body>Internal Server Error</body></html>", "text/html")
+                    if page == site.slow_page:
+                        time.sleep(site.slow_s)
+                    tag = html.escape(url.path.rsplit("/", 1)[-1])
+                    body = PAGE.format(tag=tag, items=json.dumps(site.page_items(page)))
+                    return self._send(200, body.encode(), "text/html")
+                if url.path == "/_next/image":  # the proxy: serve the original's bytes
+                    target = urlparse(parse_qs(url.query)["url"][0]).path
+                    return self._image(target.rsplit("/", 1)[-1])
+                if url.path.startswith("/img/"):
+                    return self._image(url.path.rsplit("/", 1)[-1])
+                return self._send(404, b"not found", "text/plain")
+
+            def _image(self, name: str):
+                data = site.images.get(name)
+                if data is None:
+                    return self._send(404, b"not found", "text/plain")
+                return self._send(200, data, "image/webp" if name.endswith(".webp") else "image/png")
+
+            def _send(self, code: int, body: bytes, ctype: str):
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        return Handler

@@ -1,0 +1,59 @@
+"""The crawler against a local imitation of discords.com, with real Chromium on 2 Ray actors."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.crawl_site import CrawlSite
+
+
+@pytest.fixture
+def site():
+    s = CrawlSite()
+    yield s
+    s.stop()
+
+
+def test_crawl_test_site_end_to_end(ray_local, site, tmp_path):
+    from deltalake import DeltaTable
+
+    from emoji_ldm.crawl.crawler import CrawlConfig, crawl
+
+    profile = tmp_path / "testsite.yaml"
+    profile.write_text(site.profile_yaml())
+    out = str(tmp_path / "crawled")
+    summary, stats = crawl(CrawlConfig(profile=str(profile), tag="Blobs", out=out, pages="1-20", workers=2,
+                                       shard_pages=2, rate_per_host=0, backoff_s=0.2))
+    assert stats["last_page"] == 7 and stats["pages_ok"] == 6 and stats["pages_failed"] == 0
+    assert site.hits["/emoji-list/tag/Blobs?page=3"] == 2  # the 500 was retried
+    assert not any(f"page={p}" in k for k in site.hits for p in range(10, 21))  # nothing far past the end
+
+    rows = DeltaTable(out).to_pyarrow_table().to_pylist()
+    assert {r["source_url"] for r in rows} == site.expected_images()  # unwrapped, each image once
+    assert all("_next" not in r["source_url"] for r in rows)
+    assert all(r["source"] == "crawl:testsite/Blobs" and r["tag"] == "Blobs" for r in rows)
+    assert all(r["page_url"].startswith(site.base + "/emoji-list/tag/Blobs?page=") for r in rows)
+    assert summary.rejected == {"decode": 1} or sum(summary.rejected.values()) == 1, summary.rejected
+    assert summary.added == len(site.names)
+    webp = [r for r in rows if r["source_url"].endswith(".webp")]
+    assert webp and all(r["width"] == 64 for r in rows)
+
+
+def test_crawl_bad_input(site, tmp_path):
+    good = tmp_path / "testsite.yaml"
+    good.write_text(site.profile_yaml())
+    malformed = tmp_path / "malformed.yaml"
+    malformed.write_text('{"name": "x", "url": "http://127.0.0.1:9/{page}", "wait_for": "a", "item": "b"}')
+    unreachable = tmp_path / "unreachable.yaml"
+    unreachable.write_text(site.profile_yaml(url="http://127.0.0.1:9/tag/{tag}?page={page}"))
+    cases = [
+        (["--profile", "nosuchsite", "--tag", "Blobs"], "unknown profile 'nosuchsite'"),
+        (["--profile", str(malformed), "--tag", "Blobs"], "missing image"),
+        (["--profile", str(good), "--tag", "Blobs", "--pages", "5-1"], "runs backwards"),
+        (["--profile", str(unreachable), "--tag", "Blobs"], "cannot reach 127.0.0.1:9"),
+    ]
+    for args, message in cases:
+        result = run_cli("crawl", *args, "--out", str(tmp_path / "out"), timeout=120)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
