@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 from emoji_ldm.crawl.profiles import SiteProfile, load_profile, parse_pages
 from emoji_ldm.errors import UserError
+from emoji_ldm.ingest.build import BuildConfig, ingest_items
 from emoji_ldm.ingest.images import ImageConfig
 from emoji_ldm.sources.base import FetchConfig
 
@@ -138,12 +139,30 @@ class PageCrawler:
             if result["status"] == "empty":
                 break
         return {"pages": results, "first": pages[0], "last": pages[-1], "seconds": time.perf_counter() - start,
-                "browser_restarts": self.restarts}
+                "browser_restarts": self.restarts}  # first/last: the shard as assigned, even when it stopped early
 
     def stop(self) -> None:
         if self.browser is not None:
             self.browser.quit()
             self.browser = None
+
+
+def _shard_uri(out: str, profile: str, tag: str, shard: list[int]) -> str:
+    from emoji_ldm.store.uri import join
+
+    safe_tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in tag)
+    return join(out, "_emoji_ldm", "crawl", profile, safe_tag, f"shard-{shard[0]:05d}-{shard[-1]:05d}.json")
+
+
+def _done_shard(out: str, profile: str, tag: str, shard: list[int]) -> dict | None:
+    """A shard's recorded result when it finished without failed pages (then it is not crawled again)."""
+    from emoji_ldm.store.artifacts import exists, read_json
+
+    uri = _shard_uri(out, profile, tag, shard)
+    if not exists(uri):
+        return None
+    result = read_json(uri)
+    return result if not any(p["status"] == "failed" for p in result["pages"]) else None
 
 
 def check_robots(profile: SiteProfile, tag: str, pages: range, user_agent: str, fetch: FetchConfig) -> None:
@@ -171,27 +190,35 @@ def check_robots(profile: SiteProfile, tag: str, pages: range, user_agent: str, 
                         "crawl another site, or pass --ignore-robots if you have the site's permission")
 
 
+def _source_urls(out: str) -> set[str]:
+    from emoji_ldm.store.delta import open_table, table_exists
+
+    if not table_exists(out):
+        return set()
+    return set(open_table(out).to_pyarrow_table(columns=["source_url"]).column("source_url").to_pylist())
+
+
 def crawl(config: CrawlConfig):
     """Crawl one tag into a new version of the dataset at `config.out`; returns (BuildSummary, page stats)."""
     import ray
     from ray.util import ActorPool
 
     from emoji_ldm.crawl.browser import USER_AGENT
-    from emoji_ldm.ingest.build import BuildConfig, ingest_items
     from emoji_ldm.runtime import ensure_ray
     from emoji_ldm.sources.base import SourceItem
+    from emoji_ldm.store.artifacts import check_writable
     from emoji_ldm.store.uri import check_s3_bucket, normalize_uri
 
     profile = load_profile(config.profile)
     pages = parse_pages(config.pages or profile.pages)
     out = normalize_uri(config.out)
     check_s3_bucket(out)
+    check_writable(out)
     if config.robots:
         check_robots(profile, config.tag, pages, USER_AGENT, config.fetch)
     source = f"crawl:{profile.name}/{config.tag}"
     start = time.perf_counter()
     ensure_ray()
-
     interval = config.workers / config.rate_per_host if config.rate_per_host > 0 else 0.0
     actor = ray.remote(num_cpus=0.5)(PageCrawler)  # mostly waiting on Chromium, which runs outside Ray
     crawlers = [actor.remote(profile, interval, config.retries, config.backoff_s) for _ in range(config.workers)]
@@ -199,26 +226,49 @@ def crawl(config: CrawlConfig):
     print(f"crawl: {source}: pages {pages[0]}-{pages[-1]} in {len(shards)} shard(s) on {config.workers} "
           f"browser(s), {config.rate_per_host or 'unlimited'} page loads/s per host", flush=True)
 
+    from emoji_ldm.store.artifacts import write_json
+
+    results, first_empty = [], None
+
+    def record(shard: dict, resumed: bool) -> None:
+        nonlocal first_empty
+        results.append(shard)
+        empties = [p["page"] for p in shard["pages"] if p["status"] == "empty"]
+        if empties:
+            first_empty = min(empties + ([first_empty] if first_empty else []))
+        ok = sum(p["status"] == "ok" for p in shard["pages"])
+        failed = sum(p["status"] == "failed" for p in shard["pages"])
+        print(f"crawl: shard pages {shard['first']}-{shard['last']}: {ok} ok, {failed} failed"
+              + (f", empty at {empties[0]}" if empties else "")
+              + f", {sum(len(p['items']) for p in shard['pages'])} items"
+              + (" (done in an earlier run)" if resumed else f", {shard['seconds']:.1f} s"), flush=True)
+
+    # Shards that finished in an earlier run (per-shard stats files) are not crawled again.
+    todo = []
+    for shard in shards:
+        done = _done_shard(out, profile.name, config.tag, shard)
+        if done is None:
+            todo.append(shard)
+        else:
+            record(done, resumed=True)
+
+    def wanted(shard: list[int]) -> bool:
+        return first_empty is None or shard[0] < first_empty
+
     pool = ActorPool(crawlers)
-    results, first_empty, submitted = [], None, 0
+    queue = [s for s in todo if wanted(s)]
     try:
-        while submitted < len(shards) and submitted < config.workers:
-            pool.submit(lambda a, s: a.crawl_shard.remote(config.tag, s), shards[submitted])
-            submitted += 1
+        for shard in queue[: config.workers]:
+            pool.submit(lambda a, s: a.crawl_shard.remote(config.tag, s), shard)
+        queue = queue[config.workers:]
         while pool.has_next():
             shard = pool.get_next_unordered()
-            results.append(shard)
-            empties = [p["page"] for p in shard["pages"] if p["status"] == "empty"]
-            if empties:
-                first_empty = min(empties + ([first_empty] if first_empty else []))
-            ok = sum(p["status"] == "ok" for p in shard["pages"])
-            failed = sum(p["status"] == "failed" for p in shard["pages"])
-            print(f"crawl: shard pages {shard['first']}-{shard['last']}: {ok} ok, {failed} failed"
-                  + (f", empty at {empties[0]}" if empties else "")
-                  + f", {sum(len(p['items']) for p in shard['pages'])} items, {shard['seconds']:.1f} s", flush=True)
-            if submitted < len(shards) and (first_empty is None or shards[submitted][0] < first_empty):
-                pool.submit(lambda a, s: a.crawl_shard.remote(config.tag, s), shards[submitted])
-                submitted += 1
+            write_json(_shard_uri(out, profile.name, config.tag, list(range(shard["first"], shard["last"] + 1))),
+                       shard)  # marks the shard done for a re-run
+            record(shard, resumed=False)
+            queue = [s for s in queue if wanted(s)]
+            if queue:
+                pool.submit(lambda a, s: a.crawl_shard.remote(config.tag, s), queue.pop(0))
     finally:
         ray.get([c.stop.remote() for c in crawlers])
         for c in crawlers:
@@ -227,7 +277,8 @@ def crawl(config: CrawlConfig):
     page_rows = sorted((p for r in results for p in r["pages"]), key=lambda p: p["page"])
     if first_empty is not None:
         page_rows = [p for p in page_rows if p["page"] <= first_empty]
-    items, seen = [], set()
+    items, seen = [], _source_urls(out)  # images already in the table are not downloaded again
+    already = len(seen)
     for p in page_rows:
         for src, title in p["items"]:
             url = profile.original_image_url(src, p["url"]) if src else None
@@ -239,7 +290,7 @@ def crawl(config: CrawlConfig):
         "pages_ok": sum(p["status"] == "ok" for p in page_rows),
         "pages_failed": sum(p["status"] == "failed" for p in page_rows),
         "failed_pages": {p["url"]: p["error"] for p in page_rows if p["status"] == "failed"},
-        "last_page": first_empty, "items": sum(len(p["items"]) for p in page_rows), "unique_images": len(items),
+        "last_page": first_empty, "items": sum(len(p["items"]) for p in page_rows), "new_images": len(items), "images_in_table": already,
         "browser_restarts": sum(r["browser_restarts"] for r in results),
         "shards": [{k: r[k] for k in ("first", "last", "seconds")} for r in results],
         "pages_seconds": time.perf_counter() - start,
@@ -247,7 +298,8 @@ def crawl(config: CrawlConfig):
     print(f"crawl: {stats['pages_ok']} pages ok, {stats['pages_failed']} failed"
           + (f" (e.g. {next(iter(stats['failed_pages'].values()))})" if stats["pages_failed"] else "")
           + f", tag ends at page {first_empty}" * (first_empty is not None)
-          + f"; {stats['items']} items, {len(items)} distinct images in {stats['pages_seconds']:.1f} s", flush=True)
+          + f"; {stats['items']} items, {len(items)} new distinct images ({already} already in the table) in "
+          f"{stats['pages_seconds']:.1f} s", flush=True)
     build = BuildConfig(source=source, out=out, image=config.image, fetch=config.fetch,
                         message=config.message or f"crawl {source}")
     summary = ingest_items(items, build, extra_metadata={"crawl": {k: v for k, v in stats.items()

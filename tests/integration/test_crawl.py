@@ -57,3 +57,35 @@ def test_crawl_bad_input(site, tmp_path):
         result = run_cli("crawl", *args, "--out", str(tmp_path / "out"), timeout=120)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr, (args, result.stderr)
+
+
+def test_crawl_resumes_from_shard_stats_and_adds_only_new_images(ray_local, site, tmp_path, monkeypatch):
+    from deltalake import DeltaTable
+
+    from emoji_ldm.crawl import crawler
+    from emoji_ldm.crawl.crawler import CrawlConfig, crawl
+
+    profile = tmp_path / "testsite.yaml"
+    profile.write_text(site.profile_yaml())
+    out = str(tmp_path / "crawled")
+    base = dict(profile=str(profile), tag="Blobs", out=out, workers=2, shard_pages=1, rate_per_host=0,
+                backoff_s=0.2)
+
+    # a run that dies after reading pages 1-2, before anything is committed
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(crawler, "ingest_items", die)
+    with pytest.raises(KeyboardInterrupt):
+        crawl(CrawlConfig(**base, pages="1-2"))
+    monkeypatch.undo()
+    loads = site.hits["/emoji-list/tag/Blobs?page=1"]
+
+    first, _ = crawl(CrawlConfig(**base, pages="1-3"))  # pages 1-2 come from their shard stats
+    assert site.hits["/emoji-list/tag/Blobs?page=1"] == loads  # not loaded again
+    assert first.added == 3 * site.per_page
+
+    second, stats = crawl(CrawlConfig(**base, pages="1-20"))  # the whole tag: only the rest is new
+    assert stats["images_in_table"] == 3 * site.per_page and second.added == len(site.names) - 3 * site.per_page
+    rows = DeltaTable(out).to_pyarrow_table(columns=["id", "source_url"]).to_pylist()
+    assert len(rows) == len({r["id"] for r in rows}) == len({r["source_url"] for r in rows}) == len(site.names)

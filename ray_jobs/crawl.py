@@ -1,0 +1,12 @@
+"""Ray Job entrypoint: `emoji-ldm crawl` with the same flags (safe to re-run: finished shards are skipped).
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python ray_jobs/crawl.py --profile discords --tag Blobs --pages 1-1000 --out s3://emoji/datasets/blobs
+"""
+
+import sys
+
+from emoji_ldm.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["crawl", *sys.argv[1:]]))
