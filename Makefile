@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo-out
 DEMO_PORT ?= 8000
 
-.PHONY: demo test install clean bench bench-train bench-serve bench-caption chromium
+.PHONY: demo test install clean bench bench-train bench-serve bench-caption bench-crawl chromium
 
 # The virtualenv with the package (editable), its pinned deps and test extras.
 # torch==2.13.0 resolves to the CPU wheel on these machines' disk.
@@ -51,6 +51,9 @@ bench: $(STAMP)
 
 bench-train: $(STAMP)
 	$(BIN)/python bench/train.py --demo-out $(DEMO_OUT)
+
+bench-crawl: $(STAMP) chromium
+	$(BIN)/python bench/crawl.py
 
 bench-caption: $(STAMP)
 	$(BIN)/python bench/caption.py
