@@ -15,6 +15,24 @@ def site():
     s.stop()
 
 
+@pytest.mark.s3
+def test_crawl_into_s3(s3_server, ray_local, site, tmp_path):
+    """First in the module: the S3 variables must be set before the module's Ray starts its workers."""
+    from emoji_ldm.crawl.crawler import CrawlConfig, crawl
+    from emoji_ldm.store.delta import open_table
+
+    s3_server.client().create_bucket(Bucket="crawls")
+    profile = tmp_path / "testsite.yaml"
+    profile.write_text(site.profile_yaml())
+    summary, stats = crawl(CrawlConfig(profile=str(profile), tag="Blobs", out="s3://crawls/blobs", pages="1-3",
+                                       workers=2, shard_pages=2, rate_per_host=0, backoff_s=0.2))
+    assert summary.added == 3 * site.per_page and stats["pages_ok"] == 3
+    rows = open_table("s3://crawls/blobs").to_pyarrow_table(columns=["source", "page_url"]).to_pylist()
+    assert len(rows) == 3 * site.per_page and all(r["source"] == "crawl:testsite/Blobs" for r in rows)
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket="crawls")["Contents"]]
+    assert any("_emoji_ldm/crawl/testsite/Blobs/shard-" in k for k in keys)  # the shard stats, for resuming
+
+
 def test_crawl_test_site_end_to_end(ray_local, site, tmp_path):
     from deltalake import DeltaTable
 
