@@ -4,7 +4,7 @@ Same class names and nesting as the real site; the items are inserted by
 JavaScript after load (a plain HTTP fetch finds none); images sit behind a
 `/_next/image?url=...` proxy route; Twemoji served as PNG and WebP; one image
 repeated on the next page; one broken image; page 3 answers 500 once; page 4
-is slow; the page after the last renders an empty list.
+is slow; optionally one page never renders; the page after the last renders an empty list.
 """
 
 from __future__ import annotations
@@ -48,11 +48,12 @@ class CrawlSite:
     """`pages` pages of `per_page` items (then one empty page), on a free loopback port."""
 
     def __init__(self, pages: int = 6, per_page: int = 6, slow_page: int = 4, flaky_page: int = 3,
-                 slow_s: float = 1.0):
+                 slow_s: float = 1.0, dead_page: int = 0):
         from emoji_ldm.sources.twemoji import twemoji_dir
 
         self.pages, self.per_page, self.slow_page, self.flaky_page, self.slow_s = (
             pages, per_page, slow_page, flaky_page, slow_s)
+        self.dead_page = dead_page  # a page that never renders its list
         files = sorted(twemoji_dir().glob("*.png"))[: pages * per_page]
         self.images: dict[str, bytes] = {}
         for i, f in enumerate(files):
@@ -119,6 +120,8 @@ class CrawlSite:
                     if page == site.flaky_page and self.path not in site.failed_once:
                         site.failed_once.add(self.path)
                         return self._send(500, b"<html><body>Internal Server Error</body></html>", "text/html")
+                    if page == site.dead_page:
+                        return self._send(200, b"<html><body><main>loading...</main></body></html>", "text/html")
                     if page == site.slow_page:
                         time.sleep(site.slow_s)
                     tag = html.escape(url.path.rsplit("/", 1)[-1])

@@ -107,3 +107,21 @@ def test_crawl_resumes_from_shard_stats_and_adds_only_new_images(ray_local, site
     assert stats["images_in_table"] == 3 * site.per_page and second.added == len(site.names) - 3 * site.per_page
     rows = DeltaTable(out).to_pyarrow_table(columns=["id", "source_url"]).to_pylist()
     assert len(rows) == len({r["id"] for r in rows}) == len({r["source_url"] for r in rows}) == len(site.names)
+
+
+def test_a_page_that_never_renders_is_recorded_as_failed(ray_local, tmp_path):
+    from emoji_ldm.crawl.crawler import CrawlConfig, crawl
+
+    site = CrawlSite(pages=3, per_page=2, slow_page=0, flaky_page=0, dead_page=2)
+    try:
+        profile = tmp_path / "testsite.yaml"
+        profile.write_text(site.profile_yaml(page_timeout_s=1))
+        summary, stats = crawl(CrawlConfig(profile=str(profile), tag="Blobs", out=str(tmp_path / "out"),
+                                           pages="1-10", workers=2, shard_pages=1, rate_per_host=0, retries=1,
+                                           backoff_s=0.1))
+    finally:
+        site.stop()
+    assert stats["pages_failed"] == 1 and stats["pages_ok"] == 2 and stats["last_page"] == 4
+    (url, error), = stats["failed_pages"].items()
+    assert url.endswith("page=2") and error.startswith("timeout") and site.hits["/emoji-list/tag/Blobs?page=2"] == 2
+    assert summary.added == 5  # pages 1 and 3, plus page 3's repeat of page 2's first image
