@@ -77,36 +77,42 @@ def test_crawl_bad_input(site, tmp_path):
         assert message in result.stderr, (args, result.stderr)
 
 
-def test_crawl_resumes_from_shard_stats_and_adds_only_new_images(ray_local, site, tmp_path, monkeypatch):
+def test_crawl_interrupted_halfway_resumes_without_duplicates(ray_local, site, tmp_path, monkeypatch):
     from deltalake import DeltaTable
 
-    from emoji_ldm.crawl import crawler
     from emoji_ldm.crawl.crawler import CrawlConfig, crawl
+    from emoji_ldm.store import artifacts
 
     profile = tmp_path / "testsite.yaml"
     profile.write_text(site.profile_yaml())
     out = str(tmp_path / "crawled")
-    base = dict(profile=str(profile), tag="Blobs", out=out, workers=2, shard_pages=1, rate_per_host=0,
-                backoff_s=0.2)
+    config = CrawlConfig(profile=str(profile), tag="Blobs", out=out, pages="1-20", workers=2, shard_pages=1,
+                         rate_per_host=0, backoff_s=0.2)
 
-    # a run that dies after reading pages 1-2, before anything is committed
-    def die(*args, **kwargs):
-        raise KeyboardInterrupt
+    # Ctrl-C in the middle of the pages: two shards have finished and recorded their stats
+    real_write_json, calls = artifacts.write_json, []
 
-    monkeypatch.setattr(crawler, "ingest_items", die)
+    def interrupted(uri, obj):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(uri)
+        return real_write_json(uri, obj)
+
+    monkeypatch.setattr(artifacts, "write_json", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        crawl(CrawlConfig(**base, pages="1-2"))
+        crawl(config)
     monkeypatch.undo()
-    loads = site.hits["/emoji-list/tag/Blobs?page=1"]
+    done_pages = [int(u.rsplit("-", 1)[1].split(".")[0]) for u in calls]
+    loads = {p: site.hits[f"/emoji-list/tag/Blobs?page={p}"] for p in done_pages}
 
-    first, _ = crawl(CrawlConfig(**base, pages="1-3"))  # pages 1-2 come from their shard stats
-    assert site.hits["/emoji-list/tag/Blobs?page=1"] == loads  # not loaded again
-    assert first.added == 3 * site.per_page
-
-    second, stats = crawl(CrawlConfig(**base, pages="1-20"))  # the whole tag: only the rest is new
-    assert stats["images_in_table"] == 3 * site.per_page and second.added == len(site.names) - 3 * site.per_page
+    summary, stats = crawl(config)  # the same crawl again: it continues
+    assert all(site.hits[f"/emoji-list/tag/Blobs?page={p}"] == n for p, n in loads.items())  # not read again
+    assert summary.added == len(site.names) and stats["last_page"] == 7
     rows = DeltaTable(out).to_pyarrow_table(columns=["id", "source_url"]).to_pylist()
     assert len(rows) == len({r["id"] for r in rows}) == len({r["source_url"] for r in rows}) == len(site.names)
+
+    again, stats = crawl(config)  # nothing new: only the image rejected before is tried again; no new version
+    assert again.added == 0 and stats["new_images"] == 1 and again.version is None
 
 
 def test_a_page_that_never_renders_is_recorded_as_failed(ray_local, tmp_path):
