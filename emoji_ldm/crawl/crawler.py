@@ -83,7 +83,7 @@ class PageCrawler:
         from emoji_ldm.crawl.browser import Browser
 
         if self.browser is None:
-            self.browser = Browser(page_timeout_s=self.profile.page_timeout_s)
+            self.browser = Browser(page_timeout_s=self.profile.page_timeout_s, images=False)
         return self.browser.driver
 
     def _replace_browser(self) -> None:
@@ -117,7 +117,7 @@ class PageCrawler:
             try:
                 driver = self._driver()
                 driver.get(url)
-                WebDriverWait(driver, p.page_timeout_s).until(
+                WebDriverWait(driver, p.page_timeout_s, poll_frequency=0.05).until(  # default polls every 0.5 s
                     ec.presence_of_element_located((By.CSS_SELECTOR, p.wait_for)))
                 items = driver.execute_script(READ_ITEMS_JS, p.item, p.image, p.image_url_attr, p.title_attr)
                 return {"status": "ok" if items else "empty", "items": items, "error": "", "attempts": attempt}
