@@ -63,6 +63,8 @@ def test_crawl_bad_input(site, tmp_path):
     good.write_text(site.profile_yaml())
     malformed = tmp_path / "malformed.yaml"
     malformed.write_text('{"name": "x", "url": "http://127.0.0.1:9/{page}", "wait_for": "a", "item": "b"}')
+    private = tmp_path / "private.yaml"
+    private.write_text(site.profile_yaml(url=site.base + "/private/{tag}?page={page}"))
     unreachable = tmp_path / "unreachable.yaml"
     unreachable.write_text(site.profile_yaml(url="http://127.0.0.1:9/tag/{tag}?page={page}"))
     cases = [
@@ -70,6 +72,7 @@ def test_crawl_bad_input(site, tmp_path):
         (["--profile", str(malformed), "--tag", "Blobs"], "missing image"),
         (["--profile", str(good), "--tag", "Blobs", "--pages", "5-1"], "runs backwards"),
         (["--profile", str(unreachable), "--tag", "Blobs"], "cannot reach 127.0.0.1:9"),
+        (["--profile", str(private), "--tag", "Blobs"], "robots.txt disallows"),
     ]
     for args, message in cases:
         result = run_cli("crawl", *args, "--out", str(tmp_path / "out"), timeout=120)
