@@ -152,7 +152,7 @@ def encode(config: EncodeConfig) -> dict:
     has_text = (meta["caption"].fillna("").str.len() > 0) | (meta["title"].fillna("").str.len() > 0)
     if not has_text.any():
         raise UserError(f"dataset {config.dataset!r} has no captions or titles: caption it first")
-    ensure_ray()
+    ensure_ray(dashboard=True)  # Ray Train's cleaner needs the State API
     ds, _ = read_dataset(DatasetRef(DatasetRef.parse(config.dataset).uri, version=version),
                          columns=["id", "image", "caption", "title"])
 

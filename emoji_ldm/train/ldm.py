@@ -453,7 +453,7 @@ def train(config: TrainConfig) -> dict:
                                              "train.batch_size": preset.train.batch_size})
 
     empty = np.load(io.BytesIO(read_bytes(artifact_uri(ref.uri, "_emoji_ldm", "empty_caption.npz"))))
-    ensure_ray()
+    ensure_ray(dashboard=True)  # Ray Train's cleaner needs the State API
     from ray.data.expressions import col
 
     ds, _ = read_dataset(ref, columns=["id", "latent", "latent_shape", "text_emb", "text_shape", "split"])

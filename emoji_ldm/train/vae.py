@@ -139,7 +139,7 @@ def train_vae(config: VAETrainConfig) -> dict:
 
     preset = config.resolved_preset()
     out = check_writable(config.out)
-    ensure_ray()
+    ensure_ray(dashboard=True)  # Ray Train's cleaner needs the State API
     ds, version = read_dataset(config.dataset, columns=["id", "image"])
     # Decode before the workers start: on a small node the training workers hold every CPU,
     # and Ray Data tasks scheduled after them would wait for ever.
