@@ -222,6 +222,15 @@ def cmd_crawl(args) -> int:
     return 0
 
 
+def _sampler_args(p: argparse.ArgumentParser) -> None:
+    """The sampler settings `generate` and `bulk` share (and the HTTP API's fields)."""
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="image k uses the noise of seed + k (default 0)")
+    p.add_argument("--scheduler", default="dpmpp", help="dpmpp | ddim | ddpm (default dpmpp)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emoji-ldm", description="Versioned emoji datasets, latent diffusion training and bulk generation on Ray."
@@ -347,12 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     ge = sub.add_parser("generate", help="generate emoji PNGs and a sheet from a trained model")
     ge.add_argument("--model", required=True, help="a model folder/URI (or a training --out)")
     ge.add_argument("--prompt", required=True)
-    ge.add_argument("--negative-prompt", default="")
     ge.add_argument("--n", type=int, default=4, help="images (1-64, default 4)")
-    ge.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
-    ge.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
-    ge.add_argument("--seed", type=int, default=0)
-    ge.add_argument("--scheduler", default="dpmpp", help="dpmpp | ddim | ddpm (default dpmpp)")
+    _sampler_args(ge)
     ge.add_argument("--out", required=True, help="a local folder for the PNGs and sheet.png")
     ge.set_defaults(func=cmd_generate)
 
@@ -370,11 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--prompts", required=True, help=".txt (one per line), .csv or .parquet with a prompt column")
     bu.add_argument("--out", required=True, help="output URI: images/ and the manifest/ Delta table")
     bu.add_argument("--per-prompt", type=_positive_int, default=4, help="images per prompt (default 4)")
-    bu.add_argument("--negative-prompt", default="")
-    bu.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
-    bu.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
-    bu.add_argument("--seed", type=int, default=0, help="image k of every prompt uses seed + k (default 0)")
-    bu.add_argument("--scheduler", default="dpmpp", help="dpmpp | ddim | ddpm (default dpmpp)")
+    _sampler_args(bu)
     bu.add_argument("--batch-size", type=_positive_int, default=32, help="images per pipeline call (default 32)")
     bu.add_argument("--concurrency", type=_positive_int, default=1, help="model actors (default 1)")
     bu.add_argument("--num-cpus", type=float, default=1.0,

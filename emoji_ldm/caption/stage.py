@@ -15,7 +15,6 @@ starting over. Rows that fail keep no caption, and their reasons go to
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import re
 import time
@@ -26,8 +25,6 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from emoji_ldm.errors import UserError
-
-logger = logging.getLogger(__name__)
 
 CAPTIONERS = ("metadata", "qwen2.5-vl", "vllm")
 

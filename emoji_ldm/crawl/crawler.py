@@ -17,7 +17,6 @@ de-duplicate, reject with reason) into one new dataset version with
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
@@ -27,8 +26,6 @@ from emoji_ldm.errors import UserError
 from emoji_ldm.ingest.build import BuildConfig, ingest_items
 from emoji_ldm.ingest.images import ImageConfig
 from emoji_ldm.sources.base import FetchConfig
-
-logger = logging.getLogger(__name__)
 
 # One call to the page for every item: [src, title] of the image inside each item element.
 READ_ITEMS_JS = """
@@ -147,18 +144,18 @@ class PageCrawler:
             self.browser = None
 
 
-def _shard_uri(out: str, profile: str, tag: str, shard: list[int]) -> str:
+def _shard_uri(out: str, profile: str, tag: str, first: int, last: int) -> str:
     from emoji_ldm.store.uri import join
 
     safe_tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in tag)
-    return join(out, "_emoji_ldm", "crawl", profile, safe_tag, f"shard-{shard[0]:05d}-{shard[-1]:05d}.json")
+    return join(out, "_emoji_ldm", "crawl", profile, safe_tag, f"shard-{first:05d}-{last:05d}.json")
 
 
 def _done_shard(out: str, profile: str, tag: str, shard: list[int]) -> dict | None:
     """A shard's recorded result when it finished without failed pages (then it is not crawled again)."""
     from emoji_ldm.store.artifacts import exists, read_json
 
-    uri = _shard_uri(out, profile, tag, shard)
+    uri = _shard_uri(out, profile, tag, shard[0], shard[-1])
     if not exists(uri):
         return None
     result = read_json(uri)
@@ -263,7 +260,7 @@ def crawl(config: CrawlConfig):
         queue = queue[config.workers:]
         while pool.has_next():
             shard = pool.get_next_unordered()
-            write_json(_shard_uri(out, profile.name, config.tag, list(range(shard["first"], shard["last"] + 1))),
+            write_json(_shard_uri(out, profile.name, config.tag, shard["first"], shard["last"]),
                        shard)  # marks the shard done for a re-run
             record(shard, resumed=False)
             queue = [s for s in queue if wanted(s)]

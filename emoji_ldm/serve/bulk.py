@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,8 +23,6 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from emoji_ldm.errors import UserError
-
-logger = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA = pa.schema([
     ("prompt_id", pa.string()),          # sha1 of the prompt text, 16 hex

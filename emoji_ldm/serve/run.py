@@ -6,7 +6,6 @@ RayService, then overrides the model, the sets URI and where HTTP listens.
 
 from __future__ import annotations
 
-import logging
 import signal
 import socket
 import time
@@ -15,8 +14,6 @@ from importlib import resources
 from pathlib import Path
 
 from emoji_ldm.errors import UserError
-
-logger = logging.getLogger(__name__)
 
 APP_NAME = "emoji"
 
@@ -36,8 +33,7 @@ def load_serve_config(path: str) -> dict:
         raise UserError(f"serve config {path!r} does not exist")
     try:
         raw = yaml.safe_load(p.read_text())
-        ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") \
-            else ServeDeploySchema.parse_obj(raw)
+        ServeDeploySchema.model_validate(raw)
     except (yaml.YAMLError, ValidationError) as e:
         raise UserError(f"serve config {path!r} is not a valid Serve config: {e}") from None
     apps = [a for a in raw["applications"] if a.get("import_path", "").startswith("emoji_ldm.serve.app:")]
