@@ -222,6 +222,36 @@ def cmd_crawl(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from emoji_ldm.jobs import SubmitConfig, submit
+
+    env = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--env {item!r} is not NAME=VALUE")
+        env[key] = value
+    return submit(SubmitConfig(stage=args.stage, args=args.stage_args, address=args.address,
+                               working_dir=args.working_dir, installed=args.installed, env=env,
+                               forward_aws=args.forward_aws, num_cpus=args.entrypoint_num_cpus,
+                               num_gpus=args.entrypoint_num_gpus, wait=not args.no_wait,
+                               submission_id=args.submission_id))
+
+
+def cmd_jobs(args) -> int:
+    from emoji_ldm import jobs
+
+    address = args.address or jobs.default_address()
+    if args.jobs_command == "list":
+        print(jobs.format_jobs(jobs.list_jobs(address)))
+        return 0
+    if args.jobs_command == "logs":
+        return jobs.job_logs(address, args.job_id, follow_logs=args.follow)
+    status = jobs.stop_job(address, args.job_id, wait=not args.no_wait)
+    print(f"job {args.job_id}: {status}")
+    return 0
+
+
 def _sampler_args(p: argparse.ArgumentParser) -> None:
     """The sampler settings `generate` and `bulk` share (and the HTTP API's fields)."""
     p.add_argument("--negative-prompt", default="")
@@ -396,12 +426,55 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--clip", help="a local CLIP model folder for the CLIP score")
     ev.add_argument("--out", help="also write the report as JSON here")
     ev.set_defaults(func=cmd_eval)
+
+    from emoji_ldm.jobs import STAGES
+
+    su = sub.add_parser(
+        "submit", allow_abbrev=False,
+        help="run a stage on a Ray cluster as a Ray Job (the RayJob's entrypoint) and follow it",
+        description="Submit STAGE as a Ray Job: every flag not listed here is the stage's own "
+                    "(see `emoji-ldm <stage> --help`), e.g. `emoji-ldm submit train --data s3://b/latents "
+                    "--out s3://b/runs/tiny --address http://HEAD:8265`.")
+    su.add_argument("stage", choices=list(STAGES), help="the stage to run")
+    su.add_argument("--address", default="", help="Ray dashboard URL, http://HEAD:8265 "
+                    "(default: $RAY_API_SERVER_ADDRESS or an http:// $RAY_ADDRESS)")
+    su.add_argument("--working-dir", help="the checkout to upload (default: the one emoji-ldm runs from)")
+    su.add_argument("--installed", action="store_true",
+                    help="upload nothing: run the emoji-ldm installed in the cluster's image")
+    su.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="a variable for the job")
+    su.add_argument("--forward-aws", action="store_true",
+                    help="copy this shell's AWS_* variables into the job (they show in the job's info)")
+    su.add_argument("--entrypoint-num-cpus", type=float, default=0.0, help="CPUs reserved for the driver (0)")
+    su.add_argument("--entrypoint-num-gpus", type=float, default=0.0, help="GPUs reserved for the driver (0)")
+    su.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following")
+    su.add_argument("--submission-id", default="", help="the job id (default emoji-ldm-STAGE-TIME-HEX)")
+    su.set_defaults(func=cmd_submit)
+
+    jb = sub.add_parser("jobs", help="list, read and stop the Ray Jobs of a cluster")
+    jsub = jb.add_subparsers(dest="jobs_command", required=True)
+    address_help = "Ray dashboard URL, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)"
+    jl = jsub.add_parser("list", help="every job: id, status, stage, start, seconds, entrypoint")
+    jl.add_argument("--address", default="", help=address_help)
+    jo = jsub.add_parser("logs", help="a job's logs so far; --follow until it ends")
+    jo.add_argument("job_id")
+    jo.add_argument("--follow", action="store_true", help="follow until the job ends; exit 1 unless it succeeded")
+    jo.add_argument("--address", default="", help=address_help)
+    js = jsub.add_parser("stop", help="stop a running job and wait for its final status")
+    js.add_argument("job_id")
+    js.add_argument("--no-wait", action="store_true")
+    js.add_argument("--address", default="", help=address_help)
+    jb.set_defaults(func=cmd_jobs)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `submit` passes every flag it does not know on to the stage; everything else is strict
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "submit":
+        args.stage_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

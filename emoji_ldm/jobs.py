@@ -1,0 +1,266 @@
+"""Run any stage on a Ray cluster as a Ray Job: `emoji-ldm submit` and `emoji-ldm jobs`.
+
+Input: a stage name and that stage's own flags; a Ray dashboard address
+(`http://HEAD:8265`, the head's port 8265; on Kubernetes `kubectl port-forward`
+the head service). Output: a Ray Job whose entrypoint is the stage's
+`ray_jobs/` script, the same command a KubeRay RayJob runs, followed to its end.
+
+Public entry points: `submit(SubmitConfig)`, `list_jobs`, `job_logs`, `stop_job`.
+
+The job's code comes from one of two places:
+- a working dir (default, when emoji-ldm runs from a source checkout): the
+  checkout is uploaded (Ray honours .gitignore) and the entrypoint is
+  `python ray_jobs/<stage>.py FLAGS`, exactly as in `k8s/base/rayjob.*.yaml`;
+- `--installed`: nothing is uploaded; the entrypoint is `emoji-ldm <command>
+  FLAGS` from the package installed in the cluster's image (infra/Dockerfile).
+S3 settings are the cluster's own (on Kubernetes, the pods read them from the
+`emoji-ldm-s3` Secret); `--env K=V` or `--forward-aws` adds variables to the
+job's runtime_env.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shlex
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from emoji_ldm.errors import UserError
+
+# stage -> (ray_jobs script, the `emoji-ldm` command it runs)
+STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "build": ("build_dataset.py", ("dataset", "build")),
+    "crawl": ("crawl.py", ("crawl",)),
+    "caption": ("caption.py", ("dataset", "caption")),
+    "train-vae": ("train_vae.py", ("train-vae",)),
+    "encode": ("encode.py", ("encode",)),
+    "train": ("train.py", ("train",)),
+    "bulk": ("bulk_generate.py", ("bulk",)),
+}
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ALLOW_HTTP")
+HINT = ("start one with infra/local_ray_head.sh, or on Kubernetes run "
+        "`kubectl -n emoji-ldm port-forward svc/emoji-head-svc 8265`")
+
+
+def checkout_root() -> Path | None:
+    """The source checkout this package runs from (it has ray_jobs/ beside emoji_ldm/), if any."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "ray_jobs").is_dir() and (root / "emoji_ldm").is_dir() else None
+
+
+def default_address() -> str:
+    for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        value = os.environ.get(name, "")
+        if value.startswith(("http://", "https://")):
+            return value
+    return ""
+
+
+@dataclass
+class SubmitConfig:
+    stage: str
+    args: list[str] = field(default_factory=list)  # the stage's own flags
+    address: str = ""  # http://HEAD:8265; default $RAY_API_SERVER_ADDRESS or an http $RAY_ADDRESS
+    working_dir: str | None = None  # None: the checkout this package runs from
+    installed: bool = False  # use the package installed in the cluster's image instead of uploading code
+    env: dict[str, str] = field(default_factory=dict)
+    forward_aws: bool = False  # copy this shell's AWS_* variables into the job (visible in the job's info)
+    num_cpus: float = 0.0  # CPUs reserved for the entrypoint (the driver); the stage's workers ask for their own
+    num_gpus: float = 0.0
+    wait: bool = True  # follow the logs until the job ends
+    submission_id: str = ""
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise UserError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
+        self.address = self.address or default_address()
+        check_address(self.address)
+        if self.installed and self.working_dir:
+            raise UserError("give --working-dir or --installed, not both")
+        if not self.installed:
+            root = self.working_dir or checkout_root()
+            if root is None:
+                raise UserError("this emoji-ldm is not a source checkout, so there is no ray_jobs/ to upload: "
+                                "pass --working-dir CHECKOUT, or --installed to run the image's emoji-ldm")
+            root = Path(root)
+            if not (root / "ray_jobs" / STAGES[self.stage][0]).is_file():
+                raise UserError(f"--working-dir {str(root)!r} has no ray_jobs/{STAGES[self.stage][0]}; "
+                                "give the root of an emoji-ldm checkout")
+            self.working_dir = str(root.resolve())
+        for key in self.env:
+            if not key or not key.replace("_", "").isalnum():
+                raise UserError(f"--env {key!r} is not a variable name; write --env NAME=VALUE")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise UserError(f"--num-cpus {self.num_cpus} / --num-gpus {self.num_gpus} must be 0 or more")
+
+
+def check_address(address: str) -> None:
+    if not address:
+        raise UserError(f"no Ray cluster given: pass --address http://HEAD:8265 (or set RAY_API_SERVER_ADDRESS); "
+                        f"{HINT}")
+    url = urlparse(address)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise UserError(f"--address {address!r} is not a Ray dashboard URL like http://HEAD:8265")
+
+
+def check_stage_args(stage: str, args: list[str]) -> None:
+    """Parse the stage's flags here with the stage's own parser, so a typo fails before the cluster sees it."""
+    from emoji_ldm.cli import build_parser
+
+    parser = build_parser()
+    try:
+        parser.parse_args([*STAGES[stage][1], *args])
+    except SystemExit as e:  # argparse already printed the usage error naming the flag
+        if e.code:
+            raise UserError(f"the {stage} flags {shlex.join(args)!r} do not parse (see above); "
+                            f"`emoji-ldm {' '.join(STAGES[stage][1])} --help` lists them") from None
+        raise
+
+
+def entrypoint(stage: str, args: list[str], installed: bool = False) -> str:
+    script, command = STAGES[stage]
+    head = ["emoji-ldm", *command] if installed else ["python", f"ray_jobs/{script}"]
+    return shlex.join([*head, *args])
+
+
+def _quiet_sdk_logs() -> None:
+    # the SDK logs every .gitignore it honours and every default exclude at INFO/WARNING
+    for name in ("ray._private.runtime_env", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def connect(address: str):
+    """A JobSubmissionClient for the dashboard at `address`, or a UserError that says how to get one."""
+    from ray.job_submission import JobSubmissionClient
+
+    check_address(address)
+    _quiet_sdk_logs()
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, OSError) as e:
+        raise UserError(f"cannot reach a Ray dashboard at {address} ({str(e).splitlines()[0][:200]}); {HINT}") from None
+
+
+def _job_missing(e: Exception) -> bool:
+    text = str(e)
+    return "does not exist" in text or "404" in text
+
+
+def submit(config: SubmitConfig) -> int:
+    """Submit the stage as a Ray Job; with `wait`, follow its logs and return 0 only if it succeeded."""
+    check_stage_args(config.stage, config.args)
+    client = connect(config.address)
+    env = dict(config.env)
+    if config.forward_aws:
+        env = {**{k: os.environ[k] for k in AWS_VARS if k in os.environ}, **env}
+    runtime_env: dict = {"env_vars": env} if env else {}
+    if config.working_dir:
+        runtime_env["working_dir"] = config.working_dir
+    submission_id = config.submission_id or (
+        f"emoji-ldm-{config.stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+    command = entrypoint(config.stage, config.args, config.installed)
+    from emoji_ldm.version import code_version
+
+    try:
+        job_id = client.submit_job(
+            entrypoint=command, runtime_env=runtime_env or None, submission_id=submission_id,
+            entrypoint_num_cpus=config.num_cpus or None, entrypoint_num_gpus=config.num_gpus or None,
+            metadata={"emoji_ldm_stage": config.stage, "emoji_ldm_version": code_version()})
+    except RuntimeError as e:
+        raise UserError(f"the cluster at {config.address} refused the job: {str(e)[:500]}") from None
+    source = f"working dir {config.working_dir}" if config.working_dir else "the installed emoji-ldm"
+    print(f"submitted {job_id} to {config.address} ({source}): {command}", flush=True)
+    if not config.wait:
+        print(f"follow it with: emoji-ldm jobs logs {job_id} --follow --address {config.address}")
+        return 0
+    return follow(client, job_id, config.address)
+
+
+def follow(client, job_id: str, address: str) -> int:
+    """Print the job's logs as they come, then its final status; 0 if it succeeded, 1 if not."""
+
+    async def tail():
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    try:
+        asyncio.run(tail())
+        status = _wait_terminal(client, job_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job goes on. Stop it with: emoji-ldm jobs stop {job_id} --address {address}")
+        return 130
+    info = client.get_job_info(job_id)
+    if status == "SUCCEEDED":
+        print(f"job {job_id} succeeded")
+        return 0
+    code = f", exit code {info.driver_exit_code}" if info.driver_exit_code is not None else ""
+    reason = (info.message or "").split(", last available logs")[0].strip()  # the logs were printed above
+    print(f"job {job_id} {status.lower()}{code}: {reason}".rstrip(": "))
+    return 1
+
+
+def _wait_terminal(client, job_id: str, timeout_s: float = 60) -> str:
+    deadline = time.time() + timeout_s
+    while True:  # the log stream can end a moment before the status is final
+        status = str(client.get_job_status(job_id).value)
+        if status in TERMINAL or time.time() > deadline:
+            return status
+        time.sleep(0.2)
+
+
+def list_jobs(address: str) -> list[dict]:
+    """Every job the cluster knows, newest first, as plain dicts."""
+    client = connect(address)
+    rows = []
+    for job in client.list_jobs():
+        start, end = job.start_time, job.end_time
+        rows.append({
+            "id": job.submission_id or job.job_id, "status": str(job.status.value),
+            "stage": (job.metadata or {}).get("emoji_ldm_stage", "-"),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start / 1000)) if start else "-",
+            "seconds": round(((end or time.time() * 1000) - start) / 1000) if start else None,
+            "entrypoint": job.entrypoint,
+        })
+    return sorted(rows, key=lambda r: r["started"], reverse=True)
+
+
+def format_jobs(rows: list[dict]) -> str:
+    if not rows:
+        return "no jobs on this cluster yet"
+    lines = [f"{'ID':<44} {'STATUS':<10} {'STAGE':<10} {'STARTED':<20} {'SECS':>6}  ENTRYPOINT"]
+    for r in rows:
+        secs = "-" if r["seconds"] is None else str(r["seconds"])
+        lines.append(f"{r['id']:<44} {r['status']:<10} {r['stage']:<10} {r['started']:<20} {secs:>6}  "
+                     f"{r['entrypoint'][:80]}")
+    return "\n".join(lines)
+
+
+def job_logs(address: str, job_id: str, follow_logs: bool = False) -> int:
+    client = connect(address)
+    try:
+        if follow_logs:
+            return follow(client, job_id, address)
+        print(client.get_job_logs(job_id), end="")
+        return 0
+    except RuntimeError as e:
+        if _job_missing(e):
+            raise UserError(f"no job {job_id!r} on {address}; `emoji-ldm jobs list` shows them") from None
+        raise
+
+
+def stop_job(address: str, job_id: str, wait: bool = True) -> str:
+    """Ask the job to stop; with `wait`, return its final status."""
+    client = connect(address)
+    try:
+        client.stop_job(job_id)
+    except RuntimeError as e:
+        if _job_missing(e):
+            raise UserError(f"no job {job_id!r} on {address}; `emoji-ldm jobs list` shows them") from None
+        raise
+    return _wait_terminal(client, job_id) if wait else str(client.get_job_status(job_id).value)
