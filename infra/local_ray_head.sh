@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# A Ray head on this machine for development: what `emoji-ldm submit` and the RayJobs talk to,
+# with its dashboard (the Jobs API) on http://127.0.0.1:8265.
+#
+#   infra/local_ray_head.sh start   start it from the repository root with this checkout's .venv
+#                                   first on PATH and the S3 variables of $STATE/s3.env, if present
+#                                   (infra/local_s3.sh start writes them), as the pods get them
+#                                   from the emoji-ldm-s3 Secret
+#   infra/local_ray_head.sh stop    `ray stop`: stops every Ray on this machine
+#
+# RAY_PORT (6379), DASHBOARD_PORT (8265), NUM_CPUS (all cores) and EMOJI_LDM_LOCAL override.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+state=${EMOJI_LDM_LOCAL:-$root/.local}
+export PATH=$root/.venv/bin:$PATH
+
+case "${1:-}" in
+  start)
+    # shellcheck disable=SC1091
+    [ -f "$state/s3.env" ] && source "$state/s3.env"
+    cd "$root"
+    ray start --head --node-ip-address 127.0.0.1 --port "${RAY_PORT:-6379}" \
+      --dashboard-host 127.0.0.1 --dashboard-port "${DASHBOARD_PORT:-8265}" --include-dashboard true \
+      ${NUM_CPUS:+--num-cpus "$NUM_CPUS"} --object-store-memory "${OBJECT_STORE_BYTES:-1000000000}" \
+      --disable-usage-stats
+    echo "Ray head up: emoji-ldm submit STAGE ... --address http://127.0.0.1:${DASHBOARD_PORT:-8265}" ;;
+  stop)
+    ray stop ;;
+  *)
+    sed -n '2,12p' "$0"; exit 2 ;;
+esac

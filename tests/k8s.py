@@ -1,0 +1,59 @@
+"""Reading the manifests in k8s/: the raw files, and overlays rendered with `kubectl kustomize`."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO
+
+K8S = REPO / "k8s"
+OVERLAYS = ("local", "gpu")
+IMAGE_CHECKOUT = "/home/ray/emoji-ldm"  # where infra/Dockerfile puts the checkout (the RayJobs' working_dir)
+
+
+def load(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def manifest_files() -> list[Path]:
+    return sorted(p for p in K8S.rglob("*.yaml"))
+
+
+def kubectl() -> str:
+    path = shutil.which("kubectl")
+    if path is None:
+        raise RuntimeError("kubectl is not installed: `make test` installs it (Debian's kubernetes-client)")
+    return path
+
+
+def render(overlay: str) -> list[dict]:
+    """`kubectl kustomize k8s/overlays/OVERLAY`, parsed."""
+    out = subprocess.run([kubectl(), "kustomize", str(K8S / "overlays" / overlay)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, f"kubectl kustomize {overlay} failed:\n{out.stderr}"
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc is not None]
+
+
+def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def ray_cluster_spec(doc: dict) -> dict:
+    """The RayCluster spec inside a RayCluster, RayJob or RayService."""
+    return {"RayCluster": lambda: doc["spec"], "RayJob": lambda: doc["spec"]["rayClusterSpec"],
+            "RayService": lambda: doc["spec"]["rayClusterConfig"]}[doc["kind"]]()
+
+
+def pod_templates(doc: dict) -> dict[str, dict]:
+    """Every pod template in a Ray custom resource, by where it sits."""
+    spec = ray_cluster_spec(doc)
+    templates = {"head": spec["headGroupSpec"]["template"]}
+    for group in spec.get("workerGroupSpecs", []):
+        templates[f"worker group {group['groupName']}"] = group["template"]
+    if doc["kind"] == "RayJob" and "submitterPodTemplate" in doc["spec"]:
+        templates["submitter"] = doc["spec"]["submitterPodTemplate"]
+    return templates

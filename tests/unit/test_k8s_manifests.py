@@ -1,0 +1,240 @@
+"""The manifests in k8s/ and the image in infra/: they parse, validate against the Kubernetes schemas
+(`kubernetes-validate`), render with `kubectl kustomize`, and agree with the code they run.
+
+KubeRay's own CRD schemas are not vendored; the Ray custom resources are checked field by field
+against KubeRay's v1 API (the fields below), and every pod template inside them validates as a
+core PodTemplate.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from emoji_ldm.jobs import STAGES, check_stage_args
+from tests.conftest import REPO
+from tests.k8s import (IMAGE_CHECKOUT, K8S, OVERLAYS, by_kind, load, manifest_files, pod_templates,
+                       ray_cluster_spec, render)
+
+K8S_VERSION = kubernetes_validate.latest_version()
+CORE_KINDS = {"Namespace", "Secret", "ConfigMap", "PersistentVolumeClaim", "Service", "StatefulSet", "Job"}
+RAY_KINDS = {"RayCluster", "RayJob", "RayService"}
+PIPELINE_STAGES = ("build", "crawl", "caption", "encode", "train", "bulk")
+# KubeRay ray.io/v1 fields (ray-operator/apis/ray/v1/*_types.go)
+RAYJOB_FIELDS = {"entrypoint", "runtimeEnvYAML", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished",
+                 "activeDeadlineSeconds", "backoffLimit", "submitterPodTemplate", "submitterConfig",
+                 "submissionMode", "rayClusterSpec", "clusterSelector", "entrypointNumCpus", "entrypointNumGpus",
+                 "entrypointResources", "jobId", "metadata", "suspend", "managedBy", "deletionStrategy"}
+CLUSTER_FIELDS = {"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec",
+                  "workerGroupSpecs", "headServiceAnnotations", "suspend", "managedBy", "gcsFaultToleranceOptions"}
+SERVICE_FIELDS = {"serveConfigV2", "rayClusterConfig", "upgradeStrategy", "serveService",
+                  "excludeHeadPodFromServeSvc", "deploymentUnhealthySecondThreshold",
+                  "serviceUnhealthySecondThreshold"}
+GROUP_FIELDS = {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template",
+                "numOfHosts", "scaleStrategy", "suspend", "idleTimeoutSeconds"}
+HEAD_FIELDS = {"rayStartParams", "template", "serviceType", "headService", "enableIngress"}
+
+
+def pinned_ray_version() -> str:
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = [m.group(1) for d in deps if (m := re.fullmatch(r"ray\[[^]]*\]==([0-9.]+)", d))]
+    assert len(pins) == 1, f"pyproject.toml must pin ray exactly (ray[...]==X.Y.Z), found {deps}"
+    return pins[0]
+
+
+def dockerfile_ray_version() -> str:
+    m = re.search(r"^ARG RAY_VERSION=([0-9.]+)$", (REPO / "infra" / "Dockerfile").read_text(), re.M)
+    assert m, "infra/Dockerfile has no `ARG RAY_VERSION=X.Y.Z`"
+    return m.group(1)
+
+
+def validate_core(doc: dict, where: str) -> None:
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        pytest.fail(f"{where}: {doc['kind']}/{doc['metadata']['name']} is not valid Kubernetes {K8S_VERSION}: "
+                    f"{e.message} at {list(e.path)}")
+
+
+def containers(template: dict) -> list[dict]:
+    return template["spec"].get("initContainers", []) + template["spec"]["containers"]
+
+
+def check_resources(resources: dict, where: str) -> None:
+    for part in ("requests", "limits"):
+        missing = {"cpu", "memory"} - set(resources.get(part, {}))
+        assert not missing, f"{where}: no {part} for {', '.join(sorted(missing))}"
+
+
+def check_ray_resource(doc: dict, where: str) -> None:
+    name = f"{where}: {doc['kind']}/{doc['metadata']['name']}"
+    spec, cluster = doc["spec"], ray_cluster_spec(doc)
+    allowed = {"RayJob": RAYJOB_FIELDS, "RayService": SERVICE_FIELDS, "RayCluster": CLUSTER_FIELDS}[doc["kind"]]
+    assert set(spec) <= allowed, f"{name}: unknown spec fields {set(spec) - allowed}"
+    assert set(cluster) <= CLUSTER_FIELDS, f"{name}: unknown cluster fields {set(cluster) - CLUSTER_FIELDS}"
+    assert set(cluster["headGroupSpec"]) <= HEAD_FIELDS, name
+    assert cluster["rayVersion"] == pinned_ray_version(), f"{name}: rayVersion {cluster['rayVersion']!r}"
+    groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+    for group in groups:
+        assert set(group) <= GROUP_FIELDS | HEAD_FIELDS, f"{name}: unknown group fields"
+        params = group.get("rayStartParams", {})
+        assert all(isinstance(v, str) for v in params.values()), f"{name}: rayStartParams values must be strings"
+    for group in cluster.get("workerGroupSpecs", []):
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], f"{name}: {group['groupName']}"
+    if cluster.get("enableInTreeAutoscaling"):
+        check_resources(cluster["autoscalerOptions"]["resources"], f"{name} autoscaler")
+    for place, template in pod_templates(doc).items():
+        validate_core({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template},
+                      f"{name} {place}")
+        for c in containers(template):
+            check_resources(c.get("resources", {}), f"{name} {place} container {c['name']}")
+            gpus = c["resources"]["limits"].get("nvidia.com/gpu")
+            if gpus is not None:
+                assert c["resources"]["requests"].get("nvidia.com/gpu") == gpus, f"{name} {place}: GPU request"
+                tolerations = template["spec"].get("tolerations", [])
+                assert any(t.get("key") == "nvidia.com/gpu" for t in tolerations), f"{name} {place}: no toleration"
+            if c["image"].split("/")[-1].startswith("emoji-ldm:") and place != "submitter":
+                assert {"secretRef": {"name": "emoji-ldm-s3"}} in c.get("envFrom", []), \
+                    f"{name} {place}: S3 settings must come from the emoji-ldm-s3 Secret"
+    if doc["kind"] == "RayJob":
+        check_rayjob(doc, name)
+    if doc["kind"] == "RayService":
+        check_serve_config(spec["serveConfigV2"], name)
+
+
+def check_rayjob(doc: dict, name: str) -> None:
+    spec = doc["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0, name
+    stage = doc["metadata"]["labels"]["emoji-ldm/stage"]
+    words = shlex.split(spec["entrypoint"])
+    script = STAGES[stage][0]
+    assert words[:2] == ["python", f"ray_jobs/{script}"], f"{name}: entrypoint {spec['entrypoint']!r}"
+    assert (REPO / "ray_jobs" / script).is_file()
+    check_stage_args(stage, words[2:])  # the flags parse with the stage's own parser
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime_env["working_dir"] == IMAGE_CHECKOUT, f"{name}: working_dir"
+
+
+def _comparable(config: dict) -> dict:
+    """A Serve config without what each deployment sets for itself: model, sets URI, resources, replicas."""
+    config = yaml.safe_load(yaml.safe_dump(config))
+    for app in config["applications"]:
+        for key in ("model", "sets_uri"):
+            app["args"].pop(key)
+        for d in app["deployments"]:
+            d.pop("ray_actor_options")
+            d.pop("autoscaling_config")
+    return config
+
+
+def check_serve_config(text: str, name: str) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(text)
+    ServeDeploySchema.model_validate(config)  # Ray's own schema, as `serve deploy` checks it
+    project = yaml.safe_load((REPO / "emoji_ldm" / "serve" / "serve_config.yaml").read_text())
+    assert _comparable(config) == _comparable(project), f"{name}: serveConfigV2 differs from serve_config.yaml"
+    for d in config["applications"][0]["deployments"]:
+        scaling = d["autoscaling_config"]
+        assert scaling["min_replicas"] < scaling["max_replicas"], f"{name}: {d['name']} does not autoscale"
+
+
+# --- tests ---------------------------------------------------------------------
+
+
+def test_every_manifest_parses():
+    files = manifest_files()
+    assert len(files) >= 20
+    for path in files:
+        docs = load(path)
+        assert docs, f"{path} is empty"
+        for doc in docs:
+            assert {"apiVersion", "kind"} <= set(doc), f"{path}: a document without apiVersion/kind"
+            if doc["kind"] != "Kustomization":
+                assert doc.get("metadata", {}).get("name"), f"{path}: a {doc['kind']} without a name"
+
+
+def test_base_validates():
+    for path in sorted((K8S / "base").glob("*.yaml")):
+        for doc in load(path):
+            if doc["kind"] in CORE_KINDS:
+                validate_core(doc, path.name)
+            elif doc["kind"] in RAY_KINDS:
+                check_ray_resource(doc, path.name)
+            else:
+                assert doc["kind"] == "Kustomization", f"{path.name}: unexpected kind {doc['kind']}"
+
+
+def test_one_rayjob_file_per_stage():
+    for stage in PIPELINE_STAGES:
+        (doc,) = load(K8S / "base" / f"rayjob.{stage}.yaml")
+        assert doc["kind"] == "RayJob" and doc["metadata"]["name"] == f"emoji-{stage}"
+        assert doc["metadata"]["labels"]["emoji-ldm/stage"] == stage
+    listed = load(K8S / "base" / "kustomization.yaml")[0]["resources"]
+    assert sorted(listed) == sorted(p.name for p in (K8S / "base").glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_and_validates(overlay):
+    docs = render(overlay)
+    kinds = [d["kind"] for d in docs]
+    assert kinds.count("RayJob") == len(PIPELINE_STAGES) and kinds.count("RayService") == 1
+    assert {"RayCluster", "StatefulSet", "PersistentVolumeClaim", "Secret", "Service", "Job"} <= set(kinds)
+    for doc in docs:
+        assert doc["metadata"].get("namespace", "emoji-ldm") == "emoji-ldm" or doc["kind"] == "Namespace"
+        # the runbook applies one part at a time with -l emoji-ldm/component=...
+        assert doc["metadata"]["labels"]["emoji-ldm/component"] in ("store", "cluster", "job", "service")
+        if doc["kind"] in CORE_KINDS:
+            validate_core(doc, f"overlay {overlay}")
+        else:
+            check_ray_resource(doc, f"overlay {overlay}")
+
+
+def test_local_overlay_is_cpu_only_and_gpu_overlay_has_gpus():
+    local, gpu = render("local"), render("gpu")
+    assert "nvidia.com/gpu" not in yaml.safe_dump_all(local) and "--gpu" not in yaml.safe_dump_all(local)
+    assert "num_gpus" not in by_kind(local, "RayService")["emoji"]["spec"]["serveConfigV2"]
+    service = by_kind(gpu, "RayService")["emoji"]
+    groups = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert any(g["maxReplicas"] > g["minReplicas"] and "nvidia.com/gpu" in
+               g["template"]["spec"]["containers"][0]["resources"]["limits"] for g in groups)
+    cluster = by_kind(gpu, "RayCluster")["emoji"]["spec"]
+    assert {g["groupName"] for g in cluster["workerGroupSpecs"]} == {"cpu", "gpu"}
+    assert cluster["enableInTreeAutoscaling"] is True
+    for job in by_kind(gpu, "RayJob").values():
+        stage = job["metadata"]["labels"]["emoji-ldm/stage"]
+        uses_gpu = any("nvidia.com/gpu" in c["resources"]["limits"] for t in pod_templates(job).values()
+                       for c in containers(t))
+        assert uses_gpu == (stage in ("caption", "encode", "train", "bulk")), stage
+
+
+def test_ray_version_agrees_across_pyproject_dockerfile_and_manifests():
+    import ray
+
+    version = pinned_ray_version()
+    assert dockerfile_ray_version() == version == ray.__version__
+    docs = [d for p in manifest_files() for d in load(p)] + render("local") + render("gpu")
+    images = set()
+    for doc in docs:
+        if doc["kind"] in RAY_KINDS and "spec" in doc:
+            spec = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
+            if "rayVersion" in spec:
+                assert spec["rayVersion"] == version, doc["metadata"]["name"]
+        images |= set(re.findall(r"image: (\S+)", yaml.safe_dump(doc)))
+    ours = {i for i in images if i.split("/")[-1].startswith("emoji-ldm:")}
+    assert ours and all(i.split(":")[-1] in (f"{version}-py311-cpu", f"{version}-py311-gpu") for i in ours), ours
+    assert "FROM rayproject/ray:${RAY_VERSION}-${VARIANT}" in (REPO / "infra" / "Dockerfile").read_text()
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_ray_jobs_scripts_have_help(stage):
+    script = REPO / "ray_jobs" / STAGES[stage][0]
+    r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "usage:" in r.stdout, r.stderr
