@@ -137,12 +137,16 @@ def _quiet_sdk_logs() -> None:
 
 def connect(address: str):
     """A JobSubmissionClient for the dashboard at `address`, or a UserError that says how to get one."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     check_address(address)
     _quiet_sdk_logs()
     try:
         return JobSubmissionClient(address)
+    except AuthenticationError:
+        raise UserError(f"the Ray cluster at {address} uses token authentication: set RAY_AUTH_TOKEN (or "
+                        "RAY_AUTH_TOKEN_PATH) to its token, which `ray get-auth-token` prints on the head") from None
     except (ConnectionError, OSError) as e:
         raise UserError(f"cannot reach a Ray dashboard at {address} ({str(e).splitlines()[0][:200]}); {HINT}") from None
 
