@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo-out
 DEMO_PORT ?= 8000
 
-.PHONY: demo test install clean bench bench-train bench-serve bench-caption bench-crawl chromium
+.PHONY: demo test install clean bench bench-train bench-serve bench-caption bench-crawl bench-submit chromium kubectl
 
 # The virtualenv with the package (editable), its pinned deps and test extras.
 # torch==2.13.0 resolves to the CPU wheel on these machines' disk.
@@ -41,8 +41,15 @@ chromium:
 	  ( $(SUDO) apt-get install -y chromium chromium-driver || \
 	    ( $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver ) )
 
-# The whole suite (real Ray, a real moto_server S3 process, local HTTP servers, headless Chromium).
-test: $(STAMP) chromium
+# kubectl renders k8s/ (`kubectl kustomize`); Debian's kubernetes-client when none is installed.
+kubectl:
+	@command -v kubectl > /dev/null || \
+	  ( $(SUDO) apt-get install -y kubernetes-client || \
+	    ( $(SUDO) apt-get update && $(SUDO) apt-get install -y kubernetes-client ) )
+
+# The whole suite (real Ray, a real moto_server S3 process, local HTTP servers, headless Chromium,
+# the k8s manifests, every RayJob entrypoint on a local `ray start --head`).
+test: $(STAMP) chromium kubectl
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
@@ -57,6 +64,9 @@ bench-crawl: $(STAMP) chromium
 
 bench-caption: $(STAMP)
 	$(BIN)/python bench/caption.py
+
+bench-submit: $(STAMP)
+	$(BIN)/python bench/submit.py
 
 bench-serve: $(STAMP)
 	$(BIN)/python bench/serve.py --model $(DEMO_OUT)/run
