@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from emoji_ldm.jobs import STAGES, check_stage_args
-from tests.conftest import REPO
+from tests.conftest import REPO, VENV_BIN
 from tests.k8s import (IMAGE_CHECKOUT, K8S, OVERLAYS, by_kind, load, manifest_files, pod_templates,
                        ray_cluster_spec, render)
 
@@ -238,3 +238,15 @@ def test_ray_jobs_scripts_have_help(stage):
     script = REPO / "ray_jobs" / STAGES[stage][0]
     r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "usage:" in r.stdout, r.stderr
+
+
+def test_dockerfile_and_infra_scripts_lint():
+    """No Docker engine runs on these machines, so the image is linted, not built: hadolint for the
+    Dockerfile (errors fail; it warns that apt packages are not version-pinned) and shellcheck for
+    the helper scripts."""
+    r = subprocess.run([str(VENV_BIN / "hadolint"), "--failure-threshold", "error", str(REPO / "infra" / "Dockerfile")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    scripts = sorted(str(p) for p in (REPO / "infra").glob("*.sh")) + [str(REPO / ".ci" / "run")]
+    r = subprocess.run([str(VENV_BIN / "shellcheck"), *scripts], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
