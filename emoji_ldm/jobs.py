@@ -31,6 +31,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.version import code_version
 
 # stage -> (ray_jobs script, the `emoji-ldm` command it runs)
 STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -169,8 +170,6 @@ def submit(config: SubmitConfig) -> int:
     submission_id = config.submission_id or (
         f"emoji-ldm-{config.stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
     command = entrypoint(config.stage, config.args, config.installed)
-    from emoji_ldm.version import code_version
-
     try:
         job_id = client.submit_job(
             entrypoint=command, runtime_env=runtime_env or None, submission_id=submission_id,

@@ -110,8 +110,7 @@ def run_rayjob(cluster: LocalCluster, overlay: list[dict], stage: str, replace: 
         assert old in entrypoint, f"{old!r} is not in the {stage} entrypoint {entrypoint!r}"
         entrypoint = entrypoint.replace(old, new)
     client = cluster.client()
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                               metadata={"emoji_ldm_stage": stage})
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata=spec["metadata"])
     deadline = time.time() + timeout
     while (status := str(client.get_job_status(job_id).value)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
         if time.time() > deadline:

@@ -113,6 +113,7 @@ def check_rayjob(doc: dict, name: str) -> None:
     spec = doc["spec"]
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0, name
     stage = doc["metadata"]["labels"]["emoji-ldm/stage"]
+    assert spec["metadata"] == {"emoji_ldm_stage": stage}, f"{name}: metadata"
     words = shlex.split(spec["entrypoint"])
     script = STAGES[stage][0]
     assert words[:2] == ["python", f"ray_jobs/{script}"], f"{name}: entrypoint {spec['entrypoint']!r}"
