@@ -21,21 +21,22 @@ from dataclasses import dataclass
 import numpy as np
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.options import opt
+from emoji_ldm.sampling import SamplerSettings
 
 TIMESTEPS = (50, 250, 500, 750, 950)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    model: str
-    data: str
-    samples: int = 32
-    steps: int = 25
-    guidance: float = 5.0
-    seed: int = 0
-    near_copy: float = 0.005  # pixel MSE (images in [0, 1]) below which a sample counts as a copy
-    clip: str | None = None
-    out: str | None = None
+    model: str = opt(help="a model folder/URI (or a training --out)")
+    data: str = opt(help="the latent table URI[@VERSION] it was trained on")
+    samples: int = opt(32, help="samples for memorisation / CLIP score, 1-1024")
+    sampler: SamplerSettings = opt(default_factory=SamplerSettings, skip=("count", "size", "negative_prompt"),
+                                   help="sampler settings")
+    near_copy: float = opt(0.005, help="pixel MSE (images in [0, 1]) below which a sample counts as a copy")
+    clip: str | None = opt(None, help="a local CLIP model folder for the CLIP score")
+    out: str | None = opt(None, help="also write the report as JSON here")
 
     def __post_init__(self):
         if not 1 <= self.samples <= 1024:
@@ -105,10 +106,11 @@ def evaluate(config: EvalConfig) -> dict:
     decoded = decode_latents({k: val.column(k).to_pylist() for k in ("latent", "latent_shape", "text_emb",
                                                                       "text_shape")})
     loss = heldout_loss(pipe.unet, noise_scheduler(preset), torch.from_numpy(decoded["latent"]).float(),
-                        torch.from_numpy(decoded["text_emb"]).float(), seed=config.seed)
+                        torch.from_numpy(decoded["text_emb"]).float(), seed=config.sampler.seed)
 
     prompts = (val.column("caption").to_pylist() * config.samples)[: config.samples]
-    images = run_pipeline(pipe, prompts, steps=config.steps, guidance=config.guidance, seed=config.seed)
+    s = config.sampler
+    images = run_pipeline(pipe, prompts, steps=s.steps, guidance=s.guidance, seed=s.seed)
     size = images[0].size[0]
     dataset = open_table(DatasetRef(DatasetRef.parse(meta["dataset"]).uri, version=meta["dataset_version"]))
     train_ids = set(rows.filter(np.asarray(split == "train")).column("id").to_pylist())

@@ -1,22 +1,28 @@
 """Generate emoji from a trained model folder (a standard diffusers StableDiffusionPipeline).
 
     emoji-ldm generate --model URI --prompt TEXT [--negative-prompt TEXT] [--n 4] [--steps 25]
-                       [--guidance 5.0] [--seed S] [--scheduler dpmpp|ddim|ddpm] --out DIR
+                       [--guidance 5.0] [--seed S] [--scheduler dpmpp|ddim|ddpm] [--size PX] --out DIR
+
+Public entry points: `generate(GenerateConfig)`, `Sampler` (a loaded pipeline
+that batches `SampleJob`s; the service and bulk use it), `load_pipeline`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.options import opt
+from emoji_ldm.sampling import SamplerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -59,29 +65,15 @@ def model_card(uri: str) -> dict:
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    model: str
-    prompt: str
-    out: str
-    negative_prompt: str = ""
-    n: int = 4
-    steps: int = 25
-    guidance: float = 5.0
-    seed: int = 0
-    scheduler: str = "dpmpp"
+    model: str = opt(help="a model folder/URI (or a training --out)")
+    prompt: str = opt(help="what to draw, e.g. 'smiling cat face'")
+    out: str = opt(help="a local folder for the PNGs and sheet.png")
+    sampler: SamplerSettings = opt(default_factory=SamplerSettings, help="sampler settings",
+                                   rename={"count": "n"})
 
     def __post_init__(self):
-        from emoji_ldm.models.builders import SCHEDULERS
-
         if not self.prompt or not self.prompt.strip():
             raise UserError("--prompt is empty: describe the emoji, e.g. 'smiling cat face'")
-        if not 1 <= self.n <= 64:
-            raise UserError(f"--n must be from 1 to 64, got {self.n}")
-        if not 1 <= self.steps <= 1000:
-            raise UserError(f"--steps must be from 1 to 1000, got {self.steps}")
-        if self.guidance < 0:
-            raise UserError(f"--guidance must be >= 0, got {self.guidance}")
-        if self.scheduler not in SCHEDULERS:
-            raise UserError(f"unknown scheduler {self.scheduler!r}: use one of {', '.join(SCHEDULERS)}")
 
 
 @dataclass(frozen=True)
@@ -98,6 +90,12 @@ class SampleJob:
     steps: int = 25
     guidance: float = 5.0
     scheduler: str | None = "dpmpp"  # None: the pipeline's current scheduler
+    size: int | None = None  # pixels; None: the model's own size
+
+    @classmethod
+    def of(cls, prompts: tuple[str, ...], seeds: tuple[int, ...], settings: SamplerSettings) -> "SampleJob":
+        return cls(prompts, seeds, settings.negative_prompt, settings.steps, settings.guidance,
+                   settings.scheduler, settings.size)
 
     def __post_init__(self):
         if len(self.prompts) != len(self.seeds):
@@ -106,7 +104,7 @@ class SampleJob:
     @property
     def settings(self) -> tuple:
         """Jobs with equal settings can share one pipeline call."""
-        return (self.steps, self.guidance, self.scheduler)
+        return (self.steps, self.guidance, self.scheduler, self.size)
 
     def split(self, size: int) -> list["SampleJob"]:
         """Pieces of at most `size` images (a batch never exceeds the server's max batch size)."""
@@ -131,11 +129,12 @@ class Sampler:
     def load(cls, uri: str, device: str = "cpu") -> "Sampler":
         return cls(load_pipeline(uri, device=device))
 
-    def noise(self, seed: int):
+    def noise(self, seed: int, size: int | None = None):
         """The initial latent for `seed`: (1, C, H/8, W/8), drawn on the CPU so every device agrees."""
         import torch
 
-        c, s = self.pipe.unet.config.in_channels, self.pipe.unet.config.sample_size
+        c = self.pipe.unet.config.in_channels
+        s = (size or self.image_size) // self.pipe.vae_scale_factor
         return torch.randn((1, c, s, s), generator=torch.Generator("cpu").manual_seed(seed))
 
     def sample(self, jobs: list[SampleJob]) -> list[list[Image.Image]]:
@@ -165,15 +164,16 @@ class Sampler:
                            too_long[0][:80])
         if first.scheduler is not None:
             self.pipe.scheduler = self._schedulers[first.scheduler]
-        latents = torch.cat([self.noise(s) for s in seeds]).to(self.pipe.device)  # (B, C, H/8, W/8)
+        size = first.size or self.image_size
+        latents = torch.cat([self.noise(s, size) for s in seeds]).to(self.pipe.device)  # (B, C, H/8, W/8)
         # one generator per image: stochastic samplers (ddpm) draw their step noise per image too
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         self.calls += 1
         with torch.no_grad():
             result = self.pipe(prompts, negative_prompt=negatives if any(negatives) else None,
                                num_inference_steps=first.steps, guidance_scale=first.guidance,
-                               generator=generators, latents=latents, height=self.image_size,
-                               width=self.image_size, output_type="pil")
+                               generator=generators, latents=latents, height=size, width=size,
+                               output_type="pil")
         return result.images
 
 
@@ -210,10 +210,11 @@ def image_grid(images: list[Image.Image], labels: list[str] | None = None, cell:
 
 
 def generate(config: GenerateConfig) -> list[str]:
-    """Write `n` PNGs and a sheet for one prompt; returns the PNG paths."""
-    pipe = load_pipeline(config.model, config.scheduler)
-    images = run_pipeline(pipe, [config.prompt] * config.n, config.negative_prompt, config.steps,
-                          config.guidance, config.seed)
+    """Write `count` PNGs and a sheet for one prompt; returns the PNG paths."""
+    settings = config.sampler
+    sampler = Sampler.load(config.model)
+    seeds = tuple(settings.seed + i for i in range(settings.count))
+    images = sampler.sample([SampleJob.of((config.prompt,) * settings.count, seeds, settings)])[0]
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -221,6 +222,11 @@ def generate(config: GenerateConfig) -> list[str]:
         path = out / f"{i:03d}.png"
         img.save(path)
         paths.append(str(path))
-    image_grid(images, [f"seed {config.seed} #{i}" for i in range(len(images))]).save(out / "sheet.png")
-    (out / "generate.json").write_text(json.dumps({**config.__dict__, "files": paths}, indent=2))
+    image_grid(images, [f"seed {s}" for s in seeds]).save(out / "sheet.png")
+    (out / "generate.json").write_text(json.dumps({**dataclasses.asdict(config), "files": paths}, indent=2))
     return paths
+
+
+def report(paths: list[str]) -> str:
+    folder = Path(paths[0]).parent if paths else "?"
+    return f"generate: {len(paths)} images and sheet.png in {folder}"

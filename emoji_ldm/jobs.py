@@ -26,23 +26,15 @@ import os
 import shlex
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from emoji_ldm.commands import STAGES, parse_config
 from emoji_ldm.errors import UserError
+from emoji_ldm.options import opt
 from emoji_ldm.version import code_version
 
-# stage -> (ray_jobs script, the `emoji-ldm` command it runs)
-STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "build": ("build_dataset.py", ("dataset", "build")),
-    "crawl": ("crawl.py", ("crawl",)),
-    "caption": ("caption.py", ("dataset", "caption")),
-    "train-vae": ("train_vae.py", ("train-vae",)),
-    "encode": ("encode.py", ("encode",)),
-    "train": ("train.py", ("train",)),
-    "bulk": ("bulk_generate.py", ("bulk",)),
-}
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ALLOW_HTTP")
 HINT = ("start one with infra/local_ray_head.sh, or on Kubernetes run "
@@ -63,42 +55,49 @@ def default_address() -> str:
     return ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class SubmitConfig:
-    stage: str
-    args: list[str] = field(default_factory=list)  # the stage's own flags
-    address: str = ""  # http://HEAD:8265; default $RAY_API_SERVER_ADDRESS or an http $RAY_ADDRESS
-    working_dir: str | None = None  # None: the checkout this package runs from
-    installed: bool = False  # use the package installed in the cluster's image instead of uploading code
-    env: dict[str, str] = field(default_factory=dict)
-    forward_aws: bool = False  # copy this shell's AWS_* variables into the job (visible in the job's info)
-    num_cpus: float = 0.0  # CPUs reserved for the entrypoint (the driver); the stage's workers ask for their own
-    num_gpus: float = 0.0
-    wait: bool = True  # follow the logs until the job ends
-    submission_id: str = ""
+    stage: str = opt(positional=True, help=f"the stage to run: {' | '.join(STAGES)}")
+    # the stage's own flags: every flag of the command line that submit does not know
+    args: tuple[str, ...] = opt((), cli=False, help="the stage's flags")
+    address: str = opt("", help="Ray dashboard URL, http://HEAD:8265 "
+                                "(default: $RAY_API_SERVER_ADDRESS or an http:// $RAY_ADDRESS)")
+    working_dir: str | None = opt(None, help="the checkout to upload (default: the one emoji-ldm runs from)")
+    installed: bool = opt(False, help="upload nothing: run the emoji-ldm installed in the cluster's image")
+    env: dict[str, str] = opt(default_factory=dict, help="a variable for the job (repeatable)")
+    forward_aws: bool = opt(False, help="copy this shell's AWS_* variables into the job (they show in the "
+                                        "job's info)")
+    # the stage's workers ask for their own resources; these are the driver's
+    num_cpus: float = opt(0.0, flag="entrypoint-num-cpus", help="CPUs reserved for the driver")
+    num_gpus: float = opt(0.0, flag="entrypoint-num-gpus", help="GPUs reserved for the driver")
+    wait: bool = opt(True, flag="no-wait", invert=True, help="print the job id and return instead of following")
+    submission_id: str = opt("", help="the job id (default emoji-ldm-STAGE-TIME-HEX)")
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise UserError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
-        self.address = self.address or default_address()
+        object.__setattr__(self, "address", self.address or default_address())
         check_address(self.address)
         if self.installed and self.working_dir:
             raise UserError("give --working-dir or --installed, not both")
+        script = STAGES[self.stage].script
         if not self.installed:
             root = self.working_dir or checkout_root()
             if root is None:
                 raise UserError("this emoji-ldm is not a source checkout, so there is no ray_jobs/ to upload: "
                                 "pass --working-dir CHECKOUT, or --installed to run the image's emoji-ldm")
             root = Path(root)
-            if not (root / "ray_jobs" / STAGES[self.stage][0]).is_file():
-                raise UserError(f"--working-dir {str(root)!r} has no ray_jobs/{STAGES[self.stage][0]}; "
+            if not (root / "ray_jobs" / script).is_file():
+                raise UserError(f"--working-dir {str(root)!r} has no ray_jobs/{script}; "
                                 "give the root of an emoji-ldm checkout")
-            self.working_dir = str(root.resolve())
+            object.__setattr__(self, "working_dir", str(root.resolve()))
         for key in self.env:
             if not key or not key.replace("_", "").isalnum():
                 raise UserError(f"--env {key!r} is not a variable name; write --env NAME=VALUE")
         if self.num_cpus < 0 or self.num_gpus < 0:
-            raise UserError(f"--num-cpus {self.num_cpus} / --num-gpus {self.num_gpus} must be 0 or more")
+            raise UserError(f"--entrypoint-num-cpus {self.num_cpus} / --entrypoint-num-gpus {self.num_gpus} "
+                            "must be 0 or more")
+        check_stage_args(self.stage, list(self.args))
 
 
 def check_address(address: str) -> None:
@@ -111,22 +110,13 @@ def check_address(address: str) -> None:
 
 
 def check_stage_args(stage: str, args: list[str]) -> None:
-    """Parse the stage's flags here with the stage's own parser, so a typo fails before the cluster sees it."""
-    from emoji_ldm.cli import build_parser
-
-    parser = build_parser()
-    try:
-        parser.parse_args([*STAGES[stage][1], *args])
-    except SystemExit as e:  # argparse already printed the usage error naming the flag
-        if e.code:
-            raise UserError(f"the {stage} flags {shlex.join(args)!r} do not parse (see above); "
-                            f"`emoji-ldm {' '.join(STAGES[stage][1])} --help` lists them") from None
-        raise
+    """Build the stage's config from its flags here, so a typo or a bad value fails before the cluster sees it."""
+    parse_config(STAGES[stage], args)
 
 
 def entrypoint(stage: str, args: list[str], installed: bool = False) -> str:
-    script, command = STAGES[stage]
-    head = ["emoji-ldm", *command] if installed else ["python", f"ray_jobs/{script}"]
+    command = STAGES[stage]
+    head = ["emoji-ldm", *command.words] if installed else ["python", f"ray_jobs/{command.script}"]
     return shlex.join([*head, *args])
 
 
@@ -159,7 +149,6 @@ def _job_missing(e: Exception) -> bool:
 
 def submit(config: SubmitConfig) -> int:
     """Submit the stage as a Ray Job; with `wait`, follow its logs and return 0 only if it succeeded."""
-    check_stage_args(config.stage, config.args)
     client = connect(config.address)
     env = dict(config.env)
     if config.forward_aws:
@@ -169,7 +158,7 @@ def submit(config: SubmitConfig) -> int:
         runtime_env["working_dir"] = config.working_dir
     submission_id = config.submission_id or (
         f"emoji-ldm-{config.stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
-    command = entrypoint(config.stage, config.args, config.installed)
+    command = entrypoint(config.stage, list(config.args), config.installed)
     try:
         job_id = client.submit_job(
             entrypoint=command, runtime_env=runtime_env or None, submission_id=submission_id,
@@ -267,3 +256,41 @@ def stop_job(address: str, job_id: str, wait: bool = True) -> str:
             raise UserError(f"no job {job_id!r} on {address}; `emoji-ldm jobs list` shows them") from None
         raise
     return _wait_terminal(client, job_id) if wait else str(client.get_job_status(job_id).value)
+
+
+# --- `emoji-ldm jobs list|logs|stop` ---
+
+_ADDRESS_HELP = "Ray dashboard URL, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)"
+
+
+@dataclass(frozen=True)
+class JobsListConfig:
+    address: str = opt("", help=_ADDRESS_HELP)
+
+
+@dataclass(frozen=True)
+class JobLogsConfig:
+    job_id: str = opt(positional=True, help="the job's submission id (`emoji-ldm jobs list`)")
+    follow: bool = opt(False, help="follow until the job ends; exit 1 unless it succeeded")
+    address: str = opt("", help=_ADDRESS_HELP)
+
+
+@dataclass(frozen=True)
+class JobStopConfig:
+    job_id: str = opt(positional=True, help="the job's submission id (`emoji-ldm jobs list`)")
+    wait: bool = opt(True, flag="no-wait", invert=True, help="return once asked, without waiting for the end")
+    address: str = opt("", help=_ADDRESS_HELP)
+
+
+def list_command(config: JobsListConfig) -> str:
+    return format_jobs(list_jobs(config.address or default_address()))
+
+
+def logs_command(config: JobLogsConfig) -> int:
+    return job_logs(config.address or default_address(), config.job_id, follow_logs=config.follow)
+
+
+def stop_command(config: JobStopConfig) -> str:
+    status = stop_job(config.address or default_address(), config.job_id, wait=config.wait)
+    return f"job {config.job_id}: {status}"
+

@@ -25,24 +25,26 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.options import opt
 
 CAPTIONERS = ("metadata", "qwen2.5-vl", "vllm")
 
 
 @dataclass(frozen=True)
 class CaptionConfig:
-    dataset: str
-    captioner: str = "metadata"
-    model: str | None = None          # qwen2.5-vl / vllm: a hub id or a local folder
-    template: str | None = None       # a template file; default: the seed's structured instruction
-    batch_size: int = 16              # rows per captioner call
-    concurrency: int = 1              # model actors (qwen2.5-vl) or engines (vllm)
-    num_gpus: float = 0.0             # per model actor; > 0 also means bf16
-    only_missing: bool = False
-    chunk_size: int = 2048            # rows per committed version
-    max_new_tokens: int = 128
-    limit: int | None = None          # caption at most N rows
-    message: str = ""
+    dataset: str = opt(positional=True, metavar="uri", help="dataset URI (its latest version is captioned)")
+    captioner: str = opt("metadata", help="metadata (no model) | qwen2.5-vl | vllm")
+    model: str | None = opt(None, help="qwen2.5-vl/vllm: hub id or local folder "
+                                       "(default Qwen/Qwen2.5-VL-3B-Instruct)")
+    template: str | None = opt(None, help="a file with your own instruction; must contain {title}")
+    batch_size: int = opt(16, help="rows per model call")
+    concurrency: int = opt(1, help="model actors / vLLM engines")
+    num_gpus: float = opt(0.0, help="GPUs per model actor; > 0 runs bf16")
+    only_missing: bool = opt(False, help="caption only rows without a caption (resume)")
+    chunk_size: int = opt(2048, help="rows per committed version")
+    max_new_tokens: int = opt(128, help="caption length cap in tokens")
+    limit: int | None = opt(None, help="caption at most N rows")
+    message: str = opt("", help="a note recorded with the new version(s)")
 
     def __post_init__(self):
         if self.captioner not in CAPTIONERS:
@@ -98,7 +100,6 @@ def caption_dataset(config: CaptionConfig) -> dict:
     summary = {"uri": uri, "from_version": version, "rows": meta.num_rows, "todo": len(todo), "captioned": 0,
                "failed": Counter(), "versions": [], "seconds": 0.0}
     if not todo:
-        print("caption: nothing to do", flush=True)
         return summary
 
     ensure_ray()
@@ -132,13 +133,20 @@ def caption_dataset(config: CaptionConfig) -> dict:
         summary["failures_uri"] = write_sidecar_parquet(uri, f"caption-failures/{run_id}.parquet",
                                                         pa.Table.from_pylist(failures))
     summary["seconds"] = time.perf_counter() - start
-    reasons = ", ".join(f"{k} {v}" for k, v in summary["failed"].items()) or "none"
-    print(f"caption: {summary['captioned']} captioned, {sum(summary['failed'].values())} failed ({reasons}) in "
-          f"{summary['seconds']:.1f} s ({summary['captioned'] / summary['seconds']:.1f} rows/s); latest version "
-          f"{summary['versions'][-1] if summary['versions'] else version}", flush=True)
-    if failures:
-        print(f"caption: failure reasons per row: {summary['failures_uri']}", flush=True)
     return summary
+
+
+def report(summary: dict) -> str:
+    if not summary["todo"]:
+        return "caption: nothing to do"
+    reasons = ", ".join(f"{k} {v}" for k, v in summary["failed"].items()) or "none"
+    seconds = max(summary["seconds"], 1e-9)
+    text = (f"caption: {summary['captioned']} captioned, {sum(summary['failed'].values())} failed ({reasons}) in "
+            f"{summary['seconds']:.1f} s ({summary['captioned'] / seconds:.1f} rows/s); latest version "
+            f"{summary['versions'][-1] if summary['versions'] else summary['from_version']}")
+    if summary.get("failures_uri"):
+        text += f"\ncaption: failure reasons per row: {summary['failures_uri']}"
+    return text
 
 
 def _run_captioner(ds, config: CaptionConfig, model: str | None, template: str | None):

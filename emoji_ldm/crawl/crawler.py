@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from emoji_ldm.crawl.profiles import SiteProfile, load_profile, parse_pages
 from emoji_ldm.errors import UserError
 from emoji_ldm.ingest.build import BuildConfig, ingest_items
 from emoji_ldm.ingest.images import ImageConfig
+from emoji_ldm.options import opt
 from emoji_ldm.sources.base import FetchConfig
 
 # One call to the page for every item: [src, title] of the image inside each item element.
@@ -39,19 +40,21 @@ return Array.from(document.querySelectorAll(itemSel)).map(item => {
 
 @dataclass(frozen=True)
 class CrawlConfig:
-    profile: str
-    tag: str
-    out: str
-    pages: str | None = None          # default: the profile's range
-    workers: int = 2                  # browser actors
-    shard_pages: int = 5              # pages per shard
-    rate_per_host: float = 1.0        # page loads per second per host, all workers together; 0 = no limit
-    retries: int = 2                  # extra attempts per page after a timeout or browser error
-    backoff_s: float = 1.0
-    robots: bool = True               # honour robots.txt
-    image: ImageConfig = field(default_factory=ImageConfig)
-    fetch: FetchConfig = field(default_factory=FetchConfig)
-    message: str = ""
+    profile: str = opt(help="a built-in site profile (discords) or a profile YAML file")
+    tag: str = opt(help="the tag to crawl, e.g. Blobs")
+    out: str = opt(help="dataset URI: a local path or s3://bucket/prefix")
+    pages: str | None = opt(None, help="page range N-M (default: the profile's, discords 1-1000)")
+    workers: int = opt(2, help="browsers, one per Ray actor")
+    shard_pages: int = opt(5, help="pages per shard")
+    rate_per_host: float = opt(1.0, flag="rate",
+                               help="page loads per second per host, all browsers together; 0 lifts the limit")
+    retries: int = opt(2, help="extra attempts per page after a timeout or browser error")
+    backoff_s: float = opt(1.0, cli=False, help="first wait before a page retry")
+    robots: bool = opt(True, flag="ignore-robots", invert=True,
+                       help="do not honour robots.txt (only with the site's permission)")
+    image: ImageConfig = opt(default_factory=ImageConfig, help="how images are normalised")
+    fetch: FetchConfig = opt(default_factory=FetchConfig, skip=("retries",), help="how images are downloaded")
+    message: str = opt("", help="a note recorded with the new version")
 
     def __post_init__(self):
         if not self.tag.strip():
@@ -303,3 +306,8 @@ def crawl(config: CrawlConfig):
                                                                    if k != "failed_pages"},
                                                         "crawl_config": dataclasses.asdict(config)})
     return summary, stats
+
+
+def report(result) -> str:
+    summary, _ = result
+    return str(summary)

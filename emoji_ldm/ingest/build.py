@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 from emoji_ldm.errors import UserError
 from emoji_ldm.ingest.images import ImageConfig
 from emoji_ldm.ingest.tasks import ingest_batch
+from emoji_ldm.options import opt
 from emoji_ldm.runtime import ensure_ray
 from emoji_ldm.sources import FetchConfig, list_source
 from emoji_ldm.store.delta import (
@@ -42,13 +43,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BuildConfig:
-    source: str  # twemoji | dir:PATH | urls:FILE
-    out: str  # dataset URI (local path or s3://bucket/prefix)
-    image: ImageConfig = field(default_factory=ImageConfig)
-    fetch: FetchConfig = field(default_factory=FetchConfig)
-    limit: int | None = None  # ingest at most this many source items
-    message: str = ""  # recorded in the commit, shown by `dataset versions`
-    batch_size: int = 128  # images per Ray Data task batch
+    source: str = opt(help="twemoji | dir:PATH | urls:FILE (.txt, .csv or .parquet)")
+    out: str = opt(help="dataset URI: a local path or s3://bucket/prefix")
+    image: ImageConfig = opt(default_factory=ImageConfig, help="how images are normalised")
+    fetch: FetchConfig = opt(default_factory=FetchConfig, help="how URL items are downloaded")
+    limit: int | None = opt(None, help="ingest at most N source items")
+    message: str = opt("", help="a note recorded with the new version")
+    batch_size: int = opt(128, help="images per Ray Data batch")
 
     def __post_init__(self):
         if self.limit is not None and self.limit <= 0:
@@ -75,6 +76,10 @@ class BuildSummary:
     @property
     def images_per_s(self) -> float:
         return self.images_in / self.seconds if self.seconds else 0.0
+
+    def __str__(self) -> str:
+        rejects = f"rejected inputs with reasons: {self.rejects_uri}\n" if self.rejects_uri else ""
+        return rejects + self.line()
 
     def line(self) -> str:
         rej = sum(self.rejected.values())

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageColor, UnidentifiedImageError
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.options import opt
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "MPO")
 
@@ -26,10 +27,10 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "MPO")
 class ImageConfig:
     """How every image is normalised before it is stored."""
 
-    size: int = 64  # stored images are size x size
-    background: str = "white"  # any PIL colour name or #rrggbb; transparency is composited onto it
-    max_bytes: int = 20 * 1024 * 1024  # larger inputs are rejected before decoding
-    max_pixels: int = 4096 * 4096  # decompression-bomb guard, checked from the header
+    size: int = opt(64, flag="image-size", help="stored images are N x N pixels")
+    background: str = opt("white", help="colour that transparency is composited onto (a PIL name or #rrggbb)")
+    max_bytes: int = opt(20 * 1024 * 1024, cli=False, help="larger inputs are rejected before decoding")
+    max_pixels: int = opt(4096 * 4096, help="reject images with more pixels than this (decompression bombs)")
 
     def __post_init__(self):
         if not isinstance(self.size, int) or not 8 <= self.size <= 1024:

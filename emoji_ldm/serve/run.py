@@ -9,11 +9,12 @@ from __future__ import annotations
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.options import opt
 
 APP_NAME = "emoji"
 
@@ -44,12 +45,13 @@ def load_serve_config(path: str) -> dict:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    model: str
-    host: str = "127.0.0.1"
-    port: int = 8000
-    sets_uri: str = ""
-    config: str = field(default_factory=default_config_path)
-    max_batch_size: int | None = None  # None: the config file's
+    model: str = opt(help="a model folder/URI (or a training --out)")
+    host: str = opt("127.0.0.1", help="address to listen on (0.0.0.0 for all)")
+    port: int = opt(8000, help="HTTP port")
+    sets_uri: str = opt("", help='where `"store": true` emoji sets are written (local or s3://)')
+    config: str | None = opt(None, help="a Serve config file (default: the packaged "
+                                         "emoji_ldm/serve/serve_config.yaml)")
+    max_batch_size: int | None = opt(None, help="images per pipeline call (default: the config's, 16)")
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -75,7 +77,7 @@ def start(config: ServeConfig) -> str:
     from emoji_ldm.serve.app import AppArgs, application
     from emoji_ldm.store.uri import normalize_uri
 
-    raw = load_serve_config(config.config)
+    raw = load_serve_config(config.config or default_config_path())
     app_cfg = next(a for a in raw["applications"] if a["import_path"].startswith("emoji_ldm.serve.app:"))
     model = normalize_uri(config.model)
     model_folder(model)  # fails now, with the path, rather than in a replica

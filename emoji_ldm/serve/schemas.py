@@ -11,32 +11,40 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from emoji_ldm.models.builders import SCHEDULERS
+from emoji_ldm.errors import UserError
+from emoji_ldm.sampling import MAX_COUNT, MAX_PROMPT_CHARS, SCHEDULERS, SamplerSettings, check
 
-MAX_IMAGES = 16          # per /v1/generate request
 MAX_SET_ITEMS = 256      # per /v1/emoji-sets request
-MAX_PROMPT_CHARS = 500
-MAX_STEPS = 200
-MAX_SEED = 2**32 - 1
+
+
+def _checked(name: str, value):
+    """`sampling.check` for pydantic: the same limits and words as the CLI and bulk."""
+    try:
+        return check(name, value)
+    except UserError as e:
+        raise ValueError(str(e)) from None
 
 
 class Settings(BaseModel):
-    """Sampler settings shared by both endpoints."""
+    """Sampler settings shared by both endpoints: the fields of `SamplerSettings` but the count."""
 
     model_config = ConfigDict(extra="forbid")
 
-    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
-    steps: int = Field(25, ge=1, le=MAX_STEPS, description="sampler steps")
-    guidance: float = Field(5.0, ge=0.0, le=30.0, description="classifier-free guidance scale")
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="image i of a request starts from the noise of seed + i")
+    negative_prompt: str = Field("", description=f"at most {MAX_PROMPT_CHARS} characters")
+    steps: int = Field(25, description="sampler steps")
+    guidance: float = Field(5.0, description="classifier-free guidance scale")
+    seed: int = Field(0, description="image i of a request starts from the noise of seed + i")
     scheduler: str = Field("dpmpp", description=f"one of {', '.join(SCHEDULERS)}")
+    size: int | None = Field(None, description="image size in pixels, a multiple of 8 (default: the model's)")
 
-    @field_validator("scheduler")
+    @field_validator("negative_prompt", "steps", "guidance", "seed", "scheduler", "size")
     @classmethod
-    def _known_scheduler(cls, value: str) -> str:
-        if value not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {value!r}: use one of {', '.join(SCHEDULERS)}")
-        return value
+    def _sampler_rules(cls, value, info):
+        return _checked(info.field_name, value)
+
+    def sampler(self, count: int = 1) -> SamplerSettings:
+        return SamplerSettings(self.negative_prompt, self.steps, self.guidance, self.seed, self.scheduler,
+                               self.size, count)
 
 
 def _text(value: str, what: str) -> str:
@@ -48,7 +56,7 @@ def _text(value: str, what: str) -> str:
 
 class GenerateRequest(Settings):
     prompt: str = Field(..., max_length=MAX_PROMPT_CHARS, examples=["smiling cat face"])
-    n: int = Field(1, ge=1, le=MAX_IMAGES, description=f"images, 1-{MAX_IMAGES}")
+    n: int = Field(1, description=f"images, 1-{MAX_COUNT}")
     format: Literal["json", "png"] = Field(
         "json", description="json: base64 PNGs; png: the raw image/png (n must be 1). "
                             "An `Accept: image/png` header asks for png too.")
@@ -57,6 +65,11 @@ class GenerateRequest(Settings):
     @classmethod
     def _prompt(cls, value: str) -> str:
         return _text(value, "prompt")
+
+    @field_validator("n")
+    @classmethod
+    def _count(cls, value: int) -> int:
+        return _checked("count", value)
 
 
 class EmojiSetRequest(Settings):

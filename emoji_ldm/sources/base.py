@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.options import opt
 
 USER_AGENT = "emoji-ldm/0.1 (+https://github.com/emoji-ldm/emoji-ldm; dataset builder)"
 
@@ -30,12 +31,13 @@ class SourceItem:
 class FetchConfig:
     """How URL items are downloaded inside the Ray Data tasks."""
 
-    timeout_s: float = 10.0  # connect + read timeout of one attempt
-    retries: int = 3  # extra attempts after timeouts, connection errors, 429 and 5xx
-    backoff_s: float = 0.5  # first back-off; doubles each retry, with jitter
-    threads: int = 4  # concurrent downloads per Ray task (more only adds GIL contention per core)
-    per_host: int = 4  # concurrent connections per host per Ray task
-    max_bytes: int = 20 * 1024 * 1024  # stop reading and reject past this size
+    timeout_s: float = opt(10.0, flag="timeout", help="urls: seconds per download attempt (connect + read)")
+    retries: int = opt(3, help="urls: extra attempts after timeouts, connection errors, 429 and 5xx")
+    backoff_s: float = opt(0.5, cli=False, help="first back-off; doubles each retry, with jitter")
+    # more threads only add GIL contention per core
+    threads: int = opt(4, help="urls: concurrent downloads per Ray task")
+    per_host: int = opt(4, help="urls: concurrent connections per host per Ray task")
+    max_bytes: int = opt(20 * 1024 * 1024, cli=False, help="stop reading and reject past this size")
 
     def __post_init__(self):
         for name in ("timeout_s", "threads", "per_host", "max_bytes"):

@@ -15,6 +15,7 @@ from deltalake.transaction import CommitProperties
 from PIL import Image, ImageDraw, ImageFont
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.options import opt
 from emoji_ldm.store.delta import META_KEY, history, open_table, write_tag
 from emoji_ldm.store.uri import DatasetRef, normalize_uri
 from emoji_ldm.version import code_version
@@ -139,3 +140,91 @@ def restore(uri: str, version: int, message: str = "") -> int:
             "message": message or f"restore version {version}"}
     table.restore(version, commit_properties=CommitProperties(custom_metadata={META_KEY: meta}))
     return open_table(DatasetRef(uri)).version()
+
+
+# --- the `emoji-ldm dataset ...` commands: a config each, a function that returns the text to print ---
+
+
+def _check_version(version: int | None) -> None:
+    if version is not None and version < 0:
+        raise UserError(f"version {version} must be 0 or more")
+
+
+@dataclass(frozen=True)
+class VersionsConfig:
+    uri: str = opt(positional=True, help="dataset URI")
+
+
+def versions_text(config: VersionsConfig) -> str:
+    return format_versions(versions(config.uri))
+
+
+@dataclass(frozen=True)
+class ShowConfig:
+    uri: str = opt(positional=True, help="URI, URI@VERSION or URI@TAG")
+    version: int | None = opt(None, help="version number to show")
+    tag: str | None = opt(None, help="tag name to show")
+    sheet: str | None = opt(None, help="write a contact sheet of images with titles/captions to this PNG")
+    sheet_count: int = opt(64, help="images on the sheet")
+
+    def __post_init__(self):
+        if self.version is not None and self.tag is not None:
+            raise UserError("give --version or --tag, not both")
+        _check_version(self.version)
+        if self.sheet_count < 1:
+            raise UserError(f"--sheet-count must be 1 or more, got {self.sheet_count}")
+
+
+def show_command(config: ShowConfig) -> str:
+    ref = DatasetRef.parse(config.uri)
+    if config.version is not None or config.tag is not None:
+        ref = DatasetRef(normalize_uri(ref.uri), version=config.version, tag=config.tag)
+    text = show(ref, sheet=config.sheet, sheet_count=config.sheet_count).text()
+    return text + (f"\ncontact sheet: {config.sheet}" if config.sheet else "")
+
+
+@dataclass(frozen=True)
+class DiffConfig:
+    uri: str = opt(positional=True, help="dataset URI")
+    a: str = opt(positional=True, help="version number or tag")
+    b: str = opt(positional=True, help="version number or tag")
+    show: int = opt(10, help="print up to N ids of each side")
+
+
+def diff_command(config: DiffConfig) -> str:
+    result = diff(config.uri, config.a, config.b)
+    lines = [result.text()]
+    lines += [f"+ {id_}" for id_ in result.added[: config.show]]
+    lines += [f"- {id_}" for id_ in result.removed[: config.show]]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class TagConfig:
+    uri: str = opt(positional=True, help="dataset URI")
+    name: str = opt(positional=True, help="the tag: letters, digits, '_', '.' or '-'")
+    version: int = opt(positional=True, help="the version it names")
+
+    def __post_init__(self):
+        _check_version(self.version)
+
+
+def tag_command(config: TagConfig) -> str:
+    tag(config.uri, config.name, config.version)
+    return (f"tagged version {config.version} of {config.uri} as {config.name!r} "
+            f"(read it as {config.uri}@{config.name})")
+
+
+@dataclass(frozen=True)
+class RestoreConfig:
+    uri: str = opt(positional=True, help="dataset URI")
+    version: int = opt(positional=True, help="the version to make current again")
+    message: str = opt("", help="a note recorded with the new version")
+
+    def __post_init__(self):
+        _check_version(self.version)
+
+
+def restore_command(config: RestoreConfig) -> str:
+    new = restore(config.uri, config.version, message=config.message)
+    return f"restored version {config.version} of {config.uri} as new version {new}"

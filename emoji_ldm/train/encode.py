@@ -18,13 +18,14 @@ import io
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.models.presets import Preset, get_preset, preset_from_dict
+from emoji_ldm.models.presets import Preset, PresetOptions, preset_from_dict
+from emoji_ldm.options import opt
 
 logger = logging.getLogger(__name__)
 
@@ -43,17 +44,15 @@ LATENT_SCHEMA = pa.schema(
 
 
 @dataclass(frozen=True)
-class EncodeConfig:
-    dataset: str
-    out: str
-    preset: str = "tiny"
-    overrides: dict = field(default_factory=dict)
-    vae: str | None = None  # a trained VAE folder/URI (tiny); None: the preset's, or train one first
-    batch_size: int = 64
-    concurrency: int = 1  # encoder actors (one model copy, one CPU or GPU each); leave CPUs for the read tasks
-    use_gpu: bool = False
-    vae_workers: int = 2  # when the VAE must be trained first
-    vae_steps: int | None = None
+class EncodeConfig(PresetOptions):
+    dataset: str = opt(help="URI, URI@VERSION or URI@TAG")
+    out: str = opt(help="latent table URI (a new version per encode)")
+    vae: str | None = opt(None, help="a trained VAE folder/URI (tiny); without it tiny trains one first")
+    batch_size: int = opt(64, help="rows per encoder call")
+    # one model copy per actor, one CPU or GPU each: leave CPUs for the read tasks
+    concurrency: int = opt(1, help="encoder actors")
+    vae_workers: int = opt(2, help="Ray Train workers when encode trains the VAE itself")
+    vae_steps: int | None = opt(None, help="steps when encode trains the VAE itself")
 
     def __post_init__(self):
         if self.batch_size <= 0 or self.concurrency <= 0:
@@ -140,7 +139,7 @@ def encode(config: EncodeConfig) -> dict:
     from emoji_ldm.version import code_version
 
     start = time.perf_counter()
-    preset = get_preset(config.preset, config.overrides)
+    preset = config.preset_config()
     out = check_writable(config.out)
     # Checked on the Delta table itself (clear errors for a missing dataset / version / tag),
     # before Ray starts and without reading the images.
@@ -164,7 +163,8 @@ def encode(config: EncodeConfig) -> dict:
         print(f"[encode] preset {preset.name!r} trains its own VAE and no --vae was given: "
               f"training one first ({config.vae_steps or preset.vae.train_steps} steps) -> {vae_path}", flush=True)
         train_vae(VAETrainConfig(dataset=config.dataset, out=vae_path, preset=config.preset,
-                                 overrides=config.overrides, workers=config.vae_workers, max_steps=config.vae_steps))
+                                 overrides=config.overrides, use_gpu=config.use_gpu, workers=config.vae_workers,
+                                 max_steps=config.vae_steps))
     elif vae_path:
         vae_path = normalize_uri(vae_path)
 
@@ -200,7 +200,11 @@ def encode(config: EncodeConfig) -> dict:
     table = open_table(f"{out}@{latent_version}").to_pyarrow_table(columns=["split"])
     val = table.column("split").to_pylist().count("val")
     summary = {"out": out, "version": latent_version, "rows": table.num_rows, "val": val,
-               "dataset_version": version, "vae": metadata["vae"], "seconds": time.perf_counter() - start}
-    print(f"encode: {table.num_rows} rows ({val} held out) from {config.dataset}@{version} -> version "
-          f"{latent_version} of {out} | {summary['seconds']:.1f} s", flush=True)
+               "dataset": config.dataset, "dataset_version": version, "vae": metadata["vae"], "seconds": time.perf_counter() - start}
     return summary
+
+
+def report(summary: dict) -> str:
+    return (f"encode: {summary['rows']} rows ({summary['val']} held out) from {summary['dataset']}@"
+            f"{summary['dataset_version']} -> version {summary['version']} of {summary['out']} | "
+            f"{summary['seconds']:.1f} s")

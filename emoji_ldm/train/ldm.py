@@ -25,13 +25,14 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.models.presets import get_preset, preset_from_dict
+from emoji_ldm.models.presets import PresetOptions, get_preset, preset_from_dict
+from emoji_ldm.options import opt
 
 logger = logging.getLogger(__name__)
 
@@ -40,21 +41,18 @@ _RESUME_KEYS = ("image_size", "vae", "text", "unet", "noise")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    data: str  # latent table URI[@version]
-    out: str
-    preset: str = "tiny"
-    overrides: dict = field(default_factory=dict)
-    workers: int = 2
-    zero_stage: int = 2
-    batch_size: int | None = None  # global; default: the preset's
-    max_steps: int | None = None
-    epochs: float | None = None
-    resume: bool = False
-    use_gpu: bool = False
-    max_failures: int = 2  # worker restarts (from the latest checkpoint) before giving up
-    threads_per_worker: int = 1
-    crash_at_step: int | None = None  # fault injection for tests: rank 1 dies once at this step
+class TrainConfig(PresetOptions):
+    data: str = opt(help="latent table URI[@VERSION]")
+    out: str = opt(help="run output URI: model/, checkpoints/, samples/, metrics")
+    workers: int = opt(2, help="Ray Train workers")
+    zero_stage: int = opt(2, help="DeepSpeed ZeRO stage: 0, 1, 2 or 3")
+    batch_size: int | None = opt(None, help="global batch (default: the preset's)")
+    max_steps: int | None = opt(None, help="optimizer steps (default: the preset's)")
+    epochs: float | None = opt(None, help="passes over the training rows instead of --max-steps")
+    resume: bool = opt(False, help="continue from the latest checkpoint under --out")
+    max_failures: int = opt(2, help="worker restarts from the last checkpoint")
+    threads_per_worker: int = opt(1, cli=False, help="torch threads per worker")
+    crash_at_step: int | None = opt(None, cli=False, help="fault injection for tests: rank 1 dies once here")
 
     def __post_init__(self):
         if not isinstance(self.zero_stage, int) or not 0 <= self.zero_stage <= 3:
@@ -67,6 +65,8 @@ class TrainConfig:
             raise UserError(f"--max-steps must be positive, got {self.max_steps}")
         if self.epochs is not None and self.epochs <= 0:
             raise UserError(f"--epochs must be positive, got {self.epochs}")
+        if self.max_failures < 0:
+            raise UserError(f"--max-failures must be 0 or more, got {self.max_failures}")
         preset = self.resolved_preset()
         per_step = self.workers * preset.train.grad_accum
         if preset.train.batch_size % per_step:
@@ -498,4 +498,11 @@ def train(config: TrainConfig) -> dict:
         "metrics": result.metrics,
     }
     export_model(final[0], preset, enc_meta["vae"], artifact_uri(out, "model"), card)
-    return card
+    return {**card, "out": out}
+
+
+def report(card: dict) -> str:
+    loss = card["metrics"].get("loss")
+    out = card["out"].rstrip("/")
+    return (f"train: {card['training']['steps']} steps, final loss {loss if loss is None else round(loss, 4)} -> "
+            f"model {out}/model, samples {out}/samples")

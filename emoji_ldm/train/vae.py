@@ -14,25 +14,23 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.models.presets import Preset, get_preset, preset_from_dict
+from emoji_ldm.models.presets import Preset, PresetOptions, preset_from_dict
+from emoji_ldm.options import opt
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class VAETrainConfig:
-    dataset: str
-    out: str
-    preset: str = "tiny"
-    overrides: dict = field(default_factory=dict)
-    workers: int = 2
-    max_steps: int | None = None  # default: the preset's vae.train_steps
-    use_gpu: bool = False
+class VAETrainConfig(PresetOptions):
+    dataset: str = opt(help="URI, URI@VERSION or URI@TAG")
+    out: str = opt(help="where the AutoencoderKL folder goes (local or s3://)")
+    workers: int = opt(2, help="Ray Train workers")
+    max_steps: int | None = opt(None, help="default: the preset's vae.train_steps")
 
     def __post_init__(self):
         if self.workers <= 0:
@@ -41,7 +39,7 @@ class VAETrainConfig:
             raise UserError(f"--max-steps must be positive, got {self.max_steps}")
 
     def resolved_preset(self) -> Preset:
-        preset = get_preset(self.preset, self.overrides)
+        preset = self.preset_config()
         if not preset.vae.trained_here:
             raise UserError(
                 f"preset {preset.name!r} uses the pretrained VAE {preset.vae.pretrained!r}; "
@@ -162,9 +160,16 @@ def train_vae(config: VAETrainConfig) -> dict:
             metrics = json.load(open(f"{folder}/metrics.json"))
             upload_dir(folder, out)
     card = {
-        "kind": "vae", "dataset": config.dataset, "dataset_version": version, "rows": rows,
+        "kind": "vae", "out": out, "dataset": config.dataset, "dataset_version": version, "rows": rows,
         "preset": preset.to_dict(), "code_version": code_version(), "metrics": metrics,
     }
     write_json(artifact_uri(out, "vae_card.json"), card)
     logger.info("VAE written to %s (scaling factor %.4f)", out, metrics["scaling_factor"])
     return card
+
+
+def report(card: dict) -> str:
+    m = card["metrics"]
+    return (f"train-vae: {m['steps']} steps, loss {m['loss']:.4f}, reconstruction MSE {m['recon_mse']:.4f}, "
+            f"latent scaling factor {m['scaling_factor']:.4f} -> {card['out']}")
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from emoji_ldm.sampling import SamplerSettings
 from tests.conftest import run_cli
 from tests.tiny_models import tiny_model_with_card
 
@@ -28,8 +29,8 @@ def test_bulk_writes_images_and_manifest_and_resumes(s3_server, ray_local, model
     names = [f"face number {i}" for i in range(7)]
     prompts.write_text("# emoji to make\n" + "\n".join(names + ["face number 0", ""]) + "\n")
     out = str(tmp_path / "bulk")
-    config = BulkConfig(model=model, prompts=str(prompts), out=out, per_prompt=2, steps=3, batch_size=4,
-                        chunk_size=3)
+    config = BulkConfig(model=model, prompts=str(prompts), out=out, sampler=SamplerSettings(count=2, steps=3),
+                        batch_size=4, chunk_size=3)
     summary = bulk_generate(config)
     assert summary["images"] == 14 and summary["skipped"] == 0
     version, rows = manifest(f"{out}/manifest")
@@ -56,7 +57,8 @@ def test_bulk_to_s3_from_a_csv(s3_server, ray_local, model, tmp_path):
     s3_server.client().create_bucket(Bucket="bulk")
     csv = tmp_path / "prompts.csv"
     csv.write_text("prompt,notes\nred heart,x\nblue heart,y\n")
-    bulk_generate(BulkConfig(model=model, prompts=str(csv), out="s3://bulk/run", per_prompt=3, steps=2))
+    bulk_generate(BulkConfig(model=model, prompts=str(csv), out="s3://bulk/run",
+                             sampler=SamplerSettings(count=3, steps=2)))
     _, rows = manifest("s3://bulk/run/manifest")
     assert len(rows) == 6 and all(r["uri"].startswith("s3://bulk/run/images/") for r in rows)
     keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket="bulk", Prefix="run/images/")["Contents"]]
@@ -76,8 +78,10 @@ def test_bulk_bad_input(model, tmp_path):
         (["--model", model, "--prompts", str(tmp_path / "missing.txt")], "does not exist"),
         (["--model", model, "--prompts", str(tmp_path / "p.json")], "use a .txt"),
         (["--model", str(tmp_path / "no-model"), "--prompts", str(good)], "no-model"),
-        (["--model", model, "--prompts", str(good), "--scheduler", "euler"], "unknown scheduler"),
-        (["--model", model, "--prompts", str(good), "--per-prompt", "0"], "positive whole number"),
+        (["--model", model, "--prompts", str(good), "--scheduler", "euler"],
+         "sampler setting scheduler must be one of dpmpp, ddim, ddpm, got 'euler'"),
+        (["--model", model, "--prompts", str(good), "--per-prompt", "0"],
+         "sampler setting count must be a whole number from 1 to 64, got 0"),
     ]
     for args, message in cases:
         result = run_cli("bulk", *args, "--out", str(tmp_path / "out"))

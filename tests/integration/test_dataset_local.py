@@ -164,4 +164,4 @@ def test_cli_end_to_end_and_errors(ray_local, tmp_path):
     assert DeltaTable(out).version() == before
 
     r = run_cli("dataset", "build", "--source", "twemoji", "--out", out, "--limit", "0")
-    assert r.returncode == 2 and "'0' must be a positive whole number" in r.stderr
+    assert r.returncode == 2 and "--limit must be a positive number of images, got 0" in r.stderr

@@ -12,6 +12,7 @@ from deltalake import write_deltalake
 from emoji_ldm.errors import UserError
 from emoji_ldm.evaluate import EvalConfig, evaluate
 from emoji_ldm.ingest.build import BuildConfig, build_dataset
+from emoji_ldm.sampling import SamplerSettings
 from emoji_ldm.store.schema import EMOJI_SCHEMA
 from emoji_ldm.train.encode import EncodeConfig, encode
 from emoji_ldm.train.ldm import TrainConfig, latest_checkpoint, train
@@ -68,9 +69,9 @@ def test_tiny_zero2_end_to_end(tiny, tmp_path):
                 "--out", str(tmp_path / "gen-long"))
     assert r.returncode == 0 and "truncated" in r.stderr
     r = run_cli("generate", "--model", str(out), "--prompt", "x", "--scheduler", "euler", "--out", str(tmp_path))
-    assert r.returncode == 2 and "unknown scheduler 'euler'" in r.stderr
+    assert r.returncode == 2 and "sampler setting scheduler must be one of dpmpp, ddim, ddpm, got 'euler'" in r.stderr
 
-    report = evaluate(EvalConfig(model=str(out), data=str(tiny / "lat"), samples=3, steps=2,
+    report = evaluate(EvalConfig(model=str(out), data=str(tiny / "lat"), samples=3, sampler=SamplerSettings(steps=2),
                                  clip=str(tiny_clip_model(tmp_path / "clip"))))
     assert report["heldout_loss"] > 0 and 0 <= report["near_copy_share"] <= 1 and report["samples"] == 3
     assert report["clip_score"] is not None and "not computed" in report["fid_kid"]

@@ -115,7 +115,7 @@ def check_rayjob(doc: dict, name: str) -> None:
     stage = doc["metadata"]["labels"]["emoji-ldm/stage"]
     assert spec["metadata"] == {"emoji_ldm_stage": stage}, f"{name}: metadata"
     words = shlex.split(spec["entrypoint"])
-    script = STAGES[stage][0]
+    script = STAGES[stage].script
     assert words[:2] == ["python", f"ray_jobs/{script}"], f"{name}: entrypoint {spec['entrypoint']!r}"
     assert (REPO / "ray_jobs" / script).is_file()
     check_stage_args(stage, words[2:])  # the flags parse with the stage's own parser
@@ -236,7 +236,7 @@ def test_ray_version_agrees_across_pyproject_dockerfile_and_manifests():
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_ray_jobs_scripts_have_help(stage):
-    script = REPO / "ray_jobs" / STAGES[stage][0]
+    script = REPO / "ray_jobs" / STAGES[stage].script
     r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "usage:" in r.stdout, r.stderr
 

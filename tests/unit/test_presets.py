@@ -4,9 +4,15 @@ import pytest
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.generate import GenerateConfig
-from emoji_ldm.models.builders import count_params, sampling_scheduler
-from emoji_ldm.models.presets import PRESETS, get_preset, parse_sets, preset_from_dict, with_overrides
+from emoji_ldm.models.builders import build_unet, count_params, sampling_scheduler
+from emoji_ldm.models.presets import PRESETS, get_preset, preset_from_dict
+from emoji_ldm.options import parse_pairs
+from emoji_ldm.sampling import SamplerSettings
 from emoji_ldm.train.ldm import TrainConfig
+
+
+def parse_sets(items):
+    return parse_pairs(items, "--set")
 
 
 def test_presets_round_trip_and_overrides():
@@ -35,7 +41,7 @@ def test_bad_presets(name, sets, text):
 
 
 def test_parse_sets_needs_equals():
-    with pytest.raises(UserError, match="section.field=value"):
+    with pytest.raises(UserError, match="--set 'train.max_steps' is not NAME=VALUE"):
         parse_sets(["train.max_steps"])
 
 
@@ -51,21 +57,29 @@ def test_train_config_errors(kwargs, text):
         TrainConfig(data="/x", out="/y", **kwargs)
 
 
+@pytest.mark.parametrize("kwargs, text", [
+    ({"count": 0}, "sampler setting count must be a whole number from 1 to 64, got 0"),
+    ({"steps": 0}, "sampler setting steps must be a whole number from 1 to 1000, got 0"),
+    ({"guidance": -1.0}, "sampler setting guidance must be from 0 to 30, got -1.0"),
+    ({"scheduler": "euler"}, "sampler setting scheduler must be one of dpmpp, ddim, ddpm, got 'euler'"),
+    ({"seed": -1}, "sampler setting seed must be a whole number from 0 to 4294967295, got -1"),
+    ({"size": 30}, "sampler setting size must be a multiple of 8"),
+])
+def test_sampler_settings_errors(kwargs, text):
+    with pytest.raises(UserError, match=text):
+        SamplerSettings(**kwargs)
+
+
 def test_generate_config_errors():
-    for kwargs, text in [({"n": 0}, "--n must be"), ({"steps": 0}, "--steps"), ({"guidance": -1}, "--guidance"),
-                         ({"scheduler": "euler"}, "unknown scheduler 'euler'"), ({"prompt": " "}, "empty")]:
-        with pytest.raises(UserError, match=text):
-            GenerateConfig(**{"model": "/m", "prompt": "x", "out": "/o", **kwargs})
+    with pytest.raises(UserError, match="empty"):
+        GenerateConfig(model="/m", prompt=" ", out="/o")
     with pytest.raises(UserError, match="unknown scheduler"):
         sampling_scheduler("euler", {})
 
 
-def test_emoji64_unet_matches_the_seed():
-    from diffusers import UNet2DConditionModel
+def test_emoji64_unet_matches_the_seed(tmp_path):
+    from tests.tiny_models import tiny_clip
 
-    spec = with_overrides(get_preset("emoji64"), {}).unet
-    unet = UNet2DConditionModel(sample_size=8, block_out_channels=spec.block_out_channels,
-                                layers_per_block=spec.layers_per_block, down_block_types=spec.down_block_types,
-                                up_block_types=spec.up_block_types, cross_attention_dim=512,
-                                attention_head_dim=spec.attention_head_dim)
+    clip = tiny_clip(tmp_path / "clip", hidden=512)  # CLIP ViT-B/32's text width, the UNet's cross-attention
+    unet = build_unet(get_preset("emoji64", {"text.pretrained": str(clip)}))
     assert 70e6 < count_params(unet) < 74e6

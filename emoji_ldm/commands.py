@@ -1,0 +1,155 @@
+"""The registry of `emoji-ldm` commands: for each, its config class, the function it runs,
+how its result is reported, and what Ctrl-C means for it.
+
+`cli.py` builds the parser from this table (flags come from the config class,
+see `emoji_ldm.options`); `jobs.py` reads the `stage` entries to submit a
+command as a Ray Job. Classes and functions are named as "module:attribute"
+and imported only for the command that runs, so `emoji-ldm --help` and
+`emoji-ldm jobs list` never import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+_DATASET_KEPT = "the dataset stays at its last committed version; re-run the same command to resume"
+
+
+@dataclass(frozen=True)
+class Command:
+    words: tuple[str, ...]  # ("dataset", "build")
+    config: str  # "module:ConfigClass"
+    run: str  # "module:function": takes the config, returns a result
+    help: str
+    interrupted: str  # printed after Ctrl-C: what state the command leaves behind
+    report: str | None = None  # "module:function": result -> text to print; None: print str(result) if any
+    stage: str | None = None  # the name `emoji-ldm submit` knows it by
+    script: str | None = None  # its ray_jobs/ entrypoint
+
+    @property
+    def name(self) -> str:
+        return " ".join(self.words)
+
+    def config_class(self) -> type:
+        return load(self.config)
+
+
+def load(ref: str) -> Any:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(("dataset", "build"), "emoji_ldm.ingest.build:BuildConfig", "emoji_ldm.ingest.build:build_dataset",
+            "ingest a source into a new version of the dataset at --out", _DATASET_KEPT,
+            stage="build", script="build_dataset.py"),
+    Command(("dataset", "caption"), "emoji_ldm.caption.stage:CaptionConfig",
+            "emoji_ldm.caption.stage:caption_dataset",
+            "caption rows (metadata | qwen2.5-vl | vllm) into new versions", _DATASET_KEPT,
+            report="emoji_ldm.caption.stage:report", stage="caption", script="caption.py"),
+    Command(("dataset", "versions"), "emoji_ldm.store.ops:VersionsConfig", "emoji_ldm.store.ops:versions_text",
+            "list versions: time, operation, rows added/removed, message", "interrupted"),
+    Command(("dataset", "show"), "emoji_ldm.store.ops:ShowConfig", "emoji_ldm.store.ops:show_command",
+            "summarise a version; --sheet writes a contact sheet PNG", "interrupted; no sheet was written"),
+    Command(("dataset", "diff"), "emoji_ldm.store.ops:DiffConfig", "emoji_ldm.store.ops:diff_command",
+            "rows added/removed between two versions (by content hash)", "interrupted"),
+    Command(("dataset", "tag"), "emoji_ldm.store.ops:TagConfig", "emoji_ldm.store.ops:tag_command",
+            "name a version; read it back as URI@NAME", "interrupted; the tags are as they were"),
+    Command(("dataset", "restore"), "emoji_ldm.store.ops:RestoreConfig", "emoji_ldm.store.ops:restore_command",
+            "make an old version current again (as a new version)", _DATASET_KEPT),
+    Command(("crawl",), "emoji_ldm.crawl.crawler:CrawlConfig", "emoji_ldm.crawl.crawler:crawl",
+            "crawl a site's tag pages in headless Chromium into a new dataset version",
+            "the dataset stays at its last committed version; re-run the same command to resume "
+            "(finished shards are skipped)", report="emoji_ldm.crawl.crawler:report", stage="crawl", script="crawl.py"),
+    Command(("train-vae",), "emoji_ldm.train.vae:VAETrainConfig", "emoji_ldm.train.vae:train_vae",
+            "stage 1: train the preset's own VAE (tiny) on a dataset, on Ray Train",
+            "interrupted; no VAE was exported", report="emoji_ldm.train.vae:report",
+            stage="train-vae", script="train_vae.py"),
+    Command(("encode",), "emoji_ldm.train.encode:EncodeConfig", "emoji_ldm.train.encode:encode",
+            "run the frozen VAE + text encoder once (Ray Data) into a latent table",
+            "the latent table stays at its last committed version", report="emoji_ldm.train.encode:report",
+            stage="encode", script="encode.py"),
+    Command(("train",), "emoji_ldm.train.ldm:TrainConfig", "emoji_ldm.train.ldm:train",
+            "train the UNet on a latent table: Ray Train + DeepSpeed ZeRO",
+            "interrupted; re-run with --resume to continue from the last checkpoint under --out",
+            report="emoji_ldm.train.ldm:report", stage="train", script="train.py"),
+    Command(("generate",), "emoji_ldm.generate:GenerateConfig", "emoji_ldm.generate:generate",
+            "generate emoji PNGs and a sheet from a trained model",
+            "interrupted; no images were written", report="emoji_ldm.generate:report"),
+    Command(("eval",), "emoji_ldm.evaluate:EvalConfig", "emoji_ldm.evaluate:evaluate",
+            "held-out denoising loss, memorisation, CLIP score of a trained model",
+            "interrupted; no report was written", report="emoji_ldm.evaluate:format_report"),
+    Command(("serve",), "emoji_ldm.serve.run:ServeConfig", "emoji_ldm.serve.run:serve_forever",
+            "serve the HTTP API and web page on Ray Serve until Ctrl-C", "serve: stopped"),
+    Command(("bulk",), "emoji_ldm.serve.bulk:BulkConfig", "emoji_ldm.serve.bulk:bulk_generate",
+            "generate images for every prompt in a file (Ray Data actors), resumable",
+            "interrupted; the manifest keeps every committed chunk: re-run the same command to resume",
+            report="emoji_ldm.serve.bulk:report", stage="bulk", script="bulk_generate.py"),
+    Command(("submit",), "emoji_ldm.jobs:SubmitConfig", "emoji_ldm.jobs:submit",
+            "run a stage on a Ray cluster as a Ray Job (the RayJob's entrypoint) and follow it",
+            "stopped following; the job goes on (emoji-ldm jobs stop ID stops it)"),
+    Command(("jobs", "list"), "emoji_ldm.jobs:JobsListConfig", "emoji_ldm.jobs:list_command",
+            "every job: id, status, stage, start, seconds, entrypoint", "interrupted"),
+    Command(("jobs", "logs"), "emoji_ldm.jobs:JobLogsConfig", "emoji_ldm.jobs:logs_command",
+            "a job's logs so far; --follow until it ends", "stopped following; the job goes on"),
+    Command(("jobs", "stop"), "emoji_ldm.jobs:JobStopConfig", "emoji_ldm.jobs:stop_command",
+            "stop a running job and wait for its final status", "stopped waiting; the stop request was sent"),
+)
+
+GROUPS = {
+    "dataset": "build and inspect versioned emoji datasets (Delta Lake)",
+    "jobs": "list, read and stop the Ray Jobs of a cluster",
+}
+
+# stage -> command, for `emoji-ldm submit STAGE` and the RayJob manifests
+STAGES: dict[str, Command] = {c.stage: c for c in COMMANDS if c.stage}
+
+
+def find(words: tuple[str, ...]) -> Command | None:
+    return next((c for c in COMMANDS if c.words == words), None)
+
+
+class UsageError(Exception):
+    """A command line that does not parse; carries the usage of the parser that refused it."""
+
+    def __init__(self, usage: str, message: str):
+        super().__init__(message)
+        self.usage = usage
+
+
+def _parser_class():
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("allow_abbrev", False)  # a stage flag passed through `submit` must not match a prefix
+            super().__init__(*args, **kwargs)
+
+        def error(self, message):  # raise instead of exiting, so callers decide how to report it
+            raise UsageError(self.format_usage(), message)
+
+    return Parser
+
+
+def make_parser(command: Command, prog: str | None = None):
+    """A standalone parser for one command (used by `submit` to check a stage's flags)."""
+    from emoji_ldm.options import add_arguments
+
+    parser = _parser_class()(prog=prog or f"emoji-ldm {command.name}", description=command.help)
+    add_arguments(parser, command.config_class())
+    return parser
+
+
+def parse_config(command: Command, argv: list[str]) -> Any:
+    """The command's config from its flags, or a UserError naming what is wrong."""
+    from emoji_ldm.errors import UserError
+    from emoji_ldm.options import build_config
+
+    try:
+        args = make_parser(command).parse_args(argv)
+    except UsageError as e:
+        raise UserError(f"`emoji-ldm {command.name}` flags do not parse: {e}; "
+                        f"`emoji-ldm {command.name} --help` lists them") from None
+    return build_config(command.config_class(), args)

@@ -1,0 +1,67 @@
+"""Sampler settings: the one type for steps, guidance, seed, scheduler, size and count.
+
+`generate`, `bulk`, the service's request bodies and every other caller of the
+sampler take a `SamplerSettings` (or validate their fields with `check`), so
+the limits and the error text are the same wherever a user types them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from emoji_ldm.errors import UserError
+from emoji_ldm.options import opt
+
+SCHEDULERS = ("dpmpp", "ddim", "ddpm")
+MAX_STEPS = 1000
+MAX_COUNT = 64
+MAX_SEED = 2**32 - 1
+MAX_GUIDANCE = 30.0
+MAX_PROMPT_CHARS = 500
+
+
+def _check_size(value):
+    return value is None or (isinstance(value, int) and value % 8 == 0 and 16 <= value <= 1024)
+
+
+# field -> (is the value allowed, what it must be)
+_RULES = {
+    "negative_prompt": (lambda v: isinstance(v, str) and len(v) <= MAX_PROMPT_CHARS,
+                        f"at most {MAX_PROMPT_CHARS} characters"),
+    "steps": (lambda v: isinstance(v, int) and 1 <= v <= MAX_STEPS, f"a whole number from 1 to {MAX_STEPS}"),
+    "guidance": (lambda v: isinstance(v, (int, float)) and 0.0 <= v <= MAX_GUIDANCE, f"from 0 to {MAX_GUIDANCE:g}"),
+    "seed": (lambda v: isinstance(v, int) and 0 <= v <= MAX_SEED, f"a whole number from 0 to {MAX_SEED}"),
+    "scheduler": (lambda v: v in SCHEDULERS, f"one of {', '.join(SCHEDULERS)}"),
+    "size": (_check_size, "a multiple of 8 from 16 to 1024 pixels (or unset: the model's own size)"),
+    "count": (lambda v: isinstance(v, int) and 1 <= v <= MAX_COUNT, f"a whole number from 1 to {MAX_COUNT}"),
+}
+
+
+def check(name: str, value):
+    """`value` if it is allowed for sampler setting `name`, else a UserError with the shared wording."""
+    ok, rule = _RULES[name]
+    if isinstance(value, bool) or not ok(value):
+        shown = value if not isinstance(value, str) or len(value) < 60 else value[:57] + "..."
+        raise UserError(f"sampler setting {name} must be {rule}, got {shown!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    negative_prompt: str = opt("", help="what the images should not show")
+    steps: int = opt(25, help=f"sampler steps, 1-{MAX_STEPS}")
+    guidance: float = opt(5.0, help=f"classifier-free guidance scale, 0-{MAX_GUIDANCE:g}")
+    seed: int = opt(0, help="image k starts from the noise of seed + k")
+    scheduler: str = opt("dpmpp", help=f"sampler: {' | '.join(SCHEDULERS)}")
+    size: int | None = opt(None, help="image size in pixels, a multiple of 8 (default: the model's own)")
+    count: int = opt(4, help=f"images, 1-{MAX_COUNT}")
+
+    def __post_init__(self):
+        if isinstance(self.guidance, int) and not isinstance(self.guidance, bool):
+            object.__setattr__(self, "guidance", float(self.guidance))
+        for f in dataclasses.fields(self):
+            check(f.name, getattr(self, f.name))
+
+    def replace(self, **changes) -> "SamplerSettings":
+        return dataclasses.replace(self, **changes)
