@@ -1,7 +1,7 @@
 """Delta Lake tables: the one versioned format every stage reads and writes.
 
-Writes go through Ray Data (`Dataset.write_datasink(CommitDeltaDatasink(...))`):
-workers write Parquet files, the driver commits them in one Delta transaction
+Writes go through Ray Data (`Dataset.write_datasink(CommitDeltaDatasink(...))`,
+Ray's public Datasink API): write tasks write Parquet files, the driver commits them in one Delta transaction
 whose commit info carries our metadata under the key `emoji_ldm` (operation,
 source, counts, config, code version, message, build id). A write that fails
 or is killed before that commit leaves only unreferenced Parquet files: the
@@ -17,17 +17,19 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
+import uuid
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake import DeltaTable, Schema
 from deltalake.exceptions import TableNotFoundError
-from deltalake.transaction import CommitProperties, create_table_with_add_actions
-from ray.data._internal.datasource.delta_datasink import DeltaDatasink
+from deltalake.transaction import AddAction, CommitProperties, create_table_with_add_actions
+from ray.data.datasource import Datasink
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.store.uri import DatasetRef, filesystem, join, normalize_uri, storage_options
+from emoji_ldm.store.uri import DatasetRef, filesystem, is_s3, join, normalize_uri, storage_options
 
 logger = logging.getLogger(__name__)
 
@@ -109,44 +111,67 @@ def version_for_build(uri: str, build_id: str) -> int | None:
     return None
 
 
-class CommitDeltaDatasink(DeltaDatasink):
-    """Ray's Delta datasink, committing with our metadata and a fixed schema.
+class CommitDeltaDatasink(Datasink):
+    """A Ray Data sink that adds one Delta version, with our metadata, through Ray's public `Datasink` API.
 
-    Workers use Ray's own Parquet writer (`DeltaDatasink.write`); only the
-    driver-side commit differs: it records `metadata` in the commit info and
-    appends (or overwrites) with `schema`, so every version is self-describing.
+    `write` runs in each write task: it streams the task's blocks into one
+    Parquet file under the table folder (cast to `schema`, so every version is
+    self-describing) and returns that file's Delta add action. Files written
+    by a job that dies before the commit are referenced by no version.
+    `on_write_complete` runs once on the driver: it commits every add action
+    in one transaction whose commit info carries `metadata` under `emoji_ldm`.
     """
 
     def __init__(self, uri: str, *, schema: pa.Schema, metadata: dict, mode: str = "append"):
-        opts = storage_options()
-        super().__init__(normalize_uri(uri), mode=mode, storage_options=opts or None,
-                         filesystem=filesystem(uri)[0])
-        self._commit_schema = schema
-        self._metadata = metadata
+        if mode not in ("append", "overwrite"):
+            raise ValueError(f"mode must be append or overwrite, got {mode!r}")
+        self.uri = normalize_uri(uri)
+        self.schema, self.metadata, self.mode = schema, metadata, mode
+        # built here, pickled into the write tasks: workers need not carry the S3 settings themselves
+        self.fs, self.root = filesystem(self.uri)
+
+    def write(self, blocks, ctx) -> list[AddAction]:
+        from ray.data.block import BlockAccessor
+
+        fs, root = self.fs, self.root
+        name = f"part-{uuid.uuid4().hex}.parquet"
+        path = f"{root.rstrip('/')}/{name}"
+        if not is_s3(self.uri):  # S3 has no folders (create_dir would leave an empty marker object)
+            fs.create_dir(root, recursive=True)
+        rows = 0
+        with fs.open_output_stream(path) as stream, pq.ParquetWriter(stream, self.schema) as writer:
+            for block in blocks:
+                table = BlockAccessor.for_block(block).to_arrow()
+                if table.num_rows:
+                    writer.write_table(table.select(self.schema.names).cast(self.schema))
+                    rows += table.num_rows
+        if rows == 0:
+            fs.delete_file(path)
+            return []
+        size = fs.get_file_info(path).size
+        return [AddAction(path=name, size=size, partition_values={}, modification_time=int(time.time() * 1000),
+                          data_change=True, stats=json.dumps({"numRecords": rows}))]
 
     def on_write_complete(self, write_result) -> None:
-        actions = [a for r in write_result.write_returns if r is not None for a in r.add_actions]
-        props = CommitProperties(custom_metadata={META_KEY: self._metadata})
-        delta_schema = Schema.from_arrow(self._commit_schema)
-        if not table_exists(self._path):
+        actions = [a for r in write_result.write_returns if r for a in r]
+        props = CommitProperties(custom_metadata={META_KEY: self.metadata})
+        delta_schema = Schema.from_arrow(self.schema)
+        options = storage_options() or None
+        if not table_exists(self.uri):
             try:
                 create_table_with_add_actions(
-                    table_uri=self._path,
-                    schema=delta_schema,
-                    add_actions=actions,
-                    mode="overwrite" if self._mode.value == "overwrite" else "error",
-                    storage_options=self._storage_options,
-                    commit_properties=props,
+                    table_uri=self.uri, schema=delta_schema, add_actions=actions,
+                    mode="overwrite" if self.mode == "overwrite" else "error",
+                    storage_options=options, commit_properties=props,
                 )
                 return
             except Exception:
                 # Another writer created the table first (concurrent builds): append to it.
-                if not table_exists(self._path):
+                if not table_exists(self.uri):
                     raise
-        table = DeltaTable(self._path, storage_options=self._storage_options)
-        table.create_write_transaction(
-            actions=actions, mode=self._mode.value, schema=delta_schema, commit_properties=props
-        )
+        table = DeltaTable(self.uri, storage_options=options)
+        table.create_write_transaction(actions=actions, mode=self.mode, schema=delta_schema,
+                                       commit_properties=props)
 
 
 def read_ids(ref: DatasetRef | str) -> set[str]:
