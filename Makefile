@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo-out
 DEMO_PORT ?= 8000
 
-.PHONY: demo test install clean bench bench-train bench-serve bench-caption bench-crawl bench-submit chromium kubectl
+.PHONY: demo test test-fast lint install clean bench bench-train bench-serve bench-caption bench-crawl bench-submit chromium kubectl
 
 # The virtualenv with the package (editable), its pinned deps and test extras.
 # torch==2.13.0 resolves to the CPU wheel on these machines' disk.
@@ -49,8 +49,16 @@ kubectl:
 
 # The whole suite (real Ray, a real moto_server S3 process, local HTTP servers, headless Chromium,
 # the k8s manifests, every RayJob entrypoint on a local `ray start --head`).
-test: $(STAMP) chromium kubectl
+test: $(STAMP) chromium kubectl lint
 	$(BIN)/python -m pytest
+
+# The unit tests alone (no Ray cluster, no servers, no browser): about a minute.
+test-fast: $(STAMP) lint
+	$(BIN)/python -m pytest tests/unit -m "not slow"
+
+# ruff: pyflakes, pycodestyle errors, isort, bugbear (config in pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'

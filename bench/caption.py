@@ -1,4 +1,4 @@
-"""Captioning benchmark (issue 5), all in one run on this machine.
+"""Captioning benchmark, all in one run on this machine.
 
   1. the `metadata` captioner over the whole Twemoji dataset: rows/s of `emoji-ldm
      dataset caption` end to end (Ray start, read, caption, Delta merge) and of the

@@ -1,4 +1,4 @@
-"""Crawling benchmark (issue 6): the seed's sequential crawler vs `emoji-ldm crawl`, same local site, one run.
+"""Crawling benchmark: the seed's sequential crawler vs `emoji-ldm crawl`, same local site, one run.
 
 The site is the test suite's imitation of discords.com (`tests/crawl_site.py`), on 127.0.0.1, with
 --pages pages of --per-page Twemoji each (no slow or failing pages here).

@@ -1,4 +1,4 @@
-"""Serving benchmark (issue 4): a naive server vs our Ray Serve deployment, same model, same run.
+"""Serving benchmark: a naive server vs our Ray Serve deployment, same model, same run.
 
   naive: one process, one diffusers pipeline, one pipeline call per request, requests
          served one at a time on the main thread (a pipeline is not thread-safe), 2 torch

@@ -79,7 +79,8 @@ def main() -> int:
     print(f"build --limit {args.limit} into S3, median of {args.repeat}:")
     print(f"  ours  emoji-ldm submit   {med['ours']:6.1f} s   {[round(t, 1) for t in times['ours']]}")
     print(f"  peer  ray job submit     {med['peer']:6.1f} s   {[round(t, 1) for t in times['peer']]}")
-    print(f"  local emoji-ldm dataset build (no cluster) {med['local']:6.1f} s   {[round(t, 1) for t in times['local']]}")
+    print(f"  local emoji-ldm dataset build (no cluster) {med['local']:6.1f} s   "
+          f"{[round(t, 1) for t in times['local']]}")
     print(f"peer / ours = {med['peer'] / med['ours']:.2f}x; submit overhead over a local run "
           f"{med['ours'] - med['local']:+.1f} s")
     return 0

@@ -1,4 +1,4 @@
-"""Training and sampling benchmarks (issue 3), all in one run on this machine.
+"""Training and sampling benchmarks, all in one run on this machine.
 
   1. throughput: a plain single-process diffusers training loop with EMA (2 threads) vs
      `emoji-ldm train` (Ray Train + DeepSpeed ZeRO-2, 2 workers x 1 thread), same
@@ -47,9 +47,9 @@ def load_latents(uri: str, n: int):
 
 def plain_loop(preset, latents, text, batch: int, steps: int, encode_fn=None) -> float:
     """A single-process diffusers loop; returns steady-state images/s (first 3 steps are warm-up)."""
-    from emoji_ldm.models.builders import build_unet, noise_scheduler
-
     from diffusers.training_utils import EMAModel
+
+    from emoji_ldm.models.builders import build_unet, noise_scheduler
 
     torch.manual_seed(0)
     unet = build_unet(preset).train()
@@ -66,7 +66,8 @@ def plain_loop(preset, latents, text, batch: int, steps: int, encode_fn=None) ->
             x0, cond = encode_fn(idx)
         eps = torch.randn_like(x0)
         t = torch.randint(0, 1000, (batch,))
-        loss = torch.nn.functional.mse_loss(unet(noise.add_noise(x0, eps, t), t, encoder_hidden_states=cond).sample, eps)
+        pred = unet(noise.add_noise(x0, eps, t), t, encoder_hidden_states=cond).sample
+        loss = torch.nn.functional.mse_loss(pred, eps)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
@@ -157,7 +158,8 @@ def main() -> None:
 
     def encode_fn(idx):
         with torch.no_grad():
-            px = torch.from_numpy(decode_images({"image": [images[i] for i in idx]}, preset.image_size)["pixels"]).float()
+            batch = {"image": [images[i] for i in idx]}
+            px = torch.from_numpy(decode_images(batch, preset.image_size)["pixels"]).float()
             x0 = vae.encode(px).latent_dist.mean * scale
             cond, _, _ = encode_text(tok, te, [titles[i] for i in idx], preset.text.max_length)
         return x0, cond

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         user = find_user_error(e)
         if user is None:
             raise
-        print(f"emoji-ldm: error: {user}", file=sys.stderr)
+        # one line: Ray Data appends its retry advice to the message of an exception it passes on
+        print(f"emoji-ldm: error: {str(user).splitlines()[0]}", file=sys.stderr)
         return 2
 
 

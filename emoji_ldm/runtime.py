@@ -17,8 +17,19 @@ def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     """
     import ray
 
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        _init(ray, num_cpus, dashboard)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.print_on_execution_start = False
+    # a UserError raised in a map function reaches the driver as itself (the CLI prints it as one line),
+    # not as a UserCodeException that keeps only its text
+    ctx.raise_original_map_exception = True
+
+
+def _init(ray, num_cpus: int | None, dashboard: bool) -> None:
     os.environ.setdefault("RAY_ACCEPT_LOCAL_EXECUTION_WARNINGS", "1")
     kwargs = dict(include_dashboard=dashboard, logging_level=logging.WARNING, configure_logging=True)
     address = os.environ.get("RAY_ADDRESS")
@@ -26,6 +37,3 @@ def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         ray.init(num_cpus=num_cpus, **kwargs)
-    ctx = __import__("ray.data", fromlist=["DataContext"]).DataContext.get_current()
-    ctx.enable_progress_bars = True
-    ctx.print_on_execution_start = False

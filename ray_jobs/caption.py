@@ -1,6 +1,7 @@
 """Ray Job entrypoint: `emoji-ldm dataset caption` with the same flags.
 
-    ray job submit --address http://HEAD:8265 --working-dir . -- python ray_jobs/caption.py s3://bucket/datasets/mine --captioner qwen2.5-vl --num-gpus 1
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python ray_jobs/caption.py s3://bucket/datasets/mine --captioner qwen2.5-vl --num-gpus 1
 """
 
 import sys

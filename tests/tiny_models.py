@@ -106,8 +106,12 @@ def tiny_qwen25_vl(folder: Path) -> Path:
     """A randomly initialised Qwen2_5_VLForConditionalGeneration with a small byte-level BPE tokenizer
     (the Qwen special tokens included) and a Qwen2VLImageProcessorPil, saved as a local model folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2TokenizerFast,
-                              Qwen2VLImageProcessorPil)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2TokenizerFast,
+        Qwen2VLImageProcessorPil,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     bpe = Tokenizer(models.BPE())

@@ -6,7 +6,7 @@ which the captioned rows carry `caption`, `caption_model` and
 Failures (an undecodable image, an empty generation) are recorded per row with
 a reason under `_emoji_ldm/caption-failures/` and never fail the job.
 
-Captioners, by name (`captioners.get_captioner`):
+Captioners, by `CaptionConfig.captioner` (`stage._run_captioner` picks one):
   metadata    no model: the title/CLDR name, tag, measured colours and background
   qwen2.5-vl  transformers Qwen2_5_VLForConditionalGeneration in Ray Data actors
   vllm        the same model through ray.data.llm (GPU clusters; not run here)

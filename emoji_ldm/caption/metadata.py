@@ -60,7 +60,8 @@ def dominant_colours(pixels: np.ndarray, bg: np.ndarray | None, top: int = 2) ->
     if len(flat) == 0:
         return []
     names: dict[str, int] = {}
-    quantized = Image.fromarray(flat.reshape(1, -1, 3).astype(np.uint8)).quantize(colors=6, method=Image.Quantize.MEDIANCUT)
+    strip = Image.fromarray(flat.reshape(1, -1, 3).astype(np.uint8))
+    quantized = strip.quantize(colors=6, method=Image.Quantize.MEDIANCUT)
     palette = quantized.getpalette()
     for count, index in sorted(quantized.getcolors(), reverse=True):
         name = colour_name(palette[3 * index: 3 * index + 3])

@@ -35,8 +35,6 @@ class QwenCaptioner:
     bad input costs only its own caption.
     """
 
-    name = "qwen2.5-vl"
-
     def __init__(self, model: str, template: str, max_new_tokens: int = 128, device: str = "cpu",
                  image_pixels: int = 224 * 224):
         import torch

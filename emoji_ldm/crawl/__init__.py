@@ -1,6 +1,15 @@
-"""Crawling emoji sites (work in progress, issue 6).
+"""Crawling emoji sites: a tag's pages in headless Chromium, into a new dataset version.
 
-So far: site profiles (`profiles.py`, the built-in `discords` profile) with
-page ranges and proxied-image unwrapping. The sharded browser crawl, the
-download stage and `emoji-ldm crawl` are not built yet.
+Input: a site profile (`profiles.py`: the built-in `discords`, or a YAML file
+with the page URL pattern, selectors and page range), a tag and a page range.
+Output: a new version of the emoji dataset (the same rows as `dataset build`,
+with `source = crawl:PROFILE/TAG` and the page each image was found on), and
+per-shard stats under `_emoji_ldm/crawl/` that mark shards done for a re-run.
+
+Pages are read in shards by Ray actors that each own one Chromium
+(`browser.py`, Selenium), politely (robots.txt, a page-load rate per host,
+retries); the image URLs then go through the build's download, clean and
+de-duplicate tasks (`emoji_ldm.ingest.build.ingest_items`).
+
+Entry point: `crawler.crawl(CrawlConfig)` (`emoji-ldm crawl`).
 """

@@ -12,7 +12,6 @@ import torch
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.models.presets import MINILM, Preset
-
 from emoji_ldm.sampling import SCHEDULERS  # noqa: F401  (the names; sampling_scheduler builds them)
 
 

@@ -5,7 +5,8 @@ Input: a source spec (`twemoji`, `dir:PATH`, `urls:FILE`). Output: a list of
 or downloaded later, inside Ray Data tasks (`emoji_ldm.ingest.build`).
 
 Public entry points: `list_source(spec, limit)`, `twemoji_items`, `dir_items`,
-`url_items`, and `fetch_bytes(item, FetchConfig)` used by the ingest tasks.
+`url_items`, and `fetch_bytes(pool, url, config)` (a urllib3 pool from
+`make_pool(FetchConfig)`) used by the ingest tasks.
 """
 
 from __future__ import annotations

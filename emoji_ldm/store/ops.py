@@ -112,7 +112,8 @@ class Diff:
     removed: list[str]
 
     def text(self) -> str:
-        return f"diff {self.a} -> {self.b}: {len(self.added)} rows added, {len(self.removed)} rows removed (by content hash)"
+        return (f"diff {self.a} -> {self.b}: {len(self.added)} rows added, {len(self.removed)} rows removed "
+                "(by content hash)")
 
 
 def diff(uri: str, a: str, b: str) -> Diff:

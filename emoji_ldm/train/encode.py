@@ -4,7 +4,7 @@ Input: a dataset version (`URI[@v]`) and a preset (+ `--vae URI` for `tiny`).
 Output: a new version of the latent Delta table at `--out` with columns
 `id`, `caption`, `split` (train/val, 10% held out by content hash),
 `latent` (float16 bytes, `latent_shape`), `text_emb` (float16 bytes,
-`text_shape`), `text_mask` (uint8 bytes). The commit records the dataset URI +
+`text_shape`). The commit records the dataset URI +
 version and the encoder ids; the empty-caption embedding (for caption dropout)
 is stored once beside the table in `_emoji_ldm/empty_caption.npz`.
 
@@ -38,7 +38,6 @@ LATENT_SCHEMA = pa.schema(
         ("latent_shape", pa.list_(pa.int32())),
         ("text_emb", pa.binary()),  # float16, text_shape (L, D)
         ("text_shape", pa.list_(pa.int32())),
-        ("text_mask", pa.binary()),  # uint8, (L,)
     ]
 )
 
@@ -86,13 +85,12 @@ class Encoder:
         captions = [c if c else (t or "") for c, t in zip(batch["caption"], batch["title"])]
         with torch.no_grad():
             latents = self.vae.encode(pixels.to(self.device)).latent_dist.mean * self.scale  # (B, C, h, w)
-            emb, mask, truncated = encode_text(self.tokenizer, self.text, captions, self.preset.text.max_length)
+            emb, _, truncated = encode_text(self.tokenizer, self.text, captions, self.preset.text.max_length)
         if truncated:
             logger.warning("%d caption(s) longer than %d tokens were truncated", truncated,
                            self.preset.text.max_length)
         latents = latents.cpu().numpy().astype(np.float16)
         emb = emb.cpu().numpy().astype(np.float16)  # (B, L, D)
-        mask = mask.cpu().numpy().astype(np.uint8)  # (B, L)
         return {
             "id": batch["id"],
             "caption": np.array(captions, dtype=object),
@@ -101,16 +99,16 @@ class Encoder:
             "latent_shape": np.array([list(latents.shape[1:])] * len(latents), dtype=object),
             "text_emb": np.array([x.tobytes() for x in emb], dtype=object),
             "text_shape": np.array([list(emb.shape[1:])] * len(emb), dtype=object),
-            "text_mask": np.array([x.tobytes() for x in mask], dtype=object),
         }
 
 
-def empty_caption_embedding(preset: Preset) -> tuple[np.ndarray, np.ndarray]:
+def empty_caption_embedding(preset: Preset) -> np.ndarray:
+    """The text embedding of "" (caption dropout trains on it), (L, D) float16."""
     from emoji_ldm.models.builders import encode_text, load_text_encoder
 
     tokenizer, model = load_text_encoder(preset)
-    emb, mask, _ = encode_text(tokenizer, model, [""], preset.text.max_length)
-    return emb[0].numpy().astype(np.float16), mask[0].numpy().astype(np.uint8)  # (L, D), (L,)
+    emb, _, _ = encode_text(tokenizer, model, [""], preset.text.max_length)
+    return emb[0].numpy().astype(np.float16)
 
 
 def _to_table(batch: dict) -> pa.Table:
@@ -168,9 +166,8 @@ def encode(config: EncodeConfig) -> dict:
     elif vae_path:
         vae_path = normalize_uri(vae_path)
 
-    empty_emb, empty_mask = empty_caption_embedding(preset)
     buf = io.BytesIO()
-    np.savez(buf, emb=empty_emb, mask=empty_mask)
+    np.savez(buf, emb=empty_caption_embedding(preset))
     write_bytes(artifact_uri(out, "_emoji_ldm", "empty_caption.npz"), buf.getvalue())
 
     import ray.data
@@ -200,7 +197,8 @@ def encode(config: EncodeConfig) -> dict:
     table = open_table(f"{out}@{latent_version}").to_pyarrow_table(columns=["split"])
     val = table.column("split").to_pylist().count("val")
     summary = {"out": out, "version": latent_version, "rows": table.num_rows, "val": val,
-               "dataset": config.dataset, "dataset_version": version, "vae": metadata["vae"], "seconds": time.perf_counter() - start}
+               "dataset": config.dataset, "dataset_version": version, "vae": metadata["vae"],
+               "seconds": time.perf_counter() - start}
     return summary
 
 

@@ -185,7 +185,8 @@ def train_loop(cfg: dict) -> None:
     t_last, images_since, losses = time.perf_counter(), 0, []
     micro_step = 0
     while state["step"] < tc.max_steps:
-        perm = torch.randperm(len(latents), generator=torch.Generator().manual_seed(tc.seed + 1000 * state["epoch"] + rank))
+        gen = torch.Generator().manual_seed(tc.seed + 1000 * state["epoch"] + rank)
+        perm = torch.randperm(len(latents), generator=gen)
         while state["pos"] < n_batches and state["step"] < tc.max_steps:
             idx = perm[state["pos"] * micro:(state["pos"] + 1) * micro]
             state["pos"] += 1

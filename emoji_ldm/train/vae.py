@@ -80,7 +80,8 @@ def vae_train_loop(config: dict) -> None:
     model = prepare_model(VAEWithLoss(vae), parallel_strategy="ddp")
     opt = torch.optim.AdamW(model.parameters(), lr=spec.train_lr, weight_decay=1e-4)
     steps = config["max_steps"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) * 0.9 + 0.1)
+    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) * 0.9 + 0.1  # to 10% of the lr
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     gen = torch.Generator().manual_seed(preset.train.seed * 1000 + rank)
     if rank == 0:
         print(f"[train-vae] {world} workers, global batch {micro * world}, {steps} steps, "

@@ -217,15 +217,15 @@ def cli(cluster: LocalCluster, *args: str, timeout: float = 300) -> subprocess.C
 
 def test_submit_success_follows_logs(cluster):
     out = f"{BUCKET}/datasets/submitted"
-    r = cli(cluster, "submit", "build", "--source", "twemoji", "--out", out, "--limit", "8", "--address", cluster.address,
-            "--submission-id", "submit-ok")
+    r = cli(cluster, "submit", "build", "--source", "twemoji", "--out", out, "--limit", "8",
+            "--address", cluster.address, "--submission-id", "submit-ok")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "submitted submit-ok" in r.stdout and "python ray_jobs/build_dataset.py" in r.stdout
     assert "build: 8 in" in r.stdout and "job submit-ok succeeded" in r.stdout  # the job's own log, followed
     assert cluster.table(out).to_pyarrow_table(columns=["id"]).num_rows == 8
 
-    installed = cli(cluster, "submit", "build", "--installed", "--source", "twemoji", "--out", f"{BUCKET}/datasets/inst",
-                    "--limit", "4", "--address", cluster.address)
+    installed = cli(cluster, "submit", "build", "--installed", "--source", "twemoji",
+                    "--out", f"{BUCKET}/datasets/inst", "--limit", "4", "--address", cluster.address)
     assert installed.returncode == 0 and "emoji-ldm dataset build" in installed.stdout, installed.stdout[-2000:]
 
     listed = cli(cluster, "jobs", "list", "--address", cluster.address)

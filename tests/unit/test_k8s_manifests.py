@@ -12,16 +12,25 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 
 import kubernetes_validate
 import pytest
+import tomllib
 import yaml
 
 from emoji_ldm.jobs import STAGES, check_stage_args
 from tests.conftest import REPO, VENV_BIN
-from tests.k8s import (IMAGE_CHECKOUT, K8S, OVERLAYS, by_kind, load, manifest_files, pod_templates,
-                       ray_cluster_spec, render)
+from tests.k8s import (
+    IMAGE_CHECKOUT,
+    K8S,
+    OVERLAYS,
+    by_kind,
+    load,
+    manifest_files,
+    pod_templates,
+    ray_cluster_spec,
+    render,
+)
 
 K8S_VERSION = kubernetes_validate.latest_version()
 CORE_KINDS = {"Namespace", "Secret", "ConfigMap", "PersistentVolumeClaim", "Service", "StatefulSet", "Job"}

@@ -2,6 +2,7 @@
 
 import pandas as pd
 import pytest
+
 from emoji_ldm.errors import UserError
 from emoji_ldm.sources import FetchConfig, list_source
 from emoji_ldm.sources.base import FetchError, fetch_url, make_pool
@@ -105,7 +106,8 @@ def test_fetch_does_not_retry_404(http_site):
 
 def test_fetch_gives_up_after_retries(http_site):
     with pytest.raises(FetchError, match="HTTP 503"):
-        fetch_url(make_pool(FetchConfig(retries=2, backoff_s=0.01)), http_site.url("status/503"), FetchConfig(retries=2, backoff_s=0.01))
+        config = FetchConfig(retries=2, backoff_s=0.01)
+        fetch_url(make_pool(config), http_site.url("status/503"), config)
     assert http_site.hits["/status/503"] == 3
 
 

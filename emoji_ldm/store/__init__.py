@@ -1,0 +1,15 @@
+"""Storage: versioned Delta Lake tables and artifacts under a local path or an S3 URI.
+
+Input: URIs (`/path`, `s3://bucket/prefix`, `URI@VERSION`, `URI@TAG`) and the
+standard AWS variables for S3. Output: Delta versions whose commits carry
+emoji-ldm metadata, and artifacts (models, cards, checkpoints) written so a
+reader never sees a half-written one.
+
+- `uri.py`: `normalize_uri`, `DatasetRef`, `filesystem`, `storage_options`;
+- `delta.py`: `open_table`, `read_dataset` (Ray Data), `CommitDeltaDatasink`
+  (one version per Ray Data write, Ray's public Datasink API), `history`,
+  tags and rejects sidecars;
+- `ops.py`: the `emoji-ldm dataset versions|show|diff|tag|restore` commands;
+- `artifacts.py`: `write_json`, `upload_dir`, `local_copy`, `check_writable`;
+- `schema.py`: `EMOJI_SCHEMA`, the emoji row.
+"""

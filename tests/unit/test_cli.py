@@ -1,0 +1,104 @@
+"""The command line: flags generated from the configs (frozen here), wiring and the error boundary."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from emoji_ldm import cli
+from emoji_ldm.commands import COMMANDS, STAGES, find, parse_config
+from emoji_ldm.errors import UserError
+from emoji_ldm.options import flag_set
+
+FROZEN = Path(__file__).with_name("cli_flags.json")
+
+
+def current_flags() -> dict[str, dict[str, str]]:
+    return {c.name: flag_set(c.config_class()) for c in COMMANDS}
+
+
+def test_flag_set_is_frozen():
+    """A change to any command's flags shows here as a diff: regenerate with EMOJI_LDM_FREEZE_FLAGS=1."""
+    flags = current_flags()
+    if os.environ.get("EMOJI_LDM_FREEZE_FLAGS"):
+        FROZEN.write_text(json.dumps(flags, indent=1, sort_keys=True) + "\n")
+    assert flags == json.loads(FROZEN.read_text())
+
+
+def test_every_command_builds_its_parser_and_help(capsys):
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            cli.main([*command.words, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert f"emoji-ldm {command.name}" in out and command.help.split(" (")[0][:30] in out.replace("\n", " ")
+
+
+def test_command_words_select_one_command(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "dataset" in capsys.readouterr().out
+    assert cli._selected(["-v", "dataset", "caption", "/x"]) is find(("dataset", "caption"))
+    assert cli._selected(["train", "--data", "d"]) is find(("train",))
+    assert cli._selected(["submit", "build", "--source", "twemoji"]) is find(("submit",))
+
+
+def test_flags_map_onto_nested_config_fields():
+    build = parse_config(STAGES["build"], ["--source", "twemoji", "--out", "/tmp/x", "--image-size", "32",
+                                            "--timeout", "2.5", "--limit", "7"])
+    assert build.image.size == 32 and build.fetch.timeout_s == 2.5 and build.limit == 7
+    assert build.image.background == "white" and build.fetch.retries == 3  # defaults from the config
+
+    crawl = parse_config(STAGES["crawl"], ["--profile", "discords", "--tag", "Blobs", "--out", "/tmp/x",
+                                            "--ignore-robots", "--rate", "0", "--retries", "4"])
+    assert crawl.robots is False and crawl.rate_per_host == 0 and crawl.retries == 4
+    assert crawl.fetch.retries == 3  # the page retries flag is the crawl's own
+
+    train = parse_config(STAGES["train"], ["--data", "/d", "--out", "/o", "--set", "train.lr=2e-4", "--set",
+                                            "unet.finetune=lora", "--gpu", "--max-steps", "5"])
+    assert train.overrides == {"train.lr": "2e-4", "unet.finetune": "lora"} and train.use_gpu
+    assert train.resolved_preset().train.max_steps == 5
+
+    bulk = parse_config(STAGES["bulk"], ["--model", "/m", "--prompts", "/p.txt", "--out", "/o",
+                                          "--per-prompt", "3", "--steps", "7", "--size", "64"])
+    assert (bulk.sampler.count, bulk.sampler.steps, bulk.sampler.size) == (3, 7, 64)
+
+
+@pytest.mark.parametrize("stage, argv, text", [
+    ("build", ["--out", "/x"], "the following arguments are required: --source"),
+    ("train", ["--data", "/d", "--out", "/o", "--max-stepz", "3"], "unrecognized arguments: --max-stepz 3"),
+    ("train", ["--data", "/d", "--out", "/o", "--max-step", "3"], "unrecognized arguments"),  # no prefixes
+    ("train", ["--data", "/d", "--out", "/o", "--zero-stage", "4"], "--zero-stage must be 0, 1, 2 or 3, got 4"),
+    ("train", ["--data", "/d", "--out", "/o", "--set", "lr"], "--set 'lr' is not NAME=VALUE"),
+    ("bulk", ["--model", "/m", "--prompts", "/p", "--out", "/o", "--steps", "0"],
+     "sampler setting steps must be a whole number from 1 to 1000, got 0"),
+    ("caption", ["/d", "--captioner", "blip"], "unknown captioner 'blip'"),
+])
+def test_bad_flags_are_one_user_error(stage, argv, text):
+    with pytest.raises(UserError, match=text.replace("(", r"\(").replace(")", r"\)")):
+        parse_config(STAGES[stage], argv)
+
+
+def test_usage_error_and_user_error_exit_2_with_one_line(capsys):
+    assert cli.main(["dataset", "build", "--source", "twemoji"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == "emoji-ldm: error: the following arguments are required: --out"
+    assert cli.main(["generate", "--model", "/m", "--prompt", "x", "--out", "/o", "--n", "65"]) == 2
+    assert capsys.readouterr().err == ("emoji-ldm: error: sampler setting count must be a whole number from 1 "
+                                       "to 64, got 65\n")
+
+
+def test_ctrl_c_message_fits_the_command(monkeypatch, capsys):
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("emoji_ldm.train.ldm.train", interrupted)
+    assert cli.main(["train", "--data", "/d", "--out", "/o"]) == 130
+    assert "re-run with --resume" in capsys.readouterr().err
+    monkeypatch.setattr("emoji_ldm.store.ops.versions_text", interrupted)
+    assert cli.main(["dataset", "versions", "/d"]) == 130
+    err = capsys.readouterr().err
+    assert "emoji-ldm dataset versions: interrupted" in err and "dataset stays" not in err
