@@ -57,8 +57,7 @@ def running() -> int:
 def test_autoscales_up_under_load_and_back_down(served):
     assert running() == 1
     with Load(served, threads=6) as load:
-        peak = wait_for(lambda: running() if running() > 1 else 0, 90, "a second Generator replica")
-    assert peak > 1
+        wait_for(lambda: running() > 1, 90, "a second Generator replica")
     assert 200 in load.codes
     wait_for(lambda: running() == 1 and sum(replica_counts().values()) == 1, 90, "scaling back to 1 replica")
 
