@@ -38,7 +38,7 @@ BIN = Path(sys.executable).parent
 def load_latents(uri: str, n: int):
     from deltalake import DeltaTable
 
-    from emoji_ldm.train.ldm import decode_latents
+    from emoji_ldm.store.latents import decode_latents
 
     t = DeltaTable(uri).to_pyarrow_table(columns=["latent", "latent_shape", "text_emb", "text_shape"]).slice(0, n)
     d = decode_latents({k: t.column(k).to_pylist() for k in t.column_names})

@@ -92,9 +92,8 @@ def evaluate(config: EvalConfig) -> dict:
     from emoji_ldm.models.builders import noise_scheduler
     from emoji_ldm.models.presets import preset_from_dict
     from emoji_ldm.store.delta import open_table
+    from emoji_ldm.store.latents import decode_latents, open_latent_table
     from emoji_ldm.store.uri import DatasetRef
-    from emoji_ldm.train.encode import open_latent_table
-    from emoji_ldm.train.ldm import decode_latents
 
     ref, table, meta = open_latent_table(config.data)
     pipe = load_pipeline(config.model)

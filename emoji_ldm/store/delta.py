@@ -22,6 +22,7 @@ import uuid
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import DeltaTable, Schema
 from deltalake.exceptions import TableNotFoundError
@@ -104,6 +105,16 @@ def history(uri: str) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["version"])
 
 
+def commit_metadata(table: DeltaTable) -> dict:
+    """The emoji-ldm metadata of the commit that made `table`'s loaded version (reads the log back to it only)."""
+    version = table.version()
+    latest = DeltaTable(table.table_uri, storage_options=storage_options() or None)
+    for entry in latest.history(limit=latest.version() - version + 1):
+        if entry["version"] == version:
+            return commit_meta(entry)
+    return {}
+
+
 def version_for_build(uri: str, build_id: str) -> int | None:
     for row in reversed(history(uri)):
         if row["meta"].get("build_id") == build_id:
@@ -115,53 +126,83 @@ class CommitDeltaDatasink(Datasink):
     """A Ray Data sink that adds one Delta version, with our metadata, through Ray's public `Datasink` API.
 
     `write` runs in each write task: it streams the task's blocks into one
-    Parquet file under the table folder (cast to `schema`, so every version is
-    self-describing) and returns that file's Delta add action. Files written
-    by a job that dies before the commit are referenced by no version.
-    `on_write_complete` runs once on the driver: it commits every add action
-    in one transaction whose commit info carries `metadata` under `emoji_ldm`.
+    Parquet file under the table folder (one per value of `partition_by`,
+    under `COLUMN=VALUE/`), cast to `schema` so every version is
+    self-describing, and returns the files' Delta add actions with their row
+    counts. Files written by a job that dies before the commit are referenced
+    by no version. `on_write_complete` runs once on the driver: it commits
+    every add action in one transaction whose commit info carries `metadata`
+    under `emoji_ldm`.
     """
 
-    def __init__(self, uri: str, *, schema: pa.Schema, metadata: dict, mode: str = "append"):
+    def __init__(self, uri: str, *, schema: pa.Schema, metadata: dict, mode: str = "append",
+                 partition_by: str | None = None):
         if mode not in ("append", "overwrite"):
             raise ValueError(f"mode must be append or overwrite, got {mode!r}")
+        if partition_by is not None and partition_by not in schema.names:
+            raise ValueError(f"partition column {partition_by!r} is not in the schema")
         self.uri = normalize_uri(uri)
-        self.schema, self.metadata, self.mode = schema, metadata, mode
+        self.schema, self.metadata, self.mode, self.partition_by = schema, metadata, mode, partition_by
+        # Delta keeps partition values in the log, not in the data files
+        self.file_schema = schema if partition_by is None else schema.remove(schema.get_field_index(partition_by))
         # built here, pickled into the write tasks: workers need not carry the S3 settings themselves
         self.fs, self.root = filesystem(self.uri)
 
     def write(self, blocks, ctx) -> list[AddAction]:
         from ray.data.block import BlockAccessor
 
-        fs, root = self.fs, self.root
-        name = f"part-{uuid.uuid4().hex}.parquet"
-        path = f"{root.rstrip('/')}/{name}"
-        if not is_s3(self.uri):  # S3 has no folders (create_dir would leave an empty marker object)
-            fs.create_dir(root, recursive=True)
-        rows = 0
-        with fs.open_output_stream(path) as stream, pq.ParquetWriter(stream, self.schema) as writer:
+        files: dict[str | None, tuple[str, object, object]] = {}  # partition value -> (name, stream, writer)
+        rows: dict[str | None, int] = {}
+        try:
             for block in blocks:
                 table = BlockAccessor.for_block(block).to_arrow()
-                if table.num_rows:
-                    writer.write_table(table.select(self.schema.names).cast(self.schema))
-                    rows += table.num_rows
-        if rows == 0:
-            fs.delete_file(path)
-            return []
-        size = fs.get_file_info(path).size
-        return [AddAction(path=name, size=size, partition_values={}, modification_time=int(time.time() * 1000),
-                          data_change=True, stats=json.dumps({"numRecords": rows}))]
+                for value, part in self._partitions(table):
+                    if value not in files:
+                        files[value] = self._open(value)
+                    files[value][2].write_table(part.select(self.file_schema.names).cast(self.file_schema))
+                    rows[value] = rows.get(value, 0) + part.num_rows
+        finally:
+            for _, stream, writer in files.values():
+                writer.close()
+                stream.close()
+        now = int(time.time() * 1000)
+        return [AddAction(path=name, size=self.fs.get_file_info(f"{self.root.rstrip('/')}/{name}").size,
+                          partition_values={} if value is None else {self.partition_by: value},
+                          modification_time=now, data_change=True, stats=json.dumps({"numRecords": rows[value]}))
+                for value, (name, _, _) in files.items()]
+
+    def _partitions(self, table: pa.Table):
+        if table.num_rows == 0:
+            return
+        if self.partition_by is None:
+            yield None, table
+            return
+        column = table.column(self.partition_by)
+        for value in pc.unique(column).to_pylist():
+            if value is None:
+                raise ValueError(f"partition column {self.partition_by!r} has a null value")
+            yield str(value), table.filter(pc.equal(column, value))
+
+    def _open(self, value: str | None):
+        folder = "" if value is None else f"{self.partition_by}={value}/"
+        name = f"{folder}part-{uuid.uuid4().hex}.parquet"
+        path = f"{self.root.rstrip('/')}/{name}"
+        if not is_s3(self.uri):  # S3 has no folders (create_dir would leave an empty marker object)
+            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        stream = self.fs.open_output_stream(path)
+        return name, stream, pq.ParquetWriter(stream, self.file_schema)
 
     def on_write_complete(self, write_result) -> None:
         actions = [a for r in write_result.write_returns if r for a in r]
         props = CommitProperties(custom_metadata={META_KEY: self.metadata})
         delta_schema = Schema.from_arrow(self.schema)
         options = storage_options() or None
+        partition_by = [self.partition_by] if self.partition_by else None
         if not table_exists(self.uri):
             try:
                 create_table_with_add_actions(
                     table_uri=self.uri, schema=delta_schema, add_actions=actions,
-                    mode="overwrite" if self.mode == "overwrite" else "error",
+                    mode="overwrite" if self.mode == "overwrite" else "error", partition_by=partition_by,
                     storage_options=options, commit_properties=props,
                 )
                 return
@@ -171,7 +212,7 @@ class CommitDeltaDatasink(Datasink):
                     raise
         table = DeltaTable(self.uri, storage_options=options)
         table.create_write_transaction(actions=actions, mode=self.mode, schema=delta_schema,
-                                       commit_properties=props)
+                                       partition_by=partition_by, commit_properties=props)
 
 
 def read_ids(ref: DatasetRef | str) -> set[str]:

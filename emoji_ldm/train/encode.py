@@ -1,12 +1,10 @@
 """Encode stage: frozen VAE + text encoder run once in Ray Data, to a latent table.
 
 Input: a dataset version (`URI[@v]`) and a preset (+ `--vae URI` for `tiny`).
-Output: a new version of the latent Delta table at `--out` with columns
-`id`, `caption`, `split` (train/val, 10% held out by content hash),
-`latent` (float16 bytes, `latent_shape`), `text_emb` (float16 bytes,
-`text_shape`). The commit records the dataset URI +
-version and the encoder ids; the empty-caption embedding (for caption dropout)
-is stored once beside the table in `_emoji_ldm/empty_caption.npz`.
+Output: a new version of the latent Delta table at `--out`, partitioned by
+`split` (train/val, 10% held out by content hash); its layout is described in
+`emoji_ldm.store.latents`. The commit records the dataset URI + version and
+the encoder ids.
 
     emoji-ldm encode --dataset URI[@v] --preset tiny [--vae URI] --out URI
 """
@@ -26,21 +24,9 @@ import pyarrow as pa
 from emoji_ldm.errors import UserError
 from emoji_ldm.models.presets import Preset, PresetOptions, preset_from_dict
 from emoji_ldm.options import opt
+from emoji_ldm.store.latents import LATENT_SCHEMA, PARTITION
 
 logger = logging.getLogger(__name__)
-
-LATENT_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("caption", pa.string()),
-        ("split", pa.string()),
-        ("latent", pa.binary()),  # float16, latent_shape (C, h, w), already x scaling factor
-        ("latent_shape", pa.list_(pa.int32())),
-        ("text_emb", pa.binary()),  # float16, text_shape (L, D)
-        ("text_shape", pa.list_(pa.int32())),
-    ]
-)
-
 
 @dataclass(frozen=True)
 class EncodeConfig(PresetOptions):
@@ -115,19 +101,6 @@ def _to_table(batch: dict) -> pa.Table:
     return pa.Table.from_pydict({k: list(v) for k, v in batch.items()}, schema=LATENT_SCHEMA)
 
 
-def open_latent_table(data: str):
-    """(ref, table at the referenced version, that version's encode commit metadata) of a latent table."""
-    from emoji_ldm.store.delta import history, open_table
-    from emoji_ldm.store.uri import DatasetRef
-
-    ref = DatasetRef.parse(data)
-    table = open_table(ref)
-    meta = next((h["meta"] for h in history(ref.uri) if h["version"] == table.version()), {})
-    if meta.get("operation") != "encode":
-        raise UserError(f"{data!r} is not a latent table: run `emoji-ldm encode` first")
-    return ref, table, meta
-
-
 def encode(config: EncodeConfig) -> dict:
     """Encode a dataset version into a new version of the latent table; returns a summary."""
     from emoji_ldm.runtime import ensure_ray
@@ -191,7 +164,8 @@ def encode(config: EncodeConfig) -> dict:
         "code_version": code_version(), "build_id": build_id, "counts": counts,
         "config": dataclasses.asdict(config), "message": f"encode {config.dataset}@{version} with {preset.name}",
     }
-    sink = CommitDeltaDatasink(out, schema=LATENT_SCHEMA, metadata=metadata, mode="overwrite")
+    sink = CommitDeltaDatasink(out, schema=LATENT_SCHEMA, metadata=metadata, mode="overwrite",
+                               partition_by=PARTITION)
     encoded.write_datasink(sink)
     latent_version = version_for_build(out, build_id)
     table = open_table(f"{out}@{latent_version}").to_pyarrow_table(columns=["split"])

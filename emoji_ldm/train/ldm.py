@@ -51,6 +51,7 @@ class TrainConfig(PresetOptions):
     epochs: float | None = opt(None, help="passes over the training rows instead of --max-steps")
     resume: bool = opt(False, help="continue from the latest checkpoint under --out")
     max_failures: int = opt(2, help="worker restarts from the last checkpoint")
+    shuffle_buffer: int = opt(2048, help="rows in each worker's shuffle buffer (its memory: rows x row size)")
     threads_per_worker: int = opt(1, cli=False, help="torch threads per worker")
     crash_at_step: int | None = opt(None, cli=False, help="fault injection for tests: rank 1 dies once here")
 
@@ -65,6 +66,8 @@ class TrainConfig(PresetOptions):
             raise UserError(f"--max-steps must be positive, got {self.max_steps}")
         if self.epochs is not None and self.epochs <= 0:
             raise UserError(f"--epochs must be positive, got {self.epochs}")
+        if self.shuffle_buffer < 1:
+            raise UserError(f"--shuffle-buffer must be 1 or more rows, got {self.shuffle_buffer}")
         if self.max_failures < 0:
             raise UserError(f"--max-failures must be 0 or more, got {self.max_failures}")
         preset = self.resolved_preset()
@@ -113,98 +116,113 @@ def _deepspeed_config(preset, micro: int, zero_stage: int, use_gpu: bool) -> dic
     }
 
 
-def train_loop(cfg: dict) -> None:
-    """Ray Train worker: DeepSpeed engine over this worker's in-memory latent shard."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg["use_gpu"] else "cpu")
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a training worker needs, passed explicitly through `train_loop_config`."""
+
+    preset: dict  # the resolved preset (Preset.to_dict())
+    latent_uri: str  # the latent table: shared storage on a cluster
+    latent_version: int
+    zero_stage: int
+    use_gpu: bool
+    threads: int
+    empty_emb: list  # the empty caption's text embedding, (L, D)
+    out: str
+    vae: str
+    run_name: str
+    resume_from: str | None = None
+    crash_at_step: int | None = None
+    shuffle_buffer: int = 2048
+    prefetch_batches: int = 4
+
+
+def train_loop(loop_config: dict) -> None:
+    """Ray Train worker: a DeepSpeed engine over this rank's stream of the latent table."""
+    run: WorkerConfig = loop_config["run"]
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if run.use_gpu else "cpu")
     import deepspeed
     import ray.train
     import torch
     from diffusers.training_utils import EMAModel
 
     from emoji_ldm.models.builders import build_unet, configure_trainable, count_params, noise_scheduler
-    from emoji_ldm.train.data import shard_to_numpy
+    from emoji_ldm.store.delta import open_table
+    from emoji_ldm.store.latents import RankStream, split_files
+    from emoji_ldm.store.uri import DatasetRef
+    from emoji_ldm.train.step import training_step
 
-    preset = preset_from_dict(cfg["preset"])
+    preset = preset_from_dict(run.preset)
     tc = preset.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg["threads"])
+    torch.set_num_threads(run.threads)
     torch.manual_seed(tc.seed * 7919 + rank)
-    device = torch.device("cuda", ray.train.torch.get_device().index) if cfg["use_gpu"] else torch.device("cpu")
-
-    # Every worker gets the whole (small) table and keeps rows rank::world in content-hash order:
-    # the same rows land on the same rank in every run, so a resumed run continues exactly.
-    rows = shard_to_numpy(ray.train.get_dataset_shard("train"), ["id", "latent", "text_emb"])
-    mine = np.argsort(rows["id"], kind="stable")[rank::world]
-    latents = torch.from_numpy(rows["latent"][mine])  # (N, C, h, w) float16
-    text = torch.from_numpy(rows["text_emb"][mine])  # (N, L, D) float16
-    empty = torch.tensor(cfg["empty_emb"], dtype=torch.float32, device=device)  # (L, D)
-    dtype = torch.bfloat16 if cfg["use_gpu"] else torch.float32
+    # the one place that picks the device: model, EMA, batches, the empty caption and metrics follow it
+    device = ray.train.torch.get_device() if run.use_gpu else torch.device("cpu")
+    dtype = torch.bfloat16 if run.use_gpu else torch.float32
     micro = tc.batch_size // (world * tc.grad_accum)
-    if len(latents) < micro:
-        raise UserError(f"rank {rank} has {len(latents)} training rows, fewer than its micro batch {micro}")
+
+    files = split_files(open_table(DatasetRef(run.latent_uri, version=run.latent_version)))
+    stream = RankStream(files, rank, world, micro, seed=tc.seed, shuffle_buffer=run.shuffle_buffer,
+                        prefetch=run.prefetch_batches)
+    empty = torch.tensor(run.empty_emb, dtype=torch.float32, device=device)  # (L, D)
 
     unet = build_unet(preset)
     params = configure_trainable(unet, preset)
-    ema = EMAModel([p.detach().clone() for p in params], decay=tc.ema_decay)  # full copy before ZeRO shards
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(preset))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=unet, optimizer=optimizer, lr_scheduler=scheduler,
-        config=_deepspeed_config(preset, micro, cfg["zero_stage"], cfg["use_gpu"]), dist_init_required=False,
+        config=_deepspeed_config(preset, micro, run.zero_stage, run.use_gpu), dist_init_required=False,
     )
-    zero3 = cfg["zero_stage"] == 3
+    zero3 = run.zero_stage == 3
+    with deepspeed.zero.GatheredParameters(params, enabled=zero3):  # the full weights, on the engine's device
+        ema = EMAModel([p.detach().clone() for p in params], decay=tc.ema_decay)
     noise = noise_scheduler(preset)
-    n_batches = len(latents) // micro
 
-    state = {"step": 0, "epoch": 0, "pos": 0}
+    state = {"step": 0, "epoch": 0, "pos": 0}  # pos: micro-batches of the epoch already trained on
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and cfg.get("resume_from"):
-        checkpoint = ray.train.Checkpoint(cfg["resume_from"])
+    if checkpoint is None and run.resume_from:
+        checkpoint = ray.train.Checkpoint(run.resume_from)
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             _, client = engine.load_checkpoint(folder, tag="ds", load_lr_scheduler_states=True)
             state = {k: client[k] for k in state}
             ema.load_state_dict(torch.load(Path(folder) / "ema.pt", weights_only=False))
+            ema.to(device)
             rng = Path(folder) / f"rng-rank{rank}.pt"
             if rng.exists():  # exact continuation: the noise and caption-dropout draws go on where they stopped
                 torch.set_rng_state(torch.load(rng, weights_only=False))
         if rank == 0:
-            print(f"[train] resumed from {checkpoint.path} at step {state['step']}", flush=True)
+            print(f"[train] resumed from {checkpoint.path} at step {state['step']} (epoch {state['epoch']}, "
+                  f"batch {state['pos']} of {stream.batches_per_epoch})", flush=True)
 
     if rank == 0:
         total, trainable = count_params(unet), count_params(unet, trainable_only=True)
         print(
-            f"[train] preset {preset.name}: {world} workers, ZeRO stage {cfg['zero_stage']}, global batch "
+            f"[train] preset {preset.name}: {world} workers, ZeRO stage {run.zero_stage}, global batch "
             f"{micro * world * tc.grad_accum} (micro {micro} x {world} workers x accum {tc.grad_accum}), "
             f"UNet {total / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable, mode {preset.unet.finetune}), "
-            f"{len(latents)} rows on rank 0, steps {state['step']}->{tc.max_steps}", flush=True,
+            f"{stream.batches_per_epoch} micro-batches per rank per epoch, steps {state['step']}->{tc.max_steps}",
+            flush=True,
         )
 
-    log = _RankZeroLog(cfg, preset, resumed_at=state["step"]) if rank == 0 else None
-    t_last, images_since, losses = time.perf_counter(), 0, []
+    log = _RankZeroLog(run, preset, resumed_at=state["step"]) if rank == 0 else None
+    losses, images, step_seconds, steps_timed = [], 0, 0.0, 0
     micro_step = 0
     while state["step"] < tc.max_steps:
-        gen = torch.Generator().manual_seed(tc.seed + 1000 * state["epoch"] + rank)
-        perm = torch.randperm(len(latents), generator=gen)
-        while state["pos"] < n_batches and state["step"] < tc.max_steps:
-            idx = perm[state["pos"] * micro:(state["pos"] + 1) * micro]
+        for batch in stream.epoch(state["epoch"], skip=state["pos"]):
+            t0 = time.perf_counter()
+            latents = torch.from_numpy(batch["latent"]).to(device, torch.float32)  # (B, C, h, w)
+            text = torch.from_numpy(batch["text_emb"]).to(device, torch.float32)  # (B, L, D)
+            loss = training_step(engine, noise, latents, text, empty, tc.caption_dropout,
+                                 preset.noise.prediction_type, dtype)
             state["pos"] += 1
-            x0 = latents[idx].to(device, torch.float32)  # (B, C, h, w)
-            cond = text[idx].to(device, torch.float32)  # (B, L, D)
-            drop = torch.rand(len(idx)) < tc.caption_dropout
-            cond[drop] = empty  # classifier-free guidance: learn the unconditional too
-            eps = torch.randn_like(x0)
-            t = torch.randint(0, preset.noise.num_train_timesteps, (len(idx),), device=device)
-            noisy = noise.add_noise(x0, eps, t)
-            pred = engine(noisy.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample
-            loss = torch.nn.functional.mse_loss(pred.float(), eps)
-            engine.backward(loss)
-            engine.step()
             micro_step += 1
-            images_since += len(idx) * world
-            losses.append(float(loss.detach()))
+            losses.append(loss)
+            images += len(latents) * world
             if micro_step % tc.grad_accum:
+                step_seconds += time.perf_counter() - t0
                 continue
             state["step"] += 1
             if zero3:  # sharded parameters: every rank takes part in the gather
@@ -212,39 +230,44 @@ def train_loop(cfg: dict) -> None:
                     ema.step(params)
             elif rank == 0:  # full parameters on every rank: only rank 0 keeps (and saves) the EMA
                 ema.step(params)
+            step_seconds += time.perf_counter() - t0  # the step itself: not sampling, not checkpoints
+            steps_timed += 1
             step = state["step"]
-            _maybe_crash(cfg, step, rank)
+            _maybe_crash(run, step, rank)
             if step % tc.log_every == 0 or step == tc.max_steps:
-                mean = torch.tensor(sum(losses) / len(losses))
-                torch.distributed.all_reduce(mean)
-                dt = time.perf_counter() - t_last
+                mean = torch.stack(losses).float().mean().to(device)
+                torch.distributed.all_reduce(mean)  # a device tensor: NCCL takes no CPU tensors
                 if log:
-                    log.step(step, float(mean) / world, scheduler.get_last_lr()[0], dt / tc.log_every,
-                             images_since / dt)
-                t_last, images_since, losses = time.perf_counter(), 0, []
+                    log.step(step, float(mean) / world, scheduler.get_last_lr()[0], step_seconds / steps_timed,
+                             images / step_seconds)
+                losses, images, step_seconds, steps_timed = [], 0, 0.0, 0
             sample_now = tc.sample_every and step % tc.sample_every == 0
             if sample_now or step == tc.max_steps:
                 with torch.random.fork_rng():  # sampling must not shift the training RNG stream
-                    _sample(engine, ema, params, preset, cfg, step, log, zero3)
+                    _sample(engine, ema, params, preset, run, step, log, zero3)
             if step % tc.checkpoint_every == 0 or step == tc.max_steps:
-                _checkpoint(engine, ema, state, cfg, rank, world, log, step)
-        if state["pos"] >= n_batches:
+                _checkpoint(engine, ema, state, run, rank, world, log, step)
+            if step >= tc.max_steps:
+                break
+        else:  # the epoch ran out
             state["epoch"] += 1
             state["pos"] = 0
 
 
-def _maybe_crash(cfg: dict, step: int, rank: int) -> None:
+def _maybe_crash(run: WorkerConfig, step: int, rank: int) -> None:
     """Fault injection for tests: rank 1 exits hard once at `crash_at_step` (a marker file makes it once)."""
-    if cfg.get("crash_at_step") != step or rank != 1:
+    if run.crash_at_step != step or rank != 1:
         return
-    marker = Path(tempfile.gettempdir()) / f"emoji-ldm-crashed-{cfg['run_name']}"
+    marker = Path(tempfile.gettempdir()) / f"emoji-ldm-crashed-{run.run_name}"
     if not marker.exists():
         marker.write_text("crashed once")
         print(f"[train] fault injection: rank {rank} exits at step {step}", flush=True)
         os._exit(1)
 
 
-def _checkpoint(engine, ema, state, cfg, rank, world, log, step) -> None:
+def _checkpoint(engine, ema, state, run: WorkerConfig, rank, world, log, step) -> None:
+    import shutil
+
     import ray.train
     import torch
 
@@ -253,17 +276,18 @@ def _checkpoint(engine, ema, state, cfg, rank, world, log, step) -> None:
     torch.save(torch.get_rng_state(), Path(folder) / f"rng-rank{rank}.pt")
     if rank == 0:
         torch.save(ema.state_dict(), Path(folder) / "ema.pt")
-        meta = {**state, "world_size": world, "zero_stage": cfg["zero_stage"],
-                "preset": {k: cfg["preset"][k] for k in _RESUME_KEYS}}
+        meta = {**state, "world_size": world, "zero_stage": run.zero_stage,
+                "preset": {k: run.preset[k] for k in _RESUME_KEYS}}
         (Path(folder) / "state.json").write_text(json.dumps(meta, indent=2))
         if log:
             log.flush()
     metrics = {"step": step, "loss": log.last_loss if log else None}
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                      checkpoint_dir_name=f"step-{step:08d}")
+    shutil.rmtree(folder, ignore_errors=True)  # report() has copied it to the run's storage
 
 
-def _sample(engine, ema, params, preset, cfg, step, log, zero3) -> None:
+def _sample(engine, ema, params, preset, run: WorkerConfig, step, log, zero3) -> None:
     """EMA weights -> sample grid of the preset's prompts (rank 0 renders; ZeRO-3 gathers on all ranks)."""
     import deepspeed
 
@@ -285,14 +309,14 @@ def _sample(engine, ema, params, preset, cfg, step, log, zero3) -> None:
 class _RankZeroLog:
     """Rank 0's outputs: per-step lines, metrics.jsonl, loss.png and sample grids, copied to OUT."""
 
-    def __init__(self, cfg: dict, preset, resumed_at: int = 0):
+    def __init__(self, run: WorkerConfig, preset, resumed_at: int = 0):
         from emoji_ldm.store.artifacts import artifact_uri, exists, read_bytes
 
-        self.cfg, self.preset = cfg, preset
+        self.run, self.preset = run, preset
         self.local = Path(tempfile.mkdtemp(prefix="emoji-ldm-train-"))
         self.rows: list[dict] = []
         self.last_loss = None
-        previous = artifact_uri(cfg["out"], "metrics.jsonl")
+        previous = artifact_uri(run.out, "metrics.jsonl")
         if resumed_at and exists(previous):  # keep the history up to the checkpoint we resumed from
             rows = [json.loads(line) for line in read_bytes(previous).decode().splitlines() if line.strip()]
             self.rows = [r for r in rows if r["step"] <= resumed_at]
@@ -312,18 +336,18 @@ class _RankZeroLog:
         from emoji_ldm.store.artifacts import artifact_uri, upload_dir, write_bytes
 
         if (self.local / "metrics.jsonl").exists():
-            write_bytes(artifact_uri(self.cfg["out"], "metrics.jsonl"), (self.local / "metrics.jsonl").read_bytes())
+            write_bytes(artifact_uri(self.run.out, "metrics.jsonl"), (self.local / "metrics.jsonl").read_bytes())
         if self.rows:
-            write_bytes(artifact_uri(self.cfg["out"], "loss.png"), loss_curve_png(self.rows))
+            write_bytes(artifact_uri(self.run.out, "loss.png"), loss_curve_png(self.rows))
         samples = self.local / "samples"
         if samples.exists():
-            upload_dir(samples, artifact_uri(self.cfg["out"], "samples"))
+            upload_dir(samples, artifact_uri(self.run.out, "samples"))
 
     def samples(self, unet, step: int) -> None:
         from emoji_ldm.generate import image_grid, run_pipeline
         from emoji_ldm.train.export import assemble_pipeline
 
-        pipe = assemble_pipeline(unet, self.preset, self.cfg["vae"])
+        pipe = assemble_pipeline(unet, self.preset, self.run.vae)
         prompts = list(self.preset.sample_prompts)
         images = run_pipeline(pipe, prompts, steps=20, guidance=4.0, seed=0)
         (self.local / "samples").mkdir(exist_ok=True)
@@ -403,27 +427,15 @@ def _check_resume(state: dict, preset, config: TrainConfig) -> None:
         )
 
 
-def decode_latents(batch: dict) -> dict:
-    """Ray Data batch: float16 bytes -> fixed-shape arrays."""
-    shape = tuple(batch["latent_shape"][0])
-    tshape = tuple(batch["text_shape"][0])
-    return {
-        **({"id": batch["id"]} if "id" in batch else {}),
-        "latent": np.stack([np.frombuffer(b, dtype=np.float16).reshape(shape) for b in batch["latent"]]),
-        "text_emb": np.stack([np.frombuffer(b, dtype=np.float16).reshape(tshape) for b in batch["text_emb"]]),
-    }
-
-
 def train(config: TrainConfig) -> dict:
     """Run training and export the EMA model; returns the model card."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from emoji_ldm.runtime import ensure_ray
-    from emoji_ldm.store.artifacts import artifact_uri, check_writable, read_bytes, write_json
-    from emoji_ldm.store.delta import read_dataset
+    from emoji_ldm.runtime import ensure_ray, require_shared
+    from emoji_ldm.store.artifacts import artifact_uri, check_writable, write_json
+    from emoji_ldm.store.latents import empty_caption, open_latent_table, split_files
     from emoji_ldm.store.uri import filesystem, storage_options
-    from emoji_ldm.train.encode import open_latent_table
     from emoji_ldm.train.export import export_model
     from emoji_ldm.version import code_version
 
@@ -444,36 +456,38 @@ def train(config: TrainConfig) -> dict:
     elif config.resume:
         logger.warning("--resume: no checkpoint under %s/checkpoints, starting from scratch", out)
 
-    splits = table.to_pyarrow_table(columns=["split"]).column("split").to_pylist()
-    n_train = splits.count("train")
-    if n_train == 0:
-        raise UserError(f"latent table {config.data!r} has no training rows")
+    # Everything the user can get wrong is checked here, before a worker starts: from the Delta log only.
+    n_train = sum(f.rows for f in split_files(table))
+    micro = preset.train.batch_size // (config.workers * preset.train.grad_accum)
+    if n_train // config.workers < micro:
+        raise UserError(f"latent table {config.data!r} has {n_train} training rows: fewer than the micro batch "
+                        f"{micro} for each of the {config.workers} workers; lower --batch-size (now "
+                        f"{preset.train.batch_size}) or use fewer --workers")
     if config.epochs is not None:
         steps = max(1, math.ceil(config.epochs * n_train / preset.train.batch_size))
         preset = get_preset(config.preset, {**config.overrides, "train.max_steps": steps,
                                              "train.batch_size": preset.train.batch_size})
 
-    empty = np.load(io.BytesIO(read_bytes(artifact_uri(ref.uri, "_emoji_ldm", "empty_caption.npz"))))
     ensure_ray(dashboard=True)  # Ray Train's cleaner needs the State API
-    from ray.data.expressions import col
-
-    ds, _ = read_dataset(ref, columns=["id", "latent", "latent_shape", "text_emb", "text_shape", "split"])
-    # Decode before the workers start (they hold the CPUs on a small node).
-    ds = ds.filter(expr=col("split") == "train").map_batches(decode_latents, batch_format="numpy").materialize()
+    for uri, what in ((ref.uri, "the latent table (--data)"), (out, "the run folder (--out)"),
+                      (enc_meta["vae"], "the VAE the latent table was encoded with")):
+        require_shared(uri, what)
 
     write_json(artifact_uri(out, "config.json"), {"preset": preset.to_dict(), "run": dataclasses.asdict(config),
                                                   "latent_table": f"{ref.uri}@{latent_version}"})
     fs, storage = filesystem(artifact_uri(out, "checkpoints"))
     run_name = time.strftime("run-%Y%m%d-%H%M%S")
     env = {k: v for k, v in {**storage_options(), "DS_ACCELERATOR": "cuda" if config.use_gpu else "cpu"}.items()}
+    run = WorkerConfig(
+        preset=preset.to_dict(), latent_uri=ref.uri, latent_version=latent_version, zero_stage=config.zero_stage,
+        use_gpu=config.use_gpu, threads=config.threads_per_worker, empty_emb=empty_caption(ref.uri).tolist(),
+        out=out, vae=enc_meta["vae"], run_name=run_name,
+        resume_from=existing[0] if (config.resume and existing) else None, crash_at_step=config.crash_at_step,
+        shuffle_buffer=config.shuffle_buffer,
+    )
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={
-            "preset": preset.to_dict(), "zero_stage": config.zero_stage, "use_gpu": config.use_gpu,
-            "threads": config.threads_per_worker, "empty_emb": empty["emb"].tolist(), "out": out,
-            "vae": enc_meta["vae"], "resume_from": existing[0] if (config.resume and existing) else None,
-            "crash_at_step": config.crash_at_step, "run_name": run_name,
-        },
+        train_loop_config={"run": run},
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
@@ -482,8 +496,6 @@ def train(config: TrainConfig) -> dict:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": env},
         ),
-        datasets={"train": ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # workers pick their rows themselves
     )
     result = trainer.fit()
     if result.error:

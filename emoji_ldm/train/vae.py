@@ -74,6 +74,7 @@ def vae_train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(preset.train.seed + rank)
+    device = ray.train.torch.get_device()  # prepare_model puts the model there; batches follow
     pixels = torch.from_numpy(shard_to_numpy(ray.train.get_dataset_shard("train"), ["pixels"])["pixels"])
     micro = max(1, spec.train_batch_size // world)
     vae = build_vae(preset)
@@ -90,8 +91,8 @@ def vae_train_loop(config: dict) -> None:
     t0, loss_val = time.perf_counter(), float("nan")
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(pixels), (micro,), generator=gen)
-        x = pixels[idx].float()  # (B, 3, H, W) in [-1, 1]
-        recon, kl = model(x, gen)  # (B, 3, H, W), (B,)
+        x = pixels[idx].to(device).float()  # (B, 3, H, W) in [-1, 1]
+        recon, kl = model(x, gen if device.type == "cpu" else None)  # (B, 3, H, W), (B,)
         rec_loss = torch.nn.functional.mse_loss(recon, x) + 0.5 * torch.nn.functional.l1_loss(recon, x)
         loss = rec_loss + spec.kl_weight * kl.mean()
         opt.zero_grad(set_to_none=True)
@@ -110,7 +111,7 @@ def vae_train_loop(config: dict) -> None:
         inner = (model.module if hasattr(model, "module") else model).vae
         inner.eval()
         with torch.no_grad():
-            sample = pixels[: min(512, len(pixels))].float()
+            sample = pixels[: min(512, len(pixels))].to(device).float()
             latents = inner.encode(sample).latent_dist.mean  # (N, C, h, w)
             scale = float(1.0 / latents.std())
             recon_mse = float(torch.nn.functional.mse_loss(inner.decode(latents).sample, sample))
@@ -130,9 +131,10 @@ def train_vae(config: VAETrainConfig) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from emoji_ldm.runtime import ensure_ray
+    from emoji_ldm.runtime import ensure_ray, require_shared
     from emoji_ldm.store.artifacts import artifact_uri, check_writable, upload_dir, write_json
     from emoji_ldm.store.delta import read_dataset
+    from emoji_ldm.store.uri import filesystem
     from emoji_ldm.train.data import decode_images
     from emoji_ldm.version import code_version
 
@@ -147,19 +149,22 @@ def train_vae(config: VAETrainConfig) -> dict:
     if rows == 0:
         raise UserError(f"dataset {config.dataset!r} (version {version}) has no rows to train on")
     steps = config.max_steps or preset.vae.train_steps
-    with tempfile.TemporaryDirectory() as storage:
-        trainer = TorchTrainer(
-            vae_train_loop,
-            train_loop_config={"preset": preset.to_dict(), "max_steps": steps},
-            scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
-            torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-            run_config=ray.train.RunConfig(name="train-vae", storage_path=storage),
-            datasets={"train": ds},
-        )
-        result = trainer.fit()
-        with result.checkpoint.as_directory() as folder:
-            metrics = json.load(open(f"{folder}/metrics.json"))
-            upload_dir(folder, out)
+    require_shared(out, "the VAE folder (--out)")
+    fs, storage = filesystem(artifact_uri(out, "_emoji_ldm", "train"))  # beside the VAE, where every node reaches
+    trainer = TorchTrainer(
+        vae_train_loop,
+        train_loop_config={"preset": preset.to_dict(), "max_steps": steps},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(name=time.strftime("train-vae-%Y%m%d-%H%M%S"), storage_path=storage,
+                                       storage_filesystem=fs),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        metrics = json.load(open(f"{folder}/metrics.json"))
+        upload_dir(folder, out)
+    fs.delete_dir_contents(storage, missing_dir_ok=True)  # the run's checkpoint is the VAE now under OUT
     card = {
         "kind": "vae", "out": out, "dataset": config.dataset, "dataset_version": version, "rows": rows,
         "preset": preset.to_dict(), "code_version": code_version(), "metrics": metrics,

@@ -92,7 +92,7 @@ def test_resume_continues_exactly(tiny, tmp_path):
     # rank 1 dies at step 4 (after the step-3 checkpoint), no restarts allowed
     with pytest.raises(WorkerGroupError, match="Training failed due to worker errors") as died:
         _train(tiny, tmp_path / "b", max_steps=6, crash_at_step=4, max_failures=0)
-    assert list(died.value.worker_failures) == [1]
+    assert 1 in died.value.worker_failures  # rank 1 died (rank 0 then fails in a collective with it)
     with pytest.raises(UserError, match="already has checkpoints"):
         _train(tiny, tmp_path / "b", max_steps=6)
     with pytest.raises(UserError, match="different unet config"):
