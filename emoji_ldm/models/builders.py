@@ -128,6 +128,10 @@ def load_text_encoder(preset: Preset):
         # BERT-family encoders need it, so training and sampling both use it.
         model.config.use_attention_mask = True
     tokenizer.model_max_length = spec.max_length
+    width = int(getattr(model.config, "hidden_size", 0))
+    if spec.hidden_size is not None and width != spec.hidden_size:
+        raise UserError(f"the text encoder {spec.pretrained!r} has hidden size {width}, but the preset says "
+                        f"text.hidden_size={spec.hidden_size}: pass --set text.hidden_size={width}")
     model.requires_grad_(False).eval()
     return tokenizer, model
 
@@ -137,6 +141,8 @@ def text_hidden_size(preset: Preset) -> int:
     from transformers import AutoConfig
 
     spec = preset.text
+    if spec.hidden_size is not None:
+        return spec.hidden_size
     sub = {"subfolder": spec.subfolder} if spec.subfolder else {}
     try:
         config = AutoConfig.from_pretrained(_resolve(spec.pretrained), **sub)

@@ -51,6 +51,7 @@ class TextSpec:
     kind: str = "bert"  # bert (MiniLM) | clip
     subfolder: str | None = None  # e.g. "text_encoder" in an SD repo (tokenizer: "tokenizer")
     max_length: int = 32  # tokens; prompts are padded/truncated to this
+    hidden_size: int | None = None  # width of its hidden states (the UNet's cross-attention); None: from its config
 
     def __post_init__(self):
         if self.kind not in ("bert", "clip"):
@@ -86,7 +87,11 @@ class NoiseSpec:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
-    prediction_type: str = "epsilon"
+    prediction_type: str = "epsilon"  # what the UNet learns: epsilon (the noise) | v_prediction (the velocity)
+
+    def __post_init__(self):
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise UserError(f"noise.prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
 
 
 @dataclass(frozen=True)
@@ -157,7 +162,7 @@ PRESETS: dict[str, Preset] = {
         name="emoji64",
         image_size=64,
         vae=VAESpec(pretrained="stabilityai/sd-vae-ft-mse", scaling_factor=0.18215),
-        text=TextSpec(pretrained="openai/clip-vit-base-patch32", kind="clip", max_length=77),
+        text=TextSpec(pretrained="openai/clip-vit-base-patch32", kind="clip", max_length=77, hidden_size=512),
         unet=UNetSpec(
             # 71.0M parameters with CLIP's 512-wide cross-attention
             block_out_channels=(256, 512), layers_per_block=2, attention_head_dim=8,
@@ -172,7 +177,7 @@ PRESETS: dict[str, Preset] = {
         image_size=512,
         vae=VAESpec(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="vae", scaling_factor=0.18215),
         text=TextSpec(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", kind="clip",
-                      subfolder="text_encoder", max_length=77),
+                      subfolder="text_encoder", max_length=77, hidden_size=768),
         unet=UNetSpec(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", finetune="attn2"),
         train=TrainSpec(batch_size=32, lr=1e-5, min_lr=1e-6, warmup_steps=100, max_steps=5000,
                         caption_dropout=0.1, ema_decay=0.9999, checkpoint_every=500, sample_every=500),
@@ -182,6 +187,8 @@ PRESETS: dict[str, Preset] = {
 
 def _convert(value: str, current: Any) -> Any:
     """Parse a `--set` value by the type of the field it replaces."""
+    if value.lower() == "none":  # unset an optional field (text.hidden_size, vae.scaling_factor, ...)
+        return None
     if isinstance(current, bool):
         if value.lower() in ("1", "true", "yes"):
             return True
@@ -196,8 +203,6 @@ def _convert(value: str, current: Any) -> Any:
         items = [v.strip() for v in value.split(",") if v.strip()]
         return tuple(int(v) if v.lstrip("-").isdigit() else v for v in items)
     if current is None:
-        if value.lower() == "none":
-            return None
         try:
             return float(value) if "." in value else int(value)
         except ValueError:

@@ -62,6 +62,15 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.write(data)
 
 
+def delete(uri: str) -> None:
+    """Remove one file (no error when it is already gone)."""
+    fs, path = filesystem(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     try:

@@ -105,6 +105,14 @@ def history(uri: str) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["version"])
 
 
+def row_count(table: DeltaTable) -> int:
+    """Rows at the table's loaded version, from the log's per-file stats (no data file is read)."""
+    counts = pa.table(table.get_add_actions(flatten=True)).column("num_records")
+    if counts.null_count:
+        return table.to_pyarrow_dataset().count_rows()  # a writer that kept no stats: count, streaming
+    return int(pc.sum(counts).as_py() or 0)
+
+
 def commit_metadata(table: DeltaTable) -> dict:
     """The emoji-ldm metadata of the commit that made `table`'s loaded version (reads the log back to it only)."""
     version = table.version()
@@ -147,6 +155,7 @@ class CommitDeltaDatasink(Datasink):
         self.file_schema = schema if partition_by is None else schema.remove(schema.get_field_index(partition_by))
         # built here, pickled into the write tasks: workers need not carry the S3 settings themselves
         self.fs, self.root = filesystem(self.uri)
+        self.rows_written: int | None = None  # set on the driver by on_write_complete
 
     def write(self, blocks, ctx) -> list[AddAction]:
         from ray.data.block import BlockAccessor
@@ -194,6 +203,7 @@ class CommitDeltaDatasink(Datasink):
 
     def on_write_complete(self, write_result) -> None:
         actions = [a for r in write_result.write_returns if r for a in r]
+        self.rows_written = sum(json.loads(a.stats)["numRecords"] for a in actions)
         props = CommitProperties(custom_metadata={META_KEY: self.metadata})
         delta_schema = Schema.from_arrow(self.schema)
         options = storage_options() or None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import time
 import uuid
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.models.presets import Preset, PresetOptions, preset_from_dict
@@ -38,6 +40,8 @@ class EncodeConfig(PresetOptions):
     concurrency: int = opt(1, help="encoder actors")
     vae_workers: int = opt(2, help="Ray Train workers when encode trains the VAE itself")
     vae_steps: int | None = opt(None, help="steps when encode trains the VAE itself")
+    full: bool = opt(False, help="re-encode every row (default: only rows new or changed since the latent "
+                                 "table's dataset version, and remove the rows that are gone)")
 
     def __post_init__(self):
         if self.batch_size <= 0 or self.concurrency <= 0:
@@ -101,11 +105,50 @@ def _to_table(batch: dict) -> pa.Table:
     return pa.Table.from_pydict({k: list(v) for k, v in batch.items()}, schema=LATENT_SCHEMA)
 
 
+def _text_rows(batch: dict) -> dict:
+    """The text a row is encoded with: its caption, else its title (the latent table's `caption`)."""
+    text = [c if c else (t or "") for c, t in zip(batch["caption"], batch["title"])]
+    return {**batch, "caption": np.array(text, dtype=object)}
+
+
+def _previous_encode(out: str, preset: Preset, vae: str | None, full: bool):
+    """The latent table's current version and its encode metadata, when this encode may build on it."""
+    from emoji_ldm.store.delta import commit_metadata, open_table, table_exists
+    from emoji_ldm.store.latents import PARTITION
+
+    if full or not table_exists(out):
+        return None
+    table = open_table(out)
+    meta = commit_metadata(table)
+    if meta.get("operation") != "encode":
+        raise UserError(f"{out!r} is a Delta table but not a latent table: choose another --out")
+    def key(d):  # as JSON: the commit stored tuples as lists
+        return json.dumps({k: d.get(k) for k in ("image_size", "vae", "text")}, sort_keys=True)
+
+    same = [key(meta.get("preset", {})) == key(preset.to_dict())]
+    if not all(same) or (vae and meta.get("vae") != vae):
+        raise UserError(f"the latent table {out!r} was encoded with another preset, VAE or text encoder "
+                        f"({meta.get('preset', {}).get('name')!r}, VAE {meta.get('vae')!r}): pass --full to "
+                        "re-encode every row, or choose another --out")
+    if PARTITION not in (table.metadata().partition_columns or []):
+        return None  # written before latent tables were partitioned: rewrite it whole
+    return table, meta
+
+
 def encode(config: EncodeConfig) -> dict:
-    """Encode a dataset version into a new version of the latent table; returns a summary."""
+    """Encode a dataset version into the latent table at `out`; returns a summary.
+
+    Incremental unless `full`: only rows whose id or caption is new or changed
+    since the dataset version the latent table was built from are encoded
+    (a Ray Data left anti-join on (id, caption)), and rows no longer in the
+    dataset (or with another caption) are removed. At most two versions: the
+    removal (when something was removed) and the append. A run killed between
+    them leaves the changed rows missing, and the next run encodes them.
+    """
     from emoji_ldm.runtime import ensure_ray
     from emoji_ldm.store.artifacts import artifact_uri, check_writable, write_bytes
-    from emoji_ldm.store.delta import CommitDeltaDatasink, open_table, read_dataset, version_for_build
+    from emoji_ldm.store.delta import CommitDeltaDatasink, open_table, read_dataset, row_count, version_for_build
+    from emoji_ldm.store.latents import split_files
     from emoji_ldm.store.uri import DatasetRef, normalize_uri
     from emoji_ldm.version import code_version
 
@@ -113,21 +156,24 @@ def encode(config: EncodeConfig) -> dict:
     preset = config.preset_config()
     out = check_writable(config.out)
     # Checked on the Delta table itself (clear errors for a missing dataset / version / tag),
-    # before Ray starts and without reading the images.
+    # before Ray starts and without reading the images: counts from the log, text by Arrow compute.
     table = open_table(config.dataset)
     version = table.version()
-    meta = table.to_pyarrow_table(columns=["caption", "title"]).to_pandas()
-    if len(meta) == 0:
+    if row_count(table) == 0:
         raise UserError(f"dataset {config.dataset!r} (version {version}) has no rows to encode")
-    has_text = (meta["caption"].fillna("").str.len() > 0) | (meta["title"].fillna("").str.len() > 0)
-    if not has_text.any():
+    has_text = (pc.field("caption") != "") | (pc.field("title") != "")
+    if table.to_pyarrow_dataset().count_rows(filter=has_text) == 0:
         raise UserError(f"dataset {config.dataset!r} has no captions or titles: caption it first")
+    vae_path = normalize_uri(config.vae) if config.vae else None
+    previous = _previous_encode(out, preset, vae_path, config.full)
     ensure_ray(dashboard=True)  # Ray Train's cleaner needs the State API
-    ds, _ = read_dataset(DatasetRef(DatasetRef.parse(config.dataset).uri, version=version),
-                         columns=["id", "image", "caption", "title"])
+    dataset_uri = DatasetRef.parse(config.dataset).uri
+    ds, _ = read_dataset(DatasetRef(dataset_uri, version=version), columns=["id", "image", "caption", "title"])
+    ds = ds.map_batches(_text_rows, batch_format="numpy")
 
-    vae_path = config.vae
-    if preset.vae.trained_here and not vae_path:
+    if previous is not None:
+        vae_path = previous[1]["vae"]  # the same VAE as the rows already there
+    elif preset.vae.trained_here and not vae_path:
         from emoji_ldm.train.vae import VAETrainConfig, train_vae
 
         vae_path = artifact_uri(out, "_emoji_ldm", "vae")
@@ -136,17 +182,32 @@ def encode(config: EncodeConfig) -> dict:
         train_vae(VAETrainConfig(dataset=config.dataset, out=vae_path, preset=config.preset,
                                  overrides=config.overrides, use_gpu=config.use_gpu, workers=config.vae_workers,
                                  max_steps=config.vae_steps))
-    elif vae_path:
-        vae_path = normalize_uri(vae_path)
-
-    buf = io.BytesIO()
-    np.savez(buf, emb=empty_caption_embedding(preset))
-    write_bytes(artifact_uri(out, "_emoji_ldm", "empty_caption.npz"), buf.getvalue())
 
     import ray.data
 
     build_id = uuid.uuid4().hex[:12]
-    encoded = ds.map_batches(
+    metadata = {
+        "operation": "encode", "source": f"{dataset_uri}@{version}", "dataset": config.dataset,
+        "dataset_version": version, "preset": preset.to_dict(), "vae": vae_path or preset.vae.pretrained,
+        "text_encoder": preset.text.pretrained, "code_version": code_version(), "build_id": build_id,
+        "config": dataclasses.asdict(config), "message": f"encode {config.dataset}@{version} with {preset.name}",
+    }
+    removed = 0
+    if previous is None:
+        mode, todo = "overwrite", ds
+        buf = io.BytesIO()
+        np.savez(buf, emb=empty_caption_embedding(preset))
+        write_bytes(artifact_uri(out, "_emoji_ldm", "empty_caption.npz"), buf.getvalue())
+    else:
+        mode = "append"
+        parts = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        have = ray.data.read_delta(out, columns=["id", "caption"], storage_options=_options())
+        keys = ds.select_columns(["id", "caption"])
+        removed = _remove_rows(out, have.join(keys, "left_anti", parts, on=("id", "caption")),
+                               {**metadata, "phase": "remove", "message": f"{metadata['message']}: remove"})
+        todo = ds.join(have, "left_anti", parts, on=("id", "caption"))
+
+    encoded = todo.map_batches(
         Encoder,
         fn_constructor_kwargs={"preset": preset.to_dict(), "vae_path": vae_path,
                                "device": "cuda" if config.use_gpu else "cpu"},
@@ -155,28 +216,48 @@ def encode(config: EncodeConfig) -> dict:
         compute=ray.data.ActorPoolStrategy(size=config.concurrency),
         num_gpus=1 if config.use_gpu else 0,
     ).map_batches(_to_table, batch_format="numpy")
-    counts = {"rows": int(len(meta))}
-    metadata = {
-        "operation": "encode",
-        "source": f"{DatasetRef.parse(config.dataset).uri}@{version}",
-        "dataset": config.dataset, "dataset_version": version,
-        "preset": preset.to_dict(), "vae": vae_path or preset.vae.pretrained, "text_encoder": preset.text.pretrained,
-        "code_version": code_version(), "build_id": build_id, "counts": counts,
-        "config": dataclasses.asdict(config), "message": f"encode {config.dataset}@{version} with {preset.name}",
-    }
-    sink = CommitDeltaDatasink(out, schema=LATENT_SCHEMA, metadata=metadata, mode="overwrite",
-                               partition_by=PARTITION)
+    sink = CommitDeltaDatasink(out, schema=LATENT_SCHEMA, metadata={**metadata, "counts": {"removed": removed}},
+                               mode=mode, partition_by=PARTITION)
     encoded.write_datasink(sink)
     latent_version = version_for_build(out, build_id)
-    table = open_table(f"{out}@{latent_version}").to_pyarrow_table(columns=["split"])
-    val = table.column("split").to_pylist().count("val")
-    summary = {"out": out, "version": latent_version, "rows": table.num_rows, "val": val,
-               "dataset": config.dataset, "dataset_version": version, "vae": metadata["vae"],
-               "seconds": time.perf_counter() - start}
-    return summary
+    latest = open_table(f"{out}@{latent_version}")
+    train_rows, val_rows = (sum(f.rows for f in split_files(latest, s)) for s in ("train", "val"))
+    return {"out": out, "version": latent_version, "rows": train_rows + val_rows, "val": val_rows,
+            "encoded": sink.rows_written, "removed": removed, "incremental": mode == "append",
+            "dataset": config.dataset, "dataset_version": version, "vae": metadata["vae"],
+            "seconds": time.perf_counter() - start}
+
+
+def _options():
+    from emoji_ldm.store.uri import storage_options
+
+    return storage_options() or None
+
+
+def _remove_rows(out: str, stale, metadata: dict) -> int:
+    """Delete the rows of `stale` (id, caption) from the latent table in one commit; returns how many."""
+    from deltalake import DeltaTable
+    from deltalake.transaction import CommitProperties
+
+    from emoji_ldm.store.delta import META_KEY
+
+    schema = pa.schema([("id", pa.string()), ("caption", pa.string())])
+    # the keys of the rows to remove: as many as the dataset lost or changed, the work this run was asked
+    keys = pa.concat_tables([schema.empty_table()] + [
+        b.select(["id", "caption"]).cast(schema) for b in stale.iter_batches(batch_size=65536, batch_format="pyarrow")])
+    if keys.num_rows == 0:
+        return 0
+    result = (DeltaTable(out, storage_options=_options())
+              .merge(source=keys, predicate="t.id = s.id AND t.caption = s.caption", source_alias="s",
+                     target_alias="t", commit_properties=CommitProperties(custom_metadata={META_KEY: metadata}))
+              .when_matched_delete()
+              .execute())
+    return int(result.get("num_target_rows_deleted", 0))
 
 
 def report(summary: dict) -> str:
-    return (f"encode: {summary['rows']} rows ({summary['val']} held out) from {summary['dataset']}@"
-            f"{summary['dataset_version']} -> version {summary['version']} of {summary['out']} | "
-            f"{summary['seconds']:.1f} s")
+    change = (f"{summary['encoded']} rows encoded, {summary['removed']} removed (incremental); "
+              if summary["incremental"] else f"{summary['encoded']} rows encoded; ")
+    return (f"encode: {change}the latent table has {summary['rows']} rows ({summary['val']} held out) from "
+            f"{summary['dataset']}@{summary['dataset_version']} -> version {summary['version']} of "
+            f"{summary['out']} | {summary['seconds']:.1f} s")

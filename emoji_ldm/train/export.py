@@ -33,16 +33,24 @@ def assemble_pipeline(unet, preset, vae_uri: str):
     return pipe
 
 
-def ema_unet(checkpoint_dir: str, preset):
-    """The UNet with the checkpoint's EMA weights (LoRA adapters fused into the base weights)."""
+def ema_unet(checkpoint_uri: str, preset):
+    """The UNet with the checkpoint's EMA weights (LoRA adapters fused into the base weights).
+
+    Reads only `ema.pt` of the checkpoint (local or S3), not the optimizer shards beside it.
+    """
+    import io
+
     from diffusers.training_utils import EMAModel
 
     from emoji_ldm.models.builders import build_unet, configure_trainable
+    from emoji_ldm.store.artifacts import artifact_uri, read_bytes
 
     unet = build_unet(preset)
     params = configure_trainable(unet, preset)
     ema = EMAModel([p.detach().clone() for p in params], decay=preset.train.ema_decay)
-    ema.load_state_dict(torch.load(Path(checkpoint_dir) / "ema.pt", weights_only=False))
+    state = torch.load(io.BytesIO(read_bytes(artifact_uri(checkpoint_uri, "ema.pt"))), weights_only=False,
+                       map_location="cpu")
+    ema.load_state_dict(state)
     ema.copy_to(params)
     if preset.unet.finetune == "lora":
         unet.fuse_lora()
@@ -53,9 +61,9 @@ def ema_unet(checkpoint_dir: str, preset):
 
 def export_model(checkpoint_uri: str, preset, vae_uri: str, out_uri: str, card: dict) -> str:
     """Write the pipeline folder and its card to `out_uri` (card last: readers look for it)."""
-    from emoji_ldm.store.artifacts import local_copy, upload_dir
+    from emoji_ldm.store.artifacts import upload_dir
 
-    unet = ema_unet(local_copy(checkpoint_uri), preset)
+    unet = ema_unet(checkpoint_uri, preset)
     pipe = assemble_pipeline(unet, preset, vae_uri)
     with tempfile.TemporaryDirectory() as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)

@@ -137,8 +137,26 @@ class WorkerConfig:
 
 
 def train_loop(loop_config: dict) -> None:
-    """Ray Train worker: a DeepSpeed engine over this rank's stream of the latent table."""
+    """Ray Train worker: a DeepSpeed engine over this rank's stream of the latent table.
+
+    A `UserError` (a model that does not load, say) is a mistake a restart
+    cannot fix: every rank meets it the same way and returns, rank 0 leaves
+    its message in the run folder, and the driver raises it as one line
+    instead of Ray retrying.
+    """
+    import ray.train
+
     run: WorkerConfig = loop_config["run"]
+    try:
+        _train_worker(run)
+    except UserError as e:
+        if ray.train.get_context().get_world_rank() == 0:
+            from emoji_ldm.store.artifacts import artifact_uri, write_bytes
+
+            write_bytes(artifact_uri(run.out, *_WORKER_ERROR), str(e).splitlines()[0].encode())
+
+
+def _train_worker(run: WorkerConfig) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if run.use_gpu else "cpu")
     import deepspeed
     import ray.train
@@ -500,7 +518,10 @@ def train(config: TrainConfig) -> dict:
     result = trainer.fit()
     if result.error:
         raise result.error
+    _raise_worker_error(out)
     final = latest_checkpoint(out)
+    if final is None:
+        raise RuntimeError(f"training ended without a checkpoint under {out}/checkpoints")
     card = {
         "kind": "emoji-ldm model", "preset": preset.name, "config": preset.to_dict(),
         "dataset": enc_meta.get("dataset"), "dataset_version": enc_meta.get("dataset_version"),
@@ -512,6 +533,20 @@ def train(config: TrainConfig) -> dict:
     }
     export_model(final[0], preset, enc_meta["vae"], artifact_uri(out, "model"), card)
     return {**card, "out": out}
+
+
+_WORKER_ERROR = ("_emoji_ldm", "worker-error.txt")
+
+
+def _raise_worker_error(out: str) -> None:
+    """The UserError a worker left in the run folder (see `train_loop`), raised here, once."""
+    from emoji_ldm.store.artifacts import artifact_uri, delete, exists, read_bytes
+
+    uri = artifact_uri(out, *_WORKER_ERROR)
+    if exists(uri):
+        message = read_bytes(uri).decode()
+        delete(uri)
+        raise UserError(message)
 
 
 def report(card: dict) -> str:

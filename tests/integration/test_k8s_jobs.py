@@ -271,4 +271,4 @@ def test_submit_and_jobs_bad_input(cluster, tmp_path):
         r = cli(cluster, *args, timeout=120)
         assert r.returncode == 2 and message in r.stderr, f"{shlex.join(args)}: {r.returncode}\n{r.stderr}"
     r = run_cli("submit", "nosuchstage")
-    assert r.returncode == 2 and "unknown stage 'nosuchstage'; choose one of build, crawl" in r.stderr
+    assert r.returncode == 2 and "unknown stage 'nosuchstage'; choose one of build, caption, crawl" in r.stderr

@@ -111,7 +111,7 @@ def test_emoji_set_stored_in_s3_under_a_server_id(served):
 
 BAD_GENERATE = [
     ({"prompt": "x", "n": 0}, 422, "n"),
-    ({"prompt": "x", "n": 17}, 422, "n"),
+    ({"prompt": "x", "n": 65}, 422, "n"),
     ({"prompt": "x", "steps": 0}, 422, "steps"),
     ({"prompt": "x", "guidance": -1}, 422, "guidance"),
     ({"prompt": "x", "scheduler": "euler"}, 422, "scheduler"),

@@ -154,6 +154,13 @@ def test_bad_inputs(tiny, tmp_path):
         encode(EncodeConfig(dataset=f"{tiny / 'ds'}@5", out=str(tmp_path / "lat"), vae=str(tiny / "vae")))
     with pytest.raises(UserError, match="train-vae is only for presets"):
         train_vae(VAETrainConfig(dataset=str(tiny / "ds"), out=str(tmp_path / "v"), preset="emoji64"))
+    # a mistake only a worker can see (a model it cannot load) comes back as the UserError, not retried
+    with pytest.raises(UserError, match="cannot load the UNet"):
+        train(TrainConfig(data=str(tiny / "lat"), out=str(tmp_path / "nounet"), max_steps=2,
+                          overrides={**FAST, "unet.pretrained": str(tmp_path / "no-such-unet")}))
+    # more rows per micro batch than the table has: refused on the driver
+    with pytest.raises(UserError, match="fewer than the micro batch 512 for each of the 2 workers"):
+        train(TrainConfig(data=str(tiny / "lat"), out=str(tmp_path / "big"), batch_size=1024, overrides=FAST))
     r = run_cli("train", "--data", str(tiny / "lat"), "--out", str(tmp_path / "r"), "--zero-stage", "5")
     assert r.returncode == 2 and "--zero-stage must be 0, 1, 2 or 3, got 5" in r.stderr
     r = run_cli("train", "--data", str(tiny / "lat"), "--out", str(tmp_path / "r"), "--workers", "3")
@@ -163,7 +170,7 @@ def test_bad_inputs(tiny, tmp_path):
 def test_emoji64_with_tiny_stand_ins(ray_local, tiny, tmp_path):
     """The seed's preset through its real loading paths: CLIP + SD-layout VAE from local folders."""
     clip, vae = tiny_clip(tmp_path / "clip"), tiny_sd_vae(tmp_path / "vae")
-    sets = {"vae.pretrained": str(vae), "text.pretrained": str(clip), "image_size": 32,
+    sets = {"vae.pretrained": str(vae), "text.pretrained": str(clip), "text.hidden_size": "32", "image_size": 32,
             "unet.block_out_channels": "32,64", "unet.attention_head_dim": 4}
     encode(EncodeConfig(dataset=str(tiny / "ds"), out=str(tmp_path / "lat"), preset="emoji64", overrides=sets))
     card = train(TrainConfig(data=str(tmp_path / "lat"), out=str(tmp_path / "run"), preset="emoji64",
@@ -178,6 +185,7 @@ def test_sd_finetune_with_tiny_stand_in(ray_local, tiny, tmp_path, mode):
 
     sd = tiny_sd_pipeline(tmp_path / "sd")
     sets = {"unet.pretrained": str(sd), "vae.pretrained": str(sd), "text.pretrained": str(sd), "image_size": 32,
+            "text.hidden_size": "none",
             "unet.finetune": mode, "unet.lora_rank": 4}
     encode(EncodeConfig(dataset=str(tiny / "ds"), out=str(tmp_path / "lat"), preset="sd-finetune", overrides=sets))
     overrides = {k: v for k, v in {**FAST, **sets}.items() if k != "unet.block_out_channels"}
@@ -201,3 +209,31 @@ def test_train_with_checkpoints_and_model_on_s3(s3_server, tiny, tmp_path):
     r = run_cli("generate", "--model", out, "--prompt", "sun", "--n", "1", "--steps", "2",
                 "--out", str(tmp_path / "gen"))
     assert r.returncode == 0, r.stderr
+
+
+def test_encode_is_incremental(ray_local, tiny, tmp_path):
+    """A new dataset version: only new or re-captioned rows are encoded; deleted ones leave the latent table."""
+    from deltalake import DeltaTable
+
+    ds, lat = str(tmp_path / "ds"), str(tmp_path / "lat")
+    build_dataset(BuildConfig(source="twemoji", out=ds, limit=24))
+    first = encode(EncodeConfig(dataset=ds, out=lat, vae=str(tiny / "vae")))
+    assert (first["encoded"], first["removed"], first["incremental"]) == (24, 0, False)
+
+    build_dataset(BuildConfig(source="twemoji", out=ds, limit=30))  # 6 more rows
+    table = DeltaTable(ds)
+    ids = sorted(table.to_pyarrow_table(columns=["id"]).column("id").to_pylist())
+    table.update(predicate=f"id = '{ids[0]}'", updates={"caption": "'a brand new caption'"})
+    DeltaTable(ds).delete(predicate=f"id = '{ids[1]}'")
+    second = encode(EncodeConfig(dataset=ds, out=lat))
+    assert (second["encoded"], second["removed"], second["incremental"]) == (7, 2, True)  # 6 new + 1 re-captioned
+    rows = DeltaTable(lat).to_pyarrow_table(columns=["id", "caption"]).to_pylist()
+    assert len(rows) == 29 and len({r["id"] for r in rows}) == 29
+    assert {"id": ids[0], "caption": "a brand new caption"} in rows and ids[1] not in {r["id"] for r in rows}
+
+    again = encode(EncodeConfig(dataset=ds, out=lat))  # nothing changed since: nothing to encode
+    assert (again["encoded"], again["removed"], again["rows"]) == (0, 0, 29)
+    full = encode(EncodeConfig(dataset=ds, out=lat, vae=str(tiny / "vae"), full=True))
+    assert (full["encoded"], full["incremental"], full["rows"]) == (29, False, 29)
+    with pytest.raises(UserError, match="pass --full"):
+        encode(EncodeConfig(dataset=ds, out=lat, overrides={"text.max_length": "8"}))

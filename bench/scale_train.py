@@ -1,0 +1,199 @@
+"""Training at scale: peak memory and images/s of `emoji-ldm train --workers 2` at 5k, 50k and 500k rows.
+
+Synthetic latent tables of the `tiny` preset's shapes (8x8x4 latents, 16x384
+text embeddings: 12.8 KB a row) are written straight to Delta (no images),
+with an encode commit and a random tiny VAE beside them, so `train` reads
+them as it reads a real latent table. At each size one `emoji-ldm train`
+subprocess runs a fixed number of steps while this script samples the
+resident memory of its whole process tree (the driver, the raylet, the Ray
+Train workers) every 0.2 s with psutil.
+
+The peer is the same command from an earlier commit (`--peer-rev`, default
+the last commit with the in-memory data path: the driver materialised the
+split and every worker kept all of it), run from a git worktree in the same
+session, at the sizes it survives (`--peer-sizes`).
+
+    .venv/bin/python bench/scale_train.py [--sizes 5000,50000,500000] [--steps 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PEER_REV = "b6f4e2a"  # before the streaming data path (in-memory shards)
+
+
+def write_table(root: Path, rows: int, vae: str) -> str:
+    """A latent table of `rows` synthetic tiny-shaped rows, partitioned by split, with an encode commit."""
+    from deltalake import CommitProperties, write_deltalake
+
+    from emoji_ldm.models.presets import get_preset
+    from emoji_ldm.store.latents import LATENT_SCHEMA, PARTITION
+
+    uri = str(root / f"latents-{rows}")
+    preset = get_preset("tiny")
+    rng = np.random.default_rng(0)
+    latent_shape, text_shape = [4, 8, 8], [16, 384]
+
+    def batches():
+        for start in range(0, rows, 10_000):
+            n = min(10_000, rows - start)
+            ids = [f"{i:032x}" for i in range(start, start + n)]
+            lat = rng.standard_normal((n, 256), dtype=np.float32).astype(np.float16)
+            txt = rng.standard_normal((n, 6144), dtype=np.float32).astype(np.float16)
+            yield pa.RecordBatch.from_pydict({
+                "id": ids, "caption": [f"synthetic emoji {i}" for i in range(start, start + n)],
+                "split": ["val" if int(i[:8], 16) % 10 == 0 else "train" for i in ids],
+                "latent": [r.tobytes() for r in lat], "latent_shape": [latent_shape] * n,
+                "text_emb": [r.tobytes() for r in txt], "text_shape": [text_shape] * n,
+            }, schema=LATENT_SCHEMA)
+
+    meta = {"operation": "encode", "dataset": "synthetic", "dataset_version": 0, "preset": preset.to_dict(),
+            "vae": vae, "text_encoder": "minilm", "counts": {"rows": rows}}
+    write_deltalake(uri, pa.RecordBatchReader.from_batches(LATENT_SCHEMA, batches()), partition_by=[PARTITION],
+                    commit_properties=CommitProperties(custom_metadata={"emoji_ldm": meta}))
+    empty = root / f"latents-{rows}" / "_emoji_ldm"
+    empty.mkdir(parents=True, exist_ok=True)
+    np.savez(empty / "empty_caption.npz", emb=np.zeros(text_shape, np.float16))
+    return uri
+
+
+def random_vae(root: Path) -> str:
+    from emoji_ldm.models.builders import build_vae
+    from emoji_ldm.models.presets import get_preset
+
+    vae = build_vae(get_preset("tiny"))
+    vae.register_to_config(scaling_factor=1.0)
+    vae.save_pretrained(root / "vae")
+    return str(root / "vae")
+
+
+def tree_rss(root: psutil.Process) -> tuple[int, int, int]:
+    """(all processes, the root alone, the largest Ray Train worker) resident bytes."""
+    total, worker = 0, 0
+    own = root.memory_info().rss
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            rss = p.memory_info().rss
+            total += rss
+            if "TrainWorker" in " ".join(p.cmdline()) or "RayTrainWorker" in p.name():
+                worker = max(worker, rss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total, own, worker
+
+
+def run_train(checkout: Path, data: str, out: str, steps: int, env: dict) -> dict:
+    cmd = [str(REPO / ".venv" / "bin" / "python"), "-c", "import sys; from emoji_ldm.cli import main; "
+           "sys.exit(main(sys.argv[1:]))", "train", "--data", data, "--out", out, "--workers", "2",
+           "--max-steps", str(steps), "--set", "train.sample_every=0", "--set", "train.log_every=5",
+           "--set", f"train.checkpoint_every={steps}"]
+    peaks = {"tree": 0, "driver": 0, "worker": 0}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=checkout, env={**env, "PYTHONPATH": str(checkout)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = threading.Event()
+
+    def sample():
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                tree, driver, worker = tree_rss(root)
+            except psutil.NoSuchProcess:
+                return
+            peaks["tree"], peaks["driver"] = max(peaks["tree"], tree), max(peaks["driver"], driver)
+            peaks["worker"] = max(peaks["worker"], worker)
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    output = proc.communicate()[0]
+    done.set()
+    sampler.join()
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        return {"ok": False, "error": output[-1500:], "seconds": seconds, **peaks}
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    steady = [r["images_per_s"] for r in rows[1:]] or [rows[-1]["images_per_s"]]  # the first log has warm-up
+    return {"ok": True, "images_per_s": statistics.median(steady), "seconds": seconds, **peaks}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="5000,50000,500000")
+    parser.add_argument("--peer-sizes", default="5000,50000", help="sizes to run the in-memory peer at")
+    parser.add_argument("--peer-rev", default=PEER_REV)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--work", default=None, help="folder for the tables (default: a temp folder)")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    peer_sizes = [int(s) for s in args.peer_sizes.split(",") if s]
+    work = Path(args.work or tempfile.mkdtemp(prefix="emoji-ldm-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    peer = work / "peer-checkout"
+    if peer_sizes and not peer.exists():
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "-f", str(peer), args.peer_rev], check=True,
+                       capture_output=True)
+    vae = random_vae(work)
+    results = {}
+    try:
+        for rows in sizes:
+            t0 = time.perf_counter()
+            data = write_table(work, rows, vae)
+            print(f"{rows} rows: table written in {time.perf_counter() - t0:.0f} s", flush=True)
+            for who, checkout in (("ours", REPO), ("peer", peer)):
+                if who == "peer" and rows not in peer_sizes:
+                    continue
+                out = str(work / f"run-{who}-{rows}")
+                r = run_train(checkout, data, out, args.steps, env)
+                results[(who, rows)] = r
+                shutil.rmtree(out, ignore_errors=True)
+                if r["ok"]:
+                    print(f"  {who}: {r['images_per_s']:.0f} images/s (median after warm-up), peak memory: "
+                          f"process tree {r['tree'] / 2**30:.2f} GiB, driver {r['driver'] / 2**30:.2f} GiB, "
+                          f"largest worker {r['worker'] / 2**30:.2f} GiB; {r['seconds']:.0f} s", flush=True)
+                else:
+                    print(f"  {who}: FAILED after {r['seconds']:.0f} s: {r['error'][-400:]}", flush=True)
+            shutil.rmtree(data, ignore_errors=True)
+    finally:
+        if peer.exists():
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(peer)], capture_output=True)
+
+    base = results.get(("ours", sizes[0]))
+    print(f"\nratios against ours at {sizes[0]} rows (goals: peak memory <= 1.25x, images/s >= 0.9x):")
+    for rows in sizes[1:]:
+        r = results.get(("ours", rows))
+        if base and base["ok"] and r and r["ok"]:
+            print(f"  {rows:>7} rows: tree memory {r['tree'] / base['tree']:.2f}x, driver "
+                  f"{r['driver'] / base['driver']:.2f}x, largest worker {r['worker'] / base['worker']:.2f}x, "
+                  f"images/s {r['images_per_s'] / base['images_per_s']:.2f}x")
+    for rows in peer_sizes:
+        ours, theirs = results.get(("ours", rows)), results.get(("peer", rows))
+        if ours and theirs and ours["ok"] and theirs["ok"]:
+            speed = ours["images_per_s"] / theirs["images_per_s"]
+            print(f"  ours vs in-memory peer at {rows} rows: images/s {speed:.2f}x, "
+                  f"tree memory {ours['tree'] / theirs['tree']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""`emoji-ldm train-step-check`: the real training step on random latents, in one process, no Ray.
+
+It builds the preset's UNet, runs `training_step` (the one the Ray Train
+workers run) on random latents and text embeddings of the preset's shapes,
+and reports images/s, the FLOPs of a step (counted by torch), MFU against a
+matmul peak measured on the same device, and peak memory. It is the check to
+run on a GPU node (only torch, transformers and diffusers are needed) and a
+smoke test for users, like `accelerate launch` in a single process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+from emoji_ldm.errors import UserError
+from emoji_ldm.models.presets import PresetOptions
+from emoji_ldm.options import opt
+
+
+@dataclass(frozen=True)
+class StepCheckConfig(PresetOptions):
+    steps: int = opt(10, help="timed training steps")
+    warmup: int = opt(2, help="untimed steps first (allocator, kernels)")
+    batch_size: int | None = opt(None, help="images per step (default: the preset's global batch)")
+    threads: int | None = opt(None, help="CPU threads for torch (default: torch's)")
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be 1 or more, got {value}")
+        if self.warmup < 0:
+            raise UserError(f"--warmup must be 0 or more, got {self.warmup}")
+
+
+def matmul_peak(device, dtype, n: int | None = None, repeats: int = 5) -> float:
+    """FLOP/s of an n x n matmul on `device` in `dtype`: the peak MFU is measured against."""
+    import torch
+
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_bytes(device) -> int:
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak resident memory
+
+
+def step_check(config: StepCheckConfig) -> dict:
+    """Run the check; returns the figures (see `report`)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from emoji_ldm.models.builders import (
+        build_unet,
+        configure_trainable,
+        count_params,
+        noise_scheduler,
+        text_hidden_size,
+    )
+    from emoji_ldm.train.ldm import _lr_lambda
+    from emoji_ldm.train.step import PlainEngine, training_step
+
+    if config.use_gpu and not torch.cuda.is_available():
+        raise UserError("--gpu: torch sees no CUDA device here; run without --gpu to check the CPU")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    preset = config.preset_config()
+    device = torch.device("cuda" if config.use_gpu else "cpu")
+    # on a GPU the weights stay fp32 and the step runs under bf16 autocast, as DeepSpeed's bf16 does its math
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.use_gpu)
+    torch.manual_seed(preset.train.seed)
+    unet = build_unet(preset).to(device).train()
+    params = configure_trainable(unet, preset)
+    optimizer = torch.optim.AdamW(params, lr=preset.train.lr, weight_decay=preset.train.weight_decay)
+    engine = PlainEngine(unet, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(preset)),
+                         preset.train.grad_clip, params)
+    noise = noise_scheduler(preset)
+    batch = config.batch_size or preset.train.batch_size
+    c, s = preset.vae.latent_channels, preset.latent_size
+    length, width = preset.text.max_length, text_hidden_size(preset)
+    latents = torch.randn(batch, c, s, s, device=device)  # (B, C, h, w)
+    text = torch.randn(batch, length, width, device=device)  # (B, L, D)
+    empty = torch.zeros(length, width, device=device)  # (L, D)
+
+    def step():
+        with autocast:
+            return training_step(engine, noise, latents, text, empty, preset.train.caption_dropout,
+                                 preset.noise.prediction_type, torch.float32)
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()  # forward + backward of one step
+    for _ in range(config.warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(config.steps):
+        loss = step()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    peak = matmul_peak(device, torch.bfloat16 if config.use_gpu else torch.float32)
+    achieved = flops * config.steps / seconds
+    return {
+        "preset": preset.name, "device": torch.cuda.get_device_name(device) if config.use_gpu else "cpu",
+        "precision": "bf16 autocast" if config.use_gpu else "fp32", "batch": batch, "steps": config.steps,
+        "params": count_params(unet), "step_s": seconds / config.steps, "images_per_s": batch * config.steps / seconds,
+        "flops_per_step": flops, "achieved_flops": achieved, "peak_flops": peak, "mfu": achieved / peak,
+        "peak_memory_bytes": _peak_memory_bytes(device), "loss": float(loss),
+        "config": dataclasses.asdict(config),
+    }
+
+
+def report(r: dict) -> str:
+    return (f"train-step-check: preset {r['preset']} on {r['device']} ({r['precision']}), UNet "
+            f"{r['params'] / 1e6:.1f}M params, batch {r['batch']}: {r['step_s'] * 1000:.0f} ms/step, "
+            f"{r['images_per_s']:.1f} images/s, {r['flops_per_step'] / 1e9:.1f} GFLOP/step, "
+            f"{r['achieved_flops'] / 1e12:.3f} TFLOP/s = MFU {100 * r['mfu']:.1f}% of a measured "
+            f"{r['peak_flops'] / 1e12:.2f} TFLOP/s matmul peak, peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB, "
+            f"loss {r['loss']:.4f}")
