@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo-out
 DEMO_PORT ?= 8000
 
-.PHONY: demo test test-fast lint install clean bench bench-train bench-serve bench-caption bench-crawl bench-submit chromium kubectl
+.PHONY: demo test test-fast lint install clean bench bench-scale bench-train bench-serve bench-caption bench-crawl bench-submit chromium kubectl
 
 # The virtualenv with the package (editable), its pinned deps and test extras.
 # torch==2.13.0 resolves to the CPU wheel on these machines' disk.
@@ -63,6 +63,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python bench/ingest.py
+
+# Peak memory and images/s of `train` at 5k, 50k and 500k synthetic latent rows, vs the in-memory path.
+bench-scale: $(STAMP)
+	$(BIN)/python bench/scale_train.py
 
 bench-train: $(STAMP)
 	$(BIN)/python bench/train.py --demo-out $(DEMO_OUT)

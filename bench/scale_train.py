@@ -19,6 +19,7 @@ session, at the sizes it survives (`--peer-sizes`).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -46,6 +47,7 @@ def write_table(root: Path, rows: int, vae: str) -> str:
 
     from emoji_ldm.models.presets import get_preset
     from emoji_ldm.store.latents import LATENT_SCHEMA, PARTITION
+    from emoji_ldm.train.data import split_of
 
     uri = str(root / f"latents-{rows}")
     preset = get_preset("tiny")
@@ -55,17 +57,19 @@ def write_table(root: Path, rows: int, vae: str) -> str:
     def batches():
         for start in range(0, rows, 10_000):
             n = min(10_000, rows - start)
-            ids = [f"{i:032x}" for i in range(start, start + n)]
+            ids = [hashlib.md5(str(i).encode()).hexdigest() for i in range(start, start + n)]
             lat = rng.standard_normal((n, 256), dtype=np.float32).astype(np.float16)
             txt = rng.standard_normal((n, 6144), dtype=np.float32).astype(np.float16)
             yield pa.RecordBatch.from_pydict({
                 "id": ids, "caption": [f"synthetic emoji {i}" for i in range(start, start + n)],
-                "split": ["val" if int(i[:8], 16) % 10 == 0 else "train" for i in ids],
+                "split": [split_of(i) for i in ids],
                 "latent": [r.tobytes() for r in lat], "latent_shape": [latent_shape] * n,
                 "text_emb": [r.tobytes() for r in txt], "text_shape": [text_shape] * n,
             }, schema=LATENT_SCHEMA)
 
-    meta = {"operation": "encode", "dataset": "synthetic", "dataset_version": 0, "preset": preset.to_dict(),
+    recorded = preset.to_dict()
+    recorded["text"].pop("hidden_size")  # as the peer's code recorded it: it compares the text section whole
+    meta = {"operation": "encode", "dataset": "synthetic", "dataset_version": 0, "preset": recorded,
             "vae": vae, "text_encoder": "minilm", "counts": {"rows": rows}}
     write_deltalake(uri, pa.RecordBatchReader.from_batches(LATENT_SCHEMA, batches()), partition_by=[PARTITION],
                     commit_properties=CommitProperties(custom_metadata={"emoji_ldm": meta}))

@@ -460,7 +460,10 @@ def train(config: TrainConfig) -> dict:
     preset = config.resolved_preset()
     ref, table, enc_meta = open_latent_table(config.data)
     latent_version = table.version()
-    if preset.to_dict()["text"] != enc_meta["preset"]["text"] or preset.image_size != enc_meta["preset"]["image_size"]:
+    encoded_with = enc_meta["preset"]
+    same_text = all(encoded_with["text"].get(k) == getattr(preset.text, k)
+                    for k in ("pretrained", "kind", "subfolder", "max_length"))  # what makes the embeddings
+    if not same_text or preset.image_size != encoded_with["image_size"]:
         raise UserError(f"the latent table was encoded with preset {enc_meta['preset']['name']!r} "
                         f"(text encoder / image size differ from {preset.name!r}): encode again or use that preset")
     out = check_writable(config.out)
