@@ -25,8 +25,11 @@ class StepCheckConfig(PresetOptions):
     warmup: int = opt(2, help="untimed steps first (allocator, kernels)")
     batch_size: int | None = opt(None, help="images per step (default: the preset's global batch)")
     threads: int | None = opt(None, help="CPU threads for torch (default: torch's)")
+    precision: str = opt("auto", help="fp32 | bf16 (autocast; runs on CPU too) | auto: bf16 on a GPU, fp32 on CPU")
 
     def __post_init__(self):
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise UserError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         for name in ("steps", "batch_size", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -89,8 +92,9 @@ def step_check(config: StepCheckConfig) -> dict:
         torch.set_num_threads(config.threads)
     preset = config.preset_config()
     device = torch.device("cuda" if config.use_gpu else "cpu")
-    # on a GPU the weights stay fp32 and the step runs under bf16 autocast, as DeepSpeed's bf16 does its math
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.use_gpu)
+    # the weights stay fp32 and the step runs under bf16 autocast (CPU autocast does bf16 too)
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and config.use_gpu)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     torch.manual_seed(preset.train.seed)
     unet = build_unet(preset).to(device).train()
     params = configure_trainable(unet, preset)
@@ -121,11 +125,11 @@ def step_check(config: StepCheckConfig) -> dict:
         loss = step()
     _sync(device)
     seconds = time.perf_counter() - start
-    peak = matmul_peak(device, torch.bfloat16 if config.use_gpu else torch.float32)
+    peak = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32)
     achieved = flops * config.steps / seconds
     return {
         "preset": preset.name, "device": torch.cuda.get_device_name(device) if config.use_gpu else "cpu",
-        "precision": "bf16 autocast" if config.use_gpu else "fp32", "batch": batch, "steps": config.steps,
+        "precision": "bf16 autocast" if bf16 else "fp32", "batch": batch, "steps": config.steps,
         "params": count_params(unet), "step_s": seconds / config.steps, "images_per_s": batch * config.steps / seconds,
         "flops_per_step": flops, "achieved_flops": achieved, "peak_flops": peak, "mfu": achieved / peak,
         "peak_memory_bytes": _peak_memory_bytes(device), "loss": float(loss),

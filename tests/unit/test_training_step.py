@@ -37,3 +37,7 @@ def test_step_check_runs_the_real_step():
     assert result["images_per_s"] > 0 and result["flops_per_step"] > 0 and 0 < result["mfu"] < 5
     assert "train-step-check: preset tiny on cpu" in report(result)
     assert "train" in STAGES  # the step check is no stage: it needs no cluster
+    bf16 = step_check(parse_config(find(("train-step-check",)), [
+        "--steps", "1", "--warmup", "0", "--batch-size", "2", "--set", "unet.block_out_channels=32,32",
+        "--precision", "bf16"]))  # the mixed-precision path, on CPU
+    assert bf16["precision"] == "bf16 autocast" and bf16["loss"] == bf16["loss"]  # a number, not NaN
