@@ -20,7 +20,7 @@ from PIL import Image, ImageColor, UnidentifiedImageError
 from emoji_ldm.errors import UserError
 from emoji_ldm.options import opt
 
-ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "MPO")
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "MPO", "BMP")  # what PIL decodes safely; others are rejected
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from deltalake.transaction import CommitProperties
 from PIL import Image, ImageDraw, ImageFont
 
@@ -62,23 +63,30 @@ class DatasetSummary:
 
 
 def show(ref: str | DatasetRef, sheet: str | None = None, sheet_count: int = 64) -> DatasetSummary:
-    """Summarise a version; with `sheet`, also write a contact sheet PNG of the first images."""
+    """Summarise a version; with `sheet`, also write a contact sheet PNG of the first images.
+
+    The counts stream over the small columns batch by batch (memory grows with the distinct
+    sources, tags and sizes, not with the rows); the sheet reads only the rows it draws.
+    """
     ref = DatasetRef.parse(ref) if isinstance(ref, str) else ref
     table = open_table(ref)
-    meta = table.to_pyarrow_table(columns=["source", "tag", "caption", "width", "height"])
-    sizes = Counter(f"{w}x{h}" for w, h in zip(meta.column("width").to_pylist(), meta.column("height").to_pylist()))
-    summary = DatasetSummary(
-        ref=str(ref),
-        version=table.version(),
-        rows=meta.num_rows,
-        sources=dict(Counter(meta.column("source").to_pylist())),
-        tags=dict(Counter(meta.column("tag").to_pylist())),
-        captioned=meta.num_rows - meta.column("caption").null_count,
-        image_sizes=dict(sizes),
-    )
+    data = table.to_pyarrow_dataset()
+    rows, captioned = 0, 0
+    sources, tags, sizes = Counter(), Counter(), Counter()
+    for batch in data.to_batches(columns=["source", "tag", "caption", "width", "height"]):
+        rows += batch.num_rows
+        captioned += batch.num_rows - batch.column("caption").null_count
+        for counter, column in ((sources, "source"), (tags, "tag")):
+            counts = pc.value_counts(batch.column(column))
+            counter.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
+        wh = pc.binary_join_element_wise(pc.cast(batch.column("width"), pa.string()),
+                                         pc.cast(batch.column("height"), pa.string()), "x")
+        counts = pc.value_counts(wh)
+        sizes.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
+    summary = DatasetSummary(ref=str(ref), version=table.version(), rows=rows, sources=dict(sources),
+                             tags=dict(tags), captioned=captioned, image_sizes=dict(sizes))
     if sheet:
-        rows = table.to_pyarrow_table(columns=["image", "title", "caption"]).slice(0, sheet_count)
-        contact_sheet(rows, sheet)
+        contact_sheet(data.head(sheet_count, columns=["image", "title", "caption"]), sheet)
     return summary
 
 

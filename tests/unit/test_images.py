@@ -82,3 +82,22 @@ def test_too_large_bytes():
 def test_config_errors_name_the_value(kwargs, text):
     with pytest.raises(UserError, match=text):
         ImageConfig(**kwargs)
+
+
+def test_bmp_is_accepted_and_tiff_is_not():
+    import io
+
+    from PIL import Image
+
+    from emoji_ldm.ingest.images import Cleaned, ImageConfig, Rejected, clean_image
+
+    def encoded(fmt):
+        buf = io.BytesIO()
+        Image.new("RGB", (20, 10), (200, 30, 30)).save(buf, format=fmt)
+        return buf.getvalue()
+
+    bmp = clean_image(encoded("BMP"), ImageConfig(size=16))
+    assert isinstance(bmp, Cleaned) and bmp.orig_format == "BMP" and (bmp.width, bmp.height) == (16, 16)
+    tiff = clean_image(encoded("TIFF"), ImageConfig(size=16))
+    assert isinstance(tiff, Rejected) and tiff.reason == "unsupported_format"
+
