@@ -9,7 +9,7 @@ never repeats a default or a limit.
 Why not tyro or jsonargparse: both generate flags from dataclasses, but nested
 configs become `--image.size` / `--fetch.timeout-s`, and presets are chosen at
 run time and overridden by dotted path (`--set train.lr=2e-4`), which neither
-expresses without a custom type. This adapter is ~150 lines, keeps the flag
+expresses without a custom type. This adapter is short, keeps the flag
 names users already type (`--image-size`, `--timeout`) and supports exactly
 the field types the configs use:
 
