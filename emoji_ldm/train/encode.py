@@ -201,7 +201,7 @@ def encode(config: EncodeConfig) -> dict:
     else:
         mode = "append"
         parts = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        have = ray.data.read_delta(out, columns=["id", "caption"], storage_options=_options())
+        have, _ = read_dataset(DatasetRef(out, version=previous[0].version()), columns=["id", "caption"])
         keys = ds.select_columns(["id", "caption"])
         removed = _remove_rows(out, have.join(keys, "left_anti", parts, on=("id", "caption")),
                                {**metadata, "phase": "remove", "message": f"{metadata['message']}: remove"})
@@ -228,18 +228,11 @@ def encode(config: EncodeConfig) -> dict:
             "seconds": time.perf_counter() - start}
 
 
-def _options():
-    from emoji_ldm.store.uri import storage_options
-
-    return storage_options() or None
-
-
 def _remove_rows(out: str, stale, metadata: dict) -> int:
     """Delete the rows of `stale` (id, caption) from the latent table in one commit; returns how many."""
-    from deltalake import DeltaTable
     from deltalake.transaction import CommitProperties
 
-    from emoji_ldm.store.delta import META_KEY
+    from emoji_ldm.store.delta import META_KEY, open_table
 
     schema = pa.schema([("id", pa.string()), ("caption", pa.string())])
     # the keys of the rows to remove: as many as the dataset lost or changed, the work this run was asked
@@ -247,7 +240,7 @@ def _remove_rows(out: str, stale, metadata: dict) -> int:
         b.select(["id", "caption"]).cast(schema) for b in stale.iter_batches(batch_size=65536, batch_format="pyarrow")])
     if keys.num_rows == 0:
         return 0
-    result = (DeltaTable(out, storage_options=_options())
+    result = (open_table(out)
               .merge(source=keys, predicate="t.id = s.id AND t.caption = s.caption", source_alias="s",
                      target_alias="t", commit_properties=CommitProperties(custom_metadata={META_KEY: metadata}))
               .when_matched_delete()
