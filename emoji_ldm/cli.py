@@ -15,7 +15,7 @@ import logging
 import sys
 
 from emoji_ldm import __version__
-from emoji_ldm.commands import COMMANDS, GROUPS, Command, UsageError, _parser_class, load
+from emoji_ldm.commands import COMMANDS, GROUPS, Command, Parser, UsageError, load
 from emoji_ldm.errors import find_user_error
 
 
@@ -33,7 +33,7 @@ def build_parser(selected: Command | None = None) -> argparse.ArgumentParser:
     """The full command tree; only `selected` gets its flags (importing only its config's module)."""
     from emoji_ldm.options import add_arguments
 
-    parser = _parser_class()(
+    parser = Parser(
         prog="emoji-ldm", description="Versioned emoji datasets, latent diffusion training and bulk generation on Ray.")
     parser.add_argument("--version", action="version", version=f"emoji-ldm {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")

@@ -10,6 +10,7 @@ and imported only for the command that runs, so `emoji-ldm --help` and
 
 from __future__ import annotations
 
+import argparse
 import importlib
 from dataclasses import dataclass
 from typing import Any
@@ -122,25 +123,22 @@ class UsageError(Exception):
         self.usage = usage
 
 
-def _parser_class():
-    import argparse
+class Parser(argparse.ArgumentParser):
+    """argparse that raises `UsageError` instead of exiting, and takes flags only in full."""
 
-    class Parser(argparse.ArgumentParser):
-        def __init__(self, *args, **kwargs):
-            kwargs.setdefault("allow_abbrev", False)  # a stage flag passed through `submit` must not match a prefix
-            super().__init__(*args, **kwargs)
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # a stage flag passed through `submit` must not match a prefix
+        super().__init__(*args, **kwargs)
 
-        def error(self, message):  # raise instead of exiting, so callers decide how to report it
-            raise UsageError(self.format_usage(), message)
-
-    return Parser
+    def error(self, message):  # raise instead of exiting, so callers decide how to report it
+        raise UsageError(self.format_usage(), message)
 
 
 def make_parser(command: Command, prog: str | None = None):
     """A standalone parser for one command (used by `submit` to check a stage's flags)."""
     from emoji_ldm.options import add_arguments
 
-    parser = _parser_class()(prog=prog or f"emoji-ldm {command.name}", description=command.help)
+    parser = Parser(prog=prog or f"emoji-ldm {command.name}", description=command.help)
     add_arguments(parser, command.config_class())
     return parser
 
