@@ -39,12 +39,13 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray instance for the whole module (2 CPUs, no dashboard)."""
+    """One local Ray instance for the whole module (2 CPUs, no dashboard), its own even when another
+    `ray start` runs on the machine (address="local")."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -1,49 +1,61 @@
-"""`build_dataset`: source -> Ray Data (fetch, decode, clean, hash) -> one new Delta version.
+"""`build_dataset`: source -> Ray Data (fetch, decode, clean, hash, de-duplicate) -> one new Delta version.
 
-Stages:
-  1. list the source on the driver (paths or URLs + metadata);
-  2. `ingest_batch` in Ray Data tasks: read or download the bytes (threads,
+One streaming Ray Data pipeline; the driver holds no item, id or image:
+  1. the source as a Ray Dataset of items (`emoji_ldm.sources.source_dataset`:
+     folders listed in tasks, URL lists read by Ray's readers, `synthetic:N`
+     from `range`);
+  2. `ingest_batch` in tasks: read, download or draw the bytes (threads,
      timeouts, retries, per-host limit), clean with `clean_image`, hash;
-  3. on the driver, from the ids only: drop duplicates within the build and
-     against every row already in the table, collect rejections by reason;
-  4. write the kept rows with one Delta commit that records operation, source,
-     counts, config and code version; rejections go to a sidecar Parquet.
+  3. de-duplicate by content hash in Ray Data: the table's `id` column joins
+     the stream (`union`), `groupby(_group).map_groups(resolve_group)` keeps the
+     first new row of each hash (smallest source URL) and marks the rest
+     `duplicate_in_build` or `duplicate_in_table`;
+  4. `BuildSink`: write tasks write the kept rows as Parquet and the rejected
+     inputs (with reasons) as sidecar Parquet under `_emoji_ldm/rejects/`, and
+     return per-task counts; the driver sums them and makes one Delta commit
+     that records operation, source, counts, config and code version.
+Cost: O(items of the build) plus a read of the table's `id` column (about 70
+bytes a row); the driver's memory does not grow with either.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.ingest.images import ImageConfig
-from emoji_ldm.ingest.tasks import ingest_batch
+from emoji_ldm.ingest.tasks import ingest_batch, resolve_group, table_id_rows
 from emoji_ldm.options import opt
 from emoji_ldm.runtime import ensure_ray
-from emoji_ldm.sources import FetchConfig, list_source
+from emoji_ldm.sources import FetchConfig, open_source
 from emoji_ldm.store.delta import (
+    REJECT_SCHEMA,
     CommitDeltaDatasink,
-    read_ids,
+    open_table,
+    read_dataset,
+    rejects_uri,
+    table_exists,
     version_for_build,
-    write_rejects,
 )
 from emoji_ldm.store.schema import EMOJI_SCHEMA
-from emoji_ldm.store.uri import check_s3_bucket, normalize_uri
+from emoji_ldm.store.uri import check_s3_bucket, filesystem, is_s3, normalize_uri
 from emoji_ldm.version import code_version
 
 logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BuildConfig:
-    source: str = opt(help="twemoji | dir:PATH | urls:FILE (.txt, .csv or .parquet)")
+    source: str = opt(help="twemoji | dir:PATH | urls:FILE (.txt, .csv or .parquet; local or s3://) | "
+                           "synthetic:N[:SEED] (N generated emoji-like images, for load tests)")
     out: str = opt(help="dataset URI: a local path or s3://bucket/prefix")
     image: ImageConfig = opt(default_factory=ImageConfig, help="how images are normalised")
     fetch: FetchConfig = opt(default_factory=FetchConfig, help="how URL items are downloaded")
@@ -94,112 +106,132 @@ class BuildSummary:
         )
 
 
-def _keep_rows(batch: pa.Table, keep: np.ndarray) -> pa.Table:
-    mask = pc.is_in(batch.column("_key"), value_set=pa.array(keep, type=pa.int64()))
-    return batch.filter(mask).select(EMOJI_SCHEMA.names)
+DUPLICATES = ("duplicate_in_build", "duplicate_in_table")
 
 
-def _decide(meta: pa.Table, existing: set[str]) -> tuple[np.ndarray, Counter, int, int, pa.Table]:
-    """From (key, id, reason, ...) rows: keys to keep, reject counts, duplicate counts, rejects table."""
-    meta = meta.sort_by("_key")
-    keys = meta.column("_key").to_pylist()
-    ids = meta.column("id").to_pylist()
-    reasons = meta.column("_reason").to_pylist()
-    seen: set[str] = set()
-    keep, dup_build, dup_table = [], 0, 0
-    rejected: Counter = Counter()
-    for key, id_, reason in zip(keys, ids, reasons):
-        if reason is not None:
-            rejected[reason] += 1
-        elif id_ in existing:
-            dup_table += 1
-        elif id_ in seen:
-            dup_build += 1
-        else:
-            seen.add(id_)
-            keep.append(key)
-    rejects = meta.filter(pc.is_valid(meta.column("_reason"))).select(["source_url", "_reason", "_detail"])
-    rejects = rejects.rename_columns(["source_url", "reason", "detail"])
-    return np.asarray(keep, dtype=np.int64), rejected, dup_build, dup_table, rejects
+class BuildSink(CommitDeltaDatasink):
+    """`CommitDeltaDatasink` for a build's resolved stream: rows with a `_reason` are not written.
+
+    Each write task writes its kept rows as Parquet (the parent's `write`), its rejected inputs
+    to `_emoji_ldm/rejects/build-<id>/part-<uuid>.parquet`, and returns its counts. On the driver,
+    `on_write_complete` sums the counts into the commit metadata and commits once, or not at all
+    when nothing was added.
+    """
+
+    def __init__(self, uri: str, build_id: str, metadata: dict):
+        super().__init__(uri, schema=EMOJI_SCHEMA, metadata=metadata)
+        self.build_id = build_id
+        self.rejects = rejects_uri(uri, build_id)
+        self.counts: Counter = Counter()
+        self.rejected: Counter = Counter()
+        self.version: int | None = None
+
+    def write(self, blocks, ctx) -> dict:
+        from ray.data.block import BlockAccessor
+
+        counts, reasons = Counter(), Counter()
+        rejects: list[pa.Table] = []
+
+        def kept():
+            for block in blocks:
+                table = BlockAccessor.for_block(block).to_arrow()
+                reason = table.column("_reason")
+                counts["in"] += table.num_rows
+                if reason.null_count < table.num_rows:
+                    values = pc.value_counts(reason.drop_null())
+                    reasons.update(dict(zip(values.field("values").to_pylist(), values.field("counts").to_pylist())))
+                    real = pc.invert(pc.is_in(reason, pa.array(DUPLICATES)))
+                    bad = table.filter(pc.and_(pc.is_valid(reason), real))
+                    if bad.num_rows:
+                        rejects.append(bad.select(["source_url", "_reason", "_detail"]).rename_columns(
+                            REJECT_SCHEMA.names).cast(REJECT_SCHEMA))
+                yield table.filter(pc.is_null(reason))
+
+        actions = super().write(kept(), ctx)
+        if rejects:
+            self._write_rejects(pa.concat_tables(rejects))
+        return {"actions": actions, "counts": dict(counts), "reasons": dict(reasons)}
+
+    def _write_rejects(self, table: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
+        fs, folder = filesystem(self.rejects)
+        if not is_s3(self.uri):
+            fs.create_dir(folder, recursive=True)
+        pq.write_table(table, f"{folder.rstrip('/')}/part-{uuid.uuid4().hex}.parquet", filesystem=fs)
+
+    def on_write_complete(self, write_result) -> None:
+        actions = []
+        for r in write_result.write_returns:
+            actions += r["actions"]
+            self.counts.update(r["counts"])
+            self.rejected.update(r["reasons"])
+        if not actions:
+            return
+        self.metadata = {**self.metadata, "counts": self.summary_counts(sum(
+            json.loads(a.stats)["numRecords"] for a in actions))}
+        self.commit(actions)
+        self.version = version_for_build(self.uri, self.build_id)
+
+    def summary_counts(self, added: int) -> dict:
+        rejected = {k: v for k, v in self.rejected.items() if k not in DUPLICATES}
+        return {"in": self.counts["in"], "accepted": self.counts["in"] - sum(rejected.values()),
+                "rejected": rejected, "duplicates_in_build": self.rejected["duplicate_in_build"],
+                "duplicates_in_table": self.rejected["duplicate_in_table"], "added": added}
+
+
+def _partitions() -> int:
+    """Hash partitions of the de-duplication shuffle: two per CPU of the cluster, 4..256."""
+    import ray
+
+    return max(4, min(256, 2 * int(ray.cluster_resources().get("CPU", 2))))
 
 
 def build_dataset(config: BuildConfig) -> BuildSummary:
     """Build (or append to) the dataset at `config.out` from `config.source`: one new version."""
     start = time.perf_counter()
     check_s3_bucket(config.out)
-    items = list_source(config.source, config.limit)
-    return ingest_items(items, config, start=start)
-
-
-def ingest_items(items: list, config: BuildConfig, extra_metadata: dict | None = None,
-                 start: float | None = None) -> BuildSummary:
-    """Stages 2-4 for items already listed (by `build_dataset`, or by the crawler)."""
-    import ray.data
-
-    start = start or time.perf_counter()
-    phases: dict[str, float] = {}
-    last = start
-
-    def lap(name: str) -> None:
-        nonlocal last
-        now = time.perf_counter()
-        phases[name] = round(now - last, 3)
-        last = now
-
-    existing = read_ids(config.out)  # also fails early on an unreadable table
-    lap("list")
-    if not items:
-        return BuildSummary(out=config.out, version=None, images_in=0, accepted=0, rejected={},
-                            duplicates_in_build=0, duplicates_in_table=0, added=0,
-                            seconds=time.perf_counter() - start, phases=phases)
+    source = open_source(config.source)  # checks the spec on the driver, before Ray starts
+    if table_exists(config.out):
+        open_table(config.out)  # a clear error now for a table that cannot be read
     ensure_ray()
-    lap("ray_start")
+    return ingest_dataset(source.dataset(config.limit), config, start=start)
+
+
+def ingest_dataset(items, config: BuildConfig, *, extra_metadata: dict | None = None,
+                   start: float | None = None) -> BuildSummary:
+    """Stages 2-4 for a Ray Dataset of items (`ITEM_SCHEMA`; from `build_dataset`, or from the crawler)."""
+    start = start or time.perf_counter()
+    ensure_ray()
     build_id = uuid.uuid4().hex[:12]
-    logger.info("build %s: %d items from %s -> %s", build_id, len(items), config.source, config.out)
-
-    rows = [item.to_row(i) for i, item in enumerate(items)]
-    n_blocks = max(1, min(len(rows) // config.batch_size + 1, 64))
-    ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
-    ds = ds.map_batches(
-        ingest_batch,
-        fn_kwargs={"image": config.image, "fetch": config.fetch},
-        batch_format="pyarrow",
-        batch_size=config.batch_size,
-    ).materialize()
-    lap("ingest")
-
-    meta = pa.concat_tables(
-        ray.get(ds.select_columns(["_key", "id", "_reason", "_detail", "source_url"]).to_arrow_refs())
-    )
-    keep, rejected, dup_build, dup_table, rejects = _decide(meta, existing)
-    accepted = len(rows) - sum(rejected.values())
-    counts = {
-        "in": len(rows), "accepted": accepted, "rejected": dict(rejected),
-        "duplicates_in_build": dup_build, "duplicates_in_table": dup_table, "added": int(len(keep)),
+    logger.info("build %s: %s -> %s", build_id, config.source, config.out)
+    work = items.map_batches(ingest_batch, fn_kwargs={"image": config.image, "fetch": config.fetch},
+                             batch_format="pyarrow", batch_size=config.batch_size)
+    if table_exists(config.out):
+        ids, _ = read_dataset(config.out, columns=["id"])
+        work = work.union(ids.map_batches(table_id_rows, batch_format="pyarrow"))
+    resolved = work.groupby("_group", num_partitions=_partitions()).map_groups(resolve_group,
+                                                                               batch_format="pyarrow")
+    metadata = {
+        "operation": "build",
+        "source": config.source,
+        "config": _jsonable(dataclasses.asdict(config)),
+        "code_version": code_version(),
+        "message": config.message,
+        "build_id": build_id,
+        "rejects": rejects_uri(config.out, build_id),
+        **_jsonable(extra_metadata or {}),
     }
-    rejects_uri = write_rejects(config.out, build_id, rejects)
-    version = None
-    if len(keep):
-        metadata = {
-            "operation": "build",
-            "source": config.source,
-            "counts": counts,
-            "config": _jsonable(dataclasses.asdict(config)),
-            "code_version": code_version(),
-            "message": config.message,
-            "build_id": build_id,
-            "rejects": rejects_uri,
-            **_jsonable(extra_metadata or {}),
-        }
-        sink = CommitDeltaDatasink(config.out, schema=EMOJI_SCHEMA, metadata=metadata)
-        ds.map_batches(_keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow").write_datasink(sink)
-        version = version_for_build(config.out, build_id)
-    lap("write")
-    logger.info("build %s phases (s): %s", build_id, phases)
+    sink = BuildSink(config.out, build_id, metadata)
+    resolved.write_datasink(sink)
+    counts = sink.summary_counts(sink.rows_written or 0)
+    rejected = sum(counts["rejected"].values())
     return BuildSummary(
-        out=config.out, version=version, images_in=len(rows), accepted=accepted, rejected=dict(rejected),
-        duplicates_in_build=dup_build, duplicates_in_table=dup_table, added=int(len(keep)),
-        seconds=time.perf_counter() - start, rejects_uri=rejects_uri, phases=phases,
+        out=config.out, version=sink.version, images_in=counts["in"], accepted=counts["accepted"],
+        rejected=counts["rejected"], duplicates_in_build=counts["duplicates_in_build"],
+        duplicates_in_table=counts["duplicates_in_table"], added=counts["added"],
+        seconds=time.perf_counter() - start, rejects_uri=sink.rejects if rejected else None,
+        phases={"total": round(time.perf_counter() - start, 3)},
     )
 
 

@@ -1,37 +1,43 @@
 """Dataset sources: where the raw image bytes of a build come from.
 
-Input: a source spec (`twemoji`, `dir:PATH`, `urls:FILE`). Output: a list of
-`SourceItem`s (locator + metadata), listed on the driver; the bytes are read
-or downloaded later, inside Ray Data tasks (`emoji_ldm.ingest.build`).
+Input: a source spec (`twemoji`, `dir:PATH`, `urls:FILE`, `synthetic:N[:SEED]`).
+Output: a Ray Dataset of items (`ITEM_SCHEMA`: locator + metadata), never a
+list on the driver: folders are listed in tasks, URL lists are read with Ray
+Data's readers (local or `s3://`), the synthetic source is `ray.data.range(N)`.
+The bytes are read, downloaded or drawn later, in the ingest tasks
+(`emoji_ldm.ingest.tasks.ingest_batch` through `fetch_bytes`).
 
-Public entry points: `list_source(spec, limit)`, `twemoji_items`, `dir_items`,
-`url_items`, and `fetch_bytes(pool, url, config)` (a urllib3 pool from
-`make_pool(FetchConfig)`) used by the ingest tasks.
+`open_source(spec)` validates a spec on the driver (no Ray, reads at most the
+head of a list file); `source_dataset(spec, limit)` returns the dataset.
 """
 
 from __future__ import annotations
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.sources.base import FetchConfig, SourceItem, fetch_bytes
-from emoji_ldm.sources.folder import dir_items
-from emoji_ldm.sources.twemoji import twemoji_items
-from emoji_ldm.sources.urls import url_items
+from emoji_ldm.sources.base import ITEM_SCHEMA, FetchConfig, SourceItem, fetch_bytes
 
-__all__ = ["FetchConfig", "SourceItem", "fetch_bytes", "list_source", "twemoji_items", "dir_items", "url_items"]
+__all__ = ["FetchConfig", "ITEM_SCHEMA", "SourceItem", "fetch_bytes", "open_source", "source_dataset"]
 
-SOURCE_KINDS = ("twemoji", "dir:PATH", "urls:FILE")
+SOURCE_KINDS = ("twemoji", "dir:PATH", "urls:FILE", "synthetic:N[:SEED]")
 
 
-def list_source(spec: str, limit: int | None = None) -> list[SourceItem]:
-    """Resolve a source spec to its items (at most `limit`)."""
+def open_source(spec: str):
+    """The source a spec names, checked now (a missing folder, an unreadable list, a bad N)."""
+    from emoji_ldm.sources import folder, synthetic, twemoji, urls
+
+    if spec == "twemoji":
+        return twemoji.TwemojiSource()
+    if spec.startswith("dir:"):
+        return folder.FolderSource(spec[len("dir:"):])
+    if spec.startswith("urls:"):
+        return urls.UrlListSource(spec[len("urls:"):])
+    if spec.startswith("synthetic:"):
+        return synthetic.SyntheticSource(spec)
+    raise UserError(f"unknown source {spec!r}: use one of {', '.join(SOURCE_KINDS)}")
+
+
+def source_dataset(spec: str, limit: int | None = None):
+    """A Ray Dataset of the spec's items (`ITEM_SCHEMA` columns), at most `limit` of them."""
     if limit is not None and limit <= 0:
         raise UserError(f"--limit must be a positive number of images, got {limit}")
-    if spec == "twemoji":
-        items = twemoji_items()
-    elif spec.startswith("dir:"):
-        items = dir_items(spec[len("dir:"):])
-    elif spec.startswith("urls:"):
-        items = url_items(spec[len("urls:"):])
-    else:
-        raise UserError(f"unknown source {spec!r}: use one of {', '.join(SOURCE_KINDS)}")
-    return items[:limit] if limit else items
+    return open_source(spec).dataset(limit)

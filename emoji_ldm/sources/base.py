@@ -4,8 +4,21 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import pyarrow as pa
+
 from emoji_ldm.errors import UserError
 from emoji_ldm.options import opt
+
+# The items a source lists: one row per picture, its bytes not yet read.
+ITEM_SCHEMA = pa.schema([
+    ("locator", pa.string()),  # a local path, an http(s) URL or synthetic:SEED:I
+    ("source", pa.string()),  # the spec that listed it, e.g. "twemoji" or "dir:/data/pack"
+    ("source_url", pa.string()),  # where the picture came from (the locator when null)
+    ("page_url", pa.string()),  # the web page it was found on (crawls)
+    ("title", pa.string()),
+    ("tag", pa.string()),
+    ("caption", pa.string()),  # a caption the source already has (metadata.csv `prompt`)
+])
 
 USER_AGENT = "emoji-ldm/0.1 (+https://github.com/emoji-ldm/emoji-ldm; dataset builder)"
 
@@ -20,9 +33,8 @@ class SourceItem:
     source_url: str | None = None  # where the picture came from, when not the locator
     page_url: str | None = None  # the web page it was found on (crawls)
 
-    def to_row(self, key: int) -> dict:
+    def to_row(self) -> dict:
         row = asdict(self)
-        row["key"] = key
         row["source_url"] = self.source_url or self.locator
         return row
 
@@ -117,4 +129,20 @@ def read_file(path: str, max_bytes: int) -> bytes:
 def fetch_bytes(locator: str, config: FetchConfig, pool=None) -> bytes:
     if locator.startswith(("http://", "https://")):
         return fetch_url(pool if pool is not None else make_pool(config), locator, config)
+    if locator.startswith("synthetic:"):
+        from emoji_ldm.sources.synthetic import draw
+
+        return draw(locator)
+    if not locator.startswith("/"):
+        raise FetchError("bad_url", f"{locator[:200]!r} is not an http(s) URL or an absolute path")
     return read_file(locator, config.max_bytes)
+
+
+def items_dataset(rows: list[dict], rows_per_block: int = 128):
+    """A Ray Dataset of a short, bounded list of item rows (a package's pack, a test), in blocks that
+    spread over the ingest tasks."""
+    import ray.data
+
+    table = pa.Table.from_pylist([{k: r.get(k) for k in ITEM_SCHEMA.names} for r in rows], schema=ITEM_SCHEMA)
+    blocks = [table.slice(i, rows_per_block) for i in range(0, max(table.num_rows, 1), rows_per_block)]
+    return ray.data.from_arrow(blocks)

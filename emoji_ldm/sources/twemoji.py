@@ -70,3 +70,13 @@ def twemoji_items() -> list[SourceItem]:
         items.append(SourceItem(locator=str(f), source="twemoji", title=title, tag=tag,
                                 source_url=f"{UPSTREAM}/{f.name}"))
     return items
+
+
+class TwemojiSource:
+    """The pack a pip package ships: 4,009 items, listed on the driver (bounded by the package)."""
+
+    def dataset(self, limit: int | None = None):
+        from emoji_ldm.sources.base import items_dataset
+
+        items = twemoji_items()[:limit] if limit else twemoji_items()
+        return items_dataset([item.to_row() for item in items])

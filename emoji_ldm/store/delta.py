@@ -23,6 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable, Schema
 from deltalake.exceptions import TableNotFoundError
@@ -83,11 +84,12 @@ def commit_meta(table_or_entry: dict) -> dict:
     return meta
 
 
-def history(uri: str) -> list[dict[str, Any]]:
-    """One dict per version, oldest first: version, time, operation, rows added/removed, message."""
+def history(uri: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """One dict per version, oldest first (the newest `limit` only, when given): version, time,
+    operation, rows added/removed, message. Reads only the commits it returns."""
     table = open_table(DatasetRef(normalize_uri(uri)))
     rows = []
-    for entry in table.history():
+    for entry in table.history(limit):
         meta = commit_meta(entry)
         metrics = entry.get("operationMetrics") or {}
         counts = meta.get("counts") or {}
@@ -123,8 +125,10 @@ def commit_metadata(table: DeltaTable) -> dict:
     return {}
 
 
-def version_for_build(uri: str, build_id: str) -> int | None:
-    for row in reversed(history(uri)):
+def version_for_build(uri: str, build_id: str, recent: int = 1000) -> int | None:
+    """The version whose commit carries `build_id`, among the `recent` newest (concurrent writers may
+    have committed after it)."""
+    for row in reversed(history(uri, limit=recent)):
         if row["meta"].get("build_id") == build_id:
             return row["version"]
     return None
@@ -202,7 +206,10 @@ class CommitDeltaDatasink(Datasink):
         return name, stream, pq.ParquetWriter(stream, self.file_schema)
 
     def on_write_complete(self, write_result) -> None:
-        actions = [a for r in write_result.write_returns if r for a in r]
+        self.commit([a for r in write_result.write_returns if r for a in r])
+
+    def commit(self, actions: list, removes: list | None = None, read_version: int | None = None) -> None:
+        """One Delta commit of `actions` (and `removes`, files of `read_version` that the write replaces)."""
         self.rows_written = sum(json.loads(a.stats)["numRecords"] for a in actions)
         props = CommitProperties(custom_metadata={META_KEY: self.metadata})
         delta_schema = Schema.from_arrow(self.schema)
@@ -220,19 +227,10 @@ class CommitDeltaDatasink(Datasink):
                 # Another writer created the table first (concurrent builds): append to it.
                 if not table_exists(self.uri):
                     raise
-        table = DeltaTable(self.uri, storage_options=options)
-        table.create_write_transaction(actions=actions, mode=self.mode, schema=delta_schema,
+        # from the version the removed files were read at, so a concurrent commit is checked for conflicts
+        table = DeltaTable(self.uri, version=read_version, storage_options=options)
+        table.create_write_transaction(actions=actions + list(removes or []), mode=self.mode, schema=delta_schema,
                                        partition_by=partition_by, commit_properties=props)
-
-
-def read_ids(ref: DatasetRef | str) -> set[str]:
-    """Content hashes at a version (empty when the table does not exist yet)."""
-    if isinstance(ref, str):
-        ref = DatasetRef.parse(ref)
-    if ref.version is None and ref.tag is None and not table_exists(ref.uri):
-        return set()
-    table = open_table(ref)
-    return set(table.to_pyarrow_table(columns=["id"]).column("id").to_pylist())
 
 
 # --- tags -------------------------------------------------------------------
@@ -282,19 +280,19 @@ def write_sidecar_parquet(uri: str, name: str, table: pa.Table) -> str:
     return target
 
 
-def write_rejects(uri: str, build_id: str, rejects: pa.Table) -> str | None:
-    if rejects.num_rows == 0:
-        return None
-    return write_sidecar_parquet(uri, f"rejects/build-{build_id}.parquet", rejects.cast(REJECT_SCHEMA))
+def rejects_uri(uri: str, build_id: str) -> str:
+    """The folder of a build's rejected inputs: one Parquet file per write task."""
+    return join(normalize_uri(uri), SIDECAR, "rejects", f"build-{build_id}")
 
 
 def read_rejects(uri: str, build_id: str) -> pa.Table:
-    target = join(normalize_uri(uri), SIDECAR, "rejects", f"build-{build_id}.parquet")
-    fs, path = filesystem(target)
-    try:
-        return pq.read_table(path, filesystem=fs)
-    except FileNotFoundError:
+    """A build's rejected inputs (for tests and small builds: it reads them all)."""
+    import pyarrow.dataset as pds
+
+    fs, path = filesystem(rejects_uri(uri, build_id))
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return REJECT_SCHEMA.empty_table()
+    return pds.dataset(path, filesystem=fs, format="parquet", schema=REJECT_SCHEMA).to_table()
 
 
 def read_dataset(ref: DatasetRef | str, columns: list[str] | None = None):

@@ -1,13 +1,22 @@
-"""Sources: listing (twemoji, dir:, urls:) and fetching with retries against a local server."""
+"""Sources: listing (twemoji, dir:, urls:, synthetic:) as Ray Datasets, and fetching with retries
+against a local server."""
+
+import hashlib
 
 import pandas as pd
 import pytest
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.sources import FetchConfig, list_source
-from emoji_ldm.sources.base import FetchError, fetch_url, make_pool
+from emoji_ldm.sources import FetchConfig, open_source, source_dataset
+from emoji_ldm.sources.base import FetchError, fetch_bytes, fetch_url, make_pool
+from emoji_ldm.sources.synthetic import describe as synthetic_title
 from emoji_ldm.sources.twemoji import describe, twemoji_items
 from tests.conftest import png_bytes
+
+
+def items(spec: str, limit: int | None = None) -> list[dict]:
+    """A small source's items, read back for the test (never done by the library)."""
+    return source_dataset(spec, limit).take(10_000)
 
 
 def test_twemoji_pack_titles_and_tags():
@@ -22,15 +31,29 @@ def test_twemoji_pack_titles_and_tags():
     assert sum(1 for i in items if i.tag) > 3600
 
 
-def test_limit_and_unknown_source():
-    assert len(list_source("twemoji", limit=5)) == 5
+def test_limit_and_unknown_source(ray_local):
+    assert len(items("twemoji", limit=5)) == 5
     with pytest.raises(UserError, match="unknown source 'ftp:x'"):
-        list_source("ftp:x")
+        open_source("ftp:x")
     with pytest.raises(UserError, match="positive"):
-        list_source("twemoji", limit=0)
+        source_dataset("twemoji", limit=0)
 
 
-def test_dir_with_metadata_csv(tmp_path):
+def test_synthetic_source_is_distinct_deterministic_and_described(ray_local):
+    rows = items("synthetic:300:7")
+    assert len(rows) == 300 and len({r["locator"] for r in rows}) == 300
+    assert {r["source"] for r in rows} == {"synthetic:300:7"} and all(r["title"] for r in rows)
+    pictures = [fetch_bytes(r["locator"], FetchConfig()) for r in rows]
+    assert len({hashlib.sha1(p).hexdigest() for p in pictures}) == 300  # N distinct images
+    assert fetch_bytes("synthetic:7:5", FetchConfig()) == fetch_bytes("synthetic:7:5", FetchConfig())
+    assert synthetic_title(7, 5) == synthetic_title(7, 5) and synthetic_title(7, 5) != synthetic_title(8, 5)
+    assert len(items("synthetic:1000", limit=20)) == 20
+    for bad in ("synthetic:", "synthetic:x", "synthetic:0", "synthetic:5:-1", "synthetic:1:2:3"):
+        with pytest.raises(UserError, match="synthetic"):
+            open_source(bad)
+
+
+def test_dir_with_metadata_csv(ray_local, tmp_path):
     (tmp_path / "a.png").write_bytes(png_bytes())
     (tmp_path / "b_c.png").write_bytes(png_bytes())
     (tmp_path / ".hidden.png").write_bytes(png_bytes())
@@ -38,55 +61,67 @@ def test_dir_with_metadata_csv(tmp_path):
         "file_name,image_url,image_title,tag,prompt\n"
         "a.png,https://example.org/a.webp,blobcat,Blobs,a cat blob\n"
     )
-    items = {i.locator.rsplit("/", 1)[1]: i for i in list_source(f"dir:{tmp_path}")}
-    assert set(items) == {"a.png", "b_c.png"}
-    a = items["a.png"]
-    assert (a.title, a.tag, a.caption, a.source_url) == ("blobcat", "Blobs", "a cat blob", "https://example.org/a.webp")
-    assert items["b_c.png"].title == "b c" and items["b_c.png"].caption is None
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.png").write_bytes(png_bytes())
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "e.png").write_bytes(png_bytes())
+    found = {r["locator"].rsplit("/", 1)[1]: r for r in items(f"dir:{tmp_path}")}
+    assert set(found) == {"a.png", "b_c.png", "d.png"}
+    a = found["a.png"]
+    assert (a["title"], a["tag"], a["caption"], a["source_url"]) == (
+        "blobcat", "Blobs", "a cat blob", "https://example.org/a.webp")
+    assert found["b_c.png"]["title"] == "b c" and found["b_c.png"]["caption"] is None
+    assert found["d.png"]["source_url"] == str((tmp_path / "sub" / "d.png").resolve())
 
 
 def test_dir_errors(tmp_path):
     with pytest.raises(UserError, match="is not a folder"):
-        list_source(f"dir:{tmp_path / 'missing'}")
+        open_source(f"dir:{tmp_path / 'missing'}")
     with pytest.raises(UserError, match="no files"):
-        list_source(f"dir:{tmp_path}")
+        open_source(f"dir:{tmp_path}")
     (tmp_path / "x.png").write_bytes(png_bytes())
     (tmp_path / "metadata.csv").write_text("name,title\nx.png,x\n")
     with pytest.raises(UserError, match="no 'file_name' column"):
-        list_source(f"dir:{tmp_path}")
+        open_source(f"dir:{tmp_path}")
 
 
-def test_url_lists(tmp_path):
+def test_url_lists(ray_local, tmp_path):
     txt = tmp_path / "u.txt"
     txt.write_text("# comment\nhttp://127.0.0.1:1/a.png\n\nhttps://example.org/b.png\n")
-    assert [i.locator for i in list_source(f"urls:{txt}")] == ["http://127.0.0.1:1/a.png", "https://example.org/b.png"]
+    assert sorted(r["locator"] for r in items(f"urls:{txt}")) == [
+        "http://127.0.0.1:1/a.png", "https://example.org/b.png"]
     csv = tmp_path / "u.csv"
     csv.write_text("image_url,image_title,tag\nhttp://h/a.png,smile,Faces\n")
-    (item,) = list_source(f"urls:{csv}")
-    assert (item.title, item.tag) == ("smile", "Faces")
+    (item,) = items(f"urls:{csv}")
+    assert (item["title"], item["tag"], item["caption"]) == ("smile", "Faces", None)
     pq = tmp_path / "u.parquet"
     pd.DataFrame({"url": ["http://h/1.png", "http://h/2.png"], "title": ["one", "two"]}).to_parquet(pq)
-    assert [i.title for i in list_source(f"urls:{pq}")] == ["one", "two"]
+    assert sorted(r["title"] for r in items(f"urls:{pq}")) == ["one", "two"]
+
+
+def test_a_bad_url_past_the_checked_head_is_rejected_at_ingest_not_read_as_a_file():
+    with pytest.raises(FetchError, match="not an http"):
+        fetch_bytes("etc/passwd", FetchConfig())
 
 
 def test_malformed_url_lists(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_text("http://ok/a.png\nnot a url\n")
     with pytest.raises(UserError, match=r"bad.txt:2: 'not a url' is not an http\(s\) URL"):
-        list_source(f"urls:{bad}")
+        open_source(f"urls:{bad}")
     nocol = tmp_path / "nocol.csv"
     nocol.write_text("link\nhttp://a/b.png\n")
     with pytest.raises(UserError, match="no 'url' or 'image_url' column"):
-        list_source(f"urls:{nocol}")
+        open_source(f"urls:{nocol}")
     with pytest.raises(UserError, match="not a readable file"):
-        list_source(f"urls:{tmp_path / 'missing.txt'}")
+        open_source(f"urls:{tmp_path / 'missing.txt'}")
     with pytest.raises(UserError, match="unknown list format '.json'"):
         (tmp_path / "x.json").write_text("[]")
-        list_source(f"urls:{tmp_path / 'x.json'}")
+        open_source(f"urls:{tmp_path / 'x.json'}")
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n")
     with pytest.raises(UserError, match="lists no URLs"):
-        list_source(f"urls:{empty}")
+        open_source(f"urls:{empty}")
 
 
 def test_fetch_retries_on_500_then_succeeds(http_site):

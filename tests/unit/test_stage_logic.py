@@ -10,24 +10,32 @@ import pytest
 from emoji_ldm.caption.prompt import clean_caption
 from emoji_ldm.errors import UserError
 from emoji_ldm.generate import SampleJob
-from emoji_ldm.ingest.build import _decide
+from emoji_ldm.ingest.tasks import WORK_SCHEMA, resolve_group
 from emoji_ldm.models.presets import get_preset
 from emoji_ldm.sampling import SamplerSettings
 from emoji_ldm.train.ldm import TrainConfig, _check_resume, _lr_lambda
 
 
-def test_build_keeps_the_first_of_each_id_and_counts_the_rest():
-    meta = pa.table({
-        "_key": [3, 0, 1, 2, 4, 5],
-        "id": ["b", "a", "a", None, "old", "c"],
-        "_reason": [None, None, None, "corrupt", None, None],
-        "_detail": [None, None, None, "cannot identify image", None, None],
-        "source_url": ["u3", "u0", "u1", "u2", "u4", "u5"],
-    })
-    keep, rejected, dup_build, dup_table, rejects = _decide(meta, existing={"old"})
-    assert keep.tolist() == [0, 3, 5]  # in key order: the first "a" wins
-    assert rejected == {"corrupt": 1} and dup_build == 1 and dup_table == 1
-    assert rejects.to_pylist() == [{"source_url": "u2", "reason": "corrupt", "detail": "cannot identify image"}]
+def _group(rows: list[dict]) -> pa.Table:
+    full = [{**{k: None for k in WORK_SCHEMA.names}, "_from_table": False, **r} for r in rows]
+    return pa.Table.from_pylist(full, schema=WORK_SCHEMA)
+
+
+def test_build_keeps_the_first_of_each_id_and_marks_the_rest():
+    group = _group([{"id": "a", "_group": "a", "source_url": "u1", "image": b"1"},
+                    {"id": "a", "_group": "a", "source_url": "u0", "image": b"0"}])
+    out = resolve_group(group).to_pylist()
+    assert [(r["source_url"], r["_reason"], r["image"]) for r in out] == [
+        ("u0", None, b"0"), ("u1", "duplicate_in_build", None)]  # the smallest source URL wins
+
+
+def test_build_marks_rows_already_in_the_table_and_passes_rejects_through():
+    group = _group([{"id": "old", "_group": "old", "_from_table": True},
+                    {"id": "old", "_group": "old", "source_url": "u4", "image": b"4"}])
+    assert [(r["source_url"], r["_reason"]) for r in resolve_group(group).to_pylist()] == [
+        ("u4", "duplicate_in_table")]
+    reject = _group([{"_group": "reject:u2", "source_url": "u2", "_reason": "corrupt", "_detail": "x"}])
+    assert resolve_group(reject).to_pylist()[0]["_reason"] == "corrupt"
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
