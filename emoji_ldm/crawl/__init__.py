@@ -6,10 +6,11 @@ Output: a new version of the emoji dataset (the same rows as `dataset build`,
 with `source = crawl:PROFILE/TAG` and the page each image was found on), and
 per-shard stats under `_emoji_ldm/crawl/` that mark shards done for a re-run.
 
-Pages are read in shards by Ray actors that each own one Chromium
-(`browser.py`, Selenium), politely (robots.txt, a page-load rate per host,
-retries); the image URLs then go through the build's download, clean and
-de-duplicate tasks (`emoji_ldm.ingest.build.ingest_items`).
+Pages are read in shards by a Ray Data actor pool whose actors each own one
+Chromium (`browser.py`, Selenium), politely (robots.txt, a page-load rate per
+host, retries), once each page has settled; the image URLs stream on into the
+build's download, clean and de-duplicate stages
+(`emoji_ldm.ingest.build.ingest_dataset`) in the same pipeline.
 
 Entry point: `crawler.crawl(CrawlConfig)` (`emoji-ldm crawl`).
 """

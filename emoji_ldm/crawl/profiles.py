@@ -5,6 +5,13 @@ range, the CSS selectors (what to wait for, the items, the image inside an
 item), the attributes holding the image URL and title, how the last page is
 detected, and how to unwrap proxied image URLs to the original. `discords` is
 built in (`profiles/discords.yaml`); any other YAML file works the same.
+
+When a page is read (`crawler.PageReader.read_page`): `wait_for` must appear
+within `page_timeout_s` (else the page failed); then the page must settle. A
+page has items once they stop arriving for `items_settle_s`; it is empty only
+when the document is complete and no item has appeared for `settle_s`, or
+at once when the optional `empty_marker` selector (the site's own "nothing
+here" element) is present. A page that has not rendered yet is never empty.
 """
 
 from __future__ import annotations
@@ -38,6 +45,9 @@ class SiteProfile:
     last_page: str = "empty"  # the tag ends at the first page without items
     unwrap: Unwrap | None = None
     page_timeout_s: float = 20.0
+    settle_s: float = 1.5  # an empty page: document complete and no item for this long
+    items_settle_s: float = 0.3  # items are read once their count has not grown for this long
+    empty_marker: str | None = None  # a selector the site shows on a page without items: empty at once
     source: str = field(default="", compare=False)  # where the profile came from
 
     def __post_init__(self):
@@ -47,6 +57,13 @@ class SiteProfile:
             raise UserError(f"profile {self.name!r}: last_page must be 'empty', got {self.last_page!r}")
         if self.page_timeout_s <= 0:
             raise UserError(f"profile {self.name!r}: page_timeout_s must be > 0, got {self.page_timeout_s}")
+        for name in ("settle_s", "items_settle_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise UserError(f"profile {self.name!r}: {name} must be a number of seconds >= 0, got {value!r}")
+        if self.empty_marker is not None and (not isinstance(self.empty_marker, str) or not self.empty_marker.strip()):
+            raise UserError(f"profile {self.name!r}: empty_marker must be a CSS selector, got {self.empty_marker!r}; "
+                            "leave it out when the site shows nothing special on an empty page")
         parse_pages(self.pages)
 
     def page_url(self, tag: str, page: int) -> str:

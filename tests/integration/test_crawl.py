@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import VENV_BIN, run_cli
 from tests.crawl_site import CrawlSite
 
 
@@ -80,42 +86,49 @@ def test_crawl_bad_input(site, tmp_path):
         assert message in result.stderr, (args, result.stderr)
 
 
-def test_crawl_interrupted_halfway_resumes_without_duplicates(ray_local, site, tmp_path, monkeypatch):
+def test_crawl_interrupted_halfway_resumes_without_duplicates(ray_local, tmp_path):
+    """Ctrl-C in the middle of the pages (the CLI, on the module's Ray): a re-run skips the finished shards."""
     from deltalake import DeltaTable
 
     from emoji_ldm.crawl.crawler import CrawlConfig, crawl
-    from emoji_ldm.store import artifacts
 
-    profile = tmp_path / "testsite.yaml"
-    profile.write_text(site.profile_yaml())
-    out = str(tmp_path / "crawled")
-    config = CrawlConfig(profile=str(profile), tag="Blobs", out=out, pages="1-20", workers=2, shard_pages=1,
-                         rate_per_host=0, backoff_s=0.2)
+    site = CrawlSite(hold_from=3)  # pages 3 and up wait until released: the crawl is stopped there
+    try:
+        profile = tmp_path / "testsite.yaml"
+        profile.write_text(site.profile_yaml())
+        out = str(tmp_path / "crawled")
+        stats_dir = Path(out) / "_emoji_ldm" / "crawl" / "testsite" / "Blobs"
+        args = ["crawl", "--profile", str(profile), "--tag", "Blobs", "--out", out, "--pages", "1-10",
+                "--workers", "2", "--shard-pages", "1", "--rate", "0"]
+        proc = subprocess.Popen([str(VENV_BIN / "emoji-ldm"), *args],
+                                env={**os.environ, "RAY_ADDRESS": ray_local}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while len(list(stats_dir.glob("shard-*.json"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130 and "re-run the same command to resume" in err, err
+        assert not DeltaTable.is_deltatable(out)  # nothing is committed before every shard is read
 
-    # Ctrl-C in the middle of the pages: two shards have finished and recorded their stats
-    real_write_json, calls = artifacts.write_json, []
+        done_pages = [int(f.stem.rsplit("-", 1)[1]) for f in stats_dir.glob("shard-*.json")]
+        assert sorted(done_pages) == [1, 2]
+        loads = {p: site.hits[f"/emoji-list/tag/Blobs?page={p}"] for p in done_pages}
+        site.release.set()
+        config = CrawlConfig(profile=str(profile), tag="Blobs", out=out, pages="1-10", workers=2, shard_pages=1,
+                             rate_per_host=0, backoff_s=0.2)
+        summary, stats = crawl(config)  # the same crawl again: it continues
+        assert all(site.hits[f"/emoji-list/tag/Blobs?page={p}"] == n for p, n in loads.items())  # not read again
+        assert summary.added == len(site.names) and stats["last_page"] == 7
+        rows = DeltaTable(out).to_pyarrow_table(columns=["id", "source_url"]).to_pylist()
+        assert len(rows) == len({r["id"] for r in rows}) == len({r["source_url"] for r in rows}) == len(site.names)
 
-    def interrupted(uri, obj):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(uri)
-        return real_write_json(uri, obj)
-
-    monkeypatch.setattr(artifacts, "write_json", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        crawl(config)
-    monkeypatch.undo()
-    done_pages = [int(u.rsplit("-", 1)[1].split(".")[0]) for u in calls]
-    loads = {p: site.hits[f"/emoji-list/tag/Blobs?page={p}"] for p in done_pages}
-
-    summary, stats = crawl(config)  # the same crawl again: it continues
-    assert all(site.hits[f"/emoji-list/tag/Blobs?page={p}"] == n for p, n in loads.items())  # not read again
-    assert summary.added == len(site.names) and stats["last_page"] == 7
-    rows = DeltaTable(out).to_pyarrow_table(columns=["id", "source_url"]).to_pylist()
-    assert len(rows) == len({r["id"] for r in rows}) == len({r["source_url"] for r in rows}) == len(site.names)
-
-    again, stats = crawl(config)  # nothing new: only the image rejected before is tried again; no new version
-    assert again.added == 0 and stats["new_images"] == 1 and again.version is None
+        again, stats = crawl(config)  # nothing new: only the image rejected before is tried again; no new version
+        assert again.added == 0 and stats["new_images"] == 1 and again.version is None
+    finally:
+        site.release.set()
+        site.stop()
 
 
 def test_a_page_that_never_renders_is_recorded_as_failed(ray_local, tmp_path):
@@ -134,3 +147,68 @@ def test_a_page_that_never_renders_is_recorded_as_failed(ray_local, tmp_path):
     (url, error), = stats["failed_pages"].items()
     assert url.endswith("page=2") and error.startswith("timeout") and site.hits["/emoji-list/tag/Blobs?page=2"] == 2
     assert summary.added == 5  # pages 1 and 3, plus page 3's repeat of page 2's first image
+
+
+def test_a_hydrating_page_is_read_once_its_items_arrive(ray_local, tmp_path):
+    """Container in the HTML, items fetched 0.5-1 s later and streamed in: every item, the end at the empty page."""
+    from deltalake import DeltaTable
+
+    from emoji_ldm.crawl.crawler import CrawlConfig, crawl
+
+    site = CrawlSite(pages=3, per_page=5, slow_page=0, flaky_page=0, hydrate=True)
+    try:
+        profile = tmp_path / "testsite.yaml"
+        profile.write_text(site.profile_yaml())  # the default settle_s
+        out = str(tmp_path / "out")
+        summary, stats = crawl(CrawlConfig(profile=str(profile), tag="Blobs", out=out, pages="1-10", workers=2,
+                                           shard_pages=2, rate_per_host=0, backoff_s=0.2))
+    finally:
+        site.stop()
+    assert stats["last_page"] == 4 and stats["pages_ok"] == 3 and stats["pages_failed"] == 0
+    assert stats["items"] == sum(len(site.page_items(p)) for p in (1, 2, 3))
+    assert summary.added == len(site.names)
+    assert {r["source_url"] for r in DeltaTable(out).to_pyarrow_table(columns=["source_url"]).to_pylist()} == \
+        site.expected_images()
+
+
+def test_the_empty_marker_ends_the_tag_without_waiting_and_few_pages_warn(ray_local, tmp_path):
+    from emoji_ldm.crawl.crawler import CrawlConfig, crawl, report
+
+    site = CrawlSite(pages=2, per_page=3, slow_page=0, flaky_page=0, hydrate=True)
+    try:
+        profile = tmp_path / "testsite.yaml"
+        profile.write_text(site.profile_yaml(settle_s=60, empty_marker="p.no-emoji"))
+        result = crawl(CrawlConfig(profile=str(profile), tag="Blobs", out=str(tmp_path / "out"), pages="1-10",
+                                   workers=1, rate_per_host=0, backoff_s=0.2))
+    finally:
+        site.stop()
+    summary, stats = result
+    assert stats["last_page"] == 3 and stats["pages_ok"] == 2 and summary.added == len(site.names)
+    assert stats["page_seconds"][3] < 10  # the marker, not the 60 s grace for a page without items
+    assert "crawl: WARNING: items on only 2 page(s) of 1-10 (the tag ends at page 3)" in report(result)
+
+
+def test_a_crawl_whose_first_page_yields_nothing_exits_2(ray_local, site, tmp_path):
+    """Wrong item selector: exit 2 naming the page and the selectors; a first page that never renders too."""
+    from emoji_ldm.crawl.crawler import CrawlConfig, crawl
+    from emoji_ldm.errors import UserError
+
+    profile = tmp_path / "wrong.yaml"
+    profile.write_text(site.profile_yaml(item="div.LQY5mtmC div.no-such-item", settle_s=0.5))
+    out = tmp_path / "out"
+    result = run_cli("crawl", "--profile", str(profile), "--tag", "Blobs", "--out", str(out), "--pages", "1-10",
+                     "--rate", "0", env={"RAY_ADDRESS": ray_local}, timeout=180)
+    assert result.returncode == 2, result.stderr
+    line = f"emoji-ldm: error: the first page {site.base}/emoji-list/tag/Blobs?page=1 has no items"
+    assert line in result.stderr, result.stderr
+    assert "'div.LQY5mtmC div.no-such-item'" in result.stderr and "'div.FS5UE28h.container'" in result.stderr
+    assert not (out / "_delta_log").exists()
+
+    dead = CrawlSite(pages=2, per_page=2, slow_page=0, flaky_page=0, dead_page=1)
+    try:
+        profile.write_text(dead.profile_yaml(page_timeout_s=1))
+        with pytest.raises(UserError, match=r"the first page .*page=1 did not render after 2 attempt\(s\): timeout"):
+            crawl(CrawlConfig(profile=str(profile), tag="Blobs", out=str(out), pages="1-4", workers=1,
+                              rate_per_host=0, retries=1, backoff_s=0.1))
+    finally:
+        dead.stop()
