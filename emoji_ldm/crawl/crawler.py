@@ -444,7 +444,7 @@ def crawl(config: CrawlConfig):
 
     from emoji_ldm.crawl.browser import USER_AGENT
     from emoji_ldm.ingest.build import ingest_dataset
-    from emoji_ldm.runtime import ensure_ray
+    from emoji_ldm.runtime import ensure_ray, require_shared
     from emoji_ldm.store.artifacts import check_writable
     from emoji_ldm.store.delta import read_dataset, table_exists
     from emoji_ldm.store.uri import check_s3_bucket, normalize_uri
@@ -459,6 +459,7 @@ def crawl(config: CrawlConfig):
     source = f"crawl:{profile.name}/{config.tag}"
     start = time.perf_counter()
     ensure_ray()
+    require_shared(out, "the dataset (--out), where the browser actors write their shard stats")
     shards = [list(pages[i:i + config.shard_pages]) for i in range(0, len(pages), config.shard_pages)]
     print(f"crawl: {source}: pages {pages[0]}-{pages[-1]} in {len(shards)} shard(s) on {config.workers} "
           f"browser(s), {config.rate_per_host or 'unlimited'} page loads/s per host", flush=True)
