@@ -10,6 +10,13 @@ Reports:
 - CLIP score of the samples when a local CLIP folder is given (`--clip`);
 - FID/KID: not computed here; it says so (Inception weights cannot be
   downloaded on these machines).
+
+Bounded at any table size: the held-out loss reads at most `--val-rows` rows of
+the `val` split's files (from the Delta log, never the whole table); the
+nearest-training-image search streams the training images through Ray Data
+tasks (an inner join of the dataset's images with the latent table's train
+ids), each task returning only its batch's nearest distances, folded on the
+driver into one value per sample.
 """
 
 from __future__ import annotations
@@ -35,12 +42,15 @@ class EvalConfig:
     sampler: SamplerSettings = opt(default_factory=SamplerSettings, skip=("count", "size", "negative_prompt"),
                                    help="sampler settings")
     near_copy: float = opt(0.005, help="pixel MSE (images in [0, 1]) below which a sample counts as a copy")
+    val_rows: int = opt(2048, help="held-out rows for the denoising loss (read from the val split only)")
     clip: str | None = opt(None, help="a local CLIP model folder for the CLIP score")
     out: str | None = opt(None, help="also write the report as JSON here")
 
     def __post_init__(self):
         if not 1 <= self.samples <= 1024:
             raise UserError(f"--samples must be 1..1024, got {self.samples}")
+        if self.val_rows < 1:
+            raise UserError(f"--val-rows must be 1 or more, got {self.val_rows}")
 
 
 def heldout_loss(unet, noise_sched, latents, text, seed: int = 0, batch: int = 64) -> float:
@@ -84,24 +94,72 @@ def clip_score(folder: str, images, prompts: list[str]) -> float:
     return float(100 * (img * txt).sum(-1).clamp(min=0).mean())
 
 
+def _val_rows(table, n: int):
+    """At most `n` rows of the held-out split (the train split when there is no val split): only its files."""
+    import pyarrow.dataset as pds
+
+    from emoji_ldm.store.latents import split_files
+    from emoji_ldm.store.uri import filesystem
+
+    files = split_files(table, "val") or split_files(table, "train")
+    if not files:
+        raise UserError(f"the latent table {table.table_uri!r} has no rows to evaluate on")
+    fs, _ = filesystem(files[0].uri)
+    paths = [filesystem(f.uri)[1] for f in files]
+    return pds.dataset(paths, filesystem=fs, format="parquet").head(
+        n, columns=["id", "caption", "latent", "latent_shape", "text_emb", "text_shape"])
+
+
+class _Nearest:
+    """Ray Data task: a batch of training PNGs -> its smallest MSE to each sample, (S,) per batch."""
+
+    def __init__(self, samples: np.ndarray, size: int):
+        self.samples, self.size = samples, size
+
+    def __call__(self, batch: dict) -> dict:
+        from PIL import Image
+
+        train = np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("RGB").resize(
+            (self.size, self.size), Image.Resampling.LANCZOS), dtype=np.float32).ravel() / 255.0
+            for png in batch["image"]])
+        return {"nearest": nearest_mse(self.samples, train)[None, :]}
+
+
+def nearest_training_mse(meta: dict, table, samples: np.ndarray, size: int) -> np.ndarray:
+    """(S, D) samples -> MSE to the nearest training image of the model's dataset version, (S,)."""
+    import ray.data
+
+    from emoji_ldm.runtime import ensure_ray
+    from emoji_ldm.store.delta import read_dataset
+    from emoji_ldm.store.latents import split_files
+    from emoji_ldm.store.uri import DatasetRef, filesystem
+
+    ensure_ray()
+    train = split_files(table, "train")
+    fs, _ = filesystem(train[0].uri)
+    train_ids = ray.data.read_parquet([filesystem(f.uri)[1] for f in train], filesystem=fs, columns=["id"])
+    images, _ = read_dataset(DatasetRef(DatasetRef.parse(meta["dataset"]).uri, version=meta["dataset_version"]),
+                             columns=["id", "image"])
+    joined = images.join(train_ids, "inner", num_partitions=8, on=("id",))
+    best = np.full(len(samples), np.inf)
+    for batch in joined.map_batches(_Nearest, fn_kwargs={"samples": samples, "size": size},
+                                    batch_size=256, batch_format="numpy").iter_batches(batch_format="numpy"):
+        best = np.minimum(best, batch["nearest"].min(axis=0))
+    return best
+
+
 def evaluate(config: EvalConfig) -> dict:
     import torch
-    from PIL import Image
 
     from emoji_ldm.generate import load_pipeline, run_pipeline
     from emoji_ldm.models.builders import noise_scheduler
     from emoji_ldm.models.presets import preset_from_dict
-    from emoji_ldm.store.delta import open_table
     from emoji_ldm.store.latents import decode_latents, open_latent_table
-    from emoji_ldm.store.uri import DatasetRef
 
     ref, table, meta = open_latent_table(config.data)
     pipe = load_pipeline(config.model)
     preset = preset_from_dict(meta["preset"])
-    rows = table.to_pyarrow_table(columns=["id", "caption", "split", "latent", "latent_shape", "text_emb",
-                                           "text_shape"])
-    split = np.array(rows.column("split").to_pylist())
-    val = rows.filter(np.asarray(split == "val")) if (split == "val").any() else rows
+    val = _val_rows(table, config.val_rows)
     decoded = decode_latents({k: val.column(k).to_pylist() for k in ("latent", "latent_shape", "text_emb",
                                                                       "text_shape")})
     loss = heldout_loss(pipe.unet, noise_scheduler(preset), torch.from_numpy(decoded["latent"]).float(),
@@ -111,16 +169,8 @@ def evaluate(config: EvalConfig) -> dict:
     s = config.sampler
     images = run_pipeline(pipe, prompts, steps=s.steps, guidance=s.guidance, seed=s.seed)
     size = images[0].size[0]
-    dataset = open_table(DatasetRef(DatasetRef.parse(meta["dataset"]).uri, version=meta["dataset_version"]))
-    train_ids = set(rows.filter(np.asarray(split == "train")).column("id").to_pylist())
-    data = dataset.to_pyarrow_table(columns=["id", "image"])
-    train_px = np.stack([
-        np.asarray(Image.open(io.BytesIO(png)).convert("RGB").resize((size, size), Image.Resampling.LANCZOS),
-                   dtype=np.float32).ravel() / 255.0
-        for id_, png in zip(data.column("id").to_pylist(), data.column("image").to_pylist()) if id_ in train_ids
-    ])
     sample_px = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32).ravel() / 255.0 for im in images])
-    nearest = nearest_mse(sample_px, train_px)
+    nearest = nearest_training_mse(meta, table, sample_px, size)
     report = {
         "model": config.model, "latent_table": f"{ref.uri}@{table.version()}", "val_rows": val.num_rows,
         "heldout_loss": loss, "timesteps": list(TIMESTEPS), "samples": len(images),

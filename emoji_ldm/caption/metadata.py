@@ -88,7 +88,8 @@ def describe(png: bytes, title: str | None, tag: str | None) -> str:
 
 
 def caption_batch(batch: dict) -> dict:
-    """Ray Data batch function (no model, so plain tasks): image/title/tag in; id, caption, error out."""
+    """Ray Data batch function (no model, so plain tasks): image/title/tag in; id, caption, error out
+    (and `_file`, the data file the row came from, passed through)."""
     captions, errors = [], []
     for png, title, tag in zip(batch["image"], batch["title"], batch["tag"]):
         try:
@@ -97,4 +98,8 @@ def caption_batch(batch: dict) -> dict:
         except Exception as e:  # one bad image never fails its batch
             captions.append(None)
             errors.append(f"decode: {type(e).__name__}: {e}"[:200])
-    return {"id": batch["id"], "caption": captions, "error": errors}
+    return {"id": batch["id"], "caption": captions, "error": errors, **_passed_through(batch)}
+
+
+def _passed_through(batch: dict) -> dict:
+    return {"_file": batch["_file"]} if "_file" in batch else {}

@@ -83,7 +83,8 @@ class QwenCaptioner:
                 errors[i] = "empty generation"
             else:
                 captions[i] = text
-        return {"id": ids, "caption": captions, "error": errors}
+        passed = {"_file": batch["_file"]} if "_file" in batch else {}  # the data file each row came from
+        return {"id": ids, "caption": captions, "error": errors, **passed}
 
     def generate(self, pictures: list, titles: list) -> list[str]:
         """Cleaned captions for images with titles, one `generate` call."""

@@ -1,15 +1,35 @@
-"""`emoji-ldm dataset caption`: caption a dataset in Ray Data, one new version per chunk of rows.
+"""`emoji-ldm dataset caption`: caption a dataset in Ray Data, one new version per pass.
 
     emoji-ldm dataset caption URI [--captioner metadata|qwen2.5-vl|vllm] [--model ID] [--template FILE]
                                   [--batch-size B] [--concurrency N] [--num-gpus G] [--only-missing]
 
-The rows to caption stream through the captioner (tasks for `metadata`, an
-actor pool with one model per actor for `qwen2.5-vl`, vLLM engines for `vllm`);
-every `chunk_size` results are merged into the table by `id` in one Delta
-commit. A killed job keeps its finished chunks; `--only-missing` then captions
-just the rows still without a caption, so a re-run continues instead of
-starting over. Rows that fail keep no caption, and their reasons go to
-`_emoji_ldm/caption-failures/<run>.parquet`.
+Design: one pass = one Delta commit that rewrites only the data files holding
+rows it captioned, with per-task progress files for resume. Why this one:
+- a MERGE per chunk (the first version) scans and rewrites the whole table
+  each time, N^2/chunk in all, and made 26 versions for 40,000 rows;
+- one MERGE per pass runs its join on the driver (delta-rs, one process),
+  whose memory grows with the captions;
+- a separate caption table joined at read time would change every reader
+  (encode, show, train);
+- rewriting the touched files in Ray tasks is O(rows touched), runs on the
+  whole cluster, and `deltalake`'s public `create_write_transaction` commits
+  their `RemoveAction`s and `AddAction`s atomically.
+
+Phases (all in Ray Data; the driver holds only the table's file list):
+  1. the files to touch come from the Delta log (every file, or with
+     `--only-missing` those whose `caption` null count is not zero);
+  2. their rows stream (`read_parquet(include_paths=True)`) through the
+     captioner (tasks for `metadata`, an actor pool with one model per actor
+     for `qwen2.5-vl`, vLLM engines for `vllm`); results (id, caption, error)
+     are staged as Parquet under `_emoji_ldm/caption-runs/<run>/<file>/`, one
+     folder per source file. These are the progress files: a killed pass
+     re-run with the same options skips every staged row (a left anti-join);
+  3. one task per touched file rewrites it with its staged captions, and
+     writes the rows that failed to `_emoji_ldm/caption-failures/<run>/`;
+  4. the driver commits every removed and added file in one transaction,
+     from the version it read (a concurrent append stays; a conflicting
+     commit fails the pass, which then re-runs from the new version).
+Rows that fail keep no caption.
 """
 
 from __future__ import annotations
@@ -23,9 +43,17 @@ from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.data
+from ray.data.datasource import Datasink
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.options import opt
+from emoji_ldm.runtime import ensure_ray
+from emoji_ldm.store.delta import SIDECAR, CommitDeltaDatasink, version_for_build
+from emoji_ldm.store.uri import filesystem, is_s3, join
+from emoji_ldm.version import code_version
 
 CAPTIONERS = ("metadata", "qwen2.5-vl", "vllm")
 
@@ -41,15 +69,14 @@ class CaptionConfig:
     concurrency: int = opt(1, help="model actors / vLLM engines")
     num_gpus: float = opt(0.0, help="GPUs per model actor; > 0 runs bf16")
     only_missing: bool = opt(False, help="caption only rows without a caption (resume)")
-    chunk_size: int = opt(2048, help="rows per committed version")
     max_new_tokens: int = opt(128, help="caption length cap in tokens")
     limit: int | None = opt(None, help="caption at most N rows")
-    message: str = opt("", help="a note recorded with the new version(s)")
+    message: str = opt("", help="a note recorded with the new version")
 
     def __post_init__(self):
         if self.captioner not in CAPTIONERS:
             raise UserError(f"unknown captioner {self.captioner!r}: use one of {', '.join(CAPTIONERS)}")
-        for name in ("batch_size", "concurrency", "chunk_size", "max_new_tokens"):
+        for name in ("batch_size", "concurrency", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.num_gpus < 0:
@@ -72,10 +99,9 @@ def _model_source(config: CaptionConfig) -> str:
 
 
 def caption_dataset(config: CaptionConfig) -> dict:
-    """Caption rows of the dataset's latest version into new versions; returns a summary."""
+    """Caption rows of the dataset's latest version into one new version; returns a summary."""
     from emoji_ldm.caption.prompt import load_template, prompt_id
-    from emoji_ldm.runtime import ensure_ray
-    from emoji_ldm.store.delta import open_table, read_dataset
+    from emoji_ldm.store.delta import open_table
     from emoji_ldm.store.uri import DatasetRef, normalize_uri
 
     start = time.perf_counter()
@@ -90,49 +116,45 @@ def caption_dataset(config: CaptionConfig) -> dict:
     caption_model = model or "metadata"
 
     version = table.version()
-    meta = table.to_pyarrow_table(columns=["id", "caption"])
-    missing = [i for i, c in zip(meta.column("id").to_pylist(), meta.column("caption").to_pylist()) if not c]
-    todo = set(missing if config.only_missing else meta.column("id").to_pylist())
-    if config.limit:
-        todo = set(sorted(todo)[: config.limit])
-    print(f"caption: {uri}@{version}: {meta.num_rows} rows, {len(missing)} without a caption; captioning "
-          f"{len(todo)} with {config.captioner}" + (f" ({caption_model}, prompt {pid})" if model else ""), flush=True)
-    summary = {"uri": uri, "from_version": version, "rows": meta.num_rows, "todo": len(todo), "captioned": 0,
+    files = _data_files(table)
+    rows, missing = int(pc.sum(files.column("rows")).as_py() or 0), int(pc.sum(files.column("missing")).as_py() or 0)
+    if config.only_missing:
+        files = files.filter(pc.greater(files.column("missing"), 0))
+    todo = missing if config.only_missing else rows
+    todo = min(todo, config.limit) if config.limit else todo
+    print(f"caption: {uri}@{version}: {rows} rows, {missing} without a caption; captioning "
+          f"{todo} with {config.captioner}" + (f" ({caption_model}, prompt {pid})" if model else ""), flush=True)
+    summary = {"uri": uri, "from_version": version, "rows": rows, "todo": todo, "captioned": 0,
                "failed": Counter(), "versions": [], "seconds": 0.0}
     if not todo:
         return summary
 
     ensure_ray()
-    ds, _ = read_dataset(DatasetRef(uri, version=version), columns=["id", "image", "title", "tag"])
-    ds = ds.filter(lambda row, todo=frozenset(todo): row["id"] in todo)
-    ds = _run_captioner(ds, config, model, template)
+    key = _run_key(uri, version, config, caption_model, pid)
+    run = join(uri, SIDECAR, "caption-runs", key)
+    summary["staged_now"] = _stage_captions(uri, files, run, config, model, template)
+    print(f"caption: {summary['staged_now']} rows captioned or failed in this run, staged under {run}", flush=True)
 
-    run_id = uuid.uuid4().hex[:12]
-    failures: list[dict] = []
-    for n, chunk in enumerate(ds.iter_batches(batch_size=config.chunk_size, batch_format="pyarrow"), 1):
-        rows = chunk.to_pylist()
-        ok = [r for r in rows if r["caption"]]
-        bad = [r for r in rows if not r["caption"]]
-        failures += [{"id": r["id"], "reason": r["error"] or "empty generation"} for r in bad]
-        summary["failed"].update((r["error"] or "empty generation").split(":")[0] for r in bad)
-        if ok:
-            new_version = _merge_captions(uri, ok, caption_model, pid, {
-                "operation": "caption", "source": f"{uri}@{version}", "captioner": config.captioner,
-                "caption_model": caption_model, "caption_prompt_id": pid, "build_id": f"{run_id}-{n}",
-                "counts": {"captioned": len(ok), "failed": len(bad)}, "config": dataclasses.asdict(config),
-                "message": config.message or f"caption chunk {n} with {config.captioner}",
-            })
-            summary["versions"].append(new_version)
-        summary["captioned"] += len(ok)
-        print(f"caption: chunk {n}: {len(ok)} captioned, {len(bad)} failed"
-              + (f" -> version {summary['versions'][-1]}" if ok else ""), flush=True)
-
-    if failures:
-        from emoji_ldm.store.delta import write_sidecar_parquet
-
-        summary["failures_uri"] = write_sidecar_parquet(uri, f"caption-failures/{run_id}.parquet",
-                                                        pa.Table.from_pylist(failures))
+    metadata = {"operation": "caption", "source": f"{uri}@{version}", "captioner": config.captioner,
+                "caption_model": caption_model, "caption_prompt_id": pid, "build_id": key,
+                "config": dataclasses.asdict(config), "code_version": code_version(),
+                "message": config.message or f"caption with {config.captioner}"}
+    sink = CaptionRewriteSink(uri, metadata=metadata, read_version=version, caption_model=caption_model,
+                              prompt_id=pid, failures=join(uri, SIDECAR, "caption-failures", key))
+    folders = _staged_folders(run)
+    if folders:
+        ray.data.from_items([{"folder": f} for f in folders], override_num_blocks=min(len(folders), 256)) \
+            .write_datasink(sink)
+    summary["captioned"], summary["failed"] = sink.captioned, sink.failed
+    if sink.version is not None:
+        summary["versions"].append(sink.version)
+    if sum(sink.failed.values()):
+        summary["failures_uri"] = sink.failures
     summary["seconds"] = time.perf_counter() - start
+    if not summary["captioned"]:  # a pass that captions nothing is a failure, not a success with 0 rows
+        reasons = ", ".join(f"{k} {v}" for k, v in sink.failed.items()) or "no rows reached the captioner"
+        raise UserError(f"caption: none of the {todo} rows got a caption ({reasons}); the table stays at version "
+                        f"{version}" + (f"; reasons per row in {sink.failures}" if sum(sink.failed.values()) else ""))
     return summary
 
 
@@ -173,25 +195,218 @@ def _run_captioner(ds, config: CaptionConfig, model: str | None, template: str |
     return vllm_caption(ds, model, template, config.max_new_tokens, config.concurrency, config.batch_size)
 
 
-def _merge_captions(uri: str, rows: list[dict], caption_model: str, pid: str, metadata: dict) -> int:
-    """Update caption columns of the rows with these ids in one Delta commit; returns the new version."""
-    from deltalake import DeltaTable
-    from deltalake.transaction import CommitProperties
+def _data_files(table) -> pa.Table:
+    """The table's data files at its loaded version (from the log): path, rows, rows without a caption."""
+    actions = pa.table(table.get_add_actions(flatten=True))
+    rows = pc.fill_null(actions.column("num_records"), 0)
+    if "null_count.caption" in actions.column_names:  # writers that kept no column stats: assume all missing
+        missing = pc.coalesce(actions.column("null_count.caption"), rows)
+    else:
+        missing = rows
+    return pa.table({"path": actions.column("path"), "rows": rows, "missing": pc.cast(missing, pa.int64())})
 
-    from emoji_ldm.store.delta import META_KEY
-    from emoji_ldm.store.uri import storage_options
 
-    source = pa.table({
-        "id": [r["id"] for r in rows],
-        "caption": [r["caption"] for r in rows],
-        "caption_model": [caption_model] * len(rows),
-        "caption_prompt_id": [pid] * len(rows),
-    })
-    table = DeltaTable(uri, storage_options=storage_options() or None)
-    (table.merge(source=source, predicate="t.id = s.id", source_alias="s", target_alias="t",
-                 merge_schema=True,  # tables built before caption_prompt_id existed gain the column
-                 commit_properties=CommitProperties(custom_metadata={META_KEY: metadata}))
-     .when_matched_update(updates={"caption": "s.caption", "caption_model": "s.caption_model",
-                                   "caption_prompt_id": "s.caption_prompt_id"})
-     .execute())
-    return DeltaTable(uri, storage_options=storage_options() or None).version()
+def _run_key(uri: str, version: int, config: CaptionConfig, caption_model: str, pid: str) -> str:
+    """Runs with the same table version and options share their staged progress."""
+    import hashlib
+    import json
+
+    what = {"uri": uri, "version": version, "captioner": config.captioner, "model": caption_model, "prompt": pid,
+            "only_missing": config.only_missing, "limit": config.limit, "max_new_tokens": config.max_new_tokens}
+    return f"v{version}-" + hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _stage_captions(uri: str, files: pa.Table, run: str, config: CaptionConfig, model, template) -> int:
+    """Phase 2: caption the rows to do, staging (id, caption, error) per source file; returns rows staged."""
+    fs, root = filesystem(uri)
+    paths = [f"{root.rstrip('/')}/{p}" for p in files.column("path").to_pylist()]
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["id", "image", "title", "tag", "caption"],
+                               include_paths=True)
+    ds = ds.map_batches(_todo_rows, fn_kwargs={"root": root.rstrip("/") + "/", "only_missing": config.only_missing},
+                        batch_format="pyarrow")
+    staged = _staged_ids(run)
+    if staged is not None:
+        ds = ds.join(staged, "left_anti", num_partitions=_partitions(), on=("id",))
+    if config.limit:
+        ds = ds.limit(config.limit)
+    ds = _run_captioner(ds, config, model, template)
+    sink = StagingSink(run)
+    ds.write_datasink(sink)
+    return sink.rows
+
+
+def _todo_rows(batch: pa.Table, root: str, only_missing: bool) -> pa.Table:
+    """Ray Data task: rows read with their file path -> the rows to caption, with `_file` relative to the table."""
+    if only_missing:
+        batch = batch.filter(pc.is_null(batch.column("caption")))
+    files = pc.replace_substring_regex(batch.column("path"), f"^{re.escape(root)}", "")
+    return pa.table({"id": batch.column("id"), "image": batch.column("image"), "title": batch.column("title"),
+                     "tag": batch.column("tag"), "_file": files})
+
+
+def _partitions() -> int:
+    return max(4, min(256, 2 * int(ray.cluster_resources().get("CPU", 2))))
+
+
+STAGED_SCHEMA = pa.schema([("id", pa.string()), ("caption", pa.string()), ("error", pa.string()),
+                           ("_file", pa.string())])
+
+
+def _folder_name(file: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(file.encode()).hexdigest()[:20]
+
+
+def _staged_folders(run: str) -> list[str]:
+    """The per-source-file folders of a run's staged captions (one per touched data file)."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(run)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except FileNotFoundError:
+        return []
+    if is_s3(run):  # S3 lists the folders as prefixes of their objects
+        return sorted({join(run, i.path[len(path.rstrip("/")) + 1:].split("/")[0]) for i in infos
+                       if i.type == pafs.FileType.Directory or "/" in i.path[len(path.rstrip("/")) + 1:]})
+    return sorted(join(run, i.base_name) for i in infos if i.type == pafs.FileType.Directory)
+
+
+def _staged_ids(run: str):
+    """A Ray Dataset of the ids a killed run already staged, or None."""
+    if not _staged_folders(run):
+        return None
+    fs, path = filesystem(run)
+    return ray.data.read_parquet(path, filesystem=fs, columns=["id"])
+
+
+class StagingSink(Datasink):
+    """Write tasks stage (id, caption, error) Parquet per source file; a file appears whole or not at all."""
+
+    def __init__(self, run: str):
+        self.run = run
+        self.fs, self.root = filesystem(run)
+        self.rows = 0
+
+    def write(self, blocks, ctx) -> int:
+        import pyarrow.parquet as pq
+        from ray.data.block import BlockAccessor
+
+        parts = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        parts = [p for p in parts if p.num_rows]
+        if not parts:
+            return 0
+        table = pa.concat_tables([p.select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA) for p in parts])
+        for file in pc.unique(table.column("_file")).to_pylist():
+            rows = table.filter(pc.equal(table.column("_file"), file))
+            folder = f"{self.root.rstrip('/')}/{_folder_name(file)}"
+            name = f"part-{uuid.uuid4().hex}.parquet"
+            if is_s3(self.run):  # an S3 object appears whole when its upload completes
+                pq.write_table(rows, f"{folder}/{name}", filesystem=self.fs)
+            else:  # locally: write, then rename into place
+                self.fs.create_dir(folder, recursive=True)
+                pq.write_table(rows, f"{folder}/.{name}.tmp", filesystem=self.fs)
+                self.fs.move(f"{folder}/.{name}.tmp", f"{folder}/{name}")
+        return table.num_rows
+
+    def on_write_complete(self, write_result) -> None:
+        self.rows = sum(write_result.write_returns)
+
+
+class CaptionRewriteSink(CommitDeltaDatasink):
+    """Phase 3 and 4: each write task rewrites the source files of its staged folders with their
+    captions; the driver commits every removal and addition in one transaction."""
+
+    def __init__(self, uri: str, *, metadata: dict, read_version: int, caption_model: str, prompt_id: str,
+                 failures: str):
+        from emoji_ldm.store.schema import EMOJI_SCHEMA
+
+        super().__init__(uri, schema=EMOJI_SCHEMA, metadata=metadata)
+        self.read_version, self.caption_model, self.prompt_id = read_version, caption_model, prompt_id
+        self.failures = failures
+        self.captioned, self.failed = 0, Counter()
+        self.version: int | None = None
+
+    def write(self, blocks, ctx) -> dict:
+        from ray.data.block import BlockAccessor
+
+        out = {"adds": [], "removes": [], "captioned": 0, "failed": {}}
+        for block in blocks:
+            for folder in BlockAccessor.for_block(block).to_arrow().column("folder").to_pylist():
+                self._rewrite(folder, out)
+        return out
+
+    def _rewrite(self, folder: str, out: dict) -> None:
+        import pyarrow.dataset as pds
+        import pyarrow.parquet as pq
+
+        fs, path = filesystem(folder)
+        staged = pds.dataset(path, filesystem=fs, format="parquet", schema=STAGED_SCHEMA).to_table()
+        if staged.num_rows == 0:
+            return
+        (file,) = pc.unique(staged.column("_file")).to_pylist()[:1]
+        ok = staged.filter(pc.is_valid(staged.column("caption")))
+        bad = staged.filter(pc.is_null(staged.column("caption")))
+        reasons = pc.fill_null(bad.column("error"), "empty generation")
+        for reason in reasons.to_pylist():
+            out["failed"][reason.split(":")[0]] = out["failed"].get(reason.split(":")[0], 0) + 1
+        if bad.num_rows:
+            self._write_failures(pa.table({"id": bad.column("id"), "reason": reasons}))
+        if ok.num_rows == 0:
+            return  # nothing to change in this file
+        source = f"{self.root.rstrip('/')}/{file}"
+        size = self.fs.get_file_info(source).size
+        with self.fs.open_input_file(source) as f:
+            reader = pq.ParquetFile(f)
+            actions = super().write(self._captioned(reader, ok), None)
+        out["adds"] += actions
+        out["removes"].append({"path": file, "size": size})  # RemoveActions do not pickle: made on the driver
+        out["captioned"] += ok.num_rows
+
+    def _captioned(self, reader, ok: pa.Table):
+        """The file's rows, batch by batch, with the staged captions applied (by id)."""
+        for batch in reader.iter_batches(batch_size=1024):
+            rows = pa.Table.from_batches([batch])
+            for name in self.schema.names:  # files of older versions may lack newer columns
+                if name not in rows.column_names:
+                    rows = rows.append_column(name, pa.nulls(rows.num_rows, self.schema.field(name).type))
+            where = pc.index_in(rows.column("id"), value_set=ok.column("id"))
+            hit = pc.is_valid(where)
+            new = pc.take(ok.column("caption"), where)
+            n = rows.num_rows
+            updates = {
+                "caption": pc.if_else(hit, new, rows.column("caption")),
+                "caption_model": pc.if_else(hit, pa.array([self.caption_model] * n), rows.column("caption_model")),
+                "caption_prompt_id": pc.if_else(hit, pa.array([self.prompt_id] * n),
+                                                rows.column("caption_prompt_id")),
+            }
+            for name, values in updates.items():
+                rows = rows.set_column(rows.schema.get_field_index(name), name, values)
+            yield rows
+
+    def _write_failures(self, table: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
+        fs, folder = filesystem(self.failures)
+        if not is_s3(self.failures):
+            fs.create_dir(folder, recursive=True)
+        pq.write_table(table, f"{folder.rstrip('/')}/part-{uuid.uuid4().hex}.parquet", filesystem=fs)
+
+    def on_write_complete(self, write_result) -> None:
+        from deltalake.transaction import RemoveAction
+
+        adds, removes = [], []
+        now = int(time.time() * 1000)
+        for r in write_result.write_returns:
+            adds += r["adds"]
+            removes += [RemoveAction(path=f["path"], data_change=True, deletion_timestamp=now, size=f["size"])
+                        for f in r["removes"]]
+            self.captioned += r["captioned"]
+            self.failed.update(r["failed"])
+        if not adds:
+            return
+        self.metadata = {**self.metadata, "counts": {"captioned": self.captioned, "failed": dict(self.failed),
+                                                     "files_rewritten": len(removes)}}
+        self.commit(adds, removes=removes, read_version=self.read_version)
+        self.version = version_for_build(self.uri, self.metadata["build_id"])

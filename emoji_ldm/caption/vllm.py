@@ -15,7 +15,7 @@ from emoji_ldm.errors import UserError
 
 
 def vllm_caption(ds, model: str, template: str, max_new_tokens: int, concurrency: int, batch_size: int):
-    """`ds` (id, image, title) -> (id, caption, error), through vLLM engine replicas on Ray."""
+    """`ds` (id, image, title, _file) -> (id, caption, error, _file), through vLLM engine replicas on Ray."""
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -44,14 +44,17 @@ def vllm_caption(ds, model: str, template: str, max_new_tokens: int, concurrency
             ]}],
             "sampling_params": {"temperature": 0.0, "max_tokens": max_new_tokens},
             "id": row["id"],
+            "_file": row["_file"],
         }
 
     def postprocess(row: dict) -> dict:
         text = clean_caption(row.get("generated_text") or "")
-        return {"id": row["id"], "caption": text or None, "error": None if text else "empty generation"}
+        return {"id": row["id"], "caption": text or None, "error": None if text else "empty generation",
+                "_file": row["_file"]}
 
     processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
     rows = processor(ds)
     # rows that failed inference bypass postprocess and carry the engine's message instead
     return rows.map(lambda r: r if "caption" in r else {
-        "id": r["id"], "caption": None, "error": f"generate: {r.get('__inference_error__', 'failed')}"[:200]})
+        "id": r["id"], "caption": None, "error": f"generate: {r.get('__inference_error__', 'failed')}"[:200],
+        "_file": r["_file"]})

@@ -135,6 +135,8 @@ class BuildSink(CommitDeltaDatasink):
         def kept():
             for block in blocks:
                 table = BlockAccessor.for_block(block).to_arrow()
+                if table.num_rows == 0:  # an empty shuffle partition's block may carry no columns
+                    continue
                 reason = table.column("_reason")
                 counts["in"] += table.num_rows
                 if reason.null_count < table.num_rows:
@@ -195,7 +197,12 @@ def build_dataset(config: BuildConfig) -> BuildSummary:
     if table_exists(config.out):
         open_table(config.out)  # a clear error now for a table that cannot be read
     ensure_ray()
-    return ingest_dataset(source.dataset(config.limit), config, start=start)
+    summary = ingest_dataset(source.dataset(config.limit), config, start=start)
+    if summary.images_in == 0:
+        raise UserError(f"build: the source {config.source!r} yielded no items; nothing was written to {config.out}")
+    if summary.accepted == 0:  # everything rejected: say so and fail, rather than exit 0 with nothing
+        raise UserError(f"{summary.line()}: no image was accepted; reasons per input in {summary.rejects_uri}")
+    return summary
 
 
 def ingest_dataset(items, config: BuildConfig, *, extra_metadata: dict | None = None,

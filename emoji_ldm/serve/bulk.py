@@ -5,10 +5,16 @@
 Input: a prompt file (.txt one prompt per line, or .csv/.parquet with a
 `prompt` column; local or S3). Output under `--out`: `images/<prompt_id>-<k>.png`
 and the Delta table `manifest/` with one row per image (prompt, seed, settings,
-URI, size). Prompts are sharded across model actors (a Ray Data actor pool, one
-pipeline per actor). The work is committed in chunks, one manifest version per
-chunk, so a killed job loses at most one chunk and a re-run skips every prompt
-already in the manifest.
+URI, size).
+
+One streaming Ray Data pipeline: the prompt file read by Ray's readers ->
+distinct prompts (a groupby on the prompt id) -> a left anti-join with the
+prompts the manifest already holds in full (resume) -> a pool of model actors
+(`BulkGenerator`, the model loaded once per actor) that write the PNGs and
+return manifest rows. The driver consumes that stream and commits the
+manifest every `--chunk-size` images, so a killed job loses at most one
+chunk's rows (their PNGs are rewritten by the re-run). The driver holds at
+most one chunk of manifest rows; no prompt list, done-set or todo list.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import uuid
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.options import opt
@@ -55,7 +62,7 @@ class BulkConfig:
     concurrency: int = opt(1, help="model actors")
     num_cpus: float = opt(1.0, help="CPUs per model actor; on CPU it is also the actor's torch threads")
     num_gpus: float = opt(0.0, help="GPUs per model actor (0: CPU)")
-    chunk_size: int = opt(512, help="prompts per manifest commit; a killed job redoes at most one chunk")
+    chunk_size: int = opt(512, help="images per manifest commit; a killed job redoes at most one chunk")
     limit: int | None = opt(None, help="only the first N distinct prompts")
 
     def __post_init__(self):
@@ -76,45 +83,89 @@ def prompt_id(prompt: str) -> str:
     return hashlib.sha1(prompt.encode()).hexdigest()[:16]
 
 
-def read_prompts(uri: str) -> list[str]:
-    """Prompts from .txt (one per line; blank lines and # comments skipped), .csv or .parquet (`prompt` column)."""
-    import io
+PROMPT_FORMATS = (".txt", ".csv", ".parquet")
+HEAD_ROWS = 10_000
 
+
+def check_prompts(uri: str) -> str | None:
+    """Check the prompt file on the driver from its head; returns the CSV/Parquet `prompt` column name."""
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
-    from emoji_ldm.store.artifacts import read_bytes
+    from emoji_ldm.store.uri import filesystem
 
     name = uri.lower()
-    if not name.endswith((".txt", ".csv", ".parquet")):
+    if not name.endswith(PROMPT_FORMATS):
         raise UserError(f"--prompts {uri!r}: use a .txt (one prompt per line), .csv or .parquet file")
-    data = read_bytes(uri)
-    if name.endswith(".txt"):
-        lines = data.decode("utf-8", errors="replace").splitlines()
-        prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    else:
-        try:
-            table = pcsv.read_csv(io.BytesIO(data)) if name.endswith(".csv") else pq.read_table(io.BytesIO(data))
-        except (pa.ArrowInvalid, OSError) as e:
-            raise UserError(f"--prompts {uri!r} cannot be read: {e}") from None
-        if "prompt" not in table.column_names:
-            raise UserError(f"--prompts {uri!r} has no `prompt` column (columns: {', '.join(table.column_names)})")
-        prompts = [" ".join(str(p).split()) for p in table.column("prompt").to_pylist() if p and str(p).strip()]
-    if not prompts:
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type.name != "File":
+        raise UserError(f"--prompts {uri!r} does not exist")
+    try:
+        if name.endswith(".txt"):
+            with fs.open_input_stream(path) as f:
+                for n, line in enumerate(f.read(4 << 20).decode("utf-8", errors="replace").splitlines()):
+                    if line.strip() and not line.lstrip().startswith("#"):
+                        return None
+                    if n > HEAD_ROWS:
+                        break
+            raise UserError(f"--prompts {uri!r} has no prompts")
+        if name.endswith(".csv"):
+            with fs.open_input_stream(path) as f:
+                head = pa.Table.from_batches([pcsv.open_csv(f).read_next_batch()])
+        else:
+            with fs.open_input_file(path) as f:
+                first = next(pq.ParquetFile(f).iter_batches(batch_size=HEAD_ROWS), None)
+                head = pa.Table.from_batches([first]) if first is not None else pa.table({"prompt": []})
+    except StopIteration:
+        raise UserError(f"--prompts {uri!r} has no prompts") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise UserError(f"--prompts {uri!r} cannot be read: {e}") from None
+    if "prompt" not in head.column_names:
+        raise UserError(f"--prompts {uri!r} has no `prompt` column (columns: {', '.join(head.column_names)})")
+    if not any(p and str(p).strip() for p in head.column("prompt").to_pylist()):
         raise UserError(f"--prompts {uri!r} has no prompts")
-    return prompts
+    return "prompt"
 
 
-def done_prompt_ids(manifest_uri: str, per_prompt: int) -> set[str]:
-    """Prompts with all their images in the manifest (at its latest version)."""
-    from collections import Counter
+def _prompt_rows(batch: pa.Table, column: str) -> pa.Table:
+    """Ray Data task: lines or rows -> (prompt_id, prompt), whitespace normalised, blanks and # comments dropped."""
+    prompts = []
+    for p in batch.column(column).to_pylist():
+        p = " ".join(str(p or "").split())
+        if p and not (column == "text" and p.startswith("#")):
+            prompts.append(p)
+    return pa.table({"prompt_id": [prompt_id(p) for p in prompts], "prompt": prompts},
+                    schema=pa.schema([("prompt_id", pa.string()), ("prompt", pa.string())]))
 
-    from emoji_ldm.store.delta import open_table, table_exists
+
+def prompt_dataset(uri: str):
+    """The distinct prompts of a prompt file, as a Ray Dataset of (prompt_id, prompt)."""
+    import ray.data
+
+    from emoji_ldm.store.uri import filesystem
+
+    check_prompts(uri)
+    fs, path = filesystem(uri)
+    name = uri.lower()
+    if name.endswith(".txt"):
+        ds, column = ray.data.read_text(path, filesystem=fs), "text"
+    elif name.endswith(".csv"):
+        ds, column = ray.data.read_csv(path, filesystem=fs), "prompt"
+    else:
+        ds, column = ray.data.read_parquet(path, filesystem=fs, columns=["prompt"]), "prompt"
+    rows = ds.map_batches(_prompt_rows, fn_kwargs={"column": column}, batch_format="pyarrow")
+    return rows.groupby("prompt_id").map_groups(lambda g: g.slice(0, 1), batch_format="pyarrow")
+
+
+def _done_prompts(manifest_uri: str, per_prompt: int):
+    """A Ray Dataset of the prompt ids with all `per_prompt` images in the manifest, or None."""
+    from emoji_ldm.store.delta import read_dataset, table_exists
 
     if not table_exists(manifest_uri):
-        return set()
-    ids = open_table(manifest_uri).to_pyarrow_table(columns=["prompt_id"]).column("prompt_id").to_pylist()
-    return {pid for pid, n in Counter(ids).items() if n >= per_prompt}
+        return None
+    ids, _ = read_dataset(manifest_uri, columns=["prompt_id"])
+    counts = ids.groupby("prompt_id").count()
+    return counts.filter(lambda row: row["count()"] >= per_prompt).select_columns(["prompt_id"])
 
 
 class BulkGenerator:
@@ -157,63 +208,80 @@ class BulkGenerator:
 def bulk_generate(config: BulkConfig) -> dict:
     """Generate `per_prompt` images for every prompt not yet in the manifest; returns a summary."""
     import ray.data
+    from deltalake import DeltaTable, write_deltalake
+    from deltalake.transaction import CommitProperties
 
     from emoji_ldm.generate import model_folder
     from emoji_ldm.runtime import ensure_ray
     from emoji_ldm.store.artifacts import check_writable
-    from emoji_ldm.store.delta import CommitDeltaDatasink
-    from emoji_ldm.store.uri import join, normalize_uri
+    from emoji_ldm.store.delta import META_KEY
+    from emoji_ldm.store.uri import join, normalize_uri, storage_options
     from emoji_ldm.version import code_version
 
     start = time.perf_counter()
     model = normalize_uri(config.model)
     model_folder(model)  # a clear error now rather than in every actor
     out = check_writable(config.out)
-    prompts = read_prompts(normalize_uri(config.prompts))
-    unique = list(dict.fromkeys(prompts))
-    duplicates = len(prompts) - len(unique)
-    if config.limit:
-        unique = unique[: config.limit]
+    prompts_uri = normalize_uri(config.prompts)
+    check_prompts(prompts_uri)
     manifest_uri, images_uri = join(out, "manifest"), join(out, "images")
     per_prompt = config.sampler.count
-    done = done_prompt_ids(manifest_uri, per_prompt)
-    todo = [{"prompt_id": prompt_id(p), "prompt": p} for p in unique if prompt_id(p) not in done]
-    print(f"bulk: {len(prompts)} prompts in {config.prompts} ({duplicates} duplicates), "
-          f"{len(unique) - len(todo)} already generated, {len(todo)} to do x {per_prompt} images "
-          f"on {config.concurrency} model actor(s)", flush=True)
-    made = 0
-    if todo:
-        ensure_ray()
-    chunks = [todo[i:i + config.chunk_size] for i in range(0, len(todo), config.chunk_size)]
-    for n, chunk in enumerate(chunks, 1):
-        t0 = time.perf_counter()
-        per_call = max(1, config.batch_size // per_prompt)  # prompts per pipeline call
-        # one block per pipeline call: batches do not span blocks, and tiny blocks would mean tiny calls
-        ds = ray.data.from_items(chunk, override_num_blocks=-(-len(chunk) // per_call)).map_batches(
-            BulkGenerator,
-            fn_constructor_kwargs={"model": model, "images_uri": images_uri, "settings": config.sampler,
-                                   "device": "cuda" if config.num_gpus > 0 else "cpu"},
-            batch_size=per_call,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=config.concurrency),
-            num_cpus=config.num_cpus,
-            num_gpus=config.num_gpus,
-        )
+    ensure_ray()
+    prompts = prompt_dataset(prompts_uri)
+    if config.limit:
+        prompts = prompts.limit(config.limit)
+    done = _done_prompts(manifest_uri, per_prompt)
+    skipped = 0
+    if done is not None:
+        skipped = prompts.join(done, "inner", num_partitions=8, on=("prompt_id",)).count()
+        prompts = prompts.join(done, "left_anti", num_partitions=8, on=("prompt_id",))
+    print(f"bulk: prompts from {config.prompts}; {skipped} already generated; the rest x {per_prompt} images "
+          f"on {config.concurrency} model actor(s), manifest committed every {config.chunk_size} images",
+          flush=True)
+    per_call = max(1, config.batch_size // per_prompt)  # prompts per pipeline call
+    rows = prompts.map_batches(
+        BulkGenerator,
+        fn_constructor_kwargs={"model": model, "images_uri": images_uri, "settings": config.sampler,
+                               "device": "cuda" if config.num_gpus > 0 else "cpu"},
+        batch_size=per_call,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
+        num_cpus=config.num_cpus,
+        num_gpus=config.num_gpus,
+    )
+    run_id = uuid.uuid4().hex[:12]
+    made, prompts_made, commits, pending = 0, 0, 0, []
+
+    def commit() -> None:
+        nonlocal made, prompts_made, commits, pending
+        table = pa.concat_tables(pending)
+        pending = []
+        commits += 1
         metadata = {"operation": "bulk-generate", "source": config.prompts, "model": model,
-                    "code_version": code_version(), "build_id": uuid.uuid4().hex[:12],
-                    "counts": {"prompts": len(chunk), "images": len(chunk) * per_prompt},
-                    "config": dataclasses.asdict(config), "message": f"bulk chunk {n}/{len(chunks)}"}
-        ds.write_datasink(CommitDeltaDatasink(manifest_uri, schema=MANIFEST_SCHEMA, metadata=metadata))
-        images = len(chunk) * per_prompt
-        made += images
-        seconds = time.perf_counter() - t0
-        print(f"bulk: chunk {n}/{len(chunks)}: {len(chunk)} prompts, {images} images in {seconds:.1f} s "
-              f"({images / seconds:.1f} images/s) -> {manifest_uri}", flush=True)
+                    "code_version": code_version(), "build_id": f"{run_id}-{commits}",
+                    "counts": {"images": table.num_rows, "prompts": len(pc.unique(table.column("prompt_id")))},
+                    "config": dataclasses.asdict(config), "message": f"bulk commit {commits}"}
+        # one Delta commit of this chunk's rows (creating the table on the first one)
+        write_deltalake(manifest_uri, table, mode="append", storage_options=storage_options() or None,
+                        commit_properties=CommitProperties(custom_metadata={META_KEY: metadata}))
+        made += table.num_rows
+        prompts_made += metadata["counts"]["prompts"]
+        seconds = time.perf_counter() - start
+        print(f"bulk: {made} images so far ({made / seconds:.1f} images/s) -> manifest version "
+              f"{DeltaTable(manifest_uri, storage_options=storage_options() or None).version()}", flush=True)
+
+    buffered = 0
+    for batch in rows.iter_batches(batch_format="pyarrow", batch_size=None):
+        pending.append(batch.cast(MANIFEST_SCHEMA))
+        buffered += batch.num_rows
+        if buffered >= config.chunk_size:
+            commit()
+            buffered = 0
+    if pending and sum(t.num_rows for t in pending):
+        commit()
     seconds = time.perf_counter() - start
-    summary = {"out": out, "manifest": manifest_uri, "images_uri": images_uri, "prompts": len(unique),
-               "skipped": len(unique) - len(todo), "generated_prompts": len(todo), "images": made,
-               "seconds": seconds}
-    return summary
+    return {"out": out, "manifest": manifest_uri, "images_uri": images_uri, "skipped": skipped,
+            "generated_prompts": prompts_made, "images": made, "commits": commits, "seconds": seconds}
 
 
 def report(summary: dict) -> str:

@@ -166,14 +166,19 @@ class CommitDeltaDatasink(Datasink):
 
         files: dict[str | None, tuple[str, object, object]] = {}  # partition value -> (name, stream, writer)
         rows: dict[str | None, int] = {}
+        nulls: dict[str | None, dict[str, int]] = {}  # per file and column: the log's nullCount stats
         try:
             for block in blocks:
                 table = BlockAccessor.for_block(block).to_arrow()
                 for value, part in self._partitions(table):
                     if value not in files:
                         files[value] = self._open(value)
-                    files[value][2].write_table(part.select(self.file_schema.names).cast(self.file_schema))
+                    part = part.select(self.file_schema.names).cast(self.file_schema)
+                    files[value][2].write_table(part)
                     rows[value] = rows.get(value, 0) + part.num_rows
+                    counts = nulls.setdefault(value, dict.fromkeys(self.file_schema.names, 0))
+                    for name in self.file_schema.names:
+                        counts[name] += part.column(name).null_count
         finally:
             for _, stream, writer in files.values():
                 writer.close()
@@ -181,7 +186,8 @@ class CommitDeltaDatasink(Datasink):
         now = int(time.time() * 1000)
         return [AddAction(path=name, size=self.fs.get_file_info(f"{self.root.rstrip('/')}/{name}").size,
                           partition_values={} if value is None else {self.partition_by: value},
-                          modification_time=now, data_change=True, stats=json.dumps({"numRecords": rows[value]}))
+                          modification_time=now, data_change=True,
+                          stats=json.dumps({"numRecords": rows[value], "nullCount": nulls[value]}))
                 for value, (name, _, _) in files.items()]
 
     def _partitions(self, table: pa.Table):

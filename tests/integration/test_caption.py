@@ -74,6 +74,36 @@ def test_metadata_captions_say_what_the_pixels_show(ray_local, tmp_path):
     assert all(r["caption"] is None for r in captions(uri, version=0).values())  # old version untouched
 
 
+def test_one_caption_pass_is_one_version_and_a_killed_pass_resumes_from_its_staged_rows(
+        ray_local, tmp_path, monkeypatch):
+    from emoji_ldm.caption import stage
+    from emoji_ldm.ingest.build import BuildConfig, build_dataset
+    from emoji_ldm.store.delta import open_table
+
+    uri = str(tmp_path / "ds")
+    build_dataset(BuildConfig(source="synthetic:300:3", out=uri, batch_size=50))  # several data files
+    build_dataset(BuildConfig(source="synthetic:360:3", out=uri, batch_size=50))  # 60 more rows, more files
+    files_before = len(open_table(uri).file_uris())
+    assert files_before >= 2
+
+    def killed(self, write_result):
+        raise RuntimeError("killed before the commit")
+
+    monkeypatch.setattr(stage.CaptionRewriteSink, "on_write_complete", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        stage.caption_dataset(stage.CaptionConfig(dataset=uri))
+    assert open_table(uri).version() == 1  # nothing half-written: still the last good version
+    monkeypatch.undo()
+
+    summary = stage.caption_dataset(stage.CaptionConfig(dataset=uri))
+    assert summary["staged_now"] == 0  # every row was staged by the killed run: nothing captioned again
+    assert summary["captioned"] == 360 and summary["versions"] == [2]  # one pass, one version
+    table = open_table(uri)
+    rows = table.to_pyarrow_table(columns=["caption", "title"]).to_pylist()
+    assert len(rows) == 360 and all(r["caption"] and r["caption"].startswith(r["title"]) for r in rows)
+    assert stage.caption_dataset(stage.CaptionConfig(dataset=uri, only_missing=True))["todo"] == 0
+
+
 def test_qwen_captioner_batches_cleans_and_isolates_failures(qwen):
     """In-process: one generate call per batch, the chat prompt, a corrupt image and an empty generation."""
     from emoji_ldm.caption.prompt import DEFAULT_TEMPLATE
@@ -113,7 +143,7 @@ def test_qwen_through_ray_actors_and_only_missing_resumes(ray_local, qwen, tmp_p
     done_first = {t for t, r in captions(uri).items() if r["caption"]}
     assert first["todo"] == 4 and first["captioned"] + sum(first["failed"].values()) == 4
 
-    second = caption_dataset(CaptionConfig(**base, only_missing=True, chunk_size=2))
+    second = caption_dataset(CaptionConfig(**base, only_missing=True))
     assert second["todo"] == 7 - len(done_first)  # only rows without a caption
     final = captions(uri)
     assert final["broken"]["caption"] is None
@@ -125,8 +155,7 @@ def test_qwen_through_ray_actors_and_only_missing_resumes(ray_local, qwen, tmp_p
                for r in captioned)
     for title in done_first:  # a resumed run never redoes finished rows
         assert final[title]["caption"] == captions(uri, version=1)[title]["caption"]
-    # chunk_size 2: the two good rows commit as one version; the chunk holding only the broken row commits nothing
-    assert second["versions"] == [2]
+    assert second["versions"] == [2]  # one pass, one version
 
 
 def test_caption_bad_input(qwen, tmp_path):

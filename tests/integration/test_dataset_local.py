@@ -102,7 +102,8 @@ def test_versions_show_diff_tag_restore(ray_local, tmp_path):
     n1 = open_table(out).to_pyarrow_table(columns=["id"]).num_rows
 
     d = ops.diff(out, "0", "1")
-    assert len(d.added) == n1 - n0 and d.removed == []
+    assert d.added == n1 - n0 and d.removed == 0 and len(d.added_sample) == 10
+    assert ops.diff(out, "1", "0").removed == n1 - n0
 
     ops.tag(out, "small", 0)
     assert open_table(DatasetRef.parse(f"{out}@small")).version() == 0
@@ -148,7 +149,12 @@ def test_cli_end_to_end_and_errors(ray_local, tmp_path):
     before = DeltaTable(out).version()
     bad_list = tmp_path / "bad.txt"
     bad_list.write_text("ftp://x/y.png\n")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not an image")
     for args, text in [
+        (("dataset", "build", "--source", f"dir:{junk}", "--out", out), "no image was accepted"),
+        (("dataset", "build", "--source", "synthetic:ten", "--out", out), "is not synthetic:N"),
         (("dataset", "build", "--source", "nope", "--out", out), "unknown source 'nope'"),
         (("dataset", "build", "--source", f"dir:{tmp_path / 'none'}", "--out", out), "is not a folder"),
         (("dataset", "build", "--source", f"urls:{bad_list}", "--out", out), "is not an http(s) URL"),
