@@ -46,12 +46,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.data
-from ray.data.datasource import Datasink
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.options import opt
 from emoji_ldm.runtime import ensure_ray
 from emoji_ldm.store.delta import SIDECAR, CommitDeltaDatasink, version_for_build
+from emoji_ldm.store.staging import FileStagingSink, read_folder, staged_folders
 from emoji_ldm.store.uri import filesystem, is_s3, join
 from emoji_ldm.version import code_version
 
@@ -141,7 +141,7 @@ def caption_dataset(config: CaptionConfig) -> dict:
                 "message": config.message or f"caption with {config.captioner}"}
     sink = CaptionRewriteSink(uri, metadata=metadata, read_version=version, caption_model=caption_model,
                               prompt_id=pid, failures=join(uri, SIDECAR, "caption-failures", key))
-    folders = _staged_folders(run)
+    folders = staged_folders(run)
     if folders:
         ray.data.from_items([{"folder": f} for f in folders], override_num_blocks=min(len(folders), 256)) \
             .write_datasink(sink)
@@ -230,7 +230,7 @@ def _stage_captions(uri: str, files: pa.Table, run: str, config: CaptionConfig, 
     if config.limit:
         ds = ds.limit(config.limit)
     ds = _run_captioner(ds, config, model, template)
-    sink = StagingSink(run)
+    sink = FileStagingSink(run, STAGED_SCHEMA)
     ds.write_datasink(sink)
     return sink.rows
 
@@ -252,66 +252,12 @@ STAGED_SCHEMA = pa.schema([("id", pa.string()), ("caption", pa.string()), ("erro
                            ("_file", pa.string())])
 
 
-def _folder_name(file: str) -> str:
-    import hashlib
-
-    return hashlib.sha1(file.encode()).hexdigest()[:20]
-
-
-def _staged_folders(run: str) -> list[str]:
-    """The per-source-file folders of a run's staged captions (one per touched data file)."""
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem(run)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except FileNotFoundError:
-        return []
-    if is_s3(run):  # S3 lists the folders as prefixes of their objects
-        return sorted({join(run, i.path[len(path.rstrip("/")) + 1:].split("/")[0]) for i in infos
-                       if i.type == pafs.FileType.Directory or "/" in i.path[len(path.rstrip("/")) + 1:]})
-    return sorted(join(run, i.base_name) for i in infos if i.type == pafs.FileType.Directory)
-
-
 def _staged_ids(run: str):
     """A Ray Dataset of the ids a killed run already staged, or None."""
-    if not _staged_folders(run):
+    if not staged_folders(run):
         return None
     fs, path = filesystem(run)
     return ray.data.read_parquet(path, filesystem=fs, columns=["id"])
-
-
-class StagingSink(Datasink):
-    """Write tasks stage (id, caption, error) Parquet per source file; a file appears whole or not at all."""
-
-    def __init__(self, run: str):
-        self.run = run
-        self.fs, self.root = filesystem(run)
-        self.rows = 0
-
-    def write(self, blocks, ctx) -> int:
-        import pyarrow.parquet as pq
-        from ray.data.block import BlockAccessor
-
-        parts = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-        parts = [p for p in parts if p.num_rows]
-        if not parts:
-            return 0
-        table = pa.concat_tables([p.select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA) for p in parts])
-        for file in pc.unique(table.column("_file")).to_pylist():
-            rows = table.filter(pc.equal(table.column("_file"), file))
-            folder = f"{self.root.rstrip('/')}/{_folder_name(file)}"
-            name = f"part-{uuid.uuid4().hex}.parquet"
-            if is_s3(self.run):  # an S3 object appears whole when its upload completes
-                pq.write_table(rows, f"{folder}/{name}", filesystem=self.fs)
-            else:  # locally: write, then rename into place
-                self.fs.create_dir(folder, recursive=True)
-                pq.write_table(rows, f"{folder}/.{name}.tmp", filesystem=self.fs)
-                self.fs.move(f"{folder}/.{name}.tmp", f"{folder}/{name}")
-        return table.num_rows
-
-    def on_write_complete(self, write_result) -> None:
-        self.rows = sum(write_result.write_returns)
 
 
 class CaptionRewriteSink(CommitDeltaDatasink):
@@ -338,11 +284,9 @@ class CaptionRewriteSink(CommitDeltaDatasink):
         return out
 
     def _rewrite(self, folder: str, out: dict) -> None:
-        import pyarrow.dataset as pds
         import pyarrow.parquet as pq
 
-        fs, path = filesystem(folder)
-        staged = pds.dataset(path, filesystem=fs, format="parquet", schema=STAGED_SCHEMA).to_table()
+        staged = read_folder(folder, STAGED_SCHEMA)
         if staged.num_rows == 0:
             return
         (file,) = pc.unique(staged.column("_file")).to_pylist()[:1]

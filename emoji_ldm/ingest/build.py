@@ -1,21 +1,28 @@
-"""`build_dataset`: source -> Ray Data (fetch, decode, clean, hash, de-duplicate) -> one new Delta version.
+"""`build_dataset`: source -> Ray Data (fetch, decode, clean, hash) -> de-duplicate -> one new Delta version.
 
-One streaming Ray Data pipeline; the driver holds no item, id or image:
+Streaming Ray Data throughout; the driver holds no item, id or image, only the
+new data files' add actions and counts:
   1. the source as a Ray Dataset of items (`emoji_ldm.sources.source_dataset`:
      folders listed in tasks, URL lists read by Ray's readers, `synthetic:N`
      from `range`);
   2. `ingest_batch` in tasks: read, download or draw the bytes (threads,
-     timeouts, retries, per-host limit), clean with `clean_image`, hash;
-  3. de-duplicate by content hash in Ray Data: the table's `id` column joins
-     the stream (`union`), `groupby(_group).map_groups(resolve_group)` keeps the
-     first new row of each hash (smallest source URL) and marks the rest
-     `duplicate_in_build` or `duplicate_in_table`;
-  4. `BuildSink`: write tasks write the kept rows as Parquet and the rejected
-     inputs (with reasons) as sidecar Parquet under `_emoji_ldm/rejects/`, and
-     return per-task counts; the driver sums them and makes one Delta commit
-     that records operation, source, counts, config and code version.
-Cost: O(items of the build) plus a read of the table's `id` column (about 70
-bytes a row); the driver's memory does not grow with either.
+     timeouts, retries, per-host limit), clean with `clean_image`, hash; then
+     `BuildSink`'s write tasks write the accepted rows as data files of the
+     table (not yet part of any version), the rejected inputs with reasons to
+     `_emoji_ldm/rejects/build-<id>/`, and each written row's narrow key
+     (id, source URL, data file, row position) to a work folder;
+  3. de-duplication shuffles only those keys, never the images: the table's
+     `id` column joins them (`union`), a `groupby` on the content hash keeps,
+     of identical images, the one with the smallest source URL (the same
+     choice whatever order tasks finish in) and stages the rows to drop
+     (`duplicate_in_build`, `duplicate_in_table`) per data file;
+  4. one task per data file holding duplicates rewrites it without them;
+  5. the driver commits every data file in one Delta transaction whose
+     metadata records operation, source, counts, config and code version.
+A build killed before step 5 leaves the table at its last good version (its
+files are referenced by no version). Cost: the new items, plus the table's
+`id` column (about 70 bytes a row) in the shuffle; no process holds the
+build's images beyond a batch.
 """
 
 from __future__ import annotations
@@ -33,12 +40,13 @@ import pyarrow.compute as pc
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.ingest.images import ImageConfig
-from emoji_ldm.ingest.tasks import ingest_batch, resolve_group, table_id_rows
+from emoji_ldm.ingest.tasks import DROP_SCHEMA, KEY_SCHEMA, ingest_batch, resolve_group, table_key_rows
 from emoji_ldm.options import opt
 from emoji_ldm.runtime import ensure_ray
 from emoji_ldm.sources import FetchConfig, open_source
 from emoji_ldm.store.delta import (
     REJECT_SCHEMA,
+    SIDECAR,
     CommitDeltaDatasink,
     open_table,
     read_dataset,
@@ -47,7 +55,8 @@ from emoji_ldm.store.delta import (
     version_for_build,
 )
 from emoji_ldm.store.schema import EMOJI_SCHEMA
-from emoji_ldm.store.uri import check_s3_bucket, filesystem, is_s3, normalize_uri
+from emoji_ldm.store.staging import FileStagingSink, read_folder, remove_run, staged_folders, write_atomic
+from emoji_ldm.store.uri import check_s3_bucket, filesystem, is_s3, join, normalize_uri
 from emoji_ldm.version import code_version
 
 logger = logging.getLogger(__name__)
@@ -110,76 +119,99 @@ DUPLICATES = ("duplicate_in_build", "duplicate_in_table")
 
 
 class BuildSink(CommitDeltaDatasink):
-    """`CommitDeltaDatasink` for a build's resolved stream: rows with a `_reason` are not written.
-
-    Each write task writes its kept rows as Parquet (the parent's `write`), its rejected inputs
-    to `_emoji_ldm/rejects/build-<id>/part-<uuid>.parquet`, and returns its counts. On the driver,
-    `on_write_complete` sums the counts into the commit metadata and commits once, or not at all
-    when nothing was added.
+    """Step 2's sink: write tasks write the accepted rows (images included) as data files of the table,
+    not yet committed; the rejected inputs to `_emoji_ldm/rejects/build-<id>/`; and the narrow key of
+    every written row (id, source URL, data file, row position) to the build's `keys/` folder.
+    The driver gets back only the files' add actions and the counts.
     """
 
-    def __init__(self, uri: str, build_id: str, metadata: dict):
-        super().__init__(uri, schema=EMOJI_SCHEMA, metadata=metadata)
-        self.build_id = build_id
+    def __init__(self, uri: str, build_id: str, work: str):
+        super().__init__(uri, schema=EMOJI_SCHEMA, metadata={})
         self.rejects = rejects_uri(uri, build_id)
+        self.keys = join(work, "keys")
+        self.actions: list = []
         self.counts: Counter = Counter()
         self.rejected: Counter = Counter()
-        self.version: int | None = None
 
     def write(self, blocks, ctx) -> dict:
         from ray.data.block import BlockAccessor
 
         counts, reasons = Counter(), Counter()
-        rejects: list[pa.Table] = []
+        rejects, keys = [], []
 
-        def kept():
+        def accepted():
             for block in blocks:
                 table = BlockAccessor.for_block(block).to_arrow()
-                if table.num_rows == 0:  # an empty shuffle partition's block may carry no columns
+                if table.num_rows == 0:  # an empty block may carry no columns
                     continue
-                reason = table.column("_reason")
                 counts["in"] += table.num_rows
+                reason = table.column("_reason")
                 if reason.null_count < table.num_rows:
                     values = pc.value_counts(reason.drop_null())
                     reasons.update(dict(zip(values.field("values").to_pylist(), values.field("counts").to_pylist())))
-                    real = pc.invert(pc.is_in(reason, pa.array(DUPLICATES)))
-                    bad = table.filter(pc.and_(pc.is_valid(reason), real))
-                    if bad.num_rows:
-                        rejects.append(bad.select(["source_url", "_reason", "_detail"]).rename_columns(
-                            REJECT_SCHEMA.names).cast(REJECT_SCHEMA))
-                yield table.filter(pc.is_null(reason))
+                    bad = table.filter(pc.is_valid(reason))
+                    rejects.append(bad.select(["source_url", "_reason", "_detail"]).rename_columns(
+                        REJECT_SCHEMA.names).cast(REJECT_SCHEMA))
+                good = table.filter(pc.is_null(reason))
+                keys.append(good.select(["id", "source_url", "page_url"]))
+                yield good
 
-        actions = super().write(kept(), ctx)
+        actions = super().write(accepted(), ctx)  # one data file per task: rows in the order written
+        fs, _ = filesystem(self.uri)
         if rejects:
-            self._write_rejects(pa.concat_tables(rejects))
+            write_atomic(fs, filesystem(self.rejects)[1], pa.concat_tables(rejects), is_s3(self.uri))
+        if actions:
+            (action,) = actions
+            rows = pa.concat_tables(keys)
+            rows = rows.append_column("_file", pa.array([action.path] * rows.num_rows, pa.string()))
+            rows = rows.append_column("_pos", pa.array(range(rows.num_rows), pa.int64()))
+            rows = rows.append_column("_from_table", pa.array([False] * rows.num_rows))
+            write_atomic(fs, filesystem(self.keys)[1], rows.cast(KEY_SCHEMA), is_s3(self.uri))
         return {"actions": actions, "counts": dict(counts), "reasons": dict(reasons)}
 
-    def _write_rejects(self, table: pa.Table) -> None:
-        import pyarrow.parquet as pq
-
-        fs, folder = filesystem(self.rejects)
-        if not is_s3(self.uri):
-            fs.create_dir(folder, recursive=True)
-        pq.write_table(table, f"{folder.rstrip('/')}/part-{uuid.uuid4().hex}.parquet", filesystem=fs)
-
     def on_write_complete(self, write_result) -> None:
-        actions = []
         for r in write_result.write_returns:
-            actions += r["actions"]
+            self.actions += r["actions"]
             self.counts.update(r["counts"])
             self.rejected.update(r["reasons"])
-        if not actions:
-            return
-        self.metadata = {**self.metadata, "counts": self.summary_counts(sum(
-            json.loads(a.stats)["numRecords"] for a in actions))}
-        self.commit(actions)
-        self.version = version_for_build(self.uri, self.build_id)
 
-    def summary_counts(self, added: int) -> dict:
-        rejected = {k: v for k, v in self.rejected.items() if k not in DUPLICATES}
-        return {"in": self.counts["in"], "accepted": self.counts["in"] - sum(rejected.values()),
-                "rejected": rejected, "duplicates_in_build": self.rejected["duplicate_in_build"],
-                "duplicates_in_table": self.rejected["duplicate_in_table"], "added": added}
+
+class DedupeSink(CommitDeltaDatasink):
+    """Step 4's sink: one write task per data file that has duplicates rewrites it without them (and
+    deletes the uncommitted original); the driver then commits every data file in one transaction."""
+
+    def __init__(self, uri: str, metadata: dict):
+        super().__init__(uri, schema=EMOJI_SCHEMA, metadata=metadata)
+        self.replaced: dict[str, list] = {}  # original file -> its rewritten add actions
+        self.version: int | None = None
+
+    def write(self, blocks, ctx) -> dict:
+        import pyarrow.parquet as pq
+        from ray.data.block import BlockAccessor
+
+        replaced = {}
+        for block in blocks:
+            for folder in BlockAccessor.for_block(block).to_arrow().column("folder").to_pylist():
+                drops = read_folder(folder, DROP_SCHEMA)
+                (file,) = pc.unique(drops.column("_file")).to_pylist()[:1]
+                source = f"{self.root.rstrip('/')}/{file}"
+                with self.fs.open_input_file(source) as f:
+                    replaced[file] = super().write(_without(pq.ParquetFile(f), drops.column("_pos")), ctx)
+                self.fs.delete_file(source)  # never committed: no version refers to it
+        return replaced
+
+    def on_write_complete(self, write_result) -> None:
+        for r in write_result.write_returns:
+            self.replaced.update(r)
+
+
+def _without(reader, positions: pa.Array):
+    """The rows of a Parquet file, batch by batch, except those at `positions`."""
+    offset = 0
+    for batch in reader.iter_batches(batch_size=1024):
+        index = pa.array(range(offset, offset + batch.num_rows), pa.int64())
+        offset += batch.num_rows
+        yield pa.Table.from_batches([batch]).filter(pc.invert(pc.is_in(index, value_set=positions)))
 
 
 def _partitions() -> int:
@@ -207,37 +239,61 @@ def build_dataset(config: BuildConfig) -> BuildSummary:
 
 def ingest_dataset(items, config: BuildConfig, *, extra_metadata: dict | None = None,
                    start: float | None = None) -> BuildSummary:
-    """Stages 2-4 for a Ray Dataset of items (`ITEM_SCHEMA`; from `build_dataset`, or from the crawler)."""
+    """Steps 2-5 for a Ray Dataset of items (`ITEM_SCHEMA`; from `build_dataset`, or from the crawler)."""
+    import ray.data
+
     start = start or time.perf_counter()
     ensure_ray()
     build_id = uuid.uuid4().hex[:12]
+    work = join(config.out, SIDECAR, "builds", build_id)
     logger.info("build %s: %s -> %s", build_id, config.source, config.out)
-    work = items.map_batches(ingest_batch, fn_kwargs={"image": config.image, "fetch": config.fetch},
-                             batch_format="pyarrow", batch_size=config.batch_size)
-    if table_exists(config.out):
-        ids, _ = read_dataset(config.out, columns=["id"])
-        work = work.union(ids.map_batches(table_id_rows, batch_format="pyarrow"))
-    resolved = work.groupby("_group", num_partitions=_partitions()).map_groups(resolve_group,
-                                                                               batch_format="pyarrow")
-    metadata = {
-        "operation": "build",
-        "source": config.source,
-        "config": _jsonable(dataclasses.asdict(config)),
-        "code_version": code_version(),
-        "message": config.message,
-        "build_id": build_id,
-        "rejects": rejects_uri(config.out, build_id),
-        **_jsonable(extra_metadata or {}),
+    # 2: fetch, clean, hash; write the accepted rows (uncommitted), the rejects and the narrow keys
+    staged = BuildSink(config.out, build_id, work)
+    items.map_batches(ingest_batch, fn_kwargs={"image": config.image, "fetch": config.fetch},
+                      batch_format="pyarrow", batch_size=config.batch_size).write_datasink(staged)
+    # 3: which written rows are duplicates: a groupby on the content hash over the narrow keys
+    dropped: Counter = Counter()
+    replaced: dict[str, list] = {}
+    if staged.actions:
+        fs, keys_path = filesystem(staged.keys)
+        keys = ray.data.read_parquet(keys_path, filesystem=fs)
+        if table_exists(config.out):
+            ids, _ = read_dataset(config.out, columns=["id"])
+            keys = keys.union(ids.map_batches(table_key_rows, batch_format="pyarrow"))
+        drops = FileStagingSink(join(work, "drops"), DROP_SCHEMA)
+        keys.groupby("id", num_partitions=_partitions()).map_groups(
+            resolve_group, batch_format="pyarrow").write_datasink(drops)
+        dropped = drops.reasons
+        # 4: rewrite the data files that hold duplicates, without them
+        folders = staged_folders(join(work, "drops"))
+        if folders:
+            rewrite = DedupeSink(config.out, metadata={})
+            ray.data.from_items([{"folder": f} for f in folders], override_num_blocks=min(len(folders), 256)) \
+                .write_datasink(rewrite)
+            replaced = rewrite.replaced
+    actions = [a for a in staged.actions if a.path not in replaced] + [a for new in replaced.values() for a in new]
+    rejected = {k: v for k, v in staged.rejected.items()}
+    counts = {
+        "in": staged.counts["in"], "accepted": staged.counts["in"] - sum(rejected.values()), "rejected": rejected,
+        "duplicates_in_build": dropped["duplicate_in_build"], "duplicates_in_table": dropped["duplicate_in_table"],
+        "added": sum(json.loads(a.stats)["numRecords"] for a in actions),
     }
-    sink = BuildSink(config.out, build_id, metadata)
-    resolved.write_datasink(sink)
-    counts = sink.summary_counts(sink.rows_written or 0)
-    rejected = sum(counts["rejected"].values())
+    # 5: one commit of every data file, with what made it
+    version = None
+    if counts["added"]:
+        sink = CommitDeltaDatasink(config.out, schema=EMOJI_SCHEMA, metadata={
+            "operation": "build", "source": config.source, "counts": counts,
+            "config": _jsonable(dataclasses.asdict(config)), "code_version": code_version(),
+            "message": config.message, "build_id": build_id, "rejects": staged.rejects,
+            **_jsonable(extra_metadata or {})})
+        sink.commit([a for a in actions if json.loads(a.stats)["numRecords"]])
+        version = version_for_build(config.out, build_id)
+    remove_run(work)
     return BuildSummary(
-        out=config.out, version=sink.version, images_in=counts["in"], accepted=counts["accepted"],
-        rejected=counts["rejected"], duplicates_in_build=counts["duplicates_in_build"],
+        out=config.out, version=version, images_in=counts["in"], accepted=counts["accepted"],
+        rejected=rejected, duplicates_in_build=counts["duplicates_in_build"],
         duplicates_in_table=counts["duplicates_in_table"], added=counts["added"],
-        seconds=time.perf_counter() - start, rejects_uri=sink.rejects if rejected else None,
+        seconds=time.perf_counter() - start, rejects_uri=staged.rejects if rejected else None,
         phases={"total": round(time.perf_counter() - start, 3)},
     )
 

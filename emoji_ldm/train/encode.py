@@ -156,13 +156,14 @@ def encode(config: EncodeConfig) -> dict:
     preset = config.preset_config()
     out = check_writable(config.out)
     # Checked on the Delta table itself (clear errors for a missing dataset / version / tag),
-    # before Ray starts and without reading the images: counts from the log, text by Arrow compute.
+    # before Ray starts and without reading the images: counts from the log, text by Arrow compute
+    # (stopping at the first row that has some).
     table = open_table(config.dataset)
     version = table.version()
     if row_count(table) == 0:
         raise UserError(f"dataset {config.dataset!r} (version {version}) has no rows to encode")
     has_text = (pc.field("caption") != "") | (pc.field("title") != "")
-    if table.to_pyarrow_dataset().count_rows(filter=has_text) == 0:
+    if table.to_pyarrow_dataset().head(1, columns=["id"], filter=has_text).num_rows == 0:
         raise UserError(f"dataset {config.dataset!r} has no captions or titles: caption it first")
     vae_path = normalize_uri(config.vae) if config.vae else None
     previous = _previous_encode(out, preset, vae_path, config.full)

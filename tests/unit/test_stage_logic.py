@@ -10,32 +10,32 @@ import pytest
 from emoji_ldm.caption.prompt import clean_caption
 from emoji_ldm.errors import UserError
 from emoji_ldm.generate import SampleJob
-from emoji_ldm.ingest.tasks import WORK_SCHEMA, resolve_group
+from emoji_ldm.ingest.tasks import KEY_SCHEMA, resolve_group
 from emoji_ldm.models.presets import get_preset
 from emoji_ldm.sampling import SamplerSettings
 from emoji_ldm.train.ldm import TrainConfig, _check_resume, _lr_lambda
 
 
-def _group(rows: list[dict]) -> pa.Table:
-    full = [{**{k: None for k in WORK_SCHEMA.names}, "_from_table": False, **r} for r in rows]
-    return pa.Table.from_pylist(full, schema=WORK_SCHEMA)
+def _keys(rows: list[dict]) -> pa.Table:
+    full = [{"source_url": None, "page_url": None, "_file": None, "_pos": None, "_from_table": False, **r}
+            for r in rows]
+    return pa.Table.from_pylist(full, schema=KEY_SCHEMA)
 
 
-def test_build_keeps_the_first_of_each_id_and_marks_the_rest():
-    group = _group([{"id": "a", "_group": "a", "source_url": "u1", "image": b"1"},
-                    {"id": "a", "_group": "a", "source_url": "u0", "image": b"0"}])
-    out = resolve_group(group).to_pylist()
-    assert [(r["source_url"], r["_reason"], r["image"]) for r in out] == [
-        ("u0", None, b"0"), ("u1", "duplicate_in_build", None)]  # the smallest source URL wins
+def test_build_keeps_the_first_of_each_id_and_drops_the_rest():
+    group = _keys([{"id": "a", "source_url": "u1", "_file": "f1", "_pos": 7},
+                   {"id": "a", "source_url": "u0", "_file": "f2", "_pos": 3},
+                   {"id": "a", "source_url": "u2", "_file": "f2", "_pos": 4}])
+    assert resolve_group(group).to_pylist() == [  # the smallest source URL stays
+        {"_file": "f1", "_pos": 7, "_reason": "duplicate_in_build"},
+        {"_file": "f2", "_pos": 4, "_reason": "duplicate_in_build"}]
+    assert resolve_group(_keys([{"id": "b", "source_url": "u", "_file": "f", "_pos": 0}])).num_rows == 0
 
 
-def test_build_marks_rows_already_in_the_table_and_passes_rejects_through():
-    group = _group([{"id": "old", "_group": "old", "_from_table": True},
-                    {"id": "old", "_group": "old", "source_url": "u4", "image": b"4"}])
-    assert [(r["source_url"], r["_reason"]) for r in resolve_group(group).to_pylist()] == [
-        ("u4", "duplicate_in_table")]
-    reject = _group([{"_group": "reject:u2", "source_url": "u2", "_reason": "corrupt", "_detail": "x"}])
-    assert resolve_group(reject).to_pylist()[0]["_reason"] == "corrupt"
+def test_build_drops_rows_already_in_the_table():
+    group = _keys([{"id": "old", "_from_table": True}, {"id": "old", "source_url": "u4", "_file": "f", "_pos": 1}])
+    assert resolve_group(group).to_pylist() == [{"_file": "f", "_pos": 1, "_reason": "duplicate_in_table"}]
+    assert resolve_group(_keys([{"id": "old", "_from_table": True}])).num_rows == 0
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
