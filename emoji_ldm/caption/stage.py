@@ -49,7 +49,7 @@ import ray.data
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.options import opt
-from emoji_ldm.runtime import ensure_ray
+from emoji_ldm.runtime import ensure_ray, require_shared
 from emoji_ldm.store.delta import SIDECAR, CommitDeltaDatasink, version_for_build
 from emoji_ldm.store.staging import FileStagingSink, read_folder, staged_folders
 from emoji_ldm.store.uri import filesystem, is_s3, join
@@ -130,6 +130,7 @@ def caption_dataset(config: CaptionConfig) -> dict:
         return summary
 
     ensure_ray()
+    require_shared(uri, "the dataset")
     key = _run_key(uri, version, config, caption_model, pid)
     run = join(uri, SIDECAR, "caption-runs", key)
     summary["staged_now"] = _stage_captions(uri, files, run, config, model, template)

@@ -42,7 +42,7 @@ from emoji_ldm.errors import UserError
 from emoji_ldm.ingest.images import ImageConfig
 from emoji_ldm.ingest.tasks import DROP_SCHEMA, KEY_SCHEMA, ingest_batch, resolve_group, table_key_rows
 from emoji_ldm.options import opt
-from emoji_ldm.runtime import ensure_ray
+from emoji_ldm.runtime import ensure_ray, require_shared
 from emoji_ldm.sources import FetchConfig, open_source
 from emoji_ldm.store.delta import (
     REJECT_SCHEMA,
@@ -229,6 +229,9 @@ def build_dataset(config: BuildConfig) -> BuildSummary:
     if table_exists(config.out):
         open_table(config.out)  # a clear error now for a table that cannot be read
     ensure_ray()
+    require_shared(config.out, "the dataset (--out)")
+    if getattr(source, "local_path", None):  # a folder or URL list that the tasks read, on any node
+        require_shared(source.local_path, f"the source {config.source!r}")
     summary = ingest_dataset(source.dataset(config.limit), config, start=start)
     if summary.images_in == 0:
         raise UserError(f"build: the source {config.source!r} yielded no items; nothing was written to {config.out}")

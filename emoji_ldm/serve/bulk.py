@@ -212,7 +212,7 @@ def bulk_generate(config: BulkConfig) -> dict:
     from deltalake.transaction import CommitProperties
 
     from emoji_ldm.generate import model_folder
-    from emoji_ldm.runtime import ensure_ray
+    from emoji_ldm.runtime import ensure_ray, require_shared
     from emoji_ldm.store.artifacts import check_writable
     from emoji_ldm.store.delta import META_KEY
     from emoji_ldm.store.uri import join, normalize_uri, storage_options
@@ -227,6 +227,9 @@ def bulk_generate(config: BulkConfig) -> dict:
     manifest_uri, images_uri = join(out, "manifest"), join(out, "images")
     per_prompt = config.sampler.count
     ensure_ray()
+    for uri, what in ((out, "the output (--out)"), (prompts_uri, "the prompt file (--prompts)"),
+                      (model, "the model (--model)")):
+        require_shared(uri, what)
     prompts = prompt_dataset(prompts_uri)
     if config.limit:
         prompts = prompts.limit(config.limit)

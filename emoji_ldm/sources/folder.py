@@ -125,6 +125,7 @@ class FolderSource:
             raise UserError(f"dir:{folder}: {root} is not a folder; give dir:PATH with PATH a folder of images")
         self.root = root.resolve()
         self.spec = f"dir:{self.root}"
+        self.local_path = str(self.root)
         meta = self.root / "metadata.csv"
         self.meta_columns = _read_header(meta) if meta.is_file() else None
         if not self._any_file():

@@ -89,6 +89,7 @@ class UrlListSource:
         self.uri = normalize_uri(file) if is_s3(file) else str(Path(file).expanduser().resolve())
         self.fs, self.path = filesystem(self.uri)
         self.spec = f"urls:{self.uri}"
+        self.local_path = None if is_s3(self.uri) else self.uri
         self.suffix = _suffix(file) or ".txt"
         if self.suffix not in FORMATS:
             raise UserError(f"urls:{file}: unknown list format {self.suffix!r}; use .txt, .csv or .parquet")

@@ -1,4 +1,4 @@
-"""Encode and train on a two-node Ray cluster on this machine, with moto S3 as the shared storage.
+"""Build, caption, encode and train on a two-node Ray cluster on this machine, with moto S3 as the shared storage.
 
 `ray start --head` and a second `ray start --address` node, each with 1 CPU
 (so the two training workers must go one to a node) and its own temp dir;
@@ -54,7 +54,9 @@ def test_encode_and_train_on_two_nodes(two_nodes, tmp_path):
 
     address, env = two_nodes
     data, vae, latents, run = (f"s3://{BUCKET}/{name}" for name in ("ds", "vae", "latents", "run"))
-    for args in (("dataset", "build", "--source", "twemoji", "--limit", "48", "--out", data),
+    for args in (("dataset", "build", "--source", "twemoji", "--limit", "40", "--out", data),
+                 ("dataset", "build", "--source", "synthetic:16", "--out", data),
+                 ("dataset", "caption", data),
                  ("train-vae", "--dataset", data, "--out", vae, "--max-steps", "2"),
                  ("encode", "--dataset", data, "--vae", vae, "--out", latents),
                  ("train", "--data", latents, "--out", run, "--workers", "2", "--max-steps", "3",
