@@ -137,7 +137,7 @@ def nearest_training_mse(meta: dict, table, samples: np.ndarray, size: int) -> n
     ensure_ray()
     train = split_files(table, "train")
     fs, _ = filesystem(train[0].uri)
-    train_ids = ray.data.read_parquet([filesystem(f.uri)[1] for f in train], filesystem=fs, columns=["id"])
+    train_ids = ray.data.read_parquet([filesystem(f.uri)[1] for f in train], filesystem=fs).select_columns(["id"])
     images, _ = read_dataset(DatasetRef(DatasetRef.parse(meta["dataset"]).uri, version=meta["dataset_version"]),
                              columns=["id", "image"])
     joined = images.join(train_ids, "inner", num_partitions=8, on=("id",))

@@ -221,8 +221,8 @@ def _stage_captions(uri: str, files: pa.Table, run: str, config: CaptionConfig, 
     """Phase 2: caption the rows to do, staging (id, caption, error) per source file; returns rows staged."""
     fs, root = filesystem(uri)
     paths = [f"{root.rstrip('/')}/{p}" for p in files.column("path").to_pylist()]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["id", "image", "title", "tag", "caption"],
-                               include_paths=True)
+    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True).select_columns(
+        ["id", "image", "title", "tag", "caption", "path"])
     ds = ds.map_batches(_todo_rows, fn_kwargs={"root": root.rstrip("/") + "/", "only_missing": config.only_missing},
                         batch_format="pyarrow")
     staged = _staged_ids(run)
@@ -258,7 +258,7 @@ def _staged_ids(run: str):
     if not staged_folders(run):
         return None
     fs, path = filesystem(run)
-    return ray.data.read_parquet(path, filesystem=fs, columns=["id"])
+    return ray.data.read_parquet(path, filesystem=fs).select_columns(["id"])
 
 
 class CaptionRewriteSink(CommitDeltaDatasink):

@@ -51,11 +51,19 @@ from emoji_ldm.store.delta import (
     open_table,
     read_dataset,
     rejects_uri,
+    row_count,
     table_exists,
     version_for_build,
 )
 from emoji_ldm.store.schema import EMOJI_SCHEMA
-from emoji_ldm.store.staging import FileStagingSink, read_folder, remove_run, staged_folders, write_atomic
+from emoji_ldm.store.staging import (
+    FileStagingSink,
+    folder_name,
+    read_folder,
+    remove_run,
+    staged_folders,
+    write_atomic,
+)
 from emoji_ldm.store.uri import check_s3_bucket, filesystem, is_s3, join, normalize_uri
 from emoji_ldm.version import code_version
 
@@ -214,6 +222,57 @@ def _without(reader, positions: pa.Array):
         yield pa.Table.from_batches([batch]).filter(pc.invert(pc.is_in(index, value_set=positions)))
 
 
+# A build this small is de-duplicated on the driver from its narrow keys (at most ~30 MB of them), with
+# one streaming scan of a table's `id` column this small; bigger ones shuffle the keys in Ray Data.
+LOCAL_DEDUPE_KEYS = 200_000
+LOCAL_DEDUPE_TABLE_ROWS = 5_000_000
+
+
+def _dedupe_small(uri: str, keys_uri: str, drops_uri: str, table: bool) -> Counter:
+    """`_dedupe_in_ray` for a small build: the same rule, vectorised with Arrow on the driver."""
+    import pyarrow.dataset as pds
+
+    fs, path = filesystem(keys_uri)
+    keys = pds.dataset(path, filesystem=fs, format="parquet", schema=KEY_SCHEMA,
+                       ignore_prefixes=[".", "_"]).to_table()
+    known = pa.array([], pa.string())
+    if table:  # ids of the build that the table already holds: one scan of the id column, filtered
+        ids = pc.unique(keys.column("id"))
+        hits = open_table(uri).to_pyarrow_dataset().to_table(columns=["id"], filter=pc.field("id").isin(ids))
+        known = pc.unique(hits.column("id"))
+    keys = keys.sort_by([("id", "ascending"), ("source_url", "ascending"), ("page_url", "ascending")])
+    ids = keys.column("id").combine_chunks()
+    # the first row of each id in sorted order: its id differs from the row before
+    first = pa.concat_arrays([pa.array([True]), pc.not_equal(ids.slice(1), ids.slice(0, max(len(ids) - 1, 0)))])
+    in_table = pc.is_in(ids, value_set=known)
+    reason = pc.if_else(in_table, "duplicate_in_table", pc.if_else(first, pa.scalar(None, pa.string()),
+                                                                      "duplicate_in_build"))
+    drops = pa.table({"_file": keys.column("_file"), "_pos": keys.column("_pos"), "_reason": reason},
+                     schema=DROP_SCHEMA).filter(pc.is_valid(reason))
+    fs, root = filesystem(drops_uri)
+    for file in pc.unique(drops.column("_file")).to_pylist():
+        write_atomic(fs, f"{root.rstrip('/')}/{folder_name(file)}",
+                     drops.filter(pc.equal(drops.column("_file"), file)), is_s3(uri))
+    counts = pc.value_counts(drops.column("_reason"))
+    return Counter(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
+
+
+def _dedupe_in_ray(uri: str, keys_uri: str, drops_uri: str) -> Counter:
+    """Stage the written rows to drop, per data file: a Ray Data groupby on the content hash over the build's
+    keys and the table's ids."""
+    import ray.data
+
+    fs, keys_path = filesystem(keys_uri)
+    keys = ray.data.read_parquet(keys_path, filesystem=fs)
+    if table_exists(uri):
+        ids, _ = read_dataset(uri, columns=["id"])
+        keys = keys.union(ids.map_batches(table_key_rows, batch_format="pyarrow"))
+    drops = FileStagingSink(drops_uri, DROP_SCHEMA)
+    keys.groupby("id", num_partitions=_partitions()).map_groups(resolve_group, batch_format="pyarrow") \
+        .write_datasink(drops)
+    return drops.reasons
+
+
 def _partitions() -> int:
     """Hash partitions of the de-duplication shuffle: two per CPU of the cluster, 4..256."""
     import ray
@@ -258,15 +317,12 @@ def ingest_dataset(items, config: BuildConfig, *, extra_metadata: dict | None = 
     dropped: Counter = Counter()
     replaced: dict[str, list] = {}
     if staged.actions:
-        fs, keys_path = filesystem(staged.keys)
-        keys = ray.data.read_parquet(keys_path, filesystem=fs)
-        if table_exists(config.out):
-            ids, _ = read_dataset(config.out, columns=["id"])
-            keys = keys.union(ids.map_batches(table_key_rows, batch_format="pyarrow"))
-        drops = FileStagingSink(join(work, "drops"), DROP_SCHEMA)
-        keys.groupby("id", num_partitions=_partitions()).map_groups(
-            resolve_group, batch_format="pyarrow").write_datasink(drops)
-        dropped = drops.reasons
+        written = sum(json.loads(a.stats)["numRecords"] for a in staged.actions)
+        table_rows = row_count(open_table(config.out)) if table_exists(config.out) else 0
+        if written <= LOCAL_DEDUPE_KEYS and table_rows <= LOCAL_DEDUPE_TABLE_ROWS:
+            dropped = _dedupe_small(config.out, staged.keys, join(work, "drops"), table_rows > 0)
+        else:
+            dropped = _dedupe_in_ray(config.out, staged.keys, join(work, "drops"))
         # 4: rewrite the data files that hold duplicates, without them
         folders = staged_folders(join(work, "drops"))
         if folders:

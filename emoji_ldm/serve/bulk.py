@@ -152,7 +152,7 @@ def prompt_dataset(uri: str):
     elif name.endswith(".csv"):
         ds, column = ray.data.read_csv(path, filesystem=fs), "prompt"
     else:
-        ds, column = ray.data.read_parquet(path, filesystem=fs, columns=["prompt"]), "prompt"
+        ds, column = ray.data.read_parquet(path, filesystem=fs).select_columns(["prompt"]), "prompt"
     rows = ds.map_batches(_prompt_rows, fn_kwargs={"column": column}, batch_format="pyarrow")
     return rows.groupby("prompt_id").map_groups(lambda g: g.slice(0, 1), batch_format="pyarrow")
 

@@ -169,8 +169,8 @@ class UrlListSource:
                 ds = ray.data.read_csv(self.path, filesystem=self.fs, convert_options=pcsv.ConvertOptions(
                     column_types={c: pa.string() for c in self.columns.values() if c}))
             else:
-                ds = ray.data.read_parquet(self.path, filesystem=self.fs,
-                                           columns=[c for c in self.columns.values() if c])
+                ds = ray.data.read_parquet(self.path, filesystem=self.fs).select_columns(
+                    [c for c in self.columns.values() if c])
             ds = ds.map_batches(table_to_items, fn_kwargs={"spec": self.spec, "columns": self.columns},
                                 batch_format="pyarrow")
         return ds.limit(limit) if limit else ds

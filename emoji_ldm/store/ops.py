@@ -163,7 +163,7 @@ def _ids_not_in(uri: str, files: list[str], other: list[str], sample: int) -> tu
     fs, root = filesystem(uri)
 
     def ids(paths: list[str]):
-        return ray.data.read_parquet([f"{root.rstrip('/')}/{p}" for p in paths], filesystem=fs, columns=["id"])
+        return ray.data.read_parquet([f"{root.rstrip('/')}/{p}" for p in paths], filesystem=fs).select_columns(["id"])
 
     found = ids(files)
     if other:

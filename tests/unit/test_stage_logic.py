@@ -32,6 +32,23 @@ def test_build_keeps_the_first_of_each_id_and_drops_the_rest():
     assert resolve_group(_keys([{"id": "b", "source_url": "u", "_file": "f", "_pos": 0}])).num_rows == 0
 
 
+def test_small_builds_apply_the_same_rule_on_the_driver(tmp_path):
+    import pyarrow.fs as pafs
+
+    from emoji_ldm.ingest.build import _dedupe_small
+    from emoji_ldm.ingest.tasks import DROP_SCHEMA
+    from emoji_ldm.store.staging import read_folder, staged_folders, write_atomic
+
+    keys = _keys([{"id": "a", "source_url": "u1", "_file": "f1", "_pos": 0},
+                  {"id": "a", "source_url": "u0", "_file": "f2", "_pos": 5},
+                  {"id": "b", "source_url": "u2", "_file": "f1", "_pos": 1}])
+    write_atomic(pafs.LocalFileSystem(), str(tmp_path / "keys"), keys, False)
+    assert _dedupe_small(str(tmp_path / "ds"), str(tmp_path / "keys"), str(tmp_path / "drops"), False) == {
+        "duplicate_in_build": 1}
+    (folder,) = staged_folders(str(tmp_path / "drops"))
+    assert read_folder(folder, DROP_SCHEMA).to_pylist() == [{"_file": "f1", "_pos": 0, "_reason": "duplicate_in_build"}]
+
+
 def test_build_drops_rows_already_in_the_table():
     group = _keys([{"id": "old", "_from_table": True}, {"id": "old", "source_url": "u4", "_file": "f", "_pos": 1}])
     assert resolve_group(group).to_pylist() == [{"_file": "f", "_pos": 1, "_reason": "duplicate_in_table"}]
