@@ -165,7 +165,8 @@ def _done_prompts(manifest_uri: str, per_prompt: int):
         return None
     ids, _ = read_dataset(manifest_uri, columns=["prompt_id"])
     counts = ids.groupby("prompt_id").count()
-    return counts.filter(lambda row: row["count()"] >= per_prompt).select_columns(["prompt_id"])
+    return counts.map_batches(lambda t: t.filter(pc.greater_equal(t.column("count()"), per_prompt))
+                              .select(["prompt_id"]), batch_format="pyarrow")
 
 
 class BulkGenerator:

@@ -153,7 +153,7 @@ class FolderSource:
                 str(self.root / "metadata.csv"),
                 convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in self.meta_columns},
                                                     include_columns=keep),
-            ).filter(lambda row: bool(row["file_name"]))
+            )  # rows without a file_name match no file
             files = files.join(meta, "left_outer", num_partitions=LISTING_SHARDS, on=("_rel",),
                                right_on=("file_name",))
         items = files.map_batches(to_items, fn_kwargs={"spec": self.spec}, batch_format="pyarrow")
