@@ -142,8 +142,10 @@ def nearest_training_mse(meta: dict, table, samples: np.ndarray, size: int) -> n
                              columns=["id", "image"])
     joined = images.join(train_ids, "inner", num_partitions=8, on=("id",))
     best = np.full(len(samples), np.inf)
-    for batch in joined.map_batches(_Nearest, fn_kwargs={"samples": samples, "size": size},
-                                    batch_size=256, batch_format="numpy").iter_batches(batch_format="numpy"):
+    nearest = joined.map_batches(_Nearest, fn_constructor_kwargs={"samples": samples, "size": size},
+                                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
+                                 batch_size=256, batch_format="numpy")
+    for batch in nearest.iter_batches(batch_format="numpy"):
         best = np.minimum(best, batch["nearest"].min(axis=0))
     return best
 
