@@ -13,10 +13,10 @@ Reports:
 
 Bounded at any table size: the held-out loss reads at most `--val-rows` rows of
 the `val` split's files (from the Delta log, never the whole table); the
-nearest-training-image search streams the training images through Ray Data
-tasks (an inner join of the dataset's images with the latent table's train
-ids), each task returning only its batch's nearest distances, folded on the
-driver into one value per sample.
+nearest-image search streams the images of the dataset version the model was
+trained from through Ray Data tasks (held-out images included, so the
+near-copy share is an upper bound), each task returning only its batch's
+nearest distances, folded on the driver into one value per sample.
 """
 
 from __future__ import annotations
@@ -110,41 +110,31 @@ def _val_rows(table, n: int):
         n, columns=["id", "caption", "latent", "latent_shape", "text_emb", "text_shape"])
 
 
-class _Nearest:
-    """Ray Data task: a batch of training PNGs -> its smallest MSE to each sample, (S,) per batch."""
+def _nearest_batch(batch: dict, samples: np.ndarray, size: int) -> dict:
+    """Ray Data task: a batch of training PNGs -> its smallest MSE to each sample, (1, S)."""
+    from PIL import Image
 
-    def __init__(self, samples: np.ndarray, size: int):
-        self.samples, self.size = samples, size
-
-    def __call__(self, batch: dict) -> dict:
-        from PIL import Image
-
-        train = np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("RGB").resize(
-            (self.size, self.size), Image.Resampling.LANCZOS), dtype=np.float32).ravel() / 255.0
-            for png in batch["image"]])
-        return {"nearest": nearest_mse(self.samples, train)[None, :]}
+    train = np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("RGB").resize(
+        (size, size), Image.Resampling.LANCZOS), dtype=np.float32).ravel() / 255.0 for png in batch["image"]])
+    return {"nearest": nearest_mse(samples, train)[None, :]}
 
 
-def nearest_training_mse(meta: dict, table, samples: np.ndarray, size: int) -> np.ndarray:
-    """(S, D) samples -> MSE to the nearest training image of the model's dataset version, (S,)."""
-    import ray.data
+def nearest_training_mse(meta: dict, samples: np.ndarray, size: int) -> np.ndarray:
+    """(S, D) samples -> MSE to the nearest image of the dataset version the model was trained from, (S,).
 
+    Every image of that version is compared (train and held-out alike, so the near-copy share is an upper
+    bound), streamed through Ray tasks that return only their batch's minima: no join, no id set.
+    """
     from emoji_ldm.runtime import ensure_ray
     from emoji_ldm.store.delta import read_dataset
-    from emoji_ldm.store.latents import split_files
-    from emoji_ldm.store.uri import DatasetRef, filesystem
+    from emoji_ldm.store.uri import DatasetRef
 
     ensure_ray()
-    train = split_files(table, "train")
-    fs, _ = filesystem(train[0].uri)
-    train_ids = ray.data.read_parquet([filesystem(f.uri)[1] for f in train], filesystem=fs).select_columns(["id"])
     images, _ = read_dataset(DatasetRef(DatasetRef.parse(meta["dataset"]).uri, version=meta["dataset_version"]),
-                             columns=["id", "image"])
-    joined = images.join(train_ids, "inner", num_partitions=8, on=("id",))
+                             columns=["image"])
+    nearest = images.map_batches(_nearest_batch, fn_kwargs={"samples": samples, "size": size}, batch_size=256,
+                                 batch_format="numpy")
     best = np.full(len(samples), np.inf)
-    nearest = joined.map_batches(_Nearest, fn_constructor_kwargs={"samples": samples, "size": size},
-                                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
-                                 batch_size=256, batch_format="numpy")
     for batch in nearest.iter_batches(batch_format="numpy"):
         best = np.minimum(best, batch["nearest"].min(axis=0))
     return best
@@ -172,7 +162,7 @@ def evaluate(config: EvalConfig) -> dict:
     images = run_pipeline(pipe, prompts, steps=s.steps, guidance=s.guidance, seed=s.seed)
     size = images[0].size[0]
     sample_px = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32).ravel() / 255.0 for im in images])
-    nearest = nearest_training_mse(meta, table, sample_px, size)
+    nearest = nearest_training_mse(meta, sample_px, size)
     report = {
         "model": config.model, "latent_table": f"{ref.uri}@{table.version()}", "val_rows": val.num_rows,
         "heldout_loss": loss, "timesteps": list(TIMESTEPS), "samples": len(images),
