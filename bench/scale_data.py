@@ -1,0 +1,313 @@
+"""Data stages at scale: peak memory and rows/s of build, caption, encode and bulk at N and 10N rows.
+
+Each stage runs as its own `emoji-ldm` CLI process (the driver), which
+starts a fresh local Ray (RAY_ADDRESS is removed from its environment, and
+RAY_TMPDIR is a folder of this run's, so that it cannot join a `ray start`
+cluster on the machine; a `ray stop` elsewhere still kills it). While
+it runs, this script samples the resident memory of its whole process tree
+every 0.2 s with psutil, as bench/scale_train.py does: the driver alone, the
+largest Ray worker (a `ray::...` process: a task, a Ray Data actor; not the
+raylet, GCS or the dashboard agents) and the whole tree.
+
+  build    `dataset build --source synthetic:N --out DS`               N rows
+  caption  `dataset caption DS --captioner metadata`                    N rows; Delta versions one pass made
+  encode   `encode --dataset DS --preset tiny --out LAT --vae VAE`      N rows
+  bulk     `bulk --model RUN --prompts P.txt --per-prompt 1 --steps 2`  P prompts (distinct), 1 image each
+
+Not measured (set-up): `train-vae` on the smallest dataset (few steps) for
+encode's `--vae`, and `train` of the tiny UNet on the smallest latent table
+(few steps) for bulk's `--model`.
+
+rows/s is given twice: the stage's own time (the figure the CLI prints: after
+Ray has started) and the CLI process's wall time (Ray start included).
+Ratios are the largest size against the smallest (goals: driver peak memory
+<= 1.3x for every stage, rows/s >= 0.8x, one caption pass = 1 new version).
+
+    .venv/bin/python bench/scale_data.py [--sizes 10000,100000] [--prompts 1000,10000]
+        [--encode-sizes 10000,100000] [--stages build,caption,encode,bulk] [--json /tmp/emoji-ldm-scale-data.json]
+        [--work DIR]   # kept; a later run with the same --work reuses its datasets, VAE and model for the
+                       # stages it does not list (e.g. --stages encode re-measures encode alone)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = str(REPO / ".venv" / "bin" / "emoji-ldm")
+GOAL_MEMORY, GOAL_SPEED = 1.3, 0.8
+# Ray's own service processes: not workers
+NOT_WORKERS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+# the stage's own seconds, from the summary line the CLI prints
+STAGE_SECONDS = {
+    "build": re.compile(r"^build: .*\| ([\d.]+) s", re.M),
+    "caption": re.compile(r"^caption: .* in ([\d.]+) s", re.M),
+    "encode": re.compile(r"^encode: .*\| ([\d.]+) s", re.M),
+    "bulk": re.compile(r"^bulk: .* in ([\d.]+) s", re.M),
+}
+
+
+def tree_rss(root: psutil.Process) -> tuple[int, int, int, str, int]:
+    """(all processes, the root alone, the largest Ray worker, that worker's title, processes under the root)."""
+    total, worker, title = 0, 0, ""
+    own = root.memory_info().rss
+    children = root.children(recursive=True)
+    for p in [root, *children]:
+        try:
+            rss = p.memory_info().rss
+            total += rss
+            if p.pid == root.pid:
+                continue
+            cmd = p.cmdline()
+            name = cmd[0] if cmd else p.name()
+            if name.startswith("ray::") and not name.startswith(NOT_WORKERS) and rss > worker:
+                worker, title = rss, name
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return total, own, worker, title, len(children)
+
+
+def run_stage(stage: str, args: list[str], cwd: Path, env: dict, log: Path) -> dict:
+    """One CLI process, its tree sampled every 0.2 s."""
+    peaks = {"tree": 0, "driver": 0, "worker": 0, "worker_title": "", "processes": 0}
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([CLI, *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        done = threading.Event()
+
+        def sample():
+            root = psutil.Process(proc.pid)
+            while not done.is_set():
+                try:
+                    tree, driver, worker, title, n = tree_rss(root)
+                except psutil.NoSuchProcess:
+                    return
+                peaks["processes"] = max(peaks["processes"], n)
+                peaks["tree"], peaks["driver"] = max(peaks["tree"], tree), max(peaks["driver"], driver)
+                if worker > peaks["worker"]:
+                    peaks["worker"], peaks["worker_title"] = worker, title
+                time.sleep(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        proc.wait()
+        done.set()
+        sampler.join()
+    wall = time.perf_counter() - start
+    text = log.read_text(errors="replace")
+    result = {"ok": proc.returncode == 0, "command": "emoji-ldm " + " ".join(args), "wall_s": wall, **peaks}
+    if not peaks["worker"]:
+        print(f"  WARNING: no Ray worker under the {stage} driver (it joined another Ray instance?)", flush=True)
+    if not result["ok"]:
+        result["error"] = text[-3000:]
+        return result
+    m = STAGE_SECONDS[stage].search(text) if stage in STAGE_SECONDS else None
+    result["stage_s"] = float(m.group(1)) if m else None
+    summary = [line for line in text.splitlines() if line.startswith(f"{stage}:")]
+    result["summary"] = summary[-1] if summary else ""
+    return result
+
+
+def setup(args: list[str], cwd: Path, env: dict, log: Path) -> None:
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        rc = subprocess.run([CLI, *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    print(f"  set-up `emoji-ldm {' '.join(args)}`: rc {rc}, {time.perf_counter() - t0:.0f} s", flush=True)
+    if rc != 0:
+        raise SystemExit(f"set-up failed, see {log}:\n{log.read_text(errors='replace')[-2000:]}")
+
+
+def delta_version(uri: Path) -> int:
+    from deltalake import DeltaTable
+
+    return DeltaTable(str(uri)).version()
+
+
+def write_prompts(path: Path, n: int) -> None:
+    adjectives = ["smiling", "crying", "winking", "sleepy", "angry", "laughing", "shy", "cool", "surprised", "sad"]
+    things = ["cat", "dog", "robot", "sun", "ghost", "frog", "heart", "star", "pizza", "cactus"]
+    lines = [f"{adjectives[i % 10]} {things[(i // 10) % 10]} face number {i}" for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def gib(b: int) -> str:
+    return f"{b / 2**30:.2f}"
+
+
+def report(results: dict, sizes: dict) -> dict:
+    """Print the table and the largest/smallest ratios; return the ratios."""
+    print("\nstage    rows      stage s   rows/s(stage)  wall s  rows/s(wall)  driver GiB  worker GiB  tree GiB  "
+          "versions  largest worker")
+    for key, r in results.items():
+        stage, rows = key.split(":")
+        rows = int(rows)
+        if not r["ok"]:
+            print(f"{stage:8} {rows:>7}  FAILED: {r['error'].strip().splitlines()[-1][:150]}")
+            continue
+        rs = rows / r["stage_s"] if r.get("stage_s") else float("nan")
+        print(f"{stage:8} {rows:>7}  {r.get('stage_s') or float('nan'):>7.1f}  {rs:>13.1f}  {r['wall_s']:>6.1f}  "
+              f"{rows / r['wall_s']:>12.1f}  {gib(r['driver']):>10}  {gib(r['worker']):>10}  {gib(r['tree']):>8}  "
+              f"{str(r.get('new_versions', '')):>8}  {r['worker_title'][:40]}")
+    ratios = {}
+    print(f"\nratios, largest size against smallest (goals: driver memory <= {GOAL_MEMORY}x, rows/s >= {GOAL_SPEED}x, "
+          "one caption pass = 1 version):")
+    for stage, ns in sizes.items():
+        if len(ns) < 2:
+            continue
+        lo, hi = results.get(f"{stage}:{min(ns)}"), results.get(f"{stage}:{max(ns)}")
+        if not (lo and hi and lo["ok"] and hi["ok"]):
+            print(f"  {stage}: not both sizes ran")
+            continue
+        ra = {
+            "sizes": [min(ns), max(ns)],
+            "driver": hi["driver"] / lo["driver"],
+            "worker": hi["worker"] / lo["worker"] if lo["worker"] else None,
+            "tree": hi["tree"] / lo["tree"],
+            "rows_per_s_wall": (max(ns) / hi["wall_s"]) / (min(ns) / lo["wall_s"]),
+            "rows_per_s_stage": ((max(ns) / hi["stage_s"]) / (min(ns) / lo["stage_s"])
+                                 if hi.get("stage_s") and lo.get("stage_s") else None),
+        }
+        ratios[stage] = ra
+        speed = ra["rows_per_s_stage"] if ra["rows_per_s_stage"] is not None else ra["rows_per_s_wall"]
+        met = ra["driver"] <= GOAL_MEMORY and speed >= GOAL_SPEED
+        worker = f"{ra['worker']:.2f}x" if ra["worker"] is not None else "n/a"
+        stage_speed = f"{ra['rows_per_s_stage']:.2f}x" if ra["rows_per_s_stage"] is not None else "n/a"
+        print(f"  {stage:8} {max(ns)}/{min(ns)}: driver {ra['driver']:.2f}x, largest worker {worker}, "
+              f"tree {ra['tree']:.2f}x, rows/s {stage_speed} (stage) {ra['rows_per_s_wall']:.2f}x (wall)"
+              f" -> {'met' if met else 'NOT met'}")
+    for key, r in results.items():
+        if key.startswith("caption:") and r["ok"]:
+            print(f"  caption at {key.split(':')[1]} rows: {r['new_versions']} new version(s) in one pass "
+                  f"({'met' if r['new_versions'] == 1 else 'NOT met'})")
+    return ratios
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10000,100000", help="synthetic rows for build and caption")
+    parser.add_argument("--encode-sizes", default=None, help="rows for encode (default: --sizes); each must be "
+                        "in --sizes")
+    parser.add_argument("--prompts", default="1000,10000", help="distinct prompts for bulk")
+    parser.add_argument("--stages", default="build,caption,encode,bulk")
+    parser.add_argument("--vae-steps", type=int, default=20, help="set-up: train-vae steps")
+    parser.add_argument("--train-steps", type=int, default=20, help="set-up: UNet train steps")
+    parser.add_argument("--work", default=None, help="folder for the datasets (default: a temp folder, removed)")
+    parser.add_argument("--json", default="/tmp/emoji-ldm-scale-data.json")
+    args = parser.parse_args()
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    encode_sizes = sorted(int(s) for s in (args.encode_sizes or args.sizes).split(","))
+    prompts = sorted(int(s) for s in args.prompts.split(","))
+    stages = args.stages.split(",")
+    if not set(encode_sizes) <= set(sizes):
+        parser.error("--encode-sizes must be a subset of --sizes")
+    work = Path(args.work or tempfile.mkdtemp(prefix="emoji-ldm-scale-data-"))
+    work.mkdir(parents=True, exist_ok=True)
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray's temp folder of our own: without an address ray.init() joins the cluster of the machine's last
+    # `ray start` (<RAY_TMPDIR>/ray/ray_current_cluster), e.g. a test's; each stage must start its own
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rsd-", dir="/tmp")
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--stat", "HEAD", "--", "emoji_ldm"], capture_output=True,
+                           text=True).stdout.strip()  # the editable install runs the working tree
+    print(f"commit {commit}{' (+ uncommitted changes under emoji_ldm/)' if dirty else ''}; work folder {work}",
+          flush=True)
+
+    results: dict[str, dict] = {}
+
+    def measure(stage: str, rows: int, cli: list[str]) -> dict:
+        r = run_stage(stage, cli, work, env, logs / f"{stage}-{rows}.log")
+        results[f"{stage}:{rows}"] = r
+        if r["ok"]:
+            print(f"  {stage} {rows}: {r['wall_s']:.0f} s wall, stage {r.get('stage_s')} s; peak driver "
+                  f"{gib(r['driver'])} GiB, largest worker {gib(r['worker'])} GiB ({r['worker_title'][:40]}), "
+                  f"tree {gib(r['tree'])} GiB | {r['summary']}", flush=True)
+        else:
+            print(f"  {stage} {rows}: FAILED after {r['wall_s']:.0f} s (log {logs / f'{stage}-{rows}.log'}):\n"
+                  f"    {r['command']}\n{r['error'][-1200:]}", flush=True)
+        return r
+
+    ds = {n: work / f"ds-{n}" for n in sizes}
+    try:
+        for n in sizes:
+            if "build" in stages or not (ds[n] / "_delta_log").exists():
+                shutil.rmtree(ds[n], ignore_errors=True)
+                measure("build", n, ["dataset", "build", "--source", f"synthetic:{n}", "--out", str(ds[n])])
+            if "caption" in stages:
+                before = delta_version(ds[n])
+                r = measure("caption", n, ["dataset", "caption", str(ds[n]), "--captioner", "metadata"])
+                if r["ok"]:
+                    r["new_versions"] = delta_version(ds[n]) - before
+                    print(f"    caption pass made {r['new_versions']} new Delta version(s)", flush=True)
+        lat = {n: work / f"latents-{n}" for n in encode_sizes}
+        if "encode" in stages or "bulk" in stages:
+            vae = work / "vae"
+            if not (vae / "config.json").exists():
+                setup(["train-vae", "--dataset", str(ds[sizes[0]]), "--out", str(vae), "--workers", "1",
+                       "--max-steps", str(args.vae_steps)], work, env, logs / "train-vae.log")
+            for n in encode_sizes:
+                if "encode" in stages or not (lat[n] / "_delta_log").exists():
+                    if "encode" not in stages and n != encode_sizes[0]:
+                        continue
+                    shutil.rmtree(lat[n], ignore_errors=True)
+                    measure("encode", n, ["encode", "--dataset", str(ds[n]), "--preset", "tiny", "--out", str(lat[n]),
+                                          "--vae", str(vae)])
+        if "bulk" in stages:
+            run = work / "run"
+            if not (run / "model").exists():
+                setup(["train", "--data", str(lat[encode_sizes[0]]), "--preset", "tiny", "--out", str(run),
+                       "--workers", "1", "--max-steps", str(args.train_steps), "--set", "train.sample_every=0",
+                       "--set", f"train.checkpoint_every={args.train_steps}"], work, env, logs / "train.log")
+            for p in prompts:
+                pfile = work / f"prompts-{p}.txt"
+                write_prompts(pfile, p)
+                out = work / f"bulk-{p}"
+                shutil.rmtree(out, ignore_errors=True)
+                measure("bulk", p, ["bulk", "--model", str(run), "--prompts", str(pfile), "--out", str(out),
+                                    "--per-prompt", "1", "--steps", "2"])
+    finally:
+        grid = {"build": sizes, "caption": sizes, "encode": encode_sizes, "bulk": prompts}
+        grid = {s: ns for s, ns in grid.items() if s in stages}
+        ratios = report(results, grid)
+        end_commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip()
+        end_dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--stat", "HEAD", "--", "emoji_ldm"],
+                                   capture_output=True, text=True).stdout.strip()
+        if (end_commit, end_dirty) != (commit, dirty):
+            print(f"\nNOTE: the library changed during the run: commit {commit} -> {end_commit}, uncommitted "
+                  f"changes under emoji_ldm/ at the end:\n{end_dirty or '(none)'}")
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+            "library_uncommitted": dirty, "end_commit": end_commit,
+            "end_library_uncommitted": end_dirty, "cpus": os.cpu_count(), "argv": sys.argv[1:], "results": results,
+            "ratios": ratios,
+            "goals": {"driver_memory_ratio_max": GOAL_MEMORY, "rows_per_s_ratio_min": GOAL_SPEED,
+                      "caption_versions_per_pass": 1},
+        }, indent=2))
+        print(f"\nJSON: {out}")
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(r["ok"] for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
