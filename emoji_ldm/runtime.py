@@ -35,8 +35,8 @@ def _init(ray, num_cpus: int | None, dashboard: bool) -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+    else:  # "local": always our own instance, never a `ray start` cluster someone left on the machine
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
 
 
 SHARED_PATHS_ENV = "EMOJI_LDM_SHARED_PATHS"
