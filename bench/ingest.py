@@ -1,14 +1,16 @@
 """Ingest benchmark: the 4,009 Twemoji PNGs over loopback HTTP, resized to 64, three ways in one run.
 
   1. ours:        emoji-ldm dataset build --source urls:LIST (Ray Data -> Delta table)
-  2. img2dataset: the field's standard downloader (in its own venv, .venv-img2dataset)
+  2. img2dataset: the field's standard downloader
   3. seed loop:   sequential, the way the seed crawler works (download to hash,
                   download again, convert, resize, save, CSV)
 
-Each runs as its own process; wall time includes start-up. Prints images/s for
-each and ours / the faster peer.
+Ours runs from .venv; the two peers run from .venv-peers, a virtualenv of their own
+(img2dataset 1.47 needs pandas<3, the project pins pandas 3.1), which `make .venv-peers`
+creates (`make bench` does it first). Each runs as its own process; wall time includes
+start-up. Prints images/s for each and ours / the faster peer.
 
-    python bench/ingest.py [--limit N] [--repeat R]
+    make bench   (or: make .venv-peers && .venv/bin/python bench/ingest.py [--limit N] [--repeat R])
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import datetime as dt
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-PEER_VENV = REPO / ".venv-img2dataset"
+PEER_VENV = REPO / ".venv-peers"
+PEER_BIN = PEER_VENV / "bin"
 
 SEED_LOOP = r'''
 import csv, hashlib, io, sys, os
@@ -68,12 +72,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ensure_peer() -> Path:
-    exe = PEER_VENV / "bin" / "img2dataset"
-    if not exe.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
-        subprocess.run([str(PEER_VENV / "bin" / "pip"), "install", "--quiet", "img2dataset==1.47.0"], check=True)
-    return exe
+def check_peers() -> None:
+    """The peers' venv must hold img2dataset and what the seed loop imports."""
+    exe = PEER_BIN / "img2dataset"
+    probe = subprocess.run([str(PEER_BIN / "python"), "-c", "import requests, PIL, img2dataset"],
+                           capture_output=True, text=True) if exe.exists() else None
+    if probe is None or probe.returncode != 0:
+        detail = probe.stderr.strip().splitlines()[-1] if probe and probe.stderr.strip() else f"no {exe}"
+        raise SystemExit(f"the peers' virtualenv {PEER_VENV} is missing or incomplete ({detail}): "
+                         "run `make .venv-peers` (or `make bench`)")
 
 
 PHASES: list[dict] = []  # our per-phase timings, parsed from `emoji-ldm -v`
@@ -91,15 +98,41 @@ def timed(cmd: list[str], env: dict | None = None) -> float:
     return wall
 
 
-def start_ray_head() -> str:
-    """A local Ray head for the warm run (token auth off: loopback-only, this run only)."""
+def start_ray_head(temp_dir: Path) -> tuple[str, subprocess.Popen]:
+    """A local Ray head for the warm run (token auth off: loopback-only, this run only).
+
+    Private to this run, on a machine others may share: `ray start --block` in a session of its own,
+    so that stop_ray_head ends this head alone (`ray stop` would stop every Ray on the machine), and
+    its own --temp-dir, so that its address is not written to /tmp/ray/ray_current_cluster, where
+    any `ray.init()` on the machine would find and join it (and, once it is gone, hang on it)."""
     os.environ["RAY_AUTH_MODE"] = "disabled"
     port = free_port()
-    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
-                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True)
+    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     import ray._private.services as services
 
-    return f"{services.get_node_ip_address()}:{port}"
+    address = f"{services.get_node_ip_address()}:{port}"
+    deadline = time.time() + 180
+    while subprocess.run([str(BIN / "ray"), "status", "--address", address], capture_output=True).returncode:
+        if proc.poll() is not None or time.time() > deadline:
+            stop_ray_head(proc)
+            raise RuntimeError(f"the Ray head at {address} did not come up")
+        time.sleep(2)
+    return address, proc
+
+
+def stop_ray_head(proc: subprocess.Popen | None) -> None:
+    if proc is None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # the head shuts down the processes it started
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    except ProcessLookupError:
+        pass
 
 
 def main() -> None:
@@ -110,7 +143,7 @@ def main() -> None:
 
     from emoji_ldm.sources.twemoji import twemoji_dir
 
-    img2dataset = ensure_peer()
+    check_peers()
     files = sorted(p.name for p in twemoji_dir().glob("*.png"))[: args.limit]
     port = free_port()
     server = subprocess.Popen(
@@ -118,6 +151,7 @@ def main() -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    head_proc = None
     try:
         time.sleep(1.0)
         urls = [f"http://127.0.0.1:{port}/{name}" for name in files]
@@ -133,7 +167,7 @@ def main() -> None:
                 ours_cmd(work / f"warm-{i}"), env={"RAY_ADDRESS": head}
             ),
             "img2dataset 1.47 (2 procs x 32 threads)": lambda i: timed(
-                [str(img2dataset), "--url_list", str(url_list), "--input_format", "txt",
+                [str(PEER_BIN / "img2dataset"), "--url_list", str(url_list), "--input_format", "txt",
                  "--output_folder", str(work / f"i2d-{i}"), "--output_format", "files",
                  "--image_size", "64", "--resize_mode", "border", "--encode_format", "png",
                  "--encode_quality", "9", "--processes_count", "2", "--thread_count", "32",
@@ -141,10 +175,10 @@ def main() -> None:
                 env={"NO_ALBUMENTATIONS_UPDATE": "1"},
             ),
             "seed-style sequential loop": lambda i: timed(
-                [sys.executable, "-c", SEED_LOOP, str(url_list), str(work / f"seed-{i}")]
+                [str(PEER_BIN / "python"), "-c", SEED_LOOP, str(url_list), str(work / f"seed-{i}")]
             ),
         }
-        head = start_ray_head()
+        head, head_proc = start_ray_head(work / "ray")
         results = {}
         for name, run in runs.items():
             walls = [run(i) for i in range(args.repeat)]
@@ -153,16 +187,17 @@ def main() -> None:
         ours = n / results["ours (emoji-ldm dataset build)"]
         warm = n / results["ours, joining a running Ray (as a Ray Job)"]
         peers = {k: n / v for k, v in results.items() if not k.startswith("ours")}
-        ingest_only = min(p["ingest"] for p in PHASES)
-        print(f"ours, Ray Data ingest stage alone: {n / ingest_only:.0f} images/s "
-              f"(phases of our fastest run: {min(PHASES, key=lambda p: sum(p.values()))})")
+        staged = [p for p in PHASES if "ingest" in p]  # when `-v` logs per-phase times
+        if staged:
+            print(f"ours, Ray Data ingest stage alone: {n / min(p['ingest'] for p in staged):.0f} images/s "
+                  f"(phases of our fastest run: {min(staged, key=lambda p: sum(p.values()))})")
         best_name, best = max(peers.items(), key=lambda kv: kv[1])
         i2d = peers["img2dataset 1.47 (2 procs x 32 threads)"]
         print(f"ours / img2dataset = {ours / i2d:.2f}x; ours / faster peer ({best_name}) = {ours / best:.2f}x")
         print(f"ours joining a running Ray / faster peer = {warm / best:.2f}x")
         print(f"date {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores")
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
+        stop_ray_head(head_proc)
         server.terminate()
         server.wait(10)
         shutil.rmtree(work, ignore_errors=True)
