@@ -83,8 +83,11 @@ COMMANDS: tuple[Command, ...] = (
             "generate emoji PNGs and a sheet from a trained model",
             "interrupted; no images were written", report="emoji_ldm.generate:report"),
     Command(("eval",), "emoji_ldm.evaluate:EvalConfig", "emoji_ldm.evaluate:evaluate",
-            "held-out denoising loss, memorisation, CLIP score of a trained model",
+            "emoji-FID/KID, precision/recall, prompt accuracy, held-out loss, memorisation of a trained model",
             "interrupted; no report was written", report="emoji_ldm.evaluate:format_report"),
+    Command(("train-judge",), "emoji_ldm.judge:JudgeConfig", "emoji_ldm.judge:train_judge",
+            "train the emoji judge (a small classifier of Unicode subgroups) that eval's emoji-FID and prompt "
+            "accuracy use", "interrupted; no judge was written", report="emoji_ldm.judge:report"),
     Command(("serve",), "emoji_ldm.serve.run:ServeConfig", "emoji_ldm.serve.run:serve_forever",
             "serve the HTTP API and web page on Ray Serve until Ctrl-C", "serve: stopped"),
     Command(("bulk",), "emoji_ldm.serve.bulk:BulkConfig", "emoji_ldm.serve.bulk:bulk_generate",

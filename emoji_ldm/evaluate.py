@@ -1,22 +1,38 @@
-"""Evaluate a trained model on its latent table.
+"""Evaluate a trained model: sample quality, prompt accuracy, held-out loss and memorisation.
 
-    emoji-ldm eval --model URI --data LATENT_URI[@v] [--samples 32] [--clip DIR] [--out FILE.json]
+    emoji-ldm eval --model URI --data LATENT_URI[@v] --judge JUDGE_URI [--samples 256] [--inception FILE]
+    emoji-ldm eval --real --data LATENT_URI[@v] --judge JUDGE_URI      # the floor a perfect model would reach
 
-Reports:
-- held-out denoising loss: noise-prediction MSE on the `val` split at fixed
-  noise and fixed timesteps (50, 250, 500, 750, 950), comparable across models;
-- memorisation: the share of samples (prompted with held-out captions) whose
-  nearest training image is a near-copy (pixel MSE below `--near-copy`);
-- CLIP score of the samples when a local CLIP folder is given (`--clip`);
-- FID/KID: not computed here; it says so (Inception weights cannot be
-  downloaded on these machines).
+Reports, from `--samples` images generated with fixed seeds from the captions
+of held-out rows (the `val` split by content hash) of the dataset version the
+latent table was encoded from:
+- emoji-FID, KID and precision/recall (k = 3 nearest neighbours) against those
+  held-out rows' real images, in the feature space of the emoji judge
+  (`emoji-ldm train-judge`, `emoji_ldm.judge`). These are "emoji-FID": only
+  comparable between models measured with the same judge, and not the
+  Inception FID papers report;
+- Inception FID when a local Inception-v3 weights file is given
+  (`--inception FILE`: torchmetrics' FID with `feature_extractor_weights_path`,
+  which needs the `torch-fidelity` package), and the CLIP score when a local
+  CLIP folder is (`--clip DIR`);
+- prompt accuracy: the share of samples the judge puts in the class (Unicode
+  subgroup) of the row whose caption prompted them, beside the judge's
+  accuracy on those rows' real images: the ceiling;
+- held-out denoising loss: noise-prediction MSE on the latent table's `val`
+  split at fixed noise and fixed timesteps (50, 250, 500, 750, 950);
+- memorisation: the share of samples whose nearest image in the dataset
+  version is a near-copy (pixel MSE below `--near-copy`).
 
-Bounded at any table size: the held-out loss reads at most `--val-rows` rows of
-the `val` split's files (from the Delta log, never the whole table); the
-nearest-image search streams the images of the dataset version the model was
-trained from through Ray Data tasks (held-out images included, so the
-near-copy share is an upper bound), each task returning only its batch's
-nearest distances, folded on the driver into one value per sample.
+`--real` puts real training-split images where the samples would be: the
+metrics a model that reproduces its training data would reach.
+
+Bounded at any table size: the held-out loss reads at most `--val-rows` rows
+of the `val` split's files (from the Delta log, never the whole table); the
+real images are the first `--samples` rows of the split that a streaming Ray
+Data filter yields (the read stops there); the nearest-image search streams
+the dataset version's images through Ray Data tasks (held-out images included,
+so the near-copy share is an upper bound), each task returning only its
+batch's nearest distances, folded on the driver into one value per sample.
 """
 
 from __future__ import annotations
@@ -32,23 +48,31 @@ from emoji_ldm.options import opt
 from emoji_ldm.sampling import SamplerSettings
 
 TIMESTEPS = (50, 250, 500, 750, 950)
+PR_K = 3  # neighbours for precision/recall (Kynkaanniemi et al. 2019)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    model: str = opt(help="a model folder/URI (or a training --out)")
     data: str = opt(help="the latent table URI[@VERSION] it was trained on")
-    samples: int = opt(32, help="samples for memorisation / CLIP score, 1-1024")
+    model: str | None = opt(None, help="a model folder/URI (or a training --out); not with --real")
+    judge: str | None = opt(None, help="the emoji judge (emoji-ldm train-judge --out) for emoji-FID/KID, "
+                                       "precision/recall and prompt accuracy")
+    real: bool = opt(False, help="measure real training images instead of samples: the floor of every metric")
+    samples: int = opt(256, help="images generated (and held-out images compared), 2-10000")
     sampler: SamplerSettings = opt(default_factory=SamplerSettings, skip=("count", "size", "negative_prompt"),
                                    help="sampler settings")
     near_copy: float = opt(0.005, help="pixel MSE (images in [0, 1]) below which a sample counts as a copy")
     val_rows: int = opt(2048, help="held-out rows for the denoising loss (read from the val split only)")
     clip: str | None = opt(None, help="a local CLIP model folder for the CLIP score")
+    inception: str | None = opt(None, help="a local Inception-v3 weights file (torch-fidelity's FID weights, "
+                                           "pt_inception-2015-12-05) for the standard FID")
     out: str | None = opt(None, help="also write the report as JSON here")
 
     def __post_init__(self):
-        if not 1 <= self.samples <= 1024:
-            raise UserError(f"--samples must be 1..1024, got {self.samples}")
+        if not 2 <= self.samples <= 10_000:
+            raise UserError(f"--samples must be 2..10000, got {self.samples}")
+        if self.real == bool(self.model):
+            raise UserError("give --model URI to evaluate a model, or --real (without --model) for the real-data floor")
         if self.val_rows < 1:
             raise UserError(f"--val-rows must be 1 or more, got {self.val_rows}")
 
@@ -140,37 +164,183 @@ def nearest_training_mse(meta: dict, samples: np.ndarray, size: int) -> np.ndarr
     return best
 
 
+def _split_rows(batch: dict, split: str) -> dict:
+    """Ray Data task: keep the rows of one split (by content hash, as the latent tables split)."""
+    from emoji_ldm.train.data import split_of
+
+    keep = np.array([split_of(i) == split for i in batch["id"]], dtype=bool)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def dataset_rows(meta: dict, split: str, n: int) -> dict[str, list]:
+    """The first `n` rows of one split of the dataset version a latent table was encoded from.
+
+    A streaming filter that stops once `n` rows came through: the cost is n / (the split's share) rows, not
+    the table. Columns: image (PIL), caption (or the title when uncaptioned), source_url, title, tag.
+    """
+    from PIL import Image
+
+    from emoji_ldm.runtime import ensure_ray
+    from emoji_ldm.store.delta import read_dataset
+    from emoji_ldm.store.uri import DatasetRef
+
+    ensure_ray()
+    ds, _ = read_dataset(DatasetRef(DatasetRef.parse(meta["dataset"]).uri, version=meta["dataset_version"]),
+                         columns=["id", "image", "caption", "source_url", "title", "tag"])
+    rows: dict[str, list] = {k: [] for k in ("image", "caption", "source_url", "title", "tag")}
+    kept = ds.map_batches(_split_rows, fn_kwargs={"split": split}, batch_format="numpy", batch_size=512)
+    for batch in kept.limit(n).iter_batches(batch_format="numpy", batch_size=256):
+        for i, png in enumerate(batch["image"]):
+            rows["image"].append(Image.open(io.BytesIO(png)).convert("RGB"))
+            rows["caption"].append(str(batch["caption"][i] or batch["title"][i] or ""))
+            for k in ("source_url", "title", "tag"):
+                rows[k].append(batch[k][i])
+    if len(rows["image"]) < 2:
+        raise UserError(f"the dataset {meta['dataset']}@{meta['dataset_version']} has {len(rows['image'])} "
+                        f"{split} row(s); eval needs 2 or more")
+    return rows
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_K) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of (N, F) and (M, F) features.
+
+    Precision: the share of fakes inside the real manifold (some real point's k-NN ball holds it); recall:
+    the share of reals inside the fake manifold.
+    """
+    import torch
+
+    r, f = torch.from_numpy(real).double(), torch.from_numpy(fake).double()
+
+    def radii(x):
+        k_ = min(k, len(x) - 1)
+        return torch.cdist(x, x).kthvalue(k_ + 1, dim=1).values  # +1: the point itself is at distance 0
+
+    d = torch.cdist(f, r)  # (M, N)
+    precision = (d <= radii(r)[None, :]).any(1).double().mean()
+    recall = (d.T <= radii(f)[None, :]).any(1).double().mean()
+    return float(precision), float(recall)
+
+
+def _uint8(images) -> "torch.Tensor":  # noqa: F821
+    import torch
+
+    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
+                            ).permute(0, 3, 1, 2)  # (N, 3, H, W)
+
+
+def judge_metrics(judge, real_images, fake_images) -> dict:
+    """emoji-FID, KID and precision/recall of two image sets in the judge's feature space."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    real, fake = judge.pixels(real_images), judge.pixels(fake_images)  # (N, S, S, 3) uint8
+    n = min(len(real), len(fake))
+    fid = FrechetInceptionDistance(feature=judge.feature_module(), reset_real_features=False)
+    kid = KernelInceptionDistance(feature=judge.feature_module(), subset_size=min(100, n), subsets=50)
+    for metric in (fid, kid):
+        metric.update(_uint8_from(real), real=True)
+        metric.update(_uint8_from(fake), real=False)
+    kid_mean, kid_std = kid.compute()
+    precision, recall = precision_recall(judge.features(real), judge.features(fake))
+    return {"emoji_fid": float(fid.compute()), "emoji_kid": float(kid_mean), "emoji_kid_std": float(kid_std),
+            "precision": precision, "recall": recall}
+
+
+def _uint8_from(pixels: np.ndarray):
+    import torch
+
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S) uint8
+
+
+def inception_metric(path: str):
+    """torchmetrics' standard FID on Inception-v3 weights from a local file; clear errors when it cannot load."""
+    import os
+
+    if not os.path.isfile(path):
+        raise UserError(f"--inception {path}: no such file; give the local Inception-v3 FID weights "
+                        "(pt_inception-2015-12-05-6726825d.pth, as torch-fidelity downloads them)")
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        return FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=path)
+    except ModuleNotFoundError as e:
+        raise UserError(f"--inception needs the torch-fidelity package ({e}); pip install torch-fidelity") from None
+    except Exception as e:
+        raise UserError(f"--inception {path}: the weights do not load ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from None
+
+
+def generate_samples(pipe, prompts: list[str], s, batch: int = 64) -> list:
+    from emoji_ldm.generate import run_pipeline
+
+    images = []
+    for i in range(0, len(prompts), batch):  # image k from seed + k, whatever the batching
+        images += run_pipeline(pipe, prompts[i:i + batch], steps=s.steps, guidance=s.guidance, seed=s.seed + i)
+    return images
+
+
 def evaluate(config: EvalConfig) -> dict:
     import torch
 
-    from emoji_ldm.generate import load_pipeline, run_pipeline
+    from emoji_ldm.generate import load_pipeline
+    from emoji_ldm.judge import load_judge, row_label
     from emoji_ldm.models.builders import noise_scheduler
     from emoji_ldm.models.presets import preset_from_dict
     from emoji_ldm.store.latents import decode_latents, open_latent_table
 
+    # everything that can be wrong with the inputs fails here, before sampling
     ref, table, meta = open_latent_table(config.data)
-    pipe = load_pipeline(config.model)
-    preset = preset_from_dict(meta["preset"])
-    val = _val_rows(table, config.val_rows)
-    decoded = decode_latents({k: val.column(k).to_pylist() for k in ("latent", "latent_shape", "text_emb",
-                                                                      "text_shape")})
-    loss = heldout_loss(pipe.unet, noise_scheduler(preset), torch.from_numpy(decoded["latent"]).float(),
-                        torch.from_numpy(decoded["text_emb"]).float(), seed=config.sampler.seed)
-
-    prompts = (val.column("caption").to_pylist() * config.samples)[: config.samples]
+    judge = load_judge(config.judge) if config.judge else None
+    inception = inception_metric(config.inception) if config.inception else None
+    pipe = load_pipeline(config.model) if config.model else None
     s = config.sampler
-    images = run_pipeline(pipe, prompts, steps=s.steps, guidance=s.guidance, seed=s.seed)
-    size = images[0].size[0]
-    sample_px = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32).ravel() / 255.0 for im in images])
-    nearest = nearest_training_mse(meta, sample_px, size)
-    report = {
-        "model": config.model, "latent_table": f"{ref.uri}@{table.version()}", "val_rows": val.num_rows,
-        "heldout_loss": loss, "timesteps": list(TIMESTEPS), "samples": len(images),
-        "near_copy_share": float((nearest < config.near_copy).mean()), "near_copy_threshold": config.near_copy,
-        "nearest_mse_median": float(np.median(nearest)),
-        "clip_score": clip_score(config.clip, images, prompts) if config.clip else None,
-        "fid_kid": "not computed: needs Inception weights, which cannot be downloaded on this machine",
-    }
+
+    heldout = dataset_rows(meta, "val", config.samples)
+    prompts = heldout["caption"]
+    report = {"model": config.model or "real training images (--real)", "latent_table": f"{ref.uri}@{table.version()}",
+              "dataset": f"{meta['dataset']}@{meta['dataset_version']}", "samples": len(prompts),
+              "real": config.real, "judge": None, "inception_fid": None, "clip_score": None,
+              "heldout_loss": None, "near_copy_share": None}
+    if config.real:
+        images = dataset_rows(meta, "train", len(prompts))["image"]
+    else:
+        preset = preset_from_dict(meta["preset"])
+        val = _val_rows(table, config.val_rows)
+        decoded = decode_latents({k: val.column(k).to_pylist() for k in ("latent", "latent_shape", "text_emb",
+                                                                          "text_shape")})
+        report.update(val_rows=val.num_rows, timesteps=list(TIMESTEPS), heldout_loss=heldout_loss(
+            pipe.unet, noise_scheduler(preset), torch.from_numpy(decoded["latent"]).float(),
+            torch.from_numpy(decoded["text_emb"]).float(), seed=s.seed))
+        images = generate_samples(pipe, prompts, s)
+        size = images[0].size[0]
+        sample_px = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32).ravel() / 255.0 for im in images])
+        nearest = nearest_training_mse(meta, sample_px, size)
+        report.update(near_copy_share=float((nearest < config.near_copy).mean()), near_copy_threshold=config.near_copy,
+                      nearest_mse_median=float(np.median(nearest)))
+
+    if judge is not None:
+        labels = [row_label(judge.meta["label"], u, t, g)
+                  for u, t, g in zip(heldout["source_url"], heldout["title"], heldout["tag"])]
+        known = [i for i, y in enumerate(labels) if y in set(judge.classes)]
+        if config.real:  # the floor: real images in the samples' place, measured against their own classes
+            fake_pred = judge.predict(judge.pixels([heldout["image"][i] for i in known]))
+        else:
+            fake_pred = judge.predict(judge.pixels([images[i] for i in known]))
+        real_pred = judge.predict(judge.pixels([heldout["image"][i] for i in known]))
+        truth = [labels[i] for i in known]
+        report.update(judge_metrics(judge, heldout["image"], images))
+        report.update(
+            judge={"uri": config.judge, "label": judge.meta["label"], "classes": len(judge.classes),
+                   "val_accuracy": judge.meta.get("val_accuracy"), "dataset": judge.meta.get("dataset")},
+            prompt_accuracy=float(np.mean([p == y for p, y in zip(fake_pred, truth)])) if known else None,
+            real_accuracy=float(np.mean([p == y for p, y in zip(real_pred, truth)])) if known else None,
+            labelled_samples=len(known))
+    if inception is not None:
+        inception.update(_uint8(heldout["image"]), real=True)
+        inception.update(_uint8(images), real=False)
+        report["inception_fid"] = float(inception.compute())
+    if config.clip:
+        report["clip_score"] = clip_score(config.clip, images, prompts)
     if config.out:
         with open(config.out, "w") as f:
             json.dump(report, f, indent=2)
@@ -178,12 +348,29 @@ def evaluate(config: EvalConfig) -> dict:
 
 
 def format_report(r: dict) -> str:
-    clip = f"{r['clip_score']:.2f}" if r["clip_score"] is not None else "not computed (pass --clip DIR, a local CLIP)"
-    return "\n".join([
-        f"eval {r['model']} on {r['latent_table']} ({r['val_rows']} held-out rows)",
-        f"  held-out denoising loss: {r['heldout_loss']:.4f} (fixed noise, t = {r['timesteps']})",
-        f"  memorisation: {100 * r['near_copy_share']:.1f}% of {r['samples']} samples are near-copies of a "
-        f"training image (MSE < {r['near_copy_threshold']}; median nearest MSE {r['nearest_mse_median']:.4f})",
-        f"  CLIP score: {clip}",
-        f"  FID/KID: {r['fid_kid']}",
-    ])
+    def num(v, fmt=".2f", none="not computed"):
+        return none if v is None else format(v, fmt)
+
+    lines = [f"eval {r['model']} on {r['dataset']} ({r['samples']} held-out prompts; latents {r['latent_table']})"]
+    if r["judge"]:
+        j = r["judge"]
+        lines += [
+            f"  emoji-FID {r['emoji_fid']:.2f}  KID {r['emoji_kid']:.4f} +- {r['emoji_kid_std']:.4f}  precision "
+            f"{r['precision']:.2f}  recall {r['recall']:.2f}  (features: emoji judge {j['uri']}, {j['classes']} "
+            f"{j['label']} classes; not the Inception FID of papers)",
+            f"  prompt accuracy {num(r['prompt_accuracy'], '.1%')} (ceiling: real held-out images "
+            f"{num(r['real_accuracy'], '.1%')}) over {r['labelled_samples']} labelled prompts",
+        ]
+    else:
+        lines.append("  emoji-FID/KID, precision/recall, prompt accuracy: not computed "
+                     "(pass --judge URI from `emoji-ldm train-judge`)")
+    lines.append(f"  Inception FID: {num(r['inception_fid'], '.2f', 'not computed (pass --inception FILE)')}")
+    lines.append(f"  CLIP score: {num(r['clip_score'], '.2f', 'not computed (pass --clip DIR, a local CLIP)')}")
+    if r["heldout_loss"] is not None:
+        lines.append(f"  held-out denoising loss: {r['heldout_loss']:.4f} ({r['val_rows']} rows, fixed noise, "
+                     f"t = {r['timesteps']})")
+    if r["near_copy_share"] is not None:
+        lines.append(f"  memorisation: {100 * r['near_copy_share']:.1f}% of {r['samples']} samples are near-copies "
+                     f"of a dataset image (MSE < {r['near_copy_threshold']}; median nearest MSE "
+                     f"{r['nearest_mse_median']:.4f})")
+    return "\n".join(lines)

@@ -105,9 +105,13 @@ class TrainSpec:
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
     caption_dropout: float = 0.5  # share of captions replaced by "" (classifier-free guidance)
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # the EMA's decay (with ema_warmup: its ceiling)
+    ema_warmup: bool = False  # diffusers' EMA warm-up: decay 1 - (1 + step)^-ema_power, capped at ema_decay
+    ema_power: float = 2 / 3  # 2/3 for long runs, 3/4 for short ones (diffusers' EMAModel)
+    snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5.0 recommended); None: plain MSE
+    noise_offset: float = 0.0  # offset noise (diffusers' --noise_offset, 0.05-0.1 typical); 0: off
     checkpoint_every: int = 250
-    sample_every: int = 250  # sample grid of `sample_prompts` every K steps (0: only at the end)
+    sample_every: int = 250  # validation: a grid of `sample_prompts` every K steps (0: only at the end)
     log_every: int = 10
     seed: int = 0
 
@@ -121,6 +125,12 @@ class TrainSpec:
             raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0.0 < self.ema_decay < 1.0:
             raise UserError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if not 0.0 < self.ema_power <= 1.0:
+            raise UserError(f"ema_power must be in (0, 1], got {self.ema_power}")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise UserError(f"snr_gamma must be positive (5.0 is the usual value) or None, got {self.snr_gamma}")
+        if not 0.0 <= self.noise_offset <= 1.0:
+            raise UserError(f"noise_offset must be in [0, 1] (0.05-0.1 is typical), got {self.noise_offset}")
 
 
 @dataclass(frozen=True)

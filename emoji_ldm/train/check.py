@@ -111,7 +111,7 @@ def step_check(config: StepCheckConfig) -> dict:
 
     def step():
         with autocast:
-            return training_step(engine, noise, latents, text, empty, preset.train.caption_dropout,
+            return training_step(engine, noise, latents, text, empty, preset.train,
                                  preset.noise.prediction_type, torch.float32)
 
     with FlopCounterMode(display=False) as counter:

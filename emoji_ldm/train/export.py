@@ -40,14 +40,13 @@ def ema_unet(checkpoint_uri: str, preset):
     """
     import io
 
-    from diffusers.training_utils import EMAModel
-
     from emoji_ldm.models.builders import build_unet, configure_trainable
     from emoji_ldm.store.artifacts import artifact_uri, read_bytes
+    from emoji_ldm.train.step import make_ema
 
     unet = build_unet(preset)
     params = configure_trainable(unet, preset)
-    ema = EMAModel([p.detach().clone() for p in params], decay=preset.train.ema_decay)
+    ema = make_ema(params, preset.train)
     state = torch.load(io.BytesIO(read_bytes(artifact_uri(checkpoint_uri, "ema.pt"))), weights_only=False,
                        map_location="cpu")
     ema.load_state_dict(state)

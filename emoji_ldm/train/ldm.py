@@ -161,13 +161,12 @@ def _train_worker(run: WorkerConfig) -> None:
     import deepspeed
     import ray.train
     import torch
-    from diffusers.training_utils import EMAModel
 
     from emoji_ldm.models.builders import build_unet, configure_trainable, count_params, noise_scheduler
     from emoji_ldm.store.delta import open_table
     from emoji_ldm.store.latents import RankStream, split_files
     from emoji_ldm.store.uri import DatasetRef
-    from emoji_ldm.train.step import training_step
+    from emoji_ldm.train.step import grad_norm, make_ema, training_step
 
     preset = preset_from_dict(run.preset)
     tc = preset.train
@@ -195,7 +194,7 @@ def _train_worker(run: WorkerConfig) -> None:
     )
     zero3 = run.zero_stage == 3
     with deepspeed.zero.GatheredParameters(params, enabled=zero3):  # the full weights, on the engine's device
-        ema = EMAModel([p.detach().clone() for p in params], decay=tc.ema_decay)
+        ema = make_ema(params, tc)
     noise = noise_scheduler(preset)
 
     state = {"step": 0, "epoch": 0, "pos": 0}  # pos: micro-batches of the epoch already trained on
@@ -226,14 +225,14 @@ def _train_worker(run: WorkerConfig) -> None:
         )
 
     log = _RankZeroLog(run, preset, resumed_at=state["step"]) if rank == 0 else None
-    losses, images, step_seconds, steps_timed = [], 0, 0.0, 0
+    losses, norms, images, step_seconds, steps_timed = [], [], 0, 0.0, 0
     micro_step = 0
     while state["step"] < tc.max_steps:
         for batch in stream.epoch(state["epoch"], skip=state["pos"]):
             t0 = time.perf_counter()
             latents = torch.from_numpy(batch["latent"]).to(device, torch.float32)  # (B, C, h, w)
             text = torch.from_numpy(batch["text_emb"]).to(device, torch.float32)  # (B, L, D)
-            loss = training_step(engine, noise, latents, text, empty, tc.caption_dropout,
+            loss = training_step(engine, noise, latents, text, empty, tc,
                                  preset.noise.prediction_type, dtype)
             state["pos"] += 1
             micro_step += 1
@@ -243,6 +242,9 @@ def _train_worker(run: WorkerConfig) -> None:
                 step_seconds += time.perf_counter() - t0
                 continue
             state["step"] += 1
+            norm = grad_norm(engine)  # before clipping; the same value on every rank
+            if norm is not None:
+                norms.append(norm)
             if zero3:  # sharded parameters: every rank takes part in the gather
                 with deepspeed.zero.GatheredParameters(params):
                     ema.step(params)
@@ -257,8 +259,8 @@ def _train_worker(run: WorkerConfig) -> None:
                 torch.distributed.all_reduce(mean)  # a device tensor: NCCL takes no CPU tensors
                 if log:
                     log.step(step, float(mean) / world, scheduler.get_last_lr()[0], step_seconds / steps_timed,
-                             images / step_seconds)
-                losses, images, step_seconds, steps_timed = [], 0, 0.0, 0
+                             images / step_seconds, float(np.mean(norms)) if norms else None)
+                losses, norms, images, step_seconds, steps_timed = [], [], 0, 0.0, 0
             sample_now = tc.sample_every and step % tc.sample_every == 0
             if sample_now or step == tc.max_steps:
                 with torch.random.fork_rng():  # sampling must not shift the training RNG stream
@@ -325,9 +327,12 @@ def _sample(engine, ema, params, preset, run: WorkerConfig, step, log, zero3) ->
 
 
 class _RankZeroLog:
-    """Rank 0's outputs: per-step lines, metrics.jsonl, loss.png and sample grids, copied to OUT."""
+    """Rank 0's outputs, copied to OUT: per-step lines, metrics.jsonl, loss.png, the validation sample grids, and
+    the same as TensorBoard events under tensorboard/ (loss, lr, images/s, grad norm, grids)."""
 
     def __init__(self, run: WorkerConfig, preset, resumed_at: int = 0):
+        from torch.utils.tensorboard import SummaryWriter
+
         from emoji_ldm.store.artifacts import artifact_uri, exists, read_bytes
 
         self.run, self.preset = run, preset
@@ -339,11 +344,20 @@ class _RankZeroLog:
             rows = [json.loads(line) for line in read_bytes(previous).decode().splitlines() if line.strip()]
             self.rows = [r for r in rows if r["step"] <= resumed_at]
             (self.local / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        # a new events file beside the earlier ones in OUT/tensorboard; purge_step hides the steps after the
+        # checkpoint that the killed run had logged, as TensorBoard does for a resumed run
+        self.tb = SummaryWriter(str(self.local / "tensorboard"), purge_step=resumed_at + 1 if resumed_at else None)
+        if not resumed_at:
+            self.tb.add_text("preset", "```\n" + json.dumps(preset.to_dict(), indent=2) + "\n```", 0)
 
-    def step(self, step: int, loss: float, lr: float, step_time: float, images_s: float) -> None:
+    def step(self, step: int, loss: float, lr: float, step_time: float, images_s: float,
+             grad_norm: float | None) -> None:
         self.last_loss = loss
         row = {"step": step, "loss": loss, "lr": lr, "step_time_s": step_time, "images_per_s": images_s,
-               "time": time.time()}
+               "grad_norm": grad_norm, "time": time.time()}
+        for name, value in (("loss", loss), ("lr", lr), ("images_per_s", images_s), ("grad_norm", grad_norm)):
+            if value is not None:
+                self.tb.add_scalar(f"train/{name}", value, step)
         self.rows.append(row)
         with open(self.local / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -360,6 +374,8 @@ class _RankZeroLog:
         samples = self.local / "samples"
         if samples.exists():
             upload_dir(samples, artifact_uri(self.run.out, "samples"))
+        self.tb.flush()
+        upload_dir(self.local / "tensorboard", artifact_uri(self.run.out, "tensorboard"))
 
     def samples(self, unet, step: int) -> None:
         from emoji_ldm.generate import image_grid, run_pipeline
@@ -369,7 +385,9 @@ class _RankZeroLog:
         prompts = list(self.preset.sample_prompts)
         images = run_pipeline(pipe, prompts, steps=20, guidance=4.0, seed=0)
         (self.local / "samples").mkdir(exist_ok=True)
-        image_grid(images, prompts).save(self.local / "samples" / f"step-{step:08d}.png")
+        grid = image_grid(images, prompts)
+        grid.save(self.local / "samples" / f"step-{step:08d}.png")
+        self.tb.add_image("validation/samples", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
         self.flush()
 
 

@@ -23,26 +23,77 @@ def diffusion_target(noise_scheduler, x0: torch.Tensor, eps: torch.Tensor, t: to
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
+def sample_noise(latents: torch.Tensor, noise_offset: float) -> torch.Tensor:
+    """Gaussian noise for the forward process, with diffusers' `--noise_offset`.
+
+    The offset adds one extra draw per image and channel, shared by all pixels, so the model also learns to
+    shift an image's mean brightness (Guttenberg, "Diffusion with offset noise"): (B, C, h, w).
+    """
+    eps = torch.randn_like(latents)
+    if noise_offset:
+        eps = eps + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
+    return eps
+
+
+def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, noise_scheduler,
+                   prediction_type: str, snr_gamma: float | None) -> torch.Tensor:
+    """MSE of the prediction, per image weighted by min-SNR-gamma when `snr_gamma` is set.
+
+    The weighting of diffusers' `train_text_to_image.py` (Hang et al., "Efficient Diffusion Training via
+    Min-SNR Weighting Strategy"): w(t) = min(SNR(t), gamma) / SNR(t) for epsilon prediction and
+    min(SNR(t), gamma) / (SNR(t) + 1) for v-prediction, where SNR(t) = alpha_bar_t / (1 - alpha_bar_t).
+    """
+    if not snr_gamma:
+        return torch.nn.functional.mse_loss(pred.float(), target.float())
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, t)  # (B,)
+    weight = torch.clamp(snr, max=snr_gamma)
+    weight = weight / snr if prediction_type == "epsilon" else weight / (snr + 1)
+    per_image = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
+    per_image = per_image.mean(dim=list(range(1, per_image.ndim)))  # (B,)
+    return (per_image * weight).mean()
+
+
 def training_step(engine, noise_scheduler, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor,
-                  caption_dropout: float, prediction_type: str, dtype: torch.dtype) -> torch.Tensor:
+                  recipe, prediction_type: str, dtype: torch.dtype) -> torch.Tensor:
     """One micro-batch on the engine's device; returns the (detached) loss.
 
     latents (B, C, h, w) and text (B, L, D) float32 on the device; `empty` (L, D)
-    is the empty caption's embedding. `engine` is a DeepSpeed engine or a
-    `PlainEngine`: called like the UNet, then `.backward(loss)` and `.step()`.
+    is the empty caption's embedding; `recipe` is the preset's `TrainSpec`
+    (caption_dropout, noise_offset, snr_gamma). `engine` is a DeepSpeed engine
+    or a `PlainEngine`: called like the UNet, then `.backward(loss)` and `.step()`.
     """
-    drop = torch.rand(len(latents)) < caption_dropout  # on the CPU generator: the same draws on every device
+    drop = torch.rand(len(latents)) < recipe.caption_dropout  # on the CPU generator: the same draws on any device
     cond = text.clone()
     cond[drop.to(text.device)] = empty  # classifier-free guidance: learn the unconditional too
-    eps = torch.randn_like(latents)
+    eps = sample_noise(latents, recipe.noise_offset)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), device=latents.device)
     noisy = noise_scheduler.add_noise(latents, eps, t)  # (B, C, h, w)
     pred = engine(noisy.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample
-    loss = torch.nn.functional.mse_loss(pred.float(), diffusion_target(noise_scheduler, latents, eps, t,
-                                                                       prediction_type).float())
+    target = diffusion_target(noise_scheduler, latents, eps, t, prediction_type)
+    loss = diffusion_loss(pred, target, t, noise_scheduler, prediction_type, recipe.snr_gamma)
     engine.backward(loss)
     engine.step()
     return loss.detach()
+
+
+def make_ema(params, recipe):
+    """diffusers' `EMAModel` over copies of `params`, with the preset's decay and warm-up.
+
+    Without `ema_warmup` diffusers ramps the decay as (1 + step) / (10 + step); with it, as
+    1 - (1 + step)^-ema_power. Either is capped at `ema_decay`.
+    """
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel([p.detach().clone() for p in params], decay=recipe.ema_decay,
+                    use_ema_warmup=recipe.ema_warmup, power=recipe.ema_power)
+
+
+def grad_norm(engine) -> float | None:
+    """The global gradient norm of the last step (before clipping), when the engine measured it."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
 
 
 class PlainEngine:
@@ -51,6 +102,7 @@ class PlainEngine:
     def __init__(self, module, optimizer, lr_scheduler, grad_clip: float, params):
         self.module, self.optimizer, self.lr_scheduler = module, optimizer, lr_scheduler
         self.grad_clip, self.params = grad_clip, list(params)
+        self.last_grad_norm = None
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -58,9 +110,12 @@ class PlainEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def get_global_grad_norm(self) -> float | None:
+        return self.last_grad_norm
+
     def step(self) -> None:
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        # the norm before clipping, as DeepSpeed reports it (inf: no clipping)
+        self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf")))
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
