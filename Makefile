@@ -32,7 +32,9 @@ demo: $(STAMP)
 	$(BIN)/emoji-ldm train --data $(DEMO_OUT)/latents --preset tiny --out $(DEMO_OUT)/run --workers 2 --zero-stage 2
 	$(BIN)/emoji-ldm generate --model $(DEMO_OUT)/run --prompt "smiling cat face" --n 8 --out $(DEMO_OUT)/generated
 	infra/demo_set.sh $(DEMO_OUT)/run $(DEMO_OUT)/serve $(DEMO_PORT)
-	@echo "samples during training: $(DEMO_OUT)/run/samples/  loss curve: $(DEMO_OUT)/run/loss.png  generated: $(DEMO_OUT)/generated/sheet.png  emoji set: $(DEMO_OUT)/serve/emoji-set.zip"
+	$(BIN)/emoji-ldm train-judge --data $(DEMO_OUT)/twemoji --out $(DEMO_OUT)/judge
+	$(BIN)/emoji-ldm eval --model $(DEMO_OUT)/run --data $(DEMO_OUT)/latents --judge $(DEMO_OUT)/judge --out $(DEMO_OUT)/eval.json
+	@echo "samples during training: $(DEMO_OUT)/run/samples/  loss curve: $(DEMO_OUT)/run/loss.png  generated: $(DEMO_OUT)/generated/sheet.png  emoji set: $(DEMO_OUT)/serve/emoji-set.zip  eval: $(DEMO_OUT)/eval.json  tensorboard --logdir $(DEMO_OUT)/run/tensorboard"
 
 # Debian's Chromium and ChromeDriver, for the web page and crawler tests (sudo when not root).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -112,6 +114,12 @@ bench-caption: $(BENCH_STAMP)
 
 bench-submit: $(BENCH_STAMP)
 	$(BIN)/python bench/submit.py $(BENCH_ARGS)
+
+# Recipe A (the preset) vs recipe B (min-SNR, EMA warm-up, offset noise): tiny trained twice, emoji-FID and
+# prompt accuracy from the same judge (builds the demo dataset and latents when absent).
+.PHONY: bench-quality
+bench-quality: $(BENCH_STAMP)
+	$(BIN)/python bench/quality.py --demo-out $(DEMO_OUT) $(BENCH_ARGS)
 
 bench-serve: $(BENCH_STAMP) $(DEMO_MODEL)
 	$(BIN)/python bench/serve.py --model $(DEMO_OUT)/run $(BENCH_ARGS)
