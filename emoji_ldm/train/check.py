@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from emoji_ldm.errors import UserError
 from emoji_ldm.models.presets import PresetOptions
 from emoji_ldm.options import opt
+from emoji_ldm.train.speed import SpeedOptions
 
 
 @dataclass(frozen=True)
@@ -25,11 +26,9 @@ class StepCheckConfig(PresetOptions):
     warmup: int = opt(2, help="untimed steps first (allocator, kernels)")
     batch_size: int | None = opt(None, help="images per step (default: the preset's global batch)")
     threads: int | None = opt(None, help="CPU threads for torch (default: torch's)")
-    precision: str = opt("auto", help="fp32 | bf16 (autocast; runs on CPU too) | auto: bf16 on a GPU, fp32 on CPU")
+    speed: SpeedOptions = opt(default_factory=SpeedOptions, help="the fast-path options (as train's)")
 
     def __post_init__(self):
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise UserError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         for name in ("steps", "batch_size", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -84,23 +83,26 @@ def step_check(config: StepCheckConfig) -> dict:
         text_hidden_size,
     )
     from emoji_ldm.train.ldm import _lr_lambda
+    from emoji_ldm.train.speed import compile_engine, prepare_unet, torch_dtype
     from emoji_ldm.train.step import PlainEngine, training_step
 
     if config.use_gpu and not torch.cuda.is_available():
         raise UserError("--gpu: torch sees no CUDA device here; run without --gpu to check the CPU")
+    precision = config.speed.resolved_precision(config.use_gpu)
     if config.threads:
         torch.set_num_threads(config.threads)
     preset = config.preset_config()
     device = torch.device("cuda" if config.use_gpu else "cpu")
-    # the weights stay fp32 and the step runs under bf16 autocast (CPU autocast does bf16 too)
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and config.use_gpu)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    # the weights stay fp32 and the step runs under autocast (CPU autocast does bf16 too); fp16 adds loss scaling
+    half = precision != "no"
+    autocast = torch.autocast(device.type, dtype=torch_dtype(precision), enabled=half)
     torch.manual_seed(preset.train.seed)
-    unet = build_unet(preset).to(device).train()
+    unet = prepare_unet(build_unet(preset).to(device).train(), config.speed)
     params = configure_trainable(unet, preset)
     optimizer = torch.optim.AdamW(params, lr=preset.train.lr, weight_decay=preset.train.weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     engine = PlainEngine(unet, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(preset)),
-                         preset.train.grad_clip, params)
+                         preset.train.grad_clip, params, scaler=scaler)
     noise = noise_scheduler(preset)
     batch = config.batch_size or preset.train.batch_size
     c, s = preset.vae.latent_channels, preset.latent_size
@@ -116,20 +118,26 @@ def step_check(config: StepCheckConfig) -> dict:
 
     with FlopCounterMode(display=False) as counter:
         step()
-    flops = counter.get_total_flops()  # forward + backward of one step
+    flops = counter.get_total_flops()  # forward + backward of one step, counted eagerly
+    compile_engine(engine, config.speed)
+    compile_start = time.perf_counter()
     for _ in range(config.warmup):
-        step()
+        step()  # with --compile the first one compiles
+    _sync(device)
+    warmup_s = time.perf_counter() - compile_start
     _sync(device)
     start = time.perf_counter()
     for _ in range(config.steps):
         loss = step()
     _sync(device)
     seconds = time.perf_counter() - start
-    peak = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32)
+    # the peak of the step's matmul dtype; on CPUs without bf16 units that is below fp32's, so the faster counts
+    peak = max(matmul_peak(device, torch_dtype(precision)), matmul_peak(device, torch.float32) if half else 0.0)
     achieved = flops * config.steps / seconds
     return {
         "preset": preset.name, "device": torch.cuda.get_device_name(device) if config.use_gpu else "cpu",
-        "precision": "bf16 autocast" if bf16 else "fp32", "batch": batch, "steps": config.steps,
+        "precision": f"{precision} autocast" if half else "fp32", "speed": config.speed.summary(config.use_gpu),
+        "warmup_s": warmup_s, "batch": batch, "steps": config.steps,
         "params": count_params(unet), "step_s": seconds / config.steps, "images_per_s": batch * config.steps / seconds,
         "flops_per_step": flops, "achieved_flops": achieved, "peak_flops": peak, "mfu": achieved / peak,
         "peak_memory_bytes": _peak_memory_bytes(device), "loss": float(loss),
@@ -138,7 +146,7 @@ def step_check(config: StepCheckConfig) -> dict:
 
 
 def report(r: dict) -> str:
-    return (f"train-step-check: preset {r['preset']} on {r['device']} ({r['precision']}), UNet "
+    return (f"train-step-check: preset {r['preset']} on {r['device']} ({r['speed']}), UNet "
             f"{r['params'] / 1e6:.1f}M params, batch {r['batch']}: {r['step_s'] * 1000:.0f} ms/step, "
             f"{r['images_per_s']:.1f} images/s, {r['flops_per_step'] / 1e9:.1f} GFLOP/step, "
             f"{r['achieved_flops'] / 1e12:.3f} TFLOP/s = MFU {100 * r['mfu']:.1f}% of a measured "

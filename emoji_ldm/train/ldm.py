@@ -33,6 +33,7 @@ import numpy as np
 from emoji_ldm.errors import UserError
 from emoji_ldm.models.presets import PresetOptions, get_preset, preset_from_dict
 from emoji_ldm.options import opt
+from emoji_ldm.train.speed import SpeedOptions
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class TrainConfig(PresetOptions):
     resume: bool = opt(False, help="continue from the latest checkpoint under --out")
     max_failures: int = opt(2, help="worker restarts from the last checkpoint")
     shuffle_buffer: int = opt(2048, help="rows in each worker's shuffle buffer (its memory: rows x row size)")
+    speed: SpeedOptions = opt(default_factory=SpeedOptions, help="the GPU fast path: precision, TF32, "
+                                                                 "checkpointing, channels-last, compile")
     threads_per_worker: int = opt(1, cli=False, help="torch threads per worker")
     crash_at_step: int | None = opt(None, cli=False, help="fault injection for tests: rank 1 dies once here")
 
@@ -70,6 +73,7 @@ class TrainConfig(PresetOptions):
             raise UserError(f"--shuffle-buffer must be 1 or more rows, got {self.shuffle_buffer}")
         if self.max_failures < 0:
             raise UserError(f"--max-failures must be 0 or more, got {self.max_failures}")
+        self.speed.resolved_precision(self.use_gpu)  # fp16 without --gpu is refused here
         preset = self.resolved_preset()
         per_step = self.workers * preset.train.grad_accum
         if preset.train.batch_size % per_step:
@@ -103,13 +107,15 @@ def _lr_lambda(preset):
     return f
 
 
-def _deepspeed_config(preset, micro: int, zero_stage: int, use_gpu: bool) -> dict:
+def _deepspeed_config(preset, micro: int, zero_stage: int, precision: str) -> dict:
+    from emoji_ldm.train.speed import deepspeed_precision
+
     return {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": preset.train.grad_accum,
         "gradient_clipping": preset.train.grad_clip,
         "zero_optimization": {"stage": zero_stage},
-        "bf16": {"enabled": bool(use_gpu)},
+        **deepspeed_precision(precision),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -134,6 +140,7 @@ class WorkerConfig:
     crash_at_step: int | None = None
     shuffle_buffer: int = 2048
     prefetch_batches: int = 4
+    speed: SpeedOptions = SpeedOptions()
 
 
 def train_loop(loop_config: dict) -> None:
@@ -166,6 +173,7 @@ def _train_worker(run: WorkerConfig) -> None:
     from emoji_ldm.store.delta import open_table
     from emoji_ldm.store.latents import RankStream, split_files
     from emoji_ldm.store.uri import DatasetRef
+    from emoji_ldm.train.speed import batch_layout, compile_engine, prepare_unet, torch_dtype
     from emoji_ldm.train.step import grad_norm, make_ema, training_step
 
     preset = preset_from_dict(run.preset)
@@ -176,7 +184,8 @@ def _train_worker(run: WorkerConfig) -> None:
     torch.manual_seed(tc.seed * 7919 + rank)
     # the one place that picks the device: model, EMA, batches, the empty caption and metrics follow it
     device = ray.train.torch.get_device() if run.use_gpu else torch.device("cpu")
-    dtype = torch.bfloat16 if run.use_gpu else torch.float32
+    precision = run.speed.resolved_precision(run.use_gpu)
+    dtype = torch_dtype(precision)  # what DeepSpeed runs the module in; the batches are cast to it
     micro = tc.batch_size // (world * tc.grad_accum)
 
     files = split_files(open_table(DatasetRef(run.latent_uri, version=run.latent_version)))
@@ -184,14 +193,15 @@ def _train_worker(run: WorkerConfig) -> None:
                         prefetch=run.prefetch_batches)
     empty = torch.tensor(run.empty_emb, dtype=torch.float32, device=device)  # (L, D)
 
-    unet = build_unet(preset)
+    unet = prepare_unet(build_unet(preset), run.speed, convert_weights=False)  # DeepSpeed: see batch_layout
     params = configure_trainable(unet, preset)
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(preset))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=unet, optimizer=optimizer, lr_scheduler=scheduler,
-        config=_deepspeed_config(preset, micro, run.zero_stage, run.use_gpu), dist_init_required=False,
+        config=_deepspeed_config(preset, micro, run.zero_stage, precision), dist_init_required=False,
     )
+    compile_engine(engine, run.speed)
     zero3 = run.zero_stage == 3
     with deepspeed.zero.GatheredParameters(params, enabled=zero3):  # the full weights, on the engine's device
         ema = make_ema(params, tc)
@@ -220,7 +230,8 @@ def _train_worker(run: WorkerConfig) -> None:
             f"[train] preset {preset.name}: {world} workers, ZeRO stage {run.zero_stage}, global batch "
             f"{micro * world * tc.grad_accum} (micro {micro} x {world} workers x accum {tc.grad_accum}), "
             f"UNet {total / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable, mode {preset.unet.finetune}), "
-            f"{stream.batches_per_epoch} micro-batches per rank per epoch, steps {state['step']}->{tc.max_steps}",
+            f"{stream.batches_per_epoch} micro-batches per rank per epoch, steps {state['step']}->{tc.max_steps}; "
+            f"{run.speed.summary(run.use_gpu)}, attention: scaled_dot_product_attention",
             flush=True,
         )
 
@@ -230,7 +241,8 @@ def _train_worker(run: WorkerConfig) -> None:
     while state["step"] < tc.max_steps:
         for batch in stream.epoch(state["epoch"], skip=state["pos"]):
             t0 = time.perf_counter()
-            latents = torch.from_numpy(batch["latent"]).to(device, torch.float32)  # (B, C, h, w)
+            latents = torch.from_numpy(batch["latent"]).to(device, torch.float32,  # (B, C, h, w)
+                                                            memory_format=batch_layout(run.speed))
             text = torch.from_numpy(batch["text_emb"]).to(device, torch.float32)  # (B, L, D)
             loss = training_step(engine, noise, latents, text, empty, tc,
                                  preset.noise.prediction_type, dtype)
@@ -522,7 +534,7 @@ def train(config: TrainConfig) -> dict:
         use_gpu=config.use_gpu, threads=config.threads_per_worker, empty_emb=empty_caption(ref.uri).tolist(),
         out=out, vae=enc_meta["vae"], run_name=run_name,
         resume_from=existing[0] if (config.resume and existing) else None, crash_at_step=config.crash_at_step,
-        shuffle_buffer=config.shuffle_buffer,
+        shuffle_buffer=config.shuffle_buffer, speed=config.speed,
     )
     trainer = TorchTrainer(
         train_loop,

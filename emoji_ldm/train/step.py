@@ -99,23 +99,30 @@ def grad_norm(engine) -> float | None:
 class PlainEngine:
     """The part of a DeepSpeed engine's interface that `training_step` uses, around a bare module."""
 
-    def __init__(self, module, optimizer, lr_scheduler, grad_clip: float, params):
+    def __init__(self, module, optimizer, lr_scheduler, grad_clip: float, params, scaler=None):
         self.module, self.optimizer, self.lr_scheduler = module, optimizer, lr_scheduler
         self.grad_clip, self.params = grad_clip, list(params)
+        self.scaler = scaler  # a torch.amp.GradScaler for fp16: dynamic loss scaling
         self.last_grad_norm = None
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def get_global_grad_norm(self) -> float | None:
         return self.last_grad_norm
 
     def step(self) -> None:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         # the norm before clipping, as DeepSpeed reports it (inf: no clipping)
         self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf")))
-        self.optimizer.step()
+        if self.scaler:  # skips the step when the gradients overflowed, and adapts the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

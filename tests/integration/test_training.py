@@ -130,6 +130,20 @@ def test_judge_learns_twemoji_groups(ray_local, tmp_path):
     assert judge.classes == meta["classes"] and judge.meta["dataset"].endswith("ds@0")
 
 
+def test_fast_path_options_on_cpu(tiny, tmp_path):
+    """bf16 through DeepSpeed's bf16 mode, channels-last and gradient checkpointing on 2 CPU workers."""
+    out = tmp_path / "fast"
+    sets = [a for k, v in FAST.items() for a in ("--set", f"{k}={v}")]
+    r = run_cli("train", "--data", str(tiny / "lat"), "--out", str(out), "--max-steps", "2", "--precision", "bf16",
+                "--channels-last", "--gradient-checkpointing", *sets)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "precision bf16, gradient_checkpointing, channels_last, attention: scaled_dot_product_attention" in r.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)  # numbers, not NaN
+    saved = json.loads((out / "config.json").read_text())["run"]["speed"]
+    assert saved["precision"] == "bf16" and saved["channels_last"] and saved["gradient_checkpointing"]
+
+
 def test_zero3(tiny, tmp_path):
     card = _train(tiny, tmp_path / "run", max_steps=3, zero_stage=3)
     assert card["training"]["steps"] == 3 and (tmp_path / "run" / "model" / "unet").exists()

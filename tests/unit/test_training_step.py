@@ -37,10 +37,39 @@ def test_step_check_runs_the_real_step():
     assert result["images_per_s"] > 0 and result["flops_per_step"] > 0 and 0 < result["mfu"] < 5
     assert "train-step-check: preset tiny on cpu" in report(result)
     assert "train" in STAGES  # the step check is no stage: it needs no cluster
-    bf16 = step_check(parse_config(find(("train-step-check",)), [
+    fast = step_check(parse_config(find(("train-step-check",)), [
         "--steps", "1", "--warmup", "0", "--batch-size", "2", "--set", "unet.block_out_channels=32,32",
-        "--precision", "bf16"]))  # the mixed-precision path, on CPU
-    assert bf16["precision"] == "bf16 autocast" and bf16["loss"] == bf16["loss"]  # a number, not NaN
+        "--precision", "bf16", "--channels-last", "--gradient-checkpointing", "--allow-tf32"]))  # on CPU
+    assert fast["precision"] == "bf16 autocast" and fast["loss"] == fast["loss"]  # a number, not NaN
+    assert fast["speed"] == "precision bf16, allow_tf32, gradient_checkpointing, channels_last"
+    with pytest.raises(UserError, match="--precision fp16 needs a GPU"):
+        step_check(parse_config(find(("train-step-check",)), ["--precision", "fp16"]))
+
+
+def test_step_check_compiles_the_unet():
+    """torch.compile (inductor, a C++ compiler on CPU) of the UNet inside the real step: one compiled step."""
+    from emoji_ldm.train.check import step_check
+
+    result = step_check(parse_config(find(("train-step-check",)), [
+        "--steps", "1", "--warmup", "1", "--batch-size", "2", "--set", "unet.block_out_channels=32,32",
+        "--set", "unet.layers_per_block=1", "--compile"]))
+    assert result["speed"] == "precision no, compile (default)" and result["loss"] == result["loss"]
+
+
+def test_unet_attention_is_sdpa():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from emoji_ldm.models.builders import build_unet
+    from emoji_ldm.train.speed import check_sdpa, prepare_unet
+
+    unet = build_unet(get_preset("tiny", {"unet.block_out_channels": "32,32"}))
+    check_sdpa(unet)  # diffusers' default with torch 2
+    unet = prepare_unet(unet, parse_config(find(("train-step-check",)), ["--channels-last"]).speed)
+    conv = next(m for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    unet.set_attn_processor(AttnProcessor())  # the slow path: refused, not assumed away
+    with pytest.raises(RuntimeError, match="does not use scaled_dot_product_attention"):
+        check_sdpa(unet)
 
 
 def _sched(prediction_type="epsilon"):

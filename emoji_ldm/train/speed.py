@@ -1,0 +1,137 @@
+"""The GPU fast path of training: mixed precision, TF32, gradient checkpointing, channels-last, torch.compile.
+
+One frozen config (`SpeedOptions`, flags of `train` and `train-step-check`)
+and the one place that applies it to a UNet (`prepare_unet`) and to the
+engine that drives it (`compile_engine`), so model code stays free of these
+switches. Everything that changes numerics is off by default on CPU:
+`precision auto` is bf16 on a GPU and full fp32 on CPU.
+
+- precision: `bf16` runs the step in bfloat16 (DeepSpeed's bf16 mode in
+  `train`: bf16 weights and activations, fp32 master weights in the
+  optimizer; autocast in `train-step-check`); `fp16` adds dynamic loss
+  scaling (DeepSpeed's `fp16` block; `torch.amp.GradScaler` in the step check)
+  and needs a GPU.
+- allow_tf32: TF32 tensor-core matmuls and convolutions for fp32 work on
+  Ampere and newer (`torch.set_float32_matmul_precision("high")`).
+- gradient_checkpointing: diffusers' `enable_gradient_checkpointing()`:
+  activations are recomputed in the backward pass (less memory, more compute).
+- channels_last: channels-last memory format, which cuDNN's convolutions
+  prefer on GPUs. A bare UNet (the step check, serving) has its weights
+  converted. Under DeepSpeed only the batches are (`batch_layout`): DeepSpeed
+  broadcasts and flattens parameters through byte views that need contiguous
+  NCHW weights ("self.stride(-1) must be 1 to view BFloat16 as Byte"), and a
+  convolution runs channels-last when its input is.
+- compile: `torch.compile` of the UNet (inductor; on CPU it needs a C++
+  compiler, which `make test` installs). DeepSpeed engines compile through
+  `engine.compile()`, a bare module through `torch.compile`.
+- attention: diffusers with torch 2 uses `F.scaled_dot_product_attention`
+  (`AttnProcessor2_0`) by default; `check_sdpa` asserts it rather than
+  assuming it, since a processor set elsewhere would silently lose the
+  fused kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from emoji_ldm.errors import UserError
+from emoji_ldm.options import opt
+
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    precision: str = opt("auto", choices=PRECISIONS,
+                         help="mixed precision: auto (bf16 on a GPU, none on CPU) | no | bf16 | fp16 (GPU only, "
+                              "with dynamic loss scaling)")
+    allow_tf32: bool = opt(False, help="TF32 matmuls and convolutions for fp32 work (Ampere and newer GPUs)")
+    gradient_checkpointing: bool = opt(False, help="recompute the UNet's activations in the backward pass: less "
+                                                   "memory, about a third more compute")
+    channels_last: bool = opt(False, help="the UNet in channels-last memory format (faster convolutions on GPUs)")
+    compile: bool = opt(False, help="torch.compile the UNet (inductor); the first steps pay the compile")
+    compile_mode: str = opt("default", choices=COMPILE_MODES, help="torch.compile mode")
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise UserError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+
+    def resolved_precision(self, use_gpu: bool) -> str:
+        """no | bf16 | fp16; fp16 without a GPU is refused (CPUs have no fp16 matmul worth having)."""
+        if self.precision == "fp16" and not use_gpu:
+            raise UserError("--precision fp16 needs a GPU (--gpu); on CPU use bf16 or no")
+        if self.precision == "auto":
+            return "bf16" if use_gpu else "no"
+        return self.precision
+
+    def summary(self, use_gpu: bool) -> str:
+        on = [name for name in ("allow_tf32", "gradient_checkpointing", "channels_last") if getattr(self, name)]
+        if self.compile:
+            on.append(f"compile ({self.compile_mode})")
+        return f"precision {self.resolved_precision(use_gpu)}" + (", " + ", ".join(on) if on else "")
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def deepspeed_precision(precision: str) -> dict:
+    """The DeepSpeed config blocks for a resolved precision."""
+    if precision == "fp16":  # dynamic loss scaling: loss_scale 0 starts at 2^16 and halves on overflow
+        return {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                         "hysteresis": 2, "min_loss_scale": 1}}
+    return {"bf16": {"enabled": precision == "bf16"}}
+
+
+def check_sdpa(unet) -> None:
+    """Every attention layer runs PyTorch's fused scaled_dot_product_attention (diffusers' AttnProcessor2_0)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    slow = sorted({type(p).__name__ for p in unet.attn_processors.values() if not isinstance(p, AttnProcessor2_0)})
+    if slow:
+        raise RuntimeError(f"the UNet's attention does not use scaled_dot_product_attention: processors {slow}; "
+                           "call unet.set_attn_processor(AttnProcessor2_0())")
+
+
+def prepare_unet(unet, speed: SpeedOptions, convert_weights: bool = True):
+    """Apply the options that change the module itself (before the optimizer or DeepSpeed sees it).
+
+    convert_weights=False (DeepSpeed): channels-last is left to the batches, see `batch_layout`.
+    """
+    import torch
+
+    check_sdpa(unet)
+    if speed.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+    if speed.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if speed.channels_last and convert_weights:
+        unet.to(memory_format=torch.channels_last)
+    return unet
+
+
+def batch_layout(speed: SpeedOptions):
+    """The memory format for (B, C, h, w) batches."""
+    import torch
+
+    return torch.channels_last if speed.channels_last else torch.contiguous_format
+
+
+def compile_engine(engine, speed: SpeedOptions) -> None:
+    """torch.compile the engine's UNet: DeepSpeed's `engine.compile()`, or the module of a `PlainEngine`."""
+    if not speed.compile:
+        return
+    import torch
+
+    kwargs = {} if speed.compile_mode == "default" else {"mode": speed.compile_mode}
+    if hasattr(engine, "compile") and callable(engine.compile):  # a DeepSpeed engine
+        engine.compile(compile_kwargs=kwargs)
+    else:
+        engine.module = torch.compile(engine.module, **kwargs)
