@@ -527,15 +527,25 @@ def train(config: TrainConfig) -> dict:
         raise RuntimeError(f"training ended without a checkpoint under {out}/checkpoints")
     card = {
         "kind": "emoji-ldm model", "preset": preset.name, "config": preset.to_dict(),
-        "dataset": enc_meta.get("dataset"), "dataset_version": enc_meta.get("dataset_version"),
+        "dataset": encoded_dataset(enc_meta), "dataset_version": enc_meta.get("dataset_version"),
         "latent_table": ref.uri, "latent_table_version": latent_version, "vae": enc_meta["vae"],
         "text_encoder": preset.text.pretrained, "code_version": code_version(),
         "training": {"workers": config.workers, "zero_stage": config.zero_stage, "steps": final[1]["step"],
                      "global_batch": preset.train.batch_size},
         "metrics": result.metrics,
     }
-    export_model(final[0], preset, enc_meta["vae"], artifact_uri(out, "model"), card)
+    card = export_model(final[0], preset, enc_meta["vae"], artifact_uri(out, "model"), card)
     return {**card, "out": out}
+
+
+def encoded_dataset(enc_meta: dict) -> str | None:
+    """The absolute URI of the dataset a latent table was encoded from: its encode commit's `source`
+    (`URI@VERSION`, always resolved), since older encodes stored `dataset` as typed (maybe relative)."""
+    from emoji_ldm.store.uri import public_uri
+
+    source = enc_meta.get("source") or ""
+    uri = source.rsplit("@", 1)[0] if "@" in source else enc_meta.get("dataset")
+    return public_uri(uri) if uri else None
 
 
 _WORKER_ERROR = ("_emoji_ldm", "worker-error.txt")
