@@ -452,7 +452,7 @@ def train(config: TrainConfig) -> dict:
 
     from emoji_ldm.runtime import ensure_ray, require_shared
     from emoji_ldm.store.artifacts import artifact_uri, check_writable, write_json
-    from emoji_ldm.store.latents import empty_caption, open_latent_table, split_files
+    from emoji_ldm.store.latents import empty_caption, encoded_dataset, open_latent_table, split_files
     from emoji_ldm.store.uri import filesystem, storage_options
     from emoji_ldm.train.export import export_model
     from emoji_ldm.version import code_version
@@ -537,15 +537,6 @@ def train(config: TrainConfig) -> dict:
     card = export_model(final[0], preset, enc_meta["vae"], artifact_uri(out, "model"), card)
     return {**card, "out": out}
 
-
-def encoded_dataset(enc_meta: dict) -> str | None:
-    """The absolute URI of the dataset a latent table was encoded from: its encode commit's `source`
-    (`URI@VERSION`, always resolved), since older encodes stored `dataset` as typed (maybe relative)."""
-    from emoji_ldm.store.uri import public_uri
-
-    source = enc_meta.get("source") or ""
-    uri = source.rsplit("@", 1)[0] if "@" in source else enc_meta.get("dataset")
-    return public_uri(uri) if uri else None
 
 
 _WORKER_ERROR = ("_emoji_ldm", "worker-error.txt")
