@@ -134,8 +134,8 @@ def _first_step(target: str):
         if not table_exists(uri):
             if exists(join(uri, "manifest.json")):
                 return _set, {"uri": join(uri, "manifest.json")}
-            if any(exists(join(uri, *p)) for p in (("model_index.json",), ("model", "model_index.json"),
-                                                    ("model_card.json",))):
+            if any(exists(join(uri, *p)) for p in (("model_index.json",), ("model_card.json",),
+                                                    ("model", "model_index.json"), ("model", "model_card.json"))):
                 return _model, {"uri": uri}
     if table_exists(uri):
         table = open_table(ref)  # a clear error for an unknown version or tag
