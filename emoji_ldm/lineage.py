@@ -413,7 +413,7 @@ def row_origin(dataset: str, row_id: str) -> dict:
         raise UserError(f"row {row_id!r} is not in {ref.uri}@{version}: give a row id (the `id` column, a content "
                         "hash) of that version, e.g. from `emoji-ldm dataset diff`")
     path, row = found
-    current = path
+    current, seen = path, row  # the file at the version asked for; the row as the current step sees it
     log = _Log(ref.uri, open_table(DatasetRef(ref.uri)).version())
     changes, at, note = [], version, None
     while True:
@@ -433,13 +433,13 @@ def row_origin(dataset: str, row_id: str) -> dict:
         before = find_row(older, row_id, only) if only is None or only else None
         if before is None:  # nowhere before this commit: it arrived here
             break
-        changes.append(commit)
-        path, at = before[0], older.version()
+        changes.append({**commit, "caption_changed": before[1].get("caption") != seen.get("caption")})
+        (path, seen), at = before, older.version()
     row = {k: (v.isoformat() if isinstance(v, dt.datetime) else v) for k, v in row.items()}
     for key in ("source", "source_url", "page_url"):
         if row.get(key):
             row[key] = public_uri(row[key])
-    caption_pass = next((c for c in changes if c["operation"] == "caption"), None)
+    caption_pass = next((c for c in changes if c.get("caption_changed")), None)  # the newest that set it
     return {"row": row_id, "dataset": ref.uri, "version": version, "file": current, "arrived": commit,
             "rewritten_by": changes, "caption_pass": caption_pass, "values": row, "note": note}
 
@@ -548,7 +548,9 @@ def format_row(result: dict) -> str:
         by = (f"caption model {v.get('caption_model')}, prompt {v.get('caption_prompt_id')}"
               if v.get("caption_model") else "from the source")
         cp = result.get("caption_pass")
-        by += f"; captioner {cp.get('captioner')} in version {cp['version']}" if cp else ""
+        if cp:
+            by += (f"; captioner {cp.get('captioner')} in version {cp['version']}" if cp["operation"] == "caption"
+                   else f"; set by the {cp['operation']} in version {cp['version']}")
         lines.append(f"  caption     {v['caption']!r} ({by})")
     else:
         lines.append("  caption     none")
