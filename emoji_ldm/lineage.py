@@ -110,6 +110,8 @@ def trace(target: str, commits: int = 1000) -> dict:
             missing = {"link": e.link, "reason": e.reason}
             break
         except (UserError, OSError) as e:  # a record that cannot be read (gone, unreachable): the chain stops
+            if not chain:  # ... unless it is the target itself: that is the user's to fix (exit 2)
+                raise e if isinstance(e, UserError) else UserError(f"cannot read {target!r}: {e}") from None
             missing = {"link": follow.__name__.strip("_").replace("_", " "), "reason": str(e).splitlines()[0]}
             break
         chain.append(link)

@@ -130,8 +130,7 @@ class Generator:
 
     def model_card(self) -> dict:
         """The card, with where the model is (`uri`: the folder with model_index.json, absolute)."""
-        return {**self.card, "uri": self.sampler.model_uri, "image_size": self.sampler.image_size,
-                "png_metadata": self.png_metadata}
+        return {**self.card, "uri": self.sampler.model_uri, "image_size": self.sampler.image_size}
 
     def stats(self) -> dict:
         """Counters of this replica: requests in, pipeline calls made, images made, recent batch sizes."""
@@ -319,7 +318,7 @@ class Ingress:
         set_id = new_set_id()
         card = await self._model_card()
         manifest = set_manifest(set_id, body.theme, body.items, prompts, _settings(body), card, card.get("uri", ""))
-        files = await asyncio.to_thread(set_files, manifest, pngs, params if card.get("png_metadata", True) else None)
+        files = await asyncio.to_thread(set_files, manifest, pngs, params if self.args.png_metadata else None)
         if body.store:
             uris = await asyncio.to_thread(store_set, self.args.sets_uri, set_id, files)
             return {"id": set_id, "uri": uris["manifest.json"].rsplit("/", 1)[0], "files": uris, "manifest": manifest}

@@ -177,6 +177,9 @@ def test_missing_links_stop_the_chain(old_model, tmp_path, capsys):
         trace(str(tmp_path))
     with pytest.raises(UserError, match="no file at"):
         trace(str(tmp_path / "nothing.png"))
+    (tmp_path / "text.png").write_text("not a PNG")
+    with pytest.raises(UserError, match="is not a readable PNG file"):
+        trace(str(tmp_path / "text.png"))
     with pytest.raises(UserError, match="unknown version 9"):
         trace(f"{old_model / 'twemoji'}@9")
 
