@@ -22,7 +22,7 @@ install: $(STAMP)
 # The main job on the embedded default, from scratch each time (about 14 minutes on 2 cores):
 # build the Twemoji dataset, caption it (metadata captioner), encode it (training the tiny VAE first), train the tiny
 # UNet on 2 Ray Train workers under DeepSpeed ZeRO-2, generate a sample sheet, then serve the
-# model (Ray Serve) and fetch one emoji set through POST /v1/emoji-sets.
+# model (Ray Serve) and fetch one emoji set through POST /v1/emoji-sets, and trace one of its PNGs back to the data.
 demo: $(STAMP)
 	rm -rf $(DEMO_OUT)
 	$(BIN)/emoji-ldm dataset build --source twemoji --out $(DEMO_OUT)/twemoji --message "make demo"
@@ -32,6 +32,7 @@ demo: $(STAMP)
 	$(BIN)/emoji-ldm train --data $(DEMO_OUT)/latents --preset tiny --out $(DEMO_OUT)/run --workers 2 --zero-stage 2
 	$(BIN)/emoji-ldm generate --model $(DEMO_OUT)/run --prompt "smiling cat face" --n 8 --out $(DEMO_OUT)/generated
 	infra/demo_set.sh $(DEMO_OUT)/run $(DEMO_OUT)/serve $(DEMO_PORT)
+	$(BIN)/emoji-ldm lineage $(DEMO_OUT)/serve/emoji-set/set-*/000-grinning.png
 	$(BIN)/emoji-ldm train-judge --data $(DEMO_OUT)/twemoji --out $(DEMO_OUT)/judge
 	$(BIN)/emoji-ldm eval --model $(DEMO_OUT)/run --data $(DEMO_OUT)/latents --judge $(DEMO_OUT)/judge --out $(DEMO_OUT)/eval.json
 	@echo "samples during training: $(DEMO_OUT)/run/samples/  loss curve: $(DEMO_OUT)/run/loss.png  generated: $(DEMO_OUT)/generated/sheet.png  emoji set: $(DEMO_OUT)/serve/emoji-set.zip  eval: $(DEMO_OUT)/eval.json  tensorboard --logdir $(DEMO_OUT)/run/tensorboard"

@@ -94,6 +94,9 @@ COMMANDS: tuple[Command, ...] = (
             "generate images for every prompt in a file (Ray Data actors), resumable",
             "interrupted; the manifest keeps every committed chunk: re-run the same command to resume",
             report="emoji_ldm.serve.bulk:report", stage="bulk", script="bulk_generate.py"),
+    Command(("lineage",), "emoji_ldm.lineage:LineageConfig", "emoji_ldm.lineage:lineage_command",
+            "trace a PNG, set, model or table back to its model, latent table, dataset and the commits that "
+            "made it; --row ID: one row's origin (exit 1: a missing link)", "interrupted"),
     Command(("submit",), "emoji_ldm.jobs:SubmitConfig", "emoji_ldm.jobs:submit",
             "run a stage on a Ray cluster as a Ray Job (the RayJob's entrypoint) and follow it",
             "stopped following; the job goes on (emoji-ldm jobs stop ID stops it)"),

@@ -1,10 +1,13 @@
 """Generate emoji from a trained model folder (a standard diffusers StableDiffusionPipeline).
 
     emoji-ldm generate --model URI --prompt TEXT [--negative-prompt TEXT] [--n 4] [--steps 25]
-                       [--guidance 5.0] [--seed S] [--scheduler dpmpp|ddim|ddpm] [--size PX] --out DIR
+                       [--guidance 5.0] [--seed S] [--scheduler dpmpp|ddim|ddpm] [--size PX]
+                       [--no-png-metadata] --out DIR
 
 Public entry points: `generate(GenerateConfig)`, `Sampler` (a loaded pipeline
 that batches `SampleJob`s; the service and bulk use it), `load_pipeline`.
+Every PNG written carries its generation parameters and the model's URI and
+content id as text chunks (`emoji_ldm.pngmeta`), unless turned off.
 """
 
 from __future__ import annotations
@@ -27,17 +30,25 @@ from emoji_ldm.sampling import SamplerSettings
 logger = logging.getLogger(__name__)
 
 
-def model_folder(uri: str) -> str:
-    """A local folder holding `model_index.json`: `uri` itself or `uri/model` (a training output)."""
-    from emoji_ldm.store.artifacts import exists, local_copy
-    from emoji_ldm.store.uri import join, normalize_uri
+def model_uri(uri: str) -> str:
+    """The URI of the folder holding `model_index.json`: `uri` itself or `uri/model` (a training output);
+    absolute, without credentials: what PNGs and sets record as their model."""
+    from emoji_ldm.store.artifacts import exists
+    from emoji_ldm.store.uri import join, normalize_uri, public_uri
 
     uri = normalize_uri(uri)
     if not exists(join(uri, "model_index.json")) and exists(join(uri, "model", "model_index.json")):
         uri = join(uri, "model")
     if not exists(join(uri, "model_index.json")):
         raise UserError(f"no model at {uri!r}: expected a diffusers pipeline folder with model_index.json")
-    return local_copy(uri)
+    return public_uri(uri)
+
+
+def model_folder(uri: str) -> str:
+    """A local folder holding `model_index.json`: `uri` itself or `uri/model`, downloaded when on S3."""
+    from emoji_ldm.store.artifacts import local_copy
+
+    return local_copy(model_uri(uri))
 
 
 def load_pipeline(uri: str, scheduler: str = "dpmpp", device: str = "cpu"):
@@ -58,9 +69,12 @@ def load_pipeline(uri: str, scheduler: str = "dpmpp", device: str = "cpu"):
 
 
 def model_card(uri: str) -> dict:
-    folder = model_folder(uri)
-    path = Path(folder) / "model_card.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    """The model's `model_card.json` ({} when it has none), read without downloading the weights."""
+    from emoji_ldm.store.artifacts import exists, read_json
+    from emoji_ldm.store.uri import join
+
+    card = join(model_uri(uri), "model_card.json")
+    return read_json(card) if exists(card) else {}
 
 
 @dataclass(frozen=True)
@@ -70,6 +84,8 @@ class GenerateConfig:
     out: str = opt(help="a local folder for the PNGs and sheet.png")
     sampler: SamplerSettings = opt(default_factory=SamplerSettings, help="sampler settings",
                                    rename={"count": "n"})
+    png_metadata: bool = opt(True, flag="no-png-metadata", invert=True,
+                             help="write the PNGs without their generation parameters and model id")
 
     def __post_init__(self):
         if not self.prompt or not self.prompt.strip():
@@ -106,6 +122,14 @@ class SampleJob:
         """Jobs with equal settings can share one pipeline call."""
         return (self.steps, self.guidance, self.scheduler, self.size)
 
+    def image_params(self, i: int, width: int, height: int, model: str | None, content_id: str | None) -> dict:
+        """What made image `i` of this job: the text chunks of its PNG and the service's JSON (`pngmeta`)."""
+        from emoji_ldm.pngmeta import generation_params
+
+        return generation_params(prompt=self.prompts[i], seed=self.seeds[i], negative_prompt=self.negative_prompt,
+                                 steps=self.steps, guidance=self.guidance, scheduler=self.scheduler, width=width,
+                                 height=height, model=model, model_content_id=content_id)
+
     def split(self, size: int) -> list["SampleJob"]:
         """Pieces of at most `size` images (a batch never exceeds the server's max batch size)."""
         from dataclasses import replace
@@ -115,19 +139,34 @@ class SampleJob:
 
 
 class Sampler:
-    """A loaded pipeline that samples many jobs in as few pipeline calls as their settings allow."""
+    """A loaded pipeline that samples many jobs in as few pipeline calls as their settings allow.
 
-    def __init__(self, pipe):
+    `model_uri` and `content_id` (from the model card) name the model in the PNGs it encodes.
+    """
+
+    def __init__(self, pipe, model_uri: str | None = None, content_id: str | None = None):
         from emoji_ldm.models.builders import SCHEDULERS, sampling_scheduler
 
         self.pipe = pipe
+        self.model_uri, self.content_id = model_uri, content_id
         self._schedulers = {name: sampling_scheduler(name, pipe.scheduler.config) for name in SCHEDULERS}
         self.image_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.calls = 0  # pipeline calls so far (the batching tests count them)
 
     @classmethod
     def load(cls, uri: str, device: str = "cpu") -> "Sampler":
-        return cls(load_pipeline(uri, device=device))
+        resolved = model_uri(uri)
+        return cls(load_pipeline(resolved, device=device), resolved, model_card(resolved).get("content_id"))
+
+    def pngs(self, jobs: list[SampleJob], metadata: bool = True) -> list[list[tuple[bytes, dict]]]:
+        """Per job, (PNG bytes, its generation parameters) per image; the PNGs carry the parameters as
+        text chunks unless `metadata` is False."""
+        out = []
+        for job, images in zip(jobs, self.sample(jobs)):
+            params = [job.image_params(i, im.width, im.height, self.model_uri, self.content_id)
+                      for i, im in enumerate(images)]
+            out.append([(png_bytes(im, p if metadata else None), p) for im, p in zip(images, params)])
+        return out
 
     def noise(self, seed: int, size: int | None = None):
         """The initial latent for `seed`: (1, C, H/8, W/8), drawn on the CPU so every device agrees."""
@@ -185,10 +224,11 @@ def run_pipeline(pipe, prompts: list[str], negative: str = "", steps: int = 25, 
     return Sampler(pipe).sample([job])[0]
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+def png_bytes(image: Image.Image, params: dict | None = None) -> bytes:
+    """PNG bytes; `params` (`pngmeta.generation_params`) become its text chunks."""
+    from emoji_ldm.pngmeta import encode_png
+
+    return encode_png(image, params)
 
 
 def image_grid(images: list[Image.Image], labels: list[str] | None = None, cell: int = 96,
@@ -211,19 +251,25 @@ def image_grid(images: list[Image.Image], labels: list[str] | None = None, cell:
 
 def generate(config: GenerateConfig) -> list[str]:
     """Write `count` PNGs and a sheet for one prompt; returns the PNG paths."""
+    from emoji_ldm.pngmeta import shared_params
+
     settings = config.sampler
     sampler = Sampler.load(config.model)
     seeds = tuple(settings.seed + i for i in range(settings.count))
-    images = sampler.sample([SampleJob.of((config.prompt,) * settings.count, seeds, settings)])[0]
+    (made,) = sampler.pngs([SampleJob.of((config.prompt,) * settings.count, seeds, settings)], config.png_metadata)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, img in enumerate(images):
+    for i, (png, _) in enumerate(made):
         path = out / f"{i:03d}.png"
-        img.save(path)
+        path.write_bytes(png)
         paths.append(str(path))
-    image_grid(images, [f"seed {s}" for s in seeds]).save(out / "sheet.png")
-    (out / "generate.json").write_text(json.dumps({**dataclasses.asdict(config), "files": paths}, indent=2))
+    params = [p for _, p in made]
+    sheet = image_grid([Image.open(io.BytesIO(png)) for png, _ in made], [f"seed {s}" for s in seeds])
+    (out / "sheet.png").write_bytes(png_bytes(sheet, shared_params(params) if config.png_metadata else None))
+    (out / "generate.json").write_text(json.dumps(
+        {**dataclasses.asdict(config), "model_uri": sampler.model_uri, "model_content_id": sampler.content_id,
+         "files": paths, "images": params}, indent=2))
     return paths
 
 

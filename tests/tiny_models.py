@@ -91,9 +91,12 @@ def tiny_clip_model(folder: Path) -> Path:
 
 def tiny_model_with_card(folder: Path) -> Path:
     """A tiny SD pipeline folder plus the model_card.json a training run writes (for serving tests)."""
+    from emoji_ldm.store.artifacts import weights_content_id
+
     tiny_sd_pipeline(folder)
     card = {"kind": "emoji-ldm model", "preset": "tiny-test", "dataset": "s3://data/emoji", "dataset_version": 3,
-            "latent_table": "s3://data/latents", "latent_table_version": 1, "code_version": "test"}
+            "latent_table": "s3://data/latents", "latent_table_version": 1, "code_version": "test",
+            "content_id": weights_content_id(folder)}
     (folder / "model_card.json").write_text(json.dumps(card))
     return folder
 

@@ -291,6 +291,8 @@ def build_dataset(config: BuildConfig) -> BuildSummary:
     require_shared(config.out, "the dataset (--out)")
     if getattr(source, "local_path", None):  # a folder or URL list that the tasks read, on any node
         require_shared(source.local_path, f"the source {config.source!r}")
+    # record the source as resolved (`dir:/abs/path`, not the path as typed): lineage reads it from elsewhere
+    config = dataclasses.replace(config, source=getattr(source, "spec", config.source))
     summary = ingest_dataset(source.dataset(config.limit), config, start=start)
     if summary.images_in == 0:
         raise UserError(f"build: the source {config.source!r} yielded no items; nothing was written to {config.out}")

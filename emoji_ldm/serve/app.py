@@ -51,6 +51,7 @@ class AppArgs:
     batch_wait_timeout_s: float = 0.05
     device: str = "auto"             # auto: cuda when the replica has a GPU, else cpu
     torch_threads: int = 0           # CPU threads per replica; 0: Ray's default (the replica's num_cpus)
+    png_metadata: bool = True        # generation parameters and model id as PNG text chunks (emoji_ldm.pngmeta)
 
     def __post_init__(self):
         from emoji_ldm.errors import UserError
@@ -80,7 +81,7 @@ class Generator:
     """One pipeline per replica; concurrent requests share pipeline calls."""
 
     def __init__(self, model: str, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.05,
-                 device: str = "auto", torch_threads: int = 0):
+                 device: str = "auto", torch_threads: int = 0, png_metadata: bool = True):
         import torch
 
         from emoji_ldm.generate import model_card
@@ -94,6 +95,7 @@ class Generator:
         self.sampler = self._torch_thread.submit(self._load, model, device, torch_threads).result()
         self.card = model_card(model)
         self.model = model
+        self.png_metadata = png_metadata
         self._batch.set_max_batch_size(max_batch_size)
         self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.requests = self.images = 0
@@ -110,26 +112,25 @@ class Generator:
             torch.set_num_threads(torch_threads)
         return Sampler.load(model, device=device)
 
-    async def sample(self, job: SampleJob) -> list[bytes]:
-        """PNG bytes for one job (at most max_batch_size images)."""
+    async def sample(self, job: SampleJob) -> list[tuple[bytes, dict]]:
+        """(PNG bytes, generation parameters) per image of one job (at most max_batch_size images)."""
         self.requests += 1
         return await self._batch(job)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05, batch_size_fn=images_in)
-    async def _batch(self, jobs: list[SampleJob]) -> list[list[bytes]]:
+    async def _batch(self, jobs: list[SampleJob]) -> list[list[tuple[bytes, dict]]]:
         # off the event loop, so the replica keeps accepting (and queueing) requests meanwhile
         return await asyncio.get_running_loop().run_in_executor(self._torch_thread, self._sample_pngs, jobs)
 
-    def _sample_pngs(self, jobs: list[SampleJob]) -> list[list[bytes]]:
-        from emoji_ldm.generate import png_bytes
-
+    def _sample_pngs(self, jobs: list[SampleJob]) -> list[list[tuple[bytes, dict]]]:
         size = images_in(jobs)
         self.images += size
         self.batch_sizes = (self.batch_sizes + [size])[-1000:]
-        return [[png_bytes(im) for im in images] for images in self.sampler.sample(jobs)]
+        return self.sampler.pngs(jobs, metadata=self.png_metadata)
 
     def model_card(self) -> dict:
-        return {"uri": self.model, "image_size": self.sampler.image_size, **self.card}
+        """The card, with where the model is (`uri`: the folder with model_index.json, absolute)."""
+        return {**self.card, "uri": self.sampler.model_uri, "image_size": self.sampler.image_size}
 
     def stats(self) -> dict:
         """Counters of this replica: requests in, pipeline calls made, images made, recent batch sizes."""
@@ -250,7 +251,7 @@ class Ingress:
             self._card = await self.generator.model_card.remote()
         return self._card
 
-    async def _sample(self, job: SampleJob) -> list[bytes]:
+    async def _sample(self, job: SampleJob) -> list[tuple[bytes, dict]]:
         """Split into pieces the Generator batches and replicas share; 503 when they are full or down."""
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
         from ray.serve.exceptions import BackPressureError
@@ -264,7 +265,7 @@ class Ingress:
         except (ActorDiedError, ActorUnavailableError, RayActorError):
             raise ApiError(503, "a model replica went away while serving this request: retry; the deployment "
                                 "is replacing it", headers={"Retry-After": "5"}) from None
-        return [png for result in results for png in result]
+        return [made for result in results for made in result]
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -291,10 +292,14 @@ class Ingress:
         seeds = tuple(body.seed + i for i in range(body.n))
         job = SampleJob.of((body.prompt,) * body.n, seeds, body.sampler(body.n))
         start = time.perf_counter()
-        pngs = await self._sample(job)
+        made = await self._sample(job)
         if want_png:
-            return Response(pngs[0], media_type="image/png", headers={"X-Seed": str(seeds[0])})
-        return {"prompt": body.prompt, "seeds": list(seeds), "images": [_b64(p) for p in pngs],
+            return Response(made[0][0], media_type="image/png", headers={"X-Seed": str(seeds[0])})
+        card = await self._model_card()
+        # `metadata`: per image, the fields its PNG's text chunks hold (emoji_ldm.pngmeta)
+        return {"prompt": body.prompt, "seeds": list(seeds), "images": [_b64(png) for png, _ in made],
+                "metadata": [params for _, params in made], "model": card.get("uri"),
+                "model_content_id": card.get("content_id"), "code_version": made[0][1].get("code_version"),
                 "settings": _settings(body), "elapsed_s": round(time.perf_counter() - start, 3)}
 
     @api.post("/v1/emoji-sets", responses={200: {"content": {"application/zip": {}, "application/json": {}},
@@ -308,11 +313,12 @@ class Ingress:
         prompts = body.prompts()
         # every item starts from the same noise (one seed): the set shares pose, palette and framing
         job = SampleJob.of(tuple(prompts), (body.seed,) * len(prompts), body.sampler())
-        pngs = await self._sample(job)
+        made = await self._sample(job)
+        pngs, params = [png for png, _ in made], [p for _, p in made]
         set_id = new_set_id()
         card = await self._model_card()
         manifest = set_manifest(set_id, body.theme, body.items, prompts, _settings(body), card, card.get("uri", ""))
-        files = await asyncio.to_thread(set_files, manifest, pngs)
+        files = await asyncio.to_thread(set_files, manifest, pngs, params if self.args.png_metadata else None)
         if body.store:
             uris = await asyncio.to_thread(store_set, self.args.sets_uri, set_id, files)
             return {"id": set_id, "uri": uris["manifest.json"].rsplit("/", 1)[0], "files": uris, "manifest": manifest}
@@ -330,7 +336,8 @@ def application(args: dict, deployments: list[dict] | None = None) -> serve.Appl
     config = AppArgs(**args)
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in deployments or []}
     generator = Generator.options(**options.get("Generator", {})).bind(
-        config.model, config.max_batch_size, config.batch_wait_timeout_s, config.device, config.torch_threads)
+        config.model, config.max_batch_size, config.batch_wait_timeout_s, config.device, config.torch_threads,
+        config.png_metadata)
     return Ingress.options(**options.get("Ingress", {})).bind(generator, asdict(config))
 
 

@@ -4,8 +4,10 @@
 
 Input: a prompt file (.txt one prompt per line, or .csv/.parquet with a
 `prompt` column; local or S3). Output under `--out`: `images/<prompt_id>-<k>.png`
-and the Delta table `manifest/` with one row per image (prompt, seed, settings,
-URI, size).
+(each with its generation parameters and model id as PNG text chunks,
+`emoji_ldm.pngmeta`) and the Delta table `manifest/` with one row per image
+(prompt, seed, settings, URI, size); each manifest commit records the model
+folder's URI and content id.
 
 One streaming Ray Data pipeline: the prompt file read by Ray's readers ->
 distinct prompts (a groupby on the prompt id) -> a left anti-join with the
@@ -64,6 +66,8 @@ class BulkConfig:
     num_gpus: float = opt(0.0, help="GPUs per model actor (0: CPU)")
     chunk_size: int = opt(512, help="images per manifest commit; a killed job redoes at most one chunk")
     limit: int | None = opt(None, help="only the first N distinct prompts")
+    png_metadata: bool = opt(True, flag="no-png-metadata", invert=True,
+                             help="write the PNGs without their generation parameters and model id")
 
     def __post_init__(self):
         checks = [
@@ -172,7 +176,7 @@ def _done_prompts(manifest_uri: str, per_prompt: int):
 class BulkGenerator:
     """A Ray Data actor: one pipeline; a batch of prompts in, PNGs written and manifest rows out."""
 
-    def __init__(self, model: str, images_uri: str, settings: SamplerSettings, device: str):
+    def __init__(self, model: str, images_uri: str, settings: SamplerSettings, device: str, png_metadata: bool = True):
         from emoji_ldm.generate import Sampler
         from emoji_ldm.store.uri import filesystem, is_s3
 
@@ -181,10 +185,10 @@ class BulkGenerator:
         self.images_uri = images_uri.rstrip("/")
         if not is_s3(images_uri):  # S3 has no folders (create_dir would leave an empty marker object)
             self.fs.create_dir(self.root, recursive=True)
-        self.settings, self.model = settings, model
+        self.settings, self.model, self.png_metadata = settings, model, png_metadata
 
     def __call__(self, batch: dict) -> pa.Table:
-        from emoji_ldm.generate import SampleJob, png_bytes
+        from emoji_ldm.generate import SampleJob
 
         s = self.settings
         prompts = [str(p) for p in batch["prompt"]]
@@ -192,14 +196,14 @@ class BulkGenerator:
         jobs = [SampleJob.of((p,) * s.count, seeds, s) for p in prompts]
         rows = []
         now = dt.datetime.now(dt.timezone.utc)
-        for pid, prompt, images in zip(batch["prompt_id"], prompts, self.sampler.sample(jobs)):
-            for i, image in enumerate(images):
+        for pid, prompt, made in zip(batch["prompt_id"], prompts, self.sampler.pngs(jobs, self.png_metadata)):
+            for i, (data, params) in enumerate(made):
                 name = f"{pid}-{i:02d}.png"
-                data = png_bytes(image)
                 with self.fs.open_output_stream(f"{self.root.rstrip('/')}/{name}") as f:
                     f.write(data)
+                width, height = map(int, params["size"].split("x"))
                 rows.append({"prompt_id": str(pid), "prompt": prompt, "index": i, "seed": seeds[i],
-                             "uri": f"{self.images_uri}/{name}", "width": image.width, "height": image.height,
+                             "uri": f"{self.images_uri}/{name}", "width": width, "height": height,
                              "png_bytes": len(data), "negative_prompt": s.negative_prompt, "steps": s.steps,
                              "guidance": s.guidance, "scheduler": s.scheduler, "model": self.model,
                              "generated_at": now})
@@ -212,7 +216,7 @@ def bulk_generate(config: BulkConfig) -> dict:
     from deltalake import DeltaTable, write_deltalake
     from deltalake.transaction import CommitProperties
 
-    from emoji_ldm.generate import model_folder
+    from emoji_ldm.generate import model_card, model_uri
     from emoji_ldm.runtime import ensure_ray, require_shared
     from emoji_ldm.store.artifacts import check_writable
     from emoji_ldm.store.delta import META_KEY
@@ -221,7 +225,8 @@ def bulk_generate(config: BulkConfig) -> dict:
 
     start = time.perf_counter()
     model = normalize_uri(config.model)
-    model_folder(model)  # a clear error now rather than in every actor
+    folder = model_uri(model)  # a clear error now rather than in every actor
+    content_id = model_card(folder).get("content_id")
     out = check_writable(config.out)
     prompts_uri = normalize_uri(config.prompts)
     check_prompts(prompts_uri)
@@ -246,7 +251,8 @@ def bulk_generate(config: BulkConfig) -> dict:
     rows = prompts.map_batches(
         BulkGenerator,
         fn_constructor_kwargs={"model": model, "images_uri": images_uri, "settings": config.sampler,
-                               "device": "cuda" if config.num_gpus > 0 else "cpu"},
+                               "device": "cuda" if config.num_gpus > 0 else "cpu",
+                               "png_metadata": config.png_metadata},
         batch_size=per_call,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=config.concurrency),
@@ -261,7 +267,8 @@ def bulk_generate(config: BulkConfig) -> dict:
         table = pa.concat_tables(pending)
         pending = []
         commits += 1
-        metadata = {"operation": "bulk-generate", "source": config.prompts, "model": model,
+        metadata = {"operation": "bulk-generate", "source": prompts_uri, "model": folder,
+                    "model_content_id": content_id,
                     "code_version": code_version(), "build_id": f"{run_id}-{commits}",
                     "counts": {"images": table.num_rows, "prompts": len(pc.unique(table.column("prompt_id")))},
                     "config": dataclasses.asdict(config), "message": f"bulk commit {commits}"}

@@ -52,6 +52,8 @@ class ServeConfig:
     config: str | None = opt(None, help="a Serve config file (default: the packaged "
                                          "emoji_ldm/serve/serve_config.yaml)")
     max_batch_size: int | None = opt(None, help="images per pipeline call (default: the config's, 16)")
+    png_metadata: bool = opt(True, flag="no-png-metadata", invert=True,
+                             help="serve PNGs without their generation parameters and model id")
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -72,7 +74,7 @@ def start(config: ServeConfig) -> str:
     """Deploy the application and return its base URL once every replica is up."""
     from ray import serve
 
-    from emoji_ldm.generate import model_folder
+    from emoji_ldm.generate import model_uri
     from emoji_ldm.runtime import ensure_ray
     from emoji_ldm.serve.app import AppArgs, application
     from emoji_ldm.store.uri import normalize_uri
@@ -80,7 +82,7 @@ def start(config: ServeConfig) -> str:
     raw = load_serve_config(config.config or default_config_path())
     app_cfg = next(a for a in raw["applications"] if a["import_path"].startswith("emoji_ldm.serve.app:"))
     model = normalize_uri(config.model)
-    model_folder(model)  # fails now, with the path, rather than in a replica
+    model_uri(model)  # fails now, with the path, rather than in a replica
     if config.sets_uri:
         from emoji_ldm.store.artifacts import check_writable
 
@@ -89,6 +91,8 @@ def start(config: ServeConfig) -> str:
             if config.sets_uri else ""}
     if config.max_batch_size:
         args["max_batch_size"] = config.max_batch_size
+    if not config.png_metadata:
+        args["png_metadata"] = False
     AppArgs(**args)
     _check_port_free(config.host, config.port)
     ensure_ray()

@@ -14,7 +14,8 @@ import zipfile
 
 from emoji_ldm.version import code_version
 
-LINEAGE_KEYS = ("dataset", "dataset_version", "latent_table", "latent_table_version", "code_version", "preset")
+LINEAGE_KEYS = ("content_id", "dataset", "dataset_version", "latent_table", "latent_table_version", "code_version",
+                "preset")
 
 
 def new_set_id() -> str:
@@ -46,17 +47,20 @@ def set_manifest(set_id: str, theme: str, items: list[str], prompts: list[str], 
     }
 
 
-def set_files(manifest: dict, pngs: list[bytes]) -> dict[str, bytes]:
-    """File name -> bytes: one PNG per item, sheet.png (all items with labels), manifest.json."""
+def set_files(manifest: dict, pngs: list[bytes], params: list[dict] | None = None) -> dict[str, bytes]:
+    """File name -> bytes: one PNG per item, sheet.png (all items with labels, and as text chunks what the
+    items' `params` share, when given), manifest.json."""
     import json
 
     from PIL import Image
 
     from emoji_ldm.generate import image_grid, png_bytes
+    from emoji_ldm.pngmeta import shared_params
 
     files = {item["file"]: png for item, png in zip(manifest["items"], pngs)}
     images = [Image.open(io.BytesIO(png)) for png in pngs]
-    files["sheet.png"] = png_bytes(image_grid(images, [item["item"] for item in manifest["items"]]))
+    sheet = image_grid(images, [item["item"] for item in manifest["items"]])
+    files["sheet.png"] = png_bytes(sheet, shared_params(params) if params else None)
     files["manifest.json"] = json.dumps(manifest, indent=2).encode()
     return files
 

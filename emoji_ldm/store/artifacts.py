@@ -111,3 +111,29 @@ def local_copy(uri: str) -> str:
 
 def artifact_uri(out: str, *parts: str) -> str:
     return join(normalize_uri(out), *parts)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def weights_content_id(folder: str | Path) -> str:
+    """`sha256:<hex>` of a model folder's weight files (`*.safetensors`, `*.bin`), each with its path.
+
+    Computed once at export and stored in the model card (PNGs and sets name
+    their model by it): equal weights in the same layout give the same id,
+    any changed tensor or swapped component another. Configs and tokenizer
+    files are left out on purpose: they record paths and library versions,
+    which would change the id of the same weights exported elsewhere.
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise UserError(f"{str(folder)!r} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}): not a model folder")
+    total = hashlib.sha256()
+    for path in files:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        total.update(path.relative_to(folder).as_posix().encode() + b"\0" + digest.digest())
+    return "sha256:" + total.hexdigest()

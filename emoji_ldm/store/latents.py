@@ -68,6 +68,16 @@ def open_latent_table(data: str):
     return ref, table, meta
 
 
+def encoded_dataset(enc_meta: dict) -> str | None:
+    """The absolute URI of the dataset a latent table was encoded from: its encode commit's `source`
+    (`URI@VERSION`, always resolved), since older encodes stored `dataset` as typed (maybe relative)."""
+    from emoji_ldm.store.uri import public_uri
+
+    source = enc_meta.get("source") or ""
+    uri = source.rsplit("@", 1)[0] if "@" in source else enc_meta.get("dataset")
+    return public_uri(uri) if uri else None
+
+
 def empty_caption(uri: str) -> np.ndarray:
     """The text embedding of "" stored beside the latent table at `uri`, (L, D) float16."""
     from emoji_ldm.store.artifacts import artifact_uri, read_bytes

@@ -143,3 +143,57 @@ class DatasetRef:
         if self.tag is not None:
             return f"{self.uri}@{self.tag}"
         return self.uri
+
+
+# --- URIs recorded in lineage (model cards, commits, PNG text chunks) ----------------------
+
+# query parameters that carry credentials in presigned URLs (AWS SigV4 and V2)
+_SECRET_PARAMS = ("x-amz-credential", "x-amz-signature", "x-amz-security-token", "awsaccesskeyid", "signature")
+
+
+def public_uri(uri: str) -> str:
+    """`uri` as it may be stored or shown: never `user:password@`, never a presigned URL's keys.
+
+    Local paths are returned as they are; `s3://` URIs lose any query; other URLs
+    keep their query but the signature parameters.
+    """
+    if not uri or "://" not in uri:
+        return uri
+    scheme, rest = uri.split("://", 1)
+    rest, _, query = rest.partition("?")
+    host, slash, path = rest.partition("/")
+    clean = f"{scheme}://{host.rsplit('@', 1)[-1]}{slash}{path}"
+    if query and scheme.lower() not in ("s3", "s3a"):
+        kept = [p for p in query.split("&") if p.split("=", 1)[0].lower() not in _SECRET_PARAMS]
+        if kept:
+            clean += "?" + "&".join(kept)
+    return clean
+
+
+def _parents(uri: str) -> list[str]:
+    """`uri` and every folder above it, nearest first (`s3://b/x/y` -> `s3://b/x/y`, `s3://b/x`, `s3://b`)."""
+    if is_s3(uri):
+        parts = normalize_uri(uri)[len("s3://"):].split("/")
+        return ["s3://" + "/".join(parts[:n]) for n in range(len(parts), 0, -1)]
+    path = Path(uri)
+    return [str(path), *map(str, path.parents)]
+
+
+def resolve_recorded(recorded: str, base: str, exists) -> str | None:
+    """A URI recorded in a card or commit, absolute and without credentials.
+
+    S3 URIs and absolute paths are taken as they are. A relative path (older
+    emoji-ldm stored the path as typed, relative to the directory the command
+    ran in) is tried against `base` (where the record lives) and each folder
+    above it; the first candidate for which `exists(candidate)` holds wins.
+    None when none does.
+    """
+    if not recorded:
+        return None
+    if is_s3(recorded) or recorded.startswith("file://") or Path(recorded).is_absolute():
+        return public_uri(normalize_uri(recorded))
+    for folder in _parents(base):
+        candidate = join(folder, recorded) if is_s3(folder) else str(Path(folder, recorded).resolve())
+        if exists(candidate):
+            return public_uri(candidate)
+    return None

@@ -188,7 +188,7 @@ def encode(config: EncodeConfig) -> dict:
 
     build_id = uuid.uuid4().hex[:12]
     metadata = {
-        "operation": "encode", "source": f"{dataset_uri}@{version}", "dataset": config.dataset,
+        "operation": "encode", "source": f"{dataset_uri}@{version}", "dataset": dataset_uri,
         "dataset_version": version, "preset": preset.to_dict(), "vae": vae_path or preset.vae.pretrained,
         "text_encoder": preset.text.pretrained, "code_version": code_version(), "build_id": build_id,
         "config": dataclasses.asdict(config), "message": f"encode {config.dataset}@{version} with {preset.name}",

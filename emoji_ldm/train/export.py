@@ -58,15 +58,17 @@ def ema_unet(checkpoint_uri: str, preset):
     return unet.float()
 
 
-def export_model(checkpoint_uri: str, preset, vae_uri: str, out_uri: str, card: dict) -> str:
-    """Write the pipeline folder and its card to `out_uri` (card last: readers look for it)."""
-    from emoji_ldm.store.artifacts import upload_dir
+def export_model(checkpoint_uri: str, preset, vae_uri: str, out_uri: str, card: dict) -> dict:
+    """Write the pipeline folder and its card to `out_uri` (card last: readers look for it); returns the card,
+    with the weights' `content_id` (computed here, once, from the files just saved)."""
+    from emoji_ldm.store.artifacts import upload_dir, weights_content_id
 
     unet = ema_unet(checkpoint_uri, preset)
     pipe = assemble_pipeline(unet, preset, vae_uri)
     with tempfile.TemporaryDirectory() as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        card = {**card, "content_id": weights_content_id(tmp)}
         (Path(tmp) / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
         upload_dir(tmp, out_uri)
-    print(f"[train] exported the EMA model to {out_uri}", flush=True)
-    return out_uri
+    print(f"[train] exported the EMA model to {out_uri} ({card['content_id']})", flush=True)
+    return card

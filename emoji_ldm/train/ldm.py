@@ -482,7 +482,7 @@ def train(config: TrainConfig) -> dict:
 
     from emoji_ldm.runtime import ensure_ray, require_shared
     from emoji_ldm.store.artifacts import artifact_uri, check_writable, write_json
-    from emoji_ldm.store.latents import empty_caption, open_latent_table, split_files
+    from emoji_ldm.store.latents import empty_caption, encoded_dataset, open_latent_table, split_files
     from emoji_ldm.store.uri import filesystem, storage_options
     from emoji_ldm.train.export import export_model
     from emoji_ldm.version import code_version
@@ -557,15 +557,16 @@ def train(config: TrainConfig) -> dict:
         raise RuntimeError(f"training ended without a checkpoint under {out}/checkpoints")
     card = {
         "kind": "emoji-ldm model", "preset": preset.name, "config": preset.to_dict(),
-        "dataset": enc_meta.get("dataset"), "dataset_version": enc_meta.get("dataset_version"),
+        "dataset": encoded_dataset(enc_meta), "dataset_version": enc_meta.get("dataset_version"),
         "latent_table": ref.uri, "latent_table_version": latent_version, "vae": enc_meta["vae"],
         "text_encoder": preset.text.pretrained, "code_version": code_version(),
         "training": {"workers": config.workers, "zero_stage": config.zero_stage, "steps": final[1]["step"],
                      "global_batch": preset.train.batch_size},
         "metrics": result.metrics,
     }
-    export_model(final[0], preset, enc_meta["vae"], artifact_uri(out, "model"), card)
+    card = export_model(final[0], preset, enc_meta["vae"], artifact_uri(out, "model"), card)
     return {**card, "out": out}
+
 
 
 _WORKER_ERROR = ("_emoji_ldm", "worker-error.txt")

@@ -134,7 +134,7 @@ def train_vae(config: VAETrainConfig) -> dict:
     from emoji_ldm.runtime import ensure_ray, require_shared
     from emoji_ldm.store.artifacts import artifact_uri, check_writable, upload_dir, write_json
     from emoji_ldm.store.delta import read_dataset
-    from emoji_ldm.store.uri import filesystem
+    from emoji_ldm.store.uri import DatasetRef, filesystem
     from emoji_ldm.train.data import decode_images
     from emoji_ldm.version import code_version
 
@@ -166,7 +166,8 @@ def train_vae(config: VAETrainConfig) -> dict:
         upload_dir(folder, out)
     fs.delete_dir_contents(storage, missing_dir_ok=True)  # the run's checkpoint is the VAE now under OUT
     card = {
-        "kind": "vae", "out": out, "dataset": config.dataset, "dataset_version": version, "rows": rows,
+        "kind": "vae", "out": out, "dataset": DatasetRef.parse(config.dataset).uri, "dataset_version": version,
+        "rows": rows,
         "preset": preset.to_dict(), "code_version": code_version(), "metrics": metrics,
     }
     write_json(artifact_uri(out, "vae_card.json"), card)

@@ -1,0 +1,195 @@
+"""Lineage without Ray: PNG text chunks, recorded URIs, the weights' content id, and a chain over small
+Delta tables written here with the commit metadata the stages record (an older card's relative paths)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pyarrow as pa
+import pytest
+from deltalake import write_deltalake
+from deltalake.transaction import CommitProperties
+from PIL import Image
+
+from emoji_ldm.errors import UserError
+from emoji_ldm.lineage import LineageConfig, format_chain, lineage_command, made_rows, trace
+from emoji_ldm.pngmeta import encode_png, generation_params, read_params, shared_params
+from emoji_ldm.store.artifacts import weights_content_id
+from emoji_ldm.store.schema import EMOJI_SCHEMA
+from emoji_ldm.store.uri import public_uri, resolve_recorded
+
+
+def _params(**changes):
+    base = dict(prompt="smiling cat face", seed=7, negative_prompt="blurry", steps=25, guidance=5, scheduler="ddim",
+                width=32, height=32, model="/models/run/model", model_content_id="sha256:" + "ab" * 32)
+    return generation_params(**{**base, **changes})
+
+
+def test_png_chunks_round_trip_through_pil():
+    params = _params()
+    image = Image.open(io.BytesIO(encode_png(Image.new("RGB", (32, 32), "red"), params)))
+    text = image.text
+    assert read_params(text) == {**params, "guidance": 5.0}
+    assert text["prompt"] == "smiling cat face" and text["seed"] == "7" and text["size"] == "32x32"
+    assert text["model_content_id"].startswith("sha256:") and text["code_version"]
+    # the one-chunk layout of the Stable Diffusion web UIs, for tools that read that
+    assert text["parameters"].splitlines() == [
+        "smiling cat face", "Negative prompt: blurry",
+        "Steps: 25, Sampler: ddim, CFG scale: 5.0, Seed: 7, Size: 32x32, Model hash: ababababab, "
+        f"Model: /models/run/model, Version: emoji-ldm {params['code_version']}"]
+    assert sum(len(k) + len(v) for k, v in text.items()) < 1000  # small chunks, no configs
+
+
+def test_png_chunks_non_latin1_prompt_and_off():
+    params = _params(prompt="🐱 face, café", model_content_id=None)
+    image = Image.open(io.BytesIO(encode_png(Image.new("RGB", (8, 8)), params)))
+    assert image.text["prompt"] == "🐱 face, café" and "model_content_id" not in image.text  # iTXt
+    assert Image.open(io.BytesIO(encode_png(Image.new("RGB", (8, 8)), None))).text == {}
+    assert read_params({"seed": "x", "other": "y"}) == {"seed": "x"}
+
+
+def test_shared_params_of_a_sheet():
+    a, b = _params(prompt="a"), _params(prompt="b")
+    shared = shared_params([a, b])
+    assert "prompt" not in shared and shared["seed"] == 7 and shared["model"] == "/models/run/model"
+    assert shared_params([]) == {}
+
+
+def test_public_uri_drops_credentials():
+    assert public_uri("s3://AKIA:secret@bucket/run/model") == "s3://bucket/run/model"
+    assert public_uri("s3://bucket/x?X-Amz-Signature=abc") == "s3://bucket/x"
+    assert public_uri("https://u:p@host/a.png?size=72&X-Amz-Credential=k&X-Amz-Signature=s") == \
+        "https://host/a.png?size=72"
+    assert public_uri("/data/twemoji") == "/data/twemoji" and public_uri("") == ""
+
+
+def test_resolve_recorded_relative_paths_against_the_records_folder_and_above(tmp_path):
+    (tmp_path / "demo-out" / "twemoji").mkdir(parents=True)
+    card_folder = tmp_path / "demo-out" / "run" / "model"
+    card_folder.mkdir(parents=True)
+    exists = os.path.exists
+    assert resolve_recorded("demo-out/twemoji", str(card_folder), exists) == str(tmp_path / "demo-out" / "twemoji")
+    assert resolve_recorded("twemoji", str(card_folder), exists) == str(tmp_path / "demo-out" / "twemoji")
+    assert resolve_recorded("missing/table", str(card_folder), exists) is None
+    assert resolve_recorded("/abs/elsewhere", str(card_folder), exists) == "/abs/elsewhere"
+    assert resolve_recorded("s3://k:s@bucket/ds", str(card_folder), exists) == "s3://bucket/ds"
+    assert resolve_recorded("", str(card_folder), exists) is None
+
+
+def test_content_id_changes_when_the_weights_change(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    for name in ("a", "b"):
+        (tmp_path / name / "unet").mkdir(parents=True)
+        save_file({"w": torch.arange(6, dtype=torch.float32)}, tmp_path / name / "unet" / "model.safetensors")
+        (tmp_path / name / "unet" / "config.json").write_text(json.dumps({"_name_or_path": f"/somewhere/{name}"}))
+    first = weights_content_id(tmp_path / "a")
+    assert first.startswith("sha256:") and len(first) == 7 + 64
+    assert weights_content_id(tmp_path / "b") == first  # same weights, other config paths: the same id
+    save_file({"w": torch.arange(6, dtype=torch.float32) * 1.0001}, tmp_path / "b" / "unet" / "model.safetensors")
+    assert weights_content_id(tmp_path / "b") != first
+    (tmp_path / "a" / "unet" / "model.safetensors").rename(tmp_path / "a" / "unet" / "other.safetensors")
+    assert weights_content_id(tmp_path / "a") != first  # the layout counts too
+    with pytest.raises(UserError, match="no weight files"):
+        weights_content_id(tmp_path / "empty")
+
+
+def _commit(uri, table, meta, mode="append"):
+    write_deltalake(str(uri), table, mode=mode,
+                    commit_properties=CommitProperties(custom_metadata={"emoji_ldm": json.dumps(meta)}))
+
+
+def _rows(ids, caption=None):
+    n = len(ids)
+    return pa.table({"id": ids, "image": [b""] * n, "width": [32] * n, "height": [32] * n, "orig_width": [32] * n,
+                     "orig_height": [32] * n, "orig_format": ["PNG"] * n, "source": ["twemoji"] * n,
+                     "source_url": [f"https://x/{i}.png" for i in ids], "page_url": [None] * n,
+                     "title": ids, "tag": ["t"] * n, "caption": [caption] * n, "caption_model": [None] * n,
+                     "caption_prompt_id": [None] * n, "ingested_at": [None] * n}, schema=EMOJI_SCHEMA)
+
+
+@pytest.fixture
+def old_model(tmp_path, monkeypatch):
+    """An older demo: a dataset (build, caption as overwrite), a latent table whose encode commit stored the
+    dataset as typed, and a model card with relative paths, all under tmp_path/demo-out."""
+    root = tmp_path / "demo-out"
+    ds, lat, model = root / "twemoji", root / "latents", root / "run" / "model"
+    _commit(ds, _rows(["a", "b"]), {"operation": "build", "source": "twemoji", "build_id": "b1", "message": "demo",
+                                     "counts": {"in": 3, "added": 2, "rejected": {"too_small": 1}}})
+    _commit(ds, _rows(["a", "b"], "a caption"), {"operation": "caption", "captioner": "metadata",
+                                                 "caption_model": "metadata", "caption_prompt_id": "metadata-v1",
+                                                 "counts": {"captioned": 2}}, mode="overwrite")
+    latents = pa.table({"id": ["a"], "caption": ["a caption"], "split": ["train"]})
+    _commit(lat, latents, {"operation": "encode", "source": f"{ds}@1", "dataset": "demo-out/twemoji",
+                           "dataset_version": 1, "preset": {"name": "tiny"}, "vae": "v", "text_encoder": "minilm"})
+    model.mkdir(parents=True)
+    (model / "model_card.json").write_text(json.dumps({
+        "preset": "tiny", "dataset": "demo-out/twemoji", "dataset_version": 1, "latent_table": "demo-out/latents",
+        "latent_table_version": 0, "training": {"steps": 3, "workers": 1}, "metrics": {"loss": 0.5}}))
+    monkeypatch.chdir(tmp_path.parent)  # the card's relative paths do not resolve from here
+    return root
+
+
+def test_trace_from_an_old_card_with_relative_paths(old_model):
+    result = trace(str(old_model / "run"))
+    assert result["complete"], result["missing"]
+    model, latents, dataset = result["chain"]
+    assert model["uri"] == str(old_model / "run" / "model") and model["content_id"] is None
+    assert latents["uri"] == str(old_model / "latents") and latents["version"] == 0
+    assert dataset["uri"] == str(old_model / "twemoji") and dataset["version"] == 1 and dataset["rows"] == 2
+    build, caption = dataset["commits"]
+    assert build["operation"] == "build" and build["source"] == "twemoji" and build["rejected"] == 1
+    assert caption["captioner"] == "metadata" and caption["caption_prompt_id"] == "metadata-v1"
+    text = format_chain(result)
+    assert "build    twemoji: 3 in, 2 added, 1 rejected; build b1" in text and "content id not recorded" in text
+
+
+def test_missing_links_stop_the_chain(old_model, tmp_path, capsys):
+    stripped = tmp_path / "stripped.png"
+    Image.new("RGB", (8, 8)).save(stripped)
+    assert lineage_command(LineageConfig(target=str(stripped))) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].startswith("missing link: png -> model: ") and "metadata was stripped" in out
+
+    gone = tmp_path / "gone.png"
+    gone.write_bytes(encode_png(Image.new("RGB", (8, 8)), _params(model=str(tmp_path / "deleted-model"))))
+    result = trace(str(gone))
+    assert result["chain"][0]["prompt"] == "smiling cat face"
+    assert result["missing"]["link"] == "model" and "deleted-model" in result["missing"]["reason"]
+
+    replaced = tmp_path / "replaced.png"  # the card now has another content id than the image names
+    card = old_model / "run" / "model" / "model_card.json"
+    card.write_text(json.dumps({**json.loads(card.read_text()), "content_id": "sha256:" + "cd" * 32}))
+    replaced.write_bytes(encode_png(Image.new("RGB", (8, 8)), _params(model=str(old_model / "run" / "model"))))
+    result = trace(str(replaced))
+    assert not result["complete"] and "it was replaced since" in result["missing"]["reason"]
+
+    import shutil
+
+    shutil.rmtree(old_model / "latents")
+    result = trace(str(old_model / "run"))
+    assert [link["link"] for link in result["chain"]] == ["model"] and result["missing"]["link"] == "latent table"
+
+    with pytest.raises(UserError, match="is not a PNG, an emoji set"):
+        trace(str(tmp_path))
+    with pytest.raises(UserError, match="no file at"):
+        trace(str(tmp_path / "nothing.png"))
+    (tmp_path / "text.png").write_text("not a PNG")
+    with pytest.raises(UserError, match="is not a readable PNG file"):
+        trace(str(tmp_path / "text.png"))
+    with pytest.raises(UserError, match="unknown version 9"):
+        trace(f"{old_model / 'twemoji'}@9")
+
+
+def test_restores_mark_the_commits_they_undid():
+    import datetime as dt
+
+    t = dt.datetime(2026, 1, 1)
+    rows = [{"version": v, "time": t, "operation": op, "meta": meta} for v, op, meta in [
+        (0, "build", {}), (1, "build", {}), (2, "caption", {}), (3, "restore", {"restored_version": 1}),
+        (4, "caption", {})]]
+    undone = {c["version"]: c.get("undone_by") for c in made_rows(rows)}
+    assert undone == {0: None, 1: None, 2: 3, 3: None, 4: None}
