@@ -13,7 +13,7 @@ HTTP = urllib3.PoolManager(maxsize=64, retries=False, timeout=urllib3.Timeout(co
 
 
 def deploy(model: str, *, sets_uri: str = "", generator: dict | None = None, ingress: dict | None = None,
-           max_batch_size: int = 16, batch_wait_timeout_s: float = 0.05) -> str:
+           max_batch_size: int = 16, batch_wait_timeout_s: float = 0.05, **app_args) -> str:
     """Start Serve on a free loopback port and run the app with these deployment options; returns the URL."""
     from ray import serve
 
@@ -24,7 +24,7 @@ def deploy(model: str, *, sets_uri: str = "", generator: dict | None = None, ing
     deployments = [{"name": "Generator", "ray_actor_options": {"num_cpus": 0.5}, **(generator or {})},
                    {"name": "Ingress", "ray_actor_options": {"num_cpus": 0.1}, **(ingress or {})}]
     args = {"model": model, "sets_uri": sets_uri, "max_batch_size": max_batch_size,
-            "batch_wait_timeout_s": batch_wait_timeout_s}
+            "batch_wait_timeout_s": batch_wait_timeout_s, **app_args}
     serve.run(application(args, deployments), name="emoji", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 

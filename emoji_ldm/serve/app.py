@@ -52,6 +52,9 @@ class AppArgs:
     device: str = "auto"             # auto: cuda when the replica has a GPU, else cpu
     torch_threads: int = 0           # CPU threads per replica; 0: Ray's default (the replica's num_cpus)
     png_metadata: bool = True        # generation parameters and model id as PNG text chunks (emoji_ldm.pngmeta)
+    dtype: str = "auto"              # auto: bf16 on CUDA, fp32 on CPU | fp32 | fp16 (VAE stays fp32) | bf16
+    channels_last: bool = False      # UNet and VAE in channels-last memory format
+    compile: bool = False            # torch.compile the UNet; warmed up before the replica takes requests
 
     def __post_init__(self):
         from emoji_ldm.errors import UserError
@@ -66,6 +69,16 @@ class AppArgs:
             raise UserError(f"args.torch_threads must be 0 (Ray's default) or more, got {self.torch_threads}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"args.device must be auto, cpu or cuda, got {self.device!r}")
+        self.inference()  # validates dtype
+
+    def inference(self):
+        from emoji_ldm.errors import UserError
+        from emoji_ldm.generate import InferenceOptions
+
+        try:
+            return InferenceOptions(dtype=self.dtype, channels_last=self.channels_last, compile=self.compile)
+        except UserError as e:
+            raise UserError(f"args.{e}") from None
 
 
 # --- the model deployment ---------------------------------------------------------
@@ -81,7 +94,7 @@ class Generator:
     """One pipeline per replica; concurrent requests share pipeline calls."""
 
     def __init__(self, model: str, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.05,
-                 device: str = "auto", torch_threads: int = 0, png_metadata: bool = True):
+                 device: str = "auto", torch_threads: int = 0, png_metadata: bool = True, inference=None):
         import torch
 
         from emoji_ldm.generate import model_card
@@ -92,7 +105,13 @@ class Generator:
         # runs torch ops gets its own team of workers, and an idle team keeps spinning on the cores:
         # alternating threads (asyncio.to_thread's pool) made the UNet 2-3x slower on 2 cores.
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
-        self.sampler = self._torch_thread.submit(self._load, model, device, torch_threads).result()
+        self.sampler = self._torch_thread.submit(self._load, model, device, torch_threads, inference).result()
+        self.warmup_s = None
+        if inference is not None and inference.compile:
+            # __init__ returns (and the replica, hence /healthz, is ready) only once the compiled UNet has run
+            # at batch 1 and at the largest batch: the first request does not pay the compile
+            self.warmup_s = self._torch_thread.submit(self.sampler.warm_up, (1, max_batch_size)).result()
+            logger.info("Generator: compiled UNet warmed up in %.1f s", self.warmup_s)
         self.card = model_card(model)
         self.model = model
         self.png_metadata = png_metadata
@@ -103,14 +122,14 @@ class Generator:
         logger.info("Generator: %s on %s, max batch %d images", model, device, max_batch_size)
 
     @staticmethod
-    def _load(model: str, device: str, torch_threads: int):
+    def _load(model: str, device: str, torch_threads: int, inference):
         import torch
 
         from emoji_ldm.generate import Sampler
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        return Sampler.load(model, device=device)
+        return Sampler.load(model, device=device, options=inference)
 
     async def sample(self, job: SampleJob) -> list[tuple[bytes, dict]]:
         """(PNG bytes, generation parameters) per image of one job (at most max_batch_size images)."""
@@ -130,7 +149,11 @@ class Generator:
 
     def model_card(self) -> dict:
         """The card, with where the model is (`uri`: the folder with model_index.json, absolute)."""
-        return {**self.card, "uri": self.sampler.model_uri, "image_size": self.sampler.image_size}
+        unet = self.sampler.pipe.unet
+        return {**self.card, "uri": self.sampler.model_uri, "image_size": self.sampler.image_size,
+                "runtime": {"device": str(unet.device), "dtype": str(unet.dtype).removeprefix("torch."),
+                            "vae_dtype": str(self.sampler.pipe.vae.dtype).removeprefix("torch."),
+                            "compiled": self.warmup_s is not None, "warmup_s": self.warmup_s}}
 
     def stats(self) -> dict:
         """Counters of this replica: requests in, pipeline calls made, images made, recent batch sizes."""
@@ -337,7 +360,7 @@ def application(args: dict, deployments: list[dict] | None = None) -> serve.Appl
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in deployments or []}
     generator = Generator.options(**options.get("Generator", {})).bind(
         config.model, config.max_batch_size, config.batch_wait_timeout_s, config.device, config.torch_threads,
-        config.png_metadata)
+        config.png_metadata, config.inference())
     return Ingress.options(**options.get("Ingress", {})).bind(generator, asdict(config))
 
 

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.generate import InferenceOptions
 from emoji_ldm.options import opt
 from emoji_ldm.sampling import SamplerSettings
 
@@ -68,6 +69,8 @@ class BulkConfig:
     limit: int | None = opt(None, help="only the first N distinct prompts")
     png_metadata: bool = opt(True, flag="no-png-metadata", invert=True,
                              help="write the PNGs without their generation parameters and model id")
+    inference: InferenceOptions = opt(default_factory=InferenceOptions,
+                                      help="pipeline dtype, channels-last and compile")
 
     def __post_init__(self):
         checks = [
@@ -176,11 +179,14 @@ def _done_prompts(manifest_uri: str, per_prompt: int):
 class BulkGenerator:
     """A Ray Data actor: one pipeline; a batch of prompts in, PNGs written and manifest rows out."""
 
-    def __init__(self, model: str, images_uri: str, settings: SamplerSettings, device: str, png_metadata: bool = True):
+    def __init__(self, model: str, images_uri: str, settings: SamplerSettings, device: str, png_metadata: bool = True,
+                 inference: InferenceOptions | None = None, images_per_call: int = 1):
         from emoji_ldm.generate import Sampler
         from emoji_ldm.store.uri import filesystem, is_s3
 
-        self.sampler = Sampler.load(model, device=device)
+        self.sampler = Sampler.load(model, device=device, options=inference)
+        if inference and inference.compile:  # compile before the first batch, at the sizes batches have
+            self.sampler.warm_up((images_per_call,))
         self.fs, self.root = filesystem(images_uri)
         self.images_uri = images_uri.rstrip("/")
         if not is_s3(images_uri):  # S3 has no folders (create_dir would leave an empty marker object)
@@ -252,7 +258,8 @@ def bulk_generate(config: BulkConfig) -> dict:
         BulkGenerator,
         fn_constructor_kwargs={"model": model, "images_uri": images_uri, "settings": config.sampler,
                                "device": "cuda" if config.num_gpus > 0 else "cpu",
-                               "png_metadata": config.png_metadata},
+                               "png_metadata": config.png_metadata, "inference": config.inference,
+                               "images_per_call": per_call * per_prompt},
         batch_size=per_call,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=config.concurrency),

@@ -27,6 +27,8 @@ class StepCheckConfig(PresetOptions):
     batch_size: int | None = opt(None, help="images per step (default: the preset's global batch)")
     threads: int | None = opt(None, help="CPU threads for torch (default: torch's)")
     speed: SpeedOptions = opt(default_factory=SpeedOptions, help="the fast-path options (as train's)")
+    sample_batch: int = opt(16, help="images per sampler call for the sampling check (0: skip it)")
+    sample_steps: int = opt(25, help="DPM-Solver++ steps of the sampling check")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "threads"):
@@ -35,6 +37,9 @@ class StepCheckConfig(PresetOptions):
                 raise UserError(f"--{name.replace('_', '-')} must be 1 or more, got {value}")
         if self.warmup < 0:
             raise UserError(f"--warmup must be 0 or more, got {self.warmup}")
+        if self.sample_batch < 0 or self.sample_steps < 1:
+            raise UserError(f"--sample-batch must be 0 or more and --sample-steps 1 or more, got "
+                            f"{self.sample_batch} and {self.sample_steps}")
 
 
 def matmul_peak(device, dtype, n: int | None = None, repeats: int = 5) -> float:
@@ -134,7 +139,10 @@ def step_check(config: StepCheckConfig) -> dict:
     # the peak of the step's matmul dtype; on CPUs without bf16 units that is below fp32's, so the faster counts
     peak = max(matmul_peak(device, torch_dtype(precision)), matmul_peak(device, torch.float32) if half else 0.0)
     achieved = flops * config.steps / seconds
+    sampling = sample_check(engine.module, preset, config, device, autocast, torch_dtype(precision)) \
+        if config.sample_batch else None
     return {
+        "sampling": sampling,
         "preset": preset.name, "device": torch.cuda.get_device_name(device) if config.use_gpu else "cpu",
         "precision": f"{precision} autocast" if half else "fp32", "speed": config.speed.summary(config.use_gpu),
         "warmup_s": warmup_s, "batch": batch, "steps": config.steps,
@@ -145,10 +153,50 @@ def step_check(config: StepCheckConfig) -> dict:
     }
 
 
+def sample_check(unet, preset, config: StepCheckConfig, device, autocast, dtype) -> dict:
+    """The sampler's denoising loop (DPM-Solver++ with classifier-free guidance, as `generate` runs it) on the
+    same UNet: images/s at `--sample-batch`. Random text embeddings and no VAE decode (the UNet is nearly all
+    of a sample's time at emoji sizes), so it needs no weights."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    from emoji_ldm.models.builders import noise_scheduler, text_hidden_size
+
+    sched = DPMSolverMultistepScheduler.from_config(noise_scheduler(preset).config, algorithm_type="dpmsolver++")
+    b, c, s = config.sample_batch, preset.vae.latent_channels, preset.latent_size
+    text = torch.randn(2 * b, preset.text.max_length, text_hidden_size(preset), device=device)  # (2B, L, D)
+    unet.eval()
+
+    def run() -> None:
+        sched.set_timesteps(config.sample_steps, device=device)
+        latents = torch.randn(b, c, s, s, device=device) * sched.init_noise_sigma  # (B, C, h, w)
+        with torch.no_grad(), autocast:
+            for t in sched.timesteps:
+                pred = unet(torch.cat([latents] * 2), t, encoder_hidden_states=text).sample
+                uncond, cond = pred.float().chunk(2)
+                latents = sched.step(uncond + 5.0 * (cond - uncond), t, latents).prev_sample
+
+    start = time.perf_counter()
+    run()  # warm-up (compiles when --compile)
+    _sync(device)
+    warmup = time.perf_counter() - start
+    start = time.perf_counter()
+    run()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    unet.train()
+    return {"batch": b, "steps": config.sample_steps, "seconds": seconds, "images_per_s": b / seconds,
+            "warmup_s": warmup, "dtype": str(dtype).removeprefix("torch.")}
+
+
 def report(r: dict) -> str:
+    sampling = r.get("sampling")
+    tail = "" if not sampling else (
+        f"; sampler (DPM-Solver++ {sampling['steps']} steps, guidance, batch {sampling['batch']}): "
+        f"{sampling['images_per_s']:.2f} images/s (first call {sampling['warmup_s']:.1f} s)")
     return (f"train-step-check: preset {r['preset']} on {r['device']} ({r['speed']}), UNet "
             f"{r['params'] / 1e6:.1f}M params, batch {r['batch']}: {r['step_s'] * 1000:.0f} ms/step, "
             f"{r['images_per_s']:.1f} images/s, {r['flops_per_step'] / 1e9:.1f} GFLOP/step, "
             f"{r['achieved_flops'] / 1e12:.3f} TFLOP/s = MFU {100 * r['mfu']:.1f}% of a measured "
             f"{r['peak_flops'] / 1e12:.2f} TFLOP/s matmul peak, peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB, "
-            f"loss {r['loss']:.4f}")
+            f"loss {r['loss']:.4f}{tail}")

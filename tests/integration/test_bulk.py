@@ -88,3 +88,38 @@ def test_bulk_bad_input(model, tmp_path):
         result = run_cli("bulk", *args, "--out", str(tmp_path / "out"))
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr, (args, result.stderr)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_pipeline_on_cpu(model, dtype):
+    """The inference fast path on CPU: a half-precision UNet (fp16 keeps the VAE in fp32 and decodes there),
+    channels-last, and images that agree with fp32's."""
+    import numpy as np
+    import torch
+
+    from emoji_ldm.generate import InferenceOptions, SampleJob, Sampler
+
+    job = SampleJob(("red heart", "ghost"), (1, 2), "", 3, 4.0, scheduler=None)
+    full = Sampler.load(model, options=InferenceOptions(dtype="fp32")).sample([job])[0]
+    half = Sampler.load(model, options=InferenceOptions(dtype=dtype, channels_last=True))
+    want = torch.float16 if dtype == "fp16" else torch.bfloat16
+    assert half.pipe.unet.dtype == want and half.pipe.text_encoder.dtype == want
+    assert half.pipe.vae.dtype == (torch.float32 if dtype == "fp16" else torch.bfloat16)
+    images = half.sample([job])[0]
+    assert [im.size for im in images] == [im.size for im in full]
+    diff = np.abs(np.asarray(images[0], dtype=float) - np.asarray(full[0], dtype=float)).mean()
+    assert diff < 40, diff  # the same picture, up to half-precision rounding (0-255 scale)
+
+
+def test_compiled_unet_is_warmed_up_once(model):
+    """torch.compile of the UNet: the warm-up compiles, a request at the warmed-up size does not compile again."""
+    import torch._dynamo
+
+    from emoji_ldm.generate import InferenceOptions, SampleJob, Sampler
+
+    torch._dynamo.reset()
+    sampler = Sampler.load(model, options=InferenceOptions(compile=True))
+    assert sampler.warm_up((2,)) > 0
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    images = sampler.sample([SampleJob(("red heart", "ghost"), (1, 2), "", 2, 4.0, scheduler=None)])[0]
+    assert len(images) == 2 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames

@@ -28,7 +28,7 @@ def served(s3_server, ray_local, tmp_path_factory):
     model = tiny_model_with_card(tmp_path_factory.mktemp("serve") / "model")
     url = deploy(str(model), sets_uri="s3://sets/emoji",
                  generator={"max_ongoing_requests": 4, "max_queued_requests": 4, "num_replicas": 1},
-                 ingress={"max_ongoing_requests": 100, "max_queued_requests": 100})
+                 ingress={"max_ongoing_requests": 100, "max_queued_requests": 100}, channels_last=True)
     yield {"url": url, "model": str(model), "s3": s3_server}
     serve.shutdown()
 
@@ -48,6 +48,8 @@ def test_health_model_card_and_openapi(served):
     assert health.status == 200 and health.json()["status"] == "ok"
     card = get(served["url"] + "/v1/model").json()
     assert card["dataset"] == "s3://data/emoji" and card["dataset_version"] == 3 and card["image_size"] == 32
+    assert card["runtime"] == {"device": "cpu", "dtype": "float32", "vae_dtype": "float32", "compiled": False,
+                               "warmup_s": None}  # dtype auto: fp32 on CPU
     schema = get(served["url"] + "/openapi.json").json()
     assert {"/v1/generate", "/v1/emoji-sets", "/healthz", "/v1/model"} <= set(schema["paths"])
     page = get(served["url"] + "/")

@@ -75,6 +75,15 @@ def test_serve_bad_input(model, tmp_path):
     assert taken.returncode == 2 and "cannot listen" in taken.stderr
 
 
+def test_app_args_refuse_bad_fast_path_settings():
+    from emoji_ldm.errors import UserError
+    from emoji_ldm.serve.app import AppArgs
+
+    with pytest.raises(UserError, match="args.dtype must be one of auto, fp32, fp16, bf16, got 'fp8'"):
+        AppArgs(model="/m", dtype="fp8")
+    assert AppArgs(model="/m", dtype="bf16", channels_last=True, compile=True).inference().compile
+
+
 def test_packaged_serve_config_validates_with_rays_schema():
     import yaml
     from ray.serve.schema import ServeDeploySchema

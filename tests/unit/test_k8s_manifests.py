@@ -133,10 +133,11 @@ def check_rayjob(doc: dict, name: str) -> None:
 
 
 def _comparable(config: dict) -> dict:
-    """A Serve config without what each deployment sets for itself: model, sets URI, resources, replicas."""
+    """A Serve config without what each deployment sets for itself: model, sets URI, resources, replicas,
+    and the GPU fast path (channels-last, compile: on in the GPU RayService, off on CPU)."""
     config = yaml.safe_load(yaml.safe_dump(config))
     for app in config["applications"]:
-        for key in ("model", "sets_uri"):
+        for key in ("model", "sets_uri", "channels_last", "compile"):
             app["args"].pop(key)
         for d in app["deployments"]:
             d.pop("ray_actor_options")

@@ -39,8 +39,10 @@ def test_step_check_runs_the_real_step():
     assert "train" in STAGES  # the step check is no stage: it needs no cluster
     fast = step_check(parse_config(find(("train-step-check",)), [
         "--steps", "1", "--warmup", "0", "--batch-size", "2", "--set", "unet.block_out_channels=32,32",
-        "--precision", "bf16", "--channels-last", "--gradient-checkpointing", "--allow-tf32"]))  # on CPU
+        "--precision", "bf16", "--channels-last", "--gradient-checkpointing", "--allow-tf32",
+        "--sample-batch", "2", "--sample-steps", "2"]))  # on CPU
     assert fast["precision"] == "bf16 autocast" and fast["loss"] == fast["loss"]  # a number, not NaN
+    assert fast["sampling"]["images_per_s"] > 0 and "sampler (DPM-Solver++ 2 steps" in report(fast)
     assert fast["speed"] == "precision bf16, allow_tf32, gradient_checkpointing, channels_last"
     with pytest.raises(UserError, match="--precision fp16 needs a GPU"):
         step_check(parse_config(find(("train-step-check",)), ["--precision", "fp16"]))
@@ -52,7 +54,7 @@ def test_step_check_compiles_the_unet():
 
     result = step_check(parse_config(find(("train-step-check",)), [
         "--steps", "1", "--warmup", "1", "--batch-size", "2", "--set", "unet.block_out_channels=32,32",
-        "--set", "unet.layers_per_block=1", "--compile"]))
+        "--set", "unet.layers_per_block=1", "--compile", "--sample-batch", "0"]))
     assert result["speed"] == "precision no, compile (default)" and result["loss"] == result["loss"]
 
 
