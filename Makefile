@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo-out
 DEMO_PORT ?= 8000
 
-.PHONY: demo test test-fast lint install clean bench bench-scale bench-train bench-serve bench-caption bench-crawl bench-submit chromium kubectl .venv-peers
+.PHONY: demo test test-fast lint install clean bench bench-scale bench-train bench-serve bench-caption bench-crawl bench-submit chromium kubectl cxx .venv-peers
 
 # The virtualenv with the package (editable), its pinned deps and test extras.
 # torch==2.13.0 resolves to the CPU wheel on these machines' disk.
@@ -44,6 +44,11 @@ chromium:
 	  ( $(SUDO) apt-get install -y chromium chromium-driver || \
 	    ( $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver ) )
 
+# torch.compile's inductor backend compiles C++ on CPU: g++ (Debian's) when none is installed.
+cxx:
+	@command -v g++ > /dev/null || \
+	  ( $(SUDO) apt-get install -y g++ || ( $(SUDO) apt-get update && $(SUDO) apt-get install -y g++ ) )
+
 # kubectl renders k8s/ (`kubectl kustomize`); Debian's kubernetes-client when none is installed.
 kubectl:
 	@command -v kubectl > /dev/null || \
@@ -52,7 +57,7 @@ kubectl:
 
 # The whole suite (real Ray, a real moto_server S3 process, local HTTP servers, headless Chromium,
 # the k8s manifests, every RayJob entrypoint on a local `ray start --head`).
-test: $(STAMP) chromium kubectl lint
+test: $(STAMP) chromium kubectl cxx lint
 	$(BIN)/python -m pytest
 
 # The unit tests alone (no Ray cluster, no servers, no browser): about a minute.
