@@ -6,7 +6,7 @@
 #                                   first on PATH and the S3 variables of $STATE/s3.env, if present
 #                                   (infra/local_s3.sh start writes them), as the pods get them
 #                                   from the emoji-ldm-s3 Secret
-#   infra/local_ray_head.sh stop    `ray stop`: stops every Ray on this machine
+#   infra/local_ray_head.sh stop    stops this head alone (its process group), not other Rays on the machine
 #
 # RAY_PORT (6379), DASHBOARD_PORT (8265), NUM_CPUS (all cores) and EMOJI_LDM_LOCAL override.
 set -euo pipefail
@@ -18,14 +18,30 @@ case "${1:-}" in
   start)
     # shellcheck disable=SC1091
     [ -f "$state/s3.env" ] && source "$state/s3.env"
+    mkdir -p "$state"
     cd "$root"
-    ray start --head --node-ip-address 127.0.0.1 --port "${RAY_PORT:-6379}" \
+    # `--block` in a session of its own: `stop` ends this process group, which takes the head's processes
+    # with it, where `ray stop` would stop every Ray on the machine (other users', other tests')
+    setsid ray start --head --block --node-ip-address 127.0.0.1 --port "${RAY_PORT:-6379}" \
       --dashboard-host 127.0.0.1 --dashboard-port "${DASHBOARD_PORT:-8265}" --include-dashboard true \
       ${NUM_CPUS:+--num-cpus "$NUM_CPUS"} --object-store-memory "${OBJECT_STORE_BYTES:-1000000000}" \
-      --disable-usage-stats
+      --disable-usage-stats > "$state/ray-head.log" 2>&1 < /dev/null &
+    echo $! > "$state/ray-head.pid"
+    up() { ray status --address "127.0.0.1:${RAY_PORT:-6379}" 2> /dev/null | grep -q node_; }
+    for _ in $(seq 90); do
+      up && break
+      kill -0 "$(cat "$state/ray-head.pid")" 2> /dev/null || { tail -20 "$state/ray-head.log"; exit 1; }
+      sleep 2
+    done
+    up || { tail -20 "$state/ray-head.log"; exit 1; }
     echo "Ray head up: emoji-ldm submit STAGE ... --address http://127.0.0.1:${DASHBOARD_PORT:-8265}" ;;
   stop)
-    ray stop ;;
+    [ -f "$state/ray-head.pid" ] || { echo "no head started from $state"; exit 0; }
+    pid=$(cat "$state/ray-head.pid")
+    kill -TERM -- "-$pid" 2> /dev/null || true
+    for _ in $(seq 60); do kill -0 "$pid" 2> /dev/null || break; sleep 1; done
+    kill -KILL -- "-$pid" 2> /dev/null || true
+    rm -f "$state/ray-head.pid" ;;
   *)
     sed -n '2,12p' "$0"; exit 2 ;;
 esac

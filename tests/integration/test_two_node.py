@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 
 import pytest
 
@@ -28,24 +30,52 @@ def two_nodes(s3_server):
     env = {**os.environ, **s3_server.env(), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     ray = str(VENV_BIN / "ray")
-    start = [ray, "start", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
-    _run([*start, "--head", "--port", str(port), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-          "--dashboard-port", str(dashboard), "--temp-dir", head_tmp, "--object-store-memory", "300000000"],
-         env=env, timeout=120)
+    start = [ray, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    # each node in a session of its own, stopped by ending its process group: `ray stop` would stop every Ray
+    # on the machine, other tests' and other users' too
+    nodes = [_node([*start, "--head", "--port", str(port), "--include-dashboard", "true", "--dashboard-host",
+                    "127.0.0.1", "--dashboard-port", str(dashboard), "--temp-dir", head_tmp,
+                    "--object-store-memory", "300000000"], env)]
     try:
-        _run([*start, "--address", f"127.0.0.1:{port}", "--object-store-memory", "300000000",
-              "--temp-dir", node_tmp, "--resources", '{"second_node": 1}'], env=env, timeout=120)
+        _wait_for(ray, f"127.0.0.1:{port}", nodes[0], env, nodes=1)
+        nodes.append(_node([*start, "--address", f"127.0.0.1:{port}", "--object-store-memory", "300000000",
+                            "--temp-dir", node_tmp, "--resources", '{"second_node": 1}'], env))
+        _wait_for(ray, f"127.0.0.1:{port}", nodes[1], env, nodes=2)
         s3_server.client().create_bucket(Bucket=BUCKET)
         yield f"127.0.0.1:{port}", {**s3_server.env(), "RAY_ADDRESS": f"127.0.0.1:{port}"}
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        for node in reversed(nodes):
+            _stop(node)
         for folder in (head_tmp, node_tmp):
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _run(cmd: list[str], **kwargs) -> None:
-    r = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
-    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+def _node(cmd: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _wait_for(ray: str, address: str, node: subprocess.Popen, env: dict, nodes: int) -> None:
+    """Until `ray status` at `address` shows `nodes` alive nodes (at most 3 minutes)."""
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        assert node.poll() is None, f"ray start exited {node.returncode}: {node.stderr.read()[-3000:]}"
+        status = subprocess.run([ray, "status", "--address", address], env=env, capture_output=True, text=True)
+        if status.returncode == 0 and status.stdout.count("node_") >= nodes:
+            return
+        time.sleep(2)
+    raise AssertionError(f"the Ray cluster at {address} did not reach {nodes} node(s) in 180 s")
+
+
+def _stop(node: subprocess.Popen) -> None:
+    try:
+        os.killpg(node.pid, signal.SIGTERM)  # the node's `ray start --block` stops what it started
+        node.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait(10)
+    except ProcessLookupError:
+        pass
 
 
 def test_encode_and_train_on_two_nodes(two_nodes, tmp_path):
