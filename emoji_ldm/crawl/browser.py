@@ -47,12 +47,29 @@ class Browser:
             options.page_load_strategy = "eager"  # DOMContentLoaded: the items come from scripts anyway
         if prefs:
             options.add_experimental_option("prefs", prefs)
-        self.driver = webdriver.Chrome(options=options,
-                                       service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+        # ChromeDriver in a process group of its own, which the Chromium it starts joins; a reaper ends that group
+        # when this process dies without quit() (a Ray actor killed, a crawl stopped with Ctrl-C), so no
+        # orphaned browser outlives its owner
+        service = webdriver.ChromeService(executable_path=CHROMEDRIVER, popen_kw={"start_new_session": True})
+        self.driver = webdriver.Chrome(options=options, service=service)
+        self._reaper = _reaper(owner=os.getpid(), group=service.process.pid, profile=self.profile)
         self.driver.set_page_load_timeout(page_timeout_s)
 
     def quit(self) -> None:
         try:
             self.driver.quit()
         finally:
+            self._reaper.kill()
+            self._reaper.wait()
             shutil.rmtree(self.profile, ignore_errors=True)
+
+
+def _reaper(owner: int, group: int, profile: str):
+    """A shell that waits for `owner` to exit, then kills process group `group` and removes `profile`."""
+    import shlex
+    import subprocess
+
+    script = (f"while kill -0 {owner} 2>/dev/null; do sleep 1; done; "
+              f"kill -KILL -{group} 2>/dev/null; rm -rf {shlex.quote(profile)}")
+    return subprocess.Popen(["/bin/sh", "-c", script], start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
