@@ -41,7 +41,10 @@ case "${1:-}" in
     kill -TERM -- "-$pid" 2> /dev/null || true
     for _ in $(seq 60); do kill -0 "$pid" 2> /dev/null || break; sleep 1; done
     kill -KILL -- "-$pid" 2> /dev/null || true
-    rm -f "$state/ray-head.pid" ;;
+    rm -f "$state/ray-head.pid"
+    # what `ray stop` also does: forget this head as the machine's current cluster (where ray.init() looks)
+    current=/tmp/ray/ray_current_cluster
+    if [ -f "$current" ] && grep -q ":${RAY_PORT:-6379}\$" "$current"; then rm -f "$current"; fi ;;
   *)
     sed -n '2,12p' "$0"; exit 2 ;;
 esac

@@ -100,9 +100,12 @@ def test_crawl_interrupted_halfway_resumes_without_duplicates(ray_local, tmp_pat
         stats_dir = Path(out) / "_emoji_ldm" / "crawl" / "testsite" / "Blobs"
         args = ["crawl", "--profile", str(profile), "--tag", "Blobs", "--out", out, "--pages", "1-10",
                 "--workers", "2", "--shard-pages", "1", "--rate", "0"]
+        # SIGINT as the default: a suite started in the background of a non-interactive shell passes its
+        # children SIGINT ignored (POSIX), and the CLI would then, rightly, not stop on Ctrl-C
         proc = subprocess.Popen([str(VENV_BIN / "emoji-ldm"), *args],
                                 env={**os.environ, "RAY_ADDRESS": ray_local}, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 120
         while len(list(stats_dir.glob("shard-*.json"))) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()

@@ -99,7 +99,8 @@ def test_encode_and_train_on_two_nodes(two_nodes, tmp_path):
     ray.init(address=address, log_to_driver=False)
     try:
         nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=100, raise_on_missing_output=False)
+        workers = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker")], limit=100,
+                              raise_on_missing_output=False)
         assert len(nodes) == 2
         assert {a.node_id for a in workers} == nodes  # the training workers ran on both nodes
     finally:
