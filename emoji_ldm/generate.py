@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from emoji_ldm.errors import UserError
 from emoji_ldm.options import opt
 from emoji_ldm.sampling import SamplerSettings
+from emoji_ldm.train.speed import COMPILE_MODES, check_choice, compile_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,6 @@ def model_folder(uri: str) -> str:
 
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True)
@@ -72,10 +72,8 @@ class InferenceOptions:
     compile_mode: str = opt("default", choices=COMPILE_MODES, help="torch.compile mode")
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.compile_mode not in COMPILE_MODES:
-            raise UserError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
 
     def resolved_dtype(self, device: str) -> str:
         return ("bf16" if str(device).startswith("cuda") else "fp32") if self.dtype == "auto" else self.dtype
@@ -104,8 +102,7 @@ def load_pipeline(uri: str, scheduler: str = "dpmpp", device: str = "cpu", optio
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     if options.compile:
-        kwargs = {} if options.compile_mode == "default" else {"mode": options.compile_mode}
-        pipe.unet = torch.compile(pipe.unet, **kwargs)
+        pipe.unet = torch.compile(pipe.unet, **compile_kwargs(options.compile_mode))
     return pipe
 
 

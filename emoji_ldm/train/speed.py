@@ -38,7 +38,16 @@ from emoji_ldm.errors import UserError
 from emoji_ldm.options import opt
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes (serving uses them too)
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def compile_kwargs(mode: str) -> dict:
+    return {} if mode == "default" else {"mode": mode}
 
 
 @dataclass(frozen=True)
@@ -54,10 +63,8 @@ class SpeedOptions:
     compile_mode: str = opt("default", choices=COMPILE_MODES, help="torch.compile mode")
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.compile_mode not in COMPILE_MODES:
-            raise UserError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        check_choice("--precision", self.precision, PRECISIONS)
+        check_choice("--compile-mode", self.compile_mode, COMPILE_MODES)
 
     def resolved_precision(self, use_gpu: bool) -> str:
         """no | bf16 | fp16; fp16 without a GPU is refused (CPUs have no fp16 matmul worth having)."""
@@ -130,7 +137,7 @@ def compile_engine(engine, speed: SpeedOptions) -> None:
         return
     import torch
 
-    kwargs = {} if speed.compile_mode == "default" else {"mode": speed.compile_mode}
+    kwargs = compile_kwargs(speed.compile_mode)
     if hasattr(engine, "compile") and callable(engine.compile):  # a DeepSpeed engine
         engine.compile(compile_kwargs=kwargs)
     else:
