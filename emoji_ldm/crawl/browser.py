@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 
 from emoji_ldm.errors import UserError
@@ -59,17 +60,26 @@ class Browser:
         try:
             self.driver.quit()
         finally:
-            self._reaper.kill()
-            self._reaper.wait()
+            try:
+                os.killpg(self._reaper, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             shutil.rmtree(self.profile, ignore_errors=True)
 
 
-def _reaper(owner: int, group: int, profile: str):
-    """A shell that waits for `owner` to exit, then kills process group `group` and removes `profile`."""
+def _reaper(owner: int, group: int, profile: str) -> int:
+    """A shell loop that waits for `owner` to exit, then kills process group `group` and removes `profile`;
+    returns the loop's process group.
+
+    The loop runs detached (its shell exits at once, so it is nobody's child): Ray kills the child processes
+    of an actor it kills, and a reaper that was one would die with the ChromeDriver and leave Chromium.
+    """
     import shlex
     import subprocess
 
-    script = (f"while kill -0 {owner} 2>/dev/null; do sleep 1; done; "
-              f"kill -KILL -{group} 2>/dev/null; rm -rf {shlex.quote(profile)}")
-    return subprocess.Popen(["/bin/sh", "-c", script], start_new_session=True, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    loop = (f"while kill -0 {owner} 2>/dev/null; do sleep 1; done; "
+            f"kill -KILL -{group} 2>/dev/null; rm -rf {shlex.quote(profile)}")
+    shell = subprocess.Popen(["/bin/sh", "-c", f"({loop}) &"], start_new_session=True, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shell.wait()
+    return shell.pid  # the session's group: the detached loop stays in it
