@@ -22,7 +22,8 @@ tasks that decode, label and split each row (held-out split by content hash,
 the same `split_of` as the latent tables), and at most `--max-rows` training
 rows and a fifth as many held-out rows reach the training task: the judge's
 memory is rows x size^2 x 3 bytes (50,000 rows at 32 px: 150 MB). Training
-runs in one Ray task (`--num-cpus`, 2, or a GPU with --gpu), not on the driver.
+runs in one Ray task (one CPU reserved, `--threads` torch threads, or a GPU with --gpu), not on the
+driver.
 
 Outputs under OUT: `judge.pt` (the state dict) and `judge.json` (classes,
 label kind, image size, width, held-out accuracy beside the majority-class
@@ -217,13 +218,14 @@ class JudgeConfig:
     max_rows: int = opt(50_000, help="training rows read at most (held-out: a fifth of it)")
     min_class_rows: int = opt(3, help="classes with fewer training rows are left out")
     seed: int = opt(0, help="random seed")
-    num_cpus: int = opt(2, help="CPUs of the training task (its torch threads)")
+    threads: int = opt(2, help="torch threads of the training task (it reserves one CPU: the Ray Data tasks that "
+                               "read the sample need the others while it collects)")
     use_gpu: bool = opt(False, flag="gpu", help="train on a GPU")
 
     def __post_init__(self):
         if not 8 <= self.image_size <= 256:
             raise UserError(f"--image-size must be 8..256, got {self.image_size}")
-        for name in ("width", "epochs", "batch_size", "max_rows", "min_class_rows", "num_cpus"):
+        for name in ("width", "epochs", "batch_size", "max_rows", "min_class_rows", "threads"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -271,7 +273,7 @@ def _fit(config: JudgeConfig, labelled) -> tuple[bytes, dict]:
     import torch
 
     torch.manual_seed(config.seed)
-    torch.set_num_threads(config.num_cpus)  # Ray sets one thread per task CPU; say so explicitly
+    torch.set_num_threads(config.threads)  # for training, after the sample is read
     t0 = time.perf_counter()
     sample = _collect(labelled, config.max_rows, max(1, config.max_rows // 5))
     (train_px, train_y), (val_px, val_y) = sample["train"], sample["val"]
@@ -343,7 +345,9 @@ def train_judge(config: JudgeConfig) -> dict:
                                                                              "tag"])
     labelled = images.map_batches(labelled_pixels, fn_kwargs={"size": config.image_size, "label": config.label},
                                   batch_size=256, batch_format="numpy")
-    fit = ray.remote(_fit).options(num_cpus=config.num_cpus, num_gpus=1 if config.use_gpu else 0)
+    # one CPU reserved, not `threads`: the task consumes a Ray Data stream whose read tasks need CPUs too, and a
+    # task holding every CPU of a small cluster would wait for them forever
+    fit = ray.remote(_fit).options(num_cpus=1, num_gpus=1 if config.use_gpu else 0)
     weights, meta = ray.get(fit.remote(config, labelled))
     meta.update(dataset=f"{ref.uri}@{version}", code_version=code_version(),
                 trained_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
