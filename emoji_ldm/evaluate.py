@@ -221,7 +221,8 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_K) -> tuple
     return float(precision), float(recall)
 
 
-def _uint8(images) -> "torch.Tensor":  # noqa: F821
+def _uint8(images):
+    """PIL images -> (N, 3, H, W) uint8, as torchmetrics takes them."""
     import torch
 
     return torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
