@@ -331,11 +331,25 @@ def _table_at(uri: str, version: int):
         return None
 
 
-def _files(table) -> set[str]:
-    """The data files of the table's loaded version (the log's add actions: O(files), no data read)."""
+def _files(table):
+    """The data files of the table's loaded version, an Arrow column (the log's add actions: no data read)."""
     import pyarrow as pa
 
-    return set(pa.table(table.get_add_actions(flatten=True)).column("path").to_pylist())
+    return pa.table(table.get_add_actions(flatten=True)).column("path")
+
+
+def _has_file(table, path: str) -> bool:
+    import pyarrow.compute as pc
+
+    return bool(pc.any(pc.equal(_files(table), path)).as_py())
+
+
+def _removed_files(older, newer) -> set[str]:
+    """The files of `older` that `newer` no longer has: Arrow set difference, only the removed paths in Python."""
+    import pyarrow.compute as pc
+
+    before = _files(older)
+    return set(pc.filter(before, pc.invert(pc.is_in(before, value_set=_files(newer)))).to_pylist())
 
 
 def find_row(table, row_id: str, only: set[str] | None = None) -> tuple[str, dict] | None:
@@ -427,11 +441,11 @@ def row_origin(dataset: str, row_id: str) -> dict:
             note = "older versions can no longer be loaded (vacuumed or log cleaned): it may have arrived earlier"
         if older is None:
             break
-        if restored is not None and path in _files(older):  # the restore brought this very file back
+        if restored is not None and _has_file(older, path):  # the restore brought this very file back
             changes.append(commit)
             at = restored
             continue
-        only = None if restored is not None else _files(older) - _files(_table_at(ref.uri, added))
+        only = None if restored is not None else _removed_files(older, _table_at(ref.uri, added))
         before = find_row(older, row_id, only) if only is None or only else None
         if before is None:  # nowhere before this commit: it arrived here
             break
