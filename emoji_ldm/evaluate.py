@@ -229,12 +229,12 @@ def _uint8(images):
                             ).permute(0, 3, 1, 2)  # (N, 3, H, W)
 
 
-def judge_metrics(judge, real_images, fake_images) -> dict:
-    """emoji-FID, KID and precision/recall of two image sets in the judge's feature space."""
+def judge_metrics(judge, real: np.ndarray, fake: np.ndarray) -> dict:
+    """emoji-FID, KID and precision/recall of two image sets ((N, S, S, 3) uint8 at the judge's size) in the
+    judge's feature space."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    real, fake = judge.pixels(real_images), judge.pixels(fake_images)  # (N, S, S, 3) uint8
     n = min(len(real), len(fake))
     fid = FrechetInceptionDistance(feature=judge.feature_module(), reset_real_features=False)
     kid = KernelInceptionDistance(feature=judge.feature_module(), subset_size=min(100, n), subsets=50)
@@ -322,14 +322,14 @@ def evaluate(config: EvalConfig) -> dict:
     if judge is not None:
         labels = [row_label(judge.meta["label"], u, t, g)
                   for u, t, g in zip(heldout["source_url"], heldout["title"], heldout["tag"])]
-        known = [i for i, y in enumerate(labels) if y in set(judge.classes)]
-        if config.real:  # the floor: real images in the samples' place, measured against their own classes
-            fake_pred = judge.predict(judge.pixels([heldout["image"][i] for i in known]))
-        else:
-            fake_pred = judge.predict(judge.pixels([images[i] for i in known]))
-        real_pred = judge.predict(judge.pixels([heldout["image"][i] for i in known]))
+        classes = set(judge.classes)
+        known = [i for i, y in enumerate(labels) if y in classes]
+        real_px, fake_px = judge.pixels(heldout["image"]), judge.pixels(images)  # (N, S, S, 3) uint8, once each
+        real_pred = judge.predict(real_px[known]) if known else []
+        # --real, the floor: real images in the samples' place, measured against their own classes
+        fake_pred = real_pred if config.real or not known else judge.predict(fake_px[known])
         truth = [labels[i] for i in known]
-        report.update(judge_metrics(judge, heldout["image"], images))
+        report.update(judge_metrics(judge, real_px, fake_px))
         report.update(
             judge={"uri": config.judge, "label": judge.meta["label"], "classes": len(judge.classes),
                    "val_accuracy": judge.meta.get("val_accuracy"), "dataset": judge.meta.get("dataset")},
