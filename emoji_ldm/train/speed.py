@@ -46,8 +46,13 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def compile_kwargs(mode: str) -> dict:
-    return {} if mode == "default" else {"mode": mode}
+def compile_kwargs(mode: str, *, static: bool = False) -> dict:
+    """`torch.compile` keyword arguments. `static` compiles for fixed shapes (`dynamic=False`): training batches
+    have one shape, and a UNet forward that another compile in the same process (or dynamo's saved profile) has
+    already seen at other shapes would otherwise be traced with symbolic sizes, which inductor's backward for the
+    UNet's convolutions cannot always order (torch 2.13: "cannot determine truth value of Relational")."""
+    kwargs = {} if mode == "default" else {"mode": mode}
+    return {**kwargs, "dynamic": False} if static else kwargs
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,7 @@ def compile_engine(engine, speed: SpeedOptions) -> None:
         return
     import torch
 
-    kwargs = compile_kwargs(speed.compile_mode)
+    kwargs = compile_kwargs(speed.compile_mode, static=True)
     if hasattr(engine, "compile") and callable(engine.compile):  # a DeepSpeed engine
         engine.compile(compile_kwargs=kwargs)
     else:
