@@ -23,6 +23,10 @@ def test_presets_round_trip_and_overrides():
     assert p.train.max_steps == 7 and p.unet.block_out_channels == (32, 64) and p.image_size == 64
     assert p.vae.scaling_factor == 0.5 and p.unet.finetune == "lora"
     assert get_preset("emoji64").vae.scaling_factor == 0.18215
+    three = get_preset("tiny", parse_sets(["unet.block_out_channels=32,64,64",  # levels change: validated together
+                                           "unet.down_block_types=DownBlock2D,CrossAttnDownBlock2D,DownBlock2D",
+                                           "unet.up_block_types=UpBlock2D,CrossAttnUpBlock2D,UpBlock2D"]))
+    assert len(three.unet.down_block_types) == 3
     assert get_preset("emoji64").noise.beta_schedule == "scaled_linear"
 
 
@@ -34,6 +38,7 @@ def test_presets_round_trip_and_overrides():
     ("tiny", ["unet.finetune=half"], "full, attn2 or lora"),
     ("tiny", ["image_size=30"], "multiple of 8"),
     ("tiny", ["train.caption_dropout=1.5"], "caption_dropout"),
+    ("tiny", ["unet.block_out_channels=32,64,64"], "down_block_types has 2 entries"),
 ])
 def test_bad_presets(name, sets, text):
     with pytest.raises(UserError, match=text):
@@ -80,3 +85,8 @@ def test_generate_config_errors():
 def test_emoji64_unet_matches_the_seed():
     unet = build_unet(get_preset("emoji64"))  # text.hidden_size 512 (CLIP ViT-B/32): no hub config needed
     assert unet.config.cross_attention_dim == 512 and 70e6 < count_params(unet) < 74e6
+
+
+def test_small64_is_the_size_the_readme_says():
+    preset = get_preset("small64")
+    assert preset.latent_size == 16 and 15e6 < count_params(build_unet(preset)) < 20e6
