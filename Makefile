@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo-out
 DEMO_PORT ?= 8000
 
-.PHONY: demo test test-fast lint install clean bench bench-scale bench-train bench-serve bench-caption bench-crawl bench-submit chromium kubectl cxx .venv-peers
+.PHONY: demo test test-fast lint install clean small64 bench bench-scale bench-train bench-serve bench-caption bench-crawl bench-submit chromium kubectl cxx .venv-peers
 
 # The virtualenv with the package (editable), its pinned deps and test extras.
 # torch==2.13.0 resolves to the CPU wheel on these machines' disk.
@@ -129,6 +129,21 @@ bench-quality: $(BENCH_STAMP)
 
 bench-serve: $(BENCH_STAMP) $(DEMO_MODEL)
 	$(BIN)/python bench/serve.py --model $(DEMO_OUT)/run $(BENCH_ARGS)
+
+# The small64 model of the README gallery, trained on the demo's Twemoji dataset on 2 CPU cores (about 75
+# minutes; builds the demo first when absent): encode (training its VAE), train, eval with the demo's judge,
+# gallery. Stopped midway, `make small64 RESUME=--resume` continues from the last checkpoint.
+SMALL64 := $(DEMO_OUT)/small64
+RESUME ?=
+small64: $(STAMP) $(DEMO_MODEL)
+	test -d $(SMALL64)/latents/_delta_log || \
+	  $(BIN)/emoji-ldm encode --dataset $(DEMO_OUT)/twemoji --preset small64 --out $(SMALL64)/latents
+	$(BIN)/emoji-ldm train --data $(SMALL64)/latents --preset small64 --out $(SMALL64)/run --workers 2 \
+	  --zero-stage 2 $(RESUME)
+	$(BIN)/emoji-ldm eval --model $(SMALL64)/run --data $(SMALL64)/latents --judge $(DEMO_OUT)/judge \
+	  --samples 512 --out $(SMALL64)/eval.json
+	$(BIN)/python bench/gallery.py --model small64=$(SMALL64)/run --model tiny=$(DEMO_OUT)/run \
+	  --data $(DEMO_OUT)/twemoji --out $(SMALL64)/gallery.png
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
