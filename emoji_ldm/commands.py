@@ -76,6 +76,12 @@ COMMANDS: tuple[Command, ...] = (
             "train the UNet on a latent table: Ray Train + DeepSpeed ZeRO",
             "interrupted; re-run with --resume to continue from the last checkpoint under --out",
             report="emoji_ldm.train.ldm:report", stage="train", script="train.py"),
+    Command(("dreambooth",), "emoji_ldm.train.dreambooth:DreamBoothConfig", "emoji_ldm.train.dreambooth:dreambooth",
+            "personalise a model on 3-1000 photos of one subject (DreamBooth, full or LoRA, with prior "
+            "preservation): Ray Data class images, Ray Train + DeepSpeed",
+            "interrupted; re-run with --resume to continue from the last checkpoint under --out (the instance "
+            "table and the class images made so far are reused)",
+            report="emoji_ldm.train.dreambooth:report", stage="dreambooth", script="dreambooth.py"),
     Command(("train-step-check",), "emoji_ldm.train.check:StepCheckConfig", "emoji_ldm.train.check:step_check",
             "the real training step on random latents in one process (no Ray): images/s, MFU, peak memory",
             "interrupted", report="emoji_ldm.train.check:report"),

@@ -107,13 +107,14 @@ def _lr_lambda(preset):
     return f
 
 
-def _deepspeed_config(preset, micro: int, zero_stage: int, precision: str) -> dict:
+def deepspeed_config(micro: int, grad_accum: int, grad_clip: float, zero_stage: int, precision: str) -> dict:
+    """The DeepSpeed config of `train` and `dreambooth` (micro batch per worker, ZeRO stage, precision)."""
     from emoji_ldm.train.speed import deepspeed_precision
 
     return {
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": preset.train.grad_accum,
-        "gradient_clipping": preset.train.grad_clip,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
         "zero_optimization": {"stage": zero_stage},
         **deepspeed_precision(precision),
         "zero_allow_untested_optimizer": True,
@@ -199,7 +200,8 @@ def _train_worker(run: WorkerConfig) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(preset))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=unet, optimizer=optimizer, lr_scheduler=scheduler,
-        config=_deepspeed_config(preset, micro, run.zero_stage, precision), dist_init_required=False,
+        config=deepspeed_config(micro, tc.grad_accum, tc.grad_clip, run.zero_stage, precision),
+        dist_init_required=False,
     )
     compile_engine(engine, run.speed)
     zero3 = run.zero_stage == 3

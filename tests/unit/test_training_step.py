@@ -158,3 +158,34 @@ def test_training_step_uses_the_recipe():
     loss = training_step(engine, _sched("v_prediction"), latents, text, torch.zeros(16, text.shape[-1]),
                          preset.train, "v_prediction", torch.float32)
     assert torch.isfinite(loss) and grad_norm(engine) > 0
+
+
+def test_prior_preservation_loss_matches_diffusers():
+    """train_dreambooth.py: MSE over the instance half + prior_loss_weight x MSE over the class half."""
+    from emoji_ldm.train.dreambooth import prior_preservation_loss
+
+    torch.manual_seed(0)
+    pred, target = torch.randn(4, 4, 2, 2), torch.randn(4, 4, 2, 2)
+    loss, instance, prior = prior_preservation_loss(pred, target, 2, 0.5)
+    by_hand_instance = ((pred[:2] - target[:2]) ** 2).mean()
+    by_hand_prior = ((pred[2:] - target[2:]) ** 2).mean()
+    assert torch.allclose(instance, by_hand_instance) and torch.allclose(prior, by_hand_prior)
+    assert torch.allclose(loss, by_hand_instance + 0.5 * by_hand_prior)
+    alone, _, none = prior_preservation_loss(pred, target, 4, 1.0)  # no class rows: plain MSE
+    assert torch.allclose(alone, ((pred - target) ** 2).mean()) and float(none) == 0.0
+
+
+def test_dreambooth_options_are_checked():
+    from emoji_ldm.train.dreambooth import DreamBoothConfig, class_word_warning
+
+    ok = dict(base="/m", instance_data="dir:/p", instance_prompt="a sks cat emoji", class_prompt="a cat emoji",
+              out="/o")
+    assert DreamBoothConfig(**ok).learning_rate == 5e-6 and DreamBoothConfig(**ok, method="lora").learning_rate == 1e-4
+    for bad, text in (({"lora_rank": 300}, "--lora-rank must be 1-256"), ({"method": "half"}, "--method"),
+                      ({"class_prompt": "A sks cat emoji"}, "equals --instance-prompt"),
+                      ({"num_class_images": 0}, "--prior-loss-weight 0"), ({"batch_size": 3}, "multiple of")):
+        with pytest.raises(UserError, match=text):
+            DreamBoothConfig(**{**ok, **bad})
+    assert DreamBoothConfig(**{**ok, "num_class_images": 0, "prior_loss_weight": 0}).prior is False
+    assert class_word_warning("a sks cat emoji", "a cat emoji") is None
+    assert "class word 'dog'" in class_word_warning("a sks emoji", "a dog emoji")
