@@ -145,11 +145,13 @@ class SampleJob:
     guidance: float = 5.0
     scheduler: str | None = "dpmpp"  # None: the pipeline's current scheduler
     size: int | None = None  # pixels; None: the model's own size
+    adapter: str | None = None  # a LoRA adapter the Sampler has loaded (`Sampler.load_adapter`); None: the base
 
     @classmethod
-    def of(cls, prompts: tuple[str, ...], seeds: tuple[int, ...], settings: SamplerSettings) -> "SampleJob":
+    def of(cls, prompts: tuple[str, ...], seeds: tuple[int, ...], settings: SamplerSettings,
+           adapter: str | None = None) -> "SampleJob":
         return cls(prompts, seeds, settings.negative_prompt, settings.steps, settings.guidance,
-                   settings.scheduler, settings.size)
+                   settings.scheduler, settings.size, adapter)
 
     def __post_init__(self):
         if len(self.prompts) != len(self.seeds):
@@ -158,15 +160,21 @@ class SampleJob:
     @property
     def settings(self) -> tuple:
         """Jobs with equal settings can share one pipeline call."""
-        return (self.steps, self.guidance, self.scheduler, self.size)
+        return (self.steps, self.guidance, self.scheduler, self.size, self.adapter)
 
-    def image_params(self, i: int, width: int, height: int, model: str | None, content_id: str | None) -> dict:
-        """What made image `i` of this job: the text chunks of its PNG and the service's JSON (`pngmeta`)."""
+    def image_params(self, i: int, width: int, height: int, model: str | None, content_id: str | None,
+                     adapter: dict | None = None) -> dict:
+        """What made image `i` of this job: the text chunks of its PNG and the service's JSON (`pngmeta`);
+        `adapter` ({"name", "uri", "content_id"}) when a LoRA adapter drew it."""
         from emoji_ldm.pngmeta import generation_params
 
-        return generation_params(prompt=self.prompts[i], seed=self.seeds[i], negative_prompt=self.negative_prompt,
-                                 steps=self.steps, guidance=self.guidance, scheduler=self.scheduler, width=width,
-                                 height=height, model=model, model_content_id=content_id)
+        params = generation_params(prompt=self.prompts[i], seed=self.seeds[i], negative_prompt=self.negative_prompt,
+                                   steps=self.steps, guidance=self.guidance, scheduler=self.scheduler, width=width,
+                                   height=height, model=model, model_content_id=content_id)
+        if adapter:
+            params.update({"adapter": adapter["name"], "adapter_uri": adapter["uri"],
+                           "adapter_content_id": adapter["content_id"]})
+        return params
 
     def split(self, size: int) -> list["SampleJob"]:
         """Pieces of at most `size` images (a batch never exceeds the server's max batch size)."""
@@ -190,12 +198,48 @@ class Sampler:
         self._schedulers = {name: sampling_scheduler(name, pipe.scheduler.config) for name in SCHEDULERS}
         self.image_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.calls = 0  # pipeline calls so far (the batching tests count them)
+        self.adapters: dict[str, dict] = {}  # name -> {"name", "uri", "content_id", "instance_prompt"}
 
     @classmethod
     def load(cls, uri: str, device: str = "cpu", options: InferenceOptions | None = None) -> "Sampler":
         resolved = model_uri(uri)
         return cls(load_pipeline(resolved, device=device, options=options), resolved,
                    model_card(resolved).get("content_id"))
+
+    def load_adapter(self, name: str, uri: str) -> dict:
+        """Load a LoRA adapter (`dreambooth --method lora`'s OUT/lora, diffusers/peft format) under `name`,
+        on top of the loaded base; jobs choose it by name. Refuses an adapter trained on other base weights."""
+        from emoji_ldm.store.artifacts import exists, local_copy, read_json
+        from emoji_ldm.store.uri import join, normalize_uri, public_uri
+
+        uri = normalize_uri(uri)
+        if not exists(join(uri, "pytorch_lora_weights.safetensors")) and exists(
+                join(uri, "lora", "pytorch_lora_weights.safetensors")):
+            uri = join(uri, "lora")  # a dreambooth --out
+        if not exists(join(uri, "pytorch_lora_weights.safetensors")):
+            raise UserError(f"adapter {name!r}: no LoRA weights at {uri!r} (expected pytorch_lora_weights."
+                            "safetensors, as `emoji-ldm dreambooth --method lora` writes under OUT/lora)")
+        card = read_json(join(uri, "model_card.json")) if exists(join(uri, "model_card.json")) else {}
+        base = card.get("base_content_id")
+        if base and self.content_id and base != self.content_id:
+            raise UserError(f"adapter {name!r} ({uri}) was trained on the base {base[:19]}, not on the served model "
+                            f"{self.content_id[:19]}: serve it on top of its own base")
+        self.pipe.load_lora_weights(local_copy(uri), adapter_name=name)
+        self.pipe.disable_lora()  # the base draws unless a job names the adapter
+        self.adapters[name] = {"name": name, "uri": public_uri(uri), "content_id": card.get("content_id"),
+                               "instance_prompt": card.get("instance_prompt")}
+        return self.adapters[name]
+
+    def _activate(self, adapter: str | None) -> None:
+        if not self.adapters:
+            return
+        if adapter is None:
+            self.pipe.disable_lora()
+            return
+        if adapter not in self.adapters:
+            raise UserError(f"unknown adapter {adapter!r}: loaded are {', '.join(sorted(self.adapters))}")
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([adapter])
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,), steps: int = 2) -> float:
         """Sample once at each batch size (a compiled UNet compiles for them now, not on the first request);
@@ -213,7 +257,8 @@ class Sampler:
         text chunks unless `metadata` is False."""
         out = []
         for job, images in zip(jobs, self.sample(jobs)):
-            params = [job.image_params(i, im.width, im.height, self.model_uri, self.content_id)
+            adapter = self.adapters.get(job.adapter) if job.adapter else None
+            params = [job.image_params(i, im.width, im.height, self.model_uri, self.content_id, adapter)
                       for i, im in enumerate(images)]
             out.append([(png_bytes(im, p if metadata else None), p) for im, p in zip(images, params)])
         return out
@@ -253,6 +298,7 @@ class Sampler:
                            too_long[0][:80])
         if first.scheduler is not None:
             self.pipe.scheduler = self._schedulers[first.scheduler]
+        self._activate(first.adapter)  # jobs of one call share their settings, the adapter among them
         size = first.size or self.image_size
         unet_dtype = self.pipe.unet.dtype
         latents = torch.cat([self.noise(s, size) for s in seeds]).to(self.pipe.device, unet_dtype)  # (B, C, h, w)

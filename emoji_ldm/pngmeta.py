@@ -9,7 +9,8 @@ back with `PIL.Image.open(path).text`:
 
     prompt, negative_prompt, seed, steps, guidance, scheduler, size (WxH),
     model (the model folder's URI), model_content_id (sha256 of its weights,
-    from the model card), code_version
+    from the model card), code_version, and with a LoRA adapter (`serve
+    --adapter`) adapter, adapter_uri and adapter_content_id
 
 plus `parameters`, the same in the one-chunk layout of the web UIs
 ("PROMPT\\nNegative prompt: ...\\nSteps: 25, Sampler: dpmpp, CFG scale: 5.0,
@@ -27,7 +28,7 @@ from __future__ import annotations
 import io
 
 FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler", "size", "model",
-          "model_content_id", "code_version")
+          "model_content_id", "code_version", "adapter", "adapter_uri", "adapter_content_id")
 _INTS = ("seed", "steps")
 
 

@@ -101,6 +101,30 @@ def tiny_model_with_card(folder: Path) -> Path:
     return folder
 
 
+def tiny_lora(base: Path, folder: Path, instance_prompt: str = "a sks cat emoji") -> Path:
+    """A LoRA adapter for the UNet of the pipeline at `base`, in the layout `dreambooth --method lora` writes
+    (pytorch_lora_weights.safetensors + model_card.json naming its base). Random A and B, so it changes the
+    output; a stand-in for a trained adapter."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from emoji_ldm.store.artifacts import weights_content_id
+
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    base_card = json.loads((base / "model_card.json").read_text()) if (base / "model_card.json").exists() else {}
+    card = {"kind": "emoji-ldm lora", "base_content_id": base_card.get("content_id"),
+            "content_id": weights_content_id(folder), "instance_prompt": instance_prompt}
+    (folder / "model_card.json").write_text(json.dumps(card))
+    return folder
+
+
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                  "<|image_pad|>", "<|video_pad|>"]
 

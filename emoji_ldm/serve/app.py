@@ -20,9 +20,10 @@ deploying.
 import asyncio
 import base64
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 
 from fastapi import FastAPI, Request
@@ -55,12 +56,17 @@ class AppArgs:
     dtype: str = "auto"              # auto: bf16 on CUDA, fp32 on CPU | fp32 | fp16 (VAE stays fp32) | bf16
     channels_last: bool = False      # UNet and VAE in channels-last memory format
     compile: bool = False            # torch.compile the UNet; warmed up before the replica takes requests
+    adapters: dict = field(default_factory=dict)  # name -> LoRA folder/URI (dreambooth --method lora), per request
 
     def __post_init__(self):
         from emoji_ldm.errors import UserError
 
         if not self.model:
             raise UserError("args.model is empty: give the model folder/URI to serve")
+        for name, uri in self.adapters.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", str(name)) or not uri:
+                raise UserError(f"args.adapters: {name!r}={uri!r}: a name of letters, digits, '-', '_' or '.' "
+                                "(at most 64) and a LoRA folder/URI")
         if not 1 <= self.max_batch_size <= 256:
             raise UserError(f"args.max_batch_size must be from 1 to 256, got {self.max_batch_size}")
         if not 0 <= self.batch_wait_timeout_s <= 10:
@@ -94,7 +100,8 @@ class Generator:
     """One pipeline per replica; concurrent requests share pipeline calls."""
 
     def __init__(self, model: str, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.05,
-                 device: str = "auto", torch_threads: int = 0, png_metadata: bool = True, inference=None):
+                 device: str = "auto", torch_threads: int = 0, png_metadata: bool = True, inference=None,
+                 adapters: dict | None = None):
         import torch
 
         from emoji_ldm.generate import model_card
@@ -106,6 +113,8 @@ class Generator:
         # alternating threads (asyncio.to_thread's pool) made the UNet 2-3x slower on 2 cores.
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
         self.sampler = self._torch_thread.submit(self._load, model, device, torch_threads, inference).result()
+        for name, uri in (adapters or {}).items():  # LoRA adapters on this one base, chosen per request
+            self._torch_thread.submit(self.sampler.load_adapter, name, uri).result()
         self.warmup_s = None
         if inference is not None and inference.compile:
             # __init__ returns (and the replica, hence /healthz, is ready) only once the compiled UNet has run
@@ -151,6 +160,7 @@ class Generator:
         """The card, with where the model is (`uri`: the folder with model_index.json, absolute)."""
         unet = self.sampler.pipe.unet
         return {**self.card, "uri": self.sampler.model_uri, "image_size": self.sampler.image_size,
+                "adapters": sorted(self.sampler.adapters.values(), key=lambda a: a["name"]),
                 "runtime": {"device": str(unet.device), "dtype": str(unet.dtype).removeprefix("torch."),
                             "vae_dtype": str(self.sampler.pipe.vae.dtype).removeprefix("torch."),
                             "compiled": self.warmup_s is not None, "warmup_s": self.warmup_s}}
@@ -254,7 +264,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
 
 
 def _settings(body) -> dict:
-    return body.model_dump(include={"negative_prompt", "steps", "guidance", "seed", "scheduler", "size"})
+    return body.model_dump(include={"negative_prompt", "steps", "guidance", "seed", "scheduler", "size", "adapter"})
 
 
 def _b64(png: bytes) -> str:
@@ -275,10 +285,14 @@ class Ingress:
         return self._card
 
     async def _sample(self, job: SampleJob) -> list[tuple[bytes, dict]]:
-        """Split into pieces the Generator batches and replicas share; 503 when they are full or down."""
+        """Split into pieces the Generator batches and replicas share; 503 when they are full or down,
+        404 for an adapter the replicas have not loaded."""
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
         from ray.serve.exceptions import BackPressureError
 
+        if job.adapter is not None and job.adapter not in self.args.adapters:
+            known = ", ".join(sorted(self.args.adapters)) or "none (the operator passed no --adapter)"
+            raise ApiError(404, f"unknown adapter {job.adapter!r}: this server has {known}", "adapter")
         pieces = job.split(self.args.max_batch_size)
         try:
             results = await asyncio.gather(*[self.generator.sample.remote(piece) for piece in pieces])
@@ -313,7 +327,7 @@ class Ingress:
         if want_png and body.n != 1:
             raise ApiError(422, "n: format png returns exactly one image; set n to 1 or use format json", "n")
         seeds = tuple(body.seed + i for i in range(body.n))
-        job = SampleJob.of((body.prompt,) * body.n, seeds, body.sampler(body.n))
+        job = SampleJob.of((body.prompt,) * body.n, seeds, body.sampler(body.n), body.adapter)
         start = time.perf_counter()
         made = await self._sample(job)
         if want_png:
@@ -335,12 +349,14 @@ class Ingress:
                                 "leave store false to download the set", "store")
         prompts = body.prompts()
         # every item starts from the same noise (one seed): the set shares pose, palette and framing
-        job = SampleJob.of(tuple(prompts), (body.seed,) * len(prompts), body.sampler())
+        job = SampleJob.of(tuple(prompts), (body.seed,) * len(prompts), body.sampler(), body.adapter)
         made = await self._sample(job)
         pngs, params = [png for png, _ in made], [p for _, p in made]
         set_id = new_set_id()
         card = await self._model_card()
         manifest = set_manifest(set_id, body.theme, body.items, prompts, _settings(body), card, card.get("uri", ""))
+        if body.adapter:  # the LoRA that drew the set: its URI and content id, beside the base model's
+            manifest["adapter"] = next((a for a in card.get("adapters", []) if a["name"] == body.adapter), None)
         files = await asyncio.to_thread(set_files, manifest, pngs, params if self.args.png_metadata else None)
         if body.store:
             uris = await asyncio.to_thread(store_set, self.args.sets_uri, set_id, files)
@@ -360,7 +376,7 @@ def application(args: dict, deployments: list[dict] | None = None) -> serve.Appl
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in deployments or []}
     generator = Generator.options(**options.get("Generator", {})).bind(
         config.model, config.max_batch_size, config.batch_wait_timeout_s, config.device, config.torch_threads,
-        config.png_metadata, config.inference())
+        config.png_metadata, config.inference(), config.adapters)
     return Ingress.options(**options.get("Ingress", {})).bind(generator, asdict(config))
 
 

@@ -54,6 +54,9 @@ class ServeConfig:
     max_batch_size: int | None = opt(None, help="images per pipeline call (default: the config's, 16)")
     png_metadata: bool = opt(True, flag="no-png-metadata", invert=True,
                              help="serve PNGs without their generation parameters and model id")
+    adapters: dict[str, str] = opt(default_factory=dict, flag="adapter", metavar="NAME=URI",
+                                   help="a LoRA adapter (dreambooth --method lora output) served on top of the model, "
+                                        "chosen per request with \"adapter\": NAME (repeatable)")
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -93,6 +96,8 @@ def start(config: ServeConfig) -> str:
         args["max_batch_size"] = config.max_batch_size
     if not config.png_metadata:
         args["png_metadata"] = False
+    if config.adapters:
+        args["adapters"] = {**args.get("adapters", {}), **{k: normalize_uri(v) for k, v in config.adapters.items()}}
     AppArgs(**args)
     _check_port_free(config.host, config.port)
     ensure_ray()

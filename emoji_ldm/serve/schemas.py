@@ -36,6 +36,8 @@ class Settings(BaseModel):
     seed: int = Field(0, description="image i of a request starts from the noise of seed + i")
     scheduler: str = Field("dpmpp", description=f"one of {', '.join(SCHEDULERS)}")
     size: int | None = Field(None, description="image size in pixels, a multiple of 8 (default: the model's)")
+    adapter: str | None = Field(None, max_length=64, description="a LoRA adapter the server loaded (GET /v1/model "
+                                                                 "lists them); default: the base model")
 
     @field_validator("negative_prompt", "steps", "guidance", "seed", "scheduler", "size")
     @classmethod

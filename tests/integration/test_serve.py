@@ -14,7 +14,7 @@ from PIL import Image
 
 from tests.conftest import new_chrome
 from tests.serving import deploy, get, post
-from tests.tiny_models import tiny_model_with_card
+from tests.tiny_models import tiny_lora, tiny_model_with_card
 
 pytestmark = pytest.mark.s3
 
@@ -25,10 +25,13 @@ def served(s3_server, ray_local, tmp_path_factory):
     from ray import serve
 
     s3_server.client().create_bucket(Bucket="sets")
-    model = tiny_model_with_card(tmp_path_factory.mktemp("serve") / "model")
+    root = tmp_path_factory.mktemp("serve")
+    model = tiny_model_with_card(root / "model")
+    lora = tiny_lora(model, root / "my-cat")  # a personal adapter on this base, chosen per request
     url = deploy(str(model), sets_uri="s3://sets/emoji",
                  generator={"max_ongoing_requests": 4, "max_queued_requests": 4, "num_replicas": 1},
-                 ingress={"max_ongoing_requests": 100, "max_queued_requests": 100}, channels_last=True)
+                 ingress={"max_ongoing_requests": 100, "max_queued_requests": 100}, channels_last=True,
+                 adapters={"my-cat": str(lora)})
     yield {"url": url, "model": str(model), "s3": s3_server}
     serve.shutdown()
 
@@ -249,3 +252,26 @@ def _wait_for_download(folder, timeout: float = 30):
             return done[0]
         time.sleep(0.2)
     raise AssertionError(f"no zip downloaded into {folder}")
+
+
+def test_a_set_drawn_by_an_adapter_chosen_per_request(served):
+    """One base, one LoRA adapter: the request picks it by name; the base still draws without it."""
+    card = get(served["url"] + "/v1/model").json()
+    assert [a["name"] for a in card["adapters"]] == ["my-cat"]
+    assert card["adapters"][0]["instance_prompt"] == "a sks cat emoji"
+    body = {"theme": "sks cat", "items": ["happy", "sad", "party"], "format": "json", "steps": 2, "seed": 3}
+    mine = post(served["url"] + "/v1/emoji-sets", {**body, "adapter": "my-cat"})
+    assert mine.status == 200, mine.data
+    base = post(served["url"] + "/v1/emoji-sets", body).json()
+    mine = mine.json()
+    assert mine["manifest"]["adapter"]["name"] == "my-cat" and mine["manifest"]["settings"]["adapter"] == "my-cat"
+    assert mine["manifest"]["adapter"]["content_id"].startswith("sha256:")
+    assert len(mine["images"]) == 3 and mine["images"] != base["images"]  # the adapter changes the drawings
+    assert b64png(mine["images"][0]).text["adapter"] == "my-cat"  # and the PNGs say which adapter drew them
+    again = post(served["url"] + "/v1/emoji-sets", body).json()
+    assert again["images"] == base["images"]  # the base is unchanged after an adapter request
+
+    unknown = post(served["url"] + "/v1/generate", {"prompt": "a sks cat emoji", "adapter": "your-dog"})
+    assert unknown.status == 404
+    assert unknown.json()["field"] == "adapter" and "your-dog" in unknown.json()["error"]
+    assert "my-cat" in unknown.json()["error"]
