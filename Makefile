@@ -130,6 +130,11 @@ bench-quality: $(BENCH_STAMP)
 bench-serve: $(BENCH_STAMP) $(DEMO_MODEL)
 	$(BIN)/python bench/serve.py --model $(DEMO_OUT)/run $(BENCH_ARGS)
 
+# DreamBooth: class images through Ray Data vs a plain pipeline loop; the LoRA vs full training step.
+.PHONY: bench-dreambooth
+bench-dreambooth: $(BENCH_STAMP) $(DEMO_MODEL)
+	$(BIN)/python bench/dreambooth.py --model $(DEMO_OUT)/run $(BENCH_ARGS)
+
 # The small64 model of the README gallery, trained on the demo's Twemoji dataset on 2 CPU cores (about 75
 # minutes; builds the demo first when absent): encode (training its VAE), train, eval with the demo's judge,
 # gallery. Stopped midway, `make small64 RESUME=--resume` continues from the last checkpoint.
