@@ -27,7 +27,9 @@ case "${1:-}" in
       ${NUM_CPUS:+--num-cpus "$NUM_CPUS"} --object-store-memory "${OBJECT_STORE_BYTES:-1000000000}" \
       --disable-usage-stats > "$state/ray-head.log" 2>&1 < /dev/null &
     echo $! > "$state/ray-head.pid"
-    up() { ray status --address "127.0.0.1:${RAY_PORT:-6379}" 2> /dev/null | grep -q node_; }
+    # grep without -q reads all of `ray status`: -q exits at the first match, and with pipefail the SIGPIPE
+    # that `ray status` may then get would make a head that is up look down
+    up() { ray status --address "127.0.0.1:${RAY_PORT:-6379}" 2> /dev/null | grep node_ > /dev/null; }
     for _ in $(seq 90); do
       up && break
       kill -0 "$(cat "$state/ray-head.pid")" 2> /dev/null || { tail -20 "$state/ray-head.log"; exit 1; }
