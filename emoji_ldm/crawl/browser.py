@@ -53,17 +53,21 @@ class Browser:
         # orphaned browser outlives its owner
         service = webdriver.ChromeService(executable_path=CHROMEDRIVER, popen_kw={"start_new_session": True})
         self.driver = webdriver.Chrome(options=options, service=service)
-        self._reaper = _reaper(owner=os.getpid(), group=service.process.pid, profile=self.profile)
+        self._group = service.process.pid  # ChromeDriver's process group: Chromium's processes are in it too
+        self._reaper = _reaper(owner=os.getpid(), group=self._group, profile=self.profile)
         self.driver.set_page_load_timeout(page_timeout_s)
 
     def quit(self) -> None:
         try:
             self.driver.quit()
         finally:
-            try:
-                os.killpg(self._reaper, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            # what the reaper would do, done here before the reaper goes: `driver.quit()` can return (or fail)
+            # with Chromium still running, e.g. when the actor is torn down while a page is loading
+            for group in (self._group, self._reaper):
+                try:
+                    os.killpg(group, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             shutil.rmtree(self.profile, ignore_errors=True)
 
 

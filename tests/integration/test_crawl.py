@@ -86,6 +86,19 @@ def test_crawl_bad_input(site, tmp_path):
         assert message in result.stderr, (args, result.stderr)
 
 
+def _crawler_browsers() -> list[str]:
+    """Command lines of the Chromium processes the crawler started (their profile folders are named so)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"chromium") and any(b"emoji-ldm-chromium-" in a for a in args):
+            found.append(b" ".join(args)[:200].decode(errors="replace"))
+    return found
+
+
 def test_crawl_interrupted_halfway_resumes_without_duplicates(ray_local, tmp_path):
     """Ctrl-C in the middle of the pages (the CLI, on the module's Ray): a re-run skips the finished shards."""
     from deltalake import DeltaTable
@@ -114,6 +127,10 @@ def test_crawl_interrupted_halfway_resumes_without_duplicates(ray_local, tmp_pat
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 130 and "re-run the same command to resume" in err, err
         assert not DeltaTable.is_deltatable(out)  # nothing is committed before every shard is read
+        deadline = time.monotonic() + 30  # and its browsers go with it: no Chromium outlives the crawl
+        while _crawler_browsers() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _crawler_browsers(), _crawler_browsers()
 
         done_pages = [int(f.stem.rsplit("-", 1)[1]) for f in stats_dir.glob("shard-*.json")]
         assert sorted(done_pages) == [1, 2]
@@ -129,6 +146,10 @@ def test_crawl_interrupted_halfway_resumes_without_duplicates(ray_local, tmp_pat
 
         again, stats = crawl(config)  # nothing new: only the image rejected before is tried again; no new version
         assert again.added == 0 and stats["new_images"] == 1 and again.version is None
+        deadline = time.monotonic() + 30  # the browsers of all three crawls are gone
+        while _crawler_browsers() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _crawler_browsers(), _crawler_browsers()
     finally:
         site.release.set()
         site.stop()
