@@ -576,7 +576,12 @@ def class_images(config: DreamBoothConfig, base: str, base_id: str, uri: str) ->
     missing = max(0, config.num_class_images - have)
     if missing:
         print(f"[dreambooth] class images: {have} of {config.num_class_images} for {config.class_prompt!r} in "
-              f"{uri}; drawing {missing} with the base model on {config.class_actors} actor(s)", flush=True)
+              f"{uri}; drawing {missing} with the base model", flush=True)
+        # each model actor holds a CPU: leave one for the upstream tasks, or the pipeline waits forever
+        actors = min(config.class_actors, max(1, int(ray.cluster_resources().get("CPU", 1)) - 1))
+        if actors < config.class_actors:
+            print(f"[dreambooth] --class-actors {config.class_actors} lowered to {actors}: the cluster has "
+                  f"{int(ray.cluster_resources().get('CPU', 1))} CPUs and the actors must leave one free", flush=True)
         first = config.seed + have  # new seeds: a re-run after a partial generation draws different images
         seeds = ray.data.range(missing).map_batches(lambda b: {"seed": b["id"] + first}, batch_format="numpy")
         rows = seeds.map_batches(
@@ -585,7 +590,7 @@ def class_images(config: DreamBoothConfig, base: str, base_id: str, uri: str) ->
                                    "steps": config.class_steps, "guidance": config.class_guidance,
                                    "device": "cuda" if config.use_gpu else "cpu"},
             batch_size=config.class_batch, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=config.class_actors),
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=1 if config.use_gpu else 0,
         )
         rows.write_datasink(CommitDeltaDatasink(uri, schema=CLASS_SCHEMA, metadata={
