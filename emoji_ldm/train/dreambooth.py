@@ -249,17 +249,9 @@ def merged_copy(model, base: str):
 
 
 def train_loop(loop_config: dict) -> None:
-    import ray.train
+    from emoji_ldm.train.ldm import run_worker
 
-    run: DreamBoothRun = loop_config["run"]
-    try:
-        _worker(run)
-    except UserError as e:
-        if ray.train.get_context().get_world_rank() == 0:
-            from emoji_ldm.store.artifacts import artifact_uri, write_bytes
-            from emoji_ldm.train.ldm import _WORKER_ERROR
-
-            write_bytes(artifact_uri(run.out, *_WORKER_ERROR), str(e).splitlines()[0].encode())
+    run_worker(_worker, loop_config["run"])
 
 
 def _read_images(uri: str, version: int, filter_=None, limit: int | None = None) -> list[bytes]:
@@ -611,7 +603,7 @@ def dreambooth(config: DreamBoothConfig) -> dict:
     from emoji_ldm.runtime import ensure_ray, require_shared
     from emoji_ldm.store.artifacts import artifact_uri, check_writable, local_copy, weights_content_id, write_json
     from emoji_ldm.store.uri import filesystem, normalize_uri, storage_options
-    from emoji_ldm.train.ldm import _raise_worker_error, latest_checkpoint
+    from emoji_ldm.train.ldm import latest_checkpoint, raise_worker_error
     from emoji_ldm.version import code_version
 
     base = model_uri(normalize_uri(config.base))  # a clear error now for a folder without a pipeline
@@ -681,7 +673,7 @@ def dreambooth(config: DreamBoothConfig) -> dict:
     result = trainer.fit()
     if result.error:
         raise result.error
-    _raise_worker_error(out)
+    raise_worker_error(out)
     from emoji_ldm.store.artifacts import read_json
 
     card = read_json(artifact_uri(out, "model", "model_card.json"))

@@ -152,11 +152,16 @@ def train_loop(loop_config: dict) -> None:
     its message in the run folder, and the driver raises it as one line
     instead of Ray retrying.
     """
+    run_worker(_train_worker, loop_config["run"])
+
+
+def run_worker(worker, run) -> None:
+    """`worker(run)` in a Ray Train worker; a `UserError` is left by rank 0 under `run.out` for the driver
+    (`raise_worker_error`) instead of failing the worker (`train` and `dreambooth` share this)."""
     import ray.train
 
-    run: WorkerConfig = loop_config["run"]
     try:
-        _train_worker(run)
+        worker(run)
     except UserError as e:
         if ray.train.get_context().get_world_rank() == 0:
             from emoji_ldm.store.artifacts import artifact_uri, write_bytes
@@ -553,7 +558,7 @@ def train(config: TrainConfig) -> dict:
     result = trainer.fit()
     if result.error:
         raise result.error
-    _raise_worker_error(out)
+    raise_worker_error(out)
     final = latest_checkpoint(out)
     if final is None:
         raise RuntimeError(f"training ended without a checkpoint under {out}/checkpoints")
@@ -574,7 +579,7 @@ def train(config: TrainConfig) -> dict:
 _WORKER_ERROR = ("_emoji_ldm", "worker-error.txt")
 
 
-def _raise_worker_error(out: str) -> None:
+def raise_worker_error(out: str) -> None:
     """The UserError a worker left in the run folder (see `train_loop`), raised here, once."""
     from emoji_ldm.store.artifacts import artifact_uri, delete, exists, read_bytes
 
