@@ -557,6 +557,7 @@ def class_images(config: DreamBoothConfig, base: str, base_id: str, uri: str) ->
 
     Counts the rows it has (an expression filter; no rows read), draws only the missing ones in Ray Data
     actors and commits them as one new version. Returns (version, reused, generated)."""
+    import numpy as np
     import pyarrow.compute as pc
     import ray.data
 
@@ -569,13 +570,16 @@ def class_images(config: DreamBoothConfig, base: str, base_id: str, uri: str) ->
     if missing:
         print(f"[dreambooth] class images: {have} of {config.num_class_images} for {config.class_prompt!r} in "
               f"{uri}; drawing {missing} with the base model", flush=True)
-        # each model actor holds a CPU: leave one for the upstream tasks, or the pipeline waits forever
-        actors = min(config.class_actors, max(1, int(ray.cluster_resources().get("CPU", 1)) - 1))
+        # the seeds are in the object store (no read tasks) and the commit's write tasks take no CPU, so the
+        # model actors may hold every CPU without starving the pipeline around them
+        actors = min(config.class_actors, max(1, int(ray.cluster_resources().get("CPU", 1))))
         if actors < config.class_actors:
             print(f"[dreambooth] --class-actors {config.class_actors} lowered to {actors}: the cluster has "
-                  f"{int(ray.cluster_resources().get('CPU', 1))} CPUs and the actors must leave one free", flush=True)
+                  f"{int(ray.cluster_resources().get('CPU', 1))} CPUs", flush=True)
         first = config.seed + have  # new seeds: a re-run after a partial generation draws different images
-        seeds = ray.data.range(missing).map_batches(lambda b: {"seed": b["id"] + first}, batch_format="numpy")
+        seeds = np.arange(first, first + missing, dtype=np.int64)  # (missing,): the work asked, not a table
+        seeds = ray.data.from_numpy([seeds[i:i + config.class_batch]  # one block per batch, spread over actors
+                                     for i in range(0, missing, config.class_batch)]).rename_columns({"data": "seed"})
         rows = seeds.map_batches(
             ClassImageSampler,
             fn_constructor_kwargs={"base": base, "base_id": base_id, "prompt": config.class_prompt,
@@ -588,7 +592,7 @@ def class_images(config: DreamBoothConfig, base: str, base_id: str, uri: str) ->
         rows.write_datasink(CommitDeltaDatasink(uri, schema=CLASS_SCHEMA, metadata={
             "operation": "dreambooth-class-images", "source": base, "model_content_id": base_id,
             "counts": {"added": missing}, "code_version": code_version(),
-            "message": f"{missing} class images of {config.class_prompt!r}"}))
+            "message": f"{missing} class images of {config.class_prompt!r}"}), ray_remote_args={"num_cpus": 0})
     else:
         print(f"[dreambooth] class images: reusing {have} for {config.class_prompt!r} in {uri}", flush=True)
     return open_table(uri).version(), min(have, config.num_class_images), missing

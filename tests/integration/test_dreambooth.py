@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from emoji_ldm.cli import main
 from emoji_ldm.errors import UserError
+from emoji_ldm.generate import Sampler, SampleJob
 from emoji_ldm.train.dreambooth import DreamBoothConfig, dreambooth
 from tests.tiny_models import tiny_sd_pipeline
 
@@ -38,7 +40,7 @@ def _config(root, sd, photos, out, **kwargs):
     return DreamBoothConfig(**{**base, **kwargs})
 
 
-def test_full_then_lora_reuse_the_class_images(subject):
+def test_full_then_lora_reuse_the_class_images(subject, capsys):
     from diffusers import StableDiffusionPipeline
 
     root, sd, photos = subject
@@ -52,9 +54,13 @@ def test_full_then_lora_reuse_the_class_images(subject):
     base = StableDiffusionPipeline.from_pretrained(sd, safety_checker=None)
     assert not torch.equal(full.unet.conv_in.weight, base.unet.conv_in.weight)  # the UNet was trained
 
-    lora = dreambooth(_config(root, sd, photos, "lora", method="lora", lora_rank=4, train_text_encoder=True,
-                              lr=1e-2))
-    assert lora["class_generated"] == 0 and lora["class_reused"] == 4  # same base and class prompt: reused
+    # the README's command 1, as typed (the CLI generated from DreamBoothConfig)
+    assert main(["dreambooth", "--base", str(sd), "--instance-data", f"dir:{photos}",
+                 "--instance-prompt", "a sks cat emoji", "--class-prompt", "a cat emoji", "--method", "lora",
+                 "--lora-rank", "4", "--train-text-encoder", "--lr", "1e-2", "--out", str(root / "lora"),
+                 "--class-data", str(root / "classes"), "--num-class-images", "4", "--class-steps", "2",
+                 "--class-batch", "4", "--max-steps", "2", "--checkpoint-every", "2", "--log-every", "1"]) == 0
+    assert "class images: 4 reused, 0 drawn" in capsys.readouterr().out  # same base and class prompt: reused
     assert (root / "lora" / "lora" / "pytorch_lora_weights.safetensors").exists()
 
     def draw(pipe):
@@ -66,6 +72,13 @@ def test_full_then_lora_reuse_the_class_images(subject):
     assert not np.allclose(before, draw(base))  # the adapter changes the output
     fused = StableDiffusionPipeline.from_pretrained(root / "lora" / "model", safety_checker=None)
     assert not any("lora" in n for n, _ in fused.unet.named_parameters())  # OUT/model: LoRA fused
+
+    # what `serve --adapter my-cat=OUT` does in each replica: the base once, the adapter chosen per job
+    sampler = Sampler.load(str(sd))
+    assert sampler.load_adapter("my-cat", str(root / "lora"))["instance_prompt"] == "a sks cat emoji"
+    job = dict(prompts=("a sks cat emoji happy", "a sks cat emoji sad"), seeds=(0, 1), steps=2)
+    mine, plain = (sampler.pngs([SampleJob(**job, adapter=a)])[0] for a in ("my-cat", None))
+    assert [png for png, _ in mine] != [png for png, _ in plain] and mine[0][1]["adapter"] == "my-cat"
 
 
 @pytest.mark.parametrize("kwargs, text", [
