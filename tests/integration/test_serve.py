@@ -187,7 +187,7 @@ def test_overload_answers_503_json_and_recovers(served):
 
 def test_web_page_generates_and_downloads_zip_in_chromium(served, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     downloads = tmp_path / "downloads"
     downloads.mkdir()
@@ -231,6 +231,19 @@ def test_web_page_generates_and_downloads_zip_in_chromium(served, tmp_path):
         driver.find_element(By.ID, "generate").click()
         WebDriverWait(driver, 60).until(
             lambda d: [c.text for c in d.find_elements(By.CSS_SELECTOR, "#gallery figcaption")] == ["happy", "sad"])
+
+        # the same set drawn by the adapter the server loaded, picked from the page's menu
+        def drawn(d):
+            return [i.get_attribute("src") for i in d.find_elements(By.CSS_SELECTOR, "#gallery img")]
+
+        plain = drawn(driver)
+        menu = Select(driver.find_element(By.ID, "adapter"))
+        assert driver.find_element(By.ID, "adapter-label").is_displayed()
+        assert [o.text for o in menu.options][1:] == ["my-cat (a sks cat emoji)"]
+        menu.select_by_value("my-cat")
+        driver.find_element(By.ID, "generate").click()
+        WebDriverWait(driver, 60).until(lambda d: len(drawn(d)) == 2 and drawn(d) != plain)
+        menu.select_by_index(0)  # back to the base for what follows
 
         # a bad value shows the server's message, not a crash
         steps = driver.find_element(By.ID, "steps")
