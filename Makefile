@@ -135,6 +135,12 @@ bench-serve: $(BENCH_STAMP) $(DEMO_MODEL)
 bench-dreambooth: $(BENCH_STAMP) $(DEMO_MODEL)
 	$(BIN)/python bench/dreambooth.py --model $(DEMO_OUT)/run $(BENCH_ARGS)
 
+# bf16 autocast vs fp32 and compile vs eager (and channels-last, gradient checkpointing) on this CPU: the tiny
+# training step and the sampler, each variant one train-step-check in its own process.
+.PHONY: bench-fast-path
+bench-fast-path: $(BENCH_STAMP)
+	$(BIN)/python bench/fast_path.py $(BENCH_ARGS)
+
 # The small64 model of the README gallery, trained on the demo's Twemoji dataset on 2 CPU cores (about 75
 # minutes; builds the demo first when absent): encode (training its VAE), train, eval with the demo's judge,
 # gallery. Stopped midway, `make small64 RESUME=--resume` continues from the last checkpoint.
