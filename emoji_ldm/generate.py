@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from emoji_ldm.errors import UserError
 from emoji_ldm.options import opt
 from emoji_ldm.sampling import SamplerSettings
-from emoji_ldm.train.speed import COMPILE_MODES, check_choice, compile_kwargs
+from emoji_ldm.train.speed import COMPILE_MODES, check_choice, compile_kwargs, require_compiler
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,8 @@ def load_pipeline(uri: str, scheduler: str = "dpmpp", device: str = "cpu", optio
     from emoji_ldm.models.builders import sampling_scheduler
 
     options = options or InferenceOptions()
+    if options.compile:
+        require_compiler(torch.device(device).type)  # before the weights load
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[options.resolved_dtype(device)]
     folder = model_folder(uri)
     with warnings.catch_warnings():

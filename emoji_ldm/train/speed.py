@@ -136,12 +136,38 @@ def batch_layout(speed: SpeedOptions):
     return torch.channels_last if speed.channels_last else torch.contiguous_format
 
 
+def require_compiler(device_type: str) -> None:
+    """What inductor builds with, or one clear line now instead of its error from deep in the first step: a C++
+    compiler for CPU kernels (`$CXX`, else g++, c++ or clang++), Triton and a C compiler for CUDA kernels."""
+    import importlib.util
+    import os
+    import shutil
+
+    def found(env: str, names: tuple[str, ...]) -> bool:
+        chosen = os.environ.get(env)
+        return bool(shutil.which(chosen)) if chosen else any(shutil.which(n) for n in names)
+
+    if device_type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise UserError("--compile on a GPU needs Triton, which is not installed here: pip install triton (it "
+                            "comes with the CUDA wheels of torch), or drop --compile")
+        if not found("CC", ("cc", "gcc", "clang")):
+            raise UserError("--compile on a GPU needs a C compiler for Triton's launchers: none found ($CC, cc, gcc, "
+                            "clang): install one (apt-get install gcc), or drop --compile")
+    elif not found("CXX", ("g++", "c++", "clang++")):
+        cxx = os.environ.get("CXX")
+        raise UserError(f"--compile on CPU needs a C++ compiler for inductor's kernels: "
+                        f"{f'CXX={cxx!r} is not on PATH' if cxx else 'no g++, c++ or clang++ on PATH'}; install "
+                        "one (apt-get install g++; `make test` does), or drop --compile")
+
+
 def compile_engine(engine, speed: SpeedOptions) -> None:
     """torch.compile the engine's UNet: DeepSpeed's `engine.compile()`, or the module of a `PlainEngine`."""
     if not speed.compile:
         return
     import torch
 
+    require_compiler(next(engine.module.parameters()).device.type)
     kwargs = compile_kwargs(speed.compile_mode, static=True)
     if hasattr(engine, "compile") and callable(engine.compile):  # a DeepSpeed engine
         engine.compile(compile_kwargs=kwargs)

@@ -60,6 +60,24 @@ def test_step_check_compiles_the_unet():
     assert result["speed"] == "precision no, compile (default)" and result["loss"] == result["loss"]
 
 
+def test_compile_without_a_compiler_is_one_clear_line(monkeypatch, capsys):
+    """--compile where inductor cannot build: one line from the CLI before any compile, not inductor's error from
+    the first step; the same for a served or bulk pipeline before its weights load."""
+    from emoji_ldm.cli import main
+    from emoji_ldm.generate import InferenceOptions, load_pipeline
+
+    monkeypatch.setenv("CXX", "no-such-c++")
+    assert main(["train-step-check", "--steps", "1", "--batch-size", "2", "--set", "unet.block_out_channels=32,32",
+                 "--compile", "--sample-batch", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["emoji-ldm: error: --compile on CPU needs a C++ compiler for inductor's kernels: CXX='no-such-c++' "
+                   "is not on PATH; install one (apt-get install g++; `make test` does), or drop --compile"]
+    monkeypatch.delenv("CXX")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(UserError, match="no g\\+\\+, c\\+\\+ or clang\\+\\+ on PATH"):
+        load_pipeline("/no/model/needed", options=InferenceOptions(compile=True))
+
+
 def test_unet_attention_is_sdpa():
     from diffusers.models.attention_processor import AttnProcessor
 
