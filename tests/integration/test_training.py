@@ -145,8 +145,12 @@ def test_fast_path_options_on_cpu(tiny, tmp_path):
 
 
 def test_zero3(tiny, tmp_path):
-    card = _train(tiny, tmp_path / "run", max_steps=3, zero_stage=3)
+    """ZeRO-3 (parameters partitioned) with gradient checkpointing: the combination trains and exports."""
+    from emoji_ldm.train.speed import SpeedOptions
+
+    card = _train(tiny, tmp_path / "run", max_steps=3, zero_stage=3, speed=SpeedOptions(gradient_checkpointing=True))
     assert card["training"]["steps"] == 3 and (tmp_path / "run" / "model" / "unet").exists()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["run"]["speed"]["gradient_checkpointing"]
 
 
 def test_resume_continues_exactly(tiny, tmp_path):
