@@ -290,12 +290,14 @@ class CaptionRewriteSink(CommitDeltaDatasink):
         staged = read_folder(folder, STAGED_SCHEMA)
         if staged.num_rows == 0:
             return
-        (file,) = pc.unique(staged.column("_file")).to_pylist()[:1]
+        file = staged.column("_file")[0].as_py()  # a staged folder holds the rows of one source file
         ok = staged.filter(pc.is_valid(staged.column("caption")))
         bad = staged.filter(pc.is_null(staged.column("caption")))
         reasons = pc.fill_null(bad.column("error"), "empty generation")
-        for reason in reasons.to_pylist():
-            out["failed"][reason.split(":")[0]] = out["failed"].get(reason.split(":")[0], 0) + 1
+        if bad.num_rows:  # counted by kind (the text before the first ':') in Arrow, not row by row
+            kinds = pc.value_counts(pc.list_element(pc.split_pattern(reasons, ":", max_splits=1), 0))
+            for kind, n in zip(kinds.field("values").to_pylist(), kinds.field("counts").to_pylist()):
+                out["failed"][kind] = out["failed"].get(kind, 0) + n
         if bad.num_rows:
             self._write_failures(pa.table({"id": bad.column("id"), "reason": reasons}))
         if ok.num_rows == 0:

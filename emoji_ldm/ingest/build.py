@@ -201,7 +201,7 @@ class DedupeSink(CommitDeltaDatasink):
         for block in blocks:
             for folder in BlockAccessor.for_block(block).to_arrow().column("folder").to_pylist():
                 drops = read_folder(folder, DROP_SCHEMA)
-                (file,) = pc.unique(drops.column("_file")).to_pylist()[:1]
+                file = drops.column("_file")[0].as_py()  # a drops folder holds the rows of one source file
                 source = f"{self.root.rstrip('/')}/{file}"
                 with self.fs.open_input_file(source) as f:
                     replaced[file] = super().write(_without(pq.ParquetFile(f), drops.column("_pos")), ctx)
