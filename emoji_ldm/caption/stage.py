@@ -298,7 +298,6 @@ class CaptionRewriteSink(CommitDeltaDatasink):
             kinds = pc.value_counts(pc.list_element(pc.split_pattern(reasons, ":", max_splits=1), 0))
             for kind, n in zip(kinds.field("values").to_pylist(), kinds.field("counts").to_pylist()):
                 out["failed"][kind] = out["failed"].get(kind, 0) + n
-        if bad.num_rows:
             self._write_failures(pa.table({"id": bad.column("id"), "reason": reasons}))
         if ok.num_rows == 0:
             return  # nothing to change in this file

@@ -572,13 +572,14 @@ def class_images(config: DreamBoothConfig, base: str, base_id: str, uri: str) ->
               f"{uri}; drawing {missing} with the base model", flush=True)
         # the seeds are in the object store (no read tasks) and the commit's write tasks take no CPU, so the
         # model actors may hold every CPU without starving the pipeline around them
-        actors = min(config.class_actors, max(1, int(ray.cluster_resources().get("CPU", 1))))
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        actors = min(config.class_actors, cpus)
         if actors < config.class_actors:
             print(f"[dreambooth] --class-actors {config.class_actors} lowered to {actors}: the cluster has "
-                  f"{int(ray.cluster_resources().get('CPU', 1))} CPUs", flush=True)
+                  f"{cpus} CPUs", flush=True)
         first = config.seed + have  # new seeds: a re-run after a partial generation draws different images
-        seeds = np.arange(first, first + missing, dtype=np.int64)  # (missing,): the work asked, not a table
-        seeds = ray.data.from_numpy([seeds[i:i + config.class_batch]  # one block per batch, spread over actors
+        wanted_seeds = np.arange(first, first + missing, dtype=np.int64)  # (missing,): the work asked, not a table
+        seeds = ray.data.from_numpy([wanted_seeds[i:i + config.class_batch]  # one block per batch, over the actors
                                      for i in range(0, missing, config.class_batch)]).rename_columns({"data": "seed"})
         rows = seeds.map_batches(
             ClassImageSampler,
