@@ -34,7 +34,7 @@ def plain_loop(model: str, count: int, steps: int, batch: int) -> float:
     is loaded, as ours starts before its actors load it (the imports are done before either clock)."""
     import diffusers  # noqa: F401  (imported outside the clock)
 
-    from emoji_ldm.generate import SampleJob, Sampler
+    from emoji_ldm.inference.sampler import SampleJob, Sampler
 
     start = time.perf_counter()
     sampler = Sampler.load(model)
@@ -46,7 +46,7 @@ def plain_loop(model: str, count: int, steps: int, batch: int) -> float:
 
 def ours(model: str, count: int, steps: int, batch: int, actors: int, work: Path) -> float:
     """images/s of dreambooth's class-image step (Ray started before the clock, as in a RayJob)."""
-    from emoji_ldm.generate import model_card, model_uri
+    from emoji_ldm.inference.sampler import model_card, model_uri
     from emoji_ldm.runtime import ensure_ray
     from emoji_ldm.train.dreambooth import DreamBoothConfig, class_images
 
@@ -66,7 +66,7 @@ def train_step(model: str, method: str, steps: int, batch: int) -> dict:
     import torch
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    from emoji_ldm.generate import model_folder
+    from emoji_ldm.inference.sampler import model_folder
     from emoji_ldm.train.dreambooth import DreamBoothConfig, _module, configure, prior_preservation_loss
     from emoji_ldm.train.step import PlainEngine, diffusion_target
 

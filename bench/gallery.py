@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    from emoji_ldm.generate import SampleJob, Sampler
+    from emoji_ldm.inference.sampler import SampleJob, Sampler
 
     prompts = ([(p, "trained on") for p in TRAINED] + [(p, "held out") for p in HELD_OUT]
                + [(p, "never seen") for p in UNSEEN])

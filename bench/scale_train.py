@@ -47,7 +47,7 @@ def write_table(root: Path, rows: int, vae: str) -> str:
 
     from emoji_ldm.models.presets import get_preset
     from emoji_ldm.store.latents import LATENT_SCHEMA, PARTITION
-    from emoji_ldm.train.data import split_of
+    from emoji_ldm.store.splits import split_of
 
     uri = str(root / f"latents-{rows}")
     preset = get_preset("tiny")

@@ -62,7 +62,7 @@ def naive_server(model: str, port: int) -> None:
 
     import torch
 
-    from emoji_ldm.generate import load_pipeline
+    from emoji_ldm.inference.sampler import load_pipeline
 
     torch.set_num_threads(2)
     pipe = load_pipeline(model)
@@ -102,7 +102,7 @@ def ceiling(model: str, steps: int) -> dict:
     """What batching can give on this machine: the pipeline alone (no server), batch 1 vs 8 vs 32."""
     import torch
 
-    from emoji_ldm.generate import SampleJob, Sampler
+    from emoji_ldm.inference.sampler import SampleJob, Sampler
 
     torch.set_num_threads(2)
     sampler = Sampler.load(model)

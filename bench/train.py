@@ -178,7 +178,7 @@ def main() -> None:
           f"GFLOP/s over an sgemm peak of {peak / 1e9:.0f} GFLOP/s (2 threads) = {100 * achieved / peak:.1f}%")
 
     # 4. sampling
-    from emoji_ldm.generate import load_pipeline, run_pipeline
+    from emoji_ldm.inference.sampler import load_pipeline, run_pipeline
 
     torch.set_num_threads(2)
     seed_pipe = load_pipeline(model, "ddpm")

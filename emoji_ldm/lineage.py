@@ -9,7 +9,7 @@ Why one command: each stage already records where its output came from, but
 in its own place; an audit or a takedown needs the whole chain in one step.
 The chain follows what each link names, nothing is guessed:
 
-    PNG text chunks (`emoji_ldm.pngmeta`): prompt, seed, settings, model URI + content id
+    PNG text chunks (`emoji_ldm.inference.pngmeta`): prompt, seed, settings, model URI + content id
       -> model_card.json: content id, preset, training config, steps, final loss,
          latent table + version
       -> the latent table version's encode commit: VAE, text encoder, dataset URI + version
@@ -156,7 +156,7 @@ def _png(uri: str):
 
     from PIL import Image, UnidentifiedImageError
 
-    from emoji_ldm.pngmeta import read_params
+    from emoji_ldm.inference.pngmeta import read_params
     from emoji_ldm.store.artifacts import read_bytes
 
     try:

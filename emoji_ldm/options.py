@@ -199,3 +199,8 @@ def flag_set(cls: type) -> dict[str, str]:
         default = "required" if o.default is dataclasses.MISSING else repr(o.default)
         out[name] = f"{o.kind.__name__}{'?' if o.optional else ''}={default}"
     return out
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

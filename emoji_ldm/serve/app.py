@@ -34,7 +34,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from emoji_ldm import __version__
-from emoji_ldm.generate import SampleJob
+from emoji_ldm.inference.sampler import SampleJob
 from emoji_ldm.serve.schemas import EmojiSetRequest, GenerateRequest
 
 logger = logging.getLogger("ray.serve")
@@ -52,7 +52,7 @@ class AppArgs:
     batch_wait_timeout_s: float = 0.05
     device: str = "auto"             # auto: cuda when the replica has a GPU, else cpu
     torch_threads: int = 0           # CPU threads per replica; 0: Ray's default (the replica's num_cpus)
-    png_metadata: bool = True        # generation parameters and model id as PNG text chunks (emoji_ldm.pngmeta)
+    png_metadata: bool = True        # generation parameters and model id as PNG text chunks (inference/pngmeta.py)
     dtype: str = "auto"              # auto: bf16 on CUDA, fp32 on CPU | fp32 | fp16 (VAE stays fp32) | bf16
     channels_last: bool = False      # UNet and VAE in channels-last memory format
     compile: bool = False            # torch.compile the UNet; warmed up before the replica takes requests
@@ -79,7 +79,7 @@ class AppArgs:
 
     def inference(self):
         from emoji_ldm.errors import UserError
-        from emoji_ldm.generate import InferenceOptions
+        from emoji_ldm.inference.sampler import InferenceOptions
 
         try:
             return InferenceOptions(dtype=self.dtype, channels_last=self.channels_last, compile=self.compile)
@@ -104,7 +104,7 @@ class Generator:
                  adapters: dict | None = None):
         import torch
 
-        from emoji_ldm.generate import model_card
+        from emoji_ldm.inference.sampler import model_card
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -134,7 +134,7 @@ class Generator:
     def _load(model: str, device: str, torch_threads: int, inference):
         import torch
 
-        from emoji_ldm.generate import Sampler
+        from emoji_ldm.inference.sampler import Sampler
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -333,7 +333,7 @@ class Ingress:
         if want_png:
             return Response(made[0][0], media_type="image/png", headers={"X-Seed": str(seeds[0])})
         card = await self._model_card()
-        # `metadata`: per image, the fields its PNG's text chunks hold (emoji_ldm.pngmeta)
+        # `metadata`: per image, the fields its PNG's text chunks hold (inference/pngmeta.py)
         return {"prompt": body.prompt, "seeds": list(seeds), "images": [_b64(png) for png, _ in made],
                 "metadata": [params for _, params in made], "model": card.get("uri"),
                 "model_content_id": card.get("content_id"), "code_version": made[0][1].get("code_version"),

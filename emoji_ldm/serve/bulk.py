@@ -5,7 +5,7 @@
 Input: a prompt file (.txt one prompt per line, or .csv/.parquet with a
 `prompt` column; local or S3). Output under `--out`: `images/<prompt_id>-<k>.png`
 (each with its generation parameters and model id as PNG text chunks,
-`emoji_ldm.pngmeta`) and the Delta table `manifest/` with one row per image
+`emoji_ldm.inference.pngmeta`) and the Delta table `manifest/` with one row per image
 (prompt, seed, settings, URI, size); each manifest commit records the model
 folder's URI and content id.
 
@@ -32,9 +32,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.generate import InferenceOptions
+from emoji_ldm.inference.sampler import InferenceOptions
+from emoji_ldm.inference.settings import SamplerSettings
 from emoji_ldm.options import opt
-from emoji_ldm.sampling import SamplerSettings
 
 MANIFEST_SCHEMA = pa.schema([
     ("prompt_id", pa.string()),          # sha1 of the prompt text, 16 hex
@@ -181,7 +181,7 @@ class BulkGenerator:
 
     def __init__(self, model: str, images_uri: str, settings: SamplerSettings, device: str, png_metadata: bool = True,
                  inference: InferenceOptions | None = None, images_per_call: int = 1):
-        from emoji_ldm.generate import Sampler
+        from emoji_ldm.inference.sampler import Sampler
         from emoji_ldm.store.uri import filesystem, is_s3
 
         self.sampler = Sampler.load(model, device=device, options=inference)
@@ -194,7 +194,7 @@ class BulkGenerator:
         self.settings, self.model, self.png_metadata = settings, model, png_metadata
 
     def __call__(self, batch: dict) -> pa.Table:
-        from emoji_ldm.generate import SampleJob
+        from emoji_ldm.inference.sampler import SampleJob
 
         s = self.settings
         prompts = [str(p) for p in batch["prompt"]]
@@ -222,7 +222,7 @@ def bulk_generate(config: BulkConfig) -> dict:
     from deltalake import DeltaTable, write_deltalake
     from deltalake.transaction import CommitProperties
 
-    from emoji_ldm.generate import model_card, model_uri
+    from emoji_ldm.inference.sampler import model_card, model_uri
     from emoji_ldm.runtime import ensure_ray, require_shared
     from emoji_ldm.store.artifacts import check_writable
     from emoji_ldm.store.delta import META_KEY

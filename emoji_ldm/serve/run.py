@@ -77,7 +77,7 @@ def start(config: ServeConfig) -> str:
     """Deploy the application and return its base URL once every replica is up."""
     from ray import serve
 
-    from emoji_ldm.generate import model_uri
+    from emoji_ldm.inference.sampler import model_uri
     from emoji_ldm.runtime import ensure_ray
     from emoji_ldm.serve.app import AppArgs, application
     from emoji_ldm.store.uri import normalize_uri

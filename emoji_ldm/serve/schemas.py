@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.sampling import MAX_COUNT, MAX_PROMPT_CHARS, SCHEDULERS, SamplerSettings, check
+from emoji_ldm.inference.settings import MAX_COUNT, MAX_PROMPT_CHARS, SCHEDULERS, SamplerSettings, check
 
 MAX_SET_ITEMS = 256      # per /v1/emoji-sets request
 

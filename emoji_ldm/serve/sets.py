@@ -54,8 +54,8 @@ def set_files(manifest: dict, pngs: list[bytes], params: list[dict] | None = Non
 
     from PIL import Image
 
-    from emoji_ldm.generate import image_grid, png_bytes
-    from emoji_ldm.pngmeta import shared_params
+    from emoji_ldm.inference.pngmeta import shared_params
+    from emoji_ldm.inference.sampler import image_grid, png_bytes
 
     files = {item["file"]: png for item, png in zip(manifest["items"], pngs)}
     images = [Image.open(io.BytesIO(png)) for png in pngs]

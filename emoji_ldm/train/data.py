@@ -30,6 +30,4 @@ def shard_to_numpy(shard, columns: list[str], batch_size: int = 1024) -> dict[st
     return {c: np.concatenate(v) if v else np.zeros((0,)) for c, v in parts.items()}
 
 
-def split_of(content_id: str, val_percent: int = 10) -> str:
-    """Held-out split by content hash: stable across dataset versions."""
-    return "val" if int(content_id[:8], 16) % 100 < val_percent else "train"
+#END

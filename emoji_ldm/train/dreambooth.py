@@ -97,7 +97,7 @@ class DreamBoothConfig:
     threads_per_worker: int = opt(1, cli=False, help="torch threads per worker")
 
     def __post_init__(self):
-        from emoji_ldm.train.speed import check_choice
+        from emoji_ldm.options import check_choice
 
         check_choice("--method", self.method, METHODS)
         checks = [
@@ -531,7 +531,7 @@ class ClassImageSampler:
     """A Ray Data actor: the base pipeline, once per actor; a batch of seeds in, class-image rows out."""
 
     def __init__(self, base: str, base_id: str, prompt: str, steps: int, guidance: float, device: str):
-        from emoji_ldm.generate import Sampler
+        from emoji_ldm.inference.sampler import Sampler
 
         self.sampler = Sampler.load(base, device=device)
         self.base, self.base_id, self.prompt, self.steps, self.guidance = base, base_id, prompt, steps, guidance
@@ -540,7 +540,7 @@ class ClassImageSampler:
         import datetime as dt
         import hashlib
 
-        from emoji_ldm.generate import SampleJob
+        from emoji_ldm.inference.sampler import SampleJob
 
         seeds = tuple(int(s) for s in batch["seed"])
         job = SampleJob((self.prompt,) * len(seeds), seeds, "", self.steps, self.guidance)
@@ -604,7 +604,7 @@ def dreambooth(config: DreamBoothConfig) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from emoji_ldm.generate import model_card, model_uri
+    from emoji_ldm.inference.sampler import model_card, model_uri
     from emoji_ldm.runtime import ensure_ray, require_shared
     from emoji_ldm.store.artifacts import artifact_uri, check_writable, local_copy, weights_content_id, write_json
     from emoji_ldm.store.uri import filesystem, normalize_uri, storage_options

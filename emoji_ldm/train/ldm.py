@@ -397,7 +397,7 @@ class _RankZeroLog:
         upload_dir(self.local / "tensorboard", artifact_uri(self.run.out, "tensorboard"))
 
     def samples(self, unet, step: int) -> None:
-        from emoji_ldm.generate import image_grid, run_pipeline
+        from emoji_ldm.inference.sampler import image_grid, run_pipeline
         from emoji_ldm.train.export import assemble_pipeline
 
         pipe = assemble_pipeline(unet, self.preset, self.run.vae)

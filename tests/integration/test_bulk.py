@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from emoji_ldm.sampling import SamplerSettings
+from emoji_ldm.inference.settings import SamplerSettings
 from tests.conftest import run_cli
 from tests.tiny_models import tiny_model_with_card
 
@@ -97,7 +97,7 @@ def test_half_precision_pipeline_on_cpu(model, dtype):
     import numpy as np
     import torch
 
-    from emoji_ldm.generate import InferenceOptions, SampleJob, Sampler
+    from emoji_ldm.inference.sampler import InferenceOptions, SampleJob, Sampler
 
     job = SampleJob(("red heart", "ghost"), (1, 2), "", 3, 4.0, scheduler=None)
     full = Sampler.load(model, options=InferenceOptions(dtype="fp32")).sample([job])[0]
@@ -115,7 +115,7 @@ def test_compiled_unet_is_warmed_up_once(model):
     """torch.compile of the UNet: the warm-up compiles, a request at the warmed-up size does not compile again."""
     import torch._dynamo
 
-    from emoji_ldm.generate import InferenceOptions, SampleJob, Sampler
+    from emoji_ldm.inference.sampler import InferenceOptions, SampleJob, Sampler
 
     torch._dynamo.reset()
     sampler = Sampler.load(model, options=InferenceOptions(compile=True))

@@ -12,7 +12,7 @@ from PIL import Image
 
 from emoji_ldm.cli import main
 from emoji_ldm.errors import UserError
-from emoji_ldm.generate import SampleJob, Sampler
+from emoji_ldm.inference.sampler import SampleJob, Sampler
 from emoji_ldm.train.dreambooth import DreamBoothConfig, dreambooth
 from tests.tiny_models import tiny_sd_pipeline
 

@@ -15,10 +15,10 @@ from PIL import Image
 
 from emoji_ldm.caption.stage import CaptionConfig, caption_dataset
 from emoji_ldm.errors import UserError
+from emoji_ldm.inference.pngmeta import read_params
+from emoji_ldm.inference.settings import SamplerSettings
 from emoji_ldm.ingest.build import BuildConfig, build_dataset
 from emoji_ldm.lineage import row_origin, trace
-from emoji_ldm.pngmeta import read_params
-from emoji_ldm.sampling import SamplerSettings
 from emoji_ldm.store.artifacts import weights_content_id
 from emoji_ldm.store.delta import open_table
 from emoji_ldm.train.encode import EncodeConfig, encode
@@ -88,7 +88,7 @@ def test_generate_pngs_carry_parameters_and_trace_to_the_builds(made, tmp_path):
 
 
 def test_no_png_metadata_writes_bare_pngs(made, tmp_path):
-    from emoji_ldm.generate import GenerateConfig, generate
+    from emoji_ldm.inference.generate import GenerateConfig, generate
 
     paths = generate(GenerateConfig(model=made["model"], prompt="x", out=str(tmp_path),
                                     sampler=SamplerSettings(count=1, steps=1), png_metadata=False))

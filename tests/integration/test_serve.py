@@ -159,7 +159,7 @@ def test_concurrent_requests_share_pipeline_calls(served):
     together, share pipeline calls."""
     from ray import serve
 
-    from emoji_ldm.generate import SampleJob
+    from emoji_ldm.inference.sampler import SampleJob
 
     handle = serve.get_deployment_handle("Generator", app_name="emoji")
     before = handle.stats.remote().result()

@@ -10,9 +10,9 @@ import torch
 from deltalake import write_deltalake
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.evaluate import EvalConfig, evaluate
+from emoji_ldm.eval.evaluate import EvalConfig, evaluate
+from emoji_ldm.inference.settings import SamplerSettings
 from emoji_ldm.ingest.build import BuildConfig, build_dataset
-from emoji_ldm.sampling import SamplerSettings
 from emoji_ldm.store.schema import EMOJI_SCHEMA
 from emoji_ldm.train.encode import EncodeConfig, encode
 from emoji_ldm.train.ldm import TrainConfig, latest_checkpoint, train
@@ -114,7 +114,7 @@ def test_judge_learns_twemoji_groups(ray_local, tmp_path):
     """The emoji judge on a small Twemoji slice (every 8th PNG): held-out accuracy above the majority class."""
     import shutil
 
-    from emoji_ldm.judge import JudgeConfig, load_judge, train_judge
+    from emoji_ldm.eval.judge import JudgeConfig, load_judge, train_judge
     from emoji_ldm.sources.twemoji import twemoji_dir
 
     folder = tmp_path / "slice"

@@ -14,8 +14,8 @@ from deltalake.transaction import CommitProperties
 from PIL import Image
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.inference.pngmeta import encode_png, generation_params, read_params, shared_params
 from emoji_ldm.lineage import LineageConfig, format_chain, lineage_command, made_rows, trace
-from emoji_ldm.pngmeta import encode_png, generation_params, read_params, shared_params
 from emoji_ldm.store.artifacts import weights_content_id
 from emoji_ldm.store.schema import EMOJI_SCHEMA
 from emoji_ldm.store.uri import public_uri, resolve_recorded

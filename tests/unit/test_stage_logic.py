@@ -9,10 +9,10 @@ import pytest
 
 from emoji_ldm.caption.prompt import clean_caption
 from emoji_ldm.errors import UserError
-from emoji_ldm.generate import SampleJob
+from emoji_ldm.inference.sampler import SampleJob
+from emoji_ldm.inference.settings import SamplerSettings
 from emoji_ldm.ingest.tasks import KEY_SCHEMA, resolve_group
 from emoji_ldm.models.presets import get_preset
-from emoji_ldm.sampling import SamplerSettings
 from emoji_ldm.train.ldm import TrainConfig, _check_resume, _lr_lambda
 
 

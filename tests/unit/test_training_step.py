@@ -64,7 +64,7 @@ def test_compile_without_a_compiler_is_one_clear_line(monkeypatch, capsys):
     """--compile where inductor cannot build: one line from the CLI before any compile, not inductor's error from
     the first step; the same for a served or bulk pipeline before its weights load."""
     from emoji_ldm.cli import main
-    from emoji_ldm.generate import InferenceOptions, load_pipeline
+    from emoji_ldm.inference.sampler import InferenceOptions, load_pipeline
 
     monkeypatch.setenv("CXX", "no-such-c++")
     assert main(["train-step-check", "--steps", "1", "--batch-size", "2", "--set", "unet.block_out_channels=32,32",

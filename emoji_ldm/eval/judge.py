@@ -236,7 +236,7 @@ def labelled_pixels(batch: dict, size: int, label: str) -> dict:
     """Ray Data task: rows -> uint8 pixels (B, S, S, 3), class and split; rows without a class are dropped."""
     from PIL import Image
 
-    from emoji_ldm.train.data import split_of
+    from emoji_ldm.store.splits import split_of
 
     pixels, labels, splits = [], [], []
     for i, png in enumerate(batch["image"]):

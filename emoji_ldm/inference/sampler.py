@@ -1,32 +1,24 @@
-"""Generate emoji from a trained model folder (a standard diffusers StableDiffusionPipeline).
+"""The sampler: a trained model folder (a standard diffusers StableDiffusionPipeline) loaded once, drawing batches.
 
-    emoji-ldm generate --model URI --prompt TEXT [--negative-prompt TEXT] [--n 4] [--steps 25]
-                       [--guidance 5.0] [--seed S] [--scheduler dpmpp|ddim|ddpm] [--size PX]
-                       [--no-png-metadata] --out DIR
-
-Public entry points: `generate(GenerateConfig)`, `Sampler` (a loaded pipeline
-that batches `SampleJob`s; the service and bulk use it), `load_pipeline`.
-Every PNG written carries its generation parameters and the model's URI and
-content id as text chunks (`emoji_ldm.pngmeta`), unless turned off.
+Public entry points: `Sampler` (a loaded pipeline that batches `SampleJob`s; generate, the service, bulk,
+eval and training's validation grids use it), `load_pipeline`, `model_uri` / `model_folder` / `model_card`
+(the model-folder lookup), `run_pipeline`, `png_bytes`, `image_grid`. Every PNG carries its generation
+parameters and the model's URI and content id as text chunks (`pngmeta.py`), unless turned off.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import io
-import json
 import logging
 import math
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.options import opt
-from emoji_ldm.sampling import SamplerSettings
-from emoji_ldm.train.speed import COMPILE_MODES, check_choice, compile_kwargs, require_compiler
+from emoji_ldm.inference.compile import COMPILE_MODES, compile_kwargs, require_compiler
+from emoji_ldm.inference.settings import SamplerSettings
+from emoji_ldm.options import check_choice, opt
 
 logger = logging.getLogger(__name__)
 
@@ -118,21 +110,6 @@ def model_card(uri: str) -> dict:
 
 
 @dataclass(frozen=True)
-class GenerateConfig:
-    model: str = opt(help="a model folder/URI (or a training --out)")
-    prompt: str = opt(help="what to draw, e.g. 'smiling cat face'")
-    out: str = opt(help="a local folder for the PNGs and sheet.png")
-    sampler: SamplerSettings = opt(default_factory=SamplerSettings, help="sampler settings",
-                                   rename={"count": "n"})
-    png_metadata: bool = opt(True, flag="no-png-metadata", invert=True,
-                             help="write the PNGs without their generation parameters and model id")
-
-    def __post_init__(self):
-        if not self.prompt or not self.prompt.strip():
-            raise UserError("--prompt is empty: describe the emoji, e.g. 'smiling cat face'")
-
-
-@dataclass(frozen=True)
 class SampleJob:
     """The images of one request: image i is `prompts[i]` started from the noise of `seeds[i]`.
 
@@ -168,7 +145,7 @@ class SampleJob:
                      adapter: dict | None = None) -> dict:
         """What made image `i` of this job: the text chunks of its PNG and the service's JSON (`pngmeta`);
         `adapter` ({"name", "uri", "content_id"}) when a LoRA adapter drew it."""
-        from emoji_ldm.pngmeta import generation_params
+        from emoji_ldm.inference.pngmeta import generation_params
 
         params = generation_params(prompt=self.prompts[i], seed=self.seeds[i], negative_prompt=self.negative_prompt,
                                    steps=self.steps, guidance=self.guidance, scheduler=self.scheduler, width=width,
@@ -330,7 +307,7 @@ def run_pipeline(pipe, prompts: list[str], negative: str = "", steps: int = 25, 
 
 def png_bytes(image: Image.Image, params: dict | None = None) -> bytes:
     """PNG bytes; `params` (`pngmeta.generation_params`) become its text chunks."""
-    from emoji_ldm.pngmeta import encode_png
+    from emoji_ldm.inference.pngmeta import encode_png
 
     return encode_png(image, params)
 
@@ -351,32 +328,3 @@ def image_grid(images: list[Image.Image], labels: list[str] | None = None, cell:
         if labels:
             draw.text((x + 3, y + cell - 1), labels[i][:18], fill="black", font=font)
     return sheet
-
-
-def generate(config: GenerateConfig) -> list[str]:
-    """Write `count` PNGs and a sheet for one prompt; returns the PNG paths."""
-    from emoji_ldm.pngmeta import shared_params
-
-    settings = config.sampler
-    sampler = Sampler.load(config.model)
-    seeds = tuple(settings.seed + i for i in range(settings.count))
-    (made,) = sampler.pngs([SampleJob.of((config.prompt,) * settings.count, seeds, settings)], config.png_metadata)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (png, _) in enumerate(made):
-        path = out / f"{i:03d}.png"
-        path.write_bytes(png)
-        paths.append(str(path))
-    params = [p for _, p in made]
-    sheet = image_grid([Image.open(io.BytesIO(png)) for png, _ in made], [f"seed {s}" for s in seeds])
-    (out / "sheet.png").write_bytes(png_bytes(sheet, shared_params(params) if config.png_metadata else None))
-    (out / "generate.json").write_text(json.dumps(
-        {**dataclasses.asdict(config), "model_uri": sampler.model_uri, "model_content_id": sampler.content_id,
-         "files": paths, "images": params}, indent=2))
-    return paths
-
-
-def report(paths: list[str]) -> str:
-    folder = Path(paths[0]).parent if paths else "?"
-    return f"generate: {len(paths)} images and sheet.png in {folder}"

@@ -8,7 +8,7 @@ of held-out rows (the `val` split by content hash) of the dataset version the
 latent table was encoded from:
 - emoji-FID, KID and precision/recall (k = 3 nearest neighbours) against those
   held-out rows' real images, in the feature space of the emoji judge
-  (`emoji-ldm train-judge`, `emoji_ldm.judge`). These are "emoji-FID": only
+  (`emoji-ldm train-judge`, `emoji_ldm.eval.judge`). These are "emoji-FID": only
   comparable between models measured with the same judge, and not the
   Inception FID papers report;
 - Inception FID when a local Inception-v3 weights file is given
@@ -44,8 +44,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.inference.settings import SamplerSettings
 from emoji_ldm.options import opt
-from emoji_ldm.sampling import SamplerSettings
 
 TIMESTEPS = (50, 250, 500, 750, 950)
 PR_K = 3  # neighbours for precision/recall (Kynkaanniemi et al. 2019)
@@ -166,7 +166,7 @@ def nearest_training_mse(meta: dict, samples: np.ndarray, size: int) -> np.ndarr
 
 def _split_rows(batch: dict, split: str) -> dict:
     """Ray Data task: keep the rows of one split (by content hash, as the latent tables split)."""
-    from emoji_ldm.train.data import split_of
+    from emoji_ldm.store.splits import split_of
 
     keep = np.array([split_of(i) == split for i in batch["id"]], dtype=bool)
     return {k: v[keep] for k, v in batch.items()}
@@ -272,7 +272,7 @@ def inception_metric(path: str):
 
 
 def generate_samples(pipe, prompts: list[str], s, batch: int = 64) -> list:
-    from emoji_ldm.generate import run_pipeline
+    from emoji_ldm.inference.sampler import run_pipeline
 
     images = []
     for i in range(0, len(prompts), batch):  # image k from seed + k, whatever the batching
@@ -283,8 +283,8 @@ def generate_samples(pipe, prompts: list[str], s, batch: int = 64) -> list:
 def evaluate(config: EvalConfig) -> dict:
     import torch
 
-    from emoji_ldm.generate import load_pipeline
-    from emoji_ldm.judge import load_judge, row_label
+    from emoji_ldm.eval.judge import load_judge, row_label
+    from emoji_ldm.inference.sampler import load_pipeline
     from emoji_ldm.models.builders import noise_scheduler
     from emoji_ldm.models.presets import preset_from_dict
     from emoji_ldm.store.latents import decode_latents, open_latent_table
