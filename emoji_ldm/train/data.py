@@ -28,6 +28,3 @@ def shard_to_numpy(shard, columns: list[str], batch_size: int = 1024) -> dict[st
         for c in columns:
             parts[c].append(batch[c])
     return {c: np.concatenate(v) if v else np.zeros((0,)) for c, v in parts.items()}
-
-
-#END

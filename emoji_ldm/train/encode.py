@@ -68,7 +68,8 @@ class Encoder:
         import torch
 
         from emoji_ldm.models.builders import encode_text
-        from emoji_ldm.train.data import decode_images, split_of
+        from emoji_ldm.store.splits import split_of
+        from emoji_ldm.train.data import decode_images
 
         size = self.preset.image_size
         pixels = torch.from_numpy(decode_images({"image": batch["image"]}, size)["pixels"]).float()
