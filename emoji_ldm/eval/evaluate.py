@@ -67,6 +67,7 @@ class EvalConfig:
     inception: str | None = opt(None, help="a local Inception-v3 weights file (torch-fidelity's FID weights, "
                                            "pt_inception-2015-12-05) for the standard FID")
     out: str | None = opt(None, help="also write the report as JSON here")
+    use_gpu: bool = opt(False, flag="gpu", help="sample and measure on a GPU (cuda); default CPU")
 
     def __post_init__(self):
         if not 2 <= self.samples <= 10_000:
@@ -78,19 +79,26 @@ class EvalConfig:
 
 
 def heldout_loss(unet, noise_sched, latents, text, seed: int = 0, batch: int = 64) -> float:
-    """Noise-prediction MSE at fixed noise and timesteps over the given rows."""
+    """The training objective's MSE at fixed noise and timesteps over the given rows: against the noise, or the
+    velocity for a v-prediction model (`noise_sched.config.prediction_type`)."""
     import torch
 
+    from emoji_ldm.models.objective import diffusion_target
+
+    device = getattr(unet, "device", torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed)
-    eps_all = torch.randn(latents.shape, generator=gen)  # fixed noise per row
+    eps_all = torch.randn(latents.shape, generator=gen)  # fixed noise per row, the same on any device
     total, count = 0.0, 0
     with torch.no_grad():
         for t_value in TIMESTEPS:
             for i in range(0, len(latents), batch):
-                x0, cond, eps = latents[i:i + batch], text[i:i + batch], eps_all[i:i + batch]
-                t = torch.full((len(x0),), t_value, dtype=torch.long)
-                pred = unet(noise_sched.add_noise(x0, eps, t), t, encoder_hidden_states=cond).sample
-                total += float(torch.nn.functional.mse_loss(pred, eps, reduction="sum"))
+                x0, cond, eps = (v[i:i + batch].to(device) for v in (latents, text, eps_all))
+                t = torch.full((len(x0),), t_value, dtype=torch.long, device=device)
+                dtype = getattr(unet, "dtype", torch.float32)
+                pred = unet(noise_sched.add_noise(x0, eps, t).to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample
+                pred = pred.float()
+                target = diffusion_target(noise_sched, x0, eps, t, noise_sched.config.prediction_type)
+                total += float(torch.nn.functional.mse_loss(pred, target, reduction="sum"))
                 count += eps.numel()
     return total / count
 
@@ -284,7 +292,7 @@ def evaluate(config: EvalConfig) -> dict:
     import torch
 
     from emoji_ldm.eval.judge import load_judge, row_label
-    from emoji_ldm.inference.sampler import load_pipeline
+    from emoji_ldm.inference.sampler import inference_device, load_pipeline
     from emoji_ldm.models.builders import noise_scheduler
     from emoji_ldm.models.presets import preset_from_dict
     from emoji_ldm.store.latents import decode_latents, open_latent_table
@@ -293,7 +301,7 @@ def evaluate(config: EvalConfig) -> dict:
     ref, table, meta = open_latent_table(config.data)
     judge = load_judge(config.judge) if config.judge else None
     inception = inception_metric(config.inception) if config.inception else None
-    pipe = load_pipeline(config.model) if config.model else None
+    pipe = load_pipeline(config.model, device=inference_device(config.use_gpu)) if config.model else None
     s = config.sampler
 
     heldout = dataset_rows(meta, "val", config.samples)

@@ -20,7 +20,7 @@ from PIL import Image
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.inference.pngmeta import shared_params
-from emoji_ldm.inference.sampler import SampleJob, Sampler, image_grid, png_bytes
+from emoji_ldm.inference.sampler import SampleJob, Sampler, image_grid, inference_device, png_bytes
 from emoji_ldm.inference.settings import SamplerSettings
 from emoji_ldm.options import opt
 
@@ -34,17 +34,17 @@ class GenerateConfig:
                                    rename={"count": "n"})
     png_metadata: bool = opt(True, flag="no-png-metadata", invert=True,
                              help="write the PNGs without their generation parameters and model id")
+    use_gpu: bool = opt(False, flag="gpu", help="draw on a GPU (cuda, the pipeline in bf16); default CPU")
 
     def __post_init__(self):
         if not self.prompt or not self.prompt.strip():
             raise UserError("--prompt is empty: describe the emoji, e.g. 'smiling cat face'")
 
 
-
 def generate(config: GenerateConfig) -> list[str]:
     """Write `count` PNGs and a sheet for one prompt; returns the PNG paths."""
     settings = config.sampler
-    sampler = Sampler.load(config.model)
+    sampler = Sampler.load(config.model, device=inference_device(config.use_gpu))
     seeds = tuple(settings.seed + i for i in range(settings.count))
     (made,) = sampler.pngs([SampleJob.of((config.prompt,) * settings.count, seeds, settings)], config.png_metadata)
     out = Path(config.out)

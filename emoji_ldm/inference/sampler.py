@@ -23,6 +23,18 @@ from emoji_ldm.options import check_choice, opt
 logger = logging.getLogger(__name__)
 
 
+def inference_device(use_gpu: bool) -> str:
+    """"cuda" for `--gpu` (refused in one line where no CUDA device is visible), else "cpu"."""
+    if not use_gpu:
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("--gpu: no CUDA device is visible here (torch.cuda.is_available() is False); run on a GPU "
+                        "node, or drop --gpu to use the CPU")
+    return "cuda"
+
+
 def model_uri(uri: str) -> str:
     """The URI of the folder holding `model_index.json`: `uri` itself or `uri/model` (a training output);
     absolute, without credentials: what PNGs and sets record as their model."""

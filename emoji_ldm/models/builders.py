@@ -154,8 +154,11 @@ def text_hidden_size(preset: Preset) -> int:
 
 @torch.no_grad()
 def encode_text(tokenizer, model, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Prompts -> (hidden states (B, L, D), attention mask (B, L), number of prompts truncated)."""
-    tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    """Prompts -> (hidden states (B, L, D), attention mask (B, L), number of prompts truncated), on the model's
+    device (the tokenizer makes CPU tensors; a CUDA model takes none)."""
+    device = next(model.parameters()).device
+    tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                       return_tensors="pt").to(device)
     full = tokenizer(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
     truncated = sum(1 for ids in full if len(ids) > max_length)
     use_mask = getattr(model.config, "use_attention_mask", False)

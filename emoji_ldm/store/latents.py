@@ -151,38 +151,75 @@ class RankStream:
         self.batches_per_epoch = sum(f.rows for f in files) // world // micro
 
     def epoch(self, epoch: int, skip: int = 0):
-        """Micro-batches `skip`.. of `epoch` as dicts of float16 arrays: latent (B, C, h, w), text_emb (B, L, D)."""
-        source = self._batches(epoch)
-        for _ in range(skip):  # the same order as before the restart: drop what was already trained on
-            next(source, None)
-        return _prefetched(source, self.prefetch)
+        """Micro-batches `skip`.. of `epoch` as dicts of float16 arrays: latent (B, C, h, w), text_emb (B, L, D).
 
-    def _rows(self, epoch: int):
-        """(latent, text_emb) per row of this rank's range, in file order."""
+        The same order as a run that never stopped. The `skip` batches already trained on are not read: the
+        shuffle is replayed on row numbers alone, then only the rows still in the shuffle buffer are read back,
+        and the stream goes on from the first unread row, whole files and row groups before it skipped."""
+        return _prefetched(self._batches(epoch, skip), self.prefetch)
+
+    def _pieces(self, epoch: int) -> list[tuple[int, int, int, int]]:
+        """(file index, first row, end row, position of the first row in this rank's stream) of this epoch."""
+        pieces, at = [], 0
+        for index, first, end in epoch_ranges(self.files, self.world, self.seed, epoch)[self.rank]:
+            pieces.append((index, first, end, at))
+            at += end - first
+        return pieces
+
+    def _rows(self, pieces, start: int = 0):
+        """(latent, text_emb) per row of this rank's stream from position `start` on, in file order."""
+        for index, first, end, at in pieces:
+            if at + (end - first) <= start:
+                continue  # a whole file before the start: not opened
+            yield from self._read(index, first + max(0, start - at), end)
+
+    def _read(self, index: int, first: int, end: int, wanted=None):
+        """Rows first..end-1 of one file (only those in the sorted list `wanted` when given), streamed in batches
+        of `read_rows` from the first row group that holds them on."""
         import pyarrow.parquet as pq
 
         from emoji_ldm.store.uri import filesystem
 
-        for index, first, end in epoch_ranges(self.files, self.world, self.seed, epoch)[self.rank]:
-            fs, path = filesystem(self.files[index].uri)
-            with fs.open_input_file(path) as f:
-                at = 0  # row number of the batch's first row in the file
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=self.read_rows, columns=_TENSOR_COLUMNS):
-                    lo, hi = max(first - at, 0), min(end - at, batch.num_rows)
-                    at += batch.num_rows
-                    if lo >= hi:
-                        if at >= end:
-                            break
-                        continue
-                    part = decode_latents(batch.slice(lo, hi - lo).to_pydict())
-                    yield from zip(part["latent"], part["text_emb"])
-                    if at >= end:
-                        break
+        fs, path = filesystem(self.files[index].uri)
+        with fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            groups, at = [], 0  # at: the file row of the first row group read
+            for g in range(parquet.num_row_groups):
+                rows = parquet.metadata.row_group(g).num_rows
+                if at + rows <= first and not groups:
+                    at += rows  # a row group before the first row: not read
+                    continue
+                groups.append(g)
+            for batch in parquet.iter_batches(batch_size=self.read_rows, row_groups=groups, columns=_TENSOR_COLUMNS):
+                lo, hi = max(first - at, 0), min(end - at, batch.num_rows)
+                if lo < hi:
+                    part = batch.slice(lo, hi - lo)
+                    if wanted is not None:
+                        part = part.take(pa.array([r - at - lo for r in wanted if at + lo <= r < at + hi], pa.int64()))
+                    if part.num_rows:
+                        decoded = decode_latents(part.to_pydict())
+                        yield from zip(decoded["latent"], decoded["text_emb"])
+                at += batch.num_rows
+                if at >= end:
+                    break
 
-    def _batches(self, epoch: int):
+    def _rows_at(self, pieces, positions: list[int]) -> dict:
+        """{position: (latent, text_emb)} of the given stream positions (the shuffle buffer at a resume)."""
+        found, wanted = {}, sorted(positions)
+        for index, first, end, at in pieces:
+            mine = [p for p in wanted if at <= p < at + (end - first)]
+            if mine:
+                rows = self._read(index, first + mine[0] - at, first + mine[-1] - at + 1,
+                                  wanted=[first + p - at for p in mine])
+                found.update(zip(mine, rows))
+        return found
+
+    def _batches(self, epoch: int, skip: int = 0):
         rng = np.random.default_rng([self.seed, epoch, self.rank])
-        buffer: list[tuple[np.ndarray, np.ndarray]] = []
-        batch: list[tuple[np.ndarray, np.ndarray]] = []
+        pieces = self._pieces(epoch)
+        total = sum(end - first for _, first, end, _ in pieces)
+        buffer: list = []
+        batch: list = []
         produced = 0
 
         def take():  # one random row out of the buffer (swap with the last, pop)
@@ -190,8 +227,28 @@ class RankStream:
             buffer[j], buffer[-1] = buffer[-1], buffer[j]
             return buffer.pop()
 
-        rows = self._rows(epoch)
-        for row in rows:
+        # Replay the shuffle of the skipped batches on row positions: the same draws, no rows read.
+        position = 0
+        while produced < min(skip, self.batches_per_epoch):
+            if position < total:
+                buffer.append(position)
+                position += 1
+                if len(buffer) < self.shuffle_buffer:
+                    continue
+            elif not buffer:
+                break
+            take()
+            if len(batch) + 1 == self.micro:
+                batch, produced = [], produced + 1
+            else:
+                batch.append(None)
+        if skip:
+            rows = self._rows_at(pieces, buffer)
+            buffer = [rows[p] for p in buffer]
+
+        for row in self._rows(pieces, position):
+            if produced >= self.batches_per_epoch:
+                return
             buffer.append(row)
             if len(buffer) < self.shuffle_buffer:
                 continue
@@ -199,8 +256,6 @@ class RankStream:
             if len(batch) == self.micro:
                 yield _stack(batch)
                 batch, produced = [], produced + 1
-                if produced == self.batches_per_epoch:
-                    return
         while buffer and produced < self.batches_per_epoch:
             batch.append(take())
             if len(batch) == self.micro:
@@ -216,27 +271,34 @@ _END = object()
 
 
 def _prefetched(source, depth: int):
-    """Run `source` in a thread, at most `depth` items ahead (decoding overlaps the training step)."""
+    """Run `source` in a thread, at most `depth` items ahead (decoding overlaps the training step). When the
+    consumer stops early, the thread stops too: no put blocks on a full queue, and `source` is closed (its
+    open file and S3 handle with it)."""
     if depth <= 0:
         yield from source
         return
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def run():
         try:
             for item in source:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(_END)
+            put(_END)
         except BaseException as e:  # re-raised in the consumer
-            q.put(e)
+            put(e)
+        finally:
+            source.close()
 
     thread = threading.Thread(target=run, daemon=True, name="latent-prefetch")
     thread.start()
@@ -250,3 +312,4 @@ def _prefetched(source, depth: int):
             yield item
     finally:
         stop.set()
+        thread.join(timeout=5)

@@ -42,7 +42,7 @@ def ema_unet(checkpoint_uri: str, preset):
 
     from emoji_ldm.models.builders import build_unet, configure_trainable
     from emoji_ldm.store.artifacts import artifact_uri, read_bytes
-    from emoji_ldm.train.step import make_ema
+    from emoji_ldm.train.ema import make_ema
 
     unet = build_unet(preset)
     params = configure_trainable(unet, preset)

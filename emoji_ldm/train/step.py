@@ -10,17 +10,7 @@ from __future__ import annotations
 
 import torch
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-def diffusion_target(noise_scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
-                     prediction_type: str) -> torch.Tensor:
-    """What the UNet learns to predict: the noise (epsilon) or the velocity (v), as in diffusers' scripts."""
-    if prediction_type == "epsilon":
-        return eps
-    if prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(x0, eps, t)
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+from emoji_ldm.models.objective import diffusion_target
 
 
 def sample_noise(latents: torch.Tensor, noise_offset: float) -> torch.Tensor:
@@ -78,18 +68,6 @@ def training_step(engine, noise_scheduler, latents: torch.Tensor, text: torch.Te
     return loss.detach()
 
 
-def make_ema(params, recipe):
-    """diffusers' `EMAModel` over copies of `params`, with the preset's decay and warm-up.
-
-    Without `ema_warmup` diffusers ramps the decay as (1 + step) / (10 + step); with it, as
-    1 - (1 + step)^-ema_power. Either is capped at `ema_decay`.
-    """
-    from diffusers.training_utils import EMAModel
-
-    return EMAModel([p.detach().clone() for p in params], decay=recipe.ema_decay,
-                    use_ema_warmup=recipe.ema_warmup, power=recipe.ema_power)
-
-
 def grad_norm(engine) -> float | None:
     """The global gradient norm of the last step (before clipping), when the engine measured it."""
     norm = engine.get_global_grad_norm()
@@ -104,6 +82,7 @@ class PlainEngine:
         self.grad_clip, self.params = grad_clip, list(params)
         self.scaler = scaler  # a torch.amp.GradScaler for fp16: dynamic loss scaling
         self.last_grad_norm = None
+        self.applied = True
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -114,15 +93,23 @@ class PlainEngine:
     def get_global_grad_norm(self) -> float | None:
         return self.last_grad_norm
 
+    def was_step_applied(self) -> bool:
+        """False after a step the GradScaler skipped (overflowed gradients), as DeepSpeed's engine reports it."""
+        return self.applied
+
     def step(self) -> None:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         # the norm before clipping, as DeepSpeed reports it (inf: no clipping)
         self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf")))
-        if self.scaler:  # skips the step when the gradients overflowed, and adapts the scale
+        self.applied = True
+        if self.scaler:  # skips the step when the gradients overflowed, and lowers the scale
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            self.applied = self.scaler.get_scale() >= scale
         else:
             self.optimizer.step()
-        self.lr_scheduler.step()
+        if self.applied:  # DeepSpeed does not advance the LR schedule on a skipped step either
+            self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -62,7 +62,7 @@ class VAEWithLoss(torch.nn.Module):
 
 
 def vae_train_loop(config: dict) -> None:
-    """Ray Train worker: DDP over the in-memory image shard."""
+    """Ray Train worker (`runner.fit`): DDP over the in-memory image shard."""
     import ray.train
     from ray.train.torch import prepare_model
 
@@ -128,13 +128,11 @@ def vae_train_loop(config: dict) -> None:
 
 def train_vae(config: VAETrainConfig) -> dict:
     """Train the preset's VAE on a dataset version; returns its card."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from emoji_ldm.runtime import ensure_ray, require_shared
     from emoji_ldm.store.artifacts import artifact_uri, check_writable, upload_dir, write_json
     from emoji_ldm.store.delta import read_dataset
     from emoji_ldm.store.uri import DatasetRef, filesystem
+    from emoji_ldm.train import runner
     from emoji_ldm.train.data import decode_images
     from emoji_ldm.version import code_version
 
@@ -150,21 +148,15 @@ def train_vae(config: VAETrainConfig) -> dict:
         raise UserError(f"dataset {config.dataset!r} (version {version}) has no rows to train on")
     steps = config.max_steps or preset.vae.train_steps
     require_shared(out, "the VAE folder (--out)")
-    fs, storage = filesystem(artifact_uri(out, "_emoji_ldm", "train"))  # beside the VAE, where every node reaches
-    trainer = TorchTrainer(
-        vae_train_loop,
-        train_loop_config={"preset": preset.to_dict(), "max_steps": steps},
-        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
-        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(name=time.strftime("train-vae-%Y%m%d-%H%M%S"), storage_path=storage,
-                                       storage_filesystem=fs),
-        datasets={"train": ds},
-    )
-    result = trainer.fit()
+    storage = artifact_uri(out, "_emoji_ldm", "train")  # beside the VAE, where every node reaches
+    result = runner.fit(vae_train_loop, {"preset": preset.to_dict(), "max_steps": steps}, name="train-vae", out=out,
+                        workers=config.workers, use_gpu=config.use_gpu, max_failures=0, datasets={"train": ds},
+                        storage_uri=storage)
     with result.checkpoint.as_directory() as folder:
         metrics = json.load(open(f"{folder}/metrics.json"))
         upload_dir(folder, out)
-    fs.delete_dir_contents(storage, missing_dir_ok=True)  # the run's checkpoint is the VAE now under OUT
+    fs, path = filesystem(storage)
+    fs.delete_dir_contents(path, missing_dir_ok=True)  # the run's checkpoint is the VAE now under OUT
     card = {
         "kind": "vae", "out": out, "dataset": DatasetRef.parse(config.dataset).uri, "dataset_version": version,
         "rows": rows,

@@ -138,7 +138,7 @@ def test_noise_offset_shifts_each_channel_by_one_shared_draw():
 
 
 def test_ema_warmup_follows_diffusers_schedule():
-    from emoji_ldm.train.step import make_ema
+    from emoji_ldm.train.ema import make_ema
 
     params = [torch.nn.Parameter(torch.zeros(3))]
     spec = get_preset("tiny", {"train.ema_decay": 0.999}).train

@@ -1,0 +1,127 @@
+"""Checkpoints of a training run, shared by every recipe (`train`, `dreambooth`).
+
+A checkpoint is one Ray Train checkpoint under `OUT/checkpoints/<run>/step-XXXXXXXX/`:
+  ds/                 the DeepSpeed engine's state: every rank's shard of the weights and optimizer
+  rng-rank<R>.pt      each rank's RNG state (CPU, and CUDA on a GPU): a resumed run draws the same noise,
+                      timesteps and caption dropout as the run it continues
+  ema.pt              the fp32 EMA (rank 0), when the recipe keeps one
+  state.json          the recipe's counters and what must match to resume (written last by rank 0: a folder
+                      without it is incomplete and never resumed from)
+
+`save` is called by every rank at the same step; `restore` puts a worker back where a checkpoint left it;
+`latest` finds the newest complete checkpoint on the driver; `open_checkpoint` builds the Ray Train checkpoint
+with the project's filesystem (so `s3://` resumes reach MinIO with the project's endpoint and credentials).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def rng_state(device) -> dict:
+    import torch
+
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device) -> None:
+    import torch
+
+    if isinstance(state, torch.Tensor):  # checkpoints written before the CUDA state was saved
+        state = {"cpu": state}
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save(engine, counters: dict, meta: dict, *, rank: int, device, ema=None, log=None,
+         metrics: dict | None = None) -> None:
+    """Every rank: its engine shard and RNG state; rank 0 also the EMA, state.json and the logs. Then
+    `ray.train.report` copies the folder to the run's storage as `step-XXXXXXXX`."""
+    import ray.train
+    import torch
+
+    folder = Path(tempfile.mkdtemp(prefix="emoji-ldm-ckpt-"))
+    try:
+        engine.save_checkpoint(str(folder), tag="ds", client_state=dict(counters))
+        torch.save(rng_state(device), folder / f"rng-rank{rank}.pt")
+        if rank == 0:
+            if ema is not None:
+                torch.save(ema.state_dict(), folder / "ema.pt")
+            (folder / "state.json").write_text(json.dumps({**counters, **meta}, indent=2))
+            if log is not None:
+                log.flush()
+        ray.train.report(dict(metrics or {}, step=counters["step"]),
+                         checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                         checkpoint_dir_name=f"step-{counters['step']:08d}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # report() has copied it to the run's storage
+
+
+def open_checkpoint(uri: str):
+    """A Ray Train `Checkpoint` at `uri` (local or s3://) on the project's filesystem, not pyarrow's default one."""
+    import ray.train
+
+    from emoji_ldm.store.uri import filesystem
+
+    fs, path = filesystem(uri)
+    return ray.train.Checkpoint(path, filesystem=fs)
+
+
+def restore(engine, resume_from: str | None, counters: dict, *, rank: int, device, ema=None) -> str | None:
+    """Load Ray Train's checkpoint of this attempt (after a worker failure) or `resume_from` (`--resume`) into
+    the engine, the EMA, the RNG and `counters` (updated in place). Returns where it came from, or None."""
+    import ray.train
+    import torch
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and resume_from:
+        checkpoint = open_checkpoint(resume_from)
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        _, client = engine.load_checkpoint(folder, tag="ds", load_lr_scheduler_states=True)
+        counters.update({k: client[k] for k in counters})
+        if ema is not None:
+            # map_location: every rank would otherwise put a full EMA on the GPU it was saved from (cuda:0)
+            ema.load_state_dict(torch.load(Path(folder) / "ema.pt", weights_only=False, map_location="cpu"))
+            ema.to(device)
+        rng = Path(folder) / f"rng-rank{rank}.pt"
+        if rng.exists():
+            set_rng_state(torch.load(rng, weights_only=False, map_location="cpu"), device)
+    return checkpoint.path
+
+
+def latest(out: str) -> tuple[str, dict] | None:
+    """(URI, state.json) of the newest complete checkpoint under OUT/checkpoints, if any: one whose state.json
+    exists and that holds an optimizer shard from every rank (ZeRO 1-3)."""
+    import pyarrow.fs as pafs
+
+    from emoji_ldm.store.artifacts import artifact_uri
+    from emoji_ldm.store.uri import filesystem, is_s3
+
+    fs, path = filesystem(artifact_uri(out, "checkpoints"))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except FileNotFoundError:
+        return None
+    found = []
+    for info in infos:
+        if info.path.endswith("/state.json") and "/step-" in info.path:
+            folder = info.path.rsplit("/", 1)[0]
+            with fs.open_input_stream(info.path) as f:
+                state = json.loads(f.read())
+            shards = sum(1 for i in infos
+                         if i.path.startswith(folder + "/") and i.base_name.endswith("optim_states.pt"))
+            if shards >= state["world_size"] or state["zero_stage"] == 0:
+                found.append((state["step"], ("s3://" + folder) if is_s3(out) else folder, state))
+    if not found:
+        return None
+    _, folder, state = max(found, key=lambda f: f[0])
+    return folder, state

@@ -1,0 +1,153 @@
+"""DreamBooth's data: the instance photos as a dataset version, and the class images the base model draws.
+
+- `instance_table`: the photos through `dataset build` at OUT/instance (3 to 1,000 accepted);
+- `class_images`: the class table holds `--num-class-images` rows of this base and class prompt: the missing
+  ones are drawn in Ray Data actors (`ClassImageSampler`) and committed as one version;
+- `read_images`: a worker's PNG bytes of those two small tables.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from emoji_ldm.errors import UserError
+
+MIN_INSTANCE, MAX_INSTANCE = 3, 1000
+MAX_CLASS_IMAGES = 1000  # each worker holds the class images' PNG bytes in memory
+
+CLASS_SCHEMA = pa.schema([
+    ("id", pa.string()),            # sha256 of the PNG
+    ("image", pa.binary()),         # RGB PNG at the base model's resolution, with its generation parameters
+    ("prompt", pa.string()),        # the class prompt
+    ("seed", pa.int64()),
+    ("base", pa.string()),          # the base model's content id: rows are reused only for the same weights
+    ("base_uri", pa.string()),
+    ("steps", pa.int32()),
+    ("guidance", pa.float32()),
+    ("created_at", pa.timestamp("us", tz="UTC")),
+])
+
+
+
+def read_images(uri: str, version: int, filter_=None, limit: int | None = None) -> list[bytes]:
+    """The PNG bytes of a small table (instance photos, class images): bounded by the config's limits."""
+    from emoji_ldm.store.delta import open_table
+    from emoji_ldm.store.uri import DatasetRef
+
+    dataset = open_table(DatasetRef(uri, version=version)).to_pyarrow_dataset()
+    scanner = dataset.scanner(columns=["image"], filter=filter_)
+    table = scanner.head(limit) if limit else scanner.to_table()
+    return table.column("image").to_pylist()
+
+
+def pipeline_image_size(base: str) -> int:
+    """The base pipeline's resolution in pixels, from its configs alone (unet sample_size x the VAE's factor)."""
+    from emoji_ldm.store.artifacts import read_json
+    from emoji_ldm.store.uri import join
+
+    try:
+        unet = read_json(join(base, "unet", "config.json"))
+        vae = read_json(join(base, "vae", "config.json"))
+    except (UserError, OSError, ValueError) as e:
+        raise UserError(f"--base {base!r} is not a Stable Diffusion pipeline folder (unet/ and vae/ configs): "
+                        f"{e}") from None
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def instance_table(config, out: str, size: int) -> tuple[str, int, list[dict]]:
+    """Step 1: the photos as a dataset version at OUT/instance; (uri, version, [{id, source_url}] of its rows).
+
+    Builds with a limit of one more than the maximum, so a huge folder is never ingested in full; a count out
+    of range removes a table this run created, so nothing is left half-written."""
+    from emoji_ldm.ingest.build import BuildConfig, build_dataset
+    from emoji_ldm.ingest.images import ImageConfig
+    from emoji_ldm.store.delta import open_table, table_exists
+    from emoji_ldm.store.uri import filesystem, join
+
+    uri = join(out, "instance")
+    created = not table_exists(uri)
+    summary = build_dataset(BuildConfig(source=config.instance_data, out=uri, image=ImageConfig(size=size),
+                                        limit=MAX_INSTANCE + 1, message="dreambooth instance photos"))
+    print(f"[dreambooth] instance photos: {summary.line()}", flush=True)
+    table = open_table(uri)
+    rows = table.to_pyarrow_dataset().to_table(columns=["id", "source_url"])  # at most MAX_INSTANCE + 1 rows
+    if not MIN_INSTANCE <= rows.num_rows <= MAX_INSTANCE:
+        if created:
+            fs, path = filesystem(uri)
+            fs.delete_dir(path)
+        raise UserError(f"--instance-data {config.instance_data!r} gave {rows.num_rows}"
+                        f"{'+' if rows.num_rows > MAX_INSTANCE else ''} usable photos: DreamBooth takes "
+                        f"{MIN_INSTANCE} to {MAX_INSTANCE} (10-20 is typical)")
+    return uri, table.version(), rows.to_pylist()
+
+
+class ClassImageSampler:
+    """A Ray Data actor: the base pipeline, once per actor; a batch of seeds in, class-image rows out."""
+
+    def __init__(self, base: str, base_id: str, prompt: str, steps: int, guidance: float, device: str):
+        from emoji_ldm.inference.sampler import Sampler
+
+        self.sampler = Sampler.load(base, device=device)
+        self.base, self.base_id, self.prompt, self.steps, self.guidance = base, base_id, prompt, steps, guidance
+
+    def __call__(self, batch: dict) -> pa.Table:
+        import datetime as dt
+        import hashlib
+
+        from emoji_ldm.inference.sampler import SampleJob
+
+        seeds = tuple(int(s) for s in batch["seed"])
+        job = SampleJob((self.prompt,) * len(seeds), seeds, "", self.steps, self.guidance)
+        now = dt.datetime.now(dt.timezone.utc)
+        rows = [{"id": hashlib.sha256(png).hexdigest(), "image": png, "prompt": self.prompt, "seed": seed,
+                 "base": self.base_id, "base_uri": self.base, "steps": self.steps, "guidance": self.guidance,
+                 "created_at": now}
+                for seed, (png, _) in zip(seeds, self.sampler.pngs([job])[0])]
+        return pa.Table.from_pylist(rows, schema=CLASS_SCHEMA)
+
+
+def class_images(config, base: str, base_id: str, uri: str) -> tuple[int, int, int]:
+    """Step 2: make the class table hold `num_class_images` rows of this base and class prompt.
+
+    Counts the rows it has (an expression filter; no rows read), draws only the missing ones in Ray Data
+    actors and commits them as one new version. Returns (version, reused, generated)."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import ray.data
+
+    from emoji_ldm.store.delta import CommitDeltaDatasink, open_table, table_exists
+    from emoji_ldm.version import code_version
+
+    wanted = (pc.field("base") == base_id) & (pc.field("prompt") == config.class_prompt)
+    have = open_table(uri).to_pyarrow_dataset().count_rows(filter=wanted) if table_exists(uri) else 0
+    missing = max(0, config.num_class_images - have)
+    if missing:
+        print(f"[dreambooth] class images: {have} of {config.num_class_images} for {config.class_prompt!r} in "
+              f"{uri}; drawing {missing} with the base model", flush=True)
+        # the seeds are in the object store (no read tasks) and the commit's write tasks take no CPU, so the
+        # model actors may hold every CPU without starving the pipeline around them
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        actors = min(config.class_actors, cpus)
+        if actors < config.class_actors:
+            print(f"[dreambooth] --class-actors {config.class_actors} lowered to {actors}: the cluster has "
+                  f"{cpus} CPUs", flush=True)
+        first = config.seed + have  # new seeds: a re-run after a partial generation draws different images
+        wanted_seeds = np.arange(first, first + missing, dtype=np.int64)  # (missing,): the work asked, not a table
+        seeds = ray.data.from_numpy([wanted_seeds[i:i + config.class_batch]  # one block per batch, over the actors
+                                     for i in range(0, missing, config.class_batch)]).rename_columns({"data": "seed"})
+        rows = seeds.map_batches(
+            ClassImageSampler,
+            fn_constructor_kwargs={"base": base, "base_id": base_id, "prompt": config.class_prompt,
+                                   "steps": config.class_steps, "guidance": config.class_guidance,
+                                   "device": "cuda" if config.use_gpu else "cpu"},
+            batch_size=config.class_batch, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=1 if config.use_gpu else 0,
+        )
+        rows.write_datasink(CommitDeltaDatasink(uri, schema=CLASS_SCHEMA, metadata={
+            "operation": "dreambooth-class-images", "source": base, "model_content_id": base_id,
+            "counts": {"added": missing}, "code_version": code_version(),
+            "message": f"{missing} class images of {config.class_prompt!r}"}), ray_remote_args={"num_cpus": 0})
+    else:
+        print(f"[dreambooth] class images: reusing {have} for {config.class_prompt!r} in {uri}", flush=True)
+    return open_table(uri).version(), min(have, config.num_class_images), missing

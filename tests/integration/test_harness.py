@@ -1,0 +1,134 @@
+"""The training harness (train/runner.py, checkpoint.py, ema.py, metrics.py) on what a GPU cluster hits first,
+reproduced on CPU: DeepSpeed bf16, one rank failing alone, checkpoints and resume on S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+
+from emoji_ldm.errors import UserError
+from emoji_ldm.ingest.build import BuildConfig, build_dataset
+from emoji_ldm.train.encode import EncodeConfig, encode
+from emoji_ldm.train.ldm import TrainConfig, latest_checkpoint, train
+from emoji_ldm.train.speed import SpeedOptions
+from emoji_ldm.train.vae import VAETrainConfig, train_vae
+
+FAST = {"train.log_every": 1, "train.sample_every": 0, "train.checkpoint_every": 3, "train.warmup_steps": 1,
+        "unet.block_out_channels": "32,64", "train.batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def latents(ray_local, tmp_path_factory):
+    """32 Twemoji -> a 2-step VAE -> a latent table (tiny preset)."""
+    root = tmp_path_factory.mktemp("harness")
+    build_dataset(BuildConfig(source="twemoji", out=str(root / "ds"), limit=32))
+    train_vae(VAETrainConfig(dataset=str(root / "ds"), out=str(root / "vae"), max_steps=2))
+    encode(EncodeConfig(dataset=str(root / "ds"), out=str(root / "lat"), vae=str(root / "vae")))
+    return str(root / "lat")
+
+
+def _train(data, out, **kwargs):
+    overrides = {**FAST, **kwargs.pop("overrides", {})}
+    return train(TrainConfig(data=data, out=str(out), overrides=overrides, **kwargs))
+
+
+@pytest.fixture
+def one_rank_gloo():
+    """A one-process gloo group, as a Ray Train worker has, for DeepSpeed outside Ray."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_ema_under_deepspeed_bf16_moves_like_fp32(one_rank_gloo):
+    """DeepSpeed bf16 (bf16 module, fp32 masters): with decay 0.9999 an EMA of the bf16 weights cannot move
+    (1e-4 x (s - p) is below bf16's resolution). The harness's EMA is fp32, fed from the masters, and moves
+    by what an fp32 reference computes from the same masters."""
+    import deepspeed
+
+    from emoji_ldm.models.builders import build_unet, configure_trainable
+    from emoji_ldm.models.presets import get_preset
+    from emoji_ldm.train.ema import make_ema, master_weights
+    from emoji_ldm.train.runner import deepspeed_config
+
+    preset = get_preset("tiny", {"unet.block_out_channels": "32,32", "train.ema_decay": 0.9999})
+    torch.manual_seed(0)
+    unet = build_unet(preset)
+    params = configure_trainable(unet, preset)
+    engine, *_ = deepspeed.initialize(model=unet, optimizer=torch.optim.AdamW(params, lr=1e-2),
+                                      config=deepspeed_config(2, 1, 1.0, 2, "bf16"),
+                                      dist_init_required=False)
+    assert next(engine.module.parameters()).dtype == torch.bfloat16
+    ema = make_ema(master_weights(params), preset.train)
+    ema.optimization_step = 10**6  # the decay at its ceiling, 0.9999, from the first update
+    reference = [s.double().clone() for s in ema.shadow_params]
+    start = [s.clone() for s in ema.shadow_params]
+    text = torch.randn(2, 8, unet.config.cross_attention_dim)
+    for _ in range(5):
+        out = engine(torch.randn(2, 4, 8, 8).bfloat16(), torch.tensor([10, 500]),
+                     encoder_hidden_states=text.bfloat16()).sample
+        engine.backward(out.float().pow(2).mean())
+        engine.step()
+        masters = master_weights(params)
+        ema.step(masters)
+        for r, m in zip(reference, masters):
+            r.mul_(0.9999).add_(m.double(), alpha=1e-4)
+    assert all(s.dtype == torch.float32 for s in ema.shadow_params)
+    moved = sum(float((s - s0).abs().sum()) for s, s0 in zip(ema.shadow_params, start))
+    expected = sum(float((r - s0.double()).abs().sum()) for r, s0 in zip(reference, start))
+    assert expected > 0 and moved == pytest.approx(expected, rel=1e-3)
+    assert all(torch.allclose(s.double(), r, atol=1e-6) for s, r in zip(ema.shadow_params, reference))
+
+
+def test_bf16_run_keeps_an_fp32_ema_and_exports_it(latents, tmp_path):
+    """A bf16 run of 2 workers: the checkpoint's EMA is fp32 and the exported UNet is exactly that EMA."""
+    from diffusers import UNet2DConditionModel
+
+    card = _train(latents, tmp_path / "run", max_steps=3, speed=SpeedOptions(precision="bf16"))
+    assert card["training"]["steps"] == 3
+    folder, _ = latest_checkpoint(str(tmp_path / "run"))
+    shadow = torch.load(f"{folder}/ema.pt", weights_only=False)["shadow_params"]
+    assert {s.dtype for s in shadow} == {torch.float32}
+    unet = UNet2DConditionModel.from_pretrained(str(tmp_path / "run" / "model" / "unet"))
+    exported = list(unet.parameters())
+    assert len(exported) == len(shadow)
+    assert all(torch.equal(p.data, s) for p, s in zip(exported, shadow))
+
+
+@pytest.mark.timeout(600)
+def test_user_error_on_one_rank_stops_every_rank(latents, tmp_path):
+    """A UserError on rank 1 alone (rank 0 goes on into the next collective): the run stops with that one
+    line, without waiting for the collective's timeout, and Ray's restarts do not retry it."""
+    with pytest.raises(UserError, match="fault injection: a user error on rank 1 at step 2"):
+        _train(latents, tmp_path / "run", max_steps=6, user_error_at_step=2, max_failures=2)
+
+
+def test_crash_then_resume_from_s3(s3_server, latents, tmp_path):
+    """Checkpoints on moto S3; rank 1 dies after the step-3 checkpoint; `--resume` continues from s3://."""
+    from ray.train import WorkerGroupError
+
+    s3_server.client().create_bucket(Bucket="harness-runs")
+    out = "s3://harness-runs/runs/crash"
+    with pytest.raises(WorkerGroupError):
+        _train(latents, out, max_steps=5, crash_at_step=4, max_failures=0)
+    found = latest_checkpoint(out)
+    assert found and found[0].startswith("s3://") and found[1]["step"] == 3
+    card = _train(latents, out, max_steps=5, resume=True)
+    assert card["training"]["steps"] == 5
+    rows = [json.loads(line)["step"] for line in
+            s3_server.client().get_object(Bucket="harness-runs", Key="runs/crash/metrics.jsonl")["Body"].read()
+            .decode().splitlines()]
+    assert rows == [1, 2, 3, 4, 5]

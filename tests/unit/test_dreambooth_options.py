@@ -1,0 +1,21 @@
+"""DreamBooth applies the fast-path options as `train` does (they were once parsed and then ignored)."""
+
+from __future__ import annotations
+
+from emoji_ldm.train.dreambooth import DreamBoothConfig
+from emoji_ldm.train.dreambooth_lora import configure
+from emoji_ldm.train.speed import SpeedOptions
+from tests.tiny_models import tiny_sd_pipeline
+
+
+def test_gradient_checkpointing_reaches_the_unet_and_text_encoder(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_pipeline(tmp_path / "sd")), safety_checker=None,
+                                                   requires_safety_checker=False)
+    config = DreamBoothConfig(base="x", instance_data="dir:x", instance_prompt="a sks cat", class_prompt="a cat",
+                              out="x", train_text_encoder=True, speed=SpeedOptions(gradient_checkpointing=True))
+    params = configure(pipe, config)
+    assert params and pipe.unet.is_gradient_checkpointing
+    assert pipe.text_encoder.is_gradient_checkpointing
+
