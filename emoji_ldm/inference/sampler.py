@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -243,11 +243,12 @@ class Sampler:
         self.calls = 0
         return time.perf_counter() - start
 
-    def pngs(self, jobs: list[SampleJob], metadata: bool = True) -> list[list[tuple[bytes, dict]]]:
+    def pngs(self, jobs: list[SampleJob], metadata: bool = True,
+             max_batch: int | None = None) -> list[list[tuple[bytes, dict]]]:
         """Per job, (PNG bytes, its generation parameters) per image; the PNGs carry the parameters as
-        text chunks unless `metadata` is False."""
+        text chunks unless `metadata` is False. `max_batch`: see `sample`."""
         out = []
-        for job, images in zip(jobs, self.sample(jobs)):
+        for job, images in zip(jobs, self.sample(jobs, max_batch)):
             adapter = self.adapters.get(job.adapter) if job.adapter else None
             params = [job.image_params(i, im.width, im.height, self.model_uri, self.content_id, adapter)
                       for i, im in enumerate(images)]
@@ -262,17 +263,29 @@ class Sampler:
         s = (size or self.image_size) // self.pipe.vae_scale_factor
         return torch.randn((1, c, s, s), generator=torch.Generator("cpu").manual_seed(seed))
 
-    def sample(self, jobs: list[SampleJob]) -> list[list[Image.Image]]:
-        """Images per job, in order; one pipeline call per distinct (steps, guidance, scheduler)."""
-        out: list[list[Image.Image] | None] = [None] * len(jobs)
+    def sample(self, jobs: list[SampleJob], max_batch: int | None = None) -> list[list[Image.Image]]:
+        """Images per job, in order; one pipeline call per distinct (steps, guidance, scheduler), split into calls of
+        at most `max_batch` images (a job larger than that spans several calls). An image depends only on its own
+        prompt, seed and settings, so the split changes no image."""
+        out: list[list[Image.Image]] = [[] for _ in jobs]
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault(job.settings, []).append(i)
         for members in groups.values():
-            images = self._call([jobs[i] for i in members])
+            pieces = []  # (job index, a slice of that job of at most max_batch images), in order
             for i in members:
-                n = len(jobs[i].prompts)
-                out[i], images = images[:n], images[n:]
+                job, step = jobs[i], max_batch or max(1, len(jobs[i].prompts))
+                pieces += [(i, replace(job, prompts=job.prompts[a:a + step], seeds=job.seeds[a:a + step]))
+                           for a in range(0, len(job.prompts), step)]
+            while pieces:
+                call = [pieces.pop(0)]
+                while pieces and (not max_batch or
+                                  sum(len(p.prompts) for _, p in call) + len(pieces[0][1].prompts) <= max_batch):
+                    call.append(pieces.pop(0))
+                images = self._call([p for _, p in call])
+                for i, p in call:
+                    out[i].extend(images[:len(p.prompts)])
+                    images = images[len(p.prompts):]
         return out
 
     def _call(self, jobs: list[SampleJob]) -> list[Image.Image]:

@@ -75,6 +75,10 @@ class AppArgs:
             raise UserError(f"args.torch_threads must be 0 (Ray's default) or more, got {self.torch_threads}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"args.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.compile and self.adapters:
+            raise UserError("args.compile with LoRA adapters: a compiled UNet that switches adapters per request "
+                            "recompiles until torch.compile gives up; serve adapters without compile, or serve "
+                            "the fused model (the dreambooth run's OUT/model) compiled")
         self.inference()  # validates dtype
 
     def inference(self):

@@ -192,6 +192,7 @@ class BulkGenerator:
         if not is_s3(images_uri):  # S3 has no folders (create_dir would leave an empty marker object)
             self.fs.create_dir(self.root, recursive=True)
         self.settings, self.model, self.png_metadata = settings, model, png_metadata
+        self.images_per_call = images_per_call
 
     def __call__(self, batch: dict) -> pa.Table:
         from emoji_ldm.inference.sampler import SampleJob
@@ -202,7 +203,8 @@ class BulkGenerator:
         jobs = [SampleJob.of((p,) * s.count, seeds, s) for p in prompts]
         rows = []
         now = dt.datetime.now(dt.timezone.utc)
-        for pid, prompt, made in zip(batch["prompt_id"], prompts, self.sampler.pngs(jobs, self.png_metadata)):
+        made_per_prompt = self.sampler.pngs(jobs, self.png_metadata, self.images_per_call)
+        for pid, prompt, made in zip(batch["prompt_id"], prompts, made_per_prompt):
             for i, (data, params) in enumerate(made):
                 name = f"{pid}-{i:02d}.png"
                 with self.fs.open_output_stream(f"{self.root.rstrip('/')}/{name}") as f:
@@ -259,7 +261,7 @@ def bulk_generate(config: BulkConfig) -> dict:
         fn_constructor_kwargs={"model": model, "images_uri": images_uri, "settings": config.sampler,
                                "device": "cuda" if config.num_gpus > 0 else "cpu",
                                "png_metadata": config.png_metadata, "inference": config.inference,
-                               "images_per_call": per_call * per_prompt},
+                               "images_per_call": min(per_call * per_prompt, config.batch_size)},
         batch_size=per_call,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=config.concurrency),

@@ -57,10 +57,31 @@ class ServeConfig:
     adapters: dict[str, str] = opt(default_factory=dict, flag="adapter", metavar="NAME=URI",
                                    help="a LoRA adapter (dreambooth --method lora output) served on top of the model, "
                                         "chosen per request with \"adapter\": NAME (repeatable)")
+    gpus: float = opt(0.0, help="GPUs per replica (Ray's num_gpus; 0.5 shares one GPU between two replicas); "
+                                "0: replicas run on CPU")
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
             raise UserError(f"--port must be from 1 to 65535, got {self.port}")
+        if not 0 <= self.gpus <= 8:
+            raise UserError(f"--gpus must be from 0 to 8 per replica, got {self.gpus}")
+
+
+def generator_resources(deployments: list[dict] | None, gpus: float, cluster_gpus: float) -> tuple[list, str | None]:
+    """The Serve config's deployments with `--gpus` as the Generator's `num_gpus` (Ray hides GPUs from an actor
+    that asks for none, so a replica without it runs on CPU even on a GPU node), and a start-up note when the
+    cluster has GPUs that no replica asks for."""
+    out = []
+    for d in deployments or []:
+        if d.get("name") == "Generator" and gpus:
+            d = {**d, "ray_actor_options": {**d.get("ray_actor_options", {}), "num_gpus": gpus}}
+        out.append(d)
+    asked = any(d.get("ray_actor_options", {}).get("num_gpus") for d in out if d.get("name") == "Generator")
+    note = None
+    if cluster_gpus and not asked:
+        note = (f"the cluster has {cluster_gpus:g} GPU(s) but the replicas ask for none, so they run on CPU: "
+                "pass --gpus 1 to put each replica on a GPU")
+    return out, note
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -100,10 +121,20 @@ def start(config: ServeConfig) -> str:
         args["adapters"] = {**args.get("adapters", {}), **{k: normalize_uri(v) for k, v in config.adapters.items()}}
     AppArgs(**args)
     _check_port_free(config.host, config.port)
+    if config.gpus:
+        args["device"] = "cuda"
+    elif args.get("device") == "cuda":
+        raise UserError("the Serve config asks for device: cuda but no GPU per replica: pass --gpus 1")
     ensure_ray()
+    import ray
+
+    deployments, note = generator_resources(app_cfg.get("deployments"), config.gpus,
+                                            ray.cluster_resources().get("GPU", 0))
+    if note:
+        print(f"serve: {note}", flush=True)
     http = {**raw.get("http_options", {}), "host": config.host, "port": config.port}
     serve.start(http_options=http, proxy_location=raw.get("proxy_location", "EveryNode"))
-    serve.run(application(args, app_cfg.get("deployments")), name=app_cfg.get("name", APP_NAME),
+    serve.run(application(args, deployments), name=app_cfg.get("name", APP_NAME),
               route_prefix=app_cfg.get("route_prefix", "/"))
     return f"http://{config.host}:{config.port}"
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,6 +18,8 @@ import pyarrow.fs as pafs
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.store.uri import filesystem, is_s3, join, normalize_uri
+
+logger = logging.getLogger(__name__)
 
 
 def exists(uri: str) -> bool:
@@ -89,23 +91,37 @@ def read_json(uri: str):
 
 
 def local_copy(uri: str) -> str:
-    """A local folder with the contents of `uri`: the path itself, or a cached download from S3."""
+    """A local folder with the contents of `uri`: the path itself, or a copy of an S3 folder in this node's cache.
+
+    Many processes of one node load the same model at once (training ranks, Serve replicas, bulk and encode
+    actors). The copy is downloaded once: under a file lock, into a temporary folder renamed into place, and
+    reused while the remote files are unchanged (the cache key holds their names, sizes and times); a folder in
+    the cache is complete by construction and is never deleted while another process may be loading it.
+    """
+    from filelock import FileLock
+
     uri = normalize_uri(uri)
     if not is_s3(uri):
         if not Path(uri).exists():
             raise UserError(f"{uri!r} does not exist")
         return uri
-    cache = Path(os.environ.get("EMOJI_LDM_CACHE", Path(tempfile.gettempdir()) / "emoji-ldm-cache"))
-    target = cache / hashlib.sha1(uri.encode()).hexdigest()[:16]
     fs, path = filesystem(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
         raise UserError(f"{uri!r} does not exist")
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache))  # same filesystem as the target, so the rename is atomic
-    pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    listing = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    version = hashlib.sha1(json.dumps(sorted((i.path, i.size, str(i.mtime)) for i in listing)).encode()).hexdigest()
+    cache = Path(os.environ.get("EMOJI_LDM_CACHE", Path(tempfile.gettempdir()) / "emoji-ldm-cache"))
+    target = cache / f"{hashlib.sha1(uri.encode()).hexdigest()[:16]}-{version[:12]}"
     if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+        return str(target)
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{target}.lock"):
+        if not target.exists():  # another process did not finish it while this one waited
+            logger.info("downloading %s to %s", uri, target)
+            tmp = Path(tempfile.mkdtemp(dir=cache))  # same filesystem as the target: the rename is atomic
+            pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            tmp.rename(target)
     return str(target)
 
 

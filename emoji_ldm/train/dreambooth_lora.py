@@ -40,6 +40,17 @@ def configure(pipe, config) -> list:
     return [p for m in (pipe.unet, pipe.text_encoder) for p in m.parameters() if p.requires_grad]
 
 
+def text_encoder_lora_layers(text_encoder) -> dict:
+    """The text encoder's LoRA weights in diffusers' format (`lora_linear_layer.down/up`), for any text encoder.
+
+    diffusers' own conversion renames only CLIP's projections (q_proj, k_proj, v_proj, out_proj); a BERT-family
+    encoder's (query, key, value) would keep peft's names, which `load_lora_weights` cannot read back."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k.replace(".lora_A.", ".lora_linear_layer.down.").replace(".lora_B.", ".lora_linear_layer.up."): v
+            for k, v in get_peft_model_state_dict(text_encoder).items()}
+
+
 def export(engine, run, rank: int, log) -> None:
     """OUT/lora (with LoRA) and OUT/model (the full pipeline, LoRA fused), card last; rank 0 writes.
 
@@ -78,7 +89,7 @@ def export(engine, run, rank: int, log) -> None:
         lora = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
                 "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
         if run.config.train_text_encoder:
-            lora["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
+            lora["text_encoder_lora_layers"] = text_encoder_lora_layers(text_encoder)
             lora["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
         with tempfile.TemporaryDirectory() as tmp:
             StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **lora)

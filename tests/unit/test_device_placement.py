@@ -66,3 +66,27 @@ def test_generate_and_eval_take_gpu_and_refuse_it_without_cuda():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="--gpu: no CUDA device is visible here"):
             inference_device(True)
+
+
+def test_serve_gpus_reach_the_replicas_and_a_visible_gpu_is_named():
+    from emoji_ldm.serve.run import generator_resources
+
+    deployments = [{"name": "Generator", "ray_actor_options": {"num_cpus": 1}}, {"name": "Ingress"}]
+    placed, note = generator_resources(deployments, 1, cluster_gpus=4)
+    assert placed[0]["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1} and note is None
+    assert placed[1] == {"name": "Ingress"} and deployments[0]["ray_actor_options"] == {"num_cpus": 1}
+    placed, note = generator_resources(deployments, 0, cluster_gpus=4)
+    assert "num_gpus" not in placed[0]["ray_actor_options"] and "pass --gpus 1" in note
+    assert generator_resources(deployments, 0, cluster_gpus=0)[1] is None
+
+
+def test_compile_with_adapters_is_refused_in_one_line():
+    import pytest
+
+    from emoji_ldm.errors import UserError
+    from emoji_ldm.serve.app import AppArgs
+
+    with pytest.raises(UserError, match="args.compile with LoRA adapters"):
+        AppArgs(model="/m", compile=True, adapters={"me": "/lora"})
+    AppArgs(model="/m", compile=True)  # either alone is fine
+    AppArgs(model="/m", adapters={"me": "/lora"})

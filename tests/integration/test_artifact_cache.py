@@ -1,0 +1,43 @@
+"""A model on S3 that several processes of one node load at once (ranks, replicas, actors) is downloaded once,
+and each of them gets a complete copy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.tiny_models import tiny_sd_pipeline
+
+LOAD = """
+import logging, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+from diffusers import StableDiffusionPipeline
+from emoji_ldm.store.artifacts import local_copy
+folder = local_copy(sys.argv[1])
+StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+print("loaded", folder)
+"""
+
+
+def test_four_processes_load_one_s3_model_downloading_it_once(s3_server, tmp_path):
+    import os
+
+    s3_server.client().create_bucket(Bucket="cache-models")
+    folder = tiny_sd_pipeline(tmp_path / "sd")
+    for path in folder.rglob("*"):
+        if path.is_file():
+            s3_server.client().upload_file(str(path), "cache-models", f"m/{path.relative_to(folder)}")
+    env = {**os.environ, **s3_server.env(), "EMOJI_LDM_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", LOAD, "s3://cache-models/m"], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    logs = "".join(out for out, _ in outs)
+    assert logs.count("downloading s3://cache-models/m") == 1, logs
+    assert len({line.split()[1] for line in logs.splitlines() if line.startswith("loaded")}) == 1
+
+    # a changed model (a new export to the same URI) is a new copy, not the stale one
+    s3_server.client().put_object(Bucket="cache-models", Key="m/unet/extra.txt", Body=b"changed")
+    again = subprocess.run([sys.executable, "-c", LOAD, "s3://cache-models/m"], env=env, text=True,
+                           capture_output=True, timeout=300)
+    assert again.returncode == 0 and "downloading" in again.stdout, again.stderr[-2000:]
