@@ -106,6 +106,19 @@ class ClassImageSampler:
         return pa.Table.from_pylist(rows, schema=CLASS_SCHEMA)
 
 
+def class_actor_count(asked: int, use_gpu: bool, resources: dict) -> tuple[int, str | None]:
+    """How many class-image actors the cluster can hold at once: one GPU each with --gpu, else one CPU each.
+    More than that would leave the pool waiting for ever for actors that never start."""
+    kind = "GPU" if use_gpu else "CPU"
+    have = int(resources.get(kind, 0))
+    if have < 1:
+        raise UserError("--gpu: the Ray cluster has no GPUs for the class-image actors; run on a GPU cluster or "
+                        "drop --gpu" if use_gpu else "the Ray cluster has no CPUs for the class-image actors")
+    if asked <= have:
+        return asked, None
+    return have, f"--class-actors {asked} lowered to {have}: the cluster has {have} {kind}s"
+
+
 def class_images(config, base: str, base_id: str, uri: str) -> tuple[int, int, int]:
     """Step 2: make the class table hold `num_class_images` rows of this base and class prompt.
 
@@ -126,11 +139,9 @@ def class_images(config, base: str, base_id: str, uri: str) -> tuple[int, int, i
               f"{uri}; drawing {missing} with the base model", flush=True)
         # the seeds are in the object store (no read tasks) and the commit's write tasks take no CPU, so the
         # model actors may hold every CPU without starving the pipeline around them
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        actors = min(config.class_actors, cpus)
-        if actors < config.class_actors:
-            print(f"[dreambooth] --class-actors {config.class_actors} lowered to {actors}: the cluster has "
-                  f"{cpus} CPUs", flush=True)
+        actors, note = class_actor_count(config.class_actors, config.use_gpu, ray.cluster_resources())
+        if note:
+            print(f"[dreambooth] {note}", flush=True)
         first = config.seed + have  # new seeds: a re-run after a partial generation draws different images
         wanted_seeds = np.arange(first, first + missing, dtype=np.int64)  # (missing,): the work asked, not a table
         seeds = ray.data.from_numpy([wanted_seeds[i:i + config.class_batch]  # one block per batch, over the actors

@@ -19,3 +19,17 @@ def test_gradient_checkpointing_reaches_the_unet_and_text_encoder(tmp_path):
     assert params and pipe.unet.is_gradient_checkpointing
     assert pipe.text_encoder.is_gradient_checkpointing
 
+
+
+def test_class_actors_fit_the_gpus_with_gpu_and_the_cpus_without():
+    import pytest
+
+    from emoji_ldm.errors import UserError
+    from emoji_ldm.train.dreambooth_data import class_actor_count
+
+    assert class_actor_count(4, True, {"CPU": 16, "GPU": 2}) == (2, "--class-actors 4 lowered to 2: the cluster has "
+                                                                   "2 GPUs")
+    assert class_actor_count(2, True, {"CPU": 16, "GPU": 2}) == (2, None)
+    assert class_actor_count(4, False, {"CPU": 2, "GPU": 8})[0] == 2
+    with pytest.raises(UserError, match="no GPUs"):
+        class_actor_count(1, True, {"CPU": 16})
