@@ -66,7 +66,7 @@ def export(engine, run, rank: int, log) -> None:
     from emoji_ldm.train.ema import master_weights
 
     trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    masters = master_weights([p for _, p in trainable])  # a collective under ZeRO: every rank
+    masters = list(master_weights([p for _, p in trainable]))  # a collective under ZeRO: every rank
     if rank != 0:
         return
     pipe = StableDiffusionPipeline.from_pretrained(local_copy(run.base), safety_checker=None,

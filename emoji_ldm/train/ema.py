@@ -31,11 +31,12 @@ class ExponentialMovingAverage:
 
     @torch.no_grad()
     def step(self, tensors) -> None:
-        """One update towards `tensors` (any dtype; upcast to fp32 first)."""
+        """One update towards `tensors` (any dtype; upcast to fp32), taken one at a time: `tensors` may be a
+        generator that gathers each as it goes (`master_weights`), so no second full copy is ever held."""
         self.optimization_step += 1
         weight = 1 - self.get_decay(self.optimization_step)
-        current = [t.detach().to(s.device, torch.float32) for s, t in zip(self.shadow_params, tensors)]
-        torch._foreach_lerp_(self.shadow_params, current, weight)  # s += (1 - decay) (p - s)
+        for s, t in zip(self.shadow_params, tensors, strict=True):
+            s.lerp_(t.detach().to(s.device, torch.float32), weight)  # s += (1 - decay) (p - s)
 
     @torch.no_grad()
     def copy_to(self, params) -> None:
@@ -65,19 +66,29 @@ def make_ema(params, recipe) -> ExponentialMovingAverage:
                                     power=recipe.ema_power)
 
 
-def master_weights(params) -> list[torch.Tensor]:
-    """The fp32 weights the optimizer updates, one full tensor per parameter.
+def master_weights(params):
+    """The fp32 weights the optimizer updates, one full tensor per parameter, yielded one at a time.
 
-    A collective under ZeRO (the fp32 masters are partitioned and gathered): every rank must call it, in the
-    same order. An fp32 parameter outside ZeRO-3 is its own master and is returned as it is, without a gather.
+    A collective under ZeRO (the fp32 masters are partitioned, each is gathered as it is yielded): every rank
+    must consume all of it, in the same order. An fp32 parameter outside ZeRO-3 is its own master and is yielded
+    as it is, without a gather. Under ZeRO-3 only one parameter is ever gathered at once, so the ranks never
+    hold a second full copy of the model; only rank 0 keeps an EMA.
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
-    out = []
     for p in params:
         if p.dtype == torch.float32 and not hasattr(p, "ds_id"):
-            out.append(p.detach())
+            yield p.detach()
             continue
         master = safe_get_full_fp32_param(p)
-        out.append(p.detach().float() if master is None else master)
-    return out
+        yield p.detach().float() if master is None else master
+
+
+def update_ema(ema, params) -> None:
+    """Every rank: read the masters (a collective under ZeRO); rank 0, the only one with an EMA, averages them."""
+    masters = master_weights(params)
+    if ema is None:
+        for _ in masters:
+            pass
+    else:
+        ema.step(masters)

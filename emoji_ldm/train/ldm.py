@@ -132,7 +132,7 @@ def _train_worker(run: WorkerConfig) -> None:
     from emoji_ldm.store.latents import RankStream, split_files
     from emoji_ldm.store.uri import DatasetRef
     from emoji_ldm.train import checkpoint, runner
-    from emoji_ldm.train.ema import make_ema, master_weights
+    from emoji_ldm.train.ema import make_ema, master_weights, update_ema
     from emoji_ldm.train.metrics import MetricsLogger
     from emoji_ldm.train.speed import batch_layout, prepare_unet
     from emoji_ldm.train.step import grad_norm, training_step
@@ -153,9 +153,10 @@ def _train_worker(run: WorkerConfig) -> None:
         grad_accum=tc.grad_accum, grad_clip=tc.grad_clip, zero_stage=run.zero_stage, worker=w, speed=run.speed)
     # The EMA in fp32 from the optimizer's fp32 masters (a bf16 copy would stop moving); only rank 0 keeps it,
     # every rank takes part in reading the masters (a gather under ZeRO).
-    masters = master_weights(params)
+    masters = master_weights(params)  # every rank takes part in the gathers; rank 0 keeps what they give
     ema = make_ema(masters, tc).to(w.device) if w.main else None
-    del masters
+    for _ in masters:  # ranks other than 0: the same gathers, nothing kept
+        pass
     noise = noise_scheduler(preset)
 
     counters = {"step": 0, "epoch": 0, "pos": 0}  # pos: micro-batches of the epoch already trained on
@@ -198,10 +199,7 @@ def _train_worker(run: WorkerConfig) -> None:
             norm = grad_norm(engine)  # before clipping; the same value on every rank
             if norm is not None:
                 norms.append(norm)
-            masters = master_weights(params)
-            if ema is not None:
-                ema.step(masters)
-            del masters
+            update_ema(ema, params)
             timed += 1
             runner.maybe_fail(run.fault, step, w, run.out)
             if step % tc.log_every == 0 or step == tc.max_steps:

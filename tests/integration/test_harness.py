@@ -82,7 +82,7 @@ def test_ema_under_deepspeed_bf16_moves_like_fp32(one_rank_gloo):
                      encoder_hidden_states=text.bfloat16()).sample
         engine.backward(out.float().pow(2).mean())
         engine.step()
-        masters = master_weights(params)
+        masters = list(master_weights(params))
         ema.step(masters)
         for r, m in zip(reference, masters):
             r.mul_(0.9999).add_(m.double(), alpha=1e-4)
