@@ -209,3 +209,22 @@ def test_dreambooth_options_are_checked():
     assert DreamBoothConfig(**{**ok, "num_class_images": 0, "prior_loss_weight": 0}).prior is False
     assert class_word_warning("a sks cat emoji", "a cat emoji") is None
     assert "class word 'dog'" in class_word_warning("a sks emoji", "a dog emoji")
+
+
+def test_a_step_skipped_on_overflow_is_not_counted():
+    """fp16's dynamic loss scaling skips a step whose gradients overflowed: the engine says so
+    (`was_step_applied`, as DeepSpeed's does), and neither the weights nor the LR schedule move."""
+    from emoji_ldm.train.runner import step_applied
+    from emoji_ldm.train.step import PlainEngine
+
+    layer = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    engine = PlainEngine(layer, opt, schedule, 1.0, layer.parameters(), scaler=torch.amp.GradScaler("cpu"))
+    before = layer.weight.detach().clone()
+    engine.backward(engine(torch.ones(2, 4)).sum() * float("inf"))  # overflowed gradients
+    engine.step()
+    assert not step_applied(engine) and torch.equal(layer.weight, before) and schedule.last_epoch == 0
+    engine.backward(engine(torch.ones(2, 4)).sum())
+    engine.step()
+    assert step_applied(engine) and not torch.equal(layer.weight, before) and schedule.last_epoch == 1
