@@ -74,10 +74,12 @@ def fit(worker, run, *, name: str, out: str, workers: int, use_gpu: bool, max_fa
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from emoji_ldm.runtime import ensure_ray
-    from emoji_ldm.store.artifacts import artifact_uri
+    from emoji_ldm.store.artifacts import artifact_uri, delete, exists
     from emoji_ldm.store.uri import filesystem, storage_options
 
     ensure_ray(dashboard=True)  # Ray Train's cleaner needs the State API
+    if exists(artifact_uri(out, *_WORKER_ERROR)):  # left by a driver that was killed before it read it
+        delete(artifact_uri(out, *_WORKER_ERROR))
     fs, storage = filesystem(storage_uri or artifact_uri(out, "checkpoints"))
     env = {**storage_options(), "DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}
     trainer = TorchTrainer(
