@@ -212,7 +212,7 @@ def _train_worker(run: WorkerConfig) -> None:
             if (tc.sample_every and step % tc.sample_every == 0) or step == tc.max_steps:
                 if validation:
                     with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
-                        validation.grid(engine, ema, step, log)  # must not shift the training RNG stream
+                        validation.grid(ema, step, log)  # must not shift the training RNG stream
             if step % tc.checkpoint_every == 0 or step == tc.max_steps:
                 checkpoint.save(engine, counters, meta, rank=w.rank, device=w.device, ema=ema, log=log,
                                 metrics={"loss": log.last_loss if log else None})
@@ -227,15 +227,16 @@ class _Validation:
     """Rank 0's sample grids from the EMA weights, on the worker's device in the training dtype.
 
     The pipeline (VAE, text encoder, a UNet of its own) is built once per run; each grid copies the EMA into
-    its UNet. The UNet's frozen weights come from the engine's module once, on the first grid (under ZeRO-3
-    rank 0 gathers them alone: ranks other than 0 never enter here).
+    its UNet's trained parameters. The rest are as `build_unet` makes them (the pretrained weights a fine-tune
+    freezes), exactly as the export builds its UNet, so nothing is read from the engine (under ZeRO-3 that
+    would be a gather the other ranks never join).
     """
 
     def __init__(self, preset, run: WorkerConfig, worker):
         self.preset, self.run, self.worker = preset, run, worker
         self.pipe = None
 
-    def grid(self, engine, ema, step: int, log) -> None:
+    def grid(self, ema, step: int, log) -> None:
         from emoji_ldm.inference.sampler import image_grid, run_pipeline
         from emoji_ldm.models.builders import build_unet, configure_trainable
         from emoji_ldm.train.export import assemble_pipeline
@@ -243,8 +244,6 @@ class _Validation:
         if self.pipe is None:
             unet = build_unet(self.preset)
             self.params = configure_trainable(unet, self.preset)
-            if not hasattr(next(engine.module.parameters()), "ds_id"):  # ZeRO-3: frozen weights are as built
-                unet.load_state_dict({k: v.float() for k, v in engine.module.state_dict().items()})
             unet.requires_grad_(False)
             self.pipe = assemble_pipeline(unet, self.preset, self.run.vae).to(self.worker.device, self.worker.dtype)
         ema.copy_to(self.params)
