@@ -12,8 +12,8 @@ rows it captioned, with per-task progress files for resume. Why this one:
 - a separate caption table joined at read time would change every reader
   (encode, show, train);
 - rewriting the touched files in Ray tasks is O(rows touched), runs on the
-  whole cluster, and `deltalake`'s public `create_write_transaction` commits
-  their `RemoveAction`s and `AddAction`s atomically.
+  whole cluster, and `store.delta.CommitDeltaDatasink.commit` (`deltalake`'s
+  public `create_write_transaction`) commits their removes and adds atomically.
 
 Phases (all in Ray Data; the driver holds only the table's file list):
   1. the files to touch come from the Delta log (every file, or with
@@ -198,7 +198,9 @@ def _run_captioner(ds, config: CaptionConfig, model: str | None, template: str |
 
 def _data_files(table) -> pa.Table:
     """The table's data files at its loaded version (from the log): path, rows, rows without a caption."""
-    actions = pa.table(table.get_add_actions(flatten=True))
+    from emoji_ldm.store.log import file_actions
+
+    actions = file_actions(table)
     rows = pc.fill_null(actions.column("num_records"), 0)
     if "null_count.caption" in actions.column_names:  # writers that kept no column stats: assume all missing
         missing = pc.coalesce(actions.column("null_count.caption"), rows)
@@ -307,7 +309,7 @@ class CaptionRewriteSink(CommitDeltaDatasink):
             reader = pq.ParquetFile(f)
             actions = super().write(self._captioned(reader, ok), None)
         out["adds"] += actions
-        out["removes"].append({"path": file, "size": size})  # RemoveActions do not pickle: made on the driver
+        out["removes"].append({"path": file, "size": size})  # RemoveActions do not pickle: the commit makes them
         out["captioned"] += ok.num_rows
 
     def _captioned(self, reader, ok: pa.Table):
@@ -340,14 +342,10 @@ class CaptionRewriteSink(CommitDeltaDatasink):
         pq.write_table(table, f"{folder.rstrip('/')}/part-{uuid.uuid4().hex}.parquet", filesystem=fs)
 
     def on_write_complete(self, write_result) -> None:
-        from deltalake.transaction import RemoveAction
-
         adds, removes = [], []
-        now = int(time.time() * 1000)
         for r in write_result.write_returns:
             adds += r["adds"]
-            removes += [RemoveAction(path=f["path"], data_change=True, deletion_timestamp=now, size=f["size"])
-                        for f in r["removes"]]
+            removes += r["removes"]
             self.captioned += r["captioned"]
             self.failed.update(r["failed"])
         if not adds:

@@ -6,10 +6,15 @@ emoji-ldm metadata, and artifacts (models, cards, checkpoints) written so a
 reader never sees a half-written one.
 
 - `uri.py`: `normalize_uri`, `DatasetRef`, `filesystem`, `storage_options`;
-- `delta.py`: `open_table`, `read_dataset` (Ray Data), `CommitDeltaDatasink`
-  (one version per Ray Data write, Ray's public Datasink API), `history`,
-  tags and rejects sidecars;
+- `delta.py`: `open_table`, `arrow_dataset` (driver-side reads that exit
+  cleanly), `read_dataset` (Ray Data), `CommitDeltaDatasink` (one version per
+  Ray Data write, Ray's public Datasink API), `append_rows`,
+  `delete_matching`, `history`, tags and rejects sidecars;
+- `log.py`: Delta-log helpers (a version's data files, the commit that added
+  a file, finding one row), for lineage and the caption pass;
 - `ops.py`: the `emoji-ldm dataset versions|show|diff|tag|restore` commands;
 - `artifacts.py`: `write_json`, `upload_dir`, `local_copy`, `check_writable`;
 - `schema.py`: `EMOJI_SCHEMA`, the emoji row.
+
+Only this package imports `deltalake` (ruff's TID251 enforces it).
 """

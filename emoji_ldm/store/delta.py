@@ -10,6 +10,12 @@ table stays at its last good version.
 Tags live beside the log in `_emoji_ldm/tags.json` (Delta has no tags) and do
 not create versions; rejected inputs of a build live in
 `_emoji_ldm/rejects/build-<id>.parquet`.
+
+Reads in this process go through `open_table` (a `Table`) and `arrow_dataset`:
+both read data files through a native Arrow filesystem, never through
+deltalake's default Python `PyFileSystem` wrapper (see `Table` for why: a
+process that read through that wrapper could abort at exit with
+"terminate called without an active exception", exit 134, or hang).
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from deltalake import DeltaTable, Schema
+from deltalake import DeltaTable, Schema, write_deltalake
 from deltalake.exceptions import TableNotFoundError
-from deltalake.transaction import AddAction, CommitProperties, create_table_with_add_actions
+from deltalake.transaction import AddAction, CommitProperties, RemoveAction, create_table_with_add_actions
 from ray.data.datasource import Datasink
 
 from emoji_ldm.errors import UserError
@@ -39,17 +46,62 @@ META_KEY = "emoji_ldm"
 SIDECAR = "_emoji_ldm"
 
 
+def arrow_filesystem(uri: str) -> pafs.FileSystem:
+    """A native Arrow filesystem rooted at the table folder `uri` (local or S3, `store.uri.filesystem`)."""
+    fs, root = filesystem(uri)
+    return pafs.SubTreeFileSystem(root.rstrip("/"), fs)
+
+
+class Table(DeltaTable):
+    """A `deltalake.DeltaTable` whose pyarrow datasets read through a native Arrow filesystem.
+
+    Why: with no `filesystem`, `DeltaTable.to_pyarrow_dataset()` (and so
+    `to_pyarrow_table`) wraps delta-rs's object store in a Python
+    `pyarrow.fs.PyFileSystem`: every fragment holds that Python object, every
+    read calls its Python handler, and the buffers it returns are Python
+    bytes. Arrow's threads keep working after a read call has returned (the
+    read-ahead of a `head`, of a scan stopped early or of a stream left open;
+    futures releasing fragments), and when that work reaches a Python object
+    while the interpreter finalizes, it takes the GIL, CPython ends the thread
+    with `pthread_exit`, and the process aborts ("terminate called without an
+    active exception", exit 134: the forced unwind met a `noexcept` C++
+    destructor), segfaults, or hangs at exit (Arrow's pool shutdown waits for
+    the task of the thread that was ended). apache/arrow#34314, delta-rs#2184;
+    measured with deltalake 1.6.6 and pyarrow 26.0.1 in
+    `tests/unit/test_store_exit.py`. A native filesystem keeps Python out of
+    Arrow's threads; the log still comes from delta-rs and the files are the
+    same (paths relative to the table folder, partition values from the log).
+    """
+
+    def to_pyarrow_dataset(self, partitions=None, filesystem=None, **kwargs) -> pds.Dataset:
+        if filesystem is None:
+            filesystem = arrow_filesystem(self.table_uri)
+        return super().to_pyarrow_dataset(partitions=partitions, filesystem=filesystem, **kwargs)
+
+
+def arrow_dataset(table: DeltaTable | DatasetRef | str) -> pds.Dataset:
+    """The data of a table version as a pyarrow Dataset: the loaded version of `table`, or the referenced one.
+
+    The read helper for the driver: stream it (`to_batches`, `scanner`, `head`), count it
+    (`count_rows`), or read a few columns of a filtered slice (`to_table(columns=..., filter=...)`);
+    never the whole table into one process. Reads through a native Arrow filesystem (see `Table`),
+    so a process that used it exits cleanly.
+    """
+    if not isinstance(table, DeltaTable):
+        table = open_table(table)
+    return DeltaTable.to_pyarrow_dataset(table, filesystem=arrow_filesystem(table.table_uri))
+
 
 def table_exists(uri: str) -> bool:
     return DeltaTable.is_deltatable(normalize_uri(uri), storage_options=storage_options())
 
 
-def open_table(ref: DatasetRef | str) -> DeltaTable:
+def open_table(ref: DatasetRef | str) -> Table:
     """The table at the referenced version (latest when none); clear errors for unknown ones."""
     if isinstance(ref, str):
         ref = DatasetRef.parse(ref)
     try:
-        table = DeltaTable(ref.uri, storage_options=storage_options())
+        table = Table(ref.uri, storage_options=storage_options())
     except TableNotFoundError:
         raise UserError(
             f"no dataset at {ref.uri!r}: build one with `emoji-ldm dataset build --out {ref.uri}`"
@@ -111,7 +163,7 @@ def row_count(table: DeltaTable) -> int:
     """Rows at the table's loaded version, from the log's per-file stats (no data file is read)."""
     counts = pa.table(table.get_add_actions(flatten=True)).column("num_records")
     if counts.null_count:
-        return table.to_pyarrow_dataset().count_rows()  # a writer that kept no stats: count, streaming
+        return arrow_dataset(table).count_rows()  # a writer that kept no stats: count, streaming
     return int(pc.sum(counts).as_py() or 0)
 
 
@@ -214,9 +266,14 @@ class CommitDeltaDatasink(Datasink):
     def on_write_complete(self, write_result) -> None:
         self.commit([a for r in write_result.write_returns if r for a in r])
 
-    def commit(self, actions: list, removes: list | None = None, read_version: int | None = None) -> None:
-        """One Delta commit of `actions` (and `removes`, files of `read_version` that the write replaces)."""
+    def commit(self, actions: list, removes: list[dict] | None = None, read_version: int | None = None) -> None:
+        """One Delta commit of `actions` (and `removes`, files of `read_version` that the write replaces,
+        each `{"path": relative path, "size": bytes}`: Delta's RemoveActions do not pickle, so write tasks
+        return plain dicts and the actions are made here, on the driver)."""
         self.rows_written = sum(json.loads(a.stats)["numRecords"] for a in actions)
+        now = int(time.time() * 1000)
+        removes = [RemoveAction(path=f["path"], data_change=True, deletion_timestamp=now, size=f["size"])
+                   for f in removes or []]
         props = CommitProperties(custom_metadata={META_KEY: self.metadata})
         delta_schema = Schema.from_arrow(self.schema)
         options = storage_options() or None
@@ -235,8 +292,41 @@ class CommitDeltaDatasink(Datasink):
                     raise
         # from the version the removed files were read at, so a concurrent commit is checked for conflicts
         table = DeltaTable(self.uri, version=read_version, storage_options=options)
-        table.create_write_transaction(actions=actions + list(removes or []), mode=self.mode, schema=delta_schema,
+        table.create_write_transaction(actions=actions + removes, mode=self.mode, schema=delta_schema,
                                        partition_by=partition_by, commit_properties=props)
+
+
+def append_rows(uri: str, rows: pa.Table, metadata: dict) -> int:
+    """Append a small in-memory Arrow table (one chunk of a job's output) as one Delta commit whose commit
+    info carries `metadata` under `emoji_ldm`; creates the table on the first call. Returns the table's
+    latest version after the commit (a concurrent writer's, if one committed since)."""
+    uri = normalize_uri(uri)
+    options = storage_options() or None
+    write_deltalake(uri, rows, mode="append", storage_options=options,
+                    commit_properties=CommitProperties(custom_metadata={META_KEY: metadata}))
+    return DeltaTable(uri, storage_options=options).version()
+
+
+def delete_matching(uri: str, keys: pa.Table, metadata: dict) -> int:
+    """Delete, in one commit carrying `metadata`, every row whose values in all of `keys`' columns equal
+    one row of `keys` (a Delta MERGE ... WHEN MATCHED DELETE); returns how many rows it deleted.
+
+    `keys` is held in memory: pass only the keys of the rows to delete (the work asked for), never a
+    table's worth. Nothing is committed when `keys` is empty."""
+    if keys.num_rows == 0:
+        return 0
+    predicate = " AND ".join(f"t.{name} = s.{name}" for name in keys.column_names)
+    result = (open_table(uri)
+              .merge(source=keys, predicate=predicate, source_alias="s", target_alias="t",
+                     commit_properties=CommitProperties(custom_metadata={META_KEY: metadata}))
+              .when_matched_delete()
+              .execute())
+    return int(result.get("num_target_rows_deleted", 0))
+
+
+def partition_columns(table: DeltaTable) -> list[str]:
+    """The partition columns of `table` (from its metadata; [] when unpartitioned)."""
+    return list(table.metadata().partition_columns or [])
 
 
 # --- tags -------------------------------------------------------------------

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.options import opt
-from emoji_ldm.store.delta import META_KEY, history, open_table, write_tag
+from emoji_ldm.store.delta import META_KEY, arrow_dataset, history, open_table, write_tag
 from emoji_ldm.store.uri import DatasetRef, normalize_uri
 from emoji_ldm.version import code_version
 
@@ -71,7 +71,7 @@ def show(ref: str | DatasetRef, sheet: str | None = None, sheet_count: int = 64)
     """
     ref = DatasetRef.parse(ref) if isinstance(ref, str) else ref
     table = open_table(ref)
-    data = table.to_pyarrow_dataset()
+    data = arrow_dataset(table)
     rows, captioned = 0, 0
     sources, tags, sizes = Counter(), Counter(), Counter()
     for batch in data.to_batches(columns=["source", "tag", "caption", "width", "height"]):
