@@ -221,14 +221,12 @@ class BulkGenerator:
 def bulk_generate(config: BulkConfig) -> dict:
     """Generate `per_prompt` images for every prompt not yet in the manifest; returns a summary."""
     import ray.data
-    from deltalake import DeltaTable, write_deltalake
-    from deltalake.transaction import CommitProperties
 
     from emoji_ldm.inference.sampler import model_card, model_uri
     from emoji_ldm.runtime import ensure_ray, require_shared
     from emoji_ldm.store.artifacts import check_writable
-    from emoji_ldm.store.delta import META_KEY
-    from emoji_ldm.store.uri import join, normalize_uri, storage_options
+    from emoji_ldm.store.delta import append_rows
+    from emoji_ldm.store.uri import join, normalize_uri
     from emoji_ldm.version import code_version
 
     start = time.perf_counter()
@@ -282,13 +280,12 @@ def bulk_generate(config: BulkConfig) -> dict:
                     "counts": {"images": table.num_rows, "prompts": len(pc.unique(table.column("prompt_id")))},
                     "config": dataclasses.asdict(config), "message": f"bulk commit {commits}"}
         # one Delta commit of this chunk's rows (creating the table on the first one)
-        write_deltalake(manifest_uri, table, mode="append", storage_options=storage_options() or None,
-                        commit_properties=CommitProperties(custom_metadata={META_KEY: metadata}))
+        version = append_rows(manifest_uri, table, metadata)
         made += table.num_rows
         prompts_made += metadata["counts"]["prompts"]
         seconds = time.perf_counter() - start
-        print(f"bulk: {made} images so far ({made / seconds:.1f} images/s) -> manifest version "
-              f"{DeltaTable(manifest_uri, storage_options=storage_options() or None).version()}", flush=True)
+        print(f"bulk: {made} images so far ({made / seconds:.1f} images/s) -> manifest version {version}",
+              flush=True)
 
     buffered = 0
     for batch in rows.iter_batches(batch_format="pyarrow", batch_size=None):
