@@ -114,7 +114,7 @@ def _text_rows(batch: dict) -> dict:
 
 def _previous_encode(out: str, preset: Preset, vae: str | None, full: bool):
     """The latent table's current version and its encode metadata, when this encode may build on it."""
-    from emoji_ldm.store.delta import commit_metadata, open_table, table_exists
+    from emoji_ldm.store.delta import commit_metadata, open_table, partition_columns, table_exists
     from emoji_ldm.store.latents import PARTITION
 
     if full or not table_exists(out):
@@ -131,7 +131,7 @@ def _previous_encode(out: str, preset: Preset, vae: str | None, full: bool):
         raise UserError(f"the latent table {out!r} was encoded with another preset, VAE or text encoder "
                         f"({meta.get('preset', {}).get('name')!r}, VAE {meta.get('vae')!r}): pass --full to "
                         "re-encode every row, or choose another --out")
-    if PARTITION not in (table.metadata().partition_columns or []):
+    if PARTITION not in partition_columns(table):
         return None  # written before latent tables were partitioned: rewrite it whole
     return table, meta
 
@@ -148,7 +148,14 @@ def encode(config: EncodeConfig) -> dict:
     """
     from emoji_ldm.runtime import ensure_ray
     from emoji_ldm.store.artifacts import artifact_uri, check_writable, write_bytes
-    from emoji_ldm.store.delta import CommitDeltaDatasink, open_table, read_dataset, row_count, version_for_build
+    from emoji_ldm.store.delta import (
+        CommitDeltaDatasink,
+        arrow_dataset,
+        open_table,
+        read_dataset,
+        row_count,
+        version_for_build,
+    )
     from emoji_ldm.store.latents import split_files
     from emoji_ldm.store.uri import DatasetRef, normalize_uri
     from emoji_ldm.version import code_version
@@ -164,7 +171,7 @@ def encode(config: EncodeConfig) -> dict:
     if row_count(table) == 0:
         raise UserError(f"dataset {config.dataset!r} (version {version}) has no rows to encode")
     has_text = (pc.field("caption") != "") | (pc.field("title") != "")
-    if table.to_pyarrow_dataset().head(1, columns=["id"], filter=has_text).num_rows == 0:
+    if arrow_dataset(table).head(1, columns=["id"], filter=has_text).num_rows == 0:
         raise UserError(f"dataset {config.dataset!r} has no captions or titles: caption it first")
     vae_path = normalize_uri(config.vae) if config.vae else None
     previous = _previous_encode(out, preset, vae_path, config.full)
@@ -232,22 +239,13 @@ def encode(config: EncodeConfig) -> dict:
 
 def _remove_rows(out: str, stale, metadata: dict) -> int:
     """Delete the rows of `stale` (id, caption) from the latent table in one commit; returns how many."""
-    from deltalake.transaction import CommitProperties
-
-    from emoji_ldm.store.delta import META_KEY, open_table
+    from emoji_ldm.store.delta import delete_matching
 
     schema = pa.schema([("id", pa.string()), ("caption", pa.string())])
     # the keys of the rows to remove: as many as the dataset lost or changed, the work this run was asked
     keys = pa.concat_tables([schema.empty_table()] + [
         b.select(["id", "caption"]).cast(schema) for b in stale.iter_batches(batch_size=65536, batch_format="pyarrow")])
-    if keys.num_rows == 0:
-        return 0
-    result = (open_table(out)
-              .merge(source=keys, predicate="t.id = s.id AND t.caption = s.caption", source_alias="s",
-                     target_alias="t", commit_properties=CommitProperties(custom_metadata={META_KEY: metadata}))
-              .when_matched_delete()
-              .execute())
-    return int(result.get("num_target_rows_deleted", 0))
+    return delete_matching(out, keys, metadata)  # nothing committed when there are no keys
 
 
 def report(summary: dict) -> str:
