@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The last step of `make demo`: serve a model on a local Ray, ask it for one emoji set over HTTP,
-# save the zip, and shut the service down cleanly (SIGTERM, which `emoji-ldm serve` handles like Ctrl-C).
+# A step of `make demo`: serve a model on Ray (the cluster of $RAY_ADDRESS, as infra/demo.sh sets it, or a
+# local one of its own), ask it for one emoji set over HTTP, save the zip, and shut the service down cleanly
+# (SIGTERM, which `emoji-ldm serve` handles like Ctrl-C).
 #
 #   infra/demo_set.sh MODEL OUT_DIR [PORT]
 set -euo pipefail
@@ -19,7 +20,7 @@ stop() {
 }
 trap stop EXIT
 
-for _ in $(seq 180); do
+for _ in $(seq 720); do  # 180 s, looking every 0.25 s
   # up once it says "serving" (from then on it handles SIGTERM) and /healthz answers
   grep -q "^serving " "$out/serve.log" && curl -sf "$url/healthz" > /dev/null && break
   if ! kill -0 "$pid" 2>/dev/null; then
@@ -27,7 +28,7 @@ for _ in $(seq 180); do
     tail -20 "$out/serve.log" >&2
     exit 1
   fi
-  sleep 1
+  sleep 0.25
 done
 curl -sf "$url/healthz" > /dev/null || { echo "the service did not come up in 180 s; see $out/serve.log" >&2; exit 1; }
 echo "service up at $url/ ; POST /v1/emoji-sets ..."

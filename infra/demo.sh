@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# `make demo`: the whole pipeline on the embedded default, from scratch, on ONE local Ray head.
+#
+#   infra/demo.sh OUT [PORT]
+#
+# Where the waiting went before: every `emoji-ldm` command started (and stopped) a local Ray of its
+# own, and every step waited for the one before it even where it needs nothing from it. Here:
+#   - one Ray head is started first, RAY_ADDRESS points every command at it, and it is stopped at the
+#     end, on failure and on Ctrl-C alike. It is private to this run: free ports, its own temp folder
+#     (no other `ray.init()` on the machine finds it) and token, stopped by its process group (never
+#     `ray stop`, which would stop other people's Rays too);
+#   - the judge needs only the captioned dataset: it trains in the background (one torch thread, output
+#     in OUT/logs/judge.log, shown when it is joined) beside encode and train, whose two Ray Train workers
+#     run one thread each. The head has one logical CPU more than the cores so that the judge's task
+#     (1 CPU) and the two workers (1 CPU each) are scheduled together instead of one waiting for the
+#     other. (Eval stays in line: beside generate and serve, its torch threads and theirs would fight
+#     over the 2 cores and all would take longer.)
+# Each step's wall time is printed as it ends and again in a table at the end (OUT/timings.txt).
+# Any failing step, in the background too, fails the script (and `make demo`) with its exit status.
+set -euo pipefail
+out=${1:?usage: infra/demo.sh OUT [PORT]}
+port=${2:-8000}
+root=$(cd "$(dirname "$0")/.." && pwd)
+bin=$root/.venv/bin
+cli=$bin/emoji-ldm
+# The training budgets of this demo (the stages are the preset's; fewer steps, so that the whole demo,
+# install included, fits in 15 minutes on 2 cores). The preset's own: VAE 500, UNet 1000, judge 20 epochs.
+vae_steps=${DEMO_VAE_STEPS:-300}
+train_steps=${DEMO_TRAIN_STEPS:-500}
+judge_epochs=${DEMO_JUDGE_EPOCHS:-10}
+
+now_ms() { local t=${EPOCHREALTIME/[.,]/}; echo $((t / 1000)); }
+secs() { printf '%d.%d' $(($1 / 1000)) $(($1 % 1000 / 100)); }  # milliseconds -> seconds, one decimal
+t_start=$(now_ms)
+rm -rf "$out"
+mkdir -p "$out/logs"
+out=$(cd "$out" && pwd)
+timings=$out/timings.txt
+: > "$timings"
+
+# --- cleanup: background steps, then the head ---------------------------------------------------
+declare -A bg_pids=()
+head_pid=
+raytmp=$(mktemp -d /tmp/rdemo-XXXXXX)  # short: Ray's socket paths live under it (108-byte limit)
+stop_head() {
+  if [ -n "$head_pid" ]; then
+    kill -TERM -- "-$head_pid" 2> /dev/null || true
+    for _ in $(seq 100); do kill -0 "$head_pid" 2> /dev/null || break; sleep 0.2; done
+    kill -KILL -- "-$head_pid" 2> /dev/null || true
+    head_pid=
+  fi
+}
+on_exit() {
+  local rc=$? pid
+  for pid in "${bg_pids[@]}"; do  # a background step still running: end its command, then it
+    pkill -TERM -P "$pid" 2> /dev/null || true
+    kill -TERM "$pid" 2> /dev/null || true
+  done
+  stop_head
+  if [ "$rc" = 0 ]; then
+    rm -rf "$raytmp"
+  else  # Ray's own logs stay for the post-mortem
+    echo "make demo: FAILED (exit $rc); see the output above, $out/logs/, $out/ray-head.log and Ray's logs" \
+      "in $raytmp/ray/session_latest/logs/" >&2
+  fi
+  exit "$rc"
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- the Ray head -------------------------------------------------------------------------------
+# Its temp folder is $RAY_TMPDIR/ray (not `--temp-dir`): that is where `ray start` records the head as the
+# machine's current cluster and where Ray's own processes look for it (Ray Train's placement-group cleaner
+# asks the State API without an address; with other Rays on the machine it would otherwise fail).
+# Free ports for those Ray would otherwise take at fixed numbers (6379, 8265, 10001, 52365), and a token
+# for Ray's token authentication: an explicit address (RAY_ADDRESS) never turns it on by itself, so the
+# head and every command get RAY_AUTH_MODE=token and this token file.
+export RAY_TMPDIR=$raytmp RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$raytmp/auth_token
+read -r gcs_port dash_port client_port agent_port < <(umask 077 && "$bin/python" - <<'EOF'
+import os, secrets, socket
+with open(os.environ["RAY_AUTH_TOKEN_PATH"], "w") as f:
+    f.write(secrets.token_hex(32))
+socks = [socket.socket() for _ in range(4)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))
+EOF
+)
+# `--block` in a session of its own: ending this process group takes the head's processes with it;
+# no drain wait on SIGTERM (the default waits up to 30 s): by then nothing runs on it
+RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 setsid "$bin/ray" start --head --block --node-ip-address 127.0.0.1 \
+  --port "$gcs_port" --num-cpus $(($(nproc) + 1)) \
+  --dashboard-host 127.0.0.1 --dashboard-port "$dash_port" --include-dashboard true \
+  --ray-client-server-port "$client_port" --dashboard-agent-listen-port "$agent_port" \
+  --disable-usage-stats > "$out/ray-head.log" 2>&1 < /dev/null &
+head_pid=$!
+export RAY_ADDRESS=127.0.0.1:$gcs_port
+
+wait_head() {  # up once `ray start` says so and the dashboard (Ray Train needs its State API) answers
+  for _ in $(seq 900); do
+    if grep -q "Ray runtime started" "$out/ray-head.log" && curl -s -o /dev/null "http://127.0.0.1:$dash_port/"; then
+      return 0
+    fi
+    if ! kill -0 "$head_pid" 2> /dev/null; then
+      echo "the Ray head exited; its log:" >&2
+      tail -20 "$out/ray-head.log" >&2
+      return 1
+    fi
+    sleep 0.2
+  done
+  echo "the Ray head did not come up in 180 s; see $out/ray-head.log" >&2
+  return 1
+}
+
+# --- the steps ----------------------------------------------------------------------------------
+step() {  # step NAME COMMAND...: run it, time it, fail the demo if it fails
+  local name=$1 t0 rc=0
+  shift
+  echo "==> [demo] $(date +%T) $name: $*"
+  t0=$(now_ms)
+  "$@" || rc=$?
+  printf '%-10s %7s s%s\n' "$name" "$(secs $(($(now_ms) - t0)))" "$([ "$rc" = 0 ] || echo "  FAILED (exit $rc)")" \
+    | tee -a "$timings"
+  return "$rc"
+}
+background() {  # background NAME COMMAND...: the same, beside the main line, output in OUT/logs/NAME.log
+  local name=$1
+  shift
+  echo "==> [demo] $(date +%T) $name, in the background (output: $out/logs/$name.log): $*"
+  step "$name" "$@" > "$out/logs/$name.log" 2>&1 &
+  bg_pids[$name]=$!
+}
+join() {  # join NAME: wait for a background step, show the end of its output, fail if it failed
+  local name=$1 rc=0
+  wait "${bg_pids[$name]}" || rc=$?
+  unset "bg_pids[$name]"
+  echo "==> [demo] $(date +%T) $name finished (exit $rc); the end of $out/logs/$name.log:"
+  # without Ray's progress lines and bars (the full output stays in the log)
+  grep -v -e $'\e' -e "logging_progress" -e "%|" -e "^[[:space:]]*$" "$out/logs/$name.log" | tail -n 20
+  return "$rc"
+}
+
+step ray-head wait_head
+step build "$cli" dataset build --source twemoji --out "$out/twemoji" --message "make demo"
+step caption "$cli" dataset caption "$out/twemoji" --captioner metadata
+# one torch thread: the judge shares the cores with encode and train (two single-threaded Ray Train
+# workers); 10 epochs instead of 20 (DEMO_JUDGE_EPOCHS)
+background judge "$cli" train-judge --data "$out/twemoji" --out "$out/judge" --threads 1 --epochs "$judge_epochs"
+step show "$cli" dataset show "$out/twemoji" --sheet "$out/twemoji-sheet.png"
+# the tiny VAE: 300 steps instead of the preset's 500 (DEMO_VAE_STEPS)
+step encode "$cli" encode --dataset "$out/twemoji" --preset tiny --out "$out/latents" --vae-steps "$vae_steps"
+# the tiny UNet: 500 steps instead of the preset's 1,000 (DEMO_TRAIN_STEPS), its cosine schedule fitted to
+# them; channels-last convolutions (about 10% faster on CPU, the same work)
+step train "$cli" train --data "$out/latents" --preset tiny --out "$out/run" --workers 2 --zero-stage 2 \
+  --max-steps "$train_steps" --channels-last
+join judge
+step generate "$cli" generate --model "$out/run" --prompt "smiling cat face" --n 8 --out "$out/generated"
+step serve-set "$root/infra/demo_set.sh" "$out/run" "$out/serve" "$port"
+step lineage "$cli" lineage "$out"/serve/emoji-set/set-*/000-grinning.png
+# not beside generate and serve: their torch thread pools and eval's would fight over the same 2 cores
+step eval "$cli" eval --model "$out/run" --data "$out/latents" --judge "$out/judge" --out "$out/eval.json"
+t0=$(now_ms)
+stop_head
+printf '%-10s %7s s\n' ray-stop "$(secs $(($(now_ms) - t0)))" | tee -a "$timings"
+printf '%-10s %7s s  (the judge ran beside show, encode and train)\n' total "$(secs $(($(now_ms) - t_start)))" \
+  >> "$timings"
+
+echo
+echo "wall time per step ($timings):"
+cat "$timings"
+echo
+echo "samples during training: $out/run/samples/  loss curve: $out/run/loss.png  generated: $out/generated/sheet.png" \
+  " emoji set: $out/serve/emoji-set.zip  eval: $out/eval.json  tensorboard --logdir $out/run/tensorboard"
