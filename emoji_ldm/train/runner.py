@@ -225,8 +225,8 @@ def mean_over_ranks(values, worker: Worker) -> list[float]:
 
 
 def maybe_fail(fault: str | None, step: int, worker: Worker, out: str) -> None:
-    """Fault injection for tests, `KIND@STEP` on rank 1: `exit@N` kills the process once (a marker file makes it
-    once), `user-error@N` raises a `UserError` on that rank alone."""
+    """Fault injection for tests, `KIND@STEP` on rank 1: `exit@N` kills the process once per run (a marker file
+    per driver and --out), `user-error@N` raises a `UserError` on that rank alone."""
     if not fault or worker.rank != 1:
         return
     kind, _, at = fault.partition("@")
@@ -238,7 +238,11 @@ def maybe_fail(fault: str | None, step: int, worker: Worker, out: str) -> None:
     import tempfile
     from pathlib import Path
 
-    marker = Path(tempfile.gettempdir()) / f"emoji-ldm-crashed-{hashlib.sha1(out.encode()).hexdigest()[:12]}"
+    import ray
+
+    # once per run: the same driver (Ray job) retries the worker group; a later run of the same --out is another job
+    run = f"{ray.get_runtime_context().get_job_id()}:{out}"
+    marker = Path(tempfile.gettempdir()) / f"emoji-ldm-crashed-{hashlib.sha1(run.encode()).hexdigest()[:12]}"
     if not marker.exists():
         marker.write_text("crashed once")
         os._exit(1)
