@@ -189,3 +189,16 @@ def sampling_scheduler(name: str, config):
 
 def count_params(module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+class VAEWithLoss(torch.nn.Module):
+    """forward() returns (reconstruction, KL per image) so DDP syncs gradients as usual."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x, generator=None):
+        dist = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(dist.sample(generator=generator)).sample  # (B, 3, H, W)
+        return recon, dist.kl()  # KL summed over latent dims, (B,)

@@ -18,6 +18,13 @@ from pathlib import Path
 import numpy as np
 
 
+def print_once(line: str) -> None:
+    """A line on a Ray Train worker's real stdout, once. Ray Train's print patch would also copy `print` to its
+    logger, and the driver would show every line twice."""
+    sys.__stdout__.write(f"{line}\n")
+    sys.__stdout__.flush()
+
+
 class MetricsLogger:
     def __init__(self, out: str, tag: str, max_steps: int, resumed_at: int = 0, config: dict | None = None):
         from torch.utils.tensorboard import SummaryWriter
@@ -52,10 +59,7 @@ class MetricsLogger:
                    f"{step_time * 1000:.0f} ms/step{speed}")
 
     def print(self, line: str) -> None:
-        """A line on the worker's real stdout, once. Ray Train's print patch would also copy `print` to its
-        logger, and the driver would show every line twice."""
-        sys.__stdout__.write(f"[{self.tag}] {line}\n")
-        sys.__stdout__.flush()
+        print_once(f"[{self.tag}] {line}")
 
     def grid(self, grid, step: int) -> None:
         """A validation grid (a PIL image) as samples/step-XXXXXXXX.png and a TensorBoard image."""

@@ -16,8 +16,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-import torch
-
 from emoji_ldm.errors import UserError
 from emoji_ldm.models.presets import Preset, PresetOptions, preset_from_dict
 from emoji_ldm.options import opt
@@ -48,26 +46,15 @@ class VAETrainConfig(PresetOptions):
         return preset
 
 
-class VAEWithLoss(torch.nn.Module):
-    """forward() returns (reconstruction, KL per image) so DDP syncs gradients as usual."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, x, generator=None):
-        dist = self.vae.encode(x).latent_dist
-        recon = self.vae.decode(dist.sample(generator=generator)).sample  # (B, 3, H, W)
-        return recon, dist.kl()  # KL summed over latent dims, (B,)
-
-
 def vae_train_loop(config: dict) -> None:
     """Ray Train worker (`runner.fit`): DDP over the in-memory image shard."""
     import ray.train
+    import torch
     from ray.train.torch import prepare_model
 
-    from emoji_ldm.models.builders import build_vae
+    from emoji_ldm.models.builders import VAEWithLoss, build_vae
     from emoji_ldm.train.data import shard_to_numpy
+    from emoji_ldm.train.metrics import print_once
 
     preset = preset_from_dict(config["preset"])
     spec = preset.vae
@@ -85,9 +72,8 @@ def vae_train_loop(config: dict) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     gen = torch.Generator().manual_seed(preset.train.seed * 1000 + rank)
     if rank == 0:
-        print(f"[train-vae] {world} workers, global batch {micro * world}, {steps} steps, "
-              f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params, {len(pixels)} images on rank 0",
-              flush=True)
+        print_once(f"[train-vae] {world} workers, global batch {micro * world}, {steps} steps, "
+                   f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params, {len(pixels)} images on rank 0")
     t0, loss_val = time.perf_counter(), float("nan")
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(pixels), (micro,), generator=gen)
@@ -103,8 +89,8 @@ def vae_train_loop(config: dict) -> None:
         loss_val = float(loss.detach())
         if rank == 0 and (step % 50 == 0 or step == steps):
             dt = time.perf_counter() - t0
-            print(f"[train-vae] step {step}/{steps} loss {loss_val:.4f} rec {float(rec_loss):.4f} "
-                  f"{step * micro * world / dt:.0f} images/s", flush=True)
+            print_once(f"[train-vae] step {step}/{steps} loss {loss_val:.4f} rec {float(rec_loss):.4f} "
+                       f"{step * micro * world / dt:.0f} images/s")
 
     metrics = {"loss": loss_val, "steps": steps}
     if rank == 0:

@@ -102,3 +102,19 @@ def test_ctrl_c_message_fits_the_command(monkeypatch, capsys):
     assert cli.main(["dataset", "versions", "/d"]) == 130
     err = capsys.readouterr().err
     assert "emoji-ldm dataset versions: interrupted" in err and "dataset stays" not in err
+
+
+def test_the_cli_and_every_argument_check_load_no_heavy_library():
+    """The import rule (docs/development.md): `emoji-ldm --help` loads none of torch, Ray, diffusers,
+    transformers and DeepSpeed, and parsing every command's flags none but Ray (the stages' Delta sinks
+    subclass Ray Data's `Datasink`). A fresh interpreter: this one has them all."""
+    import subprocess
+    import sys
+
+    heavy = "('torch', 'ray', 'diffusers', 'transformers', 'deepspeed')"
+    code = (f"import sys\nfrom emoji_ldm import cli\nprint(sorted(m for m in {heavy} if m in sys.modules))\n"
+            "from emoji_ldm.commands import COMMANDS\nfor c in COMMANDS: c.config_class()\n"
+            f"print(sorted(m for m in {heavy} if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["[]", "['ray']"]
