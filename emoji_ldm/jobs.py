@@ -133,6 +133,10 @@ def connect(address: str):
 
     check_address(address)
     _quiet_sdk_logs()
+    # Ray's SDK replaces the address it is given with $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS when either is set
+    # (inside a Ray pod, or beside a local `ray start`, RAY_ADDRESS often is): then `--address` would be ignored and
+    # the job go to that other cluster. Here the address we resolved (the flag, else those variables) wins.
+    hidden = {name: os.environ.pop(name) for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if name in os.environ}
     try:
         return JobSubmissionClient(address)
     except AuthenticationError:
@@ -140,6 +144,8 @@ def connect(address: str):
                         "RAY_AUTH_TOKEN_PATH) to its token, which `ray get-auth-token` prints on the head") from None
     except (ConnectionError, OSError) as e:
         raise UserError(f"cannot reach a Ray dashboard at {address} ({str(e).splitlines()[0][:200]}); {HINT}") from None
+    finally:
+        os.environ.update(hidden)
 
 
 def _job_missing(e: Exception) -> bool:
