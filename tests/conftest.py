@@ -1,17 +1,27 @@
-"""Shared fixtures: one local Ray per module, a real moto_server S3 process, a local HTTP site.
+"""Shared fixtures: one Ray cluster and one S3 server for the whole session, the tiny pipeline run once,
+a local HTTP site.
 
-Everything listens on 127.0.0.1 only and is stopped at teardown.
+The S3 server is what `infra/local_s3.sh` starts (a moto_server process, the emoji-ldm bucket made as
+the minio-bucket Job makes it); the cluster is a head as `infra/local_ray_head.sh` starts it (`ray
+start --head`, its dashboard and Jobs API, here 2 CPUs), with that server's variables. Both start the first
+time a test needs them and stop at the end of the session. In-process tests join the cluster as a
+driver (`ray_local`), CLI subprocesses through RAY_ADDRESS (`run_cli`), the RayJob tests through its
+Jobs API. Everything listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,6 +29,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+# The virtualenv's programs first, for this process and all it starts (Ray nodes, CLI runs), as `source
+# .venv/bin/activate` would: DeepSpeed JIT-builds its CPU comm op with the first `ninja` on PATH, and the
+# venv's (1.13) and Debian's (1.11) hash the build log differently, so a suite that mixed them rebuilt the op
+# (about a minute each time) whenever the other one ran.
+os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 
 os.environ.setdefault("RAY_ACCEPT_LOCAL_EXECUTION_WARNINGS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -37,19 +52,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray instance for the whole module (2 CPUs, no dashboard), its own even when another
-    `ray start` runs on the machine (address="local")."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
 # --- S3 ----------------------------------------------------------------------
 
 S3_ENV = {
@@ -60,23 +62,24 @@ S3_ENV = {
 }
 
 
+@dataclass
 class S3Server:
-    def __init__(self, endpoint: str, proc: subprocess.Popen):
-        self.endpoint = endpoint
-        self.proc = proc
+    endpoint: str
+    proc: subprocess.Popen | None = None  # None: the session's server, stopped with the session
+    credentials: dict[str, str] = field(default_factory=lambda: dict(S3_ENV))
 
     def env(self) -> dict[str, str]:
-        return {**S3_ENV, "AWS_ENDPOINT_URL": self.endpoint}
+        return {**self.credentials, "AWS_ENDPOINT_URL": self.endpoint}
 
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
-                            aws_secret_access_key="testing", region_name="us-east-1")
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.credentials["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=self.credentials["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
 
 
 def start_moto(extra_env: dict | None = None) -> S3Server:
-    """Start moto_server as its own process on a free loopback port and wait until it listens."""
+    """A moto_server of its own (e.g. one that enforces auth) on a free loopback port, once it listens."""
     port = free_port()
     proc = subprocess.Popen(
         [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
@@ -103,16 +106,195 @@ def stop_moto(server: S3Server) -> None:
         server.proc.kill()
 
 
+# --- the session's S3 server and Ray cluster ---------------------------------------
+
+
+@dataclass
+class Cluster:
+    """The session's Ray head: `gcs` is what RAY_ADDRESS and ray.init take, `dashboard` the Jobs API."""
+
+    gcs: str
+    dashboard: str
+    s3: S3Server
+
+
+class _Session:
+    """What the session started, lazily: a state folder, the S3 server, the Ray head."""
+
+    def __init__(self):
+        self.state: Path | None = None
+        self.s3: S3Server | None = None
+        self.head: subprocess.Popen | None = None
+        self.cluster: Cluster | None = None
+
+    def start_s3(self) -> S3Server:
+        if self.s3 is None:
+            self.state = Path(tempfile.mkdtemp(prefix="emoji-ldm-tests-"))
+            env = {**os.environ, "EMOJI_LDM_LOCAL": str(self.state), "S3_PORT": str(free_port())}
+            r = subprocess.run([str(REPO / "infra" / "local_s3.sh"), "start"], env=env, capture_output=True,
+                               text=True, timeout=120)
+            if r.returncode != 0:
+                raise RuntimeError(f"infra/local_s3.sh start failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+            exported = dict(line.removeprefix("export ").split("=", 1)
+                            for line in (self.state / "s3.env").read_text().splitlines() if line.startswith("export "))
+            self.s3 = S3Server(exported.pop("AWS_ENDPOINT_URL"), credentials=exported)
+            stop_with_this_process(pid=int((self.state / "s3.pid").read_text()))
+        return self.s3
+
+    def start_cluster(self) -> Cluster:
+        """`ray start --head` as infra/local_ray_head.sh runs it (from the repository, .venv first on PATH, the
+        S3 variables in its environment for its workers), on free ports: the dashboard agent's too, whose
+        default port another Ray on the machine may hold (then the head takes no jobs)."""
+        if self.cluster is None:
+            s3 = self.start_s3()
+            port, dashboard = free_port(), free_port()
+            env = {**os.environ, **s3.env(), "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+                   "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+            env.pop("RAY_ADDRESS", None)
+            self.head = start_ray_node(["--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard", "true",
+                                        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                                        "--object-store-memory", "2000000000"], env, log=self.state / "ray-head.log")
+            wait_for_nodes(f"127.0.0.1:{port}", self.head, env, nodes=1)
+            self.cluster = Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", s3)
+            os.environ["RAY_ADDRESS"] = self.cluster.gcs  # subprocesses and in-process stages join it
+        return self.cluster
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            import ray
+
+            ray.shutdown()
+            os.environ.pop("RAY_ADDRESS", None)
+            self.cluster = None
+        if self.head is not None:
+            stop_ray_nodes([self.head])
+            self.head = None
+        if self.s3 is not None:
+            subprocess.run([str(REPO / "infra" / "local_s3.sh"), "stop"], capture_output=True, timeout=60,
+                           env={**os.environ, "EMOJI_LDM_LOCAL": str(self.state)})
+            self.s3 = None
+        if self.state is not None:
+            shutil.rmtree(self.state, ignore_errors=True)
+            self.state = None
+
+
+def start_ray_node(args: list[str], env: dict, log: Path | None = None) -> subprocess.Popen:
+    """`ray start --block ARGS` (1 node) in a session of its own, from the repository: stopped by ending its
+    process group (`ray stop` would stop every Ray on the machine, other tests' and other users' too)."""
+    cmd = [str(VENV_BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
+           "--dashboard-agent-listen-port", str(free_port()), *args]
+    out = open(log, "w") if log else subprocess.DEVNULL
+    env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # stopped once its tests are done: no drain wait
+    node = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT if log else subprocess.PIPE,
+                            text=True, start_new_session=True)
+    stop_with_this_process(group=node.pid)
+    return node
+
+
+def stop_with_this_process(pid: int | None = None, group: int | None = None) -> None:
+    """SIGTERM to a process (or process group) once this test process is gone, however it ended (a suite
+    killed at its time limit leaves no Ray node or S3 server running); nothing if it stopped first."""
+    target = f"-{group}" if group else str(pid)
+    watch = f"while kill -0 {os.getpid()} && kill -0 -- {target}; do sleep 2; done 2> /dev/null"
+    subprocess.Popen(["bash", "-c", f"{watch}; kill -TERM -- {target} 2> /dev/null"], start_new_session=True,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for_nodes(address: str, node: subprocess.Popen, env: dict, nodes: int) -> None:
+    """Until `ray status` at `address` shows `nodes` alive nodes (at most 3 minutes)."""
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        assert node.poll() is None, f"ray start exited {node.returncode}: {node.args}"
+        status = subprocess.run([str(VENV_BIN / "ray"), "status", "--address", address], env=env,
+                                capture_output=True, text=True)
+        if status.returncode == 0 and status.stdout.count("node_") >= nodes:
+            return
+        time.sleep(1)
+    raise AssertionError(f"the Ray cluster at {address} did not reach {nodes} node(s) in 180 s")
+
+
+def stop_ray_nodes(nodes: list[subprocess.Popen]) -> None:
+    """SIGTERM to each node's process group at once (each takes ~15 s to stop its processes); SIGKILL after a
+    minute."""
+    for node in nodes:
+        _signal_group(node, signal.SIGTERM)
+    for node in nodes:
+        try:
+            node.wait(60)
+        except subprocess.TimeoutExpired:
+            _signal_group(node, signal.SIGKILL)
+            node.wait(10)
+
+
+def _signal_group(node: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(node.pid, sig)  # on SIGTERM the node's `ray start --block` stops what it started
+    except ProcessLookupError:
+        pass
+
+
+_SESSION = _Session()
+
+
+def shared_cluster() -> Cluster:
+    """The session's Ray cluster (and S3 server), started on first use."""
+    return _SESSION.start_cluster()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_services():
+    """Stops what the session started (nothing, unless a test asked for Ray or S3)."""
+    yield
+    _SESSION.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Cluster:
+    return shared_cluster()
+
+
+def connect(cluster: Cluster) -> None:
+    """Join the session's cluster from this process (again, if a test left it)."""
+    import ray
+
+    if ray.is_initialized():
+        if ray.get_runtime_context().gcs_address == cluster.gcs:
+            return
+        ray.shutdown()
+    ray.init(address=cluster.gcs, configure_logging=False, log_to_driver=False)
+
+
+def wait_until_idle(timeout: float = 120) -> None:
+    """Every CPU of the cluster free again: what a module leaves running would starve the next one."""
+    import ray
+
+    deadline = time.time() + timeout
+    while (free := ray.available_resources().get("CPU", 0)) < (total := ray.cluster_resources().get("CPU", 0)):
+        if time.time() > deadline:
+            from ray.util.state import list_actors
+
+            alive = [f"{a.class_name} ({a.state})" for a in list_actors(filters=[("state", "!=", "DEAD")], limit=100)]
+            raise AssertionError(f"{total - free} of {total} CPUs still held {timeout:.0f} s after the module; "
+                                 f"actors: {alive}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def ray_local(ray_cluster):
+    """This process joined to the session's Ray (2 CPUs); yields its address (for RAY_ADDRESS). At the end of
+    the module, waits until the module's work has released every CPU."""
+    connect(ray_cluster)
+    yield ray_cluster.gcs
+    connect(ray_cluster)
+    wait_until_idle()
+
+
 @pytest.fixture(scope="module")
 def s3_server():
-    """A real S3-protocol server (moto_server) as its own process on 127.0.0.1.
-
-    It must not run inside the test process: delta-rs holds the GIL while it
-    waits for the server, which would deadlock an in-process server.
-    The AWS variables point at it for the module and are restored afterwards.
-    Request it before `ray_local` so Ray's workers inherit the variables.
-    """
-    server = start_moto()
+    """The session's S3-protocol server (moto_server, its own process on 127.0.0.1; in the test process it
+    would deadlock with delta-rs, which holds the GIL while it waits for the server). The Ray cluster's
+    workers have its variables from the start; this process has them for the module, restored afterwards."""
+    server = _SESSION.start_s3()
     saved = {k: os.environ.get(k) for k in server.env()}
     os.environ.update(server.env())
     yield server
@@ -121,9 +303,6 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    stop_moto(server)
-
-
 # --- a local HTTP site ----------------------------------------------------------
 
 
@@ -263,8 +442,59 @@ def new_chrome(download_dir: Path | None = None):
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `emoji-ldm ...` as a user would, in a subprocess."""
-    full_env = {**os.environ, **(env or {})}
+    """Run `emoji-ldm ...` as a user would, in a subprocess that joins the session's Ray (RAY_ADDRESS) rather
+    than starting its own; `env` may override that (RAY_ADDRESS="" for a Ray of its own)."""
+    full_env = {**os.environ, "RAY_ADDRESS": shared_cluster().gcs, **(env or {})}
     return subprocess.run(
         [str(VENV_BIN / "emoji-ldm"), *args], capture_output=True, text=True, timeout=timeout, env=full_env
     )
+
+
+# --- the tiny pipeline, once per session ----------------------------------------------------
+
+# few steps, small UNet: the settings of every short training run in the suite
+FAST = {"train.log_every": 1, "train.sample_every": 0, "train.checkpoint_every": 3, "train.warmup_steps": 1,
+        "unet.block_out_channels": "32,64", "train.batch_size": 8}
+
+
+@dataclass
+class Pipeline:
+    """What the `pipeline` fixture made; shared by many tests, so read it, never write to it."""
+
+    root: Path
+    ds: str  # the dataset: v0 build (44 Twemoji), v1 build (4 synthetic), v2 metadata caption pass
+    vae: str  # the tiny VAE, 4 steps
+    lat: str  # the latent table of v2
+    run: Path  # 4 training steps of the tiny UNet, ZeRO-2 on 2 workers, samples at steps 2 and 4
+    builds: list
+    caption: dict
+    vae_card: dict
+    encoded: dict
+    card: dict  # what train returned (the run's model card)
+
+    @property
+    def model(self) -> str:
+        return str(self.run / "model")
+
+
+@pytest.fixture(scope="session")
+def pipeline(ray_cluster, tmp_path_factory) -> Pipeline:
+    """build -> caption -> train-vae -> encode -> train of the tiny preset, once for the session: the training,
+    eval, lineage and two-node tests start from it; tests that need another configuration run their own."""
+    from emoji_ldm.caption.stage import CaptionConfig, caption_dataset
+    from emoji_ldm.ingest.build import BuildConfig, build_dataset
+    from emoji_ldm.train.encode import EncodeConfig, encode
+    from emoji_ldm.train.ldm import TrainConfig, train
+    from emoji_ldm.train.vae import VAETrainConfig, train_vae
+
+    connect(ray_cluster)
+    root = tmp_path_factory.mktemp("pipeline")
+    ds, vae, lat, run = str(root / "ds"), str(root / "vae"), str(root / "lat"), root / "run"
+    builds = [build_dataset(BuildConfig(source="twemoji", out=ds, limit=44, message="first")),
+              build_dataset(BuildConfig(source="synthetic:4:1", out=ds))]
+    caption = caption_dataset(CaptionConfig(dataset=ds))
+    vae_card = train_vae(VAETrainConfig(dataset=ds, out=vae, max_steps=4))
+    encoded = encode(EncodeConfig(dataset=ds, out=lat, vae=vae))
+    card = train(TrainConfig(data=lat, out=str(run), max_steps=4, zero_stage=2,
+                             overrides={**FAST, "train.sample_every": 2}))
+    return Pipeline(root, ds, vae, lat, run, builds, caption, vae_card, encoded, card)

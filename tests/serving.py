@@ -1,4 +1,4 @@
-"""Helpers for the serving tests: deploy the app on the module's Ray, talk HTTP to it."""
+"""Helpers for the serving tests: deploy the app on the session's Ray, talk HTTP to it."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ HTTP = urllib3.PoolManager(maxsize=64, retries=False, timeout=urllib3.Timeout(co
 
 def deploy(model: str, *, sets_uri: str = "", generator: dict | None = None, ingress: dict | None = None,
            max_batch_size: int = 16, batch_wait_timeout_s: float = 0.05, **app_args) -> str:
-    """Start Serve on a free loopback port and run the app with these deployment options; returns the URL."""
+    """Start Serve on a free loopback port and run the app with these deployment options; returns the URL.
+    A Serve still running on the session's cluster is shut down first: it would keep its own port."""
     from ray import serve
 
     from emoji_ldm.serve.app import application
 
+    serve.shutdown()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     deployments = [{"name": "Generator", "ray_actor_options": {"num_cpus": 0.5}, **(generator or {})},

@@ -1,6 +1,6 @@
 """Lineage end to end on real Ray: a dataset of several versions (two builds, a caption pass), a latent
-table, a 2-step model; PNGs from generate, bulk and the service carry their parameters, and `lineage`
-goes from each back to the builds; `--row` finds one row's origin."""
+table, a 4-step model (the session's pipeline); PNGs from generate, bulk and the service carry their
+parameters, and `lineage` goes from each back to the builds; `--row` finds one row's origin."""
 
 from __future__ import annotations
 
@@ -13,38 +13,21 @@ import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
-from emoji_ldm.caption.stage import CaptionConfig, caption_dataset
 from emoji_ldm.errors import UserError
 from emoji_ldm.inference.pngmeta import read_params
 from emoji_ldm.inference.settings import SamplerSettings
-from emoji_ldm.ingest.build import BuildConfig, build_dataset
 from emoji_ldm.lineage import row_origin, trace
 from emoji_ldm.store.artifacts import weights_content_id
 from emoji_ldm.store.delta import open_table
-from emoji_ldm.train.encode import EncodeConfig, encode
-from emoji_ldm.train.ldm import TrainConfig, train
 from tests.conftest import run_cli
-from tests.tiny_models import tiny_clip, tiny_sd_vae
-
-FAST = {"train.log_every": 1, "train.sample_every": 0, "train.checkpoint_every": 2, "train.warmup_steps": 1,
-        "unet.block_out_channels": "32,64", "train.batch_size": 8}
 
 
 @pytest.fixture(scope="module")
-def made(ray_local, tmp_path_factory):
-    """v0 build (12 Twemoji), v1 build (4 synthetic), v2 metadata caption pass -> latent table -> model."""
-    root = tmp_path_factory.mktemp("lineage")
-    ds = str(root / "ds")
-    build_dataset(BuildConfig(source="twemoji", out=ds, limit=12, message="first"))
-    build_dataset(BuildConfig(source="synthetic:4:1", out=ds))
-    caption_dataset(CaptionConfig(dataset=ds))
-    # the emoji64 preset with tiny stand-ins of its VAE and text encoder: nothing to train before encode
-    sets = {"vae.pretrained": str(tiny_sd_vae(root / "vae")), "text.pretrained": str(tiny_clip(root / "clip")),
-            "text.hidden_size": "32", "image_size": 32, "unet.attention_head_dim": 4}
-    encode(EncodeConfig(dataset=ds, out=str(root / "lat"), preset="emoji64", overrides=sets))
-    card = train(TrainConfig(data=str(root / "lat"), out=str(root / "run"), preset="emoji64", max_steps=2, workers=1,
-                             overrides={**FAST, **sets}))
-    return {"root": root, "ds": ds, "model": str(root / "run" / "model"), "card": card}
+def made(pipeline, ray_local):
+    """The session's pipeline: v0 build (44 Twemoji), v1 build (4 synthetic), v2 metadata caption pass -> a
+    latent table -> a 4-step model."""
+    return {"root": pipeline.root, "ds": pipeline.ds, "run": str(pipeline.run), "model": pipeline.model,
+            "card": pipeline.card}
 
 
 def _reaches_the_builds(result: dict, made: dict) -> None:
@@ -62,7 +45,7 @@ def test_generate_pngs_carry_parameters_and_trace_to_the_builds(made, tmp_path):
     card = made["card"]
     assert card["content_id"] == weights_content_id(made["model"]) and card["dataset"] == made["ds"]
     out = tmp_path / "gen"
-    r = run_cli("generate", "--model", str(made["root"] / "run"), "--prompt", "red heart", "--n", "2", "--steps", "2",
+    r = run_cli("generate", "--model", made["run"], "--prompt", "red heart", "--n", "2", "--steps", "2",
                 "--seed", "5", "--negative-prompt", "blue", "--out", str(out))
     assert r.returncode == 0, r.stderr
     text = Image.open(out / "001.png").text
@@ -75,7 +58,7 @@ def test_generate_pngs_carry_parameters_and_trace_to_the_builds(made, tmp_path):
 
     r = run_cli("lineage", str(out / "001.png"))
     assert r.returncode == 0, r.stderr
-    assert '"red heart", negative "blue", seed 6, 2 steps' in r.stdout and "build    twemoji: 12 in" in r.stdout
+    assert '"red heart", negative "blue", seed 6, 2 steps' in r.stdout and "build    twemoji: 44 in" in r.stdout
     assert "build    synthetic:4:1" in r.stdout and "caption  captioner metadata" in r.stdout
     r = run_cli("lineage", "--json", str(out / "001.png"))
     assert r.returncode == 0, r.stderr
@@ -102,7 +85,7 @@ def test_bulk_pngs_carry_parameters_and_trace_to_the_builds(made, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("red heart\nblue circle\n")
     out = str(tmp_path / "bulk")
-    bulk_generate(BulkConfig(model=str(made["root"] / "run"), prompts=str(prompts), out=out,
+    bulk_generate(BulkConfig(model=made["run"], prompts=str(prompts), out=out,
                              sampler=SamplerSettings(count=1, steps=2, seed=9)))
     rows = open_table(f"{out}/manifest").to_pyarrow_table(columns=["prompt", "seed", "uri"]).to_pylist()
     assert len(rows) == 2
@@ -148,10 +131,13 @@ def test_service_pngs_json_and_sets_trace_to_the_builds(made, tmp_path):
         _reaches_the_builds(trace(str(target)), made)
 
 
-def test_row_origin_through_builds_caption_and_restore(made):
+def test_row_origin_through_builds_caption_and_restore(made, tmp_path):
+    import shutil
+
     from emoji_ldm.store.ops import restore
 
-    ds = made["ds"]
+    ds = str(tmp_path / "ds")
+    shutil.copytree(made["ds"], ds)  # the restore below writes a version: on a copy, the session's table is shared
     twemoji = open_table(f"{ds}@0").to_pyarrow_dataset().head(1, columns=["id"]).column("id")[0].as_py()
     v2 = open_table(f"{ds}@2").to_pyarrow_table(columns=["id", "source"])
     synthetic = v2.filter(pc.equal(v2.column("source"), "synthetic:4:1")).column("id")[0].as_py()
