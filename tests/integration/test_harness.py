@@ -11,24 +11,14 @@ import pytest
 import torch
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.ingest.build import BuildConfig, build_dataset
-from emoji_ldm.train.encode import EncodeConfig, encode
 from emoji_ldm.train.ldm import TrainConfig, latest_checkpoint, train
-from emoji_ldm.train.speed import SpeedOptions
-from emoji_ldm.train.vae import VAETrainConfig, train_vae
-
-FAST = {"train.log_every": 1, "train.sample_every": 0, "train.checkpoint_every": 3, "train.warmup_steps": 1,
-        "unet.block_out_channels": "32,64", "train.batch_size": 8}
+from tests.conftest import FAST, run_cli
 
 
 @pytest.fixture(scope="module")
-def latents(ray_local, tmp_path_factory):
-    """32 Twemoji -> a 2-step VAE -> a latent table (tiny preset)."""
-    root = tmp_path_factory.mktemp("harness")
-    build_dataset(BuildConfig(source="twemoji", out=str(root / "ds"), limit=32))
-    train_vae(VAETrainConfig(dataset=str(root / "ds"), out=str(root / "vae"), max_steps=2))
-    encode(EncodeConfig(dataset=str(root / "ds"), out=str(root / "lat"), vae=str(root / "vae")))
-    return str(root / "lat")
+def latents(pipeline, ray_local):
+    """The session pipeline's latent table (48 Twemoji and synthetic rows, tiny preset); read only."""
+    return pipeline.lat
 
 
 def _train(data, out, **kwargs):
@@ -94,15 +84,26 @@ def test_ema_under_deepspeed_bf16_moves_like_fp32(one_rank_gloo):
 
 
 def test_bf16_run_keeps_an_fp32_ema_and_exports_it(latents, tmp_path):
-    """A bf16 run of 2 workers: the checkpoint's EMA is fp32 and the exported UNet is exactly that EMA."""
+    """`train --precision bf16` on 2 workers with the other fast-path flags (channels-last, gradient
+    checkpointing): the banner and config.json say so, the losses are numbers, the checkpoint's EMA is fp32
+    and the exported UNet is exactly that EMA."""
     from diffusers import UNet2DConditionModel
 
-    card = _train(latents, tmp_path / "run", max_steps=3, speed=SpeedOptions(precision="bf16"))
-    assert card["training"]["steps"] == 3
-    folder, _ = latest_checkpoint(str(tmp_path / "run"))
+    out = tmp_path / "run"
+    sets = [a for k, v in FAST.items() for a in ("--set", f"{k}={v}")]
+    r = run_cli("train", "--data", latents, "--out", str(out), "--max-steps", "3", "--precision", "bf16",
+                "--channels-last", "--gradient-checkpointing", *sets)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "precision bf16, gradient_checkpointing, channels_last, attention: scaled_dot_product_attention" in r.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in rows)  # not NaN
+    saved = json.loads((out / "config.json").read_text())["run"]["speed"]
+    assert saved["precision"] == "bf16" and saved["channels_last"] and saved["gradient_checkpointing"]
+
+    folder, _ = latest_checkpoint(str(out))
     shadow = torch.load(f"{folder}/ema.pt", weights_only=False)["shadow_params"]
     assert {s.dtype for s in shadow} == {torch.float32}
-    unet = UNet2DConditionModel.from_pretrained(str(tmp_path / "run" / "model" / "unet"))
+    unet = UNet2DConditionModel.from_pretrained(str(out / "model" / "unet"))
     exported = list(unet.parameters())
     assert len(exported) == len(shadow)
     assert all(torch.equal(p.data, s) for p, s in zip(exported, shadow))
@@ -116,19 +117,43 @@ def test_user_error_on_one_rank_stops_every_rank(latents, tmp_path):
         _train(latents, tmp_path / "run", max_steps=6, user_error_at_step=2, max_failures=2)
 
 
-def test_crash_then_resume_from_s3(s3_server, latents, tmp_path):
-    """Checkpoints on moto S3; rank 1 dies after the step-3 checkpoint; `--resume` continues from s3://."""
+def test_crash_then_resume_from_s3_continues_exactly(s3_server, latents, tmp_path):
+    """6 steps straight (a local run) == a run on moto S3 whose rank 1 dies after its step-3 checkpoint, then
+    `--resume` from s3:// (weights, optimizer, EMA, step, metrics); a resume that does not match is refused."""
     from ray.train import WorkerGroupError
 
-    s3_server.client().create_bucket(Bucket="harness-runs")
+    client = s3_server.client()
+    client.create_bucket(Bucket="harness-runs")
+    _train(latents, tmp_path / "a", max_steps=6)
     out = "s3://harness-runs/runs/crash"
-    with pytest.raises(WorkerGroupError):
-        _train(latents, out, max_steps=5, crash_at_step=4, max_failures=0)
+    with pytest.raises(WorkerGroupError, match="Training failed due to worker errors") as died:
+        _train(latents, out, max_steps=6, crash_at_step=4, max_failures=0)
+    assert 1 in died.value.worker_failures  # rank 1 died (rank 0 then fails in a collective with it)
     found = latest_checkpoint(out)
     assert found and found[0].startswith("s3://") and found[1]["step"] == 3
-    card = _train(latents, out, max_steps=5, resume=True)
-    assert card["training"]["steps"] == 5
-    rows = [json.loads(line)["step"] for line in
-            s3_server.client().get_object(Bucket="harness-runs", Key="runs/crash/metrics.jsonl")["Body"].read()
-            .decode().splitlines()]
-    assert rows == [1, 2, 3, 4, 5]
+    with pytest.raises(UserError, match="already has checkpoints"):
+        _train(latents, out, max_steps=6)
+    with pytest.raises(UserError, match="different unet config"):
+        _train(latents, out, max_steps=6, resume=True, overrides={"unet.block_out_channels": "32,32"})
+    with pytest.raises(UserError, match="written by 2 workers"):
+        _train(latents, out, max_steps=6, resume=True, workers=1)
+    card = _train(latents, out, max_steps=6, resume=True)
+    assert card["training"]["steps"] == 6
+    metrics = client.get_object(Bucket="harness-runs", Key="runs/crash/metrics.jsonl")["Body"].read().decode()
+    assert [json.loads(line)["step"] for line in metrics.splitlines()] == [1, 2, 3, 4, 5, 6]
+
+    (folder_a, meta_a), (folder_b, meta_b) = latest_checkpoint(str(tmp_path / "a")), latest_checkpoint(out)
+    assert meta_a["step"] == meta_b["step"] == 6
+    local_b = tmp_path / "b"
+    prefix = folder_b.removeprefix("s3://harness-runs/")
+    for name in ("ema.pt", "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        (local_b / name).parent.mkdir(parents=True, exist_ok=True)
+        client.download_file("harness-runs", f"{prefix}/{name}", str(local_b / name))
+    ema_a = torch.load(f"{folder_a}/ema.pt", weights_only=False)["shadow_params"]
+    ema_b = torch.load(local_b / "ema.pt", weights_only=False)["shadow_params"]
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ema_a, ema_b))
+    opt_a = torch.load(f"{folder_a}/ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    opt_b = torch.load(local_b / "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    flat_a = opt_a["optimizer_state_dict"]["single_partition_of_fp32_groups"][0]
+    flat_b = opt_b["optimizer_state_dict"]["single_partition_of_fp32_groups"][0]
+    assert torch.allclose(flat_a, flat_b, atol=1e-6)

@@ -6,7 +6,6 @@ import json
 
 import pyarrow as pa
 import pytest
-import torch
 from deltalake import write_deltalake
 
 from emoji_ldm.errors import UserError
@@ -15,7 +14,7 @@ from emoji_ldm.inference.settings import SamplerSettings
 from emoji_ldm.ingest.build import BuildConfig, build_dataset
 from emoji_ldm.store.schema import EMOJI_SCHEMA
 from emoji_ldm.train.encode import EncodeConfig, encode
-from emoji_ldm.train.ldm import TrainConfig, latest_checkpoint, train
+from emoji_ldm.train.ldm import TrainConfig, train
 from emoji_ldm.train.vae import VAETrainConfig, train_vae
 from tests.conftest import FAST, png_bytes, run_cli
 from tests.tiny_models import tiny_clip, tiny_clip_model, tiny_sd_pipeline, tiny_sd_vae
@@ -130,20 +129,6 @@ def test_judge_learns_twemoji_groups(ray_local, tmp_path):
     assert judge.classes == meta["classes"] and judge.meta["dataset"].endswith("ds@0")
 
 
-def test_fast_path_options_on_cpu(tiny, tmp_path):
-    """bf16 through DeepSpeed's bf16 mode, channels-last and gradient checkpointing on 2 CPU workers."""
-    out = tmp_path / "fast"
-    sets = [a for k, v in FAST.items() for a in ("--set", f"{k}={v}")]
-    r = run_cli("train", "--data", tiny.lat, "--out", str(out), "--max-steps", "2", "--precision", "bf16",
-                "--channels-last", "--gradient-checkpointing", *sets)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "precision bf16, gradient_checkpointing, channels_last, attention: scaled_dot_product_attention" in r.stdout
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)  # numbers, not NaN
-    saved = json.loads((out / "config.json").read_text())["run"]["speed"]
-    assert saved["precision"] == "bf16" and saved["channels_last"] and saved["gradient_checkpointing"]
-
-
 def test_zero3(tiny, tmp_path):
     """ZeRO-3 (parameters partitioned) with gradient checkpointing: the combination trains and exports."""
     from emoji_ldm.train.speed import SpeedOptions
@@ -151,36 +136,6 @@ def test_zero3(tiny, tmp_path):
     card = _train(tiny, tmp_path / "run", max_steps=3, zero_stage=3, speed=SpeedOptions(gradient_checkpointing=True))
     assert card["training"]["steps"] == 3 and (tmp_path / "run" / "model" / "unet").exists()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["run"]["speed"]["gradient_checkpointing"]
-
-
-def test_resume_continues_exactly(tiny, tmp_path):
-    """6 steps straight == a run that dies after its step-3 checkpoint, then --resume (weights, optimizer, step)."""
-    _train(tiny, tmp_path / "a", max_steps=6)
-    from ray.train import WorkerGroupError
-
-    # rank 1 dies at step 4 (after the step-3 checkpoint), no restarts allowed
-    with pytest.raises(WorkerGroupError, match="Training failed due to worker errors") as died:
-        _train(tiny, tmp_path / "b", max_steps=6, crash_at_step=4, max_failures=0)
-    assert 1 in died.value.worker_failures  # rank 1 died (rank 0 then fails in a collective with it)
-    with pytest.raises(UserError, match="already has checkpoints"):
-        _train(tiny, tmp_path / "b", max_steps=6)
-    with pytest.raises(UserError, match="different unet config"):
-        _train(tiny, tmp_path / "b", max_steps=6, resume=True, overrides={"unet.block_out_channels": "32,32"})
-    with pytest.raises(UserError, match="written by 2 workers"):
-        _train(tiny, tmp_path / "b", max_steps=6, resume=True, workers=1)
-    _train(tiny, tmp_path / "b", max_steps=6, resume=True)
-    metrics_b = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert metrics_b == [1, 2, 3, 4, 5, 6]
-    (pa_, sa), (pb, sb) = latest_checkpoint(str(tmp_path / "a")), latest_checkpoint(str(tmp_path / "b"))
-    assert sa["step"] == sb["step"] == 6
-    ema_a = torch.load(f"{pa_}/ema.pt", weights_only=False)["shadow_params"]
-    ema_b = torch.load(f"{pb}/ema.pt", weights_only=False)["shadow_params"]
-    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ema_a, ema_b))
-    opt_a = torch.load(f"{pa_}/ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
-    opt_b = torch.load(f"{pb}/ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
-    flat_a = opt_a["optimizer_state_dict"]["single_partition_of_fp32_groups"][0]
-    flat_b = opt_b["optimizer_state_dict"]["single_partition_of_fp32_groups"][0]
-    assert torch.allclose(flat_a, flat_b, atol=1e-6)
 
 
 def test_killed_worker_recovers_from_checkpoint(tiny, tmp_path):
@@ -243,7 +198,7 @@ def test_emoji64_with_tiny_stand_ins(ray_local, tiny, tmp_path):
             "unet.block_out_channels": "32,64", "unet.attention_head_dim": 4}
     encode(EncodeConfig(dataset=tiny.ds, out=str(tmp_path / "lat"), preset="emoji64", overrides=sets))
     card = train(TrainConfig(data=str(tmp_path / "lat"), out=str(tmp_path / "run"), preset="emoji64",
-                             max_steps=2, overrides={**FAST, **sets}))
+                             max_steps=2, workers=1, overrides={**FAST, **sets}))  # the loading paths, 1 worker
     assert card["preset"] == "emoji64" and card["vae"] == str(vae)
     assert (tmp_path / "run" / "model" / "text_encoder" / "config.json").exists()
 
@@ -259,7 +214,7 @@ def test_sd_finetune_with_tiny_stand_in(ray_local, tiny, tmp_path, mode):
     encode(EncodeConfig(dataset=tiny.ds, out=str(tmp_path / "lat"), preset="sd-finetune", overrides=sets))
     overrides = {k: v for k, v in {**FAST, **sets}.items() if k != "unet.block_out_channels"}
     card = train(TrainConfig(data=str(tmp_path / "lat"), out=str(tmp_path / "run"), preset="sd-finetune",
-                             max_steps=2, overrides=overrides))
+                             max_steps=2, workers=2 if mode == "lora" else 1, overrides=overrides))  # LoRA under ZeRO-2
     assert card["config"]["unet"]["finetune"] == mode
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "model", safety_checker=None)
     assert not any("lora" in n for n, _ in pipe.unet.named_parameters())  # LoRA fused on export
