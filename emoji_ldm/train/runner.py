@@ -226,7 +226,7 @@ def mean_over_ranks(values, worker: Worker) -> list[float]:
 
 def maybe_fail(fault: str | None, step: int, worker: Worker, out: str) -> None:
     """Fault injection for tests, `KIND@STEP` on rank 1: `exit@N` kills the process once per run (a marker file
-    per driver and --out), `user-error@N` raises a `UserError` on that rank alone."""
+    per run name and --out), `user-error@N` raises a `UserError` on that rank alone."""
     if not fault or worker.rank != 1:
         return
     kind, _, at = fault.partition("@")
@@ -238,10 +238,11 @@ def maybe_fail(fault: str | None, step: int, worker: Worker, out: str) -> None:
     import tempfile
     from pathlib import Path
 
-    import ray
+    import ray.train
 
-    # once per run: the same driver (Ray job) retries the worker group; a later run of the same --out is another job
-    run = f"{ray.get_runtime_context().get_job_id()}:{out}"
+    # once per run: a run's restarted worker group keeps its name (`<stage>-<start time>`); a later run of the same
+    # --out has another. (Not the Ray job id: every fresh cluster numbers its first driver 01000000.)
+    run = f"{ray.train.get_context().get_experiment_name()}:{out}"
     marker = Path(tempfile.gettempdir()) / f"emoji-ldm-crashed-{hashlib.sha1(run.encode()).hexdigest()[:12]}"
     if not marker.exists():
         marker.write_text("crashed once")
