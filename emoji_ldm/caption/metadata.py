@@ -76,8 +76,14 @@ def dominant_colours(pixels: np.ndarray, bg: np.ndarray | None, top: int = 2) ->
 
 def describe(png: bytes, title: str | None, tag: str | None) -> str:
     with Image.open(io.BytesIO(png)) as im:
-        pixels = np.asarray(im.convert("RGB"))
-    bg, bg_words = background(pixels)
+        rgba = np.asarray(im.convert("RGBA"))
+    pixels, alpha = rgba[..., :3], rgba[..., 3]
+    corners = [alpha[:4, :4], alpha[:4, -4:], alpha[-4:, :4], alpha[-4:, -4:]]
+    if sum(bool((c < 16).all()) for c in corners) >= 3:  # an RGBA emoji: its colours are the opaque pixels'
+        bg, bg_words = None, "a transparent background"
+        pixels = pixels[alpha >= 128]  # (N, 3)
+    else:
+        bg, bg_words = background(pixels)
     colours = dominant_colours(pixels, bg)
     name = " ".join((title or "").replace("_", " ").split()).lower()
     head = f"{name} emoji" if name else "emoji"

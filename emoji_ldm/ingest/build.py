@@ -48,8 +48,10 @@ from emoji_ldm.store.delta import (
     REJECT_SCHEMA,
     SIDECAR,
     CommitDeltaDatasink,
+    image_mode,
     open_table,
     read_dataset,
+    record_image_mode,
     rejects_uri,
     row_count,
     table_exists,
@@ -100,6 +102,7 @@ class BuildSummary:
     added: int
     seconds: float
     rejects_uri: str | None = None
+    alpha: dict[str, int] = field(default_factory=dict)  # accepted images by what happened to their alpha
     phases: dict[str, float] = field(default_factory=dict)  # seconds: list, ray_start, ingest, write
 
     @property
@@ -113,9 +116,12 @@ class BuildSummary:
     def line(self) -> str:
         rej = sum(self.rejected.values())
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items(), key=lambda kv: -kv[1]))
+        alpha = ", ".join(f"{k} {v}" for k, v in sorted(self.alpha.items(), key=lambda kv: -kv[1]))
         where = f"version {self.version} of {self.out}" if self.version is not None else f"no new version of {self.out}"
         return (
-            f"build: {self.images_in} in, {self.accepted} accepted, {rej} rejected"
+            f"build: {self.images_in} in, {self.accepted} accepted"
+            + (f" ({alpha})" if alpha else "")
+            + f", {rej} rejected"
             + (f" ({reasons})" if reasons else "")
             + f", {self.duplicates_in_build + self.duplicates_in_table} duplicates"
             + f" ({self.duplicates_in_build} in build, {self.duplicates_in_table} already in table)"
@@ -140,11 +146,12 @@ class BuildSink(CommitDeltaDatasink):
         self.actions: list = []
         self.counts: Counter = Counter()
         self.rejected: Counter = Counter()
+        self.alpha: Counter = Counter()
 
     def write(self, blocks, ctx) -> dict:
         from ray.data.block import BlockAccessor
 
-        counts, reasons = Counter(), Counter()
+        counts, reasons, alpha = Counter(), Counter(), Counter()
         rejects, keys = [], []
 
         def accepted():
@@ -161,6 +168,8 @@ class BuildSink(CommitDeltaDatasink):
                     rejects.append(bad.select(["source_url", "_reason", "_detail"]).rename_columns(
                         REJECT_SCHEMA.names).cast(REJECT_SCHEMA))
                 good = table.filter(pc.is_null(reason))
+                kinds = pc.value_counts(good.column("_alpha").drop_null())
+                alpha.update(dict(zip(kinds.field("values").to_pylist(), kinds.field("counts").to_pylist())))
                 keys.append(good.select(["id", "source_url", "page_url"]))
                 yield good
 
@@ -175,13 +184,14 @@ class BuildSink(CommitDeltaDatasink):
             rows = rows.append_column("_pos", pa.array(range(rows.num_rows), pa.int64()))
             rows = rows.append_column("_from_table", pa.array([False] * rows.num_rows))
             write_atomic(fs, filesystem(self.keys)[1], rows.cast(KEY_SCHEMA), is_s3(self.uri))
-        return {"actions": actions, "counts": dict(counts), "reasons": dict(reasons)}
+        return {"actions": actions, "counts": dict(counts), "reasons": dict(reasons), "alpha": dict(alpha)}
 
     def on_write_complete(self, write_result) -> None:
         for r in write_result.write_returns:
             self.actions += r["actions"]
             self.counts.update(r["counts"])
             self.rejected.update(r["reasons"])
+            self.alpha.update(r["alpha"])
 
 
 class DedupeSink(CommitDeltaDatasink):
@@ -301,12 +311,29 @@ def build_dataset(config: BuildConfig) -> BuildSummary:
     return summary
 
 
+def image_config_for(uri: str, image: ImageConfig) -> ImageConfig:
+    """`image` as the table at `uri` needs it: an RGBA table refuses `--background`; an RGB table (every table
+    built before RGBA) gets its new images flattened onto white unless `--background` says otherwise."""
+    if not table_exists(uri):
+        return image
+    mode = image_mode(uri)
+    if mode == "RGBA" and image.background is not None:
+        raise UserError(f"{uri} stores RGBA images, so --background {image.background!r} would mix RGB rows "
+                        "into it: build into a new --out to flatten, or leave --background out")
+    if mode == "RGB" and image.background is None:
+        logger.warning("%s stores RGB images (it was built before RGBA, or with --background): new images are "
+                       "flattened onto white to match; build a new --out to keep alpha", uri)
+        return dataclasses.replace(image, background="white", key_background=False)
+    return image
+
+
 def ingest_dataset(items, config: BuildConfig, *, extra_metadata: dict | None = None,
                    start: float | None = None) -> BuildSummary:
     """Steps 2-5 for a Ray Dataset of items (`ITEM_SCHEMA`; from `build_dataset`, or from the crawler)."""
     import ray.data
 
     start = start or time.perf_counter()
+    config = dataclasses.replace(config, image=image_config_for(config.out, config.image))
     ensure_ray()
     build_id = uuid.uuid4().hex[:12]
     work = join(config.out, SIDECAR, "builds", build_id)
@@ -337,11 +364,13 @@ def ingest_dataset(items, config: BuildConfig, *, extra_metadata: dict | None = 
     counts = {
         "in": staged.counts["in"], "accepted": staged.counts["in"] - sum(rejected.values()), "rejected": rejected,
         "duplicates_in_build": dropped["duplicate_in_build"], "duplicates_in_table": dropped["duplicate_in_table"],
-        "added": sum(json.loads(a.stats)["numRecords"] for a in actions),
+        "added": sum(json.loads(a.stats)["numRecords"] for a in actions), "alpha": dict(staged.alpha),
     }
     # 5: one commit of every data file, with what made it
     version = None
     if counts["added"]:
+        if not table_exists(config.out):
+            record_image_mode(config.out, "RGB" if config.image.background is not None else "RGBA")
         sink = CommitDeltaDatasink(config.out, schema=EMOJI_SCHEMA, metadata={
             "operation": "build", "source": config.source, "counts": counts,
             "config": _jsonable(dataclasses.asdict(config)), "code_version": code_version(),
@@ -355,6 +384,7 @@ def ingest_dataset(items, config: BuildConfig, *, extra_metadata: dict | None = 
         rejected=rejected, duplicates_in_build=counts["duplicates_in_build"],
         duplicates_in_table=counts["duplicates_in_table"], added=counts["added"],
         seconds=time.perf_counter() - start, rejects_uri=staged.rejects if rejected else None,
+        alpha=dict(staged.alpha),
         phases={"total": round(time.perf_counter() - start, 3)},
     )
 

@@ -16,7 +16,8 @@ from emoji_ldm.sources.base import FetchConfig, FetchError, fetch_bytes, make_po
 from emoji_ldm.store.schema import EMOJI_SCHEMA
 
 # Columns only the build uses; dropped before the write.
-WORK_SCHEMA = EMOJI_SCHEMA.append(pa.field("_reason", pa.string())).append(pa.field("_detail", pa.string()))
+WORK_SCHEMA = EMOJI_SCHEMA.append(pa.field("_reason", pa.string())).append(pa.field("_detail", pa.string())) \
+    .append(pa.field("_alpha", pa.string()))  # a kept row: what happened to its alpha (ALPHA_KINDS)
 
 
 def ingest_batch(batch: pa.Table, image: ImageConfig, fetch: FetchConfig) -> pa.Table:
@@ -48,6 +49,7 @@ def ingest_batch(batch: pa.Table, image: ImageConfig, fetch: FetchConfig) -> pa.
             **out, "id": result.id, "image": result.png, "width": result.width,
             "height": result.height,
             "orig_width": result.orig_width, "orig_height": result.orig_height, "orig_format": result.orig_format,
+            "_alpha": result.alpha,
         }
 
     if remote:

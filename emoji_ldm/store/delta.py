@@ -360,6 +360,40 @@ def write_tag(uri: str, name: str, version: int) -> None:
     del table
 
 
+# --- image mode -------------------------------------------------------------
+# Delta's table properties admit only Delta's own keys, so the mode lives beside the table, written once by
+# the build that creates it. Tables built before RGBA have no record: they hold RGB images.
+
+IMAGE_MODES = ("RGBA", "RGB")
+
+
+def _mode_path(uri: str) -> str:
+    return join(normalize_uri(uri), SIDECAR, "image_mode")
+
+
+def image_mode(uri: str) -> str:
+    """The mode of the images the table at `uri` stores: "RGBA", or "RGB" (also every table built before
+    RGBA, which has no record)."""
+    fs, path = filesystem(_mode_path(uri))
+    try:
+        with fs.open_input_stream(path) as f:
+            mode = f.read().decode().strip()
+    except FileNotFoundError:
+        return "RGB"
+    return mode if mode in IMAGE_MODES else "RGB"
+
+
+def record_image_mode(uri: str, mode: str) -> None:
+    """Record the image mode of a table about to be created (its first build calls this before committing)."""
+    if mode not in IMAGE_MODES:
+        raise ValueError(f"image mode must be one of {IMAGE_MODES}, got {mode!r}")
+    fs, path = filesystem(_mode_path(uri))
+    if not is_s3(uri):
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(mode.encode())
+
+
 # --- rejects ----------------------------------------------------------------
 
 REJECT_SCHEMA = pa.schema(

@@ -15,9 +15,10 @@ import pyarrow.compute as pc
 from deltalake.transaction import CommitProperties
 from PIL import Image, ImageDraw, ImageFont
 
+from emoji_ldm.alpha import on_checkerboard
 from emoji_ldm.errors import UserError
 from emoji_ldm.options import opt
-from emoji_ldm.store.delta import META_KEY, arrow_dataset, history, open_table, write_tag
+from emoji_ldm.store.delta import META_KEY, arrow_dataset, history, image_mode, open_table, write_tag
 from emoji_ldm.store.uri import DatasetRef, normalize_uri
 from emoji_ldm.version import code_version
 
@@ -47,6 +48,7 @@ class DatasetSummary:
     tags: dict[str, int]
     captioned: int
     image_sizes: dict[str, int]
+    image_mode: str = "RGB"  # RGBA, or RGB (with --background, or built before RGBA)
 
     def text(self) -> str:
         top_tags = ", ".join(f"{k or '(none)'} {v}" for k, v in Counter(self.tags).most_common(8))
@@ -58,7 +60,7 @@ class DatasetSummary:
                 f"  sources:   {sources}",
                 f"  tags:      {top_tags}",
                 f"  captioned: {self.captioned}/{self.rows}",
-                f"  images:    {sizes}",
+                f"  images:    {sizes}, {self.image_mode}",
             ]
         )
 
@@ -85,7 +87,8 @@ def show(ref: str | DatasetRef, sheet: str | None = None, sheet_count: int = 64)
         counts = pc.value_counts(wh)
         sizes.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
     summary = DatasetSummary(ref=str(ref), version=table.version(), rows=rows, sources=dict(sources),
-                             tags=dict(tags), captioned=captioned, image_sizes=dict(sizes))
+                             tags=dict(tags), captioned=captioned, image_sizes=dict(sizes),
+                             image_mode=image_mode(ref.uri))
     if sheet:
         contact_sheet(data.head(sheet_count, columns=["image", "title", "caption"]), sheet)
     return summary
@@ -104,9 +107,11 @@ def contact_sheet(rows: pa.Table, path: str, cell: int = 128, columns: int = 8) 
     draw = ImageDraw.Draw(sheet)
     for i, row in enumerate(rows.to_pylist()):
         x, y = (i % cols) * cell, (i // cols) * (cell + label_h)
-        img = Image.open(io.BytesIO(row["image"])).convert("RGB")
+        img = Image.open(io.BytesIO(row["image"]))
         pad = 8
-        sheet.paste(img.resize((cell - 2 * pad, cell - 2 * pad), Image.Resampling.NEAREST), (x + pad, y + pad))
+        img = img.resize((cell - 2 * pad, cell - 2 * pad), Image.Resampling.NEAREST)
+        sheet.paste(on_checkerboard(img, cell=8) if "A" in img.mode or "transparency" in img.info
+                    else img.convert("RGB"), (x + pad, y + pad))
         label = (row.get("caption") or row.get("title") or "")[:44]
         for j, part in enumerate((label[:22], label[22:44])):
             draw.text((x + 4, y + cell - 2 + j * 12), part, fill="black", font=font)

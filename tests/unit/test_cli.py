@@ -50,7 +50,7 @@ def test_flags_map_onto_nested_config_fields():
     build = parse_config(STAGES["build"], ["--source", "twemoji", "--out", "/tmp/x", "--image-size", "32",
                                             "--timeout", "2.5", "--limit", "7"])
     assert build.image.size == 32 and build.fetch.timeout_s == 2.5 and build.limit == 7
-    assert build.image.background == "white" and build.fetch.retries == 3  # defaults from the config
+    assert build.image.background is None and build.fetch.retries == 3  # defaults from the config
 
     crawl = parse_config(STAGES["crawl"], ["--profile", "discords", "--tag", "Blobs", "--out", "/tmp/x",
                                             "--ignore-robots", "--rate", "0", "--retries", "4"])

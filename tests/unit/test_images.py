@@ -24,14 +24,17 @@ def test_corpus_outcomes(corpus):
         if reason is None:
             assert isinstance(result, Cleaned), (name, result)
             img = Image.open(io.BytesIO(result.png))
-            assert img.size == (64, 64) and img.mode == "RGB", name
+            assert img.size == (64, 64) and img.mode == "RGBA", name
+            flat = Image.open(io.BytesIO(clean_image((folder / name).read_bytes(), ImageConfig(size=64,
+                                                                                                background="white")).png))
+            assert flat.mode == "RGB", name
         else:
             assert isinstance(result, Rejected) and result.reason == reason, (name, result)
 
 
-def test_transparency_is_composited_onto_background():
+def test_background_flattens_transparency_onto_it():
     data = png_bytes((255, 0, 0, 0), (10, 10))  # fully transparent red
-    white = clean_image(data, ImageConfig(size=16))
+    white = clean_image(data, ImageConfig(size=16, background="white"))
     black = clean_image(data, ImageConfig(size=16, background="black"))
     assert Image.open(io.BytesIO(white.png)).getpixel((8, 8)) == (255, 255, 255)
     assert Image.open(io.BytesIO(black.png)).getpixel((8, 8)) == (0, 0, 0)
@@ -40,16 +43,16 @@ def test_transparency_is_composited_onto_background():
 def test_aspect_ratio_is_kept_by_padding():
     wide = png_bytes((0, 0, 255, 255), (40, 20))  # 2:1 blue
     img = Image.open(io.BytesIO(clean_image(wide, ImageConfig(size=32)).png))
-    assert img.getpixel((16, 16)) == (0, 0, 255)  # centre is the image
-    assert img.getpixel((16, 1)) == (255, 255, 255)  # top band is padding
-    assert img.getpixel((1, 16)) == (0, 0, 255)  # full width
+    assert img.getpixel((16, 16)) == (0, 0, 255, 255)  # centre is the image
+    assert img.getpixel((16, 1)) == (0, 0, 0, 0)  # top band is transparent padding
+    assert img.getpixel((1, 16)) == (0, 0, 255, 255)  # full width
 
 
 def test_palette_transparency_and_16bit_are_converted(corpus):
     folder, _ = corpus
     pal = Image.open(io.BytesIO(clean_image((folder / "palette_trns.png").read_bytes(), ImageConfig(size=32)).png))
-    assert pal.getpixel((2, 16)) == (255, 255, 255)  # transparent half -> white background
-    assert pal.getpixel((28, 16)) == (200, 0, 200)
+    assert pal.getpixel((2, 16)) == (0, 0, 0, 0)  # the tRNS half stays transparent
+    assert pal.getpixel((28, 16)) == (200, 0, 200, 255)
     g16 = Image.open(io.BytesIO(clean_image((folder / "gray16.png").read_bytes(), ImageConfig(size=48)).png))
     lo, hi = g16.convert("L").getextrema()
     assert hi - lo > 100, "16-bit grey must be scaled, not clipped to white"
@@ -58,7 +61,7 @@ def test_palette_transparency_and_16bit_are_converted(corpus):
 def test_animated_gif_takes_first_frame(corpus):
     folder, _ = corpus
     img = Image.open(io.BytesIO(clean_image((folder / "animated.gif").read_bytes(), ImageConfig(size=24)).png))
-    r, g, b = img.getpixel((12, 12))
+    r, g, b, _ = img.getpixel((12, 12))
     assert r > 200 and g < 50 and b < 50
 
 

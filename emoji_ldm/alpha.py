@@ -1,0 +1,152 @@
+"""Transparency, shared by ingest, inference and eval (PIL, NumPy and OpenCV; no Ray, no torch).
+
+- `key_background`: a flat background into alpha with a soft edge (ingest `--key-background`, and the
+  images of 3-channel models, which draw on a known flat colour);
+- `composite`: RGBA onto a flat colour (the judge and emoji-FID see every image on mid-grey);
+- `alpha_figures`: the transparent-border share and the edge quality that `eval` reports.
+
+Stored and generated RGBA is straight (not premultiplied) alpha with the colour of fully transparent pixels
+zeroed, so one picture has one content hash; resizing goes through Pillow's premultiplied path (`RGBa`), so
+edges get no dark or light fringe.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageColor
+
+MID_GREY = (128, 128, 128)
+
+# Keying, in CIELAB distance (OpenCV's 8-bit Lab: L, a, b in 0..255). The background is the colour of the
+# corners, when at least three of the four agree within FLAT (JPEG noise on a flat fill stays under about 6)
+# and at least FLAT_SHARE of the border ring has it too (an emoji may cover much of its square's sides, a
+# photo's border is not one colour). A pixel is background below SOFT_LO, foreground above SOFT_HI, and
+# partly transparent between.
+FLAT, FLAT_SHARE = 10.0, 0.3
+CORNER = 4  # pixels: the corner patches
+SOFT_LO, SOFT_HI = 8.0, 28.0
+BORDER = 2  # pixels of the outer ring that estimate the background
+
+
+def canonical(rgba: Image.Image) -> Image.Image:
+    """RGBA with the colour of fully transparent pixels zeroed (invisible, but it would change the hash)."""
+    a = np.asarray(rgba.convert("RGBA")).copy()
+    a[a[..., 3] == 0] = 0
+    return Image.fromarray(a, "RGBA")
+
+
+def resize_rgba(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize in premultiplied alpha (Pillow's `RGBa`): a transparent neighbour adds no colour to an edge."""
+    resized = img.convert("RGBA").convert("RGBa").resize(size, Image.Resampling.LANCZOS)
+    return canonical(resized.convert("RGBA"))
+
+
+def composite(img: Image.Image, colour=MID_GREY) -> Image.Image:
+    """`img` over a flat `colour` (a PIL colour name, #rrggbb or an RGB tuple), as RGB."""
+    if img.mode == "RGB":
+        return img
+    rgb = ImageColor.getrgb(colour) if isinstance(colour, str) else tuple(colour)
+    background = Image.new("RGBA", img.size, (*rgb[:3], 255))
+    return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
+
+
+def _ring(a: np.ndarray, width: int) -> np.ndarray:
+    """The outer `width` pixels of an (H, W, ...) array, flattened to (N, ...)."""
+    h, w = a.shape[:2]
+    mask = np.zeros((h, w), bool)
+    mask[:width], mask[-width:], mask[:, :width], mask[:, -width:] = True, True, True, True
+    return a[mask]
+
+
+def key_background(img: Image.Image, colour=None) -> Image.Image | None:
+    """An opaque image on a flat background -> RGBA with that background transparent, or None.
+
+    `colour`: the background if known (a 3-channel model's key colour); otherwise the colour of the corners,
+    and None when they disagree or the border is not that colour (a photo: keying it could cut the subject). Only
+    background connected to the border becomes transparent (the white of an eye inside an outline stays),
+    edges get alpha from their colour distance, and their colour is un-mixed from the background.
+    Returns None too when keying would leave nothing, or remove nothing.
+    """
+    import cv2
+
+    rgb = np.asarray(img.convert("RGB"))
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)  # (H, W, 3)
+    if colour is None:
+        c = CORNER
+        corners = [(lab[:c, :c], rgb[:c, :c]), (lab[:c, -c:], rgb[:c, -c:]), (lab[-c:, :c], rgb[-c:, :c]),
+                   (lab[-c:, -c:], rgb[-c:, -c:])]
+        corner_lab = np.array([np.median(p.reshape(-1, 3), axis=0) for p, _ in corners])  # (4, 3)
+        bg_lab = np.median(corner_lab, axis=0)
+        agree = np.linalg.norm(corner_lab - bg_lab, axis=1) <= FLAT
+        if agree.sum() < 3:
+            return None
+        if (np.linalg.norm(_ring(lab, BORDER) - bg_lab, axis=1) <= FLAT).mean() < FLAT_SHARE:
+            return None
+        bg_rgb = np.median(np.concatenate([q.reshape(-1, 3) for (_, q), ok in zip(corners, agree) if ok]),
+                           axis=0).astype(np.float32)
+    else:
+        bg_rgb = np.array((ImageColor.getrgb(colour) if isinstance(colour, str) else colour)[:3], np.float32)
+        bg_lab = cv2.cvtColor(bg_rgb.astype(np.uint8).reshape(1, 1, 3), cv2.COLOR_RGB2LAB).reshape(3)
+        bg_lab = bg_lab.astype(np.float32)
+    dist = np.linalg.norm(lab - bg_lab, axis=2)  # (H, W)
+    # background: pixels near the background colour in a region that touches the border
+    near = (dist < SOFT_HI).astype(np.uint8)
+    _, labels = cv2.connectedComponents(near, connectivity=4)
+    touching = np.unique(_ring(labels, 1)[_ring(near, 1) > 0])
+    region = np.isin(labels, touching) & (near > 0)  # (H, W) bool
+    if not region.any():
+        return None
+    alpha = np.clip((dist - SOFT_LO) / (SOFT_HI - SOFT_LO), 0.0, 1.0)
+    alpha = np.where(region, alpha, 1.0)  # inside the subject nothing turns transparent
+    if alpha.min() >= 1.0 or alpha.max() <= 0.0 or (alpha > 0.5).mean() < 0.02:
+        return None
+    # un-mix the edge colour: C = a F + (1 - a) B  =>  F = (C - (1 - a) B) / a
+    a = alpha[..., None]
+    fg = np.where(a > 0, (rgb.astype(np.float32) - (1.0 - a) * bg_rgb) / np.maximum(a, 1e-6), 0.0)
+    out = np.dstack([np.clip(fg, 0, 255), alpha * 255.0]).round().astype(np.uint8)  # (H, W, 4)
+    return canonical(Image.fromarray(out, "RGBA"))
+
+
+def alpha_figures(images: list[Image.Image], band: int = 2) -> dict[str, float]:
+    """What `eval` reports about transparency, for real or generated images.
+
+    - `transparent_border`: the share of images whose outer pixel ring is mostly transparent (alpha < 16 on
+      at least half of it; a round emoji touches its square's sides): an emoji, not a tile;
+    - `stray_semi`: the share of pixels that are semi-transparent (16 <= alpha < 240) and farther than
+      `band` pixels from the silhouette's edge (the boundary of alpha >= 128): haze and speckle, which
+      clean edges do not have;
+    - `opaque`: the share of images with no transparent pixel at all.
+    """
+    import cv2
+
+    if not images:
+        return {"transparent_border": 0.0, "stray_semi": 0.0, "opaque": 0.0}
+    border = stray = pixels = opaque = 0
+    kernel = np.ones((2 * band + 1, 2 * band + 1), np.uint8)
+    for img in images:
+        a = np.asarray(img.convert("RGBA"))[..., 3]
+        border += float((_ring(a, 1) < 16).mean()) >= 0.5
+        opaque += bool(a.min() == 255)
+        solid = (a >= 128).astype(np.uint8)
+        edge = cv2.dilate(solid, kernel) != cv2.erode(solid, kernel)  # a band around the silhouette
+        semi = (a >= 16) & (a < 240)
+        stray += int((semi & ~edge).sum())
+        pixels += a.size
+    n = len(images)
+    return {"transparent_border": border / n, "stray_semi": stray / max(pixels, 1), "opaque": opaque / n}
+
+
+def checkerboard(size: tuple[int, int], cell: int = 8) -> Image.Image:
+    """The light grey checkerboard image editors draw under transparency, as RGB."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    board = np.where(((yy // cell) + (xx // cell)) % 2 == 0, 255, 204).astype(np.uint8)
+    return Image.fromarray(np.dstack([board] * 3), "RGB")
+
+
+def on_checkerboard(img: Image.Image, cell: int = 8) -> Image.Image:
+    """`img` over a checkerboard, as RGB (sheets and galleries show transparency this way)."""
+    if img.mode == "RGB":
+        return img
+    base = checkerboard(img.size, cell).convert("RGBA")
+    return Image.alpha_composite(base, img.convert("RGBA")).convert("RGB")
