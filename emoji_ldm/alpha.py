@@ -22,8 +22,9 @@ MID_GREY = (128, 128, 128)
 # and at least FLAT_SHARE of the border ring has it too (an emoji may cover much of its square's sides, a
 # photo's border is not one colour). A pixel is background below SOFT_LO, foreground above SOFT_HI, and
 # partly transparent between.
-FLAT, FLAT_SHARE = 10.0, 0.3
-CORNER = 4  # pixels: the corner patches
+FLAT, FLAT_SHARE = 10.0, 0.1
+CORNER = 2  # pixels: the corner patches
+EDGE = 2  # pixels: how far from the background its edge (the partly transparent pixels) reaches
 SOFT_LO, SOFT_HI = 8.0, 28.0
 BORDER = 2  # pixels of the outer ring that estimate the background
 
@@ -89,16 +90,24 @@ def key_background(img: Image.Image, colour=None) -> Image.Image | None:
         bg_lab = cv2.cvtColor(bg_rgb.astype(np.uint8).reshape(1, 1, 3), cv2.COLOR_RGB2LAB).reshape(3)
         bg_lab = bg_lab.astype(np.float32)
     dist = np.linalg.norm(lab - bg_lab, axis=2)  # (H, W)
-    # background: pixels near the background colour in a region that touches the border
-    near = (dist < SOFT_HI).astype(np.uint8)
-    _, labels = cv2.connectedComponents(near, connectivity=4)
-    touching = np.unique(_ring(labels, 1)[_ring(near, 1) > 0])
-    region = np.isin(labels, touching) & (near > 0)  # (H, W) bool
+    # the background: pixels of its colour in regions that touch the border
+    core = (dist < SOFT_LO).astype(np.uint8)
+    _, labels = cv2.connectedComponents(core, connectivity=4)
+    touching = np.unique(_ring(labels, 1)[_ring(core, 1) > 0])
+    region = np.isin(labels, touching) & (core > 0)  # (H, W) bool
     if not region.any():
         return None
-    alpha = np.clip((dist - SOFT_LO) / (SOFT_HI - SOFT_LO), 0.0, 1.0)
-    alpha = np.where(region, alpha, 1.0)  # inside the subject nothing turns transparent
-    if alpha.min() >= 1.0 or alpha.max() <= 0.0 or (alpha > 0.5).mean() < 0.02:
+    # the edge: pixels within EDGE of it, each a mix C = a F + (1 - a) B with F the nearest foreground colour,
+    # so a = |C - B| / |F - B|, with |F - B| the largest distance nearby (mixing is linear in RGB)
+    d_rgb = np.linalg.norm(rgb.astype(np.float32) - bg_rgb, axis=2)  # (H, W)
+    kernel = np.ones((2 * EDGE + 1, 2 * EDGE + 1), np.uint8)
+    band = (cv2.dilate(region.astype(np.uint8), kernel) > 0) & ~region
+    fg_dist = cv2.dilate(d_rgb, kernel)
+    alpha = np.ones(dist.shape, np.float32)
+    alpha[band] = np.clip(d_rgb[band] / np.maximum(fg_dist[band], 1e-6), 0.0, 1.0)
+    alpha[band & (fg_dist < SOFT_HI)] = 0.0  # nothing nearby stands out from the background: noise
+    alpha[region] = 0.0
+    if (alpha > 0.5).mean() < 0.02 or alpha.min() >= 1.0:
         return None
     # un-mix the edge colour: C = a F + (1 - a) B  =>  F = (C - (1 - a) B) / a
     a = alpha[..., None]

@@ -21,7 +21,15 @@ latent table was encoded from:
 - held-out denoising loss: noise-prediction MSE on the latent table's `val`
   split at fixed noise and fixed timesteps (50, 250, 500, 750, 950);
 - memorisation: the share of samples whose nearest image in the dataset
-  version is a near-copy (pixel MSE below `--near-copy`).
+  version is a near-copy (pixel MSE below `--near-copy`);
+- transparency (`emoji_ldm.alpha.alpha_figures`), for the samples beside the
+  held-out real images: the share with a transparent border, the share of
+  stray semi-transparent pixels, the share fully opaque; and the VAE's
+  reconstruction error of the held-out images, colour and alpha apart (the
+  autoencoder is the ceiling of everything after it).
+
+The judge, emoji-FID and the pixel distances see every image composited on
+mid-grey (`alpha.composite`), so RGBA and RGB models compare.
 
 `--real` puts real training-split images where the samples would be: the
 metrics a model that reproduces its training data would reach.
@@ -146,7 +154,9 @@ def _nearest_batch(batch: dict, samples: np.ndarray, size: int) -> dict:
     """Ray Data task: a batch of training PNGs -> its smallest MSE to each sample, (1, S)."""
     from PIL import Image
 
-    train = np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("RGB").resize(
+    from emoji_ldm.alpha import composite
+
+    train = np.stack([np.asarray(composite(Image.open(io.BytesIO(png))).resize(
         (size, size), Image.Resampling.LANCZOS), dtype=np.float32).ravel() / 255.0 for png in batch["image"]])
     return {"nearest": nearest_mse(samples, train)[None, :]}
 
@@ -199,7 +209,7 @@ def dataset_rows(meta: dict, split: str, n: int) -> dict[str, list]:
     kept = ds.map_batches(_split_rows, fn_kwargs={"split": split}, batch_format="numpy", batch_size=512)
     for batch in kept.limit(n).iter_batches(batch_format="numpy", batch_size=256):
         for i, png in enumerate(batch["image"]):
-            rows["image"].append(Image.open(io.BytesIO(png)).convert("RGB"))
+            rows["image"].append(Image.open(io.BytesIO(png)).convert("RGBA"))
             rows["caption"].append(str(batch["caption"][i] or batch["title"][i] or ""))
             for k in ("source_url", "title", "tag"):
                 rows[k].append(batch[k][i])
@@ -230,10 +240,12 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_K) -> tuple
 
 
 def _uint8(images):
-    """PIL images -> (N, 3, H, W) uint8, as torchmetrics takes them."""
+    """PIL images -> (N, 3, H, W) uint8 on mid-grey, as torchmetrics takes them."""
     import torch
 
-    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
+    from emoji_ldm.alpha import composite
+
+    return torch.from_numpy(np.stack([np.asarray(composite(im), dtype=np.uint8) for im in images])
                             ).permute(0, 3, 1, 2)  # (N, 3, H, W)
 
 
@@ -279,20 +291,49 @@ def inception_metric(path: str):
                         f"{str(e).splitlines()[0][:200]})") from None
 
 
-def generate_samples(pipe, prompts: list[str], s, batch: int = 64) -> list:
+def vae_reconstruction(vae, images, size: int, key_colour: str, batch: int = 64) -> dict:
+    """The VAE's reconstruction MSE of `images` in [-1, 1] pixels, colour and alpha apart (alpha None for a
+    3-channel VAE, which sees the images on its key colour)."""
+    import torch
+
+    from emoji_ldm.train.data import decode_images
+
+    channels = vae.config.in_channels
+    rgb, alpha, n = 0.0, 0.0, 0
+    for i in range(0, len(images), batch):
+        pngs = [_png(im) for im in images[i:i + batch]]
+        x = torch.from_numpy(decode_images({"image": pngs}, size, channels, key_colour)["pixels"])
+        x = x.to(vae.device, vae.dtype)  # (B, C, H, W)
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        rgb += float(((y[:, :3] - x[:, :3]) ** 2).mean()) * len(x)
+        alpha += float(((y[:, 3] - x[:, 3]) ** 2).mean()) * len(x) if channels == 4 else 0.0
+        n += len(x)
+    return {"channels": channels, "rgb_mse": rgb / n, "alpha_mse": alpha / n if channels == 4 else None}
+
+
+def _png(im) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def generate_samples(pipe, prompts: list[str], s, batch: int = 64, key_colour: str | None = None) -> list:
     from emoji_ldm.inference.sampler import run_pipeline
 
     images = []
     for i in range(0, len(prompts), batch):  # image k from seed + k, whatever the batching
-        images += run_pipeline(pipe, prompts[i:i + batch], steps=s.steps, guidance=s.guidance, seed=s.seed + i)
+        images += run_pipeline(pipe, prompts[i:i + batch], steps=s.steps, guidance=s.guidance, seed=s.seed + i,
+                               key_colour=key_colour)
     return images
 
 
 def evaluate(config: EvalConfig) -> dict:
     import torch
 
+    from emoji_ldm.alpha import alpha_figures, composite
     from emoji_ldm.eval.judge import load_judge, row_label
-    from emoji_ldm.inference.sampler import inference_device, load_pipeline
+    from emoji_ldm.inference.sampler import inference_device, key_colour_of, load_pipeline, model_card
     from emoji_ldm.models.builders import noise_scheduler
     from emoji_ldm.models.presets import preset_from_dict
     from emoji_ldm.store.latents import decode_latents, open_latent_table
@@ -320,12 +361,15 @@ def evaluate(config: EvalConfig) -> dict:
         report.update(val_rows=val.num_rows, timesteps=list(TIMESTEPS), heldout_loss=heldout_loss(
             pipe.unet, noise_scheduler(preset), torch.from_numpy(decoded["latent"]).float(),
             torch.from_numpy(decoded["text_emb"]).float(), seed=s.seed))
-        images = generate_samples(pipe, prompts, s)
+        images = generate_samples(pipe, prompts, s, key_colour=key_colour_of(model_card(config.model)))
         size = images[0].size[0]
-        sample_px = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32).ravel() / 255.0 for im in images])
+        sample_px = np.stack([np.asarray(composite(im), dtype=np.float32).ravel() / 255.0 for im in images])
         nearest = nearest_training_mse(meta, sample_px, size)
         report.update(near_copy_share=float((nearest < config.near_copy).mean()), near_copy_threshold=config.near_copy,
                       nearest_mse_median=float(np.median(nearest)))
+        report["vae_reconstruction"] = vae_reconstruction(pipe.vae, heldout["image"], size,
+                                                          preset.vae.key_colour)
+    report["alpha"] = {"real": alpha_figures(heldout["image"]), "samples": alpha_figures(images)}
 
     if judge is not None:
         labels = [row_label(judge.meta["label"], u, t, g)
@@ -378,6 +422,16 @@ def format_report(r: dict) -> str:
     if r["heldout_loss"] is not None:
         lines.append(f"  held-out denoising loss: {r['heldout_loss']:.4f} ({r['val_rows']} rows, fixed noise, "
                      f"t = {r['timesteps']})")
+    if r.get("vae_reconstruction"):
+        v = r["vae_reconstruction"]
+        lines.append(f"  VAE reconstruction MSE of the held-out images ({v['channels']} channels): colour "
+                     f"{v['rgb_mse']:.4f}, alpha {num(v['alpha_mse'], '.4f', 'n/a (an RGB VAE, keyed)')}")
+    if r.get("alpha"):
+        a = r["alpha"]
+        lines.append("  transparency (samples | real): transparent border "
+                     f"{a['samples']['transparent_border']:.1%} | {a['real']['transparent_border']:.1%}, stray "
+                     f"semi-transparent pixels {a['samples']['stray_semi']:.2%} | {a['real']['stray_semi']:.2%}, "
+                     f"opaque {a['samples']['opaque']:.1%} | {a['real']['opaque']:.1%}")
     if r["near_copy_share"] is not None:
         lines.append(f"  memorisation: {100 * r['near_copy_share']:.1f}% of {r['samples']} samples are near-copies "
                      f"of a dataset image (MSE < {r['near_copy_threshold']}; median nearest MSE "

@@ -134,10 +134,12 @@ class Judge:
         self.size: int = meta["image_size"]
 
     def pixels(self, images) -> np.ndarray:
-        """PIL images -> (B, S, S, 3) uint8 at the judge's size."""
+        """PIL images -> (B, S, S, 3) uint8 at the judge's size, transparency on mid-grey (`alpha.composite`)."""
         from PIL import Image
 
-        return np.stack([np.asarray(im.convert("RGB").resize((self.size, self.size), Image.Resampling.LANCZOS),
+        from emoji_ldm.alpha import composite
+
+        return np.stack([np.asarray(composite(im).resize((self.size, self.size), Image.Resampling.LANCZOS),
                                     dtype=np.uint8) for im in images])
 
     def _tensor(self, pixels: np.ndarray):
@@ -236,6 +238,7 @@ def labelled_pixels(batch: dict, size: int, label: str) -> dict:
     """Ray Data task: rows -> uint8 pixels (B, S, S, 3), class and split; rows without a class are dropped."""
     from PIL import Image
 
+    from emoji_ldm.alpha import composite
     from emoji_ldm.store.splits import split_of
 
     pixels, labels, splits = [], [], []
@@ -243,7 +246,7 @@ def labelled_pixels(batch: dict, size: int, label: str) -> dict:
         cls = row_label(label, batch["source_url"][i], batch["title"][i], batch["tag"][i])
         if cls is None:
             continue
-        img = Image.open(io.BytesIO(png)).convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+        img = composite(Image.open(io.BytesIO(png))).resize((size, size), Image.Resampling.LANCZOS)  # on mid-grey
         pixels.append(np.asarray(img, dtype=np.uint8))
         labels.append(cls)
         splits.append(split_of(batch["id"][i]))

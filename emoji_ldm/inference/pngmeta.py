@@ -10,7 +10,9 @@ back with `PIL.Image.open(path).text`:
     prompt, negative_prompt, seed, steps, guidance, scheduler, size (WxH),
     model (the model folder's URI), model_content_id (sha256 of its weights,
     from the model card), code_version, and with a LoRA adapter (`serve
-    --adapter`) adapter, adapter_uri and adapter_content_id
+    --adapter`) adapter, adapter_uri and adapter_content_id, and for a PNG
+    resized for an upload target (`inference.targets`) target ("slack
+    128x128"; `size` stays the size drawn, which reproduces the image)
 
 plus `parameters`, the same in the one-chunk layout of the web UIs
 ("PROMPT\\nNegative prompt: ...\\nSteps: 25, Sampler: dpmpp, CFG scale: 5.0,
@@ -28,7 +30,7 @@ from __future__ import annotations
 import io
 
 FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler", "size", "model",
-          "model_content_id", "code_version", "adapter", "adapter_uri", "adapter_content_id")
+          "model_content_id", "code_version", "adapter", "adapter_uri", "adapter_content_id", "target")
 _INTS = ("seed", "steps")
 
 

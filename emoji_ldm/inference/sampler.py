@@ -178,14 +178,17 @@ class SampleJob:
 class Sampler:
     """A loaded pipeline that samples many jobs in as few pipeline calls as their settings allow.
 
-    `model_uri` and `content_id` (from the model card) name the model in the PNGs it encodes.
+    `model_uri` and `content_id` (from the model card) name the model in the PNGs it encodes. Every image
+    comes out RGBA: a 4-channel VAE draws alpha; a 3-channel model trained on RGBA data draws on `key_colour`
+    (its card's `image.key_colour`), which is keyed into alpha; other models' images are opaque.
     """
 
-    def __init__(self, pipe, model_uri: str | None = None, content_id: str | None = None):
+    def __init__(self, pipe, model_uri: str | None = None, content_id: str | None = None,
+                 key_colour: str | None = None):
         from emoji_ldm.models.builders import SCHEDULERS, sampling_scheduler
 
         self.pipe = pipe
-        self.model_uri, self.content_id = model_uri, content_id
+        self.model_uri, self.content_id, self.key_colour = model_uri, content_id, key_colour
         self._schedulers = {name: sampling_scheduler(name, pipe.scheduler.config) for name in SCHEDULERS}
         self.image_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.calls = 0  # pipeline calls so far (the batching tests count them)
@@ -194,8 +197,9 @@ class Sampler:
     @classmethod
     def load(cls, uri: str, device: str = "cpu", options: InferenceOptions | None = None) -> "Sampler":
         resolved = model_uri(uri)
-        return cls(load_pipeline(resolved, device=device, options=options), resolved,
-                   model_card(resolved).get("content_id"))
+        card = model_card(resolved)
+        return cls(load_pipeline(resolved, device=device, options=options), resolved, card.get("content_id"),
+                   key_colour_of(card))
 
     def load_adapter(self, name: str, uri: str) -> dict:
         """Load a LoRA adapter (`dreambooth --method lora`'s OUT/lora, diffusers/peft format) under `name`,
@@ -315,19 +319,39 @@ class Sampler:
                                num_inference_steps=first.steps, guidance_scale=first.guidance,
                                generator=generators, latents=latents, height=size, width=size,
                                output_type="latent" if own_decode else "pil")
-            if not own_decode:
-                return result.images
-            vae = self.pipe.vae
-            pixels = vae.decode(result.images.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        return self.pipe.image_processor.postprocess(pixels, output_type="pil")
+            if own_decode:
+                vae = self.pipe.vae
+                pixels = vae.decode(result.images.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        images = self.pipe.image_processor.postprocess(pixels, output_type="pil") if own_decode else result.images
+        return [to_rgba(im, self.key_colour) for im in images]
 
 
 def run_pipeline(pipe, prompts: list[str], negative: str = "", steps: int = 25, guidance: float = 5.0,
-                 seed: int = 0) -> list[Image.Image]:
+                 seed: int = 0, key_colour: str | None = None) -> list[Image.Image]:
     """One batched call with the pipeline's current scheduler; image i uses seed `seed + i`."""
     job = SampleJob(tuple(prompts), tuple(seed + i for i in range(len(prompts))), negative, steps, guidance,
                     scheduler=None)
-    return Sampler(pipe).sample([job])[0]
+    return Sampler(pipe, key_colour=key_colour).sample([job])[0]
+
+
+def key_colour_of(card: dict) -> str | None:
+    """The colour to key a model's images from: a 3-channel model trained on RGBA data (`image.alpha` "key")."""
+    image = card.get("image") or {}
+    return image.get("key_colour") if image.get("alpha") == "key" else None
+
+
+def to_rgba(image: Image.Image, key_colour: str | None = None) -> Image.Image:
+    """A generated image as RGBA: a 4-channel VAE's as drawn (hidden colour of transparent pixels zeroed), a
+    3-channel one keyed from `key_colour` when given (opaque where keying finds nothing to remove)."""
+    from emoji_ldm.alpha import canonical, key_background
+
+    if image.mode == "RGBA":
+        return canonical(image)
+    if key_colour:
+        keyed = key_background(image, colour=key_colour)
+        if keyed is not None:
+            return keyed
+    return image.convert("RGBA")
 
 
 def png_bytes(image: Image.Image, params: dict | None = None) -> bytes:
@@ -339,7 +363,10 @@ def png_bytes(image: Image.Image, params: dict | None = None) -> bytes:
 
 def image_grid(images: list[Image.Image], labels: list[str] | None = None, cell: int = 96,
                columns: int | None = None) -> Image.Image:
-    """A sheet of images (upscaled with nearest neighbour so small emoji stay crisp) with labels."""
+    """A sheet of images (upscaled with nearest neighbour so small emoji stay crisp, transparency on a
+    checkerboard) with labels."""
+    from emoji_ldm.alpha import on_checkerboard
+
     n = len(images)
     cols = columns or min(n, 8)
     rows = math.ceil(n / cols)
@@ -349,7 +376,7 @@ def image_grid(images: list[Image.Image], labels: list[str] | None = None, cell:
     font = ImageFont.load_default()
     for i, img in enumerate(images):
         x, y = (i % cols) * cell, (i // cols) * (cell + label_h)
-        sheet.paste(img.convert("RGB").resize((cell - 4, cell - 4), Image.Resampling.NEAREST), (x + 2, y + 2))
+        sheet.paste(on_checkerboard(img.resize((cell - 4, cell - 4), Image.Resampling.NEAREST)), (x + 2, y + 2))
         if labels:
             draw.text((x + 3, y + cell - 1), labels[i][:18], fill="black", font=font)
     return sheet

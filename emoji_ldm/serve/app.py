@@ -358,7 +358,8 @@ class Ingress:
         pngs, params = [png for png, _ in made], [p for _, p in made]
         set_id = new_set_id()
         card = await self._model_card()
-        manifest = set_manifest(set_id, body.theme, body.items, prompts, _settings(body), card, card.get("uri", ""))
+        manifest = set_manifest(set_id, body.theme, body.items, prompts, _settings(body), card, card.get("uri", ""),
+                                body.target)
         if body.adapter:  # the LoRA that drew the set: its URI and content id, beside the base model's
             manifest["adapter"] = next((a for a in card.get("adapters", []) if a["name"] == body.adapter), None)
         files = await asyncio.to_thread(set_files, manifest, pngs, params if self.args.png_metadata else None)
@@ -366,7 +367,7 @@ class Ingress:
             uris = await asyncio.to_thread(store_set, self.args.sets_uri, set_id, files)
             return {"id": set_id, "uri": uris["manifest.json"].rsplit("/", 1)[0], "files": uris, "manifest": manifest}
         if body.format == "json":
-            return {"id": set_id, "manifest": manifest, "images": [_b64(p) for p in pngs]}
+            return {"id": set_id, "manifest": manifest, "images": [_b64(files[i["file"]]) for i in manifest["items"]]}
         return Response(zip_bytes(files, set_id), media_type="application/zip",
                         headers={"Content-Disposition": f'attachment; filename="{set_id}.zip"'})
 

@@ -4,10 +4,13 @@
 
 Input: a prompt file (.txt one prompt per line, or .csv/.parquet with a
 `prompt` column; local or S3). Output under `--out`: `images/<prompt_id>-<k>.png`
-(each with its generation parameters and model id as PNG text chunks,
-`emoji_ldm.inference.pngmeta`) and the Delta table `manifest/` with one row per image
-(prompt, seed, settings, URI, size); each manifest commit records the model
-folder's URI and content id.
+(each RGBA, with its generation parameters and model id as PNG text chunks,
+`emoji_ldm.inference.pngmeta`; with `--target slack|discord|github` sized and
+checked for that platform, `inference.targets`) and the Delta table `manifest/`
+with one row per image (prompt, seed, settings, URI, size, the emoji's
+sanitised `name` and `alias`); each manifest commit records the model folder's
+URI and content id. A name is unique per prompt (`_2`, `_3` for its other
+images), not across prompts that sanitise alike ("Cat!" and "cat").
 
 One streaming Ray Data pipeline: the prompt file read by Ray's readers ->
 distinct prompts (a groupby on the prompt id) -> a left anti-join with the
@@ -34,6 +37,7 @@ import pyarrow.compute as pc
 from emoji_ldm.errors import UserError
 from emoji_ldm.inference.sampler import InferenceOptions
 from emoji_ldm.inference.settings import SamplerSettings
+from emoji_ldm.inference.targets import TARGETS
 from emoji_ldm.options import opt
 
 MANIFEST_SCHEMA = pa.schema([
@@ -51,6 +55,9 @@ MANIFEST_SCHEMA = pa.schema([
     ("scheduler", pa.string()),
     ("model", pa.string()),
     ("generated_at", pa.timestamp("us", tz="UTC")),
+    ("name", pa.string()),               # the emoji's upload name: "grinning_cat", "grinning_cat_2"
+    ("alias", pa.string()),              # ":grinning_cat:"
+    ("target", pa.string()),             # slack | discord | github | raw
 ])
 
 
@@ -67,6 +74,8 @@ class BulkConfig:
     num_gpus: float = opt(0.0, help="GPUs per model actor (0: CPU)")
     chunk_size: int = opt(512, help="images per manifest commit; a killed job redoes at most one chunk")
     limit: int | None = opt(None, help="only the first N distinct prompts")
+    target: str = opt("raw", help="slack | discord | github: PNGs at 128 x 128 under the platform's file-size "
+                                  "limit; raw: as drawn")
     png_metadata: bool = opt(True, flag="no-png-metadata", invert=True,
                              help="write the PNGs without their generation parameters and model id")
     inference: InferenceOptions = opt(default_factory=InferenceOptions,
@@ -80,6 +89,7 @@ class BulkConfig:
             (self.num_gpus >= 0, f"--num-gpus must be >= 0, got {self.num_gpus}"),
             (self.chunk_size >= 1, f"--chunk-size must be >= 1, got {self.chunk_size}"),
             (self.limit is None or self.limit >= 1, f"--limit must be >= 1, got {self.limit}"),
+            (self.target in TARGETS, f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -180,7 +190,7 @@ class BulkGenerator:
     """A Ray Data actor: one pipeline; a batch of prompts in, PNGs written and manifest rows out."""
 
     def __init__(self, model: str, images_uri: str, settings: SamplerSettings, device: str, png_metadata: bool = True,
-                 inference: InferenceOptions | None = None, images_per_call: int = 1):
+                 inference: InferenceOptions | None = None, images_per_call: int = 1, target: str = "raw"):
         from emoji_ldm.inference.sampler import Sampler
         from emoji_ldm.store.uri import filesystem, is_s3
 
@@ -193,9 +203,11 @@ class BulkGenerator:
             self.fs.create_dir(self.root, recursive=True)
         self.settings, self.model, self.png_metadata = settings, model, png_metadata
         self.images_per_call = images_per_call
+        self.target = TARGETS[target]
 
     def __call__(self, batch: dict) -> pa.Table:
         from emoji_ldm.inference.sampler import SampleJob
+        from emoji_ldm.inference.targets import emoji_name, fit
 
         s = self.settings
         prompts = [str(p) for p in batch["prompt"]]
@@ -205,17 +217,32 @@ class BulkGenerator:
         now = dt.datetime.now(dt.timezone.utc)
         made_per_prompt = self.sampler.pngs(jobs, self.png_metadata, self.images_per_call)
         for pid, prompt, made in zip(batch["prompt_id"], prompts, made_per_prompt):
+            names: set[str] = set()
             for i, (data, params) in enumerate(made):
-                name = f"{pid}-{i:02d}.png"
-                with self.fs.open_output_stream(f"{self.root.rstrip('/')}/{name}") as f:
+                data = fit(data, self.target)
+                file = f"{pid}-{i:02d}.png"
+                with self.fs.open_output_stream(f"{self.root.rstrip('/')}/{file}") as f:
                     f.write(data)
-                width, height = map(int, params["size"].split("x"))
+                width, height = (self.target.size,) * 2 if self.target.size else map(int, params["size"].split("x"))
+                name = emoji_name(prompt, names)
                 rows.append({"prompt_id": str(pid), "prompt": prompt, "index": i, "seed": seeds[i],
-                             "uri": f"{self.images_uri}/{name}", "width": width, "height": height,
+                             "uri": f"{self.images_uri}/{file}", "width": width, "height": height,
                              "png_bytes": len(data), "negative_prompt": s.negative_prompt, "steps": s.steps,
                              "guidance": s.guidance, "scheduler": s.scheduler, "model": self.model,
-                             "generated_at": now})
+                             "generated_at": now, "name": name, "alias": f":{name}:", "target": self.target.name})
         return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+
+
+def check_manifest(manifest_uri: str) -> None:
+    """A manifest this run appends to must have today's columns (one written before names and targets has not)."""
+    from emoji_ldm.store.delta import arrow_dataset, open_table, table_exists
+
+    if not table_exists(manifest_uri):
+        return
+    missing = [n for n in MANIFEST_SCHEMA.names if n not in arrow_dataset(open_table(manifest_uri)).schema.names]
+    if missing:
+        raise UserError(f"the manifest {manifest_uri} has no {', '.join(missing)} column(s): it was written by an "
+                        "older emoji-ldm; give a new --out (its images and manifest stay readable)")
 
 
 def bulk_generate(config: BulkConfig) -> dict:
@@ -237,6 +264,7 @@ def bulk_generate(config: BulkConfig) -> dict:
     prompts_uri = normalize_uri(config.prompts)
     check_prompts(prompts_uri)
     manifest_uri, images_uri = join(out, "manifest"), join(out, "images")
+    check_manifest(manifest_uri)
     per_prompt = config.sampler.count
     ensure_ray()
     for uri, what in ((out, "the output (--out)"), (prompts_uri, "the prompt file (--prompts)"),
@@ -259,7 +287,8 @@ def bulk_generate(config: BulkConfig) -> dict:
         fn_constructor_kwargs={"model": model, "images_uri": images_uri, "settings": config.sampler,
                                "device": "cuda" if config.num_gpus > 0 else "cpu",
                                "png_metadata": config.png_metadata, "inference": config.inference,
-                               "images_per_call": min(per_call * per_prompt, config.batch_size)},
+                               "images_per_call": min(per_call * per_prompt, config.batch_size),
+                               "target": config.target},
         batch_size=per_call,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=config.concurrency),

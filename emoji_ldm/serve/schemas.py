@@ -82,6 +82,9 @@ class EmojiSetRequest(Settings):
                           description="how an item and the theme make a prompt; must contain {item}")
     format: Literal["zip", "json"] = Field("zip", description="zip: PNGs + manifest.json; json: base64 PNGs")
     store: bool = Field(False, description="write the set under the server's --sets-uri and return its URIs")
+    target: Literal["slack", "discord", "github", "raw"] = Field(
+        "raw", description="slack, discord, github: every PNG at 128 x 128 under the platform's file-size limit, "
+                           "named <name>.png; raw: as drawn")
 
     @field_validator("theme")
     @classmethod

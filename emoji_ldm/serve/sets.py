@@ -2,6 +2,10 @@
 
 A set's items share one seed, so they start from the same initial noise and
 differ only by their prompt: that is what makes a set look like one family.
+With an upload target (`inference.targets`: slack, discord, github) every PNG
+is sized and checked for that platform and named `<name>.png`, the name that
+bulk uploaders take for the emoji's; the manifest lists each item's `name` and
+`alias` (`:name:`) either way.
 """
 
 from __future__ import annotations
@@ -33,14 +37,22 @@ def lineage(card: dict) -> dict:
 
 
 def set_manifest(set_id: str, theme: str, items: list[str], prompts: list[str], settings: dict, card: dict,
-                 model_uri: str) -> dict:
-    files = [f"{i:03d}-{slug(item)}.png" for i, item in enumerate(items)]
+                 model_uri: str, target: str = "raw") -> dict:
+    from emoji_ldm.inference.targets import emoji_name, get_target
+
+    spec = get_target(target)
+    taken: set[str] = set()
+    names = [emoji_name(prompt, taken) for prompt in prompts]
+    files = [f"{i:03d}-{slug(item)}.png" if spec.size is None else f"{name}.png"
+             for i, (item, name) in enumerate(zip(items, names))]
     return {
         "id": set_id,
         "theme": theme,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "items": [{"index": i, "item": item, "prompt": prompt, "file": f, "seed": settings["seed"]}
-                  for i, (item, prompt, f) in enumerate(zip(items, prompts, files))],
+        "target": {"name": spec.name, "size": spec.size, "max_bytes": spec.max_bytes},
+        "items": [{"index": i, "item": item, "prompt": prompt, "file": f, "name": name, "alias": f":{name}:",
+                   "seed": settings["seed"]}
+                  for i, (item, prompt, f, name) in enumerate(zip(items, prompts, files, names))],
         "settings": settings,
         "model": {"uri": model_uri, **lineage(card)},
         "server_code_version": code_version(),
@@ -48,15 +60,18 @@ def set_manifest(set_id: str, theme: str, items: list[str], prompts: list[str], 
 
 
 def set_files(manifest: dict, pngs: list[bytes], params: list[dict] | None = None) -> dict[str, bytes]:
-    """File name -> bytes: one PNG per item, sheet.png (all items with labels, and as text chunks what the
-    items' `params` share, when given), manifest.json."""
+    """File name -> bytes: one PNG per item (fitted to the manifest's target), sheet.png (all items with
+    labels, and as text chunks what the items' `params` share, when given), manifest.json."""
     import json
 
     from PIL import Image
 
     from emoji_ldm.inference.pngmeta import shared_params
     from emoji_ldm.inference.sampler import image_grid, png_bytes
+    from emoji_ldm.inference.targets import fit, get_target
 
+    target = get_target((manifest.get("target") or {}).get("name", "raw"))
+    pngs = [fit(png, target) for png in pngs]
     files = {item["file"]: png for item, png in zip(manifest["items"], pngs)}
     images = [Image.open(io.BytesIO(png)) for png in pngs]
     sheet = image_grid(images, [item["item"] for item in manifest["items"]])

@@ -8,16 +8,24 @@ import numpy as np
 from PIL import Image
 
 
-def decode_images(batch: dict, size: int) -> dict:
-    """Ray Data batch: PNG bytes -> float16 pixels in [-1, 1], (B, 3, size, size)."""
+def decode_images(batch: dict, size: int, channels: int = 3, key_colour: str = "#00ff00") -> dict:
+    """Ray Data batch: PNG bytes -> float16 pixels in [-1, 1], (B, channels, size, size).
+
+    `channels` is the VAE's: 4 keeps alpha (straight RGBA; an RGB image is opaque); 3 composites any
+    transparency onto `key_colour` (a 3-channel model learns emoji on that colour, and inference keys it).
+    """
+    from emoji_ldm.alpha import composite, resize_rgba
+
     pixels = []
     for png in batch["image"]:
-        img = Image.open(io.BytesIO(png)).convert("RGB")
+        img = Image.open(io.BytesIO(png)).convert("RGBA")
         if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.LANCZOS)
-        pixels.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)  # (3, H, W)
+            img = resize_rgba(img, (size, size))
+        if channels == 3:
+            img = composite(img, key_colour)
+        pixels.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)  # (C, H, W)
     out = {k: v for k, v in batch.items() if k != "image"}
-    out["pixels"] = np.stack(pixels).astype(np.float16)  # (B, 3, H, W)
+    out["pixels"] = np.stack(pixels).astype(np.float16)  # (B, C, H, W)
     return out
 
 

@@ -258,7 +258,7 @@ def _worker(run: DreamBoothRun) -> None:
         pngs = [instance[i] for i in rng.integers(0, len(instance), micro)]
         if classes:
             pngs += [classes[i] for i in rng.integers(0, len(classes), micro)]
-        pixels = torch.from_numpy(decode_images({"image": pngs}, run.image_size)["pixels"])
+        pixels = torch.from_numpy(decode_images({"image": pngs}, run.image_size, vae.config.in_channels)["pixels"])
         with torch.no_grad():  # (B, C, h, w): instance rows, then class rows
             latents = vae.encode(pixels.to(w.device, torch.float32)).latent_dist.sample() * scale
         latents = latents.contiguous(memory_format=batch_layout(config.speed))

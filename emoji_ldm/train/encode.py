@@ -72,7 +72,9 @@ class Encoder:
         from emoji_ldm.train.data import decode_images
 
         size = self.preset.image_size
-        pixels = torch.from_numpy(decode_images({"image": batch["image"]}, size)["pixels"]).float()
+        pixels = decode_images({"image": batch["image"]}, size, self.vae.config.in_channels,
+                               self.preset.vae.key_colour)["pixels"]
+        pixels = torch.from_numpy(pixels).float()  # (B, C, H, W), C: the VAE's (4 RGBA, 3 RGB)
         captions = [c if c else (t or "") for c, t in zip(batch["caption"], batch["title"])]
         with torch.no_grad():
             latents = self.vae.encode(pixels.to(self.device)).latent_dist.mean * self.scale  # (B, C, h, w)
@@ -197,6 +199,7 @@ def encode(config: EncodeConfig) -> dict:
     build_id = uuid.uuid4().hex[:12]
     metadata = {
         "operation": "encode", "source": f"{dataset_uri}@{version}", "dataset": dataset_uri,
+        "image": image_lineage(dataset_uri, vae_path or preset.vae.pretrained, preset),
         "dataset_version": version, "preset": preset.to_dict(), "vae": vae_path or preset.vae.pretrained,
         "text_encoder": preset.text.pretrained, "code_version": code_version(), "build_id": build_id,
         "config": dataclasses.asdict(config), "message": f"encode {config.dataset}@{version} with {preset.name}",
@@ -235,6 +238,26 @@ def encode(config: EncodeConfig) -> dict:
             "encoded": sink.rows_written, "removed": removed, "incremental": mode == "append",
             "dataset": config.dataset, "dataset_version": version, "vae": metadata["vae"],
             "seconds": time.perf_counter() - start}
+
+
+def image_lineage(dataset_uri: str, vae: str | None, preset: Preset) -> dict:
+    """How a model trained on these latents gets its alpha, for its model card: `dataset_mode` (RGBA or RGB),
+    `vae_channels`, and `alpha`: "vae" (a 4-channel VAE draws it), "key" (a 3-channel VAE learned RGBA images
+    on `key_colour`, which inference keys) or "none" (RGB data: opaque images)."""
+    from emoji_ldm.store.artifacts import exists, read_json
+    from emoji_ldm.store.delta import image_mode
+    from emoji_ldm.store.uri import join
+
+    mode = image_mode(dataset_uri)
+    config = join(vae, preset.vae.subfolder, "config.json") if vae and preset.vae.subfolder else (
+        join(vae, "config.json") if vae else None)
+    if config and exists(config):
+        channels = int(read_json(config).get("in_channels", 3))
+    else:  # a hub id: the SD VAEs are RGB
+        channels = preset.vae.channels if preset.vae.trained_here else 3
+    alpha = "none" if mode == "RGB" else ("vae" if channels == 4 else "key")
+    return {"dataset_mode": mode, "vae_channels": channels, "alpha": alpha,
+            "key_colour": preset.vae.key_colour if alpha == "key" else None}
 
 
 def _remove_rows(out: str, stale, metadata: dict) -> int:

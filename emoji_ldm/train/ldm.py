@@ -334,6 +334,8 @@ def train(config: TrainConfig) -> dict:
         "dataset": encoded_dataset(enc_meta), "dataset_version": enc_meta.get("dataset_version"),
         "latent_table": ref.uri, "latent_table_version": latent_version, "vae": enc_meta["vae"],
         "text_encoder": preset.text.pretrained, "code_version": code_version(),
+        # how the model gets its alpha (`encode.image_lineage`); latent tables before RGBA: RGB, opaque
+        "image": enc_meta.get("image") or {"dataset_mode": "RGB", "alpha": "none", "key_colour": None},
         "training": {"workers": config.workers, "zero_stage": config.zero_stage, "steps": final[1]["step"],
                      "global_batch": preset.train.batch_size},
         "metrics": result.metrics,

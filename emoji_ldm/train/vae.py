@@ -77,8 +77,8 @@ def vae_train_loop(config: dict) -> None:
     t0, loss_val = time.perf_counter(), float("nan")
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(pixels), (micro,), generator=gen)
-        x = pixels[idx].to(device).float()  # (B, 3, H, W) in [-1, 1]
-        recon, kl = model(x, gen if device.type == "cpu" else None)  # (B, 3, H, W), (B,)
+        x = pixels[idx].to(device).float()  # (B, C, H, W) in [-1, 1], C = vae.channels (4: RGBA)
+        recon, kl = model(x, gen if device.type == "cpu" else None)  # (B, C, H, W), (B,)
         rec_loss = torch.nn.functional.mse_loss(recon, x) + 0.5 * torch.nn.functional.l1_loss(recon, x)
         loss = rec_loss + spec.kl_weight * kl.mean()
         opt.zero_grad(set_to_none=True)
@@ -100,9 +100,14 @@ def vae_train_loop(config: dict) -> None:
             sample = pixels[: min(512, len(pixels))].to(device).float()
             latents = inner.encode(sample).latent_dist.mean  # (N, C, h, w)
             scale = float(1.0 / latents.std())
-            recon_mse = float(torch.nn.functional.mse_loss(inner.decode(latents).sample, sample))
+            recon = inner.decode(latents).sample  # (N, C, H, W)
+            recon_mse = float(torch.nn.functional.mse_loss(recon, sample))
+            # colour and alpha apart: the autoencoder is the ceiling of everything after it
+            recon_rgb = float(torch.nn.functional.mse_loss(recon[:, :3], sample[:, :3]))
+            recon_alpha = (float(torch.nn.functional.mse_loss(recon[:, 3], sample[:, 3]))
+                           if sample.shape[1] == 4 else None)
         inner.register_to_config(scaling_factor=scale)
-        metrics.update(scaling_factor=scale, recon_mse=recon_mse)
+        metrics.update(scaling_factor=scale, recon_mse=recon_mse, recon_mse_rgb=recon_rgb, recon_mse_alpha=recon_alpha)
         with tempfile.TemporaryDirectory() as tmp:
             inner.save_pretrained(tmp)
             with open(f"{tmp}/metrics.json", "w") as f:
@@ -128,7 +133,9 @@ def train_vae(config: VAETrainConfig) -> dict:
     ds, version = read_dataset(config.dataset, columns=["id", "image"])
     # Decode before the workers start: on a small node the training workers hold every CPU,
     # and Ray Data tasks scheduled after them would wait for ever.
-    ds = ds.map_batches(decode_images, fn_kwargs={"size": preset.image_size}, batch_format="numpy").materialize()
+    ds = ds.map_batches(decode_images, fn_kwargs={"size": preset.image_size, "channels": preset.vae.channels,
+                                                  "key_colour": preset.vae.key_colour},
+                        batch_format="numpy").materialize()
     rows = ds.count()  # free on a materialized dataset
     if rows == 0:
         raise UserError(f"dataset {config.dataset!r} (version {version}) has no rows to train on")

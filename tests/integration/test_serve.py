@@ -229,8 +229,16 @@ def test_web_page_generates_and_downloads_zip_in_chromium(served, tmp_path):
         items.clear()
         items.send_keys("happy\nsad")
         driver.find_element(By.ID, "generate").click()
-        WebDriverWait(driver, 60).until(
-            lambda d: [c.text for c in d.find_elements(By.CSS_SELECTOR, "#gallery figcaption")] == ["happy", "sad"])
+        WebDriverWait(driver, 60).until(  # the item and the alias people type (the theme is "blob")
+            lambda d: [c.text for c in d.find_elements(By.CSS_SELECTOR, "#gallery figcaption")]
+            == ["happy :happy_blob:", "sad :sad_blob:"])
+        # for Slack (the page's default): 128 px RGBA PNGs, each shown on a light and on a dark background
+        sizes = driver.execute_script(
+            "return [...document.querySelectorAll('#gallery img')].map(i => i.naturalWidth)")
+        assert sizes == [128, 128]
+        darks = driver.execute_script("return [...document.querySelectorAll('#gallery .dark')].map("
+                                      "d => getComputedStyle(d).backgroundColor)")
+        assert darks == ["rgb(26, 29, 33)"] * 2
 
         # the same set drawn by the adapter the server loaded, picked from the page's menu
         def drawn(d):
