@@ -28,6 +28,9 @@ cli=$bin/emoji-ldm
 vae_steps=${DEMO_VAE_STEPS:-300}
 train_steps=${DEMO_TRAIN_STEPS:-500}
 judge_epochs=${DEMO_JUDGE_EPOCHS:-10}
+# RGBA by default; DEMO_BACKGROUND=white builds the RGB dataset every table was before (bench/alpha_quality.py)
+build_args=()
+[ -n "${DEMO_BACKGROUND:-}" ] && build_args=(--background "$DEMO_BACKGROUND")
 
 now_ms() { local t=${EPOCHREALTIME/[.,]/}; echo $((t / 1000)); }
 secs() { printf '%d.%d' $(($1 / 1000)) $(($1 % 1000 / 100)); }  # milliseconds -> seconds, one decimal
@@ -142,7 +145,7 @@ join() {  # join NAME: wait for a background step, show the end of its output, f
 }
 
 step ray-head wait_head
-step build "$cli" dataset build --source twemoji --out "$out/twemoji" --message "make demo"
+step build "$cli" dataset build --source twemoji --out "$out/twemoji" --message "make demo" "${build_args[@]}"
 step caption "$cli" dataset caption "$out/twemoji" --captioner metadata
 # one torch thread: the judge shares the cores with encode and train (two single-threaded Ray Train
 # workers); 10 epochs instead of 20 (DEMO_JUDGE_EPOCHS)
@@ -157,7 +160,7 @@ step train "$cli" train --data "$out/latents" --preset tiny --out "$out/run" --w
 join judge
 step generate "$cli" generate --model "$out/run" --prompt "smiling cat face" --n 8 --out "$out/generated"
 step serve-set "$root/infra/demo_set.sh" "$out/run" "$out/serve" "$port"
-step lineage "$cli" lineage "$out"/serve/emoji-set/set-*/000-grinning.png
+step lineage "$cli" lineage "$out"/serve/emoji-set/set-*/grinning_cat_face.png
 # not beside generate and serve: their torch thread pools and eval's would fight over the same 2 cores
 step eval "$cli" eval --model "$out/run" --data "$out/latents" --judge "$out/judge" --out "$out/eval.json"
 t0=$(now_ms)

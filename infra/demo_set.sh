@@ -34,7 +34,8 @@ curl -sf "$url/healthz" > /dev/null || { echo "the service did not come up in 18
 echo "service up at $url/ ; POST /v1/emoji-sets ..."
 
 curl -sS --fail-with-body -X POST "$url/v1/emoji-sets" -H 'content-type: application/json' \
-  -d '{"theme": "cat face", "items": ["grinning", "smiling", "crying", "pouting", "kissing", "weary"], "seed": 1}' \
+  -d '{"theme": "cat face", "items": ["grinning", "smiling", "crying", "pouting", "kissing", "weary"], "seed": 1,
+       "target": "slack"}' \
   -o "$out/emoji-set.zip"
 rm -rf "$out/emoji-set"
 "$bin/python" -m zipfile -e "$out/emoji-set.zip" "$out/emoji-set"

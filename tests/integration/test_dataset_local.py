@@ -1,6 +1,7 @@
 """Build datasets from every source into a local Delta table with real Ray; read versions back."""
 
 import io
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,7 +13,7 @@ from emoji_ldm.ingest.build import BuildConfig, build_dataset
 from emoji_ldm.ingest.images import ImageConfig
 from emoji_ldm.sources import FetchConfig
 from emoji_ldm.store import ops
-from emoji_ldm.store.delta import history, open_table
+from emoji_ldm.store.delta import history, image_mode, open_table
 from emoji_ldm.store.schema import EMOJI_SCHEMA
 from emoji_ldm.store.uri import DatasetRef
 from tests.conftest import make_bad_corpus, png_bytes, run_cli
@@ -33,7 +34,21 @@ def test_twemoji_build_append_dedupe(ray_local, tmp_path, monkeypatch):
     row = next(r for r in table.to_pylist() if r["title"] == "mahjong red dragon")
     assert row["tag"] == "Activities" and row["source"] == "twemoji" and row["source_url"].endswith("1f004.png")
     img = Image.open(io.BytesIO(row["image"]))
-    assert img.size == (64, 64) and img.mode == "RGB"
+    assert img.size == (64, 64) and img.mode == "RGBA" and img.getpixel((0, 0))[3] == 0
+    assert image_mode(out) == "RGBA" and sum(first.alpha.values()) == first.accepted
+    assert first.alpha.get("transparent", 0) >= 100, first.alpha  # Twemoji have alpha
+    assert "transparent" in first.line()
+    with pytest.raises(UserError, match="stores RGBA images, so --background 'white'"):
+        build_dataset(BuildConfig(source="twemoji", out=out, limit=5, image=ImageConfig(background="white")))
+
+    # A table built before RGBA (RGB, no record of its mode) stays RGB: appends are flattened onto white.
+    old = str(tmp_path / "old")
+    build_dataset(BuildConfig(source="twemoji", out=old, limit=3, image=ImageConfig(background="white")))
+    (Path(old) / "_emoji_ldm" / "image_mode").unlink()
+    appended = build_dataset(BuildConfig(source="twemoji", out=old, limit=6))
+    assert appended.alpha == {"flattened": appended.accepted} and image_mode(old) == "RGB"
+    modes = {Image.open(io.BytesIO(png)).mode for png in DeltaTable(old).to_pyarrow_table().column("image").to_pylist()}
+    assert modes == {"RGB"}
 
     # Appending an overlapping range adds only the new images.
     second = build_dataset(BuildConfig(source="twemoji", out=out, limit=200))
