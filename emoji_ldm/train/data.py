@@ -7,8 +7,10 @@ import io
 import numpy as np
 from PIL import Image
 
+KEY_COLOUR = "#00ff00"  # a 3-channel model's background when nothing else says (`VAESpec.key_colour`'s default)
 
-def decode_images(batch: dict, size: int, channels: int = 3, key_colour: str = "#00ff00") -> dict:
+
+def decode_images(batch: dict, size: int, channels: int = 3, key_colour: str = KEY_COLOUR) -> dict:
     """Ray Data batch: PNG bytes -> float16 pixels in [-1, 1], (B, channels, size, size).
 
     `channels` is the VAE's: 4 keeps alpha (straight RGBA; an RGB image is opaque); 3 composites any

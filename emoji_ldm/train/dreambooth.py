@@ -198,6 +198,17 @@ def _module(unet, text_encoder, use_mask: bool):
     return DreamBoothModel()
 
 
+def _image_card(instance_uri: str) -> dict:
+    """How the model gets alpha (as `encode.image_lineage`): the SD VAE has 3 channels, so transparent photos
+    are learned on the key colour (`decode_images`' default) and its images keyed from it."""
+    from emoji_ldm.store.delta import image_mode
+    from emoji_ldm.train.data import KEY_COLOUR
+
+    mode = image_mode(instance_uri)
+    return {"dataset_mode": mode, "vae_channels": 3, "alpha": "key" if mode == "RGBA" else "none",
+            "key_colour": KEY_COLOUR if mode == "RGBA" else None}
+
+
 def _worker(run: DreamBoothRun) -> None:
     import numpy as np
     import pyarrow.compute as pc
@@ -337,6 +348,7 @@ def dreambooth(config: DreamBoothConfig) -> dict:
                      "prior_loss_weight": config.prior_loss_weight, "lora_rank": config.lora_rank,
                      "train_text_encoder": config.train_text_encoder},
         "code_version": code_version(),
+        "image": _image_card(instance_uri),
     }
     write_json(artifact_uri(out, "config.json"), {"run": asdict(config), "base": base, "base_content_id": base_id,
                                                   "instance_table": card["instance_table"],
