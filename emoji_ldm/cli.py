@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from emoji_ldm import __version__
@@ -53,8 +54,18 @@ def build_parser(selected: Command | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def token_mode_from_token() -> None:
+    """RAY_AUTH_MODE=token when a token is given (RAY_AUTH_TOKEN or _PATH, as a cluster with KubeRay's
+    `authOptions` hands it out) and no mode is: Ray's SDK sends a token only in token mode, which it reads once,
+    when Ray loads, so this runs before any command imports Ray."""
+    given = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if given and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    token_mode_from_token()
     command = _selected(argv)
     parser = build_parser(command)
     try:

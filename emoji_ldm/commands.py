@@ -112,11 +112,20 @@ COMMANDS: tuple[Command, ...] = (
             "a job's logs so far; --follow until it ends", "stopped following; the job goes on"),
     Command(("jobs", "stop"), "emoji_ldm.jobs:JobStopConfig", "emoji_ldm.jobs:stop_command",
             "stop a running job and wait for its final status", "stopped waiting; the stop request was sent"),
+    Command(("keys", "create"), "emoji_ldm.serve.keys:KeysCreateConfig", "emoji_ldm.serve.keys:create_command",
+            "add an API key to the key file and print it once", "interrupted; the key file is as it was"),
+    Command(("keys", "list"), "emoji_ldm.serve.keys:KeysFileConfig", "emoji_ldm.serve.keys:list_command",
+            "the keys of a key file: name, rate, jobs quota, state (never the key)", "interrupted"),
+    Command(("keys", "revoke"), "emoji_ldm.serve.keys:KeysRevokeConfig", "emoji_ldm.serve.keys:revoke_command",
+            "revoke a key; a running service stops taking it within seconds", "interrupted"),
+    Command(("keys", "secret"), "emoji_ldm.serve.keys:KeysSecretConfig", "emoji_ldm.serve.keys:secret_command",
+            "print the key file as a Kubernetes Secret manifest (kubectl apply -f -)", "interrupted"),
 )
 
 GROUPS = {
     "dataset": "build and inspect versioned emoji datasets (Delta Lake)",
     "jobs": "list, read and stop the Ray Jobs of a cluster",
+    "keys": "manage the API keys of `emoji-ldm serve` (a key file, or a Secret manifest)",
 }
 
 # stage -> command, for `emoji-ldm submit STAGE` and the RayJob manifests

@@ -133,6 +133,7 @@ def connect(address: str):
 
     check_address(address)
     _quiet_sdk_logs()
+    given = bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
     # Ray's SDK replaces the address it is given with $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS when either is set
     # (inside a Ray pod, or beside a local `ray start`, RAY_ADDRESS often is): then `--address` would be ignored and
     # the job go to that other cluster. Here the address we resolved (the flag, else those variables) wins.
@@ -140,6 +141,10 @@ def connect(address: str):
     try:
         return JobSubmissionClient(address)
     except AuthenticationError:
+        if given:
+            raise UserError(f"the Ray cluster at {address} refused the token in RAY_AUTH_TOKEN"
+                            f"{'_PATH' if not os.environ.get('RAY_AUTH_TOKEN') else ''}: it is not this cluster's "
+                            "(`ray get-auth-token` on the head, or its emoji-ldm-ray-token Secret, has it)") from None
         raise UserError(f"the Ray cluster at {address} uses token authentication: set RAY_AUTH_TOKEN (or "
                         "RAY_AUTH_TOKEN_PATH) to its token, which `ray get-auth-token` prints on the head") from None
     except (ConnectionError, OSError) as e:

@@ -36,8 +36,8 @@ def post(url: str, body, headers: dict | None = None) -> urllib3.BaseHTTPRespons
     return HTTP.request("POST", url, body=data, headers={"content-type": "application/json", **(headers or {})})
 
 
-def get(url: str) -> urllib3.BaseHTTPResponse:
-    return HTTP.request("GET", url)
+def get(url: str, headers: dict | None = None) -> urllib3.BaseHTTPResponse:
+    return HTTP.request("GET", url, headers=headers)
 
 
 def replica_counts(app: str = "emoji", deployment: str = "Generator") -> dict:

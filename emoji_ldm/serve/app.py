@@ -57,6 +57,7 @@ class AppArgs:
     channels_last: bool = False      # UNet and VAE in channels-last memory format
     compile: bool = False            # torch.compile the UNet; warmed up before the replica takes requests
     adapters: dict = field(default_factory=dict)  # name -> LoRA folder/URI (dreambooth --method lora), per request
+    keys: str = ""                   # the API key file (serve/keys.py); empty: no keys (serve binds 127.0.0.1)
 
     def __post_init__(self):
         from emoji_ldm.errors import UserError
@@ -261,6 +262,34 @@ class _TooLarge(StarletteHTTPException):
 api.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
 
 
+class KeyCheck:
+    """With keys configured (`api.state.keyring`, set by the Ingress), every /v1/ request needs a valid key
+    within its rate, checked before the body is read and before any model replica is asked: 401 or 429 JSON
+    otherwise. The key goes to the handler as `request.state.api_key`. `/`, `/docs` and `/healthz` stay
+    open: they do no work."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        from emoji_ldm.serve.keys import AuthError
+
+        keyring = getattr(scope.get("app").state, "keyring", None) if scope.get("app") else None
+        if scope["type"] != "http" or keyring is None or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        try:
+            key = keyring.authenticate(headers.get(b"authorization", b"").decode("latin-1"))
+            keyring.meter(key)
+        except AuthError as e:
+            return await error_response(e.status, e.message, headers=e.headers)(scope, receive, send)
+        scope.setdefault("state", {})["api_key"] = key
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(KeyCheck)  # added last, so it runs first: no body is read for a caller without a key
+
+
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException):
     """Starlette's own errors (404, 405) in the same JSON shape."""
@@ -279,9 +308,12 @@ def _b64(png: bytes) -> str:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, generator: DeploymentHandle, args: dict):
+        from emoji_ldm.serve.keys import KeyRing
+
         self.generator = generator
         self.args = AppArgs(**args)
         self._card: dict | None = None
+        api.state.keyring = KeyRing(self.args.keys) if self.args.keys else None
 
     async def _model_card(self) -> dict:
         if self._card is None:

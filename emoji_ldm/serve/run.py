@@ -59,8 +59,25 @@ class ServeConfig:
                                         "chosen per request with \"adapter\": NAME (repeatable)")
     gpus: float = opt(0.0, help="GPUs per replica (Ray's num_gpus; 0.5 shares one GPU between two replicas); "
                                 "0: replicas run on CPU")
+    keys: str = opt("", help="the API key file (emoji-ldm keys create; local or s3://, on Kubernetes the mounted "
+                             "Secret): every /v1/ request then needs a key. Default: $EMOJI_LDM_API_KEYS, else "
+                             "no keys and only 127.0.0.1 may listen")
+    insecure: bool = opt(False, help="listen on a public address without API keys (anyone who reaches it can "
+                                     "generate)")
 
     def __post_init__(self):
+        import ipaddress
+        import os
+
+        if not self.keys and os.environ.get("EMOJI_LDM_API_KEYS"):
+            object.__setattr__(self, "keys", os.environ["EMOJI_LDM_API_KEYS"])
+        try:
+            loopback = self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            loopback = False
+        if not self.keys and not loopback and not self.insecure:
+            raise UserError(f"--host {self.host} without API keys would let anyone who reaches it generate: "
+                            "pass --keys FILE (emoji-ldm keys create), or --insecure to do it anyway")
         if not 0 < self.port < 65536:
             raise UserError(f"--port must be from 1 to 65535, got {self.port}")
         if not 0 <= self.gpus <= 8:
@@ -117,6 +134,15 @@ def start(config: ServeConfig) -> str:
         args["max_batch_size"] = config.max_batch_size
     if not config.png_metadata:
         args["png_metadata"] = False
+    if config.keys:
+        from emoji_ldm.serve.keys import KeyRing
+
+        ring = KeyRing(normalize_uri(config.keys))  # a clear error now for a missing or broken file
+        args["keys"] = ring.uri
+        print(f"serve: API keys from {ring.uri} ({ring.active} active): every /v1/ request needs one", flush=True)
+    else:
+        print(f"serve: no API keys{'' if not config.insecure else ' (--insecure)'}: anyone who reaches "
+              f"{config.host}:{config.port} can generate", flush=True)
     if config.adapters:
         args["adapters"] = {**args.get("adapters", {}), **{k: normalize_uri(v) for k, v in config.adapters.items()}}
     AppArgs(**args)

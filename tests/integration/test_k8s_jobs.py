@@ -30,10 +30,10 @@ import pytest
 import yaml
 from deltalake import DeltaTable
 
-from tests.conftest import REPO, free_port, run_cli
+from tests.conftest import REPO, VENV_BIN, free_port, run_cli
 from tests.crawl_site import CrawlSite
 from tests.k8s import IMAGE_CHECKOUT, by_kind, render
-from tests.serving import post, wait_for
+from tests.serving import get, post, wait_for
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 BUCKET = "s3://emoji-ldm"
@@ -166,14 +166,22 @@ def test_rayjob_bulk(cluster, local_overlay):
     assert pngs == 2 * n_prompts
 
 
-def test_rayservice_serves_an_emoji_set(cluster, local_overlay, ray_local):
+def test_rayservice_serves_an_emoji_set(cluster, local_overlay, ray_local, tmp_path):
     from ray import serve as ray_serve
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    from emoji_ldm.serve.keys import KeysCreateConfig, create_command
 
     service = by_kind(local_overlay, "RayService")["emoji"]
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     port = free_port()
     config["http_options"].update(host="127.0.0.1", port=port)
+    # the key file where the pods mount the emoji-ldm-api-keys Secret: here a file of one key
+    args = config["applications"][0]["args"]
+    assert args["keys"] == "/etc/emoji-ldm/keys/keys.json"
+    args["keys"] = str(tmp_path / "keys.json")
+    made = create_command(KeysCreateConfig(file=args["keys"], name="ci"))
+    auth = {"authorization": "Bearer " + next(w for w in made.split() if w.startswith("eml_"))}
     serve = ServeSubmissionClient(cluster.address)
     serve.deploy_applications(config)
     try:
@@ -185,11 +193,14 @@ def test_rayservice_serves_an_emoji_set(cluster, local_overlay, ray_local):
 
         wait_for(running, 300, "the RayService's application to run")
         url = f"http://127.0.0.1:{port}"
-        resp = post(url + "/v1/emoji-sets", {"theme": "blob", "items": ["happy", "sad", "party"], "steps": 4})
+        body = {"theme": "blob", "items": ["happy", "sad", "party"], "steps": 4}
+        assert post(url + "/v1/emoji-sets", body).status == 401
+        resp = post(url + "/v1/emoji-sets", body, headers=auth)
         assert resp.status == 200 and resp.headers["content-type"] == "application/zip", resp.data[:300]
         names = zipfile.ZipFile(io.BytesIO(resp.data)).namelist()
         assert sum(n.endswith(".png") and not n.endswith("sheet.png") for n in names) == 3
-        stored = post(url + "/v1/emoji-sets", {"theme": "cat", "items": ["smiling"], "steps": 3, "store": True})
+        stored = post(url + "/v1/emoji-sets", {"theme": "cat", "items": ["smiling"], "steps": 3, "store": True},
+                      headers=auth)
         assert stored.status == 200 and stored.json()["uri"].startswith(f"{BUCKET}/sets/set-")
     finally:
         serve.delete_applications()
@@ -262,3 +273,51 @@ def test_submit_and_jobs_bad_input(cluster, tmp_path):
         assert r.returncode == 2 and message in r.stderr, f"{shlex.join(args)}: {r.returncode}\n{r.stderr}"
     r = run_cli("submit", "nosuchstage")
     assert r.returncode == 2 and "unknown stage 'nosuchstage'; choose one of build, caption, crawl" in r.stderr
+
+
+def test_jobs_with_ray_token_authentication(tmp_path):
+    """A head with Ray's token authentication on, as KubeRay's `authOptions` starts it: RAY_AUTH_TOKEN alone (what
+    the emoji-ldm-ray-token Secret holds) gets `jobs` in; no token and a wrong one get one clear line each."""
+    import secrets
+    import shutil
+    import signal
+    import tempfile
+
+    token = secrets.token_hex(16)
+    dashboard = free_port()
+    temp = tempfile.mkdtemp(prefix="rauth-", dir="/tmp")  # short: Ray's socket paths live under it
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    head = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", f"--dashboard-port={dashboard}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--num-cpus=0", f"--temp-dir={temp}",
+         "--disable-usage-stats"], env={**clean, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ADDRESS": ""},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
+
+    def jobs(env: dict) -> subprocess.CompletedProcess:
+        return subprocess.run([str(VENV_BIN / "emoji-ldm"), "jobs", "list", "--address", url], capture_output=True,
+                              text=True, timeout=120, env={**clean, "RAY_ADDRESS": "", **env})
+
+    try:
+        def up():
+            assert head.poll() is None, "the token-auth head exited"
+            try:
+                return get(url + "/api/version").status in (200, 401, 403)
+            except Exception:
+                return False
+
+        wait_for(up, 120, "the token-auth head's dashboard", every=1)
+        none = jobs({})
+        assert none.returncode == 2 and "uses token authentication: set RAY_AUTH_TOKEN" in none.stderr, none.stderr
+        wrong = jobs({"RAY_AUTH_TOKEN": "0" * 32})
+        assert wrong.returncode == 2 and "refused the token in RAY_AUTH_TOKEN" in wrong.stderr, wrong.stderr
+        right = jobs({"RAY_AUTH_TOKEN": token})
+        assert right.returncode == 0 and "no jobs" in right.stdout, right.stderr
+        assert token not in right.stdout + right.stderr + wrong.stderr + none.stderr
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -8,10 +8,13 @@ import signal
 import socket
 import subprocess
 import zipfile
+from pathlib import Path
 
 import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.conftest import VENV_BIN, free_port, run_cli
+from tests.conftest import VENV_BIN, free_port, new_chrome, run_cli
 from tests.serving import get, post, wait_for
 from tests.tiny_models import tiny_model_with_card
 
@@ -21,12 +24,22 @@ def model(tmp_path_factory):
     return str(tiny_model_with_card(tmp_path_factory.mktemp("cli") / "model"))
 
 
+def new_key(keys: Path, name: str, *flags: str) -> str:
+    made = run_cli("keys", "create", "--file", str(keys), "--name", name, *flags)
+    assert made.returncode == 0, made.stderr
+    return next(line for line in made.stdout.splitlines() if line.startswith("eml_"))
+
+
 def test_serve_command_serves_a_set_and_stops_cleanly(model, tmp_path):
+    """With API keys (from the environment, as a Kubernetes Secret mounted as a file is passed)."""
+    keys = tmp_path / "keys.json"
+    alice, bob, slow = new_key(keys, "alice"), new_key(keys, "bob"), new_key(keys, "slow", "--rate", "2")
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([str(VENV_BIN / "emoji-ldm"), "serve", "--model", model, "--port", str(port),
                              "--sets-uri", str(tmp_path / "sets")], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "RAY_ADDRESS": ""}, start_new_session=True)
+                            env={**os.environ, "RAY_ADDRESS": "", "EMOJI_LDM_API_KEYS": str(keys)},
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         def up():
@@ -40,11 +53,41 @@ def test_serve_command_serves_a_set_and_stops_cleanly(model, tmp_path):
                 return False
 
         wait_for(up, 180, "emoji-ldm serve to answer /healthz", every=1)
-        resp = post(url + "/v1/emoji-sets", {"theme": "blob", "items": ["happy", "sad"], "steps": 3})
+        body = {"theme": "blob", "items": ["happy", "sad"], "steps": 3}
+        for headers in ({}, {"authorization": "Bearer eml_wrong"}, {"authorization": alice}):
+            refused = post(url + "/v1/emoji-sets", body, headers=headers)
+            assert refused.status == 401 and "API key" in refused.json()["error"], refused.data
+            assert refused.headers["www-authenticate"].startswith("Bearer")
+        assert get(url + "/v1/model").status == 401
+        resp = post(url + "/v1/emoji-sets", body, headers={"authorization": f"Bearer {alice}"})
         assert resp.status == 200
         assert len([n for n in zipfile.ZipFile(io.BytesIO(resp.data)).namelist() if n.endswith(".png")]) == 3
-        stored = post(url + "/v1/emoji-sets", {"theme": "blob", "items": ["happy"], "steps": 2, "store": True})
+        stored = post(url + "/v1/emoji-sets", {"theme": "blob", "items": ["happy"], "steps": 2, "store": True},
+                      headers={"authorization": f"Bearer {bob}"})
         assert stored.status == 200 and (tmp_path / "sets" / stored.json()["id"] / "manifest.json").exists()
+        # the web page: refused until the key is entered, then draws
+        browser = new_chrome()
+        driver = browser.driver
+        try:
+            driver.get(url + "/")
+            WebDriverWait(driver, 30).until(lambda d: "API key" in d.find_element(By.ID, "model").text)
+            driver.find_element(By.ID, "apikey").send_keys(alice + "\n")
+            WebDriverWait(driver, 30).until(lambda d: "preset" in d.find_element(By.ID, "model").text)
+            driver.find_element(By.ID, "count").clear()
+            driver.find_element(By.ID, "count").send_keys("1")
+            driver.find_element(By.ID, "generate").click()
+            WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img")) == 1)
+        finally:
+            browser.quit()
+        # a rate of 2 a minute: the third request in a row is refused, with when to retry
+        answers = [get(url + "/v1/model", headers={"authorization": f"Bearer {slow}"}) for _ in range(3)]
+        assert [a.status for a in answers] == [200, 200, 429], [a.data for a in answers]
+        assert int(answers[2].headers["retry-after"]) >= 1 and "rate" in answers[2].json()["error"]
+        # revoked while serving: refused within the key file's reload interval
+        assert run_cli("keys", "revoke", "--file", str(keys), "--name", "bob").returncode == 0
+        wait_for(lambda: get(url + "/v1/model", headers={"authorization": f"Bearer {bob}"}).status == 401, 10,
+                 "the revoked key to be refused")
+        assert "eml_" not in (tmp_path / "serve.log").read_text(), "a key was logged"
     finally:
         proc.send_signal(signal.SIGTERM)  # what Kubernetes and process managers send; Ctrl-C is SIGINT
         try:
@@ -62,6 +105,10 @@ def test_serve_command_serves_a_set_and_stops_cleanly(model, tmp_path):
 def test_serve_bad_input(model, tmp_path):
     missing = run_cli("serve", "--model", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "nope" in missing.stderr
+    public = run_cli("serve", "--model", model, "--host", "0.0.0.0")
+    assert public.returncode == 2 and "without API keys" in public.stderr and "--insecure" in public.stderr
+    no_keys = run_cli("serve", "--model", model, "--keys", str(tmp_path / "keys.json"))
+    assert no_keys.returncode == 2 and "has no keys" in no_keys.stderr
     bad_port = run_cli("serve", "--model", model, "--port", "70000")
     assert bad_port.returncode == 2 and "--port" in bad_port.stderr
     bad_config = tmp_path / "serve.yaml"

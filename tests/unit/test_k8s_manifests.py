@@ -42,7 +42,8 @@ RAYJOB_FIELDS = {"entrypoint", "runtimeEnvYAML", "shutdownAfterJobFinishes", "tt
                  "submissionMode", "rayClusterSpec", "clusterSelector", "entrypointNumCpus", "entrypointNumGpus",
                  "entrypointResources", "jobId", "metadata", "suspend", "managedBy", "deletionStrategy"}
 CLUSTER_FIELDS = {"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec",
-                  "workerGroupSpecs", "headServiceAnnotations", "suspend", "managedBy", "gcsFaultToleranceOptions"}
+                  "workerGroupSpecs", "headServiceAnnotations", "suspend", "managedBy", "gcsFaultToleranceOptions",
+                  "authOptions"}
 SERVICE_FIELDS = {"serveConfigV2", "rayClusterConfig", "upgradeStrategy", "serveService",
                   "excludeHeadPodFromServeSvc", "deploymentUnhealthySecondThreshold",
                   "serviceUnhealthySecondThreshold"}
@@ -114,8 +115,18 @@ def check_ray_resource(doc: dict, where: str) -> None:
                     f"{name} {place}: S3 settings must come from the emoji-ldm-s3 Secret"
     if doc["kind"] == "RayJob":
         check_rayjob(doc, name)
+    assert cluster.get("authOptions") == {"mode": "token", "secretName": "emoji-ldm-ray-token"}, \
+        f"{name}: Ray token authentication must be on, with the emoji-ldm-ray-token Secret"
     if doc["kind"] == "RayService":
         check_serve_config(spec["serveConfigV2"], name)
+        args = yaml.safe_load(spec["serveConfigV2"])["applications"][0]["args"]
+        assert args["keys"].startswith("/etc/emoji-ldm/keys/"), f"{name}: the service must have API keys"
+        for place, template in pod_templates(doc).items():  # every pod a replica may run in has the file
+            volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
+            assert volumes.get("api-keys", {}).get("secret") == {"secretName": "emoji-ldm-api-keys"}, \
+                f"{name} {place}: no api-keys volume of the emoji-ldm-api-keys Secret"
+            assert {"name": "api-keys", "mountPath": "/etc/emoji-ldm/keys", "readOnly": True} in \
+                containers(template)[0].get("volumeMounts", []), f"{name} {place}: the keys are not mounted"
 
 
 def check_rayjob(doc: dict, name: str) -> None:
@@ -134,11 +145,12 @@ def check_rayjob(doc: dict, name: str) -> None:
 
 def _comparable(config: dict) -> dict:
     """A Serve config without what each deployment sets for itself: model, sets URI, resources, replicas,
-    and the GPU fast path (channels-last, compile: on in the GPU RayService, off on CPU)."""
+    the GPU fast path (channels-last, compile: on in the GPU RayService, off on CPU), and the key file (the
+    RayService's mounted Secret; `emoji-ldm serve --keys`)."""
     config = yaml.safe_load(yaml.safe_dump(config))
     for app in config["applications"]:
-        for key in ("model", "sets_uri", "channels_last", "compile"):
-            app["args"].pop(key)
+        for key in ("model", "sets_uri", "channels_last", "compile", "keys"):
+            app["args"].pop(key, None)
         for d in app["deployments"]:
             d.pop("ray_actor_options")
             d.pop("autoscaling_config")

@@ -1,0 +1,247 @@
+"""API keys: who may call the service, how often, and how many jobs each may have running.
+
+The key file is JSON (a local path or s3://; on Kubernetes the `emoji-ldm-api-keys` Secret mounted as a
+file, `k8s/`): per key its name, the SHA-256 of the key, its rate (requests per minute), its concurrent-jobs
+quota, whether it is revoked, and its webhook secret. The key itself is printed once by `emoji-ldm keys
+create` and kept nowhere; keys are 256 random bits, so a plain SHA-256 stands in for a password hash.
+Nothing here logs a key, a hash or a secret.
+
+The service (`KeyRing`, in the ingress) re-reads the file when it changes (at most every `RELOAD_S`), so a
+revoke takes effect within seconds without a restart. A bearer key is checked against every entry with
+`hmac.compare_digest`, so the time taken does not depend on which key, or how much of it, matched. Rates are
+token buckets per key, counted in the ingress replica (one by default; with N ingress replicas a key gets up
+to N times its rate).
+
+    emoji-ldm keys create --file keys.json --name alice [--rate 60] [--max-jobs 2]
+    emoji-ldm keys list --file keys.json
+    emoji-ldm keys revoke --file keys.json --name alice
+    emoji-ldm keys secret --file keys.json [--secret-name emoji-ldm-api-keys]   # a Secret manifest
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+from emoji_ldm.errors import UserError
+from emoji_ldm.options import opt
+
+KEY_PREFIX = "eml_"
+RELOAD_S = 2.0
+NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def key_hash(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    name: str
+    hash: str
+    rate_per_minute: int = 60
+    max_jobs: int = 2
+    revoked: bool = False
+    created_at: str = ""
+    webhook_secret: str = ""  # signs this key's webhooks (HMAC-SHA256)
+
+    def public(self) -> dict:
+        """What `keys list` shows: no hash, no secret."""
+        return {"name": self.name, "rate_per_minute": self.rate_per_minute, "max_jobs": self.max_jobs,
+                "revoked": self.revoked, "created_at": self.created_at}
+
+
+def read_keys(uri: str) -> dict[str, ApiKey]:
+    """name -> ApiKey from the key file; {} when it does not exist."""
+    from emoji_ldm.store.artifacts import exists, read_bytes
+
+    if not exists(uri):
+        return {}
+    try:
+        data = json.loads(read_bytes(uri).decode())
+        keys = [ApiKey(**k) for k in data["keys"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"the key file {uri} is not an emoji-ldm key file ({type(e).__name__}: {e}); "
+                        "make it with `emoji-ldm keys create`") from None
+    return {k.name: k for k in keys}
+
+
+def write_keys(uri: str, keys: dict[str, ApiKey]) -> None:
+    from emoji_ldm.store.artifacts import write_bytes
+
+    body = {"keys": [dataclasses.asdict(k) for k in sorted(keys.values(), key=lambda k: k.name)]}
+    write_bytes(uri, (json.dumps(body, indent=2) + "\n").encode())
+
+
+# --- the commands -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeysCreateConfig:
+    file: str = opt(help="the key file (local path or s3://); created if missing")
+    name: str = opt(help="who the key is for: lowercase letters, digits, '_', '.', '-'")
+    rate: int = opt(60, help="requests per minute")
+    max_jobs: int = opt(2, help="jobs this key may have queued or running at once")
+
+    def __post_init__(self):
+        if not NAME.match(self.name):
+            raise UserError(f"--name {self.name!r}: use 1-63 lowercase letters, digits, '_', '.' or '-'")
+        if not 1 <= self.rate <= 100_000:
+            raise UserError(f"--rate must be from 1 to 100000 requests per minute, got {self.rate}")
+        if not 0 <= self.max_jobs <= 1000:
+            raise UserError(f"--max-jobs must be from 0 to 1000, got {self.max_jobs}")
+
+
+@dataclass(frozen=True)
+class KeysFileConfig:
+    file: str = opt(help="the key file (local path or s3://)")
+
+
+@dataclass(frozen=True)
+class KeysRevokeConfig:
+    file: str = opt(help="the key file (local path or s3://)")
+    name: str = opt(help="the key's name (`emoji-ldm keys list`)")
+
+
+@dataclass(frozen=True)
+class KeysSecretConfig:
+    file: str = opt(help="the key file (local path or s3://)")
+    secret_name: str = opt("emoji-ldm-api-keys", help="the Secret's name (k8s/ mounts emoji-ldm-api-keys)")
+    namespace: str = opt("", help="the Secret's namespace (default: kustomize's or kubectl's)")
+
+
+def create_command(config: KeysCreateConfig) -> str:
+    keys = read_keys(config.file)
+    if config.name in keys and not keys[config.name].revoked:
+        raise UserError(f"a key named {config.name!r} exists in {config.file}: revoke it first, or pick another name")
+    key = new_key()
+    keys[config.name] = ApiKey(name=config.name, hash=key_hash(key), rate_per_minute=config.rate,
+                               max_jobs=config.max_jobs, created_at=dt.datetime.now(dt.timezone.utc).isoformat(
+                                   timespec="seconds"), webhook_secret=secrets.token_urlsafe(32))
+    write_keys(config.file, keys)
+    secret = keys[config.name].webhook_secret
+    return (f"key {config.name!r} ({config.rate} requests/min, {config.max_jobs} jobs) added to {config.file}.\n"
+            f"The key (shown once, stored nowhere; send it as 'Authorization: Bearer KEY'):\n{key}\n"
+            f"Its webhook secret (verifies the X-Emoji-Ldm-Signature of its job callbacks):\n{secret}")
+
+
+def list_command(config: KeysFileConfig) -> str:
+    keys = read_keys(config.file)
+    if not keys:
+        return f"no keys in {config.file}"
+    rows = [f"{'name':20s} {'rate/min':>8s} {'jobs':>5s} {'state':8s} created"]
+    rows += [f"{k.name:20s} {k.rate_per_minute:8d} {k.max_jobs:5d} {'revoked' if k.revoked else 'active':8s} "
+             f"{k.created_at}" for k in keys.values()]
+    return "\n".join(rows)
+
+
+def revoke_command(config: KeysRevokeConfig) -> str:
+    keys = read_keys(config.file)
+    if config.name not in keys:
+        raise UserError(f"no key named {config.name!r} in {config.file} (emoji-ldm keys list --file "
+                        f"{config.file})")
+    keys[config.name] = dataclasses.replace(keys[config.name], revoked=True)
+    write_keys(config.file, keys)
+    return f"key {config.name!r} revoked in {config.file}; a running service stops taking it within {RELOAD_S:g} s"
+
+
+def secret_command(config: KeysSecretConfig) -> str:
+    """The key file as a Kubernetes Secret manifest (stdout: pipe it to `kubectl apply -f -`)."""
+    import base64
+
+    from emoji_ldm.store.artifacts import exists, read_bytes
+
+    if not exists(config.file):
+        raise UserError(f"no key file at {config.file}: make one with `emoji-ldm keys create`")
+    read_keys(config.file)  # a clear error for a file that is not one
+    data = base64.b64encode(read_bytes(config.file)).decode()
+    namespace = f"\n  namespace: {config.namespace}" if config.namespace else ""
+    return (f"apiVersion: v1\nkind: Secret\nmetadata:\n  name: {config.secret_name}{namespace}\n"
+            f"  labels:\n    app.kubernetes.io/name: emoji-ldm\ntype: Opaque\ndata:\n  keys.json: {data}")
+
+
+# --- the service side -------------------------------------------------------------------------
+
+
+class AuthError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+class KeyRing:
+    """The keys of a running service: authenticate a bearer header, and meter each key's requests."""
+
+    def __init__(self, uri: str, clock=time.monotonic):
+        self.uri, self.clock = uri, clock
+        self._keys: list[ApiKey] = []
+        self._signature: tuple | None = None
+        self._checked = -RELOAD_S
+        self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, at)
+        self._lock = threading.Lock()
+        self.reload(force=True)
+        if not self._keys:
+            raise UserError(f"the key file {uri} has no keys: add one with `emoji-ldm keys create --file {uri}`")
+
+    @property
+    def active(self) -> int:
+        return sum(not k.revoked for k in self._keys)
+
+    def reload(self, force: bool = False) -> None:
+        """Re-read the file when it changed (by size and modification time), at most every RELOAD_S."""
+        from emoji_ldm.store.uri import filesystem
+
+        now = self.clock()
+        if not force and now - self._checked < RELOAD_S:
+            return
+        self._checked = now
+        fs, path = filesystem(self.uri)
+        info = fs.get_file_info(path)
+        signature = (info.size, info.mtime_ns)
+        if force or signature != self._signature:
+            self._keys = list(read_keys(self.uri).values())
+            self._signature = signature
+
+    def authenticate(self, authorization: str | None) -> ApiKey:
+        """The key of an `Authorization: Bearer KEY` header; AuthError 401 when missing, unknown or revoked."""
+        self.reload()
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError(401, "an API key is required: send 'Authorization: Bearer KEY'",
+                            {"WWW-Authenticate": 'Bearer realm="emoji-ldm"'})
+        digest = key_hash(token.strip())
+        found = None
+        for key in self._keys:  # every entry, compare_digest each: no early exit to time
+            if hmac.compare_digest(key.hash, digest):
+                found = key
+        if found is None or found.revoked:
+            raise AuthError(401, "this API key is not valid (unknown or revoked)",
+                            {"WWW-Authenticate": 'Bearer realm="emoji-ldm", error="invalid_token"'})
+        return found
+
+    def meter(self, key: ApiKey) -> None:
+        """Take one request from the key's bucket (its rate per minute, refilled continuously); AuthError 429
+        with Retry-After when it is empty."""
+        rate = key.rate_per_minute / 60.0  # tokens per second
+        with self._lock:
+            now = self.clock()
+            tokens, at = self._buckets.get(key.name, (float(key.rate_per_minute), now))
+            tokens = min(float(key.rate_per_minute), tokens + (now - at) * rate)
+            if tokens < 1.0:
+                self._buckets[key.name] = (tokens, now)
+                retry = max(1, int((1.0 - tokens) / rate + 0.999))
+                raise AuthError(429, f"key {key.name!r} is over its rate of {key.rate_per_minute} requests per "
+                                     f"minute: retry in {retry} s", {"Retry-After": str(retry)})
+            self._buckets[key.name] = (tokens - 1.0, now)
