@@ -42,6 +42,18 @@ def resize_rgba(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return canonical(resized.convert("RGBA"))
 
 
+def model_pixels(img: Image.Image, size: int, channels: int, key_colour) -> np.ndarray:
+    """An image as a VAE takes it: (channels, size, size) float32 in [-1, 1]. 4 channels keep alpha (straight
+    RGBA; an RGB image is opaque); 3 composite any transparency onto `key_colour` (the colour a 3-channel
+    model learns emoji on, and inference keys)."""
+    img = img.convert("RGBA")
+    if img.size != (size, size):
+        img = resize_rgba(img, (size, size))
+    if channels == 3:
+        img = composite(img, key_colour)
+    return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0  # (C, H, W)
+
+
 def composite(img: Image.Image, colour=MID_GREY) -> Image.Image:
     """`img` over a flat `colour` (a PIL colour name, #rrggbb or an RGB tuple), as RGB."""
     if img.mode == "RGB":

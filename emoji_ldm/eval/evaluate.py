@@ -296,26 +296,19 @@ def vae_reconstruction(vae, images, size: int, key_colour: str, batch: int = 64)
     3-channel VAE, which sees the images on its key colour)."""
     import torch
 
-    from emoji_ldm.train.data import decode_images
+    from emoji_ldm.alpha import model_pixels
 
     channels = vae.config.in_channels
     rgb, alpha, n = 0.0, 0.0, 0
     for i in range(0, len(images), batch):
-        pngs = [_png(im) for im in images[i:i + batch]]
-        x = torch.from_numpy(decode_images({"image": pngs}, size, channels, key_colour)["pixels"])
-        x = x.to(vae.device, vae.dtype)  # (B, C, H, W)
+        x = np.stack([model_pixels(im, size, channels, key_colour) for im in images[i:i + batch]])
+        x = torch.from_numpy(x).to(vae.device, vae.dtype)  # (B, C, H, W)
         with torch.no_grad():
             y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         rgb += float(((y[:, :3] - x[:, :3]) ** 2).mean()) * len(x)
         alpha += float(((y[:, 3] - x[:, 3]) ** 2).mean()) * len(x) if channels == 4 else 0.0
         n += len(x)
     return {"channels": channels, "rgb_mse": rgb / n, "alpha_mse": alpha / n if channels == 4 else None}
-
-
-def _png(im) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def generate_samples(pipe, prompts: list[str], s, batch: int = 64, key_colour: str | None = None) -> list:

@@ -16,16 +16,9 @@ def decode_images(batch: dict, size: int, channels: int = 3, key_colour: str = K
     `channels` is the VAE's: 4 keeps alpha (straight RGBA; an RGB image is opaque); 3 composites any
     transparency onto `key_colour` (a 3-channel model learns emoji on that colour, and inference keys it).
     """
-    from emoji_ldm.alpha import composite, resize_rgba
+    from emoji_ldm.alpha import model_pixels
 
-    pixels = []
-    for png in batch["image"]:
-        img = Image.open(io.BytesIO(png)).convert("RGBA")
-        if img.size != (size, size):
-            img = resize_rgba(img, (size, size))
-        if channels == 3:
-            img = composite(img, key_colour)
-        pixels.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)  # (C, H, W)
+    pixels = [model_pixels(Image.open(io.BytesIO(png)), size, channels, key_colour) for png in batch["image"]]
     out = {k: v for k, v in batch.items() if k != "image"}
     out["pixels"] = np.stack(pixels).astype(np.float16)  # (B, C, H, W)
     return out
