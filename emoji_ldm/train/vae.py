@@ -121,7 +121,7 @@ def train_vae(config: VAETrainConfig) -> dict:
     """Train the preset's VAE on a dataset version; returns its card."""
     from emoji_ldm.runtime import ensure_ray, require_shared
     from emoji_ldm.store.artifacts import artifact_uri, check_writable, upload_dir, write_json
-    from emoji_ldm.store.delta import read_dataset
+    from emoji_ldm.store.delta import open_table, read_dataset, row_count
     from emoji_ldm.store.uri import DatasetRef, filesystem
     from emoji_ldm.train import runner
     from emoji_ldm.train.data import decode_images
@@ -131,6 +131,13 @@ def train_vae(config: VAETrainConfig) -> dict:
     out = check_writable(config.out)
     ensure_ray(dashboard=True)  # Ray Train's cleaner needs the State API
     ds, version = read_dataset(config.dataset, columns=["id", "image"])
+    steps = config.max_steps or preset.vae.train_steps
+    # The VAE draws steps x batch images, so it is shown a uniform sample of at most that many (from the Delta
+    # log's row count, free): what the workers hold is bounded by the run, not by the table.
+    total, cap = row_count(open_table(f"{DatasetRef.parse(config.dataset).uri}@{version}")), \
+        steps * preset.vae.train_batch_size
+    if total > cap:  # (at least 256 expected rows: a sample is never empty by chance)
+        ds = ds.random_sample(min(1.0, max(1.1 * cap, 256) / total), seed=preset.train.seed)
     # Decode before the workers start: on a small node the training workers hold every CPU,
     # and Ray Data tasks scheduled after them would wait for ever.
     ds = ds.map_batches(decode_images, fn_kwargs={"size": preset.image_size, "channels": preset.vae.channels,
@@ -139,7 +146,6 @@ def train_vae(config: VAETrainConfig) -> dict:
     rows = ds.count()  # free on a materialized dataset
     if rows == 0:
         raise UserError(f"dataset {config.dataset!r} (version {version}) has no rows to train on")
-    steps = config.max_steps or preset.vae.train_steps
     require_shared(out, "the VAE folder (--out)")
     storage = artifact_uri(out, "_emoji_ldm", "train")  # beside the VAE, where every node reaches
     result = runner.fit(vae_train_loop, {"preset": preset.to_dict(), "max_steps": steps}, name="train-vae", out=out,
@@ -152,7 +158,7 @@ def train_vae(config: VAETrainConfig) -> dict:
     fs.delete_dir_contents(path, missing_dir_ok=True)  # the run's checkpoint is the VAE now under OUT
     card = {
         "kind": "vae", "out": out, "dataset": DatasetRef.parse(config.dataset).uri, "dataset_version": version,
-        "rows": rows,
+        "rows": rows, "dataset_rows": total,  # the images it was shown (a sample when the table is bigger)
         "preset": preset.to_dict(), "code_version": code_version(), "metrics": metrics,
     }
     write_json(artifact_uri(out, "vae_card.json"), card)
