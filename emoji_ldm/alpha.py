@@ -20,13 +20,14 @@ MID_GREY = (128, 128, 128)
 # Keying, in CIELAB distance (OpenCV's 8-bit Lab: L, a, b in 0..255). The background is the colour of the
 # corners, when at least three of the four agree within FLAT (JPEG noise on a flat fill stays under about 6)
 # and at least FLAT_SHARE of the border ring has it too (an emoji may cover much of its square's sides, a
-# photo's border is not one colour). A pixel is background below SOFT_LO, foreground above SOFT_HI, and
-# partly transparent between.
+# photo's border is not one colour). The background is the pixels within SOFT_LO of that colour in regions
+# that touch the border; the EDGE pixels around it are partly transparent (their RGB distance from the
+# background over that of the nearest foreground colour), unless nothing nearby stands SOFT_HI out (noise).
 FLAT, FLAT_SHARE = 10.0, 0.1
 CORNER = 2  # pixels: the corner patches
+BORDER = 2  # pixels: the outer ring that must share the corners' colour
 EDGE = 2  # pixels: how far from the background its edge (the partly transparent pixels) reaches
 SOFT_LO, SOFT_HI = 8.0, 28.0
-BORDER = 2  # pixels of the outer ring that estimate the background
 
 
 def canonical(rgba: Image.Image) -> Image.Image:

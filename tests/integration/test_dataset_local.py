@@ -158,7 +158,7 @@ def test_cli_end_to_end_and_errors(ray_local, tmp_path):
     r = run_cli("dataset", "versions", out)
     assert r.returncode == 0 and "cli" in r.stdout and "build" in r.stdout
     r = run_cli("dataset", "show", out, "--version", "0", "--sheet", str(tmp_path / "s.png"))
-    assert r.returncode == 0 and "20 rows" in r.stdout and (tmp_path / "s.png").exists()
+    assert r.returncode == 0 and "20 rows" in r.stdout and ", RGBA" in r.stdout and (tmp_path / "s.png").exists()
     r = run_cli("dataset", "tag", out, "v0", "0")
     assert r.returncode == 0
     r = run_cli("dataset", "diff", out, "v0", "0")
