@@ -461,6 +461,14 @@ FAST = {"train.log_every": 1, "train.sample_every": 0, "train.checkpoint_every":
         "unet.block_out_channels": "32,64", "train.batch_size": 8}
 
 
+def train_fast(data: str, out, **kwargs) -> dict:
+    """`train` of the tiny preset on latent table DATA into OUT with the `FAST` settings (plus `overrides`)."""
+    from emoji_ldm.train.ldm import TrainConfig, train
+
+    overrides = {**FAST, **kwargs.pop("overrides", {})}
+    return train(TrainConfig(data=data, out=str(out), overrides=overrides, **kwargs))
+
+
 @dataclass
 class Pipeline:
     """What the `pipeline` fixture made; shared by many tests, so read it, never write to it."""
