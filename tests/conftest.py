@@ -454,6 +454,40 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     )
 
 
+@pytest.fixture
+def cli_in_process(capsys):
+    """`emoji-ldm ARGS` in this process, for input checks that fail before any Ray work: returns (exit code,
+    stderr). A subprocess costs a Python start (and its imports) per case; this costs nothing. During the call,
+    reaching Ray fails the test (`ensure_ray` and `ray.init` refuse), so a check that moved behind the cluster is
+    caught rather than run on the session's Ray from the test process."""
+    import ray
+
+    from emoji_ldm import cli, runtime
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("this input reached Ray; it should be refused before Ray is needed")
+
+    def call(*args: str) -> tuple[int, str]:
+        # not `serve`: however it ends, it shuts Serve and Ray down in the calling process (here: the test's)
+        assert args[0] != "serve", "run `serve` as a process (run_cli)"
+        capsys.readouterr()
+        original = runtime.ensure_ray
+        try:
+            with pytest.MonkeyPatch.context() as patch:
+                for module in list(sys.modules.values()):  # `from emoji_ldm.runtime import ensure_ray` at a top too
+                    if getattr(module, "ensure_ray", None) is original:
+                        patch.setattr(module, "ensure_ray", refuse)
+                patch.setattr(ray, "init", refuse)
+                code = cli.main(list(args))
+        finally:  # a module first imported during the call bound the refusal at its top: give it the original
+            for module in list(sys.modules.values()):
+                if getattr(module, "ensure_ray", None) is refuse:
+                    module.ensure_ray = original
+        return code, capsys.readouterr().err
+
+    return call
+
+
 # --- the tiny pipeline, once per session ----------------------------------------------------
 
 # few steps, small UNet: the settings of every short training run in the suite

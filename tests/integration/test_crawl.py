@@ -64,7 +64,7 @@ def test_crawl_test_site_end_to_end(ray_local, site, tmp_path):
     assert webp and all(r["width"] == 64 for r in rows)
 
 
-def test_crawl_bad_input(site, tmp_path):
+def test_crawl_bad_input(site, tmp_path, cli_in_process):
     good = tmp_path / "testsite.yaml"
     good.write_text(site.profile_yaml())
     malformed = tmp_path / "malformed.yaml"
@@ -81,9 +81,8 @@ def test_crawl_bad_input(site, tmp_path):
         (["--profile", str(private), "--tag", "Blobs"], "robots.txt disallows"),
     ]
     for args, message in cases:
-        result = run_cli("crawl", *args, "--out", str(tmp_path / "out"), timeout=120)
-        assert result.returncode == 2, (args, result.stderr)
-        assert message in result.stderr, (args, result.stderr)
+        code, err = cli_in_process("crawl", *args, "--out", str(tmp_path / "out"))
+        assert code == 2 and message in err, (args, err)
 
 
 def _crawler_browsers() -> list[str]:
