@@ -456,10 +456,11 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
 
 @pytest.fixture
 def cli_in_process(capsys):
-    """`emoji-ldm ARGS` in this process, for input checks that fail before any Ray work: returns (exit code,
-    stderr). A subprocess costs a Python start (and its imports) per case; this costs nothing. During the call,
-    reaching Ray fails the test (`ensure_ray` and `ray.init` refuse), so a check that moved behind the cluster is
-    caught rather than run on the session's Ray from the test process."""
+    """`emoji-ldm ARGS` in this process, for input checks that fail before any Ray work (and commands that need
+    no Ray at all): returns (exit code, stderr), and leaves stdout in `.out`. A subprocess costs a Python start
+    (and its imports) per case; this costs nothing. During the call, reaching Ray fails the test (`ensure_ray`
+    and `ray.init` refuse), so a check that moved behind the cluster is caught rather than run on the session's
+    Ray from the test process."""
     import ray
 
     from emoji_ldm import cli, runtime
@@ -468,6 +469,7 @@ def cli_in_process(capsys):
         raise AssertionError("this input reached Ray; it should be refused before Ray is needed")
 
     def call(*args: str) -> tuple[int, str]:
+        """(exit code, stderr); the call's stdout is `call.out` afterwards."""
         # not `serve`: however it ends, it shuts Serve and Ray down in the calling process (here: the test's)
         assert args[0] != "serve", "run `serve` as a process (run_cli)"
         capsys.readouterr()
@@ -483,7 +485,9 @@ def cli_in_process(capsys):
             for module in list(sys.modules.values()):
                 if getattr(module, "ensure_ray", None) is refuse:
                     module.ensure_ray = original
-        return code, capsys.readouterr().err
+        captured = capsys.readouterr()
+        call.out = captured.out
+        return code, captured.err
 
     return call
 
