@@ -37,6 +37,10 @@ os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 
 os.environ.setdefault("RAY_ACCEPT_LOCAL_EXECUTION_WARNINGS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray Train's controller polls its workers every 2 s by default, so every run (and every restart after a failure)
+# ended 3-4 s after its workers had; at 0.25 s it ends within half a second. About 20 runs in the suite. Ray Train
+# passes the variable from the driver (this process, the CLI runs, the Ray head's job drivers) to its controller.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 def pytest_collection_modifyitems(items):
@@ -450,11 +454,57 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     )
 
 
+@pytest.fixture
+def cli_in_process(capsys):
+    """`emoji-ldm ARGS` in this process, for input checks that fail before any Ray work (and commands that need
+    no Ray at all): returns (exit code, stderr), and leaves stdout in `.out`. A subprocess costs a Python start
+    (and its imports) per case; this costs nothing. During the call, reaching Ray fails the test (`ensure_ray`
+    and `ray.init` refuse), so a check that moved behind the cluster is caught rather than run on the session's
+    Ray from the test process."""
+    import ray
+
+    from emoji_ldm import cli, runtime
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("this input reached Ray; it should be refused before Ray is needed")
+
+    def call(*args: str) -> tuple[int, str]:
+        """(exit code, stderr); the call's stdout is `call.out` afterwards."""
+        # not `serve`: however it ends, it shuts Serve and Ray down in the calling process (here: the test's)
+        assert args[0] != "serve", "run `serve` as a process (run_cli)"
+        capsys.readouterr()
+        original = runtime.ensure_ray
+        try:
+            with pytest.MonkeyPatch.context() as patch:
+                for module in list(sys.modules.values()):  # `from emoji_ldm.runtime import ensure_ray` at a top too
+                    if getattr(module, "ensure_ray", None) is original:
+                        patch.setattr(module, "ensure_ray", refuse)
+                patch.setattr(ray, "init", refuse)
+                code = cli.main(list(args))
+        finally:  # a module first imported during the call bound the refusal at its top: give it the original
+            for module in list(sys.modules.values()):
+                if getattr(module, "ensure_ray", None) is refuse:
+                    module.ensure_ray = original
+        captured = capsys.readouterr()
+        call.out = captured.out
+        return code, captured.err
+
+    return call
+
+
 # --- the tiny pipeline, once per session ----------------------------------------------------
 
 # few steps, small UNet: the settings of every short training run in the suite
 FAST = {"train.log_every": 1, "train.sample_every": 0, "train.checkpoint_every": 3, "train.warmup_steps": 1,
         "unet.block_out_channels": "32,64", "train.batch_size": 8}
+
+
+def train_fast(data: str, out, **kwargs) -> dict:
+    """`train` of the tiny preset on latent table DATA into OUT with the `FAST` settings (plus `overrides`)."""
+    from emoji_ldm.train.ldm import TrainConfig, train
+
+    overrides = {**FAST, **kwargs.pop("overrides", {})}
+    return train(TrainConfig(data=data, out=str(out), overrides=overrides, **kwargs))
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from emoji_ldm.inference.settings import SamplerSettings
-from tests.conftest import run_cli
 from tests.tiny_models import tiny_model_with_card
 
 
@@ -66,7 +65,7 @@ def test_bulk_to_s3_from_a_csv(s3_server, ray_local, model, tmp_path):
     assert len(keys) == 6
 
 
-def test_bulk_bad_input(model, tmp_path):
+def test_bulk_bad_input(model, tmp_path, cli_in_process):
     good = tmp_path / "p.txt"
     good.write_text("red heart\n")
     nocol = tmp_path / "p.csv"
@@ -85,9 +84,8 @@ def test_bulk_bad_input(model, tmp_path):
          "sampler setting count must be a whole number from 1 to 64, got 0"),
     ]
     for args, message in cases:
-        result = run_cli("bulk", *args, "--out", str(tmp_path / "out"))
-        assert result.returncode == 2, (args, result.stderr)
-        assert message in result.stderr, (args, result.stderr)
+        code, err = cli_in_process("bulk", *args, "--out", str(tmp_path / "out"))
+        assert code == 2 and message in err, (args, err)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])

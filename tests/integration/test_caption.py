@@ -12,7 +12,6 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli
 from tests.tiny_models import tiny_qwen25_vl
 
 TWEMOJI = {"2764": ("red heart", "Smileys & Emotion"), "1f499": ("blue heart", "Smileys & Emotion"),
@@ -158,7 +157,7 @@ def test_qwen_through_ray_actors_and_only_missing_resumes(ray_local, qwen, tmp_p
     assert second["versions"] == [2]  # one pass, one version
 
 
-def test_caption_bad_input(qwen, tmp_path):
+def test_caption_bad_input(qwen, tmp_path, cli_in_process):
     uri = str(tmp_path / "ds")
     make_table(uri, {"2764": (twemoji_png("2764"), "red heart", "x")})
     template = tmp_path / "t.txt"
@@ -171,6 +170,5 @@ def test_caption_bad_input(qwen, tmp_path):
         ([uri + "@0"], "without @version"),
     ]
     for args, message in cases:
-        result = run_cli("dataset", "caption", *args)
-        assert result.returncode == 2, (args, result.stderr)
-        assert message in result.stderr, (args, result.stderr)
+        code, err = cli_in_process("dataset", "caption", *args)
+        assert code == 2 and message in err, (args, err)

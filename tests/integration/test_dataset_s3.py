@@ -54,11 +54,12 @@ def test_build_every_source_into_s3(s3_server, ray_local, bucket, tmp_path, http
     assert [v["operation"] for v in ops.versions(uri)] == ["build", "build", "build", "restore"]
 
 
-def test_s3_errors_are_clear(s3_server, ray_local, bucket):
+def test_s3_errors_are_clear(s3_server, ray_local, bucket, cli_in_process):
     with pytest.raises(UserError, match="bucket 'no-such-bucket' does not exist"):
         build_dataset(BuildConfig(source="twemoji", out="s3://no-such-bucket/x", limit=3))
-    r = run_cli("dataset", "build", "--source", "twemoji", "--out", "s3://no-such-bucket/x", "--limit", "3")
-    assert r.returncode == 2 and "does not exist" in r.stderr
+    code, err = cli_in_process("dataset", "build", "--source", "twemoji", "--out", "s3://no-such-bucket/x",
+                               "--limit", "3")
+    assert code == 2 and "does not exist" in err
     with pytest.raises(UserError, match="no dataset at 's3://emoji-data/absent'"):
         open_table(f"{bucket}/absent")
 

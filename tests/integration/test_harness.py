@@ -11,19 +11,15 @@ import pytest
 import torch
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.train.ldm import TrainConfig, latest_checkpoint, train
-from tests.conftest import FAST, run_cli
+from emoji_ldm.train.ldm import latest_checkpoint
+from tests.conftest import FAST, run_cli, train_fast
 
 
 @pytest.fixture(scope="module")
-def latents(pipeline, ray_local):
-    """The session pipeline's latent table (48 Twemoji and synthetic rows, tiny preset); read only."""
-    return pipeline.lat
-
-
-def _train(data, out, **kwargs):
-    overrides = {**FAST, **kwargs.pop("overrides", {})}
-    return train(TrainConfig(data=data, out=str(out), overrides=overrides, **kwargs))
+def tiny(pipeline, ray_local):
+    """The session's pipeline: its latent table (48 Twemoji and synthetic rows, tiny preset) and its 4-step run;
+    read only."""
+    return pipeline
 
 
 @pytest.fixture
@@ -83,7 +79,7 @@ def test_ema_under_deepspeed_bf16_moves_like_fp32(one_rank_gloo):
     assert all(torch.allclose(s.double(), r, atol=1e-6) for s, r in zip(ema.shadow_params, reference))
 
 
-def test_bf16_run_keeps_an_fp32_ema_and_exports_it(latents, tmp_path):
+def test_bf16_run_keeps_an_fp32_ema_and_exports_it(tiny, tmp_path):
     """`train --precision bf16` on 2 workers with the other fast-path flags (channels-last, gradient
     checkpointing): the banner and config.json say so, the losses are numbers, the checkpoint's EMA is fp32
     and the exported UNet is exactly that EMA."""
@@ -91,7 +87,7 @@ def test_bf16_run_keeps_an_fp32_ema_and_exports_it(latents, tmp_path):
 
     out = tmp_path / "run"
     sets = [a for k, v in FAST.items() for a in ("--set", f"{k}={v}")]
-    r = run_cli("train", "--data", latents, "--out", str(out), "--max-steps", "3", "--precision", "bf16",
+    r = run_cli("train", "--data", tiny.lat, "--out", str(out), "--max-steps", "3", "--precision", "bf16",
                 "--channels-last", "--gradient-checkpointing", *sets)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "precision bf16, gradient_checkpointing, channels_last, attention: scaled_dot_product_attention" in r.stdout
@@ -110,40 +106,42 @@ def test_bf16_run_keeps_an_fp32_ema_and_exports_it(latents, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_user_error_on_one_rank_stops_every_rank(latents, tmp_path):
+def test_user_error_on_one_rank_stops_every_rank(tiny, tmp_path):
     """A UserError on rank 1 alone (rank 0 goes on into the next collective): the run stops with that one
     line, without waiting for the collective's timeout, and Ray's restarts do not retry it."""
     with pytest.raises(UserError, match="fault injection: a user error on rank 1 at step 2"):
-        _train(latents, tmp_path / "run", max_steps=6, user_error_at_step=2, max_failures=2)
+        train_fast(tiny.lat, tmp_path / "run", max_steps=6, user_error_at_step=2, max_failures=2)
 
 
-def test_crash_then_resume_from_s3_continues_exactly(s3_server, latents, tmp_path):
-    """6 steps straight (a local run) == a run on moto S3 whose rank 1 dies after its step-3 checkpoint, then
-    `--resume` from s3:// (weights, optimizer, EMA, step, metrics); a resume that does not match is refused."""
+def test_crash_then_resume_from_s3_continues_exactly(s3_server, tiny, tmp_path):
+    """The session pipeline's run (4 steps straight, local) == the same 4 steps on moto S3 whose rank 1 dies at
+    step 4, after its step-3 checkpoint, then `--resume` from s3:// (weights, optimizer, EMA, RNG, data position,
+    step, metrics); a resume that does not match is refused. (The pipeline's run also drew sample grids at steps 2
+    and 4: they must not shift the training RNG.)"""
     from ray.train import WorkerGroupError
 
     client = s3_server.client()
     client.create_bucket(Bucket="harness-runs")
-    _train(latents, tmp_path / "a", max_steps=6)
     out = "s3://harness-runs/runs/crash"
+    assert tiny.card["training"] == {"workers": 2, "zero_stage": 2, "steps": 4, "global_batch": 8}
     with pytest.raises(WorkerGroupError, match="Training failed due to worker errors") as died:
-        _train(latents, out, max_steps=6, crash_at_step=4, max_failures=0)
+        train_fast(tiny.lat, out, max_steps=4, crash_at_step=4, max_failures=0)
     assert 1 in died.value.worker_failures  # rank 1 died (rank 0 then fails in a collective with it)
     found = latest_checkpoint(out)
     assert found and found[0].startswith("s3://") and found[1]["step"] == 3
     with pytest.raises(UserError, match="already has checkpoints"):
-        _train(latents, out, max_steps=6)
+        train_fast(tiny.lat, out, max_steps=4)
     with pytest.raises(UserError, match="different unet config"):
-        _train(latents, out, max_steps=6, resume=True, overrides={"unet.block_out_channels": "32,32"})
+        train_fast(tiny.lat, out, max_steps=4, resume=True, overrides={"unet.block_out_channels": "32,32"})
     with pytest.raises(UserError, match="written by 2 workers"):
-        _train(latents, out, max_steps=6, resume=True, workers=1)
-    card = _train(latents, out, max_steps=6, resume=True)
-    assert card["training"]["steps"] == 6
+        train_fast(tiny.lat, out, max_steps=4, resume=True, workers=1)
+    card = train_fast(tiny.lat, out, max_steps=4, resume=True)
+    assert card["training"]["steps"] == 4
     metrics = client.get_object(Bucket="harness-runs", Key="runs/crash/metrics.jsonl")["Body"].read().decode()
-    assert [json.loads(line)["step"] for line in metrics.splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert [json.loads(line)["step"] for line in metrics.splitlines()] == [1, 2, 3, 4]
 
-    (folder_a, meta_a), (folder_b, meta_b) = latest_checkpoint(str(tmp_path / "a")), latest_checkpoint(out)
-    assert meta_a["step"] == meta_b["step"] == 6
+    (folder_a, meta_a), (folder_b, meta_b) = latest_checkpoint(str(tiny.run)), latest_checkpoint(out)
+    assert meta_a["step"] == meta_b["step"] == 4
     local_b = tmp_path / "b"
     prefix = folder_b.removeprefix("s3://harness-runs/")
     for name in ("ema.pt", "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt"):

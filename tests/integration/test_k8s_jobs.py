@@ -251,7 +251,8 @@ def test_stop_a_running_job(cluster):
     assert stopped.returncode == 0 and "job submit-stop: STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
 
 
-def test_submit_and_jobs_bad_input(cluster, tmp_path):
+def test_submit_and_jobs_bad_input(cluster, tmp_path, cli_in_process):
+    """In this process (the Jobs API is HTTP: no Ray driver), each refused with exit 2 and its one line."""
     held = socket.socket()  # bound, never listening: nothing else can take the port while the test runs
     held.bind(("127.0.0.1", 0))
     closed = f"http://127.0.0.1:{held.getsockname()[1]}"
@@ -269,10 +270,10 @@ def test_submit_and_jobs_bad_input(cluster, tmp_path):
         (["jobs", "stop", "no-such-job", "--address", cluster.address], "no job 'no-such-job'"),
     ]
     for args, message in cases:
-        r = cli(cluster, *args, timeout=120)
-        assert r.returncode == 2 and message in r.stderr, f"{shlex.join(args)}: {r.returncode}\n{r.stderr}"
-    r = run_cli("submit", "nosuchstage")
-    assert r.returncode == 2 and "unknown stage 'nosuchstage'; choose one of build, caption, crawl" in r.stderr
+        code, err = cli_in_process(*args)
+        assert code == 2 and message in err, f"{shlex.join(args)}: {code}\n{err}"
+    code, err = cli_in_process("submit", "nosuchstage")
+    assert code == 2 and "unknown stage 'nosuchstage'; choose one of build, caption, crawl" in err
 
 
 def test_jobs_with_ray_token_authentication(tmp_path):

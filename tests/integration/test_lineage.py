@@ -41,7 +41,7 @@ def _reaches_the_builds(result: dict, made: dict) -> None:
     assert ops == [("build", "twemoji"), ("build", "synthetic:4:1"), ("caption", "metadata")]
 
 
-def test_generate_pngs_carry_parameters_and_trace_to_the_builds(made, tmp_path):
+def test_generate_pngs_carry_parameters_and_trace_to_the_builds(made, tmp_path, cli_in_process):
     card = made["card"]
     assert card["content_id"] == weights_content_id(made["model"]) and card["dataset"] == made["ds"]
     out = tmp_path / "gen"
@@ -60,14 +60,15 @@ def test_generate_pngs_carry_parameters_and_trace_to_the_builds(made, tmp_path):
     assert r.returncode == 0, r.stderr
     assert '"red heart", negative "blue", seed 6, 2 steps' in r.stdout and "build    twemoji: 44 in" in r.stdout
     assert "build    synthetic:4:1" in r.stdout and "caption  captioner metadata" in r.stdout
-    r = run_cli("lineage", "--json", str(out / "001.png"))
-    assert r.returncode == 0, r.stderr
-    _reaches_the_builds(json.loads(r.stdout), made)
+    # the same command in this process (it reads files and Delta logs only: no Ray), its exit code and output
+    code, _ = cli_in_process("lineage", "--json", str(out / "001.png"))
+    assert code == 0
+    _reaches_the_builds(json.loads(cli_in_process.out), made)
 
     stripped = tmp_path / "stripped.png"
     Image.open(out / "001.png").save(stripped)  # PIL writes no text chunks unless asked: metadata stripped
-    r = run_cli("lineage", str(stripped))
-    assert r.returncode == 1 and r.stdout.splitlines()[-1].startswith("missing link: png -> model: ")
+    code, _ = cli_in_process("lineage", str(stripped))
+    assert code == 1 and cli_in_process.out.splitlines()[-1].startswith("missing link: png -> model: ")
 
 
 def test_no_png_metadata_writes_bare_pngs(made, tmp_path):
@@ -131,7 +132,7 @@ def test_service_pngs_json_and_sets_trace_to_the_builds(made, tmp_path):
         _reaches_the_builds(trace(str(target)), made)
 
 
-def test_row_origin_through_builds_caption_and_restore(made, tmp_path):
+def test_row_origin_through_builds_caption_and_restore(made, tmp_path, cli_in_process):
     import shutil
 
     from emoji_ldm.store.ops import restore
@@ -165,5 +166,5 @@ def test_row_origin_through_builds_caption_and_restore(made, tmp_path):
     r = run_cli("lineage", "--row", synthetic, ds)
     assert r.returncode == 0, r.stderr
     assert "arrived in  v1" in r.stdout and "synthetic:4:1" in r.stdout
-    r = run_cli("lineage", "--row", "no-such-id", ds)
-    assert r.returncode == 2 and "is not in" in r.stderr
+    code, err = cli_in_process("lineage", "--row", "no-such-id", ds)
+    assert code == 2 and "is not in" in err

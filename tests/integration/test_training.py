@@ -16,7 +16,7 @@ from emoji_ldm.store.schema import EMOJI_SCHEMA
 from emoji_ldm.train.encode import EncodeConfig, encode
 from emoji_ldm.train.ldm import TrainConfig, train
 from emoji_ldm.train.vae import VAETrainConfig, train_vae
-from tests.conftest import FAST, png_bytes, run_cli
+from tests.conftest import FAST, png_bytes, run_cli, train_fast
 from tests.tiny_models import tiny_clip, tiny_clip_model, tiny_sd_pipeline, tiny_sd_vae
 
 
@@ -24,11 +24,6 @@ from tests.tiny_models import tiny_clip, tiny_clip_model, tiny_sd_pipeline, tiny
 def tiny(pipeline, ray_local):
     """The session's tiny pipeline (48 rows, a 4-step VAE, its latent table, a 4-step ZeRO-2 run)."""
     return pipeline
-
-
-def _train(tiny, out, **kwargs):
-    overrides = {**FAST, **kwargs.pop("overrides", {})}
-    return train(TrainConfig(data=tiny.lat, out=str(out), overrides=overrides, **kwargs))
 
 
 def test_tiny_pipeline_zero2_end_to_end(tiny):
@@ -64,26 +59,31 @@ def test_tiny_pipeline_zero2_end_to_end(tiny):
     assert [e.step for e in events.Images("validation/samples")] == [2, 4]
 
 
-def test_generate_command(tiny, tmp_path):
+def test_generate_command(tiny, tmp_path, cli_in_process):
+    """One `generate` process: the DDIM sampler, a sheet and its images, and a prompt longer than the text
+    encoder takes (truncated, with a warning on stderr)."""
     out = tiny.run
-    r = run_cli("generate", "--model", str(out), "--prompt", "red heart", "--n", "2", "--steps", "3",
+    long_prompt = "a very happy smiling yellow cat face with big round eyes " * 6
+    r = run_cli("generate", "--model", str(out), "--prompt", long_prompt, "--n", "2", "--steps", "3",
                 "--scheduler", "ddim", "--out", str(tmp_path / "gen"))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "gen" / "sheet.png").exists() and (tmp_path / "gen" / "001.png").exists()
-    long_prompt = "a very happy smiling yellow cat face with big round eyes " * 6
-    r = run_cli("generate", "--model", str(out), "--prompt", long_prompt, "--n", "1", "--steps", "2",
-                "--out", str(tmp_path / "gen-long"))
-    assert r.returncode == 0 and "truncated" in r.stderr
-    r = run_cli("generate", "--model", str(out), "--prompt", "x", "--scheduler", "euler", "--out", str(tmp_path))
-    assert r.returncode == 2 and "sampler setting scheduler must be one of dpmpp, ddim, ddpm, got 'euler'" in r.stderr
+    assert "truncated" in r.stderr, r.stderr
+    code, err = cli_in_process("generate", "--model", str(out), "--prompt", "x", "--scheduler", "euler",
+                               "--out", str(tmp_path))
+    assert code == 2 and "sampler setting scheduler must be one of dpmpp, ddim, ddpm, got 'euler'" in err
 
 
-def test_eval_of_the_tiny_model(tiny, tmp_path):
-    """Every metric on a tiny model, with a judge trained on the same 48 rows (2 epochs: it runs, no quality)."""
+def test_eval_of_the_tiny_model(tiny, tmp_path, cli_in_process, capsys):
+    """Every metric on a tiny model, with a judge trained on the same 48 rows (2 epochs: it runs, no quality).
+    `eval` runs as a process; `train-judge` and `eval --real` through the same CLI in this process (already a
+    driver of the session's Ray), which saves a Python start with torch each."""
+    from emoji_ldm.cli import main
+
     out = tiny.run
-    judge = run_cli("train-judge", "--data", tiny.ds, "--out", str(tmp_path / "judge"), "--label", "group",
-                    "--epochs", "2", "--width", "8", "--min-class-rows", "1")
-    assert judge.returncode == 0 and "group classes from" in judge.stdout, judge.stderr
+    assert main(["train-judge", "--data", tiny.ds, "--out", str(tmp_path / "judge"), "--label", "group",
+                 "--epochs", "2", "--width", "8", "--min-class-rows", "1"]) == 0
+    assert "group classes from" in capsys.readouterr().out
     report = evaluate(EvalConfig(model=str(out), data=tiny.lat, samples=3, sampler=SamplerSettings(steps=2),
                                  clip=str(tiny_clip_model(tmp_path / "clip")), judge=str(tmp_path / "judge")))
     assert report["heldout_loss"] > 0 and 0 <= report["near_copy_share"] <= 1
@@ -103,8 +103,8 @@ def test_eval_of_the_tiny_model(tiny, tmp_path):
     assert "held-out denoising loss" in r.stdout and "CLIP score: not computed" in r.stdout
     assert "transparency (samples | real)" in r.stdout and "VAE reconstruction MSE" in r.stdout
     assert "emoji-FID" in r.stdout and "prompt accuracy" in r.stdout and "not the Inception FID" in r.stdout
-    floor = run_cli("eval", "--real", "--data", tiny.lat, "--samples", "2", "--judge", str(tmp_path / "judge"))
-    assert floor.returncode == 0 and "real training images (--real)" in floor.stdout, floor.stderr
+    assert main(["eval", "--real", "--data", tiny.lat, "--samples", "2", "--judge", str(tmp_path / "judge")]) == 0
+    assert "real training images (--real)" in capsys.readouterr().out
     # feature extractors that do not load: one line each, before any sampling
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "judge.json").write_text('{"classes": ["a", "b"], "width": 8, "image_size": 32}')
@@ -112,8 +112,8 @@ def test_eval_of_the_tiny_model(tiny, tmp_path):
     for flags, message in [(["--judge", str(tmp_path / "nope")], "no judge.json there; train one with"),
                            (["--judge", str(tmp_path / "broken")], "the judge does not load"),
                            (["--inception", str(tmp_path / "pt_inception.pth")], "no such file")]:
-        bad = run_cli("eval", "--model", str(out), "--data", tiny.lat, "--samples", "2", *flags)
-        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        code, err = cli_in_process("eval", "--model", str(out), "--data", tiny.lat, "--samples", "2", *flags)
+        assert code == 2 and message in err and "Traceback" not in err, err
 
 
 def test_judge_learns_twemoji_groups(ray_local, tmp_path):
@@ -143,7 +143,7 @@ def test_zero3_with_a_killed_worker_recovers_from_its_checkpoint(tiny, tmp_path)
     from emoji_ldm.train.speed import SpeedOptions
 
     out = tmp_path / "run"
-    card = _train(tiny, out, max_steps=5, zero_stage=3, crash_at_step=4,
+    card = train_fast(tiny.lat, out, max_steps=5, zero_stage=3, crash_at_step=4,
                   speed=SpeedOptions(gradient_checkpointing=True), overrides={"train.checkpoint_every": 2})
     assert card["training"]["steps"] == 5 and card["training"]["zero_stage"] == 3
     assert (out / "model" / "model_index.json").exists() and (out / "model" / "unet").exists()
@@ -151,19 +151,19 @@ def test_zero3_with_a_killed_worker_recovers_from_its_checkpoint(tiny, tmp_path)
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
 
 
-def test_loss_falls_when_overfitting(ray_local, tiny, tmp_path):
-    build_dataset(BuildConfig(source="twemoji", out=str(tmp_path / "ds16"), limit=16))
-    encode(EncodeConfig(dataset=str(tmp_path / "ds16"), out=str(tmp_path / "lat16"), vae=tiny.vae))
-    train(TrainConfig(data=str(tmp_path / "lat16"), out=str(tmp_path / "run"), max_steps=60, workers=1,
-                      overrides={**FAST, "train.batch_size": 12, "train.lr": 2e-3, "train.caption_dropout": 0.0,
-                                 "train.checkpoint_every": 60}))
+def test_loss_falls_when_overfitting(tiny, tmp_path):
+    """60 steps on the session's latent table (its training rows, a few batches of 12: each seen many times)."""
+    train_fast(tiny.lat, tmp_path / "run", max_steps=60, workers=1,
+               overrides={"train.batch_size": 12, "train.lr": 2e-3, "train.caption_dropout": 0.0,
+                          "train.checkpoint_every": 60})
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first = sum(r["loss"] for r in rows[:10]) / 10
     last = sum(r["loss"] for r in rows[-10:]) / 10
     assert last < 0.7 * first, (first, last)
 
 
-def test_bad_inputs(tiny, tmp_path):
+def test_bad_inputs(tiny, tmp_path, cli_in_process):
+    """Refused on the driver, before a worker starts, each in well under a second."""
     with pytest.raises(UserError, match="is not a latent table"):
         train(TrainConfig(data=tiny.ds, out=str(tmp_path / "x"), overrides=FAST))
     blocker = tmp_path / "file"
@@ -184,17 +184,21 @@ def test_bad_inputs(tiny, tmp_path):
         encode(EncodeConfig(dataset=f"{tiny.ds}@5", out=str(tmp_path / "lat"), vae=tiny.vae))
     with pytest.raises(UserError, match="train-vae is only for presets"):
         train_vae(VAETrainConfig(dataset=tiny.ds, out=str(tmp_path / "v"), preset="emoji64"))
-    # a mistake only a worker can see (a model it cannot load) comes back as the UserError, not retried
-    with pytest.raises(UserError, match="cannot load the UNet"):
-        train(TrainConfig(data=tiny.lat, out=str(tmp_path / "nounet"), max_steps=2,
-                          overrides={**FAST, "unet.pretrained": str(tmp_path / "no-such-unet")}))
+    # a mistake only a worker can see (a UNet it cannot load) is a UserError where the worker builds the UNet;
+    # that a worker's UserError comes back from train() as itself, not retried, is what
+    # test_harness::test_user_error_on_one_rank_stops_every_rank runs (a Ray Train run here would cost 20 s)
+    from emoji_ldm.models.builders import build_unet
+    from emoji_ldm.models.presets import get_preset
+
+    with pytest.raises(UserError, match="cannot load the UNet from .*no-such-unet"):
+        build_unet(get_preset("tiny", {**FAST, "unet.pretrained": str(tmp_path / "no-such-unet")}))
     # more rows per micro batch than the table has: refused on the driver
     with pytest.raises(UserError, match="fewer than the micro batch 512 for each of the 2 workers"):
         train(TrainConfig(data=tiny.lat, out=str(tmp_path / "big"), batch_size=1024, overrides=FAST))
-    r = run_cli("train", "--data", tiny.lat, "--out", str(tmp_path / "r"), "--zero-stage", "5")
-    assert r.returncode == 2 and "--zero-stage must be 0, 1, 2 or 3, got 5" in r.stderr
-    r = run_cli("train", "--data", tiny.lat, "--out", str(tmp_path / "r"), "--workers", "3")
-    assert r.returncode == 2 and "not divisible by workers" in r.stderr
+    code, err = cli_in_process("train", "--data", tiny.lat, "--out", str(tmp_path / "r"), "--zero-stage", "5")
+    assert code == 2 and "--zero-stage must be 0, 1, 2 or 3, got 5" in err
+    code, err = cli_in_process("train", "--data", tiny.lat, "--out", str(tmp_path / "r"), "--workers", "3")
+    assert code == 2 and "not divisible by workers" in err
 
 
 def test_emoji64_with_tiny_stand_ins(ray_local, tiny, tmp_path):
@@ -209,17 +213,26 @@ def test_emoji64_with_tiny_stand_ins(ray_local, tiny, tmp_path):
     assert (tmp_path / "run" / "model" / "text_encoder" / "config.json").exists()
 
 
+@pytest.fixture(scope="module")
+def sd_latents(tiny, tmp_path_factory):
+    """A tiny SD-layout pipeline and the session dataset encoded with it under sd-finetune: one latent table for
+    both fine-tune modes (encode reads only the VAE and text encoder)."""
+    root = tmp_path_factory.mktemp("sd-finetune")
+    sd = tiny_sd_pipeline(root / "sd")
+    sets = {"unet.pretrained": str(sd), "vae.pretrained": str(sd), "text.pretrained": str(sd), "image_size": 32,
+            "text.hidden_size": "none"}
+    encode(EncodeConfig(dataset=tiny.ds, out=str(root / "lat"), preset="sd-finetune", overrides=sets))
+    return str(root / "lat"), sets
+
+
 @pytest.mark.parametrize("mode", ["attn2", "lora"])
-def test_sd_finetune_with_tiny_stand_in(ray_local, tiny, tmp_path, mode):
+def test_sd_finetune_with_tiny_stand_in(sd_latents, tmp_path, mode):
     from diffusers import StableDiffusionPipeline
 
-    sd = tiny_sd_pipeline(tmp_path / "sd")
-    sets = {"unet.pretrained": str(sd), "vae.pretrained": str(sd), "text.pretrained": str(sd), "image_size": 32,
-            "text.hidden_size": "none",
-            "unet.finetune": mode, "unet.lora_rank": 4}
-    encode(EncodeConfig(dataset=tiny.ds, out=str(tmp_path / "lat"), preset="sd-finetune", overrides=sets))
+    lat, sets = sd_latents
+    sets = {**sets, "unet.finetune": mode, "unet.lora_rank": 4}
     overrides = {k: v for k, v in {**FAST, **sets}.items() if k != "unet.block_out_channels"}
-    card = train(TrainConfig(data=str(tmp_path / "lat"), out=str(tmp_path / "run"), preset="sd-finetune",
+    card = train(TrainConfig(data=lat, out=str(tmp_path / "run"), preset="sd-finetune",
                              max_steps=2, workers=2 if mode == "lora" else 1, overrides=overrides))  # LoRA under ZeRO-2
     assert card["config"]["unet"]["finetune"] == mode
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "model", safety_checker=None)
