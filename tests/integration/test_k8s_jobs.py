@@ -291,7 +291,8 @@ def test_jobs_with_ray_token_authentication(tmp_path):
     head = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", f"--dashboard-port={dashboard}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--num-cpus=0", f"--temp-dir={temp}",
-         "--disable-usage-stats"], env={**clean, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ADDRESS": ""},
+         "--disable-usage-stats"], env={**clean, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ADDRESS": "",
+                                        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},  # stopped at once at the end
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
 
@@ -318,7 +319,7 @@ def test_jobs_with_ray_token_authentication(tmp_path):
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(60)
+            head.wait(15)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
