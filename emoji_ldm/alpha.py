@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image, ImageColor
 
 MID_GREY = (128, 128, 128)
+# a 3-channel model's background (`VAESpec.key_colour`'s default): a colour emoji rarely use, the chroma-key convention
+KEY_COLOUR = "#00ff00"
 
 # Keying, in CIELAB distance (OpenCV's 8-bit Lab: L, a, b in 0..255). The background is the colour of the
 # corners, when at least three of the four agree within FLAT (JPEG noise on a flat fill stays under about 6)

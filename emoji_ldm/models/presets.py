@@ -28,6 +28,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from emoji_ldm.alpha import KEY_COLOUR
 from emoji_ldm.errors import UserError
 from emoji_ldm.options import opt
 
@@ -43,7 +44,7 @@ class VAESpec:
     channels: int = 4  # own VAE: pixel channels, 4 (RGBA: the model draws alpha) or 3 (RGB)
     # a 3-channel VAE: transparent training images are composited onto this colour (one emoji rarely use: the
     # chroma-key convention), and generated images keyed from it
-    key_colour: str = "#00ff00"
+    key_colour: str = KEY_COLOUR
     latent_channels: int = 4
     scaling_factor: float | None = None  # None: 1/std of the latents, measured after stage-1 training
     train_steps: int = 500  # stage 1 (own VAE only)

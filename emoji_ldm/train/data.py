@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-KEY_COLOUR = "#00ff00"  # a 3-channel model's background when nothing else says (`VAESpec.key_colour`'s default)
+from emoji_ldm.alpha import KEY_COLOUR
 
 
 def decode_images(batch: dict, size: int, channels: int = 3, key_colour: str = KEY_COLOUR) -> dict:

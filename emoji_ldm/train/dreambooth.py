@@ -201,8 +201,8 @@ def _module(unet, text_encoder, use_mask: bool):
 def _image_card(instance_uri: str) -> dict:
     """How the model gets alpha (as `encode.image_lineage`): the SD VAE has 3 channels, so transparent photos
     are learned on the key colour (`decode_images`' default) and its images keyed from it."""
+    from emoji_ldm.alpha import KEY_COLOUR
     from emoji_ldm.store.delta import image_mode
-    from emoji_ldm.train.data import KEY_COLOUR
 
     mode = image_mode(instance_uri)
     return {"dataset_mode": mode, "vae_channels": 3, "alpha": "key" if mode == "RGBA" else "none",
