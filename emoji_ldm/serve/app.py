@@ -20,6 +20,7 @@ deploying.
 import asyncio
 import base64
 import logging
+import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,10 +36,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from emoji_ldm import __version__
 from emoji_ldm.inference.sampler import SampleJob
-from emoji_ldm.serve.schemas import EmojiSetRequest, GenerateRequest
+from emoji_ldm.serve.schemas import EmojiSetRequest, GenerateRequest, JobRequest
 
 logger = logging.getLogger("ray.serve")
 
+JOB_ID = re.compile(r"job-[0-9a-z-]{8,40}")
 MAX_BODY_BYTES = 256 * 1024  # 256 items of 500 characters fit; anything bigger is refused with 413
 
 
@@ -58,6 +60,10 @@ class AppArgs:
     compile: bool = False            # torch.compile the UNet; warmed up before the replica takes requests
     adapters: dict = field(default_factory=dict)  # name -> LoRA folder/URI (dreambooth --method lora), per request
     keys: str = ""                   # the API key file (serve/keys.py); empty: no keys (serve binds 127.0.0.1)
+    jobs_uri: str = ""               # where /v1/jobs keep their state and results (shared storage); empty: no jobs
+    job_num_cpus: float = 1.0        # each job's runner actor (serve/jobs.py): CPUs ...
+    job_num_gpus: float = 0.0        # ... and GPUs (> 0: it draws on CUDA)
+    webhook_allow: tuple = ()        # CIDRs a job's callback_url may reach besides public addresses
 
     def __post_init__(self):
         from emoji_ldm.errors import UserError
@@ -74,6 +80,16 @@ class AppArgs:
             raise UserError(f"args.batch_wait_timeout_s must be from 0 to 10 seconds, got {self.batch_wait_timeout_s}")
         if self.torch_threads < 0:
             raise UserError(f"args.torch_threads must be 0 (Ray's default) or more, got {self.torch_threads}")
+        if self.job_num_cpus < 0 or self.job_num_gpus < 0:
+            raise UserError(f"args.job_num_cpus / job_num_gpus must be 0 or more, got {self.job_num_cpus} / "
+                            f"{self.job_num_gpus}")
+        from emoji_ldm.serve.webhooks import allowlist
+
+        try:
+            object.__setattr__(self, "webhook_allow", tuple(str(c) for c in self.webhook_allow))
+            allowlist(self.webhook_allow)
+        except ValueError as e:
+            raise UserError(f"args.{e}") from None
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"args.device must be auto, cpu or cuda, got {self.device!r}")
         if self.compile and self.adapters:
@@ -402,6 +418,166 @@ class Ingress:
             return {"id": set_id, "manifest": manifest, "images": [_b64(files[i["file"]]) for i in manifest["items"]]}
         return Response(zip_bytes(files, set_id), media_type="application/zip",
                         headers={"Content-Disposition": f'attachment; filename="{set_id}.zip"'})
+
+
+    # --- durable jobs (serve/jobs.py) ------------------------------------------------------------
+
+    def _owner(self, request: Request):
+        """(owner name, its key or None): jobs live under the caller's key name."""
+        from emoji_ldm.serve.jobs import ANONYMOUS
+
+        key = request.scope.get("state", {}).get("api_key")
+        return (key.name if key else ANONYMOUS), key
+
+    def _jobs_on(self) -> None:
+        if not self.args.jobs_uri:
+            raise ApiError(409, "this server runs no jobs (its operator did not set jobs_uri / --jobs-uri); "
+                                "use /v1/emoji-sets, or `emoji-ldm bulk`")
+
+    async def _job_folder(self, request: Request, job_id: str) -> tuple[str, str, dict]:
+        """(owner, folder, state) of the caller's job; 404 for another key's job or none."""
+        from emoji_ldm.serve.jobs import job_folder, read_state
+
+        self._jobs_on()
+        owner, _ = self._owner(request)
+        if not JOB_ID.fullmatch(job_id):
+            raise ApiError(404, f"no job {job_id!r}")
+        folder = job_folder(self.args.jobs_uri, owner, job_id)
+        state = await asyncio.to_thread(read_state, folder)
+        if state is None:
+            from emoji_ldm.serve.jobs import read_request
+
+            request_json = await asyncio.to_thread(read_request, folder)
+            if request_json is None:
+                raise ApiError(404, f"no job {job_id!r} for this key")
+            state = {"id": job_id, "state": "queued", "done": 0, "total": None, "created_at":
+                     request_json["created_at"]}
+        return owner, folder, state
+
+    def _job_spec(self, owner: str, key, job_id: str, body: dict, digest: str):
+        from emoji_ldm.serve.jobs import JobSpec
+
+        device = self.args.device if self.args.device != "auto" else ("cuda" if self.args.job_num_gpus else "cpu")
+        secret = key.webhook_secret if key else os.environ.get("EMOJI_LDM_WEBHOOK_SECRET", "")
+        return JobSpec(self.args.jobs_uri, owner, job_id, body, digest, self.args.model, self.args.max_batch_size,
+                       device, self.args.inference(), self.args.adapters.get(body.get("adapter") or "", ""),
+                       self.args.png_metadata, secret, tuple(self.args.webhook_allow))
+
+    @api.post("/v1/jobs", status_code=202)
+    async def create_job(self, body: JobRequest, request: Request):
+        """Start a set or bulk job; 202 with its id. `Idempotency-Key`: a replay returns the same job, the same
+        key with another body is a 409."""
+        from emoji_ldm.serve import jobs
+        from emoji_ldm.serve.webhooks import CallbackRefused, check_callback
+
+        self._jobs_on()
+        owner, key = self._owner(request)
+        if body.adapter is not None and body.adapter not in self.args.adapters:
+            known = ", ".join(sorted(self.args.adapters)) or "none"
+            raise ApiError(404, f"unknown adapter {body.adapter!r}: this server has {known}", "adapter")
+        data = body.model_dump(mode="json")
+        digest = jobs.body_hash(data)
+        idempotency = request.headers.get("idempotency-key", "").strip()
+        if len(idempotency) > 255:
+            raise ApiError(400, "Idempotency-Key is longer than 255 characters")
+        if idempotency:
+            job_id = jobs.idempotent_job_id(owner, idempotency)
+            known = await asyncio.to_thread(jobs.read_request, jobs.job_folder(self.args.jobs_uri, owner, job_id))
+            if known is not None:
+                return await self._same_job(request, owner, job_id, known["body_hash"], digest)
+        else:
+            job_id = jobs.new_job_id()
+        if body.callback_url:
+            if not (key.webhook_secret if key else os.environ.get("EMOJI_LDM_WEBHOOK_SECRET")):
+                raise ApiError(422, "callback_url: this server has no webhook secret to sign with (no API keys and "
+                                    "no EMOJI_LDM_WEBHOOK_SECRET)", "callback_url")
+            try:
+                await asyncio.to_thread(check_callback, body.callback_url, self.args.webhook_allow)
+            except CallbackRefused as e:
+                raise ApiError(400, str(e), "callback_url") from None
+        quota = key.max_jobs if key else None
+        if quota is not None and await asyncio.to_thread(jobs.running_jobs, owner) >= quota:
+            raise ApiError(429, f"key {owner!r} has {quota} job(s) running, its quota: retry when one ends",
+                           headers={"Retry-After": "30"})
+        spec = self._job_spec(owner, key, job_id, data, digest)
+        actor = await asyncio.to_thread(jobs.start_runner, spec, self.args.job_num_cpus, self.args.job_num_gpus)
+        stored = await actor.stored_body_hash.remote()
+        if idempotency:
+            return await self._same_job(request, owner, job_id, stored, digest, created=True)
+        return JSONResponse(jobs.public_state({"id": job_id, "state": "queued", "total": body.images(),
+                                               "created_at": jobs.now_iso()}), status_code=202,
+                            headers={"Location": f"/v1/jobs/{job_id}"})
+
+    async def _same_job(self, request: Request, owner: str, job_id: str, stored: str, digest: str,
+                        created: bool = False):
+        from emoji_ldm.serve import jobs
+
+        if stored != digest:
+            raise ApiError(409, "Idempotency-Key was used with a different body: send the same body to get its "
+                                "job, or use a new key for a new job")
+        _, _, state = await self._job_folder(request, job_id)
+        return JSONResponse(jobs.public_state(state), status_code=202,
+                            headers={"Location": f"/v1/jobs/{job_id}", **({} if created else
+                                                                          {"Idempotent-Replayed": "true"})})
+
+    @api.get("/v1/jobs/{job_id}")
+    async def get_job(self, job_id: str, request: Request) -> dict:
+        """State, progress (done/total), errors and, when it has ended, links to the zip and manifest."""
+        from emoji_ldm.serve import jobs
+
+        owner, folder, state = await self._job_folder(request, job_id)
+        if state["state"] not in jobs.TERMINAL and await asyncio.to_thread(jobs.runner, owner, job_id) is None:
+            # its runner is gone (a node or the whole cluster restarted): a new one resumes after the last chunk
+            known = await asyncio.to_thread(jobs.read_request, folder)
+            _, key = self._owner(request)
+            spec = self._job_spec(owner, key, job_id, known["body"], known["body_hash"])
+            await asyncio.to_thread(jobs.start_runner, spec, self.args.job_num_cpus, self.args.job_num_gpus)
+        return jobs.public_state(state)
+
+    @api.delete("/v1/jobs/{job_id}", status_code=202)
+    async def cancel_job(self, job_id: str, request: Request) -> dict:
+        """Cancel: the runner stops after its current chunk; what it drew is packaged and marked partial."""
+        from emoji_ldm.serve import jobs
+        from emoji_ldm.store.artifacts import write_bytes
+        from emoji_ldm.store.uri import join
+
+        owner, folder, state = await self._job_folder(request, job_id)
+        if state["state"] in jobs.TERMINAL:
+            return jobs.public_state(state)
+        await asyncio.to_thread(write_bytes, join(folder, "cancel"), b"")  # a runner that starts later sees it
+        actor = await asyncio.to_thread(jobs.runner, owner, job_id)
+        if actor is not None:
+            await actor.cancel.remote()
+        return {**jobs.public_state(state), "state": "cancelling"}
+
+    @api.get("/v1/jobs/{job_id}/result.zip", response_class=Response,
+             responses={200: {"content": {"application/zip": {}}}})
+    async def job_zip(self, job_id: str, request: Request):
+        _, _, state = await self._job_folder(request, job_id)
+        return self._result_file(state, "zip", "application/zip",
+                                 {"Content-Disposition": f'attachment; filename="{job_id}.zip"'})
+
+    @api.get("/v1/jobs/{job_id}/manifest.json", response_class=Response)
+    async def job_manifest(self, job_id: str, request: Request):
+        _, _, state = await self._job_folder(request, job_id)
+        return self._result_file(state, "manifest", "application/json")
+
+    def _result_file(self, state: dict, which: str, media_type: str, headers: dict | None = None):
+        from fastapi.responses import StreamingResponse
+
+        from emoji_ldm.store.uri import filesystem
+
+        if not state.get("result"):
+            raise ApiError(409, f"job {state['id']} has no result yet (state {state['state']}): poll "
+                                f"/v1/jobs/{state['id']}")
+        fs, path = filesystem(state["result"][which])
+
+        def chunks():  # streamed from storage in 1 MiB pieces, never whole in this replica
+            with fs.open_input_stream(path) as f:
+                while piece := f.read(1 << 20):
+                    yield piece
+
+        return StreamingResponse(chunks(), media_type=media_type, headers=headers)
 
 
 # --- building the application ------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.inference.settings import MAX_COUNT, MAX_PROMPT_CHARS, SCHEDULERS, SamplerSettings, check
@@ -112,3 +112,63 @@ class EmojiSetRequest(Settings):
 
     def prompts(self) -> list[str]:
         return [" ".join(self.template.format(item=item, theme=self.theme).split()) for item in self.items]
+
+
+MAX_JOB_IMAGES = 4096    # per /v1/jobs request: a set's items, or prompts x per_prompt
+MAX_CALLBACK_CHARS = 2048
+
+
+class JobRequest(Settings):
+    """A set (`theme` + `items`, every item from one seed, as /v1/emoji-sets) or a bulk spec (`prompts`, each
+    drawn `per_prompt` times from seeds seed, seed+1, ..., as `emoji-ldm bulk`), run as a durable job."""
+
+    theme: str = Field("", max_length=MAX_PROMPT_CHARS, description="a set: the style shared by the items")
+    items: list[str] | None = Field(None, max_length=MAX_JOB_IMAGES, description="a set: the item prompts")
+    template: str = Field("{item} {theme}", max_length=200, description="a set: how an item and the theme "
+                                                                         "make a prompt")
+    prompts: list[str] | None = Field(None, max_length=MAX_JOB_IMAGES, description="a bulk spec: the prompts")
+    per_prompt: int = Field(1, ge=1, le=MAX_COUNT, description="a bulk spec: images per prompt")
+    target: Literal["slack", "discord", "github", "raw"] = Field("raw", description="as for /v1/emoji-sets")
+    callback_url: str | None = Field(None, max_length=MAX_CALLBACK_CHARS,
+                                     description="POSTed the job's final state, signed with the key's webhook "
+                                                 "secret (public http(s) addresses only)")
+
+    @field_validator("items", "prompts")
+    @classmethod
+    def _lines(cls, values: list[str] | None, info) -> list[str] | None:
+        if values is None:
+            return None
+        for i, value in enumerate(values):
+            if len(value) > MAX_PROMPT_CHARS:
+                raise ValueError(f"{info.field_name}[{i}] is longer than {MAX_PROMPT_CHARS} characters")
+        return [_text(v, f"{info.field_name}[{i}]") for i, v in enumerate(values)]
+
+    _theme = field_validator("theme")(EmojiSetRequest._theme.__func__)
+    _template = field_validator("template")(EmojiSetRequest._template.__func__)
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.items is None) == (self.prompts is None):
+            raise ValueError("give either items (a set, with theme) or prompts (a bulk spec), not both or neither")
+        if self.items is not None and self.per_prompt != 1:
+            raise ValueError("per_prompt is for prompts; a set draws each item once")
+        if not (self.items or self.prompts):
+            raise ValueError("the job has no items or prompts")
+        if self.images() > MAX_JOB_IMAGES:
+            raise ValueError(f"the job asks for {self.images()} images; at most {MAX_JOB_IMAGES} per job "
+                             "(use `emoji-ldm bulk` for more)")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "set" if self.items is not None else "bulk"
+
+    def images(self) -> int:
+        return len(self.items) if self.items is not None else len(self.prompts) * self.per_prompt
+
+    def draws(self) -> list[tuple[str, str, int]]:
+        """(item label, prompt, seed) per image, in order."""
+        if self.items is not None:
+            return [(item, " ".join(self.template.format(item=item, theme=self.theme).split()), self.seed)
+                    for item in self.items]
+        return [(p, p, self.seed + k) for p in self.prompts for k in range(self.per_prompt)]

@@ -1,0 +1,280 @@
+"""Durable jobs: an emoji set or a bulk spec drawn outside the Serve replicas, its state on shared storage.
+
+    POST /v1/jobs ──► Ingress: check the body, the key's job quota, the callback URL (webhooks.py)
+                        │  a detached, named Ray actor per job (namespace `emoji-ldm-jobs`,
+                        ▼  name `job:<key>:<job id>`)
+                     JobRunner: loads the model once, draws the images in chunks of max_batch_size,
+                        │  writes each chunk's PNGs, then state.json (done/total); at the end the set's
+                        ▼  zip and manifest.json; then the signed webhook; then it exits
+                     <jobs_uri>/<key>/<job id>/  request.json  state.json  images/  result/
+
+Why detached actors and not Ray jobs: a job is one model and a loop, not a Ray Data pipeline, so a job
+driver (a process per job, plus the Jobs API's dashboard hop from inside the cluster) would only add start-up
+time; and it needs no code upload. What makes it durable is the same either way: the actor is detached (a
+Serve app's restart, redeploy or delete does not touch it) and everything a reader needs is on the shared
+storage, written by the job's one runner. A runner that dies with its node is restarted by Ray
+(`max_restarts`) and resumes after the last chunk it recorded; if even that is gone (a whole cluster
+restart), the next GET of the job starts a new runner, which resumes the same way.
+
+Idempotency: with an `Idempotency-Key` header the job id is a hash of the API key's name and that header,
+so a replay names the same job; the actor's name is the lock (Ray creates one named actor however many
+ask at once, `get_if_exists=True`), and the runner writes the job's request.json once, so ten concurrent
+duplicates make one job, and the same header with another body is told apart by the body's hash (409).
+
+A key sees only its own jobs: they live under its name, and a job id under another key is a 404.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import secrets
+import threading
+import time
+import traceback
+
+from emoji_ldm.store.artifacts import exists, read_bytes, read_json, write_bytes, write_json
+from emoji_ldm.store.uri import join
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "emoji-ldm-jobs"
+TERMINAL = ("succeeded", "failed", "cancelled")
+ANONYMOUS = "_local"     # the owner of jobs on a server without keys (a key name never starts with '_')
+
+
+def new_job_id() -> str:
+    return time.strftime("job-%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(4)
+
+
+def idempotent_job_id(key_name: str, idempotency_key: str) -> str:
+    return "job-" + hashlib.sha256(f"{key_name}\0{idempotency_key}".encode()).hexdigest()[:24]
+
+
+def body_hash(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def actor_name(owner: str, job_id: str) -> str:
+    return f"job:{owner}:{job_id}"
+
+
+def job_folder(jobs_uri: str, owner: str, job_id: str) -> str:
+    return join(jobs_uri, owner, job_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """What a runner needs; everything but the webhook secret is also in the job's request.json."""
+
+    jobs_uri: str
+    owner: str
+    job_id: str
+    body: dict                      # the validated JobRequest, as JSON
+    body_hash: str
+    model: str
+    max_batch_size: int = 16
+    device: str = "cpu"
+    inference: object = None        # InferenceOptions
+    adapter_uri: str = ""
+    png_metadata: bool = True
+    webhook_secret: str = ""        # never written anywhere
+    webhook_allow: tuple[str, ...] = ()
+
+    @property
+    def folder(self) -> str:
+        return job_folder(self.jobs_uri, self.owner, self.job_id)
+
+
+def read_state(folder: str) -> dict | None:
+    uri = join(folder, "state.json")
+    return read_json(uri) if exists(uri) else None
+
+
+def read_request(folder: str) -> dict | None:
+    uri = join(folder, "request.json")
+    return read_json(uri) if exists(uri) else None
+
+
+class JobRunner:
+    """A detached Ray actor that runs one job in a thread (so its methods answer while it draws)."""
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        self.folder = spec.folder
+        self._cancel = threading.Event()
+        request = read_request(self.folder)
+        if request is None:  # the one writer: this actor holds the job's name
+            request = {"id": spec.job_id, "owner": spec.owner, "body": spec.body, "body_hash": spec.body_hash,
+                       "model": spec.model, "created_at": now_iso()}
+            write_json(join(self.folder, "request.json"), request)
+        self.request = request
+        if exists(join(self.folder, "cancel")):
+            self._cancel.set()
+        self._thread = threading.Thread(target=self._run_and_exit, name="job", daemon=True)
+        self._thread.start()
+
+    def stored_body_hash(self) -> str:
+        """The hash of the body this job was created with (the caller compares it with its own)."""
+        return self.request["body_hash"]
+
+    def cancel(self) -> None:
+        write_bytes(join(self.folder, "cancel"), b"")
+        self._cancel.set()
+
+    # --- the work -------------------------------------------------------------------------------
+
+    def _run_and_exit(self) -> None:
+        import ray
+
+        try:
+            self._run()
+        finally:
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    def _run(self) -> None:
+        state = read_state(self.folder) or {}
+        if state.get("state") in TERMINAL:
+            return  # a runner started again for a job that has ended (a replay, a GET after a restart)
+        body = self.request["body"]
+        state = {"id": self.spec.job_id, "kind": "set" if body.get("items") is not None else "bulk",
+                 "state": "running", "done": state.get("done", 0), "total": _total(body),
+                 "errors": state.get("errors", []), "created_at": self.request["created_at"],
+                 "started_at": state.get("started_at") or now_iso(), "finished_at": None, "partial": False,
+                 "result": None, "callback": None}
+        try:
+            self._draw(state)
+            self._finish(state, "cancelled" if self._cancel.is_set() else "succeeded")
+        except Exception as e:  # the job fails, with a reason a caller can read; the server goes on
+            logger.error("job %s failed: %s", self.spec.job_id, traceback.format_exc())
+            state["errors"].append(f"{type(e).__name__}: {e}")
+            self._finish(state, "failed")
+
+    def _draw(self, state: dict) -> None:
+        from emoji_ldm.inference.sampler import SampleJob, Sampler
+        from emoji_ldm.serve.schemas import JobRequest
+
+        request = JobRequest.model_validate(self.request["body"])
+        draws = request.draws()
+        if state["done"] >= len(draws) or self._cancel.is_set():
+            return
+        write_json(join(self.folder, "state.json"), state)
+        sampler = Sampler.load(self.spec.model, device=self.spec.device, options=self.spec.inference)
+        if request.adapter:
+            sampler.load_adapter(request.adapter, self.spec.adapter_uri)
+        settings = request.sampler()
+        step = self.spec.max_batch_size
+        for start in range(state["done"], len(draws), step):
+            if self._cancel.is_set():
+                return
+            chunk = draws[start:start + step]
+            job = SampleJob.of(tuple(p for _, p, _ in chunk), tuple(s for _, _, s in chunk), settings,
+                               request.adapter)
+            (made,) = sampler.pngs([job], metadata=self.spec.png_metadata, max_batch=step)
+            for i, (png, params) in enumerate(made):
+                write_bytes(join(self.folder, "images", f"{start + i:05d}.png"), png)
+                write_json(join(self.folder, "images", f"{start + i:05d}.json"), params)
+            state["done"] = start + len(chunk)
+            write_json(join(self.folder, "state.json"), state)
+
+    def _finish(self, state: dict, outcome: str) -> None:
+        from emoji_ldm.serve.webhooks import deliver
+
+        if state["done"]:
+            try:
+                state["result"] = self._package(state["done"], partial=outcome != "succeeded")
+            except Exception as e:
+                logger.error("job %s: packaging failed: %s", self.spec.job_id, traceback.format_exc())
+                state["errors"].append(f"packaging the result: {type(e).__name__}: {e}")
+                outcome = "failed"
+        state.update(state=outcome, partial=outcome != "succeeded" and state["done"] > 0, finished_at=now_iso())
+        write_json(join(self.folder, "state.json"), state)
+        url = self.request["body"].get("callback_url")
+        if url:
+            state["callback"] = deliver(url, public_state(state), self.spec.webhook_secret, self.spec.webhook_allow)
+            write_json(join(self.folder, "state.json"), state)
+
+    def _package(self, done: int, partial: bool) -> dict:
+        """The set's files (as /v1/emoji-sets makes them) for the `done` images drawn: result/<id>.zip and
+        result/manifest.json."""
+        from emoji_ldm.inference.sampler import model_card, model_uri
+        from emoji_ldm.serve.schemas import JobRequest
+        from emoji_ldm.serve.sets import set_files, set_manifest, zip_bytes
+
+        request = JobRequest.model_validate(self.request["body"])
+        draws = request.draws()[:done]
+        settings = request.model_dump(include={"negative_prompt", "steps", "guidance", "seed", "scheduler",
+                                               "size", "adapter"})
+        uri = model_uri(self.spec.model)
+        manifest = set_manifest(self.spec.job_id, request.theme, [d[0] for d in draws], [d[1] for d in draws],
+                                settings, model_card(uri), uri, request.target)
+        for item, (_, _, seed) in zip(manifest["items"], draws):
+            item["seed"] = seed
+        manifest.update(kind=request.kind, partial=partial, done=done, total=request.images())
+        pngs = [read_bytes(join(self.folder, "images", f"{i:05d}.png")) for i in range(done)]
+        params = [read_json(join(self.folder, "images", f"{i:05d}.json")) for i in range(done)]
+        files = set_files(manifest, pngs, params if self.spec.png_metadata else None)
+        result = join(self.folder, "result")
+        write_bytes(join(result, f"{self.spec.job_id}.zip"), zip_bytes(files, self.spec.job_id))
+        write_bytes(join(result, "manifest.json"), files["manifest.json"])
+        return {"uri": result, "zip": join(result, f"{self.spec.job_id}.zip"),
+                "manifest": join(result, "manifest.json")}
+
+
+def _total(body: dict) -> int:
+    if body.get("items") is not None:
+        return len(body["items"])
+    return len(body["prompts"]) * int(body.get("per_prompt", 1))
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def public_state(state: dict, base: str = "") -> dict:
+    """What GET /v1/jobs/{id} and the webhook say: the state, progress, errors, and the result's links."""
+    result = state.get("result")
+    links = None
+    if result:
+        links = {"uri": result["uri"], "zip": f"{base}/v1/jobs/{state['id']}/result.zip",
+                 "manifest": f"{base}/v1/jobs/{state['id']}/manifest.json"}
+    return {"id": state["id"], "kind": state.get("kind"), "state": state["state"],
+            "progress": {"done": state.get("done", 0), "total": state.get("total")},
+            "errors": state.get("errors", []), "partial": state.get("partial", False),
+            "created_at": state.get("created_at"), "started_at": state.get("started_at"),
+            "finished_at": state.get("finished_at"), "result": links,
+            "callback": {k: v for k, v in (state.get("callback") or {}).items() if k != "url"} or None}
+
+
+# --- the ingress side -------------------------------------------------------------------------
+
+
+def runner(owner: str, job_id: str):
+    """The live runner actor of a job, or None."""
+    import ray
+
+    try:
+        return ray.get_actor(actor_name(owner, job_id), namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def start_runner(spec: JobSpec, num_cpus: float, num_gpus: float):
+    """The job's runner: this one, or the one already running under its name (never two)."""
+    import ray
+
+    return ray.remote(JobRunner).options(
+        name=actor_name(spec.owner, spec.job_id), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=2,
+    ).remote(spec)
+
+
+def running_jobs(owner: str) -> int:
+    """Jobs of this owner with a live runner (for the key's concurrent-jobs quota)."""
+    import ray
+
+    prefix = f"job:{owner}:"
+    return sum(1 for a in ray.util.list_named_actors(all_namespaces=True)
+               if a.get("namespace") == NAMESPACE and a.get("name", "").startswith(prefix))
