@@ -64,6 +64,11 @@ class ServeConfig:
                              "no keys and only 127.0.0.1 may listen")
     insecure: bool = opt(False, help="listen on a public address without API keys (anyone who reaches it can "
                                      "generate)")
+    jobs_uri: str = opt("", help="where /v1/jobs keep their state and results (local or s3://; on a cluster, "
+                                 "shared storage); default: no jobs")
+    webhook_allow: tuple[str, ...] = opt((), metavar="CIDR", help="an address range job callbacks may reach "
+                                                                  "besides public ones, e.g. 10.0.0.0/8 "
+                                                                  "(repeatable)")
 
     def __post_init__(self):
         import ipaddress
@@ -130,6 +135,13 @@ def start(config: ServeConfig) -> str:
         check_writable(config.sets_uri)
     args = {**app_cfg.get("args", {}), "model": model, "sets_uri": normalize_uri(config.sets_uri)
             if config.sets_uri else ""}
+    if config.jobs_uri:
+        from emoji_ldm.store.artifacts import check_writable
+
+        args["jobs_uri"] = check_writable(config.jobs_uri)
+        args["job_num_gpus"] = config.gpus or args.get("job_num_gpus", 0)
+    if config.webhook_allow:
+        args["webhook_allow"] = list(config.webhook_allow)
     if config.max_batch_size:
         args["max_batch_size"] = config.max_batch_size
     if not config.png_metadata:
