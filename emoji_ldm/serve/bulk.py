@@ -186,6 +186,24 @@ def _done_prompts(manifest_uri: str, per_prompt: int):
                               .select(["prompt_id"]), batch_format="pyarrow")
 
 
+def join_partitions() -> int:
+    """Hash partitions of the resume join: one per cluster CPU (2 to 200), so a laptop starts few
+    aggregators and a cluster spreads a large prompt file."""
+    import ray
+
+    return max(2, min(200, int(ray.cluster_resources().get("CPU", 2))))
+
+
+def _mark_done(batch: pa.Table) -> pa.Table:
+    return batch.append_column("done", pa.array([True] * batch.num_rows, pa.bool_()))
+
+
+def _marked(batch: pa.Table, done: bool) -> pa.Table:
+    """The prompts of a left-outer-joined batch that are done (or not), as (prompt_id, prompt)."""
+    flag = pc.fill_null(batch.column("done"), False)
+    return batch.filter(flag if done else pc.invert(flag)).select(["prompt_id", "prompt"])
+
+
 class BulkGenerator:
     """A Ray Data actor: one pipeline; a batch of prompts in, PNGs written and manifest rows out."""
 
@@ -276,8 +294,17 @@ def bulk_generate(config: BulkConfig) -> dict:
     done = _done_prompts(manifest_uri, per_prompt)
     skipped = 0
     if done is not None:
-        skipped = prompts.join(done, "inner", num_partitions=8, on=("prompt_id",)).count()
-        prompts = prompts.join(done, "left_anti", num_partitions=8, on=("prompt_id",))
+        # one shuffle: every prompt marked done or not, held in the object store (spilled to disk at scale), so
+        # counting the done ones and generating the rest do not run the groupby and the join twice
+        marked = prompts.join(done.map_batches(_mark_done, batch_format="pyarrow"), "left_outer",
+                              num_partitions=join_partitions(), on=("prompt_id",)).materialize()
+        skipped = marked.map_batches(_marked, fn_kwargs={"done": True}, batch_format="pyarrow").count()
+        prompts = marked.map_batches(_marked, fn_kwargs={"done": False}, batch_format="pyarrow").materialize()
+        if prompts.count() == 0:  # nothing to draw: no model actor is started
+            print(f"bulk: all {skipped} prompts of {config.prompts} already have {per_prompt} image(s) in "
+                  f"{manifest_uri}; nothing to do", flush=True)
+            return {"out": out, "manifest": manifest_uri, "images_uri": images_uri, "skipped": skipped,
+                    "generated_prompts": 0, "images": 0, "commits": 0, "seconds": time.perf_counter() - start}
     print(f"bulk: prompts from {config.prompts}; {skipped} already generated; the rest x {per_prompt} images "
           f"on {config.concurrency} model actor(s), manifest committed every {config.chunk_size} images",
           flush=True)
