@@ -13,8 +13,10 @@ URI and content id. A name is unique per prompt (`_2`, `_3` for its other
 images), not across prompts that sanitise alike ("Cat!" and "cat").
 
 One streaming Ray Data pipeline: the prompt file read by Ray's readers ->
-distinct prompts (a groupby on the prompt id) -> a left anti-join with the
-prompts the manifest already holds in full (resume) -> a pool of model actors
+distinct prompts (a groupby on the prompt id) -> on a resume, a left outer
+join with the prompts the manifest already holds in full, materialized in the
+object store (spilled to disk when large) so the done ones are counted and the
+rest drawn from one shuffle -> a pool of model actors
 (`BulkGenerator`, the model loaded once per actor) that write the PNGs and
 return manifest rows. The driver consumes that stream and commits the
 manifest every `--chunk-size` images, so a killed job loses at most one
