@@ -23,8 +23,10 @@ def deploy(model: str, *, sets_uri: str = "", generator: dict | None = None, ing
     serve.shutdown()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    deployments = [{"name": "Generator", "ray_actor_options": {"num_cpus": 0.5}, **(generator or {})},
-                   {"name": "Ingress", "ray_actor_options": {"num_cpus": 0.1}, **(ingress or {})}]
+    # a replica stops at once when the test deletes the app (Serve waits up to 20 s for idle replicas by default)
+    quick_stop = {"graceful_shutdown_timeout_s": 1, "graceful_shutdown_wait_loop_s": 0.1}
+    deployments = [{"name": "Generator", "ray_actor_options": {"num_cpus": 0.5}, **quick_stop, **(generator or {})},
+                   {"name": "Ingress", "ray_actor_options": {"num_cpus": 0.1}, **quick_stop, **(ingress or {})}]
     args = {"model": model, "sets_uri": sets_uri, "max_batch_size": max_batch_size,
             "batch_wait_timeout_s": batch_wait_timeout_s, **app_args}
     serve.run(application(args, deployments), name="emoji", route_prefix="/")

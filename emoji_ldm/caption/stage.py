@@ -51,6 +51,7 @@ from emoji_ldm.errors import UserError
 from emoji_ldm.options import opt
 from emoji_ldm.runtime import ensure_ray, require_shared
 from emoji_ldm.store.delta import SIDECAR, CommitDeltaDatasink, version_for_build
+from emoji_ldm.store.schema import value_counts
 from emoji_ldm.store.staging import FileStagingSink, read_folder, staged_folders
 from emoji_ldm.store.uri import filesystem, is_s3, join
 from emoji_ldm.version import code_version
@@ -297,8 +298,8 @@ class CaptionRewriteSink(CommitDeltaDatasink):
         bad = staged.filter(pc.is_null(staged.column("caption")))
         reasons = pc.fill_null(bad.column("error"), "empty generation")
         if bad.num_rows:  # counted by kind (the text before the first ':') in Arrow, not row by row
-            kinds = pc.value_counts(pc.list_element(pc.split_pattern(reasons, ":", max_splits=1), 0))
-            for kind, n in zip(kinds.field("values").to_pylist(), kinds.field("counts").to_pylist()):
+            kinds = value_counts(pc.list_element(pc.split_pattern(reasons, ":", max_splits=1), 0))
+            for kind, n in kinds.items():
                 out["failed"][kind] = out["failed"].get(kind, 0) + n
             self._write_failures(pa.table({"id": bad.column("id"), "reason": reasons}))
         if ok.num_rows == 0:

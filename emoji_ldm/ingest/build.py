@@ -57,7 +57,7 @@ from emoji_ldm.store.delta import (
     table_exists,
     version_for_build,
 )
-from emoji_ldm.store.schema import EMOJI_SCHEMA
+from emoji_ldm.store.schema import EMOJI_SCHEMA, value_counts
 from emoji_ldm.store.staging import (
     FileStagingSink,
     folder_name,
@@ -162,14 +162,12 @@ class BuildSink(CommitDeltaDatasink):
                 counts["in"] += table.num_rows
                 reason = table.column("_reason")
                 if reason.null_count < table.num_rows:
-                    values = pc.value_counts(reason.drop_null())
-                    reasons.update(dict(zip(values.field("values").to_pylist(), values.field("counts").to_pylist())))
+                    reasons.update(value_counts(reason))
                     bad = table.filter(pc.is_valid(reason))
                     rejects.append(bad.select(["source_url", "_reason", "_detail"]).rename_columns(
                         REJECT_SCHEMA.names).cast(REJECT_SCHEMA))
                 good = table.filter(pc.is_null(reason))
-                kinds = pc.value_counts(good.column("_alpha").drop_null())
-                alpha.update(dict(zip(kinds.field("values").to_pylist(), kinds.field("counts").to_pylist())))
+                alpha.update(value_counts(good.column("_alpha")))
                 keys.append(good.select(["id", "source_url", "page_url"]))
                 yield good
 
@@ -263,8 +261,7 @@ def _dedupe_small(uri: str, keys_uri: str, drops_uri: str, table: bool) -> Count
     for file in pc.unique(drops.column("_file")).to_pylist():
         write_atomic(fs, f"{root.rstrip('/')}/{folder_name(file)}",
                      drops.filter(pc.equal(drops.column("_file"), file)), is_s3(uri))
-    counts = pc.value_counts(drops.column("_reason"))
-    return Counter(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
+    return Counter(value_counts(drops.column("_reason")))
 
 
 def _dedupe_in_ray(uri: str, keys_uri: str, drops_uri: str) -> Counter:

@@ -461,7 +461,8 @@ class Ingress:
         secret = key.webhook_secret if key else os.environ.get("EMOJI_LDM_WEBHOOK_SECRET", "")
         return JobSpec(self.args.jobs_uri, owner, job_id, body, digest, self.args.model, self.args.max_batch_size,
                        device, self.args.inference(), self.args.adapters.get(body.get("adapter") or "", ""),
-                       self.args.png_metadata, secret, tuple(self.args.webhook_allow))
+                       self.args.png_metadata, self.args.job_num_cpus, self.args.job_num_gpus, secret,
+                       tuple(self.args.webhook_allow))
 
     @api.post("/v1/jobs", status_code=202)
     async def create_job(self, body: JobRequest, request: Request):
@@ -500,7 +501,7 @@ class Ingress:
             raise ApiError(429, f"key {owner!r} has {quota} job(s) running, its quota: retry when one ends",
                            headers={"Retry-After": "30"})
         spec = self._job_spec(owner, key, job_id, data, digest)
-        actor = await asyncio.to_thread(jobs.start_runner, spec, self.args.job_num_cpus, self.args.job_num_gpus)
+        actor = await asyncio.to_thread(jobs.start_runner, spec)
         stored = await actor.stored_body_hash.remote()
         if idempotency:
             return await self._same_job(request, owner, job_id, stored, digest, created=True)
@@ -531,7 +532,7 @@ class Ingress:
             known = await asyncio.to_thread(jobs.read_request, folder)
             _, key = self._owner(request)
             spec = self._job_spec(owner, key, job_id, known["body"], known["body_hash"])
-            await asyncio.to_thread(jobs.start_runner, spec, self.args.job_num_cpus, self.args.job_num_gpus)
+            await asyncio.to_thread(jobs.start_runner, spec)
         return jobs.public_state(state)
 
     @api.delete("/v1/jobs/{job_id}", status_code=202)

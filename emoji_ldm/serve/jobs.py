@@ -2,10 +2,13 @@
 
     POST /v1/jobs ──► Ingress: check the body, the key's job quota, the callback URL (webhooks.py)
                         │  a detached, named Ray actor per job (namespace `emoji-ldm-jobs`,
-                        ▼  name `job:<key>:<job id>`)
-                     JobRunner: loads the model once, draws the images in chunks of max_batch_size,
-                        │  writes each chunk's PNGs, then state.json (done/total); at the end the set's
-                        ▼  zip and manifest.json; then the signed webhook; then it exits
+                        ▼  name `job:<key>:<job id>`), holding no CPU, so it starts at once
+                     JobRunner: writes request.json, then state.json (queued, running, done/total)
+                        │  a Drawer actor with the job's CPUs/GPUs (it queues for them), owned by the runner
+                        ▼
+                     Drawer: the model, loaded once; draws chunks of max_batch_size images, one chunk
+                        │  ahead of the runner, which writes each chunk's PNGs, then state.json; at the end
+                        ▼  the set's zip and manifest.json, then the signed webhook; then both exit
                      <jobs_uri>/<key>/<job id>/  request.json  state.json  images/  result/
 
 Why detached actors and not Ray jobs: a job is one model and a loop, not a Ray Data pipeline, so a job
@@ -42,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 NAMESPACE = "emoji-ldm-jobs"
 TERMINAL = ("succeeded", "failed", "cancelled")
+DRAWER_ATTEMPTS = 3      # a job's Drawer is started again twice when its node is lost
 ANONYMOUS = "_local"     # the owner of jobs on a server without keys (a key name never starts with '_')
 
 
@@ -80,6 +84,8 @@ class JobSpec:
     inference: object = None        # InferenceOptions
     adapter_uri: str = ""
     png_metadata: bool = True
+    num_cpus: float = 1.0           # the job's Drawer (its runner holds none)
+    num_gpus: float = 0.0
     webhook_secret: str = ""        # never written anywhere
     webhook_allow: tuple[str, ...] = ()
 
@@ -140,12 +146,22 @@ class JobRunner:
             return  # a runner started again for a job that has ended (a replay, a GET after a restart)
         body = self.request["body"]
         state = {"id": self.spec.job_id, "kind": "set" if body.get("items") is not None else "bulk",
-                 "state": "running", "done": state.get("done", 0), "total": _total(body),
+                 "state": "queued", "done": state.get("done", 0), "total": _total(body),
                  "errors": state.get("errors", []), "created_at": self.request["created_at"],
-                 "started_at": state.get("started_at") or now_iso(), "finished_at": None, "partial": False,
+                 "started_at": state.get("started_at"), "finished_at": None, "partial": False,
                  "result": None, "callback": None}
+        from ray.exceptions import RayActorError
+
         try:
-            self._draw(state)
+            for attempt in range(DRAWER_ATTEMPTS):
+                try:
+                    self._draw(state)
+                    break
+                except RayActorError as e:  # the Drawer's node went away: a new one resumes after the last chunk
+                    if attempt + 1 == DRAWER_ATTEMPTS:
+                        raise
+                    state["errors"].append(f"the drawer was lost ({type(e).__name__}); drawing again from "
+                                           f"image {state['done']}")
             self._finish(state, "cancelled" if self._cancel.is_set() else "succeeded")
         except Exception as e:  # the job fails, with a reason a caller can read; the server goes on
             logger.error("job %s failed: %s", self.spec.job_id, traceback.format_exc())
@@ -153,31 +169,55 @@ class JobRunner:
             self._finish(state, "failed")
 
     def _draw(self, state: dict) -> None:
-        from emoji_ldm.inference.sampler import SampleJob, Sampler
+        """Chunks of max_batch_size images drawn by the job's Drawer, one chunk ahead: while the runner writes
+        a chunk's PNGs and state.json, the Drawer draws the next."""
+        import ray
+
+        from emoji_ldm.inference.sampler import SampleJob
         from emoji_ldm.serve.schemas import JobRequest
 
         request = JobRequest.model_validate(self.request["body"])
         draws = request.draws()
         if state["done"] >= len(draws) or self._cancel.is_set():
             return
+        write_json(join(self.folder, "state.json"), state)  # queued: waiting for the Drawer's CPUs/GPUs
+        drawer = ray.remote(Drawer).options(num_cpus=self.spec.num_cpus, num_gpus=self.spec.num_gpus).remote(
+            self.spec.model, self.spec.device, self.spec.inference, request.adapter, self.spec.adapter_uri)
+        if self._wait(drawer.ready.remote()) is None:
+            return
+        state.update(state="running", started_at=state.get("started_at") or now_iso())
         write_json(join(self.folder, "state.json"), state)
-        sampler = Sampler.load(self.spec.model, device=self.spec.device, options=self.spec.inference)
-        if request.adapter:
-            sampler.load_adapter(request.adapter, self.spec.adapter_uri)
-        settings = request.sampler()
-        step = self.spec.max_batch_size
-        for start in range(state["done"], len(draws), step):
-            if self._cancel.is_set():
-                return
+        settings, step = request.sampler(), self.spec.max_batch_size
+
+        def submit(start: int):
             chunk = draws[start:start + step]
             job = SampleJob.of(tuple(p for _, p, _ in chunk), tuple(s for _, _, s in chunk), settings,
                                request.adapter)
-            (made,) = sampler.pngs([job], metadata=self.spec.png_metadata, max_batch=step)
-            for i, (png, params) in enumerate(made):
-                write_bytes(join(self.folder, "images", f"{start + i:05d}.png"), png)
-                write_json(join(self.folder, "images", f"{start + i:05d}.json"), params)
-            state["done"] = start + len(chunk)
+            return drawer.pngs.remote(job, self.spec.png_metadata, step)
+
+        starts = list(range(state["done"], len(draws), step))
+        pending = submit(starts[0])
+        for i, start in enumerate(starts):
+            made = self._wait(pending)
+            if made is None:
+                return
+            if i + 1 < len(starts):
+                pending = submit(starts[i + 1])
+            for k, (png, params) in enumerate(made):
+                write_bytes(join(self.folder, "images", f"{start + k:05d}.png"), png)
+                write_json(join(self.folder, "images", f"{start + k:05d}.json"), params)
+            state["done"] = start + len(made)
             write_json(join(self.folder, "state.json"), state)
+
+    def _wait(self, ref):
+        """The result of a Drawer call, or None once the job is cancelled (checked twice a second)."""
+        import ray
+
+        while not self._cancel.is_set():
+            ready, _ = ray.wait([ref], timeout=0.5)
+            if ready:
+                return ray.get(ref)
+        return None
 
     def _finish(self, state: dict, outcome: str) -> None:
         from emoji_ldm.serve.webhooks import deliver
@@ -223,6 +263,24 @@ class JobRunner:
                 "manifest": join(result, "manifest.json")}
 
 
+class Drawer:
+    """The job's model: a Ray actor with the job's CPUs or GPUs, owned by its runner (and gone with it)."""
+
+    def __init__(self, model: str, device: str, inference, adapter: str | None, adapter_uri: str):
+        from emoji_ldm.inference.sampler import Sampler
+
+        self.sampler = Sampler.load(model, device=device, options=inference)
+        if adapter:
+            self.sampler.load_adapter(adapter, adapter_uri)
+
+    def ready(self) -> bool:
+        return True
+
+    def pngs(self, job, metadata: bool, max_batch: int) -> list[tuple[bytes, dict]]:
+        (made,) = self.sampler.pngs([job], metadata=metadata, max_batch=max_batch)
+        return made
+
+
 def _total(body: dict) -> int:
     if body.get("items") is not None:
         return len(body["items"])
@@ -261,13 +319,14 @@ def runner(owner: str, job_id: str):
         return None
 
 
-def start_runner(spec: JobSpec, num_cpus: float, num_gpus: float):
-    """The job's runner: this one, or the one already running under its name (never two)."""
+def start_runner(spec: JobSpec):
+    """The job's runner: this one, or the one already running under its name (never two). It holds no CPU, so
+    it starts at once however busy the cluster is; its Drawer waits for the job's CPUs or GPUs."""
     import ray
 
     return ray.remote(JobRunner).options(
         name=actor_name(spec.owner, spec.job_id), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=2,
+        num_cpus=0, max_restarts=2,
     ).remote(spec)
 
 

@@ -140,6 +140,8 @@ def start(config: ServeConfig) -> str:
 
         args["jobs_uri"] = check_writable(config.jobs_uri)
         args["job_num_gpus"] = config.gpus or args.get("job_num_gpus", 0)
+        print(f"serve: jobs (POST /v1/jobs) keep their state and results under {args['jobs_uri']}; a job left "
+              "unfinished by a stop resumes when it is next asked for (GET /v1/jobs/ID)", flush=True)
     if config.webhook_allow:
         args["webhook_allow"] = list(config.webhook_allow)
     if config.max_batch_size:

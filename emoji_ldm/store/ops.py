@@ -19,6 +19,7 @@ from emoji_ldm.alpha import on_checkerboard
 from emoji_ldm.errors import UserError
 from emoji_ldm.options import opt
 from emoji_ldm.store.delta import META_KEY, arrow_dataset, history, image_mode, open_table, write_tag
+from emoji_ldm.store.schema import value_counts
 from emoji_ldm.store.uri import DatasetRef, normalize_uri
 from emoji_ldm.version import code_version
 
@@ -80,12 +81,10 @@ def show(ref: str | DatasetRef, sheet: str | None = None, sheet_count: int = 64)
         rows += batch.num_rows
         captioned += batch.num_rows - batch.column("caption").null_count
         for counter, column in ((sources, "source"), (tags, "tag")):
-            counts = pc.value_counts(batch.column(column))
-            counter.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
+            counter.update(value_counts(batch.column(column)))
         wh = pc.binary_join_element_wise(pc.cast(batch.column("width"), pa.string()),
                                          pc.cast(batch.column("height"), pa.string()), "x")
-        counts = pc.value_counts(wh)
-        sizes.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
+        sizes.update(value_counts(wh))
     summary = DatasetSummary(ref=str(ref), version=table.version(), rows=rows, sources=dict(sources),
                              tags=dict(tags), captioned=captioned, image_sizes=dict(sizes),
                              image_mode=image_mode(ref.uri))

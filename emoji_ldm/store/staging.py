@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 from ray.data.datasource import Datasink
 
+from emoji_ldm.store.schema import value_counts
 from emoji_ldm.store.uri import filesystem, is_s3, join
 
 
@@ -65,8 +66,7 @@ class FileStagingSink(Datasink):
             write_atomic(self.fs, f"{self.root.rstrip('/')}/{folder_name(file)}", rows, is_s3(self.run))
         reasons = {}
         if "_reason" in table.column_names:
-            counts = pc.value_counts(table.column("_reason"))
-            reasons = dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
+            reasons = value_counts(table.column("_reason"))
         return {"rows": table.num_rows, "reasons": reasons}
 
     def on_write_complete(self, write_result) -> None:

@@ -198,9 +198,12 @@ def test_bad_job_bodies_name_the_field(app):
 
 
 def test_a_job_outlives_a_serve_restart_and_cancel_marks_partial_output(app):
-    """One long job keeps running while the app is deleted and deployed again; a quota of one job holds;
-    a cancelled job stops and its zip says partial."""
+    """One job keeps running while the app is deleted and deployed again, and finishes; a quota of one job
+    holds; another, its runner killed, is resumed by the next GET, then cancelled: its zip says partial."""
+    import ray
     from ray import serve
+
+    from emoji_ldm.serve.jobs import NAMESPACE
 
     url = f"{app['url']}/v1/jobs"
     job = json.loads(post(url, set_body(60, steps=2), auth(app, "solo")).data)
@@ -216,8 +219,16 @@ def test_a_job_outlives_a_serve_restart_and_cancel_marks_partial_output(app):
     assert finished(app, job["id"], "solo")["state"] == "succeeded"
     # cancel: the runner stops after its chunk, packages what it drew and marks it partial
     job = json.loads(post(url, set_body(400, steps=2), auth(app, "solo")).data)  # far longer than the test
-    wait_for(lambda: json.loads(get(f"{url}/{job['id']}", auth(app, "solo")).data)["progress"]["done"] > 0, 60,
-             "the first chunk")
+
+    def done() -> int:
+        return json.loads(get(f"{url}/{job['id']}", auth(app, "solo")).data)["progress"]["done"]
+
+    wait_for(lambda: done() > 0, 60, "the first chunk")
+    # its runner lost (as in a whole-cluster restart): the next GET starts one that resumes after the last chunk
+    ray.kill(ray.get_actor(f"job:solo:{job['id']}", namespace=NAMESPACE), no_restart=True)
+    time.sleep(1)
+    before = done()
+    wait_for(lambda: done() > before, 60, "a new runner to go on")
     assert delete(f"{url}/{job['id']}", auth(app, "bob")).status == 404
     assert delete(f"{url}/{job['id']}", auth(app, "solo")).status == 202
     state = finished(app, job["id"], "solo")
