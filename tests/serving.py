@@ -13,16 +13,20 @@ HTTP = urllib3.PoolManager(maxsize=64, retries=False, timeout=urllib3.Timeout(co
 
 
 def deploy(model: str, *, sets_uri: str = "", generator: dict | None = None, ingress: dict | None = None,
-           max_batch_size: int = 16, batch_wait_timeout_s: float = 0.05, **app_args) -> str:
+           max_batch_size: int = 16, batch_wait_timeout_s: float = 0.05, same_serve: bool = False,
+           **app_args) -> str | None:
     """Start Serve on a free loopback port and run the app with these deployment options; returns the URL.
-    A Serve still running on the session's cluster is shut down first: it would keep its own port."""
+    A Serve still running on the session's cluster is shut down first: it would keep its own port.
+    `same_serve`: run the app on the Serve already running (after `serve.delete`: a restart of the app)."""
     from ray import serve
 
     from emoji_ldm.serve.app import application
 
-    serve.shutdown()
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = None
+    if not same_serve:
+        serve.shutdown()
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
     # a replica stops at once when the test deletes the app (Serve waits up to 20 s for idle replicas by default)
     quick_stop = {"graceful_shutdown_timeout_s": 1, "graceful_shutdown_wait_loop_s": 0.1}
     deployments = [{"name": "Generator", "ray_actor_options": {"num_cpus": 0.5}, **quick_stop, **(generator or {})},
@@ -30,7 +34,7 @@ def deploy(model: str, *, sets_uri: str = "", generator: dict | None = None, ing
     args = {"model": model, "sets_uri": sets_uri, "max_batch_size": max_batch_size,
             "batch_wait_timeout_s": batch_wait_timeout_s, **app_args}
     serve.run(application(args, deployments), name="emoji", route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{port}" if port else None
 
 
 def post(url: str, body, headers: dict | None = None) -> urllib3.BaseHTTPResponse:

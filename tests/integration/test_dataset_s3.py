@@ -85,7 +85,7 @@ def test_wrong_credentials(tmp_path):
 
 
 def test_concurrent_appends_through_the_cli_lose_no_commit(s3_server, ray_local, bucket):
-    """3 `dataset build` processes x 2 appends each, at once, into one S3 table (the table exists first):
+    """3 `dataset build` processes appending at once into one S3 table (the table exists first):
     Delta's optimistic concurrency lands every commit, no row is lost. Each process runs its own local
     Ray, as separate jobs would; several drivers sharing this 2-CPU test cluster would starve each
     other's shuffle aggregators (each Ray Data job reserves up to a quarter of the CPUs for them)."""
@@ -100,13 +100,12 @@ def test_concurrent_appends_through_the_cli_lose_no_commit(s3_server, ray_local,
     env = {**os.environ, **s3_server.env()}
     env.pop("RAY_ADDRESS", None)
     cli = str(Path(sys.executable).parent / "emoji-ldm")
-    script = " && ".join(f"{cli} dataset build --source synthetic:6:{{w}}{k} --out {uri}" for k in range(2))
-    procs = [subprocess.Popen(["bash", "-c", script.format(w=w)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for w in range(1, 4)]
+    procs = [subprocess.Popen([cli, "dataset", "build", "--source", f"synthetic:6:{w}0", "--out", uri], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in range(1, 4)]
     results = [(p.wait(600), p.stdout.read(), p.stderr.read()) for p in procs]
     for code, _, err in results:
         assert code == 0, err[-2000:]
     table = DeltaTable(uri, storage_options=storage_options())
-    assert table.version() == 6  # 1 + 3 x 2 commits, none lost
-    assert table.to_pyarrow_table(columns=["id"]).num_rows == 5 + 6 * 6  # distinct seeds: distinct images
-    assert [v["operation"] for v in ops.versions(uri, limit=100)] == ["build"] * 7
+    assert table.version() == 3  # 1 + 3 commits, none lost
+    assert table.to_pyarrow_table(columns=["id"]).num_rows == 5 + 3 * 6  # distinct seeds: distinct images
+    assert [v["operation"] for v in ops.versions(uri, limit=100)] == ["build"] * 4
