@@ -42,6 +42,14 @@ def _init(ray, num_cpus: int | None, dashboard: bool) -> None:
 SHARED_PATHS_ENV = "EMOJI_LDM_SHARED_PATHS"
 
 
+def shuffle_partitions() -> int:
+    """Hash partitions of a Ray Data groupby or join: two per CPU of the cluster, 4 to 256 (a laptop starts few
+    aggregators, a cluster spreads a large table)."""
+    import ray
+
+    return max(4, min(256, 2 * int(ray.cluster_resources().get("CPU", 2))))
+
+
 def cluster_nodes() -> int:
     """Alive nodes of the Ray cluster this process is connected to."""
     import ray

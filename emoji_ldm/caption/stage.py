@@ -49,7 +49,7 @@ import ray.data
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.options import opt
-from emoji_ldm.runtime import ensure_ray, require_shared
+from emoji_ldm.runtime import ensure_ray, require_shared, shuffle_partitions
 from emoji_ldm.store.delta import SIDECAR, CommitDeltaDatasink, version_for_build
 from emoji_ldm.store.schema import value_counts
 from emoji_ldm.store.staging import FileStagingSink, read_folder, staged_folders
@@ -230,7 +230,7 @@ def _stage_captions(uri: str, files: pa.Table, run: str, config: CaptionConfig, 
                         batch_format="pyarrow")
     staged = _staged_ids(run)
     if staged is not None:
-        ds = ds.join(staged, "left_anti", num_partitions=_partitions(), on=("id",))
+        ds = ds.join(staged, "left_anti", num_partitions=shuffle_partitions(), on=("id",))
     if config.limit:
         ds = ds.limit(config.limit)
     ds = _run_captioner(ds, config, model, template)
@@ -246,10 +246,6 @@ def _todo_rows(batch: pa.Table, root: str, only_missing: bool) -> pa.Table:
     files = pc.replace_substring_regex(batch.column("path"), f"^{re.escape(root)}", "")
     return pa.table({"id": batch.column("id"), "image": batch.column("image"), "title": batch.column("title"),
                      "tag": batch.column("tag"), "_file": files})
-
-
-def _partitions() -> int:
-    return max(4, min(256, 2 * int(ray.cluster_resources().get("CPU", 2))))
 
 
 STAGED_SCHEMA = pa.schema([("id", pa.string()), ("caption", pa.string()), ("error", pa.string()),

@@ -42,7 +42,7 @@ from emoji_ldm.errors import UserError
 from emoji_ldm.ingest.images import ImageConfig
 from emoji_ldm.ingest.tasks import DROP_SCHEMA, KEY_SCHEMA, ingest_batch, resolve_group, table_key_rows
 from emoji_ldm.options import opt
-from emoji_ldm.runtime import ensure_ray, require_shared
+from emoji_ldm.runtime import ensure_ray, require_shared, shuffle_partitions
 from emoji_ldm.sources import FetchConfig, open_source
 from emoji_ldm.store.delta import (
     REJECT_SCHEMA,
@@ -275,16 +275,9 @@ def _dedupe_in_ray(uri: str, keys_uri: str, drops_uri: str) -> Counter:
         ids, _ = read_dataset(uri, columns=["id"])
         keys = keys.union(ids.map_batches(table_key_rows, batch_format="pyarrow"))
     drops = FileStagingSink(drops_uri, DROP_SCHEMA)
-    keys.groupby("id", num_partitions=_partitions()).map_groups(resolve_group, batch_format="pyarrow") \
+    keys.groupby("id", num_partitions=shuffle_partitions()).map_groups(resolve_group, batch_format="pyarrow") \
         .write_datasink(drops)
     return drops.reasons
-
-
-def _partitions() -> int:
-    """Hash partitions of the de-duplication shuffle: two per CPU of the cluster, 4..256."""
-    import ray
-
-    return max(4, min(256, 2 * int(ray.cluster_resources().get("CPU", 2))))
 
 
 def build_dataset(config: BuildConfig) -> BuildSummary:

@@ -22,6 +22,7 @@ import base64
 import logging
 import os
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -330,6 +331,23 @@ class Ingress:
         self.args = AppArgs(**args)
         self._card: dict | None = None
         api.state.keyring = KeyRing(self.args.keys) if self.args.keys else None
+        if self.args.jobs_uri:  # jobs left without a runner (the cluster was replaced) go on with no one asking
+            threading.Thread(target=self._resume_orphans, name="resume-jobs", daemon=True).start()
+
+    def _resume_orphans(self) -> None:
+        from emoji_ldm.serve import jobs
+
+        try:
+            for owner, job_id in jobs.orphaned_jobs(self.args.jobs_uri):
+                known = jobs.read_request(jobs.job_folder(self.args.jobs_uri, owner, job_id))
+                keyring = api.state.keyring
+                key = keyring.by_name(owner) if keyring else None
+                if known is None or (keyring and key is None):
+                    continue  # no request (a half-made job) or a revoked key: left as it is
+                jobs.start_runner(self._job_spec(owner, key, job_id, known["body"], known["body_hash"]))
+                logger.info("resumed job %s of %s: its runner was gone", job_id, owner)
+        except Exception:  # resuming is best effort: the job's next GET resumes it too
+            logger.exception("resuming unfinished jobs failed")
 
     async def _model_card(self) -> dict:
         if self._card is None:

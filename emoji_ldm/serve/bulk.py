@@ -188,14 +188,6 @@ def _done_prompts(manifest_uri: str, per_prompt: int):
                               .select(["prompt_id"]), batch_format="pyarrow")
 
 
-def join_partitions() -> int:
-    """Hash partitions of the resume join: one per cluster CPU (2 to 200), so a laptop starts few
-    aggregators and a cluster spreads a large prompt file."""
-    import ray
-
-    return max(2, min(200, int(ray.cluster_resources().get("CPU", 2))))
-
-
 def _mark_done(batch: pa.Table) -> pa.Table:
     return batch.append_column("done", pa.array([True] * batch.num_rows, pa.bool_()))
 
@@ -270,7 +262,7 @@ def bulk_generate(config: BulkConfig) -> dict:
     import ray.data
 
     from emoji_ldm.inference.sampler import model_card, model_uri
-    from emoji_ldm.runtime import ensure_ray, require_shared
+    from emoji_ldm.runtime import ensure_ray, require_shared, shuffle_partitions
     from emoji_ldm.store.artifacts import check_writable
     from emoji_ldm.store.delta import append_rows
     from emoji_ldm.store.uri import join, normalize_uri
@@ -299,7 +291,7 @@ def bulk_generate(config: BulkConfig) -> dict:
         # one shuffle: every prompt marked done or not, held in the object store (spilled to disk at scale), so
         # counting the done ones and generating the rest do not run the groupby and the join twice
         marked = prompts.join(done.map_batches(_mark_done, batch_format="pyarrow"), "left_outer",
-                              num_partitions=join_partitions(), on=("prompt_id",)).materialize()
+                              num_partitions=shuffle_partitions(), on=("prompt_id",)).materialize()
         skipped = marked.map_batches(_marked, fn_kwargs={"done": True}, batch_format="pyarrow").count()
         prompts = marked.map_batches(_marked, fn_kwargs={"done": False}, batch_format="pyarrow").materialize()
         if prompts.count() == 0:  # nothing to draw: no model actor is started

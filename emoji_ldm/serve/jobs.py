@@ -38,7 +38,7 @@ import threading
 import time
 import traceback
 
-from emoji_ldm.store.artifacts import exists, read_bytes, read_json, write_bytes, write_json
+from emoji_ldm.store.artifacts import delete, exists, read_bytes, read_json, write_bytes, write_json
 from emoji_ldm.store.uri import join
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 NAMESPACE = "emoji-ldm-jobs"
 TERMINAL = ("succeeded", "failed", "cancelled")
 DRAWER_ATTEMPTS = 3      # a job's Drawer is started again twice when its node is lost
-ANONYMOUS = "_local"     # the owner of jobs on a server without keys (a key name never starts with '_')
+ANONYMOUS = "_local"      # the owner of jobs on a server without keys (a key name never starts with '_')
+ACTIVE = "_active"       # <jobs_uri>/_active/<owner>/<job id>: the unfinished jobs
 
 
 def new_job_id() -> str:
@@ -67,6 +68,33 @@ def actor_name(owner: str, job_id: str) -> str:
 
 def job_folder(jobs_uri: str, owner: str, job_id: str) -> str:
     return join(jobs_uri, owner, job_id)
+
+
+def active_marker(jobs_uri: str, owner: str, job_id: str) -> str:
+    """An empty object that exists while the job has not ended: what an ingress lists when it starts, to resume
+    the jobs whose runners are gone (a RayService upgrade replaces the whole cluster). The listing is as long
+    as the jobs running, which the keys' quotas bound, not as the jobs ever run."""
+    return join(jobs_uri, ACTIVE, owner, job_id)
+
+
+def orphaned_jobs(jobs_uri: str) -> list[tuple[str, str]]:
+    """(owner, job id) of every unfinished job without a live runner."""
+    import pyarrow.fs as pafs
+
+    from emoji_ldm.store.uri import filesystem
+
+    fs, path = filesystem(join(jobs_uri, ACTIVE))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    except FileNotFoundError:
+        return []
+    found = []
+    for info in infos:
+        if info.type == pafs.FileType.File:
+            owner, job_id = info.path[len(path.rstrip("/")) + 1:].split("/", 1)
+            if runner(owner, job_id) is None:
+                found.append((owner, job_id))
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +144,7 @@ class JobRunner:
             request = {"id": spec.job_id, "owner": spec.owner, "body": spec.body, "body_hash": spec.body_hash,
                        "model": spec.model, "created_at": now_iso()}
             write_json(join(self.folder, "request.json"), request)
+            write_bytes(active_marker(spec.jobs_uri, spec.owner, spec.job_id), b"")
         self.request = request
         if exists(join(self.folder, "cancel")):
             self._cancel.set()
@@ -231,6 +260,7 @@ class JobRunner:
                 outcome = "failed"
         state.update(state=outcome, partial=outcome != "succeeded" and state["done"] > 0, finished_at=now_iso())
         write_json(join(self.folder, "state.json"), state)
+        delete(active_marker(self.spec.jobs_uri, self.spec.owner, self.spec.job_id))
         url = self.request["body"].get("callback_url")
         if url:
             state["callback"] = deliver(url, public_state(state), self.spec.webhook_secret, self.spec.webhook_allow)

@@ -214,6 +214,11 @@ class KeyRing:
             self._keys = list(read_keys(self.uri).values())
             self._signature = signature
 
+    def by_name(self, name: str) -> ApiKey | None:
+        """The active key of that name (for work done on its behalf without a request: a resumed job)."""
+        self.reload()
+        return next((k for k in self._keys if k.name == name and not k.revoked), None)
+
     def authenticate(self, authorization: str | None) -> ApiKey:
         """The key of an `Authorization: Bearer KEY` header; AuthError 401 when missing, unknown or revoked."""
         self.reload()

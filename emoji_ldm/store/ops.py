@@ -160,7 +160,7 @@ def _ids_not_in(uri: str, files: list[str], other: list[str], sample: int) -> tu
         return 0, []
     import ray.data
 
-    from emoji_ldm.runtime import ensure_ray
+    from emoji_ldm.runtime import ensure_ray, shuffle_partitions
     from emoji_ldm.store.uri import filesystem
 
     ensure_ray()
@@ -170,8 +170,8 @@ def _ids_not_in(uri: str, files: list[str], other: list[str], sample: int) -> tu
         return ray.data.read_parquet([f"{root.rstrip('/')}/{p}" for p in paths], filesystem=fs).select_columns(["id"])
 
     found = ids(files)
-    if other:
-        found = found.join(ids(other), "left_anti", num_partitions=8, on=("id",))
+    if other:  # materialized: counting and sampling read the join's output, not run it twice
+        found = found.join(ids(other), "left_anti", num_partitions=shuffle_partitions(), on=("id",)).materialize()
     count = found.count()
     return count, sorted(r["id"] for r in found.take(sample)) if sample and count else []
 

@@ -195,12 +195,13 @@ def test_bad_job_bodies_name_the_field(app):
 
 
 def test_a_job_outlives_a_serve_restart_and_cancel_marks_partial_output(app):
-    """Two jobs keep running while the app is deleted and deployed again; one finishes; the key's quota of two
-    holds; the other, its runner killed, is resumed by the next GET, then cancelled: its zip says partial."""
+    """Two jobs: one keeps running while the app is deleted and deployed again, and finishes; the other's runner
+    is killed meanwhile, and the new ingress resumes it; the key's quota of two holds; the resumed one is
+    cancelled: its zip says partial."""
     import ray
     from ray import serve
 
-    from emoji_ldm.serve.jobs import NAMESPACE
+    from emoji_ldm.serve.jobs import NAMESPACE, job_folder, read_state, runner
 
     url, solo = f"{app['url']}/v1/jobs", auth(app, "solo")
     short = json.loads(post(url, set_body(30, steps=2), solo).data)
@@ -211,15 +212,17 @@ def test_a_job_outlives_a_serve_restart_and_cancel_marks_partial_output(app):
 
     assert post(url, set_body(1), solo).status == 429  # solo's quota: two running jobs
     wait_for(lambda: done(short) > 0 and done(long) > 0, 60, "the first chunks")
+    # the app goes away, and the long job's runner with it (as when a RayService upgrade replaces the cluster)
     serve.delete("emoji")
+    ray.kill(ray.get_actor(f"job:solo:{long['id']}", namespace=NAMESPACE), no_restart=True)
+    before = read_state(job_folder(app["args"]["jobs_uri"], "solo", long["id"]))["done"]
     deploy(app["model"], max_batch_size=2, same_serve=True, **app["args"])
+    # the new ingress resumes it on its own, before anyone asks, after the last chunk it recorded
+    wait_for(lambda: runner("solo", long["id"]) is not None, 30, "the ingress to resume the orphaned job")
+    wait_for(lambda: done(long) > before, 60, "the resumed runner to go on")
     state = json.loads(get(f"{url}/{short['id']}", solo).data)
     assert state["state"] in ("running", "succeeded"), state
     assert finished(app, short["id"], "solo")["state"] == "succeeded"
-    # its runner lost (as in a whole-cluster restart): the next GET starts one that resumes after the last chunk
-    ray.kill(ray.get_actor(f"job:solo:{long['id']}", namespace=NAMESPACE), no_restart=True)
-    before = done(long)
-    wait_for(lambda: done(long) > before, 60, "a new runner to go on")
     # cancel: the runner stops after its chunk, packages what it drew and marks it partial
     assert delete(f"{url}/{long['id']}", auth(app, "bob")).status == 404
     assert delete(f"{url}/{long['id']}", solo).status == 202
