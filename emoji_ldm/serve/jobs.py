@@ -16,8 +16,9 @@ driver (a process per job, plus the Jobs API's dashboard hop from inside the clu
 time; and it needs no code upload. What makes it durable is the same either way: the actor is detached (a
 Serve app's restart, redeploy or delete does not touch it) and everything a reader needs is on the shared
 storage, written by the job's one runner. A runner that dies with its node is restarted by Ray
-(`max_restarts`) and resumes after the last chunk it recorded; if even that is gone (a whole cluster
-restart), the next GET of the job starts a new runner, which resumes the same way.
+(`max_restarts`) and resumes after the last chunk it recorded; if even that is gone (a RayService upgrade
+replaces the whole cluster), an ingress that starts resumes every job marked unfinished under
+`<jobs_uri>/_active/` that has no runner, and so does the job's next GET.
 
 Idempotency: with an `Idempotency-Key` header the job id is a hash of the API key's name and that header,
 so a replay names the same job; the actor's name is the lock (Ray creates one named actor however many
