@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 
@@ -27,6 +28,13 @@ def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     # a UserError raised in a map function reaches the driver as itself (the CLI prints it as one line),
     # not as a UserCodeException that keeps only its text
     ctx.raise_original_map_exception = True
+    # Parquet through Ray Data's V1 datasource: the V2 one (Ray 2.60's default) held a whole folder's rows in
+    # one read worker (50 files of 20,000 narrow rows: 713 MiB private at 1M rows, 301 MiB at 100k; V1 under
+    # 150 MiB at both; bench/RESULTS.md "Data stages at scale", issue 28)
+    ctx.use_datasource_v2 = False
+    # a shuffle's map task partitions at most this much input at once (Ray's default, 1 GiB, made the task grow
+    # with the shuffle: 400 MiB private for 1M build keys, 267 MiB with this)
+    ctx.shuffle_input_batch_bytes = 4 * PARTITION_BYTES
 
 
 def _init(ray, num_cpus: int | None, dashboard: bool) -> None:
@@ -42,12 +50,26 @@ def _init(ray, num_cpus: int | None, dashboard: bool) -> None:
 SHARED_PATHS_ENV = "EMOJI_LDM_SHARED_PATHS"
 
 
-def shuffle_partitions() -> int:
-    """Hash partitions of a Ray Data groupby or join: two per CPU of the cluster, 4 to 256 (a laptop starts few
-    aggregators, a cluster spreads a large table)."""
+# A hash partition of a groupby or join is what one reduce task holds at once: sized so that it stays about
+# this big however long the table (the partition count grows with the rows, not the memory of a task)
+PARTITION_BYTES = 16 * 2**20
+MAX_PARTITIONS = 16_384
+
+
+def shuffle_partitions(data_bytes: int = 0) -> int:
+    """Hash partitions of a Ray Data groupby or join that shuffles about `data_bytes`: at least two per CPU of
+    the cluster (4 to 256: a laptop starts few tasks, a cluster spreads the work), and enough that one partition
+    holds about PARTITION_BYTES (16 MiB), so that no reduce task grows with the table (up to MAX_PARTITIONS:
+    256 GiB shuffled)."""
     import ray
 
-    return max(4, min(256, 2 * int(ray.cluster_resources().get("CPU", 2))))
+    return partitions_for(data_bytes, int(ray.cluster_resources().get("CPU", 2)))
+
+
+def partitions_for(data_bytes: int, cpus: int) -> int:
+    """`shuffle_partitions` for a cluster of `cpus` CPUs."""
+    by_cpus = max(4, min(256, 2 * cpus))
+    return min(MAX_PARTITIONS, max(by_cpus, math.ceil(max(data_bytes, 0) / PARTITION_BYTES)))
 
 
 def cluster_nodes() -> int:

@@ -198,7 +198,7 @@ def _run_captioner(ds, config: CaptionConfig, model: str | None, template: str |
 
 
 def _data_files(table) -> pa.Table:
-    """The table's data files at its loaded version (from the log): path, rows, rows without a caption."""
+    """The table's data files at its loaded version (from the log): path, rows, rows without a caption, bytes."""
     from emoji_ldm.store.log import file_actions
 
     actions = file_actions(table)
@@ -207,7 +207,8 @@ def _data_files(table) -> pa.Table:
         missing = pc.coalesce(actions.column("null_count.caption"), rows)
     else:
         missing = rows
-    return pa.table({"path": actions.column("path"), "rows": rows, "missing": pc.cast(missing, pa.int64())})
+    return pa.table({"path": actions.column("path"), "rows": rows, "missing": pc.cast(missing, pa.int64()),
+                     "bytes": pc.fill_null(actions.column("size_bytes"), 0)})
 
 
 def _run_key(uri: str, version: int, config: CaptionConfig, caption_model: str, pid: str) -> str:
@@ -230,7 +231,9 @@ def _stage_captions(uri: str, files: pa.Table, run: str, config: CaptionConfig, 
                         batch_format="pyarrow")
     staged = _staged_ids(run)
     if staged is not None:
-        ds = ds.join(staged, "left_anti", num_partitions=shuffle_partitions(), on=("id",))
+        # the rows to do carry their images through the join: partitions by the files' bytes
+        size = int(pc.sum(files.column("bytes")).as_py() or 0)
+        ds = ds.join(staged, "left_anti", num_partitions=shuffle_partitions(size), on=("id",))
     if config.limit:
         ds = ds.limit(config.limit)
     ds = _run_captioner(ds, config, model, template)

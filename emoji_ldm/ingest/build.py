@@ -230,10 +230,20 @@ def _without(reader, positions: pa.Array):
         yield pa.Table.from_batches([batch]).filter(pc.invert(pc.is_in(index, value_set=positions)))
 
 
+ROWS_PER_FILE_64PX = 20_000  # about 50 MB of 64 x 64 PNGs
+
+
+def rows_per_file(size: int) -> int:
+    """Rows of one data file for images of `size` x `size`: about the bytes of 20,000 at 64 px (256 at least)."""
+    return max(256, ROWS_PER_FILE_64PX * 64 * 64 // (size * size))
+
+
 # A build this small is de-duplicated on the driver from its narrow keys (at most ~30 MB of them), with
 # one streaming scan of a table's `id` column this small; bigger ones shuffle the keys in Ray Data.
 LOCAL_DEDUPE_KEYS = 200_000
 LOCAL_DEDUPE_TABLE_ROWS = 5_000_000
+# a key row in the shuffle: a 64-character id, the source and page URLs, a data file's name, a position
+KEY_ROW_BYTES = 250
 
 
 def _dedupe_small(uri: str, keys_uri: str, drops_uri: str, table: bool) -> Counter:
@@ -264,18 +274,20 @@ def _dedupe_small(uri: str, keys_uri: str, drops_uri: str, table: bool) -> Count
     return Counter(value_counts(drops.column("_reason")))
 
 
-def _dedupe_in_ray(uri: str, keys_uri: str, drops_uri: str) -> Counter:
+def _dedupe_in_ray(uri: str, keys_uri: str, drops_uri: str, rows: int, files: int) -> Counter:
     """Stage the written rows to drop, per data file: a Ray Data groupby on the content hash over the build's
-    keys and the table's ids."""
+    keys (`files` key files, one per data file) and the table's ids (`rows` in all). Every task's share stays
+    the same as the build grows: one key file per read task, and partitions that grow with the rows."""
     import ray.data
 
     fs, keys_path = filesystem(keys_uri)
-    keys = ray.data.read_parquet(keys_path, filesystem=fs)
+    keys = ray.data.read_parquet(keys_path, filesystem=fs, override_num_blocks=files)
     if table_exists(uri):
         ids, _ = read_dataset(uri, columns=["id"])
         keys = keys.union(ids.map_batches(table_key_rows, batch_format="pyarrow"))
     drops = FileStagingSink(drops_uri, DROP_SCHEMA)
-    keys.groupby("id", num_partitions=shuffle_partitions()).map_groups(resolve_group, batch_format="pyarrow") \
+    partitions = shuffle_partitions(rows * KEY_ROW_BYTES)
+    keys.groupby("id", num_partitions=partitions).map_groups(resolve_group, batch_format="pyarrow") \
         .write_datasink(drops)
     return drops.reasons
 
@@ -330,6 +342,10 @@ def ingest_dataset(items, config: BuildConfig, *, extra_metadata: dict | None = 
     logger.info("build %s: %s -> %s", build_id, config.source, config.out)
     # 2: fetch, clean, hash; write the accepted rows (uncommitted), the rejects and the narrow keys
     staged = BuildSink(config.out, build_id, work)
+    # one data file per write task, one write task per block of items (blocks smaller than a batch are
+    # bundled): blocks of rows_per_file items keep every file, and every task that reads or rewrites one
+    # later, the same size however big the source
+    items = items.repartition(target_num_rows_per_block=max(rows_per_file(config.image.size), config.batch_size))
     items.map_batches(ingest_batch, fn_kwargs={"image": config.image, "fetch": config.fetch},
                       batch_format="pyarrow", batch_size=config.batch_size).write_datasink(staged)
     # 3: which written rows are duplicates: a groupby on the content hash over the narrow keys
@@ -341,7 +357,8 @@ def ingest_dataset(items, config: BuildConfig, *, extra_metadata: dict | None = 
         if written <= LOCAL_DEDUPE_KEYS and table_rows <= LOCAL_DEDUPE_TABLE_ROWS:
             dropped = _dedupe_small(config.out, staged.keys, join(work, "drops"), table_rows > 0)
         else:
-            dropped = _dedupe_in_ray(config.out, staged.keys, join(work, "drops"))
+            dropped = _dedupe_in_ray(config.out, staged.keys, join(work, "drops"), written + table_rows,
+                                     len(staged.actions))
         # 4: rewrite the data files that hold duplicates, without them
         folders = staged_folders(join(work, "drops"))
         if folders:

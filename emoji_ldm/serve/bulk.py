@@ -41,6 +41,7 @@ from emoji_ldm.inference.sampler import InferenceOptions
 from emoji_ldm.inference.settings import SamplerSettings
 from emoji_ldm.inference.targets import TARGETS
 from emoji_ldm.options import opt
+from emoji_ldm.runtime import shuffle_partitions
 
 MANIFEST_SCHEMA = pa.schema([
     ("prompt_id", pa.string()),          # sha1 of the prompt text, 16 hex
@@ -104,6 +105,7 @@ def prompt_id(prompt: str) -> str:
 
 PROMPT_FORMATS = (".txt", ".csv", ".parquet")
 HEAD_ROWS = 10_000
+PROMPT_ID_BYTES = 80  # a prompt id (64 hex characters) in a shuffle
 
 
 def check_prompts(uri: str) -> str | None:
@@ -173,17 +175,31 @@ def prompt_dataset(uri: str):
     else:
         ds, column = ray.data.read_parquet(path, filesystem=fs).select_columns(["prompt"]), "prompt"
     rows = ds.map_batches(_prompt_rows, fn_kwargs={"column": column}, batch_format="pyarrow")
-    return rows.groupby("prompt_id").map_groups(lambda g: g.slice(0, 1), batch_format="pyarrow")
+    return rows.groupby("prompt_id", num_partitions=prompt_partitions(uri)).map_groups(
+        lambda g: g.slice(0, 1), batch_format="pyarrow")
+
+
+def prompt_partitions(uri: str) -> int:
+    """Shuffle partitions for the prompts of a prompt file (its size on storage, doubled: the rows gain a
+    64-character prompt id; a Parquet file is compressed): they grow with the file, not each task's memory."""
+    from emoji_ldm.store.uri import filesystem
+
+    fs, path = filesystem(uri)
+    return shuffle_partitions(4 * (fs.get_file_info(path).size or 0))
 
 
 def _done_prompts(manifest_uri: str, per_prompt: int):
     """A Ray Dataset of the prompt ids with all `per_prompt` images in the manifest, or None."""
-    from emoji_ldm.store.delta import read_dataset, table_exists
+    from emoji_ldm.store.delta import open_table, read_dataset, table_exists
+    from emoji_ldm.store.log import file_actions
+    from emoji_ldm.store.uri import DatasetRef
 
     if not table_exists(manifest_uri):
         return None
-    ids, _ = read_dataset(manifest_uri, columns=["prompt_id"])
-    counts = ids.groupby("prompt_id").count()
+    ids, version = read_dataset(manifest_uri, columns=["prompt_id"])
+    actions = file_actions(open_table(DatasetRef(manifest_uri, version=version)))
+    rows = int(pc.sum(pc.fill_null(actions.column("num_records"), 0)).as_py() or 0)
+    counts = ids.groupby("prompt_id", num_partitions=shuffle_partitions(rows * PROMPT_ID_BYTES)).count()
     return counts.map_batches(lambda t: t.filter(pc.greater_equal(t.column("count()"), per_prompt))
                               .select(["prompt_id"]), batch_format="pyarrow")
 
@@ -262,7 +278,7 @@ def bulk_generate(config: BulkConfig) -> dict:
     import ray.data
 
     from emoji_ldm.inference.sampler import model_card, model_uri
-    from emoji_ldm.runtime import ensure_ray, require_shared, shuffle_partitions
+    from emoji_ldm.runtime import ensure_ray, require_shared
     from emoji_ldm.store.artifacts import check_writable
     from emoji_ldm.store.delta import append_rows
     from emoji_ldm.store.uri import join, normalize_uri
@@ -291,7 +307,8 @@ def bulk_generate(config: BulkConfig) -> dict:
         # one shuffle: every prompt marked done or not, held in the object store (spilled to disk at scale), so
         # counting the done ones and generating the rest do not run the groupby and the join twice
         marked = prompts.join(done.map_batches(_mark_done, batch_format="pyarrow"), "left_outer",
-                              num_partitions=shuffle_partitions(), on=("prompt_id",)).materialize()
+                              num_partitions=prompt_partitions(prompts_uri),
+                              on=("prompt_id",)).materialize()
         skipped = marked.map_batches(_marked, fn_kwargs={"done": True}, batch_format="pyarrow").count()
         prompts = marked.map_batches(_marked, fn_kwargs={"done": False}, batch_format="pyarrow").materialize()
         if prompts.count() == 0:  # nothing to draw: no model actor is started

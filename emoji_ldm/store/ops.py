@@ -19,6 +19,7 @@ from emoji_ldm.alpha import on_checkerboard
 from emoji_ldm.errors import UserError
 from emoji_ldm.options import opt
 from emoji_ldm.store.delta import META_KEY, arrow_dataset, history, image_mode, open_table, write_tag
+from emoji_ldm.store.log import file_actions
 from emoji_ldm.store.schema import value_counts
 from emoji_ldm.store.uri import DatasetRef, normalize_uri
 from emoji_ldm.version import code_version
@@ -131,10 +132,13 @@ class Diff:
                 "(by content hash)")
 
 
-def _data_files(table) -> dict[str, int]:
-    """path -> rows, from the log at the table's loaded version."""
-    actions = pa.table(table.get_add_actions(flatten=True))
-    return dict(zip(actions.column("path").to_pylist(), pc.fill_null(actions.column("num_records"), 0).to_pylist()))
+ID_BYTES = 80  # an `id` (64 hex characters) in a shuffle
+
+
+def _changed(files: pa.Table, other: pa.Table) -> tuple[list[str], int]:
+    """The data files of `files` (the log's add actions) that `other` does not hold, and their rows."""
+    only = files.filter(pc.invert(pc.is_in(files.column("path"), value_set=other.column("path"))))
+    return only.column("path").to_pylist(), int(pc.sum(pc.fill_null(only.column("num_records"), 0)).as_py() or 0)
 
 
 def diff(uri: str, a: str, b: str, sample: int = 10) -> Diff:
@@ -146,16 +150,16 @@ def diff(uri: str, a: str, b: str, sample: int = 10) -> Diff:
     """
     uri = normalize_uri(uri)
     ta, tb = open_table(DatasetRef.parse(f"{uri}@{a}")), open_table(DatasetRef.parse(f"{uri}@{b}"))
-    files_a, files_b = _data_files(ta), _data_files(tb)
-    only_a = [p for p in files_a if p not in files_b]
-    only_b = [p for p in files_b if p not in files_a]
-    added, added_sample = _ids_not_in(uri, only_b, only_a, sample)
-    removed, removed_sample = _ids_not_in(uri, only_a, only_b, sample)
+    files_a, files_b = file_actions(ta), file_actions(tb)
+    (only_a, rows_a), (only_b, rows_b) = _changed(files_a, files_b), _changed(files_b, files_a)
+    added, added_sample = _ids_not_in(uri, only_b, only_a, rows_a + rows_b, sample)
+    removed, removed_sample = _ids_not_in(uri, only_a, only_b, rows_a + rows_b, sample)
     return Diff(ta.version(), tb.version(), added, removed, added_sample, removed_sample)
 
 
-def _ids_not_in(uri: str, files: list[str], other: list[str], sample: int) -> tuple[int, list[str]]:
-    """How many ids of `files` are in none of `other` (data files of the table), and a sorted sample."""
+def _ids_not_in(uri: str, files: list[str], other: list[str], rows: int, sample: int) -> tuple[int, list[str]]:
+    """How many ids of `files` are in none of `other` (data files of the table, `rows` in both), and a sorted
+    sample."""
     if not files:
         return 0, []
     import ray.data
@@ -171,7 +175,8 @@ def _ids_not_in(uri: str, files: list[str], other: list[str], sample: int) -> tu
 
     found = ids(files)
     if other:  # materialized: counting and sampling read the join's output, not run it twice
-        found = found.join(ids(other), "left_anti", num_partitions=shuffle_partitions(), on=("id",)).materialize()
+        found = found.join(ids(other), "left_anti", num_partitions=shuffle_partitions(rows * ID_BYTES),
+                           on=("id",)).materialize()
     count = found.count()
     return count, sorted(r["id"] for r in found.take(sample)) if sample and count else []
 

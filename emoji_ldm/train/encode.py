@@ -104,6 +104,18 @@ def empty_caption_embedding(preset: Preset) -> np.ndarray:
     return emb[0].numpy().astype(np.float16)
 
 
+LATENT_FILE_BYTES = 64 * 2**20
+MINILM_WIDTH = 384  # text.hidden_size None: the embedded MiniLM's
+
+
+def latent_rows_per_file(preset: Preset) -> int:
+    """Rows of one latent data file: about 64 MiB of float16 latents and text embeddings (256 to 20,000), so
+    that files, and every task that reads or rewrites one, stay the same size however big the table."""
+    latent = preset.vae.latent_channels * preset.latent_size ** 2  # C x h x w
+    text = preset.text.max_length * (preset.text.hidden_size or MINILM_WIDTH)  # L x D
+    return max(256, min(20_000, LATENT_FILE_BYTES // (2 * (latent + text) + 64)))
+
+
 def _to_table(batch: dict) -> pa.Table:
     return pa.Table.from_pydict({k: list(v) for k, v in batch.items()}, schema=LATENT_SCHEMA)
 
@@ -148,7 +160,7 @@ def encode(config: EncodeConfig) -> dict:
     removal (when something was removed) and the append. A run killed between
     them leaves the changed rows missing, and the next run encodes them.
     """
-    from emoji_ldm.runtime import ensure_ray
+    from emoji_ldm.runtime import ensure_ray, shuffle_partitions
     from emoji_ldm.store.artifacts import artifact_uri, check_writable, write_bytes
     from emoji_ldm.store.delta import (
         CommitDeltaDatasink,
@@ -159,6 +171,7 @@ def encode(config: EncodeConfig) -> dict:
         version_for_build,
     )
     from emoji_ldm.store.latents import split_files
+    from emoji_ldm.store.log import file_actions
     from emoji_ldm.store.uri import DatasetRef, normalize_uri
     from emoji_ldm.version import code_version
 
@@ -212,7 +225,9 @@ def encode(config: EncodeConfig) -> dict:
         write_bytes(artifact_uri(out, "_emoji_ldm", "empty_caption.npz"), buf.getvalue())
     else:
         mode = "append"
-        parts = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        # the rows to do carry their images through the join: partitions by both tables' bytes
+        size = sum(int(pc.sum(file_actions(t).column("size_bytes")).as_py() or 0) for t in (table, previous[0]))
+        parts = shuffle_partitions(size)
         have, _ = read_dataset(DatasetRef(out, version=previous[0].version()), columns=["id", "caption"])
         keys = ds.select_columns(["id", "caption"])
         removed = _remove_rows(out, have.join(keys, "left_anti", parts, on=("id", "caption")),
@@ -228,6 +243,10 @@ def encode(config: EncodeConfig) -> dict:
         compute=ray.data.ActorPoolStrategy(size=config.concurrency),
         num_gpus=1 if config.use_gpu else 0,
     ).map_batches(_to_table, batch_format="numpy")
+    # the encoder makes blocks as small as its input bundles (28 files of ~140 rows for the demo); strict:
+    # combine them too, into files of a steady ~64 MiB
+    encoded = encoded.repartition(target_num_rows_per_block=max(latent_rows_per_file(preset), config.batch_size),
+                                  strict=True)
     sink = CommitDeltaDatasink(out, schema=LATENT_SCHEMA, metadata={**metadata, "counts": {"removed": removed}},
                                mode=mode, partition_by=PARTITION)
     encoded.write_datasink(sink)

@@ -14,6 +14,7 @@ from emoji_ldm.ingest.images import ImageConfig
 from emoji_ldm.sources import FetchConfig
 from emoji_ldm.store import ops
 from emoji_ldm.store.delta import history, image_mode, open_table
+from emoji_ldm.store.log import file_actions
 from emoji_ldm.store.schema import EMOJI_SCHEMA
 from emoji_ldm.store.uri import DatasetRef
 from tests.conftest import make_bad_corpus, png_bytes, run_cli
@@ -23,10 +24,13 @@ def test_twemoji_build_append_dedupe(ray_local, tmp_path, monkeypatch):
     from emoji_ldm.ingest import build
 
     monkeypatch.setattr(build, "LOCAL_DEDUPE_KEYS", 0)  # the cluster path: keys shuffled in a Ray Data groupby
+    monkeypatch.setattr(build, "rows_per_file", lambda size: 50)  # data files stay small however big the source
     out = str(tmp_path / "ds")
-    first = build_dataset(BuildConfig(source="twemoji", out=out, limit=120, message="first 120"))
+    first = build_dataset(BuildConfig(source="twemoji", out=out, limit=120, message="first 120", batch_size=16))
     assert first.version == 0 and first.images_in == 120 and first.rejected == {}
     assert first.added + first.duplicates_in_build == 120
+    rows = file_actions(open_table(out)).column("num_records").to_pylist()
+    assert len(rows) >= 3 and max(rows) <= 50 and sum(rows) == first.added, rows
 
     table = DeltaTable(out).to_pyarrow_table()
     assert table.schema.names == EMOJI_SCHEMA.names

@@ -239,14 +239,21 @@ def test_sd_finetune_with_tiny_stand_in(sd_latents, tmp_path, mode):
     assert not any("lora" in n for n, _ in pipe.unet.named_parameters())  # LoRA fused on export
 
 
-def test_encode_is_incremental(ray_local, tiny, tmp_path):
-    """A new dataset version: only new or re-captioned rows are encoded; deleted ones leave the latent table."""
+def test_encode_is_incremental(ray_local, tiny, tmp_path, monkeypatch):
+    """A new dataset version: only new or re-captioned rows are encoded; deleted ones leave the latent table.
+    Its files hold latent_rows_per_file rows, not the few rows of whatever blocks the encoder made (issue 28)."""
     from deltalake import DeltaTable
+
+    from emoji_ldm.store.log import file_actions
+    from emoji_ldm.train import encode as encode_module
 
     ds, lat = str(tmp_path / "ds"), str(tmp_path / "lat")
     build_dataset(BuildConfig(source="twemoji", out=ds, limit=24))
-    first = encode(EncodeConfig(dataset=ds, out=lat, vae=tiny.vae))
+    monkeypatch.setattr(encode_module, "latent_rows_per_file", lambda preset: 24)
+    first = encode(EncodeConfig(dataset=ds, out=lat, vae=tiny.vae, batch_size=2))  # 12 encoder batches
     assert (first["encoded"], first["removed"], first["incremental"]) == (24, 0, False)
+    rows = file_actions(DeltaTable(lat)).column("num_records").to_pylist()
+    assert sum(rows) == 24 and len(rows) <= 2, rows  # one block of 24 rows: a file per split (train, val)
 
     build_dataset(BuildConfig(source="twemoji", out=ds, limit=30))  # 6 more rows
     table = DeltaTable(ds)

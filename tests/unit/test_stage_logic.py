@@ -55,6 +55,20 @@ def test_build_drops_rows_already_in_the_table():
     assert resolve_group(_keys([{"id": "old", "_from_table": True}])).num_rows == 0
 
 
+def test_shuffles_and_data_files_grow_in_number_not_in_size():
+    from emoji_ldm.ingest.build import rows_per_file
+    from emoji_ldm.runtime import PARTITION_BYTES, partitions_for
+
+    assert partitions_for(0, cpus=2) == 4 and partitions_for(10**6, cpus=64) == 128  # two per CPU, 4 to 256
+    assert partitions_for(10**6, cpus=1000) == 256
+    # 1M and 100M keys of 250 bytes: the partitions grow 100x, each one stays at PARTITION_BYTES
+    small, big = partitions_for(250 * 10**6, cpus=2), partitions_for(250 * 10**8, cpus=2)
+    assert big == 100 * small or abs(big / small - 100) < 1
+    assert 250 * 10**8 / big <= PARTITION_BYTES
+    assert partitions_for(10**15, cpus=2) == 16_384  # the cap
+    assert rows_per_file(64) == 20_000 and rows_per_file(128) == 5_000 and rows_per_file(1024) == 256
+
+
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
     preset = get_preset("tiny", {"train.lr": 1e-3, "train.min_lr": 1e-4, "train.warmup_steps": 10,
                                  "train.max_steps": 110})
