@@ -37,8 +37,17 @@ def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     ctx.shuffle_input_batch_bytes = 4 * PARTITION_BYTES
 
 
+# The GCS keeps an event record of every task for the dashboard and `ray list tasks`, about 3.5 KB each, up to
+# Ray's default of 100,000 tasks: 23 -> 245 MiB over 60,000 no-op tasks, and encode's GCS 38 -> 58 MiB from 100k
+# to 500k rows. The last 5,000 tasks are enough to debug a stage (a failed task's error reaches the driver and the
+# job's log anyway), and keep the GCS flat. Set on the head of every manifest in k8s/ too (bench/gcs_events.py).
+TASK_EVENTS_ENV = "RAY_task_events_max_num_task_in_gcs"
+TASK_EVENTS_IN_GCS = 5_000
+
+
 def _init(ray, num_cpus: int | None, dashboard: bool) -> None:
     os.environ.setdefault("RAY_ACCEPT_LOCAL_EXECUTION_WARNINGS", "1")
+    os.environ.setdefault(TASK_EVENTS_ENV, str(TASK_EVENTS_IN_GCS))  # read by the GCS this process starts
     kwargs = dict(include_dashboard=dashboard, logging_level=logging.WARNING, configure_logging=True)
     address = os.environ.get("RAY_ADDRESS")
     if address:

@@ -180,8 +180,8 @@ def prompt_dataset(uri: str):
 
 
 def prompt_partitions(uri: str) -> int:
-    """Shuffle partitions for the prompts of a prompt file (its size on storage, doubled: the rows gain a
-    64-character prompt id; a Parquet file is compressed): they grow with the file, not each task's memory."""
+    """Shuffle partitions for the prompts of a prompt file (its size on storage x 4: the rows gain a 64-character
+    prompt id, and a Parquet file is compressed): they grow with the file, not each task's memory."""
     from emoji_ldm.store.uri import filesystem
 
     fs, path = filesystem(uri)

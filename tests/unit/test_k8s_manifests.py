@@ -19,6 +19,7 @@ import tomllib
 import yaml
 
 from emoji_ldm.jobs import STAGES, check_stage_args
+from emoji_ldm.runtime import TASK_EVENTS_ENV, TASK_EVENTS_IN_GCS
 from tests.conftest import REPO, VENV_BIN
 from tests.k8s import (
     IMAGE_CHECKOUT,
@@ -115,6 +116,9 @@ def check_ray_resource(doc: dict, where: str) -> None:
                     f"{name} {place}: S3 settings must come from the emoji-ldm-s3 Secret"
     if doc["kind"] == "RayJob":
         check_rayjob(doc, name)
+    # the head's GCS keeps the task events of as many tasks as a local run's (it grew with the tasks, issue 28)
+    head_env = {e["name"]: e.get("value") for e in containers(pod_templates(doc)["head"])[0].get("env", [])}
+    assert head_env.get(TASK_EVENTS_ENV) == str(TASK_EVENTS_IN_GCS), f"{name} head: {TASK_EVENTS_ENV} not set"
     assert cluster.get("authOptions") == {"mode": "token", "secretName": "emoji-ldm-ray-token"}, \
         f"{name}: Ray token authentication must be on, with the emoji-ldm-ray-token Secret"
     if doc["kind"] == "RayService":
