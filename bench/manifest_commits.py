@@ -13,6 +13,11 @@ as bench/scale_data.py) and commits/s.
 Peer: the same appends through one DeltaTable kept open (`write_deltalake(table, ...)`),
 whose snapshot holds every file's stats.
 
+bulk commits each chunk as a Ray task on a fresh worker (max_calls=1), so no
+process lives through more than one commit: "one commit, fresh process" is
+the peak private memory of a new process that makes one more commit to the
+table the loop left, i.e. what each commit costs at that job size.
+
     .venv/bin/python bench/manifest_commits.py [--prompts 100000,1000000] [--chunk-size 512]
 """
 
@@ -65,12 +70,38 @@ for c in range(1, commits + 1):
 print(json.dumps({"commits": commits, "peak_mib": peak, "commits_per_s": commits / (time.perf_counter() - start)}))
 """
 
+ONE = r"""
+import sys, threading, time
+import psutil
+sys.path.insert(0, sys.argv[2])
+from deltalake import DeltaTable
+from emoji_ldm.store.delta import append_rows
+
+peak = 0.0
+def watch():
+    global peak
+    while True:
+        m = psutil.Process().memory_info()
+        peak = max(peak, (m.rss - m.shared) / 2**20)
+        time.sleep(0.005)
+threading.Thread(target=watch, daemon=True).start()
+table = DeltaTable(sys.argv[1]).to_pyarrow_dataset().head(512)  # a chunk like the last one
+append_rows(sys.argv[1], table, {"operation": "bulk-generate"})
+time.sleep(0.05)
+print(round(peak, 1))
+"""
+
 
 def run(commits: int, chunk: int, how: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="emoji-ldm-manifest-") as tmp:
         out = subprocess.run([sys.executable, "-c", CHILD, str(commits), str(chunk), f"{tmp}/manifest", str(REPO), how],
                              capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+        result = json.loads(out.strip().splitlines()[-1])
+        if how == "ours":
+            one = subprocess.run([sys.executable, "-c", ONE, f"{tmp}/manifest", str(REPO)], capture_output=True,
+                                 text=True, check=True).stdout
+            result["one_commit_mib"] = float(one.strip().splitlines()[-1])
+    return result
 
 
 def main() -> None:
@@ -83,10 +114,13 @@ def main() -> None:
                for how in ("ours", "peer")}
     print(f"bulk's manifest commits at --chunk-size {args.chunk_size}: peak private MiB of the committing process")
     print(f"{'prompts':>10} {'commits':>8} {'ours MiB':>9} {'peer MiB':>9} {'ours commits/s':>15} "
-          f"{'peer commits/s':>15}")
+          f"{'peer commits/s':>15} {'one commit, fresh process MiB':>30}")
     for n, o, p in zip(sizes, results["ours"], results["peer"]):
         print(f"{n:>10,} {o['commits']:>8,} {o['peak_mib']:>9.1f} {p['peak_mib']:>9.1f} {o['commits_per_s']:>15.1f} "
-              f"{p['commits_per_s']:>15.1f}")
+              f"{p['commits_per_s']:>15.1f} {o['one_commit_mib']:>30.1f}")
+    first, last = results["ours"][0], results["ours"][-1]
+    print(f"one commit in a fresh process: {sizes[-1]:,} / {sizes[0]:,} prompts: "
+          f"{last['one_commit_mib'] / first['one_commit_mib']:.2f}x")
     for how in ("ours", "peer"):
         last = results[how][-1]
         for n, first in zip(sizes[:-1], results[how][:-1]):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
 from emoji_ldm.inference.settings import SamplerSettings
@@ -18,6 +21,22 @@ def manifest(uri: str):
 
     table = open_table(uri)
     return table.version(), table.to_pyarrow_table().to_pylist()
+
+
+def commit_workers(expected: int, timeout: float = 30.0) -> list[int]:
+    """The worker pids of this job's finished manifest-commit tasks (Ray's state API; task events arrive
+    within a second or so)."""
+    import ray
+    from ray.util.state import list_tasks
+
+    job = ray.get_runtime_context().get_job_id()
+    deadline = time.monotonic() + timeout
+    while True:
+        tasks = list_tasks(filters=[("name", "=", "_commit_chunk"), ("job_id", "=", job), ("state", "=", "FINISHED")],
+                           detail=True, raise_on_missing_output=False)
+        if len(tasks) >= expected or time.monotonic() > deadline:
+            return [t.worker_pid for t in tasks]
+        time.sleep(0.5)
 
 
 def test_bulk_writes_images_and_manifest_and_resumes(s3_server, ray_local, model, tmp_path):
@@ -39,6 +58,10 @@ def test_bulk_writes_images_and_manifest_and_resumes(s3_server, ray_local, model
     assert sorted((r["prompt"], r["index"], r["seed"]) for r in rows if r["prompt"] == "face number 3") == [
         ("face number 3", 0, 0), ("face number 3", 1, 1)]
     assert all(exists(r["uri"]) and r["width"] == 32 for r in rows)
+    # each commit ran as a task on its own fresh worker, never in the driver: a process that commits again and
+    # again grows with the manifest's commits (bench/manifest_commits.py)
+    pids = commit_workers(summary["commits"])
+    assert len(set(pids)) == summary["commits"] and os.getpid() not in pids
 
     again = bulk_generate(config)
     assert again["images"] == 0 and again["skipped"] == 7
