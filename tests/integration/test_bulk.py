@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
 from emoji_ldm.inference.settings import SamplerSettings
+from tests.serving import wait_for
 from tests.tiny_models import tiny_model_with_card
 
 
@@ -23,20 +23,20 @@ def manifest(uri: str):
     return table.version(), table.to_pyarrow_table().to_pylist()
 
 
-def commit_workers(expected: int, timeout: float = 30.0) -> list[int]:
+def commit_workers(expected: int) -> list[int]:
     """The worker pids of this job's finished manifest-commit tasks (Ray's state API; task events arrive
     within a second or so)."""
     import ray
     from ray.util.state import list_tasks
 
     job = ray.get_runtime_context().get_job_id()
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def finished() -> list[int] | None:
         tasks = list_tasks(filters=[("name", "=", "_commit_chunk"), ("job_id", "=", job), ("state", "=", "FINISHED")],
                            detail=True, raise_on_missing_output=False)
-        if len(tasks) >= expected or time.monotonic() > deadline:
-            return [t.worker_pid for t in tasks]
-        time.sleep(0.5)
+        return [t.worker_pid for t in tasks] if len(tasks) >= expected else None
+
+    return wait_for(finished, 30, f"{expected} finished manifest-commit tasks")
 
 
 def test_bulk_writes_images_and_manifest_and_resumes(s3_server, ray_local, model, tmp_path):
