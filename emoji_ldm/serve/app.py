@@ -307,6 +307,13 @@ class KeyCheck:
 api.add_middleware(KeyCheck)  # added last, so it runs first: no body is read for a caller without a key
 
 
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception):
+    """Anything unexpected: its traceback in the replica's log, a JSON 500 to the caller (no internals)."""
+    logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return error_response(500, f"internal error ({type(exc).__name__}): the server's log has the details")
+
+
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException):
     """Starlette's own errors (404, 405) in the same JSON shape."""
@@ -546,11 +553,14 @@ class Ingress:
 
         owner, folder, state = await self._job_folder(request, job_id)
         if state["state"] not in jobs.TERMINAL and await asyncio.to_thread(jobs.runner, owner, job_id) is None:
-            # its runner is gone (a node or the whole cluster restarted): a new one resumes after the last chunk
-            known = await asyncio.to_thread(jobs.read_request, folder)
-            _, key = self._owner(request)
-            spec = self._job_spec(owner, key, job_id, known["body"], known["body_hash"])
-            await asyncio.to_thread(jobs.start_runner, spec)
+            # no runner: it has just ended (it writes its last state, then exits), or it is gone (a node or the
+            # whole cluster restarted) and a new one resumes after the last chunk
+            _, _, state = await self._job_folder(request, job_id)
+            if state["state"] not in jobs.TERMINAL:
+                known = await asyncio.to_thread(jobs.read_request, folder)
+                _, key = self._owner(request)
+                spec = self._job_spec(owner, key, job_id, known["body"], known["body_hash"])
+                await asyncio.to_thread(jobs.start_runner, spec)
         return jobs.public_state(state)
 
     @api.delete("/v1/jobs/{job_id}", status_code=202)

@@ -12,12 +12,13 @@ import json
 import logging
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.store.uri import filesystem, is_s3, join, normalize_uri
+from emoji_ldm.store.uri import filesystem, is_s3, join, normalize_uri, s3_client
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +59,22 @@ def upload_dir(local: str | Path, uri: str, last: tuple[str, ...] = ("model_inde
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file at once: a reader sees the old bytes or the new, never a part (an S3 PUT is atomic;
+    a local file is written beside its name and renamed onto it)."""
     fs, path = filesystem(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+    if is_s3(uri):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    folder, name = path.rsplit("/", 1)
+    part = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.part"
+    try:
+        with fs.open_output_stream(part) as f:
+            f.write(data)
+        fs.move(part, path)
+    finally:
+        delete(part)
 
 
 def delete(uri: str) -> None:
@@ -74,12 +87,30 @@ def delete(uri: str) -> None:
 
 
 def read_bytes(uri: str) -> bytes:
+    """A whole file, one version of it. On S3 that is one GET: pyarrow's stream asks the size first and then
+    reads by ranges, so a file rewritten in between (a job's state.json) came back cut or mixed."""
+    if is_s3(uri):
+        return _read_s3_object(normalize_uri(uri))
     fs, path = filesystem(uri)
     try:
         with fs.open_input_stream(path) as f:
             return f.read()
     except FileNotFoundError:
         raise UserError(f"{uri!r} does not exist") from None
+
+
+def _read_s3_object(uri: str) -> bytes:
+    import botocore.exceptions as bce
+
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    try:
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except bce.ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            raise UserError(f"{uri!r} does not exist") from None
+        raise OSError(f"reading {uri!r}: {e}") from None
+    except bce.BotoCoreError as e:
+        raise OSError(f"reading {uri!r}: {e}") from None
 
 
 def write_json(uri: str, obj) -> None:

@@ -7,6 +7,7 @@ come from the standard AWS variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -71,6 +72,22 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         )
         return fs, uri[len("s3://"):]
     return pafs.LocalFileSystem(), uri
+
+
+def s3_client():
+    """A boto3 S3 client for the environment's endpoint and credentials, one per process and settings."""
+    opts = storage_options()
+    return _s3_client(opts.get("AWS_ENDPOINT_URL"), opts.get("AWS_REGION"), opts.get("AWS_ACCESS_KEY_ID"),
+                      opts.get("AWS_SECRET_ACCESS_KEY"), opts.get("AWS_SESSION_TOKEN"))
+
+
+@functools.lru_cache(maxsize=4)
+def _s3_client(endpoint: str | None, region: str | None, key: str | None, secret: str | None,
+               token: str | None):
+    import boto3
+
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, aws_access_key_id=key,
+                                          aws_secret_access_key=secret, aws_session_token=token)
 
 
 def join(uri: str, *parts: str) -> str:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+
+import pytest
 
 from tests.tiny_models import tiny_sd_pipeline
 
@@ -41,3 +44,35 @@ def test_four_processes_load_one_s3_model_downloading_it_once(s3_server, tmp_pat
     again = subprocess.run([sys.executable, "-c", LOAD, "s3://cache-models/m"], env=env, text=True,
                            capture_output=True, timeout=300)
     assert again.returncode == 0 and "downloading" in again.stdout, again.stderr[-2000:]
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_a_file_rewritten_while_it_is_read_comes_back_whole(where, s3_server, tmp_path):
+    """A job's state.json is rewritten after every chunk while GET /v1/jobs reads it: each read is one version,
+    whole (pyarrow's S3 stream asked the size, then read a range of the next version: JSON cut at char 286)."""
+    from emoji_ldm.store.artifacts import read_json, write_json
+
+    if where == "s3":
+        s3_server.client().create_bucket(Bucket="rewrites")
+        uri = "s3://rewrites/job/state.json"
+    else:
+        uri = str(tmp_path / "job" / "state.json")
+    versions = [{"done": 0, "errors": []}, {"done": 1, "errors": ["e" * 3000]}]  # two sizes, as a state grows
+    write_json(uri, versions[0])
+    stop = threading.Event()
+
+    def rewrite():
+        i = 0
+        while not stop.is_set():
+            i += 1
+            write_json(uri, versions[i % 2])
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        reads = [read_json(uri) for _ in range(300)]
+    finally:
+        stop.set()
+        writer.join()
+    assert all(r in versions for r in reads)
+    assert {r["done"] for r in reads} == {0, 1}  # it did read while the other version was written

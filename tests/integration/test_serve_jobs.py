@@ -194,6 +194,15 @@ def test_bad_job_bodies_name_the_field(app):
     assert get(f"{app['url']}/v1/jobs/../../keys", headers).status == 404
 
 
+def test_an_unreadable_job_state_is_a_json_500(app, s3_server):
+    """A state.json that is not JSON (storage damaged by hand): a JSON 500 naming the error's kind, never
+    Starlette's plain-text page."""
+    job_id = "job-20260101-000000-0badf00d"
+    s3_server.client().put_object(Bucket="jobs", Key=f"emoji/bob/{job_id}/state.json", Body=b"{not json")
+    answer = get(f"{app['url']}/v1/jobs/{job_id}", auth(app, "bob"))
+    assert answer.status == 500 and "JSONDecodeError" in json.loads(answer.data)["error"], answer.data
+
+
 def test_a_job_outlives_a_serve_restart_and_cancel_marks_partial_output(app):
     """Two jobs: one keeps running while the app is deleted and deployed again, and finishes; the other's runner
     is killed meanwhile, and the new ingress resumes it; the key's quota of two holds; the resumed one is
@@ -208,7 +217,9 @@ def test_a_job_outlives_a_serve_restart_and_cancel_marks_partial_output(app):
     long = json.loads(post(url, set_body(400, steps=2), solo).data)  # far longer than the test
 
     def done(job) -> int:
-        return json.loads(get(f"{url}/{job['id']}", solo).data)["progress"]["done"]
+        answer = get(f"{url}/{job['id']}", solo)
+        assert answer.status == 200, answer.data
+        return json.loads(answer.data)["progress"]["done"]
 
     assert post(url, set_body(1), solo).status == 429  # solo's quota: two running jobs
     wait_for(lambda: done(short) > 0 and done(long) > 0, 60, "the first chunks")
