@@ -82,7 +82,7 @@ def write_keys(uri: str, keys: dict[str, ApiKey]) -> None:
     from emoji_ldm.store.artifacts import write_bytes
 
     body = {"keys": [dataclasses.asdict(k) for k in sorted(keys.values(), key=lambda k: k.name)]}
-    write_bytes(uri, (json.dumps(body, indent=2) + "\n").encode())
+    write_bytes(uri, (json.dumps(body, indent=2) + "\n").encode(), private=True)  # webhook secrets inside
 
 
 # --- the commands -----------------------------------------------------------------------------

@@ -58,9 +58,10 @@ def upload_dir(local: str | Path, uri: str, last: tuple[str, ...] = ("model_inde
         pafs.copy_files(str(f), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
-def write_bytes(uri: str, data: bytes) -> None:
+def write_bytes(uri: str, data: bytes, private: bool = False) -> None:
     """Write a whole file at once: a reader sees the old bytes or the new, never a part (an S3 PUT is atomic;
-    a local file is written beside its name and renamed onto it)."""
+    a local file is written beside its name and renamed onto it, keeping the old file's permissions).
+    `private`: a new local file only its owner can read (0600)."""
     fs, path = filesystem(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     if is_s3(uri):
@@ -72,6 +73,10 @@ def write_bytes(uri: str, data: bytes) -> None:
     try:
         with fs.open_output_stream(part) as f:
             f.write(data)
+        if os.path.exists(path):
+            os.chmod(part, os.stat(path).st_mode & 0o7777)
+        elif private:
+            os.chmod(part, 0o600)
         fs.move(part, path)
     finally:
         delete(part)

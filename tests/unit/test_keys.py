@@ -28,12 +28,15 @@ def test_key_file_keeps_hashes_never_keys(tmp_path):
     assert key not in text and K.key_hash(key) in text
     entry = json.loads(text)["keys"][0]
     assert entry["name"] == "alice" and entry["rate_per_minute"] == 30 and entry["webhook_secret"]
+    assert path.stat().st_mode & 0o777 == 0o600  # it holds the webhook secrets: its owner's alone
     listing = K.list_command(K.KeysFileConfig(file=str(path)))
     assert "alice" in listing and "active" in listing and "sha256" not in listing and key not in listing
     with pytest.raises(UserError, match="'alice' exists"):
         create(path, "alice")
+    path.chmod(0o640)  # an operator's own choice is kept when the file is written again
     K.revoke_command(K.KeysRevokeConfig(file=str(path), name="alice"))
-    assert "revoked" in K.list_command(K.KeysFileConfig(file=str(path)))
+    assert "revoked" in K.list_command(K.KeysFileConfig(file=str(path))) and path.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["keys.json"]  # no part file left beside it
     create(path, "alice")  # a revoked name may be issued again
     with pytest.raises(UserError, match="'carol'"):
         K.revoke_command(K.KeysRevokeConfig(file=str(path), name="carol"))
