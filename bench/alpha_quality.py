@@ -11,7 +11,7 @@ VAE's colour and alpha reconstruction error; then RGBA / RGB for FID and accurac
 worse than 1.1x). The issue names `small64`: about 90 minutes a model on 2 cores, so this runs the demo's
 `tiny` budgets by default (DEMO_VAE_STEPS, DEMO_TRAIN_STEPS, DEMO_JUDGE_EPOCHS change them).
 
-    .venv/bin/python bench/alpha_quality.py [--out bench-alpha]
+    .venv/bin/python bench/alpha_quality.py [--out bench-alpha] [--rgba-vae-steps N]
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = REPO / ".venv" / "bin"
 
 
-def demo(out: Path, port: int, background: str | None) -> float:
-    env = {**os.environ, **({"DEMO_BACKGROUND": background} if background else {})}
+def demo(out: Path, port: int, background: str | None, vae_steps: int | None = None) -> float:
+    env = {**os.environ, **({"DEMO_BACKGROUND": background} if background else {}),
+           **({"DEMO_VAE_STEPS": str(vae_steps)} if vae_steps else {})}
     start = time.perf_counter()
     with open(f"{out}.log", "w") as log:
         r = subprocess.run(["bash", str(REPO / "infra" / "demo.sh"), str(out), str(port)], env=env, stdout=log,
@@ -61,10 +62,12 @@ def line(name: str, r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="bench-alpha")
+    parser.add_argument("--rgba-vae-steps", type=int, default=None,
+                        help="the RGBA run's VAE steps (default: the demo's, as the RGB run's)")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    walls = {"rgba": demo(out / "rgba", 8011, None), "rgb": demo(out / "rgb", 8012, "white")}
+    walls = {"rgba": demo(out / "rgba", 8011, None, args.rgba_vae_steps), "rgb": demo(out / "rgb", 8012, "white")}
     judge = out / "rgba" / "judge"
     got = {mode: evaluate(out / mode, judge, out / f"eval-{mode}.json") for mode in ("rgba", "rgb")}
     print(f"alpha_quality: tiny, demo budgets, one judge ({judge}); demo wall RGBA {walls['rgba']:.0f} s, "
