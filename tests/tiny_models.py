@@ -34,12 +34,13 @@ def tiny_clip(folder: Path, hidden: int = 32) -> Path:
     return folder
 
 
-def tiny_sd_vae(folder: Path):
-    """An AutoencoderKL with the SD layout's factor-8 downsampling (4 levels), tiny widths."""
+def tiny_sd_vae(folder: Path, channels: int = 3):
+    """An AutoencoderKL with the SD layout's factor-8 downsampling (4 levels), tiny widths; `channels` 4 is
+    RGBA in and out, as the from-scratch presets' VAE."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    vae = AutoencoderKL(in_channels=channels, out_channels=channels, down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16),
                         layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
                         scaling_factor=0.18215)
@@ -47,14 +48,14 @@ def tiny_sd_vae(folder: Path):
     return folder
 
 
-def tiny_sd_pipeline(folder: Path) -> Path:
+def tiny_sd_pipeline(folder: Path, vae_channels: int = 3) -> Path:
     """A Stable Diffusion 1.x-layout pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     tmp = folder.parent / (folder.name + "-parts")
     tiny_clip(tmp / "clip")
-    tiny_sd_vae(tmp / "vae")
+    tiny_sd_vae(tmp / "vae", vae_channels)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(32, 64),
                                 layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -89,14 +90,18 @@ def tiny_clip_model(folder: Path) -> Path:
     return folder
 
 
-def tiny_model_with_card(folder: Path) -> Path:
-    """A tiny SD pipeline folder plus the model_card.json a training run writes (for serving tests)."""
+def tiny_model_with_card(folder: Path, image: dict | None = None) -> Path:
+    """A tiny SD pipeline folder plus the model_card.json a training run writes (for serving tests); `image`:
+    the card's `image` (how the model gets alpha, `encode.image_lineage`); the VAE has its `vae_channels`
+    (default 3)."""
     from emoji_ldm.store.artifacts import weights_content_id
 
-    tiny_sd_pipeline(folder)
+    tiny_sd_pipeline(folder, (image or {}).get("vae_channels", 3))
     card = {"kind": "emoji-ldm model", "preset": "tiny-test", "dataset": "s3://data/emoji", "dataset_version": 3,
             "latent_table": "s3://data/latents", "latent_table_version": 1, "code_version": "test",
             "content_id": weights_content_id(folder)}
+    if image is not None:
+        card["image"] = image
     (folder / "model_card.json").write_text(json.dumps(card))
     return folder
 

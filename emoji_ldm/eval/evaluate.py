@@ -311,13 +311,13 @@ def vae_reconstruction(vae, images, size: int, key_colour: str, batch: int = 64)
     return {"channels": channels, "rgb_mse": rgb / n, "alpha_mse": alpha / n if channels == 4 else None}
 
 
-def generate_samples(pipe, prompts: list[str], s, batch: int = 64, key_colour: str | None = None) -> list:
+def generate_samples(pipe, prompts: list[str], s, batch: int = 64, alpha=None) -> list:
     from emoji_ldm.inference.sampler import run_pipeline
 
     images = []
     for i in range(0, len(prompts), batch):  # image k from seed + k, whatever the batching
         images += run_pipeline(pipe, prompts[i:i + batch], steps=s.steps, guidance=s.guidance, seed=s.seed + i,
-                               key_colour=key_colour)
+                               alpha=alpha)
     return images
 
 
@@ -326,7 +326,7 @@ def evaluate(config: EvalConfig) -> dict:
 
     from emoji_ldm.alpha import alpha_figures, composite
     from emoji_ldm.eval.judge import load_judge, row_label
-    from emoji_ldm.inference.sampler import inference_device, key_colour_of, load_pipeline, model_card
+    from emoji_ldm.inference.sampler import ImageAlpha, inference_device, load_pipeline, model_card
     from emoji_ldm.models.builders import noise_scheduler
     from emoji_ldm.models.presets import preset_from_dict
     from emoji_ldm.store.latents import decode_latents, open_latent_table
@@ -354,7 +354,7 @@ def evaluate(config: EvalConfig) -> dict:
         report.update(val_rows=val.num_rows, timesteps=list(TIMESTEPS), heldout_loss=heldout_loss(
             pipe.unet, noise_scheduler(preset), torch.from_numpy(decoded["latent"]).float(),
             torch.from_numpy(decoded["text_emb"]).float(), seed=s.seed))
-        images = generate_samples(pipe, prompts, s, key_colour=key_colour_of(model_card(config.model)))
+        images = generate_samples(pipe, prompts, s, alpha=ImageAlpha.of(model_card(config.model)))
         size = images[0].size[0]
         sample_px = np.stack([np.asarray(composite(im), dtype=np.float32).ravel() / 255.0 for im in images])
         nearest = nearest_training_mse(meta, sample_px, size)

@@ -179,16 +179,15 @@ class Sampler:
     """A loaded pipeline that samples many jobs in as few pipeline calls as their settings allow.
 
     `model_uri` and `content_id` (from the model card) name the model in the PNGs it encodes. Every image
-    comes out RGBA: a 4-channel VAE draws alpha; a 3-channel model trained on RGBA data draws on `key_colour`
-    (its card's `image.key_colour`), which is keyed into alpha; other models' images are opaque.
+    comes out RGBA, as `alpha` (from the card's `image`) says: see `ImageAlpha`.
     """
 
     def __init__(self, pipe, model_uri: str | None = None, content_id: str | None = None,
-                 key_colour: str | None = None):
+                 alpha: "ImageAlpha | None" = None):
         from emoji_ldm.models.builders import SCHEDULERS, sampling_scheduler
 
         self.pipe = pipe
-        self.model_uri, self.content_id, self.key_colour = model_uri, content_id, key_colour
+        self.model_uri, self.content_id, self.alpha = model_uri, content_id, alpha or ImageAlpha()
         self._schedulers = {name: sampling_scheduler(name, pipe.scheduler.config) for name in SCHEDULERS}
         self.image_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.calls = 0  # pipeline calls so far (the batching tests count them)
@@ -199,7 +198,7 @@ class Sampler:
         resolved = model_uri(uri)
         card = model_card(resolved)
         return cls(load_pipeline(resolved, device=device, options=options), resolved, card.get("content_id"),
-                   key_colour_of(card))
+                   ImageAlpha.of(card))
 
     def load_adapter(self, name: str, uri: str) -> dict:
         """Load a LoRA adapter (`dreambooth --method lora`'s OUT/lora, diffusers/peft format) under `name`,
@@ -323,32 +322,49 @@ class Sampler:
                 vae = self.pipe.vae
                 pixels = vae.decode(result.images.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
         images = self.pipe.image_processor.postprocess(pixels, output_type="pil") if own_decode else result.images
-        return [to_rgba(im, self.key_colour) for im in images]
+        return [to_rgba(im, self.alpha) for im in images]
 
 
 def run_pipeline(pipe, prompts: list[str], negative: str = "", steps: int = 25, guidance: float = 5.0,
-                 seed: int = 0, key_colour: str | None = None) -> list[Image.Image]:
+                 seed: int = 0, alpha: "ImageAlpha | None" = None) -> list[Image.Image]:
     """One batched call with the pipeline's current scheduler; image i uses seed `seed + i`."""
     job = SampleJob(tuple(prompts), tuple(seed + i for i in range(len(prompts))), negative, steps, guidance,
                     scheduler=None)
-    return Sampler(pipe, key_colour=key_colour).sample([job])[0]
+    return Sampler(pipe, alpha=alpha).sample([job])[0]
 
 
-def key_colour_of(card: dict) -> str | None:
-    """The colour to key a model's images from: a 3-channel model trained on RGBA data (`image.alpha` "key")."""
-    image = card.get("image") or {}
-    return image.get("key_colour") if image.get("alpha") == "key" else None
+@dataclass(frozen=True)
+class ImageAlpha:
+    """How a model's images get their alpha: its card's `image.alpha` (`encode.image_lineage`).
+
+    - "vae": a 4-channel VAE draws it; the image is RGBA as drawn;
+    - "key": a 3-channel model learned RGBA images on `key_colour`, which is keyed into alpha;
+    - "none": the model learned opaque (RGB) images, so its images are opaque, even where a 4-channel VAE
+      draws an alpha below 255 (it never saw one: that is noise, not transparency);
+    - None (no card, or a card from before RGBA): RGBA as drawn, RGB opaque.
+    """
+
+    alpha: str | None = None
+    key_colour: str | None = None
+
+    @classmethod
+    def of(cls, card: dict) -> "ImageAlpha":
+        image = card.get("image") or {}
+        alpha = image.get("alpha")
+        return cls(alpha, image.get("key_colour") if alpha == "key" else None)
 
 
-def to_rgba(image: Image.Image, key_colour: str | None = None) -> Image.Image:
-    """A generated image as RGBA: a 4-channel VAE's as drawn (hidden colour of transparent pixels zeroed), a
-    3-channel one keyed from `key_colour` when given (opaque where keying finds nothing to remove)."""
+def to_rgba(image: Image.Image, alpha: ImageAlpha = ImageAlpha()) -> Image.Image:
+    """A generated image as RGBA, as `alpha` says (see `ImageAlpha`); the hidden colour of fully transparent
+    pixels zeroed. A keyed image stays opaque where keying finds nothing to remove."""
     from emoji_ldm.alpha import canonical, key_background
 
+    if alpha.alpha == "none":
+        return image.convert("RGB").convert("RGBA")
     if image.mode == "RGBA":
         return canonical(image)
-    if key_colour:
-        keyed = key_background(image, colour=key_colour)
+    if alpha.key_colour:
+        keyed = key_background(image, colour=alpha.key_colour)
         if keyed is not None:
             return keyed
     return image.convert("RGBA")

@@ -117,6 +117,7 @@ class WorkerConfig:
     empty_emb: list  # the empty caption's text embedding, (L, D)
     out: str
     vae: str
+    image: dict  # how the model gets alpha (the card's `image`): its validation grids draw it so
     resume_from: str | None = None
     fault: str | None = None  # runner.maybe_fail, for tests
     shuffle_buffer: int = 2048
@@ -237,7 +238,7 @@ class _Validation:
         self.pipe = None
 
     def grid(self, ema, step: int, log) -> None:
-        from emoji_ldm.inference.sampler import image_grid, run_pipeline
+        from emoji_ldm.inference.sampler import ImageAlpha, image_grid, run_pipeline
         from emoji_ldm.models.builders import build_unet, configure_trainable
         from emoji_ldm.train.export import assemble_pipeline
 
@@ -248,7 +249,8 @@ class _Validation:
             self.pipe = assemble_pipeline(unet, self.preset, self.run.vae).to(self.worker.device, self.worker.dtype)
         ema.copy_to(self.params)
         prompts = list(self.preset.sample_prompts)
-        images = run_pipeline(self.pipe, prompts, steps=20, guidance=4.0, seed=0)
+        images = run_pipeline(self.pipe, prompts, steps=20, guidance=4.0, seed=0,
+                              alpha=ImageAlpha.of({"image": self.run.image}))
         log.grid(image_grid(images, prompts), step)
 
 
@@ -316,12 +318,14 @@ def train(config: TrainConfig) -> dict:
 
     write_json(artifact_uri(out, "config.json"), {"preset": preset.to_dict(), "run": dataclasses.asdict(config),
                                                   "latent_table": f"{ref.uri}@{latent_version}"})
+    # how the model gets its alpha (`encode.image_lineage`); latent tables before RGBA: RGB, opaque
+    image = enc_meta.get("image") or {"dataset_mode": "RGB", "alpha": "none", "key_colour": None}
     fault = (f"exit@{config.crash_at_step}" if config.crash_at_step else
              f"user-error@{config.user_error_at_step}" if config.user_error_at_step else None)
     run = WorkerConfig(
         preset=preset.to_dict(), latent_uri=ref.uri, latent_version=latent_version, zero_stage=config.zero_stage,
         use_gpu=config.use_gpu, threads=config.threads_per_worker, empty_emb=empty_caption(ref.uri).tolist(),
-        out=out, vae=enc_meta["vae"], resume_from=existing[0] if existing else None, fault=fault,
+        out=out, vae=enc_meta["vae"], image=image, resume_from=existing[0] if existing else None, fault=fault,
         shuffle_buffer=config.shuffle_buffer, speed=config.speed,
     )
     result = runner.fit(_train_worker, run, name="run", out=out, workers=config.workers, use_gpu=config.use_gpu,
@@ -334,8 +338,7 @@ def train(config: TrainConfig) -> dict:
         "dataset": encoded_dataset(enc_meta), "dataset_version": enc_meta.get("dataset_version"),
         "latent_table": ref.uri, "latent_table_version": latent_version, "vae": enc_meta["vae"],
         "text_encoder": preset.text.pretrained, "code_version": code_version(),
-        # how the model gets its alpha (`encode.image_lineage`); latent tables before RGBA: RGB, opaque
-        "image": enc_meta.get("image") or {"dataset_mode": "RGB", "alpha": "none", "key_colour": None},
+        "image": image,
         "training": {"workers": config.workers, "zero_stage": config.zero_stage, "steps": final[1]["step"],
                      "global_batch": preset.train.batch_size},
         "metrics": result.metrics,

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.inference.pngmeta import encode_png, generation_params, read_params
-from emoji_ldm.inference.sampler import to_rgba
+from emoji_ldm.inference.sampler import ImageAlpha, SampleJob, Sampler, to_rgba
 from emoji_ldm.inference.targets import TARGETS, Target, emoji_name, fit, get_target
 from emoji_ldm.serve.sets import set_files, set_manifest
 
@@ -78,6 +78,24 @@ def test_generated_images_come_out_rgba():
     assert to_rgba(rgba).getpixel((0, 0)) == (0, 0, 0, 0), "hidden colour zeroed"
     on_key = Image.new("RGB", (32, 32), (0, 255, 0))
     ImageDraw.Draw(on_key).ellipse((6, 6, 25, 25), fill=(200, 30, 30))
-    keyed = to_rgba(on_key, "#00ff00")
+    keyed = to_rgba(on_key, ImageAlpha("key", "#00ff00"))
     assert keyed.mode == "RGBA" and keyed.getpixel((0, 0))[3] == 0 and keyed.getpixel((16, 16))[3] == 255
     assert to_rgba(on_key).getpixel((0, 0)) == (0, 255, 0, 255), "no key colour: opaque, as drawn"
+
+
+@pytest.mark.parametrize("alpha", ["vae", "none"])
+def test_a_model_trained_on_opaque_images_draws_opaque_ones(tmp_path, alpha):
+    """A 4-channel VAE draws an alpha channel whatever it learned; a model whose card says it learned opaque
+    (RGB) images gives opaque images, one that learned RGBA gives the alpha it draws."""
+    from tests.tiny_models import tiny_model_with_card
+
+    folder = tiny_model_with_card(tmp_path / "m", {"dataset_mode": "RGBA" if alpha == "vae" else "RGB",
+                                                    "vae_channels": 4, "alpha": alpha, "key_colour": None})
+    sampler = Sampler.load(str(folder))
+    images = sampler.sample([SampleJob(("a cat",) * 2, (0, 1), "", 2, 5.0, scheduler=None)])[0]
+    alphas = np.stack([np.asarray(im)[..., 3] for im in images])  # (2, H, W)
+    assert all(im.mode == "RGBA" for im in images)
+    if alpha == "none":
+        assert alphas.min() == 255, "a model that learned opaque images draws opaque ones"
+    else:
+        assert alphas.min() < 255, "the tiny random 4-channel VAE draws some transparency"
