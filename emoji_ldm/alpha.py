@@ -2,6 +2,7 @@
 
 - `key_background`: a flat background into alpha with a soft edge (ingest `--key-background`, and the
   images of 3-channel models, which draw on a known flat colour);
+- `finish_alpha`: a 4-channel VAE's alpha without its faint haze (generated images);
 - `composite`: RGBA onto a flat colour (the judge and emoji-FID see every image on mid-grey);
 - `alpha_figures`: the transparent-border share and the edge quality that `eval` reports.
 
@@ -31,12 +32,28 @@ BORDER = 2  # pixels: the outer ring that must share the corners' colour
 EDGE = 2  # pixels: how far from the background its edge (the partly transparent pixels) reaches
 SOFT_LO, SOFT_HI = 8.0, 28.0
 
+# A 4-channel VAE decodes alpha as a regression: background comes out at a few percent (a faint dark haze
+# over the square, visible on a light theme), a solid subject at 90-odd percent. `finish_alpha` stretches
+# alpha so that below ALPHA_LEVELS[0] is transparent and above ALPHA_LEVELS[1] opaque, linear between (a
+# levels adjustment of the alpha band): antialiased edges stay soft, real emoji (alpha 0 or 255 but at their
+# edges) are left as they are. bench/RESULTS.md "Finishing a VAE's alpha" measures it.
+ALPHA_LEVELS = (0.1, 0.9)
+
 
 def canonical(rgba: Image.Image) -> Image.Image:
     """RGBA with the colour of fully transparent pixels zeroed (invisible, but it would change the hash)."""
     a = np.asarray(rgba.convert("RGBA")).copy()
     a[a[..., 3] == 0] = 0
     return Image.fromarray(a, "RGBA")
+
+
+def finish_alpha(img: Image.Image, levels: tuple[float, float] = ALPHA_LEVELS) -> Image.Image:
+    """`img` (RGBA, straight alpha) with alpha below `levels[0]` made 0, above `levels[1]` 255, linear between;
+    colour untouched but where it became fully transparent (zeroed, as `canonical`)."""
+    lo, hi = levels
+    lut = [round(min(max((v / 255 - lo) / (hi - lo), 0.0), 1.0) * 255) for v in range(256)]
+    r, g, b, a = img.convert("RGBA").split()
+    return canonical(Image.merge("RGBA", (r, g, b, a.point(lut))))
 
 
 def resize_rgba(img: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -337,11 +337,11 @@ def run_pipeline(pipe, prompts: list[str], negative: str = "", steps: int = 25, 
 class ImageAlpha:
     """How a model's images get their alpha: its card's `image.alpha` (`encode.image_lineage`).
 
-    - "vae": a 4-channel VAE draws it; the image is RGBA as drawn;
+    - "vae": a 4-channel VAE draws it; the image is RGBA as drawn, its faint haze removed (`finish_alpha`);
     - "key": a 3-channel model learned RGBA images on `key_colour`, which is keyed into alpha;
     - "none": the model learned opaque (RGB) images, so its images are opaque, even where a 4-channel VAE
       draws an alpha below 255 (it never saw one: that is noise, not transparency);
-    - None (no card, or a card from before RGBA): RGBA as drawn, RGB opaque.
+    - None (no card, or a card from before RGBA): as "vae" for RGBA images, RGB opaque.
     """
 
     alpha: str | None = None
@@ -356,13 +356,13 @@ class ImageAlpha:
 
 def to_rgba(image: Image.Image, alpha: ImageAlpha = ImageAlpha()) -> Image.Image:
     """A generated image as RGBA, as `alpha` says (see `ImageAlpha`); the hidden colour of fully transparent
-    pixels zeroed. A keyed image stays opaque where keying finds nothing to remove."""
-    from emoji_ldm.alpha import canonical, key_background
+    pixels zeroed (`alpha.canonical`). A keyed image stays opaque where keying finds nothing to remove."""
+    from emoji_ldm.alpha import finish_alpha, key_background
 
     if alpha.alpha == "none":
         return image.convert("RGB").convert("RGBA")
     if image.mode == "RGBA":
-        return canonical(image)
+        return finish_alpha(image)
     if alpha.key_colour:
         keyed = key_background(image, colour=alpha.key_colour)
         if keyed is not None:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from emoji_ldm.alpha import alpha_figures, composite, key_background, on_checkerboard, resize_rgba
+from emoji_ldm.alpha import alpha_figures, composite, finish_alpha, key_background, on_checkerboard, resize_rgba
 from emoji_ldm.caption.metadata import describe
 from emoji_ldm.errors import UserError
 from emoji_ldm.ingest.images import Cleaned, ImageConfig, Rejected, clean_image
@@ -136,6 +136,24 @@ def test_alpha_figures_of_twemoji_and_of_tiles():
     hazy = [Image.fromarray(np.dstack([np.asarray(t)[..., :3], np.full((64, 64), 100, np.uint8)]), "RGBA")
             for t in twemoji]
     assert alpha_figures(hazy)["stray_semi"] > 0.5
+
+
+def test_finish_alpha_removes_a_decoders_haze_and_leaves_real_emoji_alone():
+    twemoji = [resize_rgba(Image.open(p), (64, 64)) for p in sorted(twemoji_dir().glob("*.png"))[:200:10]]
+    # a decoder's output: the real alpha pulled towards the middle, a faint haze (8%) over the background
+    drawn = [Image.fromarray(np.dstack([np.asarray(t)[..., :3], (20 + np.asarray(t)[..., 3] * 0.85).astype(
+        np.uint8)]), "RGBA") for t in twemoji]
+    before, after = alpha_figures(drawn), alpha_figures([finish_alpha(d) for d in drawn])
+    assert before["transparent_border"] < 0.5 <= 0.8 <= after["transparent_border"]
+    assert after["stray_semi"] < before["stray_semi"] / 2
+    assert alpha_figures([finish_alpha(t) for t in twemoji]) == alpha_figures(twemoji)
+    for t in twemoji:  # real emoji: alpha 0 and 255 stay, their soft edges stay soft but the faintest 10%
+        a, b = np.asarray(t)[..., 3].astype(int), np.asarray(finish_alpha(t))[..., 3].astype(int)
+        assert (b[a == 0] == 0).all() and (b[a == 255] == 255).all()
+        assert (((b > 0) & (b < 255)) == ((a > 25) & (a < 230))).all()
+    hidden = finish_alpha(Image.new("RGBA", (4, 4), (200, 10, 10, 20)))
+    assert hidden.getpixel((0, 0)) == (0, 0, 0, 0), "colour of what became transparent is zeroed"
+    assert finish_alpha(Image.new("RGBA", (4, 4), (200, 10, 10, 128))).getpixel((0, 0))[3] == 128
 
 
 def test_checkerboard_shows_transparency():
