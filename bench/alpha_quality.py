@@ -40,10 +40,11 @@ def demo(out: Path, port: int, background: str | None, vae_steps: int | None = N
     return time.perf_counter() - start
 
 
-def evaluate(run: Path, judge: Path, out: Path) -> dict:
+def evaluate(run: Path, judge: Path, out: Path, samples: int | None = None) -> dict:
     env = {**os.environ, "RAY_ADDRESS": ""}
+    more = ["--samples", str(samples)] if samples else []
     r = subprocess.run([str(BIN / "emoji-ldm"), "eval", "--model", str(run / "run"), "--data", str(run / "latents"),
-                        "--judge", str(judge), "--out", str(out)], env=env, capture_output=True, text=True)
+                        "--judge", str(judge), "--out", str(out), *more], env=env, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"eval of {run} failed:\n{r.stderr[-3000:]}")
     return json.loads(out.read_text())

@@ -1,0 +1,102 @@
+"""Issue 25's figures at `small64`: RGBA against RGB, the same preset and steps, resumable across sessions.
+
+Takes the two captioned Twemoji tables and judges of a `bench/alpha_quality.py` run (`--from`: its RGBA
+table, and its `DEMO_BACKGROUND=white` RGB one) and trains `small64` on each:
+
+  1. ours: RGBA Twemoji, the preset as it is (a 4-channel VAE, the model draws alpha);
+  2. peer: the RGB (on white) table with `--set vae.channels=3`: `small64` as it was before RGBA.
+
+Each model: `train-vae` (the preset's steps), `encode --vae`, `train` (ZeRO-2 on 2 workers), `eval --samples
+512` with its own run's judge and again with the RGBA run's judge. Every stage is skipped when its output
+is there, and `train` continues from its last checkpoint (`--resume`), so a run stopped midway (about 3.5
+hours a model on a slow 2-core machine) goes on where it stopped when started again with the same --out.
+Prints what `alpha_quality.py` prints, and each stage's wall time (`OUT/timings.json`, summed over runs).
+
+    .venv/bin/python bench/alpha_small64.py --from /tmp/bench-alpha2 [--out demo-out/alpha-small64] [--only rgba]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from alpha_quality import BIN, evaluate, line
+
+MODES = {"rgba": [], "rgb": ["--set", "vae.channels=3"]}
+
+
+class Stages:
+    """Runs `emoji-ldm` commands of one model, skipping those whose output is there, timing the rest."""
+
+    def __init__(self, out: Path):
+        self.out, self.path = out, out / "timings.json"
+        self.timings = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def run(self, name: str, done: Path, args: list[str]) -> None:
+        if done.exists():
+            print(f"  {name}: done before ({done})", flush=True)
+            return
+        start = time.perf_counter()
+        with open(self.out / f"{name.replace('/', '-')}.log", "a") as log:
+            r = subprocess.run([str(BIN / "emoji-ldm"), *args], env={**os.environ, "RAY_ADDRESS": ""}, stdout=log,
+                               stderr=subprocess.STDOUT)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+        self.path.write_text(json.dumps(self.timings, indent=2))
+        if r.returncode:
+            raise SystemExit(f"{name} failed ({r.returncode}); see {self.out}/{name.replace('/', '-')}.log")
+        print(f"  {name}: {self.timings[name]:.0f} s", flush=True)
+
+
+def model(src: Path, out: Path, mode: str, stages: Stages) -> None:
+    sets, m = ["--preset", "small64", *MODES[mode]], out / mode
+    m.mkdir(parents=True, exist_ok=True)
+    data = str(src / mode / "twemoji")
+    stages.run(f"{mode}/train-vae", m / "vae" / "vae_card.json",
+               ["train-vae", "--dataset", data, "--out", str(m / "vae"), *sets])
+    stages.run(f"{mode}/encode", m / "latents" / "_delta_log",
+               ["encode", "--dataset", data, "--vae", str(m / "vae"), "--out", str(m / "latents"), *sets])
+    resume = ["--resume"] if (m / "run" / "checkpoints").exists() else []
+    stages.run(f"{mode}/train", m / "run" / "model" / "model_index.json",
+               ["train", "--data", str(m / "latents"), "--out", str(m / "run"), "--workers", "2",
+                "--zero-stage", "2", *sets, *resume])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--from", dest="src", required=True, help="a bench/alpha_quality.py --out (tables, judges)")
+    parser.add_argument("--out", default="demo-out/alpha-small64")
+    parser.add_argument("--only", choices=sorted(MODES), help="train only this model now (the other later)")
+    args = parser.parse_args()
+    src, out = Path(args.src).resolve(), Path(args.out).resolve()
+    for mode in MODES:
+        if not (src / mode / "twemoji" / "_delta_log").exists() or not (src / mode / "judge").exists():
+            raise SystemExit(f"--from {src}: no {mode}/twemoji table or {mode}/judge (run bench/alpha_quality.py)")
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(out)
+    for mode in [args.only] if args.only else MODES:
+        print(f"{mode}:", flush=True)
+        model(src, out, mode, stages)
+    if args.only:
+        return
+    got, shared = {}, {}
+    for mode in MODES:
+        got[mode] = evaluate(out / mode, src / mode / "judge", out / f"eval-{mode}.json", samples=512)
+        shared[mode] = evaluate(out / mode, src / "rgba" / "judge", out / f"eval-{mode}-rgba-judge.json",
+                                samples=512)
+    for name, r in (("own judges", got), ("the RGBA run's judge", shared)):
+        print(f"alpha_small64: small64, 512 samples, {name}")
+        print(line("RGBA", r["rgba"]))
+        print(line("RGB ", r["rgb"]))
+        print(f"  RGBA / RGB: emoji-FID {r['rgba']['emoji_fid'] / r['rgb']['emoji_fid']:.2f} (lower is better), "
+              f"prompt accuracy {r['rgba']['prompt_accuracy'] / max(r['rgb']['prompt_accuracy'], 1e-9):.2f}")
+    print("  wall time, s: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.timings.items()))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
