@@ -257,12 +257,20 @@ def ray_cluster() -> Cluster:
     return shared_cluster()
 
 
+def same_gcs(a: str, b: str) -> bool:
+    """Two addresses of one local GCS: Ray reports it at the node's IP (192.0.2.2:6379) where it was joined
+    at 127.0.0.1:6379, so the port (one cluster per port on this machine) decides."""
+    return a.rsplit(":", 1)[-1] == b.rsplit(":", 1)[-1]
+
+
 def connect(cluster: Cluster) -> None:
-    """Join the session's cluster from this process (again, if a test left it)."""
+    """Join the session's cluster from this process (again, if a test left it). Already joined: nothing, so
+    a module boundary does not `ray.shutdown()` while Ray's own threads of this process (Serve's router, Ray
+    Data's stats) may still touch the worker; one that does after the shutdown ends the whole process."""
     import ray
 
     if ray.is_initialized():
-        if ray.get_runtime_context().gcs_address == cluster.gcs:
+        if same_gcs(ray.get_runtime_context().gcs_address, cluster.gcs):
             return
         ray.shutdown()
     ray.init(address=cluster.gcs, configure_logging=False, log_to_driver=False)

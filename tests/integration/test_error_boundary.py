@@ -56,3 +56,16 @@ def test_cli_prints_a_worker_user_error_as_one_line(ray_local, monkeypatch, caps
     monkeypatch.setattr("emoji_ldm.ingest.build.build_dataset", build)
     assert cli.main(["dataset", "build", "--source", "twemoji", "--out", "/tmp/unused"]) == 2
     assert capsys.readouterr().err == "emoji-ldm: error: --thing 'x' is wrong: use 'y'\n"
+
+
+def test_the_test_process_stays_joined_across_modules(ray_local, ray_cluster):
+    """`connect` (each module's `ray_local`) keeps a connection to the session's cluster: Ray reports its GCS at
+    the node's IP, not the 127.0.0.1 it was joined at, and every module boundary used to shut the connection down
+    and join again (a shutdown racing Ray's own threads once ended the whole pytest process)."""
+    import ray
+
+    from tests.conftest import connect
+
+    job = ray.get_runtime_context().get_job_id()
+    connect(ray_cluster)
+    assert ray.get_runtime_context().get_job_id() == job, "connect() joined the same cluster again"
