@@ -263,31 +263,41 @@ def same_gcs(a: str, b: str) -> bool:
     return a.rsplit(":", 1)[-1] == b.rsplit(":", 1)[-1]
 
 
-def connect(cluster: Cluster) -> None:
-    """Join the session's cluster from this process (again, if a test left it). Already joined: nothing, so
-    a module boundary does not `ray.shutdown()` while Ray's own threads of this process (Serve's router, Ray
-    Data's stats) may still touch the worker; one that does after the shutdown ends the whole process."""
+def connect(cluster: Cluster, again: bool = False) -> None:
+    """Join the session's cluster from this process; already joined: nothing, unless `again`. Each
+    `ray.shutdown()` here is a chance for Ray's own threads of this process to touch the worker after it, and
+    one that does ends the whole pytest process (rc 1, no report), so this process re-joins only when it must."""
     import ray
 
     if ray.is_initialized():
-        if same_gcs(ray.get_runtime_context().gcs_address, cluster.gcs):
+        if same_gcs(ray.get_runtime_context().gcs_address, cluster.gcs) and not again:
             return
         ray.shutdown()
     ray.init(address=cluster.gcs, configure_logging=False, log_to_driver=False)
 
 
-def wait_until_idle(timeout: float = 120) -> None:
-    """Every CPU of the cluster free again: what a module leaves running would starve the next one."""
+def cpus_held() -> float:
     import ray
 
+    return ray.cluster_resources().get("CPU", 0) - ray.available_resources().get("CPU", 0)
+
+
+def wait_until_idle(cluster: Cluster, timeout: float = 120, settle: float = 15) -> None:
+    """Every CPU of the cluster free again: what a module leaves running would starve the next one. A module
+    whose CPUs are still held after `settle` s re-joins: a new job, so the actors this process owns end with
+    the old one (a Ray Data run that failed keeps its map workers while anything holds its executor)."""
+    deadline = time.time() + settle
+    while cpus_held() > 0 and time.time() < deadline:
+        time.sleep(0.5)
+    if cpus_held() > 0:
+        connect(cluster, again=True)
     deadline = time.time() + timeout
-    while (free := ray.available_resources().get("CPU", 0)) < (total := ray.cluster_resources().get("CPU", 0)):
+    while (held := cpus_held()) > 0:
         if time.time() > deadline:
             from ray.util.state import list_actors
 
             alive = [f"{a.class_name} ({a.state})" for a in list_actors(filters=[("state", "!=", "DEAD")], limit=100)]
-            raise AssertionError(f"{total - free} of {total} CPUs still held {timeout:.0f} s after the module; "
-                                 f"actors: {alive}")
+            raise AssertionError(f"{held} CPUs still held {timeout:.0f} s after the module; actors: {alive}")
         time.sleep(0.5)
 
 
@@ -298,7 +308,7 @@ def ray_local(ray_cluster):
     connect(ray_cluster)
     yield ray_cluster.gcs
     connect(ray_cluster)
-    wait_until_idle()
+    wait_until_idle(ray_cluster)
 
 
 @pytest.fixture(scope="module")
