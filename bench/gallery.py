@@ -2,7 +2,8 @@
 
 Each row is one prompt; each model gets `--seeds` columns (the same seeds for every model, so a column is the
 same starting noise). The first column is the real Twemoji image of that name when `--data` has one (blank for
-the unseen prompts). Writes one small PNG (for docs/).
+the unseen prompts). Every image is drawn over the checkerboard editors use for transparency, so a model that
+draws alpha shows it (an opaque model's images cover it). Writes one small PNG (for docs/).
 
     python bench/gallery.py --model small64=runs/small64 --model tiny=demo-out/run --data demo-out/twemoji \\
         --out docs/gallery-small64.png
@@ -37,7 +38,8 @@ def real_images(data: str | None, titles: list[str], size: int) -> dict[str, Ima
                                                         filter=pc.field("title").isin(titles))
     out = {}
     for title, image in zip(rows.column("title").to_pylist(), rows.column("image").to_pylist()):
-        out.setdefault(title, Image.open(io.BytesIO(image)).convert("RGB").resize((size, size)))
+        picture = Image.open(io.BytesIO(image)).convert("RGBA")  # Pillow resizes RGBA premultiplied: no fringe
+        out.setdefault(title, picture.resize((size, size), Image.Resampling.LANCZOS))
     return out
 
 
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
+    from emoji_ldm.alpha import on_checkerboard
     from emoji_ldm.inference.sampler import SampleJob, Sampler
 
     prompts = ([(p, "trained on") for p in TRAINED] + [(p, "held out") for p in HELD_OUT]
@@ -83,11 +86,11 @@ def main() -> None:
         draw.text((4, y + cell // 2 - 12), prompt, fill="black", font=font)
         draw.text((4, y + cell // 2 + 2), kind, fill="grey", font=font)
         if prompt in real:
-            sheet.paste(real[prompt], (x0, y))
+            sheet.paste(on_checkerboard(real[prompt]), (x0, y))
         x = x0 + cell + gap
         for _, images in columns:
             for image in images[r]:
-                sheet.paste(image.convert("RGB").resize((cell, cell), Image.Resampling.LANCZOS), (x, y))
+                sheet.paste(on_checkerboard(image.resize((cell, cell), Image.Resampling.LANCZOS)), (x, y))
                 x += cell
             x += gap
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
