@@ -89,7 +89,7 @@ def vae_train_loop(config: dict) -> None:
         loss_val = float(loss.detach())
         if rank == 0 and (step % 50 == 0 or step == steps):
             dt = time.perf_counter() - t0
-            print_once(f"[train-vae] step {step}/{steps} loss {loss_val:.4f} rec {float(rec_loss):.4f} "
+            print_once(f"[train-vae] step {step}/{steps} loss {loss_val:.4f} rec {float(rec_loss.detach()):.4f} "
                        f"{step * micro * world / dt:.0f} images/s")
 
     metrics = {"loss": loss_val, "steps": steps}
