@@ -21,6 +21,8 @@ from PIL import Image, ImageDraw, ImageFont
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from emoji_ldm.alpha import on_checkerboard, resize_rgba  # noqa: E402
+
 TRAINED = ("grinning face", "face with tears of joy", "smiling face with heart-eyes", "angry face", "red heart",
            "blue heart", "thumbs up", "cat face", "dog face", "pizza", "ghost")
 HELD_OUT = ("sun",)  # Twemoji in the held-out (val) split of the demo dataset: real emoji the model never saw
@@ -38,8 +40,7 @@ def real_images(data: str | None, titles: list[str], size: int) -> dict[str, Ima
                                                         filter=pc.field("title").isin(titles))
     out = {}
     for title, image in zip(rows.column("title").to_pylist(), rows.column("image").to_pylist()):
-        picture = Image.open(io.BytesIO(image)).convert("RGBA")  # Pillow resizes RGBA premultiplied: no fringe
-        out.setdefault(title, picture.resize((size, size), Image.Resampling.LANCZOS))
+        out.setdefault(title, resize_rgba(Image.open(io.BytesIO(image)), (size, size)))
     return out
 
 
@@ -54,7 +55,6 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    from emoji_ldm.alpha import on_checkerboard
     from emoji_ldm.inference.sampler import SampleJob, Sampler
 
     prompts = ([(p, "trained on") for p in TRAINED] + [(p, "held out") for p in HELD_OUT]
@@ -90,7 +90,7 @@ def main() -> None:
         x = x0 + cell + gap
         for _, images in columns:
             for image in images[r]:
-                sheet.paste(on_checkerboard(image.resize((cell, cell), Image.Resampling.LANCZOS)), (x, y))
+                sheet.paste(on_checkerboard(resize_rgba(image, (cell, cell))), (x, y))
                 x += cell
             x += gap
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
