@@ -6,13 +6,16 @@ table, and its `DEMO_BACKGROUND=white` RGB one) and trains `small64` on each:
   1. ours: RGBA Twemoji, the preset as it is (a 4-channel VAE, the model draws alpha);
   2. peer: the RGB (on white) table with `--set vae.channels=3`: `small64` as it was before RGBA.
 
-Each model: `train-vae` (the preset's steps), `encode --vae`, `train` (ZeRO-2 on 2 workers), `eval --samples
-512` with its own run's judge and again with the RGBA run's judge. Every stage is skipped when its output
-is there, and `train` continues from its last checkpoint (`--resume`), so a run stopped midway (about 3.5
-hours a model on a slow 2-core machine) goes on where it stopped when started again with the same --out.
+Each model: `train-vae` (the preset's steps), `encode --vae`, `train` (ZeRO-2 on 2 workers, `--train-steps`
+or the preset's), `eval --samples 512` with the RGBA run's judge (it sees every image on mid-grey, so both
+models are measured in one feature space) and, with `--own-judges`, again with its own run's judge. Every
+stage is skipped when its output is there, and `train` continues from its last checkpoint (`--resume`), so
+a run stopped midway (about 3.5 hours a model at the preset's steps on a slow 2-core machine) goes on where
+it stopped when started again with the same --out.
 Prints what `alpha_quality.py` prints, and each stage's wall time (`OUT/timings.json`, summed over runs).
 
     .venv/bin/python bench/alpha_small64.py --from /tmp/bench-alpha2 [--out demo-out/alpha-small64] [--only rgba]
+        [--train-steps N] [--own-judges]
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ class Stages:
         print(f"  {name}: {self.timings[name]:.0f} s", flush=True)
 
 
-def model(src: Path, out: Path, mode: str, stages: Stages) -> None:
+def model(src: Path, out: Path, mode: str, stages: Stages, train_steps: int | None) -> None:
     sets, m = ["--preset", "small64", *MODES[mode]], out / mode
     m.mkdir(parents=True, exist_ok=True)
     data = str(src / mode / "twemoji")
@@ -60,10 +63,11 @@ def model(src: Path, out: Path, mode: str, stages: Stages) -> None:
                ["train-vae", "--dataset", data, "--out", str(m / "vae"), *sets])
     stages.run(f"{mode}/encode", m / "latents" / "_delta_log",
                ["encode", "--dataset", data, "--vae", str(m / "vae"), "--out", str(m / "latents"), *sets])
+    steps = ["--max-steps", str(train_steps)] if train_steps else []
     resume = ["--resume"] if (m / "run" / "checkpoints").exists() else []
     stages.run(f"{mode}/train", m / "run" / "model" / "model_index.json",
                ["train", "--data", str(m / "latents"), "--out", str(m / "run"), "--workers", "2",
-                "--zero-stage", "2", *sets, *resume])
+                "--zero-stage", "2", "--channels-last", *sets, *steps, *resume])
 
 
 def main() -> None:
@@ -71,6 +75,10 @@ def main() -> None:
     parser.add_argument("--from", dest="src", required=True, help="a bench/alpha_quality.py --out (tables, judges)")
     parser.add_argument("--out", default="demo-out/alpha-small64")
     parser.add_argument("--only", choices=sorted(MODES), help="train only this model now (the other later)")
+    parser.add_argument("--train-steps", type=int, help="UNet steps of both models (default: the preset's 1,500); "
+                        "the VAE keeps the preset's")
+    parser.add_argument("--own-judges", action="store_true",
+                        help="also evaluate each model with its own run's judge (twice the eval time)")
     args = parser.parse_args()
     src, out = Path(args.src).resolve(), Path(args.out).resolve()
     for mode in MODES:
@@ -80,16 +88,18 @@ def main() -> None:
     stages = Stages(out)
     for mode in [args.only] if args.only else MODES:
         print(f"{mode}:", flush=True)
-        model(src, out, mode, stages)
+        model(src, out, mode, stages, args.train_steps)
     if args.only:
         return
-    got, shared = {}, {}
-    for mode in MODES:
-        got[mode] = evaluate(out / mode, src / mode / "judge", out / f"eval-{mode}.json", samples=512)
-        shared[mode] = evaluate(out / mode, src / "rgba" / "judge", out / f"eval-{mode}-rgba-judge.json",
-                                samples=512)
-    for name, r in (("own judges", got), ("the RGBA run's judge", shared)):
-        print(f"alpha_small64: small64, 512 samples, {name}")
+    results = {"the RGBA run's judge": {
+        mode: evaluate(out / mode, src / "rgba" / "judge", out / f"eval-{mode}-rgba-judge.json", samples=512)
+        for mode in MODES}}
+    if args.own_judges:
+        results["own judges"] = {mode: evaluate(out / mode, src / mode / "judge", out / f"eval-{mode}.json",
+                                                samples=512) for mode in MODES}
+    steps = f"{args.train_steps:,} UNet steps" if args.train_steps else "the preset's UNet steps"
+    for name, r in results.items():
+        print(f"alpha_small64: small64, {steps}, 512 samples, {name}")
         print(line("RGBA", r["rgba"]))
         print(line("RGB ", r["rgb"]))
         print(f"  RGBA / RGB: emoji-FID {r['rgba']['emoji_fid'] / r['rgb']['emoji_fid']:.2f} (lower is better), "
