@@ -7,15 +7,15 @@ table, and its `DEMO_BACKGROUND=white` RGB one) and trains `small64` on each:
   2. peer: the RGB (on white) table with `--set vae.channels=3`: `small64` as it was before RGBA.
 
 Each model: `train-vae` (the preset's steps), `encode --vae`, `train` (ZeRO-2 on 2 workers, `--train-steps`
-or the preset's), `eval --samples 512` with the RGBA run's judge (it sees every image on mid-grey, so both
-models are measured in one feature space) and, with `--own-judges`, again with its own run's judge. Every
-stage is skipped when its output is there, and `train` continues from its last checkpoint (`--resume`), so
-a run stopped midway (about 3.5 hours a model at the preset's steps on a slow 2-core machine) goes on where
-it stopped when started again with the same --out.
+or the preset's), `eval --samples 512` with its own run's judge (the fair pair: the RGBA run's judge, which
+sees every image on mid-grey, never saw emoji on white) and, with `--shared-judge`, the RGB model again with
+the RGBA run's judge. Every stage is skipped when its output is there, and `train` continues from its last
+checkpoint (`--resume`), so a run stopped midway (about 3.5 hours a model at the preset's steps on a slow
+2-core machine) goes on where it stopped when started again with the same --out.
 Prints what `alpha_quality.py` prints, and each stage's wall time (`OUT/timings.json`, summed over runs).
 
     .venv/bin/python bench/alpha_small64.py --from /tmp/bench-alpha2 [--out demo-out/alpha-small64] [--only rgba]
-        [--train-steps N] [--own-judges]
+        [--train-steps N] [--shared-judge]
 """
 
 from __future__ import annotations
@@ -77,8 +77,9 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(MODES), help="train only this model now (the other later)")
     parser.add_argument("--train-steps", type=int, help="UNet steps of both models (default: the preset's 1,500); "
                         "the VAE keeps the preset's")
-    parser.add_argument("--own-judges", action="store_true",
-                        help="also evaluate each model with its own run's judge (twice the eval time)")
+    parser.add_argument("--shared-judge", action="store_true",
+                        help="also evaluate the RGB model with the RGBA run's judge (one feature space, but a "
+                        "judge that never saw emoji on white)")
     args = parser.parse_args()
     src, out = Path(args.src).resolve(), Path(args.out).resolve()
     for mode in MODES:
@@ -91,12 +92,12 @@ def main() -> None:
         model(src, out, mode, stages, args.train_steps)
     if args.only:
         return
-    results = {"the RGBA run's judge": {
-        mode: evaluate(out / mode, src / "rgba" / "judge", out / f"eval-{mode}-rgba-judge.json", samples=512)
-        for mode in MODES}}
-    if args.own_judges:
-        results["own judges"] = {mode: evaluate(out / mode, src / mode / "judge", out / f"eval-{mode}.json",
-                                                samples=512) for mode in MODES}
+    results = {"own judges": {mode: evaluate(out / mode, src / mode / "judge", out / f"eval-{mode}.json",
+                                             samples=512) for mode in MODES}}
+    if args.shared_judge:  # the RGBA model's own judge is the RGBA run's: only the RGB model is evaluated again
+        results["the RGBA run's judge"] = {
+            "rgba": results["own judges"]["rgba"],
+            "rgb": evaluate(out / "rgb", src / "rgba" / "judge", out / "eval-rgb-rgba-judge.json", samples=512)}
     steps = f"{args.train_steps:,} UNet steps" if args.train_steps else "the preset's UNet steps"
     for name, r in results.items():
         print(f"alpha_small64: small64, {steps}, 512 samples, {name}")
