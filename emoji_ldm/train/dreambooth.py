@@ -198,15 +198,27 @@ def _module(unet, text_encoder, use_mask: bool):
     return DreamBoothModel()
 
 
-def _image_card(instance_uri: str) -> dict:
+def _image_card(instance_uri: str, instance_version: int) -> dict:
     """How the model gets alpha (as `encode.image_lineage`): the SD VAE has 3 channels, so transparent photos
-    are learned on the key colour (`decode_images`' default) and its images keyed from it."""
+    are learned on the key colour (`decode_images`' default) and its images keyed from it. Photos without
+    alpha (JPEG, or opaque PNG in an RGBA table) keep their own backgrounds: "none", nothing is keyed."""
     from emoji_ldm.alpha import KEY_COLOUR
     from emoji_ldm.store.delta import image_mode
 
     mode = image_mode(instance_uri)
-    return {"dataset_mode": mode, "vae_channels": 3, "alpha": "key" if mode == "RGBA" else "none",
-            "key_colour": KEY_COLOUR if mode == "RGBA" else None}
+    keyed = mode == "RGBA" and any(_has_alpha(png) for png in read_images(instance_uri, instance_version))
+    return {"dataset_mode": mode, "vae_channels": 3, "alpha": "key" if keyed else "none",
+            "key_colour": KEY_COLOUR if keyed else None}
+
+
+def _has_alpha(png: bytes) -> bool:
+    """Whether a stored photo has any pixel less than opaque."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as img:
+        return img.mode in ("RGBA", "LA") and img.getchannel("A").getextrema()[0] < 255
 
 
 def _worker(run: DreamBoothRun) -> None:
@@ -348,7 +360,7 @@ def dreambooth(config: DreamBoothConfig) -> dict:
                      "prior_loss_weight": config.prior_loss_weight, "lora_rank": config.lora_rank,
                      "train_text_encoder": config.train_text_encoder},
         "code_version": code_version(),
-        "image": _image_card(instance_uri),
+        "image": _image_card(instance_uri, instance_version),
     }
     write_json(artifact_uri(out, "config.json"), {"run": asdict(config), "base": base, "base_content_id": base_id,
                                                   "instance_table": card["instance_table"],

@@ -47,6 +47,8 @@ def test_full_then_lora_reuse_the_class_images(subject, capsys):
     card = dreambooth(_config(root, sd, photos, "full", train_text_encoder=True))
     assert card["class_generated"] == 4 and card["class_reused"] == 0
     assert len(card["instance_photos"]) == 5 and card["instance_prompt"] == "a sks cat emoji"
+    # opaque photos (JPEG, RGB PNG) in the RGBA instance table: their backgrounds are kept, nothing is keyed
+    assert card["image"] == {"dataset_mode": "RGBA", "vae_channels": 3, "alpha": "none", "key_colour": None}
     rows = [json.loads(line) for line in (root / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["prior_loss"] > 0 for r in rows)
     assert all(abs(r["loss"] - r["instance_loss"] - r["prior_loss"]) < 1e-4 for r in rows)  # weight 1.0

@@ -33,3 +33,24 @@ def test_class_actors_fit_the_gpus_with_gpu_and_the_cpus_without():
     assert class_actor_count(4, False, {"CPU": 2, "GPU": 8})[0] == 2
     with pytest.raises(UserError, match="no GPUs"):
         class_actor_count(1, True, {"CPU": 16})
+
+
+def test_the_card_keys_only_photos_with_alpha():
+    """A table built without --background stores RGBA, opaque photos too: only a photo with a pixel below opaque
+    makes the model `key` (learned on the key colour); JPEGs and opaque PNGs keep their backgrounds."""
+    import io
+
+    from PIL import Image
+
+    from emoji_ldm.train.dreambooth import _has_alpha
+
+    def png(image):
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        return buf.getvalue()
+
+    opaque = Image.new("RGBA", (8, 8), (200, 30, 30, 255))
+    cut = opaque.copy()
+    cut.putpixel((0, 0), (0, 0, 0, 0))
+    assert not _has_alpha(png(opaque)) and not _has_alpha(png(opaque.convert("RGB")))
+    assert _has_alpha(png(cut)) and _has_alpha(png(cut.convert("LA")))
