@@ -47,8 +47,8 @@ def test_full_then_lora_reuse_the_class_images(subject, capsys):
     card = dreambooth(_config(root, sd, photos, "full", train_text_encoder=True))
     assert card["class_generated"] == 4 and card["class_reused"] == 0
     assert len(card["instance_photos"]) == 5 and card["instance_prompt"] == "a sks cat emoji"
-    # opaque photos (JPEG, RGB PNG) in the RGBA instance table: their backgrounds are kept, nothing is keyed
-    assert card["image"] == {"dataset_mode": "RGBA", "vae_channels": 3, "alpha": "none", "key_colour": None}
+    # photos not square are padded with transparent bars on ingest: learned on the key colour, keyed back out
+    assert card["image"] == {"dataset_mode": "RGBA", "vae_channels": 3, "alpha": "key", "key_colour": "#00ff00"}
     rows = [json.loads(line) for line in (root / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["prior_loss"] > 0 for r in rows)
     assert all(abs(r["loss"] - r["instance_loss"] - r["prior_loss"]) < 1e-4 for r in rows)  # weight 1.0
@@ -89,6 +89,24 @@ def test_full_then_lora_reuse_the_class_images(subject, capsys):
     ({"lora_rank": 0}, "--lora-rank must be 1-256"),
     ({"base": "{root}/no-model"}, "no model at"),
 ])
+def test_square_opaque_photos_keep_their_backgrounds(subject, tmp_path):
+    """JPEGs and opaque PNGs fill the square: the RGBA instance table holds no alpha, the card says none (it
+    once said key for every RGBA table, and generation keyed photos' backgrounds)."""
+    from emoji_ldm.train.dreambooth import _image_card
+    from emoji_ldm.train.dreambooth_data import instance_table
+
+    root, sd, _ = subject
+    photos = tmp_path / "square"
+    photos.mkdir()
+    for i in range(3):
+        image = Image.new("RGB", (48, 48), (160 + 30 * i, 200, 120))
+        image.paste((220, 30, 30), (8, 8, 32, 32))
+        image.save(photos / f"photo-{i}.{'jpg' if i % 2 else 'png'}")
+    uri, version, _ = instance_table(_config(root, sd, photos, "square"), str(tmp_path / "run"), 32)
+    assert _image_card(uri, version) == {"dataset_mode": "RGBA", "vae_channels": 3, "alpha": "none",
+                                         "key_colour": None}
+
+
 def test_bad_input_is_refused_and_nothing_is_written(subject, kwargs, text):
     root, sd, photos = subject
     few = root / "few"
