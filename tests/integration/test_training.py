@@ -47,7 +47,7 @@ def test_tiny_pipeline_zero2_end_to_end(tiny):
 
     pipe = StableDiffusionPipeline.from_pretrained(out / "model", safety_checker=None)
     image = pipe("red heart", num_inference_steps=2, height=32, width=32, output_type="pil").images[0]
-    assert image.size == (32, 32)
+    assert image.size == (32, 32) and image.mode == "RGBA"  # the 4-channel VAE's alpha, through plain diffusers
 
     # TensorBoard: rank 0's scalars and validation grids, readable by TensorBoard's own reader
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

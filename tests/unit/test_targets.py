@@ -37,11 +37,14 @@ def test_fit_sizes_keeps_alpha_and_lineage(name):
 
 def test_raw_is_as_drawn_and_a_tight_limit_quantizes():
     assert fit(drawn(), TARGETS["raw"]) == drawn()
-    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 4), dtype=np.uint8), "RGBA")
-    png = encode_png(noisy)
+    pixels = np.random.default_rng(0).integers(0, 255, (128, 128, 4), dtype=np.uint8)
+    pixels[:32, :, 3] = 0  # a transparent band: the palette PNG keeps it (tRNS)
+    png = encode_png(Image.fromarray(pixels, "RGBA"))
     tight = Target("tight", 128, len(png) // 2)
     out = fit(png, tight)
-    assert len(out) <= tight.max_bytes and Image.open(io.BytesIO(out)).size == (128, 128)
+    small = Image.open(io.BytesIO(out)).convert("RGBA")
+    assert len(out) <= tight.max_bytes and small.size == (128, 128)
+    assert np.asarray(small)[:32, :, 3].max() == 0 and np.asarray(small)[32:, :, 3].max() > 0
     with pytest.raises(UserError, match="over tiny's"):
         fit(png, Target("tiny", 128, 100))
     with pytest.raises(UserError, match="'teams'"):
