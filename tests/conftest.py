@@ -408,7 +408,8 @@ def png_bytes(color=(255, 0, 0, 255), size=(40, 30), mode="RGBA") -> bytes:
 
 
 def make_bad_corpus(folder: Path) -> dict[str, str | None]:
-    """Good and bad images on disk: file name -> expected reject reason (None = accepted)."""
+    """Good and bad images on disk: file name -> expected reject reason (None = accepted). Of the accepted, two
+    have alpha (palette_trns.png, grey_alpha.png) and five are opaque."""
     import numpy as np
     from PIL import Image
 
@@ -451,6 +452,14 @@ def make_bad_corpus(folder: Path) -> dict[str, str | None]:
     expected["good.png"] = None
     Image.new("RGB", (20, 40), (0, 0, 200)).save(folder / "tall.webp", format="WEBP")
     expected["tall.webp"] = None
+
+    Image.new("RGBA", (16, 16), (255, 0, 0, 0)).save(folder / "clear.png")  # alpha 0 everywhere: nothing to see
+    expected["clear.png"] = "fully_transparent"
+
+    la = Image.new("LA", (24, 24), (0, 0))  # grey with alpha: kept transparent
+    la.paste((180, 255), (6, 6, 18, 18))
+    la.save(folder / "grey_alpha.png")
+    expected["grey_alpha.png"] = None
     return expected
 
 

@@ -91,6 +91,26 @@ def test_dir_source_bad_corpus(ray_local, tmp_path):
     by_file = {r["source_url"].rsplit("/", 1)[1]: r["reason"] for r in rejects}
     assert by_file == {n: r for n, r in expected.items() if r}
     assert all(r["detail"] for r in rejects)
+    assert summary.alpha == {"opaque": 5, "transparent": 2}  # accepted images by what happened to their alpha
+
+    # --key-background through a build: a flat JPEG background becomes alpha, a busy photo stays opaque; counted
+    import numpy as np
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    flat = Image.new("RGB", (48, 48), "white")
+    flat.paste((220, 30, 30), (12, 12, 36, 36))
+    flat.save(photos / "flat.jpg", quality=90)
+    noise = np.random.default_rng(0).integers(0, 255, (12, 12, 3), dtype=np.uint8)
+    Image.fromarray(noise).resize((48, 48), Image.Resampling.BICUBIC).save(photos / "busy.jpg", quality=90)
+    keyed_out = str(tmp_path / "keyed")
+    keyed = build_dataset(BuildConfig(source=f"dir:{photos}", out=keyed_out,
+                                      image=ImageConfig(size=32, key_background=True)))
+    assert keyed.alpha == {"keyed": 1, "busy_border": 1} and keyed.added == 2
+    stored = {r["source_url"].rsplit("/", 1)[1]: Image.open(io.BytesIO(r["image"]))
+              for r in DeltaTable(keyed_out).to_pyarrow_table(columns=["source_url", "image"]).to_pylist()}
+    assert stored["flat.jpg"].getpixel((1, 1))[3] == 0 and stored["flat.jpg"].getpixel((16, 16))[3] == 255
+    assert stored["busy.jpg"].getchannel("A").getextrema() == (255, 255)  # never cut into a photo
 
 
 def test_urls_source_with_misbehaving_server(ray_local, tmp_path, http_site):
