@@ -120,13 +120,17 @@ def nearest_mse(samples: np.ndarray, train: np.ndarray) -> np.ndarray:
 
 
 def clip_score(folder: str, images, prompts: list[str]) -> float:
+    """CLIP's image-text similarity x 100, every image on mid-grey as the judge and emoji-FID see it (CLIP's
+    processor alone composites RGBA onto white)."""
     import torch
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    from emoji_ldm.alpha import composite
 
     model = CLIPModel.from_pretrained(folder).eval()
     tok, proc = CLIPTokenizer.from_pretrained(folder), CLIPImageProcessor.from_pretrained(folder)
     with torch.no_grad():
-        img = model.get_image_features(**proc(images=images, return_tensors="pt"))
+        img = model.get_image_features(**proc(images=[composite(im) for im in images], return_tensors="pt"))
         txt = model.get_text_features(**tok(prompts, padding=True, truncation=True, return_tensors="pt"))
     # transformers 5 returns model outputs whose pooler_output holds the projected features
     img, txt = getattr(img, "pooler_output", img), getattr(txt, "pooler_output", txt)

@@ -164,3 +164,14 @@ def test_checkerboard_shows_transparency():
 def test_metadata_caption_of_an_rgba_emoji():
     text = describe(encoded(disc(64)), "red circle", "symbols")
     assert text == "red circle emoji (symbols), bright red, on a transparent background"
+
+
+def test_clip_score_sees_images_on_mid_grey(tmp_path):
+    """As the judge and emoji-FID do; CLIP's processor alone would composite an RGBA image onto white."""
+    from emoji_ldm.eval.evaluate import clip_score
+    from tests.tiny_models import tiny_clip_model
+
+    clip, emoji, prompt = str(tiny_clip_model(tmp_path / "clip")), disc(32), ["blue dog face"]
+    score = clip_score(clip, [emoji], prompt)  # the tiny random CLIP scores this prompt above 0 (not clamped)
+    assert score > 0 and score == pytest.approx(clip_score(clip, [composite(emoji)], prompt))
+    assert score != pytest.approx(clip_score(clip, [composite(emoji, "white")], prompt))
