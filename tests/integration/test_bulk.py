@@ -81,11 +81,22 @@ def test_bulk_to_s3_from_a_csv(s3_server, ray_local, model, tmp_path):
     csv = tmp_path / "prompts.csv"
     csv.write_text("prompt,notes\nred heart,x\nblue heart,y\n")
     bulk_generate(BulkConfig(model=model, prompts=str(csv), out="s3://bulk/run",
-                             sampler=SamplerSettings(count=3, steps=2)))
+                             sampler=SamplerSettings(count=3, steps=2), target="slack"))
     _, rows = manifest("s3://bulk/run/manifest")
     assert len(rows) == 6 and all(r["uri"].startswith("s3://bulk/run/images/") for r in rows)
     keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket="bulk", Prefix="run/images/")["Contents"]]
     assert len(keys) == 6
+    # ready for Slack: 128 x 128 RGBA under 128 KB, upload names unique per prompt, an alias each
+    names = sorted(r["name"] for r in rows)
+    assert names == ["blue_heart", "blue_heart_2", "blue_heart_3", "red_heart", "red_heart_2", "red_heart_3"]
+    assert all(r["alias"] == f":{r['name']}:" and r["target"] == "slack" for r in rows)
+    import io
+
+    from PIL import Image
+
+    body = s3_server.client().get_object(Bucket="bulk", Key=keys[0])["Body"].read()
+    assert len(body) <= 128 * 1024 and Image.open(io.BytesIO(body)).size == (128, 128)
+    assert Image.open(io.BytesIO(body)).mode in ("RGBA", "P")
 
 
 def test_bulk_bad_input(model, tmp_path, cli_in_process):
@@ -105,6 +116,7 @@ def test_bulk_bad_input(model, tmp_path, cli_in_process):
          "sampler setting scheduler must be one of dpmpp, ddim, ddpm, got 'euler'"),
         (["--model", model, "--prompts", str(good), "--per-prompt", "0"],
          "sampler setting count must be a whole number from 1 to 64, got 0"),
+        (["--model", model, "--prompts", str(good), "--target", "teams"], "'teams'"),
     ]
     for args, message in cases:
         code, err = cli_in_process("bulk", *args, "--out", str(tmp_path / "out"))
