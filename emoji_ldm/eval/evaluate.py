@@ -295,24 +295,36 @@ def inception_metric(path: str):
                         f"{str(e).splitlines()[0][:200]})") from None
 
 
-def vae_reconstruction(vae, images, size: int, key_colour: str, batch: int = 64) -> dict:
-    """The VAE's reconstruction MSE of `images` in [-1, 1] pixels, colour and alpha apart (alpha None for a
-    3-channel VAE, which sees the images on its key colour)."""
+def vae_reconstruction(vae, images, size: int, key_colour: str, batch: int = 64, alpha=None) -> dict:
+    """The VAE's reconstruction MSE of `images` in [-1, 1] pixels, colour and alpha apart. A 3-channel VAE sees
+    the images on `key_colour`; when the model's alpha is keyed (`alpha`, its card's `ImageAlpha`: "key"), its
+    alpha error is that of keying each reconstruction as inference does, against the true alpha, and None for
+    an opaque model."""
     import torch
+    from PIL import Image
 
     from emoji_ldm.alpha import model_pixels
+    from emoji_ldm.inference.sampler import to_rgba
 
     channels = vae.config.in_channels
-    rgb, alpha, n = 0.0, 0.0, 0
+    keyed = channels == 3 and alpha is not None and alpha.alpha == "key"
+    rgb, alpha_se, n = 0.0, 0.0, 0
     for i in range(0, len(images), batch):
         x = np.stack([model_pixels(im, size, channels, key_colour) for im in images[i:i + batch]])
         x = torch.from_numpy(x).to(vae.device, vae.dtype)  # (B, C, H, W)
         with torch.no_grad():
             y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         rgb += float(((y[:, :3] - x[:, :3]) ** 2).mean()) * len(x)
-        alpha += float(((y[:, 3] - x[:, 3]) ** 2).mean()) * len(x) if channels == 4 else 0.0
+        if channels == 4:
+            alpha_se += float(((y[:, 3] - x[:, 3]) ** 2).mean()) * len(x)
+        elif keyed:  # key the reconstructions, (B, H, W) alpha against the images' own
+            drawn = ((y.float().permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
+            got = np.stack([np.asarray(to_rgba(Image.fromarray(d, "RGB"), alpha))[..., 3] for d in drawn])
+            truth = np.stack([model_pixels(im, size, 4, None)[3] for im in images[i:i + batch]])
+            alpha_se += float(((got / 127.5 - 1.0 - truth) ** 2).mean()) * len(x)
         n += len(x)
-    return {"channels": channels, "rgb_mse": rgb / n, "alpha_mse": alpha / n if channels == 4 else None}
+    return {"channels": channels, "rgb_mse": rgb / n,
+            "alpha_mse": alpha_se / n if channels == 4 or keyed else None, "alpha_keyed": keyed}
 
 
 def generate_samples(pipe, prompts: list[str], s, batch: int = 64, alpha=None) -> list:
@@ -358,14 +370,15 @@ def evaluate(config: EvalConfig) -> dict:
         report.update(val_rows=val.num_rows, timesteps=list(TIMESTEPS), heldout_loss=heldout_loss(
             pipe.unet, noise_scheduler(preset), torch.from_numpy(decoded["latent"]).float(),
             torch.from_numpy(decoded["text_emb"]).float(), seed=s.seed))
-        images = generate_samples(pipe, prompts, s, alpha=ImageAlpha.of(model_card(config.model)))
+        image_alpha = ImageAlpha.of(model_card(config.model))
+        images = generate_samples(pipe, prompts, s, alpha=image_alpha)
         size = images[0].size[0]
         sample_px = np.stack([np.asarray(composite(im), dtype=np.float32).ravel() / 255.0 for im in images])
         nearest = nearest_training_mse(meta, sample_px, size)
         report.update(near_copy_share=float((nearest < config.near_copy).mean()), near_copy_threshold=config.near_copy,
                       nearest_mse_median=float(np.median(nearest)))
         report["vae_reconstruction"] = vae_reconstruction(pipe.vae, heldout["image"], size,
-                                                          preset.vae.key_colour)
+                                                          preset.vae.key_colour, alpha=image_alpha)
     report["alpha"] = {"real": alpha_figures(heldout["image"]), "samples": alpha_figures(images)}
 
     if judge is not None:
@@ -422,7 +435,8 @@ def format_report(r: dict) -> str:
     if r.get("vae_reconstruction"):
         v = r["vae_reconstruction"]
         lines.append(f"  VAE reconstruction MSE of the held-out images ({v['channels']} channels): colour "
-                     f"{v['rgb_mse']:.4f}, alpha {num(v['alpha_mse'], '.4f', 'n/a (an RGB VAE, keyed)')}")
+                     f"{v['rgb_mse']:.4f}, alpha {num(v['alpha_mse'], '.4f', 'n/a (opaque images)')}"
+                     f"{' (keyed from the key colour)' if v.get('alpha_keyed') else ''}")
     if r.get("alpha"):
         a = r["alpha"]
         lines.append("  transparency (samples | real): transparent border "

@@ -175,3 +175,21 @@ def test_clip_score_sees_images_on_mid_grey(tmp_path):
     score = clip_score(clip, [emoji], prompt)  # the tiny random CLIP scores this prompt above 0 (not clamped)
     assert score > 0 and score == pytest.approx(clip_score(clip, [composite(emoji)], prompt))
     assert score != pytest.approx(clip_score(clip, [composite(emoji, "white")], prompt))
+
+
+def test_vae_reconstruction_reports_a_keyed_models_alpha(tmp_path):
+    """A 3-channel VAE sees emoji on the key colour; a keyed model's alpha error is that of keying its
+    reconstructions (as inference does) against the true alpha, and an opaque model has none."""
+    from diffusers import AutoencoderKL
+
+    from emoji_ldm.alpha import KEY_COLOUR
+    from emoji_ldm.eval.evaluate import vae_reconstruction
+    from emoji_ldm.inference.sampler import ImageAlpha
+    from tests.tiny_models import tiny_sd_vae
+
+    vae = AutoencoderKL.from_pretrained(tiny_sd_vae(tmp_path / "vae")).eval()
+    images = [disc(32), disc(32, colour=(40, 40, 230))]
+    keyed = vae_reconstruction(vae, images, 32, KEY_COLOUR, alpha=ImageAlpha("key", KEY_COLOUR))
+    opaque = vae_reconstruction(vae, images, 32, KEY_COLOUR, alpha=ImageAlpha("none"))
+    assert keyed["channels"] == 3 and keyed["alpha_keyed"] and 0 <= keyed["alpha_mse"] <= 4
+    assert opaque["alpha_mse"] is None and not opaque["alpha_keyed"] and opaque["rgb_mse"] == keyed["rgb_mse"]
