@@ -83,12 +83,6 @@ def test_full_then_lora_reuse_the_class_images(subject, capsys):
     assert [png for png, _ in mine] != [png for png, _ in plain] and mine[0][1]["adapter"] == "my-cat"
 
 
-@pytest.mark.parametrize("kwargs, text", [
-    ({"instance_data": "dir:{few}"}, "gave 2 usable photos: DreamBooth takes 3 to 1000"),
-    ({"class_prompt": "a sks cat emoji"}, "equals --instance-prompt"),
-    ({"lora_rank": 0}, "--lora-rank must be 1-256"),
-    ({"base": "{root}/no-model"}, "no model at"),
-])
 def test_square_opaque_photos_keep_their_backgrounds(subject, tmp_path):
     """JPEGs and opaque PNGs fill the square: the RGBA instance table holds no alpha, the card says none (it
     once said key for every RGBA table, and generation keyed photos' backgrounds)."""
@@ -107,6 +101,12 @@ def test_square_opaque_photos_keep_their_backgrounds(subject, tmp_path):
                                          "key_colour": None}
 
 
+@pytest.mark.parametrize("kwargs, text", [
+    ({"instance_data": "dir:{few}"}, "gave 2 usable photos: DreamBooth takes 3 to 1000"),
+    ({"class_prompt": "a sks cat emoji"}, "equals --instance-prompt"),
+    ({"lora_rank": 0}, "--lora-rank must be 1-256"),
+    ({"base": "{root}/no-model"}, "no model at"),
+])
 def test_bad_input_is_refused_and_nothing_is_written(subject, kwargs, text):
     root, sd, photos = subject
     few = root / "few"
