@@ -37,6 +37,7 @@ from emoji_ldm.train.dreambooth_data import (
     MAX_CLASS_IMAGES,
     class_images,
     instance_table,
+    iter_images,
     pipeline_image_size,
     read_images,
 )
@@ -206,7 +207,7 @@ def _image_card(instance_uri: str, instance_version: int) -> dict:
     from emoji_ldm.store.delta import image_mode
 
     mode = image_mode(instance_uri)
-    keyed = mode == "RGBA" and any(_has_alpha(png) for png in read_images(instance_uri, instance_version))
+    keyed = mode == "RGBA" and any(_has_alpha(png) for png in iter_images(instance_uri, instance_version))
     return {"dataset_mode": mode, "vae_channels": 3, "alpha": "key" if keyed else "none",
             "key_colour": KEY_COLOUR if keyed else None}
 

@@ -40,6 +40,16 @@ def read_images(uri: str, version: int, filter_=None, limit: int | None = None) 
     return table.column("image").to_pylist()
 
 
+def iter_images(uri: str, version: int, batch_size: int = 16):
+    """The PNG bytes of a table, `batch_size` at a time: one batch in memory, not the table."""
+    from emoji_ldm.store.delta import open_table
+    from emoji_ldm.store.uri import DatasetRef
+
+    dataset = open_table(DatasetRef(uri, version=version)).to_pyarrow_dataset()
+    for batch in dataset.to_batches(columns=["image"], batch_size=batch_size):
+        yield from batch.column("image").to_pylist()
+
+
 def pipeline_image_size(base: str) -> int:
     """The base pipeline's resolution in pixels, from its configs alone (unet sample_size x the VAE's factor)."""
     from emoji_ldm.store.artifacts import read_json
