@@ -299,16 +299,19 @@ def vae_reconstruction(vae, images, size: int, key_colour: str, batch: int = 64,
     """The VAE's reconstruction MSE of `images` in [-1, 1] pixels, colour and alpha apart. A 3-channel VAE sees
     the images on `key_colour`; when the model's alpha is keyed (`alpha`, its card's `ImageAlpha`: "key"), its
     alpha error is that of keying each reconstruction as inference does, against the true alpha, and None for
-    an opaque model."""
+    an opaque model. `visible_mse`: what a viewer sees, the reconstruction (keyed, for a keyed model) on
+    mid-grey against the image on mid-grey; the colour of a 4-channel VAE's (nearly) transparent pixels, which
+    `rgb_mse` counts, shows in it only as much as it shows."""
     import torch
     from PIL import Image
 
     from emoji_ldm.alpha import model_pixels
     from emoji_ldm.inference.sampler import to_rgba
+    from emoji_ldm.models.builders import on_grey
 
     channels = vae.config.in_channels
     keyed = channels == 3 and alpha is not None and alpha.alpha == "key"
-    rgb, alpha_se, n = 0.0, 0.0, 0
+    rgb, alpha_se, visible, n = 0.0, 0.0, 0.0, 0
     for i in range(0, len(images), batch):
         x = np.stack([model_pixels(im, size, channels, key_colour) for im in images[i:i + batch]])
         x = torch.from_numpy(x).to(vae.device, vae.dtype)  # (B, C, H, W)
@@ -317,14 +320,20 @@ def vae_reconstruction(vae, images, size: int, key_colour: str, batch: int = 64,
         rgb += float(((y[:, :3] - x[:, :3]) ** 2).mean()) * len(x)
         if channels == 4:
             alpha_se += float(((y[:, 3] - x[:, 3]) ** 2).mean()) * len(x)
-        elif keyed:  # key the reconstructions, (B, H, W) alpha against the images' own
+            visible += float(((on_grey(y.float()) - on_grey(x.float())) ** 2).mean()) * len(x)
+        elif keyed:  # key the reconstructions, (B, H, W, 4) RGBA against the images' own
             drawn = ((y.float().permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
-            got = np.stack([np.asarray(to_rgba(Image.fromarray(d, "RGB"), alpha))[..., 3] for d in drawn])
-            truth = np.stack([model_pixels(im, size, 4, None)[3] for im in images[i:i + batch]])
-            alpha_se += float(((got / 127.5 - 1.0 - truth) ** 2).mean()) * len(x)
+            got = np.stack([np.asarray(to_rgba(Image.fromarray(d, "RGB"), alpha)) for d in drawn])
+            got = torch.from_numpy(got.transpose(0, 3, 1, 2) / 127.5 - 1.0).float()  # (B, 4, H, W)
+            truth = torch.from_numpy(np.stack([model_pixels(im, size, 4, None) for im in images[i:i + batch]]))
+            alpha_se += float(((got[:, 3] - truth[:, 3]) ** 2).mean()) * len(x)
+            visible += float(((on_grey(got) - on_grey(truth)) ** 2).mean()) * len(x)
+        else:  # opaque: seen as it is
+            visible += float(((y[:, :3] - x[:, :3]) ** 2).mean()) * len(x)
         n += len(x)
     return {"channels": channels, "rgb_mse": rgb / n,
-            "alpha_mse": alpha_se / n if channels == 4 or keyed else None, "alpha_keyed": keyed}
+            "alpha_mse": alpha_se / n if channels == 4 or keyed else None, "alpha_keyed": keyed,
+            "visible_mse": visible / n}
 
 
 def generate_samples(pipe, prompts: list[str], s, batch: int = 64, alpha=None) -> list:
@@ -436,7 +445,8 @@ def format_report(r: dict) -> str:
         v = r["vae_reconstruction"]
         lines.append(f"  VAE reconstruction MSE of the held-out images ({v['channels']} channels): colour "
                      f"{v['rgb_mse']:.4f}, alpha {num(v['alpha_mse'], '.4f', 'n/a (opaque images)')}"
-                     f"{' (keyed from the key colour)' if v.get('alpha_keyed') else ''}")
+                     f"{' (keyed from the key colour)' if v.get('alpha_keyed') else ''}"
+                     + (f", as seen on mid-grey {v['visible_mse']:.4f}" if v.get("visible_mse") is not None else ""))
     if r.get("alpha"):
         a = r["alpha"]
         lines.append("  transparency (samples | real): transparent border "

@@ -192,6 +192,18 @@ def count_params(module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
+def premultiplied(x: torch.Tensor) -> torch.Tensor:
+    """(B, 4, H, W) straight RGBA in [-1, 1] -> the same with colour x alpha (a transparent pixel: black)."""
+    alpha = (x[:, 3:] + 1) / 2  # (B, 1, H, W) in [0, 1]
+    return torch.cat([((x[:, :3] + 1) / 2 * alpha) * 2 - 1, x[:, 3:]], dim=1)
+
+
+def on_grey(x: torch.Tensor) -> torch.Tensor:
+    """(B, 4, H, W) straight RGBA in [-1, 1] -> (B, 3, H, W): composited on mid-grey (0), as eval sees it."""
+    alpha = (x[:, 3:] + 1) / 2
+    return x[:, :3] * alpha
+
+
 class VAEWithLoss(torch.nn.Module):
     """forward() returns (reconstruction, KL per image) so DDP syncs gradients as usual."""
 

@@ -45,6 +45,9 @@ class VAESpec:
     # a 3-channel VAE: transparent training images are composited onto this colour (one emoji rarely use: the
     # chroma-key convention), and generated images keyed from it
     key_colour: str = KEY_COLOUR
+    # a 4-channel VAE's colour loss: "premultiplied" (colour x alpha, what any background shows: the colour of a
+    # nearly transparent pixel costs as little as it shows) or "straight" (every pixel's colour, seen or not)
+    colour_loss: str = "straight"
     latent_channels: int = 4
     scaling_factor: float | None = None  # None: 1/std of the latents, measured after stage-1 training
     # stage 1 (own VAE only). A 4-channel VAE needs about twice a 3-channel one's steps for the same colour
@@ -57,6 +60,8 @@ class VAESpec:
     def __post_init__(self):
         if self.channels not in (3, 4):
             raise UserError(f"vae.channels must be 4 (RGBA) or 3 (RGB), got {self.channels!r}")
+        if self.colour_loss not in ("premultiplied", "straight"):
+            raise UserError(f"vae.colour_loss must be premultiplied or straight, got {self.colour_loss!r}")
         from PIL import ImageColor
 
         try:

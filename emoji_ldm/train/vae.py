@@ -46,13 +46,27 @@ class VAETrainConfig(PresetOptions):
         return preset
 
 
+def reconstruction_loss(recon, x, colour_loss: str = "straight"):
+    """MSE + 0.5 L1 of (B, C, H, W) pixels in [-1, 1]. A 4-channel VAE's with `colour_loss` "premultiplied"
+    compares colour x alpha (and alpha): a pixel's colour costs as much as it shows on any background, so
+    the colour hidden under nearly transparent edge pixels (noisy after a premultiplied resize) costs
+    nothing."""
+    import torch
+
+    from emoji_ldm.models.builders import premultiplied
+
+    if x.shape[1] == 4 and colour_loss == "premultiplied":
+        recon, x = premultiplied(recon), premultiplied(x)
+    return torch.nn.functional.mse_loss(recon, x) + 0.5 * torch.nn.functional.l1_loss(recon, x)
+
+
 def vae_train_loop(config: dict) -> None:
     """Ray Train worker (`runner.fit`): DDP over the in-memory image shard."""
     import ray.train
     import torch
     from ray.train.torch import prepare_model
 
-    from emoji_ldm.models.builders import VAEWithLoss, build_vae
+    from emoji_ldm.models.builders import VAEWithLoss, build_vae, on_grey
     from emoji_ldm.train.data import shard_to_numpy
     from emoji_ldm.train.metrics import print_once
 
@@ -79,7 +93,7 @@ def vae_train_loop(config: dict) -> None:
         idx = torch.randint(0, len(pixels), (micro,), generator=gen)
         x = pixels[idx].to(device).float()  # (B, C, H, W) in [-1, 1], C = vae.channels (4: RGBA)
         recon, kl = model(x, gen if device.type == "cpu" else None)  # (B, C, H, W), (B,)
-        rec_loss = torch.nn.functional.mse_loss(recon, x) + 0.5 * torch.nn.functional.l1_loss(recon, x)
+        rec_loss = reconstruction_loss(recon, x, spec.colour_loss)
         loss = rec_loss + spec.kl_weight * kl.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -104,10 +118,14 @@ def vae_train_loop(config: dict) -> None:
             recon_mse = float(torch.nn.functional.mse_loss(recon, sample))
             # colour and alpha apart: the autoencoder is the ceiling of everything after it
             recon_rgb = float(torch.nn.functional.mse_loss(recon[:, :3], sample[:, :3]))
-            recon_alpha = (float(torch.nn.functional.mse_loss(recon[:, 3], sample[:, 3]))
-                           if sample.shape[1] == 4 else None)
+            four = sample.shape[1] == 4
+            recon_alpha = float(torch.nn.functional.mse_loss(recon[:, 3], sample[:, 3])) if four else None
+            # what a viewer sees: the reconstruction on mid-grey against the image on mid-grey
+            recon_visible = float(torch.nn.functional.mse_loss(on_grey(recon.clamp(-1, 1)), on_grey(sample))) \
+                if four else recon_rgb
         inner.register_to_config(scaling_factor=scale)
-        metrics.update(scaling_factor=scale, recon_mse=recon_mse, recon_mse_rgb=recon_rgb, recon_mse_alpha=recon_alpha)
+        metrics.update(scaling_factor=scale, recon_mse=recon_mse, recon_mse_rgb=recon_rgb, recon_mse_alpha=recon_alpha,
+                       recon_mse_visible=recon_visible)
         with tempfile.TemporaryDirectory() as tmp:
             inner.save_pretrained(tmp)
             with open(f"{tmp}/metrics.json", "w") as f:

@@ -193,3 +193,28 @@ def test_vae_reconstruction_reports_a_keyed_models_alpha(tmp_path):
     opaque = vae_reconstruction(vae, images, 32, KEY_COLOUR, alpha=ImageAlpha("none"))
     assert keyed["channels"] == 3 and keyed["alpha_keyed"] and 0 <= keyed["alpha_mse"] <= 4
     assert opaque["alpha_mse"] is None and not opaque["alpha_keyed"] and opaque["rgb_mse"] == keyed["rgb_mse"]
+    # as seen: an opaque model's images are seen as drawn; a keyed one's after keying, on mid-grey
+    assert opaque["visible_mse"] == opaque["rgb_mse"] and 0 <= keyed["visible_mse"] <= 4
+
+
+def test_premultiplied_colour_loss_ignores_what_no_background_shows():
+    """A 4-channel VAE's colour loss: with "premultiplied", a wrong colour under a transparent pixel costs
+    nothing and under a half-transparent one half as much (what any background shows); "straight" charges
+    every pixel's colour alike. What eval calls visible (on mid-grey) agrees."""
+    import torch
+
+    from emoji_ldm.models.builders import on_grey
+    from emoji_ldm.train.vae import reconstruction_loss
+
+    x = torch.full((1, 4, 4, 4), 0.5)  # (B, C, H, W) in [-1, 1]: colour 0.5
+    x[:, 3, :2], x[:, 3, 2:] = -1.0, 0.0  # the top half transparent, the bottom half alpha 0.5
+    hidden = x.clone()
+    hidden[:, :3, :2] = -0.7  # another colour where alpha is 0
+    half = x.clone()
+    half[:, :3, 2:] = -0.7  # and where it is 0.5
+    assert float(reconstruction_loss(hidden, x, "premultiplied")) == 0.0
+    assert float(reconstruction_loss(hidden, x, "straight")) > 0.0
+    assert 0.0 < float(reconstruction_loss(half, x, "premultiplied")) < float(reconstruction_loss(half, x, "straight"))
+    assert float(((on_grey(hidden) - on_grey(x)) ** 2).mean()) == 0.0
+    # a 3-channel VAE's loss is its pixels' whatever the option
+    assert float(reconstruction_loss(hidden[:, :3], x[:, :3], "premultiplied")) > 0.0

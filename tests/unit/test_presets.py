@@ -39,6 +39,7 @@ def test_presets_round_trip_and_overrides():
     ("tiny", ["image_size=30"], "multiple of 8"),
     ("tiny", ["train.caption_dropout=1.5"], "caption_dropout"),
     ("tiny", ["unet.block_out_channels=32,64,64"], "down_block_types has 2 entries"),
+    ("tiny", ["vae.colour_loss=visible"], "vae.colour_loss must be premultiplied or straight, got 'visible'"),
 ])
 def test_bad_presets(name, sets, text):
     with pytest.raises(UserError, match=text):
