@@ -14,8 +14,11 @@ checkpoint (`--resume`), so a run stopped midway (about 3.5 hours a model at the
 2-core machine) goes on where it stopped when started again with the same --out.
 Prints what `alpha_quality.py` prints, and each stage's wall time (`OUT/timings.json`, summed over runs).
 
-    .venv/bin/python bench/alpha_small64.py --from /tmp/bench-alpha2 [--out demo-out/alpha-small64] [--only rgba]
-        [--train-steps N] [--shared-judge]
+    .venv/bin/python bench/alpha_small64.py --from /tmp/bench-alpha2 [--out demo-out/alpha-small64]
+        [--only rgba|rgb|rgba-premultiplied] [--train-steps N] [--shared-judge]
+
+A model's evaluation is skipped too when its `eval-MODE.json` is there; the figures printed are of every
+model evaluated in --out, each against the RGB peer.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ from pathlib import Path
 
 from alpha_quality import BIN, evaluate, line
 
-MODES = {"rgba": [], "rgb": ["--set", "vae.channels=3"]}
+# model: (its table and judge, its preset overrides); the pair is rgba and rgb, `--only` trains any one
+MODES = {"rgba": ("rgba", []), "rgb": ("rgb", ["--set", "vae.channels=3"]),
+         "rgba-premultiplied": ("rgba", ["--set", "vae.colour_loss=premultiplied"])}
+PAIR = ("rgba", "rgb")
 
 
 class Stages:
@@ -56,9 +62,10 @@ class Stages:
 
 
 def model(src: Path, out: Path, mode: str, stages: Stages, train_steps: int | None) -> None:
-    sets, m = ["--preset", "small64", *MODES[mode]], out / mode
+    table, extra = MODES[mode]
+    sets, m = ["--preset", "small64", *extra], out / mode
     m.mkdir(parents=True, exist_ok=True)
-    data = str(src / mode / "twemoji")
+    data = str(src / table / "twemoji")
     stages.run(f"{mode}/train-vae", m / "vae" / "vae_card.json",
                ["train-vae", "--dataset", data, "--out", str(m / "vae"), *sets])
     stages.run(f"{mode}/encode", m / "latents" / "_delta_log",
@@ -74,7 +81,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--from", dest="src", required=True, help="a bench/alpha_quality.py --out (tables, judges)")
     parser.add_argument("--out", default="demo-out/alpha-small64")
-    parser.add_argument("--only", choices=sorted(MODES), help="train only this model now (the other later)")
+    parser.add_argument("--only", choices=sorted(MODES), help="train and evaluate only this model now (the pair's "
+                        "other later; rgba-premultiplied: the RGBA model with vae.colour_loss=premultiplied)")
     parser.add_argument("--train-steps", type=int, help="UNet steps of both models (default: the preset's 1,500); "
                         "the VAE keeps the preset's")
     parser.add_argument("--shared-judge", action="store_true",
@@ -82,29 +90,33 @@ def main() -> None:
                         "judge that never saw emoji on white)")
     args = parser.parse_args()
     src, out = Path(args.src).resolve(), Path(args.out).resolve()
-    for mode in MODES:
-        if not (src / mode / "twemoji" / "_delta_log").exists() or not (src / mode / "judge").exists():
-            raise SystemExit(f"--from {src}: no {mode}/twemoji table or {mode}/judge (run bench/alpha_quality.py)")
+    for table in ("rgba", "rgb"):
+        if not (src / table / "twemoji" / "_delta_log").exists() or not (src / table / "judge").exists():
+            raise SystemExit(f"--from {src}: no {table}/twemoji table or {table}/judge (run bench/alpha_quality.py)")
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out)
-    for mode in [args.only] if args.only else MODES:
+    for mode in [args.only] if args.only else PAIR:
         print(f"{mode}:", flush=True)
         model(src, out, mode, stages, args.train_steps)
-    if args.only:
-        return
-    results = {"own judges": {mode: evaluate(out / mode, src / mode / "judge", out / f"eval-{mode}.json",
-                                             samples=512) for mode in MODES}}
-    if args.shared_judge:  # the RGBA model's own judge is the RGBA run's: only the RGB model is evaluated again
+        if not (out / f"eval-{mode}.json").exists():  # each model by its own run's judge, once
+            evaluate(out / mode, src / MODES[mode][0] / "judge", out / f"eval-{mode}.json", samples=512)
+    own = {mode: json.loads((out / f"eval-{mode}.json").read_text()) for mode in MODES
+           if (out / f"eval-{mode}.json").exists()}
+    results = {"own judges": own}
+    if args.shared_judge and "rgb" in own:  # the RGBA model's own judge is the RGBA run's: only RGB again
+        shared = out / "eval-rgb-rgba-judge.json"
         results["the RGBA run's judge"] = {
-            "rgba": results["own judges"]["rgba"],
-            "rgb": evaluate(out / "rgb", src / "rgba" / "judge", out / "eval-rgb-rgba-judge.json", samples=512)}
+            **{m: r for m, r in own.items() if MODES[m][0] == "rgba"},
+            "rgb": json.loads(shared.read_text()) if shared.exists() else
+            evaluate(out / "rgb", src / "rgba" / "judge", shared, samples=512)}
     steps = f"{args.train_steps:,} UNet steps" if args.train_steps else "the preset's UNet steps"
     for name, r in results.items():
         print(f"alpha_small64: small64, {steps}, 512 samples, {name}")
-        print(line("RGBA", r["rgba"]))
-        print(line("RGB ", r["rgb"]))
-        print(f"  RGBA / RGB: emoji-FID {r['rgba']['emoji_fid'] / r['rgb']['emoji_fid']:.2f} (lower is better), "
-              f"prompt accuracy {r['rgba']['prompt_accuracy'] / max(r['rgb']['prompt_accuracy'], 1e-9):.2f}")
+        for mode, e in r.items():
+            print(line(mode, e))
+        for mode in (m for m in r if m != "rgb" and "rgb" in r):
+            print(f"  {mode} / rgb: emoji-FID {r[mode]['emoji_fid'] / r['rgb']['emoji_fid']:.2f} (lower is "
+                  f"better), prompt accuracy {r[mode]['prompt_accuracy'] / max(r['rgb']['prompt_accuracy'], 1e-9):.2f}")
     print("  wall time, s: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.timings.items()))
     sys.stdout.flush()
 
