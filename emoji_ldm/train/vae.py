@@ -186,6 +186,9 @@ def train_vae(config: VAETrainConfig) -> dict:
 
 def report(card: dict) -> str:
     m = card["metrics"]
-    return (f"train-vae: {m['steps']} steps, loss {m['loss']:.4f}, reconstruction MSE {m['recon_mse']:.4f}, "
+    four = m.get("recon_mse_alpha") is not None and "recon_mse_visible" in m  # (cards before it: no visible)
+    apart = (f" (colour {m['recon_mse_rgb']:.4f}, alpha {m['recon_mse_alpha']:.4f}, as seen on mid-grey "
+             f"{m['recon_mse_visible']:.4f})" if four else "")
+    return (f"train-vae: {m['steps']} steps, loss {m['loss']:.4f}, reconstruction MSE {m['recon_mse']:.4f}{apart}, "
             f"latent scaling factor {m['scaling_factor']:.4f} -> {card['out']}")
 
