@@ -93,6 +93,7 @@ def test_eval_of_the_tiny_model(tiny, tmp_path, cli_in_process, capsys):
     assert set(report["alpha"]) == {"real", "samples"} and report["alpha"]["real"]["opaque"] < 1.0
     recon = report["vae_reconstruction"]
     assert recon["channels"] == 4 and recon["rgb_mse"] > 0 and recon["alpha_mse"] is not None
+    assert 0 < recon["visible_mse"] <= 4  # as seen on mid-grey
     assert report["clip_score"] is not None and report["inception_fid"] is None
     assert report["emoji_fid"] >= 0 and report["emoji_kid_std"] >= 0
     assert 0 <= report["precision"] <= 1 and 0 <= report["recall"] <= 1
