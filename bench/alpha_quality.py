@@ -57,7 +57,7 @@ def line(name: str, r: dict) -> str:
             f"{r['real_accuracy']:.1%}); transparent border {a['samples']['transparent_border']:.1%} (real "
             f"{a['real']['transparent_border']:.1%}), stray semi-transparent {a['samples']['stray_semi']:.2%} "
             f"(real {a['real']['stray_semi']:.2%}); VAE reconstruction MSE colour {v.get('rgb_mse', 0):.4f}, "
-            f"alpha {alpha_mse}, as seen {v['visible_mse'] if 'visible_mse' in v else float('nan'):.4f}")
+            f"alpha {alpha_mse}, as seen {v.get('visible_mse', float('nan')):.4f}")
 
 
 def main() -> None:

@@ -317,7 +317,8 @@ def vae_reconstruction(vae, images, size: int, key_colour: str, batch: int = 64,
         x = torch.from_numpy(x).to(vae.device, vae.dtype)  # (B, C, H, W)
         with torch.no_grad():
             y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        rgb += float(((y[:, :3] - x[:, :3]) ** 2).mean()) * len(x)
+        colour = float(((y[:, :3] - x[:, :3]) ** 2).mean())
+        rgb += colour * len(x)
         if channels == 4:
             alpha_se += float(((y[:, 3] - x[:, 3]) ** 2).mean()) * len(x)
             visible += float(((on_grey(y.float()) - on_grey(x.float())) ** 2).mean()) * len(x)
@@ -329,7 +330,7 @@ def vae_reconstruction(vae, images, size: int, key_colour: str, batch: int = 64,
             alpha_se += float(((got[:, 3] - truth[:, 3]) ** 2).mean()) * len(x)
             visible += float(((on_grey(got) - on_grey(truth)) ** 2).mean()) * len(x)
         else:  # opaque: seen as it is
-            visible += float(((y[:, :3] - x[:, :3]) ** 2).mean()) * len(x)
+            visible += colour * len(x)
         n += len(x)
     return {"channels": channels, "rgb_mse": rgb / n,
             "alpha_mse": alpha_se / n if channels == 4 or keyed else None, "alpha_keyed": keyed,
