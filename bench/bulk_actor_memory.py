@@ -7,7 +7,11 @@ its private memory (RSS less shared pages, psutil) every 800 images: if it stays
 the actor's Ray context (Ray Data's batches, the core worker), not the sampler, the model or the PNG writer.
 
     .venv/bin/python bench/bulk_actor_memory.py --model RUN [--images 9600] [--trim]
+    .venv/bin/python bench/bulk_actor_memory.py --model RUN --ray [--images 8000]
       RUN: a trained run folder, e.g. bench/scale_data.py's --work folder's run/ (`train --preset tiny`)
+
+--ray runs the class as bulk does, a Ray Data actor (ActorPoolStrategy(size=1), batches of 32, a local
+Ray), and samples the actor's private memory every 10 s from the driver instead.
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--images", type=int, default=9600)
     parser.add_argument("--trim", action="store_true", help="glibc malloc_trim(0) after every batch")
+    parser.add_argument("--ray", action="store_true", help="as a Ray Data actor, as bulk runs it")
     args = parser.parse_args()
+    if args.ray:
+        return in_ray(args.model, args.images)
     out = tempfile.mkdtemp(prefix="emoji-ldm-actor-")
     generator = BulkGenerator(args.model, out, SamplerSettings(steps=2, count=1), "cpu", images_per_call=BATCH)
     libc, proc, start = ctypes.CDLL("libc.so.6"), psutil.Process(), time.time()
@@ -49,6 +56,41 @@ def main() -> None:
             libc.malloc_trim(0)
         if (first // BATCH) % 25 == 0 or first + BATCH >= args.images:
             print(f"{first + BATCH:>7} {private_mib():>12.1f} {time.time() - start:>5.0f}", flush=True)
+
+
+def in_ray(model: str, images: int) -> None:
+    import threading
+
+    import ray.data
+
+    from emoji_ldm.runtime import ensure_ray
+
+    ensure_ray()
+    out, start, done = tempfile.mkdtemp(prefix="emoji-ldm-actor-"), time.time(), threading.Event()
+
+    def watch() -> None:
+        while not done.wait(10):
+            for p in psutil.Process().children(recursive=True):
+                try:
+                    if "BulkGenerator" in " ".join(p.cmdline()):
+                        m = p.memory_info()
+                        print(f"{time.time() - start:>5.0f} s  actor {p.pid}: {(m.rss - m.shared) / 2**20:.1f} MiB "
+                              "private", flush=True)
+                except psutil.Error:
+                    pass
+
+    def prompts(batch: dict) -> dict:
+        return {"prompt_id": batch["id"].astype(str),
+                "prompt": np.array([f"a {i % 977} smiling cat number {i}" for i in batch["id"]])}
+
+    threading.Thread(target=watch, daemon=True).start()
+    rows = ray.data.range(images).map_batches(prompts, batch_format="numpy").map_batches(
+        BulkGenerator, batch_size=BATCH, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+        fn_constructor_kwargs={"model": model, "images_uri": out, "settings": SamplerSettings(steps=2, count=1),
+                               "device": "cpu", "images_per_call": BATCH})
+    drawn = sum(len(b["prompt_id"]) for b in rows.iter_batches(batch_size=512))
+    done.set()
+    print(f"{drawn} images in {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":
