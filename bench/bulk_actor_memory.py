@@ -28,6 +28,18 @@ from emoji_ldm.inference.settings import SamplerSettings
 from emoji_ldm.serve.bulk import BulkGenerator
 
 BATCH = 32
+SETTINGS = SamplerSettings(steps=2, count=1)  # the scale runs' bulk: `--per-prompt 1 --steps 2`
+
+
+def prompt_batch(batch: dict) -> dict:
+    """A batch of ids -> the actor's input: prompt ids and (distinct) prompts."""
+    ids = batch["id"]
+    return {"prompt_id": ids.astype(str), "prompt": np.array([f"a {i % 977} smiling cat number {i}" for i in ids])}
+
+
+def private_mib(proc: psutil.Process) -> float:
+    m = proc.memory_info()
+    return (m.rss - m.shared) / 2**20
 
 
 def main() -> None:
@@ -40,22 +52,15 @@ def main() -> None:
     if args.ray:
         return in_ray(args.model, args.images)
     out = tempfile.mkdtemp(prefix="emoji-ldm-actor-")
-    generator = BulkGenerator(args.model, out, SamplerSettings(steps=2, count=1), "cpu", images_per_call=BATCH)
+    generator = BulkGenerator(args.model, out, SETTINGS, "cpu", images_per_call=BATCH)
     libc, proc, start = ctypes.CDLL("libc.so.6"), psutil.Process(), time.time()
-
-    def private_mib() -> float:
-        m = proc.memory_info()
-        return (m.rss - m.shared) / 2**20
-
     print(f"{'images':>7} {'private MiB':>12} {'s':>5}   (malloc_trim: {'on' if args.trim else 'off'})")
     for first in range(0, args.images, BATCH):
-        ids = np.arange(first, first + BATCH)
-        prompts = np.array([f"a {i % 977} smiling cat number {i}" for i in ids])
-        generator({"prompt_id": ids.astype(str), "prompt": prompts})
+        generator(prompt_batch({"id": np.arange(first, first + BATCH)}))
         if args.trim:
             libc.malloc_trim(0)
         if (first // BATCH) % 25 == 0 or first + BATCH >= args.images:
-            print(f"{first + BATCH:>7} {private_mib():>12.1f} {time.time() - start:>5.0f}", flush=True)
+            print(f"{first + BATCH:>7} {private_mib(proc):>12.1f} {time.time() - start:>5.0f}", flush=True)
 
 
 def in_ray(model: str, images: int) -> None:
@@ -73,20 +78,15 @@ def in_ray(model: str, images: int) -> None:
             for p in psutil.Process().children(recursive=True):
                 try:
                     if "BulkGenerator" in " ".join(p.cmdline()):
-                        m = p.memory_info()
-                        print(f"{time.time() - start:>5.0f} s  actor {p.pid}: {(m.rss - m.shared) / 2**20:.1f} MiB "
-                              "private", flush=True)
+                        print(f"{time.time() - start:>5.0f} s  actor {p.pid}: {private_mib(p):.1f} MiB private",
+                              flush=True)
                 except psutil.Error:
                     pass
 
-    def prompts(batch: dict) -> dict:
-        return {"prompt_id": batch["id"].astype(str),
-                "prompt": np.array([f"a {i % 977} smiling cat number {i}" for i in batch["id"]])}
-
     threading.Thread(target=watch, daemon=True).start()
-    rows = ray.data.range(images).map_batches(prompts, batch_format="numpy").map_batches(
+    rows = ray.data.range(images).map_batches(prompt_batch, batch_format="numpy").map_batches(
         BulkGenerator, batch_size=BATCH, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
-        fn_constructor_kwargs={"model": model, "images_uri": out, "settings": SamplerSettings(steps=2, count=1),
+        fn_constructor_kwargs={"model": model, "images_uri": out, "settings": SETTINGS,
                                "device": "cpu", "images_per_call": BATCH})
     drawn = sum(len(b["prompt_id"]) for b in rows.iter_batches(batch_size=512))
     done.set()

@@ -14,8 +14,8 @@ reads the raylet's private memory (RSS less shared pages, psutil: its anonymous 
     .venv/bin/python bench/raylet_growth.py [--waves 6] [--wave 5000] [--kinds tasks,objects,stream,data]
         [--malloc-conf dirty_decay_ms:0,muzzy_decay_ms:0]   # jemalloc options for the raylet (Ray preloads
                                                              # its libjemalloc.so into the raylet)
-    RAYLET_GROWTH_ENV="RAY_enable_metrics_collection=0 ..." .venv/bin/python bench/raylet_growth.py --kinds idle
-        # extra environment for the Ray under test (Ray's system config: RAY_<option>=<value>)
+        [--env RAY_enable_metrics_collection=0 ...]        # environment of the Ray under test (Ray's system
+                                                             # config is RAY_<option>=<value>)
 """
 
 from __future__ import annotations
@@ -87,10 +87,10 @@ ray.shutdown()
 """
 
 
-def run(kind: str, waves: int, wave: int, malloc_conf: str | None) -> list[float]:
+def run(kind: str, waves: int, wave: int, malloc_conf: str | None, extra_env: dict[str, str]) -> list[float]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.setdefault("RAY_AUTH_MODE", "disabled")
-    env.update(dict(e.split("=", 1) for e in os.environ.get("RAYLET_GROWTH_ENV", "").split() if e))
+    env.update(extra_env)
     if malloc_conf:
         env.update(RAY_JEMALLOC_PROFILE="raylet", RAY_JEMALLOC_CONF=malloc_conf)
     with tempfile.TemporaryDirectory(prefix="emoji-ldm-raylet-") as tmp:
@@ -105,12 +105,16 @@ def main() -> None:
     parser.add_argument("--wave", type=int, default=5000, help="tasks a wave (data: WAVE/10 blocks)")
     parser.add_argument("--kinds", default="tasks,objects,stream,data,idle")
     parser.add_argument("--malloc-conf", default=None)
+    parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
+    if bad := [e for e in args.env if "=" not in e]:
+        parser.error(f"--env takes KEY=VALUE, got {bad[0]!r}")
+    extra_env = dict(e.split("=", 1) for e in args.env)
     print(f"raylet private memory (MiB) after each wave of {args.wave:,}; "
-          f"jemalloc conf: {args.malloc_conf or 'Ray default'}")
+          f"jemalloc conf: {args.malloc_conf or 'Ray default'}; environment: {extra_env or 'Ray default'}")
     print(f"{'kind':<8} " + " ".join(f"{w:>6}" for w in range(args.waves + 1)) + "   first -> last wave")
     for kind in args.kinds.split(","):
-        mib = run(kind, args.waves, args.wave, args.malloc_conf)
+        mib = run(kind, args.waves, args.wave, args.malloc_conf, extra_env)
         print(f"{kind:<8} " + " ".join(f"{m:>6.1f}" for m in mib) + f"   {mib[-1] / mib[1]:.2f}x")
 
 
