@@ -7,11 +7,14 @@ its private memory (RSS less shared pages, psutil) every 800 images: if it stays
 the actor's Ray context (Ray Data's batches, the core worker), not the sampler, the model or the PNG writer.
 
     .venv/bin/python bench/bulk_actor_memory.py --model RUN [--images 9600] [--trim]
-    .venv/bin/python bench/bulk_actor_memory.py --model RUN --ray [--images 8000]
+    .venv/bin/python bench/bulk_actor_memory.py --model RUN --ray [--images 8000] [--trace] [--trim]
       RUN: a trained run folder, e.g. bench/scale_data.py's --work folder's run/ (`train --preset tiny`)
 
 --ray runs the class as bulk does, a Ray Data actor (ActorPoolStrategy(size=1), batches of 32, a local
-Ray), and samples the actor's private memory every 10 s from the driver instead.
+Ray), and samples the actor's private memory every 10 s from the driver instead. --ray --trace also has the
+actor report, every 100 batches, what it holds: Python's heap (tracemalloc, and its largest growth since
+batch 20), Arrow's pool, live Python objects, threads and memory maps; --ray --trim has the actor call
+malloc_trim after every batch.
 """
 
 from __future__ import annotations
@@ -48,9 +51,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=9600)
     parser.add_argument("--trim", action="store_true", help="glibc malloc_trim(0) after every batch")
     parser.add_argument("--ray", action="store_true", help="as a Ray Data actor, as bulk runs it")
+    parser.add_argument("--trace", action="store_true", help="with --ray: the actor reports what it holds")
     args = parser.parse_args()
     if args.ray:
-        return in_ray(args.model, args.images)
+        return in_ray(args.model, args.images, args.trace, args.trim)
     out = tempfile.mkdtemp(prefix="emoji-ldm-actor-")
     generator = BulkGenerator(args.model, out, SETTINGS, "cpu", images_per_call=BATCH)
     libc, proc, start = ctypes.CDLL("libc.so.6"), psutil.Process(), time.time()
@@ -63,7 +67,65 @@ def main() -> None:
             print(f"{first + BATCH:>7} {private_mib(proc):>12.1f} {time.time() - start:>5.0f}", flush=True)
 
 
-def in_ray(model: str, images: int) -> None:
+def private_by_mapping(proc: psutil.Process) -> str:
+    """Private (dirty + clean) MiB of the process by what is mapped: the heap, anonymous maps (other arenas,
+    large mallocs, thread stacks), shared memory (the object store) and files (libraries)."""
+    kinds: dict[str, float] = {}
+    for m in proc.memory_maps(grouped=True):
+        path = m.path
+        kind = path if path in ("[heap]", "[stack]") else "anon" if not path or path.startswith("[anon") else \
+            "shm" if path.startswith("/dev/shm") else "files"
+        kinds[kind] = kinds.get(kind, 0) + (m.private_dirty + m.private_clean) / 2**20
+    return ", ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
+class ProbedGenerator(BulkGenerator):
+    """BulkGenerator as bulk runs it, optionally calling glibc's malloc_trim after every batch (`trim`) and
+    reporting every 100 batches what its process holds besides the model (`trace`)."""
+
+    def __init__(self, *args, trace: bool = False, trim: bool = False, **kwargs):
+        import tracemalloc
+
+        super().__init__(*args, **kwargs)
+        self.trace, self.libc = trace, ctypes.CDLL("libc.so.6") if trim else None
+        self.calls, self.base = 0, None
+        if trace:
+            tracemalloc.start(8)
+
+    def __call__(self, batch: dict):
+        out = super().__call__(batch)
+        self.calls += 1
+        if self.libc is not None:
+            self.libc.malloc_trim(0)
+        if self.trace:
+            self.report()
+        return out
+
+    def report(self) -> None:
+        import gc
+        import threading
+        import tracemalloc
+
+        import pyarrow as pa
+
+        if self.calls == 20:
+            self.base = tracemalloc.take_snapshot()
+        if self.calls % 100 or self.base is None:
+            return
+        proc = psutil.Process()
+        traced, _ = tracemalloc.get_traced_memory()
+        print(f"[trace] batch {self.calls}: private {private_mib(proc):.1f} MiB, python heap "
+              f"{traced / 2**20:.1f} MiB (tracemalloc's own {tracemalloc.get_tracemalloc_memory() / 2**20:.1f}),"
+              f" arrow pool {pa.total_allocated_bytes() / 2**20:.1f} MiB, {len(gc.get_objects())} objects, "
+              f"{threading.active_count()} python threads, {proc.num_threads()} threads, "
+              f"{len(proc.memory_maps(grouped=False))} maps; private by mapping: {private_by_mapping(proc)}",
+              flush=True)
+        for stat in tracemalloc.take_snapshot().compare_to(self.base, "traceback")[:3]:
+            print(f"[trace]   {stat.size_diff / 2**10:+.0f} KiB in {stat.count_diff:+d} blocks: "
+                  + " <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno}" for f in stat.traceback[:4]), flush=True)
+
+
+def in_ray(model: str, images: int, trace: bool = False, trim: bool = False) -> None:
     import threading
 
     import ray.data
@@ -77,7 +139,7 @@ def in_ray(model: str, images: int) -> None:
         while not done.wait(10):
             for p in psutil.Process().children(recursive=True):
                 try:
-                    if "BulkGenerator" in " ".join(p.cmdline()):
+                    if "Generator" in " ".join(p.cmdline()):
                         print(f"{time.time() - start:>5.0f} s  actor {p.pid}: {private_mib(p):.1f} MiB private",
                               flush=True)
                 except psutil.Error:
@@ -85,9 +147,9 @@ def in_ray(model: str, images: int) -> None:
 
     threading.Thread(target=watch, daemon=True).start()
     rows = ray.data.range(images).map_batches(prompt_batch, batch_format="numpy").map_batches(
-        BulkGenerator, batch_size=BATCH, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
-        fn_constructor_kwargs={"model": model, "images_uri": out, "settings": SETTINGS,
-                               "device": "cpu", "images_per_call": BATCH})
+        ProbedGenerator, batch_size=BATCH, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+        fn_constructor_kwargs={"model": model, "images_uri": out, "settings": SETTINGS, "device": "cpu",
+                               "images_per_call": BATCH, "trace": trace, "trim": trim})
     drawn = sum(len(b["prompt_id"]) for b in rows.iter_batches(batch_size=512))
     done.set()
     print(f"{drawn} images in {time.time() - start:.0f} s")

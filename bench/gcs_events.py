@@ -3,7 +3,7 @@
 The GCS records every task's events for the dashboard and `ray list tasks`
 (up to RAY_task_events_max_num_task_in_gcs tasks, 100,000 by default), so its
 memory grows with the tasks a stage runs: with the rows. `emoji_ldm.runtime`
-keeps 5,000 (TASK_EVENTS_IN_GCS), as the k8s/ heads do. For each setting one
+keeps 1,000 (TASK_EVENTS_IN_GCS; 5,000 before 2026-11-25), as the k8s/ heads do. For each setting one
 fresh local Ray (its own process, the setting in its environment as on a
 KubeRay head) runs waves of 10,000 no-op tasks, and the GCS's private memory
 (RSS less shared pages, psutil) is read after each wave.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import math
 import os
@@ -39,10 +41,12 @@ def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
 
 # The GCS keeps an event record of every task for the dashboard and `ray list tasks`, about 3.5 KB each, up to
 # Ray's default of 100,000 tasks: 23 -> 245 MiB over 60,000 no-op tasks, and encode's GCS 38 -> 58 MiB from 100k
-# to 500k rows. The last 5,000 tasks are enough to debug a stage (a failed task's error reaches the driver and the
-# job's log anyway), and keep the GCS flat. Set on the head of every manifest in k8s/ too (bench/gcs_events.py).
+# to 500k rows. The last 1,000 tasks are enough to debug a stage (a failed task's error reaches the driver and the
+# job's log anyway), and keep the GCS flat: the store is full (~3.5 MiB) within the first minutes of a 100k-row
+# stage, where 5,000 (~17 MiB) filled between 100k and 500k rows and grew the GCS 1.3x between them. Set on the
+# head of every manifest in k8s/ too (bench/gcs_events.py).
 TASK_EVENTS_ENV = "RAY_task_events_max_num_task_in_gcs"
-TASK_EVENTS_IN_GCS = 5_000
+TASK_EVENTS_IN_GCS = 1_000
 
 
 def _init(ray, num_cpus: int | None, dashboard: bool) -> None:
@@ -54,6 +58,26 @@ def _init(ray, num_cpus: int | None, dashboard: bool) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
     else:  # "local": always our own instance, never a `ray start` cluster someone left on the machine
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
+
+
+@functools.cache
+def _glibc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+def release_free_heap() -> None:
+    """Hand the pages of memory this process has freed back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    A model actor that runs batch after batch on Ray's threads frees its activations into glibc heaps that
+    glibc keeps: bulk's model actor grew 506 -> 645 MiB private over 200 batches, and stayed at ~465 with a
+    trim after each (bench/bulk_actor_memory.py --ray --trim, issue 28). Called once a batch, it costs
+    milliseconds against a batch's seconds."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 SHARED_PATHS_ENV = "EMOJI_LDM_SHARED_PATHS"

@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from emoji_ldm import __version__
 from emoji_ldm.inference.sampler import SampleJob
+from emoji_ldm.runtime import release_free_heap
 from emoji_ldm.serve.schemas import EmojiSetRequest, GenerateRequest, JobRequest
 
 logger = logging.getLogger("ray.serve")
@@ -176,7 +177,9 @@ class Generator:
         size = images_in(jobs)
         self.images += size
         self.batch_sizes = (self.batch_sizes + [size])[-1000:]
-        return self.sampler.pngs(jobs, metadata=self.png_metadata)
+        made = self.sampler.pngs(jobs, metadata=self.png_metadata)
+        release_free_heap()  # a replica lives for days: the call's freed activations back to the OS (issue 28)
+        return made
 
     def model_card(self) -> dict:
         """The card, with where the model is (`uri`: the folder with model_index.json, absolute)."""

@@ -68,6 +68,7 @@ class Encoder:
         import torch
 
         from emoji_ldm.models.builders import encode_text
+        from emoji_ldm.runtime import release_free_heap
         from emoji_ldm.store.splits import split_of
         from emoji_ldm.train.data import decode_images
 
@@ -84,6 +85,7 @@ class Encoder:
                            self.preset.text.max_length)
         latents = latents.cpu().numpy().astype(np.float16)
         emb = emb.cpu().numpy().astype(np.float16)  # (B, L, D)
+        release_free_heap()  # the batch's freed activations back to the OS, as bulk's actor does (issue 28)
         return {
             "id": batch["id"],
             "caption": np.array(captions, dtype=object),
