@@ -17,7 +17,7 @@ batch 20), Arrow's pool, live Python objects, threads and memory maps; --ray --t
 malloc_trim after every batch.
 
 What it found (bench/RESULTS.md, 2026-11-25): Ray Data runs the actor's batches on a pool thread, whose glibc
-heap kept what each batch freed (506 -> 685 MiB over ~300 batches; ~470 flat with --trim). Since `2d36d6b`
+heap kept what each batch freed (520 -> 685 MiB in 17 minutes; ~470 flat with --trim). Since `2d36d6b`
 BulkGenerator trims after every batch itself (`emoji_ldm.runtime.release_free_heap`), so --trim adds nothing
 to --ray there: check out `af881d2` to see the growth.
 """
