@@ -72,8 +72,8 @@ def release_free_heap() -> None:
     """Hand the pages of memory this process has freed back to the OS (glibc's malloc_trim; a no-op elsewhere).
 
     A model actor that runs batch after batch on Ray's threads frees its activations into glibc heaps that
-    glibc keeps: bulk's model actor grew 506 -> 645 MiB private over 200 batches, and stayed at ~465 with a
-    trim after each (bench/bulk_actor_memory.py --ray --trim, issue 28). Called once a batch, it costs
+    glibc keeps: bulk's model actor grew 520 -> 685 MiB private in 17 minutes, and stayed at ~470 with a
+    trim after each batch (bench/bulk_actor_memory.py --ray --trim, issue 28). Called once a batch, it costs
     milliseconds against a batch's seconds."""
     libc = _glibc()
     if libc is not None:
