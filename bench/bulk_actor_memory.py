@@ -25,7 +25,6 @@ to --ray there: check out `af881d2` to see the growth.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import tempfile
 import time
 
@@ -33,6 +32,7 @@ import numpy as np
 import psutil
 
 from emoji_ldm.inference.settings import SamplerSettings
+from emoji_ldm.runtime import release_free_heap
 from emoji_ldm.serve.bulk import BulkGenerator
 
 BATCH = 32
@@ -62,12 +62,12 @@ def main() -> None:
         return in_ray(args.model, args.images, args.trace, args.trim)
     out = tempfile.mkdtemp(prefix="emoji-ldm-actor-")
     generator = BulkGenerator(args.model, out, SETTINGS, "cpu", images_per_call=BATCH)
-    libc, proc, start = ctypes.CDLL("libc.so.6"), psutil.Process(), time.time()
+    proc, start = psutil.Process(), time.time()
     print(f"{'images':>7} {'private MiB':>12} {'s':>5}   (malloc_trim: {'on' if args.trim else 'off'})")
     for first in range(0, args.images, BATCH):
         generator(prompt_batch({"id": np.arange(first, first + BATCH)}))
         if args.trim:
-            libc.malloc_trim(0)
+            release_free_heap()
         if (first // BATCH) % 25 == 0 or first + BATCH >= args.images:
             print(f"{first + BATCH:>7} {private_mib(proc):>12.1f} {time.time() - start:>5.0f}", flush=True)
 
@@ -92,7 +92,7 @@ class ProbedGenerator(BulkGenerator):
         import tracemalloc
 
         super().__init__(*args, **kwargs)
-        self.trace, self.libc = trace, ctypes.CDLL("libc.so.6") if trim else None
+        self.trace, self.trim = trace, trim
         self.calls, self.base = 0, None
         if trace:
             tracemalloc.start(8)
@@ -100,8 +100,8 @@ class ProbedGenerator(BulkGenerator):
     def __call__(self, batch: dict):
         out = super().__call__(batch)
         self.calls += 1
-        if self.libc is not None:
-            self.libc.malloc_trim(0)
+        if self.trim:
+            release_free_heap()
         if self.trace:
             self.report()
         return out
