@@ -282,6 +282,32 @@ def main() -> int:
 
     results: dict[str, dict] = {}
 
+    def save(final: bool) -> None:
+        """Write the JSON: after every stage (a run stopped by SIGTERM or a lost session keeps what it measured),
+        and at the end with the ratios and the report."""
+        grid = {"build": sizes, "caption": sizes, "encode": encode_sizes, "train": encode_sizes, "bulk": prompts}
+        grid = {s: ns for s, ns in grid.items() if s in stages}
+        ratios = report(results, grid) if final else {}
+        end_commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip()
+        end_dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--stat", "HEAD", "--", "emoji_ldm"],
+                                   capture_output=True, text=True).stdout.strip()
+        if final and (end_commit, end_dirty) != (commit, dirty):
+            print(f"\nNOTE: the library changed during the run: commit {commit} -> {end_commit}, uncommitted "
+                  f"changes under emoji_ldm/ at the end:\n{end_dirty or '(none)'}")
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "complete": final,
+            "commit": commit, "library_uncommitted": dirty, "end_commit": end_commit,
+            "end_library_uncommitted": end_dirty, "cpus": os.cpu_count(), "argv": sys.argv[1:], "results": results,
+            "ratios": ratios,
+            "goals": {"process_memory_ratio_max": GOAL_MEMORY, "rows_per_s_ratio_min": GOAL_SPEED,
+                      "caption_versions_per_pass": 1},
+        }, indent=2))
+        if final:
+            print(f"\nJSON: {out}")
+
     def measure(stage: str, rows: int, cli: list[str]) -> dict:
         r = run_stage(stage, rows, cli, work, env, logs / f"{stage}-{rows}.log")
         results[f"{stage}:{rows}"] = r
@@ -294,6 +320,7 @@ def main() -> int:
         else:
             print(f"  {stage} {rows}: FAILED after {r['wall_s']:.0f} s (log {logs / f'{stage}-{rows}.log'}):\n"
                   f"    {r['command']}\n{r['error'][-1200:]}", flush=True)
+        save(final=False)
         return r
 
     ds = {n: work / f"ds-{n}" for n in sizes}
@@ -343,27 +370,7 @@ def main() -> int:
                 measure("bulk", p, ["bulk", "--model", str(run), "--prompts", str(pfile), "--out", str(out),
                                     "--per-prompt", "1", "--steps", "2"])
     finally:
-        grid = {"build": sizes, "caption": sizes, "encode": encode_sizes, "train": encode_sizes, "bulk": prompts}
-        grid = {s: ns for s, ns in grid.items() if s in stages}
-        ratios = report(results, grid)
-        end_commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True).stdout.strip()
-        end_dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--stat", "HEAD", "--", "emoji_ldm"],
-                                   capture_output=True, text=True).stdout.strip()
-        if (end_commit, end_dirty) != (commit, dirty):
-            print(f"\nNOTE: the library changed during the run: commit {commit} -> {end_commit}, uncommitted "
-                  f"changes under emoji_ldm/ at the end:\n{end_dirty or '(none)'}")
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-            "library_uncommitted": dirty, "end_commit": end_commit,
-            "end_library_uncommitted": end_dirty, "cpus": os.cpu_count(), "argv": sys.argv[1:], "results": results,
-            "ratios": ratios,
-            "goals": {"process_memory_ratio_max": GOAL_MEMORY, "rows_per_s_ratio_min": GOAL_SPEED,
-                      "caption_versions_per_pass": 1},
-        }, indent=2))
-        print(f"\nJSON: {out}")
+        save(final=True)
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
