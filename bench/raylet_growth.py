@@ -16,6 +16,11 @@ reads the raylet's private memory (RSS less shared pages, psutil: its anonymous 
                                                              # its libjemalloc.so into the raylet)
         [--env RAY_enable_metrics_collection=0 ...]        # environment of the Ray under test (Ray's system
                                                              # config is RAY_<option>=<value>)
+        [--compare tcache:false]   # each kind twice, on Ray's default and with MALLOC_CONF=<this> (what
+                                   # emoji_ldm.runtime.DAEMON_MALLOC_CONF is), with each wave's seconds
+
+The raylet and the GCS are C++ daemons that Ray runs on its own jemalloc (LD_PRELOAD of ray/core/libjemalloc.so);
+jemalloc reads its options from MALLOC_CONF. Python workers run on glibc, which ignores it.
 """
 
 from __future__ import annotations
@@ -78,16 +83,20 @@ def one_wave():
             pass
 
 
-print(0, round(private_mib(), 1), flush=True)
+print(0, round(private_mib(), 1), 0.0, flush=True)
 for w in range(1, waves + 1):
+    t0 = time.perf_counter()
     one_wave()
+    seconds = time.perf_counter() - t0
     time.sleep(2)
-    print(w, round(private_mib(), 1), flush=True)
+    print(w, round(private_mib(), 1), round(seconds, 2), flush=True)
 ray.shutdown()
 """
 
 
-def run(kind: str, waves: int, wave: int, malloc_conf: str | None, extra_env: dict[str, str]) -> list[float]:
+def run(kind: str, waves: int, wave: int, malloc_conf: str | None,
+        extra_env: dict[str, str]) -> list[tuple[float, float]]:
+    """(raylet private MiB, the wave's seconds) at the start and after each wave."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.setdefault("RAY_AUTH_MODE", "disabled")
     env.update(extra_env)
@@ -96,7 +105,8 @@ def run(kind: str, waves: int, wave: int, malloc_conf: str | None, extra_env: di
     with tempfile.TemporaryDirectory(prefix="emoji-ldm-raylet-") as tmp:
         out = subprocess.run([sys.executable, "-c", CHILD, kind, str(waves), str(wave), tmp], env=env,
                              capture_output=True, text=True, check=True).stdout
-    return [float(line.split()[1]) for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
+    rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
+    return [(float(r[1]), float(r[2])) for r in rows]
 
 
 def main() -> None:
@@ -104,18 +114,32 @@ def main() -> None:
     parser.add_argument("--waves", type=int, default=6)
     parser.add_argument("--wave", type=int, default=5000, help="tasks a wave (data: WAVE/10 blocks)")
     parser.add_argument("--kinds", default="tasks,objects,stream,data,idle")
-    parser.add_argument("--malloc-conf", default=None)
+    parser.add_argument("--malloc-conf", default=None, help="jemalloc options through Ray's profiling variables")
     parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--compare", default=None, metavar="MALLOC_CONF",
+                        help="run each kind on Ray's default and with MALLOC_CONF=<this>")
     args = parser.parse_args()
     if bad := [e for e in args.env if "=" not in e]:
         parser.error(f"--env takes KEY=VALUE, got {bad[0]!r}")
     extra_env = dict(e.split("=", 1) for e in args.env)
+    settings = {"": extra_env}
+    if args.compare:
+        settings = {"Ray default": extra_env, f"MALLOC_CONF={args.compare}": {**extra_env, "MALLOC_CONF": args.compare}}
     print(f"raylet private memory (MiB) after each wave of {args.wave:,}; "
           f"jemalloc conf: {args.malloc_conf or 'Ray default'}; environment: {extra_env or 'Ray default'}")
-    print(f"{'kind':<8} " + " ".join(f"{w:>6}" for w in range(args.waves + 1)) + "   first -> last wave")
+    print(f"{'kind':<8} " + " ".join(f"{w:>6}" for w in range(args.waves + 1)) + "   wave 1 -> last   waves' s")
     for kind in args.kinds.split(","):
-        mib = run(kind, args.waves, args.wave, args.malloc_conf, extra_env)
-        print(f"{kind:<8} " + " ".join(f"{m:>6.1f}" for m in mib) + f"   {mib[-1] / mib[1]:.2f}x")
+        last = {}
+        for label, env in settings.items():
+            rows = run(kind, args.waves, args.wave, args.malloc_conf, env)
+            mib, seconds = [m for m, _ in rows], sum(s for _, s in rows)
+            last[label] = (mib[-1], seconds)
+            print(f"{kind:<8} " + " ".join(f"{m:>6.1f}" for m in mib) + f"   {mib[-1] / mib[1]:>5.2f}x"
+                  f"   {seconds:>8.1f}   {label}", flush=True)
+        if args.compare:
+            (m0, s0), (m1, s1) = last.values()
+            print(f"{'':<8} with MALLOC_CONF against Ray's default: last wave's memory {m1 / m0:.2f}x, "
+                  f"waves' time {s1 / s0:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

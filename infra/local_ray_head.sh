@@ -20,6 +20,10 @@ case "${1:-}" in
     [ -f "$state/s3.env" ] && source "$state/s3.env"
     mkdir -p "$state"
     cd "$root"
+    # as on the cluster's pods (infra/Dockerfile) and a stage's own Ray (emoji_ldm/runtime.py): Ray's daemons
+    # without jemalloc's per-thread caches, and the GCS keeping the events of the last 1,000 tasks
+    export MALLOC_CONF=${MALLOC_CONF:-tcache:false}
+    export RAY_task_events_max_num_task_in_gcs=${RAY_task_events_max_num_task_in_gcs:-1000}
     # `--block` in a session of its own: `stop` ends this process group, which takes the head's processes
     # with it, where `ray stop` would stop every Ray on the machine (other users', other tests')
     setsid ray start --head --block --node-ip-address 127.0.0.1 --port "${RAY_PORT:-6379}" \

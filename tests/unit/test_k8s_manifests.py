@@ -19,7 +19,7 @@ import tomllib
 import yaml
 
 from emoji_ldm.jobs import STAGES, check_stage_args
-from emoji_ldm.runtime import TASK_EVENTS_ENV, TASK_EVENTS_IN_GCS
+from emoji_ldm.runtime import DAEMON_MALLOC_CONF, TASK_EVENTS_ENV, TASK_EVENTS_IN_GCS
 from tests.conftest import REPO, VENV_BIN
 from tests.k8s import (
     IMAGE_CHECKOUT,
@@ -258,6 +258,22 @@ def test_ray_version_agrees_across_pyproject_dockerfile_and_manifests():
     ours = {i for i in images if i.split("/")[-1].startswith("emoji-ldm:")}
     assert ours and all(i.split(":")[-1] in (f"{version}-py311-cpu", f"{version}-py311-gpu") for i in ours), ours
     assert "FROM rayproject/ray:${RAY_VERSION}-${VARIANT}" in (REPO / "infra" / "Dockerfile").read_text()
+
+
+def test_ray_daemons_run_without_jemalloc_thread_caches():
+    """Every Ray pod runs our image, whose MALLOC_CONF turns off jemalloc's per-thread caches in Ray's daemons
+    (an idle raylet grew with them, issue 28); the development head sets the same, and the GCS task-event cap."""
+    assert f"ENV MALLOC_CONF={DAEMON_MALLOC_CONF}\n" in (REPO / "infra" / "Dockerfile").read_text()
+    head = (REPO / "infra" / "local_ray_head.sh").read_text()
+    assert f"export MALLOC_CONF=${{MALLOC_CONF:-{DAEMON_MALLOC_CONF}}}\n" in head
+    assert f"export {TASK_EVENTS_ENV}=${{{TASK_EVENTS_ENV}:-{TASK_EVENTS_IN_GCS}}}\n" in head
+    docs = [d for p in manifest_files() for d in load(p)] + render("local") + render("gpu")
+    for doc in docs:
+        if doc["kind"] in RAY_KINDS and "spec" in doc:
+            for place, template in pod_templates(doc).items():
+                for c in containers(template):
+                    assert c["image"].split("/")[-1].startswith("emoji-ldm:"), \
+                        f"{doc['metadata']['name']} {place}: {c['image']} is not the emoji-ldm image"
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
