@@ -38,6 +38,11 @@ def render(overlay: str) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc is not None]
 
 
+def every_doc() -> list[dict]:
+    """Every manifest file's documents, and the local and gpu overlays rendered."""
+    return [d for p in manifest_files() for d in load(p)] + render("local") + render("gpu")
+
+
 def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 

@@ -29,7 +29,7 @@ ray.shutdown()
 def test_own_ray_runs_its_daemons_without_jemalloc_thread_caches():
     """The raylet and the GCS run on Ray's jemalloc, whose per-thread caches grew an idle raylet 8.8 -> 13.7
     MiB in 14 minutes (build's raylet 1.38x from 100k to 1M rows, a longer run); MALLOC_CONF=tcache:false
-    held it at ~7 (bench/raylet_growth.py --compare). The GCS keeps the events of 1,000 tasks."""
+    held it at ~8 (bench/raylet_growth.py --compare). The GCS keeps the events of 1,000 tasks."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MALLOC_CONF", TASK_EVENTS_ENV)}
     with tempfile.TemporaryDirectory(prefix="emoji-ldm-own-ray-") as tmp:
         env["RAY_TMPDIR"] = tmp  # never the machine's last `ray start` cluster

@@ -26,6 +26,7 @@ from tests.k8s import (
     K8S,
     OVERLAYS,
     by_kind,
+    every_doc,
     load,
     manifest_files,
     pod_templates,
@@ -247,9 +248,8 @@ def test_ray_version_agrees_across_pyproject_dockerfile_and_manifests():
 
     version = pinned_ray_version()
     assert dockerfile_ray_version() == version == ray.__version__
-    docs = [d for p in manifest_files() for d in load(p)] + render("local") + render("gpu")
     images = set()
-    for doc in docs:
+    for doc in every_doc():
         if doc["kind"] in RAY_KINDS and "spec" in doc:
             spec = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
             if "rayVersion" in spec:
@@ -267,8 +267,7 @@ def test_ray_daemons_run_without_jemalloc_thread_caches():
     head = (REPO / "infra" / "local_ray_head.sh").read_text()
     assert f"export MALLOC_CONF=${{MALLOC_CONF:-{DAEMON_MALLOC_CONF}}}\n" in head
     assert f"export {TASK_EVENTS_ENV}=${{{TASK_EVENTS_ENV}:-{TASK_EVENTS_IN_GCS}}}\n" in head
-    docs = [d for p in manifest_files() for d in load(p)] + render("local") + render("gpu")
-    for doc in docs:
+    for doc in every_doc():
         if doc["kind"] in RAY_KINDS and "spec" in doc:
             for place, template in pod_templates(doc).items():
                 for c in containers(template):
