@@ -78,12 +78,16 @@ def _glibc():
 
 
 def release_free_heap() -> None:
-    """Hand the pages of memory this process has freed back to the OS (glibc's malloc_trim; a no-op elsewhere).
+    """Hand the pages of memory this process has freed back to the OS: Arrow's memory pool (mimalloc in the
+    wheels) and glibc's heaps (malloc_trim; a no-op on other C libraries).
 
     A model actor that runs batch after batch on Ray's threads frees its activations into glibc heaps that
     glibc keeps: bulk's model actor grew 520 -> 685 MiB private in 17 minutes, and stayed at ~470 with a
     trim after each batch (bench/bulk_actor_memory.py --ray --trim, issue 28). Called once a batch, it costs
     milliseconds against a batch's seconds."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)

@@ -38,6 +38,7 @@ from deltalake.transaction import AddAction, CommitProperties, RemoveAction, cre
 from ray.data.datasource import Datasink
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.runtime import release_free_heap
 from emoji_ldm.store.uri import DatasetRef, filesystem, is_s3, join, normalize_uri, storage_options
 
 logger = logging.getLogger(__name__)
@@ -235,6 +236,9 @@ class CommitDeltaDatasink(Datasink):
             for _, stream, writer in files.values():
                 writer.close()
                 stream.close()
+            # a worker runs write task after write task for the whole job: what this one freed goes back to
+            # the OS, so the worker's memory is one task's, not the high-water mark of a long job (issue 28)
+            release_free_heap()
         now = int(time.time() * 1000)
         return [AddAction(path=name, size=self.fs.get_file_info(f"{self.root.rstrip('/')}/{name}").size,
                           partition_values={} if value is None else {self.partition_by: value},
