@@ -109,7 +109,8 @@ def rows_as_binary(x: np.ndarray) -> pa.Array:
 
 
 def _repeat_shape(shape: tuple, n: int) -> pa.Array:
-    """The list<int32> column of n rows that all have `shape`."""
+    """The list<int32> column of n rows that all have `shape` (not `pa.repeat`: pyarrow 26 refuses 0 rows of a
+    list scalar, and an empty batch is a batch)."""
     values = np.tile(np.asarray(shape, dtype=np.int32), n)  # (n * len(shape),)
     offsets = np.arange(n + 1, dtype=np.int32) * len(shape)  # (n + 1,)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
