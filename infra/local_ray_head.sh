@@ -20,7 +20,7 @@ case "${1:-}" in
     [ -f "$state/s3.env" ] && source "$state/s3.env"
     mkdir -p "$state"
     cd "$root"
-    # as on the cluster's pods (infra/Dockerfile) and a stage's own Ray (emoji_ldm/runtime.py): Ray's daemons
+    # as on the cluster's pods (infra/Dockerfile) and a stage's own Ray (emoji_ldm/runtime/connect.py): Ray's daemons
     # without jemalloc's per-thread caches, and the GCS keeping the events of the last 1,000 tasks
     export MALLOC_CONF=${MALLOC_CONF:-tcache:false}
     export RAY_task_events_max_num_task_in_gcs=${RAY_task_events_max_num_task_in_gcs:-1000}

@@ -9,7 +9,7 @@ settings come from the standard AWS variables.
 
 import sys
 
-from emoji_ldm.cli import main
+from emoji_ldm.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["dataset", "build", *sys.argv[1:]]))

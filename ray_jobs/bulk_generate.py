@@ -6,7 +6,7 @@
 
 import sys
 
-from emoji_ldm.cli import main
+from emoji_ldm.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["bulk", *sys.argv[1:]]))

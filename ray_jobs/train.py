@@ -5,7 +5,7 @@
 
 import sys
 
-from emoji_ldm.cli import main
+from emoji_ldm.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -490,7 +490,8 @@ def cli_in_process(capsys):
     Ray from the test process."""
     import ray
 
-    from emoji_ldm import cli, runtime
+    from emoji_ldm.cli import main as cli
+    from emoji_ldm.runtime import connect
 
     def refuse(*args, **kwargs):
         raise AssertionError("this input reached Ray; it should be refused before Ray is needed")
@@ -500,10 +501,10 @@ def cli_in_process(capsys):
         # not `serve`: however it ends, it shuts Serve and Ray down in the calling process (here: the test's)
         assert args[0] != "serve", "run `serve` as a process (run_cli)"
         capsys.readouterr()
-        original = runtime.ensure_ray
+        original = connect.ensure_ray
         try:
             with pytest.MonkeyPatch.context() as patch:
-                for module in list(sys.modules.values()):  # `from emoji_ldm.runtime import ensure_ray` at a top too
+                for module in list(sys.modules.values()):  # bound by `from ... import ensure_ray` too
                     if getattr(module, "ensure_ray", None) is original:
                         patch.setattr(module, "ensure_ray", refuse)
                 patch.setattr(ray, "init", refuse)

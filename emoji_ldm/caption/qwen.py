@@ -13,7 +13,7 @@ import io
 import logging
 
 from emoji_ldm.caption.prompt import clean_caption, render
-from emoji_ldm.runtime import release_free_heap
+from emoji_ldm.runtime.heap import release_free_heap
 
 logger = logging.getLogger(__name__)
 

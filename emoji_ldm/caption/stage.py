@@ -47,9 +47,11 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 
+from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
-from emoji_ldm.options import opt
-from emoji_ldm.runtime import ensure_ray, require_shared, shuffle_partitions
+from emoji_ldm.runtime.connect import ensure_ray
+from emoji_ldm.runtime.partitions import shuffle_partitions
+from emoji_ldm.runtime.shared import require_shared
 from emoji_ldm.store.delta import SIDECAR, CommitDeltaDatasink, version_for_build
 from emoji_ldm.store.schema import value_counts
 from emoji_ldm.store.staging import FileStagingSink, read_folder, staged_folders

@@ -57,11 +57,11 @@ from urllib.parse import urlparse
 
 import pyarrow as pa
 
+from emoji_ldm.config import opt
 from emoji_ldm.crawl.profiles import SiteProfile, load_profile, parse_pages
 from emoji_ldm.errors import UserError
+from emoji_ldm.imaging import ImageConfig
 from emoji_ldm.ingest.build import BuildConfig
-from emoji_ldm.ingest.images import ImageConfig
-from emoji_ldm.options import opt
 from emoji_ldm.sources.base import FetchConfig
 
 # One call to the page for every item: [src, title] of the image inside each item element.
@@ -444,7 +444,8 @@ def crawl(config: CrawlConfig):
 
     from emoji_ldm.crawl.browser import USER_AGENT
     from emoji_ldm.ingest.build import ingest_dataset
-    from emoji_ldm.runtime import ensure_ray, require_shared
+    from emoji_ldm.runtime.connect import ensure_ray
+    from emoji_ldm.runtime.shared import require_shared
     from emoji_ldm.store.artifacts import check_writable
     from emoji_ldm.store.delta import read_dataset, table_exists
     from emoji_ldm.store.uri import check_s3_bucket, normalize_uri

@@ -22,7 +22,7 @@ latent table was encoded from:
   split at fixed noise and fixed timesteps (50, 250, 500, 750, 950);
 - memorisation: the share of samples whose nearest image in the dataset
   version is a near-copy (pixel MSE below `--near-copy`);
-- transparency (`emoji_ldm.alpha.alpha_figures`), for the samples beside the
+- transparency (`emoji_ldm.imaging.alpha_figures`), for the samples beside the
   held-out real images: the share with a transparent border, the share of
   stray semi-transparent pixels, the share fully opaque; and the VAE's
   reconstruction error of the held-out images, colour and alpha apart (the
@@ -51,9 +51,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
 from emoji_ldm.inference.settings import SamplerSettings
-from emoji_ldm.options import opt
 
 TIMESTEPS = (50, 250, 500, 750, 950)
 PR_K = 3  # neighbours for precision/recall (Kynkaanniemi et al. 2019)
@@ -125,7 +125,7 @@ def clip_score(folder: str, images, prompts: list[str]) -> float:
     import torch
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-    from emoji_ldm.alpha import composite
+    from emoji_ldm.imaging import composite
 
     model = CLIPModel.from_pretrained(folder).eval()
     tok, proc = CLIPTokenizer.from_pretrained(folder), CLIPImageProcessor.from_pretrained(folder)
@@ -158,7 +158,7 @@ def _nearest_batch(batch: dict, samples: np.ndarray, size: int) -> dict:
     """Ray Data task: a batch of training PNGs -> its smallest MSE to each sample, (1, S)."""
     from PIL import Image
 
-    from emoji_ldm.alpha import composite
+    from emoji_ldm.imaging import composite
 
     train = np.stack([np.asarray(composite(Image.open(io.BytesIO(png))).resize(
         (size, size), Image.Resampling.LANCZOS), dtype=np.float32).ravel() / 255.0 for png in batch["image"]])
@@ -171,7 +171,7 @@ def nearest_training_mse(meta: dict, samples: np.ndarray, size: int) -> np.ndarr
     Every image of that version is compared (train and held-out alike, so the near-copy share is an upper
     bound), streamed through Ray tasks that return only their batch's minima: no join, no id set.
     """
-    from emoji_ldm.runtime import ensure_ray
+    from emoji_ldm.runtime.connect import ensure_ray
     from emoji_ldm.store.delta import read_dataset
     from emoji_ldm.store.uri import DatasetRef
 
@@ -202,7 +202,7 @@ def dataset_rows(meta: dict, split: str, n: int) -> dict[str, list]:
     """
     from PIL import Image
 
-    from emoji_ldm.runtime import ensure_ray
+    from emoji_ldm.runtime.connect import ensure_ray
     from emoji_ldm.store.delta import read_dataset
     from emoji_ldm.store.uri import DatasetRef
 
@@ -247,7 +247,7 @@ def _uint8(images):
     """PIL images -> (N, 3, H, W) uint8 on mid-grey, as torchmetrics takes them."""
     import torch
 
-    from emoji_ldm.alpha import composite
+    from emoji_ldm.imaging import composite
 
     return torch.from_numpy(np.stack([np.asarray(composite(im), dtype=np.uint8) for im in images])
                             ).permute(0, 3, 1, 2)  # (N, 3, H, W)
@@ -305,7 +305,7 @@ def vae_reconstruction(vae, images, size: int, key_colour: str, batch: int = 64,
     import torch
     from PIL import Image
 
-    from emoji_ldm.alpha import model_pixels
+    from emoji_ldm.imaging import model_pixels
     from emoji_ldm.inference.sampler import to_rgba
     from emoji_ldm.models.builders import on_grey
 
@@ -350,8 +350,8 @@ def generate_samples(pipe, prompts: list[str], s, batch: int = 64, alpha=None) -
 def evaluate(config: EvalConfig) -> dict:
     import torch
 
-    from emoji_ldm.alpha import alpha_figures, composite
     from emoji_ldm.eval.judge import load_judge, row_label
+    from emoji_ldm.imaging import alpha_figures, composite
     from emoji_ldm.inference.sampler import ImageAlpha, inference_device, load_pipeline, model_card
     from emoji_ldm.models.builders import noise_scheduler
     from emoji_ldm.models.presets import preset_from_dict

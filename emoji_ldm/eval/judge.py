@@ -40,8 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
-from emoji_ldm.options import opt
 
 LABELS = ("subgroup", "group", "tag")
 _HEX_STEM = re.compile(r"^[0-9a-f]{2,6}(?:[-_][0-9a-f]{2,6})*$")
@@ -137,7 +137,7 @@ class Judge:
         """PIL images -> (B, S, S, 3) uint8 at the judge's size, transparency on mid-grey (`alpha.composite`)."""
         from PIL import Image
 
-        from emoji_ldm.alpha import composite
+        from emoji_ldm.imaging import composite
 
         return np.stack([np.asarray(composite(im).resize((self.size, self.size), Image.Resampling.LANCZOS),
                                     dtype=np.uint8) for im in images])
@@ -238,7 +238,7 @@ def labelled_pixels(batch: dict, size: int, label: str) -> dict:
     """Ray Data task: rows -> uint8 pixels (B, S, S, 3), class and split; rows without a class are dropped."""
     from PIL import Image
 
-    from emoji_ldm.alpha import composite
+    from emoji_ldm.imaging import composite
     from emoji_ldm.store.splits import split_of
 
     pixels, labels, splits = [], [], []
@@ -332,7 +332,8 @@ def train_judge(config: JudgeConfig) -> dict:
 
     import ray
 
-    from emoji_ldm.runtime import ensure_ray, require_shared
+    from emoji_ldm.runtime.connect import ensure_ray
+    from emoji_ldm.runtime.shared import require_shared
     from emoji_ldm.store.artifacts import artifact_uri, check_writable, write_bytes, write_json
     from emoji_ldm.store.delta import open_table, read_dataset
     from emoji_ldm.store.uri import DatasetRef, normalize_uri

@@ -18,11 +18,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
 from emoji_ldm.inference.pngmeta import shared_params
 from emoji_ldm.inference.sampler import SampleJob, Sampler, image_grid, inference_device, png_bytes
 from emoji_ldm.inference.settings import SamplerSettings
-from emoji_ldm.options import opt
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw, ImageFont
 
+from emoji_ldm.config import check_choice, opt
 from emoji_ldm.errors import UserError
 from emoji_ldm.inference.compile import COMPILE_MODES, compile_kwargs, require_compiler
 from emoji_ldm.inference.settings import SamplerSettings
-from emoji_ldm.options import check_choice, opt
 
 logger = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ class ImageAlpha:
 def to_rgba(image: Image.Image, alpha: ImageAlpha = ImageAlpha()) -> Image.Image:
     """A generated image as RGBA, as `alpha` says (see `ImageAlpha`); the hidden colour of fully transparent
     pixels zeroed (`alpha.canonical`). A keyed image stays opaque where keying finds nothing to remove."""
-    from emoji_ldm.alpha import finish_alpha, key_background
+    from emoji_ldm.imaging import finish_alpha, key_background
 
     if alpha.alpha == "none":
         return image.convert("RGB").convert("RGBA")
@@ -381,7 +381,7 @@ def image_grid(images: list[Image.Image], labels: list[str] | None = None, cell:
                columns: int | None = None) -> Image.Image:
     """A sheet of images (upscaled with nearest neighbour so small emoji stay crisp, transparency on a
     checkerboard) with labels."""
-    from emoji_ldm.alpha import on_checkerboard
+    from emoji_ldm.imaging import on_checkerboard
 
     n = len(images)
     cols = columns or min(n, 8)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
-from emoji_ldm.options import opt
 
 SCHEDULERS = ("dpmpp", "ddim", "ddpm")
 MAX_STEPS = 1000

@@ -51,7 +51,7 @@ def get_target(name: str) -> Target:
 def fit(png: bytes, target: Target) -> bytes:
     """`png` (RGBA, with its generation text chunks) at the target's size and under its file-size limit; its
     text chunks are kept (`size` stays the size drawn, which reproduces it) and `target` is added."""
-    from emoji_ldm.alpha import resize_rgba
+    from emoji_ldm.imaging import resize_rgba
     from emoji_ldm.inference.pngmeta import encode_png, read_params
 
     if target.size is None:

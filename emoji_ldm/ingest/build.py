@@ -38,11 +38,13 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
-from emoji_ldm.ingest.images import ImageConfig
+from emoji_ldm.imaging import ImageConfig
 from emoji_ldm.ingest.tasks import DROP_SCHEMA, KEY_SCHEMA, ingest_batch, resolve_group, table_key_rows
-from emoji_ldm.options import opt
-from emoji_ldm.runtime import ensure_ray, require_shared, shuffle_partitions
+from emoji_ldm.runtime.connect import ensure_ray
+from emoji_ldm.runtime.partitions import shuffle_partitions
+from emoji_ldm.runtime.shared import require_shared
 from emoji_ldm.sources import FetchConfig, open_source
 from emoji_ldm.store.delta import (
     REJECT_SCHEMA,

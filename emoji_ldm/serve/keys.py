@@ -31,8 +31,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
-from emoji_ldm.options import opt
 
 KEY_PREFIX = "eml_"
 RELOAD_S = 2.0

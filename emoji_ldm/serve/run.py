@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
-from emoji_ldm.options import opt
 
 APP_NAME = "emoji"
 
@@ -121,7 +121,7 @@ def start(config: ServeConfig) -> str:
     from ray import serve
 
     from emoji_ldm.inference.sampler import model_uri
-    from emoji_ldm.runtime import ensure_ray
+    from emoji_ldm.runtime.connect import ensure_ray
     from emoji_ldm.serve.app import AppArgs, application
     from emoji_ldm.store.uri import normalize_uri
 

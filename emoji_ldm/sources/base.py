@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
+from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
-from emoji_ldm.options import opt
 
 # The items a source lists: one row per picture, its bytes not yet read.
 ITEM_SCHEMA = pa.schema([

@@ -38,7 +38,7 @@ from deltalake.transaction import AddAction, CommitProperties, RemoveAction, cre
 from ray.data.datasource import Datasink
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.runtime import release_free_heap
+from emoji_ldm.runtime.heap import release_free_heap
 from emoji_ldm.store.uri import DatasetRef, filesystem, is_s3, join, normalize_uri, storage_options
 
 logger = logging.getLogger(__name__)

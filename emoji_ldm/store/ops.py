@@ -15,9 +15,9 @@ import pyarrow.compute as pc
 from deltalake.transaction import CommitProperties
 from PIL import Image, ImageDraw, ImageFont
 
-from emoji_ldm.alpha import on_checkerboard
+from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
-from emoji_ldm.options import opt
+from emoji_ldm.imaging import on_checkerboard
 from emoji_ldm.store.delta import META_KEY, arrow_dataset, history, image_mode, open_table, write_tag
 from emoji_ldm.store.log import file_actions
 from emoji_ldm.store.schema import value_counts
@@ -164,7 +164,8 @@ def _ids_not_in(uri: str, files: list[str], other: list[str], rows: int, sample:
         return 0, []
     import ray.data
 
-    from emoji_ldm.runtime import ensure_ray, shuffle_partitions
+    from emoji_ldm.runtime.connect import ensure_ray
+    from emoji_ldm.runtime.partitions import shuffle_partitions
     from emoji_ldm.store.uri import filesystem
 
     ensure_ray()

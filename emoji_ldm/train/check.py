@@ -14,9 +14,9 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
+from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
 from emoji_ldm.models.presets import PresetOptions
-from emoji_ldm.options import opt
 from emoji_ldm.train.speed import SpeedOptions
 
 

@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from emoji_ldm.alpha import KEY_COLOUR
+from emoji_ldm.imaging import KEY_COLOUR
 
 
 def decode_images(batch: dict, size: int, channels: int = 3, key_colour: str = KEY_COLOUR) -> dict:
@@ -16,7 +16,7 @@ def decode_images(batch: dict, size: int, channels: int = 3, key_colour: str = K
     `channels` is the VAE's: 4 keeps alpha (straight RGBA; an RGB image is opaque); 3 composites any
     transparency onto `key_colour` (a 3-channel model learns emoji on that colour, and inference keys it).
     """
-    from emoji_ldm.alpha import model_pixels
+    from emoji_ldm.imaging import model_pixels
 
     pixels = [model_pixels(Image.open(io.BytesIO(png)), size, channels, key_colour) for png in batch["image"]]
     out = {k: v for k, v in batch.items() if k != "image"}

@@ -31,8 +31,8 @@ import re
 import time
 from dataclasses import asdict, dataclass
 
+from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
-from emoji_ldm.options import opt
 from emoji_ldm.train.dreambooth_data import (
     MAX_CLASS_IMAGES,
     class_images,
@@ -87,7 +87,7 @@ class DreamBoothConfig:
     threads_per_worker: int = opt(1, cli=False, help="torch threads per worker")
 
     def __post_init__(self):
-        from emoji_ldm.options import check_choice
+        from emoji_ldm.config import check_choice
 
         check_choice("--method", self.method, METHODS)
         checks = [
@@ -203,7 +203,7 @@ def _image_card(instance_uri: str, instance_version: int) -> dict:
     """How the model gets alpha (as `encode.image_lineage`): the SD VAE has 3 channels, so transparent photos
     are learned on the key colour (`decode_images`' default) and its images keyed from it. Photos without
     alpha (JPEG, or opaque PNG in an RGBA table) keep their own backgrounds: "none", nothing is keyed."""
-    from emoji_ldm.alpha import KEY_COLOUR
+    from emoji_ldm.imaging import KEY_COLOUR
     from emoji_ldm.store.delta import image_mode
 
     mode = image_mode(instance_uri)
@@ -324,7 +324,8 @@ def _resume_settings(config: DreamBoothConfig, base_id: str) -> dict:
 def dreambooth(config: DreamBoothConfig) -> dict:
     """Personalise `config.base` on the instance photos; returns the exported model's card."""
     from emoji_ldm.inference.sampler import model_card, model_uri
-    from emoji_ldm.runtime import ensure_ray, require_shared
+    from emoji_ldm.runtime.connect import ensure_ray
+    from emoji_ldm.runtime.shared import require_shared
     from emoji_ldm.store.artifacts import artifact_uri, check_writable, local_copy, weights_content_id, write_json
     from emoji_ldm.store.uri import normalize_uri
     from emoji_ldm.train import runner

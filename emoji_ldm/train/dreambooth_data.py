@@ -69,8 +69,8 @@ def instance_table(config, out: str, size: int) -> tuple[str, int, list[dict]]:
 
     Builds with a limit of one more than the maximum, so a huge folder is never ingested in full; a count out
     of range removes a table this run created, so nothing is left half-written."""
+    from emoji_ldm.imaging import ImageConfig
     from emoji_ldm.ingest.build import BuildConfig, build_dataset
-    from emoji_ldm.ingest.images import ImageConfig
     from emoji_ldm.store.delta import open_table, table_exists
     from emoji_ldm.store.uri import filesystem, join
 

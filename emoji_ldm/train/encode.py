@@ -24,9 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
 from emoji_ldm.models.presets import Preset, PresetOptions, preset_from_dict
-from emoji_ldm.options import opt
 from emoji_ldm.store.latents import LATENT_SCHEMA, PARTITION
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class Encoder:
         import torch
 
         from emoji_ldm.models.builders import encode_text
-        from emoji_ldm.runtime import release_free_heap
+        from emoji_ldm.runtime.heap import release_free_heap
         from emoji_ldm.store.splits import split_of
         from emoji_ldm.train.data import decode_images
 
@@ -177,7 +177,8 @@ def encode(config: EncodeConfig) -> dict:
     removal (when something was removed) and the append. A run killed between
     them leaves the changed rows missing, and the next run encodes them.
     """
-    from emoji_ldm.runtime import ensure_ray, shuffle_partitions
+    from emoji_ldm.runtime.connect import ensure_ray
+    from emoji_ldm.runtime.partitions import shuffle_partitions
     from emoji_ldm.store.artifacts import artifact_uri, check_writable, write_bytes
     from emoji_ldm.store.delta import (
         CommitDeltaDatasink,

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
 from emoji_ldm.models.presets import PresetOptions, get_preset, preset_from_dict
-from emoji_ldm.options import opt
 from emoji_ldm.train.speed import SpeedOptions
 
 logger = logging.getLogger(__name__)
@@ -280,7 +280,8 @@ def _check_resume(state: dict, preset, config: TrainConfig) -> None:
 
 def train(config: TrainConfig) -> dict:
     """Run training and export the EMA model; returns the model card."""
-    from emoji_ldm.runtime import ensure_ray, require_shared
+    from emoji_ldm.runtime.connect import ensure_ray
+    from emoji_ldm.runtime.shared import require_shared
     from emoji_ldm.store.artifacts import artifact_uri, check_writable, write_json
     from emoji_ldm.store.latents import empty_caption, encoded_dataset, open_latent_table, split_files
     from emoji_ldm.train import runner

@@ -73,7 +73,7 @@ def fit(worker, run, *, name: str, out: str, workers: int, use_gpu: bool, max_fa
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from emoji_ldm.runtime import ensure_ray
+    from emoji_ldm.runtime.connect import ensure_ray
     from emoji_ldm.store.artifacts import artifact_uri, delete, exists
     from emoji_ldm.store.uri import filesystem, storage_options
 

@@ -34,9 +34,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from emoji_ldm.config import check_choice, opt
 from emoji_ldm.errors import UserError
 from emoji_ldm.inference.compile import COMPILE_MODES, compile_kwargs, require_compiler
-from emoji_ldm.options import check_choice, opt
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 

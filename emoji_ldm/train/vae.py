@@ -16,9 +16,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
 from emoji_ldm.models.presets import Preset, PresetOptions, preset_from_dict
-from emoji_ldm.options import opt
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,8 @@ def vae_train_loop(config: dict) -> None:
 
 def train_vae(config: VAETrainConfig) -> dict:
     """Train the preset's VAE on a dataset version; returns its card."""
-    from emoji_ldm.runtime import ensure_ray, require_shared
+    from emoji_ldm.runtime.connect import ensure_ray
+    from emoji_ldm.runtime.shared import require_shared
     from emoji_ldm.store.artifacts import artifact_uri, check_writable, upload_dir, write_json
     from emoji_ldm.store.delta import open_table, read_dataset, row_count
     from emoji_ldm.store.uri import DatasetRef, filesystem

@@ -40,7 +40,7 @@ def commit_workers(expected: int) -> list[int]:
 
 
 def test_bulk_writes_images_and_manifest_and_resumes(s3_server, ray_local, model, tmp_path):
-    from emoji_ldm.serve.bulk import BulkConfig, bulk_generate
+    from emoji_ldm.inference.bulk import BulkConfig, bulk_generate
     from emoji_ldm.store.artifacts import exists
 
     prompts = tmp_path / "prompts.txt"
@@ -75,7 +75,7 @@ def test_bulk_writes_images_and_manifest_and_resumes(s3_server, ray_local, model
 
 @pytest.mark.s3
 def test_bulk_to_s3_from_a_csv(s3_server, ray_local, model, tmp_path):
-    from emoji_ldm.serve.bulk import BulkConfig, bulk_generate
+    from emoji_ldm.inference.bulk import BulkConfig, bulk_generate
 
     s3_server.client().create_bucket(Bucket="bulk")
     csv = tmp_path / "prompts.csv"

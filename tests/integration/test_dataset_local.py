@@ -9,8 +9,8 @@ from deltalake import DeltaTable
 from PIL import Image
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.imaging import ImageConfig
 from emoji_ldm.ingest.build import BuildConfig, build_dataset
-from emoji_ldm.ingest.images import ImageConfig
 from emoji_ldm.sources import FetchConfig
 from emoji_ldm.store import ops
 from emoji_ldm.store.delta import history, image_mode, open_table

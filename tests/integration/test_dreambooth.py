@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from emoji_ldm.cli import main
+from emoji_ldm.cli.main import main
 from emoji_ldm.errors import UserError
 from emoji_ldm.inference.sampler import SampleJob, Sampler
 from emoji_ldm.train.dreambooth import DreamBoothConfig, dreambooth

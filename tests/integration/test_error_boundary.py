@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from emoji_ldm import cli
+from emoji_ldm.cli import main as cli
 from emoji_ldm.errors import UserError, find_user_error
 
 
@@ -22,7 +22,7 @@ def test_user_error_found_inside_ray_wrappers(ray_local):
     import ray
     import ray.data
 
-    from emoji_ldm.runtime import ensure_ray
+    from emoji_ldm.runtime.connect import ensure_ray
 
     ensure_ray()  # joins the module's Ray and sets the project's Ray Data options
     task = _raised_by(lambda: ray.get(ray.remote(_raise).remote()))

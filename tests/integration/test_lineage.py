@@ -16,7 +16,8 @@ from PIL import Image
 from emoji_ldm.errors import UserError
 from emoji_ldm.inference.pngmeta import read_params
 from emoji_ldm.inference.settings import SamplerSettings
-from emoji_ldm.lineage import row_origin, trace
+from emoji_ldm.lineage.row import row_origin
+from emoji_ldm.lineage.trace import trace
 from emoji_ldm.store.artifacts import weights_content_id
 from emoji_ldm.store.delta import open_table
 from tests.conftest import run_cli
@@ -81,7 +82,7 @@ def test_no_png_metadata_writes_bare_pngs(made, tmp_path):
 
 
 def test_bulk_pngs_carry_parameters_and_trace_to_the_builds(made, tmp_path):
-    from emoji_ldm.serve.bulk import BulkConfig, bulk_generate
+    from emoji_ldm.inference.bulk import BulkConfig, bulk_generate
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("red heart\nblue circle\n")

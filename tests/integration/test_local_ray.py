@@ -9,13 +9,13 @@ import subprocess
 import sys
 import tempfile
 
-from emoji_ldm.runtime import DAEMON_MALLOC_CONF, TASK_EVENTS_ENV, TASK_EVENTS_IN_GCS
+from emoji_ldm.runtime.connect import DAEMON_MALLOC_CONF, TASK_EVENTS_ENV, TASK_EVENTS_IN_GCS
 
 # In a process of its own: ensure_ray() starts a local Ray only without RAY_ADDRESS, and the test session's
 # process is joined to the session's cluster. It prints each daemon's environment as the daemon sees it.
 CHILD = r"""
 import json, psutil, ray
-from emoji_ldm.runtime import ensure_ray
+from emoji_ldm.runtime.connect import ensure_ray
 
 ensure_ray()
 daemons = {p.name(): p.environ() for p in psutil.Process().children(recursive=True)

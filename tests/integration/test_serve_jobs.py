@@ -78,7 +78,7 @@ def app(s3_server, ray_local, tmp_path_factory):
 def stop_runners() -> None:
     import ray
 
-    from emoji_ldm.serve.jobs import NAMESPACE
+    from emoji_ldm.serve.durable import NAMESPACE
 
     for actor in ray.util.list_named_actors(all_namespaces=True):
         if actor["namespace"] == NAMESPACE:
@@ -210,7 +210,7 @@ def test_a_job_outlives_a_serve_restart_and_cancel_marks_partial_output(app):
     import ray
     from ray import serve
 
-    from emoji_ldm.serve.jobs import NAMESPACE, job_folder, read_state, runner
+    from emoji_ldm.serve.durable import NAMESPACE, job_folder, read_state, runner
 
     url, solo = f"{app['url']}/v1/jobs", auth(app, "solo")
     short = json.loads(post(url, set_body(30, steps=2), solo).data)

@@ -78,7 +78,7 @@ def test_eval_of_the_tiny_model(tiny, tmp_path, cli_in_process, capsys):
     """Every metric on a tiny model, with a judge trained on the same 48 rows (2 epochs: it runs, no quality).
     `eval` runs as a process; `train-judge` and `eval --real` through the same CLI in this process (already a
     driver of the session's Ray), which saves a Python start with torch each."""
-    from emoji_ldm.cli import main
+    from emoji_ldm.cli.main import main
 
     out = tiny.run
     assert main(["train-judge", "--data", tiny.ds, "--out", str(tmp_path / "judge"), "--label", "group",

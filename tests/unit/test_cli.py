@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from emoji_ldm import cli
-from emoji_ldm.commands import COMMANDS, STAGES, find, parse_config
+from emoji_ldm.cli import main as cli
+from emoji_ldm.cli.commands import COMMANDS, STAGES, find, parse_config
+from emoji_ldm.cli.options import flag_set
 from emoji_ldm.errors import UserError
-from emoji_ldm.options import flag_set
 
 FROZEN = Path(__file__).with_name("cli_flags.json")
 
@@ -112,8 +112,8 @@ def test_the_cli_and_every_argument_check_load_no_heavy_library():
     import sys
 
     heavy = "('torch', 'ray', 'diffusers', 'transformers', 'deepspeed')"
-    code = (f"import sys\nfrom emoji_ldm import cli\nprint(sorted(m for m in {heavy} if m in sys.modules))\n"
-            "from emoji_ldm.commands import COMMANDS\nfor c in COMMANDS: c.config_class()\n"
+    code = (f"import sys\nfrom emoji_ldm.cli import main\nprint(sorted(m for m in {heavy} if m in sys.modules))\n"
+            "from emoji_ldm.cli.commands import COMMANDS\nfor c in COMMANDS: c.config_class()\n"
             f"print(sorted(m for m in {heavy} if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -55,7 +55,7 @@ def test_heldout_loss_of_a_v_prediction_model_is_against_the_velocity():
 def test_generate_and_eval_take_gpu_and_refuse_it_without_cuda():
     import pytest
 
-    from emoji_ldm.commands import find, parse_config
+    from emoji_ldm.cli.commands import find, parse_config
     from emoji_ldm.errors import UserError
     from emoji_ldm.inference.sampler import inference_device
 

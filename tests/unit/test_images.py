@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.ingest.images import Cleaned, ImageConfig, Rejected, clean_image
+from emoji_ldm.imaging import Cleaned, ImageConfig, Rejected, clean_image
 from tests.conftest import make_bad_corpus, png_bytes
 
 
@@ -92,7 +92,7 @@ def test_bmp_is_accepted_and_tiff_is_not():
 
     from PIL import Image
 
-    from emoji_ldm.ingest.images import Cleaned, ImageConfig, Rejected, clean_image
+    from emoji_ldm.imaging import Cleaned, ImageConfig, Rejected, clean_image
 
     def encoded(fmt):
         buf = io.BytesIO()

@@ -18,8 +18,8 @@ import pytest
 import tomllib
 import yaml
 
-from emoji_ldm.jobs import STAGES, check_stage_args
-from emoji_ldm.runtime import DAEMON_MALLOC_CONF, TASK_EVENTS_ENV, TASK_EVENTS_IN_GCS
+from emoji_ldm.cli.submit import STAGES, check_stage_args
+from emoji_ldm.runtime.connect import DAEMON_MALLOC_CONF, TASK_EVENTS_ENV, TASK_EVENTS_IN_GCS
 from tests.conftest import REPO, VENV_BIN
 from tests.k8s import (
     IMAGE_CHECKOUT,

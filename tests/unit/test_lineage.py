@@ -15,7 +15,9 @@ from PIL import Image
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.inference.pngmeta import encode_png, generation_params, read_params, shared_params
-from emoji_ldm.lineage import LineageConfig, format_chain, lineage_command, made_rows, trace
+from emoji_ldm.lineage.command import LineageConfig, lineage_command
+from emoji_ldm.lineage.text import format_chain
+from emoji_ldm.lineage.trace import made_rows, trace
 from emoji_ldm.store.artifacts import weights_content_id
 from emoji_ldm.store.schema import EMOJI_SCHEMA
 from emoji_ldm.store.uri import public_uri, resolve_recorded

@@ -2,12 +2,12 @@
 
 import pytest
 
+from emoji_ldm.config import parse_pairs
 from emoji_ldm.errors import UserError
 from emoji_ldm.inference.generate import GenerateConfig
 from emoji_ldm.inference.settings import SamplerSettings
 from emoji_ldm.models.builders import build_unet, count_params, sampling_scheduler
 from emoji_ldm.models.presets import PRESETS, get_preset, preset_from_dict
-from emoji_ldm.options import parse_pairs
 from emoji_ldm.train.ldm import TrainConfig
 
 

@@ -59,7 +59,7 @@ def test_build_drops_rows_already_in_the_table():
 
 def test_shuffles_and_data_files_grow_in_number_not_in_size():
     from emoji_ldm.ingest.build import rows_per_file
-    from emoji_ldm.runtime import PARTITION_BYTES, partitions_for
+    from emoji_ldm.runtime.partitions import PARTITION_BYTES, partitions_for
 
     assert partitions_for(0, cpus=2) == 4 and partitions_for(10**6, cpus=64) == 128  # two per CPU, 4 to 256
     assert partitions_for(10**6, cpus=1000) == 256
@@ -76,7 +76,7 @@ def test_shuffles_and_data_files_grow_in_number_not_in_size():
 HOLES = r"""
 import ctypes, sys, threading
 import psutil
-from emoji_ldm.runtime import release_free_heap
+from emoji_ldm.runtime.heap import release_free_heap
 
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p

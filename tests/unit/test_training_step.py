@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from emoji_ldm.commands import STAGES, find, parse_config
+from emoji_ldm.cli.commands import STAGES, find, parse_config
 from emoji_ldm.errors import UserError
 from emoji_ldm.models.presets import get_preset
 from emoji_ldm.train.step import diffusion_target
@@ -63,7 +63,7 @@ def test_step_check_compiles_the_unet():
 def test_compile_without_a_compiler_is_one_clear_line(monkeypatch, capsys):
     """--compile where inductor cannot build: one line from the CLI before any compile, not inductor's error from
     the first step; the same for a served or bulk pipeline before its weights load."""
-    from emoji_ldm.cli import main
+    from emoji_ldm.cli.main import main
     from emoji_ldm.inference.sampler import InferenceOptions, load_pipeline
 
     monkeypatch.setenv("CXX", "no-such-c++")

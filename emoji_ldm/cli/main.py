@@ -1,7 +1,7 @@
 """The `emoji-ldm` command line: the top-level wiring and the one error boundary.
 
-Every command is an entry of `emoji_ldm.commands.COMMANDS`: its flags come
-from its config dataclass (`emoji_ldm.options`), it runs one typed function,
+Every command is an entry of `emoji_ldm.cli.commands.COMMANDS`: its flags come
+from its config dataclass (`emoji_ldm.cli.options`), it runs one typed function,
 and its result is printed here. A `UserError` raised anywhere, inside a Ray
 worker too, prints as one line `emoji-ldm: error: ...` with exit code 2;
 Ctrl-C prints what the interrupted command leaves behind; anything else is a
@@ -16,7 +16,7 @@ import os
 import sys
 
 from emoji_ldm import __version__
-from emoji_ldm.commands import COMMANDS, GROUPS, Command, Parser, UsageError, load
+from emoji_ldm.cli.commands import COMMANDS, GROUPS, Command, Parser, UsageError, load
 from emoji_ldm.errors import find_user_error
 
 
@@ -32,7 +32,7 @@ def _selected(argv: list[str]) -> Command | None:
 
 def build_parser(selected: Command | None = None) -> argparse.ArgumentParser:
     """The full command tree; only `selected` gets its flags (importing only its config's module)."""
-    from emoji_ldm.options import add_arguments
+    from emoji_ldm.cli.options import add_arguments
 
     parser = Parser(
         prog="emoji-ldm", description="Versioned emoji datasets, latent diffusion training and bulk generation on Ray.")
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(command: Command, args: argparse.Namespace, extra: list[str]) -> int:
     """Build the command's config, run it, print its report; the exit code."""
-    from emoji_ldm.options import build_config
+    from emoji_ldm.cli.options import build_config
 
     # submit: the flags it does not know are the stage's own
     config = build_config(command.config_class(), args, {"args": tuple(extra)} if extra else None)

@@ -39,12 +39,12 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
 from emoji_ldm.inference.sampler import InferenceOptions
 from emoji_ldm.inference.settings import SamplerSettings
 from emoji_ldm.inference.targets import TARGETS
-from emoji_ldm.options import opt
-from emoji_ldm.runtime import shuffle_partitions
+from emoji_ldm.runtime.partitions import shuffle_partitions
 
 MANIFEST_SCHEMA = pa.schema([
     ("prompt_id", pa.string()),          # sha1 of the prompt text, 16 hex
@@ -239,7 +239,7 @@ class BulkGenerator:
     def __call__(self, batch: dict) -> pa.Table:
         from emoji_ldm.inference.sampler import SampleJob
         from emoji_ldm.inference.targets import emoji_name, fit
-        from emoji_ldm.runtime import release_free_heap
+        from emoji_ldm.runtime.heap import release_free_heap
 
         s = self.settings
         prompts = [str(p) for p in batch["prompt"]]
@@ -295,7 +295,8 @@ def bulk_generate(config: BulkConfig) -> dict:
     import ray.data
 
     from emoji_ldm.inference.sampler import model_card, model_uri
-    from emoji_ldm.runtime import ensure_ray, require_shared
+    from emoji_ldm.runtime.connect import ensure_ray
+    from emoji_ldm.runtime.shared import require_shared
     from emoji_ldm.store.artifacts import check_writable
     from emoji_ldm.store.uri import join, normalize_uri
     from emoji_ldm.version import code_version

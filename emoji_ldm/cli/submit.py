@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from emoji_ldm.commands import STAGES, parse_config
+from emoji_ldm.cli.commands import STAGES, parse_config
+from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
-from emoji_ldm.options import opt
 from emoji_ldm.version import code_version
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")

@@ -7,10 +7,20 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from emoji_ldm.alpha import alpha_figures, composite, finish_alpha, key_background, on_checkerboard, resize_rgba
 from emoji_ldm.caption.metadata import describe
 from emoji_ldm.errors import UserError
-from emoji_ldm.ingest.images import Cleaned, ImageConfig, Rejected, clean_image
+from emoji_ldm.imaging import (
+    Cleaned,
+    ImageConfig,
+    Rejected,
+    alpha_figures,
+    clean_image,
+    composite,
+    finish_alpha,
+    key_background,
+    on_checkerboard,
+    resize_rgba,
+)
 from emoji_ldm.sources.twemoji import twemoji_dir
 
 
@@ -182,8 +192,8 @@ def test_vae_reconstruction_reports_a_keyed_models_alpha(tmp_path):
     reconstructions (as inference does) against the true alpha, and an opaque model has none."""
     from diffusers import AutoencoderKL
 
-    from emoji_ldm.alpha import KEY_COLOUR
     from emoji_ldm.eval.evaluate import vae_reconstruction
+    from emoji_ldm.imaging import KEY_COLOUR
     from emoji_ldm.inference.sampler import ImageAlpha
     from tests.tiny_models import tiny_sd_vae
 

@@ -1,8 +1,8 @@
 """The registry of `emoji-ldm` commands: for each, its config class, the function it runs,
 how its result is reported, and what Ctrl-C means for it.
 
-`cli.py` builds the parser from this table (flags come from the config class,
-see `emoji_ldm.options`); `jobs.py` reads the `stage` entries to submit a
+`main.py` builds the parser from this table (flags come from the config class,
+see `options.py`); `submit.py` reads the `stage` entries to submit a
 command as a Ray Job. Classes and functions are named as "module:attribute"
 and imported only for the command that runs, so `emoji-ldm --help` and
 `emoji-ldm jobs list` never import torch.
@@ -96,21 +96,21 @@ COMMANDS: tuple[Command, ...] = (
             "accuracy use", "interrupted; no judge was written", report="emoji_ldm.eval.judge:report"),
     Command(("serve",), "emoji_ldm.serve.run:ServeConfig", "emoji_ldm.serve.run:serve_forever",
             "serve the HTTP API and web page on Ray Serve until Ctrl-C", "serve: stopped"),
-    Command(("bulk",), "emoji_ldm.serve.bulk:BulkConfig", "emoji_ldm.serve.bulk:bulk_generate",
+    Command(("bulk",), "emoji_ldm.inference.bulk:BulkConfig", "emoji_ldm.inference.bulk:bulk_generate",
             "generate images for every prompt in a file (Ray Data actors), resumable",
             "interrupted; the manifest keeps every committed chunk: re-run the same command to resume",
-            report="emoji_ldm.serve.bulk:report", stage="bulk", script="bulk_generate.py"),
-    Command(("lineage",), "emoji_ldm.lineage:LineageConfig", "emoji_ldm.lineage:lineage_command",
+            report="emoji_ldm.inference.bulk:report", stage="bulk", script="bulk_generate.py"),
+    Command(("lineage",), "emoji_ldm.lineage.command:LineageConfig", "emoji_ldm.lineage.command:lineage_command",
             "trace a PNG, set, model or table back to its model, latent table, dataset and the commits that "
             "made it; --row ID: one row's origin (exit 1: a missing link)", "interrupted"),
-    Command(("submit",), "emoji_ldm.jobs:SubmitConfig", "emoji_ldm.jobs:submit",
+    Command(("submit",), "emoji_ldm.cli.submit:SubmitConfig", "emoji_ldm.cli.submit:submit",
             "run a stage on a Ray cluster as a Ray Job (the RayJob's entrypoint) and follow it",
             "stopped following; the job goes on (emoji-ldm jobs stop ID stops it)"),
-    Command(("jobs", "list"), "emoji_ldm.jobs:JobsListConfig", "emoji_ldm.jobs:list_command",
+    Command(("jobs", "list"), "emoji_ldm.cli.submit:JobsListConfig", "emoji_ldm.cli.submit:list_command",
             "every job: id, status, stage, start, seconds, entrypoint", "interrupted"),
-    Command(("jobs", "logs"), "emoji_ldm.jobs:JobLogsConfig", "emoji_ldm.jobs:logs_command",
+    Command(("jobs", "logs"), "emoji_ldm.cli.submit:JobLogsConfig", "emoji_ldm.cli.submit:logs_command",
             "a job's logs so far; --follow until it ends", "stopped following; the job goes on"),
-    Command(("jobs", "stop"), "emoji_ldm.jobs:JobStopConfig", "emoji_ldm.jobs:stop_command",
+    Command(("jobs", "stop"), "emoji_ldm.cli.submit:JobStopConfig", "emoji_ldm.cli.submit:stop_command",
             "stop a running job and wait for its final status", "stopped waiting; the stop request was sent"),
     Command(("keys", "create"), "emoji_ldm.serve.keys:KeysCreateConfig", "emoji_ldm.serve.keys:create_command",
             "add an API key to the key file and print it once", "interrupted; the key file is as it was"),
@@ -157,7 +157,7 @@ class Parser(argparse.ArgumentParser):
 
 def make_parser(command: Command, prog: str | None = None):
     """A standalone parser for one command (used by `submit` to check a stage's flags)."""
-    from emoji_ldm.options import add_arguments
+    from emoji_ldm.cli.options import add_arguments
 
     parser = Parser(prog=prog or f"emoji-ldm {command.name}", description=command.help)
     add_arguments(parser, command.config_class())
@@ -166,8 +166,8 @@ def make_parser(command: Command, prog: str | None = None):
 
 def parse_config(command: Command, argv: list[str]) -> Any:
     """The command's config from its flags, or a UserError naming what is wrong."""
+    from emoji_ldm.cli.options import build_config
     from emoji_ldm.errors import UserError
-    from emoji_ldm.options import build_config
 
     try:
         args = make_parser(command).parse_args(argv)

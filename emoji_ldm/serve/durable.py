@@ -45,7 +45,7 @@ from emoji_ldm.store.uri import join
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "emoji-ldm-jobs"
-TERMINAL = ("succeeded", "failed", "cancelled")
+ENDED = ("succeeded", "failed", "cancelled")
 DRAWER_ATTEMPTS = 3      # a job's Drawer is started again twice when its node is lost
 ANONYMOUS = "_local"      # the owner of jobs on a server without keys (a key name never starts with '_')
 ACTIVE = "_active"       # <jobs_uri>/_active/<owner>/<job id>: the unfinished jobs
@@ -172,7 +172,7 @@ class JobRunner:
 
     def _run(self) -> None:
         state = read_state(self.folder) or {}
-        if state.get("state") in TERMINAL:
+        if state.get("state") in ENDED:
             return  # a runner started again for a job that has ended (a replay, a GET after a restart)
         body = self.request["body"]
         state = {"id": self.spec.job_id, "kind": "set" if body.get("items") is not None else "bulk",

@@ -1,4 +1,4 @@
-"""Command-line flags generated from a stage's frozen config dataclass.
+"""Command-line flags generated from a stage's frozen config dataclass (fields declared with `emoji_ldm.config.opt`).
 
 A config field is the one definition of an option: its type, default, help
 text (`opt(help=...)`) and validation (the dataclass's `__post_init__`, which
@@ -30,27 +30,7 @@ import types
 import typing
 from typing import Any
 
-from emoji_ldm.errors import UserError
-
-_KEY = "emoji_ldm_cli"
-
-
-def opt(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, positional: bool = False,
-        metavar: str | None = None, choices: tuple | None = None, invert: bool = False,
-        skip: tuple[str, ...] = (), rename: dict[str, str] | None = None, cli: bool = True,
-        default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field that is also a command-line option.
-
-    flag: the option's name without dashes (default: the field name with `-`);
-    positional: an argument, not a flag; invert: a bool field the switch sets
-    to False; skip/rename: for a nested config, its fields to leave out or to
-    name differently here; cli=False: settable from Python only.
-    """
-    meta = {_KEY: dict(help=help, flag=flag, positional=positional, metavar=metavar, choices=choices,
-                       invert=invert, skip=skip, rename=rename or {}, cli=cli)}
-    if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+from emoji_ldm.config import FIELD_KEY, parse_pairs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +71,7 @@ def options(cls: type, path: tuple[str, ...] = (), skip: tuple[str, ...] = (),
     for f in dataclasses.fields(cls):
         if not f.init or f.name in skip:
             continue
-        meta = f.metadata.get(_KEY)
+        meta = f.metadata.get(FIELD_KEY)
         if meta is None:
             raise TypeError(f"{cls.__name__}.{f.name} has no opt(help=...): every config field needs one")
         if not meta["cli"]:
@@ -153,17 +133,6 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(_flag(o), required=required, default=None if required else o.default, **kwargs)
 
 
-def parse_pairs(items: list[str] | None, flag: str) -> dict[str, str]:
-    """`["a.b=1", "C=x"]` -> {"a.b": "1", "C": "x"}; a UserError names the item without `=`."""
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"{flag} {item!r} is not NAME=VALUE")
-        out[key.strip()] = value.strip()
-    return out
-
-
 def build_config(cls: type, args: argparse.Namespace, fixed: dict[str, Any] | None = None) -> Any:
     """The config dataclass from parsed arguments (and `fixed` top-level fields that are no flag);
     its `__post_init__` validates (UserError)."""
@@ -199,8 +168,3 @@ def flag_set(cls: type) -> dict[str, str]:
         default = "required" if o.default is dataclasses.MISSING else repr(o.default)
         out[name] = f"{o.kind.__name__}{'?' if o.optional else ''}={default}"
     return out
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

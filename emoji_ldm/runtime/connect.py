@@ -1,0 +1,60 @@
+"""Connecting to Ray: a running cluster when RAY_ADDRESS is set, else a local one, with the Data settings and
+daemon settings every stage uses."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from emoji_ldm.runtime.partitions import PARTITION_BYTES
+
+
+def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Start (or join) Ray once per process, quietly.
+
+    Inside a Ray Job (KubeRay RayJob or `ray job submit`) RAY_ADDRESS points
+    at the cluster and we join it; on a laptop we start a local instance.
+    `dashboard=True` (the training stages) starts the dashboard too, about 3 s
+    more: Ray Train's placement-group cleaner asks the State API, which the
+    dashboard serves, and without it warns every few seconds.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        _init(ray, num_cpus, dashboard)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.print_on_execution_start = False
+    # a UserError raised in a map function reaches the driver as itself (the CLI prints it as one line),
+    # not as a UserCodeException that keeps only its text
+    ctx.raise_original_map_exception = True
+    # Parquet through Ray Data's V1 datasource: the V2 one (Ray 2.60's default) holds a whole folder's rows in
+    # one read worker (bench/HISTORY.md, "Data stages at scale")
+    ctx.use_datasource_v2 = False
+    # a shuffle's map task partitions at most this much input at once (Ray's default, 1 GiB, grows the task
+    # with the shuffle)
+    ctx.shuffle_input_batch_bytes = 4 * PARTITION_BYTES
+
+
+# The GCS keeps an event record of every task (about 3.5 KB each, up to 100,000 by default), which grows it with
+# a stage's length; the last 1,000 are enough to debug a stage (bench/gcs_events.py). Set on every head in k8s/.
+TASK_EVENTS_ENV = "RAY_task_events_max_num_task_in_gcs"
+TASK_EVENTS_IN_GCS = 1_000
+
+# Ray's daemons run on the jemalloc it ships, which reads MALLOC_CONF: without its per-thread caches an idle
+# raylet stays flat instead of growing by the hour (bench/raylet_growth.py --compare). infra/Dockerfile sets it too.
+DAEMON_MALLOC_CONF = "tcache:false"
+
+
+def _init(ray, num_cpus: int | None, dashboard: bool) -> None:
+    os.environ.setdefault("RAY_ACCEPT_LOCAL_EXECUTION_WARNINGS", "1")
+    os.environ.setdefault(TASK_EVENTS_ENV, str(TASK_EVENTS_IN_GCS))  # read by the GCS this process starts
+    os.environ.setdefault("MALLOC_CONF", DAEMON_MALLOC_CONF)  # read by the raylet and GCS it starts
+    kwargs = dict(include_dashboard=dashboard, logging_level=logging.WARNING, configure_logging=True)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:  # "local": always our own instance, never a `ray start` cluster someone left on the machine
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
