@@ -132,6 +132,11 @@ bench-dreambooth: $(BENCH_STAMP) $(DEMO_MODEL)
 bench-fast-path: $(BENCH_STAMP)
 	$(BIN)/python bench/fast_path.py $(BENCH_ARGS)
 
+# bench/RESULTS.md, rendered from the benchmarks' records in bench/results/ (`bench/render.py --check`: current?).
+.PHONY: bench-results
+bench-results: $(STAMP)
+	$(BIN)/python bench/render.py
+
 # The small64 model of the README gallery, trained on the demo's Twemoji dataset on 2 CPU cores (about 105
 # minutes: 92 measured with a 500-step VAE, the RGBA VAE's 1,000 steps add about 14; builds the demo first when absent): encode (training its VAE), train, eval with the demo's judge,
 # gallery. Stopped midway, `make small64 RESUME=--resume` continues from the last checkpoint.
