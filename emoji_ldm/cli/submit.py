@@ -153,9 +153,17 @@ def connect(address: str):
         os.environ.update(hidden)
 
 
-def _job_missing(e: Exception) -> bool:
-    text = str(e)
-    return "does not exist" in text or "404" in text
+def require_job(client, job_id: str, address: str) -> None:
+    """A UserError when the cluster has no job `job_id`, told by the HTTP status of the job's info (404).
+
+    `JobSubmissionClient`'s public methods raise a bare RuntimeError with the status only in its text, so ask
+    the same endpoint `get_job_info` asks through the SDK's request method (which adds the cluster's token and
+    headers) and read the status code."""
+    response = client._do_request("GET", f"/api/jobs/{job_id}")
+    if response.status_code == 404:
+        raise UserError(f"no job {job_id!r} on {address}; `emoji-ldm jobs list` shows them")
+    if response.status_code != 200:
+        client._raise_error(response)
 
 
 def submit(config: SubmitConfig) -> int:
@@ -246,26 +254,18 @@ def format_jobs(rows: list[dict]) -> str:
 
 def job_logs(address: str, job_id: str, follow_logs: bool = False) -> int:
     client = connect(address)
-    try:
-        if follow_logs:
-            return follow(client, job_id, address)
-        print(client.get_job_logs(job_id), end="")
-        return 0
-    except RuntimeError as e:
-        if _job_missing(e):
-            raise UserError(f"no job {job_id!r} on {address}; `emoji-ldm jobs list` shows them") from None
-        raise
+    require_job(client, job_id, address)
+    if follow_logs:
+        return follow(client, job_id, address)
+    print(client.get_job_logs(job_id), end="")
+    return 0
 
 
 def stop_job(address: str, job_id: str, wait: bool = True) -> str:
     """Ask the job to stop; with `wait`, return its final status."""
     client = connect(address)
-    try:
-        client.stop_job(job_id)
-    except RuntimeError as e:
-        if _job_missing(e):
-            raise UserError(f"no job {job_id!r} on {address}; `emoji-ldm jobs list` shows them") from None
-        raise
+    require_job(client, job_id, address)
+    client.stop_job(job_id)
     return _wait_terminal(client, job_id) if wait else str(client.get_job_status(job_id).value)
 
 

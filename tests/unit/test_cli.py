@@ -118,3 +118,101 @@ def test_the_cli_and_every_argument_check_load_no_heavy_library():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["[]", "['ray']"]
+
+
+def test_a_bug_raised_while_handling_a_user_error_keeps_its_traceback(monkeypatch, capsys):
+    """Only what an exception explicitly wraps counts (`raise ... from`, Ray's `cause`), not the error that was
+    being handled when it was raised (`__context__`): a bug in an `except UserError` block is a bug."""
+    def build(config):
+        try:
+            raise UserError("--source 'x' is wrong")
+        except UserError:
+            return {}["a bug in the handler"]
+
+    monkeypatch.setattr("emoji_ldm.ingest.build.build_dataset", build)
+    with pytest.raises(KeyError, match="a bug in the handler"):
+        cli.main(["dataset", "build", "--source", "twemoji", "--out", "/tmp/unused"])
+    assert "emoji-ldm: error" not in capsys.readouterr().err
+
+
+def test_find_user_error_follows_explicit_wrapping_only():
+    from emoji_ldm.errors import find_user_error
+
+    user = UserError("--n 0 must be 1 or more")
+    try:
+        raise RuntimeError("a wrapper") from user
+    except RuntimeError as e:
+        assert find_user_error(e) is user
+
+    class TaskError(Exception):  # Ray's RayTaskError: the worker's exception as `cause`
+        def __init__(self, cause):
+            self.cause = cause
+
+    class TrainFailed(Exception):  # Ray Train: rank -> the worker's exception
+        def __init__(self, failures):
+            self.worker_failures = failures
+
+    assert find_user_error(TrainFailed({0: RuntimeError("ok"), 1: TaskError(user)})) is user
+    try:
+        try:
+            raise user
+        except UserError:
+            [].pop()  # a bug while handling it
+    except IndexError as e:
+        assert e.__context__ is user and find_user_error(e) is None
+    assert find_user_error(ValueError("a library's own")) is None
+
+
+def test_user_error_is_not_a_value_error():
+    """`except ValueError` around a parser or a library call must not swallow a UserError raised inside it."""
+    with pytest.raises(UserError):
+        try:
+            raise UserError("--size 7 must be from 8 to 1024")
+        except ValueError:
+            pytest.fail("except ValueError caught a UserError")
+
+
+@pytest.fixture
+def dashboard(monkeypatch):
+    """Ray's real JobSubmissionClient against a stand-in for the dashboard's Jobs API (no socket: its HTTP calls
+    are answered here): /api/version, and the job 'here' (200), 'gone' (404), 'broken' (500 with '404' and
+    'does not exist' in its text). Yields the address and the (method, path) of every request."""
+    import requests
+    from ray.dashboard.modules import dashboard_sdk
+
+    url = "http://dashboard.test:8265"
+    replies = {"/api/version": (200, json.dumps({"version": "4", "ray_version": "2.60.0", "ray_commit": "x"})),
+               "/api/jobs/here": (200, json.dumps({"type": "SUBMISSION", "job_id": None, "submission_id": "here",
+                                                   "entrypoint": "true", "status": "RUNNING"})),
+               "/api/jobs/gone": (404, "Job gone does not exist"),
+               "/api/jobs/broken": (500, "upstream said 404: does not exist")}
+    asked = []
+
+    def request(method, address, **kwargs):
+        path = address.removeprefix(url)
+        asked.append((method, path))
+        response = requests.Response()
+        response.status_code, body = replies.get(path, (599, "unexpected request"))
+        response._content = body.encode()
+        return response
+
+    monkeypatch.setattr(dashboard_sdk.requests, "request", request)
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    yield url, asked
+
+
+def test_a_missing_ray_job_is_told_by_its_http_status(dashboard):
+    from emoji_ldm.cli import submit
+
+    url, asked = dashboard
+    with pytest.raises(UserError, match=f"no job 'gone' on {url}; `emoji-ldm jobs list` shows them"):
+        submit.job_logs(url, "gone")
+    with pytest.raises(UserError, match="no job 'gone'"):
+        submit.stop_job(url, "gone")
+    assert ("POST", "/api/jobs/gone/stop") not in asked  # refused before asking to stop
+    # any other failure is not a missing job, whatever its text says
+    with pytest.raises(RuntimeError, match="status code 500") as e:
+        submit.job_logs(url, "broken")
+    assert not isinstance(e.value, UserError)
+    submit.require_job(submit.connect(url), "here", url)
