@@ -2,10 +2,13 @@
 
     emoji-ldm generate --model URI --prompt TEXT [--negative-prompt TEXT] [--n 4] [--steps 25]
                        [--guidance 5.0] [--seed S] [--scheduler dpmpp|ddim|ddpm] [--size PX]
-                       [--no-png-metadata] --out DIR
+                       [--target raw|slack|discord|github] [--frames N --format apng|gif|webp
+                       --motion 0.3 --fps 12 --matte light|dark|#rrggbb] [--no-png-metadata] --out DIR
 
 Every PNG written carries its generation parameters and the model's URI and
 content id as text chunks (`emoji_ldm.inference.pngmeta`), unless turned off.
+With `--frames N` each image is an animated loop of N frames drawn by the model
+(`emoji_ldm.inference.animation`), fitted under the target's byte cap.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from PIL import Image
 
 from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
+from emoji_ldm.inference.animation import EXTENSIONS, AnimationSettings, encode_loop, loop_metrics
 from emoji_ldm.inference.pngmeta import shared_params
 from emoji_ldm.inference.sampler import SampleJob, Sampler, image_grid, inference_device, png_bytes
 from emoji_ldm.inference.settings import SamplerSettings
+from emoji_ldm.inference.targets import TARGETS, fit, get_target
 
 
 @dataclass(frozen=True)
@@ -35,32 +40,61 @@ class GenerateConfig:
     png_metadata: bool = opt(True, flag="no-png-metadata", invert=True,
                              help="write the PNGs without their generation parameters and model id")
     use_gpu: bool = opt(False, flag="gpu", help="draw on a GPU (cuda, the pipeline in bf16); default CPU")
+    target: str = opt("raw", help=f"size and byte cap of the files: {' | '.join(TARGETS)} (raw: as drawn)")
+    animation: AnimationSettings = opt(default_factory=AnimationSettings, help="an animated loop per image")
 
     def __post_init__(self):
         if not self.prompt or not self.prompt.strip():
             raise UserError("--prompt is empty: describe the emoji, e.g. 'smiling cat face'")
+        get_target(self.target)
+        self.animation.check_scheduler(self.sampler.scheduler)
 
 
 def generate(config: GenerateConfig) -> list[str]:
-    """Write `count` PNGs and a sheet for one prompt; returns the PNG paths."""
+    """Write `count` emoji (PNGs, or animated loops with --frames) and a sheet for one prompt; returns the
+    paths."""
     settings = config.sampler
     sampler = Sampler.load(config.model, device=inference_device(config.use_gpu))
     seeds = tuple(settings.seed + i for i in range(settings.count))
-    (made,) = sampler.pngs([SampleJob.of((config.prompt,) * settings.count, seeds, settings)], config.png_metadata)
+    job = SampleJob.of((config.prompt,) * settings.count, seeds, settings)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (png, _) in enumerate(made):
-        path = out / f"{i:03d}.png"
-        path.write_bytes(png)
-        paths.append(str(path))
-    params = [p for _, p in made]
-    sheet = image_grid([Image.open(io.BytesIO(png)) for png, _ in made], [f"seed {s}" for s in seeds])
+    if config.animation.animated:
+        files, records, stills = _write_loops(sampler, job, config, out)
+    else:
+        (made,) = sampler.pngs([job], config.png_metadata)
+        files, records, stills = [], [p for _, p in made], [Image.open(io.BytesIO(png)) for png, _ in made]
+        for i, (png, _) in enumerate(made):
+            files.append(out / f"{i:03d}.png")
+            files[-1].write_bytes(fit(png, get_target(config.target)))
+    params = [r.get("params", r) for r in records]
+    sheet = image_grid(stills, [f"seed {s}" for s in seeds])
     (out / "sheet.png").write_bytes(png_bytes(sheet, shared_params(params) if config.png_metadata else None))
+    paths = [str(f) for f in files]
     (out / "generate.json").write_text(json.dumps(
         {**dataclasses.asdict(config), "model_uri": sampler.model_uri, "model_content_id": sampler.content_id,
-         "files": paths, "images": params}, indent=2))
+         "files": paths, "images": records}, indent=2))
     return paths
+
+
+def _write_loops(sampler: Sampler, job: SampleJob, config: GenerateConfig, out: Path):
+    """Each image of `job` as an animated loop under the target's cap: (files, per-file records, first frames).
+    A record holds the image's parameters, the loop (frames, motion, fps), what fitting kept, and the loop's
+    metrics."""
+    animation, target = config.animation, get_target(config.target)
+    files, records, stills = [], [], []
+    for i, frames in enumerate(sampler.animate(job, animation)):
+        params = job.image_params(i, frames[0].width, frames[0].height, sampler.model_uri, sampler.content_id)
+        loop = {"frames": animation.frames, "motion": animation.motion, "fps": animation.fps,
+                "path": "noise circle around the seed's noise (seed, seed + 2**32, seed + 2**33)"}
+        text = f"{animation.frames} frames, motion {animation.motion:g}, {animation.fps} fps, noise circle"
+        encoded = encode_loop(frames, animation, target.max_bytes, target.size,
+                              {**params, "loop": text} if config.png_metadata else None)
+        files.append(out / f"{i:03d}{EXTENSIONS[animation.format]}")
+        files[-1].write_bytes(encoded.data)
+        records.append({"params": params, "loop": loop, "file": encoded.record(), "metrics": loop_metrics(frames)})
+        stills.append(frames[0])
+    return files, records, stills
 
 
 def report(paths: list[str]) -> str:

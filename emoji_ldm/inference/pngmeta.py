@@ -12,7 +12,9 @@ back with `PIL.Image.open(path).text`:
     from the model card), code_version, and with a LoRA adapter (`serve
     --adapter`) adapter, adapter_uri and adapter_content_id, and for a PNG
     resized for an upload target (`inference.targets`) target ("slack
-    128x128"; `size` stays the size drawn, which reproduces the image)
+    128x128"; `size` stays the size drawn, which reproduces the image), and
+    for an animated loop (`inference.animation`) loop ("16 frames, motion 0.3,
+    12 fps, noise circle")
 
 plus `parameters`, the same in the one-chunk layout of the web UIs
 ("PROMPT\\nNegative prompt: ...\\nSteps: 25, Sampler: dpmpp, CFG scale: 5.0,
@@ -30,7 +32,7 @@ from __future__ import annotations
 import io
 
 FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler", "size", "model",
-          "model_content_id", "code_version", "adapter", "adapter_uri", "adapter_content_id", "target")
+          "model_content_id", "code_version", "adapter", "adapter_uri", "adapter_content_id", "target", "loop")
 _INTS = ("seed", "steps")
 
 
@@ -75,17 +77,22 @@ def png_text(params: dict) -> dict[str, str]:
     return text
 
 
-def encode_png(image, params: dict | None = None) -> bytes:
-    """PNG bytes of a PIL image, with `params` as text chunks (none when `params` is None or empty)."""
+def png_info(params: dict | None):
+    """Pillow's `pnginfo` for `params` (None when `params` is None or empty)."""
     from PIL.PngImagePlugin import PngInfo
 
-    info = None
-    if params:
-        info = PngInfo()
-        for key, value in png_text(params).items():
-            info.add_text(key, value)  # tEXt when Latin-1, else iTXt
+    if not params:
+        return None
+    info = PngInfo()
+    for key, value in png_text(params).items():
+        info.add_text(key, value)  # tEXt when Latin-1, else iTXt
+    return info
+
+
+def encode_png(image, params: dict | None = None) -> bytes:
+    """PNG bytes of a PIL image, with `params` as text chunks (none when `params` is None or empty)."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
+    image.save(buf, format="PNG", pnginfo=png_info(params))
     return buf.getvalue()
 
 

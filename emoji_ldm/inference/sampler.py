@@ -258,13 +258,16 @@ class Sampler:
             out.append([(png_bytes(im, p if metadata else None), p) for im, p in zip(images, params)])
         return out
 
+    def latent_shape(self, size: int | None = None) -> tuple[int, int, int, int]:
+        """(1, C, H/8, W/8): one image's latent at `size` pixels (default: the model's own)."""
+        s = (size or self.image_size) // self.pipe.vae_scale_factor
+        return (1, self.pipe.unet.config.in_channels, s, s)
+
     def noise(self, seed: int, size: int | None = None):
         """The initial latent for `seed`: (1, C, H/8, W/8), drawn on the CPU so every device agrees."""
         import torch
 
-        c = self.pipe.unet.config.in_channels
-        s = (size or self.image_size) // self.pipe.vae_scale_factor
-        return torch.randn((1, c, s, s), generator=torch.Generator("cpu").manual_seed(seed))
+        return torch.randn(self.latent_shape(size), generator=torch.Generator("cpu").manual_seed(seed))
 
     def sample(self, jobs: list[SampleJob], max_batch: int | None = None) -> list[list[Image.Image]]:
         """Images per job, in order; one pipeline call per distinct (steps, guidance, scheduler), split into calls of
@@ -291,7 +294,27 @@ class Sampler:
                     images = images[len(p.prompts):]
         return out
 
-    def _call(self, jobs: list[SampleJob]) -> list[Image.Image]:
+    def animate(self, job: SampleJob, animation, max_batch: int | None = None) -> list[list[Image.Image]]:
+        """Per image of `job` (its prompt and seed), the frames of a seamless loop (`animation.loop_noise`:
+        noise on a small closed circle around the seed's own noise), in calls of at most `max_batch` frames."""
+        from emoji_ldm.inference.animation import loop_noise
+
+        animation.check_scheduler(job.scheduler)
+        n, size = animation.frames, job.size or self.image_size
+        out = []
+        for prompt, seed in zip(job.prompts, job.seeds):
+            latents = loop_noise(self.latent_shape(size), seed, n, animation.motion)  # (N, C, h, w)
+            step, frames = max_batch or n, []
+            for a in range(0, n, step):
+                b = min(n, a + step)
+                frames += self._call([replace(job, prompts=(prompt,) * (b - a), seeds=(seed,) * (b - a))],
+                                     latents[a:b])
+            out.append(frames)
+        return out
+
+    def _call(self, jobs: list[SampleJob], latents=None) -> list[Image.Image]:
+        """One pipeline call for `jobs` (equal settings); `latents` (B, C, h, w): the starting noise, default
+        each image's seed's (`noise`)."""
         import torch
 
         first = jobs[0]
@@ -308,7 +331,9 @@ class Sampler:
         self._activate(first.adapter)  # jobs of one call share their settings, the adapter among them
         size = first.size or self.image_size
         unet_dtype = self.pipe.unet.dtype
-        latents = torch.cat([self.noise(s, size) for s in seeds]).to(self.pipe.device, unet_dtype)  # (B, C, h, w)
+        if latents is None:
+            latents = torch.cat([self.noise(s, size) for s in seeds])  # (B, C, h, w)
+        latents = latents.to(self.pipe.device, unet_dtype)
         own_decode = self.pipe.vae.dtype != unet_dtype  # fp16 UNet, fp32 VAE: decode here, in the VAE's dtype
         # one generator per image: stochastic samplers (ddpm) draw their step noise per image too
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
