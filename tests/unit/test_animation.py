@@ -13,8 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.inference.animation import (FORMATS, AnimationSettings, encode_loop, loop_metrics, loop_noise,
-                                           read_frames)
+from emoji_ldm.inference.animation import FORMATS, AnimationSettings, encode_loop, loop_metrics, loop_noise, read_frames
 from emoji_ldm.inference.targets import TARGETS
 
 
