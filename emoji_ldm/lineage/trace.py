@@ -97,8 +97,7 @@ def _png(uri: str):
         raise MissingLink("png -> model", f"{uri} carries no emoji-ldm generation parameters (no `model` text chunk): "
                                           "its metadata was stripped, it was written with --no-png-metadata, or "
                                           "another program wrote it", partial=link)
-    return link, (_model, {"uri": params["model"], "content_id": params.get("model_content_id"),
-                           "base": uri.rsplit("/", 1)[0]})
+    return link, (_model, {"uri": params["model"], "content_id": params.get("model_content_id")})
 
 
 def _set(uri: str):
@@ -110,7 +109,7 @@ def _set(uri: str):
             "items": len(manifest.get("items") or []), "settings": manifest.get("settings")}
     if not model.get("uri"):
         raise MissingLink("set -> model", f"{uri} names no model (`model.uri`)", partial=link)
-    return link, (_model, {"uri": model["uri"], "content_id": model.get("content_id"), "base": uri.rsplit("/", 1)[0]})
+    return link, (_model, {"uri": model["uri"], "content_id": model.get("content_id")})
 
 
 def _bulk_manifest(uri: str, version: int):
@@ -122,19 +121,17 @@ def _bulk_manifest(uri: str, version: int):
             "code_version": meta.get("code_version")}
     if not meta.get("model"):
         raise MissingLink("bulk manifest -> model", f"the commit of {uri}@{version} names no model", partial=link)
-    return link, (_model, {"uri": meta["model"], "content_id": meta.get("model_content_id"), "base": uri})
+    return link, (_model, {"uri": meta["model"], "content_id": meta.get("model_content_id")})
 
 
-def _model(uri: str, content_id: str | None = None, base: str | None = None):
+def _model(uri: str, content_id: str | None = None):
     from emoji_ldm.store.artifacts import exists, read_json
-    from emoji_ldm.store.delta import table_exists
-    from emoji_ldm.store.uri import join, resolve_recorded
+    from emoji_ldm.store.uri import join, public_uri
 
-    resolved = resolve_recorded(uri, base or uri, lambda u: exists(u)) or uri
-    card_uri = next((c for c in (join(resolved, "model_card.json"), join(resolved, "model", "model_card.json"))
+    card_uri = next((c for c in (join(uri, "model_card.json"), join(uri, "model", "model_card.json"))
                      if exists(c)), None)
     if card_uri is None:
-        raise MissingLink("model", f"no model card (model_card.json) at {resolved}: the model was deleted or moved")
+        raise MissingLink("model", f"no model card (model_card.json) at {uri}: the model was deleted or moved")
     card = read_json(card_uri)
     folder = card_uri.rsplit("/", 1)[0]
     training, metrics = card.get("training") or {}, card.get("metrics") or {}
@@ -145,22 +142,16 @@ def _model(uri: str, content_id: str | None = None, base: str | None = None):
     if content_id and card.get("content_id") and content_id != card["content_id"]:
         raise MissingLink("model", f"the image was made by the model with content id {content_id}; the model now at "
                                    f"{folder} has {card['content_id']}: it was replaced since", partial=link)
-    if content_id and not card.get("content_id"):
-        link["note"] = "the card records no content id (exported before content ids): not checked against the image"
-    recorded = card.get("latent_table")
-    if not recorded:
+    latent = card.get("latent_table")
+    if not latent:
         raise MissingLink("model -> latent table", f"the card at {card_uri} names no latent table", partial=link)
-    latent = resolve_recorded(recorded, folder, table_exists)
-    if latent is None:
-        raise MissingLink("latent table", f"the card records {recorded!r}, which is no table (relative paths are "
-                                          f"tried against {folder} and the folders above it)", partial=link)
-    return link, (_latent_table, {"uri": latent, "version": card.get("latent_table_version")})
+    return link, (_latent_table, {"uri": public_uri(latent), "version": card.get("latent_table_version")})
 
 
 def _latent_table(uri: str, version: int | None):
-    from emoji_ldm.store.delta import commit_metadata, open_table, table_exists
+    from emoji_ldm.store.delta import commit_metadata, open_table
     from emoji_ldm.store.latents import encoded_dataset
-    from emoji_ldm.store.uri import DatasetRef, resolve_recorded
+    from emoji_ldm.store.uri import DatasetRef
 
     try:
         table = open_table(DatasetRef(uri, version=version))
@@ -173,11 +164,10 @@ def _latent_table(uri: str, version: int | None):
     link = {"link": "latent_table", "uri": uri, "version": table.version(),
             "preset": (meta.get("preset") or {}).get("name"), "vae": meta.get("vae"),
             "text_encoder": meta.get("text_encoder"), "code_version": meta.get("code_version")}
-    recorded, dataset_version = encoded_dataset(meta), meta.get("dataset_version")
-    dataset = resolve_recorded(recorded, uri, table_exists) if recorded else None
+    dataset, dataset_version = encoded_dataset(meta), meta.get("dataset_version")
     if dataset is None or dataset_version is None:
         raise MissingLink("latent table -> dataset", f"the encode commit of {uri}@{table.version()} names no dataset "
-                                                     f"that can be found (it records {recorded!r})", partial=link)
+                                                     "version", partial=link)
     return link, (_dataset, {"uri": dataset, "version": dataset_version})
 
 

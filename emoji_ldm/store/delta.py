@@ -13,9 +13,7 @@ not create versions; rejected inputs of a build live in
 
 Reads in this process go through `open_table` (a `Table`) and `arrow_dataset`:
 both read data files through a native Arrow filesystem, never through
-deltalake's default Python `PyFileSystem` wrapper (see `Table` for why: a
-process that read through that wrapper could abort at exit with
-"terminate called without an active exception", exit 134, or hang).
+deltalake's default Python `PyFileSystem` wrapper (see `Table` for why).
 """
 
 from __future__ import annotations
@@ -56,22 +54,8 @@ def arrow_filesystem(uri: str) -> pafs.FileSystem:
 class Table(DeltaTable):
     """A `deltalake.DeltaTable` whose pyarrow datasets read through a native Arrow filesystem.
 
-    Why: with no `filesystem`, `DeltaTable.to_pyarrow_dataset()` (and so
-    `to_pyarrow_table`) wraps delta-rs's object store in a Python
-    `pyarrow.fs.PyFileSystem`: every fragment holds that Python object, every
-    read calls its Python handler, and the buffers it returns are Python
-    bytes. Arrow's threads keep working after a read call has returned (the
-    read-ahead of a `head`, of a scan stopped early or of a stream left open;
-    futures releasing fragments), and when that work reaches a Python object
-    while the interpreter finalizes, it takes the GIL, CPython ends the thread
-    with `pthread_exit`, and the process aborts ("terminate called without an
-    active exception", exit 134: the forced unwind met a `noexcept` C++
-    destructor), segfaults, or hangs at exit (Arrow's pool shutdown waits for
-    the task of the thread that was ended). apache/arrow#34314, delta-rs#2184;
-    measured with deltalake 1.6.6 and pyarrow 26.0.1 in
-    `tests/unit/test_store_exit.py`. A native filesystem keeps Python out of
-    Arrow's threads; the log still comes from delta-rs and the files are the
-    same (paths relative to the table folder, partition values from the log).
+    Why: deltalake's default Python `PyFileSystem` wrapper lets Arrow's threads call into Python after a read
+    has returned, which can abort or hang the process at exit (apache/arrow#34314; `test_store_exit.py`).
     """
 
     def to_pyarrow_dataset(self, partitions=None, filesystem=None, **kwargs) -> pds.Dataset:
@@ -366,7 +350,7 @@ def write_tag(uri: str, name: str, version: int) -> None:
 
 # --- image mode -------------------------------------------------------------
 # Delta's table properties admit only Delta's own keys, so the mode lives beside the table, written once by
-# the build that creates it. Tables built before RGBA have no record: they hold RGB images.
+# the build that creates it.
 
 IMAGE_MODES = ("RGBA", "RGB")
 
@@ -376,15 +360,17 @@ def _mode_path(uri: str) -> str:
 
 
 def image_mode(uri: str) -> str:
-    """The mode of the images the table at `uri` stores: "RGBA", or "RGB" (also every table built before
-    RGBA, which has no record)."""
+    """The mode of the images the table at `uri` stores: "RGBA", or "RGB" (built with --background)."""
     fs, path = filesystem(_mode_path(uri))
     try:
         with fs.open_input_stream(path) as f:
             mode = f.read().decode().strip()
     except FileNotFoundError:
-        return "RGB"
-    return mode if mode in IMAGE_MODES else "RGB"
+        mode = None
+    if mode not in IMAGE_MODES:
+        raise UserError(f"{uri} has no image mode record ({SIDECAR}/image_mode, RGBA or RGB), which "
+                        "`emoji-ldm dataset build` writes when it creates a dataset: build the dataset with it")
+    return mode
 
 
 def record_image_mode(uri: str, mode: str) -> None:
@@ -403,15 +389,6 @@ def record_image_mode(uri: str, mode: str) -> None:
 REJECT_SCHEMA = pa.schema(
     [("source_url", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
 )
-
-
-def write_sidecar_parquet(uri: str, name: str, table: pa.Table) -> str:
-    """A Parquet file beside the table, under `_emoji_ldm/<name>` (not part of any version)."""
-    target = join(normalize_uri(uri), SIDECAR, name)
-    fs, path = filesystem(target)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, path, filesystem=fs)
-    return target
 
 
 def rejects_uri(uri: str, build_id: str) -> str:

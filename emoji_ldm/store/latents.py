@@ -70,12 +70,11 @@ def open_latent_table(data: str):
 
 def encoded_dataset(enc_meta: dict) -> str | None:
     """The absolute URI of the dataset a latent table was encoded from: its encode commit's `source`
-    (`URI@VERSION`, always resolved), since older encodes stored `dataset` as typed (maybe relative)."""
+    (`URI@VERSION`); None when the commit names none."""
     from emoji_ldm.store.uri import public_uri
 
     source = enc_meta.get("source") or ""
-    uri = source.rsplit("@", 1)[0] if "@" in source else enc_meta.get("dataset")
-    return public_uri(uri) if uri else None
+    return public_uri(source.rsplit("@", 1)[0]) if "@" in source else None
 
 
 def empty_caption(uri: str) -> np.ndarray:
@@ -106,20 +105,13 @@ def split_files(table, split: str = "train") -> list[SplitFile]:
     """The data files of one split at the table's loaded version, in log order, with their row counts.
 
     Reads only the Delta log (one entry per file, never a row), so it costs
-    O(files); tables written before latent tables were partitioned by split
-    are refused with the command that rewrites them.
+    O(files): `encode` partitions the table by split and records each file's row count.
     """
     from emoji_ldm.store.uri import join
 
-    if PARTITION not in (table.metadata().partition_columns or []):
-        raise UserError(f"the latent table {table.table_uri!r} is not partitioned by split (an older emoji-ldm "
-                        "wrote it): run `emoji-ldm encode --full` again to rewrite it")
     actions = pa.table(table.get_add_actions(flatten=True))
     mine = actions.filter(pc.equal(actions.column(f"partition.{PARTITION}"), split))
     counts = mine.column("num_records").to_pylist()
-    if any(c is None for c in counts):
-        raise UserError(f"the latent table {table.table_uri!r} has files without row counts in its log: "
-                        "run `emoji-ldm encode --full` again to rewrite it")
     return [SplitFile(join(table.table_uri, p), int(n)) for p, n in zip(mine.column("path").to_pylist(), counts)]
 
 

@@ -50,7 +50,7 @@ class DatasetSummary:
     tags: dict[str, int]
     captioned: int
     image_sizes: dict[str, int]
-    image_mode: str = "RGB"  # RGBA, or RGB (with --background, or built before RGBA)
+    image_mode: str = "RGB"  # RGBA, or RGB (built with --background)
 
     def text(self) -> str:
         top_tags = ", ".join(f"{k or '(none)'} {v}" for k, v in Counter(self.tags).most_common(8))

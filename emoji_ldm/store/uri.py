@@ -185,32 +185,3 @@ def public_uri(uri: str) -> str:
         if kept:
             clean += "?" + "&".join(kept)
     return clean
-
-
-def _parents(uri: str) -> list[str]:
-    """`uri` and every folder above it, nearest first (`s3://b/x/y` -> `s3://b/x/y`, `s3://b/x`, `s3://b`)."""
-    if is_s3(uri):
-        parts = normalize_uri(uri)[len("s3://"):].split("/")
-        return ["s3://" + "/".join(parts[:n]) for n in range(len(parts), 0, -1)]
-    path = Path(uri)
-    return [str(path), *map(str, path.parents)]
-
-
-def resolve_recorded(recorded: str, base: str, exists) -> str | None:
-    """A URI recorded in a card or commit, absolute and without credentials.
-
-    S3 URIs and absolute paths are taken as they are. A relative path (older
-    emoji-ldm stored the path as typed, relative to the directory the command
-    ran in) is tried against `base` (where the record lives) and each folder
-    above it; the first candidate for which `exists(candidate)` holds wins.
-    None when none does.
-    """
-    if not recorded:
-        return None
-    if is_s3(recorded) or recorded.startswith("file://") or Path(recorded).is_absolute():
-        return public_uri(normalize_uri(recorded))
-    for folder in _parents(base):
-        candidate = join(folder, recorded) if is_s3(folder) else str(Path(folder, recorded).resolve())
-        if exists(candidate):
-            return public_uri(candidate)
-    return None

@@ -1,11 +1,10 @@
 """Lineage without Ray: PNG text chunks, recorded URIs, the weights' content id, and a chain over small
-Delta tables written here with the commit metadata the stages record (an older card's relative paths)."""
+Delta tables written here with the commit metadata and model card the stages record."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
 
 import pyarrow as pa
 import pytest
@@ -20,7 +19,7 @@ from emoji_ldm.lineage.text import format_chain
 from emoji_ldm.lineage.trace import made_rows, trace
 from emoji_ldm.store.artifacts import weights_content_id
 from emoji_ldm.store.schema import EMOJI_SCHEMA
-from emoji_ldm.store.uri import public_uri, resolve_recorded
+from emoji_ldm.store.uri import public_uri
 
 
 def _params(**changes):
@@ -67,19 +66,6 @@ def test_public_uri_drops_credentials():
     assert public_uri("/data/twemoji") == "/data/twemoji" and public_uri("") == ""
 
 
-def test_resolve_recorded_relative_paths_against_the_records_folder_and_above(tmp_path):
-    (tmp_path / "demo-out" / "twemoji").mkdir(parents=True)
-    card_folder = tmp_path / "demo-out" / "run" / "model"
-    card_folder.mkdir(parents=True)
-    exists = os.path.exists
-    assert resolve_recorded("demo-out/twemoji", str(card_folder), exists) == str(tmp_path / "demo-out" / "twemoji")
-    assert resolve_recorded("twemoji", str(card_folder), exists) == str(tmp_path / "demo-out" / "twemoji")
-    assert resolve_recorded("missing/table", str(card_folder), exists) is None
-    assert resolve_recorded("/abs/elsewhere", str(card_folder), exists) == "/abs/elsewhere"
-    assert resolve_recorded("s3://k:s@bucket/ds", str(card_folder), exists) == "s3://bucket/ds"
-    assert resolve_recorded("", str(card_folder), exists) is None
-
-
 def test_content_id_changes_when_the_weights_change(tmp_path):
     import torch
     from safetensors.torch import save_file
@@ -113,10 +99,13 @@ def _rows(ids, caption=None):
                      "caption_prompt_id": [None] * n, "ingested_at": [None] * n}, schema=EMOJI_SCHEMA)
 
 
+CONTENT_ID = "sha256:" + "ab" * 32  # the model content id of `_params`
+
+
 @pytest.fixture
-def old_model(tmp_path, monkeypatch):
-    """An older demo: a dataset (build, caption as overwrite), a latent table whose encode commit stored the
-    dataset as typed, and a model card with relative paths, all under tmp_path/demo-out."""
+def model_run(tmp_path):
+    """A demo as the stages record it under tmp_path/demo-out: a dataset (build, caption as overwrite), a latent
+    table whose encode commit names the dataset version, and a model card with absolute URIs and a content id."""
     root = tmp_path / "demo-out"
     ds, lat, model = root / "twemoji", root / "latents", root / "run" / "model"
     _commit(ds, _rows(["a", "b"]), {"operation": "build", "source": "twemoji", "build_id": "b1", "message": "demo",
@@ -125,31 +114,35 @@ def old_model(tmp_path, monkeypatch):
                                                  "caption_model": "metadata", "caption_prompt_id": "metadata-v1",
                                                  "counts": {"captioned": 2}}, mode="overwrite")
     latents = pa.table({"id": ["a"], "caption": ["a caption"], "split": ["train"]})
-    _commit(lat, latents, {"operation": "encode", "source": f"{ds}@1", "dataset": "demo-out/twemoji",
-                           "dataset_version": 1, "preset": {"name": "tiny"}, "vae": "v", "text_encoder": "minilm"})
+    _commit(lat, latents, {"operation": "encode", "source": f"{ds}@1", "dataset": str(ds), "dataset_version": 1,
+                           "preset": {"name": "tiny"}, "vae": "v", "text_encoder": "minilm"})
     model.mkdir(parents=True)
     (model / "model_card.json").write_text(json.dumps({
-        "preset": "tiny", "dataset": "demo-out/twemoji", "dataset_version": 1, "latent_table": "demo-out/latents",
-        "latent_table_version": 0, "training": {"steps": 3, "workers": 1}, "metrics": {"loss": 0.5}}))
-    monkeypatch.chdir(tmp_path.parent)  # the card's relative paths do not resolve from here
+        "preset": "tiny", "dataset": str(ds), "dataset_version": 1, "latent_table": str(lat),
+        "latent_table_version": 0, "content_id": CONTENT_ID, "training": {"steps": 3, "workers": 1},
+        "metrics": {"loss": 0.5}}))
     return root
 
 
-def test_trace_from_an_old_card_with_relative_paths(old_model):
-    result = trace(str(old_model / "run"))
+def test_trace_from_a_png_to_the_dataset_commits(model_run, tmp_path):
+    png = tmp_path / "made.png"
+    png.write_bytes(encode_png(Image.new("RGB", (8, 8)), _params(model=str(model_run / "run" / "model"))))
+    result = trace(str(png))
     assert result["complete"], result["missing"]
-    model, latents, dataset = result["chain"]
-    assert model["uri"] == str(old_model / "run" / "model") and model["content_id"] is None
-    assert latents["uri"] == str(old_model / "latents") and latents["version"] == 0
-    assert dataset["uri"] == str(old_model / "twemoji") and dataset["version"] == 1 and dataset["rows"] == 2
+    image, model, latents, dataset = result["chain"]
+    assert image["prompt"] == "smiling cat face" and image["model_content_id"] == CONTENT_ID
+    assert model["uri"] == str(model_run / "run" / "model") and model["content_id"] == CONTENT_ID
+    assert latents["uri"] == str(model_run / "latents") and latents["version"] == 0
+    assert dataset["uri"] == str(model_run / "twemoji") and dataset["version"] == 1 and dataset["rows"] == 2
     build, caption = dataset["commits"]
     assert build["operation"] == "build" and build["source"] == "twemoji" and build["rejected"] == 1
     assert caption["captioner"] == "metadata" and caption["caption_prompt_id"] == "metadata-v1"
     text = format_chain(result)
-    assert "build    twemoji: 3 in, 2 added, 1 rejected; build b1" in text and "content id not recorded" in text
+    assert "build    twemoji: 3 in, 2 added, 1 rejected; build b1" in text and f"content id {CONTENT_ID}" in text
+    assert trace(str(model_run / "run"))["chain"] == result["chain"][1:]  # from the run folder: the same links
 
 
-def test_missing_links_stop_the_chain(old_model, tmp_path, capsys):
+def test_missing_links_stop_the_chain(model_run, tmp_path, capsys):
     stripped = tmp_path / "stripped.png"
     Image.new("RGB", (8, 8)).save(stripped)
     assert lineage_command(LineageConfig(target=str(stripped))) == 1
@@ -163,16 +156,16 @@ def test_missing_links_stop_the_chain(old_model, tmp_path, capsys):
     assert result["missing"]["link"] == "model" and "deleted-model" in result["missing"]["reason"]
 
     replaced = tmp_path / "replaced.png"  # the card now has another content id than the image names
-    card = old_model / "run" / "model" / "model_card.json"
+    card = model_run / "run" / "model" / "model_card.json"
     card.write_text(json.dumps({**json.loads(card.read_text()), "content_id": "sha256:" + "cd" * 32}))
-    replaced.write_bytes(encode_png(Image.new("RGB", (8, 8)), _params(model=str(old_model / "run" / "model"))))
+    replaced.write_bytes(encode_png(Image.new("RGB", (8, 8)), _params(model=str(model_run / "run" / "model"))))
     result = trace(str(replaced))
     assert not result["complete"] and "it was replaced since" in result["missing"]["reason"]
 
     import shutil
 
-    shutil.rmtree(old_model / "latents")
-    result = trace(str(old_model / "run"))
+    shutil.rmtree(model_run / "latents")
+    result = trace(str(model_run / "run"))
     assert [link["link"] for link in result["chain"]] == ["model"] and result["missing"]["link"] == "latent table"
 
     with pytest.raises(UserError, match="is not a PNG, an emoji set"):
@@ -183,7 +176,7 @@ def test_missing_links_stop_the_chain(old_model, tmp_path, capsys):
     with pytest.raises(UserError, match="is not a readable PNG file"):
         trace(str(tmp_path / "text.png"))
     with pytest.raises(UserError, match="unknown version 9"):
-        trace(f"{old_model / 'twemoji'}@9")
+        trace(f"{model_run / 'twemoji'}@9")
 
 
 def test_restores_mark_the_commits_they_undid():
