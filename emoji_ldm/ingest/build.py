@@ -105,7 +105,6 @@ class BuildSummary:
     seconds: float
     rejects_uri: str | None = None
     alpha: dict[str, int] = field(default_factory=dict)  # accepted images by what happened to their alpha
-    phases: dict[str, float] = field(default_factory=dict)  # seconds: list, ray_start, ingest, write
 
     @property
     def images_per_s(self) -> float:
@@ -129,9 +128,6 @@ class BuildSummary:
             + f" ({self.duplicates_in_build} in build, {self.duplicates_in_table} already in table)"
             + f", {self.added} added -> {where} | {self.seconds:.1f} s, {self.images_per_s:.0f} images/s"
         )
-
-
-DUPLICATES = ("duplicate_in_build", "duplicate_in_table")
 
 
 class BuildSink(CommitDeltaDatasink):
@@ -394,7 +390,6 @@ def ingest_dataset(items, config: BuildConfig, *, extra_metadata: dict | None = 
         duplicates_in_table=counts["duplicates_in_table"], added=counts["added"],
         seconds=time.perf_counter() - start, rejects_uri=staged.rejects if rejected else None,
         alpha=dict(staged.alpha),
-        phases={"total": round(time.perf_counter() - start, 3)},
     )
 
 
