@@ -1,0 +1,87 @@
+"""Emoji as people see them: legibility at chat size on light and dark themes, and how alike a pack looks.
+
+- Legibility: an emoji shows at about 22 px beside text, on the chat's background. Each image is shrunk to
+  `CHAT_PX` (premultiplied, as a client would), composited on each theme's background, and shown to the judge
+  at its own size; legibility is the judge's prompt accuracy there, per theme. An emoji that reads at 128 px on
+  white and is a smudge at 22 px on Discord's dark grey scores low on that theme.
+- Consistency: a set drawn as one pack should share a style. Each item's judge features (what the judge
+  sees), palette (its mean colour) and outline (the share of its pixels on the alpha edge) are compared with
+  the set's; the score is the mean cosine similarity of the items' features to their mean (1: alike), and
+  the outlier is the item farthest from the others on the three together.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageColor
+
+CHAT_PX = 22
+# the message backgrounds of the chat clients' light and dark themes
+THEMES = {"slack-light": "#ffffff", "slack-dark": "#1a1d21", "discord-light": "#ffffff", "discord-dark": "#313338"}
+
+
+def at_chat_size(image: Image.Image, background: str, px: int = CHAT_PX) -> Image.Image:
+    """`image` as a chat shows it: shrunk to `px` (premultiplied), on `background`; RGB at `px`."""
+    from emoji_ldm.imaging import resize_rgba
+
+    small = resize_rgba(image.convert("RGBA"), (px, px))
+    canvas = Image.new("RGBA", small.size, ImageColor.getrgb(background)[:3] + (255,))
+    return Image.alpha_composite(canvas, small).convert("RGB")
+
+
+def chat_pixels(judge, images: list[Image.Image], background: str, px: int = CHAT_PX) -> np.ndarray:
+    """(B, S, S, 3) uint8: the images at chat size on `background`, enlarged back to the judge's size (the judge
+    sees only what survived the shrink)."""
+    return np.stack([np.asarray(at_chat_size(im, background, px).resize((judge.size, judge.size),
+                                                                        Image.Resampling.BILINEAR), dtype=np.uint8)
+                     for im in images])
+
+
+def legibility(judge, images: list[Image.Image], labels: list[str | None], px: int = CHAT_PX) -> dict:
+    """The judge's prompt accuracy at chat size, per theme, over the images whose label the judge knows:
+    {"px", "themes": {theme: accuracy}, "min": the worst theme, "labelled": how many counted}."""
+    known = [i for i, y in enumerate(labels) if y in set(judge.classes)]
+    if not known:
+        return {"px": px, "themes": {}, "min": None, "labelled": 0}
+    themes = {}
+    for theme, colour in THEMES.items():
+        predicted = judge.predict(chat_pixels(judge, [images[i] for i in known], colour, px))
+        themes[theme] = round(float(np.mean([p == labels[i] for p, i in zip(predicted, known)])), 4)
+    return {"px": px, "themes": themes, "min": min(themes.values()), "labelled": len(known)}
+
+
+def legible_share(judge, image: Image.Image, label: str, px: int = CHAT_PX) -> float:
+    """The share of themes on which the judge reads one image as `label` at chat size (0 to 1)."""
+    pixels = np.concatenate([chat_pixels(judge, [image], colour, px) for colour in THEMES.values()])
+    return float(np.mean([p == label for p in judge.predict(pixels)]))
+
+
+def _palette_outline(image: Image.Image) -> np.ndarray:
+    """(4,): the mean colour of the opaque part (0-1) and the share of pixels on the alpha edge."""
+    x = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0  # (H, W, 4)
+    alpha = x[..., 3]
+    colour = (x[..., :3] * alpha[..., None]).sum(axis=(0, 1)) / max(float(alpha.sum()), 1e-6)  # (3,)
+    solid = alpha > 0.5
+    edge = solid ^ np.roll(solid, 1, 0) | solid ^ np.roll(solid, 1, 1)
+    return np.append(colour, edge.mean())
+
+
+def consistency(judge, images: list[Image.Image]) -> dict:
+    """How alike a set looks: {"score": mean cosine similarity of the judge features to their mean (1: alike),
+    "palette_spread", "outline_spread" (standard deviations across items), "outlier": the index of the item
+    farthest from the rest, "distances": each item's distance (features, palette and outline, each scaled by
+    the set's own spread)}; a set of one is consistent by definition."""
+    if len(images) < 2:
+        return {"score": 1.0, "palette_spread": 0.0, "outline_spread": 0.0, "outlier": None, "distances": [0.0]}
+    feats = judge.features(judge.pixels(images))  # (B, F)
+    unit = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-8)
+    centre = unit.mean(axis=0)
+    similarity = unit @ (centre / max(float(np.linalg.norm(centre)), 1e-8))  # (B,)
+    style = np.stack([_palette_outline(im) for im in images])  # (B, 4)
+    parts = [1 - similarity, np.linalg.norm(style[:, :3] - style[:, :3].mean(0), axis=1),
+             np.abs(style[:, 3] - style[:, 3].mean())]
+    distance = sum(p / (p.mean() + 1e-8) for p in parts) / len(parts)  # (B,): 1 is an average item
+    return {"score": round(float(similarity.mean()), 4),
+            "palette_spread": round(float(style[:, :3].std(axis=0).mean()), 4),
+            "outline_spread": round(float(style[:, 3].std()), 4),
+            "outlier": int(np.argmax(distance)), "distances": [round(float(d), 3) for d in distance]}
