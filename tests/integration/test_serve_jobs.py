@@ -1,17 +1,32 @@
 """Durable jobs over HTTP on real servers: the Serve app with API keys, job state in moto S3, a webhook
-receiver on 127.0.0.1 that verifies signatures. Keys, quotas, idempotency, SSRF, a Serve restart, cancel."""
+receiver on 127.0.0.1 that verifies signatures. Keys, quotas, idempotency, SSRF, a Serve restart, cancel; and
+webhook deliveries to real servers (pinned address, TLS name, deadline, answer cap), which need neither."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
+import socket
+import ssl
 import threading
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from emoji_ldm.serve.webhooks import (
+    DELIVERY_FAILED,
+    MAX_RESPONSE_BYTES,
+    REFUSED_MESSAGE,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    check_callback,
+    deliver,
+    verify_signature,
+)
 from tests.serving import HTTP, deploy, get, post, wait_for
 from tests.tiny_models import tiny_model_with_card
 
@@ -241,3 +256,193 @@ def test_a_job_outlives_a_serve_restart_and_cancel_marks_partial_output(app):
     assert state["state"] == "cancelled" and state["partial"] and 0 < state["progress"]["done"] < 400
     manifest = json.loads(get(f"{app['url']}{state['result']['manifest']}", solo).data)
     assert manifest["partial"] is True and len(manifest["items"]) == state["progress"]["done"]
+
+
+# --- webhook delivery to real servers on 127.0.0.1 (no Ray, no S3): serve/webhooks.py ------------------------
+# The receivers listen on 127.0.0.1 and 127.0.0.2, reached through the allowlist; the resolver is injected, so a
+# name can answer one address when it is checked and another after, and the pinned-address path runs.
+
+
+class HookServer:
+    """A webhook receiver on `host`: answers each POST with the next of `statuses` (the last one after that),
+    and keeps what it got."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, statuses=(200,), tls: ssl.SSLContext | None = None,
+                 body: bytes = b""):
+        self.got: list[dict] = []
+        self.statuses = list(statuses)
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                data = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.got.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                                     "body": data})
+                status = receiver.statuses.pop(0) if len(receiver.statuses) > 1 else receiver.statuses[0]
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except OSError:
+                    pass
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_port
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hooks():
+    made = []
+
+    def make(*args, **kwargs) -> HookServer:
+        made.append(HookServer(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def test_delivery_goes_to_the_checked_address_only(hooks):
+    """The name resolves to 127.0.0.1 when the delivery checks it, and to 127.0.0.2 after: the retry after a
+    500 still goes to 127.0.0.1 (pinned), with the name in the Host header; nothing reaches 127.0.0.2, and the
+    name was resolved once."""
+    first = hooks(statuses=(500, 200))
+    second = hooks("127.0.0.2", first.port)
+    answers = iter([["127.0.0.1"]])
+    asked = []
+
+    def rebinding(host, port):
+        asked.append((host, port))
+        return next(answers, ["127.0.0.2"])
+
+    url = f"http://hooks.test:{first.port}/hook?job=1"
+    outcome = deliver(url, {"id": "job-1"}, "s3cret", allow=["127.0.0.0/8"], resolve=rebinding,
+                      sleep=lambda s: None)
+    assert outcome["delivered"] is True and outcome["attempts"] == 2 and outcome["status"] == 200
+    assert asked == [("hooks.test", first.port)]
+    assert [g["path"] for g in first.got] == ["/hook?job=1"] * 2 and second.got == []
+    got = first.got[-1]
+    assert got["headers"]["host"] == f"hooks.test:{first.port}"
+    assert verify_signature("s3cret", got["body"], got["headers"][TIMESTAMP_HEADER.lower()],
+                            got["headers"][SIGNATURE_HEADER.lower()])
+
+
+def test_a_name_public_at_post_time_and_private_at_delivery_gets_nothing(hooks):
+    """Checked when the job is posted (127.0.0.1, allowed), resolved again when it ends (127.0.0.2, not
+    allowed): the delivery is refused, and neither address gets a request."""
+    first = hooks()
+    second = hooks("127.0.0.2", first.port)
+    answers = iter([["127.0.0.1"]])
+
+    def rebinding(host, port):
+        return next(answers, ["127.0.0.2"])
+
+    url = f"http://hooks.test:{first.port}/hook"
+    assert check_callback(url, allow=["127.0.0.1/32"], resolve=rebinding).addresses == ("127.0.0.1",)
+    outcome = deliver(url, {"id": "job-1"}, "s3cret", allow=["127.0.0.1/32"], resolve=rebinding,
+                      sleep=lambda s: None)
+    assert outcome["delivered"] is False and outcome["attempts"] == 0
+    assert outcome["error"] == f"{DELIVERY_FAILED}: {REFUSED_MESSAGE}" and "127.0.0.2" not in outcome["error"]
+    assert first.got == [] and second.got == []
+
+
+def test_a_4xx_answer_is_not_retried_and_is_reported_by_status(hooks):
+    r = hooks(statuses=(403,))
+    outcome = deliver(f"http://127.0.0.1:{r.port}/", {"id": "job-1"}, "s3cret", allow=["127.0.0.1/32"],
+                      sleep=lambda s: None)
+    assert (outcome["attempts"], outcome["status"], outcome["error"]) == (1, 403, f"{DELIVERY_FAILED}: HTTP 403")
+
+
+def test_a_huge_answer_is_read_only_up_to_the_cap(hooks):
+    r = hooks(body=b"x" * (64 * MAX_RESPONSE_BYTES))
+    started = time.monotonic()
+    outcome = deliver(f"http://127.0.0.1:{r.port}/", {"id": "job-1"}, "s3cret", allow=["127.0.0.1/32"])
+    assert outcome["delivered"] and time.monotonic() - started < 5
+
+
+def test_a_receiver_that_drips_its_answer_is_cut_at_the_deadline():
+    """A receiver that sends one byte of its status line every 0.1 s, forever: every read returns within the
+    socket timeout, so only the overall deadline ends the attempt."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    stop = threading.Event()
+
+    def drip():
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            while not stop.is_set():
+                try:
+                    conn.sendall(b"H")
+                except OSError:
+                    return
+                time.sleep(0.1)
+
+    threading.Thread(target=drip, daemon=True).start()
+    started = time.monotonic()
+    try:
+        outcome = deliver(f"http://127.0.0.1:{server.getsockname()[1]}/", {"id": "job-1"}, "s3cret",
+                          allow=["127.0.0.1/32"], attempts=1, deadline_s=1.0)
+    finally:
+        stop.set()
+        server.close()
+    assert time.monotonic() - started < 4
+    assert outcome["delivered"] is False and outcome["error"] == DELIVERY_FAILED
+
+
+# --- TLS: connect to the checked IP, verify the certificate against the name --------------------------------
+
+
+def certificate(tmp_path, name: str) -> tuple[str, str]:
+    """A self-signed certificate for `name` (and its key), as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_https_delivery_connects_to_the_ip_with_the_name_as_sni_and_certificate_name(tmp_path, hooks):
+    cert, key = certificate(tmp_path, "hooks.test")
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    sni = []
+    tls.sni_callback = lambda sock, name, ctx: sni.append(name)
+    r = hooks(tls=tls)
+    names = {"hooks.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]}
+    outcome = deliver(f"https://hooks.test:{r.port}/hook", {"id": "job-1"}, "s3cret", allow=["127.0.0.1/32"],
+                      resolve=lambda host, port: names[host], ca_certs=cert)
+    assert outcome["delivered"] is True, outcome
+    assert sni == ["hooks.test"] and r.got[0]["headers"]["host"] == f"hooks.test:{r.port}"
+    # the same server under another name: its certificate does not name it, so nothing is sent
+    outcome = deliver(f"https://other.test:{r.port}/hook", {"id": "job-2"}, "s3cret", allow=["127.0.0.1/32"],
+                      resolve=lambda host, port: names[host], ca_certs=cert, attempts=1)
+    assert outcome["delivered"] is False and outcome["error"] == DELIVERY_FAILED and len(r.got) == 1
