@@ -85,7 +85,7 @@ class QwenCaptioner:
             else:
                 captions[i] = text
         passed = {"_file": batch["_file"]} if "_file" in batch else {}  # the data file each row came from
-        release_free_heap()  # the batch's freed activations back to the OS, as bulk's actor does (issue 28)
+        release_free_heap()  # the batch's freed activations back to the OS, as bulk's actor does
         return {"id": ids, "caption": captions, "error": errors, **passed}
 
     def generate(self, pictures: list, titles: list) -> list[str]:

@@ -318,9 +318,6 @@ class CaptionRewriteSink(CommitDeltaDatasink):
         """The file's rows, batch by batch, with the staged captions applied (by id)."""
         for batch in reader.iter_batches(batch_size=1024):
             rows = pa.Table.from_batches([batch])
-            for name in self.schema.names:  # files of older versions may lack newer columns
-                if name not in rows.column_names:
-                    rows = rows.append_column(name, pa.nulls(rows.num_rows, self.schema.field(name).type))
             where = pc.index_in(rows.column("id"), value_set=ok.column("id"))
             hit = pc.is_valid(where)
             new = pc.take(ok.column("caption"), where)

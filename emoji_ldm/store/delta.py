@@ -221,7 +221,7 @@ class CommitDeltaDatasink(Datasink):
                 writer.close()
                 stream.close()
             # a worker runs write task after write task for the whole job: what this one freed goes back to
-            # the OS, so the worker's memory is one task's, not the high-water mark of a long job (issue 28)
+            # the OS, so the worker's memory is one task's, not the high-water mark of a long job
             release_free_heap()
         now = int(time.time() * 1000)
         return [AddAction(path=name, size=self.fs.get_file_info(f"{self.root.rstrip('/')}/{name}").size,

@@ -1,5 +1,5 @@
 """The Ray that a stage starts for itself (no RAY_ADDRESS: a laptop, `make demo`, the scale benchmarks): its
-daemons get the settings that keep them flat (issue 28)."""
+daemons get the settings that keep them flat."""
 
 from __future__ import annotations
 

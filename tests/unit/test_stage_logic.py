@@ -104,8 +104,8 @@ print(before, private())
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim: Linux only")
 def test_release_free_heap_hands_freed_pages_back():
-    """Bulk's model actor kept its freed activations in glibc's heaps and grew 520 -> 685 MiB in 17 minutes;
-    release_free_heap after each batch holds it at ~470 (issue 28)."""
+    """A long-lived model actor frees its activations into glibc's heaps, which keep them; release_free_heap
+    hands the freed pages back (bench/bulk_actor_memory.py measures it on bulk's actor)."""
     out = subprocess.run([sys.executable, "-c", HOLES], capture_output=True, text=True, check=True).stdout
     before, after = map(float, out.split())
     assert before - after > 60, f"private memory {before:.0f} -> {after:.0f} MiB: the freed half (~94 MiB) stayed"
