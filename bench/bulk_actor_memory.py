@@ -31,9 +31,9 @@ import time
 import numpy as np
 import psutil
 
+from emoji_ldm.inference.bulk import BulkGenerator
 from emoji_ldm.inference.settings import SamplerSettings
-from emoji_ldm.runtime import release_free_heap
-from emoji_ldm.serve.bulk import BulkGenerator
+from emoji_ldm.runtime.heap import release_free_heap
 
 BATCH = 32
 SETTINGS = SamplerSettings(steps=2, count=1)  # the scale runs' bulk: `--per-prompt 1 --steps 2`
@@ -135,7 +135,7 @@ def in_ray(model: str, images: int, trace: bool = False, trim: bool = False) -> 
 
     import ray.data
 
-    from emoji_ldm.runtime import ensure_ray
+    from emoji_ldm.runtime.connect import ensure_ray
 
     ensure_ray()
     out, start, done = tempfile.mkdtemp(prefix="emoji-ldm-actor-"), time.time(), threading.Event()

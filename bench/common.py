@@ -172,6 +172,11 @@ def spread(values: list[float], kind: str = "range") -> list[float]:
     return [values[0], values[-1]]
 
 
+def human(n: float) -> str:
+    """A size for a metric's name: 500, 5k, 1.5M."""
+    return f"{n / 1e6:g}M" if n >= 1e6 else f"{n / 1e3:g}k" if n >= 1e3 else f"{n:g}"
+
+
 def row(area: str, metric: str, ours, peer=None, unit: str = "", goal: str | None = None,
         note: str | None = None) -> dict:
     """One summary row of a record. `ours` and `peer`: a figure or the list of its repeats (paired by index
@@ -221,7 +226,7 @@ def machine() -> dict:
         torch = None
     return {"cores": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
                                                          / GiB, 1),
-            "cpu": cpu, "python": platform.python_version(), "torch": torch, "load_1min": os.getloadavg()[0]}
+            "cpu": cpu, "python": platform.python_version(), "torch": torch, "load_1min": round(os.getloadavg()[0], 2)}
 
 
 def command() -> list[str]:
@@ -240,7 +245,7 @@ def write_record(bench: str, figures: dict, summary: list[dict], **extra) -> Pat
               "seconds": round(seconds, 1), "machine": machine(), **extra, "figures": figures, "summary": summary}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1, default=_plain) + "\n")
-    print(f"record: {os.path.relpath(path)}", flush=True)
+    print(f"record: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}", flush=True)
     return path
 
 

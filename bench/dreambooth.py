@@ -47,7 +47,7 @@ def plain_loop(model: str, count: int, steps: int, batch: int) -> float:
 def ours(model: str, count: int, steps: int, batch: int, actors: int, work: Path) -> float:
     """images/s of dreambooth's class-image step (Ray started before the clock, as in a RayJob)."""
     from emoji_ldm.inference.sampler import model_card, model_uri
-    from emoji_ldm.runtime import ensure_ray
+    from emoji_ldm.runtime.connect import ensure_ray
     from emoji_ldm.train.dreambooth import DreamBoothConfig, class_images
 
     ensure_ray()

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from emoji_ldm.alpha import on_checkerboard, resize_rgba  # noqa: E402
+from emoji_ldm.imaging import on_checkerboard, resize_rgba  # noqa: E402
 
 TRAINED = ("grinning face", "face with tears of joy", "smiling face with heart-eyes", "angry face", "red heart",
            "blue heart", "thumbs up", "cat face", "dog face", "pizza", "ghost")

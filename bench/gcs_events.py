@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from emoji_ldm.runtime import TASK_EVENTS_ENV, TASK_EVENTS_IN_GCS  # noqa: E402
+from emoji_ldm.runtime.connect import TASK_EVENTS_ENV, TASK_EVENTS_IN_GCS  # noqa: E402
 
 WAVE = 10_000
 

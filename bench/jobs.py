@@ -42,8 +42,8 @@ def prompts(n: int) -> list[str]:
 
 
 def run_bulk(model: str, items: list[str], out: Path, steps: int, batch: int, cpus: float) -> float:
+    from emoji_ldm.inference.bulk import BulkConfig, bulk_generate
     from emoji_ldm.inference.settings import SamplerSettings
-    from emoji_ldm.serve.bulk import BulkConfig, bulk_generate
 
     prompt_file = out / "prompts.txt"
     prompt_file.write_text("\n".join(items) + "\n")

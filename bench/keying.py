@@ -6,7 +6,7 @@ cleaned at 72 px the way `dataset build --key-background` cleans it, and its alp
 true alpha of the original: intersection over union, per image, with opaque (not keyed) images counted as
 the whole square. Two ways in one run:
 
-  1. ours: `emoji_ldm.alpha.key_background` (corner colour, border-connected background, soft edge);
+  1. ours: `emoji_ldm.imaging.key_background` (corner colour, border-connected background, soft edge);
   2. peer: ImageMagick's `-fuzz 10% -transparent <corner colour>` (every pixel near the corner colour turns
      transparent, wherever it is), computed with NumPy the way ImageMagick defines fuzz (RGB distance
      <= 10% of the largest).
@@ -25,8 +25,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from emoji_ldm.alpha import composite
-from emoji_ldm.ingest.images import ImageConfig, clean_image
+from emoji_ldm.imaging import ImageConfig, clean_image, composite
 from emoji_ldm.sources.twemoji import twemoji_dir
 
 BACKGROUNDS = {"white": (255, 255, 255), "grey": (128, 128, 128), "light blue": (200, 225, 245),

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 ROWS = r"""
 import datetime as dt
 import pyarrow as pa
-from emoji_ldm.serve.bulk import MANIFEST_SCHEMA
+from emoji_ldm.inference.bulk import MANIFEST_SCHEMA
 
 now = dt.datetime.now(dt.timezone.utc)
 def rows(c, chunk):  # one chunk as bulk commits it: a distinct prompt per row

@@ -38,17 +38,16 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-import zero3_ema as z  # noqa: E402  (checkouts, the child process that writes the table, a watched CLI run)
+import zero3_ema as z  # checkouts, the child process that writes the table, a watched CLI run
+from common import REPO, row, timed, write_record
 
 OLD_REV = "b2d5b38"  # the code before the training-harness change (457527b)
 SMALL_UNET = ["unet.block_out_channels=32,64", "train.sample_every=0", "train.log_every=50"]
 
 STREAM_PROBE = r"""
-import hashlib, json, sys, time
+import hashlib, json, sys
+sys.path.insert(0, sys.argv[5])  # bench/, for common.timed
+from common import timed
 from emoji_ldm.store.delta import open_table
 from emoji_ldm.store.latents import RankStream, split_files
 from emoji_ldm.store.uri import DatasetRef
@@ -58,10 +57,8 @@ out = {"files": len(files), "rows": sum(f.rows for f in files)}
 
 def first(rank, k):
     stream = RankStream(files, rank, 2, micro, seed=0, shuffle_buffer=2048, prefetch=4)
-    t0 = time.perf_counter()
     it = iter(stream.epoch(0, skip=k))
-    batch = next(it)
-    seconds = time.perf_counter() - t0
+    seconds, batch = timed(next, it)
     it.close()
     out["batches_per_epoch"] = stream.batches_per_epoch
     return seconds, hashlib.md5(batch["latent"].tobytes() + batch["text_emb"].tobytes()).hexdigest()[:12]
@@ -79,7 +76,7 @@ print("PROBE " + json.dumps(out))
 def stream_probe(checkout: Path, data: str, micro: int, skip: int, env: dict, tries: int = 3) -> dict:
     """The stream alone in a child process: after a warm-up, the best of `tries` seconds to the first batch."""
     proc = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c", STREAM_PROBE, data, str(micro), str(skip),
-                           str(tries)],
+                           str(tries), str(REPO / "bench")],
                           cwd=checkout, env={**env, "PYTHONPATH": str(checkout)}, capture_output=True, text=True,
                           timeout=1200)
     for line in proc.stdout.splitlines():
@@ -103,8 +100,7 @@ def first_step(run: dict, out: str, after: int) -> dict:
     if run["rc"] != 0 or not rows:
         return {"ok": False, "rc": run["rc"], "tail": run["tail"], "seconds": run["seconds"]}
     at = rows[0]["time"]
-    resumed = next((t for t, line in run["lines"] if "resumed from" in line), None)
-    said = next((line for _, line in run["lines"] if "resumed from" in line), "")
+    resumed, said = next(((t, line) for t, line in run["lines"] if "resumed from" in line), (None, ""))
     return {"ok": True, "attempts": run["attempts"], "to_first": at - run["start"],
             "resumed_to_first": None if resumed is None else at - resumed, "total": run["seconds"],
             "resumed_line": said.split("[train] ")[-1]}
@@ -142,11 +138,10 @@ def main() -> int:
             print(f"{name}: emoji_ldm from {z.check_import(checkout, env)}")
         print(f"DeepSpeed's CPU comm op ready in {z.private_extensions(Path(args.torch_extensions), env):.0f} s "
               f"under {args.torch_extensions}")
-        t0 = time.time()
         write = (f"from pathlib import Path\nfrom scale_train import random_vae, write_table\n"
                  f"work = Path({str(work)!r})\nprint(write_table(work, {args.rows}, random_vae(work)))")
-        data = args.data or z.in_child(write, env)
-        print(f"table: {args.rows} synthetic tiny-shaped rows at {data}, written in {time.time() - t0:.0f} s")
+        seconds, data = timed(lambda: args.data or z.in_child(write, env))
+        print(f"table: {args.rows} synthetic tiny-shaped rows at {data}, written in {seconds:.0f} s")
         print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start", flush=True)
 
         for name, checkout in sides.items():  # the stream alone
@@ -228,28 +223,31 @@ def main() -> int:
         s["fresh"] = statistics.median(r["to_first"] for r in ok_f) if ok_f else None
         summary[name] = s
         extra = (s["resume"] - s["fresh"]) if s["resume"] is not None and s["fresh"] is not None else None
-
-        def f(v):
-            return "-" if v is None else f"{v:.1f}"
-
+        cells = ["-" if v is None else f"{v:.1f}" for v in (s["resume"], s["gap"], s["fresh"], extra)]
         r0, r1 = p[f"rank0_skip{args.steps}"]["seconds"], p[f"rank1_skip{args.steps}"]["seconds"]
         z0, z1 = p["rank0_skip0"]["seconds"], p["rank1_skip0"]["seconds"]
-        print(f"| {name} | {r0:.2f} / {r1:.2f} | {z0:.2f} / {z1:.2f} | {f(s['resume'])} | {f(s['gap'])} | "
-              f"{f(s['fresh'])} | {f(extra)} |")
+        print(f"| {name} | {r0:.2f} / {r1:.2f} | {z0:.2f} / {z1:.2f} | " + " | ".join(cells) + " |")
     (old, a), (new, b) = list(summary.items())
     same = all(probes[old][f"rank{r}_skip{args.steps}"]["digest"] == probes[new][f"rank{r}_skip{args.steps}"]["digest"]
                for r in (0, 1))
     print(f"first batch after the skip, old and new: {'the same' if same else 'DIFFERENT'} "
           f"({', '.join(probes[new][f'rank{r}_skip{args.steps}']['digest'] for r in (0, 1))})")
-    print(f"new / old: stream's first batch after the skip {b['skip'] / a['skip']:.3f}x "
+    print(f"new / old: stream's first batch after the skip {b['skip'] / a['skip']:.2f}x "
           f"({a['skip'] / b['skip']:.0f}x faster)")
     if a["resume"] and b["resume"]:
         print(f"new / old: resume start -> first step {b['resume'] / a['resume']:.2f}x; 'resumed from' -> first step "
               f"{b['gap'] / a['gap']:.2f}x")
-    for name in sides:
-        if resumes.get(name):
-            print(f"commands ({name}; PYTHONPATH=<checkout>): emoji-ldm {' '.join(pretrain[name]['args'])}  then  "
-                  f"emoji-ldm {' '.join(resumes[name][0]['args'])}")
+    rows = [row("resume", f"seconds to the first micro-batch after a {args.steps}-batch skip (slower rank), {new} vs "
+                f"{old}", b["skip"], a["skip"], "s")]
+    runs = [[r["to_first"] for r in resumes.get(n, []) if r["ok"]] for n in (new, old)]
+    if all(runs):
+        rows.append(row("resume", f"`train --resume`: seconds to its first step, {new} vs {old}", *runs, "s"))
+    write_record("resume", {"rows": args.rows, "steps": args.steps, "batch_size": args.batch_size, "probes": probes,
+                            "pretrain": pretrain, "resumes": resumes, "fresh": fresh, "same_first_batch": same}, rows,
+                 about="the rank stream alone (no Ray, no model), and `train --resume`; each side a git worktree.")
+    for name in resumes:
+        print(f"commands ({name}; PYTHONPATH=<checkout>): emoji-ldm {' '.join(pretrain[name]['args'])}  then  "
+              f"emoji-ldm {' '.join(resumes[name][0]['args'])}")
     return 0
 
 

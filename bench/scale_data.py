@@ -5,10 +5,9 @@ starts a fresh local Ray (RAY_ADDRESS is removed from its environment, and
 RAY_TMPDIR is a folder of this run's, so that it cannot join a `ray start`
 cluster on the machine; a `ray stop` elsewhere still kills it). While
 it runs, this script samples the resident memory of its whole process tree
-every 0.2 s with psutil, as bench/scale_train.py does: the driver alone, the
-raylet, the GCS, each Ray worker by its title (a `ray::...` process: a task,
-a Ray Data actor; not the dashboard agents; the largest is reported) and the
-whole tree.
+every 0.2 s (bench/common.py): the driver alone, the raylet, the GCS, each Ray
+worker by its title (a `ray::...` process: a task, a Ray Data actor; not the
+dashboard agents; the largest is reported) and the whole tree.
 
   build    `dataset build --source synthetic:N --out DS`               N rows
   caption  `dataset caption DS --captioner metadata`                    N rows; Delta versions one pass made
@@ -28,11 +27,13 @@ Ray has started) and the CLI process's wall time (Ray start included).
 Ratios are the largest size against the smallest (issue 28's goals: no
 process, driver, raylet, GCS or largest worker, grows more than 1.25x in
 private memory (RSS - shared, what Ray's memory monitor counts), rows/s at
-least 0.9x; one caption pass = 1 new version).
+least 0.9x; one caption pass = 1 new version). Build de-duplicates on the
+driver up to LOCAL_DEDUPE_KEYS (200,000) keys and in Ray above: sizes on both
+sides of it run two code paths, and the record's build rows say so.
 
     .venv/bin/python bench/scale_data.py [--sizes 10000,100000] [--prompts 1000,10000]
         [--encode-sizes 10000,100000] [--stages build,caption,encode,train,bulk] [--train-scale-steps 40]
-        [--json /tmp/emoji-ldm-scale-data.json]
+        [--json COPY.json]   # the record (bench/results/scale_data-<date>.json, rewritten after every stage)
         [--work DIR]   # kept; a later run with the same --work reuses its datasets, VAE and model for the
                        # stages it does not list (e.g. --stages encode re-measures encode alone)
 """
@@ -40,7 +41,6 @@ least 0.9x; one caption pass = 1 new version).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import re
@@ -49,17 +49,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-import psutil
+from common import REPO, human, row, run_timed, run_watched, write_record
 
-REPO = Path(__file__).resolve().parent.parent
 CLI = str(REPO / ".venv" / "bin" / "emoji-ldm")
 # issue 28: no process (driver, raylet, GCS, largest worker) grows more than 1.25x, rows/s at least 0.9x
 GOAL_MEMORY, GOAL_SPEED = 1.25, 0.9
 PROCESSES = ("driver", "raylet", "gcs", "worker")
+LABELS = {"gcs": "GCS", "worker": "largest worker"}
+WHAT = {"build": ("rows", "rows/s"), "caption": ("rows", "rows/s"), "encode": ("rows", "rows/s"),
+        "train": ("latent rows", "images/s"), "bulk": ("prompts", "images/s")}  # the sizes, the rate
 # Ray's own service processes: not workers
 NOT_WORKERS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 # the stage's own seconds, from the summary line the CLI prints
@@ -71,84 +71,44 @@ STAGE_SECONDS = {
 }
 
 
-def tree_rss(root: psutil.Process) -> dict:
-    """The memory of a CLI process's tree now: the whole tree's RSS, and for the root (driver), the raylet, the
-    GCS and each Ray worker or actor (pid -> title: `ray::IDLE`, `ray::MapBatches(ingest_batch)`...) its RSS
-    and its private memory (RSS less shared pages: shared libraries, and the object store's pages the process
-    has mapped, which live once per node in Ray's shared memory and are bounded by object_store_memory)."""
-    sample = {"tree": 0, "raylet": (0, 0), "gcs": (0, 0), "workers": {}}
-    children = root.children(recursive=True)
-    sample["processes"] = len(children)
-    for p in [root, *children]:
-        try:
-            mem = p.memory_info()
-            both = (mem.rss, mem.rss - mem.shared)
-            sample["tree"] += mem.rss
-            if p.pid == root.pid:
-                sample["driver"] = both
-                continue
-            cmd = p.cmdline()
-            name = cmd[0] if cmd else p.name()
-            if name.endswith("/raylet") or p.name() == "raylet":
-                sample["raylet"] = both
-            elif name.endswith("/gcs_server") or p.name() == "gcs_server":
-                sample["gcs"] = both
-            elif name.startswith("ray::") and not name.startswith(NOT_WORKERS):
-                sample["workers"][p.pid] = (both, name.split(" ")[0][:60])
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return sample
-
-
 def run_stage(stage: str, rows: int, args: list[str], cwd: Path, env: dict, log: Path) -> dict:
     """One CLI process, its tree sampled every 0.2 s. Peaks: `driver`, `raylet`, `gcs`, `worker` (the largest
-    Ray worker) in RSS, and the same with `_private` in private memory."""
-    peaks = {"tree": 0, "processes": 0, "worker_title": "", "worker_private_title": "", "workers": {},
+    Ray worker: a `ray::...` process, a task or a Ray Data actor) in RSS, and the same with `_private` in private
+    memory (RSS less shared pages: libraries, and the object store's pages it mapped, which live once per node)."""
+    peaks = {"worker_title": "", "worker_private_title": "", "workers": {},
              **{f"{proc}{kind}": 0 for proc in PROCESSES for kind in ("", "_private")}}
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.Popen([CLI, *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-        done = threading.Event()
-        seen: dict[int, dict] = {}  # worker pid -> its peaks and the tasks it ran
+    seen: dict[int, dict] = {}  # worker pid -> its peaks and the tasks it ran
 
-        def sample():
-            root = psutil.Process(proc.pid)
-            while not done.is_set():
-                try:
-                    now = tree_rss(root)
-                except psutil.NoSuchProcess:
-                    return
-                peaks["processes"], peaks["tree"] = max(peaks["processes"], now["processes"]), max(peaks["tree"],
-                                                                                                   now["tree"])
-                for key in ("driver", "raylet", "gcs"):
-                    for i, kind in enumerate(("", "_private")):
-                        peaks[key + kind] = max(peaks[key + kind], now.get(key, (0, 0))[i])
-                for pid, (both, title) in now["workers"].items():
-                    # a worker runs many tasks: its peak, and what it ran (an idle worker keeps its memory)
-                    peak = seen.setdefault(pid, {"rss": 0, "private": 0, "titles": set()})
-                    peak["rss"], peak["private"] = max(peak["rss"], both[0]), max(peak["private"], both[1])
-                    if title != "ray::IDLE":
-                        peak["titles"].add(title)
-                    for kind, value in (("", peak["rss"]), ("_private", peak["private"])):
-                        if value > peaks["worker" + kind]:
-                            peaks["worker" + kind] = value
-                            peaks[f"worker{kind}_title"] = ", ".join(sorted(peak["titles"])) or title
-                time.sleep(0.2)
+    def on_sample(_, procs: list[dict]) -> None:
+        for p in procs:
+            role = "driver" if p["root"] else next((d for d in ("raylet", "gcs_server") if p["name"] == d or
+                                                    p["title"].endswith("/" + d)), None)
+            if role:
+                for kind, value in (("", p["rss"]), ("_private", p["private"])):
+                    key = role.removesuffix("_server") + kind
+                    peaks[key] = max(peaks[key], value)
+            elif p["title"].startswith("ray::") and not p["title"].startswith(NOT_WORKERS):
+                # a worker runs many tasks: its peak, and what it ran (an idle worker keeps its memory)
+                title, peak = p["title"].split(" ")[0][:60], seen.setdefault(p["pid"], {"rss": 0, "private": 0,
+                                                                                        "titles": set()})
+                peak["rss"], peak["private"] = max(peak["rss"], p["rss"]), max(peak["private"], p["private"])
+                if title != "ray::IDLE":
+                    peak["titles"].add(title)
+                for kind, value in (("", peak["rss"]), ("_private", peak["private"])):
+                    if value > peaks["worker" + kind]:
+                        peaks["worker" + kind] = value
+                        peaks[f"worker{kind}_title"] = ", ".join(sorted(peak["titles"])) or title
 
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        proc.wait()
-        done.set()
-        sampler.join()
-    wall = time.perf_counter() - start
+    run = run_watched([CLI, *args], on_sample, log=log, cwd=cwd, env=env)
+    peaks.update(tree=run["peak"], processes=run["processes"])
     # the private peak of the largest worker that ran each kind of task: {"ray::MapBatches(ingest_batch)": bytes}
     for peak in seen.values():
         for title in peak["titles"]:
             peaks["workers"][title] = max(peaks["workers"].get(title, 0), peak["private"])
-    text = log.read_text(errors="replace")
-    result = {"ok": proc.returncode == 0, "command": "emoji-ldm " + " ".join(args), "wall_s": wall, **peaks}
+    result = {"ok": run["rc"] == 0, "command": "emoji-ldm " + " ".join(args), "wall_s": run["seconds"], **peaks}
     if not peaks["worker"]:
         print(f"  WARNING: no Ray worker under the {stage} driver (it joined another Ray instance?)", flush=True)
+    text = log.read_text(errors="replace")
     if not result["ok"]:
         result["error"] = text[-3000:]
         return result
@@ -166,11 +126,10 @@ def run_stage(stage: str, rows: int, args: list[str], cwd: Path, env: dict, log:
 
 
 def setup(args: list[str], cwd: Path, env: dict, log: Path) -> None:
-    t0 = time.perf_counter()
     with open(log, "w") as out:
-        rc = subprocess.run([CLI, *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-    print(f"  set-up `emoji-ldm {' '.join(args)}`: rc {rc}, {time.perf_counter() - t0:.0f} s", flush=True)
-    if rc != 0:
+        seconds, r = run_timed([CLI, *args], check=False, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    print(f"  set-up `emoji-ldm {' '.join(args)}`: rc {r.returncode}, {seconds:.0f} s", flush=True)
+    if r.returncode != 0:
         raise SystemExit(f"set-up failed, see {log}:\n{log.read_text(errors='replace')[-2000:]}")
 
 
@@ -191,8 +150,18 @@ def gib(b: int) -> str:
     return f"{b / 2**30:.2f}"
 
 
-def report(results: dict, sizes: dict) -> dict:
-    """Print the table and the largest/smallest ratios; return the ratios."""
+def path_note(stage: str, lo: int, hi: int) -> str | None:
+    """Where the two sizes run different code: build de-duplicates on the driver up to LOCAL_DEDUPE_KEYS."""
+    from emoji_ldm.ingest.build import LOCAL_DEDUPE_KEYS
+
+    if stage == "build" and lo <= LOCAL_DEDUPE_KEYS < hi:
+        return (f"path changes between sizes: not a scaling result (up to {LOCAL_DEDUPE_KEYS:,} keys build "
+                "de-duplicates on the driver, above it in Ray; compare sizes on one side); the goals do not apply")
+    return None
+
+
+def report(results: dict, sizes: dict) -> tuple[dict, list[dict]]:
+    """Print the table and the largest/smallest ratios; return the ratios and the record's summary rows."""
     print("\nmemory in GiB, private (RSS less shared pages) / RSS")
     print("stage    rows      stage s   rows/s(stage)  wall s  rows/s(wall)  driver     raylet     GCS        "
           "worker     tree  versions  largest worker (private)")
@@ -207,7 +176,7 @@ def report(results: dict, sizes: dict) -> dict:
         print(f"{stage:8} {rows:>7}  {r.get('stage_s') or float('nan'):>7.1f}  {rs:>13.1f}  {r['wall_s']:>6.1f}  "
               f"{rows / r['wall_s']:>12.1f}  {mem}  {gib(r['tree'])}  {str(r.get('new_versions', '')):>8}  "
               f"{r['worker_private_title'][:50]}")
-    ratios = {}
+    ratios, rows = {}, []
     print(f"\nratios, largest size against smallest (goals: every process's private memory <= {GOAL_MEMORY}x, "
           f"rows/s >= {GOAL_SPEED}x, one caption pass = 1 version):")
     for stage, ns in sizes.items():
@@ -225,6 +194,13 @@ def report(results: dict, sizes: dict) -> dict:
         ra["rows_per_s_wall"] = (max(ns) / hi["wall_s"]) / (min(ns) / lo["wall_s"])
         ra["rows_per_s_stage"] = hi["rate"] / lo["rate"] if hi.get("rate") and lo.get("rate") else None
         ratios[stage] = ra
+        note, size = path_note(stage, min(ns), max(ns)), f"{human(max(ns))} / {human(min(ns))} {WHAT[stage][0]}"
+        for p in PROCESSES:
+            rows.append(row(f"scale_data: {stage}", f"{LABELS.get(p, p)}, private memory, {size}",
+                            hi[p + "_private"] / 2**20, lo[p + "_private"] / 2**20, "MiB",
+                            None if note else f"<= {GOAL_MEMORY}", note))
+        rows.append(row(f"scale_data: {stage}", f"rate, {size}", hi.get("rate"), lo.get("rate"), WHAT[stage][1],
+                        None if note else f">= {GOAL_SPEED}", note))
         speed = ra["rows_per_s_stage"] if ra["rows_per_s_stage"] is not None else ra["rows_per_s_wall"]
         met = all((ra[p + "_private"] or 0) <= GOAL_MEMORY for p in PROCESSES) and speed >= GOAL_SPEED
 
@@ -238,11 +214,13 @@ def report(results: dict, sizes: dict) -> dict:
         grown = sorted(ra["workers"].items(), key=lambda kv: -kv[1])[:3]
         print("           private memory of the workers that ran each task, largest growth: " + ", ".join(
             f"{t} {hi['workers'][t] / 2**30:.2f} GiB ({v:.2f}x)" for t, v in grown))
+        if note:
+            print(f"           {note}")
     for key, r in results.items():
         if key.startswith("caption:") and r["ok"]:
             print(f"  caption at {key.split(':')[1]} rows: {r['new_versions']} new version(s) in one pass "
                   f"({'met' if r['new_versions'] == 1 else 'NOT met'})")
-    return ratios
+    return ratios, rows
 
 
 def main() -> int:
@@ -256,7 +234,7 @@ def main() -> int:
     parser.add_argument("--train-steps", type=int, default=20, help="set-up: UNet train steps (bulk's model)")
     parser.add_argument("--train-scale-steps", type=int, default=40, help="the train stage's steps at each size")
     parser.add_argument("--work", default=None, help="folder for the datasets (default: a temp folder, removed)")
-    parser.add_argument("--json", default="/tmp/emoji-ldm-scale-data.json")
+    parser.add_argument("--json", default=None, help="also copy the record here")
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
     encode_sizes = sorted(int(s) for s in (args.encode_sizes or args.sizes).split(","))
@@ -273,40 +251,34 @@ def main() -> int:
     # Ray's temp folder of our own: without an address ray.init() joins the cluster of the machine's last
     # `ray start` (<RAY_TMPDIR>/ray/ray_current_cluster), e.g. a test's; each stage must start its own
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rsd-", dir="/tmp")
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--stat", "HEAD", "--", "emoji_ldm"], capture_output=True,
-                           text=True).stdout.strip()  # the editable install runs the working tree
+    def library() -> tuple[str, str]:  # the commit, and what differs under emoji_ldm/ (the editable install)
+        return tuple(subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()
+                     for a in (["rev-parse", "--short", "HEAD"], ["diff", "--stat", "HEAD", "--", "emoji_ldm"]))
+
+    commit, dirty = library()
     print(f"commit {commit}{' (+ uncommitted changes under emoji_ldm/)' if dirty else ''}; work folder {work}",
           flush=True)
 
     results: dict[str, dict] = {}
 
     def save(final: bool) -> None:
-        """Write the JSON: after every stage (a run stopped by SIGTERM or a lost session keeps what it measured),
-        and at the end with the ratios and the report."""
+        """Write the record: after every stage (a run stopped by SIGTERM or a lost session keeps what it measured),
+        and at the end with the ratios, the summary rows and the report."""
         grid = {"build": sizes, "caption": sizes, "encode": encode_sizes, "train": encode_sizes, "bulk": prompts}
         grid = {s: ns for s, ns in grid.items() if s in stages}
-        ratios = report(results, grid) if final else {}
-        end_commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True).stdout.strip()
-        end_dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--stat", "HEAD", "--", "emoji_ldm"],
-                                   capture_output=True, text=True).stdout.strip()
+        ratios, rows = report(results, grid) if final else ({}, [])
+        end_commit, end_dirty = library()
         if final and (end_commit, end_dirty) != (commit, dirty):
             print(f"\nNOTE: the library changed during the run: commit {commit} -> {end_commit}, uncommitted "
                   f"changes under emoji_ldm/ at the end:\n{end_dirty or '(none)'}")
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "complete": final,
-            "commit": commit, "library_uncommitted": dirty, "end_commit": end_commit,
-            "end_library_uncommitted": end_dirty, "cpus": os.cpu_count(), "argv": sys.argv[1:], "results": results,
-            "ratios": ratios,
+        path = write_record("scale_data", {
+            "complete": final, "library_uncommitted": dirty, "end_commit": end_commit,
+            "end_library_uncommitted": end_dirty, "results": results, "ratios": ratios,
             "goals": {"process_memory_ratio_max": GOAL_MEMORY, "rows_per_s_ratio_min": GOAL_SPEED,
-                      "caption_versions_per_pass": 1},
-        }, indent=2))
-        if final:
-            print(f"\nJSON: {out}")
+                      "caption_versions_per_pass": 1}}, rows, about="each stage one CLI process on its own local "
+            "Ray, its tree sampled every 0.2 s (private memory: RSS less shared); the large size against the small.")
+        if args.json:
+            shutil.copy(path, args.json)
 
     def measure(stage: str, rows: int, cli: list[str]) -> dict:
         r = run_stage(stage, rows, cli, work, env, logs / f"{stage}-{rows}.log")

@@ -6,7 +6,7 @@ with an encode commit and a random tiny VAE beside them, so `train` reads
 them as it reads a real latent table. At each size one `emoji-ldm train`
 subprocess runs a fixed number of steps while this script samples the
 resident memory of its whole process tree (the driver, the raylet, the Ray
-Train workers) every 0.2 s with psutil.
+Train workers) every 0.2 s (bench/common.py).
 
 The peer is the same command from an earlier commit (`--peer-rev`, default
 the last commit with the in-memory data path: the driver materialised the
@@ -27,15 +27,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pyarrow as pa
+from common import REPO, human, row, run_watched, timed, write_record
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 PEER_REV = "b6f4e2a"  # before the streaming data path (in-memory shards)
@@ -89,54 +86,27 @@ def random_vae(root: Path) -> str:
     return str(root / "vae")
 
 
-def tree_rss(root: psutil.Process) -> tuple[int, int, int]:
-    """(all processes, the root alone, the largest Ray Train worker) resident bytes."""
-    total, worker = 0, 0
-    own = root.memory_info().rss
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            rss = p.memory_info().rss
-            total += rss
-            if "TrainWorker" in " ".join(p.cmdline()) or "RayTrainWorker" in p.name():
-                worker = max(worker, rss)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total, own, worker
-
-
 def run_train(checkout: Path, data: str, out: str, steps: int, env: dict) -> dict:
-    cmd = [str(REPO / ".venv" / "bin" / "python"), "-c", "import sys; from emoji_ldm.cli import main; "
+    cmd = [str(REPO / ".venv" / "bin" / "python"), "-c", "import sys; from emoji_ldm.cli.main import main; "
            "sys.exit(main(sys.argv[1:]))", "train", "--data", data, "--out", out, "--workers", "2",
            "--max-steps", str(steps), "--set", "train.sample_every=0", "--set", "train.log_every=5",
            "--set", f"train.checkpoint_every={steps}"]
-    peaks = {"tree": 0, "driver": 0, "worker": 0}
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=checkout, env={**env, "PYTHONPATH": str(checkout)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    done = threading.Event()
+    peaks = {"driver": 0, "worker": 0}  # the root alone, the largest Ray Train worker: resident bytes
 
-    def sample():
-        root = psutil.Process(proc.pid)
-        while not done.is_set():
-            try:
-                tree, driver, worker = tree_rss(root)
-            except psutil.NoSuchProcess:
-                return
-            peaks["tree"], peaks["driver"] = max(peaks["tree"], tree), max(peaks["driver"], driver)
-            peaks["worker"] = max(peaks["worker"], worker)
-            time.sleep(0.2)
+    def on_sample(_, procs: list[dict]) -> None:
+        for p in procs:
+            kind = "driver" if p["root"] else "worker" if "TrainWorker" in p["cmdline"] + p["name"] else None
+            if kind:
+                peaks[kind] = max(peaks[kind], p["rss"])
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    output = proc.communicate()[0]
-    done.set()
-    sampler.join()
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        return {"ok": False, "error": output[-1500:], "seconds": seconds, **peaks}
+    run = run_watched(cmd, on_sample, cwd=checkout, env={**env, "PYTHONPATH": str(checkout)})
+    peaks.update(tree=run["peak"])
+    if run["rc"] != 0:
+        return {"ok": False, "error": "\n".join(line for _, line in run["lines"])[-1500:], "seconds": run["seconds"],
+                **peaks}
     rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     steady = [r["images_per_s"] for r in rows[1:]] or [rows[-1]["images_per_s"]]  # the first log has warm-up
-    return {"ok": True, "images_per_s": statistics.median(steady), "seconds": seconds, **peaks}
+    return {"ok": True, "images_per_s": statistics.median(steady), "seconds": run["seconds"], **peaks}
 
 
 def main() -> int:
@@ -161,9 +131,8 @@ def main() -> int:
     results = {}
     try:
         for rows in sizes:
-            t0 = time.perf_counter()
-            data = write_table(work, rows, vae)
-            print(f"{rows} rows: table written in {time.perf_counter() - t0:.0f} s", flush=True)
+            seconds, data = timed(write_table, work, rows, vae)
+            print(f"{rows} rows: table written in {seconds:.0f} s", flush=True)
             for who, checkout in (("ours", REPO), ("peer", peer)):
                 if who == "peer" and rows not in peer_sizes:
                     continue
@@ -182,7 +151,7 @@ def main() -> int:
         if peer.exists():
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(peer)], capture_output=True)
 
-    base = results.get(("ours", sizes[0]))
+    base, summary = results.get(("ours", sizes[0])), []
     print(f"\nratios against ours at {sizes[0]} rows (goals: peak memory <= 1.25x, images/s >= 0.9x):")
     for rows in sizes[1:]:
         r = results.get(("ours", rows))
@@ -190,12 +159,26 @@ def main() -> int:
             print(f"  {rows:>7} rows: tree memory {r['tree'] / base['tree']:.2f}x, driver "
                   f"{r['driver'] / base['driver']:.2f}x, largest worker {r['worker'] / base['worker']:.2f}x, "
                   f"images/s {r['images_per_s'] / base['images_per_s']:.2f}x")
+            size = f"{human(rows)} / {human(sizes[0])} rows"
+            if rows == sizes[-1]:
+                summary += [row("scale_train", f"{k.replace('worker', 'largest worker')} peak RSS, {size}",
+                                r[k] / 2**30, base[k] / 2**30, "GiB", "<= 1.25") for k in ("driver", "worker")]
+                summary.append(row("scale_train", f"images/s, {size}", r["images_per_s"], base["images_per_s"],
+                                   "images/s", ">= 0.9"))
     for rows in peer_sizes:
         ours, theirs = results.get(("ours", rows)), results.get(("peer", rows))
         if ours and theirs and ours["ok"] and theirs["ok"]:
             speed = ours["images_per_s"] / theirs["images_per_s"]
             print(f"  ours vs in-memory peer at {rows} rows: images/s {speed:.2f}x, "
                   f"tree memory {ours['tree'] / theirs['tree']:.2f}x")
+            at = f"at {human(rows)} rows: streaming vs the in-memory path"
+            summary.append(row("scale_train", f"images/s {at}", ours["images_per_s"], theirs["images_per_s"],
+                               "images/s", ">= 0.9"))
+            summary += [row("scale_train", f"largest worker peak RSS {at}", ours["worker"] / 2**30,
+                            theirs["worker"] / 2**30, "GiB")] if rows == peer_sizes[-1] else []
+    write_record("scale_train", {"steps": args.steps, "peer_rev": args.peer_rev, "results": {
+        f"{who}:{rows}": r for (who, rows), r in results.items()}}, summary, about="`train --workers 2` on "
+        f"synthetic latent tables, peak RSS sampled every 0.2 s; peer: the in-memory data path of `{args.peer_rev}`.")
     return 0
 
 

@@ -33,7 +33,7 @@ def twemoji_rgba(size: int) -> np.ndarray:
     """(N, 4, size, size) straight RGBA in [0, 1], transparent colour zeroed, resized premultiplied."""
     from PIL import Image
 
-    from emoji_ldm.alpha import resize_rgba
+    from emoji_ldm.imaging import resize_rgba
     from emoji_ldm.sources.twemoji import twemoji_dir
 
     images = [np.asarray(resize_rgba(Image.open(p), (size, size)), np.float32) / 255

@@ -16,7 +16,7 @@ worktree, so the driver and the Ray workers it starts import that code):
 - new (`--new-rev`, default HEAD): only rank 0 keeps the EMA, fp32, fed from the optimizer's fp32 masters
   (`train/ema.py`); `--working-tree` adds a third side, a copy of this checkout's uncommitted `emoji_ldm/`.
 
-Measured: the peak resident memory of each Ray Train worker (psutil, every 0.2 s, processes whose command
+Measured: the peak resident memory of each Ray Train worker (bench/common.py, every 0.2 s, processes whose command
 line holds `RayTrainWorker`), up to the last training step's log line and over the whole run (the final
 sample grid, checkpoint and export included), and the seconds per step from OUT/metrics.jsonl with
 `train.log_every=1`: `step_time_s` as each side's code measures it, and the wall time between consecutive
@@ -36,13 +36,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pyarrow as pa
+from common import MiB, row, run_watched, write_record
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -53,7 +53,6 @@ OLD_REV = "b2d5b38"  # the code before the training-harness change (457527b)
 EMOJI64_UNET = ["unet.block_out_channels=256,512", "unet.layers_per_block=2", "unet.attention_head_dim=8",
                 "unet.down_block_types=CrossAttnDownBlock2D,DownBlock2D",
                 "unet.up_block_types=UpBlock2D,CrossAttnUpBlock2D", "text.max_length=77"]
-MiB = 2**20
 
 
 # --- checkouts --------------------------------------------------------------------------
@@ -225,52 +224,17 @@ def watch_cli(checkout: Path, args: list[str], env: dict, timeout: float = 1800)
     """`emoji-ldm ARGS` from `checkout` (PYTHONPATH=checkout). While it runs: each output line with its arrival
     time, and every 0.2 s the resident memory of its process tree and of each Ray Train worker in it."""
     cmd = [str(REPO / ".venv" / "bin" / "python"), "-c",
-           "import sys; from emoji_ldm.cli import main; sys.exit(main(sys.argv[1:]))", *args]
-    start = time.time()
-    proc = subprocess.Popen(cmd, cwd=checkout, env={**env, "PYTHONPATH": str(checkout)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    lines: list[tuple[float, str]] = []  # (epoch seconds on arrival, line)
+           "import sys; from emoji_ldm.cli.main import main; sys.exit(main(sys.argv[1:]))", *args]
     workers: dict[int, list[tuple[float, int]]] = {}  # pid -> [(epoch seconds, rss)]
-    tree_peak = [0]
-    done = threading.Event()
 
-    def read():
-        for line in proc.stdout:
-            lines.append((time.time(), line.rstrip("\n")))
+    def on_sample(now: float, procs: list[dict]) -> None:
+        for p in procs:
+            if "RayTrainWorker" in p["cmdline"]:
+                workers.setdefault(p["pid"], []).append((now, p["rss"]))
 
-    def sample():
-        root = psutil.Process(proc.pid)
-        while not done.is_set():
-            now, total = time.time(), 0
-            try:
-                procs = [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
-            for p in procs:
-                try:
-                    rss = p.memory_info().rss
-                    total += rss
-                    if "RayTrainWorker" in " ".join(p.cmdline()):
-                        workers.setdefault(p.pid, []).append((now, rss))
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                    pass
-            tree_peak[0] = max(tree_peak[0], total)
-            time.sleep(0.2)
-
-    threads = [threading.Thread(target=read, daemon=True), threading.Thread(target=sample, daemon=True)]
-    for t in threads:
-        t.start()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    done.set()
-    for t in threads:
-        t.join(timeout=5)
-    return {"rc": proc.returncode, "start": start, "end": time.time(), "seconds": time.time() - start,
-            "lines": lines, "workers": workers, "tree_peak": tree_peak[0],
-            "tail": "\n".join(line for _, line in lines[-40:])}
+    run = run_watched(cmd, on_sample, timeout=timeout, cwd=checkout, env={**env, "PYTHONPATH": str(checkout)})
+    return {**run, "workers": workers, "tree_peak": run["peak"],
+            "tail": "\n".join(line for _, line in run["lines"][-40:])}
 
 
 def metrics_rows(out: str) -> list[dict]:
@@ -402,7 +366,7 @@ def main() -> int:
         summary[(batch, name)] = s
         print(f"| {batch} | {name} | {fmt_peaks(s['setup_peaks'])} | {fmt_peaks(s['train_peaks'])} | "
               f"{fmt_peaks(s['run_peaks'])} | {s['step_time_s']:.2f} | {s['wall_s']:.2f} |")
-    names = list(sides)
+    names, rows = list(sides), []
     for batch in batches:
         base = summary.get((batch, names[0]))
         for name in names[1:]:
@@ -416,6 +380,17 @@ def main() -> int:
                   f"{sum(b['run_peaks']) / sum(base['run_peaks']):.2f}x; "
                   f"wall s/step {b['wall_s'] / base['wall_s']:.2f}x "
                   f"(step_time_s {b['step_time_s'] / base['step_time_s']:.2f}x: not the same span on both sides)")
+            new, old = ([r for r in results[(batch, n)] if r["ok"]] for n in (name, names[0]))
+            for i, which in ((0, "larger"), (-1, "smaller")):
+                peaks = [[r["train_peaks"][i] / MiB for r in runs] for runs in (new, old)]
+                rows.append(row("zero3_ema", f"batch {batch}: peak RSS during the steps, {which} worker, {name} vs "
+                                f"{names[0]}", *peaks, "MiB"))
+            rows.append(row("zero3_ema", f"batch {batch}: wall seconds per step, {name} vs {names[0]}",
+                            [r["wall_s"] for r in new], [r["wall_s"] for r in old], "s"))
+    write_record("zero3_ema", {"steps": args.steps, "rows": args.rows, "repeats": args.repeats, "load_at_end":
+                               os.getloadavg()[0], "runs": {f"{b} {n}": runs for (b, n), runs in results.items()}},
+                 rows, about="`train --zero-stage 3 --workers 2` with emoji64's UNet shapes: each side from a git "
+                 "worktree (PYTHONPATH), peak RSS of each Ray Train worker sampled every 0.2 s.")
     for runs in results.values():
         for r in runs:
             if r["ok"]:
