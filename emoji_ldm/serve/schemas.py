@@ -7,6 +7,7 @@ here are the API contract documented in the README.
 
 from __future__ import annotations
 
+import string
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -15,6 +16,9 @@ from emoji_ldm.errors import UserError
 from emoji_ldm.inference.settings import MAX_COUNT, MAX_PROMPT_CHARS, SCHEDULERS, SamplerSettings, check
 
 MAX_SET_ITEMS = 256      # per /v1/emoji-sets request
+MAX_TEMPLATE_CHARS = 200
+MAX_SET_PROMPT_CHARS = MAX_PROMPT_CHARS  # a prompt a template makes, as long as a /v1/generate prompt may be
+PLACEHOLDERS = ("item", "theme")
 
 
 def _checked(name: str, value):
@@ -49,6 +53,49 @@ class Settings(BaseModel):
                                self.size, count)
 
 
+def template_parts(template: str) -> list[tuple[str, str | None]]:
+    """(literal text, "item" | "theme" | None) pieces of a set template; ValueError naming what is wrong.
+
+    A template is literal text with the exact placeholders {item} and {theme} (`{{` and `}}` are literal
+    braces): no format spec, conversion, index or attribute, so it is never a format string (`{item:>2000000000}`
+    would allocate gigabytes, `{item.__class__}` reach into objects)."""
+    try:
+        pieces = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"template {template!r}: {e}; write a literal brace as {{{{ or }}}}") from None
+    parts = []
+    for literal, field, spec, conversion in pieces:
+        if field is None:
+            parts.append((literal, None))
+            continue
+        if field not in PLACEHOLDERS or spec or conversion is not None:
+            shown = "{" + field + (f"!{conversion}" if conversion is not None else "") + (f":{spec}" if spec else "")
+            shown += "}"
+            raise ValueError(f"template {template!r}: {shown} is not allowed; a template is text with the "
+                             "placeholders {item} and {theme} only (no format spec, conversion, index or "
+                             "attribute), e.g. '{item} {theme}'")
+        parts.append((literal, field))
+    if not any(field == "item" for _, field in parts):
+        raise ValueError("template must contain {item}, e.g. '{item} {theme}'")
+    return parts
+
+
+def render_template(template: str, item: str, theme: str) -> str:
+    """The prompt of one item: the template's text with {item} and {theme} put in (never str.format), on one
+    line."""
+    values = {"item": item, "theme": theme, None: ""}
+    return " ".join("".join(literal + values[field] for literal, field in template_parts(template)).split())
+
+
+def _check_prompts(template: str, theme: str, items: list[str] | None) -> None:
+    for i, item in enumerate(items or ()):
+        prompt = render_template(template, item, theme)
+        if len(prompt) > MAX_SET_PROMPT_CHARS:
+            raise ValueError(f"the prompt of item {i} ({len(prompt)} characters from the template, the item and the "
+                             f"theme) is longer than {MAX_SET_PROMPT_CHARS} characters, the limit of a prompt: "
+                             "shorten the theme, the item or the template")
+
+
 def _text(value: str, what: str) -> str:
     value = " ".join(value.split())  # one line: prompts are plain text
     if not value:
@@ -78,8 +125,10 @@ class EmojiSetRequest(Settings):
     theme: str = Field(..., max_length=MAX_PROMPT_CHARS, examples=["blob"], description="the style shared by the set")
     items: list[str] = Field(..., min_length=1, max_length=MAX_SET_ITEMS, examples=[["happy", "sad", "thinking"]],
                              description=f"1-{MAX_SET_ITEMS} item prompts")
-    template: str = Field("{item} {theme}", max_length=200,
-                          description="how an item and the theme make a prompt; must contain {item}")
+    template: str = Field("{item} {theme}", max_length=MAX_TEMPLATE_CHARS,
+                          description="how an item and the theme make a prompt: text with {item} (required) and "
+                                      f"{{theme}}, nothing else in braces; each prompt at most "
+                                      f"{MAX_SET_PROMPT_CHARS} characters")
     format: Literal["zip", "json"] = Field("zip", description="zip: PNGs + manifest.json; json: base64 PNGs")
     store: bool = Field(False, description="write the set under the server's --sets-uri and return its URIs")
     target: Literal["slack", "discord", "github", "raw"] = Field(
@@ -102,16 +151,16 @@ class EmojiSetRequest(Settings):
     @field_validator("template")
     @classmethod
     def _template(cls, value: str) -> str:
-        if "{item}" not in value:
-            raise ValueError("template must contain {item}, e.g. '{item} {theme}'")
-        try:
-            value.format(item="x", theme="y")
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"template {value!r} may only use {{item}} and {{theme}} ({e})") from None
+        template_parts(value)
         return value
 
+    @model_validator(mode="after")
+    def _prompt_lengths(self):
+        _check_prompts(self.template, self.theme, self.items)
+        return self
+
     def prompts(self) -> list[str]:
-        return [" ".join(self.template.format(item=item, theme=self.theme).split()) for item in self.items]
+        return [render_template(self.template, item, self.theme) for item in self.items]
 
 
 MAX_JOB_IMAGES = 4096    # per /v1/jobs request: a set's items, or prompts x per_prompt
@@ -124,8 +173,8 @@ class JobRequest(Settings):
 
     theme: str = Field("", max_length=MAX_PROMPT_CHARS, description="a set: the style shared by the items")
     items: list[str] | None = Field(None, max_length=MAX_JOB_IMAGES, description="a set: the item prompts")
-    template: str = Field("{item} {theme}", max_length=200, description="a set: how an item and the theme "
-                                                                         "make a prompt")
+    template: str = Field("{item} {theme}", max_length=MAX_TEMPLATE_CHARS,
+                          description="a set: how an item and the theme make a prompt (as for /v1/emoji-sets)")
     prompts: list[str] | None = Field(None, max_length=MAX_JOB_IMAGES, description="a bulk spec: the prompts")
     per_prompt: int = Field(1, ge=1, le=MAX_COUNT, description="a bulk spec: images per prompt")
     target: Literal["slack", "discord", "github", "raw"] = Field("raw", description="as for /v1/emoji-sets")
@@ -146,6 +195,17 @@ class JobRequest(Settings):
     _theme = field_validator("theme")(EmojiSetRequest._theme.__func__)
     _template = field_validator("template")(EmojiSetRequest._template.__func__)
 
+    @field_validator("callback_url")
+    @classmethod
+    def _callback(cls, value: str | None) -> str | None:
+        """Its syntax, at once (a 422): the one parse the delivery connects by. Where its host resolves, and
+        whether that may be called, the ingress checks (a 400)."""
+        from emoji_ldm.serve.webhooks import parse_callback
+
+        if value is not None:
+            parse_callback(value)
+        return value
+
     @model_validator(mode="after")
     def _one_kind(self):
         if (self.items is None) == (self.prompts is None):
@@ -157,6 +217,7 @@ class JobRequest(Settings):
         if self.images() > MAX_JOB_IMAGES:
             raise ValueError(f"the job asks for {self.images()} images; at most {MAX_JOB_IMAGES} per job "
                              "(use `emoji-ldm bulk` for more)")
+        _check_prompts(self.template, self.theme, self.items)
         return self
 
     @property
@@ -169,6 +230,5 @@ class JobRequest(Settings):
     def draws(self) -> list[tuple[str, str, int]]:
         """(item label, prompt, seed) per image, in order."""
         if self.items is not None:
-            return [(item, " ".join(self.template.format(item=item, theme=self.theme).split()), self.seed)
-                    for item in self.items]
+            return [(item, render_template(self.template, item, self.theme), self.seed) for item in self.items]
         return [(p, p, self.seed + k) for p in self.prompts for k in range(self.per_prompt)]

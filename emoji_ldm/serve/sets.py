@@ -18,6 +18,11 @@ import zipfile
 
 from emoji_ldm.version import code_version
 
+SHEET = "sheet.png"      # the contact sheet, beside the items' PNGs in a set's folder and zip
+MANIFEST = "manifest.json"
+# names an item may not take: an item named "sheet" would be sheet.png and overwrite the contact sheet (its name
+# becomes sheet_2, as any second item of one name does)
+RESERVED_NAMES = frozenset(name.rsplit(".", 1)[0] for name in (SHEET, MANIFEST))
 LINEAGE_KEYS = ("content_id", "dataset", "dataset_version", "latent_table", "latent_table_version", "code_version",
                 "preset")
 
@@ -41,7 +46,7 @@ def set_manifest(set_id: str, theme: str, items: list[str], prompts: list[str], 
     from emoji_ldm.inference.targets import emoji_name, get_target
 
     spec = get_target(target)
-    taken: set[str] = set()
+    taken: set[str] = set(RESERVED_NAMES)
     names = [emoji_name(prompt, taken) for prompt in prompts]
     files = [f"{i:03d}-{slug(item)}.png" if spec.size is None else f"{name}.png"
              for i, (item, name) in enumerate(zip(items, names))]
@@ -72,11 +77,16 @@ def set_files(manifest: dict, pngs: list[bytes], params: list[dict] | None = Non
 
     target = get_target((manifest.get("target") or {}).get("name", "raw"))
     pngs = [fit(png, target) for png in pngs]
-    files = {item["file"]: png for item, png in zip(manifest["items"], pngs)}
+    pairs = [(item["file"], png) for item, png in zip(manifest["items"], pngs)]
+    files = dict(pairs)
+    clash = {SHEET, MANIFEST} & set(files)
+    if clash or len(files) != len(pairs):
+        raise ValueError(f"the set's item files {sorted(clash) or 'repeat a name'}: every item needs its own file, "
+                         f"apart from {SHEET} and {MANIFEST}")
     images = [Image.open(io.BytesIO(png)) for png in pngs]
     sheet = image_grid(images, [item["item"] for item in manifest["items"]])
-    files["sheet.png"] = png_bytes(sheet, shared_params(params) if params else None)
-    files["manifest.json"] = json.dumps(manifest, indent=2).encode()
+    files[SHEET] = png_bytes(sheet, shared_params(params) if params else None)
+    files[MANIFEST] = json.dumps(manifest, indent=2).encode()
     return files
 
 
@@ -97,7 +107,7 @@ def store_set(sets_uri: str, set_id: str, files: dict[str, bytes]) -> dict[str, 
 
     folder = join(sets_uri, set_id)
     uris = {}
-    for name in sorted(files, key=lambda n: n == "manifest.json"):  # readers look for the manifest
+    for name in sorted(files, key=lambda n: n == MANIFEST):  # readers look for the manifest
         uris[name] = join(folder, name)
         write_bytes(uris[name], files[name])
     return uris

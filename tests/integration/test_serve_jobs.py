@@ -192,10 +192,22 @@ def test_idempotency_keys_replay_conflict_and_race(app):
 
 
 @pytest.mark.parametrize("callback", ["http://169.254.169.254/latest/meta-data", "http://10.1.2.3/hook",
-                                      "http://[::1]:9/hook", "ftp://127.0.0.1/x", "http://user:pw@127.0.0.1/x"])
+                                      "http://[::1]:9/hook", "http://[64:ff9b::a9fe:a9fe]/", "http://[2002:a9fe:a9fe::1]/",
+                                      "http://[::a9fe:a9fe]/", "http://[fec0::1]/", "http://[ff02::1]/"])
 def test_callbacks_to_internal_addresses_are_refused(app, callback):
+    """A 400 that says only that the URL is not allowed: never where its host resolved (an oracle for the
+    cluster's DNS)."""
     answer = post(f"{app['url']}/v1/jobs", set_body(1, callback_url=callback), auth(app, "alice"))
     assert answer.status == 400 and json.loads(answer.data)["field"] == "callback_url", answer.data
+    assert json.loads(answer.data)["error"] == REFUSED_MESSAGE, answer.data
+
+
+@pytest.mark.parametrize("callback", ["ftp://127.0.0.1/x", "http://user:pw@127.0.0.1/x", "http://faß.example/",
+                                      "http://127.0.0.1\\.x.example/", "http://127.0.0.%31/", "http://2130706433/",
+                                      "http://0177.0.0.1/", "http://127.1/", "http://example.com:99999/"])
+def test_callbacks_a_client_could_parse_otherwise_are_a_422(app, callback):
+    answer = post(f"{app['url']}/v1/jobs", set_body(1, callback_url=callback), auth(app, "alice"))
+    assert answer.status == 422 and json.loads(answer.data)["field"] == "callback_url", answer.data
 
 
 def test_bad_job_bodies_name_the_field(app):
