@@ -1,4 +1,4 @@
-"""Headless Chromium through Selenium, started the way these machines need (see ARCHITECTURE.md)."""
+"""Headless Chromium through Selenium, started the way these machines need (docs/datasets.md, "Chromium")."""
 
 from __future__ import annotations
 
