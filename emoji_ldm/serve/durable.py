@@ -2,14 +2,17 @@
 
     POST /v1/jobs ──► Ingress: check the body, the key's job quota, the callback URL (webhooks.py)
                         │  a detached, named Ray actor per job (namespace `emoji-ldm-jobs`,
-                        ▼  name `job:<key>:<job id>`), holding no CPU, so it starts at once
+                        ▼  name `job:<owner>:<job id>`), holding no CPU, so it starts at once
                      JobRunner: writes request.json, then state.json (queued, running, done/total)
                         │  a Drawer actor with the job's CPUs/GPUs (it queues for them), owned by the runner
                         ▼
                      Drawer: the model, loaded once; draws chunks of max_batch_size images, one chunk
                         │  ahead of the runner, which writes each chunk's PNGs, then state.json; at the end
                         ▼  the set's zip and manifest.json, then the signed webhook; then both exit
-                     <jobs_uri>/<key>/<job id>/  request.json  state.json  images/  result/
+                     <jobs_uri>/<owner>/<job id>/  request.json  state.json  images/  result/
+
+The owner of a job is its API key's immutable id (`ApiKey.owner`, `key-<16 hex>`, serve/keys.py), or `_local`
+on a server without keys; never the key's name, which a later key can be given after a revoke.
 
 Why detached actors and not Ray jobs: a job is one model and a loop, not a Ray Data pipeline, so a job
 driver (a process per job, plus the Jobs API's dashboard hop from inside the cluster) would only add start-up
@@ -20,12 +23,12 @@ storage, written by the job's one runner. A runner that dies with its node is re
 replaces the whole cluster), an ingress that starts resumes every job marked unfinished under
 `<jobs_uri>/_active/` that has no runner, and so does the job's next GET.
 
-Idempotency: with an `Idempotency-Key` header the job id is a hash of the API key's name and that header,
+Idempotency: with an `Idempotency-Key` header the job id is a hash of the job's owner and that header,
 so a replay names the same job; the actor's name is the lock (Ray creates one named actor however many
 ask at once, `get_if_exists=True`), and the runner writes the job's request.json once, so ten concurrent
 duplicates make one job, and the same header with another body is told apart by the body's hash (409).
 
-A key sees only its own jobs: they live under its name, and a job id under another key is a 404.
+A key sees only its own jobs: they live under its owner id, and a job id under another key is a 404.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ logger = logging.getLogger(__name__)
 NAMESPACE = "emoji-ldm-jobs"
 ENDED = ("succeeded", "failed", "cancelled")
 DRAWER_ATTEMPTS = 3      # a job's Drawer is started again twice when its node is lost
-ANONYMOUS = "_local"      # the owner of jobs on a server without keys (a key name never starts with '_')
+ANONYMOUS = "_local"      # the owner of jobs on a server without keys (a key id never starts with '_')
 ACTIVE = "_active"       # <jobs_uri>/_active/<owner>/<job id>: the unfinished jobs
 
 
@@ -55,8 +58,8 @@ def new_job_id() -> str:
     return time.strftime("job-%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(4)
 
 
-def idempotent_job_id(key_name: str, idempotency_key: str) -> str:
-    return "job-" + hashlib.sha256(f"{key_name}\0{idempotency_key}".encode()).hexdigest()[:24]
+def idempotent_job_id(owner: str, idempotency_key: str) -> str:
+    return "job-" + hashlib.sha256(f"{owner}\0{idempotency_key}".encode()).hexdigest()[:24]
 
 
 def body_hash(body: dict) -> str:

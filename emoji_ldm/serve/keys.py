@@ -1,10 +1,17 @@
 """API keys: who may call the service, how often, and how many jobs each may have running.
 
 The key file is JSON (a local path or s3://; on Kubernetes the `emoji-ldm-api-keys` Secret mounted as a
-file, `k8s/`): per key its name, the SHA-256 of the key, its rate (requests per minute), its concurrent-jobs
-quota, whether it is revoked, and its webhook secret. The key itself is printed once by `emoji-ldm keys
-create` and kept nowhere; keys are 256 random bits, so a plain SHA-256 stands in for a password hash.
-Nothing here logs a key, a hash or a secret.
+file, `k8s/`): per key its name, its id, the SHA-256 of the key, its rate (requests per minute), its
+concurrent-jobs quota, whether it is revoked, and its webhook secret. The key itself is printed once by
+`emoji-ldm keys create` and kept nowhere; keys are 256 random bits, so a plain SHA-256 stands in for a password
+hash. Nothing here logs a key, a hash or a secret. A local key file is written 0600 from its first byte (it
+holds the webhook secrets), and `keys.json` is in .gitignore (so `emoji-ldm submit`, which honours it, does
+not upload it) and .dockerignore.
+
+A key's id (`key-` and 16 hex digits, made when the key is) never changes and is never reused: jobs and
+their results are kept under it (`ApiKey.owner`), not under the name, so a key issued later under a revoked
+key's name starts with no jobs. An entry written before ids existed gets one derived from its hash, which is
+as fixed and as unique as the key.
 
 The service (`KeyRing`, in the ingress) re-reads the file when it changes (at most every `RELOAD_S`), so a
 revoke takes effect within seconds without a restart. A bearer key is checked against every entry with
@@ -37,6 +44,18 @@ from emoji_ldm.errors import UserError
 KEY_PREFIX = "eml_"
 RELOAD_S = 2.0
 NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+KEY_ID = re.compile(r"^key-[0-9a-f]{16}$")
+
+
+def new_key_id(taken: set[str] = frozenset()) -> str:
+    while (key_id := "key-" + secrets.token_hex(8)) in taken:
+        pass
+    return key_id
+
+
+def derived_key_id(hash_: str) -> str:
+    """The id of an entry written before ids existed: a function of its key's hash, so as fixed as the key."""
+    return "key-" + hashlib.sha256(f"emoji-ldm key id:{hash_}".encode()).hexdigest()[:16]
 
 
 def new_key() -> str:
@@ -56,11 +75,23 @@ class ApiKey:
     revoked: bool = False
     created_at: str = ""
     webhook_secret: str = ""  # signs this key's webhooks (HMAC-SHA256)
+    id: str = ""              # immutable; derived from the hash for an entry older than ids
+
+    def __post_init__(self):
+        if not self.id:
+            object.__setattr__(self, "id", derived_key_id(self.hash))
+        elif not KEY_ID.match(self.id):
+            raise ValueError(f"key {self.name!r} has id {self.id!r}, not key-<16 hex digits>")
+
+    @property
+    def owner(self) -> str:
+        """Whom jobs belong to: the key's id, never its name (a name can be issued again after a revoke)."""
+        return self.id
 
     def public(self) -> dict:
         """What `keys list` shows: no hash, no secret."""
-        return {"name": self.name, "rate_per_minute": self.rate_per_minute, "max_jobs": self.max_jobs,
-                "revoked": self.revoked, "created_at": self.created_at}
+        return {"name": self.name, "id": self.id, "rate_per_minute": self.rate_per_minute,
+                "max_jobs": self.max_jobs, "revoked": self.revoked, "created_at": self.created_at}
 
 
 def read_keys(uri: str) -> dict[str, ApiKey]:
@@ -75,14 +106,49 @@ def read_keys(uri: str) -> dict[str, ApiKey]:
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"the key file {uri} is not an emoji-ldm key file ({type(e).__name__}: {e}); "
                         "make it with `emoji-ldm keys create`") from None
+    for field in ("name", "id"):
+        values = [getattr(k, field) for k in keys]
+        if len(set(values)) != len(values):
+            raise UserError(f"the key file {uri} has two keys of one {field}: each key needs its own; fix the file "
+                            "by hand or make a new one with `emoji-ldm keys create`")
     return {k.name: k for k in keys}
 
 
 def write_keys(uri: str, keys: dict[str, ApiKey]) -> None:
     from emoji_ldm.store.artifacts import write_bytes
+    from emoji_ldm.store.uri import is_s3, normalize_uri
 
     body = {"keys": [dataclasses.asdict(k) for k in sorted(keys.values(), key=lambda k: k.name)]}
-    write_bytes(uri, (json.dumps(body, indent=2) + "\n").encode(), private=True)  # webhook secrets inside
+    data = (json.dumps(body, indent=2) + "\n").encode()
+    if is_s3(uri):
+        write_bytes(uri, data)
+    else:
+        _write_private(normalize_uri(uri), data)
+
+
+def _write_private(path: str, data: bytes) -> None:
+    """Write a local key file at once (beside it, then renamed onto it), its part file 0600 from its first byte
+    (it holds the webhook secrets); a file already there keeps its permissions, an operator's own choice."""
+    import os
+    import uuid
+
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    part = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.part")
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.chmod(part, os.stat(path).st_mode & 0o7777)
+        except FileNotFoundError:
+            pass
+        os.replace(part, path)
+    finally:
+        if os.path.exists(part):
+            os.unlink(part)
 
 
 # --- the commands -----------------------------------------------------------------------------
@@ -98,6 +164,8 @@ class KeysCreateConfig:
     def __post_init__(self):
         if not NAME.match(self.name):
             raise UserError(f"--name {self.name!r}: use 1-63 lowercase letters, digits, '_', '.' or '-'")
+        if KEY_ID.match(self.name):
+            raise UserError(f"--name {self.name!r} looks like a key id (key-<16 hex digits>): pick another name")
         if not 1 <= self.rate <= 100_000:
             raise UserError(f"--rate must be from 1 to 100000 requests per minute, got {self.rate}")
         if not 0 <= self.max_jobs <= 1000:
@@ -127,12 +195,15 @@ def create_command(config: KeysCreateConfig) -> str:
     if config.name in keys and not keys[config.name].revoked:
         raise UserError(f"a key named {config.name!r} exists in {config.file}: revoke it first, or pick another name")
     key = new_key()
+    # a new id even when the name was used before: the revoked key's jobs stay its own
     keys[config.name] = ApiKey(name=config.name, hash=key_hash(key), rate_per_minute=config.rate,
                                max_jobs=config.max_jobs, created_at=dt.datetime.now(dt.timezone.utc).isoformat(
-                                   timespec="seconds"), webhook_secret=secrets.token_urlsafe(32))
+                                   timespec="seconds"), webhook_secret=secrets.token_urlsafe(32),
+                               id=new_key_id({k.id for k in keys.values()}))
     write_keys(config.file, keys)
     secret = keys[config.name].webhook_secret
-    return (f"key {config.name!r} ({config.rate} requests/min, {config.max_jobs} jobs) added to {config.file}.\n"
+    return (f"key {config.name!r} (id {keys[config.name].id}, {config.rate} requests/min, {config.max_jobs} jobs) "
+            f"added to {config.file}.\n"
             f"The key (shown once, stored nowhere; send it as 'Authorization: Bearer KEY'):\n{key}\n"
             f"Its webhook secret (verifies the X-Emoji-Ldm-Signature of its job callbacks):\n{secret}")
 
@@ -141,9 +212,9 @@ def list_command(config: KeysFileConfig) -> str:
     keys = read_keys(config.file)
     if not keys:
         return f"no keys in {config.file}"
-    rows = [f"{'name':20s} {'rate/min':>8s} {'jobs':>5s} {'state':8s} created"]
-    rows += [f"{k.name:20s} {k.rate_per_minute:8d} {k.max_jobs:5d} {'revoked' if k.revoked else 'active':8s} "
-             f"{k.created_at}" for k in keys.values()]
+    rows = [f"{'name':20s} {'id':20s} {'rate/min':>8s} {'jobs':>5s} {'state':8s} created"]
+    rows += [f"{k.name:20s} {k.id:20s} {k.rate_per_minute:8d} {k.max_jobs:5d} "
+             f"{'revoked' if k.revoked else 'active':8s} {k.created_at}" for k in keys.values()]
     return "\n".join(rows)
 
 
@@ -215,9 +286,15 @@ class KeyRing:
             self._signature = signature
 
     def by_name(self, name: str) -> ApiKey | None:
-        """The active key of that name (for work done on its behalf without a request: a resumed job)."""
+        """The active key of that name. Not for jobs: a name may belong to a later key (`by_owner`)."""
         self.reload()
         return next((k for k in self._keys if k.name == name and not k.revoked), None)
+
+    def by_owner(self, owner: str) -> ApiKey | None:
+        """The active key whose jobs these are (`ApiKey.owner`, its id): for work done on its behalf without a
+        request, such as a resumed job. None for a revoked key, and for a name."""
+        self.reload()
+        return next((k for k in self._keys if k.id == owner and not k.revoked), None)
 
     def authenticate(self, authorization: str | None) -> ApiKey:
         """The key of an `Authorization: Bearer KEY` header; AuthError 401 when missing, unknown or revoked."""

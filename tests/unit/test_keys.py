@@ -91,3 +91,81 @@ def test_an_empty_or_broken_key_file_is_refused(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UserError, match="not an emoji-ldm key file"):
         K.KeyRing(str(tmp_path / "bad.json"))
+
+
+def test_the_key_file_is_never_readable_by_others_not_even_while_written(tmp_path, monkeypatch):
+    """The part file is created 0600 (os.open with the mode), not created 0644 and chmodded after: another user
+    on the machine cannot open it in between. With umask 0 too."""
+    import os
+    import stat
+
+    created = []
+    real_open = os.open
+
+    def spying_open(path, flags, mode=0o777, *args, **kwargs):
+        fd = real_open(path, flags, mode, *args, **kwargs)
+        if flags & os.O_CREAT and os.fspath(path).endswith(".part"):
+            created.append(stat.S_IMODE(os.fstat(fd).st_mode))
+        return fd
+
+    monkeypatch.setattr(os, "open", spying_open)
+    old = os.umask(0)
+    try:
+        create(tmp_path / "keys.json", "alice")
+    finally:
+        os.umask(old)
+    assert created == [0o600]
+    assert stat.S_IMODE((tmp_path / "keys.json").stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["keys.json"]
+
+
+def test_a_reused_name_is_a_new_key_id_and_jobs_are_keyed_on_the_id(tmp_path):
+    path = tmp_path / "keys.json"
+    first = create(path, "alice")
+    ring = K.KeyRing(str(path), clock=Clock())
+    old = ring.authenticate(f"Bearer {first}")
+    assert K.KEY_ID.match(old.id) and old.owner == old.id != "alice"
+    assert old.id in K.list_command(K.KeysFileConfig(file=str(path)))
+    assert ring.by_owner(old.id) == old and ring.by_owner("alice") is None
+    K.revoke_command(K.KeysRevokeConfig(file=str(path), name="alice"))
+    second = create(path, "alice")  # the name again, after the revoke
+    ring = K.KeyRing(str(path), clock=Clock())
+    new = ring.authenticate(f"Bearer {second}")
+    assert new.name == "alice" and new.owner != old.owner  # its jobs are under another id: none of the old key's
+    assert ring.by_owner(old.owner) is None
+    with pytest.raises(K.AuthError):
+        ring.authenticate(f"Bearer {first}")
+
+
+def test_an_entry_from_before_ids_gets_one_from_its_hash(tmp_path):
+    path = tmp_path / "keys.json"
+    entry = {"name": "old", "hash": K.key_hash("eml_x"), "rate_per_minute": 60, "max_jobs": 2, "revoked": False,
+             "created_at": "", "webhook_secret": "s"}
+    path.write_text(json.dumps({"keys": [entry]}))
+    (key,) = K.read_keys(str(path)).values()
+    assert K.KEY_ID.match(key.id) and key.id == K.derived_key_id(entry["hash"])
+    assert K.read_keys(str(path))["old"].id == key.id  # the same every time it is read
+    create(path, "new")  # writing the file keeps it
+    assert K.read_keys(str(path))["old"].id == key.id
+
+
+def test_ids_are_checked_and_cannot_pass_for_names(tmp_path):
+    path = tmp_path / "keys.json"
+    with pytest.raises(UserError, match="looks like a key id"):
+        K.KeysCreateConfig(file=str(path), name="key-0123456789abcdef")
+    entry = {"name": "a", "hash": K.key_hash("eml_a"), "id": "key-0123456789abcdef"}
+    path.write_text(json.dumps({"keys": [entry, {**entry, "name": "b", "hash": K.key_hash("eml_b")}]}))
+    with pytest.raises(UserError, match="two keys of one id"):
+        K.read_keys(str(path))
+    path.write_text(json.dumps({"keys": [{**entry, "id": "../../etc"}]}))
+    with pytest.raises(UserError, match="not an emoji-ldm key file"):
+        K.read_keys(str(path))
+
+
+def test_key_files_are_ignored_by_git_submit_and_docker():
+    """`emoji-ldm submit` uploads the checkout minus what .gitignore lists (Ray honours it); the image build sends
+    its context minus .dockerignore."""
+    from tests.conftest import REPO
+
+    assert "keys.json" in (REPO / ".gitignore").read_text().splitlines()
+    assert {"keys.json", "**/keys.json"} <= set((REPO / ".dockerignore").read_text().splitlines())
