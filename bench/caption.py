@@ -15,15 +15,13 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO, row, timed, write_record
+
 sys.path.insert(0, str(REPO))
 
 
@@ -47,20 +45,15 @@ def main() -> None:
 
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="bench-caption-"))
-    results = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"), "cpus": os.cpu_count()}
+    results = {}
 
     data = str(work / "twemoji")
     build_dataset(BuildConfig(source="twemoji", out=data))
     rows = open_table(data).to_pyarrow_table(columns=["id", "image", "title", "tag"])
     n = rows.num_rows
 
-    t0 = time.perf_counter()
-    summary = caption_dataset(CaptionConfig(dataset=data, captioner="metadata"))
-    e2e = time.perf_counter() - t0
-    batch = {k: rows.column(k).to_pylist() for k in ("id", "image", "title", "tag")}
-    t0 = time.perf_counter()
-    caption_batch(batch)
-    alone = time.perf_counter() - t0
+    e2e, summary = timed(caption_dataset, CaptionConfig(dataset=data, captioner="metadata"))
+    alone, _ = timed(caption_batch, {k: rows.column(k).to_pylist() for k in ("id", "image", "title", "tag")})
     results["metadata"] = {"rows": n, "captioned": summary["captioned"], "end_to_end_s": e2e,
                            "end_to_end_rows_per_s": n / e2e, "function_rows_per_s": n / alone}
     print(f"metadata: {n} rows, end to end {e2e:.1f} s = {n / e2e:.0f} rows/s; the function alone "
@@ -77,22 +70,15 @@ def main() -> None:
     pictures = [Image.open(BytesIO(p)).convert("RGB") for p in pictures_png]
     captioner.generate(pictures[:2], titles[:2])  # warm-up
 
-    t0 = time.perf_counter()
-    for picture, title in zip(pictures, titles):  # the seed: one generate call per row
-        captioner.generate([picture], [title])
-    seed_s = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    for i in range(0, len(pictures), args.batch_size):
-        captioner.generate(pictures[i:i + args.batch_size], titles[i:i + args.batch_size])
-    batched_s = time.perf_counter() - t0
+    seed_s, _ = timed(lambda: [captioner.generate([picture], [title])  # the seed: one generate call per row
+                               for picture, title in zip(pictures, titles)])
+    batched_s, _ = timed(lambda: [captioner.generate(pictures[i:i + args.batch_size], titles[i:i + args.batch_size])
+                                  for i in range(0, len(pictures), args.batch_size)])
 
     qdata = str(work / "qwen-ds")
     build_dataset(BuildConfig(source="twemoji", out=qdata, limit=args.rows))
-    t0 = time.perf_counter()
-    q = caption_dataset(CaptionConfig(dataset=qdata, captioner="qwen2.5-vl", model=model,
-                                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens))
-    ours_s = time.perf_counter() - t0
+    ours_s, q = timed(caption_dataset, CaptionConfig(dataset=qdata, captioner="qwen2.5-vl", model=model,
+                                                     batch_size=args.batch_size, max_new_tokens=args.max_new_tokens))
     m = args.rows
     results["qwen_tiny"] = {"rows": m, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                             "seed_loop_rows_per_s": m / seed_s, "batched_in_process_rows_per_s": m / batched_s,
@@ -100,8 +86,13 @@ def main() -> None:
     print(f"tiny qwen, {m} rows, {args.max_new_tokens} new tokens: seed loop {m / seed_s:.1f} rows/s; batched "
           f"(batch {args.batch_size}) in-process {m / batched_s:.1f} rows/s = {seed_s / batched_s:.2f}x; "
           f"`dataset caption` on Ray end to end {m / ours_s:.1f} rows/s = {seed_s / ours_s:.2f}x", flush=True)
-    (work / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"results: {work / 'results.json'}")
+    write_record("caption", results, [
+        row("caption", f"`metadata` captioner, `dataset caption` end to end, {n:,} rows", n / e2e, None, "rows/s"),
+        row("caption", f"tiny Qwen2.5-VL, {m:,} rows: batched ({args.batch_size}) in-process vs the seed's loop",
+            m / batched_s, m / seed_s, "rows/s", ">= 3"),
+        row("caption", "the same, `dataset caption` on Ray Data end to end vs the seed's loop", m / ours_s, m / seed_s,
+            "rows/s")], about="a tiny random Qwen2.5-VL (the code path, not caption quality); peer: the seed's one "
+                 "`generate` call per row.")
 
 
 if __name__ == "__main__":

@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
 import hashlib
 import io
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO, row, timed, write_record
+
 sys.path.insert(0, str(REPO))
 
 
@@ -96,36 +95,33 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-crawl-"))
     site = CrawlSite(pages=args.pages, per_page=args.per_page, slow_page=0, flaky_page=0, hydrate=args.hydrate)
-    results = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"), "pages": args.pages,
-               "per_page": args.per_page, "hydrate": args.hydrate, "cpus": os.cpu_count()}
+    results, summary = {"pages": args.pages, "per_page": args.per_page, "hydrate": args.hydrate}, []
     try:
-        t0 = time.perf_counter()
-        seed = seed_crawl(site, args.pages, work / "seed")
-        seed_s = time.perf_counter() - t0
+        seed_s, seed = timed(seed_crawl, site, args.pages, work / "seed")
         print(f"seed: {seed['pages']} pages, {seed['images']} images in {seed_s:.1f} s = "
               f"{seed['pages'] / seed_s:.2f} pages/s, {seed['images'] / seed_s:.1f} images/s", flush=True)
 
         profile = work / "site.yaml"
         profile.write_text(site.profile_yaml())
-        t0 = time.perf_counter()
-        summary, stats = crawl(CrawlConfig(profile=str(profile), tag="Blobs", out=str(work / "ours"),
-                                           pages=f"1-{args.pages + 10}", workers=2, shard_pages=5, rate_per_host=0))
-        ours_s = time.perf_counter() - t0
-        pages = stats["pages_ok"] + 1
-        print(f"ours: {pages} pages, {summary.added} images in {ours_s:.1f} s = {pages / ours_s:.2f} pages/s, "
-              f"{summary.added / ours_s:.1f} images/s (pages stage {stats['pages_seconds']:.1f} s)", flush=True)
-        results.update(seed={**seed, "seconds": seed_s}, ours={"pages": pages, "images": summary.added,
-                                                                 "seconds": ours_s,
+        ours_s, (crawled, stats) = timed(crawl, CrawlConfig(profile=str(profile), tag="Blobs", out=str(work / "ours"),
+                                                            pages=f"1-{args.pages + 10}", workers=2, shard_pages=5,
+                                                            rate_per_host=0))
+        pages, added = stats["pages_ok"] + 1, crawled.added
+        print(f"ours: {pages} pages, {added} images in {ours_s:.1f} s = {pages / ours_s:.2f} pages/s, "
+              f"{added / ours_s:.1f} images/s (pages stage {stats['pages_seconds']:.1f} s)", flush=True)
+        results.update(seed={**seed, "seconds": seed_s}, ours={"pages": pages, "images": added, "seconds": ours_s,
                                                                  "pages_seconds": stats["pages_seconds"]})
         if seed["images"]:
             print(f"ratio ours/seed: pages/s {(pages / ours_s) / (seed['pages'] / seed_s):.2f}x, images/s "
-                  f"{(summary.added / ours_s) / (seed['images'] / seed_s):.2f}x")
+                  f"{(added / ours_s) / (seed['images'] / seed_s):.2f}x")
         else:
-            print(f"the seed's crawler found no images ({seed['pages']} page(s) read); ours found {summary.added}")
+            print(f"the seed's crawler found no images ({seed['pages']} page(s) read); ours found {added}")
+        summary = [row("crawl", what, mine / ours_s, theirs / seed_s, what, ">= 5") for what, mine, theirs in
+                   (("pages/s", pages, seed["pages"]), ("images/s", added, seed["images"]))]
     finally:
         site.stop()
-    (work / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"results: {work / 'results.json'}")
+    write_record("crawl", results, summary, about=f"a local imitation of discords.com, {args.pages} pages of "
+                 f"{args.per_page}{' (hydrating)' if args.hydrate else ''}; peer: the seed's sequential crawler.")
 
 
 if __name__ == "__main__":

@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import argparse
 import ast
-import datetime as dt
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO, free_port, repeat, row, run_timed, write_record
+
 BIN = Path(sys.executable).parent
 PEER_VENV = REPO / ".venv-peers"
 PEER_BIN = PEER_VENV / "bin"
@@ -66,12 +65,6 @@ print(len(rows))
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def check_peers() -> None:
     """The peers' venv must hold img2dataset and what the seed loop imports."""
     exe = PEER_BIN / "img2dataset"
@@ -87,11 +80,7 @@ PHASES: list[dict] = []  # our per-phase timings, parsed from `emoji-ldm -v`
 
 
 def timed(cmd: list[str], env: dict | None = None) -> float:
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    wall, r = run_timed(cmd, env={**os.environ, **(env or {})})
     m = re.search(r"phases \(s\): (\{.*\})", r.stderr)
     if m:
         PHASES.append(ast.literal_eval(m.group(1)))
@@ -138,7 +127,8 @@ def stop_ray_head(proc: subprocess.Popen | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=None, help="use the first N PNGs (default all 4,009)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each; the best wall time is kept")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each, interleaved; the best is printed, "
+                        "every run recorded")
     args = parser.parse_args()
 
     from emoji_ldm.sources.twemoji import twemoji_dir
@@ -179,23 +169,24 @@ def main() -> None:
             ),
         }
         head, head_proc = start_ray_head(work / "ray")
-        results = {}
-        for name, run in runs.items():
-            walls = [run(i) for i in range(args.repeat)]
-            results[name] = min(walls)
-            print(f"{name:42s} {n:5d} images  {results[name]:7.1f} s  {n / results[name]:7.0f} images/s", flush=True)
-        ours = n / results["ours (emoji-ldm dataset build)"]
-        warm = n / results["ours, joining a running Ray (as a Ray Job)"]
+        walls = repeat(runs, args.repeat, report=lambda i, name, wall: print(
+            f"{name:42s} {n:5d} images  {wall:7.1f} s  {n / wall:7.0f} images/s (run {i + 1})", flush=True))
+        results = {name: min(w) for name, w in walls.items()}  # the best of each
+        cold, warm_name, i2d_name = list(runs)[:3]
+        ours, warm = n / results[cold], n / results[warm_name]
         peers = {k: n / v for k, v in results.items() if not k.startswith("ours")}
         staged = [p for p in PHASES if "ingest" in p]  # when `-v` logs per-phase times
         if staged:
             print(f"ours, Ray Data ingest stage alone: {n / min(p['ingest'] for p in staged):.0f} images/s "
                   f"(phases of our fastest run: {min(staged, key=lambda p: sum(p.values()))})")
         best_name, best = max(peers.items(), key=lambda kv: kv[1])
-        i2d = peers["img2dataset 1.47 (2 procs x 32 threads)"]
-        print(f"ours / img2dataset = {ours / i2d:.2f}x; ours / faster peer ({best_name}) = {ours / best:.2f}x")
-        print(f"ours joining a running Ray / faster peer = {warm / best:.2f}x")
-        print(f"date {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores")
+        print(f"best of {args.repeat}: ours / img2dataset = {ours / peers[i2d_name]:.2f}x; ours / faster peer "
+              f"({best_name}) = {ours / best:.2f}x; ours joining a running Ray / faster peer = {warm / best:.2f}x")
+        rate = {name: [n / w for w in ws] for name, ws in walls.items()}
+        write_record("ingest", {"images": n, "wall_s": walls, "phases": PHASES}, [
+            row("ingest", f"images/s, {name} vs {i2d_name}", rate[name], rate[i2d_name], "images/s", ">= 2")
+            for name in (cold, warm_name)], about="the Twemoji PNGs over loopback HTTP, resized to 64 px, each way in "
+            "its own process; peers: img2dataset and the seed's loop, from .venv-peers.")
     finally:
         stop_ray_head(head_proc)
         server.terminate()

@@ -17,28 +17,21 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-sys.path.insert(0, str(REPO / "bench"))
+from common import repeat, row, run_timed, write_record
+from ingest import start_ray_head, stop_ray_head  # bench/ingest.py: a private warm head
 
-from ingest import start_ray_head, stop_ray_head  # noqa: E402  (bench/ingest.py: a private warm head)
+BIN = Path(sys.executable).parent
 
 
 def build(out: Path, head: str, limit: int | None, rgb: bool) -> tuple[float, int]:
     cmd = [str(BIN / "emoji-ldm"), "dataset", "build", "--source", "twemoji", "--out", str(out)]
     cmd += ["--limit", str(limit)] if limit else []
     cmd += ["--background", "white"] if rgb else []
-    start = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": head})
-    wall = time.perf_counter() - start
-    if r.returncode:
-        raise SystemExit(f"build failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    wall, r = run_timed(cmd, env={**os.environ, "RAY_ADDRESS": head})
     images = int(re.search(r"build: (\d+) in", r.stdout + r.stderr).group(1))
     return wall, images
 
@@ -52,17 +45,17 @@ def main() -> None:
     head, proc = start_ray_head(work / "ray")
     try:
         build(work / "warm", head, 64, rgb=False)  # workers and imports warm
-        times: dict[str, list[float]] = {"rgba": [], "rgb": []}
-        images = 0
-        for i in range(args.repeat):
-            for mode in ("rgba", "rgb") if i % 2 == 0 else ("rgb", "rgba"):
-                wall, images = build(work / f"{mode}-{i}", head, args.limit, rgb=mode == "rgb")
-                times[mode].append(wall)
-                print(f"  run {i + 1} {mode}: {images} images in {wall:.1f} s ({images / wall:.0f} images/s)",
-                      flush=True)
-        rgba, rgb = statistics.median(times["rgba"]), statistics.median(times["rgb"])
-        print(f"rgba_ingest: {images} Twemoji, median of {args.repeat}: RGBA {images / rgba:.0f} images/s "
-              f"({rgba:.1f} s), RGB {images / rgb:.0f} images/s ({rgb:.1f} s); RGBA / RGB {rgb / rgba:.2f}")
+        runs = repeat({mode: lambda i, mode=mode: build(work / f"{mode}-{i}", head, args.limit, rgb=mode == "rgb")
+                       for mode in ("rgba", "rgb")}, args.repeat, alternate=True, report=lambda i, mode, r: print(
+            f"  run {i + 1} {mode}: {r[1]} images in {r[0]:.1f} s ({r[1] / r[0]:.0f} images/s)", flush=True))
+        rate = {mode: [n / wall for wall, n in r] for mode, r in runs.items()}
+        rgba, rgb = statistics.median(rate["rgba"]), statistics.median(rate["rgb"])
+        print(f"rgba_ingest: {runs['rgba'][0][1]} Twemoji, median of {args.repeat}: RGBA {rgba:.0f} images/s, RGB "
+              f"{rgb:.0f} images/s; RGBA / RGB {rgba / rgb:.2f}")
+        write_record("rgba_ingest", {"runs": runs}, [row(
+            "transparency: ingest", "images/s, RGBA kept (ours) vs RGB (`--background white`)", rate["rgba"],
+            rate["rgb"], "images/s", ">= 0.9")], about="`dataset build --source twemoji` on one warm Ray head, RGBA "
+            "and RGB alternating.")
     finally:
         stop_ray_head(proc)
         shutil.rmtree(work, ignore_errors=True)

@@ -18,11 +18,9 @@ Needs a trained model (`make demo` leaves one in demo-out/run).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,7 +30,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO, free_port, row, run_timed, timed, write_record
+
 BIN = Path(sys.executable).parent
 PROMPTS = ["smiling cat face", "red heart", "pizza", "thumbs up", "ghost", "sun", "crying face", "rocket"]
 
@@ -111,20 +110,12 @@ def ceiling(model: str, steps: int) -> dict:
         job = SampleJob(("red heart",) * batch, tuple(range(batch)), steps=steps)
         sampler.sample([job])  # warm-up
         reps = max(1, 32 // batch)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            sampler.sample([job])
-        out[f"batch_{batch}"] = batch * reps / (time.perf_counter() - t0)
+        seconds, _ = timed(lambda job=job, reps=reps: [sampler.sample([job]) for _ in range(reps)])
+        out[f"batch_{batch}"] = batch * reps / seconds
     return out
 
 
 # --- load --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_up(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -159,18 +150,16 @@ def run_load(url: str, concurrency: int, requests: int, steps: int) -> dict:
             if i is None:
                 return
             body = json.dumps({"prompt": PROMPTS[i % len(PROMPTS)], "steps": steps, "guidance": 5.0, "seed": i})
-            t0 = time.perf_counter()
-            resp = http.request("POST", url + "/v1/generate", body=body, headers={"content-type": "application/json"})
+            seconds, resp = timed(http.request, "POST", url + "/v1/generate", body=body,
+                                  headers={"content-type": "application/json"})
             with lock:
                 if resp.status == 200:
-                    latencies.append(time.perf_counter() - t0)
+                    latencies.append(seconds)
                 else:
                     failures += 1
 
-    start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(client, range(concurrency)))
-    wall = time.perf_counter() - start
+        wall, _ = timed(lambda: list(pool.map(client, range(concurrency))))
     latencies.sort()
     q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else latencies * 19
     return {"concurrency": concurrency, "requests": requests, "ok": len(latencies), "failed": failures,
@@ -214,8 +203,7 @@ def main() -> None:
         raise SystemExit(f"no model at {args.model}: run `make demo` first")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    results = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"), "model": args.model,
-               "steps": args.steps, "cpus": os.cpu_count()}
+    results = {"model": args.model, "steps": args.steps}
 
     limit = subprocess.run([sys.executable, __file__, "--model", args.model, "--steps", str(args.steps), "--ceiling"],
                            env=env, capture_output=True, text=True, check=True)
@@ -252,26 +240,28 @@ def main() -> None:
 
     names = [emoji.demojize(e).strip(":").replace("_", " ") for e in emoji.EMOJI_DATA]
     prompts.write_text("\n".join(list(dict.fromkeys(names))[: args.bulk_prompts]))
-    t0 = time.perf_counter()
-    bulk = subprocess.run([str(BIN / "emoji-ldm"), "bulk", "--model", args.model, "--prompts", str(prompts),
-                           "--out", str(work / "bulk"), "--per-prompt", "4", "--steps", str(args.steps),
-                           "--num-cpus", "2", "--batch-size", "32"], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if bulk.returncode != 0:
-        raise SystemExit(bulk.stderr[-3000:])
+    wall, bulk = run_timed([str(BIN / "emoji-ldm"), "bulk", "--model", args.model, "--prompts", str(prompts),
+                            "--out", str(work / "bulk"), "--per-prompt", "4", "--steps", str(args.steps),
+                            "--num-cpus", "2", "--batch-size", "32"], env=env)
     bulk_line = next((line for line in reversed(bulk.stdout.splitlines()) if line.startswith("bulk:")), "")
     images = args.bulk_prompts * 4
     results["bulk"] = {"images": images, "wall_s": wall, "images_per_s": images / wall, "bulk_line": bulk_line}
     print(f"  bulk {images} images in {wall:.1f} s = {images / wall:.2f} images/s end to end; {bulk_line}")
 
     print("\nratio ours/naive (images/s):")
+    summary, alone = [], results["pipeline_alone"]
     for c in args.concurrency:
         n = next(r for r in rows if r["server"] == "naive" and r["concurrency"] == c)
         o = next(r for r in rows if r["server"] == "ours" and r["concurrency"] == c)
         print(f"  c={c:<3} {o['images_per_s'] / n['images_per_s']:.2f}x  (p50 {n['p50_s']:.2f} -> {o['p50_s']:.2f} s, "
               f"p95 {n['p95_s']:.2f} -> {o['p95_s']:.2f} s)")
-    (work / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\nresults: {work / 'results.json'}")
+        summary.append(row("serve", f"images/s at concurrency {c}", o["images_per_s"], n["images_per_s"], "images/s",
+                           ">= 3" if c >= 8 else None))
+    summary += [row("serve", "the ceiling: the pipeline alone at batch 32 vs batch 1", alone["batch_32"],
+                    alone["batch_1"], "images/s"), row("serve", f"`emoji-ldm bulk`, {images} images end to end (Ray "
+                                                       "start, model load)", images / wall, None, "images/s")]
+    write_record("serve", results, summary, about=f"POST /v1/generate (n=1, {args.steps} steps), closed-loop load; "
+                 "ours: `emoji-ldm serve` (one Generator replica); peer: a naive one-request-at-a-time server.")
 
 
 if __name__ == "__main__":

@@ -19,13 +19,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO, free_port, repeat, row, run_timed, write_record
+
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(REPO))
-from tests.conftest import free_port  # noqa: E402
 
 
 def helper(script: str, action: str, env: dict) -> None:
@@ -33,12 +31,7 @@ def helper(script: str, action: str, env: dict) -> None:
 
 
 def timed(cmd: list[str], env: dict) -> float:
-    t = time.perf_counter()
-    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    seconds = time.perf_counter() - t
-    if r.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return seconds
+    return run_timed(cmd, env=env, cwd=REPO)[0]
 
 
 def main() -> int:
@@ -56,23 +49,20 @@ def main() -> int:
               for line in (state / "s3.env").read_text().splitlines() if line.startswith("export "))
     env.update(s3)
     address = f"http://127.0.0.1:{dashboard}"
-    times: dict[str, list[float]] = {"ours": [], "peer": [], "local": []}
+    stage = ["--source", "twemoji", "--limit", str(args.limit)]
     try:
         helper("local_ray_head.sh", "start", env)
-        for i in range(args.repeat):
-            stage = ["--source", "twemoji", "--limit", str(args.limit)]
-            times["ours"].append(timed([str(BIN / "emoji-ldm"), "submit", "build", *stage, "--out",
-                                        f"s3://emoji-ldm/bench/ours-{i}", "--address", address], env))
-            times["peer"].append(timed([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
-                                        "--", "python", "ray_jobs/build_dataset.py", *stage, "--out",
-                                        f"s3://emoji-ldm/bench/peer-{i}"], env))
-            print(f"run {i + 1}: ours {times['ours'][-1]:.1f} s, peer {times['peer'][-1]:.1f} s", flush=True)
+        times = repeat({"ours": lambda i: timed([str(BIN / "emoji-ldm"), "submit", "build", *stage, "--out",
+                                                 f"s3://emoji-ldm/bench/ours-{i}", "--address", address], env),
+                        "peer": lambda i: timed([str(BIN / "ray"), "job", "submit", "--address", address,
+                                                 "--working-dir", ".", "--", "python", "ray_jobs/build_dataset.py",
+                                                 *stage, "--out", f"s3://emoji-ldm/bench/peer-{i}"], env)},
+                       args.repeat, report=lambda i, who, s: print(f"run {i + 1}: {who} {s:.1f} s", flush=True))
     finally:
         helper("local_ray_head.sh", "stop", env)
     try:  # the same build with no cluster, after the head is gone (it would join it otherwise)
-        for i in range(args.repeat):
-            times["local"].append(timed([str(BIN / "emoji-ldm"), "dataset", "build", *stage, "--out",
-                                         f"s3://emoji-ldm/bench/local-{i}"], env))
+        times["local"] = [timed([str(BIN / "emoji-ldm"), "dataset", "build", *stage, "--out",
+                                 f"s3://emoji-ldm/bench/local-{i}"], env) for i in range(args.repeat)]
     finally:
         helper("local_s3.sh", "stop", env)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -83,6 +73,11 @@ def main() -> int:
           f"{[round(t, 1) for t in times['local']]}")
     print(f"peer / ours = {med['peer'] / med['ours']:.2f}x; submit overhead over a local run "
           f"{med['ours'] - med['local']:+.1f} s")
+    write_record("submit", {"limit": args.limit, "seconds": times}, [
+        row("submit", f"wall time: `emoji-ldm submit build` vs {peer}", times["ours"], times[key], "s")
+        for key, peer in (("peer", "`ray job submit`"), ("local", "`dataset build` with no cluster"))],
+        about=f"`build --source twemoji --limit {args.limit}` into S3 on a local Ray head, ours and the peer "
+        "alternating; the local builds after the head is gone.")
     return 0
 
 

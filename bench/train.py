@@ -18,20 +18,16 @@ Needs the outputs of `make demo` (demo-out/): the dataset, latent table and mode
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from common import REPO, row, run_timed, timed, write_record
 
-REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
@@ -56,9 +52,8 @@ def plain_loop(preset, latents, text, batch: int, steps: int, encode_fn=None) ->
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     ema = EMAModel(unet.parameters(), decay=0.995)  # the same recipe as ours: EMA every step
     noise = noise_scheduler(preset)
-    times = []
-    for step in range(steps + 3):
-        t0 = time.perf_counter()
+
+    def step():
         idx = torch.randint(0, len(latents), (batch,))
         if encode_fn is None:
             x0, cond = latents[idx], text[idx]
@@ -73,8 +68,8 @@ def plain_loop(preset, latents, text, batch: int, steps: int, encode_fn=None) ->
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.step(unet.parameters())
-        if step >= 3:
-            times.append(time.perf_counter() - t0)
+
+    times = [timed(step)[0] for _ in range(steps + 3)][3:]
     return batch / statistics.median(times)
 
 
@@ -96,12 +91,7 @@ def sgemm_peak(threads: int) -> float:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     for _ in range(3):
         a @ b
-    best = float("inf")
-    for _ in range(10):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 2048**3 / best
+    return 2 * 2048**3 / min(timed(torch.matmul, a, b)[0] for _ in range(10))
 
 
 def ours_throughput(latent_uri: str, steps: int, batch: int) -> float:
@@ -111,9 +101,7 @@ def ours_throughput(latent_uri: str, steps: int, batch: int) -> float:
                "--zero-stage", "2", "--batch-size", str(batch), "--max-steps", str(steps + 3),
                "--set", "train.log_every=1", "--set", "train.sample_every=0",
                "--set", f"train.checkpoint_every={steps + 3}"]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(r.stderr[-3000:])
+        run_timed(cmd)
         rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
         return statistics.median(r["images_per_s"] for r in rows[3:])
     finally:
@@ -182,20 +170,24 @@ def main() -> None:
 
     torch.set_num_threads(2)
     seed_pipe = load_pipeline(model, "ddpm")
-    t0 = time.perf_counter()
-    for i in range(4):
-        run_pipeline(seed_pipe, ["red heart"], steps=100, guidance=5.0, seed=i)
-    seed_rate = 4 / (time.perf_counter() - t0)
+    seed_rate = 4 / timed(lambda: [run_pipeline(seed_pipe, ["red heart"], steps=100, guidance=5.0, seed=i)
+                                   for i in range(4)])[0]
     ours_pipe = load_pipeline(model, "dpmpp")
     run_pipeline(ours_pipe, ["red heart"] * 2, steps=2)
-    t0 = time.perf_counter()
-    run_pipeline(ours_pipe, ["red heart"] * 16, steps=25, guidance=5.0, seed=0)
-    ours_rate = 16 / (time.perf_counter() - t0)
+    ours_rate = 16 / timed(run_pipeline, ours_pipe, ["red heart"] * 16, steps=25, guidance=5.0, seed=0)[0]
     results["sampling"] = {"seed": seed_rate, "ours": ours_rate, "ratio": ours_rate / seed_rate}
     print(f"4. sampling: seed's (DDPM 100 steps, batch 1) {seed_rate:.2f} images/s, ours (DPM-Solver++ 25 steps, "
           f"batch 16) {ours_rate:.2f} images/s: {ours_rate / seed_rate:.1f}x")
-    print(f"date {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores")
-    print(json.dumps(results, indent=1, default=float))
+    write_record("train", results, [
+        row("train", "training images/s: `emoji-ldm train` (Ray Train, ZeRO-2, 2 workers) vs a plain diffusers loop",
+            ours, plain, "images/s", ">= 0.95"),
+        row("train", "training images/s: precomputed latents vs VAE + text encoding in every step", plain, slow,
+            "images/s", ">= 1.3"),
+        row("train", "model FLOP utilisation: the plain loop's GFLOP/s vs an sgemm peak", achieved / 1e9, peak / 1e9,
+            "GFLOP/s"),
+        row("train", "sampling images/s: `generate` (DPM-Solver++ 25 steps, batch 16) vs the seed's (DDPM 100, "
+            "batch 1)", ours_rate, seed_rate, "images/s", ">= 10")], about=f"the `tiny` preset on `make demo`'s "
+                 f"latents, global batch {args.batch}, steady-state steps (start-up excluded).")
 
 
 if __name__ == "__main__":
