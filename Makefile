@@ -51,7 +51,7 @@ kubectl:
 test: $(STAMP) chromium kubectl cxx lint
 	$(BIN)/python -m pytest
 
-# The unit tests alone (no Ray cluster, no servers, no browser): about a minute.
+# The unit tests alone (no Ray cluster, no servers, no browser, none marked slow): about 2 minutes on 2 cores.
 test-fast: $(STAMP) lint
 	$(BIN)/python -m pytest tests/unit -m "not slow"
 

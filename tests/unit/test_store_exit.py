@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pytest
 from deltalake import write_deltalake
 
 RUNS = 10
@@ -59,6 +60,7 @@ def _run(uri: str) -> tuple[object, str, str]:
         return "timeout", "", f"no exit after {LIMIT_S} s\n{err}"
 
 
+@pytest.mark.slow  # 4M rows and 10 processes: about a minute, so `make test` runs it and `make test-fast` does not
 def test_reads_through_store_exit_cleanly(tmp_path):
     uri = str(tmp_path / "table")
     _table(uri)
