@@ -64,18 +64,30 @@ def test_resume_does_not_read_the_skipped_files(tmp_path, monkeypatch):
     assert rows_read <= 50 + 4 + 1  # the rest of the epoch and the shuffle buffer's neighbourhood, no more
 
 
-def test_stopping_early_leaves_no_reader_thread(tmp_path):
+def test_stopping_early_leaves_no_reader_thread(tmp_path, monkeypatch):
     """3 batches, 2 prefetched: after the consumer takes one and stops, the reader has filled the queue and waits
     to put its end marker. It must stop rather than wait for ever (with its open file)."""
-    import time
+    import queue
+    import types
 
+    from emoji_ldm.store import latents
+
+    full = threading.Event()
+
+    class Watched(queue.Queue):
+        def put(self, item, block=True, timeout=None):
+            if self.full():
+                full.set()  # the reader waits on a full queue
+            super().put(item, block, timeout)
+
+    monkeypatch.setattr(latents, "queue", types.SimpleNamespace(Queue=Watched, Full=queue.Full))
     files = _files(tmp_path, [6])
     stream = RankStream(files, 0, 1, 2, seed=0, shuffle_buffer=1, prefetch=2)
     before = {t.ident for t in threading.enumerate()}
     batches = stream.epoch(0)
     next(batches)
-    time.sleep(0.5)  # the reader fills the queue
+    (reader,) = [t for t in threading.enumerate() if t.name == "latent-prefetch" and t.ident not in before]
+    assert full.wait(timeout=30), "the reader never filled the queue"
     batches.close()
-    time.sleep(0.5)
-    alive = [t for t in threading.enumerate() if t.name == "latent-prefetch" and t.ident not in before]
-    assert not alive
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "the reader thread still waits after the consumer stopped"
