@@ -62,3 +62,15 @@ def pod_templates(doc: dict) -> dict[str, dict]:
     if doc["kind"] == "RayJob" and "submitterPodTemplate" in doc["spec"]:
         templates["submitter"] = doc["spec"]["submitterPodTemplate"]
     return templates
+
+
+def every_pod_template(doc: dict) -> dict[str, dict]:
+    """Every pod template of a document, by where it sits: a Ray resource's (`pod_templates`), or a workload's
+    `spec.template` (StatefulSet, Deployment, Job); {} for a kind that makes no pods."""
+    if doc["kind"] in ("RayCluster", "RayJob", "RayService"):
+        return pod_templates(doc)
+    if doc["kind"] in ("StatefulSet", "Deployment", "DaemonSet", "Job"):
+        return {"template": doc["spec"]["template"]}
+    if doc["kind"] == "CronJob":
+        return {"template": doc["spec"]["jobTemplate"]["spec"]["template"]}
+    return {}

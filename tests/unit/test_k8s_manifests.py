@@ -3,7 +3,9 @@
 
 KubeRay's own CRD schemas are not vendored; the Ray custom resources are checked field by field
 against KubeRay's v1 API (the fields below), and every pod template inside them validates as a
-core PodTemplate.
+core PodTemplate. And what makes them safe to apply: no secret value committed (k8s/secrets.sh makes them,
+never over an existing one), NetworkPolicies around Ray's ports and MinIO, every pod without root, privilege
+escalation or capabilities, and the gpu overlay's images pinned by digest.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tests.k8s import (
     OVERLAYS,
     by_kind,
     every_doc,
+    every_pod_template,
     load,
     manifest_files,
     pod_templates,
@@ -35,7 +38,8 @@ from tests.k8s import (
 )
 
 K8S_VERSION = kubernetes_validate.latest_version()
-CORE_KINDS = {"Namespace", "Secret", "ConfigMap", "PersistentVolumeClaim", "Service", "StatefulSet", "Job"}
+CORE_KINDS = {"Namespace", "Secret", "ConfigMap", "PersistentVolumeClaim", "Service", "StatefulSet", "Job",
+              "NetworkPolicy"}
 RAY_KINDS = {"RayCluster", "RayJob", "RayService"}
 PIPELINE_STAGES = ("build", "crawl", "caption", "encode", "train", "bulk")
 # KubeRay ray.io/v1 fields (ray-operator/apis/ray/v1/*_types.go)
@@ -52,6 +56,16 @@ SERVICE_FIELDS = {"serveConfigV2", "rayClusterConfig", "upgradeStrategy", "serve
 GROUP_FIELDS = {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template",
                 "numOfHosts", "scaleStrategy", "suspend", "idleTimeoutSeconds"}
 HEAD_FIELDS = {"rayStartParams", "template", "serviceType", "headService", "enableIngress"}
+OUR_IMAGE = re.compile(r"(?:^|/)emoji-ldm(?:-gpu)?[:@]")  # emoji-ldm (CPU) and emoji-ldm-gpu, by tag or digest
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+RAY_NODE = {"ray.io/is-ray-node": "yes"}  # the label KubeRay gives every Ray pod
+RAY_PORTS = {"GCS": 6379, "dashboard": 8265, "client": 10001}
+# values that were committed once, or ship as defaults: none may be in k8s/ or infra/
+KNOWN_SECRETS = ("change-me", "minioadmin", "minio123")
+
+
+def ours(image: str) -> bool:
+    return bool(OUR_IMAGE.search(image))
 
 
 def pinned_ray_version() -> str:
@@ -112,7 +126,7 @@ def check_ray_resource(doc: dict, where: str) -> None:
                 assert c["resources"]["requests"].get("nvidia.com/gpu") == gpus, f"{name} {place}: GPU request"
                 tolerations = template["spec"].get("tolerations", [])
                 assert any(t.get("key") == "nvidia.com/gpu" for t in tolerations), f"{name} {place}: no toleration"
-            if c["image"].split("/")[-1].startswith("emoji-ldm:") and place != "submitter":
+            if ours(c["image"]) and place != "submitter":
                 assert {"secretRef": {"name": "emoji-ldm-s3"}} in c.get("envFrom", []), \
                     f"{name} {place}: S3 settings must come from the emoji-ldm-s3 Secret"
     if doc["kind"] == "RayJob":
@@ -214,7 +228,7 @@ def test_overlay_renders_and_validates(overlay):
     docs = render(overlay)
     kinds = [d["kind"] for d in docs]
     assert kinds.count("RayJob") == len(PIPELINE_STAGES) and kinds.count("RayService") == 1
-    assert {"RayCluster", "StatefulSet", "PersistentVolumeClaim", "Secret", "Service", "Job"} <= set(kinds)
+    assert {"RayCluster", "StatefulSet", "PersistentVolumeClaim", "NetworkPolicy", "Service", "Job"} <= set(kinds)
     for doc in docs:
         assert doc["metadata"].get("namespace", "emoji-ldm") == "emoji-ldm" or doc["kind"] == "Namespace"
         # the runbook applies one part at a time with -l emoji-ldm/component=...
@@ -255,8 +269,8 @@ def test_ray_version_agrees_across_pyproject_dockerfile_and_manifests():
             if "rayVersion" in spec:
                 assert spec["rayVersion"] == version, doc["metadata"]["name"]
         images |= set(re.findall(r"image: (\S+)", yaml.safe_dump(doc)))
-    ours = {i for i in images if i.split("/")[-1].startswith("emoji-ldm:")}
-    assert ours and all(i.split(":")[-1] in (f"{version}-py311-cpu", f"{version}-py311-gpu") for i in ours), ours
+    tagged = {i for i in images if ours(i) and not DIGEST.search(i)}  # the base and the local overlay
+    assert tagged == {f"emoji-ldm:{version}-py311-cpu", f"emoji-ldm-gpu:{version}-py311-gpu"}, tagged
     assert "FROM rayproject/ray:${RAY_VERSION}-${VARIANT}" in (REPO / "infra" / "Dockerfile").read_text()
 
 
@@ -271,7 +285,7 @@ def test_ray_daemons_run_without_jemalloc_thread_caches():
         if doc["kind"] in RAY_KINDS and "spec" in doc:
             for place, template in pod_templates(doc).items():
                 for c in containers(template):
-                    assert c["image"].split("/")[-1].startswith("emoji-ldm:"), \
+                    assert ours(c["image"]), \
                         f"{doc['metadata']['name']} {place}: {c['image']} is not the emoji-ldm image"
 
 
@@ -289,6 +303,139 @@ def test_dockerfile_and_infra_scripts_lint():
     r = subprocess.run([str(VENV_BIN / "hadolint"), "--failure-threshold", "error", str(REPO / "infra" / "Dockerfile")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-    scripts = sorted(str(p) for p in (REPO / "infra").glob("*.sh")) + [str(REPO / ".ci" / "run")]
+    scripts = sorted(str(p) for p in [*(REPO / "infra").glob("*.sh"), *K8S.glob("*.sh")]) + [str(REPO / ".ci" / "run")]
     r = subprocess.run([str(VENV_BIN / "shellcheck"), *scripts], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# --- safe to apply: secrets, network, privileges, pinned images (issue 46) ---------------------
+
+
+def test_no_secret_value_is_committed_and_apply_carries_no_secret():
+    """No Secret object in k8s/ (so `kubectl apply -k` never replaces one a cluster uses) and no value that was
+    ever committed or ships as a default, anywhere in k8s/ or infra/; k8s/secrets.sh makes them, at random, only
+    where missing."""
+    files = [p for p in [*K8S.rglob("*"), *(REPO / "infra").rglob("*")] if p.is_file()]
+    for path in files:
+        text = path.read_text(errors="replace").lower()
+        for value in KNOWN_SECRETS:
+            assert value not in text, f"{path.relative_to(REPO)} holds the known secret value {value!r}"
+    for doc in every_doc():
+        assert doc["kind"] != "Secret", f"a Secret {doc['metadata']['name']} is in k8s/: kubectl apply would replace it"
+        for key in ("AWS_SECRET_ACCESS_KEY", "MINIO_ROOT_PASSWORD", "RAY_AUTH_TOKEN", "auth_token"):
+            assert f"{key}: " not in yaml.safe_dump(doc).replace("key: AWS_SECRET_ACCESS_KEY", ""), \
+                f"{doc['kind']}/{doc['metadata']['name']} sets {key} itself"
+    script = (K8S / "secrets.sh").read_text()
+    assert script.count("openssl rand -hex 32") == 2  # the MinIO password and the Ray token
+    assert 'get secret "$name"' in script and "kept as it is" in script  # an existing Secret is never replaced
+    cluster_doc = (REPO / "docs" / "cluster.md").read_text()
+    assert "k8s/secrets.sh" in cluster_doc and "change-me" not in cluster_doc
+
+
+def effective(template: dict, container: dict, key: str):
+    """A securityContext field as the container runs with it: its own, else the pod's."""
+    own = (container.get("securityContext") or {}).get(key)
+    return own if own is not None else (template["spec"].get("securityContext") or {}).get(key)
+
+
+def check_pod_security(template: dict, where: str) -> None:
+    assert template["spec"].get("hostNetwork") is not True and template["spec"].get("hostPID") is not True, where
+    for c in containers(template):
+        name = f"{where} container {c['name']}"
+        assert effective(template, c, "runAsNonRoot") is True, f"{name}: not runAsNonRoot"
+        assert effective(template, c, "runAsUser") not in (None, 0), f"{name}: no numeric non-root runAsUser"
+        sc = c.get("securityContext") or {}
+        assert sc.get("allowPrivilegeEscalation") is False, f"{name}: allowPrivilegeEscalation is not false"
+        assert sc.get("privileged") is not True, name
+        assert "ALL" in sc.get("capabilities", {}).get("drop", []) and not sc.get("capabilities", {}).get("add"), \
+            f"{name}: capabilities are not all dropped"
+        assert effective(template, c, "seccompProfile") == {"type": "RuntimeDefault"}, f"{name}: no seccomp profile"
+        if ours(c["image"]):
+            assert effective(template, c, "runAsUser") == 1000, f"{name}: the image's user is ray (1000)"
+
+
+def test_every_pod_runs_without_root_privilege_escalation_or_capabilities():
+    """Every pod template in the base files and both rendered overlays (the overlays' patches replace Ray's
+    container lists, so they must say it again); the Ray autoscaler's sidecar too."""
+    assert "\nUSER 1000:100\n" in (REPO / "infra" / "Dockerfile").read_text()  # numeric: runAsNonRoot can check it
+    seen = 0
+    base = [d for p in sorted((K8S / "base").glob("*.yaml")) for d in load(p)]
+    for doc in base + render("local") + render("gpu"):
+        for place, template in every_pod_template(doc).items():
+            check_pod_security(template, f"{doc['kind']}/{doc['metadata']['name']} {place}")
+            seen += 1
+        if doc["kind"] in RAY_KINDS and doc["kind"] != "Kustomization":
+            cluster = ray_cluster_spec(doc)
+            if cluster.get("enableInTreeAutoscaling"):
+                sc = cluster["autoscalerOptions"].get("securityContext", {})
+                assert sc.get("runAsNonRoot") is True and sc.get("allowPrivilegeEscalation") is False and \
+                    "ALL" in sc.get("capabilities", {}).get("drop", []), f"{doc['metadata']['name']}: autoscaler"
+    assert seen > 50
+
+
+def matches(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels selectors are understood here: {selector}"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def admitted(policies: list[dict], pod_labels: dict, port: int) -> list[dict] | None:
+    """The peers the NetworkPolicies let reach `port` of a pod with `pod_labels`; None when no policy selects
+    the pod for ingress (then anyone may)."""
+    selecting = [p for p in policies if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+                 and matches(p["spec"]["podSelector"], pod_labels)]
+    if not selecting:
+        return None
+    peers = []
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports is None or any(p.get("port") == port and p.get("protocol", "TCP") == "TCP" for p in ports):
+                peers.extend(rule.get("from") or [{"anyone": True}])
+    return peers
+
+
+RAY_PEER = {"podSelector": {"matchLabels": RAY_NODE}}
+SUBMITTER_PEER = {"podSelector": {"matchLabels": {"emoji-ldm/role": "ray-submitter"}}}
+OPERATOR_PEER = {"namespaceSelector": {},
+                 "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}
+BUCKET_JOB_PEER = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "minio-bucket"}}}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_fence_ray_ports_and_minio(overlay):
+    docs = render(overlay)
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    ray_pod = {**RAY_NODE, "ray.io/node-type": "head", "ray.io/cluster": "emoji"}  # as KubeRay labels a head
+    for what, port in RAY_PORTS.items():
+        peers = admitted(policies, ray_pod, port)
+        assert peers, f"{overlay}: no NetworkPolicy fences Ray's {what} port {port}"
+        allowed = [RAY_PEER] + ([SUBMITTER_PEER, OPERATOR_PEER] if port == 8265 else [])
+        assert all(peer in allowed for peer in peers), f"{overlay}: {what} {port} is open to {peers}"
+        assert RAY_PEER in peers, f"{overlay}: Ray's own pods cannot reach {what} {port}"
+    assert {"anyone": True} in admitted(policies, ray_pod, 8000)  # the API, behind its keys
+    minio = by_kind(docs, "StatefulSet")["minio"]["spec"]["template"]["metadata"]["labels"]
+    assert sorted(map(str, admitted(policies, minio, 9000))) == sorted(map(str, [RAY_PEER, BUCKET_JOB_PEER]))
+    assert admitted(policies, minio, 9001) == []  # the console: port-forward only
+    # the labels the rules name are on the pods: the bucket Job's, and every RayJob's submitter
+    assert matches(BUCKET_JOB_PEER["podSelector"], by_kind(docs, "Job")["minio-bucket"]["spec"]["template"]
+                   ["metadata"]["labels"])
+    for job in by_kind(docs, "RayJob").values():
+        labels = pod_templates(job)["submitter"].get("metadata", {}).get("labels", {})
+        assert matches(SUBMITTER_PEER["podSelector"], labels), f"{job['metadata']['name']}: submitter not labelled"
+    for policy in policies:
+        assert policy["metadata"]["labels"]["emoji-ldm/component"] == "store"  # applied before any pod exists
+
+
+def test_gpu_overlay_pins_every_image_by_digest_and_build_push_sets_them():
+    gpu, local = render("gpu"), render("local")
+    images = {c["image"] for d in gpu for t in every_pod_template(d).values() for c in containers(t)}
+    assert images and all(DIGEST.search(i) for i in images), sorted(i for i in images if not DIGEST.search(i))
+    assert {i.split("@")[0] for i in images} == {"registry.example.com/emoji-ldm",
+                                                 "registry.example.com/emoji-ldm-gpu", "minio/minio", "minio/mc"}
+    # the local overlay keeps the tags `infra/build_push.sh --kind` loads into kind
+    local_images = {c["image"] for d in local for t in every_pod_template(d).values() for c in containers(t)}
+    assert not any(DIGEST.search(i) for i in local_images)
+    script = (REPO / "infra" / "build_push.sh").read_text()
+    assert "overlay=k8s/overlays/gpu/kustomization.yaml" in script and "RepoDigests" in script
+    entries = load(K8S / "overlays" / "gpu" / "kustomization.yaml")[0]["images"]
+    assert all(re.fullmatch(r"sha256:[0-9a-f]{64}", e["digest"]) for e in entries)
