@@ -80,16 +80,8 @@ def step_check(config: StepCheckConfig) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from emoji_ldm.models.builders import (
-        build_unet,
-        configure_trainable,
-        count_params,
-        noise_scheduler,
-        text_hidden_size,
-    )
-    from emoji_ldm.train.ldm import _lr_lambda
-    from emoji_ldm.train.speed import compile_engine, prepare_unet, torch_dtype
-    from emoji_ldm.train.step import PlainEngine, training_step
+    from emoji_ldm.models.builders import count_params
+    from emoji_ldm.train.speed import compile_engine, torch_dtype
 
     if config.use_gpu and not torch.cuda.is_available():
         raise UserError("--gpu: torch sees no CUDA device here; run without --gpu to check the CPU")
@@ -101,6 +93,42 @@ def step_check(config: StepCheckConfig) -> dict:
     # the weights stay fp32 and the step runs under autocast (CPU autocast does bf16 too); fp16 adds loss scaling
     half = precision != "no"
     autocast = torch.autocast(device.type, dtype=torch_dtype(precision), enabled=half)
+    engine, step = _step(config, preset, device, precision, autocast)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()  # forward + backward of one step, counted eagerly
+    compile_engine(engine, config.speed)
+    warmup_s, _ = _timed(step, config.warmup, device)  # with --compile the first one compiles
+    seconds, loss = _timed(step, config.steps, device)
+    # the peak of the step's matmul dtype; on CPUs without bf16 units that is below fp32's, so the faster counts
+    peak = max(matmul_peak(device, torch_dtype(precision)), matmul_peak(device, torch.float32) if half else 0.0)
+    achieved = flops * config.steps / seconds
+    sampling = sample_check(engine.module, preset, config, device, autocast, torch_dtype(precision)) \
+        if config.sample_batch else None
+    batch = config.batch_size or preset.train.batch_size
+    return {
+        "sampling": sampling,
+        "preset": preset.name, "device": torch.cuda.get_device_name(device) if config.use_gpu else "cpu",
+        "precision": f"{precision} autocast" if half else "fp32", "speed": config.speed.summary(config.use_gpu),
+        "warmup_s": warmup_s, "batch": batch, "steps": config.steps,
+        "params": count_params(engine.module), "step_s": seconds / config.steps,
+        "images_per_s": batch * config.steps / seconds,
+        "flops_per_step": flops, "achieved_flops": achieved, "peak_flops": peak, "mfu": achieved / peak,
+        "peak_memory_bytes": _peak_memory_bytes(device), "loss": float(loss),
+        "config": dataclasses.asdict(config),
+    }
+
+
+def _step(config: StepCheckConfig, preset, device, precision: str, autocast):
+    """The preset's UNet in a `PlainEngine` on `device`, and a function that runs one real training step of it on
+    random latents and text embeddings of the preset's shapes (returns its loss)."""
+    import torch
+
+    from emoji_ldm.models.builders import build_unet, configure_trainable, noise_scheduler, text_hidden_size
+    from emoji_ldm.train.ldm import _lr_lambda
+    from emoji_ldm.train.speed import prepare_unet
+    from emoji_ldm.train.step import PlainEngine, training_step
+
     torch.manual_seed(preset.train.seed)
     unet = prepare_unet(build_unet(preset).to(device).train(), config.speed)
     params = configure_trainable(unet, preset)
@@ -121,36 +149,18 @@ def step_check(config: StepCheckConfig) -> dict:
             return training_step(engine, noise, latents, text, empty, preset.train,
                                  preset.noise.prediction_type, torch.float32)
 
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops()  # forward + backward of one step, counted eagerly
-    compile_engine(engine, config.speed)
-    compile_start = time.perf_counter()
-    for _ in range(config.warmup):
-        step()  # with --compile the first one compiles
-    _sync(device)
-    warmup_s = time.perf_counter() - compile_start
+    return engine, step
+
+
+def _timed(step, n: int, device) -> tuple[float, object]:
+    """Seconds of `n` calls of `step` (synchronised on a GPU), and the last call's result."""
     _sync(device)
     start = time.perf_counter()
-    for _ in range(config.steps):
-        loss = step()
+    result = None
+    for _ in range(n):
+        result = step()
     _sync(device)
-    seconds = time.perf_counter() - start
-    # the peak of the step's matmul dtype; on CPUs without bf16 units that is below fp32's, so the faster counts
-    peak = max(matmul_peak(device, torch_dtype(precision)), matmul_peak(device, torch.float32) if half else 0.0)
-    achieved = flops * config.steps / seconds
-    sampling = sample_check(engine.module, preset, config, device, autocast, torch_dtype(precision)) \
-        if config.sample_batch else None
-    return {
-        "sampling": sampling,
-        "preset": preset.name, "device": torch.cuda.get_device_name(device) if config.use_gpu else "cpu",
-        "precision": f"{precision} autocast" if half else "fp32", "speed": config.speed.summary(config.use_gpu),
-        "warmup_s": warmup_s, "batch": batch, "steps": config.steps,
-        "params": count_params(unet), "step_s": seconds / config.steps, "images_per_s": batch * config.steps / seconds,
-        "flops_per_step": flops, "achieved_flops": achieved, "peak_flops": peak, "mfu": achieved / peak,
-        "peak_memory_bytes": _peak_memory_bytes(device), "loss": float(loss),
-        "config": dataclasses.asdict(config),
-    }
+    return time.perf_counter() - start, result
 
 
 def sample_check(unet, preset, config: StepCheckConfig, device, autocast, dtype) -> dict:

@@ -1,16 +1,18 @@
-"""Checkpoints of a training run, shared by every recipe (`train`, `dreambooth`).
+"""Checkpoints of a training run, the same for every recipe (`train`, `dreambooth`, `train-vae`).
 
 A checkpoint is one Ray Train checkpoint under `OUT/checkpoints/<run>/step-XXXXXXXX/`:
   ds/                 the DeepSpeed engine's state: every rank's shard of the weights and optimizer
   rng-rank<R>.pt      each rank's RNG state (CPU, and CUDA on a GPU): a resumed run draws the same noise,
                       timesteps and caption dropout as the run it continues
   ema.pt              the fp32 EMA (rank 0), when the recipe keeps one
-  state.json          the recipe's counters and what must match to resume (written last by rank 0: a folder
-                      without it is incomplete and never resumed from)
+  state.json          the loop's counters (step, and the recipe's data position), the world size, the ZeRO stage
+                      and what else must match to resume (written last by rank 0: a folder without it is
+                      incomplete and never resumed from)
 
-`save` is called by every rank at the same step; `restore` puts a worker back where a checkpoint left it;
-`latest` finds the newest complete checkpoint on the driver; `open_checkpoint` builds the Ray Train checkpoint
-with the project's filesystem (so `s3://` resumes reach MinIO with the project's endpoint and credentials).
+`save` is called by every rank at the same step (`loop.Loop.after_step`); `restore` puts a worker back where a
+checkpoint left it; `latest` finds the newest complete checkpoint on the driver; `open_checkpoint` builds the Ray
+Train checkpoint with the project's filesystem (so `s3://` resumes reach MinIO with the project's endpoint and
+credentials).
 """
 
 from __future__ import annotations
@@ -33,10 +35,8 @@ def rng_state(device) -> dict:
 def set_rng_state(state, device) -> None:
     import torch
 
-    if isinstance(state, torch.Tensor):  # checkpoints written before the CUDA state was saved
-        state = {"cpu": state}
     torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
+    if device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
@@ -92,9 +92,7 @@ def restore(engine, resume_from: str | None, counters: dict, *, rank: int, devic
             # map_location: every rank would otherwise put a full EMA on the GPU it was saved from (cuda:0)
             ema.load_state_dict(torch.load(Path(folder) / "ema.pt", weights_only=False, map_location="cpu"))
             ema.to(device)
-        rng = Path(folder) / f"rng-rank{rank}.pt"
-        if rng.exists():
-            set_rng_state(torch.load(rng, weights_only=False, map_location="cpu"), device)
+        set_rng_state(torch.load(Path(folder) / f"rng-rank{rank}.pt", weights_only=False, map_location="cpu"), device)
     return checkpoint.path
 
 

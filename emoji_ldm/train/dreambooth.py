@@ -3,7 +3,8 @@
     emoji-ldm dreambooth --base MODEL --instance-data dir:PHOTOS --instance-prompt "a sks cat emoji"
                          --class-prompt "a cat emoji" --out URI [--method full|lora] [--lora-rank 4]
                          [--num-class-images 100] [--prior-loss-weight 1.0] [--train-text-encoder]
-                         [--max-steps 400] [--lr LR] [--workers 2] [--resume] [--gpu]
+                         [--max-steps 400] [--lr LR] [--batch-size 2] [--grad-accum 1] [--workers 2]
+                         [--resume] [--gpu]
 
 The base is any diffusers StableDiffusionPipeline folder or URI: a model this project trained
 (`train --out`), or a Stable Diffusion 1.x pipeline (the `sd-finetune` base). Four steps, each resumable:
@@ -16,8 +17,8 @@ The base is any diffusers StableDiffusionPipeline folder or URI: a model this pr
    reused; only the missing ones are drawn.
 3. Training: Ray Train workers drive one DeepSpeed engine over the UNet and the text encoder (trained only
    with `--train-text-encoder`) on batches of instance and class images, with the prior-preservation
-   loss of diffusers' `train_dreambooth.py`: MSE(instance) + prior_loss_weight x MSE(class). Checkpoints
-   under `OUT/checkpoints`, `--resume` continues.
+   loss of diffusers' `train_dreambooth.py`: MSE(instance) + prior_loss_weight x MSE(class), in the loop
+   every recipe runs in (`loop.py`: `--grad-accum`, checkpoints under `OUT/checkpoints`, `--resume`).
 4. Export: `OUT/model`, a full pipeline folder (LoRA fused) that `generate`, `serve` and `bulk` load like
    any model; with `--method lora` also `OUT/lora/pytorch_lora_weights.safetensors` (diffusers/peft
    format, `pipe.load_lora_weights(OUT/lora)`, servable as an adapter on the base). The model card
@@ -28,18 +29,17 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from dataclasses import asdict, dataclass
 
 from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
 from emoji_ldm.train.dreambooth_data import (
     MAX_CLASS_IMAGES,
+    TrainingImages,
     class_images,
+    image_card,
     instance_table,
-    iter_images,
     pipeline_image_size,
-    read_images,
 )
 from emoji_ldm.train.dreambooth_lora import configure, export
 from emoji_ldm.train.speed import SpeedOptions
@@ -70,6 +70,8 @@ class DreamBoothConfig:
     lr: float | None = opt(None, help="learning rate, constant after warm-up (default 5e-6 full, 1e-4 lora)")
     warmup_steps: int = opt(0, help="linear warm-up steps")
     batch_size: int = opt(2, help="instance images per step (global; as many class images ride along)")
+    grad_accum: int = opt(1, help="micro-batches per step (gradient accumulation): each worker takes "
+                                  "batch-size / (workers x grad-accum) instance images at a time")
     workers: int = opt(2, help="Ray Train workers")
     zero_stage: int = opt(2, help="DeepSpeed ZeRO stage: 0, 1, 2 or 3")
     checkpoint_every: int = opt(100, help="checkpoint every N steps (and at the end)")
@@ -109,9 +111,12 @@ class DreamBoothConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-        if self.batch_size <= 0 or self.batch_size % self.workers:
-            raise UserError(f"--batch-size {self.batch_size} must be a positive multiple of --workers "
-                            f"{self.workers} (each worker takes the same number of instance images)")
+        if self.grad_accum <= 0:
+            raise UserError(f"--grad-accum must be positive, got {self.grad_accum}")
+        if self.batch_size <= 0 or self.batch_size % (self.workers * self.grad_accum):
+            raise UserError(f"--batch-size {self.batch_size} must be a positive multiple of --workers x --grad-accum "
+                            f"= {self.workers} x {self.grad_accum} (each worker takes the same number of instance "
+                            "images in each micro-batch)")
         if not self.instance_prompt.strip() or not self.class_prompt.strip():
             raise UserError("--instance-prompt and --class-prompt must not be empty")
         if _words(self.instance_prompt) == _words(self.class_prompt):
@@ -199,117 +204,60 @@ def _module(unet, text_encoder, use_mask: bool):
     return DreamBoothModel()
 
 
-def _image_card(instance_uri: str, instance_version: int) -> dict:
-    """How the model gets alpha (as `encode.image_lineage`): the SD VAE has 3 channels, so transparent photos
-    are learned on the key colour (`decode_images`' default) and its images keyed from it. Photos without
-    alpha (JPEG, or opaque PNG in an RGBA table) keep their own backgrounds: "none", nothing is keyed."""
-    from emoji_ldm.imaging import KEY_COLOUR
-    from emoji_ldm.store.delta import image_mode
+def worker(run: DreamBoothRun) -> None:
+    """A Ray Train worker: DreamBooth's recipe in the loop, then the export."""
+    from emoji_ldm.train import loop
 
-    mode = image_mode(instance_uri)
-    keyed = mode == "RGBA" and any(_has_alpha(png) for png in iter_images(instance_uri, instance_version))
-    return {"dataset_mode": mode, "vae_channels": 3, "alpha": "key" if keyed else "none",
-            "key_colour": KEY_COLOUR if keyed else None}
+    loop.run(_recipe(run))
 
 
-def _has_alpha(png: bytes) -> bool:
-    """Whether a stored photo has any pixel less than opaque."""
-    import io
-
-    from PIL import Image
-
-    with Image.open(io.BytesIO(png)) as img:
-        return img.mode in ("RGBA", "LA") and img.getchannel("A").getextrema()[0] < 255
-
-
-def _worker(run: DreamBoothRun) -> None:
-    import numpy as np
-    import pyarrow.compute as pc
-    import torch
+def _recipe(run: DreamBoothRun):
+    """The base's UNet and text encoder under one DeepSpeed engine, the prior-preservation loss, the export."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     from emoji_ldm.store.artifacts import local_copy
-    from emoji_ldm.train import checkpoint, runner
-    from emoji_ldm.train.data import decode_images
-    from emoji_ldm.train.metrics import MetricsLogger
-    from emoji_ldm.train.speed import batch_layout
-    from emoji_ldm.train.step import diffusion_target, grad_norm
+    from emoji_ldm.train import loop, runner
 
     config = run.config
     w = runner.setup_worker(config.use_gpu, config.threads_per_worker, config.seed, config.speed)
-    micro = config.batch_size // w.world  # instance images per rank per step; as many class images
-
+    micro = config.batch_size // (w.world * config.grad_accum)  # instance images per micro-batch; as many class
     pipe = StableDiffusionPipeline.from_pretrained(local_copy(run.base), safety_checker=None,
                                                    requires_safety_checker=False)
     noise = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction_type = noise.config.prediction_type
     params = configure(pipe, config)
-    vae = pipe.vae.to(w.device).eval()
-    scale = float(vae.config.scaling_factor)
     use_mask = bool(getattr(pipe.text_encoder.config, "use_attention_mask", False))
+    rows = micro * (2 if run.class_uri else 1)
     warmup = config.warmup_steps
     engine, scheduler = runner.create_engine(
         _module(pipe.unet, pipe.text_encoder, use_mask), params, lr=config.learning_rate, weight_decay=1e-2,
-        lr_lambda=lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0,
-        micro=micro * (2 if run.class_uri else 1), grad_accum=1, grad_clip=1.0, zero_stage=config.zero_stage,
-        worker=w, speed=config.speed)
+        lr_lambda=lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0, micro=rows,
+        grad_accum=config.grad_accum, grad_clip=1.0, zero_stage=config.zero_stage, worker=w, speed=config.speed)
+    photos = TrainingImages(run, w, pipe, micro)
 
-    instance = read_images(run.instance_uri, run.instance_version)
-    classes = []
-    if run.class_uri:
-        wanted = (pc.field("base") == run.base_id) & (pc.field("prompt") == config.class_prompt)
-        classes = read_images(run.class_uri, run.class_version, wanted, config.num_class_images)
-    tokens = pipe.tokenizer([config.instance_prompt, config.class_prompt], padding="max_length",
-                            max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
-    ids, mask = tokens.input_ids.to(w.device), tokens.attention_mask.to(w.device)  # (2, L): instance, class
+    def forward(batch):
+        import torch
 
-    counters = {"step": 0}
-    resumed = checkpoint.restore(engine, run.resume_from, counters, rank=w.rank, device=w.device)
-    rng = np.random.default_rng([config.seed, w.rank, counters["step"]])  # batches go on where they stopped
-    log = MetricsLogger(run.out, "dreambooth", config.max_steps, counters["step"]) if w.main else None
-    if log:
-        if resumed:
-            log.print(f"resumed from {resumed} at step {counters['step']}")
-        log.print(f"{config.method} on {run.base} ({run.base_id[:19]}): {w.world} workers, ZeRO stage "
-                  f"{config.zero_stage}, {len(instance)} instance photos x {config.instance_prompt!r}, "
-                  f"{len(classes)} class images x {config.class_prompt!r} (prior weight {config.prior_loss_weight}), "
-                  f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable params, text encoder "
-                  f"{'trained' if config.train_text_encoder else 'frozen'}, lr {config.learning_rate:g}, "
-                  f"steps {counters['step']}->{config.max_steps}; {config.speed.summary(config.use_gpu)}")
-    meta = {"world_size": w.world, **_resume_settings(config, run.base_id)}
-    sums, n, t0 = np.zeros(3), 0, time.perf_counter()
-    while counters["step"] < config.max_steps:
-        pngs = [instance[i] for i in rng.integers(0, len(instance), micro)]
-        if classes:
-            pngs += [classes[i] for i in rng.integers(0, len(classes), micro)]
-        pixels = torch.from_numpy(decode_images({"image": pngs}, run.image_size, vae.config.in_channels)["pixels"])
-        with torch.no_grad():  # (B, C, h, w): instance rows, then class rows
-            latents = vae.encode(pixels.to(w.device, torch.float32)).latent_dist.sample() * scale
-        latents = latents.contiguous(memory_format=batch_layout(config.speed))
-        rows = torch.tensor([0] * micro + [1] * (len(pngs) - micro), device=w.device)
+        from emoji_ldm.train.step import diffusion_target
+
+        latents, ids, mask = batch  # (B, C, h, w): instance rows, then class rows; their prompts' tokens (B, L)
         eps = torch.randn_like(latents)
         t = torch.randint(0, noise.config.num_train_timesteps, (len(latents),), device=w.device)
-        pred = engine(noise.add_noise(latents, eps, t).to(w.dtype), t, ids[rows], mask[rows])
-        target = diffusion_target(noise, latents, eps, t, prediction_type)
-        loss, inst, prior = prior_preservation_loss(pred, target, micro, config.prior_loss_weight)
-        engine.backward(loss)
-        engine.step()
-        if not runner.step_applied(engine):  # fp16 overflow: DeepSpeed skipped the update, so no step
-            continue
-        counters["step"] += 1
-        step = counters["step"]
-        sums += [float(loss), float(inst), float(prior)]
-        n += 1
-        if step % config.log_every == 0 or step == config.max_steps:
-            loss_, inst_, prior_ = runner.mean_over_ranks(sums / n, w)
-            if log:
-                log.log(step, loss_, scheduler.get_last_lr()[0], (time.perf_counter() - t0) / n,
-                        grad_norm=grad_norm(engine), instance_loss=inst_, prior_loss=prior_)
-            sums, n, t0 = np.zeros(3), 0, time.perf_counter()
-        if step % config.checkpoint_every == 0 or step == config.max_steps:
-            checkpoint.save(engine, counters, meta, rank=w.rank, device=w.device, log=log,
-                            metrics={"loss": log.last_loss if log else None})
-    export(engine, run, w.rank, log)
+        pred = engine(noise.add_noise(latents, eps, t).to(w.dtype), t, ids, mask)
+        target = diffusion_target(noise, latents, eps, t, noise.config.prediction_type)
+        loss, instance, prior = prior_preservation_loss(pred, target, micro, config.prior_loss_weight)
+        return loss, {"instance_loss": instance, "prior_loss": prior}
+
+    describe = (f"{config.method} on {run.base} ({run.base_id[:19]}), {len(photos.instance)} instance photos x "
+                f"{config.instance_prompt!r}, {len(photos.classes)} class images x {config.class_prompt!r} (prior "
+                f"weight {config.prior_loss_weight}), {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
+                f"params, text encoder {'trained' if config.train_text_encoder else 'frozen'}, lr "
+                f"{config.learning_rate:g}; {config.speed.summary(config.use_gpu)}")
+    return loop.Recipe(
+        tag="dreambooth", out=run.out, worker=w, engine=engine, scheduler=scheduler, zero_stage=config.zero_stage,
+        params=params, micro=rows, batches=photos.batches, forward=forward, describe=describe,
+        schedule=loop.Schedule(config.max_steps, config.log_every, config.checkpoint_every, config.grad_accum),
+        meta=_resume_settings(config, run.base_id), resume_from=run.resume_from,
+        export=lambda ema, log: export(engine, run, w.rank, log))
 
 
 def _resume_settings(config: DreamBoothConfig, base_id: str) -> dict:
@@ -326,10 +274,16 @@ def dreambooth(config: DreamBoothConfig) -> dict:
     from emoji_ldm.inference.sampler import model_card, model_uri
     from emoji_ldm.runtime.connect import ensure_ray
     from emoji_ldm.runtime.shared import require_shared
-    from emoji_ldm.store.artifacts import artifact_uri, check_writable, local_copy, weights_content_id, write_json
+    from emoji_ldm.store.artifacts import (
+        artifact_uri,
+        check_writable,
+        local_copy,
+        read_json,
+        weights_content_id,
+        write_json,
+    )
     from emoji_ldm.store.uri import normalize_uri
     from emoji_ldm.train import runner
-    from emoji_ldm.version import code_version
 
     base = model_uri(normalize_uri(config.base))  # a clear error now for a folder without a pipeline
     size = pipeline_image_size(base)
@@ -351,19 +305,8 @@ def dreambooth(config: DreamBoothConfig) -> dict:
         require_shared(class_uri, "the class-image table (--class-data)")
         class_version, reused, generated = class_images(config, base, base_id, class_uri)
 
-    card = {
-        "kind": "emoji-ldm dreambooth", "method": config.method, "base": base, "base_content_id": base_id,
-        "instance_prompt": config.instance_prompt, "class_prompt": config.class_prompt,
-        "instance_photos": [{"id": p["id"], "source": p["source_url"]} for p in photos],
-        "instance_table": f"{instance_uri}@{instance_version}",
-        "class_images": (f"{class_uri}@{class_version}" if config.prior else None),
-        "training": {"workers": config.workers, "zero_stage": config.zero_stage, "steps": config.max_steps,
-                     "batch_size": config.batch_size, "lr": config.learning_rate,
-                     "prior_loss_weight": config.prior_loss_weight, "lora_rank": config.lora_rank,
-                     "train_text_encoder": config.train_text_encoder},
-        "code_version": code_version(),
-        "image": _image_card(instance_uri, instance_version),
-    }
+    card = _card(config, base, base_id, photos, (instance_uri, instance_version),
+                 f"{class_uri}@{class_version}" if config.prior else None)
     write_json(artifact_uri(out, "config.json"), {"run": asdict(config), "base": base, "base_content_id": base_id,
                                                   "instance_table": card["instance_table"],
                                                   "class_images": card["class_images"]})
@@ -371,13 +314,29 @@ def dreambooth(config: DreamBoothConfig) -> dict:
                         instance_version=instance_version, class_uri=class_uri if config.prior else None,
                         class_version=class_version, out=out, card=card,
                         resume_from=existing[0] if existing else None)
-    result = runner.fit(_worker, run, name="dreambooth", out=out, workers=config.workers, use_gpu=config.use_gpu,
+    result = runner.fit(worker, run, name="dreambooth", out=out, workers=config.workers, use_gpu=config.use_gpu,
                         max_failures=config.max_failures)
-    from emoji_ldm.store.artifacts import read_json
-
     card = read_json(artifact_uri(out, "model", "model_card.json"))
     return {**card, "out": out, "class_reused": reused, "class_generated": generated,
             "final_loss": result.metrics.get("loss")}
+
+
+def _card(config: DreamBoothConfig, base: str, base_id: str, photos: list, instance: tuple, class_table) -> dict:
+    """The model card's fields known before training: the base, the prompts, the photos and the tables."""
+    from emoji_ldm.version import code_version
+
+    return {
+        "kind": "emoji-ldm dreambooth", "method": config.method, "base": base, "base_content_id": base_id,
+        "instance_prompt": config.instance_prompt, "class_prompt": config.class_prompt,
+        "instance_photos": [{"id": p["id"], "source": p["source_url"]} for p in photos],
+        "instance_table": f"{instance[0]}@{instance[1]}", "class_images": class_table,
+        "training": {"workers": config.workers, "zero_stage": config.zero_stage, "steps": config.max_steps,
+                     "batch_size": config.batch_size, "grad_accum": config.grad_accum, "lr": config.learning_rate,
+                     "prior_loss_weight": config.prior_loss_weight, "lora_rank": config.lora_rank,
+                     "train_text_encoder": config.train_text_encoder},
+        "code_version": code_version(),
+        "image": image_card(*instance),
+    }
 
 
 def report(card: dict) -> str:

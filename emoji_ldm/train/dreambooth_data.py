@@ -3,7 +3,8 @@
 - `instance_table`: the photos through `dataset build` at OUT/instance (3 to 1,000 accepted);
 - `class_images`: the class table holds `--num-class-images` rows of this base and class prompt: the missing
   ones are drawn in Ray Data actors (`ClassImageSampler`) and committed as one version;
-- `read_images`: a worker's PNG bytes of those two small tables.
+- `read_images`: a worker's PNG bytes of those two small tables; `TrainingImages`: its micro-batches of them;
+- `image_card`: how the trained model gets alpha (the model card's `image`).
 """
 
 from __future__ import annotations
@@ -172,3 +173,69 @@ def class_images(config, base: str, base_id: str, uri: str) -> tuple[int, int, i
     else:
         print(f"[dreambooth] class images: reusing {have} for {config.class_prompt!r} in {uri}", flush=True)
     return open_table(uri).version(), min(have, config.num_class_images), missing
+
+
+def image_card(instance_uri: str, instance_version: int) -> dict:
+    """How the model gets alpha (as `encode.image_lineage`): the SD VAE has 3 channels, so transparent photos
+    are learned on the key colour (`decode_images`' default) and its images keyed from it. Photos without
+    alpha (JPEG, or opaque PNG in an RGBA table) keep their own backgrounds: "none", nothing is keyed."""
+    from emoji_ldm.imaging import KEY_COLOUR
+    from emoji_ldm.store.delta import image_mode
+
+    mode = image_mode(instance_uri)
+    keyed = mode == "RGBA" and any(has_alpha(png) for png in iter_images(instance_uri, instance_version))
+    return {"dataset_mode": mode, "vae_channels": 3, "alpha": "key" if keyed else "none",
+            "key_colour": KEY_COLOUR if keyed else None}
+
+
+def has_alpha(png: bytes) -> bool:
+    """Whether a stored photo has any pixel less than opaque."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as img:
+        return img.mode in ("RGBA", "LA") and img.getchannel("A").getextrema()[0] < 255
+
+
+class TrainingImages:
+    """A rank's micro-batches: `micro` instance photos and as many class images, drawn at random, as latents of
+    the base's VAE, with their prompts' tokens. `run` is the worker's `DreamBoothRun`."""
+
+    def __init__(self, run, worker, pipe, micro: int):
+        import pyarrow.compute as pc
+
+        config = run.config
+        self.run, self.worker, self.micro = run, worker, micro
+        self.vae = pipe.vae.to(worker.device).eval()
+        self.instance = read_images(run.instance_uri, run.instance_version)
+        self.classes = []
+        if run.class_uri:
+            wanted = (pc.field("base") == run.base_id) & (pc.field("prompt") == config.class_prompt)
+            self.classes = read_images(run.class_uri, run.class_version, wanted, config.num_class_images)
+        tokens = pipe.tokenizer([config.instance_prompt, config.class_prompt], padding="max_length",
+                                max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+        # (2, L): the instance prompt's, the class prompt's
+        self.ids, self.mask = tokens.input_ids.to(worker.device), tokens.attention_mask.to(worker.device)
+
+    def batches(self, counters: dict):
+        """Endless (latents, input ids, attention mask); the draws go on from the step in `counters`."""
+        import numpy as np
+        import torch
+
+        from emoji_ldm.train.data import decode_images
+        from emoji_ldm.train.speed import batch_layout
+
+        config, device, micro = self.run.config, self.worker.device, self.micro
+        rng = np.random.default_rng([config.seed, self.worker.rank, counters["step"]])  # from where it stopped
+        scale = float(self.vae.config.scaling_factor)
+        while True:
+            pngs = [self.instance[i] for i in rng.integers(0, len(self.instance), micro)]
+            if self.classes:
+                pngs += [self.classes[i] for i in rng.integers(0, len(self.classes), micro)]
+            pixels = decode_images({"image": pngs}, self.run.image_size, self.vae.config.in_channels)["pixels"]
+            with torch.no_grad():  # (B, C, h, w): instance rows, then class rows
+                latents = self.vae.encode(torch.from_numpy(pixels).to(device, torch.float32)).latent_dist.sample()
+            rows = torch.tensor([0] * micro + [1] * (len(pngs) - micro), device=device)
+            yield (latents * scale).contiguous(memory_format=batch_layout(config.speed)), self.ids[rows], \
+                self.mask[rows]

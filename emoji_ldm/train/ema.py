@@ -7,8 +7,7 @@ fp32 shadows, and `master_weights` reads what the optimizer really holds: the fp
 itself where the module is fp32 (no master copy exists).
 
 The decay schedule is diffusers' `EMAModel` one: without warm-up (1 + step) / (10 + step), with it
-1 - (1 + step)^-power, capped at `decay`. Its state dict uses the same key names as `EMAModel`'s, so checkpoints
-written before this module load too.
+1 - (1 + step)^-power, capped at `decay`; its state dict uses `EMAModel`'s key names.
 """
 
 from __future__ import annotations

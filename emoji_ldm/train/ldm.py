@@ -11,8 +11,9 @@ Input: a latent table version (`emoji-ldm encode`). Output under `--out`:
     emoji-ldm train --data LATENT_URI[@v] --preset tiny --out URI [--workers 2] [--zero-stage 2]
                     [--batch-size B] [--max-steps N | --epochs E] [--resume]
 
-The worker loop (`train_loop`) gets everything through `train_loop_config`;
-model code comes from `emoji_ldm.models` and knows nothing of ranks.
+Each Ray Train worker (`worker`) builds the UNet's recipe (`_recipe`: its engine, data stream, loss, EMA
+and validation grids) and runs it in the one training loop (`loop.py`); it gets everything through
+`train_loop_config`. Model code comes from `emoji_ldm.models` and knows nothing of ranks.
 """
 
 from __future__ import annotations
@@ -21,10 +22,7 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass
-
-import numpy as np
 
 from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
@@ -52,8 +50,6 @@ class TrainConfig(PresetOptions):
     speed: SpeedOptions = opt(default_factory=SpeedOptions, help="the GPU fast path: precision, TF32, "
                                                                  "checkpointing, channels-last, compile")
     threads_per_worker: int = opt(1, cli=False, help="torch threads per worker")
-    crash_at_step: int | None = opt(None, cli=False, help="fault injection for tests: rank 1 dies once here")
-    user_error_at_step: int | None = opt(None, cli=False, help="fault injection for tests: a UserError on rank 1")
 
     def __post_init__(self):
         if not isinstance(self.zero_stage, int) or not 0 <= self.zero_stage <= 3:
@@ -119,24 +115,29 @@ class WorkerConfig:
     vae: str
     image: dict  # how the model gets alpha (the card's `image`): its validation grids draw it so
     resume_from: str | None = None
-    fault: str | None = None  # runner.maybe_fail, for tests
     shuffle_buffer: int = 2048
     prefetch_batches: int = 4
     speed: SpeedOptions = SpeedOptions()
 
 
-def _train_worker(run: WorkerConfig) -> None:
+def worker(run: WorkerConfig) -> None:
+    """A Ray Train worker: the UNet's recipe in the loop."""
+    from emoji_ldm.train import loop
+
+    loop.run(_recipe(run))
+
+
+def _recipe(run: WorkerConfig):
+    """The UNet under DeepSpeed, this rank's stream of the latent table, the diffusion loss, the EMA and grids."""
     import torch
 
     from emoji_ldm.models.builders import build_unet, configure_trainable, count_params, noise_scheduler
     from emoji_ldm.store.delta import open_table
     from emoji_ldm.store.latents import RankStream, split_files
     from emoji_ldm.store.uri import DatasetRef
-    from emoji_ldm.train import checkpoint, runner
-    from emoji_ldm.train.ema import make_ema, master_weights, update_ema
-    from emoji_ldm.train.metrics import MetricsLogger
+    from emoji_ldm.train import loop, runner
     from emoji_ldm.train.speed import batch_layout, prepare_unet
-    from emoji_ldm.train.step import grad_norm, training_step
+    from emoji_ldm.train.step import micro_batch_loss
 
     preset = preset_from_dict(run.preset)
     tc = preset.train
@@ -146,82 +147,37 @@ def _train_worker(run: WorkerConfig) -> None:
     stream = RankStream(files, w.rank, w.world, micro, seed=tc.seed, shuffle_buffer=run.shuffle_buffer,
                         prefetch=run.prefetch_batches)
     empty = torch.tensor(run.empty_emb, dtype=torch.float32, device=w.device)  # (L, D)
-
     unet = prepare_unet(build_unet(preset), run.speed, convert_weights=False)  # DeepSpeed: see batch_layout
     params = configure_trainable(unet, preset)
     engine, scheduler = runner.create_engine(
         unet, params, lr=tc.lr, weight_decay=tc.weight_decay, lr_lambda=_lr_lambda(preset), micro=micro,
         grad_accum=tc.grad_accum, grad_clip=tc.grad_clip, zero_stage=run.zero_stage, worker=w, speed=run.speed)
-    # The EMA in fp32 from the optimizer's fp32 masters (a bf16 copy would stop moving); only rank 0 keeps it,
-    # every rank takes part in reading the masters (a gather under ZeRO).
-    masters = master_weights(params)  # every rank takes part in the gathers; rank 0 keeps what they give
-    ema = make_ema(masters, tc).to(w.device) if w.main else None
-    for _ in masters:  # ranks other than 0: the same gathers, nothing kept
-        pass
     noise = noise_scheduler(preset)
 
-    counters = {"step": 0, "epoch": 0, "pos": 0}  # pos: micro-batches of the epoch already trained on
-    resumed = checkpoint.restore(engine, run.resume_from, counters, rank=w.rank, device=w.device, ema=ema)
-    log = MetricsLogger(run.out, "train", tc.max_steps, counters["step"], preset.to_dict()) if w.main else None
-    if log:
-        if resumed:
-            log.print(f"resumed from {resumed} at step {counters['step']} (epoch {counters['epoch']}, batch "
-                      f"{counters['pos']} of {stream.batches_per_epoch})")
-        total, trainable = count_params(unet), count_params(unet, trainable_only=True)
-        log.print(f"preset {preset.name}: {w.world} workers, ZeRO stage {run.zero_stage}, global batch "
-                  f"{micro * w.world * tc.grad_accum} (micro {micro} x {w.world} workers x accum {tc.grad_accum}), "
-                  f"UNet {total / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable, mode {preset.unet.finetune}), "
-                  f"{stream.batches_per_epoch} micro-batches per rank per epoch, steps {counters['step']}->"
-                  f"{tc.max_steps}; {run.speed.summary(run.use_gpu)}, attention: scaled_dot_product_attention")
-    validation = _Validation(preset, run, w) if w.main else None
-    meta = {"world_size": w.world, "zero_stage": run.zero_stage, "preset": {k: run.preset[k] for k in _RESUME_KEYS}}
+    def batches(counters: dict):
+        """The stream from the checkpoint's position: `pos` micro-batches of epoch `epoch` already trained on."""
+        while True:
+            for batch in stream.epoch(counters["epoch"], skip=counters["pos"]):
+                counters["pos"] += 1
+                yield batch
+            counters["epoch"], counters["pos"] = counters["epoch"] + 1, 0
 
-    losses, norms, images, seconds, timed, skipped = [], [], 0, 0.0, 0, 0
-    micro_step = 0
-    while counters["step"] < tc.max_steps:
-        for batch in stream.epoch(counters["epoch"], skip=counters["pos"]):
-            t0 = time.perf_counter()
-            latents = torch.from_numpy(batch["latent"]).to(w.device, torch.float32,  # (B, C, h, w)
-                                                            memory_format=batch_layout(run.speed))
-            text = torch.from_numpy(batch["text_emb"]).to(w.device, torch.float32)  # (B, L, D)
-            loss = training_step(engine, noise, latents, text, empty, tc, preset.noise.prediction_type, w.dtype)
-            counters["pos"] += 1
-            micro_step += 1
-            losses.append(loss)
-            images += len(latents) * w.world
-            seconds += time.perf_counter() - t0
-            if micro_step % tc.grad_accum:
-                continue
-            if not runner.step_applied(engine):  # fp16 overflow: DeepSpeed skipped the update and the LR step
-                skipped += 1
-                continue
-            counters["step"] += 1
-            step = counters["step"]
-            norm = grad_norm(engine)  # before clipping; the same value on every rank
-            if norm is not None:
-                norms.append(norm)
-            update_ema(ema, params)
-            timed += 1
-            runner.maybe_fail(run.fault, step, w, run.out)
-            if step % tc.log_every == 0 or step == tc.max_steps:
-                mean, skipped_all = runner.mean_over_ranks([torch.stack(losses).float().mean(), skipped], w)
-                if log:
-                    log.log(step, mean, scheduler.get_last_lr()[0], seconds / timed, images / seconds,
-                            float(np.mean(norms)) if norms else None,
-                            **({"skipped_steps": skipped_all * w.world} if skipped_all else {}))
-                losses, norms, images, seconds, timed, skipped = [], [], 0, 0.0, 0, 0
-            if (tc.sample_every and step % tc.sample_every == 0) or step == tc.max_steps:
-                if validation:
-                    with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
-                        validation.grid(ema, step, log)  # must not shift the training RNG stream
-            if step % tc.checkpoint_every == 0 or step == tc.max_steps:
-                checkpoint.save(engine, counters, meta, rank=w.rank, device=w.device, ema=ema, log=log,
-                                metrics={"loss": log.last_loss if log else None})
-            if step >= tc.max_steps:
-                break
-        else:  # the epoch ran out
-            counters["epoch"] += 1
-            counters["pos"] = 0
+    def forward(batch):
+        latents = torch.from_numpy(batch["latent"]).to(w.device, torch.float32,  # (B, C, h, w)
+                                                        memory_format=batch_layout(run.speed))
+        text = torch.from_numpy(batch["text_emb"]).to(w.device, torch.float32)  # (B, L, D)
+        return micro_batch_loss(engine, noise, latents, text, empty, tc, preset.noise.prediction_type, w.dtype), {}
+
+    total, trainable = count_params(unet), count_params(unet, trainable_only=True)
+    describe = (f"preset {preset.name}, UNet {total / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable, mode "
+                f"{preset.unet.finetune}), {stream.batches_per_epoch} micro-batches per rank per epoch; "
+                f"{run.speed.summary(run.use_gpu)}, attention: scaled_dot_product_attention")
+    return loop.Recipe(
+        tag="train", out=run.out, worker=w, engine=engine, scheduler=scheduler, zero_stage=run.zero_stage,
+        params=params, micro=micro, batches=batches, forward=forward, describe=describe,
+        schedule=loop.Schedule(tc.max_steps, tc.log_every, tc.checkpoint_every, tc.grad_accum, tc.sample_every),
+        counters={"step": 0, "epoch": 0, "pos": 0}, meta={"preset": {k: run.preset[k] for k in _RESUME_KEYS}},
+        resume_from=run.resume_from, ema=tc, grid=_Validation(preset, run, w).grid, config=preset.to_dict())
 
 
 class _Validation:
@@ -257,13 +213,6 @@ class _Validation:
 # --- the driver ----------------------------------------------------------------------
 
 
-def latest_checkpoint(out: str) -> tuple[str, dict] | None:
-    """(path, state.json) of the newest complete checkpoint under OUT/checkpoints, if any."""
-    from emoji_ldm.train.checkpoint import latest
-
-    return latest(out)
-
-
 def _check_resume(state: dict, preset, config: TrainConfig) -> None:
     saved = state["preset"]
     current = preset.to_dict()
@@ -278,40 +227,45 @@ def _check_resume(state: dict, preset, config: TrainConfig) -> None:
         )
 
 
-def train(config: TrainConfig) -> dict:
-    """Run training and export the EMA model; returns the model card."""
-    from emoji_ldm.runtime.connect import ensure_ray
-    from emoji_ldm.runtime.shared import require_shared
-    from emoji_ldm.store.artifacts import artifact_uri, check_writable, write_json
-    from emoji_ldm.store.latents import empty_caption, encoded_dataset, open_latent_table, split_files
-    from emoji_ldm.train import runner
-    from emoji_ldm.train.export import export_model
-    from emoji_ldm.version import code_version
+def _checked_preset(config: TrainConfig, table, enc_meta: dict):
+    """The preset to train, after everything the user can get wrong about the table: from the Delta log only,
+    before a worker starts. `--epochs` becomes the preset's max_steps."""
+    from emoji_ldm.store.latents import split_files
 
     preset = config.resolved_preset()
-    ref, table, enc_meta = open_latent_table(config.data)
-    latent_version = table.version()
     encoded_with = enc_meta["preset"]
     same_text = all(encoded_with["text"].get(k) == getattr(preset.text, k)
                     for k in ("pretrained", "kind", "subfolder", "max_length"))  # what makes the embeddings
     if not same_text or preset.image_size != encoded_with["image_size"]:
-        raise UserError(f"the latent table was encoded with preset {enc_meta['preset']['name']!r} "
+        raise UserError(f"the latent table was encoded with preset {encoded_with['name']!r} "
                         f"(text encoder / image size differ from {preset.name!r}): encode again or use that preset")
-    out = check_writable(config.out)
-    existing = runner.refuse_or_resume(out, config.resume, lambda state: _check_resume(state, preset, config))
-
-    # Everything the user can get wrong is checked here, before a worker starts: from the Delta log only.
     n_train = sum(f.rows for f in split_files(table))
     micro = preset.train.batch_size // (config.workers * preset.train.grad_accum)
     if n_train // config.workers < micro:
         raise UserError(f"latent table {config.data!r} has {n_train} training rows: fewer than the micro batch "
                         f"{micro} for each of the {config.workers} workers; lower --batch-size (now "
                         f"{preset.train.batch_size}) or use fewer --workers")
-    if config.epochs is not None:
-        steps = max(1, math.ceil(config.epochs * n_train / preset.train.batch_size))
-        preset = get_preset(config.preset, {**config.overrides, "train.max_steps": steps,
-                                             "train.batch_size": preset.train.batch_size})
+    if config.epochs is None:
+        return preset
+    steps = max(1, math.ceil(config.epochs * n_train / preset.train.batch_size))
+    return get_preset(config.preset, {**config.overrides, "train.max_steps": steps,
+                                      "train.batch_size": preset.train.batch_size})
 
+
+def train(config: TrainConfig) -> dict:
+    """Run training and export the EMA model; returns the model card."""
+    from emoji_ldm.runtime.connect import ensure_ray
+    from emoji_ldm.runtime.shared import require_shared
+    from emoji_ldm.store.artifacts import artifact_uri, check_writable, write_json
+    from emoji_ldm.store.latents import empty_caption, open_latent_table
+    from emoji_ldm.train import runner
+
+    ref, table, enc_meta = open_latent_table(config.data)
+    latent_version = table.version()
+    preset = config.resolved_preset()
+    out = check_writable(config.out)
+    existing = runner.refuse_or_resume(out, config.resume, lambda state: _check_resume(state, preset, config))
+    preset = _checked_preset(config, table, enc_meta)
     ensure_ray(dashboard=True)
     for uri, what in ((ref.uri, "the latent table (--data)"), (out, "the run folder (--out)"),
                       (enc_meta["vae"], "the VAE the latent table was encoded with")):
@@ -319,30 +273,37 @@ def train(config: TrainConfig) -> dict:
 
     write_json(artifact_uri(out, "config.json"), {"preset": preset.to_dict(), "run": dataclasses.asdict(config),
                                                   "latent_table": f"{ref.uri}@{latent_version}"})
-    # how the model gets its alpha (`encode.image_lineage`); latent tables before RGBA: RGB, opaque
-    image = enc_meta.get("image") or {"dataset_mode": "RGB", "alpha": "none", "key_colour": None}
-    fault = (f"exit@{config.crash_at_step}" if config.crash_at_step else
-             f"user-error@{config.user_error_at_step}" if config.user_error_at_step else None)
     run = WorkerConfig(
         preset=preset.to_dict(), latent_uri=ref.uri, latent_version=latent_version, zero_stage=config.zero_stage,
         use_gpu=config.use_gpu, threads=config.threads_per_worker, empty_emb=empty_caption(ref.uri).tolist(),
-        out=out, vae=enc_meta["vae"], image=image, resume_from=existing[0] if existing else None, fault=fault,
+        out=out, vae=enc_meta["vae"], image=enc_meta["image"], resume_from=existing[0] if existing else None,
         shuffle_buffer=config.shuffle_buffer, speed=config.speed,
     )
-    result = runner.fit(_train_worker, run, name="run", out=out, workers=config.workers, use_gpu=config.use_gpu,
+    result = runner.fit(worker, run, name="run", out=out, workers=config.workers, use_gpu=config.use_gpu,
                         max_failures=config.max_failures)
-    final = latest_checkpoint(out)
+    return _export(config, preset, ref.uri, latent_version, enc_meta, result.metrics, out)
+
+
+def _export(config: TrainConfig, preset, latent_uri: str, latent_version: int, enc_meta: dict, metrics: dict,
+            out: str) -> dict:
+    """The EMA of the last checkpoint as OUT/model, with its card (returned)."""
+    from emoji_ldm.store.artifacts import artifact_uri
+    from emoji_ldm.store.latents import encoded_dataset
+    from emoji_ldm.train.checkpoint import latest
+    from emoji_ldm.train.export import export_model
+    from emoji_ldm.version import code_version
+
+    final = latest(out)
     if final is None:
         raise RuntimeError(f"training ended without a checkpoint under {out}/checkpoints")
     card = {
         "kind": "emoji-ldm model", "preset": preset.name, "config": preset.to_dict(),
         "dataset": encoded_dataset(enc_meta), "dataset_version": enc_meta.get("dataset_version"),
-        "latent_table": ref.uri, "latent_table_version": latent_version, "vae": enc_meta["vae"],
-        "text_encoder": preset.text.pretrained, "code_version": code_version(),
-        "image": image,
+        "latent_table": latent_uri, "latent_table_version": latent_version, "vae": enc_meta["vae"],
+        "text_encoder": preset.text.pretrained, "code_version": code_version(), "image": enc_meta["image"],
         "training": {"workers": config.workers, "zero_stage": config.zero_stage, "steps": final[1]["step"],
                      "global_batch": preset.train.batch_size},
-        "metrics": result.metrics,
+        "metrics": metrics,
     }
     card = export_model(final[0], preset, enc_meta["vae"], artifact_uri(out, "model"), card)
     return {**card, "out": out}

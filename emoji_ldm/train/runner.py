@@ -14,7 +14,8 @@ Worker:
 - `setup_worker`: threads, seed, device (the one place that picks it), precision;
 - `create_engine`: the DeepSpeed engine over the recipe's module, optimizer and schedule, compiled on request.
 
-Recipes (`ldm.py`, `dreambooth.py`) hold only their data, loss, counters and export.
+The loop every recipe runs in (accumulation, skipped steps, EMA, logging, checkpoints) is `loop.py`; the recipes
+(`ldm.py`, `dreambooth.py`, `vae.py`) hold only their model, data, loss and export.
 """
 
 from __future__ import annotations
@@ -222,28 +223,3 @@ def mean_over_ranks(values, worker: Worker) -> list[float]:
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=worker.device)
     torch.distributed.all_reduce(t)  # a device tensor: NCCL takes no CPU tensors
     return (t / worker.world).tolist()
-
-
-def maybe_fail(fault: str | None, step: int, worker: Worker, out: str) -> None:
-    """Fault injection for tests, `KIND@STEP` on rank 1: `exit@N` kills the process once per run (a marker file
-    per run name and --out), `user-error@N` raises a `UserError` on that rank alone."""
-    if not fault or worker.rank != 1:
-        return
-    kind, _, at = fault.partition("@")
-    if int(at) != step:
-        return
-    if kind == "user-error":
-        raise UserError(f"fault injection: a user error on rank {worker.rank} at step {step}")
-    import hashlib
-    import tempfile
-    from pathlib import Path
-
-    import ray.train
-
-    # once per run: a run's restarted worker group keeps its name (`<stage>-<start time>`); a later run of the same
-    # --out has another. (Not the Ray job id: every fresh cluster numbers its first driver 01000000.)
-    run = f"{ray.train.get_context().get_experiment_name()}:{out}"
-    marker = Path(tempfile.gettempdir()) / f"emoji-ldm-crashed-{hashlib.sha1(run.encode()).hexdigest()[:12]}"
-    if not marker.exists():
-        marker.write_text("crashed once")
-        os._exit(1)

@@ -1,7 +1,8 @@
 """One training step of the latent diffusion UNet: noise, forward, loss, backward, optimizer.
 
-The same `training_step` runs inside the Ray Train workers (driving a
-DeepSpeed engine) and in a single plain process (`PlainEngine` around a bare
+The same `micro_batch_loss` runs inside the Ray Train workers (the loop,
+`loop.py`, drives the DeepSpeed engine's backward and step) and, as
+`training_step`, in a single plain process (`PlainEngine` around a bare
 module: `emoji-ldm train-step-check`, the check to run on a GPU node). It
 knows nothing of ranks; the caller places tensors on its device once.
 """
@@ -45,14 +46,14 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, no
     return (per_image * weight).mean()
 
 
-def training_step(engine, noise_scheduler, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor,
-                  recipe, prediction_type: str, dtype: torch.dtype) -> torch.Tensor:
-    """One micro-batch on the engine's device; returns the (detached) loss.
+def micro_batch_loss(engine, noise_scheduler, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor,
+                     recipe, prediction_type: str, dtype: torch.dtype) -> torch.Tensor:
+    """The loss of one micro-batch on the engine's device: caption dropout, noise, forward.
 
     latents (B, C, h, w) and text (B, L, D) float32 on the device; `empty` (L, D)
     is the empty caption's embedding; `recipe` is the preset's `TrainSpec`
     (caption_dropout, noise_offset, snr_gamma). `engine` is a DeepSpeed engine
-    or a `PlainEngine`: called like the UNet, then `.backward(loss)` and `.step()`.
+    or a `PlainEngine`, called like the UNet.
     """
     drop = torch.rand(len(latents)) < recipe.caption_dropout  # on the CPU generator: the same draws on any device
     cond = text.clone()
@@ -62,7 +63,13 @@ def training_step(engine, noise_scheduler, latents: torch.Tensor, text: torch.Te
     noisy = noise_scheduler.add_noise(latents, eps, t)  # (B, C, h, w)
     pred = engine(noisy.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample
     target = diffusion_target(noise_scheduler, latents, eps, t, prediction_type)
-    loss = diffusion_loss(pred, target, t, noise_scheduler, prediction_type, recipe.snr_gamma)
+    return diffusion_loss(pred, target, t, noise_scheduler, prediction_type, recipe.snr_gamma)
+
+
+def training_step(engine, noise_scheduler, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor,
+                  recipe, prediction_type: str, dtype: torch.dtype) -> torch.Tensor:
+    """`micro_batch_loss`, then the engine's backward and optimizer step; returns the (detached) loss."""
+    loss = micro_batch_loss(engine, noise_scheduler, latents, text, empty, recipe, prediction_type, dtype)
     engine.backward(loss)
     engine.step()
     return loss.detach()

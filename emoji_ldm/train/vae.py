@@ -1,10 +1,19 @@
 """Stage 1: train the `tiny` preset's own AutoencoderKL (reconstruction + KL) on Ray Train.
 
-Input: a dataset version (`URI[@v]`). Output: a diffusers AutoencoderKL folder at
-`--out` with `vae_card.json` (dataset URI + version, preset, code version,
-final loss, the measured latent scaling factor).
+Input: a dataset version (`URI[@v]`). Output under `--out`:
+  config.json, diffusion_pytorch_model.safetensors   the AutoencoderKL (diffusers), with the measured latent
+                                                     scaling factor in its config
+  metrics.json, vae_card.json                        the final figures; the card (dataset URI + version, preset,
+                                                     code version) is written last
+  metrics.jsonl, loss.png, tensorboard/              rank 0's record of the run
+  checkpoints/                                       while it trains (`--resume` continues from the latest);
+                                                     removed once the VAE is written
 
-    emoji-ldm train-vae --dataset URI[@v] --preset tiny --out URI [--workers 2] [--max-steps N]
+    emoji-ldm train-vae --dataset URI[@v] --preset tiny --out URI [--workers 2] [--max-steps N] [--resume]
+
+The workers run the one training loop (`loop.py`) on a DeepSpeed engine in fp32 without ZeRO (stage 0: every
+rank holds the whole model and its optimizer, gradients averaged as DDP does), on their in-memory shard of the
+decoded images.
 """
 
 from __future__ import annotations
@@ -12,8 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
-import time
 from dataclasses import dataclass
 
 from emoji_ldm.config import opt
@@ -29,12 +36,21 @@ class VAETrainConfig(PresetOptions):
     out: str = opt(help="where the AutoencoderKL folder goes (local or s3://)")
     workers: int = opt(2, help="Ray Train workers")
     max_steps: int | None = opt(None, help="default: the preset's vae.train_steps")
+    checkpoint_every: int = opt(250, help="checkpoint every N steps (and at the end)")
+    log_every: int = opt(50, help="log the loss every N steps")
+    resume: bool = opt(False, help="continue from the latest checkpoint under --out")
+    max_failures: int = opt(2, help="worker restarts from the last checkpoint")
 
     def __post_init__(self):
         if self.workers <= 0:
             raise UserError(f"--workers must be positive, got {self.workers}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise UserError(f"--max-steps must be positive, got {self.max_steps}")
+        if self.checkpoint_every <= 0 or self.log_every <= 0:
+            raise UserError(f"--checkpoint-every and --log-every must be positive, got {self.checkpoint_every}, "
+                            f"{self.log_every}")
+        if self.max_failures < 0:
+            raise UserError(f"--max-failures must be 0 or more, got {self.max_failures}")
 
     def resolved_preset(self) -> Preset:
         preset = self.preset_config()
@@ -60,101 +76,130 @@ def reconstruction_loss(recon, x, colour_loss: str = "straight"):
     return torch.nn.functional.mse_loss(recon, x) + 0.5 * torch.nn.functional.l1_loss(recon, x)
 
 
-def vae_train_loop(config: dict) -> None:
-    """Ray Train worker (`runner.fit`): DDP over the in-memory image shard."""
+@dataclass(frozen=True)
+class VAERun:
+    """Everything a worker needs, passed explicitly through `train_loop_config`."""
+
+    preset: dict  # the resolved preset (Preset.to_dict())
+    max_steps: int
+    out: str
+    use_gpu: bool
+    log_every: int
+    checkpoint_every: int
+    resume_from: str | None = None
+
+
+def worker(run: VAERun) -> None:
+    """A Ray Train worker: the VAE's recipe in the loop, then rank 0 writes the VAE."""
+    from emoji_ldm.train import loop
+
+    loop.run(_recipe(run))
+
+
+def _recipe(run: VAERun):
     import ray.train
     import torch
-    from ray.train.torch import prepare_model
 
-    from emoji_ldm.models.builders import VAEWithLoss, build_vae, on_grey
+    from emoji_ldm.models.builders import VAEWithLoss, build_vae
+    from emoji_ldm.train import loop, runner
     from emoji_ldm.train.data import shard_to_numpy
-    from emoji_ldm.train.metrics import print_once
+    from emoji_ldm.train.speed import SpeedOptions
 
-    preset = preset_from_dict(config["preset"])
-    spec = preset.vae
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(preset.train.seed + rank)
-    device = ray.train.torch.get_device()  # prepare_model puts the model there; batches follow
+    preset = preset_from_dict(run.preset)
+    spec, fp32 = preset.vae, SpeedOptions(precision="no")  # the VAE trains in fp32, on a GPU too
+    w = runner.setup_worker(run.use_gpu, 1, preset.train.seed, fp32)
     pixels = torch.from_numpy(shard_to_numpy(ray.train.get_dataset_shard("train"), ["pixels"])["pixels"])
-    micro = max(1, spec.train_batch_size // world)
-    vae = build_vae(preset)
-    model = prepare_model(VAEWithLoss(vae), parallel_strategy="ddp")
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.train_lr, weight_decay=1e-4)
-    steps = config["max_steps"]
-    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) * 0.9 + 0.1  # to 10% of the lr
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
-    gen = torch.Generator().manual_seed(preset.train.seed * 1000 + rank)
-    if rank == 0:
-        print_once(f"[train-vae] {world} workers, global batch {micro * world}, {steps} steps, "
-                   f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params, {len(pixels)} images on rank 0")
-    t0, loss_val = time.perf_counter(), float("nan")
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, len(pixels), (micro,), generator=gen)
-        x = pixels[idx].to(device).float()  # (B, C, H, W) in [-1, 1], C = vae.channels (4: RGBA)
-        recon, kl = model(x, gen if device.type == "cpu" else None)  # (B, C, H, W), (B,)
-        rec_loss = reconstruction_loss(recon, x, spec.colour_loss)
-        loss = rec_loss + spec.kl_weight * kl.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        loss_val = float(loss.detach())
-        if rank == 0 and (step % 50 == 0 or step == steps):
-            dt = time.perf_counter() - t0
-            print_once(f"[train-vae] step {step}/{steps} loss {loss_val:.4f} rec {float(rec_loss.detach()):.4f} "
-                       f"{step * micro * world / dt:.0f} images/s")
+    micro = max(1, spec.train_batch_size // w.world)
+    model = VAEWithLoss(build_vae(preset))
+    params = list(model.parameters())
+    engine, scheduler = runner.create_engine(
+        model, params, lr=spec.train_lr, weight_decay=1e-4, lr_lambda=_cosine(run.max_steps), micro=micro,
+        grad_accum=1, grad_clip=1.0, zero_stage=0, worker=w, speed=fp32)
 
-    metrics = {"loss": loss_val, "steps": steps}
-    if rank == 0:
-        inner = (model.module if hasattr(model, "module") else model).vae
-        inner.eval()
-        with torch.no_grad():
-            sample = pixels[: min(512, len(pixels))].to(device).float()
-            latents = inner.encode(sample).latent_dist.mean  # (N, C, h, w)
-            scale = float(1.0 / latents.std())
-            recon = inner.decode(latents).sample  # (N, C, H, W)
-            recon_mse = float(torch.nn.functional.mse_loss(recon, sample))
-            # colour and alpha apart: the autoencoder is the ceiling of everything after it
-            recon_rgb = float(torch.nn.functional.mse_loss(recon[:, :3], sample[:, :3]))
-            four = sample.shape[1] == 4
-            recon_alpha = float(torch.nn.functional.mse_loss(recon[:, 3], sample[:, 3])) if four else None
-            # what a viewer sees: the reconstruction on mid-grey against the image on mid-grey
-            recon_visible = float(torch.nn.functional.mse_loss(on_grey(recon.clamp(-1, 1)), on_grey(sample))) \
-                if four else recon_rgb
-        inner.register_to_config(scaling_factor=scale)
-        metrics.update(scaling_factor=scale, recon_mse=recon_mse, recon_mse_rgb=recon_rgb, recon_mse_alpha=recon_alpha,
-                       recon_mse_visible=recon_visible)
-        with tempfile.TemporaryDirectory() as tmp:
-            inner.save_pretrained(tmp)
-            with open(f"{tmp}/metrics.json", "w") as f:
-                json.dump(metrics, f)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    else:
-        ray.train.report(metrics)
+    def batches(counters: dict):
+        while True:  # (B, C, H, W) in [-1, 1], C = vae.channels (4: RGBA)
+            yield pixels[torch.randint(0, len(pixels), (micro,))].to(w.device).float()
+
+    def forward(x):
+        recon, kl = engine(x)  # (B, C, H, W), (B,)
+        rec = reconstruction_loss(recon, x, spec.colour_loss)
+        return rec + spec.kl_weight * kl.mean(), {"rec_loss": rec}
+
+    describe = (f"preset {preset.name}'s VAE, {sum(p.numel() for p in params) / 1e6:.2f}M params, {spec.channels} "
+                f"channels, {len(pixels)} images on rank 0, lr {spec.train_lr:g}; {fp32.summary(run.use_gpu)}")
+    return loop.Recipe(
+        tag="train-vae", out=run.out, worker=w, engine=engine, scheduler=scheduler, zero_stage=0, params=params,
+        micro=micro, batches=batches, forward=forward, describe=describe, meta=_resume_settings(preset),
+        schedule=loop.Schedule(run.max_steps, run.log_every, run.checkpoint_every), resume_from=run.resume_from,
+        export=lambda ema, log: _export(model.vae, pixels, run, w, log))
 
 
-def train_vae(config: VAETrainConfig) -> dict:
-    """Train the preset's VAE on a dataset version; returns its card."""
-    from emoji_ldm.runtime.connect import ensure_ray
-    from emoji_ldm.runtime.shared import require_shared
-    from emoji_ldm.store.artifacts import artifact_uri, check_writable, upload_dir, write_json
+def _cosine(steps: int):
+    """The learning rate's factor: a cosine from 1 to 0.1 over the run."""
+    return lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) * 0.9 + 0.1
+
+
+def _resume_settings(preset: Preset) -> dict:
+    """What a checkpoint records and a --resume must match (beside the world size): the VAE's shape."""
+    vae = preset.to_dict()["vae"]
+    shape = {k: vae[k] for k in ("block_out_channels", "layers_per_block", "channels", "latent_channels")}
+    return json.loads(json.dumps({"image_size": preset.image_size, "vae": shape}))  # as state.json holds it
+
+
+def _export(vae, pixels, run: VAERun, worker, log) -> None:
+    """Rank 0: the trained VAE (fp32, the optimizer's own weights at ZeRO stage 0) with its latent scaling factor
+    as a diffusers folder at OUT, and its figures in metrics.json."""
+    import tempfile
+
+    from emoji_ldm.store.artifacts import upload_dir
+
+    if not worker.main:
+        return
+    metrics = {"loss": log.last_loss, "steps": run.max_steps, **_reconstruction(vae, pixels, worker.device)}
+    vae.register_to_config(scaling_factor=metrics["scaling_factor"])
+    with tempfile.TemporaryDirectory() as tmp:
+        vae.save_pretrained(tmp)
+        with open(f"{tmp}/metrics.json", "w") as f:
+            json.dump(metrics, f)
+        upload_dir(tmp, run.out, last=("metrics.json",))
+
+
+def _reconstruction(vae, pixels, device) -> dict:
+    """The latent scaling factor (1/std) and the reconstruction error of up to 512 of this rank's images."""
+    import torch
+    import torch.nn.functional as F
+
+    from emoji_ldm.models.builders import on_grey
+
+    vae.eval()
+    with torch.no_grad():
+        sample = pixels[: min(512, len(pixels))].to(device).float()
+        latents = vae.encode(sample).latent_dist.mean  # (N, C, h, w)
+        recon = vae.decode(latents).sample  # (N, C, H, W)
+    rgb = float(F.mse_loss(recon[:, :3], sample[:, :3]))  # colour and alpha apart: the ceiling of what follows
+    four = sample.shape[1] == 4
+    return {
+        "scaling_factor": float(1.0 / latents.std()), "recon_mse": float(F.mse_loss(recon, sample)),
+        "recon_mse_rgb": rgb, "recon_mse_alpha": float(F.mse_loss(recon[:, 3], sample[:, 3])) if four else None,
+        # what a viewer sees: the reconstruction on mid-grey against the image on mid-grey
+        "recon_mse_visible": float(F.mse_loss(on_grey(recon.clamp(-1, 1)), on_grey(sample))) if four else rgb,
+    }
+
+
+# --- the driver ----------------------------------------------------------------------
+
+
+def _training_images(config: VAETrainConfig, preset: Preset, steps: int):
+    """The decoded images the workers train on, materialized: (dataset, version, the table's rows, its rows)."""
     from emoji_ldm.store.delta import open_table, read_dataset, row_count
-    from emoji_ldm.store.uri import DatasetRef, filesystem
-    from emoji_ldm.train import runner
+    from emoji_ldm.store.uri import DatasetRef
     from emoji_ldm.train.data import decode_images
-    from emoji_ldm.version import code_version
 
-    preset = config.resolved_preset()
-    out = check_writable(config.out)
-    ensure_ray(dashboard=True)  # Ray Train's cleaner needs the State API
     ds, version = read_dataset(config.dataset, columns=["id", "image"])
-    steps = config.max_steps or preset.vae.train_steps
     # The VAE draws steps x batch images, so it is shown a uniform sample of at most that many (from the Delta
     # log's row count, free): what the workers hold is bounded by the run, not by the table.
-    total, cap = row_count(open_table(f"{DatasetRef.parse(config.dataset).uri}@{version}")), \
-        steps * preset.vae.train_batch_size
+    total = row_count(open_table(f"{DatasetRef.parse(config.dataset).uri}@{version}"))
+    cap = steps * preset.vae.train_batch_size
     if total > cap:  # (at least 256 expected rows: a sample is never empty by chance)
         ds = ds.random_sample(min(1.0, max(1.1 * cap, 256) / total), seed=preset.train.seed)
     # Decode before the workers start: on a small node the training workers hold every CPU,
@@ -165,16 +210,34 @@ def train_vae(config: VAETrainConfig) -> dict:
     rows = ds.count()  # free on a materialized dataset
     if rows == 0:
         raise UserError(f"dataset {config.dataset!r} (version {version}) has no rows to train on")
+    return ds, version, total, rows
+
+
+def train_vae(config: VAETrainConfig) -> dict:
+    """Train the preset's VAE on a dataset version; returns its card."""
+    from emoji_ldm.runtime.connect import ensure_ray
+    from emoji_ldm.runtime.shared import require_shared
+    from emoji_ldm.store.artifacts import artifact_uri, check_writable, read_json, write_json
+    from emoji_ldm.store.uri import DatasetRef, filesystem
+    from emoji_ldm.train import runner
+    from emoji_ldm.version import code_version
+
+    preset = config.resolved_preset()
+    out = check_writable(config.out)
+    now = {"world_size": config.workers, **_resume_settings(preset)}
+    existing = runner.refuse_or_resume(out, config.resume, lambda state: runner.check_saved(state, now, out))
+    ensure_ray(dashboard=True)  # Ray Train's cleaner needs the State API
+    steps = config.max_steps or preset.vae.train_steps
+    ds, version, total, rows = _training_images(config, preset, steps)
     require_shared(out, "the VAE folder (--out)")
-    storage = artifact_uri(out, "_emoji_ldm", "train")  # beside the VAE, where every node reaches
-    result = runner.fit(vae_train_loop, {"preset": preset.to_dict(), "max_steps": steps}, name="train-vae", out=out,
-                        workers=config.workers, use_gpu=config.use_gpu, max_failures=0, datasets={"train": ds},
-                        storage_uri=storage)
-    with result.checkpoint.as_directory() as folder:
-        metrics = json.load(open(f"{folder}/metrics.json"))
-        upload_dir(folder, out)
-    fs, path = filesystem(storage)
-    fs.delete_dir_contents(path, missing_dir_ok=True)  # the run's checkpoint is the VAE now under OUT
+    run = VAERun(preset=preset.to_dict(), max_steps=steps, out=out, use_gpu=config.use_gpu,
+                 log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+                 resume_from=existing[0] if existing else None)
+    runner.fit(worker, run, name="train-vae", out=out, workers=config.workers, use_gpu=config.use_gpu,
+               max_failures=config.max_failures, datasets={"train": ds})
+    metrics = read_json(artifact_uri(out, "metrics.json"))
+    fs, path = filesystem(artifact_uri(out, "checkpoints"))
+    fs.delete_dir(path)  # the VAE under OUT is what the run was for
     card = {
         "kind": "vae", "out": out, "dataset": DatasetRef.parse(config.dataset).uri, "dataset_version": version,
         "rows": rows, "dataset_rows": total,  # the images it was shown (a sample when the table is bigger)
@@ -187,7 +250,7 @@ def train_vae(config: VAETrainConfig) -> dict:
 
 def report(card: dict) -> str:
     m = card["metrics"]
-    four = m.get("recon_mse_alpha") is not None and "recon_mse_visible" in m  # (cards before it: no visible)
+    four = m["recon_mse_alpha"] is not None
     apart = (f" (colour {m['recon_mse_rgb']:.4f}, alpha {m['recon_mse_alpha']:.4f}, as seen on mid-grey "
              f"{m['recon_mse_visible']:.4f})" if four else "")
     return (f"train-vae: {m['steps']} steps, loss {m['loss']:.4f}, reconstruction MSE {m['recon_mse']:.4f}{apart}, "

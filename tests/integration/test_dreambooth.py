@@ -44,13 +44,15 @@ def test_full_then_lora_reuse_the_class_images(subject, capsys):
     from diffusers import StableDiffusionPipeline
 
     root, sd, photos = subject
-    card = dreambooth(_config(root, sd, photos, "full", train_text_encoder=True))
+    # 2 micro-batches a step (1 instance photo and 1 class image on each of the 2 workers, twice)
+    card = dreambooth(_config(root, sd, photos, "full", train_text_encoder=True, batch_size=4, grad_accum=2))
     assert card["class_generated"] == 4 and card["class_reused"] == 0
+    assert (card["training"]["batch_size"], card["training"]["grad_accum"]) == (4, 2)
     assert len(card["instance_photos"]) == 5 and card["instance_prompt"] == "a sks cat emoji"
     # photos not square are padded with transparent bars on ingest: learned on the key colour, keyed back out
     assert card["image"] == {"dataset_mode": "RGBA", "vae_channels": 3, "alpha": "key", "key_colour": "#00ff00"}
     rows = [json.loads(line) for line in (root / "full" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2] and all(r["prior_loss"] > 0 for r in rows)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["prior_loss"] > 0 and r["images_per_s"] > 0 for r in rows)
     assert all(abs(r["loss"] - r["instance_loss"] - r["prior_loss"]) < 1e-4 for r in rows)  # weight 1.0
     full = StableDiffusionPipeline.from_pretrained(root / "full" / "model", safety_checker=None)
     base = StableDiffusionPipeline.from_pretrained(sd, safety_checker=None)
@@ -86,8 +88,7 @@ def test_full_then_lora_reuse_the_class_images(subject, capsys):
 def test_square_opaque_photos_keep_their_backgrounds(subject, tmp_path):
     """JPEGs and opaque PNGs fill the square: the RGBA instance table holds no alpha, the card says none (it
     once said key for every RGBA table, and generation keyed photos' backgrounds)."""
-    from emoji_ldm.train.dreambooth import _image_card
-    from emoji_ldm.train.dreambooth_data import instance_table
+    from emoji_ldm.train.dreambooth_data import image_card, instance_table
 
     root, sd, _ = subject
     photos = tmp_path / "square"
@@ -97,7 +98,7 @@ def test_square_opaque_photos_keep_their_backgrounds(subject, tmp_path):
         image.paste((220, 30, 30), (8, 8, 32, 32))
         image.save(photos / f"photo-{i}.{'jpg' if i % 2 else 'png'}")
     uri, version, _ = instance_table(_config(root, sd, photos, "square"), str(tmp_path / "run"), 32)
-    assert _image_card(uri, version) == {"dataset_mode": "RGBA", "vae_channels": 3, "alpha": "none",
+    assert image_card(uri, version) == {"dataset_mode": "RGBA", "vae_channels": 3, "alpha": "none",
                                          "key_colour": None}
 
 

@@ -4,6 +4,7 @@ reproduced on CPU: DeepSpeed bf16, one rank failing alone, checkpoints and resum
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 
@@ -11,8 +12,10 @@ import pytest
 import torch
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.train.ldm import latest_checkpoint
+from emoji_ldm.train import ldm
+from emoji_ldm.train.checkpoint import latest as latest_checkpoint
 from tests.conftest import FAST, run_cli, train_fast
+from tests.faults import rank1_fails
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +82,101 @@ def test_ema_under_deepspeed_bf16_moves_like_fp32(one_rank_gloo):
     assert all(torch.allclose(s.double(), r, atol=1e-6) for s, r in zip(ema.shadow_params, reference))
 
 
+def _toy_recipe(out, engine, scheduler, params, forward, schedule, **kwargs):
+    """A `loop.Recipe` of one rank on CPU around `engine`; its micro-batches are their own index (0, 1, ...)."""
+    from itertools import count
+
+    from emoji_ldm.models.presets import get_preset
+    from emoji_ldm.train import loop
+    from emoji_ldm.train.runner import Worker
+
+    return loop.Recipe(tag="toy", out=str(out), worker=Worker(0, 1, torch.device("cpu"), "no", torch.float32),
+                       engine=engine, scheduler=scheduler, zero_stage=0, params=params, micro=2,
+                       batches=lambda counters: (i for i in count()), forward=forward, describe="a toy",
+                       schedule=schedule, ema=get_preset("tiny").train, **kwargs)
+
+
+@pytest.fixture
+def no_ray_checkpoints(monkeypatch):
+    """The loop's checkpoints without Ray Train: `save` records (step, meta) and flushes rank 0's log as the real
+    one does, `restore` finds nothing."""
+    from emoji_ldm.train import checkpoint
+
+    saved = []
+
+    def save(engine, counters, meta, log=None, **kwargs):
+        saved.append((counters["step"], meta))
+        log.flush()
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    monkeypatch.setattr(checkpoint, "restore", lambda *args, **kwargs: None)
+    return saved
+
+
+def test_the_loop_accumulates_then_steps_logs_and_checkpoints(one_rank_gloo, no_ray_checkpoints, tmp_path):
+    """`grad_accum` 2 on a DeepSpeed engine: each optimizer step takes two micro-batches (the engine updates on the
+    second), then the EMA, the line (the mean loss of both), the grid and the checkpoint follow their schedule."""
+    import deepspeed
+
+    from emoji_ldm.train import loop
+    from emoji_ldm.train.runner import deepspeed_config
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=layer, optimizer=optimizer, lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+        config=deepspeed_config(2, 2, 1.0, 0, "no"), dist_init_required=False)
+    seen, losses, grids = [], [], []
+
+    def forward(i):
+        seen.append(i)
+        loss = engine(torch.full((2, 3), float(i))).pow(2).mean()
+        losses.append(loss.item())
+        return loss, {"double_loss": 2 * loss}
+
+    recipe = _toy_recipe(tmp_path, engine, scheduler, list(layer.parameters()), forward,
+                         loop.Schedule(max_steps=3, log_every=1, checkpoint_every=2, grad_accum=2, sample_every=2),
+                         grid=lambda ema, step, log: grids.append(step), meta={"what": "toy"})
+    state = loop.Loop(recipe)
+    state.run()
+    assert seen == list(range(6)) and (engine.global_steps, engine.micro_steps) == (3, 6)
+    assert state.counters == {"step": 3} and state.ema.optimization_step == 3
+    assert no_ray_checkpoints == [(2, {"world_size": 1, "zero_stage": 0, "what": "toy"}),
+                                  (3, {"world_size": 1, "zero_stage": 0, "what": "toy"})]
+    assert grids == [2, 3]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["images_per_s"] > 0 for r in rows)
+    for row, pair in zip(rows, (losses[0:2], losses[2:4], losses[4:6])):
+        assert row["loss"] == pytest.approx(sum(pair) / 2) and row["double_loss"] == pytest.approx(sum(pair))
+        assert "skipped_steps" not in row
+
+
+def test_a_skipped_step_is_counted_but_moves_nothing(one_rank_gloo, no_ray_checkpoints, tmp_path):
+    """fp16 loss scaling skips a step whose gradients overflow (here: the second micro-batch's loss is inf): the
+    loop takes another step in its place, and the skipped one advances neither the step, the EMA, the LR
+    schedule nor the logged loss; the line says it was skipped."""
+    from emoji_ldm.train import loop
+    from emoji_ldm.train.step import PlainEngine
+
+    layer = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    engine = PlainEngine(layer, optimizer, scheduler, 1.0, layer.parameters(), scaler=torch.amp.GradScaler("cpu"))
+
+    def forward(i):
+        loss = engine(torch.ones(2, 3)).pow(2).mean()
+        return loss * float("inf") if i == 1 else loss, {}
+
+    state = loop.Loop(_toy_recipe(tmp_path, engine, scheduler, list(layer.parameters()), forward,
+                                  loop.Schedule(max_steps=3, log_every=1, checkpoint_every=10)))
+    state.run()
+    assert state.counters == {"step": 3} and state.ema.optimization_step == 3 and scheduler.last_epoch == 3
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and [r.get("skipped_steps") for r in rows] == [None, 1, None]
+    assert all(math.isfinite(r["loss"]) for r in rows) and [s for s, _ in no_ray_checkpoints] == [3]
+
+
 def test_bf16_run_keeps_an_fp32_ema_and_exports_it(tiny, tmp_path):
     """`train --precision bf16` on 2 workers with the other fast-path flags (channels-last, gradient
     checkpointing): the banner and config.json say so, the losses are numbers, the checkpoint's EMA is fp32
@@ -109,8 +207,9 @@ def test_bf16_run_keeps_an_fp32_ema_and_exports_it(tiny, tmp_path):
 def test_user_error_on_one_rank_stops_every_rank(tiny, tmp_path):
     """A UserError on rank 1 alone (rank 0 goes on into the next collective): the run stops with that one
     line, without waiting for the collective's timeout, and Ray's restarts do not retry it."""
-    with pytest.raises(UserError, match="fault injection: a user error on rank 1 at step 2"):
-        train_fast(tiny.lat, tmp_path / "run", max_steps=6, user_error_at_step=2, max_failures=2)
+    with rank1_fails(ldm, at_step=2, kind="user-error"), \
+            pytest.raises(UserError, match="fault injection: a user error on rank 1 at step 2"):
+        train_fast(tiny.lat, tmp_path / "run", max_steps=6, max_failures=2)
 
 
 def test_crash_then_resume_from_s3_continues_exactly(s3_server, tiny, tmp_path):
@@ -124,8 +223,9 @@ def test_crash_then_resume_from_s3_continues_exactly(s3_server, tiny, tmp_path):
     client.create_bucket(Bucket="harness-runs")
     out = "s3://harness-runs/runs/crash"
     assert tiny.card["training"] == {"workers": 2, "zero_stage": 2, "steps": 4, "global_batch": 8}
-    with pytest.raises(WorkerGroupError, match="Training failed due to worker errors") as died:
-        train_fast(tiny.lat, out, max_steps=4, crash_at_step=4, max_failures=0)
+    with rank1_fails(ldm, at_step=4), \
+            pytest.raises(WorkerGroupError, match="Training failed due to worker errors") as died:
+        train_fast(tiny.lat, out, max_steps=4, max_failures=0)
     assert 1 in died.value.worker_failures  # rank 1 died (rank 0 then fails in a collective with it)
     found = latest_checkpoint(out)
     assert found and found[0].startswith("s3://") and found[1]["step"] == 3

@@ -42,7 +42,7 @@ def test_the_card_keys_only_photos_with_alpha():
 
     from PIL import Image
 
-    from emoji_ldm.train.dreambooth import _has_alpha
+    from emoji_ldm.train.dreambooth_data import has_alpha
 
     def png(image):
         buf = io.BytesIO()
@@ -52,5 +52,5 @@ def test_the_card_keys_only_photos_with_alpha():
     opaque = Image.new("RGBA", (8, 8), (200, 30, 30, 255))
     cut = opaque.copy()
     cut.putpixel((0, 0), (0, 0, 0, 0))
-    assert not _has_alpha(png(opaque)) and not _has_alpha(png(opaque.convert("RGB")))
-    assert _has_alpha(png(cut)) and _has_alpha(png(cut.convert("LA")))
+    assert not has_alpha(png(opaque)) and not has_alpha(png(opaque.convert("RGB")))
+    assert has_alpha(png(cut)) and has_alpha(png(cut.convert("LA")))

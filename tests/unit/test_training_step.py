@@ -203,10 +203,13 @@ def test_dreambooth_options_are_checked():
     assert DreamBoothConfig(**ok).learning_rate == 5e-6 and DreamBoothConfig(**ok, method="lora").learning_rate == 1e-4
     for bad, text in (({"lora_rank": 300}, "--lora-rank must be 1-256"), ({"method": "half"}, "--method"),
                       ({"class_prompt": "A sks cat emoji"}, "equals --instance-prompt"),
-                      ({"num_class_images": 0}, "--prior-loss-weight 0"), ({"batch_size": 3}, "multiple of")):
+                      ({"num_class_images": 0}, "--prior-loss-weight 0"), ({"batch_size": 3}, "multiple of"),
+                      ({"grad_accum": 2}, "multiple of --workers x --grad-accum = 2 x 2"),
+                      ({"grad_accum": 0}, "--grad-accum must be positive")):
         with pytest.raises(UserError, match=text):
             DreamBoothConfig(**{**ok, **bad})
     assert DreamBoothConfig(**{**ok, "num_class_images": 0, "prior_loss_weight": 0}).prior is False
+    assert DreamBoothConfig(**ok, batch_size=8, grad_accum=2).grad_accum == 2
     assert class_word_warning("a sks cat emoji", "a cat emoji") is None
     assert "class word 'dog'" in class_word_warning("a sks emoji", "a dog emoji")
 

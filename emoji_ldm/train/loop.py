@@ -1,0 +1,200 @@
+"""The one training loop: every recipe (`ldm.py`, `dreambooth.py`, `vae.py`) runs in it.
+
+A recipe builds a `Recipe` inside its Ray Train worker: its engine (`runner.create_engine`) and the parameters
+it trains, its micro-batches and the loss of one (`forward`), its `Schedule`, what a checkpoint records and a
+--resume must match, and, where it has them, an EMA, a validation grid and an export. `run(recipe)` does the
+rest, the same for every recipe, split as torchtitan splits it:
+
+- `Loop.train_step`: one optimizer step, `grad_accum` micro-batches through `forward_backward_step` (the
+  recipe's forward and loss, then the engine's backward and step: DeepSpeed scales the loss by the
+  accumulation and updates the weights on the last micro-batch). A step the engine skipped (fp16 overflow:
+  non-finite gradients) advances nothing (the step counter, the EMA, the LR schedule); it is counted and logged;
+- after an applied step: the fp32 EMA fed from the optimizer's fp32 masters (`ema.py`), rank 0's line every
+  `log_every` steps (`metrics.py`), a validation grid every `sample_every` steps (outside the training RNG), a
+  checkpoint every `checkpoint_every` steps (`checkpoint.py`), and each of them at the last step;
+- at the start: this attempt's checkpoint (after a worker failure) or --resume's, and rank 0's banner with the
+  global batch; at the end, the recipe's export.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from emoji_ldm.train import checkpoint, runner
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When the loop does what, in optimizer steps."""
+
+    max_steps: int
+    log_every: int
+    checkpoint_every: int
+    grad_accum: int = 1  # micro-batches per optimizer step
+    sample_every: int = 0  # validation grids every N steps (0: at the last step only), for a recipe with a grid
+
+
+@dataclass
+class Recipe:
+    """What a recipe gives the loop (built in each worker, after `runner.setup_worker`)."""
+
+    tag: str  # the log lines' tag: train | dreambooth | train-vae
+    out: str  # the run folder: metrics.jsonl, loss.png, samples/, tensorboard/
+    worker: runner.Worker
+    engine: object  # a DeepSpeed engine (or anything with its backward/step/was_step_applied interface)
+    scheduler: object  # the engine's LR schedule
+    zero_stage: int
+    params: list  # the trained parameters: the EMA follows their fp32 masters
+    micro: int  # rows of one micro-batch on one rank
+    schedule: Schedule
+    # counters -> micro-batches from the position the counters hold, without end; a recipe that keeps a data
+    # position (epoch, batch) advances it in `counters` as it yields
+    batches: Callable[[dict], Iterator]
+    forward: Callable[[object], tuple]  # a micro-batch -> (loss tensor, {name: its logged parts})
+    describe: str  # the banner's recipe half: the model, the data, the precision
+    counters: dict = field(default_factory=lambda: {"step": 0})  # checkpointed; "step" is the loop's
+    meta: dict = field(default_factory=dict)  # what state.json records and a --resume must match
+    resume_from: str | None = None  # --resume's checkpoint
+    ema: object = None  # the preset's `TrainSpec` (decay, warm-up) to keep an fp32 EMA with; None: no EMA
+    grid: Callable | None = None  # rank 0: (ema, step, log), a validation grid
+    export: Callable | None = None  # every rank, after the last step: (ema, log)
+    config: dict | None = None  # shown in TensorBoard
+
+
+@dataclass
+class _Window:
+    """What the steps since the last logged line measured."""
+
+    losses: list = field(default_factory=list)  # one detached loss per micro-batch of an applied step
+    parts: dict = field(default_factory=dict)  # name -> one value per micro-batch
+    norms: list = field(default_factory=list)  # the gradient norm of each applied step
+    images: int = 0  # over every rank
+    seconds: float = 0.0
+    steps: int = 0  # applied
+    skipped: int = 0  # skipped by the engine (the same on every rank)
+
+    def add(self, loss, parts: dict) -> None:
+        import torch
+
+        self.losses.append(loss)
+        for name, value in parts.items():
+            self.parts.setdefault(name, []).append(torch.as_tensor(value).detach())
+
+
+def run(recipe: Recipe) -> None:
+    """Train `recipe` to its last step, then export it."""
+    Loop(recipe).run()
+
+
+class Loop:
+    def __init__(self, recipe: Recipe):
+        from emoji_ldm.train.ema import make_ema, master_weights
+        from emoji_ldm.train.metrics import MetricsLogger
+
+        r, w = recipe, recipe.worker
+        self.recipe = r
+        self.ema = None
+        if r.ema is not None:  # every rank reads the masters (a gather under ZeRO); rank 0 keeps the EMA
+            masters = master_weights(r.params)
+            self.ema = make_ema(masters, r.ema).to(w.device) if w.main else None
+            for _ in masters:
+                pass
+        self.counters = dict(r.counters)
+        resumed = checkpoint.restore(r.engine, r.resume_from, self.counters, rank=w.rank, device=w.device,
+                                     ema=self.ema)
+        self.log = MetricsLogger(r.out, r.tag, r.schedule.max_steps, self.counters["step"], r.config) \
+            if w.main else None
+        self.window = _Window()
+        if self.log:
+            self._banner(resumed)
+
+    def run(self) -> None:
+        r = self.recipe
+        batches = r.batches(self.counters)
+        while self.counters["step"] < r.schedule.max_steps:
+            if self.train_step(batches):
+                self.after_step(self.counters["step"])
+        batches.close()
+        if r.export is not None:
+            r.export(self.ema, self.log)
+
+    def train_step(self, batches: Iterator) -> bool:
+        """One optimizer step over `grad_accum` micro-batches; False when the engine skipped it. A skipped step's
+        losses stay out of the logged mean (they trained nothing); its time and images count."""
+        from emoji_ldm.train.ema import update_ema
+        from emoji_ldm.train.step import grad_norm
+
+        r, window = self.recipe, self.window
+        start = time.perf_counter()
+        outputs = [self.forward_backward_step(next(batches)) for _ in range(r.schedule.grad_accum)]
+        applied = runner.step_applied(r.engine)
+        if applied:
+            self.counters["step"] += 1
+            norm = grad_norm(r.engine)  # before clipping; the same value on every rank
+            if norm is not None:
+                window.norms.append(norm)
+            if r.ema is not None:
+                update_ema(self.ema, r.params)  # a collective under ZeRO: every rank
+            for loss, parts in outputs:
+                window.add(loss, parts)
+            window.steps += 1
+        else:  # fp16 overflow: DeepSpeed skipped the update and the LR step
+            window.skipped += 1
+        window.images += len(outputs) * r.micro * r.worker.world
+        window.seconds += time.perf_counter() - start
+        return applied
+
+    def forward_backward_step(self, batch) -> tuple:
+        """The recipe's forward and loss of one micro-batch, the engine's backward and step: (loss, parts)."""
+        r = self.recipe
+        loss, parts = r.forward(batch)
+        r.engine.backward(loss)
+        r.engine.step()  # updates the weights at the last micro-batch of the step only
+        return loss.detach(), parts
+
+    def after_step(self, step: int) -> None:
+        s, last = self.recipe.schedule, step == self.recipe.schedule.max_steps
+        if step % s.log_every == 0 or last:
+            self._log(step)
+        if self.recipe.grid is not None and ((s.sample_every and step % s.sample_every == 0) or last):
+            self._grid(step)
+        if step % s.checkpoint_every == 0 or last:
+            r = self.recipe
+            meta = {"world_size": r.worker.world, "zero_stage": r.zero_stage, **r.meta}
+            checkpoint.save(r.engine, self.counters, meta, rank=r.worker.rank, device=r.worker.device, ema=self.ema,
+                            log=self.log, metrics={"loss": self.log.last_loss if self.log else None})
+
+    def _log(self, step: int) -> None:
+        """Rank 0's line: the mean over the ranks and the window's micro-batches (a collective: every rank)."""
+        import torch
+
+        window, names = self.window, list(self.window.parts)
+        means = runner.mean_over_ranks([torch.stack(values).float().mean()
+                                        for values in (window.losses, *window.parts.values())], self.recipe.worker)
+        if self.log:
+            parts = dict(zip(names, means[1:]))
+            if window.skipped:
+                parts["skipped_steps"] = window.skipped
+            self.log.log(step, means[0], self.recipe.scheduler.get_last_lr()[0], window.seconds / window.steps,
+                         window.images / window.seconds,
+                         sum(window.norms) / len(window.norms) if window.norms else None, **parts)
+        self.window = _Window()
+
+    def _grid(self, step: int) -> None:
+        import torch
+
+        if self.log:
+            device = self.recipe.worker.device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                self.recipe.grid(self.ema, step, self.log)  # must not shift the training RNG stream
+
+    def _banner(self, resumed: str | None) -> None:
+        r, c, s, world = self.recipe, self.counters, self.recipe.schedule, self.recipe.worker.world
+        if resumed:
+            position = ", ".join(f"{k} {v}" for k, v in c.items() if k != "step")
+            self.log.print(f"resumed from {resumed} at step {c['step']}" + (f" ({position})" if position else ""))
+        self.log.print(f"{world} workers, ZeRO stage {r.zero_stage}, global batch {r.micro * world * s.grad_accum} "
+                       f"(micro {r.micro} x {world} workers x accum {s.grad_accum}), steps {c['step']}->"
+                       f"{s.max_steps}; {r.describe}")
