@@ -20,33 +20,28 @@ import argparse
 import json
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO, row, run_timed, write_record
+
 BIN = REPO / ".venv" / "bin"
 
 
 def demo(out: Path, port: int, background: str | None, vae_steps: int | None = None) -> float:
     env = {**os.environ, **({"DEMO_BACKGROUND": background} if background else {}),
            **({"DEMO_VAE_STEPS": str(vae_steps)} if vae_steps else {})}
-    start = time.perf_counter()
     with open(f"{out}.log", "w") as log:
-        r = subprocess.run(["bash", str(REPO / "infra" / "demo.sh"), str(out), str(port)], env=env, stdout=log,
-                           stderr=subprocess.STDOUT)
+        seconds, r = run_timed(["bash", REPO / "infra" / "demo.sh", out, port], check=False, env=env, stdout=log,
+                               stderr=subprocess.STDOUT)
     if r.returncode:
         raise SystemExit(f"infra/demo.sh {out} failed ({r.returncode}); see {out}.log")
-    return time.perf_counter() - start
+    return seconds
 
 
 def evaluate(run: Path, judge: Path, out: Path, samples: int | None = None) -> dict:
-    env = {**os.environ, "RAY_ADDRESS": ""}
     more = ["--samples", str(samples)] if samples else []
-    r = subprocess.run([str(BIN / "emoji-ldm"), "eval", "--model", str(run / "run"), "--data", str(run / "latents"),
-                        "--judge", str(judge), "--out", str(out), *more], env=env, capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(f"eval of {run} failed:\n{r.stderr[-3000:]}")
+    run_timed([BIN / "emoji-ldm", "eval", "--model", run / "run", "--data", run / "latents", "--judge", judge, "--out",
+               out, *more], env={**os.environ, "RAY_ADDRESS": ""})
     return json.loads(out.read_text())
 
 
@@ -66,18 +61,23 @@ def main() -> None:
     parser.add_argument("--rgba-vae-steps", type=int, default=None,
                         help="the RGBA run's VAE steps (default: the demo's, as the RGB run's)")
     args = parser.parse_args()
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    (out := Path(args.out).resolve()).mkdir(parents=True, exist_ok=True)
     walls = {"rgba": demo(out / "rgba", 8011, None, args.rgba_vae_steps), "rgb": demo(out / "rgb", 8012, "white")}
     judge = out / "rgba" / "judge"
     got = {mode: evaluate(out / mode, judge, out / f"eval-{mode}.json") for mode in ("rgba", "rgb")}
     print(f"alpha_quality: tiny, demo budgets, one judge ({judge}); demo wall RGBA {walls['rgba']:.0f} s, "
           f"RGB {walls['rgb']:.0f} s")
-    print(line("RGBA", got["rgba"]))
-    print(line("RGB ", got["rgb"]))
-    print(f"  RGBA / RGB: emoji-FID {got['rgba']['emoji_fid'] / got['rgb']['emoji_fid']:.2f} (lower is better), "
-          f"prompt accuracy {got['rgba']['prompt_accuracy'] / max(got['rgb']['prompt_accuracy'], 1e-9):.2f}")
-    sys.stdout.flush()
+    print(line("RGBA", got["rgba"]) + "\n" + line("RGB ", got["rgb"]))
+    rows = pair_rows("transparency: tiny", got["rgba"], got["rgb"])
+    print("  RGBA / RGB: " + ", ".join(f"{r['metric'].split(', RGBA')[0]} {r['ratio'] or 0:.2f}" for r in rows))
+    write_record("alpha_quality", {"demo_wall_s": walls, "judge": str(judge), "eval": got}, rows, about="two "
+                 "`infra/demo.sh` runs, RGBA (ours) and `DEMO_BACKGROUND=white` (peer), one judge (the RGBA run's).")
+
+
+def pair_rows(area: str, ours: dict, rgb: dict, name: str = "RGBA") -> list[dict]:  # issue 25: at most 1.1x worse
+    return [row(area, f"emoji-FID (lower is better), {name} vs RGB", ours["emoji_fid"], rgb["emoji_fid"], "", "<= 1.1"),
+            row(area, f"prompt accuracy, {name} vs RGB", 100 * ours["prompt_accuracy"], 100 * rgb["prompt_accuracy"],
+                "%", ">= 0.91")]
 
 
 if __name__ == "__main__":

@@ -27,11 +27,10 @@ import argparse
 import json
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-from alpha_quality import BIN, evaluate, line
+from alpha_quality import BIN, evaluate, line, pair_rows
+from common import run_timed, write_record
 
 # model: (its table and judge, its preset overrides); the pair is rgba and rgb, `--only` trains any one
 MODES = {"rgba": ("rgba", []), "rgb": ("rgb", ["--set", "vae.channels=3"]),
@@ -44,17 +43,17 @@ class Stages:
 
     def __init__(self, out: Path):
         self.out, self.path = out, out / "timings.json"
+        out.mkdir(parents=True, exist_ok=True)
         self.timings = json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def run(self, name: str, done: Path, args: list[str]) -> None:
         if done.exists():
             print(f"  {name}: done before ({done})", flush=True)
             return
-        start = time.perf_counter()
         with open(self.out / f"{name.replace('/', '-')}.log", "a") as log:
-            r = subprocess.run([str(BIN / "emoji-ldm"), *args], env={**os.environ, "RAY_ADDRESS": ""}, stdout=log,
-                               stderr=subprocess.STDOUT)
-        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+            seconds, r = run_timed([BIN / "emoji-ldm", *args], check=False, env={**os.environ, "RAY_ADDRESS": ""},
+                                   stdout=log, stderr=subprocess.STDOUT)
+        self.timings[name] = self.timings.get(name, 0.0) + seconds
         self.path.write_text(json.dumps(self.timings, indent=2))
         if r.returncode:
             raise SystemExit(f"{name} failed ({r.returncode}); see {self.out}/{name.replace('/', '-')}.log")
@@ -70,11 +69,10 @@ def model(src: Path, out: Path, mode: str, stages: Stages, train_steps: int | No
                ["train-vae", "--dataset", data, "--out", str(m / "vae"), *sets])
     stages.run(f"{mode}/encode", m / "latents" / "_delta_log",
                ["encode", "--dataset", data, "--vae", str(m / "vae"), "--out", str(m / "latents"), *sets])
-    steps = ["--max-steps", str(train_steps)] if train_steps else []
-    resume = ["--resume"] if (m / "run" / "checkpoints").exists() else []
     stages.run(f"{mode}/train", m / "run" / "model" / "model_index.json",
-               ["train", "--data", str(m / "latents"), "--out", str(m / "run"), "--workers", "2",
-                "--zero-stage", "2", "--channels-last", *sets, *steps, *resume])
+               ["train", "--data", str(m / "latents"), "--out", str(m / "run"), "--workers", "2", "--zero-stage", "2",
+                "--channels-last", *sets, *(["--max-steps", str(train_steps)] if train_steps else []),
+                *(["--resume"] if (m / "run" / "checkpoints").exists() else [])])
 
 
 def main() -> None:
@@ -93,7 +91,6 @@ def main() -> None:
     for table in ("rgba", "rgb"):
         if not (src / table / "twemoji" / "_delta_log").exists() or not (src / table / "judge").exists():
             raise SystemExit(f"--from {src}: no {table}/twemoji table or {table}/judge (run bench/alpha_quality.py)")
-    out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out)
     for mode in [args.only] if args.only else PAIR:
         print(f"{mode}:", flush=True)
@@ -109,16 +106,19 @@ def main() -> None:
             **{m: r for m, r in own.items() if MODES[m][0] == "rgba"},
             "rgb": json.loads(shared.read_text()) if shared.exists() else
             evaluate(out / "rgb", src / "rgba" / "judge", shared, samples=512)}
-    steps = f"{args.train_steps:,} UNet steps" if args.train_steps else "the preset's UNet steps"
+    steps, rows = f"{args.train_steps:,} UNet steps" if args.train_steps else "the preset's UNet steps", []
     for name, r in results.items():
         print(f"alpha_small64: small64, {steps}, 512 samples, {name}")
         for mode, e in r.items():
             print(line(mode, e))
         for mode in (m for m in r if m != "rgb" and "rgb" in r):
-            print(f"  {mode} / rgb: emoji-FID {r[mode]['emoji_fid'] / r['rgb']['emoji_fid']:.2f} (lower is "
-                  f"better), prompt accuracy {r[mode]['prompt_accuracy'] / max(r['rgb']['prompt_accuracy'], 1e-9):.2f}")
+            pair = pair_rows("transparency: small64", r[mode], r["rgb"], mode)
+            print(f"  {mode} / rgb: " + ", ".join(f"{p['metric'].split(', ')[0]} {p['ratio'] or 0:.2f}" for p in pair))
+            rows += pair if name == "own judges" else []  # the shared judge's pair is not a fair one
     print("  wall time, s: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.timings.items()))
-    sys.stdout.flush()
+    write_record("alpha_small64", {"train_steps": args.train_steps, "timings_s": stages.timings, "eval": results},
+                 rows, about="`small64` on the RGBA table (ours) and on the white RGB one with `vae.channels=3` "
+                 "(peer), each scored by its own run's judge.")
 
 
 if __name__ == "__main__":

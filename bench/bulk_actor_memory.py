@@ -3,7 +3,7 @@
 Issue 28: in `bench/scale_data.py`, bulk's model actor (a Ray Data actor running `BulkGenerator`) grew from
 574 to 719 MiB private from 10k to 50k prompts (1.25x; 1.13x the day before). This runs the same class in one
 plain process, on the same tiny model, with the CLI's batches (32 prompts, 1 image each, 2 steps), and prints
-its private memory (RSS less shared pages, psutil) every 800 images: if it stays flat here, what grows is
+its private memory (RSS less shared pages, bench/common.py) every 800 images: if it stays flat here, what grows is
 the actor's Ray context (Ray Data's batches, the core worker), not the sampler, the model or the PNG writer.
 
     .venv/bin/python bench/bulk_actor_memory.py --model RUN [--images 9600] [--trim]
@@ -16,20 +16,22 @@ actor report, every 100 batches, what it holds: Python's heap (tracemalloc, and 
 batch 20), Arrow's pool, live Python objects, threads and memory maps; --ray --trim has the actor call
 malloc_trim after every batch.
 
-What it found (bench/RESULTS.md, 2026-11-25): Ray Data runs the actor's batches on a pool thread, whose glibc
+What it found (bench/HISTORY.md, 2026-11-25): Ray Data runs the actor's batches on a pool thread, whose glibc
 heap kept what each batch freed (520 -> 685 MiB in 17 minutes; ~470 flat with --trim). Since `2d36d6b`
-BulkGenerator trims after every batch itself (`emoji_ldm.runtime.release_free_heap`), so --trim adds nothing
+BulkGenerator trims after every batch itself (`emoji_ldm.runtime.heap.release_free_heap`), so --trim adds nothing
 to --ray there: check out `af881d2` to see the growth.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
 import numpy as np
 import psutil
+from common import TreeSampler, private_mib, write_record
 
 from emoji_ldm.inference.bulk import BulkGenerator
 from emoji_ldm.inference.settings import SamplerSettings
@@ -45,11 +47,6 @@ def prompt_batch(batch: dict) -> dict:
     return {"prompt_id": ids.astype(str), "prompt": np.array([f"a {i % 977} smiling cat number {i}" for i in ids])}
 
 
-def private_mib(proc: psutil.Process) -> float:
-    m = proc.memory_info()
-    return (m.rss - m.shared) / 2**20
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
@@ -62,14 +59,16 @@ def main() -> None:
         return in_ray(args.model, args.images, args.trace, args.trim)
     out = tempfile.mkdtemp(prefix="emoji-ldm-actor-")
     generator = BulkGenerator(args.model, out, SETTINGS, "cpu", images_per_call=BATCH)
-    proc, start = psutil.Process(), time.time()
+    start, series = time.time(), []  # (images, private MiB, seconds)
     print(f"{'images':>7} {'private MiB':>12} {'s':>5}   (malloc_trim: {'on' if args.trim else 'off'})")
     for first in range(0, args.images, BATCH):
         generator(prompt_batch({"id": np.arange(first, first + BATCH)}))
         if args.trim:
             release_free_heap()
         if (first // BATCH) % 25 == 0 or first + BATCH >= args.images:
-            print(f"{first + BATCH:>7} {private_mib(proc):>12.1f} {time.time() - start:>5.0f}", flush=True)
+            series.append((first + BATCH, private_mib(), time.time() - start))
+            print("{:>7} {:>12.1f} {:>5.0f}".format(*series[-1]), flush=True)
+    write_record("bulk_actor_memory", {"ray": False, "trim": args.trim, "series": series}, [])
 
 
 def private_by_mapping(proc: psutil.Process) -> str:
@@ -131,33 +130,28 @@ class ProbedGenerator(BulkGenerator):
 
 
 def in_ray(model: str, images: int, trace: bool = False, trim: bool = False) -> None:
-    import threading
-
     import ray.data
 
     from emoji_ldm.runtime.connect import ensure_ray
 
     ensure_ray()
-    out, start, done = tempfile.mkdtemp(prefix="emoji-ldm-actor-"), time.time(), threading.Event()
+    out, start, series = tempfile.mkdtemp(prefix="emoji-ldm-actor-"), time.time(), []  # (s, pid, private MiB)
 
-    def watch() -> None:
-        while not done.wait(10):
-            for p in psutil.Process().children(recursive=True):
-                try:
-                    if "Generator" in " ".join(p.cmdline()):
-                        print(f"{time.time() - start:>5.0f} s  actor {p.pid}: {private_mib(p):.1f} MiB private",
-                              flush=True)
-                except psutil.Error:
-                    pass
+    def watch(now: float, procs: list[dict]) -> None:
+        for p in procs:
+            if "Generator" in p["cmdline"]:
+                series.append((now - start, p["pid"], p["private"] / 2**20))
+                print("{:>5.0f} s  actor {}: {:.1f} MiB private".format(*series[-1]), flush=True)
 
-    threading.Thread(target=watch, daemon=True).start()
-    rows = ray.data.range(images).map_batches(prompt_batch, batch_format="numpy").map_batches(
-        ProbedGenerator, batch_size=BATCH, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
-        fn_constructor_kwargs={"model": model, "images_uri": out, "settings": SETTINGS, "device": "cpu",
-                               "images_per_call": BATCH, "trace": trace, "trim": trim})
-    drawn = sum(len(b["prompt_id"]) for b in rows.iter_batches(batch_size=512))
-    done.set()
+    with TreeSampler(os.getpid(), watch, interval=10):
+        rows = ray.data.range(images).map_batches(prompt_batch, batch_format="numpy").map_batches(
+            ProbedGenerator, batch_size=BATCH, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+            fn_constructor_kwargs={"model": model, "images_uri": out, "settings": SETTINGS, "device": "cpu",
+                                   "images_per_call": BATCH, "trace": trace, "trim": trim})
+        drawn = sum(len(b["prompt_id"]) for b in rows.iter_batches(batch_size=512))
     print(f"{drawn} images in {time.time() - start:.0f} s")
+    write_record("bulk_actor_memory", {"ray": True, "trace": trace, "trim": trim, "images": drawn, "series": series},
+                 [])
 
 
 if __name__ == "__main__":

@@ -174,7 +174,7 @@ def spread(values: list[float], kind: str = "range") -> list[float]:
 
 def human(n: float) -> str:
     """A size for a metric's name: 500, 5k, 1.5M."""
-    return f"{n / 1e6:g}M" if n >= 1e6 else f"{n / 1e3:g}k" if n >= 1e3 else f"{n:g}"
+    return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}k" if n >= 1e3 else f"{n:g}"
 
 
 def row(area: str, metric: str, ours, peer=None, unit: str = "", goal: str | None = None,

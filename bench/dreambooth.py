@@ -15,17 +15,16 @@ The model is `make demo`'s (demo-out/run, the tiny preset) when present, else a 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO, row, run_timed, timed, write_record
+
 sys.path.insert(0, str(REPO))
 
 
@@ -94,10 +93,8 @@ def train_step(model: str, method: str, steps: int, batch: int) -> dict:
         engine.step()
 
     step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return {"method": method, "ms_per_step": (time.perf_counter() - start) / steps * 1000,
+    seconds, _ = timed(lambda: [step() for _ in range(steps)])
+    return {"method": method, "ms_per_step": seconds / steps * 1000,
             "trainable_m": sum(p.numel() for p in params) / 1e6,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -124,8 +121,7 @@ def main() -> None:
 
         model = str(tiny_model_with_card(work / "stand-in"))
         print(f"no {args.model}: using a tiny SD stand-in", flush=True)
-    print(f"bench/dreambooth.py {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, model {model}, "
-          f"{os.cpu_count()} CPUs", flush=True)
+    print(f"bench/dreambooth.py: model {model}, {os.cpu_count()} CPUs", flush=True)
 
     loop = plain_loop(model, args.images, args.steps, args.batch)
     print(f"class images, plain loop:   {loop:6.1f} images/s ({args.images} images, {args.steps} steps, "
@@ -136,19 +132,23 @@ def main() -> None:
 
     rows = {}
     for method in ("full", "lora"):
-        r = subprocess.run([sys.executable, __file__, "--model", model, "--step-only", method,
-                            "--train-steps", str(args.train_steps), "--train-batch", str(args.train_batch)],
-                           capture_output=True, text=True, cwd=REPO)
-        if r.returncode:
-            raise SystemExit(f"{method} step failed:\n{r.stderr[-2000:]}")
+        _, r = run_timed([sys.executable, __file__, "--model", model, "--step-only", method, "--train-steps",
+                          str(args.train_steps), "--train-batch", str(args.train_batch)], cwd=REPO)
         rows[method] = json.loads(r.stdout.strip().splitlines()[-1])
-        row = rows[method]
-        print(f"train step {method:4s}: {row['ms_per_step']:7.1f} ms/step, {row['trainable_m']:.2f}M trainable, "
-              f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+        step = rows[method]
+        print(f"train step {method:4s}: {step['ms_per_step']:7.1f} ms/step, {step['trainable_m']:.2f}M trainable, "
+              f"peak RSS {step['peak_rss_mib']:.0f} MiB", flush=True)
     full, lora = rows["full"], rows["lora"]
     print(f"lora vs full: step time {lora['ms_per_step'] / full['ms_per_step']:.2f}x, peak memory "
           f"{lora['peak_rss_mib'] / full['peak_rss_mib']:.2f}x, trainable params "
           f"{lora['trainable_m'] / full['trainable_m']:.3f}x", flush=True)
+    write_record("dreambooth", {"config": vars(args), "plain_images_per_s": loop, "ours_images_per_s": ray_data,
+                                "train_step": rows}, [
+        row("dreambooth", f"class images/s: Ray Data ({args.actors} model actors, one Delta commit) vs a plain loop",
+            ray_data, loop, "images/s"),
+        *(row("dreambooth", f"{what}: LoRA (rank 4) vs full", lora[key], full[key], unit) for what, key, unit in (
+            ("ms per training step", "ms_per_step", "ms"), ("peak RSS of the step's process", "peak_rss_mib", "MiB")))],
+        about=f"class images through Ray Data vs a plain pipeline loop; the LoRA step vs the full one; on {model}.")
 
 
 if __name__ == "__main__":

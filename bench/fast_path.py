@@ -5,7 +5,7 @@ Each variant is one `emoji-ldm train-step-check` (the real training step on a Pl
 DPM-Solver++ loop with guidance, random weights) in its own process, so compile caches and peak memory do not
 carry over. Prints training images/s, sampler images/s, the first (compiling) step's seconds and peak memory,
 and each variant's ratio to fp32 eager. CPU figures say what to turn on where, not what a GPU does
-(bench/RESULTS.md "GPU fast path" has the GPU commands).
+(bench/HISTORY.md "GPU fast path" has the GPU commands).
 
     python bench/fast_path.py [--preset tiny] [--batch-size 64] [--steps 10] [--sample-batch 16]
 """
@@ -13,14 +13,12 @@ and each variant's ratio to fp32 eager. CPU figures say what to turn on where, n
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO, row, run_timed, write_record
+
 sys.path.insert(0, str(REPO))
 
 VARIANTS = {  # name: SpeedOptions fields
@@ -64,27 +62,27 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
-    print(f"bench/fast_path.py {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, preset {args.preset}, "
-          f"{os.cpu_count()} CPUs, training batch {args.batch_size} x {args.steps} steps, sampler batch "
-          f"{args.sample_batch} x {args.sample_steps} steps", flush=True)
-    rows = []
+    print(f"bench/fast_path.py: preset {args.preset}, {os.cpu_count()} CPUs, training batch {args.batch_size} x "
+          f"{args.steps} steps, sampler batch {args.sample_batch} x {args.sample_steps} steps", flush=True)
+    done, flags = [], ["--preset", args.preset, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+                       "--sample-batch", str(args.sample_batch), "--sample-steps", str(args.sample_steps)]
     for variant in variants:
-        flags = ["--preset", args.preset, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-                 "--sample-batch", str(args.sample_batch), "--sample-steps", str(args.sample_steps)]
-        r = subprocess.run([sys.executable, __file__, *flags, "--one", variant], capture_output=True, text=True,
-                           cwd=REPO)
+        seconds, r = run_timed([sys.executable, __file__, *flags, "--one", variant], check=False, cwd=REPO)
         if r.returncode:
             print(f"{variant:24s} failed:\n{r.stderr[-1500:]}", flush=True)
             continue
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-        base = rows[0]
-        row = rows[-1]
-        print(f"{variant:24s} train {row['train_images_per_s']:7.1f} images/s "
-              f"({row['train_images_per_s'] / base['train_images_per_s']:.2f}x), first step "
-              f"{row['first_step_s']:6.1f} s | sampler {row['sample_images_per_s']:6.2f} images/s "
-              f"({row['sample_images_per_s'] / base['sample_images_per_s']:.2f}x), first call "
-              f"{row['first_sample_s']:6.1f} s | peak RSS {row['peak_rss_mib']:5.0f} MiB, MFU {100 * row['mfu']:.1f}%",
+        done.append(v := {**json.loads(r.stdout.strip().splitlines()[-1]), "process_s": seconds})
+        base = done[0]
+        print(f"{variant:24s} train {v['train_images_per_s']:7.1f} images/s "
+              f"({v['train_images_per_s'] / base['train_images_per_s']:.2f}x), first step "
+              f"{v['first_step_s']:6.1f} s | sampler {v['sample_images_per_s']:6.2f} images/s "
+              f"({v['sample_images_per_s'] / base['sample_images_per_s']:.2f}x), first call "
+              f"{v['first_sample_s']:6.1f} s | peak RSS {v['peak_rss_mib']:5.0f} MiB, MFU {100 * v['mfu']:.1f}%",
               flush=True)
+    write_record("fast_path", {"config": flags, "variants": done}, [
+        row("fast_path", f"{v['variant']}: {what} images/s vs {done[0]['variant']}", v[key], done[0][key], "images/s")
+        for v in done[1:] for what, key in (("training", "train_images_per_s"), ("sampler", "sample_images_per_s"))],
+        about=f"each variant one `train-step-check --preset {args.preset}` in its own process.")
 
 
 if __name__ == "__main__":

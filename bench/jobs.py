@@ -16,7 +16,6 @@ Needs a trained model (`make demo` leaves one in demo-out/run).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import statistics
 import sys
@@ -26,8 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import urllib3
+from common import REPO, free_port, row, timed, write_record
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 WORDS = ["cat", "dog", "heart", "star", "sun", "moon", "pizza", "rocket", "ghost", "tree", "fish", "bird", "cake",
          "fire", "leaf", "skull"]
@@ -47,11 +46,9 @@ def run_bulk(model: str, items: list[str], out: Path, steps: int, batch: int, cp
 
     prompt_file = out / "prompts.txt"
     prompt_file.write_text("\n".join(items) + "\n")
-    start = time.perf_counter()
-    summary = bulk_generate(BulkConfig(model=model, prompts=str(prompt_file), out=str(out / "bulk"),
-                                       sampler=SamplerSettings(steps=steps, seed=0, count=1), batch_size=batch,
-                                       num_cpus=cpus))
-    seconds = time.perf_counter() - start
+    seconds, summary = timed(bulk_generate, BulkConfig(model=model, prompts=str(prompt_file), out=str(out / "bulk"),
+                                                       sampler=SamplerSettings(steps=steps, seed=0, count=1),
+                                                       batch_size=batch, num_cpus=cpus))
     assert summary["images"] == len(items), summary
     return seconds
 
@@ -74,17 +71,12 @@ def run_job(url: str, items: list[str], steps: int) -> tuple[float, dict]:
 
 def flood(method: str, url: str, headers: dict, body: bytes | None, rounds: int, concurrency: int) -> dict:
     latencies, codes = [], {}
-
-    def one(_):
-        t = time.perf_counter()
-        r = HTTP.request(method, url, body=body, headers=headers)
-        return time.perf_counter() - t, r.status
-
     with ThreadPoolExecutor(concurrency) as pool:
         for _ in range(rounds):
-            for seconds, status in pool.map(one, range(concurrency)):
+            for seconds, r in pool.map(lambda _: timed(HTTP.request, method, url, body=body, headers=headers),
+                                       range(concurrency)):
                 latencies.append(seconds)
-                codes[status] = codes.get(status, 0) + 1
+                codes[r.status] = codes.get(r.status, 0) + 1
     latencies.sort()
     return {"codes": codes, "p50_ms": 1000 * statistics.median(latencies),
             "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))], "n": len(latencies)}
@@ -104,13 +96,12 @@ def main() -> None:
 
     from emoji_ldm.serve.app import application
     from emoji_ldm.serve.keys import KeysCreateConfig, create_command
-    from tests.conftest import free_port
 
     # 4 logical CPUs on the 2 cores: the idle Generator replica holds 0.5 while an actor draws with 2
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     items = prompts(args.images)
     tmp = Path(tempfile.mkdtemp(prefix="bench-jobs-"))
-    print(f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC: {len(items)} images, {args.steps} steps, "
+    print(f"{len(items)} images, {args.steps} steps, "
           f"batch {args.batch}, {args.cpus:g} CPUs for the bulk actor and for the job's runner; model {args.model}",
           flush=True)
     bulk_s = run_bulk(args.model, items, tmp, args.steps, args.batch, args.cpus)
@@ -151,6 +142,12 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:26s} n={r['n']} codes={r['codes']} p50 {r['p50_ms']:.0f} ms p99 {r['p99_ms']:.0f} ms")
     print(f"Generator requests during the floods: {after - before} (the one keyed request within the rate: 1)")
+    rows = [row("jobs", f"wall time of {len(items)} images: a set job (POST /v1/jobs) vs `emoji-ldm bulk`", job_s,
+                bulk_s, "s", "<= 1.1")] + [row("jobs", f"p99 latency: {name} vs GET /healthz", r["p99_ms"], results[
+                    "GET /healthz (reference)"]["p99_ms"], "ms") for name, r in list(results.items())[1:]]
+    write_record("jobs", {**vars(args), "bulk_s": bulk_s, "job_s": job_s, "floods": results, "generator_requests":
+                          after - before}, rows, about="the `make demo` model on one local Ray: a set job against "
+                 "`emoji-ldm bulk`; floods of 200 concurrent refused requests against GET /healthz.")
     serve.shutdown()
     ray.shutdown()
 

@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import argparse
 import io
-import time
 
 import numpy as np
+from common import row, timed, write_record
 from PIL import Image
 
 from emoji_ldm.imaging import ImageConfig, clean_image, composite
 from emoji_ldm.sources.twemoji import twemoji_dir
 
-BACKGROUNDS = {"white": (255, 255, 255), "grey": (128, 128, 128), "light blue": (200, 225, 245),
-               "green": (46, 139, 87)}
+BACKGROUNDS = {"white": (255, 255, 255), "grey": (128, 128, 128), "light blue": (200, 225, 245), "green": (46, 139, 87)}
 SIZE = 72
 
 
@@ -62,23 +61,24 @@ def main() -> None:
             truth = np.asarray(src)[..., 3] >= 128
             buf = io.BytesIO()
             composite(src, colour).save(buf, format="JPEG", quality=90)
-            jpeg = buf.getvalue()
-            start = time.perf_counter()
-            result = clean_image(jpeg, config)
-            t_ours += time.perf_counter() - start
+            seconds, result = timed(clean_image, jpeg := buf.getvalue(), config)
+            t_ours += seconds
             kinds[result.alpha] = kinds.get(result.alpha, 0) + 1
             alpha = np.asarray(Image.open(io.BytesIO(result.png)).convert("RGBA"))[..., 3] >= 128
             ours.append(iou(alpha, truth))
             peer.append(iou(imagemagick_fuzz(jpeg), truth))
-        rows.append((name, np.mean(ours), np.mean(peer), kinds.get("keyed", 0) / len(files),
-                     1000 * t_ours / len(files)))
+        rows.append({"background": name, "ours_iou": np.mean(ours), "peer_iou": np.mean(peer), "keyed":
+                     kinds.get("keyed", 0) / len(files), "ms_per_image": 1000 * t_ours / len(files)})
         print(f"  {name:10s}  ours IoU {np.mean(ours):.3f} (p10 {np.percentile(ours, 10):.3f}, keyed "
               f"{kinds.get('keyed', 0)}/{len(files)}, {1000 * t_ours / len(files):.1f} ms/image)   "
               f"ImageMagick fuzz 10% IoU {np.mean(peer):.3f} (p10 {np.percentile(peer, 10):.3f})   "
               f"ratio {np.mean(ours) / np.mean(peer):.2f}", flush=True)
-    mean_ours, mean_peer = np.mean([r[1] for r in rows]), np.mean([r[2] for r in rows])
-    print(f"keying: mean IoU ours {mean_ours:.3f}, ImageMagick fuzz {mean_peer:.3f}, ours / peer "
-          f"{mean_ours / mean_peer:.2f}")
+    mean_ours, mean_peer = np.mean([r["ours_iou"] for r in rows]), np.mean([r["peer_iou"] for r in rows])
+    print(f"keying: mean IoU ours {mean_ours:.3f}, ImageMagick {mean_peer:.3f}, ours/peer {mean_ours / mean_peer:.2f}")
+    note = "per background " + ", ".join(f"{r['background']} {r['ours_iou'] / r['peer_iou']:.2f}x" for r in rows)
+    write_record("keying", {"images": len(files), "backgrounds": rows}, [row(
+        "transparency: keying", "alpha IoU, mean of the backgrounds: ours vs ImageMagick's fuzz", mean_ours, mean_peer,
+        "", None, note)], about="Twemoji on flat backgrounds, JPEG q90; peer: ImageMagick `-fuzz 10% -transparent`.")
 
 
 if __name__ == "__main__":

@@ -29,9 +29,8 @@ import math
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO, human, row, write_record
 
 ROWS = r"""
 import datetime as dt
@@ -50,18 +49,14 @@ def rows(c, chunk):  # one chunk as bulk commits it: a distinct prompt per row
 
 CHILD = r"""
 import json, sys, time
-import psutil
-sys.path.insert(0, sys.argv[4])
+sys.path[:0] = [sys.argv[4], sys.argv[4] + "/bench"]
+from common import private_mib
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from emoji_ldm.store.delta import META_KEY, append_rows
 ROWS
 commits, chunk, uri, _, how = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 metadata = {"operation": "bulk-generate", "counts": {"images": chunk},
             "config": {"model": "s3://bucket/model", "prompts": "s3://bucket/prompts.txt", "chunk_size": chunk}}
-
-def private():
-    m = psutil.Process().memory_info()
-    return (m.rss - m.shared) / 2**20
 
 peak, table, start = 0.0, None, time.perf_counter()
 for c in range(1, commits + 1):
@@ -71,28 +66,22 @@ for c in range(1, commits + 1):
         write_deltalake(table or uri, rows(c, chunk), mode="append",
                         commit_properties=CommitProperties(custom_metadata={META_KEY: metadata}))
         table = table or DeltaTable(uri)
-    peak = max(peak, private())
+    peak = max(peak, private_mib())
 print(json.dumps({"commits": commits, "peak_mib": peak, "commits_per_s": commits / (time.perf_counter() - start)}))
 """.replace("ROWS", ROWS)
 
 ONE = r"""
-import sys, threading, time
-import psutil
-sys.path.insert(0, sys.argv[2])
+import os, sys, time
+sys.path[:0] = [sys.argv[2], sys.argv[2] + "/bench"]
+from common import TreeSampler
 from emoji_ldm.store.delta import append_rows
 ROWS
 
-peak = 0.0
-def watch():
-    global peak
-    while True:
-        m = psutil.Process().memory_info()
-        peak = max(peak, (m.rss - m.shared) / 2**20)
-        time.sleep(0.005)
-threading.Thread(target=watch, daemon=True).start()
-append_rows(sys.argv[1], rows(0, int(sys.argv[3])), {"operation": "bulk-generate"})
-time.sleep(0.05)
-print(round(peak, 1))
+peak = []  # the process's private memory every 5 ms, in MiB
+with TreeSampler(os.getpid(), lambda _, procs: peak.append(procs[0]["private"] / 2**20), interval=0.005):
+    append_rows(sys.argv[1], rows(0, int(sys.argv[3])), {"operation": "bulk-generate"})
+    time.sleep(0.05)
+print(round(max(peak), 1))
 """.replace("ROWS", ROWS)
 
 
@@ -133,6 +122,16 @@ def main() -> None:
         for n, first in zip(sizes[:-1], results[how][:-1]):
             print(f"{how}: {sizes[-1]:,} / {n:,} prompts: memory {last['peak_mib'] / first['peak_mib']:.2f}x, "
                   f"commits/s {last['commits_per_s'] / first['commits_per_s']:.2f}x")
+    small, large = results["ours"][0], results["ours"][-1]
+    span, area = f"{human(sizes[-1])} / {human(sizes[0])} prompts", "scale_data: bulk commits"
+    rows = [row(area, f"one commit in a fresh process (as bulk commits), {span}", large["one_commit_mib"],
+                small["one_commit_mib"], "MiB", "<= 1.25"),
+            row(area, f"the commit loop in one process, {span}", large["peak_mib"], small["peak_mib"], "MiB")]
+    if not args.no_peer:
+        rows.append(row(area, "the commit loop: ours vs a DeltaTable kept open", large["peak_mib"],
+                        results["peer"][-1]["peak_mib"], "MiB"))
+    write_record("manifest_commits", {"chunk_size": args.chunk_size, "prompts": sizes, **results}, rows,
+                 about=f"bulk's manifest commits alone, {args.chunk_size} rows each; the committer's peak memory.")
 
 
 if __name__ == "__main__":

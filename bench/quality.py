@@ -16,26 +16,22 @@ Needs the dataset and latent table of `make demo` (demo-out/twemoji, demo-out/la
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO, row, run_timed, write_record
+
 BIN = Path(sys.executable).parent
 RECIPE_B = ("train.snr_gamma=5", "train.ema_warmup=true", "train.ema_power=0.75", "train.noise_offset=0.05")
 
 
 def cli(*args: str) -> str:
-    t0 = time.perf_counter()
-    r = subprocess.run([str(BIN / "emoji-ldm"), *args], capture_output=True, text=True, cwd=REPO)
-    if r.returncode:
-        raise SystemExit(f"emoji-ldm {' '.join(args[:2])} failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    print(f"  emoji-ldm {' '.join(args[:1])}: {time.perf_counter() - t0:.0f} s", flush=True)
+    seconds, r = run_timed([BIN / "emoji-ldm", *args], cwd=REPO)
+    print(f"  emoji-ldm {' '.join(args[:1])}: {seconds:.0f} s", flush=True)
     return r.stdout
 
 
@@ -98,9 +94,13 @@ def main() -> None:
     a, b = results["A"], results["B"]
     print(f"emoji-FID A/B = {a['emoji_fid'] / b['emoji_fid']:.2f}x (above 1: B is better); prompt accuracy B/A = "
           f"{b['prompt_accuracy'] / max(a['prompt_accuracy'], 1e-9):.2f}x")
-    print(f"date {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, "
-          f"{(time.time() - started) / 60:.0f} min; runs in {work}")
-    (work / "results.json").write_text(json.dumps({"recipe_b": recipe_b, "steps": args.steps, **results}, indent=2))
+    print(f"{os.cpu_count()} cores, {(time.time() - started) / 60:.0f} min; runs in {work}")
+    write_record("quality", {"recipe_b": recipe_b, "steps": args.steps, "samples": args.samples, **results}, [
+        row("quality", "emoji-FID (lower is better)", b["emoji_fid"], a["emoji_fid"]),
+        row("quality", "prompt accuracy (the judge's)", 100 * b["prompt_accuracy"], 100 * a["prompt_accuracy"], "%"),
+        row("quality", "held-out denoising loss (lower is better)", b["heldout_loss"], a["heldout_loss"])],
+        about=f"`tiny` trained twice, {args.steps} steps, same seed; ours: recipe B ({' '.join(recipe_b)}), "
+        "peer: A (the preset's).")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,9 @@
 """What a 4-channel VAE is given for the colour of an RGBA emoji, and how well it gives it back (issue 25).
 
-The RGBA models' VAE reconstructs colour 2.8x worse than the RGB one at the demo's steps (bench/RESULTS.md,
-"RGBA against RGB training"), and the UNet cannot draw better than its autoencoder. One suspect is the
-colour it is given: straight RGB with fully transparent pixels zeroed, so every emoji sits on black and its
-silhouette is a hard edge of the largest contrast. This trains the `--preset`'s own VAE three times, one
-process, the same seed, steps, batches and held-out images (every 8th Twemoji), on:
+The RGBA models' VAE reconstructs colour worse than the RGB one (bench/HISTORY.md), and the UNet cannot draw
+better than its autoencoder. One suspect is the colour it is given: straight RGB with transparent pixels zeroed,
+every emoji on black, its silhouette a hard edge of the largest contrast. This trains the `--preset`'s own VAE
+three times, one process, the same seed, steps, batches and held-out images (every 8th Twemoji), on:
 
   1. ours, `straight`: straight RGBA, transparent colour black (what `alpha.model_pixels` gives today);
   2. ours, `grey`: the colour composited onto mid-grey, plus alpha (straight colour comes back exactly
@@ -21,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import numpy as np
 import torch
+from common import row, timed, write_record
 
 GREY = 128 / 255
 
@@ -70,8 +69,7 @@ def train_and_measure(name: str, preset, train: torch.Tensor, held: torch.Tensor
                                               * 0.9 + 0.1)  # as train/vae.py
     gen = torch.Generator().manual_seed(preset.train.seed * 1000)
     pixels = encode(train)  # (N, C, H, W) in [-1, 1]
-    start = time.perf_counter()
-    for _ in range(steps):
+    def step() -> None:
         x = pixels[torch.randint(0, len(pixels), (spec.train_batch_size,), generator=gen)]
         recon, kl = model(x, gen)
         loss = (torch.nn.functional.mse_loss(recon, x) + 0.5 * torch.nn.functional.l1_loss(recon, x)
@@ -81,7 +79,7 @@ def train_and_measure(name: str, preset, train: torch.Tensor, held: torch.Tensor
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-    seconds = time.perf_counter() - start
+    seconds, _ = timed(lambda: [step() for _ in range(steps)])
     model.eval()
     with torch.no_grad():
         vae = model.vae
@@ -115,9 +113,11 @@ def main() -> None:
         fmt = lambda v: "-" if v is None else f"{v:.4f}"
         print(f"  {name:9s}: MSE on white {fmt(r['white'])}, on mid-grey {fmt(r['grey'])}, alpha {fmt(r['alpha'])} "
               f"({r['seconds']:.0f} s)", flush=True)
-    if "rgb-white" in results:
-        for name in set(results) - {"rgb-white"}:
-            print(f"{name} / rgb-white, MSE on white: {results[name]['white'] / results['rgb-white']['white']:.2f}x")
+    peer = results.get("rgb-white", {}).get("white")
+    rows = [row("transparency: vae", f"MSE on white (lower is better), {steps} steps: {n} vs rgb-white", r["white"],
+                peer) for n, r in results.items() if n != "rgb-white" and peer]
+    print("\n".join(f"{r['metric'].split(': ')[1]}, MSE on white: {r['ratio']:.2f}x" for r in rows))
+    write_record("vae_alpha", {"steps": steps, **results}, rows, about="the VAE alone; peer: 3 channels on white.")
 
 
 if __name__ == "__main__":
