@@ -20,7 +20,6 @@ import os
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from common import REPO, row, run_timed, timed, write_record
@@ -35,12 +34,12 @@ def plain_loop(model: str, count: int, steps: int, batch: int) -> float:
 
     from emoji_ldm.inference.sampler import SampleJob, Sampler
 
-    start = time.perf_counter()
-    sampler = Sampler.load(model)
-    for first in range(0, count, batch):
-        seeds = tuple(range(first, min(count, first + batch)))
-        sampler.pngs([SampleJob(("a cat emoji",) * len(seeds), seeds, "", steps, 5.0)])
-    return count / (time.perf_counter() - start)
+    def draw() -> None:
+        sampler = Sampler.load(model)
+        for first in range(0, count, batch):
+            seeds = tuple(range(first, min(count, first + batch)))
+            sampler.pngs([SampleJob(("a cat emoji",) * len(seeds), seeds, "", steps, 5.0)])
+    return count / timed(draw)[0]
 
 
 def ours(model: str, count: int, steps: int, batch: int, actors: int, work: Path) -> float:
@@ -54,10 +53,10 @@ def ours(model: str, count: int, steps: int, batch: int, actors: int, work: Path
     config = DreamBoothConfig(base=base, instance_data="dir:/unused", instance_prompt="a sks cat emoji",
                               class_prompt="a cat emoji", out=str(work / "db"), num_class_images=count,
                               class_steps=steps, class_batch=batch, class_actors=actors)
-    start = time.perf_counter()
-    _, _, made = class_images(config, base, model_card(base).get("content_id", "bench"), str(work / "classes"))
+    seconds, (_, _, made) = timed(lambda: class_images(config, base, model_card(base).get("content_id", "bench"),
+                                                       str(work / "classes")))
     assert made == count
-    return count / (time.perf_counter() - start)
+    return count / seconds
 
 
 def train_step(model: str, method: str, steps: int, batch: int) -> dict:

@@ -55,16 +55,19 @@ def run_bulk(model: str, items: list[str], out: Path, steps: int, batch: int, cp
 
 def run_job(url: str, items: list[str], steps: int) -> tuple[float, dict]:
     body = {"theme": "", "template": "{item}", "items": items, "steps": steps, "seed": 0}
-    start = time.perf_counter()
-    answer = HTTP.request("POST", f"{url}/v1/jobs", body=json.dumps(body), headers={"content-type": "application/json"})
-    assert answer.status == 202, answer.data
-    job = json.loads(answer.data)
-    while True:
-        state = json.loads(HTTP.request("GET", f"{url}/v1/jobs/{job['id']}").data)
-        if state["state"] in ("succeeded", "failed", "cancelled"):
-            break
-        time.sleep(0.2)
-    seconds = time.perf_counter() - start
+
+    def submit_and_wait() -> dict:
+        answer = HTTP.request("POST", f"{url}/v1/jobs", body=json.dumps(body),
+                              headers={"content-type": "application/json"})
+        assert answer.status == 202, answer.data
+        job = json.loads(answer.data)
+        while True:
+            state = json.loads(HTTP.request("GET", f"{url}/v1/jobs/{job['id']}").data)
+            if state["state"] in ("succeeded", "failed", "cancelled"):
+                return state
+            time.sleep(0.2)
+
+    seconds, state = timed(submit_and_wait)
     assert state["state"] == "succeeded" and state["progress"]["done"] == len(items), state
     return seconds, state
 
