@@ -131,6 +131,9 @@ def render_section(name: str, picked: list[tuple[str, str, dict]]) -> list[str]:
     records = list({id(r): r for _, _, r in picked}.values())
     for r in records:
         about = f"{'' if r['about'].startswith('(') else ':'} {r['about']}" if r.get("about") else ""
+        if r.get("transcribed"):
+            source = r["source"].removeprefix("bench/")
+            about += f" † Transcribed from the archive ([HISTORY.md]({source})); rerun to refresh."
         lines.append(f"- `{' '.join(r['command'])}`{about}")
     lines += ["", "| | ours | peer | ours / peer | goal | run |", "| --- | ---: | ---: | --- | --- | --- |"]
     notes: dict[str, int] = {}
@@ -141,11 +144,7 @@ def render_section(name: str, picked: list[tuple[str, str, dict]]) -> list[str]:
                 lines.append(render_row(row, record, f"{sub}: {row['metric']}" if sub else row["metric"], notes))
     lines.append("")
     lines += [f"- [{i}] {note}" for note, i in notes.items()]
-    sources = [s.removeprefix("bench/") for s in dict.fromkeys(r["source"] for r in records if r.get("transcribed"))]
-    if sources:
-        links = ", ".join(f"[{s.partition('#')[2] or s}]({s})" for s in sources)
-        lines.append(f"- † transcribed from the archive, HISTORY.md: {links}; rerun to refresh.")
-    return lines + ([""] if notes or sources else [])
+    return lines + ([""] if notes else [])
 
 
 def render(records: list[dict], every: bool = False) -> str:

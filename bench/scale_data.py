@@ -210,7 +210,7 @@ def report(results: dict, sizes: dict) -> tuple[dict, list[dict]]:
         growth = ", ".join(f"{p} {x(ra[p + '_private'])} ({x(ra[p])} RSS)" for p in PROCESSES)
         print(f"  {stage:8} {max(ns)}/{min(ns)}: private memory {growth}, tree {x(ra['tree'])}; rows/s "
               f"{x(ra['rows_per_s_stage'])} (stage) {ra['rows_per_s_wall']:.2f}x (wall) -> "
-              f"{'met' if met else 'NOT met'}")
+              f"{'n/a: the path changes' if note else 'met' if met else 'NOT met'}")
         grown = sorted(ra["workers"].items(), key=lambda kv: -kv[1])[:3]
         print("           private memory of the workers that ran each task, largest growth: " + ", ".join(
             f"{t} {hi['workers'][t] / 2**30:.2f} GiB ({v:.2f}x)" for t, v in grown))
