@@ -116,28 +116,20 @@ def _check_port_free(host: str, port: int) -> None:
                             "what uses it") from None
 
 
-def start(config: ServeConfig) -> str:
-    """Deploy the application and return its base URL once every replica is up."""
-    from ray import serve
-
+def app_args(config: ServeConfig, app_cfg: dict) -> dict:
+    """The application's args: the Serve config's, with the command's model, storage, keys and adapters; each
+    URI checked now, with a clear error, rather than in a replica."""
     from emoji_ldm.inference.sampler import model_uri
-    from emoji_ldm.runtime.connect import ensure_ray
-    from emoji_ldm.serve.app import AppArgs, application
+    from emoji_ldm.store.artifacts import check_writable
     from emoji_ldm.store.uri import normalize_uri
 
-    raw = load_serve_config(config.config or default_config_path())
-    app_cfg = next(a for a in raw["applications"] if a["import_path"].startswith("emoji_ldm.serve.app:"))
     model = normalize_uri(config.model)
-    model_uri(model)  # fails now, with the path, rather than in a replica
+    model_uri(model)
     if config.sets_uri:
-        from emoji_ldm.store.artifacts import check_writable
-
         check_writable(config.sets_uri)
     args = {**app_cfg.get("args", {}), "model": model, "sets_uri": normalize_uri(config.sets_uri)
             if config.sets_uri else ""}
     if config.jobs_uri:
-        from emoji_ldm.store.artifacts import check_writable
-
         args["jobs_uri"] = check_writable(config.jobs_uri)
         args["job_num_gpus"] = config.gpus or args.get("job_num_gpus", 0)
         print(f"serve: jobs (POST /v1/jobs) keep their state and results under {args['jobs_uri']}; a job left "
@@ -159,6 +151,19 @@ def start(config: ServeConfig) -> str:
               f"{config.host}:{config.port} can generate", flush=True)
     if config.adapters:
         args["adapters"] = {**args.get("adapters", {}), **{k: normalize_uri(v) for k, v in config.adapters.items()}}
+    return args
+
+
+def start(config: ServeConfig) -> str:
+    """Deploy the application and return its base URL once every replica is up."""
+    from ray import serve
+
+    from emoji_ldm.runtime.connect import ensure_ray
+    from emoji_ldm.serve.app import AppArgs, application
+
+    raw = load_serve_config(config.config or default_config_path())
+    app_cfg = next(a for a in raw["applications"] if a["import_path"].startswith("emoji_ldm.serve.app:"))
+    args = app_args(config, app_cfg)
     AppArgs(**args)
     _check_port_free(config.host, config.port)
     if config.gpus:

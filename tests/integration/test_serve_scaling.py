@@ -63,8 +63,11 @@ def test_autoscales_up_under_load_and_back_down(served):
 
 
 def test_replica_killed_under_load_recovers(served):
+    """While the controller replaces a killed replica, a request may fail with a retryable JSON 503 (or lose its
+    connection mid-kill), never a 500; then the service is back: every request succeeds again."""
     import ray
 
+    in_a_row = 6
     with Load(served, threads=3) as load:
         wait_for(lambda: len(load.codes) >= 3, 60, "load to flow")
         replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
@@ -73,12 +76,10 @@ def test_replica_killed_under_load_recovers(served):
         victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
         ray.kill(victim, no_restart=True)
         killed_at = len(load.codes)
-        wait_for(lambda: running() >= 1 and len(load.codes) > killed_at + 6, 120, "requests after the kill")
+        wait_for(lambda: len(load.codes) >= killed_at + in_a_row and set(load.codes[-in_a_row:]) == {200}, 120,
+                 f"{in_a_row} requests in a row to succeed after the kill")
     after = load.codes[killed_at:]
-    assert after[-1] == 200 or 200 in after[-6:], after
-    # a fresh request succeeds once the controller has replaced the replica
-    wait_for(lambda: post(served + "/v1/generate", {"prompt": "after kill", "steps": 2}).status == 200, 60,
-             "a request to succeed after the kill")
+    assert all(code == 200 or code == 503 or isinstance(code, str) for code in after), after
 
 
 def test_store_without_sets_uri_is_a_409(served):

@@ -1,0 +1,96 @@
+"""The model deployment: one diffusers pipeline per replica; `@serve.batch` packs concurrent requests
+into one pipeline call, counted in images, not requests. Autoscaled by ongoing requests
+(`serve_config.yaml`)."""
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from ray import serve  # noqa: TID253 (a Serve deployment is decorated at import)
+
+from emoji_ldm.inference.sampler import SampleJob
+from emoji_ldm.runtime.heap import release_free_heap
+
+logger = logging.getLogger("ray.serve")
+
+
+def images_in(jobs: list[SampleJob]) -> int:
+    """Batch size in images, not requests (`@serve.batch` batch_size_fn)."""
+    return sum(len(job.prompts) for job in jobs)
+
+
+@serve.deployment(name="Generator")
+class Generator:
+    """One pipeline per replica; concurrent requests share pipeline calls."""
+
+    def __init__(self, model: str, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.05,
+                 device: str = "auto", torch_threads: int = 0, png_metadata: bool = True, inference=None,
+                 adapters: dict | None = None):
+        import torch
+
+        from emoji_ldm.inference.sampler import model_card
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Every torch call of this replica runs on this one thread. With OpenMP, each thread that
+        # runs torch ops gets its own team of workers, and an idle team keeps spinning on the cores,
+        # which slows the UNet down when threads alternate (asyncio.to_thread's pool).
+        self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
+        self.sampler = self._torch_thread.submit(self._load, model, device, torch_threads, inference).result()
+        for name, uri in (adapters or {}).items():  # LoRA adapters on this one base, chosen per request
+            self._torch_thread.submit(self.sampler.load_adapter, name, uri).result()
+        self.warmup_s = None
+        if inference is not None and inference.compile:
+            # __init__ returns (and the replica, hence /healthz, is ready) only once the compiled UNet has run
+            # at batch 1 and at the largest batch: the first request does not pay the compile
+            self.warmup_s = self._torch_thread.submit(self.sampler.warm_up, (1, max_batch_size)).result()
+            logger.info("Generator: compiled UNet warmed up in %.1f s", self.warmup_s)
+        self.card = model_card(model)
+        self.png_metadata = png_metadata
+        self._batch.set_max_batch_size(max_batch_size)
+        self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.requests = self.images = 0
+        self.batch_sizes: list[int] = []  # images per pipeline call, the last 1000
+        logger.info("Generator: %s on %s, max batch %d images", model, device, max_batch_size)
+
+    @staticmethod
+    def _load(model: str, device: str, torch_threads: int, inference):
+        import torch
+
+        from emoji_ldm.inference.sampler import Sampler
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        return Sampler.load(model, device=device, options=inference)
+
+    async def sample(self, job: SampleJob) -> list[tuple[bytes, dict]]:
+        """(PNG bytes, generation parameters) per image of one job (at most max_batch_size images)."""
+        self.requests += 1
+        return await self._batch(job)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05, batch_size_fn=images_in)
+    async def _batch(self, jobs: list[SampleJob]) -> list[list[tuple[bytes, dict]]]:
+        # off the event loop, so the replica keeps accepting (and queueing) requests meanwhile
+        return await asyncio.get_running_loop().run_in_executor(self._torch_thread, self._sample_pngs, jobs)
+
+    def _sample_pngs(self, jobs: list[SampleJob]) -> list[list[tuple[bytes, dict]]]:
+        size = images_in(jobs)
+        self.images += size
+        self.batch_sizes = (self.batch_sizes + [size])[-1000:]
+        made = self.sampler.pngs(jobs, metadata=self.png_metadata)
+        release_free_heap()  # a replica lives for days: the call's freed activations go back to the OS
+        return made
+
+    def model_card(self) -> dict:
+        """The card, with where the model is (`uri`: the folder with model_index.json, absolute)."""
+        unet = self.sampler.pipe.unet
+        return {**self.card, "uri": self.sampler.model_uri, "image_size": self.sampler.image_size,
+                "adapters": sorted(self.sampler.adapters.values(), key=lambda a: a["name"]),
+                "runtime": {"device": str(unet.device), "dtype": str(unet.dtype).removeprefix("torch."),
+                            "vae_dtype": str(self.sampler.pipe.vae.dtype).removeprefix("torch."),
+                            "compiled": self.warmup_s is not None, "warmup_s": self.warmup_s}}
+
+    def stats(self) -> dict:
+        """Counters of this replica: requests in, pipeline calls made, images made, recent batch sizes."""
+        return {"replica": serve.get_replica_context().replica_id.unique_id, "requests": self.requests,
+                "calls": self.sampler.calls, "images": self.images, "batch_sizes": self.batch_sizes[-50:]}

@@ -1,0 +1,149 @@
+"""The HTTP plumbing of the service: one JSON error shape, the body-size limit and the API-key check.
+
+`new_api(keyring)` builds the FastAPI app with all three in place; the routes are added by the
+Ingress (serve/app.py) and the jobs routes (serve/job_routes.py). Errors are
+`{"error": message, "field": name or null}` whatever raised them: an `ApiError`, a validation
+error, Starlette's own 404/405, an oversize body, a refused key or a bug (a JSON 500).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from emoji_ldm import __version__
+
+logger = logging.getLogger("ray.serve")
+
+MAX_BODY_BYTES = 256 * 1024  # 256 items of 500 characters fit; anything bigger is refused with 413
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field, self.headers = status, message, field, headers
+
+
+def error_response(status: int, message: str, field: str | None = None, headers: dict | None = None):
+    return JSONResponse({"error": message, "field": field}, status_code=status, headers=headers)
+
+
+def check_adapter(name: str | None, adapters: dict) -> None:
+    """404 for an adapter this server does not serve (None: the base model)."""
+    if name is not None and name not in adapters:
+        known = ", ".join(sorted(adapters)) or "none (the operator passed no --adapter)"
+        raise ApiError(404, f"unknown adapter {name!r}: this server has {known}", "adapter")
+
+
+async def _api_error(request: Request, exc: ApiError):
+    return error_response(exc.status, exc.message, exc.field, exc.headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError):
+    """422 naming the first bad field (all of them under `errors`); malformed JSON is a 400."""
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        return error_response(400, f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    field = ".".join(loc) or None
+    message = first["msg"].removeprefix("Value error, ")
+    if first.get("type") == "missing":
+        message = "required"
+    details = [{"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body") or None,
+                "error": e["msg"].removeprefix("Value error, ")} for e in errors]
+    return JSONResponse({"error": f"{field}: {message}" if field else message, "field": field, "errors": details},
+                        status_code=422)
+
+
+async def _internal_error(request: Request, exc: Exception):
+    """Anything unexpected: its traceback in the replica's log, a JSON 500 to the caller (no internals)."""
+    logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return error_response(500, f"internal error ({type(exc).__name__}): the server's log has the details")
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    """Starlette's own errors (404, 405) in the same JSON shape."""
+    return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+
+class _TooLarge(StarletteHTTPException):
+    """An HTTPException, so FastAPI's body parsing passes it on to `_http_error` instead of a generic 400."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__(413, f"request body is larger than {max_bytes} bytes: send fewer or shorter prompts, "
+                              "or split the set")
+
+
+class BodyLimit:
+    """413 with our JSON for bodies over `max_bytes`, by Content-Length or while streaming.
+
+    (FastAPI's own `max_body_size` answers a declared oversize body in plain text, which would
+    break the API's one error shape.)
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await error_response(413, _TooLarge(self.max_bytes).detail)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class KeyCheck:
+    """With a keyring, every /v1/ request needs a valid key within its rate, checked before the body is read
+    and before any model replica is asked: 401 or 429 JSON otherwise. The key goes to the handler as
+    `request.state.api_key`. `/`, `/docs` and `/healthz` stay open: they do no work.
+    Without a keyring (None) every request passes."""
+
+    def __init__(self, app, keyring=None):
+        self.app, self.keyring = app, keyring
+
+    async def __call__(self, scope, receive, send):
+        from emoji_ldm.serve.keys import AuthError
+
+        if scope["type"] != "http" or self.keyring is None or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        try:
+            key = self.keyring.authenticate(headers.get(b"authorization", b"").decode("latin-1"))
+            self.keyring.meter(key)
+        except AuthError as e:
+            return await error_response(e.status, e.message, headers=e.headers)(scope, receive, send)
+        scope.setdefault("state", {})["api_key"] = key
+        await self.app(scope, receive, send)
+
+
+def new_api(keyring=None) -> FastAPI:
+    """A FastAPI app with the error handlers, the body limit and (with a keyring) the key check; no routes."""
+    api = FastAPI(
+        title="emoji-ldm",
+        version=__version__,
+        description="Generate emoji and themed emoji sets from a trained emoji-ldm model. "
+                    "Errors are JSON: `{\"error\": message, \"field\": name or null}`.",
+    )
+    api.add_exception_handler(ApiError, _api_error)
+    api.add_exception_handler(RequestValidationError, _validation_error)
+    api.add_exception_handler(Exception, _internal_error)
+    api.add_exception_handler(StarletteHTTPException, _http_error)
+    api.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    api.add_middleware(KeyCheck, keyring=keyring)  # added last, so it runs first: no body is read without a key
+    return api

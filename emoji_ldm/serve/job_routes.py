@@ -1,0 +1,208 @@
+"""The durable jobs routes (/v1/jobs) of the Ingress: create (idempotent by `Idempotency-Key`), read,
+cancel, and the result's zip and manifest streamed from storage. The jobs themselves (runner actors,
+state on shared storage) are serve/durable.py; callbacks are checked by serve/webhooks.py."""
+
+import asyncio
+import logging
+import os
+import re
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from emoji_ldm.serve.http import ApiError, check_adapter
+from emoji_ldm.serve.schemas import JobRequest
+
+logger = logging.getLogger("ray.serve")
+
+JOB_ID = re.compile(r"job-[0-9a-z-]{8,40}")
+
+
+def _owner(request: Request):
+    """(owner name, its key or None): jobs live under the caller's key name."""
+    from emoji_ldm.serve.durable import ANONYMOUS
+
+    key = request.scope.get("state", {}).get("api_key")
+    return (key.name if key else ANONYMOUS), key
+
+
+def _webhook_secret(key) -> str:
+    return key.webhook_secret if key else os.environ.get("EMOJI_LDM_WEBHOOK_SECRET", "")
+
+
+class JobRoutes:
+    """The /v1/jobs routes of one Ingress replica, given its `AppArgs` and its keyring (None: no keys)."""
+
+    def __init__(self, args, keyring=None):
+        self.args, self.keyring = args, keyring
+
+    def add_to(self, api: FastAPI) -> None:
+        api.post("/v1/jobs", status_code=202)(self.create_job)
+        api.get("/v1/jobs/{job_id}")(self.get_job)
+        api.delete("/v1/jobs/{job_id}", status_code=202)(self.cancel_job)
+        api.get("/v1/jobs/{job_id}/result.zip", response_class=Response,
+                responses={200: {"content": {"application/zip": {}}}})(self.job_zip)
+        api.get("/v1/jobs/{job_id}/manifest.json", response_class=Response)(self.job_manifest)
+
+    def resume_orphans(self) -> None:
+        """Start a runner for each unfinished job that has none (the cluster was replaced): they go on with no
+        one asking. Best effort: a job's next GET resumes it too."""
+        from emoji_ldm.serve import durable
+
+        try:
+            for owner, job_id in durable.orphaned_jobs(self.args.jobs_uri):
+                known = durable.read_request(durable.job_folder(self.args.jobs_uri, owner, job_id))
+                key = self.keyring.by_name(owner) if self.keyring else None
+                if known is None or (self.keyring and key is None):
+                    continue  # no request (a half-made job) or a revoked key: left as it is
+                durable.start_runner(self._job_spec(owner, key, job_id, known["body"], known["body_hash"]))
+                logger.info("resumed job %s of %s: its runner was gone", job_id, owner)
+        except Exception:  # logged with its traceback; the jobs resume on their next GET
+            logger.exception("resuming unfinished jobs failed")
+
+    def _jobs_on(self) -> None:
+        if not self.args.jobs_uri:
+            raise ApiError(409, "this server runs no jobs (its operator did not set jobs_uri / --jobs-uri); "
+                                "use /v1/emoji-sets, or `emoji-ldm bulk`")
+
+    async def _job_folder(self, request: Request, job_id: str) -> tuple[str, str, dict]:
+        """(owner, folder, state) of the caller's job; 404 for another key's job or none."""
+        from emoji_ldm.serve.durable import job_folder, read_request, read_state
+
+        self._jobs_on()
+        owner, _ = _owner(request)
+        if not JOB_ID.fullmatch(job_id):
+            raise ApiError(404, f"no job {job_id!r}")
+        folder = job_folder(self.args.jobs_uri, owner, job_id)
+        state = await asyncio.to_thread(read_state, folder)
+        if state is None:
+            request_json = await asyncio.to_thread(read_request, folder)
+            if request_json is None:
+                raise ApiError(404, f"no job {job_id!r} for this key")
+            state = {"id": job_id, "state": "queued", "done": 0, "total": None, "created_at":
+                     request_json["created_at"]}
+        return owner, folder, state
+
+    def _job_spec(self, owner: str, key, job_id: str, body: dict, digest: str):
+        from emoji_ldm.serve.durable import JobSpec
+
+        args = self.args
+        device = args.device if args.device != "auto" else ("cuda" if args.job_num_gpus else "cpu")
+        return JobSpec(args.jobs_uri, owner, job_id, body, digest, args.model, args.max_batch_size,
+                       device, args.inference(), args.adapters.get(body.get("adapter") or "", ""),
+                       args.png_metadata, args.job_num_cpus, args.job_num_gpus, _webhook_secret(key),
+                       tuple(args.webhook_allow))
+
+    async def _check_callback(self, url: str, key) -> None:
+        from emoji_ldm.serve.webhooks import CallbackRefused, check_callback
+
+        if not _webhook_secret(key):
+            raise ApiError(422, "callback_url: this server has no webhook secret to sign with (no API keys and "
+                                "no EMOJI_LDM_WEBHOOK_SECRET)", "callback_url")
+        try:
+            await asyncio.to_thread(check_callback, url, self.args.webhook_allow)
+        except CallbackRefused as e:
+            raise ApiError(400, str(e), "callback_url") from None
+
+    async def create_job(self, body: JobRequest, request: Request):
+        """Start a set or bulk job; 202 with its id. `Idempotency-Key`: a replay returns the same job, the same
+        key with another body is a 409."""
+        from emoji_ldm.serve import durable
+
+        self._jobs_on()
+        owner, key = _owner(request)
+        check_adapter(body.adapter, self.args.adapters)
+        data = body.model_dump(mode="json")
+        digest = durable.body_hash(data)
+        idempotency = request.headers.get("idempotency-key", "").strip()
+        if len(idempotency) > 255:
+            raise ApiError(400, "Idempotency-Key is longer than 255 characters")
+        if idempotency:
+            job_id = durable.idempotent_job_id(owner, idempotency)
+            known = await asyncio.to_thread(durable.read_request, durable.job_folder(self.args.jobs_uri, owner, job_id))
+            if known is not None:
+                return await self._same_job(request, job_id, known["body_hash"], digest)
+        else:
+            job_id = durable.new_job_id()
+        if body.callback_url:
+            await self._check_callback(body.callback_url, key)
+        quota = key.max_jobs if key else None
+        if quota is not None and await asyncio.to_thread(durable.running_jobs, owner) >= quota:
+            raise ApiError(429, f"key {owner!r} has {quota} job(s) running, its quota: retry when one ends",
+                           headers={"Retry-After": "30"})
+        actor = await asyncio.to_thread(durable.start_runner, self._job_spec(owner, key, job_id, data, digest))
+        stored = await actor.stored_body_hash.remote()
+        if idempotency:
+            return await self._same_job(request, job_id, stored, digest, created=True)
+        return JSONResponse(durable.public_state({"id": job_id, "state": "queued", "total": body.images(),
+                                                 "created_at": durable.now_iso()}), status_code=202,
+                            headers={"Location": f"/v1/jobs/{job_id}"})
+
+    async def _same_job(self, request: Request, job_id: str, stored: str, digest: str, created: bool = False):
+        from emoji_ldm.serve import durable
+
+        if stored != digest:
+            raise ApiError(409, "Idempotency-Key was used with a different body: send the same body to get its "
+                                "job, or use a new key for a new job")
+        _, _, state = await self._job_folder(request, job_id)
+        return JSONResponse(durable.public_state(state), status_code=202,
+                            headers={"Location": f"/v1/jobs/{job_id}", **({} if created else
+                                                                          {"Idempotent-Replayed": "true"})})
+
+    async def get_job(self, job_id: str, request: Request) -> dict:
+        """State, progress (done/total), errors and, when it has ended, links to the zip and manifest."""
+        from emoji_ldm.serve import durable
+
+        owner, folder, state = await self._job_folder(request, job_id)
+        if state["state"] not in durable.ENDED and await asyncio.to_thread(durable.runner, owner, job_id) is None:
+            # no runner: it has just ended (it writes its last state, then exits), or it is gone (a node or the
+            # whole cluster restarted) and a new one resumes after the last chunk
+            _, _, state = await self._job_folder(request, job_id)
+            if state["state"] not in durable.ENDED:
+                known = await asyncio.to_thread(durable.read_request, folder)
+                _, key = _owner(request)
+                spec = self._job_spec(owner, key, job_id, known["body"], known["body_hash"])
+                await asyncio.to_thread(durable.start_runner, spec)
+        return durable.public_state(state)
+
+    async def cancel_job(self, job_id: str, request: Request) -> dict:
+        """Cancel: the runner stops after its current chunk; what it drew is packaged and marked partial."""
+        from emoji_ldm.serve import durable
+        from emoji_ldm.store.artifacts import write_bytes
+        from emoji_ldm.store.uri import join
+
+        owner, folder, state = await self._job_folder(request, job_id)
+        if state["state"] in durable.ENDED:
+            return durable.public_state(state)
+        await asyncio.to_thread(write_bytes, join(folder, "cancel"), b"")  # a runner that starts later sees it
+        actor = await asyncio.to_thread(durable.runner, owner, job_id)
+        if actor is not None:
+            await actor.cancel.remote()
+        return {**durable.public_state(state), "state": "cancelling"}
+
+    async def job_zip(self, job_id: str, request: Request):
+        _, _, state = await self._job_folder(request, job_id)
+        return _result_file(state, "zip", "application/zip",
+                            {"Content-Disposition": f'attachment; filename="{job_id}.zip"'})
+
+    async def job_manifest(self, job_id: str, request: Request):
+        _, _, state = await self._job_folder(request, job_id)
+        return _result_file(state, "manifest", "application/json")
+
+
+def _result_file(state: dict, which: str, media_type: str, headers: dict | None = None):
+    from fastapi.responses import StreamingResponse
+
+    from emoji_ldm.store.uri import filesystem
+
+    if not state.get("result"):
+        raise ApiError(409, f"job {state['id']} has no result yet (state {state['state']}): poll "
+                            f"/v1/jobs/{state['id']}")
+    fs, path = filesystem(state["result"][which])
+
+    def chunks():  # streamed from storage in 1 MiB pieces, never whole in this replica
+        with fs.open_input_stream(path) as f:
+            while piece := f.read(1 << 20):
+                yield piece
+
+    return StreamingResponse(chunks(), media_type=media_type, headers=headers)
