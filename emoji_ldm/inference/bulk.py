@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import pyarrow.compute as pc
 
 from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
+from emoji_ldm.inference.prompt_file import check_prompts, prompt_dataset, prompt_partitions
 from emoji_ldm.inference.sampler import InferenceOptions
 from emoji_ldm.inference.settings import SamplerSettings
 from emoji_ldm.inference.targets import TARGETS
@@ -102,93 +102,7 @@ class BulkConfig:
                 raise UserError(message)
 
 
-def prompt_id(prompt: str) -> str:
-    return hashlib.sha1(prompt.encode()).hexdigest()[:16]
-
-
-PROMPT_FORMATS = (".txt", ".csv", ".parquet")
-HEAD_ROWS = 10_000
 PROMPT_ID_BYTES = 80  # a prompt id (64 hex characters) in a shuffle
-
-
-def check_prompts(uri: str) -> str | None:
-    """Check the prompt file on the driver from its head; returns the CSV/Parquet `prompt` column name."""
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
-
-    from emoji_ldm.store.uri import filesystem
-
-    name = uri.lower()
-    if not name.endswith(PROMPT_FORMATS):
-        raise UserError(f"--prompts {uri!r}: use a .txt (one prompt per line), .csv or .parquet file")
-    fs, path = filesystem(uri)
-    if fs.get_file_info(path).type.name != "File":
-        raise UserError(f"--prompts {uri!r} does not exist")
-    try:
-        if name.endswith(".txt"):
-            with fs.open_input_stream(path) as f:
-                for n, line in enumerate(f.read(4 << 20).decode("utf-8", errors="replace").splitlines()):
-                    if line.strip() and not line.lstrip().startswith("#"):
-                        return None
-                    if n > HEAD_ROWS:
-                        break
-            raise UserError(f"--prompts {uri!r} has no prompts")
-        if name.endswith(".csv"):
-            with fs.open_input_stream(path) as f:
-                head = pa.Table.from_batches([pcsv.open_csv(f).read_next_batch()])
-        else:
-            with fs.open_input_file(path) as f:
-                first = next(pq.ParquetFile(f).iter_batches(batch_size=HEAD_ROWS), None)
-                head = pa.Table.from_batches([first]) if first is not None else pa.table({"prompt": []})
-    except StopIteration:
-        raise UserError(f"--prompts {uri!r} has no prompts") from None
-    except (pa.ArrowInvalid, OSError) as e:
-        raise UserError(f"--prompts {uri!r} cannot be read: {e}") from None
-    if "prompt" not in head.column_names:
-        raise UserError(f"--prompts {uri!r} has no `prompt` column (columns: {', '.join(head.column_names)})")
-    if not any(p and str(p).strip() for p in head.column("prompt").to_pylist()):
-        raise UserError(f"--prompts {uri!r} has no prompts")
-    return "prompt"
-
-
-def _prompt_rows(batch: pa.Table, column: str) -> pa.Table:
-    """Ray Data task: lines or rows -> (prompt_id, prompt), whitespace normalised, blanks and # comments dropped."""
-    prompts = []
-    for p in batch.column(column).to_pylist():
-        p = " ".join(str(p or "").split())
-        if p and not (column == "text" and p.startswith("#")):
-            prompts.append(p)
-    return pa.table({"prompt_id": [prompt_id(p) for p in prompts], "prompt": prompts},
-                    schema=pa.schema([("prompt_id", pa.string()), ("prompt", pa.string())]))
-
-
-def prompt_dataset(uri: str):
-    """The distinct prompts of a prompt file, as a Ray Dataset of (prompt_id, prompt)."""
-    import ray.data
-
-    from emoji_ldm.store.uri import filesystem
-
-    check_prompts(uri)
-    fs, path = filesystem(uri)
-    name = uri.lower()
-    if name.endswith(".txt"):
-        ds, column = ray.data.read_text(path, filesystem=fs), "text"
-    elif name.endswith(".csv"):
-        ds, column = ray.data.read_csv(path, filesystem=fs), "prompt"
-    else:
-        ds, column = ray.data.read_parquet(path, filesystem=fs).select_columns(["prompt"]), "prompt"
-    rows = ds.map_batches(_prompt_rows, fn_kwargs={"column": column}, batch_format="pyarrow")
-    return rows.groupby("prompt_id", num_partitions=prompt_partitions(uri)).map_groups(
-        lambda g: g.slice(0, 1), batch_format="pyarrow")
-
-
-def prompt_partitions(uri: str) -> int:
-    """Shuffle partitions for the prompts of a prompt file (its size on storage x 4: the rows gain a 64-character
-    prompt id, and a Parquet file is compressed): they grow with the file, not each task's memory."""
-    from emoji_ldm.store.uri import filesystem
-
-    fs, path = filesystem(uri)
-    return shuffle_partitions(4 * (fs.get_file_info(path).size or 0))
 
 
 def _done_prompts(manifest_uri: str, per_prompt: int):
@@ -262,82 +176,97 @@ class BulkGenerator:
                              "png_bytes": len(data), "negative_prompt": s.negative_prompt, "steps": s.steps,
                              "guidance": s.guidance, "scheduler": s.scheduler, "model": self.model,
                              "generated_at": now, "name": name, "alias": f":{name}:", "target": self.target.name})
-        release_free_heap()  # the batch's activations, freed, back to the OS: the actor stays flat (issue 28)
+        release_free_heap()  # the batch's freed activations back to the OS: the actor stays flat
         return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
 
 
 def check_manifest(manifest_uri: str) -> None:
-    """A manifest this run appends to must have today's columns (one written before names and targets has not)."""
+    """A table this run appends to must be a bulk manifest: every column of `MANIFEST_SCHEMA`."""
     from emoji_ldm.store.delta import arrow_dataset, open_table, table_exists
 
     if not table_exists(manifest_uri):
         return
     missing = [n for n in MANIFEST_SCHEMA.names if n not in arrow_dataset(open_table(manifest_uri)).schema.names]
     if missing:
-        raise UserError(f"the manifest {manifest_uri} has no {', '.join(missing)} column(s): it was written by an "
-                        "older emoji-ldm; give a new --out (its images and manifest stay readable)")
+        raise UserError(f"the table at {manifest_uri} has no {', '.join(missing)} column(s): it is not a bulk "
+                        "manifest; give another --out")
 
 
 def _commit_chunk(manifest_uri: str, table: pa.Table, metadata: dict) -> int:
     """One manifest commit, run as a Ray task on a fresh worker that exits after it (max_calls=1).
 
     Each commit loads a snapshot of the manifest, one file larger every time, and a process that commits
-    over and over keeps deltalake's high-water mark: the commit loop alone grew 1.35x from 196 to 1,954
-    commits (bench/manifest_commits.py). A fresh process per commit keeps the driver flat, and each commit's
-    own process costs what one snapshot does. num_cpus=0: it runs while the model actors hold every CPU."""
+    over and over keeps deltalake's high-water mark (bench/manifest_commits.py): a fresh process per commit
+    keeps the driver flat. num_cpus=0: it runs while the model actors hold every CPU."""
     from emoji_ldm.store.delta import append_rows
 
     return append_rows(manifest_uri, table, metadata)
 
 
-def bulk_generate(config: BulkConfig) -> dict:
-    """Generate `per_prompt` images for every prompt not yet in the manifest; returns a summary."""
-    import ray.data
+class ManifestCommitter:
+    """The driver's side of the manifest: it buffers the rows the model actors return and commits them every
+    `chunk_size` images (`_commit_chunk`, in its own process), so a killed job loses at most one chunk. It holds
+    at most one chunk of rows, and counts the images, prompts and commits made."""
 
-    from emoji_ldm.inference.sampler import model_card, model_uri
-    from emoji_ldm.runtime.connect import ensure_ray
-    from emoji_ldm.runtime.shared import require_shared
-    from emoji_ldm.store.artifacts import check_writable
-    from emoji_ldm.store.uri import join, normalize_uri
-    from emoji_ldm.version import code_version
+    def __init__(self, manifest_uri: str, chunk_size: int, metadata: dict, start: float):
+        import ray
 
-    start = time.perf_counter()
-    model = normalize_uri(config.model)
-    folder = model_uri(model)  # a clear error now rather than in every actor
-    content_id = model_card(folder).get("content_id")
-    out = check_writable(config.out)
-    prompts_uri = normalize_uri(config.prompts)
-    check_prompts(prompts_uri)
-    manifest_uri, images_uri = join(out, "manifest"), join(out, "images")
-    check_manifest(manifest_uri)
-    per_prompt = config.sampler.count
-    ensure_ray()
-    for uri, what in ((out, "the output (--out)"), (prompts_uri, "the prompt file (--prompts)"),
-                      (model, "the model (--model)")):
-        require_shared(uri, what)
+        self.manifest_uri, self.chunk_size, self.metadata, self.start = manifest_uri, chunk_size, metadata, start
+        self.run_id = uuid.uuid4().hex[:12]
+        self.pending: list[pa.Table] = []
+        self.buffered = self.images = self.prompts = self.commits = 0
+        self._task = ray.remote(num_cpus=0, max_calls=1)(_commit_chunk)
+
+    def add(self, batch: pa.Table) -> None:
+        self.pending.append(batch.cast(MANIFEST_SCHEMA))
+        self.buffered += batch.num_rows
+        if self.buffered >= self.chunk_size:
+            self.commit()
+
+    def commit(self) -> None:
+        """One Delta commit of the buffered rows (creating the table on the first one); none when empty."""
+        import ray
+
+        table = pa.concat_tables(self.pending) if self.buffered else None
+        self.pending, self.buffered = [], 0
+        if table is None:
+            return
+        self.commits += 1
+        prompts = len(pc.unique(table.column("prompt_id")))
+        metadata = {**self.metadata, "build_id": f"{self.run_id}-{self.commits}",
+                    "counts": {"images": table.num_rows, "prompts": prompts}, "message": f"bulk commit {self.commits}"}
+        version = ray.get(self._task.remote(self.manifest_uri, table, metadata))
+        self.images += table.num_rows
+        self.prompts += prompts
+        rate = self.images / (time.perf_counter() - self.start)
+        print(f"bulk: {self.images} images so far ({rate:.1f} images/s) -> manifest version {version}", flush=True)
+
+
+def _todo_prompts(config: BulkConfig, prompts_uri: str, manifest_uri: str):
+    """(the prompts to draw, how many are done already): the file's distinct prompts (its first `--limit`) less
+    those with all their images in the manifest. None for the first when every prompt is done."""
     prompts = prompt_dataset(prompts_uri)
     if config.limit:
         prompts = prompts.limit(config.limit)
-    done = _done_prompts(manifest_uri, per_prompt)
-    skipped = 0
-    if done is not None:
-        # one shuffle: every prompt marked done or not, held in the object store (spilled to disk at scale), so
-        # counting the done ones and generating the rest do not run the groupby and the join twice
-        marked = prompts.join(done.map_batches(_mark_done, batch_format="pyarrow"), "left_outer",
-                              num_partitions=prompt_partitions(prompts_uri),
-                              on=("prompt_id",)).materialize()
-        skipped = marked.map_batches(_marked, fn_kwargs={"done": True}, batch_format="pyarrow").count()
-        prompts = marked.map_batches(_marked, fn_kwargs={"done": False}, batch_format="pyarrow").materialize()
-        if prompts.count() == 0:  # nothing to draw: no model actor is started
-            print(f"bulk: all {skipped} prompts of {config.prompts} already have {per_prompt} image(s) in "
-                  f"{manifest_uri}; nothing to do", flush=True)
-            return {"out": out, "manifest": manifest_uri, "images_uri": images_uri, "skipped": skipped,
-                    "generated_prompts": 0, "images": 0, "commits": 0, "seconds": time.perf_counter() - start}
-    print(f"bulk: prompts from {config.prompts}; {skipped} already generated; the rest x {per_prompt} images "
-          f"on {config.concurrency} model actor(s), manifest committed every {config.chunk_size} images",
-          flush=True)
+    done = _done_prompts(manifest_uri, config.sampler.count)
+    if done is None:
+        return prompts, 0
+    # one shuffle: every prompt marked done or not, held in the object store (spilled to disk at scale), so
+    # counting the done ones and generating the rest do not run the groupby and the join twice
+    marked = prompts.join(done.map_batches(_mark_done, batch_format="pyarrow"), "left_outer",
+                          num_partitions=prompt_partitions(prompts_uri), on=("prompt_id",)).materialize()
+    skipped = marked.map_batches(_marked, fn_kwargs={"done": True}, batch_format="pyarrow").count()
+    todo = marked.map_batches(_marked, fn_kwargs={"done": False}, batch_format="pyarrow").materialize()
+    return (todo if todo.count() else None), skipped
+
+
+def _drawn_rows(config: BulkConfig, prompts, model: str, images_uri: str):
+    """The prompts through a pool of model actors: a Ray Dataset of manifest rows, their PNGs written."""
+    import ray.data
+
+    per_prompt = config.sampler.count
     per_call = max(1, config.batch_size // per_prompt)  # prompts per pipeline call
-    rows = prompts.map_batches(
+    return prompts.map_batches(
         BulkGenerator,
         fn_constructor_kwargs={"model": model, "images_uri": images_uri, "settings": config.sampler,
                                "device": "cuda" if config.num_gpus > 0 else "cpu",
@@ -350,41 +279,50 @@ def bulk_generate(config: BulkConfig) -> dict:
         num_cpus=config.num_cpus,
         num_gpus=config.num_gpus,
     )
-    run_id = uuid.uuid4().hex[:12]
-    made, prompts_made, commits, pending = 0, 0, 0, []
-    commit_task = ray.remote(num_cpus=0, max_calls=1)(_commit_chunk)
 
-    def commit() -> None:
-        nonlocal made, prompts_made, commits, pending
-        table = pa.concat_tables(pending)
-        pending = []
-        commits += 1
-        metadata = {"operation": "bulk-generate", "source": prompts_uri, "model": folder,
-                    "model_content_id": content_id,
-                    "code_version": code_version(), "build_id": f"{run_id}-{commits}",
-                    "counts": {"images": table.num_rows, "prompts": len(pc.unique(table.column("prompt_id")))},
-                    "config": dataclasses.asdict(config), "message": f"bulk commit {commits}"}
-        # one Delta commit of this chunk's rows (creating the table on the first one), in its own process; the
-        # pipeline keeps drawing meanwhile
-        version = ray.get(commit_task.remote(manifest_uri, table, metadata))
-        made += table.num_rows
-        prompts_made += metadata["counts"]["prompts"]
-        seconds = time.perf_counter() - start
-        print(f"bulk: {made} images so far ({made / seconds:.1f} images/s) -> manifest version {version}",
-              flush=True)
 
-    buffered = 0
-    for batch in rows.iter_batches(batch_format="pyarrow", batch_size=None):
-        pending.append(batch.cast(MANIFEST_SCHEMA))
-        buffered += batch.num_rows
-        if buffered >= config.chunk_size:
-            commit()
-            buffered = 0
-    if pending and sum(t.num_rows for t in pending):
-        commit()
-    seconds = time.perf_counter() - start
-    return {"out": out, "manifest": manifest_uri, "images_uri": images_uri, "skipped": skipped,
-            "generated_prompts": prompts_made, "images": made, "commits": commits, "seconds": seconds}
+def bulk_generate(config: BulkConfig) -> dict:
+    """Generate `per_prompt` images for every prompt not yet in the manifest; returns a summary."""
+    from emoji_ldm.inference.sampler import model_card, model_uri
+    from emoji_ldm.runtime.connect import ensure_ray
+    from emoji_ldm.runtime.shared import require_shared
+    from emoji_ldm.store.artifacts import check_writable
+    from emoji_ldm.store.uri import join, normalize_uri
+    from emoji_ldm.version import code_version
+
+    start = time.perf_counter()
+    model = normalize_uri(config.model)
+    folder = model_uri(model)  # a clear error now rather than in every actor
+    out = check_writable(config.out)
+    prompts_uri = normalize_uri(config.prompts)
+    check_prompts(prompts_uri)
+    manifest_uri, images_uri = join(out, "manifest"), join(out, "images")
+    check_manifest(manifest_uri)
+    per_prompt = config.sampler.count
+    ensure_ray()
+    for uri, what in ((out, "the output (--out)"), (prompts_uri, "the prompt file (--prompts)"),
+                      (model, "the model (--model)")):
+        require_shared(uri, what)
+    summary = {"out": out, "manifest": manifest_uri, "images_uri": images_uri}
+    prompts, skipped = _todo_prompts(config, prompts_uri, manifest_uri)
+    if prompts is None:  # nothing to draw: no model actor is started
+        print(f"bulk: all {skipped} prompts of {config.prompts} already have {per_prompt} image(s) in "
+              f"{manifest_uri}; nothing to do", flush=True)
+        return {**summary, "skipped": skipped, "generated_prompts": 0, "images": 0, "commits": 0,
+                "seconds": time.perf_counter() - start}
+    print(f"bulk: prompts from {config.prompts}; {skipped} already generated; the rest x {per_prompt} images "
+          f"on {config.concurrency} model actor(s), manifest committed every {config.chunk_size} images",
+          flush=True)
+    metadata = {"operation": "bulk-generate", "source": prompts_uri, "model": folder,
+                "model_content_id": model_card(folder).get("content_id"), "code_version": code_version(),
+                "config": dataclasses.asdict(config)}
+    committer = ManifestCommitter(manifest_uri, config.chunk_size, metadata, start)
+    for batch in _drawn_rows(config, prompts, model, images_uri).iter_batches(batch_format="pyarrow",
+                                                                              batch_size=None):
+        committer.add(batch)
+    committer.commit()
+    return {**summary, "skipped": skipped, "generated_prompts": committer.prompts, "images": committer.images,
+            "commits": committer.commits, "seconds": time.perf_counter() - start}
 
 
 def report(summary: dict) -> str:
