@@ -67,7 +67,7 @@ class Browser:
                 try:
                     os.killpg(group, signal.SIGKILL)
                 except ProcessLookupError:
-                    pass
+                    pass  # already gone
             shutil.rmtree(self.profile, ignore_errors=True)
 
 

@@ -73,7 +73,8 @@ def test_unknown_profile_and_bad_page_ranges():
 def test_tag_end_filter_drops_pages_past_the_end_and_keeps_each_url_once():
     import pyarrow as pa
 
-    from emoji_ldm.crawl.crawler import ITEM_SCHEMA, _tag_end_filter
+    from emoji_ldm.crawl.page_reader import ITEM_SCHEMA
+    from emoji_ldm.crawl.shards import tag_end_filter
 
     def row(url, page):
         return {"locator": url, "source": "crawl:s/t", "source_url": None, "page_url": f"p{page}", "title": "",
@@ -81,17 +82,17 @@ def test_tag_end_filter_drops_pages_past_the_end_and_keeps_each_url_once():
 
     batch = pa.Table.from_pylist([row("b", 3), row("a", 2), row("b", 1), row("c", 6), row("a", 4), row("d", 5)],
                                  schema=ITEM_SCHEMA)
-    out = _tag_end_filter(batch, 5)
+    out = tag_end_filter(batch, 5)
     assert "page" not in out.column_names
     assert sorted((r["locator"], r["page_url"]) for r in out.to_pylist()) == [("a", "p2"), ("b", "p1"), ("d", "p5")]
-    assert _tag_end_filter(batch, None).num_rows == 4  # no end found: every url once
-    assert _tag_end_filter(batch.slice(0, 0), 3).num_rows == 0
+    assert tag_end_filter(batch, None).num_rows == 4  # no end found: every url once
+    assert tag_end_filter(batch.slice(0, 0), 3).num_rows == 0
 
 
 def test_warnings_for_no_items_few_pages_and_failed_pages():
     import time
 
-    from emoji_ldm.crawl.crawler import _totals
+    from emoji_ldm.crawl.shards import totals
 
     class Summary:
         images_in = 3
@@ -102,16 +103,16 @@ def test_warnings_for_no_items_few_pages_and_failed_pages():
                 "pages": [{"page": p, "url": f"u{p}", "status": s, "items": n, "error": e, "seconds": 0.5}
                           for p, s, n, e in pages]}
 
-    few = _totals([record(1, [(1, "ok", 3, ""), (2, "empty", 0, "no items")])], 2, range(1, 1001), Summary,
+    few = totals([record(1, [(1, "ok", 3, ""), (2, "empty", 0, "no items")])], 2, range(1, 1001), Summary,
                   time.perf_counter())
     assert few["pages_ok"] == 1 and few["last_page"] == 2
     assert few["warnings"] == ["items on only 1 page(s) of 1-1000 (the tag ends at page 2): if the tag has more, its "
                                "pages may render slowly (raise settle_s in the profile) or the selectors may not "
                                "match them"]
-    failed = _totals([record(1, [(p, "ok", 2, "") for p in (1, 2, 3)] + [(4, "failed", 0, "timeout: x"),
+    failed = totals([record(1, [(p, "ok", 2, "") for p in (1, 2, 3)] + [(4, "failed", 0, "timeout: x"),
                                                                         (5, "ok", 1, "")]),
                       record(6, [(6, "empty", 0, "")])], 6, range(1, 21), Summary, time.perf_counter())
     assert failed["pages_failed"] == 1 and failed["failed_pages"] == {"u4": "timeout: x"}
     assert len(failed["warnings"]) == 1 and failed["warnings"][0].startswith("1 of 6 page(s) failed, e.g. u4: timeout")
-    nothing = _totals([record(1, [(1, "failed", 0, "timeout: x")])], None, range(1, 5), Summary, time.perf_counter())
+    nothing = totals([record(1, [(1, "failed", 0, "timeout: x")])], None, range(1, 5), Summary, time.perf_counter())
     assert nothing["warnings"][0].startswith("no items on any of the 1 page(s) read")
