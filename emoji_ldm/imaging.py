@@ -1,8 +1,6 @@
 """Imaging: decoding, cleaning and transparency of emoji images (PIL, NumPy and OpenCV; no Ray, no torch).
 
-Cleaning (ingest, crawl, DreamBooth):
-
-Decode, clean, resize and hash one image (pure PIL, no Ray).
+Cleaning (ingest, crawl, DreamBooth): decode, clean, resize and hash one image.
 
 `clean_image(data, config)` turns the raw bytes of any PNG, JPEG, WebP or
 GIF/APNG into the stored form: an RGBA PNG of `size x size` (resized in
@@ -301,7 +299,8 @@ def _to_rgba(img: Image.Image) -> Image.Image:
     return img.convert("RGBA")
 
 
-def clean_image(data: bytes, config: ImageConfig) -> Cleaned | Rejected:
+def _decode(data: bytes, config: ImageConfig) -> tuple[Image.Image, str] | Rejected:
+    """The first frame as RGBA, and the format; a `Rejected` for bytes that are not an image we take."""
     if not data:
         return Rejected("empty", "0 bytes")
     if len(data) > config.max_bytes:
@@ -322,7 +321,7 @@ def clean_image(data: bytes, config: ImageConfig) -> Cleaned | Rejected:
                 return Rejected("empty", f"{w}x{h} image")
             img.seek(0)  # GIF / APNG / WebP animations: first frame
             img.load()
-            rgba = _to_rgba(img)
+            return _to_rgba(img), fmt
     except UnidentifiedImageError:
         return Rejected("not_an_image", "no image decoder recognises these bytes")
     except Image.DecompressionBombError as e:
@@ -332,35 +331,45 @@ def clean_image(data: bytes, config: ImageConfig) -> Cleaned | Rejected:
         reason = "truncated" if "truncated" in msg or isinstance(e, EOFError) else "undecodable"
         return Rejected(reason, msg[:200])
 
+
+def _fit(rgba: Image.Image, config: ImageConfig) -> tuple[Image.Image, str] | Rejected:
+    """The image on its `size` x `size` canvas (aspect kept, centred), and what happened to its alpha: RGB
+    flattened onto `background`, or RGBA resized in premultiplied alpha (a flat background keyed with
+    `key_background`)."""
+    w, h = rgba.size
     scale = config.size / max(w, h)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
     offset = ((config.size - new_w) // 2, (config.size - new_h) // 2)
-    if config.background is not None:  # RGB: flatten, then resize (as tables before RGBA were built)
+    if config.background is not None:  # RGB: flatten, then resize
         colour = ImageColor.getrgb(config.background)
         flat = Image.alpha_composite(Image.new("RGBA", rgba.size, colour), rgba).convert("RGB")
         canvas = Image.new("RGB", (config.size, config.size), colour)
         canvas.paste(flat.resize((new_w, new_h), Image.Resampling.LANCZOS), offset)
-        alpha = "flattened"
-    else:
-        low, high = rgba.getextrema()[3]
-        if high == 0:
-            return Rejected("fully_transparent", f"{w}x{h} image with alpha 0 everywhere")
-        alpha = "transparent" if low < 255 else "opaque"
-        if alpha == "opaque" and config.key_background:
-            keyed = key_background(rgba)
-            alpha, rgba = ("keyed", keyed) if keyed is not None else ("busy_border", rgba)
-        canvas = Image.new("RGBA", (config.size, config.size), (0, 0, 0, 0))
-        canvas.paste(resize_rgba(rgba, (new_w, new_h)) if (new_w, new_h) != (w, h) else canonical(rgba), offset)
+        return canvas, "flattened"
+    low, high = rgba.getextrema()[3]
+    if high == 0:
+        return Rejected("fully_transparent", f"{w}x{h} image with alpha 0 everywhere")
+    alpha = "transparent" if low < 255 else "opaque"
+    if alpha == "opaque" and config.key_background:
+        keyed = key_background(rgba)
+        alpha, rgba = ("keyed", keyed) if keyed is not None else ("busy_border", rgba)
+    canvas = Image.new("RGBA", (config.size, config.size), (0, 0, 0, 0))
+    canvas.paste(resize_rgba(rgba, (new_w, new_h)) if (new_w, new_h) != (w, h) else canonical(rgba), offset)
+    return canvas, alpha
 
+
+def clean_image(data: bytes, config: ImageConfig) -> Cleaned | Rejected:
+    """Raw bytes -> the stored PNG with its content id, or a `Rejected` with its reason (never raises for bad
+    bytes)."""
+    decoded = _decode(data, config)
+    if isinstance(decoded, Rejected):
+        return decoded
+    rgba, fmt = decoded
+    fitted = _fit(rgba, config)
+    if isinstance(fitted, Rejected):
+        return fitted
+    canvas, alpha = fitted
     out = io.BytesIO()
     canvas.save(out, format="PNG", optimize=False, compress_level=6)
-    return Cleaned(
-        id=content_hash(canvas),
-        png=out.getvalue(),
-        width=config.size,
-        height=config.size,
-        orig_width=w,
-        orig_height=h,
-        orig_format=fmt,
-        alpha=alpha,
-    )
+    return Cleaned(id=content_hash(canvas), png=out.getvalue(), width=config.size, height=config.size,
+                   orig_width=rgba.width, orig_height=rgba.height, orig_format=fmt, alpha=alpha)

@@ -7,7 +7,7 @@ new data files' add actions and counts:
      from `range`);
   2. `ingest_batch` in tasks: read, download or draw the bytes (threads,
      timeouts, retries, per-host limit), clean with `clean_image`, hash; then
-     `BuildSink`'s write tasks write the accepted rows as data files of the
+     `BuildSink`'s write tasks (sinks.py) write the accepted rows as data files of the
      table (not yet part of any version), the rejected inputs with reasons to
      `_emoji_ldm/rejects/build-<id>/`, and each written row's narrow key
      (id, source URL, data file, row position) to a work folder;
@@ -41,20 +41,19 @@ import pyarrow.compute as pc
 from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
 from emoji_ldm.imaging import ImageConfig
+from emoji_ldm.ingest.sinks import BuildSink, DedupeSink
 from emoji_ldm.ingest.tasks import DROP_SCHEMA, KEY_SCHEMA, ingest_batch, resolve_group, table_key_rows
 from emoji_ldm.runtime.connect import ensure_ray
 from emoji_ldm.runtime.partitions import shuffle_partitions
 from emoji_ldm.runtime.shared import require_shared
 from emoji_ldm.sources import FetchConfig, open_source
 from emoji_ldm.store.delta import (
-    REJECT_SCHEMA,
     SIDECAR,
     CommitDeltaDatasink,
     image_mode,
     open_table,
     read_dataset,
     record_image_mode,
-    rejects_uri,
     row_count,
     table_exists,
     version_for_build,
@@ -63,7 +62,6 @@ from emoji_ldm.store.schema import EMOJI_SCHEMA, value_counts
 from emoji_ldm.store.staging import (
     FileStagingSink,
     folder_name,
-    read_folder,
     remove_run,
     staged_folders,
     write_atomic,
@@ -72,6 +70,7 @@ from emoji_ldm.store.uri import check_s3_bucket, filesystem, is_s3, join, normal
 from emoji_ldm.version import code_version
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class BuildConfig:
@@ -128,104 +127,6 @@ class BuildSummary:
             + f" ({self.duplicates_in_build} in build, {self.duplicates_in_table} already in table)"
             + f", {self.added} added -> {where} | {self.seconds:.1f} s, {self.images_per_s:.0f} images/s"
         )
-
-
-class BuildSink(CommitDeltaDatasink):
-    """Step 2's sink: write tasks write the accepted rows (images included) as data files of the table,
-    not yet committed; the rejected inputs to `_emoji_ldm/rejects/build-<id>/`; and the narrow key of
-    every written row (id, source URL, data file, row position) to the build's `keys/` folder.
-    The driver gets back only the files' add actions and the counts.
-    """
-
-    def __init__(self, uri: str, build_id: str, work: str):
-        super().__init__(uri, schema=EMOJI_SCHEMA, metadata={})
-        self.rejects = rejects_uri(uri, build_id)
-        self.keys = join(work, "keys")
-        self.actions: list = []
-        self.counts: Counter = Counter()
-        self.rejected: Counter = Counter()
-        self.alpha: Counter = Counter()
-
-    def write(self, blocks, ctx) -> dict:
-        from ray.data.block import BlockAccessor
-
-        counts, reasons, alpha = Counter(), Counter(), Counter()
-        rejects, keys = [], []
-
-        def accepted():
-            for block in blocks:
-                table = BlockAccessor.for_block(block).to_arrow()
-                if table.num_rows == 0:  # an empty block may carry no columns
-                    continue
-                counts["in"] += table.num_rows
-                reason = table.column("_reason")
-                if reason.null_count < table.num_rows:
-                    reasons.update(value_counts(reason))
-                    bad = table.filter(pc.is_valid(reason))
-                    rejects.append(bad.select(["source_url", "_reason", "_detail"]).rename_columns(
-                        REJECT_SCHEMA.names).cast(REJECT_SCHEMA))
-                good = table.filter(pc.is_null(reason))
-                alpha.update(value_counts(good.column("_alpha")))
-                keys.append(good.select(["id", "source_url", "page_url"]))
-                yield good
-
-        actions = super().write(accepted(), ctx)  # one data file per task: rows in the order written
-        fs, _ = filesystem(self.uri)
-        if rejects:
-            write_atomic(fs, filesystem(self.rejects)[1], pa.concat_tables(rejects), is_s3(self.uri))
-        if actions:
-            (action,) = actions
-            rows = pa.concat_tables(keys)
-            rows = rows.append_column("_file", pa.array([action.path] * rows.num_rows, pa.string()))
-            rows = rows.append_column("_pos", pa.array(range(rows.num_rows), pa.int64()))
-            rows = rows.append_column("_from_table", pa.array([False] * rows.num_rows))
-            write_atomic(fs, filesystem(self.keys)[1], rows.cast(KEY_SCHEMA), is_s3(self.uri))
-        return {"actions": actions, "counts": dict(counts), "reasons": dict(reasons), "alpha": dict(alpha)}
-
-    def on_write_complete(self, write_result) -> None:
-        for r in write_result.write_returns:
-            self.actions += r["actions"]
-            self.counts.update(r["counts"])
-            self.rejected.update(r["reasons"])
-            self.alpha.update(r["alpha"])
-
-
-class DedupeSink(CommitDeltaDatasink):
-    """Step 4's sink: one write task per data file that has duplicates rewrites it without them (and
-    deletes the uncommitted original); the driver then commits every data file in one transaction."""
-
-    def __init__(self, uri: str, metadata: dict):
-        super().__init__(uri, schema=EMOJI_SCHEMA, metadata=metadata)
-        self.replaced: dict[str, list] = {}  # original file -> its rewritten add actions
-        self.version: int | None = None
-
-    def write(self, blocks, ctx) -> dict:
-        import pyarrow.parquet as pq
-        from ray.data.block import BlockAccessor
-
-        replaced = {}
-        for block in blocks:
-            for folder in BlockAccessor.for_block(block).to_arrow().column("folder").to_pylist():
-                drops = read_folder(folder, DROP_SCHEMA)
-                file = drops.column("_file")[0].as_py()  # a drops folder holds the rows of one source file
-                source = f"{self.root.rstrip('/')}/{file}"
-                with self.fs.open_input_file(source) as f:
-                    replaced[file] = super().write(_without(pq.ParquetFile(f), drops.column("_pos")), ctx)
-                self.fs.delete_file(source)  # never committed: no version refers to it
-        return replaced
-
-    def on_write_complete(self, write_result) -> None:
-        for r in write_result.write_returns:
-            self.replaced.update(r)
-
-
-def _without(reader, positions: pa.Array):
-    """The rows of a Parquet file, batch by batch, except those at `positions`."""
-    offset = 0
-    for batch in reader.iter_batches(batch_size=1024):
-        index = pa.array(range(offset, offset + batch.num_rows), pa.int64())
-        offset += batch.num_rows
-        yield pa.Table.from_batches([batch]).filter(pc.invert(pc.is_in(index, value_set=positions)))
 
 
 ROWS_PER_FILE_64PX = 20_000  # about 50 MB of 64 x 64 PNGs
@@ -312,8 +213,8 @@ def build_dataset(config: BuildConfig) -> BuildSummary:
 
 
 def image_config_for(uri: str, image: ImageConfig) -> ImageConfig:
-    """`image` as the table at `uri` needs it: an RGBA table refuses `--background`; an RGB table (every table
-    built before RGBA) gets its new images flattened onto white unless `--background` says otherwise."""
+    """`image`, checked against the table at `uri`: new rows must have the mode its rows have (RGBA, or RGB for a
+    table built with `--background`)."""
     if not table_exists(uri):
         return image
     mode = image_mode(uri)
@@ -321,68 +222,79 @@ def image_config_for(uri: str, image: ImageConfig) -> ImageConfig:
         raise UserError(f"{uri} stores RGBA images, so --background {image.background!r} would mix RGB rows "
                         "into it: build into a new --out to flatten, or leave --background out")
     if mode == "RGB" and image.background is None:
-        logger.warning("%s stores RGB images (it was built before RGBA, or with --background): new images are "
-                       "flattened onto white to match; build a new --out to keep alpha", uri)
-        return dataclasses.replace(image, background="white", key_background=False)
+        raise UserError(f"{uri} stores RGB images (it was built with --background), so new images with alpha "
+                        "would mix RGBA rows into it: pass the same --background, or build into a new --out "
+                        "to keep alpha")
     return image
+
+
+def _stage(items, config: BuildConfig, build_id: str, work: str) -> BuildSink:
+    """Step 2: fetch, clean and hash the items; write the accepted rows (uncommitted), the rejects and the narrow
+    keys. One data file per write task, one write task per block of items (blocks smaller than a batch are
+    bundled): blocks of `rows_per_file` items keep every file, and every task that reads or rewrites one later,
+    the same size however big the source."""
+    staged = BuildSink(config.out, build_id, work)
+    items = items.repartition(target_num_rows_per_block=max(rows_per_file(config.image.size), config.batch_size))
+    items.map_batches(ingest_batch, fn_kwargs={"image": config.image, "fetch": config.fetch},
+                      batch_format="pyarrow", batch_size=config.batch_size).write_datasink(staged)
+    return staged
+
+
+def _dedupe(out: str, staged: BuildSink, work: str) -> tuple[Counter, dict[str, list]]:
+    """Steps 3 and 4: which written rows are duplicates (a groupby on the content hash over the narrow keys, on
+    the driver for a small build), then the data files that hold some rewritten without them. Returns the
+    dropped rows by reason, and each rewritten file's new add actions."""
+    import ray.data
+
+    written = sum(json.loads(a.stats)["numRecords"] for a in staged.actions)
+    table_rows = row_count(open_table(out)) if table_exists(out) else 0
+    if written <= LOCAL_DEDUPE_KEYS and table_rows <= LOCAL_DEDUPE_TABLE_ROWS:
+        dropped = _dedupe_small(out, staged.keys, join(work, "drops"), table_rows > 0)
+    else:
+        dropped = _dedupe_in_ray(out, staged.keys, join(work, "drops"), written + table_rows, len(staged.actions))
+    folders = staged_folders(join(work, "drops"))
+    if not folders:
+        return dropped, {}
+    rewrite = DedupeSink(out, metadata={})
+    ray.data.from_items([{"folder": f} for f in folders], override_num_blocks=min(len(folders), 256)) \
+        .write_datasink(rewrite)
+    return dropped, rewrite.replaced
+
+
+def _commit(config: BuildConfig, actions: list, metadata: dict, build_id: str) -> int:
+    """Step 5: one commit of every data file that has rows, with what made it; the new version."""
+    if not table_exists(config.out):
+        record_image_mode(config.out, "RGB" if config.image.background is not None else "RGBA")
+    sink = CommitDeltaDatasink(config.out, schema=EMOJI_SCHEMA, metadata=metadata)
+    sink.commit([a for a in actions if json.loads(a.stats)["numRecords"]])
+    return version_for_build(config.out, build_id)
 
 
 def ingest_dataset(items, config: BuildConfig, *, extra_metadata: dict | None = None,
                    start: float | None = None) -> BuildSummary:
     """Steps 2-5 for a Ray Dataset of items (`ITEM_SCHEMA`; from `build_dataset`, or from the crawler)."""
-    import ray.data
-
     start = start or time.perf_counter()
     config = dataclasses.replace(config, image=image_config_for(config.out, config.image))
     ensure_ray()
     build_id = uuid.uuid4().hex[:12]
     work = join(config.out, SIDECAR, "builds", build_id)
     logger.info("build %s: %s -> %s", build_id, config.source, config.out)
-    # 2: fetch, clean, hash; write the accepted rows (uncommitted), the rejects and the narrow keys
-    staged = BuildSink(config.out, build_id, work)
-    # one data file per write task, one write task per block of items (blocks smaller than a batch are
-    # bundled): blocks of rows_per_file items keep every file, and every task that reads or rewrites one
-    # later, the same size however big the source
-    items = items.repartition(target_num_rows_per_block=max(rows_per_file(config.image.size), config.batch_size))
-    items.map_batches(ingest_batch, fn_kwargs={"image": config.image, "fetch": config.fetch},
-                      batch_format="pyarrow", batch_size=config.batch_size).write_datasink(staged)
-    # 3: which written rows are duplicates: a groupby on the content hash over the narrow keys
-    dropped: Counter = Counter()
-    replaced: dict[str, list] = {}
-    if staged.actions:
-        written = sum(json.loads(a.stats)["numRecords"] for a in staged.actions)
-        table_rows = row_count(open_table(config.out)) if table_exists(config.out) else 0
-        if written <= LOCAL_DEDUPE_KEYS and table_rows <= LOCAL_DEDUPE_TABLE_ROWS:
-            dropped = _dedupe_small(config.out, staged.keys, join(work, "drops"), table_rows > 0)
-        else:
-            dropped = _dedupe_in_ray(config.out, staged.keys, join(work, "drops"), written + table_rows,
-                                     len(staged.actions))
-        # 4: rewrite the data files that hold duplicates, without them
-        folders = staged_folders(join(work, "drops"))
-        if folders:
-            rewrite = DedupeSink(config.out, metadata={})
-            ray.data.from_items([{"folder": f} for f in folders], override_num_blocks=min(len(folders), 256)) \
-                .write_datasink(rewrite)
-            replaced = rewrite.replaced
+    staged = _stage(items, config, build_id, work)
+    dropped, replaced = _dedupe(config.out, staged, work) if staged.actions else (Counter(), {})
     actions = [a for a in staged.actions if a.path not in replaced] + [a for new in replaced.values() for a in new]
-    rejected = {k: v for k, v in staged.rejected.items()}
+    rejected = dict(staged.rejected)
     counts = {
         "in": staged.counts["in"], "accepted": staged.counts["in"] - sum(rejected.values()), "rejected": rejected,
         "duplicates_in_build": dropped["duplicate_in_build"], "duplicates_in_table": dropped["duplicate_in_table"],
         "added": sum(json.loads(a.stats)["numRecords"] for a in actions), "alpha": dict(staged.alpha),
     }
-    # 5: one commit of every data file, with what made it
     version = None
     if counts["added"]:
-        if not table_exists(config.out):
-            record_image_mode(config.out, "RGB" if config.image.background is not None else "RGBA")
-        sink = CommitDeltaDatasink(config.out, schema=EMOJI_SCHEMA, metadata={
+        version = _commit(config, actions, {
             "operation": "build", "source": config.source, "counts": counts,
             "config": _jsonable(dataclasses.asdict(config)), "code_version": code_version(),
             "message": config.message, "build_id": build_id, "rejects": staged.rejects,
-            **_jsonable(extra_metadata or {})})
-        sink.commit([a for a in actions if json.loads(a.stats)["numRecords"]])
-        version = version_for_build(config.out, build_id)
+            **_jsonable(extra_metadata or {})}, build_id)
     remove_run(work)
     return BuildSummary(
         out=config.out, version=version, images_in=counts["in"], accepted=counts["accepted"],

@@ -1,7 +1,6 @@
 """Build datasets from every source into a local Delta table with real Ray; read versions back."""
 
 import io
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -45,13 +44,15 @@ def test_twemoji_build_append_dedupe(ray_local, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="stores RGBA images, so --background 'white'"):
         build_dataset(BuildConfig(source="twemoji", out=out, limit=5, image=ImageConfig(background="white")))
 
-    # A table built before RGBA (RGB, no record of its mode) stays RGB: appends are flattened onto white.
-    old = str(tmp_path / "old")
-    build_dataset(BuildConfig(source="twemoji", out=old, limit=3, image=ImageConfig(background="white")))
-    (Path(old) / "_emoji_ldm" / "image_mode").unlink()
-    appended = build_dataset(BuildConfig(source="twemoji", out=old, limit=6))
-    assert appended.alpha == {"flattened": appended.accepted} and image_mode(old) == "RGB"
-    modes = {Image.open(io.BytesIO(png)).mode for png in DeltaTable(old).to_pyarrow_table().column("image").to_pylist()}
+    # A table built with --background stays RGB: an append must flatten too.
+    flat = str(tmp_path / "flat")
+    build_dataset(BuildConfig(source="twemoji", out=flat, limit=3, image=ImageConfig(background="white")))
+    with pytest.raises(UserError, match="stores RGB images"):
+        build_dataset(BuildConfig(source="twemoji", out=flat, limit=6))
+    appended = build_dataset(BuildConfig(source="twemoji", out=flat, limit=6, image=ImageConfig(background="white")))
+    assert appended.alpha == {"flattened": appended.accepted} and image_mode(flat) == "RGB"
+    pngs = DeltaTable(flat).to_pyarrow_table().column("image").to_pylist()
+    modes = {Image.open(io.BytesIO(png)).mode for png in pngs}
     assert modes == {"RGB"}
 
     # Appending an overlapping range adds only the new images.
