@@ -38,6 +38,9 @@ def one_rank_gloo():
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     yield
     torch.distributed.destroy_process_group()
+    from deepspeed.utils import groups
+
+    groups._WORLD_GROUP = None  # DeepSpeed's clone of the world group went with it: the next test's engine makes one
     for k, v in old.items():
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
