@@ -38,7 +38,7 @@ def test_heldout_loss_of_a_v_prediction_model_is_against_the_velocity():
     sqrt(alpha_bar_t) * eps, so a v-prediction model's loss is mean_t(alpha_bar_t) times the epsilon model's."""
     from diffusers import DDPMScheduler
 
-    from emoji_ldm.eval.evaluate import TIMESTEPS, heldout_loss
+    from emoji_ldm.eval.scores import TIMESTEPS, heldout_loss
 
     def zero_unet(x, t, encoder_hidden_states):
         return types.SimpleNamespace(sample=torch.zeros_like(x))

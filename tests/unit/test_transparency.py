@@ -178,7 +178,7 @@ def test_metadata_caption_of_an_rgba_emoji():
 
 def test_clip_score_sees_images_on_mid_grey(tmp_path):
     """As the judge and emoji-FID do; CLIP's processor alone would composite an RGBA image onto white."""
-    from emoji_ldm.eval.evaluate import clip_score
+    from emoji_ldm.eval.scores import clip_score
     from tests.tiny_models import tiny_clip_model
 
     clip, emoji, prompt = str(tiny_clip_model(tmp_path / "clip")), disc(32), ["blue dog face"]
@@ -192,7 +192,7 @@ def test_vae_reconstruction_reports_a_keyed_models_alpha(tmp_path):
     reconstructions (as inference does) against the true alpha, and an opaque model has none."""
     from diffusers import AutoencoderKL
 
-    from emoji_ldm.eval.evaluate import vae_reconstruction
+    from emoji_ldm.eval.scores import vae_reconstruction
     from emoji_ldm.imaging import KEY_COLOUR
     from emoji_ldm.inference.sampler import ImageAlpha
     from tests.tiny_models import tiny_sd_vae
