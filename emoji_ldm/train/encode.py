@@ -31,6 +31,7 @@ from emoji_ldm.store.latents import LATENT_SCHEMA, PARTITION
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class EncodeConfig(PresetOptions):
     dataset: str = opt(help="URI, URI@VERSION or URI@TAG")
@@ -86,8 +87,8 @@ class Encoder:
                            self.preset.text.max_length)
         latents = latents.cpu().numpy().astype(np.float16)  # (B, C, h, w)
         emb = emb.cpu().numpy().astype(np.float16)  # (B, L, D)
-        release_free_heap()  # the batch's freed activations back to the OS, as bulk's actor does (issue 28)
-        # Arrow straight from the arrays: no Python object per row here or in the write tasks (issue 28)
+        release_free_heap()  # the batch's freed activations back to the OS: the actor stays flat
+        # Arrow straight from the arrays: no Python object per row here or in the write tasks
         return pa.Table.from_arrays([
             pa.array(batch["id"], pa.string()),
             pa.array(captions, pa.string()),
@@ -145,8 +146,7 @@ def _text_rows(batch: dict) -> dict:
 
 def _previous_encode(out: str, preset: Preset, vae: str | None, full: bool):
     """The latent table's current version and its encode metadata, when this encode may build on it."""
-    from emoji_ldm.store.delta import commit_metadata, open_table, partition_columns, table_exists
-    from emoji_ldm.store.latents import PARTITION
+    from emoji_ldm.store.delta import commit_metadata, open_table, table_exists
 
     if full or not table_exists(out):
         return None
@@ -154,17 +154,94 @@ def _previous_encode(out: str, preset: Preset, vae: str | None, full: bool):
     meta = commit_metadata(table)
     if meta.get("operation") != "encode":
         raise UserError(f"{out!r} is a Delta table but not a latent table: choose another --out")
+
     def key(d):  # as JSON: the commit stored tuples as lists
         return json.dumps({k: d.get(k) for k in ("image_size", "vae", "text")}, sort_keys=True)
 
-    same = [key(meta.get("preset", {})) == key(preset.to_dict())]
-    if not all(same) or (vae and meta.get("vae") != vae):
+    if key(meta.get("preset", {})) != key(preset.to_dict()) or (vae and meta.get("vae") != vae):
         raise UserError(f"the latent table {out!r} was encoded with another preset, VAE or text encoder "
                         f"({meta.get('preset', {}).get('name')!r}, VAE {meta.get('vae')!r}): pass --full to "
                         "re-encode every row, or choose another --out")
-    if PARTITION not in partition_columns(table):
-        return None  # written before latent tables were partitioned: rewrite it whole
     return table, meta
+
+
+def _check_dataset(dataset: str):
+    """The dataset's Delta table, checked before Ray starts and without reading the images (clear errors for
+    a missing dataset, version or tag; counts from the log, text by Arrow compute, stopping at the first row
+    that has some)."""
+    from emoji_ldm.store.delta import arrow_dataset, open_table, row_count
+
+    table = open_table(dataset)
+    if row_count(table) == 0:
+        raise UserError(f"dataset {dataset!r} (version {table.version()}) has no rows to encode")
+    has_text = (pc.field("caption") != "") | (pc.field("title") != "")
+    if arrow_dataset(table).head(1, columns=["id"], filter=has_text).num_rows == 0:
+        raise UserError(f"dataset {dataset!r} has no captions or titles: caption it first")
+    return table
+
+
+def _vae_to_use(config: EncodeConfig, preset: Preset, out: str, vae_path: str | None, previous) -> str | None:
+    """The VAE folder/URI to encode with: the one the latent table's rows were encoded with, else `--vae`, else
+    (a preset that trains its own) one trained now under the table's `_emoji_ldm/`; None: the preset's hub VAE."""
+    from emoji_ldm.store.artifacts import artifact_uri
+
+    if previous is not None:
+        return previous[1]["vae"]
+    if not preset.vae.trained_here or vae_path:
+        return vae_path
+    from emoji_ldm.train.vae import VAETrainConfig, train_vae
+
+    vae_path = artifact_uri(out, "_emoji_ldm", "vae")
+    print(f"[encode] preset {preset.name!r} trains its own VAE and no --vae was given: "
+          f"training one first ({config.vae_steps or preset.vae.train_steps} steps) -> {vae_path}", flush=True)
+    train_vae(VAETrainConfig(dataset=config.dataset, out=vae_path, preset=config.preset,
+                             overrides=config.overrides, use_gpu=config.use_gpu, workers=config.vae_workers,
+                             max_steps=config.vae_steps))
+    return vae_path
+
+
+def _rows_to_encode(ds, out: str, table, previous, preset: Preset, metadata: dict):
+    """(write mode, rows to encode, rows removed). A new table: every row, overwritten, with the empty caption's
+    embedding beside it. Else only the rows whose (id, caption) the table lacks, after removing in one commit
+    the table's rows whose (id, caption) the dataset no longer has."""
+    from emoji_ldm.runtime.partitions import shuffle_partitions
+    from emoji_ldm.store.artifacts import artifact_uri, write_bytes
+    from emoji_ldm.store.delta import read_dataset
+    from emoji_ldm.store.log import file_actions
+    from emoji_ldm.store.uri import DatasetRef
+
+    if previous is None:
+        buf = io.BytesIO()
+        np.savez(buf, emb=empty_caption_embedding(preset))
+        write_bytes(artifact_uri(out, "_emoji_ldm", "empty_caption.npz"), buf.getvalue())
+        return "overwrite", ds, 0
+    # the rows to do carry their images through the join: partitions by both tables' bytes
+    size = sum(int(pc.sum(file_actions(t).column("size_bytes")).as_py() or 0) for t in (table, previous[0]))
+    parts = shuffle_partitions(size)
+    have, _ = read_dataset(DatasetRef(out, version=previous[0].version()), columns=["id", "caption"])
+    keys = ds.select_columns(["id", "caption"])
+    removed = _remove_rows(out, have.join(keys, "left_anti", parts, on=("id", "caption")),
+                           {**metadata, "phase": "remove", "message": f"{metadata['message']}: remove"})
+    return "append", ds.join(have, "left_anti", parts, on=("id", "caption")), removed
+
+
+def _encoded(todo, config: EncodeConfig, preset: Preset, vae_path: str | None):
+    """The rows through a pool of encoder actors, in blocks of one latent data file each."""
+    import ray.data
+
+    encoded = todo.map_batches(
+        Encoder,
+        fn_constructor_kwargs={"preset": preset.to_dict(), "vae_path": vae_path,
+                               "device": "cuda" if config.use_gpu else "cpu"},
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
+        num_gpus=1 if config.use_gpu else 0,
+    )
+    # the encoder makes blocks as small as its input bundles; strict: combine them too, into files of a
+    # steady ~64 MiB
+    return encoded.repartition(target_num_rows_per_block=max(latent_rows_per_file(preset), config.batch_size),
+                               strict=True)
 
 
 def encode(config: EncodeConfig) -> dict:
@@ -178,55 +255,24 @@ def encode(config: EncodeConfig) -> dict:
     them leaves the changed rows missing, and the next run encodes them.
     """
     from emoji_ldm.runtime.connect import ensure_ray
-    from emoji_ldm.runtime.partitions import shuffle_partitions
-    from emoji_ldm.store.artifacts import artifact_uri, check_writable, write_bytes
-    from emoji_ldm.store.delta import (
-        CommitDeltaDatasink,
-        arrow_dataset,
-        open_table,
-        read_dataset,
-        row_count,
-        version_for_build,
-    )
+    from emoji_ldm.store.artifacts import check_writable
+    from emoji_ldm.store.delta import CommitDeltaDatasink, open_table, read_dataset, version_for_build
     from emoji_ldm.store.latents import split_files
-    from emoji_ldm.store.log import file_actions
     from emoji_ldm.store.uri import DatasetRef, normalize_uri
     from emoji_ldm.version import code_version
 
     start = time.perf_counter()
     preset = config.preset_config()
     out = check_writable(config.out)
-    # Checked on the Delta table itself (clear errors for a missing dataset / version / tag),
-    # before Ray starts and without reading the images: counts from the log, text by Arrow compute
-    # (stopping at the first row that has some).
-    table = open_table(config.dataset)
+    table = _check_dataset(config.dataset)
     version = table.version()
-    if row_count(table) == 0:
-        raise UserError(f"dataset {config.dataset!r} (version {version}) has no rows to encode")
-    has_text = (pc.field("caption") != "") | (pc.field("title") != "")
-    if arrow_dataset(table).head(1, columns=["id"], filter=has_text).num_rows == 0:
-        raise UserError(f"dataset {config.dataset!r} has no captions or titles: caption it first")
-    vae_path = normalize_uri(config.vae) if config.vae else None
-    previous = _previous_encode(out, preset, vae_path, config.full)
+    vae_given = normalize_uri(config.vae) if config.vae else None
+    previous = _previous_encode(out, preset, vae_given, config.full)
     ensure_ray(dashboard=True)  # Ray Train's cleaner needs the State API
     dataset_uri = DatasetRef.parse(config.dataset).uri
     ds, _ = read_dataset(DatasetRef(dataset_uri, version=version), columns=["id", "image", "caption", "title"])
     ds = ds.map_batches(_text_rows, batch_format="numpy")
-
-    if previous is not None:
-        vae_path = previous[1]["vae"]  # the same VAE as the rows already there
-    elif preset.vae.trained_here and not vae_path:
-        from emoji_ldm.train.vae import VAETrainConfig, train_vae
-
-        vae_path = artifact_uri(out, "_emoji_ldm", "vae")
-        print(f"[encode] preset {preset.name!r} trains its own VAE and no --vae was given: "
-              f"training one first ({config.vae_steps or preset.vae.train_steps} steps) -> {vae_path}", flush=True)
-        train_vae(VAETrainConfig(dataset=config.dataset, out=vae_path, preset=config.preset,
-                                 overrides=config.overrides, use_gpu=config.use_gpu, workers=config.vae_workers,
-                                 max_steps=config.vae_steps))
-
-    import ray.data
-
+    vae_path = _vae_to_use(config, preset, out, vae_given, previous)
     build_id = uuid.uuid4().hex[:12]
     metadata = {
         "operation": "encode", "source": f"{dataset_uri}@{version}", "dataset": dataset_uri,
@@ -235,39 +281,10 @@ def encode(config: EncodeConfig) -> dict:
         "text_encoder": preset.text.pretrained, "code_version": code_version(), "build_id": build_id,
         "config": dataclasses.asdict(config), "message": f"encode {config.dataset}@{version} with {preset.name}",
     }
-    removed = 0
-    if previous is None:
-        mode, todo = "overwrite", ds
-        buf = io.BytesIO()
-        np.savez(buf, emb=empty_caption_embedding(preset))
-        write_bytes(artifact_uri(out, "_emoji_ldm", "empty_caption.npz"), buf.getvalue())
-    else:
-        mode = "append"
-        # the rows to do carry their images through the join: partitions by both tables' bytes
-        size = sum(int(pc.sum(file_actions(t).column("size_bytes")).as_py() or 0) for t in (table, previous[0]))
-        parts = shuffle_partitions(size)
-        have, _ = read_dataset(DatasetRef(out, version=previous[0].version()), columns=["id", "caption"])
-        keys = ds.select_columns(["id", "caption"])
-        removed = _remove_rows(out, have.join(keys, "left_anti", parts, on=("id", "caption")),
-                               {**metadata, "phase": "remove", "message": f"{metadata['message']}: remove"})
-        todo = ds.join(have, "left_anti", parts, on=("id", "caption"))
-
-    encoded = todo.map_batches(
-        Encoder,
-        fn_constructor_kwargs={"preset": preset.to_dict(), "vae_path": vae_path,
-                               "device": "cuda" if config.use_gpu else "cpu"},
-        batch_size=config.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
-        num_gpus=1 if config.use_gpu else 0,
-    )
-    # the encoder makes blocks as small as its input bundles (28 files of ~140 rows for the demo); strict:
-    # combine them too, into files of a steady ~64 MiB
-    encoded = encoded.repartition(target_num_rows_per_block=max(latent_rows_per_file(preset), config.batch_size),
-                                  strict=True)
+    mode, todo, removed = _rows_to_encode(ds, out, table, previous, preset, metadata)
     sink = CommitDeltaDatasink(out, schema=LATENT_SCHEMA, metadata={**metadata, "counts": {"removed": removed}},
                                mode=mode, partition_by=PARTITION)
-    encoded.write_datasink(sink)
+    _encoded(todo, config, preset, vae_path).write_datasink(sink)
     latent_version = version_for_build(out, build_id)
     latest = open_table(f"{out}@{latent_version}")
     train_rows, val_rows = (sum(f.rows for f in split_files(latest, s)) for s in ("train", "val"))
