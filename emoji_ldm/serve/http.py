@@ -9,6 +9,7 @@ error, Starlette's own 404/405, an oversize body, a refused key or a bug (a JSON
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -108,21 +109,67 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-class KeyCheck:
-    """With a keyring, every /v1/ request needs a valid key within its rate, checked before the body is read
-    and before any model replica is asked: 401 or 429 JSON otherwise. The key goes to the handler as
-    `request.state.api_key`. `/`, `/docs` and `/healthz` stay open: they do no work.
-    Without a keyring (None) every request passes."""
+PUBLIC_ROUTES = frozenset({"", "/", "/healthz"})  # GET/HEAD only, matched exactly on the path below root_path
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 
-    def __init__(self, app, keyring=None):
-        self.app, self.keyring = app, keyring
+
+def route_path(scope) -> str:
+    """The request's path below the app's mount point (`root_path`: Ray Serve's `route_prefix`, a proxy's
+    prefix). Starlette keeps the full path in `scope["path"]`; an ASGI server may also give it already
+    stripped."""
+    path, root = scope.get("path", ""), (scope.get("root_path") or "").rstrip("/")
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root):]
+    return path
+
+
+def is_public(scope) -> bool:
+    """The one rule: a request is open only if it is a GET or HEAD of exactly one of PUBLIC_ROUTES below
+    root_path. Everything else needs a key: every method, every other path, whatever the prefix, and any
+    spelling that is not exactly a public path (a double slash, a trailing slash, an encoded character that
+    decodes to something else) is simply not public."""
+    return scope.get("method") in ("GET", "HEAD") and route_path(scope) in PUBLIC_ROUTES
+
+
+_HOST = re.compile(r"(\[[0-9a-f:.]+\]|[^:\[\]/@\s]*)(:[0-9]{1,5})?")
+
+
+def _host_of(headers: dict) -> str:
+    """The Host header's name without its port ('' for one that is not a plain host[:port])."""
+    match = _HOST.fullmatch(headers.get(b"host", b"").decode("latin-1").strip().lower())
+    return match.group(1) if match else ""
+
+
+class KeyCheck:
+    """With a keyring, every request needs a valid key within its rate, whatever its path and the app's
+    root_path, except a GET/HEAD of a public route (`is_public`: the page and /healthz, which do no work);
+    checked before the body is read and before any model replica is asked: 401 or 429 JSON otherwise. The key
+    goes to the handler as `request.state.api_key`.
+
+    Without a keyring (None) and with `local_only`, only requests whose Host is localhost, 127.0.0.1 or [::1]
+    pass (403 otherwise): a page on another site cannot reach the local server through DNS rebinding. Without
+    either, every request passes (the operator's `insecure`)."""
+
+    def __init__(self, app, keyring=None, local_only: bool = False):
+        self.app, self.keyring, self.local_only = app, keyring, local_only
 
     async def __call__(self, scope, receive, send):
         from emoji_ldm.serve.keys import AuthError
 
-        if scope["type"] != "http" or self.keyring is None or not scope["path"].startswith("/v1/"):
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
+        if self.keyring is None:
+            if self.local_only and _host_of(headers) not in LOCAL_HOSTS:
+                if scope["type"] != "http":
+                    return  # a websocket we do not accept: closed
+                return await error_response(403, "this server runs without API keys and answers only requests "
+                                                 "for localhost (Host header)")(scope, receive, send)
+            return await self.app(scope, receive, send)
+        if scope["type"] == "http" and is_public(scope):
+            return await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return  # no websocket route needs one; refused without reading anything
         try:
             key = self.keyring.authenticate(headers.get(b"authorization", b"").decode("latin-1"))
             self.keyring.meter(key)
@@ -132,9 +179,14 @@ class KeyCheck:
         await self.app(scope, receive, send)
 
 
-def new_api(keyring=None) -> FastAPI:
-    """A FastAPI app with the error handlers, the body limit and (with a keyring) the key check; no routes."""
+def new_api(keyring=None, local_only: bool = False) -> FastAPI:
+    """A FastAPI app with the error handlers, the body limit and the key check (`KeyCheck`); no routes.
+
+    With keys there are no /docs or /redoc pages (they load JavaScript from a CDN into a page that would hold
+    a key), and /openapi.json needs a key like every route that is not public; without keys /docs is served."""
     api = FastAPI(
+        docs_url=None if keyring is not None else "/docs",
+        redoc_url=None,
         title="emoji-ldm",
         version=__version__,
         description="Generate emoji and themed emoji sets from a trained emoji-ldm model. "
@@ -145,5 +197,6 @@ def new_api(keyring=None) -> FastAPI:
     api.add_exception_handler(Exception, _internal_error)
     api.add_exception_handler(StarletteHTTPException, _http_error)
     api.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
-    api.add_middleware(KeyCheck, keyring=keyring)  # added last, so it runs first: no body is read without a key
+    # added last, so it runs first: no body is read without a key
+    api.add_middleware(KeyCheck, keyring=keyring, local_only=local_only)
     return api

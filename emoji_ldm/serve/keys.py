@@ -76,6 +76,7 @@ class ApiKey:
     created_at: str = ""
     webhook_secret: str = ""  # signs this key's webhooks (HMAC-SHA256)
     id: str = ""              # immutable; derived from the hash for an entry older than ids
+    cost_per_minute: int = 20_000  # cost units a minute (images x steps x (size/64)^2, serve/meter.py)
 
     def __post_init__(self):
         if not self.id:
@@ -91,7 +92,8 @@ class ApiKey:
     def public(self) -> dict:
         """What `keys list` shows: no hash, no secret."""
         return {"name": self.name, "id": self.id, "rate_per_minute": self.rate_per_minute,
-                "max_jobs": self.max_jobs, "revoked": self.revoked, "created_at": self.created_at}
+                "max_jobs": self.max_jobs,
+                "cost_per_minute": self.cost_per_minute, "revoked": self.revoked, "created_at": self.created_at}
 
 
 def read_keys(uri: str) -> dict[str, ApiKey]:
@@ -260,7 +262,7 @@ class KeyRing:
         self._keys: list[ApiKey] = []
         self._signature: tuple | None = None
         self._checked = -RELOAD_S
-        self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, at)
+        self._buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, at)
         self._lock = threading.Lock()
         self.reload(force=True)
         if not self._keys:
@@ -296,6 +298,11 @@ class KeyRing:
         self.reload()
         return next((k for k in self._keys if k.id == owner and not k.revoked), None)
 
+    def revoked_owners(self) -> set[str]:
+        """The ids of the revoked keys in the file (their running jobs are cancelled)."""
+        self.reload()
+        return {k.id for k in self._keys if k.revoked}
+
     def authenticate(self, authorization: str | None) -> ApiKey:
         """The key of an `Authorization: Bearer KEY` header; AuthError 401 when missing, unknown or revoked."""
         self.reload()
@@ -319,11 +326,11 @@ class KeyRing:
         rate = key.rate_per_minute / 60.0  # tokens per second
         with self._lock:
             now = self.clock()
-            tokens, at = self._buckets.get(key.name, (float(key.rate_per_minute), now))
+            tokens, at = self._buckets.get(key.id, (float(key.rate_per_minute), now))
             tokens = min(float(key.rate_per_minute), tokens + (now - at) * rate)
             if tokens < 1.0:
-                self._buckets[key.name] = (tokens, now)
+                self._buckets[key.id] = (tokens, now)
                 retry = max(1, int((1.0 - tokens) / rate + 0.999))
                 raise AuthError(429, f"key {key.name!r} is over its rate of {key.rate_per_minute} requests per "
                                      f"minute: retry in {retry} s", {"Retry-After": str(retry)})
-            self._buckets[key.name] = (tokens - 1.0, now)
+            self._buckets[key.id] = (tokens - 1.0, now)

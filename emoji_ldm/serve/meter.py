@@ -1,0 +1,108 @@
+"""What each API key may spend, decided in one place for every ingress replica: its cost budget and its
+concurrent-jobs quota.
+
+    Ingress replica ─┐
+    Ingress replica ─┼─► the meter: one detached, named Ray actor (`emoji-ldm-meter`, namespace
+    Ingress replica ─┘   `emoji-ldm-jobs`, get_if_exists), a plain (non-async) actor: Ray runs its calls
+                         one at a time, so "is there room? then take it" is one step that no other
+                         request can come between (the job quota was check-then-act before: ten concurrent
+                         posts with --max-jobs 1 all started)
+
+Cost: a request costs images x steps x (size/64)^2 units (x 1 when it gives no size: the model's own), taken
+from a token bucket per key id that refills `ApiKey.cost_per_minute` units a minute and holds at most that
+many. A request that costs more than the whole bucket can never pass; one that costs more than what is left
+waits for the refill (429 with Retry-After). Checked before any model work.
+
+Jobs: `admit(owner, job_id, quota)` counts the owner's live runner actors (their names, `job:<owner>:<id>`)
+plus the jobs it admitted whose runners are not yet up, and admits the job only below the quota. The live
+runners are the truth (a job that ends takes its runner with it), so the meter keeps nothing that must be
+released for the count to be right, and a meter that is lost and started again counts right from its first
+call. A job id that is already running or admitted is admitted again (an idempotent replay, a resume).
+"""
+
+from __future__ import annotations
+
+import time
+
+METER_NAME = "emoji-ldm-meter"
+SETTLE_S = 120.0   # an admitted job whose runner never came up stops counting after this long
+UNIT_PIXELS = 64 * 64
+MAX_REQUEST_PIXELS = 64 * 256 * 256  # one request's images x size^2: 64 at 256 px, 16 at 512, 4 at 1024
+
+
+def cost_units(images: int, steps: int, size: int | None = None) -> float:
+    """What a request costs: images x steps, x (size/64)^2 when it gives a size."""
+    return float(images * steps) * ((size * size / UNIT_PIXELS) if size else 1.0)
+
+
+def _live_runners(owner: str) -> set[str]:
+    """Job ids of this owner with a live runner actor."""
+    import ray
+
+    from emoji_ldm.serve.durable import NAMESPACE, actor_name
+
+    prefix = actor_name(owner, "")
+    return {a["name"][len(prefix):] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a.get("namespace") == NAMESPACE and a.get("name", "").startswith(prefix)}
+
+
+class Meter:
+    """The decisions; as a Ray actor through `meter_actor()`, in a test as it is (a clock and the live runners
+    injected)."""
+
+    def __init__(self, clock=time.monotonic, live=_live_runners):
+        self.clock, self.live = clock, live
+        self.buckets: dict[str, tuple[float, float]] = {}   # owner -> (units left, when)
+        self.admitted: dict[str, dict[str, float]] = {}     # owner -> job id -> when admitted
+
+    def spend(self, owner: str, cost: float, per_minute: float) -> float:
+        """0.0: taken from the owner's bucket. > 0: the seconds until the bucket holds `cost` (nothing taken).
+        -1.0: more than the bucket ever holds."""
+        if cost > per_minute:
+            return -1.0
+        now = self.clock()
+        left, at = self.buckets.get(owner, (float(per_minute), now))
+        left = min(float(per_minute), left + (now - at) * per_minute / 60.0)
+        if left < cost:
+            self.buckets[owner] = (left, now)
+            return max(1.0, (cost - left) * 60.0 / per_minute)
+        self.buckets[owner] = (left - cost, now)
+        return 0.0
+
+    def admit(self, owner: str, job_id: str, quota: int | None) -> bool:
+        """Admit one more job of `owner` if it has fewer than `quota` live or admitted (None: no quota)."""
+        now = self.clock()
+        live = self.live(owner)
+        pending = {j: t for j, t in self.admitted.get(owner, {}).items() if j not in live and now - t < SETTLE_S}
+        self.admitted[owner] = pending
+        if job_id in live or job_id in pending:
+            return True
+        if quota is not None and len(live) + len(pending) >= quota:
+            return False
+        pending[job_id] = now
+        return True
+
+    def started(self, owner: str, job_id: str) -> None:
+        """The job's runner is up (it is counted as live from now on), or it never will be: forget the
+        admission."""
+        self.admitted.get(owner, {}).pop(job_id, None)
+
+    def ping(self) -> bool:
+        return True
+
+
+_handle = None
+
+
+def meter_actor():
+    """This process's handle on the one meter actor (made by whoever asks first)."""
+    global _handle
+    if _handle is None:
+        import ray
+
+        from emoji_ldm.serve.durable import NAMESPACE
+
+        _handle = ray.remote(Meter).options(name=METER_NAME, namespace=NAMESPACE, lifetime="detached",
+                                            get_if_exists=True, num_cpus=0, max_restarts=-1,
+                                            max_task_retries=-1).remote()
+    return _handle
