@@ -227,7 +227,7 @@ def test_sd_finetune_with_tiny_stand_in(sd_latents, tmp_path, mode):
 
 def test_encode_is_incremental(ray_local, tiny, tmp_path, monkeypatch):
     """A new dataset version: only new or re-captioned rows are encoded; deleted ones leave the latent table.
-    Its files hold latent_rows_per_file rows, not the few rows of whatever blocks the encoder made (issue 28)."""
+    Its files hold latent_rows_per_file rows, not the few rows of whatever blocks the encoder made."""
     from deltalake import DeltaTable
 
     from emoji_ldm.store.log import file_actions
