@@ -212,3 +212,38 @@ def test_job_admission_counts_live_and_admitted_jobs():
     clock.t += 1000                                   # an admission whose runner never came up lapses
     assert meter.admit("key-a", "job-4", 1)
     assert meter.admit("key-a", "job-5", None)        # no quota (no keys)
+
+
+# --- retention (serve/retention.py): what a key's jobs and sets leave behind is deleted after the period ------
+
+
+def test_retention_deletes_old_jobs_and_sets_but_not_running_or_recent_ones(tmp_path):
+    import os
+    import time
+    from collections.abc import Iterator
+
+    from emoji_ldm.serve.retention import expire_jobs, expire_sets, iter_objects
+
+    jobs, sets = tmp_path / "jobs", tmp_path / "sets"
+    old = time.time() - 8 * 86400
+    files = {jobs / "key-a" / "job-old" / "state.json": old, jobs / "key-a" / "job-old" / "images" / "00000.png": old,
+             jobs / "key-a" / "job-old-2" / "state.json": old,
+             jobs / "key-a" / "job-running" / "state.json": old, jobs / "_active" / "key-a" / "job-running": old,
+             jobs / "key-b" / "job-new" / "state.json": time.time(),
+             jobs / "key-b" / "job-mixed" / "images" / "00000.png": old,
+             jobs / "key-b" / "job-mixed" / "state.json": time.time(),  # still being written: kept whole
+             sets / "set-old" / "manifest.json": old, sets / "set-old" / "a.png": old,
+             sets / "set-new" / "manifest.json": time.time()}
+    for path, mtime in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, (mtime, mtime))
+    assert isinstance(iter_objects(str(jobs)), Iterator)  # streamed, not a list
+    assert expire_jobs(str(jobs), 7) == 2
+    assert expire_sets(str(sets), 7) == 1
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["jobs/_active/key-a/job-running", "jobs/key-a/job-running/state.json",
+                    "jobs/key-b/job-mixed/images/00000.png", "jobs/key-b/job-mixed/state.json",
+                    "jobs/key-b/job-new/state.json", "sets/set-new/manifest.json"]
+    assert not (jobs / "key-a" / "job-old").exists() and not (sets / "set-old").exists()
+    assert expire_jobs(str(jobs), 7, now=time.time() + 30 * 86400) == 2  # the unfinished one stays
