@@ -298,11 +298,6 @@ class KeyRing:
         self.reload()
         return next((k for k in self._keys if k.id == owner and not k.revoked), None)
 
-    def revoked_owners(self) -> set[str]:
-        """The ids of the revoked keys in the file (their running jobs are cancelled)."""
-        self.reload()
-        return {k.id for k in self._keys if k.revoked}
-
     def authenticate(self, authorization: str | None) -> ApiKey:
         """The key of an `Authorization: Bearer KEY` header; AuthError 401 when missing, unknown or revoked."""
         self.reload()

@@ -169,3 +169,29 @@ def test_key_files_are_ignored_by_git_submit_and_docker():
 
     assert "keys.json" in (REPO / ".gitignore").read_text().splitlines()
     assert {"keys.json", "**/keys.json"} <= set((REPO / ".dockerignore").read_text().splitlines())
+
+
+def test_rate_buckets_are_per_key_id_not_name(tmp_path):
+    """A key issued under a revoked key's name starts with a full bucket of its own."""
+    from emoji_ldm.serve.keys import (
+        AuthError,
+        KeyRing,
+        KeysCreateConfig,
+        KeysRevokeConfig,
+        create_command,
+        revoke_command,
+    )
+
+    path = str(tmp_path / "keys.json")
+    first = create_command(KeysCreateConfig(file=path, name="alice", rate=1)).splitlines()[2]
+    ring = KeyRing(path, clock=lambda: 0.0)
+    ring.meter(ring.authenticate(f"Bearer {first}"))
+    with pytest.raises(AuthError):
+        ring.meter(ring.authenticate(f"Bearer {first}"))
+    revoke_command(KeysRevokeConfig(file=path, name="alice"))
+    second = create_command(KeysCreateConfig(file=path, name="alice", rate=1)).splitlines()[2]
+    ring.reload(force=True)
+    key = ring.authenticate(f"Bearer {second}")
+    ring.meter(key)  # not the revoked key's empty bucket
+    assert key.cost_per_minute == 20_000
+    assert ring.by_owner(key.id) == key
