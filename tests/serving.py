@@ -14,10 +14,11 @@ HTTP = urllib3.PoolManager(maxsize=64, retries=False, timeout=urllib3.Timeout(co
 
 def deploy(model: str, *, sets_uri: str = "", generator: dict | None = None, ingress: dict | None = None,
            max_batch_size: int = 16, batch_wait_timeout_s: float = 0.05, same_serve: bool = False,
-           **app_args) -> str | None:
+           name: str = "emoji", route_prefix: str = "/", **app_args) -> str | None:
     """Start Serve on a free loopback port and run the app with these deployment options; returns the URL.
     A Serve still running on the session's cluster is shut down first: it would keep its own port.
-    `same_serve`: run the app on the Serve already running (after `serve.delete`: a restart of the app)."""
+    `same_serve`: run the app on the Serve already running (after `serve.delete`: a restart of the app, or a
+    second app under its own `name` and `route_prefix`)."""
     from ray import serve
 
     from emoji_ldm.serve.app import application
@@ -33,7 +34,7 @@ def deploy(model: str, *, sets_uri: str = "", generator: dict | None = None, ing
                    {"name": "Ingress", "ray_actor_options": {"num_cpus": 0.1}, **quick_stop, **(ingress or {})}]
     args = {"model": model, "sets_uri": sets_uri, "max_batch_size": max_batch_size,
             "batch_wait_timeout_s": batch_wait_timeout_s, **app_args}
-    serve.run(application(args, deployments), name="emoji", route_prefix="/")
+    serve.run(application(args, deployments), name=name, route_prefix=route_prefix)
     return f"http://127.0.0.1:{port}" if port else None
 
 

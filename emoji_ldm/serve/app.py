@@ -62,6 +62,9 @@ class AppArgs:
     job_num_cpus: float = 1.0        # each job's runner actor (serve/durable.py): CPUs ...
     job_num_gpus: float = 0.0        # ... and GPUs (> 0: it draws on CUDA)
     webhook_allow: tuple = ()        # CIDRs a job's callback_url may reach besides public addresses
+    insecure: bool = False           # no keys and no Host check: anyone who reaches the port may generate
+    sweep_s: float = 60.0            # how often an ingress resumes orphaned jobs and cancels revoked keys' jobs
+    retention_days: float = 7.0      # job folders and stored sets older than this are deleted (0: kept forever)
 
     def __post_init__(self):
         from emoji_ldm.errors import UserError
@@ -78,6 +81,9 @@ class AppArgs:
             raise UserError(f"args.batch_wait_timeout_s must be from 0 to 10 seconds, got {self.batch_wait_timeout_s}")
         if self.torch_threads < 0:
             raise UserError(f"args.torch_threads must be 0 (Ray's default) or more, got {self.torch_threads}")
+        if self.sweep_s <= 0 or self.retention_days < 0:
+            raise UserError(f"args.sweep_s must be more than 0 seconds and args.retention_days 0 or more, got "
+                            f"{self.sweep_s} / {self.retention_days}")
         if self.job_num_cpus < 0 or self.job_num_gpus < 0:
             raise UserError(f"args.job_num_cpus / job_num_gpus must be 0 or more, got {self.job_num_cpus} / "
                             f"{self.job_num_gpus}")
@@ -127,12 +133,14 @@ class Ingress:
         self._card: dict | None = None
         self.keyring = KeyRing(self.args.keys) if self.args.keys else None
         self.jobs = JobRoutes(self.args, self.keyring)
-        if self.args.jobs_uri:  # jobs left without a runner (the cluster was replaced) go on with no one asking
-            threading.Thread(target=self.jobs.resume_orphans, name="resume-jobs", daemon=True).start()
+        if self.args.jobs_uri or (self.args.sets_uri and self.args.retention_days):
+            # on start and every sweep_s: resume orphaned jobs, cancel revoked keys' jobs, expire old results
+            threading.Thread(target=self.jobs.sweep_forever, name="sweep-jobs", daemon=True).start()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        """This replica's app, built after __init__: its keyring checks every /v1/ request."""
-        api = new_api(self.keyring)
+        """This replica's app, built after __init__: with keys, every route but the public ones needs one
+        (serve/http.py, whatever the route_prefix); without keys and not `insecure`, only localhost Hosts."""
+        api = new_api(self.keyring, local_only=self.keyring is None and not self.args.insecure)
         api.get("/", response_class=HTMLResponse, include_in_schema=False)(self.page)
         api.get("/healthz")(self.healthz)
         api.get("/v1/model")(self.model)
@@ -172,19 +180,43 @@ class Ingress:
         return HTMLResponse(resources.files("emoji_ldm.serve").joinpath("page.html").read_text())
 
     async def healthz(self) -> dict:
-        card = await self._model_card()
-        return {"status": "ok", "model": card.get("uri"), "version": __version__}
+        """Open to anyone, so it says only that the model is loaded; /v1/model (with a key) says which."""
+        await self._model_card()
+        return {"status": "ok"}
+
+    async def _charge(self, request: Request, images: int, steps: int, size: int | None) -> None:
+        """The per-request pixel budget, then the key's cost (serve/meter.py): 422 / 429 before any model work."""
+        from emoji_ldm.serve.meter import MAX_REQUEST_PIXELS, ask, cost_units
+
+        if size and images * size * size > MAX_REQUEST_PIXELS:
+            raise ApiError(422, f"size: {images} images of {size} px is more than one request may draw "
+                                f"({MAX_REQUEST_PIXELS} pixels): ask for fewer or smaller images, or send a job",
+                           "size")
+        key = request.scope.get("state", {}).get("api_key")
+        if key is None:
+            return
+        cost = cost_units(images, steps, size)
+        wait = await ask("spend", key.owner, cost, key.cost_per_minute)
+        if wait < 0:
+            raise ApiError(429, f"this request costs {cost:g} units (images x steps x (size/64)^2), more than key "
+                                f"{key.name!r} may spend in a minute ({key.cost_per_minute}): ask for fewer "
+                                "images or steps, or send a job")
+        if wait > 0:
+            raise ApiError(429, f"key {key.name!r} has spent its {key.cost_per_minute} cost units a minute: this "
+                                f"request ({cost:g} units) fits in {wait:.0f} s", headers={"Retry-After":
+                                                                                          str(int(wait + 0.999))})
 
     async def model(self) -> dict:
         """The model card: lineage (dataset and latent table versions, code version), config, metrics."""
         card = await self._model_card()
-        return {**card, "limits": {"max_batch_size": self.args.max_batch_size, "sets_storage":
+        return {**card, "version": __version__, "limits": {"max_batch_size": self.args.max_batch_size, "sets_storage":
                                    bool(self.args.sets_uri)}}
 
     async def generate(self, body: GenerateRequest, request: Request):
         want_png = body.format == "png" or (body.n == 1 and "image/png" in request.headers.get("accept", ""))
         if want_png and body.n != 1:
             raise ApiError(422, "n: format png returns exactly one image; set n to 1 or use format json", "n")
+        await self._charge(request, body.n, body.steps, body.size)
         seeds = tuple(body.seed + i for i in range(body.n))
         job = SampleJob.of((body.prompt,) * body.n, seeds, body.sampler(body.n), body.adapter)
         start = time.perf_counter()
@@ -198,13 +230,14 @@ class Ingress:
                 "model_content_id": card.get("content_id"), "code_version": made[0][1].get("code_version"),
                 "settings": _settings(body), "elapsed_s": round(time.perf_counter() - start, 3)}
 
-    async def emoji_set(self, body: EmojiSetRequest):
+    async def emoji_set(self, body: EmojiSetRequest, request: Request):
         from emoji_ldm.serve.sets import new_set_id, set_files, set_manifest, store_set, zip_bytes
 
         if body.store and not self.args.sets_uri:
             raise ApiError(409, "store: this server has no storage for sets (its operator did not set --sets-uri); "
                                 "leave store false to download the set", "store")
         prompts = body.prompts()
+        await self._charge(request, len(prompts), body.steps, body.size)
         # every item starts from the same noise (one seed): the set shares pose, palette and framing
         job = SampleJob.of(tuple(prompts), (body.seed,) * len(prompts), body.sampler(), body.adapter)
         made = await self._sample(job)
@@ -239,5 +272,18 @@ def application(args: dict, deployments: list[dict] | None = None) -> serve.Appl
 
 
 def build_app(args: dict) -> serve.Application:
-    """Application builder for `import_path: emoji_ldm.serve.app:build_app` (Serve applies the options)."""
+    """Application builder for `import_path: emoji_ldm.serve.app:build_app` (`serve run`, `serve deploy`, the
+    RayService; Serve applies the options). It refuses to build without API keys (`args.keys`, or
+    $EMOJI_LDM_API_KEYS) unless `args.insecure` is true: those paths listen where the Serve config says
+    (the packaged one: 0.0.0.0), and `emoji-ldm serve`'s loopback check does not run there."""
+    import os
+
+    from emoji_ldm.errors import UserError
+
+    args = dict(args)
+    if not args.get("keys") and os.environ.get("EMOJI_LDM_API_KEYS"):
+        args["keys"] = os.environ["EMOJI_LDM_API_KEYS"]
+    if not args.get("keys") and not args.get("insecure"):
+        raise UserError("refusing to serve without API keys: set args.keys to a key file (emoji-ldm keys create) "
+                        "or $EMOJI_LDM_API_KEYS, or args.insecure: true to let anyone who reaches the port generate")
     return application(args)

@@ -52,6 +52,8 @@ ENDED = ("succeeded", "failed", "cancelled")
 DRAWER_ATTEMPTS = 3      # a job's Drawer is started again twice when its node is lost
 ANONYMOUS = "_local"      # the owner of jobs on a server without keys (a key id never starts with '_')
 ACTIVE = "_active"       # <jobs_uri>/_active/<owner>/<job id>: the unfinished jobs
+REVOKED = "revoked"      # <job folder>/revoked: the job's key was revoked; it is cancelled and sends no webhook
+REVOKED_ERROR = "cancelled: the job's API key was revoked"
 
 
 def new_job_id() -> str:
@@ -81,8 +83,8 @@ def active_marker(jobs_uri: str, owner: str, job_id: str) -> str:
     return join(jobs_uri, ACTIVE, owner, job_id)
 
 
-def orphaned_jobs(jobs_uri: str) -> list[tuple[str, str]]:
-    """(owner, job id) of every unfinished job without a live runner."""
+def active_jobs(jobs_uri: str) -> list[tuple[str, str]]:
+    """(owner, job id) of every unfinished job (its marker under <jobs_uri>/_active/)."""
     import pyarrow.fs as pafs
 
     from emoji_ldm.store.uri import filesystem
@@ -96,9 +98,33 @@ def orphaned_jobs(jobs_uri: str) -> list[tuple[str, str]]:
     for info in infos:
         if info.type == pafs.FileType.File:
             owner, job_id = info.path[len(path.rstrip("/")) + 1:].split("/", 1)
-            if runner(owner, job_id) is None:
-                found.append((owner, job_id))
+            found.append((owner, job_id))
     return found
+
+
+def orphaned_jobs(jobs_uri: str) -> list[tuple[str, str]]:
+    """(owner, job id) of every unfinished job without a live runner."""
+    return [(owner, job_id) for owner, job_id in active_jobs(jobs_uri) if runner(owner, job_id) is None]
+
+
+def cancel_revoked(jobs_uri: str, owner: str, job_id: str) -> None:
+    """Cancel a job whose key was revoked: its runner stops after its chunk and sends no webhook (the
+    `revoked` marker); a job with no runner ends here, cancelled, and is not resumed."""
+    folder = job_folder(jobs_uri, owner, job_id)
+    write_bytes(join(folder, REVOKED), b"")
+    write_bytes(join(folder, "cancel"), b"")
+    actor = runner(owner, job_id)
+    if actor is not None:
+        import ray
+
+        ray.get(actor.cancel.remote())
+        return
+    state = read_state(folder) or {"id": job_id, "done": 0, "created_at": None}
+    if state.get("state") not in ENDED:
+        state.update(state="cancelled", finished_at=now_iso(), partial=False, result=None,
+                     errors=[*state.get("errors", []), REVOKED_ERROR])
+        write_json(join(folder, "state.json"), state)
+    delete(active_marker(jobs_uri, owner, job_id))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,7 +292,11 @@ class JobRunner:
         write_json(join(self.folder, "state.json"), state)
         delete(active_marker(self.spec.jobs_uri, self.spec.owner, self.spec.job_id))
         url = self.request["body"].get("callback_url")
-        if url:
+        if url and exists(join(self.folder, REVOKED)):  # the key's owner no longer gets anything from us
+            state["errors"].append(REVOKED_ERROR)
+            state["callback"] = {"attempts": 0, "delivered": False, "error": "not sent: the key was revoked"}
+            write_json(join(self.folder, "state.json"), state)
+        elif url:
             state["callback"] = deliver(url, public_state(state), self.spec.webhook_secret, self.spec.webhook_allow)
             write_json(join(self.folder, "state.json"), state)
 
@@ -275,7 +305,7 @@ class JobRunner:
         result/manifest.json."""
         from emoji_ldm.inference.sampler import model_card, model_uri
         from emoji_ldm.serve.schemas import JobRequest
-        from emoji_ldm.serve.sets import set_files, set_manifest, zip_bytes
+        from emoji_ldm.serve.sets import set_files, set_manifest
 
         request = JobRequest.model_validate(self.request["body"])
         draws = request.draws()[:done]
@@ -291,10 +321,38 @@ class JobRunner:
         params = [read_json(join(self.folder, "images", f"{i:05d}.json")) for i in range(done)]
         files = set_files(manifest, pngs, params if self.spec.png_metadata else None)
         result = join(self.folder, "result")
-        write_bytes(join(result, f"{self.spec.job_id}.zip"), zip_bytes(files, self.spec.job_id))
+        write_zip(join(result, f"{self.spec.job_id}.zip"), files, self.spec.job_id)
         write_bytes(join(result, "manifest.json"), files["manifest.json"])
         return {"uri": result, "zip": join(result, f"{self.spec.job_id}.zip"),
                 "manifest": join(result, "manifest.json")}
+
+
+def write_zip(uri: str, files: dict[str, bytes], folder: str) -> None:
+    """The set's zip written entry by entry into the storage's output stream (an S3 multipart upload, or a
+    local part file renamed onto its name at the end), never whole in memory; as /v1/emoji-sets zips it: every
+    file under `folder/`, PNGs stored, JSON deflated."""
+    import uuid
+    import zipfile
+
+    from emoji_ldm.store.uri import filesystem, is_s3
+
+    fs, path = filesystem(uri)
+    parent, name = path.rsplit("/", 1)
+    fs.create_dir(parent, recursive=True)
+    target = path if is_s3(uri) else f"{parent}/.{name}.{uuid.uuid4().hex[:8]}.part"
+    try:
+        with fs.open_output_stream(target) as out, zipfile.ZipFile(out, "w") as zf:
+            for entry, data in files.items():
+                method = zipfile.ZIP_DEFLATED if entry.endswith(".json") else zipfile.ZIP_STORED
+                zf.writestr(f"{folder}/{entry}", data, compress_type=method)
+        if target != path:
+            fs.move(target, path)
+    finally:
+        if target != path:
+            try:
+                fs.delete_file(target)
+            except (FileNotFoundError, OSError):
+                pass
 
 
 class Drawer:
@@ -362,12 +420,3 @@ def start_runner(spec: JobSpec):
         name=actor_name(spec.owner, spec.job_id), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
         num_cpus=0, max_restarts=2,
     ).remote(spec)
-
-
-def running_jobs(owner: str) -> int:
-    """Jobs of this owner with a live runner (for the key's concurrent-jobs quota)."""
-    import ray
-
-    prefix = f"job:{owner}:"
-    return sum(1 for a in ray.util.list_named_actors(all_namespaces=True)
-               if a.get("namespace") == NAMESPACE and a.get("name", "").startswith(prefix))

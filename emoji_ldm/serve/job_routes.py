@@ -10,6 +10,7 @@ import re
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from emoji_ldm.serve import meter
 from emoji_ldm.serve.http import ApiError, check_adapter
 from emoji_ldm.serve.schemas import JobRequest
 
@@ -19,11 +20,12 @@ JOB_ID = re.compile(r"job-[0-9a-z-]{8,40}")
 
 
 def _owner(request: Request):
-    """(owner name, its key or None): jobs live under the caller's key name."""
+    """(owner, its key or None): jobs live under the caller's key id (`ApiKey.owner`), never its name, which a
+    later key may be given after a revoke."""
     from emoji_ldm.serve.durable import ANONYMOUS
 
     key = request.scope.get("state", {}).get("api_key")
-    return (key.name if key else ANONYMOUS), key
+    return (key.owner if key else ANONYMOUS), key
 
 
 def _webhook_secret(key) -> str:
@@ -35,6 +37,7 @@ class JobRoutes:
 
     def __init__(self, args, keyring=None):
         self.args, self.keyring = args, keyring
+        self._expired_at = None  # when retention last ran (serve/retention.py)
 
     def add_to(self, api: FastAPI) -> None:
         api.post("/v1/jobs", status_code=202)(self.create_job)
@@ -44,21 +47,59 @@ class JobRoutes:
                 responses={200: {"content": {"application/zip": {}}}})(self.job_zip)
         api.get("/v1/jobs/{job_id}/manifest.json", response_class=Response)(self.job_manifest)
 
-    def resume_orphans(self) -> None:
-        """Start a runner for each unfinished job that has none (the cluster was replaced): they go on with no
-        one asking. Best effort: a job's next GET resumes it too."""
+    def sweep_forever(self) -> None:
+        """`sweep` when the ingress starts and every `sweep_s` after."""
+        import time
+
+        while True:
+            if self.args.jobs_uri:
+                self.sweep()
+            self.expire()
+            time.sleep(self.args.sweep_s)
+
+    def expire(self, force: bool = False) -> None:
+        """Delete the job folders and stored sets past `retention_days` (serve/retention.py): when the ingress
+        starts, then at most every retention.EVERY_S."""
+        import time
+
+        from emoji_ldm.serve import retention
+
+        days = self.args.retention_days
+        if not days or (not force and self._expired_at is not None and
+                        time.monotonic() - self._expired_at < retention.EVERY_S):
+            return
+        self._expired_at = time.monotonic()
+        for uri, expire in ((self.args.jobs_uri, retention.expire_jobs), (self.args.sets_uri, retention.expire_sets)):
+            if uri:
+                try:
+                    expire(uri, days)
+                except Exception:  # logged; the next round tries again
+                    logger.exception("retention of %s failed", uri)
+
+    def sweep(self) -> None:
+        """Over the unfinished jobs (their markers under <jobs_uri>/_active/, as many as jobs running, which the
+        quotas bound): cancel those of a revoked key (no webhook is sent for them), and start a runner for each
+        that has none (the cluster was replaced): they go on with no one asking. Best effort: a job's next GET
+        resumes it too."""
         from emoji_ldm.serve import durable
 
         try:
-            for owner, job_id in durable.orphaned_jobs(self.args.jobs_uri):
-                known = durable.read_request(durable.job_folder(self.args.jobs_uri, owner, job_id))
-                key = self.keyring.by_name(owner) if self.keyring else None
+            for owner, job_id in durable.active_jobs(self.args.jobs_uri):
+                folder = durable.job_folder(self.args.jobs_uri, owner, job_id)
+                key = self.keyring.by_owner(owner) if self.keyring else None
+                if self.keyring and key is None and owner != durable.ANONYMOUS:
+                    durable.cancel_revoked(self.args.jobs_uri, owner, job_id)
+                    logger.info("cancelled job %s of %s: its key was revoked", job_id, owner)
+                    continue
+                if durable.runner(owner, job_id) is not None:
+                    continue
+                known = durable.read_request(folder)
                 if known is None or (self.keyring and key is None):
-                    continue  # no request (a half-made job) or a revoked key: left as it is
+                    continue  # no request (a half-made job) or a server with keys and a local job: left as it is
                 durable.start_runner(self._job_spec(owner, key, job_id, known["body"], known["body_hash"]))
                 logger.info("resumed job %s of %s: its runner was gone", job_id, owner)
         except Exception:  # logged with its traceback; the jobs resume on their next GET
-            logger.exception("resuming unfinished jobs failed")
+            logger.exception("the jobs sweep failed")
 
     def _jobs_on(self) -> None:
         if not self.args.jobs_uri:
@@ -126,17 +167,26 @@ class JobRoutes:
             job_id = durable.new_job_id()
         if body.callback_url:
             await self._check_callback(body.callback_url, key)
-        quota = key.max_jobs if key else None
-        if quota is not None and await asyncio.to_thread(durable.running_jobs, owner) >= quota:
-            raise ApiError(429, f"key {owner!r} has {quota} job(s) running, its quota: retry when one ends",
-                           headers={"Retry-After": "30"})
-        actor = await asyncio.to_thread(durable.start_runner, self._job_spec(owner, key, job_id, data, digest))
-        stored = await actor.stored_body_hash.remote()
+        await self._admit(owner, key, job_id)
+        try:
+            actor = await asyncio.to_thread(durable.start_runner, self._job_spec(owner, key, job_id, data, digest))
+            stored = await actor.stored_body_hash.remote()
+        finally:
+            if key is not None:  # counted as a live runner from now on (or it never started)
+                await meter.ask("started", owner, job_id)
         if idempotency:
             return await self._same_job(request, job_id, stored, digest, created=True)
         return JSONResponse(durable.public_state({"id": job_id, "state": "queued", "total": body.images(),
                                                  "created_at": durable.now_iso()}), status_code=202,
                             headers={"Location": f"/v1/jobs/{job_id}"})
+
+    async def _admit(self, owner: str, key, job_id: str) -> None:
+        """The key's concurrent-jobs quota, decided by the one meter actor for every replica (serve/meter.py): of
+        ten concurrent posts with room for one, one is admitted."""
+        quota = key.max_jobs if key else None
+        if quota is not None and not await meter.ask("admit", owner, job_id, quota):
+            raise ApiError(429, f"key {key.name!r} has {quota} job(s) running, its quota: retry when one ends",
+                           headers={"Retry-After": "30"})
 
     async def _same_job(self, request: Request, job_id: str, stored: str, digest: str, created: bool = False):
         from emoji_ldm.serve import durable

@@ -94,6 +94,19 @@ class Meter:
 _handle = None
 
 
+async def ask(method: str, *args):
+    """Call the meter actor; a handle whose actor is gone for good (killed by hand) is dropped and the call made
+    once more on the one that `get_if_exists` then finds or makes."""
+    global _handle
+    from ray.exceptions import RayActorError
+
+    try:
+        return await getattr(meter_actor(), method).remote(*args)
+    except RayActorError:
+        _handle = None
+        return await getattr(meter_actor(), method).remote(*args)
+
+
 def meter_actor():
     """This process's handle on the one meter actor (made by whoever asks first)."""
     global _handle

@@ -60,8 +60,8 @@ class ServeConfig:
     gpus: float = opt(0.0, help="GPUs per replica (Ray's num_gpus; 0.5 shares one GPU between two replicas); "
                                 "0: replicas run on CPU")
     keys: str = opt("", help="the API key file (emoji-ldm keys create; local or s3://, on Kubernetes the mounted "
-                             "Secret): every /v1/ request then needs a key. Default: $EMOJI_LDM_API_KEYS, else "
-                             "no keys and only 127.0.0.1 may listen")
+                             "Secret): every request then needs a key (but the page and /healthz). Default: "
+                             "$EMOJI_LDM_API_KEYS, else no keys and only 127.0.0.1 may listen")
     insecure: bool = opt(False, help="listen on a public address without API keys (anyone who reaches it can "
                                      "generate)")
     jobs_uri: str = opt("", help="where /v1/jobs keep their state and results (local or s3://; on a cluster, "
@@ -146,9 +146,13 @@ def app_args(config: ServeConfig, app_cfg: dict) -> dict:
         ring = KeyRing(normalize_uri(config.keys))  # a clear error now for a missing or broken file
         args["keys"] = ring.uri
         print(f"serve: API keys from {ring.uri} ({ring.active} active): every /v1/ request needs one", flush=True)
+    elif config.insecure:
+        args["insecure"] = True
+        print(f"serve: no API keys (--insecure): anyone who reaches {config.host}:{config.port} can generate",
+              flush=True)
     else:
-        print(f"serve: no API keys{'' if not config.insecure else ' (--insecure)'}: anyone who reaches "
-              f"{config.host}:{config.port} can generate", flush=True)
+        print(f"serve: no API keys: anyone on this machine can generate at {config.host}:{config.port} (only "
+              "requests for localhost are answered)", flush=True)
     if config.adapters:
         args["adapters"] = {**args.get("adapters", {}), **{k: normalize_uri(v) for k, v in config.adapters.items()}}
     return args

@@ -48,7 +48,7 @@ def b64png(text: str) -> Image.Image:
 
 def test_health_model_card_and_openapi(served):
     health = get(served["url"] + "/healthz")
-    assert health.status == 200 and health.json()["status"] == "ok"
+    assert health.status == 200 and health.json() == {"status": "ok"}  # open to anyone: no model URI
     card = get(served["url"] + "/v1/model").json()
     assert card["dataset"] == "s3://data/emoji" and card["dataset_version"] == 3 and card["image_size"] == 32
     assert card["runtime"] == {"device": "cpu", "dtype": "float32", "vae_dtype": "float32", "compiled": False,
@@ -57,6 +57,9 @@ def test_health_model_card_and_openapi(served):
     assert {"/v1/generate", "/v1/emoji-sets", "/healthz", "/v1/model"} <= set(schema["paths"])
     page = get(served["url"] + "/")
     assert page.status == 200 and b"emoji-ldm" in page.data
+    # no keys: a local server, so a page elsewhere that rebinds its name to 127.0.0.1 gets nothing (its Host)
+    rebound = get(served["url"] + "/v1/model", headers={"host": "attacker.example"})
+    assert rebound.status == 403 and "localhost" in rebound.json()["error"]
 
 
 def test_generate_json_png_and_seeds(served):

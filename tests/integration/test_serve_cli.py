@@ -131,6 +131,29 @@ def test_app_args_refuse_bad_fast_path_settings():
     assert AppArgs(model="/m", dtype="bf16", channels_last=True, compile=True).inference().compile
 
 
+def test_the_app_builder_refuses_to_serve_without_keys_unless_insecure(tmp_path, monkeypatch):
+    """`serve run` / `serve deploy` with the packaged config (http host 0.0.0.0) build the app through
+    build_app, where `emoji-ldm serve`'s loopback check does not run: no keys there is a refusal, in one line."""
+    import yaml
+
+    from emoji_ldm.errors import UserError
+    from emoji_ldm.serve.app import build_app
+    from emoji_ldm.serve.run import default_config_path
+
+    monkeypatch.delenv("EMOJI_LDM_API_KEYS", raising=False)
+    packaged = yaml.safe_load(open(default_config_path()))["applications"][0]["args"]
+    assert packaged["keys"] == "" and not packaged.get("insecure")
+    with pytest.raises(UserError, match="refusing to serve without API keys") as refused:
+        build_app(packaged)
+    assert "\n" not in str(refused.value) and "insecure" in str(refused.value)
+    build_app({**packaged, "insecure": True})  # the operator's explicit choice
+    keys = tmp_path / "keys.json"
+    new_key(keys, "alice")
+    build_app({**packaged, "keys": str(keys)})
+    monkeypatch.setenv("EMOJI_LDM_API_KEYS", str(keys))  # as the RayService passes a mounted Secret
+    build_app(packaged)
+
+
 def test_packaged_serve_config_validates_with_rays_schema():
     import yaml
     from ray.serve.schema import ServeDeploySchema

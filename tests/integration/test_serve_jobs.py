@@ -61,15 +61,28 @@ class Receiver:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-def make_keys(path: str) -> dict[str, tuple[str, str]]:
-    """name -> (key, webhook secret), made as `emoji-ldm keys create` makes them."""
-    from emoji_ldm.serve.keys import KeysCreateConfig, create_command
+def make_keys(path: str) -> dict[str, tuple[str, str, str]]:
+    """name -> (key, webhook secret, key id), made as `emoji-ldm keys create` makes them; `thrifty` may spend 100
+    cost units a minute (set in the file by hand, as an operator would)."""
+    import dataclasses
+    import re
+
+    from emoji_ldm.serve.keys import KeysCreateConfig, create_command, read_keys, write_keys
 
     made = {}
-    for name, flags in (("alice", {"max_jobs": 4}), ("bob", {}), ("solo", {"max_jobs": 2}), ("slow", {"rate": 2})):
+    for name, flags in (("alice", {"max_jobs": 4}), ("bob", {}), ("solo", {"max_jobs": 2}), ("slow", {"rate": 2}),
+                        ("one", {"max_jobs": 1}), ("gone", {}), ("thrifty", {})):
         lines = create_command(KeysCreateConfig(file=path, name=name, **flags)).splitlines()
-        made[name] = (lines[2], lines[4])
+        made[name] = (lines[2], lines[4], re.search(r"\(id (key-[0-9a-f]{16})", lines[0]).group(1))
+    keys = read_keys(path)
+    keys["thrifty"] = dataclasses.replace(keys["thrifty"], cost_per_minute=100)
+    write_keys(path, keys)
     return made
+
+
+def key_id(app, name: str) -> str:
+    """The key's immutable id: where its jobs live (<jobs_uri>/<id>/<job>) and what its runners are named by."""
+    return app["keys"][name][2]
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +94,11 @@ def app(s3_server, ray_local, tmp_path_factory):
     model = str(tiny_model_with_card(root / "model"))
     keys = make_keys(str(root / "keys.json"))
     args = {"keys": str(root / "keys.json"), "jobs_uri": "s3://jobs/emoji", "job_num_cpus": 0.5,
-            "webhook_allow": ["127.0.0.1/32"]}
+            "webhook_allow": ["127.0.0.1/32"], "sweep_s": 1.0}
     url = deploy(model, max_batch_size=2, **args)
     receiver = Receiver()
-    yield {"url": url, "model": model, "keys": keys, "args": args, "receiver": receiver}
+    yield {"url": url, "model": model, "keys": keys, "args": args, "receiver": receiver,
+           "keyfile": str(root / "keys.json")}
     receiver.server.shutdown()
     serve.shutdown()
     stop_runners()
@@ -147,7 +161,7 @@ def test_set_job_runs_to_a_zip_and_a_signed_webhook(app):
     assert state["state"] == "succeeded" and state["progress"] == {"done": 3, "total": 3}
     assert not state["partial"] and state["errors"] == []
     assert state["result"]["zip"] == f"/v1/jobs/{job['id']}/result.zip"
-    assert state["result"]["uri"].startswith("s3://jobs/emoji/alice/")
+    assert state["result"]["uri"].startswith(f"s3://jobs/emoji/{key_id(app, 'alice')}/")  # the id, not the name
     archive = zipfile.ZipFile(io.BytesIO(get(f"{app['url']}{state['result']['zip']}", auth(app, "alice")).data))
     names = sorted(n.split("/", 1)[1] for n in archive.namelist())
     assert names == ["item_0_blob.png", "item_1_blob.png", "item_2_blob.png", "manifest.json", "sheet.png"]
@@ -225,9 +239,30 @@ def test_an_unreadable_job_state_is_a_json_500(app, s3_server):
     """A state.json that is not JSON (storage damaged by hand): a JSON 500 naming the error's kind, never
     Starlette's plain-text page."""
     job_id = "job-20260101-000000-0badf00d"
-    s3_server.client().put_object(Bucket="jobs", Key=f"emoji/bob/{job_id}/state.json", Body=b"{not json")
+    s3_server.client().put_object(Bucket="jobs", Key=f"emoji/{key_id(app, 'bob')}/{job_id}/state.json",
+                                  Body=b"{not json")
     answer = get(f"{app['url']}/v1/jobs/{job_id}", auth(app, "bob"))
     assert answer.status == 500 and "JSONDecodeError" in json.loads(answer.data)["error"], answer.data
+
+
+def test_retention_streams_a_listing_longer_than_a_page_and_keeps_running_jobs(s3_server):
+    """Job folders past the retention period are deleted from S3 while the listing streams by (1000 keys a
+    page: 1005 objects take two), and a running job's folder (its _active marker) is kept."""
+    from emoji_ldm.serve.retention import expire_jobs, iter_objects
+
+    client = s3_server.client()
+    client.create_bucket(Bucket="retain")
+    for i in range(1005):
+        client.put_object(Bucket="retain", Key=f"jobs/key-a/job-{i // 100:03d}/images/{i:05d}.png", Body=b"x")
+    client.put_object(Bucket="retain", Key="jobs/_active/key-a/job-000", Body=b"")
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket="retain", Prefix="jobs/")
+    assert len(list(pages)) == 2
+    assert sum(1 for _ in iter_objects("s3://retain/jobs")) == 1006
+    assert expire_jobs("s3://retain/jobs", 7) == 0  # nothing is old yet
+    assert expire_jobs("s3://retain/jobs", 7, now=time.time() + 8 * 86400) == 10
+    left = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="retain")
+            for o in page.get("Contents", [])]
+    assert len(left) == 101 and all("job-000" in k for k in left)
 
 
 def test_a_job_outlives_a_serve_restart_and_cancel_marks_partial_output(app):
@@ -252,11 +287,12 @@ def test_a_job_outlives_a_serve_restart_and_cancel_marks_partial_output(app):
     wait_for(lambda: done(short) > 0 and done(long) > 0, 60, "the first chunks")
     # the app goes away, and the long job's runner with it (as when a RayService upgrade replaces the cluster)
     serve.delete("emoji")
-    ray.kill(ray.get_actor(f"job:solo:{long['id']}", namespace=NAMESPACE), no_restart=True)
-    before = read_state(job_folder(app["args"]["jobs_uri"], "solo", long["id"]))["done"]
+    owner = key_id(app, "solo")
+    ray.kill(ray.get_actor(f"job:{owner}:{long['id']}", namespace=NAMESPACE), no_restart=True)
+    before = read_state(job_folder(app["args"]["jobs_uri"], owner, long["id"]))["done"]
     deploy(app["model"], max_batch_size=2, same_serve=True, **app["args"])
     # the new ingress resumes it on its own, before anyone asks, after the last chunk it recorded
-    wait_for(lambda: runner("solo", long["id"]) is not None, 30, "the ingress to resume the orphaned job")
+    wait_for(lambda: runner(owner, long["id"]) is not None, 30, "the ingress to resume the orphaned job")
     wait_for(lambda: done(long) > before, 60, "the resumed runner to go on")
     state = json.loads(get(f"{url}/{short['id']}", solo).data)
     assert state["state"] in ("running", "succeeded"), state
@@ -268,6 +304,101 @@ def test_a_job_outlives_a_serve_restart_and_cancel_marks_partial_output(app):
     assert state["state"] == "cancelled" and state["partial"] and 0 < state["progress"]["done"] < 400
     manifest = json.loads(get(f"{app['url']}{state['result']['manifest']}", solo).data)
     assert manifest["partial"] is True and len(manifest["items"]) == state["progress"]["done"]
+
+
+def test_ten_concurrent_job_posts_with_room_for_one_start_exactly_one(app):
+    """The quota is decided by one actor (serve/meter.py), not checked and then acted on by each request: the
+    old check counted live runners, then started one, so ten concurrent posts with --max-jobs 1 all got 202."""
+    import ray
+
+    from emoji_ldm.serve.durable import NAMESPACE
+
+    url, one = f"{app['url']}/v1/jobs", auth(app, "one")
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda _: post(url, set_body(200, steps=2), one), range(10)))
+    codes = sorted(a.status for a in answers)
+    assert codes == [202] + [429] * 9, [a.data for a in answers]
+    refused = next(a for a in answers if a.status == 429)
+    assert "'one' has 1 job(s) running" in json.loads(refused.data)["error"] and refused.headers["Retry-After"]
+    prefix = f"job:{key_id(app, 'one')}:"
+    runners = [a for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["namespace"] == NAMESPACE and a["name"].startswith(prefix)]
+    assert len(runners) == 1, runners
+    started = json.loads(next(a for a in answers if a.status == 202).data)
+    assert delete(f"{url}/{started['id']}", one).status == 202
+    assert finished(app, started["id"], "one")["state"] == "cancelled"
+    wait_for(lambda: post(url, set_body(1), one).status == 202, 30, "room for the next job once it ended")
+
+
+def test_revoking_a_key_cancels_its_running_job_and_sends_no_webhook(app):
+    """The ingress's sweep (every sweep_s) cancels the jobs of a key revoked in the file; the runner stops after
+    its chunk and its webhook is not sent: the revoked key's owner gets nothing more from the service."""
+    from emoji_ldm.serve.durable import REVOKED_ERROR, job_folder, read_state
+    from emoji_ldm.serve.keys import KeysRevokeConfig, revoke_command
+
+    receiver = Receiver()
+    receiver.failures_left = 0
+    try:
+        url, gone = f"{app['url']}/v1/jobs", auth(app, "gone")
+        answer = post(url, set_body(300, steps=2, callback_url=receiver.url), gone)
+        assert answer.status == 202, answer.data
+        job = json.loads(answer.data)
+        wait_for(lambda: json.loads(get(f"{url}/{job['id']}", gone).data)["progress"]["done"] > 0, 60,
+                 "the first chunk")
+        revoke_command(KeysRevokeConfig(file=app["keyfile"], name="gone"))
+        folder = job_folder(app["args"]["jobs_uri"], key_id(app, "gone"), job["id"])
+        state = wait_for(lambda: (s := read_state(folder)) and s.get("callback") and s, 60,
+                         "the job to end with its callback recorded")
+        assert state["state"] == "cancelled" and state["done"] < 300, state
+        assert REVOKED_ERROR in state["errors"]
+        assert state["callback"]["delivered"] is False and state["callback"]["attempts"] == 0
+        time.sleep(1)
+        assert receiver.deliveries == []
+        assert get(f"{url}/{job['id']}", gone).status == 401
+    finally:
+        receiver.server.shutdown()
+
+
+def test_requests_are_metered_by_cost_before_any_model_work(app):
+    """images x steps x (size/64)^2 per key, from one bucket for every replica: `thrifty` may spend 100 units a
+    minute. A request of 16 x 100 is refused at once (more than a minute's budget), 1 x 60 passes, then 1 x 60
+    is refused with Retry-After while 1 x 2 still fits; and one request may not ask for more pixels than the
+    per-request budget."""
+    url, thrifty = f"{app['url']}/v1/generate", auth(app, "thrifty")
+    start = time.perf_counter()
+    big = post(url, {"prompt": "x", "n": 16, "steps": 100}, thrifty)
+    assert big.status == 429 and "costs 1600 units" in json.loads(big.data)["error"], big.data
+    assert time.perf_counter() - start < 5  # refused before 1600 steps were drawn
+    assert post(url, {"prompt": "x", "n": 1, "steps": 60}, thrifty).status == 200
+    again = post(url, {"prompt": "x", "n": 1, "steps": 60}, thrifty)
+    assert again.status == 429 and int(again.headers["Retry-After"]) >= 1, again.data
+    assert post(url, {"prompt": "x", "n": 1, "steps": 2}, thrifty).status == 200
+    sets = post(f"{app['url']}/v1/emoji-sets", {"theme": "t", "items": ["a", "b"], "steps": 50}, thrifty)
+    assert sets.status == 429, sets.data  # a set costs its items x steps
+    huge = post(url, {"prompt": "x", "n": 64, "steps": 1, "size": 512}, auth(app, "alice"))
+    assert huge.status == 422 and json.loads(huge.data)["field"] == "size", huge.data
+
+
+def test_a_route_prefix_does_not_open_the_api(app):
+    """The issue's attack on a real Serve: an app deployed with route_prefix /emoji (Ray puts the prefix in
+    root_path) refuses /emoji/v1/generate and every other non-public route without a key."""
+    from ray import serve
+
+    deploy(app["model"], max_batch_size=2, same_serve=True, name="prefixed", route_prefix="/emoji",
+           keys=app["args"]["keys"])
+    try:
+        base = app["url"] + "/emoji"
+        for method, path in (("POST", "/v1/generate"), ("GET", "/v1/model"), ("POST", "//v1/generate"),
+                             ("POST", "/v1/generate/"), ("POST", "/%76%31/generate"), ("GET", "/openapi.json"),
+                             ("GET", "/docs"), ("OPTIONS", "/v1/generate"), ("HEAD", "/v1/model")):
+            answer = HTTP.request(method, base + path, body=b'{"prompt": "x", "steps": 1}',
+                                  headers={"content-type": "application/json"})
+            assert answer.status == 401, (method, path, answer.status, answer.data)
+        assert json.loads(get(base + "/healthz").data) == {"status": "ok"}  # open, and no model URI
+        ok = post(base + "/v1/generate", {"prompt": "x", "steps": 1}, auth(app, "alice"))
+        assert ok.status == 200, ok.data
+    finally:
+        serve.delete("prefixed")
 
 
 # --- webhook delivery to real servers on 127.0.0.1 (no Ray, no S3): serve/webhooks.py ------------------------
