@@ -140,6 +140,7 @@ def _judged(judge, config: EvalConfig, heldout: dict, images: list) -> dict:
     """emoji-FID/KID and precision/recall in the judge's features, and the prompt accuracy: the share of images
     the judge puts in the class of the row whose caption prompted them (beside the real images': the ceiling)."""
     from emoji_ldm.eval.judge import row_label
+    from emoji_ldm.eval.legibility import legibility
 
     labels = [row_label(judge.meta["label"], u, t, g)
               for u, t, g in zip(heldout["source_url"], heldout["title"], heldout["tag"])]
@@ -150,7 +151,11 @@ def _judged(judge, config: EvalConfig, heldout: dict, images: list) -> dict:
     # --real, the floor: real images in the samples' place, measured against their own classes
     fake_pred = real_pred if config.real or not known else judge.predict(fake_px[known])
     truth = [labels[i] for i in known]
-    return {**judge_metrics(judge, real_px, fake_px),
+    # at chat size (22 px on Slack's and Discord's light and dark backgrounds): the samples, and the real images
+    # as the ceiling; --real measures real images in the samples' place
+    chat = {"samples": legibility(judge, heldout["image"] if config.real else images, labels),
+            "real": legibility(judge, heldout["image"], labels)}
+    return {**judge_metrics(judge, real_px, fake_px), "legibility": chat,
             "judge": {"uri": config.judge, "label": judge.meta["label"], "classes": len(judge.classes),
                       "val_accuracy": judge.meta.get("val_accuracy"), "dataset": judge.meta.get("dataset")},
             "prompt_accuracy": float(np.mean([p == y for p, y in zip(fake_pred, truth)])) if known else None,
@@ -212,8 +217,10 @@ def format_report(r: dict) -> str:
             f"{num(r['real_accuracy'], '.1%')}) over {r['labelled_samples']} labelled prompts",
         ]
     else:
-        lines.append("  emoji-FID/KID, precision/recall, prompt accuracy: not computed "
+        lines.append("  emoji-FID/KID, precision/recall, prompt accuracy, legibility: not computed "
                      "(pass --judge URI from `emoji-ldm train-judge`)")
+    if r.get("legibility"):
+        lines.append(legibility_line(r["legibility"]))
     lines.append(f"  Inception FID: {num(r['inception_fid'], '.2f', 'not computed (pass --inception FILE)')}")
     lines.append(f"  CLIP score: {num(r['clip_score'], '.2f', 'not computed (pass --clip DIR, a local CLIP)')}")
     if r["heldout_loss"] is not None:
@@ -236,3 +243,13 @@ def format_report(r: dict) -> str:
                      f"of a dataset image (MSE < {r['near_copy_threshold']}; median nearest MSE "
                      f"{r['nearest_mse_median']:.4f})")
     return "\n".join(lines)
+
+
+def legibility_line(chat: dict) -> str:
+    """The report's line for legibility at chat size: prompt accuracy per theme and the worst, samples | real."""
+    samples, real = chat["samples"], chat["real"]
+    if not samples["labelled"]:
+        return f"  legibility at {samples['px']} px: not computed (no sample's prompt names a class the judge knows)"
+    themes = ", ".join(f"{t} {v:.1%} | {real['themes'][t]:.1%}" for t, v in samples["themes"].items())
+    return (f"  legibility at {samples['px']} px (samples | real, judge's prompt accuracy on each chat theme): "
+            f"{themes}; min {samples['min']:.1%} | {real['min']:.1%}")

@@ -67,21 +67,41 @@ def _palette_outline(image: Image.Image) -> np.ndarray:
 
 
 def consistency(judge, images: list[Image.Image]) -> dict:
-    """How alike a set looks: {"score": mean cosine similarity of the judge features to their mean (1: alike),
-    "palette_spread", "outline_spread" (standard deviations across items), "outlier": the index of the item
-    farthest from the rest, "distances": each item's distance (features, palette and outline, each scaled by
-    the set's own spread)}; a set of one is consistent by definition."""
+    """How alike a set looks: {"score": mean cosine similarity of the judge features to their mean (1: alike;
+    None without a judge), "palette_spread", "outline_spread" (standard deviations across items), "outlier": the
+    index of the item farthest from the rest, "distances": each item's distance (features, palette and outline,
+    each scaled by the set's own spread; without a judge palette and outline only)}; a set of one is consistent
+    by definition."""
     if len(images) < 2:
         return {"score": 1.0, "palette_spread": 0.0, "outline_spread": 0.0, "outlier": None, "distances": [0.0]}
-    feats = judge.features(judge.pixels(images))  # (B, F)
-    unit = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-8)
-    centre = unit.mean(axis=0)
-    similarity = unit @ (centre / max(float(np.linalg.norm(centre)), 1e-8))  # (B,)
     style = np.stack([_palette_outline(im) for im in images])  # (B, 4)
-    parts = [1 - similarity, np.linalg.norm(style[:, :3] - style[:, :3].mean(0), axis=1),
-             np.abs(style[:, 3] - style[:, 3].mean())]
+    parts = [np.linalg.norm(style[:, :3] - style[:, :3].mean(0), axis=1), np.abs(style[:, 3] - style[:, 3].mean())]
+    score = None
+    if judge is not None:
+        feats = judge.features(judge.pixels(images))  # (B, F)
+        unit = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-8)
+        centre = unit.mean(axis=0)
+        similarity = unit @ (centre / max(float(np.linalg.norm(centre)), 1e-8))  # (B,)
+        parts.insert(0, 1 - similarity)
+        score = round(float(similarity.mean()), 4)
     distance = sum(p / (p.mean() + 1e-8) for p in parts) / len(parts)  # (B,): 1 is an average item
-    return {"score": round(float(similarity.mean()), 4),
+    return {"score": score,
             "palette_spread": round(float(style[:, :3].std(axis=0).mean()), 4),
             "outline_spread": round(float(style[:, 3].std()), 4),
             "outlier": int(np.argmax(distance)), "distances": [round(float(d), 3) for d in distance]}
+
+
+def item_labels(judge, items: list[str], prompts: list[str]) -> list[str | None]:
+    """The judge's class for each set item, or None where it has none: the Unicode subgroup or group of the
+    emoji the prompt (else the item) names ("grinning cat face" -> cat-face), or the item itself for a judge
+    of tags."""
+    from emoji_ldm.eval.judge import row_label
+
+    kind, classes = judge.meta.get("label", "subgroup"), set(judge.classes)
+    labels = []
+    for item, prompt in zip(items, prompts):
+        found = row_label(kind, None, prompt, item) if kind != "tag" else item
+        if found not in classes and kind != "tag":
+            found = row_label(kind, None, item, item)
+        labels.append(found if found in classes else None)
+    return labels

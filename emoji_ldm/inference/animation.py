@@ -223,3 +223,41 @@ def read_frames(data: bytes) -> list[Image.Image]:
 
     with Image.open(io.BytesIO(data)) as im:
         return [f.convert("RGBA") for f in ImageSequence.Iterator(im)]
+
+
+# ---- a drawn loop and its file ---------------------------------------------------------------------------------
+
+LOOP_PATH = "noise circle around the seed's noise (the seed's first three Gaussian draws a, b, c)"
+
+
+def loop_record(settings: AnimationSettings) -> dict:
+    """The loop as lineage records it: how many frames, how far from the still, how fast, along which path."""
+    return {"frames": settings.frames, "motion": settings.motion, "fps": settings.fps, "path": LOOP_PATH}
+
+
+def loop_text(settings: AnimationSettings) -> str:
+    """The loop in one line, for a file's `loop` text chunk."""
+    return f"{settings.frames} frames, motion {settings.motion:g}, {settings.fps} fps, noise circle"
+
+
+def drawn_loop(frames: list[Image.Image], job, i: int, sampler, metadata: bool = True) -> tuple[bytes, dict]:
+    """Image `i` of an animated `SampleJob` as drawn: (a lossless APNG of all its frames at the drawn size, its
+    generation parameters with the loop); `fitted_loop` makes the file a target takes from it."""
+    from dataclasses import replace
+
+    adapter = sampler.adapters.get(job.adapter) if job.adapter else None
+    params = {**job.image_params(i, frames[0].width, frames[0].height, sampler.model_uri, sampler.content_id,
+                                 adapter), "loop": loop_text(job.animation)}
+    lossless = replace(job.animation, format="apng")
+    return encode_loop(frames, lossless, params=params if metadata else None).data, params
+
+
+def fitted_loop(drawn: bytes, settings: AnimationSettings, target, params: dict | None = None) -> tuple[bytes, dict]:
+    """A drawn loop (`drawn_loop`'s APNG) as `settings.format` at the target's size under its cap (`targets.
+    Target`): (the file, its record {"loop", "file": what fitting kept, "metrics": `loop_metrics`}); a UserError
+    when it cannot fit. `params` become the file's text (PNG chunks, GIF comment)."""
+    frames = read_frames(drawn)
+    if params and target.size:
+        params = {**params, "target": f"{target.name} {target.size}x{target.size}"}
+    encoded = encode_loop(frames, settings, target.max_bytes, target.size, params)
+    return encoded.data, {"loop": loop_record(settings), "file": encoded.record(), "metrics": loop_metrics(frames)}

@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 
 from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
+from emoji_ldm.inference.animation import EXTENSIONS, AnimationSettings
 from emoji_ldm.inference.prompt_file import check_prompts, prompt_dataset, prompt_partitions
 from emoji_ldm.inference.sampler import InferenceOptions
 from emoji_ldm.inference.settings import SamplerSettings
@@ -64,6 +65,8 @@ MANIFEST_SCHEMA = pa.schema([
     ("name", pa.string()),               # the emoji's upload name: "grinning_cat", "grinning_cat_2"
     ("alias", pa.string()),              # ":grinning_cat:"
     ("target", pa.string()),             # slack | discord | github | raw
+    ("loop", pa.string()),               # an animated loop (--frames): JSON of the loop and its metrics; else null
+    ("file", pa.string()),               # an animated loop: JSON of what fitting kept (format, frames, colours, size)
 ])
 
 
@@ -86,6 +89,7 @@ class BulkConfig:
                              help="write the PNGs without their generation parameters and model id")
     inference: InferenceOptions = opt(default_factory=InferenceOptions,
                                       help="pipeline dtype, channels-last and compile")
+    animation: AnimationSettings = opt(default_factory=AnimationSettings, help="an animated loop per image")
 
     def __post_init__(self):
         checks = [
@@ -100,6 +104,7 @@ class BulkConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        self.animation.check_scheduler(self.sampler.scheduler)
 
 
 PROMPT_ID_BYTES = 80  # a prompt id (64 hex characters) in a shuffle
@@ -135,7 +140,8 @@ class BulkGenerator:
     """A Ray Data actor: one pipeline; a batch of prompts in, PNGs written and manifest rows out."""
 
     def __init__(self, model: str, images_uri: str, settings: SamplerSettings, device: str, png_metadata: bool = True,
-                 inference: InferenceOptions | None = None, images_per_call: int = 1, target: str = "raw"):
+                 inference: InferenceOptions | None = None, images_per_call: int = 1, target: str = "raw",
+                 animation: AnimationSettings | None = None):
         from emoji_ldm.inference.sampler import Sampler
         from emoji_ldm.store.uri import filesystem, is_s3
 
@@ -149,24 +155,39 @@ class BulkGenerator:
         self.settings, self.model, self.png_metadata = settings, model, png_metadata
         self.images_per_call = images_per_call
         self.target = TARGETS[target]
+        self.animation = animation if animation is not None and animation.animated else None
+
+    def _file(self, data: bytes, params: dict) -> tuple[bytes, str, str | None, str | None]:
+        """An image as the target takes it: (bytes, extension, the loop's JSON, the file's JSON); an animated
+        loop (`animation.drawn_loop`) as its format under the target's cap, else the PNG fitted."""
+        import json
+
+        from emoji_ldm.inference.animation import fitted_loop
+        from emoji_ldm.inference.targets import fit
+
+        if self.animation is None:
+            return fit(data, self.target), ".png", None, None
+        data, record = fitted_loop(data, self.animation, self.target, params if self.png_metadata else None)
+        return (data, EXTENSIONS[self.animation.format], json.dumps({**record["loop"], **record["metrics"]}),
+                json.dumps(record["file"]))
 
     def __call__(self, batch: dict) -> pa.Table:
         from emoji_ldm.inference.sampler import SampleJob
-        from emoji_ldm.inference.targets import emoji_name, fit
+        from emoji_ldm.inference.targets import emoji_name
         from emoji_ldm.runtime.heap import release_free_heap
 
         s = self.settings
         prompts = [str(p) for p in batch["prompt"]]
         seeds = tuple(s.seed + i for i in range(s.count))
-        jobs = [SampleJob.of((p,) * s.count, seeds, s) for p in prompts]
+        jobs = [SampleJob.of((p,) * s.count, seeds, s, animation=self.animation) for p in prompts]
         rows = []
         now = dt.datetime.now(dt.timezone.utc)
         made_per_prompt = self.sampler.pngs(jobs, self.png_metadata, self.images_per_call)
         for pid, prompt, made in zip(batch["prompt_id"], prompts, made_per_prompt):
             names: set[str] = set()
             for i, (data, params) in enumerate(made):
-                data = fit(data, self.target)
-                file = f"{pid}-{i:02d}.png"
+                data, ext, loop, record = self._file(data, params)
+                file = f"{pid}-{i:02d}{ext}"
                 with self.fs.open_output_stream(f"{self.root.rstrip('/')}/{file}") as f:
                     f.write(data)
                 width, height = (self.target.size,) * 2 if self.target.size else map(int, params["size"].split("x"))
@@ -175,7 +196,8 @@ class BulkGenerator:
                              "uri": f"{self.images_uri}/{file}", "width": width, "height": height,
                              "png_bytes": len(data), "negative_prompt": s.negative_prompt, "steps": s.steps,
                              "guidance": s.guidance, "scheduler": s.scheduler, "model": self.model,
-                             "generated_at": now, "name": name, "alias": f":{name}:", "target": self.target.name})
+                             "generated_at": now, "name": name, "alias": f":{name}:", "target": self.target.name,
+                             "loop": loop, "file": record})
         release_free_heap()  # the batch's freed activations back to the OS: the actor stays flat
         return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
 
@@ -272,7 +294,7 @@ def _drawn_rows(config: BulkConfig, prompts, model: str, images_uri: str):
                                "device": "cuda" if config.num_gpus > 0 else "cpu",
                                "png_metadata": config.png_metadata, "inference": config.inference,
                                "images_per_call": min(per_call * per_prompt, config.batch_size),
-                               "target": config.target},
+                               "target": config.target, "animation": config.animation},
         batch_size=per_call,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=config.concurrency),

@@ -23,7 +23,14 @@ from PIL import Image
 
 from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
-from emoji_ldm.inference.animation import EXTENSIONS, AnimationSettings, encode_loop, loop_metrics
+from emoji_ldm.inference.animation import (
+    EXTENSIONS,
+    AnimationSettings,
+    encode_loop,
+    loop_metrics,
+    loop_record,
+    loop_text,
+)
 from emoji_ldm.inference.pngmeta import shared_params
 from emoji_ldm.inference.sampler import SampleJob, Sampler, image_grid, inference_device, png_bytes
 from emoji_ldm.inference.settings import SamplerSettings
@@ -85,9 +92,7 @@ def _write_loops(sampler: Sampler, job: SampleJob, config: GenerateConfig, out: 
     files, records, stills = [], [], []
     for i, frames in enumerate(sampler.animate(job, animation)):
         params = job.image_params(i, frames[0].width, frames[0].height, sampler.model_uri, sampler.content_id)
-        loop = {"frames": animation.frames, "motion": animation.motion, "fps": animation.fps,
-                "path": "noise circle around the seed's noise (seed, seed + 2**32, seed + 2**33)"}
-        text = f"{animation.frames} frames, motion {animation.motion:g}, {animation.fps} fps, noise circle"
+        loop, text = loop_record(animation), loop_text(animation)
         encoded = encode_loop(frames, animation, target.max_bytes, target.size,
                               {**params, "loop": text} if config.png_metadata else None)
         files.append(out / f"{i:03d}{EXTENSIONS[animation.format]}")

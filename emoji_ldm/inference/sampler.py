@@ -9,16 +9,22 @@ parameters and the model's URI and content id as text chunks (`pngmeta.py`), unl
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from emoji_ldm.config import check_choice, opt
 from emoji_ldm.errors import UserError
 from emoji_ldm.inference.compile import COMPILE_MODES, compile_kwargs, require_compiler
+
+# the images' alpha, PNG bytes and contact sheets: imported from here too (they began here)
+from emoji_ldm.inference.images import ImageAlpha, image_grid, png_bytes, to_rgba  # noqa: F401
 from emoji_ldm.inference.settings import SamplerSettings
+
+if TYPE_CHECKING:
+    from emoji_ldm.inference.animation import AnimationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -137,12 +143,14 @@ class SampleJob:
     scheduler: str | None = "dpmpp"  # None: the pipeline's current scheduler
     size: int | None = None  # pixels; None: the model's own size
     adapter: str | None = None  # a LoRA adapter the Sampler has loaded (`Sampler.load_adapter`); None: the base
+    animation: "AnimationSettings | None" = None  # each image an animated loop (`animation.py`); None: stills
 
     @classmethod
     def of(cls, prompts: tuple[str, ...], seeds: tuple[int, ...], settings: SamplerSettings,
-           adapter: str | None = None) -> "SampleJob":
+           adapter: str | None = None, animation: "AnimationSettings | None" = None) -> "SampleJob":
         return cls(prompts, seeds, settings.negative_prompt, settings.steps, settings.guidance,
-                   settings.scheduler, settings.size, adapter)
+                   settings.scheduler, settings.size, adapter,
+                   animation if animation is not None and animation.animated else None)
 
     def __post_init__(self):
         if len(self.prompts) != len(self.seeds):
@@ -151,7 +159,7 @@ class SampleJob:
     @property
     def settings(self) -> tuple:
         """Jobs with equal settings can share one pipeline call."""
-        return (self.steps, self.guidance, self.scheduler, self.size, self.adapter)
+        return (self.steps, self.guidance, self.scheduler, self.size, self.adapter, self.animation)
 
     def image_params(self, i: int, width: int, height: int, model: str | None, content_id: str | None,
                      adapter: dict | None = None) -> dict:
@@ -249,9 +257,19 @@ class Sampler:
     def pngs(self, jobs: list[SampleJob], metadata: bool = True,
              max_batch: int | None = None) -> list[list[tuple[bytes, dict]]]:
         """Per job, (PNG bytes, its generation parameters) per image; the PNGs carry the parameters as
-        text chunks unless `metadata` is False. `max_batch`: see `sample`."""
+        text chunks unless `metadata` is False. `max_batch`: see `sample`. An animated job's images are its loops,
+        each a lossless APNG of all its frames at the size drawn (`animation.drawn_loop`)."""
+        from emoji_ldm.inference.animation import drawn_loop
+
         out = []
-        for job, images in zip(jobs, self.sample(jobs, max_batch)):
+        stills = [job for job in jobs if job.animation is None]
+        drawn = iter(self.sample(stills, max_batch))
+        for job in jobs:
+            if job.animation is not None:
+                out.append([drawn_loop(frames, job, i, self, metadata)
+                            for i, frames in enumerate(self.animate(job, job.animation, max_batch))])
+                continue
+            images = next(drawn)
             adapter = self.adapters.get(job.adapter) if job.adapter else None
             params = [job.image_params(i, im.width, im.height, self.model_uri, self.content_id, adapter)
                       for i, im in enumerate(images)]
@@ -356,68 +374,3 @@ def run_pipeline(pipe, prompts: list[str], negative: str = "", steps: int = 25, 
     job = SampleJob(tuple(prompts), tuple(seed + i for i in range(len(prompts))), negative, steps, guidance,
                     scheduler=None)
     return Sampler(pipe, alpha=alpha).sample([job])[0]
-
-
-@dataclass(frozen=True)
-class ImageAlpha:
-    """How a model's images get their alpha: its card's `image.alpha` (`encode.image_lineage`).
-
-    - "vae": a 4-channel VAE draws it; the image is RGBA as drawn, its faint haze removed (`finish_alpha`);
-    - "key": a 3-channel model learned RGBA images on `key_colour`, which is keyed into alpha;
-    - "none": the model learned opaque (RGB) images, so its images are opaque, even where a 4-channel VAE
-      draws an alpha below 255 (it never saw one: that is noise, not transparency);
-    - None (no card, or a card from before RGBA): as "vae" for RGBA images, RGB opaque.
-    """
-
-    alpha: str | None = None
-    key_colour: str | None = None
-
-    @classmethod
-    def of(cls, card: dict) -> "ImageAlpha":
-        image = card.get("image") or {}
-        alpha = image.get("alpha")
-        return cls(alpha, image.get("key_colour") if alpha == "key" else None)
-
-
-def to_rgba(image: Image.Image, alpha: ImageAlpha = ImageAlpha()) -> Image.Image:
-    """A generated image as RGBA, as `alpha` says (see `ImageAlpha`); the hidden colour of fully transparent
-    pixels zeroed (`alpha.canonical`). A keyed image stays opaque where keying finds nothing to remove."""
-    from emoji_ldm.imaging import finish_alpha, key_background
-
-    if alpha.alpha == "none":
-        return image.convert("RGB").convert("RGBA")
-    if image.mode == "RGBA":
-        return finish_alpha(image)
-    if alpha.key_colour:
-        keyed = key_background(image, colour=alpha.key_colour)
-        if keyed is not None:
-            return keyed
-    return image.convert("RGBA")
-
-
-def png_bytes(image: Image.Image, params: dict | None = None) -> bytes:
-    """PNG bytes; `params` (`pngmeta.generation_params`) become its text chunks."""
-    from emoji_ldm.inference.pngmeta import encode_png
-
-    return encode_png(image, params)
-
-
-def image_grid(images: list[Image.Image], labels: list[str] | None = None, cell: int = 96,
-               columns: int | None = None) -> Image.Image:
-    """A sheet of images (upscaled with nearest neighbour so small emoji stay crisp, transparency on a
-    checkerboard) with labels."""
-    from emoji_ldm.imaging import on_checkerboard
-
-    n = len(images)
-    cols = columns or min(n, 8)
-    rows = math.ceil(n / cols)
-    label_h = 16 if labels else 0
-    sheet = Image.new("RGB", (cols * cell, rows * (cell + label_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
-    for i, img in enumerate(images):
-        x, y = (i % cols) * cell, (i // cols) * (cell + label_h)
-        sheet.paste(on_checkerboard(img.resize((cell - 4, cell - 4), Image.Resampling.NEAREST)), (x + 2, y + 2))
-        if labels:
-            draw.text((x + 3, y + cell - 1), labels[i][:18], fill="black", font=font)
-    return sheet

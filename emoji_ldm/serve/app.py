@@ -40,6 +40,7 @@ from emoji_ldm.serve.generator import Generator
 from emoji_ldm.serve.http import ApiError, check_adapter, new_api
 from emoji_ldm.serve.job_routes import JobRoutes
 from emoji_ldm.serve.schemas import EmojiSetRequest, GenerateRequest
+from emoji_ldm.serve.sets import finish_files, media_type
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class AppArgs:
     job_num_cpus: float = 1.0        # each job's runner actor (serve/durable.py): CPUs ...
     job_num_gpus: float = 0.0        # ... and GPUs (> 0: it draws on CUDA)
     webhook_allow: tuple = ()        # CIDRs a job's callback_url may reach besides public addresses
+    judge: str = ""                  # an emoji judge (train-judge --out): sets' legibility and consistency; empty: none
     insecure: bool = False           # no keys and no Host check: anyone who reaches the port may generate
     sweep_s: float = 60.0            # how often an ingress resumes orphaned jobs and cancels revoked keys' jobs
     retention_days: float = 7.0      # job folders and stored sets older than this are deleted (0: kept forever)
@@ -216,13 +218,16 @@ class Ingress:
         want_png = body.format == "png" or (body.n == 1 and "image/png" in request.headers.get("accept", ""))
         if want_png and body.n != 1:
             raise ApiError(422, "n: format png returns exactly one image; set n to 1 or use format json", "n")
-        await self._charge(request, body.n, body.steps, body.size)
+        await self._charge(request, body.n * max(1, body.animation.frames), body.steps, body.size)  # a loop: frames
         seeds = tuple(body.seed + i for i in range(body.n))
-        job = SampleJob.of((body.prompt,) * body.n, seeds, body.sampler(body.n), body.adapter)
+        job = SampleJob.of((body.prompt,) * body.n, seeds, body.sampler(body.n), body.adapter,
+                           body.animation.settings())
         start = time.perf_counter()
         made = await self._sample(job)
+        # the target's size and cap; an animated loop as its format (serve/sets.py)
+        made = await asyncio.to_thread(finish_files, made, body, self.args.png_metadata)
         if want_png:
-            return Response(made[0][0], media_type="image/png", headers={"X-Seed": str(seeds[0])})
+            return Response(made[0][0], media_type=media_type(made[0][1]), headers={"X-Seed": str(seeds[0])})
         card = await self._model_card()
         # `metadata`: per image, the fields its PNG's text chunks hold (inference/pngmeta.py)
         return {"prompt": body.prompt, "seeds": list(seeds), "images": [_b64(png) for png, _ in made],
@@ -231,21 +236,23 @@ class Ingress:
                 "settings": _settings(body), "elapsed_s": round(time.perf_counter() - start, 3)}
 
     async def emoji_set(self, body: EmojiSetRequest, request: Request):
-        from emoji_ldm.serve.sets import new_set_id, set_files, set_manifest, store_set, zip_bytes
+        from emoji_ldm.serve.sets import draw_set, new_set_id, set_files, set_manifest, store_set, zip_bytes
 
         if body.store and not self.args.sets_uri:
             raise ApiError(409, "store: this server has no storage for sets (its operator did not set --sets-uri); "
                                 "leave store false to download the set", "store")
         prompts = body.prompts()
-        await self._charge(request, len(prompts), body.steps, body.size)
+        await self._charge(request, len(prompts) * max(1, body.animation.frames), body.steps, body.size)
         # every item starts from the same noise (one seed): the set shares pose, palette and framing
-        job = SampleJob.of(tuple(prompts), (body.seed,) * len(prompts), body.sampler(), body.adapter)
-        made = await self._sample(job)
+        job = SampleJob.of(tuple(prompts), (body.seed,) * len(prompts), body.sampler(), body.adapter,
+                           body.animation.settings())
+        # with the server's judge: legibility and consistency measured, items redrawn (serve/sets.py)
+        made, quality = await draw_set(self._sample, job, body, self.args.judge)
         pngs, params = [png for png, _ in made], [p for _, p in made]
         set_id = new_set_id()
         card = await self._model_card()
         manifest = set_manifest(set_id, body.theme, body.items, prompts, _settings(body), card, card.get("uri", ""),
-                                body.target)
+                                body.target, body.animation.settings(), quality)
         if body.adapter:  # the LoRA that drew the set: its URI and content id, beside the base model's
             manifest["adapter"] = next((a for a in card.get("adapters", []) if a["name"] == body.adapter), None)
         files = await asyncio.to_thread(set_files, manifest, pngs, params if self.args.png_metadata else None)

@@ -47,6 +47,7 @@ class Generator:
             logger.info("Generator: compiled UNet warmed up in %.1f s", self.warmup_s)
         self.card = model_card(model)
         self.png_metadata = png_metadata
+        self.max_batch_size = max_batch_size
         self._batch.set_max_batch_size(max_batch_size)
         self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.requests = self.images = 0
@@ -64,9 +65,22 @@ class Generator:
         return Sampler.load(model, device=device, options=inference)
 
     async def sample(self, job: SampleJob) -> list[tuple[bytes, dict]]:
-        """(PNG bytes, generation parameters) per image of one job (at most max_batch_size images)."""
+        """(PNG bytes, generation parameters) per image of one job (at most max_batch_size images). An animated
+        job's images are loops of many frames each (a lossless APNG per image, `animation.drawn_loop`): drawn
+        on their own, in calls of at most max_batch_size frames, not packed with other requests (one loop can be
+        more frames than a batch holds)."""
         self.requests += 1
+        if job.animation is not None:
+            return await asyncio.get_running_loop().run_in_executor(self._torch_thread, self._animate, job)
         return await self._batch(job)
+
+    def _animate(self, job: SampleJob) -> list[tuple[bytes, dict]]:
+        frames = len(job.prompts) * job.animation.frames
+        self.images += frames
+        self.batch_sizes = (self.batch_sizes + [min(frames, self.max_batch_size)])[-1000:]
+        (made,) = self.sampler.pngs([job], metadata=self.png_metadata, max_batch=self.max_batch_size)
+        release_free_heap()
+        return made
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05, batch_size_fn=images_in)
     async def _batch(self, jobs: list[SampleJob]) -> list[list[tuple[bytes, dict]]]:

@@ -13,7 +13,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.inference.animation import FORMATS, MAX_FRAMES, MIN_FRAMES, AnimationSettings
 from emoji_ldm.inference.settings import MAX_COUNT, MAX_PROMPT_CHARS, SCHEDULERS, SamplerSettings, check
+from emoji_ldm.serve.sets import MAX_REDRAWS
 
 MAX_SET_ITEMS = 256      # per /v1/emoji-sets request
 MAX_TEMPLATE_CHARS = 200
@@ -51,6 +53,50 @@ class Settings(BaseModel):
     def sampler(self, count: int = 1) -> SamplerSettings:
         return SamplerSettings(self.negative_prompt, self.steps, self.guidance, self.seed, self.scheduler,
                                self.size, count)
+
+
+class Animation(BaseModel):
+    """An animated loop per image (`inference.animation.AnimationSettings`, the same rules as `--frames` and
+    `--format`); frames 0: still PNGs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    frames: int = Field(0, description=f"frames of the loop, {MIN_FRAMES}-{MAX_FRAMES}; 0: a still PNG")
+    format: str = Field("apng", description=f"the animated file: {', '.join(FORMATS)}")
+    motion: float = Field(0.3, description="how far the loop strays from the still image, above 0, at most 1")
+    fps: int = Field(12, description="frames per second, 1-50")
+    matte: str = Field("light", description="GIF only: the background its soft edges are blended onto: light, "
+                                            "dark or #rrggbb")
+
+    @field_validator("frames", "format", "motion", "fps", "matte")
+    @classmethod
+    def _rules(cls, value, info):
+        try:
+            AnimationSettings(**{info.field_name: value})  # the others at their (valid) defaults
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _frames_for_format(self):
+        if self.frames == 0 and self.model_fields_set & {"format", "motion", "fps", "matte"}:
+            raise ValueError(f"frames is 0 (a still PNG) but {', '.join(sorted(self.model_fields_set - {'frames'}))} "
+                             f"was given: ask for frames from {MIN_FRAMES} to {MAX_FRAMES} for an animated loop")
+        return self
+
+    def settings(self) -> AnimationSettings:
+        return AnimationSettings(self.frames, self.format, self.motion, self.fps, self.matte)
+
+
+def _check_animation(body) -> None:
+    try:
+        body.animation.settings().check_scheduler(body.scheduler)
+    except UserError as e:
+        raise ValueError(str(e)) from None
+
+
+TARGET_HELP = ("slack, discord, github: every file at 128 x 128 under the platform's file-size limit (an animated "
+               "one by frames, palette and size in that order, or a 422), named <name>.png/.gif/.webp; raw: as drawn")
 
 
 def template_parts(template: str) -> list[tuple[str, str | None]]:
@@ -107,8 +153,11 @@ class GenerateRequest(Settings):
     prompt: str = Field(..., max_length=MAX_PROMPT_CHARS, examples=["smiling cat face"])
     n: int = Field(1, description=f"images, 1-{MAX_COUNT}")
     format: Literal["json", "png"] = Field(
-        "json", description="json: base64 PNGs; png: the raw image/png (n must be 1). "
-                            "An `Accept: image/png` header asks for png too.")
+        "json", description="json: base64 files; png: the raw file (n must be 1; image/png, or the animation's "
+                            "type). An `Accept: image/png` header asks for png too.")
+    animation: Animation = Field(default_factory=Animation, description="an animated loop per image: "
+                                 '{"frames": 8, "format": "gif"}; frames 0 (default): still PNGs')
+    target: Literal["slack", "discord", "github", "raw"] = Field("raw", description=TARGET_HELP)
 
     @field_validator("prompt")
     @classmethod
@@ -119,6 +168,11 @@ class GenerateRequest(Settings):
     @classmethod
     def _count(cls, value: int) -> int:
         return _checked("count", value)
+
+    @model_validator(mode="after")
+    def _animation_sampler(self):
+        _check_animation(self)
+        return self
 
 
 class EmojiSetRequest(Settings):
@@ -131,9 +185,14 @@ class EmojiSetRequest(Settings):
                                       f"{MAX_SET_PROMPT_CHARS} characters")
     format: Literal["zip", "json"] = Field("zip", description="zip: PNGs + manifest.json; json: base64 PNGs")
     store: bool = Field(False, description="write the set under the server's --sets-uri and return its URIs")
-    target: Literal["slack", "discord", "github", "raw"] = Field(
-        "raw", description="slack, discord, github: every PNG at 128 x 128 under the platform's file-size limit, "
-                           "named <name>.png; raw: as drawn")
+    target: Literal["slack", "discord", "github", "raw"] = Field("raw", description=TARGET_HELP)
+    animation: Animation = Field(default_factory=Animation, description="an animated loop per item, as for "
+                                                                        "/v1/generate")
+    min_legibility: float | None = Field(None, ge=0, le=1, description="redraw an item (next seed, a bounded number "
+                                         "of times) whose legibility at chat size is below this share of the chat "
+                                         "themes; needs a judge on the server")
+    max_redraws: int = Field(MAX_REDRAWS, ge=0, le=MAX_REDRAWS,
+                             description="redraws per item at most, for legibility or consistency")
 
     @field_validator("theme")
     @classmethod
@@ -157,6 +216,7 @@ class EmojiSetRequest(Settings):
     @model_validator(mode="after")
     def _prompt_lengths(self):
         _check_prompts(self.template, self.theme, self.items)
+        _check_animation(self)
         return self
 
     def prompts(self) -> list[str]:

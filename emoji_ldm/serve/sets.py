@@ -10,6 +10,7 @@ bulk uploaders take for the emoji's; the manifest lists each item's `name` and
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import secrets
@@ -42,26 +43,43 @@ def lineage(card: dict) -> dict:
 
 
 def set_manifest(set_id: str, theme: str, items: list[str], prompts: list[str], settings: dict, card: dict,
-                 model_uri: str, target: str = "raw") -> dict:
+                 model_uri: str, target: str = "raw", animation=None, quality: dict | None = None) -> dict:
+    """The set's manifest; `animation` (`AnimationSettings`, animated): every item a loop, named .png (APNG),
+    .gif or .webp, and the manifest's `animation` says how the loops were drawn; `quality` (`draw_set`): the
+    set's legibility, consistency and redraws, and each item's seed and legibility."""
+    from dataclasses import asdict
+
+    from emoji_ldm.inference.animation import EXTENSIONS, LOOP_PATH
     from emoji_ldm.inference.targets import emoji_name, get_target
 
     spec = get_target(target)
     taken: set[str] = set(RESERVED_NAMES)
     names = [emoji_name(prompt, taken) for prompt in prompts]
-    files = [f"{i:03d}-{slug(item)}.png" if spec.size is None else f"{name}.png"
+    animated = animation is not None and animation.animated
+    ext = EXTENSIONS[animation.format] if animated else ".png"
+    files = [f"{i:03d}-{slug(item)}{ext}" if spec.size is None else f"{name}{ext}"
              for i, (item, name) in enumerate(zip(items, names))]
-    return {
+    quality = dict(quality or {})
+    seeds = quality.pop("seeds", None) or [settings["seed"]] * len(items)
+    shares = (quality.get("legibility") or {}).get("items") if isinstance(quality.get("legibility"), dict) else None
+    manifest = {
         "id": set_id,
         "theme": theme,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "target": {"name": spec.name, "size": spec.size, "max_bytes": spec.max_bytes},
         "items": [{"index": i, "item": item, "prompt": prompt, "file": f, "name": name, "alias": f":{name}:",
-                   "seed": settings["seed"]}
+                   "seed": seeds[i]}
                   for i, (item, prompt, f, name) in enumerate(zip(items, prompts, files, names))],
         "settings": settings,
+        "animation": {**asdict(animation), "path": LOOP_PATH} if animated else None,
         "model": {"uri": model_uri, **lineage(card)},
         "server_code_version": code_version(),
     }
+    if quality:
+        manifest["quality"] = quality
+        for item, share in zip(manifest["items"], shares or ()):
+            item["legibility"] = share
+    return manifest
 
 
 def set_files(manifest: dict, pngs: list[bytes], params: list[dict] | None = None) -> dict[str, bytes]:
@@ -76,18 +94,43 @@ def set_files(manifest: dict, pngs: list[bytes], params: list[dict] | None = Non
     from emoji_ldm.inference.targets import fit, get_target
 
     target = get_target((manifest.get("target") or {}).get("name", "raw"))
-    pngs = [fit(png, target) for png in pngs]
+    if manifest.get("animation"):
+        pngs, stills = fitted_loops(manifest, pngs, target, params)
+    else:
+        pngs = [fit(png, target) for png in pngs]
+        stills = [Image.open(io.BytesIO(png)) for png in pngs]
     pairs = [(item["file"], png) for item, png in zip(manifest["items"], pngs)]
     files = dict(pairs)
     clash = {SHEET, MANIFEST} & set(files)
     if clash or len(files) != len(pairs):
         raise ValueError(f"the set's item files {sorted(clash) or 'repeat a name'}: every item needs its own file, "
                          f"apart from {SHEET} and {MANIFEST}")
-    images = [Image.open(io.BytesIO(png)) for png in pngs]
-    sheet = image_grid(images, [item["item"] for item in manifest["items"]])
+    sheet = image_grid(stills, [item["item"] for item in manifest["items"]])
     files[SHEET] = png_bytes(sheet, shared_params(params) if params else None)
     files[MANIFEST] = json.dumps(manifest, indent=2).encode()
     return files
+
+
+def fitted_loops(manifest: dict, drawn: list[bytes], target, params: list[dict] | None = None):
+    """Each item's drawn loop (`animation.drawn_loop`) as the manifest's format under the target's cap, its
+    record (what fitting kept, the loop's metrics) put on the manifest's item: (files, first frames). A loop
+    that cannot fit is a 422 naming `animation`."""
+    from emoji_ldm.errors import UserError
+    from emoji_ldm.inference.animation import AnimationSettings, fitted_loop, read_frames
+    from emoji_ldm.serve.http import ApiError
+
+    spec = manifest["animation"]
+    settings = AnimationSettings(spec["frames"], spec["format"], spec["motion"], spec["fps"], spec["matte"])
+    files, stills = [], []
+    for i, (item, data) in enumerate(zip(manifest["items"], drawn)):
+        try:
+            file, record = fitted_loop(data, settings, target, params[i] if params else None)
+        except UserError as e:
+            raise ApiError(422, f"animation: item {item['item']!r}: {e}", "animation") from None
+        item.update(file_record=record["file"], metrics=record["metrics"])
+        files.append(file)
+        stills.append(read_frames(data)[0])
+    return files, stills
 
 
 def zip_bytes(files: dict[str, bytes], folder: str) -> bytes:
@@ -111,3 +154,173 @@ def store_set(sets_uri: str, set_id: str, files: dict[str, bytes]) -> dict[str, 
         uris[name] = join(folder, name)
         write_bytes(uris[name], files[name])
     return uris
+
+
+# ---- /v1/generate's files: sized for a target, or animated loops -------------------------------------------------
+
+MEDIA_TYPES = {"apng": "image/apng", "gif": "image/gif", "webp": "image/webp"}
+
+
+def finish_files(made: list[tuple[bytes, dict]], body, metadata: bool = True) -> list[tuple[bytes, dict]]:
+    """The Generator's images as /v1/generate answers them: a still PNG sized for `body.target`; an animated loop
+    (`animation.drawn_loop`) as `body.animation`'s format under the target's cap, its record (loop, what fitting
+    kept, metrics) under its parameters' `animation`. A loop that cannot fit is a 422 naming `animation`."""
+    from emoji_ldm.errors import UserError
+    from emoji_ldm.inference.animation import fitted_loop
+    from emoji_ldm.inference.targets import fit, get_target
+    from emoji_ldm.serve.http import ApiError
+
+    target, animation = get_target(body.target), body.animation.settings()
+    if not animation.animated:
+        return [(fit(png, target), params) for png, params in made]
+    out = []
+    for drawn, params in made:
+        try:
+            file, record = fitted_loop(drawn, animation, target, params if metadata else None)
+        except UserError as e:
+            raise ApiError(422, f"animation: {e}", "animation") from None
+        out.append((file, {**params, "animation": record}))
+    return out
+
+
+def media_type(params: dict) -> str:
+    """The HTTP content type of one of `finish_files`' files."""
+    return MEDIA_TYPES.get((params.get("animation") or {}).get("file", {}).get("format"), "image/png")
+
+
+# ---- a set's legibility and consistency: measured by the server's judge, items redrawn -------------------------
+
+MAX_REDRAWS = 3          # per item, at most: a request may ask for fewer (`max_redraws`)
+OUTLIER_DISTANCE = 1.5   # a consistency outlier farther than this (1: an average item) is redrawn
+NO_JUDGE = "not measured: no judge (the server was started without one: serve args.judge)"
+
+
+@functools.lru_cache(maxsize=2)
+def service_judge(uri: str):
+    """The server's emoji judge (`emoji-ldm train-judge --out`), loaded once per replica."""
+    from emoji_ldm.eval.judge import load_judge
+
+    return load_judge(uri)
+
+
+def first_frame(data: bytes):
+    """A set item's image as the judge sees it: the PNG, or an animated loop's first frame (RGBA)."""
+    from emoji_ldm.inference.animation import read_frames
+
+    return read_frames(data)[0]
+
+
+async def draw_set(sample, job, body, judge_uri: str = "") -> tuple[list[tuple[bytes, dict]], dict]:
+    """A set's items drawn (`sample`: the ingress's SampleJob -> [(bytes, params)]) and, with the server's judge,
+    measured: legibility at chat size (`eval.legibility`), an item under `body.min_legibility` redrawn with the
+    next seed, the consistency outlier redrawn, each at most `body.max_redraws` times, every try recorded.
+    Returns (the items, the manifest's `quality`)."""
+    import asyncio
+
+    from emoji_ldm.serve.http import ApiError
+
+    if body.min_legibility is not None and not judge_uri:
+        raise ApiError(409, "min_legibility: this server has no judge to measure legibility with (its operator "
+                            "did not set args.judge); leave min_legibility out", "min_legibility")
+    made = list(await sample(job))
+    if not judge_uri:
+        return made, {"judge": None, "legibility": NO_JUDGE, "consistency": NO_JUDGE, "redraws": [],
+                      "seeds": list(job.seeds)}
+    judge = await asyncio.to_thread(service_judge, judge_uri)
+    pack = _Pack(judge, job, made, body)
+    await pack.legible(sample)
+    await pack.consistent(sample)
+    return pack.made, await asyncio.to_thread(pack.report, judge_uri)
+
+
+class _Pack:
+    """A set being judged: its items (bytes, params) and their images, seeds and judge classes, the redraws."""
+
+    def __init__(self, judge, job, made: list, body):
+        from emoji_ldm.eval.legibility import item_labels
+
+        self.judge, self.job, self.made, self.body = judge, job, made, body
+        self.seeds, self.tries, self.redraws = list(job.seeds), [0] * len(made), []
+        self.labels = item_labels(judge, body.items, list(job.prompts))
+        self.images = [first_frame(data) for data, _ in made]
+
+    def share(self, i: int, image) -> float | None:
+        """The share of chat themes on which the judge reads item i's `image` as its class (None: no class)."""
+        from emoji_ldm.eval.legibility import legible_share
+
+        return None if self.labels[i] is None else round(legible_share(self.judge, image, self.labels[i]), 4)
+
+    async def _redraw(self, sample, i: int):
+        """Item i drawn again from its next seed: (the seed, (bytes, params), its image)."""
+        from dataclasses import replace
+
+        self.tries[i] += 1
+        seed = self.job.seeds[i] + self.tries[i]
+        (new,) = await sample(replace(self.job, prompts=(self.job.prompts[i],), seeds=(seed,)))
+        return seed, new, first_frame(new[0])
+
+    def _record(self, i: int, reason: str, seed: int, kept: bool, **scores) -> None:
+        self.redraws.append({"index": i, "item": self.body.items[i], "reason": reason, "seed": seed, **scores,
+                             "kept": kept})
+
+    def _keep(self, i: int, seed: int, new, image) -> None:
+        self.seeds[i], self.made[i], self.images[i] = seed, new, image
+
+    async def legible(self, sample) -> None:
+        """Each item under `min_legibility` redrawn from the next seed until it reads or its redraws run out; the
+        most legible draw is kept."""
+        import asyncio
+
+        floor = self.body.min_legibility
+        for i in range(len(self.made) if floor is not None else 0):
+            score = await asyncio.to_thread(self.share, i, self.images[i])
+            while score is not None and score < floor and self.tries[i] < self.body.max_redraws:
+                seed, new, image = await self._redraw(sample, i)
+                new_score = await asyncio.to_thread(self.share, i, image)
+                self._record(i, "legibility", seed, new_score > score, legibility=new_score, was=score)
+                if new_score > score:
+                    self._keep(i, seed, new, image)
+                    score = new_score
+
+    async def consistent(self, sample) -> None:
+        """The consistency outlier (farther than OUTLIER_DISTANCE) redrawn from its next seed while its redraws
+        last; a draw is kept when the set's score rises and the item stays as legible as asked."""
+        import asyncio
+
+        from emoji_ldm.eval.legibility import consistency
+
+        if len(self.made) < 3:
+            return
+        quality = await asyncio.to_thread(consistency, self.judge, self.images)
+        floor = self.body.min_legibility
+        while True:
+            o = quality["outlier"]
+            if quality["distances"][o] <= OUTLIER_DISTANCE or self.tries[o] >= self.body.max_redraws:
+                return
+            now = await asyncio.to_thread(self.share, o, self.images[o])
+            seed, new, image = await self._redraw(sample, o)
+            trial = await asyncio.to_thread(consistency, self.judge, self.images[:o] + [image] + self.images[o + 1:])
+            share = await asyncio.to_thread(self.share, o, image)
+            legible = floor is None or share is None or share >= min(floor, now)
+            kept = trial["score"] > quality["score"] and legible
+            self._record(o, "consistency", seed, kept, consistency=trial["score"], was=quality["score"],
+                         distance=quality["distances"][o], legibility=share)
+            if kept:
+                self._keep(o, seed, new, image)
+                quality = trial
+
+    def report(self, judge_uri: str) -> dict:
+        """The manifest's `quality`: the judge, legibility at chat size (per theme, the worst, per item),
+        consistency, every redraw, and each item's final seed."""
+        from emoji_ldm.eval.legibility import consistency, legibility
+        from emoji_ldm.store.uri import public_uri
+
+        figures = legibility(self.judge, self.images, self.labels)
+        figures.update(items=[self.share(i, im) for i, im in enumerate(self.images)],
+                       min_legibility=self.body.min_legibility)
+        if not figures["labelled"]:
+            figures["note"] = "no item names a class the judge knows: nothing to measure legibility against"
+        return {"judge": {"uri": public_uri(judge_uri), "label": self.judge.meta.get("label"),
+                          "classes": len(self.judge.classes)},
+                "legibility": figures, "consistency": consistency(self.judge, self.images),
+                "redraws": self.redraws, "max_redraws": self.body.max_redraws, "seeds": self.seeds}

@@ -99,6 +99,34 @@ def test_bulk_to_s3_from_a_csv(s3_server, ray_local, model, tmp_path):
     assert Image.open(io.BytesIO(body)).mode in ("RGBA", "P")
 
 
+def test_bulk_animated_loops_record_the_loop_and_the_file(ray_local, model, tmp_path):
+    import io
+    import json
+
+    from PIL import Image
+
+    from emoji_ldm.inference.animation import AnimationSettings
+    from emoji_ldm.inference.bulk import BulkConfig, bulk_generate
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red heart\nspinning star\n")
+    out = str(tmp_path / "loops")
+    summary = bulk_generate(BulkConfig(model=model, prompts=str(prompts), out=out, target="slack",
+                                       sampler=SamplerSettings(count=1, steps=2), batch_size=4,
+                                       animation=AnimationSettings(frames=6, format="webp")))
+    assert summary["images"] == 2
+    _, rows = manifest(f"{out}/manifest")
+    for row in rows:
+        assert row["uri"].endswith(".webp")
+        data = open(row["uri"], "rb").read()
+        loop, file = json.loads(row["loop"]), json.loads(row["file"])
+        assert loop["frames"] == 6 and set(loop) >= {"motion", "fps", "path", "frame_change", "loop_closure"}
+        assert file["format"] == "webp" and file["bytes"] == len(data) == row["png_bytes"] <= 128 * 1024
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.format == "WEBP" and im.is_animated and im.n_frames == file["frames"] == 6
+            assert im.size == (128, 128) and im.mode == "RGBA"
+
+
 def test_bulk_bad_input(model, tmp_path, cli_in_process):
     good = tmp_path / "p.txt"
     good.write_text("red heart\n")
@@ -117,6 +145,11 @@ def test_bulk_bad_input(model, tmp_path, cli_in_process):
         (["--model", model, "--prompts", str(good), "--per-prompt", "0"],
          "sampler setting count must be a whole number from 1 to 64, got 0"),
         (["--model", model, "--prompts", str(good), "--target", "teams"], "'teams'"),
+        (["--model", model, "--prompts", str(good), "--frames", "1"], "frames must be 0 (a still image) or from 2"),
+        (["--model", model, "--prompts", str(good), "--frames", str(10**9)], "got 1000000000"),
+        (["--model", model, "--prompts", str(good), "--frames", "4", "--format", "mov"], "format must be one of"),
+        (["--model", model, "--prompts", str(good), "--frames", "4", "--scheduler", "ddpm"],
+         "deterministic sampler"),
     ]
     for args, message in cases:
         code, err = cli_in_process("bulk", *args, "--out", str(tmp_path / "out"))
