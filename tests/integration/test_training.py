@@ -86,8 +86,11 @@ def test_eval_of_the_tiny_model(tiny, tmp_path, cli_in_process, capsys):
     assert "group classes from" in capsys.readouterr().out
     report = evaluate(EvalConfig(model=str(out), data=tiny.lat, samples=3, sampler=SamplerSettings(steps=2),
                                  clip=str(tiny_clip_model(tmp_path / "clip")), judge=str(tmp_path / "judge")))
-    assert report["heldout_loss"] > 0 and 0 <= report["near_copy_share"] <= 1
-    assert 2 <= report["samples"] <= 3  # the held-out rows (by content hash) among the pipeline's, at most --samples
+    n = report["samples"]
+    assert 2 <= n <= 3  # the held-out rows (by content hash) among the pipeline's, at most --samples
+    assert report["heldout_loss"] > 0
+    # a 4-step model draws no copy of a training image; the share and the median are of the same n samples
+    assert report["near_copy_share"] == 0.0 and report["nearest_mse_median"] > report["near_copy_threshold"]
     # an RGBA model (4-channel VAE): alpha figures beside the real images', and the VAE's error per channel kind
     assert tiny.card["image"] == {"dataset_mode": "RGBA", "vae_channels": 4, "alpha": "vae", "key_colour": None}
     assert set(report["alpha"]) == {"real", "samples"} and report["alpha"]["real"]["opaque"] < 1.0
@@ -96,16 +99,40 @@ def test_eval_of_the_tiny_model(tiny, tmp_path, cli_in_process, capsys):
     assert 0 < recon["visible_mse"] <= 4  # as seen on mid-grey
     assert report["clip_score"] is not None and report["inception_fid"] is None
     assert report["emoji_fid"] >= 0 and report["emoji_kid_std"] >= 0
-    assert 0 <= report["precision"] <= 1 and 0 <= report["recall"] <= 1
-    assert 0 <= report["prompt_accuracy"] <= 1 and 0 <= report["real_accuracy"] <= 1
+    # shares of n samples (precision, and prompt accuracy over the labelled ones) and of n held-out images (recall)
+    labelled = report["labelled_samples"]
+    assert 1 <= labelled <= n
+    for key, of in (("precision", n), ("recall", n), ("prompt_accuracy", labelled), ("real_accuracy", labelled)):
+        assert report[key] * of == pytest.approx(round(report[key] * of)) and 0 <= round(report[key] * of) <= of, key
+    # known inputs, known values: an image set against itself is all inside the other's manifold (precision =
+    # recall = 1) and all copies of the dataset (nearest MSE 0); moved far away from itself, none is inside
+    import numpy as np
+
+    from emoji_ldm.eval.judge import load_judge
+    from emoji_ldm.eval.reference import dataset_rows, nearest_training_mse
+    from emoji_ldm.eval.scores import precision_recall
+    from emoji_ldm.imaging import composite
+    from emoji_ldm.store.latents import open_latent_table
+
+    judge = load_judge(str(tmp_path / "judge"))
+    meta = open_latent_table(tiny.lat)[2]
+    real = dataset_rows(meta, "train", 4)["image"]
+    features = judge.features(judge.pixels(real))
+    assert precision_recall(features, features) == (1.0, 1.0)
+    assert precision_recall(features, features + 1e3 * (1 + np.abs(features).max())) == (0.0, 0.0)
+    pixels = np.stack([np.asarray(composite(im), dtype=np.float32).ravel() / 255.0 for im in real])
+    assert nearest_training_mse(meta, pixels, real[0].size[0]).max() < 1e-6
     r = run_cli("eval", "--model", str(out), "--data", tiny.lat, "--samples", "2", "--steps", "2",
                 "--judge", str(tmp_path / "judge"))
     assert r.returncode == 0, r.stderr
     assert "held-out denoising loss" in r.stdout and "CLIP score: not computed" in r.stdout
     assert "transparency (samples | real)" in r.stdout and "VAE reconstruction MSE" in r.stdout
     assert "emoji-FID" in r.stdout and "prompt accuracy" in r.stdout and "not the Inception FID" in r.stdout
-    assert main(["eval", "--real", "--data", tiny.lat, "--samples", "2", "--judge", str(tmp_path / "judge")]) == 0
+    assert main(["eval", "--real", "--data", tiny.lat, "--samples", "2", "--judge", str(tmp_path / "judge"),
+                 "--out", str(tmp_path / "real.json")]) == 0
     assert "real training images (--real)" in capsys.readouterr().out
+    real_report = json.loads((tmp_path / "real.json").read_text())
+    assert real_report["prompt_accuracy"] == real_report["real_accuracy"]  # --real: the same images, judged twice
     # feature extractors that do not load: one line each, before any sampling
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "judge.json").write_text('{"classes": ["a", "b"], "width": 8, "image_size": 32}')
