@@ -201,7 +201,8 @@ def serve_forever(config: ServeConfig) -> None:
         # again: ray.init installs its own SIGTERM handler, which aborts the process; a SIGTERM that
         # arrives before this line (while Serve starts) still does, so callers wait for "serving"
         signal.signal(signal.SIGTERM, _stop)
-        print(f"serving {config.model} at {url}/  (API docs: {url}/docs; Ctrl-C stops)", flush=True)
+        docs = f"{url}/openapi.json, with a key" if config.keys else f"{url}/docs"
+        print(f"serving {config.model} at {url}/  (API docs: {docs}; Ctrl-C stops)", flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
