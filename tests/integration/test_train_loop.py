@@ -24,24 +24,30 @@ def tiny(pipeline, ray_local):
     return pipeline
 
 
-def test_vae_checkpoints_and_resumes(tiny, tmp_path):
-    """train-vae in the loop: rank 1 dies at step 3, after the step-2 checkpoint; a new run into that --out is
-    refused, --resume with another world size too, and --resume finishes the run from step 2: each step logged
-    once, a VAE that diffusers loads, and no checkpoints left beside it."""
+def test_vae_checkpoints_and_resumes_on_s3(s3_server, tiny):
+    """train-vae in the loop, into S3: rank 1 dies at step 3, after the step-2 checkpoint; a new run into that
+    --out is refused, --resume with another world size too, and --resume finishes the run from step 2: each step
+    logged once, a VAE that diffusers loads, and no checkpoints left beside it."""
     from diffusers import AutoencoderKL
     from ray.train import WorkerGroupError
 
-    out = tmp_path / "vae"
+    from emoji_ldm.store.artifacts import local_copy
+
+    client = s3_server.client()
+    client.create_bucket(Bucket="loop-vae")
+    out = "s3://loop-vae/vae"
 
     def config(**kwargs):
-        return VAETrainConfig(dataset=tiny.ds, out=str(out), max_steps=4, checkpoint_every=2, log_every=1,
-                              **kwargs)
+        return VAETrainConfig(dataset=tiny.ds, out=out, max_steps=4, checkpoint_every=2, log_every=1, **kwargs)
+
+    def keys():
+        return [o["Key"] for o in client.list_objects_v2(Bucket="loop-vae").get("Contents", [])]
 
     with rank1_fails(vae, at_step=3), pytest.raises(WorkerGroupError):
         train_vae(config(max_failures=0))
-    found = latest(str(out))
+    found = latest(out)
     assert found and found[1]["step"] == 2 and found[1]["world_size"] == 2 and found[1]["zero_stage"] == 0
-    assert not (out / "metrics.json").exists()  # no VAE yet
+    assert "vae/metrics.json" not in keys()  # no VAE yet
     with pytest.raises(UserError, match="already has checkpoints"):
         train_vae(config())
     with pytest.raises(UserError, match="other world_size"):
@@ -49,10 +55,10 @@ def test_vae_checkpoints_and_resumes(tiny, tmp_path):
 
     card = train_vae(config(resume=True))
     assert card["metrics"]["steps"] == 4 and card["metrics"]["scaling_factor"] > 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["rec_loss"] > 0 for r in rows)
-    assert not (out / "checkpoints").exists()
-    loaded = AutoencoderKL.from_pretrained(out)
+    rows = client.get_object(Bucket="loop-vae", Key="vae/metrics.jsonl")["Body"].read().decode().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4] and all(json.loads(r)["rec_loss"] > 0 for r in rows)
+    assert not [k for k in keys() if k.startswith("vae/checkpoints/")]
+    loaded = AutoencoderKL.from_pretrained(local_copy(out))
     assert loaded.config.scaling_factor == pytest.approx(card["metrics"]["scaling_factor"])
 
 
