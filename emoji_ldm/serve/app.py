@@ -198,7 +198,8 @@ class Ingress:
         if key is None:
             return
         cost = cost_units(images, steps, size)
-        wait = await ask("spend", key.owner, cost, key.cost_per_minute)
+        # more than a whole minute's budget never fits: refused here, without asking the meter
+        wait = -1.0 if cost > key.cost_per_minute else await ask("spend", key.owner, cost, key.cost_per_minute)
         if wait < 0:
             raise ApiError(429, f"this request costs {cost:g} units (images x steps x (size/64)^2), more than key "
                                 f"{key.name!r} may spend in a minute ({key.cost_per_minute}): ask for fewer "
