@@ -6,10 +6,12 @@ Input: a prompt file (.txt one prompt per line, or .csv/.parquet with a
 `prompt` column; local or S3). Output under `--out`: `images/<prompt_id>-<k>.png`
 (each RGBA, with its generation parameters and model id as PNG text chunks,
 `emoji_ldm.inference.pngmeta`; with `--target slack|discord|github` sized and
-checked for that platform, `inference.targets`) and the Delta table `manifest/`
-with one row per image (prompt, seed, settings, URI, size, the emoji's
-sanitised `name` and `alias`); each manifest commit records the model folder's
-URI and content id. A name is unique per prompt (`_2`, `_3` for its other
+checked for that platform, `inference.targets`; with `--frames N` an animated
+loop per image, `images/<prompt_id>-<k>.png|.gif|.webp` as `--format` says,
+`inference.animation`) and the Delta table `manifest/` with one row per image
+(prompt, seed, settings, URI, size, the emoji's sanitised `name` and `alias`,
+and for a loop its `loop` and `file` records); each manifest commit records
+the model folder's URI and content id. A name is unique per prompt (`_2`, `_3` for its other
 images), not across prompts that sanitise alike ("Cat!" and "cat").
 
 One streaming Ray Data pipeline: the prompt file read by Ray's readers ->
