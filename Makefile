@@ -154,3 +154,31 @@ small64: $(STAMP) $(DEMO_MODEL)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+
+# `make gpu-check`: the GPU paths (DeepSpeed ZeRO-2/3 bf16 with the EMA, a checkpoint and a resume; the
+# train-step-check MFU; DreamBooth LoRA; encode; Qwen2.5-VL captioning; fp16/bf16 sampling with and without
+# torch.compile; the Generator drawing a set) in one process without Ray, on tiny random models; a JSON report
+# (GPU_CHECK_OUT) and a table. DEVICE=cpu runs the same script here (at most 10 minutes on 2 cores).
+# On the GPU machine: docs/development.md#gpu-check.
+DEVICE ?= cuda
+GPU_CHECK_OUT ?= gpu-check.json
+gpu-check: $(STAMP)
+	$(BIN)/python gpu_check/run.py --device $(DEVICE) --out $(GPU_CHECK_OUT)
+
+# What travels to the GPU machine (Python 3.12, torch, transformers, accelerate, peft, pyarrow and pandas installed;
+# no ray, diffusers, deepspeed or deltalake, nothing fetched there): the wheels the checks import that its image
+# lacks, pinned to .venv's versions. DeepSpeed publishes only an sdist: its wheel is built here (pure Python,
+# DS_BUILD_OPS=0: no ops compiled ahead; the checks use torch's AdamW).
+GPU_CHECK_WHEELS := diffusers importlib_metadata zipp pillow requests urllib3 idna certifi charset-normalizer \
+	hjson ninja msgpack py-cpuinfo pydantic pydantic-core annotated-types typing-inspection einops
+gpu-check-wheels: $(STAMP)
+	rm -rf gpu-check-wheels && mkdir -p gpu-check-wheels
+	$(BIN)/pip download --quiet --python-version 3.12 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux_2_28_x86_64 --only-binary=:all: --no-deps -d gpu-check-wheels \
+	  $$(for p in $(GPU_CHECK_WHEELS); do echo "$$p==$$($(BIN)/pip show $$p | sed -n 's/^Version: //p')"; done)
+	DS_BUILD_OPS=0 $(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w gpu-check-wheels \
+	  deepspeed==$$($(BIN)/pip show deepspeed | sed -n 's/^Version: //p')
+	@ls gpu-check-wheels
+	@echo "gpu-check-wheels: $$(du -sh gpu-check-wheels | cut -f1) in $$(ls gpu-check-wheels | wc -l) wheels (at most 64 MiB per call with the working tree)"
+
+.PHONY: gpu-check gpu-check-wheels
