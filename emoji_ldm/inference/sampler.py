@@ -158,8 +158,8 @@ class SampleJob:
 
     @property
     def settings(self) -> tuple:
-        """Jobs with equal settings can share one pipeline call."""
-        return (self.steps, self.guidance, self.scheduler, self.size, self.adapter, self.animation)
+        """Jobs with equal settings can share one pipeline call (an animated job never shares one: `pngs`)."""
+        return (self.steps, self.guidance, self.scheduler, self.size, self.adapter)
 
     def image_params(self, i: int, width: int, height: int, model: str | None, content_id: str | None,
                      adapter: dict | None = None) -> dict:
