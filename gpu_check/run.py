@@ -45,8 +45,15 @@ class Skip(Exception):
     """A check that cannot run here (a package is missing): its reason goes in the report."""
 
 
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or blocked package counts as missing
+        return False
+
+
 def need(*modules: str) -> None:
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    missing = [m for m in modules if not installed(m)]
     if missing:
         raise Skip(f"needs {', '.join(missing)} (not installed here: pip install --no-deps gpu-check-wheels/*.whl)")
 
@@ -474,7 +481,7 @@ def generator_set(ctx: Context) -> dict:
 
 
 def ray_serve(ctx: Context) -> dict:
-    if importlib.util.find_spec("ray") is None:
+    if not installed("ray"):
         raise Skip("ray is not installed here (its cp312 wheel alone is 76 MiB, over what one call carries)")
     raise Skip("ray is importable, but `serve --gpus 1` is out of scope for this round: needs the Ray wheels, "
                "see docs/development.md")
