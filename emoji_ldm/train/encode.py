@@ -189,14 +189,16 @@ def _vae_to_use(config: EncodeConfig, preset: Preset, out: str, vae_path: str | 
         return previous[1]["vae"]
     if not preset.vae.trained_here or vae_path:
         return vae_path
+    from emoji_ldm.train import checkpoint
     from emoji_ldm.train.vae import VAETrainConfig, train_vae
 
     vae_path = artifact_uri(out, "_emoji_ldm", "vae")
     print(f"[encode] preset {preset.name!r} trains its own VAE and no --vae was given: "
           f"training one first ({config.vae_steps or preset.vae.train_steps} steps) -> {vae_path}", flush=True)
+    # a re-run after a killed encode continues the VAE it was training
     train_vae(VAETrainConfig(dataset=config.dataset, out=vae_path, preset=config.preset,
                              overrides=config.overrides, use_gpu=config.use_gpu, workers=config.vae_workers,
-                             max_steps=config.vae_steps))
+                             max_steps=config.vae_steps, resume=checkpoint.latest(vae_path) is not None))
     return vae_path
 
 
