@@ -23,6 +23,14 @@ import tempfile
 from pathlib import Path
 
 
+def load_tensors(source):
+    """A checkpoint file (a path or a file object) of tensors and plain values, loaded on the CPU. Checkpoints
+    come from a bucket that others can write: `weights_only` refuses any pickled object that would run code."""
+    import torch
+
+    return torch.load(source, weights_only=True, map_location="cpu")
+
+
 def rng_state(device) -> dict:
     import torch
 
@@ -78,7 +86,6 @@ def restore(engine, resume_from: str | None, counters: dict, *, rank: int, devic
     """Load Ray Train's checkpoint of this attempt (after a worker failure) or `resume_from` (`--resume`) into
     the engine, the EMA, the RNG and `counters` (updated in place). Returns where it came from, or None."""
     import ray.train
-    import torch
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and resume_from:
@@ -89,10 +96,10 @@ def restore(engine, resume_from: str | None, counters: dict, *, rank: int, devic
         _, client = engine.load_checkpoint(folder, tag="ds", load_lr_scheduler_states=True)
         counters.update({k: client[k] for k in counters})
         if ema is not None:
-            # map_location: every rank would otherwise put a full EMA on the GPU it was saved from (cuda:0)
-            ema.load_state_dict(torch.load(Path(folder) / "ema.pt", weights_only=False, map_location="cpu"))
+            # on the CPU first: every rank would otherwise put a full EMA on the GPU it was saved from (cuda:0)
+            ema.load_state_dict(load_tensors(Path(folder) / "ema.pt"))
             ema.to(device)
-        set_rng_state(torch.load(Path(folder) / f"rng-rank{rank}.pt", weights_only=False, map_location="cpu"), device)
+        set_rng_state(load_tensors(Path(folder) / f"rng-rank{rank}.pt"), device)
     return checkpoint.path
 
 

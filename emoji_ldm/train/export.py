@@ -7,8 +7,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import torch
-
 
 def assemble_pipeline(unet, preset, vae_uri: str):
     """A StableDiffusionPipeline around `unet` with the preset's VAE, text encoder and a DPM++ sampler."""
@@ -42,14 +40,13 @@ def ema_unet(checkpoint_uri: str, preset):
 
     from emoji_ldm.models.builders import build_unet, configure_trainable
     from emoji_ldm.store.artifacts import artifact_uri, read_bytes
+    from emoji_ldm.train.checkpoint import load_tensors
     from emoji_ldm.train.ema import make_ema
 
     unet = build_unet(preset)
     params = configure_trainable(unet, preset)
     ema = make_ema(params, preset.train)
-    state = torch.load(io.BytesIO(read_bytes(artifact_uri(checkpoint_uri, "ema.pt"))), weights_only=False,
-                       map_location="cpu")
-    ema.load_state_dict(state)
+    ema.load_state_dict(load_tensors(io.BytesIO(read_bytes(artifact_uri(checkpoint_uri, "ema.pt")))))
     ema.copy_to(params)
     if preset.unet.finetune == "lora":
         unet.fuse_lora()
