@@ -43,7 +43,7 @@ HINT = ("start one with infra/local_ray_head.sh, or on Kubernetes run "
 
 def checkout_root() -> Path | None:
     """The source checkout this package runs from (it has ray_jobs/ beside emoji_ldm/), if any."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # emoji_ldm/cli/submit.py -> the checkout
     return root if (root / "ray_jobs").is_dir() and (root / "emoji_ldm").is_dir() else None
 
 

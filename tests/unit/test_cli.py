@@ -216,3 +216,9 @@ def test_a_missing_ray_job_is_told_by_its_http_status(dashboard):
         submit.job_logs(url, "broken")
     assert not isinstance(e.value, UserError)
     submit.require_job(submit.connect(url), "here", url)
+
+
+def test_submit_uploads_the_checkout_it_runs_from():
+    from emoji_ldm.cli.submit import checkout_root
+
+    assert checkout_root() == Path(__file__).resolve().parents[2]  # tests/unit/ -> the checkout
