@@ -14,10 +14,10 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 
 import kubernetes_validate
 import pytest
-import tomllib
 import yaml
 
 from emoji_ldm.cli.submit import STAGES, check_stage_args
@@ -131,7 +131,7 @@ def check_ray_resource(doc: dict, where: str) -> None:
                     f"{name} {place}: S3 settings must come from the emoji-ldm-s3 Secret"
     if doc["kind"] == "RayJob":
         check_rayjob(doc, name)
-    # the head's GCS keeps the task events of as many tasks as a local run's (it grew with the tasks, issue 28)
+    # the head's GCS keeps the task events of as many tasks as a local run's (it grew with the tasks)
     head_env = {e["name"]: e.get("value") for e in containers(pod_templates(doc)["head"])[0].get("env", [])}
     assert head_env.get(TASK_EVENTS_ENV) == str(TASK_EVENTS_IN_GCS), f"{name} head: {TASK_EVENTS_ENV} not set"
     assert cluster.get("authOptions") == {"mode": "token", "secretName": "emoji-ldm-ray-token"}, \
@@ -276,7 +276,7 @@ def test_ray_version_agrees_across_pyproject_dockerfile_and_manifests():
 
 def test_ray_daemons_run_without_jemalloc_thread_caches():
     """Every Ray pod runs our image, whose MALLOC_CONF turns off jemalloc's per-thread caches in Ray's daemons
-    (an idle raylet grew with them, issue 28); the development head sets the same, and the GCS task-event cap."""
+    (an idle raylet grew with them); the development head sets the same, and the GCS task-event cap."""
     assert f"ENV MALLOC_CONF={DAEMON_MALLOC_CONF}\n" in (REPO / "infra" / "Dockerfile").read_text()
     head = (REPO / "infra" / "local_ray_head.sh").read_text()
     assert f"export MALLOC_CONF=${{MALLOC_CONF:-{DAEMON_MALLOC_CONF}}}\n" in head
@@ -308,7 +308,7 @@ def test_dockerfile_and_infra_scripts_lint():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-# --- safe to apply: secrets, network, privileges, pinned images (issue 46) ---------------------
+# --- safe to apply: secrets, network, privileges, pinned images ---------------------
 
 
 def test_no_secret_value_is_committed_and_apply_carries_no_secret():
