@@ -104,6 +104,13 @@ def test_eval_of_the_tiny_model(tiny, tmp_path, cli_in_process, capsys):
     assert 1 <= labelled <= n
     for key, of in (("precision", n), ("recall", n), ("prompt_accuracy", labelled), ("real_accuracy", labelled)):
         assert report[key] * of == pytest.approx(round(report[key] * of)) and 0 <= round(report[key] * of) <= of, key
+    # legibility at chat size: the same labelled samples (and real images) on each of the 4 chat themes
+    chat = report["legibility"]
+    for who in ("samples", "real"):
+        assert chat[who]["px"] == 22 and chat[who]["labelled"] == labelled
+        assert set(chat[who]["themes"]) == {"slack-light", "slack-dark", "discord-light", "discord-dark"}
+        assert chat[who]["min"] == min(chat[who]["themes"].values())
+        assert all(v * labelled == pytest.approx(round(v * labelled)) for v in chat[who]["themes"].values())
     # known inputs, known values: an image set against itself is all inside the other's manifold (precision =
     # recall = 1) and all copies of the dataset (nearest MSE 0); moved far away from itself, none is inside
     import numpy as np
@@ -128,11 +135,13 @@ def test_eval_of_the_tiny_model(tiny, tmp_path, cli_in_process, capsys):
     assert "held-out denoising loss" in r.stdout and "CLIP score: not computed" in r.stdout
     assert "transparency (samples | real)" in r.stdout and "VAE reconstruction MSE" in r.stdout
     assert "emoji-FID" in r.stdout and "prompt accuracy" in r.stdout and "not the Inception FID" in r.stdout
+    assert "legibility at 22 px (samples | real" in r.stdout and "discord-dark" in r.stdout
     assert main(["eval", "--real", "--data", tiny.lat, "--samples", "2", "--judge", str(tmp_path / "judge"),
                  "--out", str(tmp_path / "real.json")]) == 0
     assert "real training images (--real)" in capsys.readouterr().out
     real_report = json.loads((tmp_path / "real.json").read_text())
     assert real_report["prompt_accuracy"] == real_report["real_accuracy"]  # --real: the same images, judged twice
+    assert real_report["legibility"]["samples"] == real_report["legibility"]["real"]
     # feature extractors that do not load: one line each, before any sampling
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "judge.json").write_text('{"classes": ["a", "b"], "width": 8, "image_size": 32}')
