@@ -52,8 +52,9 @@ from emoji_ldm.errors import UserError
 from emoji_ldm.runtime.connect import ensure_ray
 from emoji_ldm.runtime.partitions import shuffle_partitions
 from emoji_ldm.runtime.shared import require_shared
-from emoji_ldm.store.delta import SIDECAR, CommitDeltaDatasink, version_for_build
+from emoji_ldm.store.delta import CommitDeltaDatasink, version_for_build
 from emoji_ldm.store.schema import value_counts
+from emoji_ldm.store.sidecar import SIDECAR
 from emoji_ldm.store.staging import FileStagingSink, read_folder, staged_folders
 from emoji_ldm.store.uri import filesystem, is_s3, join
 from emoji_ldm.version import code_version

@@ -48,17 +48,15 @@ from emoji_ldm.runtime.partitions import shuffle_partitions
 from emoji_ldm.runtime.shared import require_shared
 from emoji_ldm.sources import FetchConfig, open_source
 from emoji_ldm.store.delta import (
-    SIDECAR,
     CommitDeltaDatasink,
-    image_mode,
     open_table,
     read_dataset,
-    record_image_mode,
     row_count,
     table_exists,
     version_for_build,
 )
 from emoji_ldm.store.schema import EMOJI_SCHEMA, value_counts
+from emoji_ldm.store.sidecar import SIDECAR, image_mode, record_image_mode
 from emoji_ldm.store.staging import (
     FileStagingSink,
     folder_name,

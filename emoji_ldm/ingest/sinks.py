@@ -10,8 +10,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from emoji_ldm.ingest.tasks import DROP_SCHEMA, KEY_SCHEMA
-from emoji_ldm.store.delta import REJECT_SCHEMA, CommitDeltaDatasink, rejects_uri
+from emoji_ldm.store.delta import CommitDeltaDatasink
 from emoji_ldm.store.schema import EMOJI_SCHEMA, value_counts
+from emoji_ldm.store.sidecar import REJECT_SCHEMA, rejects_uri
 from emoji_ldm.store.staging import read_folder, write_atomic
 from emoji_ldm.store.uri import filesystem, is_s3, join
 

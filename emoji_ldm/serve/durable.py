@@ -42,7 +42,7 @@ import threading
 import time
 import traceback
 
-from emoji_ldm.store.artifacts import delete, exists, read_bytes, read_json, write_bytes, write_json
+from emoji_ldm.store.artifacts import delete, exists, read_bytes, read_json, write_bytes, write_json, write_zip
 from emoji_ldm.store.uri import join
 
 logger = logging.getLogger(__name__)
@@ -325,34 +325,6 @@ class JobRunner:
         write_bytes(join(result, "manifest.json"), files["manifest.json"])
         return {"uri": result, "zip": join(result, f"{self.spec.job_id}.zip"),
                 "manifest": join(result, "manifest.json")}
-
-
-def write_zip(uri: str, files: dict[str, bytes], folder: str) -> None:
-    """The set's zip written entry by entry into the storage's output stream (an S3 multipart upload, or a
-    local part file renamed onto its name at the end), never whole in memory; as /v1/emoji-sets zips it: every
-    file under `folder/`, PNGs stored, JSON deflated."""
-    import uuid
-    import zipfile
-
-    from emoji_ldm.store.uri import filesystem, is_s3
-
-    fs, path = filesystem(uri)
-    parent, name = path.rsplit("/", 1)
-    fs.create_dir(parent, recursive=True)
-    target = path if is_s3(uri) else f"{parent}/.{name}.{uuid.uuid4().hex[:8]}.part"
-    try:
-        with fs.open_output_stream(target) as out, zipfile.ZipFile(out, "w") as zf:
-            for entry, data in files.items():
-                method = zipfile.ZIP_DEFLATED if entry.endswith(".json") else zipfile.ZIP_STORED
-                zf.writestr(f"{folder}/{entry}", data, compress_type=method)
-        if target != path:
-            fs.move(target, path)
-    finally:
-        if target != path:
-            try:
-                fs.delete_file(target)
-            except (FileNotFoundError, OSError):
-                pass
 
 
 class Drawer:

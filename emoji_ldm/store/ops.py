@@ -18,9 +18,10 @@ from PIL import Image, ImageDraw, ImageFont
 from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
 from emoji_ldm.imaging import on_checkerboard
-from emoji_ldm.store.delta import META_KEY, arrow_dataset, history, image_mode, open_table, write_tag
+from emoji_ldm.store.delta import META_KEY, arrow_dataset, history, open_table
 from emoji_ldm.store.log import file_actions
 from emoji_ldm.store.schema import value_counts
+from emoji_ldm.store.sidecar import image_mode, write_tag
 from emoji_ldm.store.uri import DatasetRef, normalize_uri
 from emoji_ldm.version import code_version
 

@@ -180,7 +180,7 @@ def image_card(instance_uri: str, instance_version: int) -> dict:
     are learned on the key colour (`decode_images`' default) and its images keyed from it. Photos without
     alpha (JPEG, or opaque PNG in an RGBA table) keep their own backgrounds: "none", nothing is keyed."""
     from emoji_ldm.imaging import KEY_COLOUR
-    from emoji_ldm.store.delta import image_mode
+    from emoji_ldm.store.sidecar import image_mode
 
     mode = image_mode(instance_uri)
     keyed = mode == "RGBA" and any(has_alpha(png) for png in iter_images(instance_uri, instance_version))

@@ -301,7 +301,7 @@ def image_lineage(dataset_uri: str, vae: str | None, preset: Preset) -> dict:
     `vae_channels`, and `alpha`: "vae" (a 4-channel VAE draws it), "key" (a 3-channel VAE learned RGBA images
     on `key_colour`, which inference keys) or "none" (RGB data: opaque images)."""
     from emoji_ldm.store.artifacts import exists, read_json
-    from emoji_ldm.store.delta import image_mode
+    from emoji_ldm.store.sidecar import image_mode
     from emoji_ldm.store.uri import join
 
     mode = image_mode(dataset_uri)

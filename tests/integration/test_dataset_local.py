@@ -12,9 +12,10 @@ from emoji_ldm.imaging import ImageConfig
 from emoji_ldm.ingest.build import BuildConfig, build_dataset
 from emoji_ldm.sources import FetchConfig
 from emoji_ldm.store import ops
-from emoji_ldm.store.delta import history, image_mode, open_table
+from emoji_ldm.store.delta import history, open_table
 from emoji_ldm.store.log import file_actions
 from emoji_ldm.store.schema import EMOJI_SCHEMA
+from emoji_ldm.store.sidecar import image_mode
 from emoji_ldm.store.uri import DatasetRef
 from tests.conftest import make_bad_corpus, png_bytes, run_cli
 

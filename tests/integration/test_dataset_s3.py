@@ -6,7 +6,8 @@ from deltalake import DeltaTable
 from emoji_ldm.errors import UserError
 from emoji_ldm.ingest.build import BuildConfig, build_dataset
 from emoji_ldm.store import ops
-from emoji_ldm.store.delta import open_table, read_rejects
+from emoji_ldm.store.delta import open_table
+from emoji_ldm.store.sidecar import read_rejects
 from emoji_ldm.store.uri import storage_options
 from tests.conftest import make_bad_corpus, png_bytes, run_cli, start_moto, stop_moto
 
