@@ -154,6 +154,26 @@ def repeat(runs: dict, times: int, alternate: bool = False, report=None) -> dict
     return out
 
 
+def flood(http, method: str, url: str, headers: dict, body: bytes | None, rounds: int, concurrency: int,
+          deadline: float | None = None) -> dict:
+    """`rounds` waves of `concurrency` requests at once through the urllib3 pool `http` (stopping at `deadline`,
+    a time.time()): {"codes": {status: count}, "p50_ms", "p99_ms", "n"}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    latencies, codes = [], {}
+    with ThreadPoolExecutor(concurrency) as pool:
+        for _ in range(rounds):
+            if deadline is not None and time.time() > deadline:
+                break
+            for seconds, r in pool.map(lambda _: timed(http.request, method, url, body=body, headers=headers),
+                                       range(concurrency)):
+                latencies.append(seconds)
+                codes[r.status] = codes.get(r.status, 0) + 1
+    latencies.sort()
+    return {"codes": codes, "p50_ms": 1000 * statistics.median(latencies),
+            "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))], "n": len(latencies)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import urllib3
-from common import REPO, free_port, row, timed, write_record
+from common import REPO, flood, free_port, row, timed, write_record
 
 sys.path.insert(0, str(REPO))
 WORDS = ["cat", "dog", "heart", "star", "sun", "moon", "pizza", "rocket", "ghost", "tree", "fish", "bird", "cake",
@@ -70,19 +68,6 @@ def run_job(url: str, items: list[str], steps: int) -> tuple[float, dict]:
     seconds, state = timed(submit_and_wait)
     assert state["state"] == "succeeded" and state["progress"]["done"] == len(items), state
     return seconds, state
-
-
-def flood(method: str, url: str, headers: dict, body: bytes | None, rounds: int, concurrency: int) -> dict:
-    latencies, codes = [], {}
-    with ThreadPoolExecutor(concurrency) as pool:
-        for _ in range(rounds):
-            for seconds, r in pool.map(lambda _: timed(HTTP.request, method, url, body=body, headers=headers),
-                                       range(concurrency)):
-                latencies.append(seconds)
-                codes[r.status] = codes.get(r.status, 0) + 1
-    latencies.sort()
-    return {"codes": codes, "p50_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))], "n": len(latencies)}
 
 
 def main() -> None:
@@ -131,16 +116,16 @@ def main() -> None:
     before = generator.stats.remote().result()["requests"]
     body = json.dumps({"prompt": "cat", "steps": args.steps}).encode()
     json_h = {"content-type": "application/json"}
-    flood("GET", f"{url}/healthz", {}, None, 1, 200)  # warm-up: the client's 200 connections, not measured
+    flood(HTTP, "GET", f"{url}/healthz", {}, None, 1, 200)  # warm-up: the client's 200 connections, not measured
     results = {
-        "GET /healthz (reference)": flood("GET", f"{url}/healthz", {}, None, 5, 200),
-        "401 no key": flood("POST", f"{url}/v1/generate", json_h, body, 5, 200),
-        "401 wrong key": flood("POST", f"{url}/v1/generate", {**json_h, "authorization": "Bearer eml_wrong"},
+        "GET /healthz (reference)": flood(HTTP, "GET", f"{url}/healthz", {}, None, 5, 200),
+        "401 no key": flood(HTTP, "POST", f"{url}/v1/generate", json_h, body, 5, 200),
+        "401 wrong key": flood(HTTP, "POST", f"{url}/v1/generate", {**json_h, "authorization": "Bearer eml_wrong"},
                                body, 5, 200),
     }
     HTTP.request("POST", f"{url}/v1/generate", body=body, headers={**json_h, "authorization": f"Bearer {lines[2]}"})
-    results["429 over rate"] = flood("POST", f"{url}/v1/generate", {**json_h, "authorization": f"Bearer {lines[2]}"},
-                                     body, 5, 200)
+    over = {**json_h, "authorization": f"Bearer {lines[2]}"}
+    results["429 over rate"] = flood(HTTP, "POST", f"{url}/v1/generate", over, body, 5, 200)
     after = generator.stats.remote().result()["requests"]
     for name, r in results.items():
         print(f"{name:26s} n={r['n']} codes={r['codes']} p50 {r['p50_ms']:.0f} ms p99 {r['p99_ms']:.0f} ms")

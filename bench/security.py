@@ -22,31 +22,14 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import urllib3
-from common import REPO, free_port, repeat, row, spread, timed, write_record
+from common import REPO, flood, free_port, repeat, row, spread, timed, write_record
 
 sys.path.insert(0, str(REPO))
 HTTP = urllib3.PoolManager(maxsize=256, retries=False, timeout=urllib3.Timeout(connect=10, read=120))
 JSON = {"content-type": "application/json"}
-
-
-def flood(method: str, url: str, headers: dict, body: bytes | None, rounds: int, concurrency: int,
-          deadline: float) -> dict:
-    latencies, codes = [], {}
-    with ThreadPoolExecutor(concurrency) as pool:
-        for _ in range(rounds):
-            if time.time() > deadline:
-                break
-            for seconds, r in pool.map(lambda _: timed(HTTP.request, method, url, body=body, headers=headers),
-                                       range(concurrency)):
-                latencies.append(seconds)
-                codes[r.status] = codes.get(r.status, 0) + 1
-    latencies.sort()
-    return {"codes": codes, "p50_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))], "n": len(latencies)}
 
 
 def post_and_cancel(base: str, headers: dict) -> float:
@@ -123,7 +106,8 @@ def main() -> None:
     # (a request over the whole budget would be refused in the ingress without asking it)
     fits = json.dumps({"prompt": "cat", "n": 1, "steps": 60}).encode()
     assert HTTP.request("POST", f"{keyed}/v1/generate", body=fits, headers={**JSON, **auth["thrifty"]}).status == 200
-    flood("GET", f"{keyed}/healthz", {}, None, 1, args.concurrency, deadline)  # warm-up: connections, not measured
+    # warm-up: the client's connections, not measured
+    flood(HTTP, "GET", f"{keyed}/healthz", {}, None, 1, args.concurrency, deadline)
     floods = {
         "GET /healthz (reference)": ("GET", f"{keyed}/healthz", {}, None),
         "401 no key": ("POST", f"{keyed}/v1/generate", JSON, gen),
@@ -131,7 +115,7 @@ def main() -> None:
         "429 over the request rate": ("POST", f"{keyed}/v1/generate", {**JSON, **auth["rated"]}, gen),
         "400 refused callback": ("POST", f"{keyed}/v1/jobs", {**JSON, **auth["open"]}, refused_cb),
     }
-    results = {name: flood(*spec, args.rounds, args.concurrency, deadline) for name, spec in floods.items()}
+    results = {name: flood(HTTP, *spec, args.rounds, args.concurrency, deadline) for name, spec in floods.items()}
     for name, r in results.items():
         print(f"{name:28s} n={r['n']} codes={r['codes']} p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms",
               flush=True)
