@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import urllib3
-from common import REPO, flood, free_port, repeat, row, spread, timed, write_record
+from common import REPO, flood, free_port, repeat, row, timed, write_record
 
 sys.path.insert(0, str(REPO))
 HTTP = urllib3.PoolManager(maxsize=256, retries=False, timeout=urllib3.Timeout(connect=10, read=120))
@@ -149,8 +149,7 @@ def main() -> None:
     n = min(len(guarded), len(unguarded))
     rows.append(row("security", "POST /v1/jobs: with the atomic quota check (meter actor) vs unguarded (no keys)",
                     guarded[:n], unguarded[:n], "ms"))
-    rows.append(row("security", "the meter's admit call alone (in-process round trip)", admit_ms, None, "ms",
-                    note=f"spread {spread(admit_ms)}"))
+    rows.append(row("security", "the meter's admit call alone (in-process round trip)", admit_ms, None, "ms"))
     write_record("security", {**vars(args), "floods": results, "posts_ms": {"guarded": guarded,
                                                                              "unguarded": unguarded},
                               "admit_ms": admit_ms, "wall_s": time.time() - started}, rows,
