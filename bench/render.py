@@ -21,7 +21,8 @@ HERE = Path(__file__).resolve().parent
 MAX_LINES = 300
 SECTIONS = {  # section -> heading, in page order; a section not listed comes after these, by name
     "ingest": "Ingest", "train": "Training and sampling", "serve": "Serving", "caption": "Captioning",
-    "crawl": "Crawling", "submit": "Submitting a stage to a cluster", "scale_train": "Training at scale",
+    "crawl": "Crawling", "submit": "Submitting a stage to a cluster",
+    "gpu_check": "`make gpu-check` on a GPU", "scale_train": "Training at scale",
     "scale_data": "Data stages at scale", "ray_daemons": "Ray's daemons", "fast_path": "Fast-path options on CPU",
     "zero3_ema": "ZeRO-3 and the EMA", "resume": "Resuming mid-epoch", "quality": "Training recipe and model",
     "dreambooth": "DreamBooth", "transparency": "Transparency", "jobs": "Jobs and keys",
@@ -43,9 +44,9 @@ each benchmark; the lab notebook up to 2026-11-26 is [HISTORY.md](HISTORY.md).
 brackets give the lowest and the highest run's ratio and the number of runs. A goal is **met** only when every
 run clears it, **within noise** when the runs straddle it, **not met** when none does (with no peer it applies to
 ours). At scale, "ours" is the large size and "peer" the small one. The machines are 2-core, CPU-only and shared:
-single figures move by up to ±30%, so one run decides little. No GPU figures yet (the commands to run are in
-[HISTORY.md](HISTORY.md#gpu-fast-path-emoji-ldm-train-step-check-on-a-gpu-node-not-measured-yet)). Rows marked †
-were transcribed by hand from the archive, whose raw JSON was not kept: rerun to refresh.
+single figures move by up to ±30%, so one run decides little; the GPU figures are the section "`make gpu-check` on
+a GPU" (`bench/gpu_check.py` records its report). Rows marked † were transcribed by hand from the archive, whose
+raw JSON was not kept: rerun to refresh.
 """
 
 
