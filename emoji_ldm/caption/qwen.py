@@ -19,6 +19,17 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 SYSTEM = "You are a helpful assistant."
+# Emoji are small: both captioners scale them up to about this many pixels so the vision tower sees detail.
+# A 64x64 emoji becomes 224x224: 16x16 patches of 14 px, 8x8 = 64 visual tokens after the 2x2 merge (at the
+# processor's own minimum, 56x56, it would be 4).
+IMAGE_PIXELS = 224 * 224
+MAX_IMAGE_PIXELS = 256 * 256
+
+
+def image_size_kwargs(image_pixels: int = IMAGE_PIXELS) -> dict:
+    """The Qwen2-VL image processor's size bounds: the transformers captioner's `from_pretrained` kwargs and
+    the vLLM engine's `mm_processor_kwargs`, so both show the model the same image."""
+    return {"min_pixels": image_pixels, "max_pixels": max(image_pixels, MAX_IMAGE_PIXELS)}
 
 
 def chat_text(instruction: str, image_tokens: int) -> str:
@@ -37,7 +48,7 @@ class QwenCaptioner:
     """
 
     def __init__(self, model: str, template: str, max_new_tokens: int = 128, device: str = "cpu",
-                 image_pixels: int = 224 * 224):
+                 image_pixels: int = IMAGE_PIXELS):
         import torch
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
@@ -47,9 +58,7 @@ class QwenCaptioner:
         self.tokenizer.padding_side = "left"  # generation continues from the right end of every row
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        # emoji are small: scale them up to about `image_pixels` so the vision tower sees detail
-        self.images = Qwen2VLImageProcessorPil.from_pretrained(model, min_pixels=image_pixels,
-                                                               max_pixels=max(image_pixels, 256 * 256))
+        self.images = Qwen2VLImageProcessorPil.from_pretrained(model, **image_size_kwargs(image_pixels))
         self.merge = self.images.merge_size
         self.template, self.max_new_tokens, self.device = template, max_new_tokens, device
         self.calls = 0
