@@ -84,7 +84,7 @@ class EvalConfig:
     inception: str | None = opt(None, help="a local Inception-v3 weights file (torch-fidelity's FID weights, "
                                            "pt_inception-2015-12-05) for the standard FID")
     out: str | None = opt(None, help="also write the report as JSON here")
-    use_gpu: bool = opt(False, flag="gpu", help="sample and measure on a GPU (cuda); default CPU")
+    use_gpu: bool = opt(False, flag="gpu", help="sample and measure on a GPU (cuda, fp32 as on CPU); default CPU")
 
     def __post_init__(self):
         if not 2 <= self.samples <= 10_000:
@@ -93,6 +93,15 @@ class EvalConfig:
             raise UserError("give --model URI to evaluate a model, or --real (without --model) for the real-data floor")
         if self.val_rows < 1:
             raise UserError(f"--val-rows must be 1 or more, got {self.val_rows}")
+
+
+def model_pipeline(config: EvalConfig):
+    """The model's pipeline on the eval device, in fp32 there too: a GPU's default bf16 (`--dtype auto`) would
+    move the held-out loss and the sample metrics, and eval reports must compare across devices and runs."""
+    from emoji_ldm.inference.sampler import InferenceOptions, inference_device, load_pipeline
+
+    return load_pipeline(config.model, device=inference_device(config.use_gpu),
+                         options=InferenceOptions(dtype="fp32"))
 
 
 def generate_samples(pipe, prompts: list[str], s, batch: int = 64, alpha=None) -> list:
@@ -167,14 +176,13 @@ def evaluate(config: EvalConfig) -> dict:
     """The report of one model (or of real training images, `--real`) against the held-out rows."""
     from emoji_ldm.eval.judge import load_judge
     from emoji_ldm.imaging import alpha_figures
-    from emoji_ldm.inference.sampler import inference_device, load_pipeline
     from emoji_ldm.store.latents import open_latent_table
 
     # everything that can be wrong with the inputs fails here, before sampling
     ref, table, meta = open_latent_table(config.data)
     judge = load_judge(config.judge) if config.judge else None
     inception = inception_metric(config.inception) if config.inception else None
-    pipe = load_pipeline(config.model, device=inference_device(config.use_gpu)) if config.model else None
+    pipe = model_pipeline(config) if config.model else None
 
     heldout = dataset_rows(meta, "val", config.samples)
     prompts = heldout["caption"]
