@@ -12,6 +12,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.runtime.shared import MAX_ENV, max_resources
 
 MIN_INSTANCE, MAX_INSTANCE = 3, 1000
 MAX_CLASS_IMAGES = 1000  # each worker holds the class images' PNG bytes in memory
@@ -117,10 +118,16 @@ class ClassImageSampler:
         return pa.Table.from_pylist(rows, schema=CLASS_SCHEMA)
 
 
-def class_actor_count(asked: int, use_gpu: bool, resources: dict) -> tuple[int, str | None]:
+def class_actor_count(asked: int, use_gpu: bool, resources: dict | None) -> tuple[int, str | None]:
     """How many class-image actors the cluster can hold at once: one GPU each with --gpu, else one CPU each.
-    More than that would leave the pool waiting for ever for actors that never start."""
+    More than that would leave the pool waiting for ever for actors that never start.
+
+    `resources` is the most the cluster may grow to (`runtime.shared.max_resources`), not what is up now: an
+    autoscaling cluster starts with no GPU workers. None (an autoscaler and no declared maximum): not checked."""
     kind = "GPU" if use_gpu else "CPU"
+    if resources is None:
+        return asked, (f"--class-actors {asked} not checked: the cluster autoscales and "
+                       f"${MAX_ENV[kind]} does not say how many {kind}s it may have")
     have = int(resources.get(kind, 0))
     if have < 1:
         raise UserError("--gpu: the Ray cluster has no GPUs for the class-image actors; run on a GPU cluster or "
@@ -150,7 +157,7 @@ def class_images(config, base: str, base_id: str, uri: str) -> tuple[int, int, i
               f"{uri}; drawing {missing} with the base model", flush=True)
         # the seeds are in the object store (no read tasks) and the commit's write tasks take no CPU, so the
         # model actors may hold every CPU without starving the pipeline around them
-        actors, note = class_actor_count(config.class_actors, config.use_gpu, ray.cluster_resources())
+        actors, note = class_actor_count(config.class_actors, config.use_gpu, max_resources())
         if note:
             print(f"[dreambooth] {note}", flush=True)
         first = config.seed + have  # new seeds: a re-run after a partial generation draws different images
