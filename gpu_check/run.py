@@ -298,7 +298,7 @@ def dreambooth_lora(ctx: Context) -> dict:
     from emoji_ldm.train.step import PlainEngine, training_step
 
     base = ctx.tiny_pipeline()
-    preset = get_preset("tiny", {"unet.finetune": "lora", "text.hidden_size": "32"})
+    preset = get_preset("tiny", {"unet.finetune": "lora", "unet.pretrained": str(base), "text.hidden_size": "32"})
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet").to(ctx.device).train()
     params = configure_trainable(unet, preset)  # peft LoRA on the attention projections, the base frozen

@@ -103,6 +103,10 @@ class UNetSpec:
     def __post_init__(self):
         if self.finetune not in ("full", "attn2", "lora"):
             raise UserError(f"unet.finetune must be full, attn2 or lora, got {self.finetune!r}")
+        if self.finetune != "full" and not self.pretrained:  # the export keeps only the trained tensors
+            raise UserError(f"unet.finetune={self.finetune} trains part of a UNet, but unet.pretrained is unset (a "
+                            "from-scratch UNet): its frozen weights would stay random; use unet.finetune=full, or "
+                            "set unet.pretrained to the SD 1.x pipeline folder or hub id to fine-tune")
         if len(self.down_block_types) != len(self.block_out_channels):
             raise UserError(
                 f"unet.down_block_types has {len(self.down_block_types)} entries but block_out_channels "

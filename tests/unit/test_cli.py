@@ -58,7 +58,8 @@ def test_flags_map_onto_nested_config_fields():
     assert crawl.fetch.retries == 3  # the page retries flag is the crawl's own
 
     train = parse_config(STAGES["train"], ["--data", "/d", "--out", "/o", "--set", "train.lr=2e-4", "--set",
-                                            "unet.finetune=lora", "--gpu", "--max-steps", "5"])
+                                            "unet.finetune=lora", "--gpu", "--max-steps", "5",
+                                            "--preset", "sd-finetune"])  # a partial fine-tune needs a pretrained UNet
     assert train.overrides == {"train.lr": "2e-4", "unet.finetune": "lora"} and train.use_gpu
     assert train.resolved_preset().train.max_steps == 5
 

@@ -19,7 +19,7 @@ def test_presets_round_trip_and_overrides():
     for preset in PRESETS.values():
         assert preset_from_dict(preset.to_dict()) == preset
     p = get_preset("tiny", parse_sets(["train.max_steps=7", "unet.block_out_channels=32,64", "image_size=64",
-                                       "vae.scaling_factor=0.5", "unet.finetune=lora"]))
+                                       "vae.scaling_factor=0.5", "unet.finetune=lora", "unet.pretrained=/sd"]))
     assert p.train.max_steps == 7 and p.unet.block_out_channels == (32, 64) and p.image_size == 64
     assert p.vae.scaling_factor == 0.5 and p.unet.finetune == "lora"
     assert get_preset("emoji64").vae.scaling_factor == 0.18215
