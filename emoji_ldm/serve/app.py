@@ -37,9 +37,9 @@ from ray.serve.handle import DeploymentHandle
 from emoji_ldm import __version__
 from emoji_ldm.inference.sampler import SampleJob
 from emoji_ldm.serve.generator import Generator
-from emoji_ldm.serve.http import ApiError, check_adapter, new_api
+from emoji_ldm.serve.http import ApiError, check_adapter, check_pixels, new_api
 from emoji_ldm.serve.job_routes import JobRoutes
-from emoji_ldm.serve.schemas import EmojiSetRequest, GenerateRequest
+from emoji_ldm.serve.schemas import MAX_BATCH_PIXELS, EmojiSetRequest, GenerateRequest, images_per_call
 from emoji_ldm.serve.sets import finish_files, media_type
 
 
@@ -50,6 +50,7 @@ class AppArgs:
     model: str
     sets_uri: str = ""               # where `"store": true` sets go; empty: storing is off
     max_batch_size: int = 16         # images per pipeline call
+    max_batch_pixels: int = MAX_BATCH_PIXELS  # and pixels (images x size^2) per call, on a replica or a job's drawer
     batch_wait_timeout_s: float = 0.05
     device: str = "auto"             # auto: cuda when the replica has a GPU, else cpu
     torch_threads: int = 0           # CPU threads per replica; 0: Ray's default (the replica's num_cpus)
@@ -60,8 +61,8 @@ class AppArgs:
     adapters: dict = field(default_factory=dict)  # name -> LoRA folder/URI (dreambooth --method lora), per request
     keys: str = ""                   # the API key file (serve/keys.py); empty: no keys (serve binds 127.0.0.1)
     jobs_uri: str = ""               # where /v1/jobs keep their state and results (shared storage); empty: no jobs
-    job_num_cpus: float = 1.0        # each job's runner actor (serve/durable.py): CPUs ...
-    job_num_gpus: float = 0.0        # ... and GPUs (> 0: it draws on CUDA)
+    job_num_cpus: float = 1.0        # each job's drawer actor (serve/durable.py): CPUs ...
+    job_num_gpus: float = 0.0        # ... and GPUs (> 0: it draws on CUDA; a share below 1 fits beside a replica)
     webhook_allow: tuple = ()        # CIDRs a job's callback_url may reach besides public addresses
     judge: str = ""                  # an emoji judge (train-judge --out): sets' legibility and consistency; empty: none
     insecure: bool = False           # no keys and no Host check: anyone who reaches the port may generate
@@ -79,6 +80,9 @@ class AppArgs:
                                 "(at most 64) and a LoRA folder/URI")
         if not 1 <= self.max_batch_size <= 256:
             raise UserError(f"args.max_batch_size must be from 1 to 256, got {self.max_batch_size}")
+        if self.max_batch_pixels < 16 * 16:
+            raise UserError(f"args.max_batch_pixels must hold one 16 px image (256 pixels) or more, got "
+                            f"{self.max_batch_pixels}")
         if not 0 <= self.batch_wait_timeout_s <= 10:
             raise UserError(f"args.batch_wait_timeout_s must be from 0 to 10 seconds, got {self.batch_wait_timeout_s}")
         if self.torch_threads < 0:
@@ -89,6 +93,9 @@ class AppArgs:
         if self.job_num_cpus < 0 or self.job_num_gpus < 0:
             raise UserError(f"args.job_num_cpus / job_num_gpus must be 0 or more, got {self.job_num_cpus} / "
                             f"{self.job_num_gpus}")
+        from emoji_ldm.serve.run import check_gpu_share
+
+        check_gpu_share("args.job_num_gpus", self.job_num_gpus)
         from emoji_ldm.serve.webhooks import allowlist
 
         try:
@@ -167,7 +174,9 @@ class Ingress:
         from ray.serve.exceptions import BackPressureError
 
         check_adapter(job.adapter, self.args.adapters)
-        pieces = job.split(self.args.max_batch_size)
+        size = job.size or (await self._model_card()).get("image_size") or 0
+        pieces = job.split(images_per_call(size, self.args.max_batch_size, self.args.max_batch_pixels) if size else
+                           self.args.max_batch_size)
         try:
             results = await asyncio.gather(*[self.generator.sample.remote(piece) for piece in pieces])
         except BackPressureError:
@@ -187,13 +196,13 @@ class Ingress:
         return {"status": "ok"}
 
     async def _charge(self, request: Request, images: int, steps: int, size: int | None) -> None:
-        """The per-request pixel budget, then the key's cost (serve/meter.py): 422 / 429 before any model work."""
-        from emoji_ldm.serve.meter import MAX_REQUEST_PIXELS, ask, cost_units
+        """The pixel budgets, per request and per pipeline call, at the size asked or else the model's own, then the
+        key's cost (serve/meter.py): 422 / 429 before any model work."""
+        from emoji_ldm.serve.meter import ask, cost_units
 
-        if size and images * size * size > MAX_REQUEST_PIXELS:
-            raise ApiError(422, f"size: {images} images of {size} px is more than one request may draw "
-                                f"({MAX_REQUEST_PIXELS} pixels): ask for fewer or smaller images, or send a job",
-                           "size")
+        drawn = size or (await self._model_card()).get("image_size")
+        if drawn:
+            check_pixels(images, drawn, self.args.max_batch_pixels, own_size=not size)
         key = request.scope.get("state", {}).get("api_key")
         if key is None:
             return
@@ -212,8 +221,9 @@ class Ingress:
     async def model(self) -> dict:
         """The model card: lineage (dataset and latent table versions, code version), config, metrics."""
         card = await self._model_card()
-        return {**card, "version": __version__, "limits": {"max_batch_size": self.args.max_batch_size, "sets_storage":
-                                   bool(self.args.sets_uri)}}
+        return {**card, "version": __version__, "limits": {"max_batch_size": self.args.max_batch_size,
+                                                           "max_batch_pixels": self.args.max_batch_pixels,
+                                                           "sets_storage": bool(self.args.sets_uri)}}
 
     async def generate(self, body: GenerateRequest, request: Request):
         want_png = body.format == "png" or (body.n == 1 and "image/png" in request.headers.get("accept", ""))
@@ -275,7 +285,7 @@ def application(args: dict, deployments: list[dict] | None = None) -> serve.Appl
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in deployments or []}
     generator = Generator.options(**options.get("Generator", {})).bind(
         config.model, config.max_batch_size, config.batch_wait_timeout_s, config.device, config.torch_threads,
-        config.png_metadata, config.inference(), config.adapters)
+        config.png_metadata, config.inference(), config.adapters, config.max_batch_pixels)
     return Ingress.options(**options.get("Ingress", {})).bind(generator, asdict(config))
 
 

@@ -6,22 +6,19 @@
                      JobRunner: writes request.json, then state.json (queued, running, done/total)
                         │  a Drawer actor with the job's CPUs/GPUs (it queues for them), owned by the runner
                         ▼
-                     Drawer: the model, loaded once; draws chunks of max_batch_size images, one chunk
-                        │  ahead of the runner, which writes each chunk's PNGs, then state.json; at the end
-                        ▼  the set's zip and manifest.json, then the signed webhook; then both exit
+                     Drawer: the model, loaded (and a compiled UNet warmed up) once; draws chunks of one pipeline
+                        │  call each (max_batch_size images, max_batch_pixels pixels), one ahead of the runner, which
+                        ▼  writes its PNGs, then state.json; at the end the zip, manifest.json, the webhook; both exit
                      <jobs_uri>/<owner>/<job id>/  request.json  state.json  images/  result/
 
 The owner of a job is its API key's immutable id (`ApiKey.owner`, `key-<16 hex>`, serve/keys.py), or `_local`
 on a server without keys; never the key's name, which a later key can be given after a revoke.
 
-Why detached actors and not Ray jobs: a job is one model and a loop, not a Ray Data pipeline, so a job
-driver (a process per job, plus the Jobs API's dashboard hop from inside the cluster) would only add start-up
-time; and it needs no code upload. What makes it durable is the same either way: the actor is detached (a
-Serve app's restart, redeploy or delete does not touch it) and everything a reader needs is on the shared
-storage, written by the job's one runner. A runner that dies with its node is restarted by Ray
-(`max_restarts`) and resumes after the last chunk it recorded; if even that is gone (a RayService upgrade
-replaces the whole cluster), an ingress that starts resumes every job marked unfinished under
-`<jobs_uri>/_active/` that has no runner, and so does the job's next GET.
+Detached actors, not Ray jobs (a job driver per job would only add start-up time): the actor outlives a Serve
+app's restart, redeploy or delete, and everything a reader needs is on the shared storage. A runner that dies
+with its node is restarted by Ray (`max_restarts`) and resumes after the last chunk it recorded; if even that is
+gone (a RayService upgrade replaces the whole cluster), an ingress that starts resumes every job marked
+unfinished under `<jobs_uri>/_active/` that has no runner, and so does the job's next GET.
 
 Idempotency: with an `Idempotency-Key` header the job id is a hash of the job's owner and that header,
 so a replay names the same job; the actor's name is the lock (Ray creates one named actor however many
@@ -42,6 +39,7 @@ import threading
 import time
 import traceback
 
+from emoji_ldm.serve.schemas import MAX_BATCH_PIXELS, JobRequest, images_per_call
 from emoji_ldm.store.artifacts import delete, exists, read_bytes, read_json, write_bytes, write_json, write_zip
 from emoji_ldm.store.uri import join
 
@@ -146,6 +144,7 @@ class JobSpec:
     num_gpus: float = 0.0
     webhook_secret: str = ""        # never written anywhere
     webhook_allow: tuple[str, ...] = ()
+    max_batch_pixels: int = MAX_BATCH_PIXELS  # per pipeline call, images x size^2
 
     @property
     def folder(self) -> str:
@@ -205,7 +204,7 @@ class JobRunner:
             return  # a runner started again for a job that has ended (a replay, a GET after a restart)
         body = self.request["body"]
         state = {"id": self.spec.job_id, "kind": "set" if body.get("items") is not None else "bulk",
-                 "state": "queued", "done": state.get("done", 0), "total": _total(body),
+                 "state": "queued", "done": state.get("done", 0), "total": JobRequest.model_validate(body).images(),
                  "errors": state.get("errors", []), "created_at": self.request["created_at"],
                  "started_at": state.get("started_at"), "finished_at": None, "partial": False,
                  "result": None, "callback": None}
@@ -228,12 +227,11 @@ class JobRunner:
             self._finish(state, "failed")
 
     def _draw(self, state: dict) -> None:
-        """Chunks of max_batch_size images drawn by the job's Drawer, one chunk ahead: while the runner writes
-        a chunk's PNGs and state.json, the Drawer draws the next."""
+        """Chunks drawn by the job's Drawer (as many images as one pipeline call holds, `Drawer.step`), one chunk
+        ahead: while the runner writes a chunk's PNGs and state.json, the Drawer draws the next."""
         import ray
 
         from emoji_ldm.inference.sampler import SampleJob
-        from emoji_ldm.serve.schemas import JobRequest
 
         request = JobRequest.model_validate(self.request["body"])
         draws = request.draws()
@@ -241,12 +239,14 @@ class JobRunner:
             return
         write_json(join(self.folder, "state.json"), state)  # queued: waiting for the Drawer's CPUs/GPUs
         drawer = ray.remote(Drawer).options(num_cpus=self.spec.num_cpus, num_gpus=self.spec.num_gpus).remote(
-            self.spec.model, self.spec.device, self.spec.inference, request.adapter, self.spec.adapter_uri)
-        if self._wait(drawer.ready.remote()) is None:
+            self.spec.model, self.spec.device, self.spec.inference, request.adapter, self.spec.adapter_uri,
+            request.size, self.spec.max_batch_size, self.spec.max_batch_pixels)
+        step = self._wait(drawer.ready.remote())
+        if step is None:
             return
         state.update(state="running", started_at=state.get("started_at") or now_iso())
         write_json(join(self.folder, "state.json"), state)
-        settings, step = request.sampler(), self.spec.max_batch_size
+        settings = request.sampler()
 
         def submit(start: int):
             chunk = draws[start:start + step]
@@ -304,7 +304,6 @@ class JobRunner:
         """The set's files (as /v1/emoji-sets makes them) for the `done` images drawn: result/<id>.zip and
         result/manifest.json."""
         from emoji_ldm.inference.sampler import model_card, model_uri
-        from emoji_ldm.serve.schemas import JobRequest
         from emoji_ldm.serve.sets import set_files, set_manifest
 
         request = JobRequest.model_validate(self.request["body"])
@@ -328,27 +327,32 @@ class JobRunner:
 
 
 class Drawer:
-    """The job's model: a Ray actor with the job's CPUs or GPUs, owned by its runner (and gone with it)."""
+    """The job's model: a Ray actor with the job's CPUs or GPUs, owned by its runner (and gone with it). It draws
+    `step` images per pipeline call: max_batch_size, fewer where they would be more than max_batch_pixels."""
 
-    def __init__(self, model: str, device: str, inference, adapter: str | None, adapter_uri: str):
-        from emoji_ldm.inference.sampler import Sampler
+    def __init__(self, model: str, device: str, inference, adapter: str | None, adapter_uri: str,
+                 size: int | None = None, max_batch_size: int = 16, max_batch_pixels: int = MAX_BATCH_PIXELS):
+        from emoji_ldm.inference.sampler import SampleJob, Sampler
 
         self.sampler = Sampler.load(model, device=device, options=inference)
         if adapter:
             self.sampler.load_adapter(adapter, adapter_uri)
+        size = size or self.sampler.image_size
+        self.step = images_per_call(size, max_batch_size, max_batch_pixels)
+        if inference is not None and inference.compile:
+            # as a Generator replica does: the compiled UNet runs at batch 1 and at the chunk's size (at the job's
+            # image size) before the job is running, so its first chunk does not pay the compile
+            for n in sorted({1, self.step}):
+                self.sampler.sample([SampleJob(("warm-up",) * n, tuple(range(n)), steps=2, scheduler=None, size=size,
+                                               adapter=adapter)], max_batch=n)
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> int:
+        """Images per chunk, once the model is loaded (and warmed up)."""
+        return self.step
 
     def pngs(self, job, metadata: bool, max_batch: int) -> list[tuple[bytes, dict]]:
         (made,) = self.sampler.pngs([job], metadata=metadata, max_batch=max_batch)
         return made
-
-
-def _total(body: dict) -> int:
-    if body.get("items") is not None:
-        return len(body["items"])
-    return len(body["prompts"]) * int(body.get("per_prompt", 1))
 
 
 def now_iso() -> str:

@@ -1,6 +1,7 @@
 """The model deployment: one diffusers pipeline per replica; `@serve.batch` packs concurrent requests
-into one pipeline call, counted in images, not requests. Autoscaled by ongoing requests
-(`serve_config.yaml`)."""
+into one batch, counted in images, not requests, drawn in pipeline calls of at most max_batch_size images and
+max_batch_pixels pixels (images x size^2), so a batch of large images stays within the GPU's memory. Autoscaled
+by ongoing requests (`serve_config.yaml`)."""
 
 import asyncio
 import logging
@@ -10,6 +11,7 @@ from ray import serve  # noqa: TID253 (a Serve deployment is decorated at import
 
 from emoji_ldm.inference.sampler import SampleJob
 from emoji_ldm.runtime.heap import release_free_heap
+from emoji_ldm.serve.schemas import MAX_BATCH_PIXELS, images_per_call
 
 logger = logging.getLogger("ray.serve")
 
@@ -25,7 +27,7 @@ class Generator:
 
     def __init__(self, model: str, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.05,
                  device: str = "auto", torch_threads: int = 0, png_metadata: bool = True, inference=None,
-                 adapters: dict | None = None):
+                 adapters: dict | None = None, max_batch_pixels: int = MAX_BATCH_PIXELS):
         import torch
 
         from emoji_ldm.inference.sampler import model_card
@@ -39,15 +41,16 @@ class Generator:
         self.sampler = self._torch_thread.submit(self._load, model, device, torch_threads, inference).result()
         for name, uri in (adapters or {}).items():  # LoRA adapters on this one base, chosen per request
             self._torch_thread.submit(self.sampler.load_adapter, name, uri).result()
+        self.max_batch_size, self.max_batch_pixels = max_batch_size, max_batch_pixels
         self.warmup_s = None
         if inference is not None and inference.compile:
             # __init__ returns (and the replica, hence /healthz, is ready) only once the compiled UNet has run
             # at batch 1 and at the largest batch: the first request does not pay the compile
-            self.warmup_s = self._torch_thread.submit(self.sampler.warm_up, (1, max_batch_size)).result()
+            largest = self._per_call(self.sampler.image_size)
+            self.warmup_s = self._torch_thread.submit(self.sampler.warm_up, (1, largest)).result()
             logger.info("Generator: compiled UNet warmed up in %.1f s", self.warmup_s)
         self.card = model_card(model)
         self.png_metadata = png_metadata
-        self.max_batch_size = max_batch_size
         self._batch.set_max_batch_size(max_batch_size)
         self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.requests = self.images = 0
@@ -67,18 +70,24 @@ class Generator:
     async def sample(self, job: SampleJob) -> list[tuple[bytes, dict]]:
         """(PNG bytes, generation parameters) per image of one job (at most max_batch_size images). An animated
         job's images are loops of many frames each (a lossless APNG per image, `animation.drawn_loop`): drawn
-        on their own, in calls of at most max_batch_size frames, not packed with other requests (one loop can be
-        more frames than a batch holds)."""
+        on their own, in calls of at most max_batch_size frames (and max_batch_pixels pixels), not packed with
+        other requests (one loop can be more frames than a batch holds)."""
         self.requests += 1
         if job.animation is not None:
             return await asyncio.get_running_loop().run_in_executor(self._torch_thread, self._animate, job)
         return await self._batch(job)
 
+    def _per_call(self, size: int | None) -> int:
+        """Images of `size` px (None: the model's) one pipeline call draws: max_batch_size, fewer when they would
+        be more than max_batch_pixels (a batch of large images would not fit the GPU's memory)."""
+        return images_per_call(size or self.sampler.image_size, self.max_batch_size, self.max_batch_pixels)
+
     def _animate(self, job: SampleJob) -> list[tuple[bytes, dict]]:
         frames = len(job.prompts) * job.animation.frames
+        step = self._per_call(job.size)
         self.images += frames
-        self.batch_sizes = (self.batch_sizes + [min(frames, self.max_batch_size)])[-1000:]
-        (made,) = self.sampler.pngs([job], metadata=self.png_metadata, max_batch=self.max_batch_size)
+        self.batch_sizes = (self.batch_sizes + [min(frames, step)])[-1000:]
+        (made,) = self.sampler.pngs([job], metadata=self.png_metadata, max_batch=step)
         release_free_heap()
         return made
 
@@ -91,7 +100,15 @@ class Generator:
         size = images_in(jobs)
         self.images += size
         self.batch_sizes = (self.batch_sizes + [size])[-1000:]
-        made = self.sampler.pngs(jobs, metadata=self.png_metadata)
+        made: list = [None] * len(jobs)
+        by_size: dict[int | None, list[int]] = {}
+        for i, job in enumerate(jobs):  # one image size per pipeline call, its calls under max_batch_pixels
+            by_size.setdefault(job.size, []).append(i)
+        for size, members in by_size.items():
+            drawn = self.sampler.pngs([jobs[i] for i in members], metadata=self.png_metadata,
+                                      max_batch=self._per_call(size))
+            for i, pngs in zip(members, drawn):
+                made[i] = pngs
         release_free_heap()  # a replica lives for days: the call's freed activations go back to the OS
         return made
 

@@ -40,6 +40,24 @@ def check_adapter(name: str | None, adapters: dict) -> None:
         raise ApiError(404, f"unknown adapter {name!r}: this server has {known}", "adapter")
 
 
+def check_pixels(images: int, size: int, max_batch_pixels: int, own_size: bool = False) -> None:
+    """422 on `size` for what the GPU path must not draw: an image of the size asked over what a pipeline call
+    holds (`max_batch_pixels`), or `images` (a request's images x frames; 0: not counted, a job) over the
+    per-request budget. `own_size`: the request gave no size, and `size` is the model's."""
+    from emoji_ldm.serve.meter import MAX_REQUEST_PIXELS
+
+    named = f"{size} px" + (" (the model's own size)" if own_size else "")
+    if size * size > max_batch_pixels and not own_size:  # the model's own size: one image a call, whatever it is
+        most = int(max_batch_pixels ** 0.5) // 8 * 8
+        raise ApiError(422, f"size: one image of {named} is {size * size} pixels, more than one pipeline call on this "
+                            f"server draws ({max_batch_pixels}, args.max_batch_pixels): ask for a size of at most "
+                            f"{most}", "size")
+    if images * size * size > MAX_REQUEST_PIXELS:
+        raise ApiError(422, f"size: {images} images of {named} are {images * size * size} pixels, more than one "
+                            f"request may draw ({MAX_REQUEST_PIXELS}): ask for fewer or smaller images, or send a job",
+                       "size")
+
+
 async def _api_error(request: Request, exc: ApiError):
     return error_response(exc.status, exc.message, exc.field, exc.headers)
 

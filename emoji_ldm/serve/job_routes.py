@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from emoji_ldm.serve import meter
-from emoji_ldm.serve.http import ApiError, check_adapter
+from emoji_ldm.serve.http import ApiError, check_adapter, check_pixels
 from emoji_ldm.serve.schemas import JobRequest
 
 logger = logging.getLogger("ray.serve")
@@ -132,7 +132,7 @@ class JobRoutes:
         return JobSpec(args.jobs_uri, owner, job_id, body, digest, args.model, args.max_batch_size,
                        device, args.inference(), args.adapters.get(body.get("adapter") or "", ""),
                        args.png_metadata, args.job_num_cpus, args.job_num_gpus, _webhook_secret(key),
-                       tuple(args.webhook_allow))
+                       tuple(args.webhook_allow), args.max_batch_pixels)
 
     async def _check_callback(self, url: str, key) -> None:
         from emoji_ldm.serve.webhooks import CallbackRefused, check_callback
@@ -153,6 +153,8 @@ class JobRoutes:
         self._jobs_on()
         owner, key = _owner(request)
         check_adapter(body.adapter, self.args.adapters)
+        if body.size:  # a job is drawn a pipeline call at a time: one image of its size must fit a call
+            check_pixels(0, body.size, self.args.max_batch_pixels)
         data = body.model_dump(mode="json")
         digest = durable.body_hash(data)
         idempotency = request.headers.get("idempotency-key", "").strip()

@@ -18,9 +18,18 @@ from emoji_ldm.inference.settings import MAX_COUNT, MAX_PROMPT_CHARS, SCHEDULERS
 from emoji_ldm.serve.sets import MAX_REDRAWS
 
 MAX_SET_ITEMS = 256      # per /v1/emoji-sets request
+# what one pipeline call draws on a replica or a job's drawer, images x size^2 (args.max_batch_pixels): 16 images at
+# 512 px, 4 at 1024; a batch or a request over it is drawn in several calls, so memory does not grow with size
+MAX_BATCH_PIXELS = 16 * 512 * 512
 MAX_TEMPLATE_CHARS = 200
 MAX_SET_PROMPT_CHARS = MAX_PROMPT_CHARS  # a prompt a template makes, as long as a /v1/generate prompt may be
 PLACEHOLDERS = ("item", "theme")
+
+
+def images_per_call(size: int, max_batch_size: int, max_batch_pixels: int = MAX_BATCH_PIXELS) -> int:
+    """Images of `size` px one pipeline call draws: at most max_batch_size and at most max_batch_pixels pixels (at
+    least one: a request for one image over the budget is refused, `http.check_pixels`)."""
+    return max(1, min(max_batch_size, max_batch_pixels // (size * size)))
 
 
 def _checked(name: str, value):

@@ -439,3 +439,57 @@ def test_gpu_overlay_pins_every_image_by_digest_and_build_push_sets_them():
     assert "overlay=k8s/overlays/gpu/kustomization.yaml" in script and "RepoDigests" in script
     entries = load(K8S / "overlays" / "gpu" / "kustomization.yaml")[0]["images"]
     assert all(re.fullmatch(r"sha256:[0-9a-f]{64}", e["digest"]) for e in entries)
+
+
+# --- serving capacity: the Generator at its peak beside a job's drawer --------------------------------------------
+
+
+def _quantity(value) -> float:
+    """A Kubernetes CPU/GPU quantity ("4", "500m", 1) as a number."""
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _pod_resources(group: dict) -> dict[str, float]:
+    """What one pod of a group gives Ray: rayStartParams num-cpus / num-gpus, else the container's limits."""
+    params, limits = group.get("rayStartParams", {}), containers(group["template"])[0]["resources"]["limits"]
+    return {"CPU": _quantity(params.get("num-cpus", limits.get("cpu", 0))),
+            "GPU": _quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))}
+
+
+def every_rayservice() -> dict[str, dict]:
+    """Each RayService as applied: the base file's, and each overlay's rendered."""
+    services = {f"base {p.name}": d for p in sorted((K8S / "base").glob("*.yaml")) for d in load(p)
+                if d["kind"] == "RayService"}
+    for overlay in OVERLAYS:
+        services |= {f"overlay {overlay} {name}": d for name, d in by_kind(render(overlay), "RayService").items()}
+    return services
+
+
+def test_every_rayservice_fits_its_generator_at_peak_beside_a_job():
+    """A job's drawer asks for its own GPUs (job_num_gpus): when the Generator's replicas at max_replicas x num_gpus
+    and one drawer do not fit the worker groups at maxReplicas, jobs stay queued at peak and the Generator cannot
+    scale up while jobs hold GPUs. The GPUs are placed as Ray does (a share below 1 out of one GPU, `serve.run.packs`);
+    the CPUs of the Generator, the Ingress and the drawer are summed over every pod the cluster can have."""
+    from emoji_ldm.serve.run import packs, replica_range
+
+    services = every_rayservice()
+    assert len(services) == 1 + len(OVERLAYS), sorted(services)
+    for name, doc in services.items():
+        app = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]
+        deployments = {d["name"]: d for d in app["deployments"]}
+        jobs = bool(app["args"].get("jobs_uri"))
+        job = {k: float(app["args"].get(f"job_num_{k.lower()}s", 0)) if jobs else 0.0 for k in ("CPU", "GPU")}
+        cluster = ray_cluster_spec(doc)
+        pods = [_pod_resources(cluster["headGroupSpec"])] + [_pod_resources(g) for g in cluster["workerGroupSpecs"]
+                                                             for _ in range(g["maxReplicas"])]
+        generator = deployments["Generator"]
+        most = replica_range(generator)[1]
+        share = float(generator["ray_actor_options"].get("num_gpus", 0))
+        need, have = most * share + job["GPU"], sum(p["GPU"] for p in pods)
+        assert need <= have and packs([share] * most + [job["GPU"]], [p["GPU"] for p in pods]), \
+            (f"{name}: at peak the Generator's {most} replicas x {share:g} GPU + a job's drawer {job['GPU']:g} GPU = "
+             f"{need:g} GPUs, but the worker groups hold {have:g} at maxReplicas")
+        cpus = job["CPU"] + sum(replica_range(d)[1] * float(d["ray_actor_options"].get("num_cpus", 1))
+                                for d in deployments.values())
+        assert cpus <= sum(p["CPU"] for p in pods), f"{name}: {cpus:g} CPUs at peak, more than the pods have"
