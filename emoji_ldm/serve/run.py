@@ -265,18 +265,23 @@ def app_args(config: ServeConfig, app_cfg: dict) -> dict:
 
 def _fit(deployments: list[dict], job_gpus: float) -> list[dict]:
     """`fit_gpus` on this cluster's GPUs now. Joined to a cluster (RAY_ADDRESS), whose autoscaler may add GPU nodes,
-    a misfit is a warning; on the local Ray this command started, what it sees is all there is."""
+    a misfit is a warning and nothing is lowered; on the local Ray this command started, what it sees is all
+    there is."""
     import os
 
+    joined = bool(os.environ.get("RAY_ADDRESS"))
     try:
-        deployments, note = fit_gpus(deployments, job_gpus, node_gpus())
+        fitted, note = fit_gpus(deployments, job_gpus, node_gpus())
     except UserError as e:
-        if not os.environ.get("RAY_ADDRESS"):
+        if not joined:
             raise
-        note = f"{e} (unless the cluster's autoscaler adds GPU nodes)"
+        note = str(e)
+    if note and joined:
+        print(f"serve: warning: {note} (the GPUs up now; the cluster's autoscaler may add more)", flush=True)
+        return deployments
     if note:
         print(f"serve: {note}", flush=True)
-    return deployments
+    return fitted
 
 
 def start(config: ServeConfig) -> str:

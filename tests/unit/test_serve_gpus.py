@@ -120,6 +120,17 @@ def test_serve_with_jobs_on_one_gpu_is_refused_unless_the_replicas_and_a_drawer_
     assert "the Generator scales to at most 1 replica(s) here" in capsys.readouterr().out
 
 
+def test_serve_joined_to_a_cluster_warns_and_lowers_nothing(cluster, capsys, monkeypatch):
+    """RAY_ADDRESS: the cluster's autoscaler may add GPU nodes that ray.nodes() does not show yet."""
+    from emoji_ldm.serve.run import start
+
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    start(ServeConfig(model=cluster.model, gpus=1, jobs_uri=str(cluster.root / "jobs")))
+    _, deployments = cluster.deployed
+    assert deployments[0]["autoscaling_config"]["max_replicas"] == 2
+    assert "serve: warning: --gpus 1 with --jobs-uri: " in capsys.readouterr().out
+
+
 def test_serve_refuses_local_paths_on_a_multi_node_cluster(cluster):
     from emoji_ldm.serve.run import start
 
