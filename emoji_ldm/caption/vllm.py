@@ -1,7 +1,7 @@
 """The `vllm` captioner: Qwen2.5-VL through `ray.data.llm` on GPU clusters.
 
-vLLM is not a dependency of emoji-ldm (`pip install vllm` on the GPU workers'
-image): it needs CUDA GPUs, so this captioner is documented and built here but
+vLLM is not a dependency of emoji-ldm (`pip install vllm` in the image the job
+runs in): it needs CUDA GPUs, so this captioner is documented and built here but
 never run on the CPU machines this project is developed on. The stage hands it
 the dataset and gets back rows with `id`, `caption`, `error`, like the other
 captioners. The engine's multimodal processor gets the transformers
@@ -44,8 +44,9 @@ def vllm_caption(ds, model: str, template: str, max_new_tokens: int, concurrency
     try:
         import vllm  # noqa: F401
     except ImportError:
-        raise UserError("the vllm captioner needs vLLM and a CUDA GPU, which emoji-ldm does not install: "
-                        "pip install vllm on the GPU workers, or use --captioner qwen2.5-vl") from None
+        raise UserError("the vllm captioner needs vLLM and a CUDA GPU, which emoji-ldm does not install: pip "
+                        "install vllm where the job runs (driver and GPU workers), or use --captioner qwen2.5-vl"
+                        ) from None
     from ray.data.llm import build_processor
 
     config = processor_config(model, concurrency, batch_size, image_pixels)
