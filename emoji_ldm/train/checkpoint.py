@@ -4,7 +4,8 @@ A checkpoint is one Ray Train checkpoint under `OUT/checkpoints/<run>/step-XXXXX
   ds/                 the DeepSpeed engine's state: every rank's shard of the weights and optimizer
   rng-rank<R>.pt      each rank's RNG state (CPU, and CUDA on a GPU): a resumed run draws the same noise,
                       timesteps and caption dropout as the run it continues
-  ema.pt              the fp32 EMA (rank 0), when the recipe keeps one
+  ema.pt              the full fp32 EMA (gathered to rank 0 from every rank's partition), when the
+                      recipe keeps one; every rank reads its partition back on a resume
   state.json          the loop's counters (step, and the recipe's data position), the world size, the ZeRO stage
                       and what else must match to resume (written last by rank 0: a folder without it is
                       incomplete and never resumed from)
@@ -23,12 +24,14 @@ import tempfile
 from pathlib import Path
 
 
-def load_tensors(source):
+def load_tensors(source, mmap: bool = False):
     """A checkpoint file (a path or a file object) of tensors and plain values, loaded on the CPU. Checkpoints
-    come from a bucket that others can write: `weights_only` refuses any pickled object that would run code."""
+    come from a bucket that others can write: `weights_only` refuses any pickled object that would run code.
+    `mmap` (a path only): the tensors stay in the file until read, so a rank that needs a slice of each never
+    holds the whole."""
     import torch
 
-    return torch.load(source, weights_only=True, map_location="cpu")
+    return torch.load(source, weights_only=True, map_location="cpu", mmap=mmap)
 
 
 def rng_state(device) -> dict:
@@ -50,8 +53,8 @@ def set_rng_state(state, device) -> None:
 
 def save(engine, counters: dict, meta: dict, *, rank: int, device, ema=None, log=None,
          metrics: dict | None = None) -> None:
-    """Every rank: its engine shard and RNG state; rank 0 also the EMA, state.json and the logs. Then
-    `ray.train.report` copies the folder to the run's storage as `step-XXXXXXXX`."""
+    """Every rank: its engine shard and RNG state, and its EMA partition gathered to rank 0, which writes the EMA,
+    state.json and the logs. Then `ray.train.report` copies the folder to the run's storage as `step-XXXXXXXX`."""
     import ray.train
     import torch
 
@@ -59,9 +62,10 @@ def save(engine, counters: dict, meta: dict, *, rank: int, device, ema=None, log
     try:
         engine.save_checkpoint(str(folder), tag="ds", client_state=dict(counters))
         torch.save(rng_state(device), folder / f"rng-rank{rank}.pt")
+        ema_state = ema.state_dict() if ema is not None else None  # every rank: the partitions gathered to rank 0
         if rank == 0:
-            if ema is not None:
-                torch.save(ema.state_dict(), folder / "ema.pt")
+            if ema_state is not None:
+                torch.save(ema_state, folder / "ema.pt")
             (folder / "state.json").write_text(json.dumps({**counters, **meta}, indent=2))
             if log is not None:
                 log.flush()
@@ -95,10 +99,8 @@ def restore(engine, resume_from: str | None, counters: dict, *, rank: int, devic
     with checkpoint.as_directory() as folder:
         _, client = engine.load_checkpoint(folder, tag="ds", load_lr_scheduler_states=True)
         counters.update({k: client[k] for k in counters})
-        if ema is not None:
-            # on the CPU first: every rank would otherwise put a full EMA on the GPU it was saved from (cuda:0)
-            ema.load_state_dict(load_tensors(Path(folder) / "ema.pt"))
-            ema.to(device)
+        if ema is not None:  # every rank takes its partition of the full EMA, read from the file, not into memory
+            ema.load_state_dict(load_tensors(Path(folder) / "ema.pt", mmap=True))
         set_rng_state(load_tensors(Path(folder) / f"rng-rank{rank}.pt"), device)
     return checkpoint.path
 

@@ -54,8 +54,8 @@ def text_encoder_lora_layers(text_encoder) -> dict:
 def export(engine, run, rank: int, log) -> None:
     """OUT/lora (with LoRA) and OUT/model (the full pipeline, LoRA fused), card last; rank 0 writes.
 
-    Trained weights come from the optimizer's fp32 masters (every rank takes part in reading them), frozen ones
-    from the base folder: under bf16 DeepSpeed casts the whole engine module, and an export from it would write
+    Trained weights come from the optimizer's fp32 masters (every rank sends its part, rank 0 alone holds them all
+    on its CPU), frozen ones from the base folder: under bf16 DeepSpeed casts the whole engine module, and an export from it would write
     bf16-rounded copies of weights that were never trained. The LoRA is saved with its adapter metadata (rank,
     alpha, targets), which diffusers needs to load a LoRA on a BERT-family text encoder, and the fused model is
     the base with that saved LoRA loaded and fused, so the export also proves the LoRA file loads."""
@@ -63,10 +63,11 @@ def export(engine, run, rank: int, log) -> None:
     from diffusers import StableDiffusionPipeline
 
     from emoji_ldm.store.artifacts import artifact_uri, local_copy, upload_dir, weights_content_id
-    from emoji_ldm.train.ema import master_weights
+    from emoji_ldm.train.ema import rank0_masters
 
     trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    masters = list(master_weights([p for _, p in trainable]))  # a collective under ZeRO: every rank
+    # every rank sends its partition (a reduce under ZeRO); only rank 0 receives, and holds, the full fp32 copy
+    masters = list(rank0_masters(engine, [p for _, p in trainable], rank))
     if rank != 0:
         return
     pipe = StableDiffusionPipeline.from_pretrained(local_copy(run.base), safety_checker=None,

@@ -9,9 +9,10 @@ rest, the same for every recipe, split as torchtitan splits it:
   recipe's forward and loss, then the engine's backward and step: DeepSpeed scales the loss by the
   accumulation and updates the weights on the last micro-batch). A step the engine skipped (fp16 overflow:
   non-finite gradients) advances nothing (the step counter, the EMA, the LR schedule); it is counted and logged;
-- after an applied step: the fp32 EMA fed from the optimizer's fp32 masters (`ema.py`), rank 0's line every
-  `log_every` steps (`metrics.py`), a validation grid every `sample_every` steps (outside the training RNG), a
-  checkpoint every `checkpoint_every` steps (`checkpoint.py`), and each of them at the last step;
+- after an applied step: the fp32 EMA fed from the optimizer's fp32 masters (`ema.py`: each rank averages its
+  own ZeRO partition, with no collective; the full EMA is gathered to rank 0 for a grid and a checkpoint only),
+  rank 0's line every `log_every` steps (`metrics.py`), a validation grid every `sample_every` steps (outside the
+  training RNG), a checkpoint every `checkpoint_every` steps (`checkpoint.py`), and each of them at the last step;
 - at the start: this attempt's checkpoint (after a worker failure) or --resume's, and rank 0's banner with the
   global batch; at the end, the recipe's export.
 """
@@ -58,8 +59,8 @@ class Recipe:
     meta: dict = field(default_factory=dict)  # what state.json records and a --resume must match
     resume_from: str | None = None  # --resume's checkpoint
     ema: object = None  # the preset's `TrainSpec` (decay, warm-up) to keep an fp32 EMA with; None: no EMA
-    grid: Callable | None = None  # rank 0: (ema, step, log), a validation grid
-    export: Callable | None = None  # every rank, after the last step: (ema, log)
+    grid: Callable | None = None  # rank 0: (the full EMA, step, log), a validation grid
+    export: Callable | None = None  # every rank, after the last step: (the `PartitionedEMA`, log)
     config: dict | None = None  # shown in TensorBoard
 
 
@@ -90,17 +91,13 @@ def run(recipe: Recipe) -> None:
 
 class Loop:
     def __init__(self, recipe: Recipe):
-        from emoji_ldm.train.ema import make_ema, master_weights
+        from emoji_ldm.train.ema import PartitionedEMA
         from emoji_ldm.train.metrics import MetricsLogger
 
         r, w = recipe, recipe.worker
         self.recipe = r
-        self.ema = None
-        if r.ema is not None:  # every rank reads the masters (a gather under ZeRO); rank 0 keeps the EMA
-            masters = master_weights(r.params)
-            self.ema = make_ema(masters, r.ema).to(w.device) if w.main else None
-            for _ in masters:
-                pass
+        # every rank keeps the EMA of the fp32 masters its ZeRO partition owns: an update sends nothing
+        self.ema = PartitionedEMA(r.engine, r.params, r.ema, w.rank) if r.ema is not None else None
         self.counters = dict(r.counters)
         resumed = checkpoint.restore(r.engine, r.resume_from, self.counters, rank=w.rank, device=w.device,
                                      ema=self.ema)
@@ -132,11 +129,11 @@ class Loop:
         applied = runner.step_applied(r.engine)
         if applied:
             self.counters["step"] += 1
-            norm = grad_norm(r.engine)  # before clipping; the same value on every rank
+            norm = grad_norm(r.engine)  # before clipping, the same on every rank: a device tensor, read at _log
             if norm is not None:
                 window.norms.append(norm)
             if r.ema is not None:
-                update_ema(self.ema, r.params)  # a collective under ZeRO: every rank
+                update_ema(self.ema, r.params)  # every rank, its own partition: no collective
             for loss, parts in outputs:
                 window.add(loss, parts)
             window.steps += 1
@@ -179,16 +176,17 @@ class Loop:
                 parts["skipped_steps"] = window.skipped
             self.log.log(step, means[0], self.recipe.scheduler.get_last_lr()[0], window.seconds / window.steps,
                          window.images / window.seconds,
-                         sum(window.norms) / len(window.norms) if window.norms else None, **parts)
+                         float(torch.stack(window.norms).double().mean()) if window.norms else None, **parts)
         self.window = _Window()
 
     def _grid(self, step: int) -> None:
         import torch
 
+        ema = self.ema.gathered() if self.ema is not None else None  # every rank: a gather to rank 0
         if self.log:
             device = self.recipe.worker.device
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                self.recipe.grid(self.ema, step, self.log)  # must not shift the training RNG stream
+                self.recipe.grid(ema, step, self.log)  # must not shift the training RNG stream
 
     def _banner(self, resumed: str | None) -> None:
         r, c, s, world = self.recipe, self.counters, self.recipe.schedule, self.recipe.worker.world
