@@ -119,8 +119,8 @@ def _optimizer_masters(optimizer) -> dict:
 
 
 def local_master(param, masters: dict, rank: int):
-    """(start, fp32 tensor): the piece of `param`'s fp32 master that this rank owns, flattened, and where it starts
-    in the flattened parameter; None when it owns none. Never a collective.
+    """(start, fp32 tensor): the piece of `param`'s fp32 master that this rank owns (flat, or the whole master in
+    its own shape), and where it starts in the flattened parameter; None when it owns none. Never a collective.
 
     - ZeRO-3: the rank's partition (`safe_get_local_fp32_param`); partitions are laid out rank after rank;
     - ZeRO 1/2 (and DeepSpeed's bf16 optimizer): the fragment the rank's fp32 partition holds, as DeepSpeed's own
@@ -143,7 +143,7 @@ def local_master(param, masters: dict, rank: int):
     if master is None:
         raise UserError(f"the EMA follows fp32 master weights, and the optimizer keeps none for a {param.dtype} "
                         f"weight of shape {tuple(param.shape)}: train with --zero-stage 1 or more, or --precision no")
-    return (0, master.detach().view(-1)) if rank == 0 else None
+    return (0, master.detach()) if rank == 0 else None  # in its own shape and layout (ZeRO 0 may be channels-last)
 
 
 def _partitioned(param) -> bool:
@@ -175,7 +175,7 @@ def gather_to_rank0(params, pieces, rank: int):
         full = torch.zeros(_full_numel(p), dtype=torch.float32, device=p.device)  # flattened, where NCCL can send it
         if i in pieces:
             start, piece = pieces[i]
-            full.narrow(0, start, piece.numel()).copy_(piece)
+            full.narrow(0, start, piece.numel()).copy_(piece.reshape(-1))
         if _partitioned(p) and world > 1:
             dist.reduce(full.view(torch.int32), dst=0)
         yield full.view(_full_shape(p)).cpu() if rank == 0 else None
@@ -245,7 +245,8 @@ class PartitionedEMA:
 
         self.ema.optimization_step = int(state["optimization_step"])
         self.ema.shadow_params = [
-            shadows[i].reshape(-1).narrow(0, start, s.numel()).to(self.device, torch.float32, copy=True)
+            shadows[i].reshape(-1).narrow(0, start, s.numel()).reshape(s.shape).to(self.device, torch.float32,
+                                                                                    copy=True)
             for i, start, s in zip(self.index, self.starts, self.ema.shadow_params)]
 
     def to(self, device) -> PartitionedEMA:

@@ -181,7 +181,8 @@ def _recipe(run: WorkerConfig):
 
 
 class _Validation:
-    """Rank 0's sample grids from the EMA weights, on the worker's device in the training dtype.
+    """Rank 0's sample grids from the EMA weights, on the worker's device in the training dtype (the VAE in fp32
+    under fp16, as inference keeps it).
 
     The pipeline (VAE, text encoder, a UNet of its own) is built once per run; each grid copies the EMA into
     its UNet's trained parameters. The rest are as `build_unet` makes them (the pretrained weights a fine-tune
@@ -194,6 +195,8 @@ class _Validation:
         self.pipe = None
 
     def grid(self, ema, step: int, log) -> None:
+        import torch
+
         from emoji_ldm.inference.sampler import ImageAlpha, image_grid, run_pipeline
         from emoji_ldm.models.builders import build_unet, configure_trainable
         from emoji_ldm.train.export import assemble_pipeline
@@ -203,6 +206,8 @@ class _Validation:
             self.params = configure_trainable(unet, self.preset)
             unet.requires_grad_(False)
             self.pipe = assemble_pipeline(unet, self.preset, self.run.vae).to(self.worker.device, self.worker.dtype)
+            if self.worker.dtype == torch.float16:  # as inference keeps it: the SD VAE's decoder overflows in fp16
+                self.pipe.vae.to(torch.float32)  # (the Sampler decodes in the VAE's dtype)
         ema.copy_to(self.params)
         prompts = list(self.preset.sample_prompts)
         images = run_pipeline(self.pipe, prompts, steps=20, guidance=4.0, seed=0,
