@@ -131,13 +131,13 @@ def _recipe(run: WorkerConfig):
     """The UNet under DeepSpeed, this rank's stream of the latent table, the diffusion loss, the EMA and grids."""
     import torch
 
-    from emoji_ldm.models.builders import build_unet, configure_trainable, count_params, noise_scheduler
+    from emoji_ldm.models.builders import build_unet, configure_trainable, noise_scheduler
     from emoji_ldm.store.delta import open_table
     from emoji_ldm.store.latents import RankStream, split_files
     from emoji_ldm.store.uri import DatasetRef
     from emoji_ldm.train import loop, runner
     from emoji_ldm.train.speed import batch_layout, prepare_unet
-    from emoji_ldm.train.step import micro_batch_loss
+    from emoji_ldm.train.step import micro_batch_loss, to_device
 
     preset = preset_from_dict(run.preset)
     tc = preset.train
@@ -147,7 +147,7 @@ def _recipe(run: WorkerConfig):
     stream = RankStream(files, w.rank, w.world, micro, seed=tc.seed, shuffle_buffer=run.shuffle_buffer,
                         prefetch=run.prefetch_batches)
     empty = torch.tensor(run.empty_emb, dtype=torch.float32, device=w.device)  # (L, D)
-    unet = prepare_unet(build_unet(preset), run.speed, convert_weights=False)  # DeepSpeed: see batch_layout
+    unet = prepare_unet(build_unet(preset), run.speed, convert_weights=False)  # channels-last: in create_engine
     params = configure_trainable(unet, preset)
     engine, scheduler = runner.create_engine(
         unet, params, lr=tc.lr, weight_decay=tc.weight_decay, lr_lambda=_lr_lambda(preset), micro=micro,
@@ -163,21 +163,27 @@ def _recipe(run: WorkerConfig):
             counters["epoch"], counters["pos"] = counters["epoch"] + 1, 0
 
     def forward(batch):
-        latents = torch.from_numpy(batch["latent"]).to(w.device, torch.float32,  # (B, C, h, w)
-                                                        memory_format=batch_layout(run.speed))
-        text = torch.from_numpy(batch["text_emb"]).to(w.device, torch.float32)  # (B, L, D)
+        latents = to_device(batch["latent"], w.device, batch_layout(run.speed))  # (B, C, h, w)
+        text = to_device(batch["text_emb"], w.device)  # (B, L, D)
         return micro_batch_loss(engine, noise, latents, text, empty, tc, preset.noise.prediction_type, w.dtype), {}
 
-    total, trainable = count_params(unet), count_params(unet, trainable_only=True)
-    describe = (f"preset {preset.name}, UNet {total / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable, mode "
-                f"{preset.unet.finetune}), {stream.batches_per_epoch} micro-batches per rank per epoch; "
-                f"{run.speed.summary(run.use_gpu)}, attention: scaled_dot_product_attention")
+    describe = _describe(preset, engine.module, stream.batches_per_epoch, run)
     return loop.Recipe(
         tag="train", out=run.out, worker=w, engine=engine, scheduler=scheduler, zero_stage=run.zero_stage,
         params=params, micro=micro, batches=batches, forward=forward, describe=describe,
         schedule=loop.Schedule(tc.max_steps, tc.log_every, tc.checkpoint_every, tc.grad_accum, tc.sample_every),
         counters={"step": 0, "epoch": 0, "pos": 0}, meta={"preset": {k: run.preset[k] for k in _RESUME_KEYS}},
         resume_from=run.resume_from, ema=tc, grid=_Validation(preset, run, w).grid, config=preset.to_dict())
+
+
+def _describe(preset, unet, batches_per_epoch: int, run: WorkerConfig) -> str:
+    """The banner's recipe half, from the engine's UNet (its parameters are ZeRO-3 partitions under stage 3)."""
+    from emoji_ldm.train.runner import numel
+
+    total, trainable = numel(unet.parameters()), numel(p for p in unet.parameters() if p.requires_grad)
+    return (f"preset {preset.name}, UNet {total / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable, mode "
+            f"{preset.unet.finetune}), {batches_per_epoch} micro-batches per rank per epoch; "
+            f"{run.speed.summary(run.use_gpu)}, attention: scaled_dot_product_attention")
 
 
 class _Validation:

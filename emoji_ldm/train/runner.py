@@ -182,7 +182,7 @@ def deepspeed_config(micro: int, grad_accum: int, grad_clip: float, zero_stage: 
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": grad_clip,
         "zero_optimization": {"stage": zero_stage},
-        **deepspeed_precision(precision),
+        **deepspeed_precision(precision, zero_stage),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -191,12 +191,12 @@ def deepspeed_config(micro: int, grad_accum: int, grad_clip: float, zero_stage: 
 
 def create_engine(module, params, *, lr: float, weight_decay: float, lr_lambda, micro: int, grad_accum: int,
                   grad_clip: float, zero_stage: int, worker: Worker, speed):
-    """A DeepSpeed engine training `params` of `module` with AdamW and a `LambdaLR` schedule;
-    returns (engine, lr_scheduler)."""
+    """A DeepSpeed engine training `params` of `module` with AdamW and a `LambdaLR` schedule, channels-last and
+    compiled on request; returns (engine, lr_scheduler)."""
     import deepspeed
     import torch
 
-    from emoji_ldm.train.speed import compile_engine
+    from emoji_ldm.train.speed import channels_last_engine, compile_engine
 
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
@@ -205,8 +205,15 @@ def create_engine(module, params, *, lr: float, weight_decay: float, lr_lambda, 
         config=deepspeed_config(micro, grad_accum, grad_clip, zero_stage, worker.precision),
         dist_init_required=False,
     )
+    channels_last_engine(engine, speed, zero_stage)
     compile_engine(engine, speed)
     return engine, scheduler
+
+
+def numel(params) -> int:
+    """The elements of `params`, whole under ZeRO-3 too: a partitioned parameter's own `numel()` is 0 outside a
+    gather, and DeepSpeed keeps its full size in `ds_numel`."""
+    return sum(getattr(p, "ds_numel", None) or p.numel() for p in params)
 
 
 def step_applied(engine) -> bool:
@@ -217,9 +224,10 @@ def step_applied(engine) -> bool:
 
 
 def mean_over_ranks(values, worker: Worker) -> list[float]:
-    """The mean of each of `values` over the ranks (a collective: every rank calls it)."""
+    """The mean of each of `values` (numbers or one-element tensors) over the ranks (a collective: every rank
+    calls it). Device tensors are read once, all together, at the end."""
     import torch
 
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=worker.device)
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=worker.device).reshape(()) for v in values])
     torch.distributed.all_reduce(t)  # a device tensor: NCCL takes no CPU tensors
     return (t / worker.world).tolist()

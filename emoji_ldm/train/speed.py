@@ -4,11 +4,14 @@ One frozen config (`SpeedOptions`, flags of `train` and `train-step-check`)
 and the one place that applies it to a UNet (`prepare_unet`) and to the
 engine that drives it (`compile_engine`), so model code stays free of these
 switches. Everything that changes numerics is off by default on CPU:
-`precision auto` is bf16 on a GPU and full fp32 on CPU.
+`precision auto` is bf16 on a GPU with bf16 units (NVIDIA Ampere, compute
+capability 8.0, and newer), fp16 on an older GPU (V100, T4: bf16 there is
+emulated, far slower than fp16), and full fp32 on CPU.
 
 - precision: `bf16` runs the step in bfloat16 (DeepSpeed's bf16 mode in
   `train`: bf16 weights and activations, fp32 master weights in the
-  optimizer; autocast in `train-step-check`); `fp16` adds dynamic loss
+  optimizer, gradients accumulated over the micro-batches in fp32 under
+  ZeRO 1-3; autocast in `train-step-check`); `fp16` adds dynamic loss
   scaling (DeepSpeed's `fp16` block; `torch.amp.GradScaler` in the step check)
   and needs a GPU.
 - allow_tf32: TF32 tensor-core matmuls and convolutions for fp32 work on
@@ -16,11 +19,17 @@ switches. Everything that changes numerics is off by default on CPU:
 - gradient_checkpointing: diffusers' `enable_gradient_checkpointing()`:
   activations are recomputed in the backward pass (less memory, more compute).
 - channels_last: channels-last memory format, which cuDNN's convolutions
-  prefer on GPUs. A bare UNet (the step check, serving) has its weights
-  converted. Under DeepSpeed only the batches are (`batch_layout`): DeepSpeed
-  broadcasts and flattens parameters through byte views that need contiguous
-  NCHW weights ("self.stride(-1) must be 1 to view BFloat16 as Byte"), and a
-  convolution runs channels-last when its input is.
+  prefer on GPUs. A convolution runs channels-last when its input or its
+  weight is, and its output is channels-last; attention blocks hand back NCHW
+  activations, so converting the batches alone leaves most convolutions NCHW.
+  A bare UNet (the step check, serving) has its weights converted. Under
+  DeepSpeed (`channels_last_engine`, after the engine is built: its start-up
+  broadcast views every weight as bytes, which needs NCHW, "self.stride(-1)
+  must be 1 to view BFloat16 as Byte"): at ZeRO 0 the weights are converted;
+  at ZeRO 1-3 they are views of DeepSpeed's flat buffers (or partitions of
+  them), which must stay NCHW, so each convolution's input is made
+  channels-last instead (a forward pre-hook), and the batches too
+  (`batch_layout`).
 - compile: `torch.compile` of the UNet (inductor; on CPU it needs a C++
   compiler, which `make test` installs). DeepSpeed engines compile through
   `engine.compile()`, a bare module through `torch.compile`.
@@ -58,18 +67,33 @@ class SpeedOptions:
         check_choice("--compile-mode", self.compile_mode, COMPILE_MODES)
 
     def resolved_precision(self, use_gpu: bool) -> str:
-        """no | bf16 | fp16; fp16 without a GPU is refused (CPUs have no fp16 matmul worth having)."""
+        """no | bf16 | fp16; fp16 without a GPU is refused (CPUs have no fp16 matmul worth having). `auto` is
+        resolved where the GPU is (each worker): bf16 where it has bf16 units, else fp16."""
         if self.precision == "fp16" and not use_gpu:
             raise UserError("--precision fp16 needs a GPU (--gpu); on CPU use bf16 or no")
         if self.precision == "auto":
-            return "bf16" if use_gpu else "no"
+            return ("bf16" if native_bf16() else "fp16") if use_gpu else "no"
         return self.precision
 
     def summary(self, use_gpu: bool) -> str:
         on = [name for name in ("allow_tf32", "gradient_checkpointing", "channels_last") if getattr(self, name)]
         if self.compile:
             on.append(f"compile ({self.compile_mode})")
-        return f"precision {self.resolved_precision(use_gpu)}" + (", " + ", ".join(on) if on else "")
+        precision = self.resolved_precision(use_gpu)
+        if self.precision == "auto" and precision == "fp16":
+            precision += " (auto: this GPU has no bf16 units)"
+        return f"precision {precision}" + (", " + ", ".join(on) if on else "")
+
+
+def native_bf16() -> bool:
+    """Whether this process's GPU computes in bf16 natively: NVIDIA compute capability 8.0 (Ampere) and newer,
+    and ROCm GPUs. Older NVIDIA GPUs (V100 7.0, T4 7.5) emulate it. A process that sees no GPU (a driver on a
+    CPU node) says True: only a worker's answer, on its own GPU, picks the precision it trains in."""
+    import torch
+
+    if torch.version.hip or not torch.cuda.is_available():
+        return True
+    return torch.cuda.get_device_capability() >= (8, 0)
 
 
 def torch_dtype(precision: str):
@@ -78,12 +102,22 @@ def torch_dtype(precision: str):
     return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def deepspeed_precision(precision: str) -> dict:
-    """The DeepSpeed config blocks for a resolved precision."""
+def deepspeed_precision(precision: str, zero_stage: int) -> dict:
+    """The DeepSpeed config blocks for a resolved precision.
+
+    bf16 under ZeRO 1-3 accumulates the micro-batches' gradients in fp32 (`data_types.grad_accum_dtype`;
+    DeepSpeed's default is the model's dtype, and a sum of bf16 gradients keeps 8 bits of mantissa). ZeRO 2/3
+    keep fp32 accumulation buffers; ZeRO 1 then runs DeepSpeed's bf16 optimizer, which accumulates in fp32 too.
+    DeepSpeed 0.19 has no fp32 accumulation without ZeRO ("unsupported mix of model_dtype=torch.bfloat16 and
+    grad_accum_dtype=torch.float32"), so ZeRO 0 keeps bf16's. fp16 accumulates scaled fp16 gradients, as
+    DeepSpeed's loss scaling expects."""
     if precision == "fp16":  # dynamic loss scaling: loss_scale 0 starts at 2^16 and halves on overflow
         return {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                          "hysteresis": 2, "min_loss_scale": 1}}
-    return {"bf16": {"enabled": precision == "bf16"}}
+    blocks = {"bf16": {"enabled": precision == "bf16"}}
+    if precision == "bf16" and zero_stage >= 1:
+        blocks["data_types"] = {"grad_accum_dtype": "fp32"}
+    return blocks
 
 
 def check_sdpa(unet) -> None:
@@ -99,7 +133,7 @@ def check_sdpa(unet) -> None:
 def prepare_unet(unet, speed: SpeedOptions, convert_weights: bool = True):
     """Apply the options that change the module itself (before the optimizer or DeepSpeed sees it).
 
-    convert_weights=False (DeepSpeed): channels-last is left to the batches, see `batch_layout`.
+    convert_weights=False (DeepSpeed): channels-last comes after the engine is built, see `channels_last_engine`.
     """
     import torch
 
@@ -115,6 +149,29 @@ def prepare_unet(unet, speed: SpeedOptions, convert_weights: bool = True):
     return unet
 
 
+def channels_last_engine(engine, speed: SpeedOptions, zero_stage: int) -> None:
+    """--channels-last on the module of a DeepSpeed engine just built (see the module docstring): its weights at
+    ZeRO 0 (the optimizer holds the same Parameter objects, whose data is swapped), a channels-last input for each
+    convolution at ZeRO 1-3."""
+    import torch
+
+    if not speed.channels_last:
+        return
+    if zero_stage == 0:
+        engine.module.to(memory_format=torch.channels_last)
+        return
+    for module in engine.module.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_pre_hook(_channels_last_input)
+
+
+def _channels_last_input(module, args):
+    """A Conv2d's forward pre-hook: its (B, C, H, W) input in channels-last (a no-op when it already is)."""
+    import torch
+
+    return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+
+
 def batch_layout(speed: SpeedOptions):
     """The memory format for (B, C, h, w) batches."""
     import torch
@@ -122,15 +179,17 @@ def batch_layout(speed: SpeedOptions):
     return torch.channels_last if speed.channels_last else torch.contiguous_format
 
 
-def compile_engine(engine, speed: SpeedOptions) -> None:
-    """torch.compile the engine's UNet: DeepSpeed's `engine.compile()`, or the module of a `PlainEngine`."""
+def compile_engine(engine, speed: SpeedOptions, backend: str | None = None) -> None:
+    """torch.compile the engine's UNet: DeepSpeed's `engine.compile()`, or the module of a `PlainEngine`.
+    `backend` None is inductor (DeepSpeed: its accelerator's compile backend, inductor on CUDA and CPU)."""
     if not speed.compile:
         return
     import torch
 
-    require_compiler(next(engine.module.parameters()).device.type)
+    if backend in (None, "inductor"):
+        require_compiler(next(engine.module.parameters()).device.type)
     kwargs = compile_kwargs(speed.compile_mode, static=True)
     if hasattr(engine, "compile") and callable(engine.compile):  # a DeepSpeed engine
-        engine.compile(compile_kwargs=kwargs)
+        engine.compile(**({"backend": backend} if backend else {}), compile_kwargs=kwargs)
     else:
-        engine.module = torch.compile(engine.module, **kwargs)
+        engine.module = torch.compile(engine.module, **({"backend": backend} if backend else {}), **kwargs)

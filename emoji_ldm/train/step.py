@@ -5,6 +5,12 @@ The same `micro_batch_loss` runs inside the Ray Train workers (the loop,
 `training_step`, in a single plain process (`PlainEngine` around a bare
 module: `emoji-ldm train-step-check`, the check to run on a GPU node). It
 knows nothing of ranks; the caller places tensors on its device once.
+
+Nothing here waits for the GPU: no `.item()`, `float(tensor)` or boolean-mask
+indexing (each is a host-device sync that stalls the CPU until every queued
+kernel has run); losses and gradient norms stay device tensors, read by the
+loop at its log steps only. fp16's loss scaling is the exception: it reads
+its overflow flag every step (GradScaler and DeepSpeed alike).
 """
 
 from __future__ import annotations
@@ -56,8 +62,8 @@ def micro_batch_loss(engine, noise_scheduler, latents: torch.Tensor, text: torch
     or a `PlainEngine`, called like the UNet.
     """
     drop = torch.rand(len(latents)) < recipe.caption_dropout  # on the CPU generator: the same draws on any device
-    cond = text.clone()
-    cond[drop.to(text.device)] = empty  # classifier-free guidance: learn the unconditional too
+    drop = drop.to(text.device, non_blocking=True).view(-1, 1, 1)  # (B, 1, 1)
+    cond = torch.where(drop, empty, text)  # (B, L, D) classifier-free guidance: learn the unconditional too
     eps = sample_noise(latents, recipe.noise_offset)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), device=latents.device)
     noisy = noise_scheduler.add_noise(latents, eps, t)  # (B, C, h, w)
@@ -75,10 +81,21 @@ def training_step(engine, noise_scheduler, latents: torch.Tensor, text: torch.Te
     return loss.detach()
 
 
-def grad_norm(engine) -> float | None:
-    """The global gradient norm of the last step (before clipping), when the engine measured it."""
+def grad_norm(engine) -> torch.Tensor | None:
+    """The global gradient norm of the last step (before clipping), when the engine measured it: a tensor on the
+    engine's device (reading it waits for the step to finish)."""
     norm = engine.get_global_grad_norm()
-    return None if norm is None else float(norm)
+    return None if norm is None else torch.as_tensor(norm).detach()
+
+
+def to_device(array, device: torch.device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """A host batch (a numpy array, float16 in the latent table) as float32 on `device`, without waiting for the
+    device: on a GPU through pinned memory and an asynchronous copy (a plain `.to(device)` synchronises the stream
+    on every call), then cast there."""
+    t = torch.from_numpy(array)
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    return t.to(device, torch.float32, memory_format=memory_format)
 
 
 class PlainEngine:
@@ -97,7 +114,7 @@ class PlainEngine:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def get_global_grad_norm(self) -> float | None:
+    def get_global_grad_norm(self) -> torch.Tensor | None:
         return self.last_grad_norm
 
     def was_step_applied(self) -> bool:
@@ -107,8 +124,8 @@ class PlainEngine:
     def step(self) -> None:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        # the norm before clipping, as DeepSpeed reports it (inf: no clipping)
-        self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf")))
+        # the norm before clipping, as DeepSpeed reports it (inf: no clipping); a device tensor, not read here
+        self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf")).detach()
         self.applied = True
         if self.scaler:  # skips the step when the gradients overflowed, and lowers the scale
             scale = self.scaler.get_scale()

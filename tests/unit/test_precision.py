@@ -1,0 +1,225 @@
+"""Precision, accumulation, syncs and layout of the training step, on what a GPU run uses, reproduced on CPU:
+one-rank DeepSpeed engines over gloo (`DS_ACCELERATOR=cpu`), a mocked CUDA capability, and the ops that make a
+GPU wait counted by a dispatch mode."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from emoji_ldm.models.presets import get_preset
+from emoji_ldm.train.speed import SpeedOptions
+
+TINY = {"unet.block_out_channels": "32,32"}
+
+
+@pytest.fixture
+def one_rank_gloo(monkeypatch):
+    """A one-process gloo group, as a Ray Train worker has, for DeepSpeed outside Ray. DeepSpeed's CPU
+    shared-memory all-reduce (a C++ op it JIT-builds, for inference only; tens of seconds whenever another
+    process built it with other flags) is left out: training's collectives go through torch.distributed."""
+    monkeypatch.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+    from deepspeed.utils import groups
+
+    groups._WORLD_GROUP = None  # DeepSpeed's clone of the world group went with it: the next test's engine makes one
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def _worker(precision: str):
+    from emoji_ldm.train.runner import Worker
+    from emoji_ldm.train.speed import torch_dtype
+
+    return Worker(0, 1, torch.device("cpu"), precision, torch_dtype(precision))
+
+
+def _unet_engine(zero_stage: int, precision: str = "bf16", speed: SpeedOptions = SpeedOptions(), preset=None):
+    """The tiny UNet in `runner.create_engine`, as `ldm.py` builds it: (engine, preset)."""
+    from emoji_ldm.models.builders import build_unet, configure_trainable
+    from emoji_ldm.train import runner
+    from emoji_ldm.train.speed import prepare_unet
+
+    preset = preset or get_preset("tiny", TINY)
+    torch.manual_seed(0)
+    unet = prepare_unet(build_unet(preset), speed, convert_weights=False)
+    params = configure_trainable(unet, preset)
+    engine, _ = runner.create_engine(unet, params, lr=1e-3, weight_decay=0.0, lr_lambda=lambda s: 1.0, micro=2,
+                                     grad_accum=1, grad_clip=1.0, zero_stage=zero_stage,
+                                     worker=_worker(precision), speed=speed)
+    return engine, preset
+
+
+def _unet_step(engine, preset, dtype=torch.bfloat16, caption_dropout: float = 0.0):
+    """One micro-batch through the real loss, the engine's backward and step; returns the loss."""
+    from emoji_ldm.models.builders import noise_scheduler
+    from emoji_ldm.train.step import micro_batch_loss
+
+    width = engine.module.config.cross_attention_dim
+    recipe = SimpleNamespace(caption_dropout=caption_dropout, noise_offset=0.0, snr_gamma=None)
+    loss = micro_batch_loss(engine, noise_scheduler(preset), torch.randn(2, 4, 8, 8), torch.randn(2, 16, width),
+                            torch.zeros(16, width), recipe, "epsilon", dtype)
+    engine.backward(loss)
+    engine.step()
+    return loss.detach()
+
+
+# --- bf16 gradient accumulation --------------------------------------------------------------------------------
+
+
+def test_bf16_deepspeed_config_accumulates_in_fp32():
+    from emoji_ldm.train.runner import deepspeed_config
+
+    for stage in (1, 2, 3):
+        assert deepspeed_config(2, 4, 1.0, stage, "bf16")["data_types"] == {"grad_accum_dtype": "fp32"}
+    # DeepSpeed 0.19 has no fp32 accumulation without ZeRO; fp16 accumulates scaled fp16 gradients; fp32 is fp32
+    assert "data_types" not in deepspeed_config(2, 4, 1.0, 0, "bf16")
+    assert all("data_types" not in deepspeed_config(2, 4, 1.0, 2, p) for p in ("fp16", "no"))
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+def test_bf16_gradients_accumulate_in_fp32(one_rank_gloo, zero_stage):
+    """Four micro-batches whose gradients are 1 and three of 2^-9: each 2^-9 is half of bf16's spacing at 1
+    (8 bits of mantissa), so a bf16 running sum rounds back to 1 every time and the three are lost. In fp32 the
+    sum is 1 + 3 x 2^-9. With SGD at lr 1 from 0 the fp32 master becomes minus the accumulated gradient. ZeRO 2/3
+    reduce each micro-batch's (exact) bf16 gradient and sum in fp32; ZeRO 1 (DeepSpeed's bf16 optimizer) sums in
+    fp32 and all-reduces the sum in bf16 (its communication dtype), one rounding instead of one per addition."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from emoji_ldm.train.runner import deepspeed_config
+
+    layer = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(layer.weight)
+    engine, *_ = deepspeed.initialize(model=layer, optimizer=torch.optim.SGD(layer.parameters(), lr=1.0),
+                                      config=deepspeed_config(1, 4, 0.0, zero_stage, "bf16"),
+                                      dist_init_required=False)
+    for x in (4.0, 2.0**-7, 2.0**-7, 2.0**-7):  # DeepSpeed scales each loss by 1/4: gradients 1, 2^-9 x 3
+        engine.backward(engine(torch.tensor([[x]], dtype=torch.bfloat16)).float().sum())
+        engine.step()
+    exact = 1 + 3 * 2.0**-9
+    expected = exact if zero_stage > 1 else float(torch.tensor(exact).bfloat16())  # 1 + 2^-7 at ZeRO 1
+    assert -safe_get_full_fp32_param(engine.module.weight).item() == expected != 1.0
+    assert engine.get_data_types() == (torch.bfloat16, torch.float32)
+
+
+# --- precision auto --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
+                                                  ((9, 0), "bf16")])
+def test_auto_precision_follows_the_gpus_bf16_units(monkeypatch, capability, expected):
+    """V100 (7.0) and T4 (7.5) emulate bf16: auto trains them in fp16 with loss scaling; A100 (8.0) and H100
+    (9.0) in bf16. Without --gpu auto is fp32; an explicit choice is kept."""
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    auto = SpeedOptions()
+    assert auto.resolved_precision(use_gpu=True) == expected
+    assert auto.resolved_precision(use_gpu=False) == "no"
+    assert SpeedOptions(precision="bf16").resolved_precision(use_gpu=True) == "bf16"
+    assert auto.summary(use_gpu=True) == ("precision fp16 (auto: this GPU has no bf16 units)" if expected == "fp16"
+                                          else "precision bf16")
+
+
+def test_auto_precision_on_a_driver_without_a_gpu(monkeypatch):
+    """The driver (a CPU head node) cannot see the workers' GPUs: its answer is not used to train, and it must not
+    fail or claim fp16."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert SpeedOptions().resolved_precision(use_gpu=True) == "bf16"
+
+
+# --- no host-device sync in a step ------------------------------------------------------------------------------
+
+
+class DeviceWaits(TorchDispatchMode):
+    """Records the ATen ops that make the host wait for a GPU: reading a value (`.item()`, `float()`, `bool()`:
+    `_local_scalar_dense`), and ops whose output size depends on the data (`nonzero`, `masked_select`, indexing
+    with a boolean mask). On CPU they are cheap; what is counted is that they are called."""
+
+    SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique_consecutive",
+             "_unique2"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        masks = name in ("index", "index_put", "index_put_") and any(
+            i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+        if name in self.SYNCS or masks:
+            self.seen.append(name + (" (boolean mask)" if masks else ""))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_does_not_wait_for_the_device():
+    """`Loop.train_step` with the real loss (caption dropout on), backward, clipping and optimizer step of a
+    `PlainEngine`: no op that waits for the GPU. The loss and the gradient norm stay tensors for `_log`. (SGD: an
+    AdamW's step counter is a CPU tensor on a GPU too, read on the host without waiting.)"""
+    from emoji_ldm.models.builders import build_unet, noise_scheduler
+    from emoji_ldm.train import loop
+    from emoji_ldm.train.runner import Worker
+    from emoji_ldm.train.step import PlainEngine, micro_batch_loss
+
+    preset = get_preset("tiny", TINY)
+    torch.manual_seed(0)
+    unet = build_unet(preset)
+    opt = torch.optim.SGD(unet.parameters(), lr=1e-3)
+    engine = PlainEngine(unet, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 1.0, unet.parameters())
+    noise, width = noise_scheduler(preset), unet.config.cross_attention_dim
+    recipe = SimpleNamespace(caption_dropout=0.5, noise_offset=0.1, snr_gamma=5.0)
+
+    def forward(_):
+        latents, text = torch.randn(4, 4, 8, 8), torch.randn(4, 16, width)  # (B, C, h, w), (B, L, D)
+        return micro_batch_loss(engine, noise, latents, text, torch.zeros(16, width), recipe, "epsilon",
+                                torch.float32), {}
+
+    step = loop.Loop.__new__(loop.Loop)  # the step alone: no checkpoint to restore, no logger
+    step.recipe = loop.Recipe(tag="t", out="/unused", worker=Worker(0, 1, torch.device("cpu"), "no", torch.float32),
+                              engine=engine, scheduler=engine.lr_scheduler, zero_stage=0, params=[], micro=4,
+                              schedule=loop.Schedule(1, 1, 1, grad_accum=2), batches=None, forward=forward,
+                              describe="")
+    step.window, step.counters = loop._Window(), {"step": 0}
+    with DeviceWaits() as waits:
+        assert step.train_step(iter(range(2)))
+    assert waits.seen == []
+    assert all(isinstance(v, torch.Tensor) for v in (*step.window.losses, *step.window.norms))
+    assert len(step.window.losses) == 2 and float(step.window.norms[0]) > 0
+
+
+def test_caption_dropout_without_a_mask_index():
+    """torch.where instead of boolean-mask indexing: the dropped rows are the empty caption, the others kept."""
+    from emoji_ldm.models.builders import noise_scheduler
+    from emoji_ldm.train.step import micro_batch_loss
+
+    seen = {}
+
+    def engine(noisy, t, encoder_hidden_states):
+        seen["cond"] = encoder_hidden_states
+        return SimpleNamespace(sample=torch.zeros_like(noisy))
+
+    latents, text, empty = torch.randn(6, 4, 8, 8), torch.randn(6, 3, 5), torch.full((3, 5), 7.0)
+    torch.manual_seed(1)
+    drop = torch.rand(6) < 0.5  # the draws micro_batch_loss makes first
+    torch.manual_seed(1)
+    micro_batch_loss(engine, noise_scheduler(get_preset("tiny")), latents, text, empty,
+                     SimpleNamespace(caption_dropout=0.5, noise_offset=0.0, snr_gamma=None), "epsilon", torch.float32)
+    assert 0 < drop.sum() < 6
+    assert torch.equal(seen["cond"][drop], empty.expand(int(drop.sum()), 3, 5))
+    assert torch.equal(seen["cond"][~drop], text[~drop])
