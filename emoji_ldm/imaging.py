@@ -65,9 +65,13 @@ ALPHA_LEVELS = (0.1, 0.9)
 
 def canonical(rgba: Image.Image) -> Image.Image:
     """RGBA with the colour of fully transparent pixels zeroed (invisible, but it would change the hash)."""
-    a = np.asarray(rgba.convert("RGBA")).copy()
-    a[a[..., 3] == 0] = 0
-    return Image.fromarray(a, "RGBA")
+    rgba = rgba if rgba.mode == "RGBA" else rgba.convert("RGBA")
+    out = Image.new("RGBA", rgba.size, (0, 0, 0, 0))
+    out.paste(rgba, mask=rgba.getchannel("A").point(_VISIBLE))  # a mask of 0 or 255: pixels copied or left 0
+    return out
+
+
+_VISIBLE = [0] + [255] * 255  # alpha -> the paste mask of `canonical`
 
 
 def finish_alpha(img: Image.Image, levels: tuple[float, float] = ALPHA_LEVELS) -> Image.Image:
@@ -81,7 +85,8 @@ def finish_alpha(img: Image.Image, levels: tuple[float, float] = ALPHA_LEVELS) -
 
 def resize_rgba(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Resize in premultiplied alpha (Pillow's `RGBa`): a transparent neighbour adds no colour to an edge."""
-    resized = img.convert("RGBA").convert("RGBa").resize(size, Image.Resampling.LANCZOS)
+    resized = (img if img.mode == "RGBA" else img.convert("RGBA")).convert("RGBa").resize(size,
+                                                                                          Image.Resampling.LANCZOS)
     return canonical(resized.convert("RGBA"))
 
 
@@ -296,7 +301,7 @@ def _to_rgba(img: Image.Image) -> Image.Image:
         img = img.convert("L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    return img.convert("RGBA")
+    return img if img.mode == "RGBA" else img.convert("RGBA")
 
 
 def _decode(data: bytes, config: ImageConfig) -> tuple[Image.Image, str] | Rejected:
@@ -353,8 +358,11 @@ def _fit(rgba: Image.Image, config: ImageConfig) -> tuple[Image.Image, str] | Re
     if alpha == "opaque" and config.key_background:
         keyed = key_background(rgba)
         alpha, rgba = ("keyed", keyed) if keyed is not None else ("busy_border", rgba)
+    fitted = resize_rgba(rgba, (new_w, new_h)) if (new_w, new_h) != (w, h) else canonical(rgba)
+    if fitted.size == (config.size, config.size):  # square: it is the canvas
+        return fitted, alpha
     canvas = Image.new("RGBA", (config.size, config.size), (0, 0, 0, 0))
-    canvas.paste(resize_rgba(rgba, (new_w, new_h)) if (new_w, new_h) != (w, h) else canonical(rgba), offset)
+    canvas.paste(fitted, offset)
     return canvas, alpha
 
 
@@ -370,6 +378,6 @@ def clean_image(data: bytes, config: ImageConfig) -> Cleaned | Rejected:
         return fitted
     canvas, alpha = fitted
     out = io.BytesIO()
-    canvas.save(out, format="PNG", optimize=False, compress_level=6)
+    canvas.save(out, format="PNG", optimize=False, compress_level=1, compress_type=3)
     return Cleaned(id=content_hash(canvas), png=out.getvalue(), width=config.size, height=config.size,
                    orig_width=rgba.width, orig_height=rgba.height, orig_format=fmt, alpha=alpha)

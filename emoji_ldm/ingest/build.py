@@ -277,8 +277,11 @@ def ingest_dataset(items, config: BuildConfig, *, extra_metadata: dict | None = 
     build_id = uuid.uuid4().hex[:12]
     work = join(config.out, SIDECAR, "builds", build_id)
     logger.info("build %s: %s -> %s", build_id, config.source, config.out)
+    marks = [("ray", time.perf_counter())]  # the end of each phase since `start`
     staged = _stage(items, config, build_id, work)
+    marks.append(("ingest", time.perf_counter()))
     dropped, replaced = _dedupe(config.out, staged, work) if staged.actions else (Counter(), {})
+    marks.append(("dedupe", time.perf_counter()))
     actions = [a for a in staged.actions if a.path not in replaced] + [a for new in replaced.values() for a in new]
     rejected = dict(staged.rejected)
     counts = {
@@ -294,6 +297,8 @@ def ingest_dataset(items, config: BuildConfig, *, extra_metadata: dict | None = 
             "message": config.message, "build_id": build_id, "rejects": staged.rejects,
             **_jsonable(extra_metadata or {})}, build_id)
     remove_run(work)
+    marks.append(("commit", time.perf_counter()))
+    logger.info("%s", phases_line(start, marks))
     return BuildSummary(
         out=config.out, version=version, images_in=counts["in"], accepted=counts["accepted"],
         rejected=rejected, duplicates_in_build=counts["duplicates_in_build"],
@@ -301,6 +306,13 @@ def ingest_dataset(items, config: BuildConfig, *, extra_metadata: dict | None = 
         seconds=time.perf_counter() - start, rejects_uri=staged.rejects if rejected else None,
         alpha=dict(staged.alpha),
     )
+
+
+def phases_line(start: float, marks: list[tuple[str, float]]) -> str:
+    """`phases (s): {...}`, the seconds of each phase (a mark is its name and end), as `-v` logs it for
+    bench/ingest.py."""
+    ends = [t for _, t in marks]
+    return f"phases (s): { {name: round(t - before, 3) for (name, t), before in zip(marks, [start] + ends)} }"
 
 
 def _jsonable(obj):

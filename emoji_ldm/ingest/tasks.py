@@ -10,6 +10,7 @@ import datetime as dt
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from emoji_ldm.imaging import Cleaned, ImageConfig, clean_image
 from emoji_ldm.sources.base import FetchConfig, FetchError, fetch_bytes, make_pool
@@ -20,45 +21,79 @@ WORK_SCHEMA = EMOJI_SCHEMA.append(pa.field("_reason", pa.string())).append(pa.fi
     .append(pa.field("_alpha", pa.string()))  # a kept row: what happened to its alpha (ALPHA_KINDS)
 
 
+# Per worker process, kept between batches: the connection pools (a keep-alive connection serves the next
+# batch too) and the download threads (no thread start-up per batch).
+_POOLS: dict[FetchConfig, object] = {}
+_THREADS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(fetch: FetchConfig):
+    if fetch not in _POOLS:
+        _POOLS[fetch] = make_pool(fetch)
+    return _POOLS[fetch]
+
+
+def _threads(n: int) -> ThreadPoolExecutor:
+    if n not in _THREADS:
+        _THREADS[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="ingest")
+    return _THREADS[n]
+
+
+def _clean_one(locator: str, image: ImageConfig, fetch: FetchConfig, pool) -> Cleaned | tuple[str, str]:
+    """One item's bytes fetched and cleaned: `Cleaned`, or (reason, detail)."""
+    try:
+        data = fetch_bytes(locator, fetch, pool=pool)
+    except FetchError as e:
+        return e.reason, e.detail
+    result = clean_image(data, image)
+    return result if isinstance(result, Cleaned) else (result.reason, result.detail)
+
+
+def _column(batch: pa.Table, name: str) -> pa.ChunkedArray | pa.Array:
+    return batch.column(name) if name in batch.column_names else pa.nulls(batch.num_rows, pa.string())
+
+
 def ingest_batch(batch: pa.Table, image: ImageConfig, fetch: FetchConfig) -> pa.Table:
     """Ray Data task: fetch and clean one batch of source items.
 
     In: `ITEM_SCHEMA` columns (locator, source, source_url, page_url, title, tag, caption).
-    Out: `WORK_SCHEMA` rows; rejected rows have a null `id`/`image` and a `_reason`.
+    Out: `WORK_SCHEMA` rows; rejected rows have a null `id`/`image` and a `_reason`. The item's own columns
+    pass through as Arrow; only the cleaned images' fields are built per row.
     """
-    rows = batch.to_pylist()
-    remote = any(r["locator"].startswith(("http://", "https://")) for r in rows)
-    pool = make_pool(fetch) if remote else None
-    now = dt.datetime.now(dt.timezone.utc)
-
-    def one(row: dict) -> dict:
-        caption = row.get("caption") or None
-        out = {
-            "source": row["source"], "source_url": row.get("source_url") or row["locator"],
-            "page_url": row.get("page_url"), "title": row.get("title") or "", "tag": row.get("tag") or "",
-            "caption": caption, "caption_model": "source" if caption else None, "ingested_at": now,
-        }
-        try:
-            data = fetch_bytes(row["locator"], fetch, pool=pool)
-        except FetchError as e:
-            return {**out, "_reason": e.reason, "_detail": e.detail}
-        result = clean_image(data, image)
-        if not isinstance(result, Cleaned):
-            return {**out, "_reason": result.reason, "_detail": result.detail}
-        return {
-            **out, "id": result.id, "image": result.png, "width": result.width,
-            "height": result.height,
-            "orig_width": result.orig_width, "orig_height": result.orig_height, "orig_format": result.orig_format,
-            "_alpha": result.alpha,
-        }
-
+    n = batch.num_rows
+    locators = batch.column("locator").to_pylist()
+    remote = any(loc.startswith(("http://", "https://")) for loc in locators)
+    pool = _pool(fetch) if remote else None
     if remote:
-        with ThreadPoolExecutor(max_workers=fetch.threads) as threads:
-            results = list(threads.map(one, rows))
-        pool.clear()
+        results = list(_threads(fetch.threads).map(lambda loc: _clean_one(loc, image, fetch, pool), locators))
     else:
-        results = [one(r) for r in rows]
-    return pa.Table.from_pylist(results, schema=WORK_SCHEMA)
+        results = [_clean_one(loc, image, fetch, None) for loc in locators]
+    kept = [r if isinstance(r, Cleaned) else None for r in results]
+    failed = [None if isinstance(r, Cleaned) else r for r in results]
+
+    def field(get, kind: pa.DataType, rows=kept) -> pa.Array:
+        return pa.array([None if r is None else get(r) for r in rows], kind)
+
+    source_url = _column(batch, "source_url")
+    caption = _column(batch, "caption")
+    caption = pc.if_else(pc.equal(caption, ""), pa.nulls(n, pa.string()), caption)  # "" is no caption
+    columns = {
+        "id": field(lambda r: r.id, pa.string()), "image": field(lambda r: r.png, pa.binary()),
+        "width": field(lambda r: r.width, pa.int32()), "height": field(lambda r: r.height, pa.int32()),
+        "orig_width": field(lambda r: r.orig_width, pa.int32()),
+        "orig_height": field(lambda r: r.orig_height, pa.int32()),
+        "orig_format": field(lambda r: r.orig_format, pa.string()),
+        "source": _column(batch, "source"),
+        "source_url": pc.if_else(pc.fill_null(pc.equal(source_url, ""), True), batch.column("locator"), source_url),
+        "page_url": _column(batch, "page_url"), "title": pc.fill_null(_column(batch, "title"), ""),
+        "tag": pc.fill_null(_column(batch, "tag"), ""), "caption": caption,
+        "caption_model": pc.if_else(pc.is_valid(caption), "source", pa.nulls(n, pa.string())),
+        "caption_prompt_id": pa.nulls(n, pa.string()),
+        "ingested_at": pa.repeat(pa.scalar(dt.datetime.now(dt.timezone.utc), WORK_SCHEMA.field("ingested_at").type), n),
+        "_reason": field(lambda r: r[0], pa.string(), failed), "_detail": field(lambda r: r[1], pa.string(), failed),
+        "_alpha": field(lambda r: r.alpha, pa.string()),
+    }
+    return pa.table({f.name: columns[f.name] for f in WORK_SCHEMA}, schema=WORK_SCHEMA)
 
 
 # The narrow rows de-duplication shuffles: where each written row is (data file, row position).
