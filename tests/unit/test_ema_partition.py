@@ -107,7 +107,7 @@ def _loop(engine, params, out: Path, monkeypatch):
     return loop.Loop(recipe)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_an_ema_update_sends_nothing(one_rank_gloo, tmp_path, monkeypatch, stage):
     """The loop's EMA update after a bf16 ZeRO step: no collective, 0 bytes (the EMA of the masters each rank owns),
     where a full fp32 copy of every tensor was all-reduced before."""
@@ -146,6 +146,22 @@ def test_a_bf16_weight_without_masters_is_refused(one_rank_gloo):
     with pytest.raises(UserError, match=r"keeps none for a torch.bfloat16 weight of shape \(2, 3\): train with "
                                         r"--zero-stage 1 or more, or --precision no"):
         PartitionedEMA(object(), [weight], get_preset("tiny").train, rank=0)
+
+
+def test_a_channels_last_weight_keeps_its_shape_and_round_trips():
+    """Under ZeRO 0 the EMA follows the parameter itself, which channels-last converts in place: its master is
+    kept as it is (a flat view of it does not exist), and the full state is the plain tensor."""
+    from emoji_ldm.models.presets import get_preset
+    from emoji_ldm.train.ema import PartitionedEMA
+
+    weight = torch.nn.Parameter(torch.randn(4, 3, 2, 2).to(memory_format=torch.channels_last))
+    ema = PartitionedEMA(object(), [weight], get_preset("tiny").train, rank=0)
+    ema.step()
+    state = ema.state_dict()
+    assert torch.equal(state["shadow_params"][0], weight.detach())
+    again = PartitionedEMA(object(), [torch.nn.Parameter(torch.zeros(4, 3, 2, 2))], get_preset("tiny").train, 0)
+    again.load_state_dict(state)
+    assert torch.equal(again.state_dict()["shadow_params"][0], weight.detach())
 
 
 @pytest.mark.parametrize("stage,precision", [(0, "no"), (2, "bf16"), (3, "bf16")])
