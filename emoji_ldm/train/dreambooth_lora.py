@@ -55,10 +55,11 @@ def export(engine, run, rank: int, log) -> None:
     """OUT/lora (with LoRA) and OUT/model (the full pipeline, LoRA fused), card last; rank 0 writes.
 
     Trained weights come from the optimizer's fp32 masters (every rank sends its part, rank 0 alone holds them all
-    on its CPU), frozen ones from the base folder: under bf16 DeepSpeed casts the whole engine module, and an export from it would write
-    bf16-rounded copies of weights that were never trained. The LoRA is saved with its adapter metadata (rank,
-    alpha, targets), which diffusers needs to load a LoRA on a BERT-family text encoder, and the fused model is
-    the base with that saved LoRA loaded and fused, so the export also proves the LoRA file loads."""
+    on its CPU), frozen ones from the base folder: under bf16 DeepSpeed casts the whole engine module, and an
+    export from it would write bf16-rounded copies of weights that were never trained. The LoRA is saved with its
+    adapter metadata (rank, alpha, targets), which diffusers needs to load a LoRA on a BERT-family text encoder,
+    and the fused model is the base with that saved LoRA loaded and fused, so the export also proves the LoRA file
+    loads."""
     import torch
     from diffusers import StableDiffusionPipeline
 
