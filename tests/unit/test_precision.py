@@ -14,9 +14,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from emoji_ldm.models.presets import get_preset
-from emoji_ldm.train.speed import SpeedOptions
+from emoji_ldm.train.speed import SpeedOptions, batch_layout
 
 TINY = {"unet.block_out_channels": "32,32"}
+ONE_LEVEL = {"unet.block_out_channels": "32", "unet.down_block_types": "CrossAttnDownBlock2D",  # cross-attention,
+             "unet.up_block_types": "CrossAttnUpBlock2D", "unet.layers_per_block": "1"}  # the mid block: fewer ops
 
 
 @pytest.fixture
@@ -65,14 +67,16 @@ def _unet_engine(zero_stage: int, precision: str = "bf16", speed: SpeedOptions =
     return engine, preset
 
 
-def _unet_step(engine, preset, dtype=torch.bfloat16, caption_dropout: float = 0.0):
-    """One micro-batch through the real loss, the engine's backward and step; returns the loss."""
+def _unet_step(engine, preset, dtype=torch.bfloat16, layout=torch.contiguous_format):
+    """One micro-batch (latents in `layout`, as `batch_layout` gives them) through the real loss, the engine's
+    backward and step; returns the loss."""
     from emoji_ldm.models.builders import noise_scheduler
     from emoji_ldm.train.step import micro_batch_loss
 
     width = engine.module.config.cross_attention_dim
-    recipe = SimpleNamespace(caption_dropout=caption_dropout, noise_offset=0.0, snr_gamma=None)
-    loss = micro_batch_loss(engine, noise_scheduler(preset), torch.randn(2, 4, 8, 8), torch.randn(2, 16, width),
+    recipe = SimpleNamespace(caption_dropout=0.0, noise_offset=0.0, snr_gamma=None)
+    latents = torch.randn(2, 4, 8, 8).contiguous(memory_format=layout)  # (B, C, h, w)
+    loss = micro_batch_loss(engine, noise_scheduler(preset), latents, torch.randn(2, 16, width),
                             torch.zeros(16, width), recipe, "epsilon", dtype)
     engine.backward(loss)
     engine.step()
@@ -177,7 +181,7 @@ def test_a_training_step_does_not_wait_for_the_device():
     from emoji_ldm.train.runner import Worker
     from emoji_ldm.train.step import PlainEngine, micro_batch_loss
 
-    preset = get_preset("tiny", TINY)
+    preset = get_preset("tiny", ONE_LEVEL)
     torch.manual_seed(0)
     unet = build_unet(preset)
     opt = torch.optim.SGD(unet.parameters(), lr=1e-3)
@@ -223,3 +227,90 @@ def test_caption_dropout_without_a_mask_index():
     assert 0 < drop.sum() < 6
     assert torch.equal(seen["cond"][drop], empty.expand(int(drop.sum()), 3, 5))
     assert torch.equal(seen["cond"][~drop], text[~drop])
+
+
+# --- channels-last under DeepSpeed -----------------------------------------------------------------------------
+
+
+def _conv_inputs(module) -> list:
+    """Records whether each Conv2d's input is channels-last, as the convolution sees it (after any pre-hook)."""
+    seen = []
+    for m in module.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_pre_hook(lambda m, args: seen.append(
+                args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
+    return seen
+
+
+def _channels_last(weight) -> bool:
+    return weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_channels_last_weights_at_zero_0(one_rank_gloo):
+    """ZeRO 0: the UNet's weights are channels-last once the engine is built (after DeepSpeed's byte-view
+    broadcast, which needs NCHW), and stay so through a step that changes them: the optimizer holds the same
+    Parameter objects. Every convolution then runs channels-last, whatever layout its input has."""
+    engine, preset = _unet_engine(0, "bf16", SpeedOptions(channels_last=True))
+    convs = [m.weight for m in engine.module.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(_channels_last(w) for w in convs)
+    before = [w.detach().clone() for w in convs]
+    _unet_step(engine, preset)
+    assert all(_channels_last(w) for w in convs)
+    assert sum(not torch.equal(w, b) for w, b in zip(convs, before)) > len(convs) // 2  # trained
+
+
+def test_channels_last_convolutions_at_zero_2(one_rank_gloo):
+    """ZeRO 1-3: the weights are views of DeepSpeed's flat NCHW buffer (converting them would cut them off from
+    the optimizer), so each convolution's input is made channels-last. With channels-last batches alone only the
+    first few are: the attention blocks hand back NCHW activations."""
+    speed = SpeedOptions(channels_last=True)
+    engine, preset = _unet_engine(2, "bf16", speed)
+    flat = engine.optimizer.bit16_groups_flat[0]
+    weight = engine.module.conv_in.weight
+    assert flat.data_ptr() <= weight.data_ptr() < flat.data_ptr() + flat.numel() * flat.element_size()
+    seen = _conv_inputs(engine.module)
+    _unet_step(engine, preset, layout=batch_layout(speed))
+    assert len(seen) > 20 and all(seen)
+
+
+# --- ZeRO-3's banner ---------------------------------------------------------------------------------------------
+
+
+def test_zero3_banner_counts_the_partitioned_parameters(one_rank_gloo):
+    """Under ZeRO-3 a parameter outside a gather has numel() 0; the banner counts DeepSpeed's ds_numel."""
+    from emoji_ldm.models.builders import build_unet, count_params
+    from emoji_ldm.train.ldm import WorkerConfig, _describe
+
+    preset = get_preset("tiny", TINY)
+    whole = count_params(build_unet(preset))
+    engine, _ = _unet_engine(3, "bf16", preset=preset)
+    assert sum(p.numel() for p in engine.module.parameters()) == 0  # what the banner used to add up
+    run = WorkerConfig(preset={}, latent_uri="", latent_version=0, zero_stage=3, use_gpu=False, threads=1,
+                       empty_emb=[], out="", vae="", image={}, speed=SpeedOptions(precision="bf16"))
+    banner = _describe(preset, engine.module, 12, run)
+    assert banner.startswith(f"preset tiny, UNet {whole / 1e6:.2f}M params ({whole / 1e6:.2f}M trainable, mode ")
+    assert whole > 100_000 and "12 micro-batches per rank per epoch; precision bf16" in banner
+
+
+# --- DeepSpeed's compile path ------------------------------------------------------------------------------------
+
+
+def test_compile_through_deepspeed(one_rank_gloo):
+    """`compile_engine` on a DeepSpeed engine (ZeRO 2, bf16): `engine.compile()` with the options' kwargs, then the
+    real step trains through the compiled module. The backend is aot_eager (dynamo's graph capture and AOT
+    autograd, the parts DeepSpeed's hooks meet, without inductor's C++ build, which takes minutes on this CPU;
+    inductor itself is tested through the step check)."""
+    from emoji_ldm.train.speed import compile_engine
+
+    preset = get_preset("tiny", ONE_LEVEL)
+    engine, _ = _unet_engine(2, "bf16", preset=preset)
+    torch._dynamo.reset()
+    compile_engine(engine, SpeedOptions(compile=True), backend="eager")
+    assert engine.is_compiled and engine._compile_kwargs == {"dynamic": False}
+    before = engine.module.conv_in.weight.detach().clone()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    losses = [_unet_step(engine, preset) for _ in range(2)]
+    assert all(torch.isfinite(loss) for loss in losses)
+    assert counts["stats"]["unique_graphs"] >= 1  # the forward ran as a compiled graph
+    assert not torch.equal(engine.module.conv_in.weight, before)
