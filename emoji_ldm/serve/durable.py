@@ -39,8 +39,9 @@ import threading
 import time
 import traceback
 
+from emoji_ldm.serve.job_files import animation_state, items_per_chunk, package
 from emoji_ldm.serve.schemas import MAX_BATCH_PIXELS, JobRequest, images_per_call
-from emoji_ldm.store.artifacts import delete, exists, read_bytes, read_json, write_bytes, write_json, write_zip
+from emoji_ldm.store.artifacts import delete, exists, read_json, write_bytes, write_json
 from emoji_ldm.store.uri import join
 
 logger = logging.getLogger(__name__)
@@ -202,9 +203,9 @@ class JobRunner:
         state = read_state(self.folder) or {}
         if state.get("state") in ENDED:
             return  # a runner started again for a job that has ended (a replay, a GET after a restart)
-        body = self.request["body"]
-        state = {"id": self.spec.job_id, "kind": "set" if body.get("items") is not None else "bulk",
-                 "state": "queued", "done": state.get("done", 0), "total": JobRequest.model_validate(body).images(),
+        request = JobRequest.model_validate(self.request["body"])
+        state = {"id": self.spec.job_id, "kind": request.kind, "animation": animation_state(request),
+                 "state": "queued", "done": state.get("done", 0), "total": request.images(),
                  "errors": state.get("errors", []), "created_at": self.request["created_at"],
                  "started_at": state.get("started_at"), "finished_at": None, "partial": False,
                  "result": None, "callback": None}
@@ -241,20 +242,21 @@ class JobRunner:
         drawer = ray.remote(Drawer).options(num_cpus=self.spec.num_cpus, num_gpus=self.spec.num_gpus).remote(
             self.spec.model, self.spec.device, self.spec.inference, request.adapter, self.spec.adapter_uri,
             request.size, self.spec.max_batch_size, self.spec.max_batch_pixels)
-        step = self._wait(drawer.ready.remote())
+        step = self._wait(drawer.ready.remote())  # images per pipeline call (a loop's frames, for an animation)
         if step is None:
             return
+        items = items_per_chunk(step, request)
         state.update(state="running", started_at=state.get("started_at") or now_iso())
         write_json(join(self.folder, "state.json"), state)
-        settings = request.sampler()
+        settings, animation = request.sampler(), request.animation.settings()
 
-        def submit(start: int):
-            chunk = draws[start:start + step]
+        def submit(start: int):  # loops as the sets draw them: `Sampler.pngs` with the job's animation
+            chunk = draws[start:start + items]
             job = SampleJob.of(tuple(p for _, p, _ in chunk), tuple(s for _, _, s in chunk), settings,
-                               request.adapter)
+                               request.adapter, animation)
             return drawer.pngs.remote(job, self.spec.png_metadata, step)
 
-        starts = list(range(state["done"], len(draws), step))
+        starts = list(range(state["done"], len(draws), items))
         pending = submit(starts[0])
         for i, start in enumerate(starts):
             made = self._wait(pending)
@@ -301,29 +303,9 @@ class JobRunner:
             write_json(join(self.folder, "state.json"), state)
 
     def _package(self, done: int, partial: bool) -> dict:
-        """The set's files (as /v1/emoji-sets makes them) for the `done` images drawn: result/<id>.zip and
-        result/manifest.json."""
-        from emoji_ldm.inference.sampler import model_card, model_uri
-        from emoji_ldm.serve.sets import set_files, set_manifest
-
-        request = JobRequest.model_validate(self.request["body"])
-        draws = request.draws()[:done]
-        settings = request.model_dump(include={"negative_prompt", "steps", "guidance", "seed", "scheduler",
-                                               "size", "adapter"})
-        uri = model_uri(self.spec.model)
-        manifest = set_manifest(self.spec.job_id, request.theme, [d[0] for d in draws], [d[1] for d in draws],
-                                settings, model_card(uri), uri, request.target)
-        for item, (_, _, seed) in zip(manifest["items"], draws):
-            item["seed"] = seed
-        manifest.update(kind=request.kind, partial=partial, done=done, total=request.images())
-        pngs = [read_bytes(join(self.folder, "images", f"{i:05d}.png")) for i in range(done)]
-        params = [read_json(join(self.folder, "images", f"{i:05d}.json")) for i in range(done)]
-        files = set_files(manifest, pngs, params if self.spec.png_metadata else None)
-        result = join(self.folder, "result")
-        write_zip(join(result, f"{self.spec.job_id}.zip"), files, self.spec.job_id)
-        write_bytes(join(result, "manifest.json"), files["manifest.json"])
-        return {"uri": result, "zip": join(result, f"{self.spec.job_id}.zip"),
-                "manifest": join(result, "manifest.json")}
+        """The set's files for the `done` images drawn: result/<id>.zip and result/manifest.json (job_files.py)."""
+        return package(self.folder, self.spec.job_id, self.spec.model, self.request["body"], done, partial,
+                       self.spec.png_metadata)
 
 
 class Drawer:
@@ -366,7 +348,7 @@ def public_state(state: dict, base: str = "") -> dict:
     if result:
         links = {"uri": result["uri"], "zip": f"{base}/v1/jobs/{state['id']}/result.zip",
                  "manifest": f"{base}/v1/jobs/{state['id']}/manifest.json"}
-    return {"id": state["id"], "kind": state.get("kind"), "state": state["state"],
+    return {"id": state["id"], "kind": state.get("kind"), "animation": state.get("animation"), "state": state["state"],
             "progress": {"done": state.get("done", 0), "total": state.get("total")},
             "errors": state.get("errors", []), "partial": state.get("partial", False),
             "created_at": state.get("created_at"), "started_at": state.get("started_at"),

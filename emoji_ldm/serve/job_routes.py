@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 
 from emoji_ldm.serve import meter
 from emoji_ldm.serve.http import ApiError, check_adapter, check_pixels
+from emoji_ldm.serve.job_files import check_loops_fit
 from emoji_ldm.serve.schemas import JobRequest
 
 logger = logging.getLogger("ray.serve")
@@ -155,7 +156,10 @@ class JobRoutes:
         check_adapter(body.adapter, self.args.adapters)
         if body.size:  # a job is drawn a pipeline call at a time: one image of its size must fit a call
             check_pixels(0, body.size, self.args.max_batch_pixels)
+        await asyncio.to_thread(check_loops_fit, body)  # now, not once every loop is drawn (job_files.py)
         data = body.model_dump(mode="json")
+        if not body.animation.frames:  # a still job's body (and so its Idempotency-Key hash) as before loops
+            data.pop("animation")
         digest = durable.body_hash(data)
         idempotency = request.headers.get("idempotency-key", "").strip()
         if len(idempotency) > 255:

@@ -70,6 +70,9 @@ class ServeConfig:
     webhook_allow: tuple[str, ...] = opt((), metavar="CIDR", help="an address range job callbacks may reach "
                                                                   "besides public ones, e.g. 10.0.0.0/8 "
                                                                   "(repeatable)")
+    judge: str = opt("", help="an emoji judge (emoji-ldm train-judge --out; local or s3://, on a cluster shared "
+                              "storage): every set's manifest reports legibility at chat size and consistency, and "
+                              "a set may ask for min_legibility. Default: the Serve config's args.judge, else none")
 
     def __post_init__(self):
         import ipaddress
@@ -205,7 +208,7 @@ def check_shared(args: dict) -> None:
     from emoji_ldm.runtime.shared import require_shared
 
     for key, what in (("model", "the model (--model)"), ("sets_uri", "--sets-uri"), ("jobs_uri", "--jobs-uri"),
-                      ("keys", "the API key file (--keys)"), ("judge", "the judge (args.judge)")):
+                      ("keys", "the API key file (--keys)"), ("judge", "the judge (--judge)")):
         require_shared(args.get(key) or "", what)
     for name, uri in (args.get("adapters") or {}).items():
         require_shared(uri, f"the adapter {name!r} (--adapter)")
@@ -222,7 +225,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def app_args(config: ServeConfig, app_cfg: dict) -> dict:
-    """The application's args: the Serve config's, with the command's model, storage, keys and adapters; each
+    """The application's args: the Serve config's, with the command's model, storage, keys, judge and adapters; each
     URI checked now, with a clear error, rather than in a replica."""
     from emoji_ldm.inference.sampler import model_uri
     from emoji_ldm.store.artifacts import check_writable
@@ -258,6 +261,14 @@ def app_args(config: ServeConfig, app_cfg: dict) -> dict:
     else:
         print(f"serve: no API keys: anyone on this machine can generate at {config.host}:{config.port} (only "
               "requests for localhost are answered)", flush=True)
+    if config.judge:
+        args["judge"] = normalize_uri(config.judge)
+    if args.get("judge"):
+        from emoji_ldm.eval.judge import load_judge
+
+        load_judge(args["judge"])  # a clear error now for a missing or broken judge, not in every replica
+        print(f"serve: sets are measured by the judge {args['judge']} (legibility at chat size, consistency)",
+              flush=True)
     if config.adapters:
         args["adapters"] = {**args.get("adapters", {}), **{k: normalize_uri(v) for k, v in config.adapters.items()}}
     return args

@@ -10,7 +10,7 @@ from __future__ import annotations
 import string
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.inference.animation import FORMATS, MAX_FRAMES, MIN_FRAMES, AnimationSettings
@@ -233,6 +233,7 @@ class EmojiSetRequest(Settings):
 
 
 MAX_JOB_IMAGES = 4096    # per /v1/jobs request: a set's items, or prompts x per_prompt
+MAX_JOB_FRAMES = 8 * MAX_JOB_IMAGES  # pipeline images an animated job draws (loops x frames): 4096 loops of 8 frames
 MAX_CALLBACK_CHARS = 2048
 
 
@@ -247,6 +248,8 @@ class JobRequest(Settings):
     prompts: list[str] | None = Field(None, max_length=MAX_JOB_IMAGES, description="a bulk spec: the prompts")
     per_prompt: int = Field(1, ge=1, le=MAX_COUNT, description="a bulk spec: images per prompt")
     target: Literal["slack", "discord", "github", "raw"] = Field("raw", description="as for /v1/emoji-sets")
+    animation: Animation = Field(default_factory=Animation, description="an animated loop per image, as for "
+                                                                        "/v1/emoji-sets")
     callback_url: str | None = Field(None, max_length=MAX_CALLBACK_CHARS,
                                      description="POSTed the job's final state, signed with the key's webhook "
                                                  "secret (public http(s) addresses only)")
@@ -263,6 +266,11 @@ class JobRequest(Settings):
 
     _theme = field_validator("theme")(EmojiSetRequest._theme.__func__)
     _template = field_validator("template")(EmojiSetRequest._template.__func__)
+
+    @field_serializer("animation")
+    def _animation_json(self, value: Animation) -> dict:
+        """A still job's body holds no animation fields ({}), so that it validates again (a runner reads it)."""
+        return value.model_dump() if value.frames else {}
 
     @field_validator("callback_url")
     @classmethod
@@ -286,7 +294,12 @@ class JobRequest(Settings):
         if self.images() > MAX_JOB_IMAGES:
             raise ValueError(f"the job asks for {self.images()} images; at most {MAX_JOB_IMAGES} per job "
                              "(use `emoji-ldm bulk` for more)")
+        if self.images() * self.animation.frames > MAX_JOB_FRAMES:
+            raise ValueError(f"animation.frames: {self.images()} loops of {self.animation.frames} frames are "
+                             f"{self.images() * self.animation.frames} frames to draw; at most {MAX_JOB_FRAMES} per "
+                             "job: ask for fewer frames or images, or split the job")
         _check_prompts(self.template, self.theme, self.items)
+        _check_animation(self)
         return self
 
     @property

@@ -1,0 +1,93 @@
+"""A durable job's files (serve/durable.py): what its result holds, and what an animated job is refused for.
+
+An animated job (`animation` in its request, as for /v1/emoji-sets) is drawn as the sets' loops are: its
+Drawer's SampleJob carries the animation, so `Sampler.pngs` draws each item as a lossless APNG of all its frames
+(`animation.drawn_loop`), kept under the job's images/ like a still; packaging makes each the request's format
+under the target's cap with the sets' own `set_manifest` / `set_files` (`sets.fitted_loops`), which record the
+loop and the file (frames, format, colours, size, bytes) and the loop's metrics on each manifest item.
+
+A loop that could not be made to fit its cap would fail the job only once every item is drawn, so a request is
+checked when it is submitted: the smallest file fitting can fall back to (`animation.encode_loop`: the fewest
+frames, 16 colours, the smallest size) of worst-case frames (uniform noise, which no encoder compresses) must be
+under the cap, with room for the generation parameters the file carries as text. If it is, every loop fits.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from emoji_ldm.serve.schemas import JobRequest
+from emoji_ldm.store.artifacts import read_bytes, read_json, write_bytes, write_zip
+from emoji_ldm.store.uri import join
+
+PARAMS_ALLOWANCE = 4096  # bytes: a file's generation parameters as text (prompts of at most 500 characters)
+
+
+@functools.lru_cache(maxsize=64)
+def worst_case_bytes(settings, target) -> int:
+    """The bytes of the smallest file `encode_loop` falls back to for `settings` (`AnimationSettings`) at
+    `target` (`targets.Target`, with a size), its frames uniform noise."""
+    import numpy as np
+    from PIL import Image
+
+    from emoji_ldm.inference.animation import _attempts, _save, matte_colour
+
+    *_, (frames, colours, size) = _attempts(settings.frames, target.size)
+    rng = np.random.default_rng(0)
+    noise = [Image.fromarray(rng.integers(0, 256, (size, size, 4), dtype=np.uint8), "RGBA") for _ in range(frames)]
+    return len(_save(noise, settings.format, 20, colours, matte_colour(settings.matte), None))
+
+
+def check_loops_fit(body: JobRequest) -> None:
+    """422 naming `animation` when a loop of `body` might not fit its target's cap (see the module's note)."""
+    from emoji_ldm.inference.targets import get_target
+    from emoji_ldm.serve.http import ApiError
+
+    settings, target = body.animation.settings(), get_target(body.target)
+    if not settings.animated or target.max_bytes is None or target.size is None:
+        return
+    need = worst_case_bytes(settings, target) + PARAMS_ALLOWANCE
+    if need > target.max_bytes:
+        raise ApiError(422, f"animation: a {settings.format} loop of {settings.frames} frames may not fit "
+                            f"{target.name}'s {target.max_bytes} bytes (its smallest fallback can take {need}): ask "
+                            "for fewer frames or another format", "animation")
+
+
+def items_per_chunk(step: int, body: JobRequest) -> int:
+    """Items one Drawer call draws: `step` images (one pipeline call's worth), or for loops as many whole loops as
+    `step` frames hold, at least one (its frames are drawn in calls of `step`)."""
+    frames = body.animation.frames
+    return max(1, step // frames) if frames else step
+
+
+def animation_state(body: JobRequest) -> dict | None:
+    """The job state's `animation`: the loop (`animation.loop_record`) and the file format; None for stills."""
+    from emoji_ldm.inference.animation import loop_record
+
+    settings = body.animation.settings()
+    return {**loop_record(settings), "format": settings.format} if settings.animated else None
+
+
+def package(folder: str, job_id: str, model: str, body: dict, done: int, partial: bool, png_metadata: bool) -> dict:
+    """The set's files (as /v1/emoji-sets makes them: PNGs, or loops as their format under the target's cap) for
+    the `done` images drawn under `folder`/images: result/<id>.zip and result/manifest.json."""
+    from emoji_ldm.inference.sampler import model_card, model_uri
+    from emoji_ldm.serve.sets import set_files, set_manifest
+
+    request = JobRequest.model_validate(body)
+    draws = request.draws()[:done]
+    settings = request.model_dump(include={"negative_prompt", "steps", "guidance", "seed", "scheduler", "size",
+                                           "adapter"})
+    uri = model_uri(model)
+    manifest = set_manifest(job_id, request.theme, [d[0] for d in draws], [d[1] for d in draws], settings,
+                            model_card(uri), uri, request.target, request.animation.settings())
+    for item, (_, _, seed) in zip(manifest["items"], draws):
+        item["seed"] = seed
+    manifest.update(kind=request.kind, partial=partial, done=done, total=request.images())
+    pngs = [read_bytes(join(folder, "images", f"{i:05d}.png")) for i in range(done)]
+    params = [read_json(join(folder, "images", f"{i:05d}.json")) for i in range(done)]
+    files = set_files(manifest, pngs, params if png_metadata else None)
+    result = join(folder, "result")
+    write_zip(join(result, f"{job_id}.zip"), files, job_id)
+    write_bytes(join(result, "manifest.json"), files["manifest.json"])
+    return {"uri": result, "zip": join(result, f"{job_id}.zip"), "manifest": join(result, "manifest.json")}
