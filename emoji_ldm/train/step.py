@@ -89,10 +89,10 @@ def grad_norm(engine) -> torch.Tensor | None:
 
 
 def to_device(array, device: torch.device, memory_format=torch.contiguous_format) -> torch.Tensor:
-    """A host batch (a numpy array, float16 in the latent table) as float32 on `device`, without waiting for the
-    device: on a GPU through pinned memory and an asynchronous copy (a plain `.to(device)` synchronises the stream
-    on every call), then cast there."""
-    t = torch.from_numpy(array)
+    """A host batch (a numpy array, float16 in the latent table, or a CPU tensor) as float32 on `device`, without
+    waiting for the device: on a GPU through pinned memory and an asynchronous copy (a plain `.to(device)`
+    synchronises the stream on every call), then cast there."""
+    t = array if isinstance(array, torch.Tensor) else torch.from_numpy(array)
     if device.type == "cuda":
         t = t.pin_memory().to(device, non_blocking=True)
     return t.to(device, torch.float32, memory_format=memory_format)

@@ -104,6 +104,7 @@ def _recipe(run: VAERun):
     from emoji_ldm.train import loop, runner
     from emoji_ldm.train.data import shard_to_numpy
     from emoji_ldm.train.speed import SpeedOptions
+    from emoji_ldm.train.step import to_device
 
     preset = preset_from_dict(run.preset)
     spec, fp32 = preset.vae, SpeedOptions(precision="no")  # the VAE trains in fp32, on a GPU too
@@ -118,7 +119,7 @@ def _recipe(run: VAERun):
 
     def batches(counters: dict):
         while True:  # (B, C, H, W) in [-1, 1], C = vae.channels (4: RGBA)
-            yield pixels[torch.randint(0, len(pixels), (micro,))].to(w.device).float()
+            yield to_device(pixels[torch.randint(0, len(pixels), (micro,))], w.device)
 
     def forward(x):
         recon, kl = engine(x)  # (B, C, H, W), (B,)

@@ -207,6 +207,30 @@ def test_a_training_step_does_not_wait_for_the_device():
     assert len(step.window.losses) == 2 and float(step.window.norms[0]) > 0
 
 
+def test_batches_reach_the_device_as_float32(monkeypatch):
+    """`to_device`: float16 rows of the latent table (numpy) or a CPU tensor (the VAE's pixels) as float32 in the
+    asked layout; on a GPU through pinned memory and a non-blocking copy (seen here with a recording stand-in for
+    the CUDA device: pin_memory, then `.to(cuda, non_blocking=True)`, then the cast on the device)."""
+    import numpy as np
+
+    from emoji_ldm.train.step import to_device
+
+    latents = to_device(np.ones((2, 4, 3, 3), np.float16), torch.device("cpu"), torch.channels_last)
+    assert latents.dtype == torch.float32 and latents.is_contiguous(memory_format=torch.channels_last)
+    assert to_device(torch.ones(2, 3, dtype=torch.float16), torch.device("cpu")).dtype == torch.float32
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: calls.append("pin") or t)
+    real_to = torch.Tensor.to
+
+    def to(t, *args, **kwargs):
+        calls.append(("to", *map(str, args), *sorted(kwargs.items())))
+        return real_to(t, *[torch.device("cpu") if a == torch.device("cuda") else a for a in args], **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    to_device(np.ones((2, 3), np.float16), torch.device("cuda"))
+    assert calls[:2] == ["pin", ("to", "cuda", ("non_blocking", True))]
+
+
 def test_caption_dropout_without_a_mask_index():
     """torch.where instead of boolean-mask indexing: the dropped rows are the empty caption, the others kept."""
     from emoji_ldm.models.builders import noise_scheduler
