@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 
 from emoji_ldm.serve import meter
 from emoji_ldm.serve.http import ApiError, check_adapter, check_pixels
-from emoji_ldm.serve.job_files import check_loops_fit
+from emoji_ldm.serve.job_files import animation_state, check_loops_fit
 from emoji_ldm.serve.schemas import JobRequest
 
 logger = logging.getLogger("ray.serve")
@@ -182,7 +182,8 @@ class JobRoutes:
                 await meter.ask("started", owner, job_id)
         if idempotency:
             return await self._same_job(request, job_id, stored, digest, created=True)
-        return JSONResponse(durable.public_state({"id": job_id, "state": "queued", "total": body.images(),
+        return JSONResponse(durable.public_state({"id": job_id, "kind": body.kind, "animation": animation_state(body),
+                                                 "state": "queued", "total": body.images(),
                                                  "created_at": durable.now_iso()}), status_code=202,
                             headers={"Location": f"/v1/jobs/{job_id}"})
 

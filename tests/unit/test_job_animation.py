@@ -193,7 +193,8 @@ def test_a_good_animated_job_starts_with_its_animation_and_a_still_job_hashes_as
     from emoji_ldm.serve.durable import body_hash
 
     status, answer = jobs_api.post(ANIMATED)
-    assert status == 202 and answer["state"] == "queued", answer
+    assert status == 202 and answer["state"] == "queued" and answer["kind"] == "set", answer
+    assert answer["animation"]["frames"] == 4 and answer["animation"]["format"] == "gif"
     assert jobs_api.started[0].body["animation"]["frames"] == 4
     still = {k: v for k, v in ANIMATED.items() if k != "animation"}
     status, _ = jobs_api.post(still)
