@@ -338,3 +338,26 @@ def test_compile_through_deepspeed(one_rank_gloo):
     assert all(torch.isfinite(loss) for loss in losses)
     assert counts["stats"]["unique_graphs"] >= 1  # the forward ran as a compiled graph
     assert not torch.equal(engine.module.conv_in.weight, before)
+
+
+def test_the_log_step_reads_the_window(one_rank_gloo, tmp_path):
+    """At a log step the window's loss and gradient-norm tensors become the line's numbers (one read, after the
+    all-reduce): the mean of the steps' norms, as a float in metrics.jsonl."""
+    import json
+
+    from emoji_ldm.train import loop
+    from emoji_ldm.train.metrics import MetricsLogger
+    from emoji_ldm.train.runner import Worker
+
+    layer = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    step = loop.Loop.__new__(loop.Loop)
+    step.recipe = SimpleNamespace(worker=Worker(0, 1, torch.device("cpu"), "no", torch.float32),
+                                  scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+    step.window = loop._Window(losses=[torch.tensor(1.0), torch.tensor(3.0)], norms=[torch.tensor(0.5),
+                               torch.tensor(1.5, dtype=torch.float64)], images=8, seconds=2.0, steps=2)
+    step.log = MetricsLogger(str(tmp_path), "t", 2)
+    step._log(2)
+    step.log.flush()
+    line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert line["loss"] == 2.0 and line["grad_norm"] == 1.0 and isinstance(line["grad_norm"], float)
