@@ -53,8 +53,8 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 @dataclass(frozen=True)
 class SpeedOptions:
     precision: str = opt("auto", choices=PRECISIONS,
-                         help="mixed precision: auto (bf16 on a GPU, none on CPU) | no | bf16 | fp16 (GPU only, "
-                              "with dynamic loss scaling)")
+                         help="mixed precision: auto (bf16 on a GPU with bf16 units, Ampere and newer; fp16 on an "
+                              "older GPU; none on CPU) | no | bf16 | fp16 (GPU only, with dynamic loss scaling)")
     allow_tf32: bool = opt(False, help="TF32 matmuls and convolutions for fp32 work (Ampere and newer GPUs)")
     gradient_checkpointing: bool = opt(False, help="recompute the UNet's activations in the backward pass: less "
                                                    "memory, about a third more compute")
