@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -22,8 +23,11 @@ print("loaded", folder)
 """
 
 
-def test_four_processes_load_one_s3_model_downloading_it_once(s3_server, tmp_path):
+def test_three_processes_load_one_s3_model_downloading_it_once(s3_server, tmp_path, caplog, monkeypatch):
+    import logging
     import os
+
+    from emoji_ldm.store.artifacts import local_copy
 
     s3_server.client().create_bucket(Bucket="cache-models")
     folder = tiny_sd_pipeline(tmp_path / "sd")
@@ -32,18 +36,21 @@ def test_four_processes_load_one_s3_model_downloading_it_once(s3_server, tmp_pat
             s3_server.client().upload_file(str(path), "cache-models", f"m/{path.relative_to(folder)}")
     env = {**os.environ, **s3_server.env(), "EMOJI_LDM_CACHE": str(tmp_path / "cache")}
     procs = [subprocess.Popen([sys.executable, "-c", LOAD, "s3://cache-models/m"], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
     logs = "".join(out for out, _ in outs)
     assert logs.count("downloading s3://cache-models/m") == 1, logs
-    assert len({line.split()[1] for line in logs.splitlines() if line.startswith("loaded")}) == 1
+    copies = {line.split()[1] for line in logs.splitlines() if line.startswith("loaded")}
+    assert len(copies) == 1
 
-    # a changed model (a new export to the same URI) is a new copy, not the stale one
+    # a changed model (a new export to the same URI) is a new copy, not the stale one (here, in this process)
     s3_server.client().put_object(Bucket="cache-models", Key="m/unet/extra.txt", Body=b"changed")
-    again = subprocess.run([sys.executable, "-c", LOAD, "s3://cache-models/m"], env=env, text=True,
-                           capture_output=True, timeout=300)
-    assert again.returncode == 0 and "downloading" in again.stdout, again.stderr[-2000:]
+    monkeypatch.setenv("EMOJI_LDM_CACHE", env["EMOJI_LDM_CACHE"])
+    with caplog.at_level(logging.INFO):
+        again = local_copy("s3://cache-models/m")
+    assert "downloading s3://cache-models/m" in caplog.text and again not in copies
+    assert (Path(again) / "unet" / "extra.txt").read_bytes() == b"changed"
 
 
 @pytest.mark.parametrize("where", ["s3", "local"])
