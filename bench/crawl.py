@@ -9,7 +9,10 @@ The site is the test suite's imitation of discords.com (`tests/crawl_site.py`), 
   ours: `crawl()` with 2 browser actors, 5-page shards, politeness limits lifted (--rate 0), then
         the concurrent download + ingest into a new Delta version.
 
-    python bench/crawl.py [--pages 40] [--per-page 24] [--hydrate]
+    python bench/crawl.py [--pages 40] [--per-page 24] [--hydrate] [--repeat R] [--skip-seed]
+
+To time another commit's crawler (a bisect), put its checkout first on the path:
+`PYTHONPATH=/tmp/bisect-<sha> python bench/crawl.py --skip-seed`; the site is always this checkout's.
 
 --hydrate serves the pages as a hydrating Next.js page does (the container in the HTML, the items
 fetched 0.5-1 s later): the seed's crawler reads them before the items exist and finds none.
@@ -27,9 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, row, timed, write_record
+from common import REPO, repeat, row, timed, write_record
 
-sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO))  # after PYTHONPATH: a bisect's checkout of emoji_ldm comes first
 
 
 def seed_crawl(site, pages: int, folder: Path) -> dict:
@@ -82,44 +85,82 @@ def seed_crawl(site, pages: int, folder: Path) -> dict:
     return {"pages": loaded, "images": len(rows)}
 
 
+def crawl_site():
+    """tests/crawl_site.py of this checkout (whatever emoji_ldm is on the path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_crawl_site", REPO / "tests" / "crawl_site.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.CrawlSite
+
+
+def page_times(stats: dict) -> dict:
+    """Our pages' own seconds (load and settle, from the shard records): median and total."""
+    import statistics
+
+    seconds = list(stats.get("page_seconds", {}).values())  # not kept by older commits
+    return {"pages": len(seconds), "median_s": round(statistics.median(seconds), 3) if seconds else None,
+            "sum_s": round(sum(seconds), 2)}
+
+
+def ours_once(site, work: Path, pages: int, i: int) -> dict:
+    from emoji_ldm.crawl.crawler import CrawlConfig, crawl
+
+    profile = work / "site.yaml"
+    profile.write_text(site.profile_yaml())
+    seconds, (crawled, stats) = timed(crawl, CrawlConfig(profile=str(profile), tag="Blobs", out=str(work / f"ours-{i}"),
+                                                         pages=f"1-{pages + 10}", workers=2, shard_pages=5,
+                                                         rate_per_host=0))
+    n = stats["pages_ok"] + 1
+    out = {"pages": n, "images": crawled.added, "seconds": seconds, "pages_seconds": stats["pages_seconds"],
+           "page_times": page_times(stats)}
+    print(f"ours: {n} pages, {crawled.added} images in {seconds:.1f} s = {n / seconds:.2f} pages/s, "
+          f"{crawled.added / seconds:.1f} images/s (pages stage {stats['pages_seconds']:.1f} s; "
+          f"pages {out['page_times']})", flush=True)
+    return out
+
+
+def seed_once(site, work: Path, pages: int, i: int) -> dict:
+    seconds, seed = timed(seed_crawl, site, pages, work / f"seed-{i}")
+    print(f"seed: {seed['pages']} pages, {seed['images']} images in {seconds:.1f} s = "
+          f"{seed['pages'] / seconds:.2f} pages/s, {seed['images'] / seconds:.1f} images/s", flush=True)
+    return {**seed, "seconds": seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pages", type=int, default=40)
     parser.add_argument("--per-page", type=int, default=24)
     parser.add_argument("--hydrate", action="store_true", help="items arrive after load, as on a Next.js page")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each, interleaved")
+    parser.add_argument("--skip-seed", action="store_true", help="ours alone (a bisect)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-    from emoji_ldm.crawl.crawler import CrawlConfig, crawl
-    from tests.crawl_site import CrawlSite
-
     work = Path(tempfile.mkdtemp(prefix="bench-crawl-"))
-    site = CrawlSite(pages=args.pages, per_page=args.per_page, slow_page=0, flaky_page=0, hydrate=args.hydrate)
+    site = crawl_site()(pages=args.pages, per_page=args.per_page, slow_page=0, flaky_page=0, hydrate=args.hydrate)
     results, summary = {"pages": args.pages, "per_page": args.per_page, "hydrate": args.hydrate}, []
+    runs = {"ours": lambda i: ours_once(site, work, args.pages, i)}
+    if not args.skip_seed:
+        runs["seed"] = lambda i: seed_once(site, work, args.pages, i)
     try:
-        seed_s, seed = timed(seed_crawl, site, args.pages, work / "seed")
-        print(f"seed: {seed['pages']} pages, {seed['images']} images in {seed_s:.1f} s = "
-              f"{seed['pages'] / seed_s:.2f} pages/s, {seed['images'] / seed_s:.1f} images/s", flush=True)
-
-        profile = work / "site.yaml"
-        profile.write_text(site.profile_yaml())
-        ours_s, (crawled, stats) = timed(crawl, CrawlConfig(profile=str(profile), tag="Blobs", out=str(work / "ours"),
-                                                            pages=f"1-{args.pages + 10}", workers=2, shard_pages=5,
-                                                            rate_per_host=0))
-        pages, added = stats["pages_ok"] + 1, crawled.added
-        print(f"ours: {pages} pages, {added} images in {ours_s:.1f} s = {pages / ours_s:.2f} pages/s, "
-              f"{added / ours_s:.1f} images/s (pages stage {stats['pages_seconds']:.1f} s)", flush=True)
-        results.update(seed={**seed, "seconds": seed_s}, ours={"pages": pages, "images": added, "seconds": ours_s,
-                                                                 "pages_seconds": stats["pages_seconds"]})
-        if seed["images"]:
-            print(f"ratio ours/seed: pages/s {(pages / ours_s) / (seed['pages'] / seed_s):.2f}x, images/s "
-                  f"{(added / ours_s) / (seed['images'] / seed_s):.2f}x")
-        else:
-            print(f"the seed's crawler found no images ({seed['pages']} page(s) read); ours found {added}")
-        summary = [row("crawl", what, mine / ours_s, theirs / seed_s, what, ">= 5") for what, mine, theirs in
-                   (("pages/s", pages, seed["pages"]), ("images/s", added, seed["images"]))]
+        runs = repeat(runs, args.repeat, alternate=True)
     finally:
         site.stop()
+    results.update(runs)
+    ours, seed = runs["ours"], runs.get("seed")
+    if seed and all(s["images"] for s in seed):
+        for what in ("pages", "images"):
+            ratios = [(o[what] / o["seconds"]) / (s[what] / s["seconds"]) for o, s in zip(ours, seed)]
+            print(f"ratio ours/seed, {what}/s: {', '.join(f'{r:.2f}x' for r in ratios)}", flush=True)
+    elif seed:
+        print(f"the seed's crawler found no images ({seed[0]['pages']} page(s) read); ours found "
+              f"{ours[0]['images']}", flush=True)
+    if seed:
+        summary = [row("crawl", f"{what}/s{', hydrating' if args.hydrate else ''}",
+                       [o[what] / o["seconds"] for o in ours], [s[what] / s["seconds"] for s in seed], f"{what}/s",
+                       ">= 5") for what in ("pages", "images") if what == "pages" or all(s["images"] for s in seed)]
     write_record("crawl", results, summary, about=f"a local imitation of discords.com, {args.pages} pages of "
                  f"{args.per_page}{' (hydrating)' if args.hydrate else ''}; peer: the seed's sequential crawler.")
 

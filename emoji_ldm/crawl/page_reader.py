@@ -15,26 +15,65 @@ from emoji_ldm.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-# One call to the page for every item: [src, title] of the image inside each item element.
-READ_ITEMS_JS = """
-const [itemSel, imageSel, urlAttr, titleAttr] = arguments;
-return Array.from(document.querySelectorAll(itemSel)).map(item => {
-  const img = item.querySelector(imageSel);
-  const src = img && img.getAttribute(urlAttr);
-  return src ? [src, img.getAttribute(titleAttr) || item.textContent.trim()] : null;
-}).filter(Boolean);
-"""
-# Polled while a page settles: [document.readyState, items with an image URL, the empty marker is present].
+# Polled while a page settles: [document.readyState, items with an image URL, the empty marker is present,
+# `wait_for` is present, [src, title] of the image inside each item (the reading that settles a page gives its
+# items)].
 PAGE_STATE_JS = """
-const [itemSel, imageSel, urlAttr, markerSel] = arguments;
-let n = 0;
+const [itemSel, imageSel, urlAttr, markerSel, waitSel, titleAttr] = arguments;
+const items = [];
 for (const item of document.querySelectorAll(itemSel)) {
   const img = item.querySelector(imageSel);
-  if (img && img.getAttribute(urlAttr)) n++;
+  const src = img && img.getAttribute(urlAttr);
+  if (src) items.push([src, img.getAttribute(titleAttr) || item.textContent.trim()]);
 }
-return [document.readyState, n, markerSel ? document.querySelector(markerSel) !== null : false];
+return [document.readyState, items.length, markerSel ? document.querySelector(markerSel) !== null : false,
+        document.querySelector(waitSel) !== null, items];
 """
 POLL_S = 0.1
+# Pages of a shard open at once, each in a tab of the actor's browser: the next page opens once the last one opened
+# shows items (so never a page past an empty one: the pages loaded are those a one-by-one reader loads), and each
+# settles while the next loads.
+TABS = 3
+
+
+class Settling:
+    """The settle rule of one page (profiles.py), fed one PAGE_STATE_JS reading at a time from `wait_for`'s
+    appearance on: `step` answers None while the page settles, then (ok|empty|failed, why)."""
+
+    def __init__(self, profile: SiteProfile, now: float):
+        self.p = profile
+        self.deadline = now + profile.page_timeout_s + profile.settle_s
+        self.count, self.changed, self.complete_since = -1, now, None
+
+    def step(self, state: str, n: int, marker: bool, now: float) -> tuple[str, str] | None:
+        p = self.p
+        if n != self.count:
+            self.count, self.changed = n, now
+        if state == "complete" and self.complete_since is None:
+            self.complete_since = now
+        if n == 0 and marker:
+            return "empty", f"empty marker {p.empty_marker!r}"
+        quiet = now - max(self.changed, self.complete_since or now)
+        if self.complete_since is not None and n > 0 and quiet >= p.items_settle_s:
+            return "ok", ""
+        if self.complete_since is not None and n == 0 and quiet >= p.settle_s:
+            return "empty", f"no items {p.settle_s:g} s after the page completed"
+        if now > self.deadline:
+            if n > 0:
+                return "ok", ""  # still growing: take what is there
+            return "failed", (f"timeout: the page did not settle within {p.page_timeout_s + p.settle_s:g} s "
+                              f"(document {state}, no {p.item!r} yet)")
+        return None
+
+    def next_reading(self, now: float) -> float:
+        """When to read the page next: every POLL_S until it is complete and shows items, then not before their
+        quiet time is up (an item seen later only restarts the quiet time)."""
+        if self.complete_since is None or self.count <= 0:
+            return now + POLL_S
+        settled = max(self.changed, self.complete_since) + self.p.items_settle_s
+        return min(max(now + POLL_S / 2, settled), self.deadline + POLL_S)
+
+
 # The rows the page stage emits: the columns `ingest_dataset` takes, and the page number for the tag-end filter.
 ITEM_SCHEMA = pa.schema([("locator", pa.string()), ("source", pa.string()), ("source_url", pa.string()),
                          ("page_url", pa.string()), ("title", pa.string()), ("tag", pa.string()),
@@ -52,6 +91,7 @@ class PageReader:
         self.browser = None
         self.last_load = 0.0
         self.restarts = 0
+        self.tab = None  # the tab the driver is in
 
     def _driver(self):
         from emoji_ldm.crawl.browser import Browser
@@ -63,7 +103,7 @@ class PageReader:
     def _replace_browser(self) -> None:
         if self.browser is not None:
             _quit(self.browser)
-        self.browser = None
+        self.browser, self.tab = None, None
         self.restarts += 1
 
     def _pace(self) -> None:
@@ -72,39 +112,34 @@ class PageReader:
             time.sleep(wait)
         self.last_load = time.monotonic()
 
+    def _state(self, driver) -> list:
+        p = self.profile
+        return driver.execute_script(PAGE_STATE_JS, p.item, p.image, p.image_url_attr, p.empty_marker, p.wait_for,
+                                     p.title_attr)
+
+    def _switch(self, driver, tab: str) -> None:
+        if self.tab != tab:
+            driver.switch_to.window(tab)
+            self.tab = tab
+
     def _settle(self, driver) -> tuple[str, list, str]:
         """After `wait_for`: (ok, items, "") once the items stop arriving; (empty, [], how) once the page
         is complete and stays without items for `settle_s`, or shows the empty marker; (failed, ...) when
         neither happens in time. Not rendered yet is never empty."""
-        p = self.profile
-        deadline = time.monotonic() + p.page_timeout_s + p.settle_s
-        count, changed, complete_since = -1, time.monotonic(), None
+        settling = Settling(self.profile, time.monotonic())
         while True:
-            state, n, marker = driver.execute_script(PAGE_STATE_JS, p.item, p.image, p.image_url_attr,
-                                                     p.empty_marker)
-            now = time.monotonic()
-            if n != count:
-                count, changed = n, now
-            if state == "complete" and complete_since is None:
-                complete_since = now
-            if n == 0 and marker:
-                return "empty", [], f"empty marker {p.empty_marker!r}"
-            quiet = now - max(changed, complete_since or now)
-            if complete_since is not None and n > 0 and quiet >= p.items_settle_s:
+            state, n, marker, _, items = self._state(driver)
+            verdict = settling.step(state, n, marker, time.monotonic())
+            if verdict is not None:
                 break
-            if complete_since is not None and n == 0 and quiet >= p.settle_s:
-                return "empty", [], f"no items {p.settle_s:g} s after the page completed"
-            if now > deadline:
-                if n > 0:
-                    break  # still growing: take what is there
-                return "failed", [], (f"timeout: the page did not settle within {p.page_timeout_s + p.settle_s:g} s "
-                                      f"(document {state}, no {p.item!r} yet)")
-            time.sleep(POLL_S)
-        return "ok", driver.execute_script(READ_ITEMS_JS, p.item, p.image, p.image_url_attr, p.title_attr), ""
+            time.sleep(max(0.0, settling.next_reading(time.monotonic()) - time.monotonic()))
+        status, why = verdict
+        return status, items if status == "ok" else [], why
 
-    def read_page(self, url: str) -> dict:
+    def read_page(self, url: str, first_attempt: int = 1, start: float | None = None) -> dict:
         """{status: ok|empty|failed, items: [[src, title]], error, attempts, seconds}; for empty, `error`
-        says why the page counts as empty."""
+        says why the page counts as empty. `first_attempt` > 1: the earlier ones were made (in `_read_ahead`,
+        from `start`)."""
         from selenium.common.exceptions import TimeoutException, WebDriverException
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support import expected_conditions as ec
@@ -112,8 +147,8 @@ class PageReader:
 
         p = self.profile
         error = ""
-        start = time.perf_counter()
-        for attempt in range(1, self.retries + 2):
+        start = start or time.perf_counter()
+        for attempt in range(first_attempt, self.retries + 2):
             if attempt > 1:
                 time.sleep(self.backoff_s * 2 ** (attempt - 2))
             self._pace()
@@ -148,25 +183,120 @@ class PageReader:
         return UserError(f"{where} has no items: {result['error']} [{selectors}]; check the profile's item and "
                          f"image selectors against the page, or raise its settle_s if the items arrive later")
 
+    def _tabs(self, driver) -> list[str]:
+        """The browser's TABS tabs (opened once per browser)."""
+        while len(driver.window_handles) < TABS:
+            driver.switch_to.new_window("tab")
+        return driver.window_handles[:TABS]
+
+    def _open(self, driver, tab: str, page: int) -> dict:
+        """Load `page` in `tab` (paced); the page's reading state."""
+        url = self.profile.page_url(self.tag, page)
+        self._switch(driver, tab)
+        self._pace()
+        opened = {"page": page, "url": url, "tab": tab, "start": time.perf_counter(), "since": time.monotonic(),
+                  "settling": None, "items_seen": False, "result": None, "next": 0.0}
+        driver.get(url)
+        return opened
+
+    def _poll(self, driver, page: dict) -> dict | None:
+        """One reading of an open page: its result once decided (the same rule as `read_page`), else None."""
+        p = self.profile
+        self._switch(driver, page["tab"])
+        state, n, marker, rendered, items = self._state(driver)
+        now = time.monotonic()
+        page["next"] = now + POLL_S
+        if page["settling"] is None:
+            if not rendered:
+                if now - page["since"] <= p.page_timeout_s:
+                    return None
+                return self._result(page, "failed", [], f"timeout: {p.wait_for!r} did not appear within "
+                                                        f"{p.page_timeout_s:g} s")
+            page["settling"] = Settling(p, now)
+        page["items_seen"] = page["items_seen"] or n > 0
+        verdict = page["settling"].step(state, n, marker, now)
+        if verdict is None:
+            page["next"] = page["settling"].next_reading(now)
+            return None
+        return self._result(page, verdict[0], items if verdict[0] == "ok" else [], verdict[1])
+
+    @staticmethod
+    def _result(page: dict, status: str, items: list, why: str) -> dict:
+        return {"status": status, "items": items, "error": why, "attempts": 1,
+                "seconds": round(time.perf_counter() - page["start"], 3)}
+
+    def _read_ahead(self, pages: list[int]) -> list[tuple[int, dict, float]]:
+        """The first attempt at `pages`, in order, up to TABS at once: (page, result, start) for a prefix of
+        them, the first at least, ending at the first page that is not ok or before one past the tag's end."""
+        import ray
+        from selenium.common.exceptions import TimeoutException, WebDriverException
+
+        p = self.profile
+        done, active, todo = [], [], list(pages)
+        try:
+            driver = self._driver()
+            tabs = self._tabs(driver)
+            while active or todo:
+                while todo and len(active) < TABS and (not active or active[-1]["items_seen"]):
+                    end = ray.get(self.state.end.remote()) if done or active else None
+                    if end is not None and todo[0] > end:
+                        todo = []
+                        break
+                    free, page = next(t for t in tabs if all(a["tab"] != t for a in active)), todo.pop(0)
+                    try:
+                        active.append(self._open(driver, free, page))
+                    except TimeoutException:  # the page did not load in time: no later page is opened
+                        late = {"page": page, "tab": free, "start": time.perf_counter()}
+                        late["result"] = self._result(late, "failed", [], f"timeout: {p.wait_for!r} did not appear "
+                                                      f"within {p.page_timeout_s:g} s")
+                        active.append(late)
+                        todo = []
+                for page in active:
+                    if page["result"] is None and page["next"] <= time.monotonic():
+                        page["result"] = self._poll(driver, page)
+                while active and active[0]["result"] is not None:
+                    page = active.pop(0)
+                    done.append((page["page"], page["result"], page["start"]))
+                    if page["result"]["status"] != "ok":
+                        return done  # pages opened after it are read again by the caller
+                waiting = [a["next"] for a in active if a["result"] is None]
+                if waiting and not (todo and len(active) < TABS and active[-1]["items_seen"]):
+                    time.sleep(min(POLL_S, max(0.0, min(waiting) - time.monotonic())))
+        except WebDriverException as e:  # a crashed or hung browser: its pages are read again, one by one
+            self._replace_browser()
+            first = pages[len(done)]
+            done.append((first, {"status": "failed", "items": [], "error": f"browser: {str(e).splitlines()[0][:160]}",
+                                 "attempts": 1, "seconds": 0.0}, time.perf_counter()))
+        return done
+
     def crawl_shard(self, pages: list[int]) -> tuple[dict, bool]:
         """Pages in order until the first empty one, or until the tag's end found by another shard; the shard's
-        stats, and whether it finished on its own terms (all pages read, or its own empty page)."""
+        stats, and whether it finished on its own terms (all pages read, or its own empty page). The first
+        attempt at each page is made in `_read_ahead`, a failed page is retried in `read_page`."""
         import ray
 
         start = time.perf_counter()
-        results, complete = [], True
-        for page in pages:
+        results, complete, i = [], True, 0
+        while i < len(pages):
             end = ray.get(self.state.end.remote())
-            if end is not None and page > end:
+            if end is not None and pages[i] > end:
                 complete = False  # another shard found the end first
                 break
-            url = self.profile.page_url(self.tag, page)
-            result = {"page": page, "url": url, **self.read_page(url)}
-            if page == self.first_page and result["status"] != "ok":
-                raise self._first_page_error(result)
-            results.append(result)
-            if result["status"] == "empty":
-                ray.get(self.state.empty_at.remote(page))
+            stop = False
+            for page, result, began in self._read_ahead(pages[i:]):
+                i += 1
+                url = self.profile.page_url(self.tag, page)
+                if result["status"] == "failed" and self.retries:
+                    result = self.read_page(url, first_attempt=2, start=began)
+                result = {"page": page, "url": url, **result}
+                if page == self.first_page and result["status"] != "ok":
+                    raise self._first_page_error(result)
+                results.append(result)
+                if result["status"] == "empty":
+                    ray.get(self.state.empty_at.remote(page))
+                    stop = True
+                    break
+            if stop:
                 break
         return {"pages": results, "first": pages[0], "last": pages[-1], "seconds": time.perf_counter() - start,
                 "browser_restarts": self.restarts}, complete  # first/last: the shard as assigned
