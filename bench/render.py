@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MAX_LINES = 300
+MAX_LINES = 400  # a page a reader scans: past this, shorten the summaries rather than add sections
 SECTIONS = {  # section -> heading, in page order; a section not listed comes after these, by name
     "ingest": "Ingest", "train": "Training and sampling", "serve": "Serving", "caption": "Captioning",
     "crawl": "Crawling", "submit": "Submitting a stage to a cluster",
@@ -26,7 +26,7 @@ SECTIONS = {  # section -> heading, in page order; a section not listed comes af
     "scale_data": "Data stages at scale", "ray_daemons": "Ray's daemons", "fast_path": "Fast-path options on CPU",
     "zero3_ema": "ZeRO-3 and the EMA", "resume": "Resuming mid-epoch", "quality": "Training recipe and model",
     "dreambooth": "DreamBooth", "transparency": "Transparency", "jobs": "Jobs and keys",
-    "make": "`make test` and `make demo`: wall time",
+    "make": "`make test` and `make demo`: wall time", "animation": "Animated emoji", "security": "Security",
 }
 AREAS = ["build", "caption", "encode", "train", "bulk", "bulk commits", "ingest", "keying", "tiny", "vae",
          "small64"]  # the order of a section's areas (a name not listed comes after these, by name)
