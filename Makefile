@@ -87,7 +87,8 @@ DEMO_MODEL := $(DEMO_OUT)/run/model/model_index.json
 $(DEMO_MODEL): | $(STAMP)
 	$(MAKE) demo
 
-# Ingest: ours vs img2dataset and a seed-style loop (both from .venv-peers).
+# Ingest: ours (its own Ray, and joining a running head) vs img2dataset from .venv-peers (--seed-loop adds the
+# seed's loop); at scale: `make bench BENCH_ARGS="--images 40000 --repeat 2 --profile"`.
 bench: $(BENCH_STAMP) .venv-peers
 	$(BIN)/python bench/ingest.py $(BENCH_ARGS)
 
