@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -334,7 +335,7 @@ def main() -> None:
         rate = {name: [n / w for w in ws] for name, ws in walls.items()}
         for name in (cold, warm):
             ratios = [o / p for o, p in zip(rate[name], rate[i2d])]
-            print(f"{name} / img2dataset: {sorted(ratios)[len(ratios) // 2]:.2f}x "
+            print(f"{name} / img2dataset: {statistics.median(ratios):.2f}x "
                   f"(runs {', '.join(f'{r:.2f}' for r in ratios)}; spread {spread(ratios)})", flush=True)
         staged = [p for p in PHASES if "ingest" in p]
         if staged:
