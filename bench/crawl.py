@@ -11,8 +11,10 @@ The site is the test suite's imitation of discords.com (`tests/crawl_site.py`), 
 
     python bench/crawl.py [--pages 40] [--per-page 24] [--hydrate] [--repeat R] [--skip-seed]
 
-To time another commit's crawler (a bisect), put its checkout first on the path:
-`PYTHONPATH=/tmp/bisect-<sha> python bench/crawl.py --skip-seed`; the site is always this checkout's.
+To time another commit's crawler (a bisect), run from inside its checkout with it first on the path (Ray's
+workers import from the working folder; RAY_ADDRESS=local: older commits joined any Ray running on the machine):
+`cd /tmp/bisect-<sha> && RAY_ADDRESS=local PYTHONPATH=$PWD /work/main/.venv/bin/python /work/main/bench/crawl.py
+--skip-seed`; the site is always this checkout's.
 
 --hydrate serves the pages as a hydrating Next.js page does (the container in the HTML, the items
 fetched 0.5-1 s later): the seed's crawler reads them before the items exist and finds none.
