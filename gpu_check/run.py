@@ -165,7 +165,7 @@ def deepspeed_check(ctx: Context, stage: int) -> dict:
 
     from emoji_ldm.models.builders import noise_scheduler
     from emoji_ldm.train.checkpoint import rng_state, set_rng_state
-    from emoji_ldm.train.ema import ExponentialMovingAverage, make_ema, update_ema
+    from emoji_ldm.train.ema import PartitionedEMA, update_ema
     from emoji_ldm.train.runner import step_applied
     from emoji_ldm.train.step import micro_batch_loss, training_step
 
@@ -184,8 +184,8 @@ def deepspeed_check(ctx: Context, stage: int) -> dict:
         return loss
 
     params = list(engine.module.parameters())
-    ema = make_ema(_masters(engine), preset.train).to(ctx.torch_device())
-    ema_start = [s.clone() for s in ema.shadow_params]
+    ema = PartitionedEMA(engine, params, preset.train, rank=0)  # the loop's EMA: this rank's fp32 masters
+    ema_start = [s.clone() for s in ema.gathered().shadow_params]
     before = eval_loss(engine)
     steps = 3 if ctx.quick else 8
     start = time.perf_counter()
@@ -197,7 +197,8 @@ def deepspeed_check(ctx: Context, stage: int) -> dict:
     ctx.sync()
     step_s = (time.perf_counter() - start) / steps
     after = eval_loss(engine)
-    ema_moved = max(float((s - s0).abs().max()) for s, s0 in zip(ema.shadow_params, ema_start))
+    ema_full = ema.gathered().shadow_params
+    ema_moved = max(float((s - s0).abs().max()) for s, s0 in zip(ema_full, ema_start))
 
     # checkpoint: the engine's shards + the EMA + the RNG, as checkpoint.save writes them (without Ray Train)
     folder = ctx.work / f"ckpt-zero{stage}"
@@ -209,11 +210,11 @@ def deepspeed_check(ctx: Context, stage: int) -> dict:
     # resume into a fresh engine built from other random weights
     resumed, _ = _engine(ctx, stage, seed=1)
     _, client = resumed.load_checkpoint(str(folder), tag="ds", load_lr_scheduler_states=True)
-    ema2 = ExponentialMovingAverage(_masters(resumed), decay=preset.train.ema_decay)
+    ema2 = PartitionedEMA(resumed, list(resumed.module.parameters()), preset.train, rank=0)
     ema2.load_state_dict(torch.load(folder / "ema.pt", weights_only=False, map_location="cpu"))
     loaded = _masters(resumed)
     weights_equal = all(torch.equal(a, b) for a, b in zip(saved, loaded)) and len(saved) == len(loaded)
-    ema_equal = all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(ema.shadow_params, ema2.shadow_params))
+    ema_equal = all(torch.equal(a, b) for a, b in zip(ema_full, ema2.gathered().shadow_params))
     lr_equal = resumed.lr_scheduler.get_last_lr() == engine.lr_scheduler.get_last_lr()
 
     # one more step from the same RNG on both: a resumed run continues where the first left off

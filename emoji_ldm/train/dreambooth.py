@@ -249,7 +249,7 @@ def _recipe(run: DreamBoothRun):
 
     describe = (f"{config.method} on {run.base} ({run.base_id[:19]}), {len(photos.instance)} instance photos x "
                 f"{config.instance_prompt!r}, {len(photos.classes)} class images x {config.class_prompt!r} (prior "
-                f"weight {config.prior_loss_weight}), {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
+                f"weight {config.prior_loss_weight}), {runner.numel(params) / 1e6:.2f}M trainable "
                 f"params, text encoder {'trained' if config.train_text_encoder else 'frozen'}, lr "
                 f"{config.learning_rate:g}; {config.speed.summary(config.use_gpu)}")
     return loop.Recipe(

@@ -29,7 +29,7 @@ def configure(pipe, config) -> list:
     ...) as `train` does; returns the trainable parameters."""
     from emoji_ldm.train.speed import prepare_unet
 
-    prepare_unet(pipe.unet, config.speed, convert_weights=False)  # DeepSpeed: channels-last on the batches only
+    prepare_unet(pipe.unet, config.speed, convert_weights=False)  # channels-last: runner.create_engine, after DeepSpeed
     if config.speed.gradient_checkpointing and config.train_text_encoder:
         pipe.text_encoder.gradient_checkpointing_enable()
     pipe.vae.requires_grad_(False)
