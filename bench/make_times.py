@@ -1,0 +1,93 @@
+"""`make test` and `make demo` on a fresh clone: wall time, as CI and a new user run them.
+
+    .venv/bin/python bench/make_times.py --target test     # clone HEAD into a temporary folder, CI=true make test
+    .venv/bin/python bench/make_times.py --target demo
+    .venv/bin/python bench/make_times.py --target demo --from-log LOG --note "..."   # record a run already made
+
+The clone builds its own .venv (`make install`; pip's cache makes that about 2 minutes here, more on a machine
+without one). The record has the whole `make` wall time, pytest's own time (its last line), the passed and failed
+counts and, for the demo, its per-step timings (infra/demo.sh prints them). Run it with nothing else on the
+machine: the figure is the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import REPO, row, write_record
+
+GOAL_MIN = {"test": 20, "demo": 15}
+
+
+def parse(target: str, log: str) -> dict:
+    figures: dict = {}
+    if target == "test":
+        for line in reversed(log.splitlines()):
+            m = re.search(r"=+ (.*) in ([0-9.]+)s", line)
+            if m:
+                counts = dict((k, int(v)) for v, k in re.findall(r"(\d+) (passed|failed|error|errors|skipped)", m[1]))
+                figures.update(pytest_wall_s=float(m[2]), **counts)
+                break
+    else:
+        steps = re.findall(r"^([a-z-]+)\s+([0-9.]+) s$", log, re.M)
+        figures["steps_s"] = {name: float(s) for name, s in steps}
+        total = re.search(r"^total\s+([0-9.]+) s", log, re.M)
+        figures["demo_total_s"] = float(total[1]) if total else None
+    return figures
+
+
+def run(target: str, keep: bool) -> tuple[float, str, int]:
+    folder = Path(tempfile.mkdtemp(prefix=f"emoji-ldm-make-{target}-"))
+    subprocess.run(["git", "clone", "-q", str(REPO), str(folder / "repo")], check=True)
+    start = time.perf_counter()
+    proc = subprocess.run(["make", target], cwd=folder / "repo", env={**_env(), "CI": "true"},
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.perf_counter() - start
+    (folder / f"make-{target}.log").write_text(proc.stdout)
+    print(f"log: {folder / f'make-{target}.log'}")
+    if not keep:
+        subprocess.run(["rm", "-rf", str(folder / "repo")])
+    return wall, proc.stdout, proc.returncode
+
+
+def _env() -> dict:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "RAY_ADDRESS")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", choices=("test", "demo"), required=True)
+    parser.add_argument("--from-log", help="record this log of a run already made instead of running one")
+    parser.add_argument("--wall-s", type=float, help="with --from-log: the run's whole wall time")
+    parser.add_argument("--note", default=None, help="what the machine was doing besides (with --from-log)")
+    parser.add_argument("--keep", action="store_true", help="keep the clone")
+    args = parser.parse_args()
+    if args.from_log:
+        log, rc = Path(args.from_log).read_text(), None
+        wall = args.wall_s
+    else:
+        wall, log, rc = run(args.target, args.keep)
+    figures = {"make_wall_s": wall, "returncode": rc, **parse(args.target, log)}
+    minutes = (wall or figures.get("demo_total_s") or 0) / 60
+    where = "" if args.from_log else " on a fresh clone"
+    summary = [row(f"make: {args.target}", f"`make {args.target}` wall time{where}", minutes, unit="min",
+                   goal=f"<= {GOAL_MIN[args.target]}", note=args.note)]
+    if args.target == "test" and "pytest_wall_s" in figures:
+        summary.append(row(f"make: {args.target}", f"its pytest ({figures.get('passed', 0)} passed, "
+                           f"{figures.get('failed', 0)} failed)", figures["pytest_wall_s"] / 60, unit="min",
+                           goal=f"<= {GOAL_MIN['test']}"))
+    write_record(f"make_{args.target}", figures, summary)
+    print(f"make {args.target}: {minutes:.1f} min, rc {rc}")
+    return 0 if rc in (0, None) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
