@@ -56,6 +56,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def one_rank_gloo(monkeypatch):
+    """A one-process gloo group, as a Ray Train worker has, for DeepSpeed outside Ray. DeepSpeed's CPU
+    shared-memory all-reduce (a C++ op it JIT-builds, for inference only; tens of seconds whenever another
+    process built it with other flags) is left out: training's collectives go through torch.distributed."""
+    import importlib
+
+    import torch
+
+    monkeypatch.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+                 "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}.items():
+        monkeypatch.setenv(k, v)
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+    from deepspeed.utils import groups
+
+    groups._WORLD_GROUP = None  # DeepSpeed's clone of the world group went with it: the next test's engine makes one
+
+
 # --- S3 ----------------------------------------------------------------------
 
 S3_ENV = {

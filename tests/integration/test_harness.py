@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 
 import pytest
 import torch
@@ -23,26 +21,6 @@ def tiny(pipeline, ray_local):
     """The session's pipeline: its latent table (48 Twemoji and synthetic rows, tiny preset) and its 4-step run;
     read only."""
     return pipeline
-
-
-@pytest.fixture
-def one_rank_gloo():
-    """A one-process gloo group, as a Ray Train worker has, for DeepSpeed outside Ray."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    torch.distributed.destroy_process_group()
-    from deepspeed.utils import groups
-
-    groups._WORLD_GROUP = None  # DeepSpeed's clone of the world group went with it: the next test's engine makes one
-    for k, v in old.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def test_ema_under_deepspeed_bf16_moves_like_fp32(one_rank_gloo):

@@ -4,9 +4,6 @@ GPU wait counted by a dispatch mode."""
 
 from __future__ import annotations
 
-import importlib
-import os
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -19,29 +16,6 @@ from emoji_ldm.train.speed import SpeedOptions, batch_layout
 TINY = {"unet.block_out_channels": "32,32"}
 ONE_LEVEL = {"unet.block_out_channels": "32", "unet.down_block_types": "CrossAttnDownBlock2D",  # cross-attention,
              "unet.up_block_types": "CrossAttnUpBlock2D", "unet.layers_per_block": "1"}  # the mid block: fewer ops
-
-
-@pytest.fixture
-def one_rank_gloo(monkeypatch):
-    """A one-process gloo group, as a Ray Train worker has, for DeepSpeed outside Ray. DeepSpeed's CPU
-    shared-memory all-reduce (a C++ op it JIT-builds, for inference only; tens of seconds whenever another
-    process built it with other flags) is left out: training's collectives go through torch.distributed."""
-    monkeypatch.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    torch.distributed.destroy_process_group()
-    from deepspeed.utils import groups
-
-    groups._WORLD_GROUP = None  # DeepSpeed's clone of the world group went with it: the next test's engine makes one
-    for k, v in old.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def _worker(precision: str):
