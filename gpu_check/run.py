@@ -165,7 +165,7 @@ def deepspeed_check(ctx: Context, stage: int) -> dict:
 
     from emoji_ldm.models.builders import noise_scheduler
     from emoji_ldm.train.checkpoint import rng_state, set_rng_state
-    from emoji_ldm.train.ema import PartitionedEMA, update_ema
+    from emoji_ldm.train.ema import PartitionedEMA
     from emoji_ldm.train.runner import step_applied
     from emoji_ldm.train.step import micro_batch_loss, training_step
 
@@ -193,7 +193,7 @@ def deepspeed_check(ctx: Context, stage: int) -> dict:
     for _ in range(steps):
         losses.append(float(training_step(engine, noise, latents, text, empty, recipe, ptype, torch.bfloat16)))
         if step_applied(engine):
-            update_ema(ema, params)
+            ema.step()
     ctx.sync()
     step_s = (time.perf_counter() - start) / steps
     after = eval_loss(engine)

@@ -90,21 +90,6 @@ def master_weights(params):
         yield p.detach().float() if master is None else master
 
 
-def update_ema(ema, params) -> None:
-    """One EMA update after an applied step. A `PartitionedEMA` (every rank) reads only its own masters and sends
-    nothing. An `ExponentialMovingAverage` of full tensors: every rank reads the masters (a collective per tensor
-    under ZeRO); rank 0, the only one with an EMA, averages them."""
-    if isinstance(ema, PartitionedEMA):
-        ema.step()
-        return
-    masters = master_weights(params)
-    if ema is None:
-        for _ in masters:
-            pass
-    else:
-        ema.step(masters)
-
-
 # --- the EMA the loop keeps: each rank averages the fp32 master elements it owns --------------------------------
 
 

@@ -120,7 +120,6 @@ class Loop:
     def train_step(self, batches: Iterator) -> bool:
         """One optimizer step over `grad_accum` micro-batches; False when the engine skipped it. A skipped step's
         losses stay out of the logged mean (they trained nothing); its time and images count."""
-        from emoji_ldm.train.ema import update_ema
         from emoji_ldm.train.step import grad_norm
 
         r, window = self.recipe, self.window
@@ -133,7 +132,7 @@ class Loop:
             if norm is not None:
                 window.norms.append(norm)
             if r.ema is not None:
-                update_ema(self.ema, r.params)  # every rank, its own partition: no collective
+                self.ema.step()  # every rank, its own partition: no collective
             for loss, parts in outputs:
                 window.add(loss, parts)
             window.steps += 1

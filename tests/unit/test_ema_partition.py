@@ -111,26 +111,22 @@ def _loop(engine, params, out: Path, monkeypatch):
 def test_an_ema_update_sends_nothing(one_rank_gloo, tmp_path, monkeypatch, stage):
     """The loop's EMA update after a bf16 ZeRO step: no collective, 0 bytes (the EMA of the masters each rank owns),
     where a full fp32 copy of every tensor was all-reduced before."""
-    from emoji_ldm.train.ema import update_ema
-
     engine, params = _engine(stage, "bf16")
     state = _loop(engine, params, tmp_path, monkeypatch)
     _step(engine, 1)
     with counted_collectives() as calls:
-        update_ema(state.ema, params)
+        state.ema.step()
     assert calls == [] and state.ema.optimization_step == 1
 
 
 def test_zero0_bf16_ema_follows_the_fp32_masters(one_rank_gloo, tmp_path, monkeypatch):
     """ZeRO 0 with bf16: DeepSpeed's unfused optimizer keeps fp32 copies it links to no parameter. The EMA's first
     update (decay 0) copies exactly those masters, not the bf16 weights."""
-    from emoji_ldm.train.ema import update_ema
-
     engine, params = _engine(0, "bf16")
     assert type(engine.optimizer).__name__ == "FP16_UnfusedOptimizer" and params[0].dtype == torch.bfloat16
     state = _loop(engine, params, tmp_path, monkeypatch)
     _step(engine, 1)
-    update_ema(state.ema, params)
+    state.ema.step()
     shadows = state.ema.state_dict()["shadow_params"]
     masters = [m for group in engine.optimizer.fp32_groups for m in group]
     assert all(torch.equal(s, m) for s, m in zip(shadows, masters, strict=True))
