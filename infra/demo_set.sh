@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A step of `make demo`: serve a model on Ray (the cluster of $RAY_ADDRESS, as infra/demo.sh sets it, or a
 # local one of its own), ask it for one emoji set over HTTP, save the zip, and shut the service down cleanly
-# (SIGTERM, which `emoji-ldm serve` handles like Ctrl-C).
+# (SIGTERM, which `emoji-ldm serve` handles like Ctrl-C). The set is six coloured hearts: a shape the demo's
+# model draws, in the colours its captions name ("red heart emoji ..., bright red").
 #
 #   infra/demo_set.sh MODEL OUT_DIR [PORT]
 set -euo pipefail
@@ -34,7 +35,7 @@ curl -sf "$url/healthz" > /dev/null || { echo "the service did not come up in 18
 echo "service up at $url/ ; POST /v1/emoji-sets ..."
 
 curl -sS --fail-with-body -X POST "$url/v1/emoji-sets" -H 'content-type: application/json' \
-  -d '{"theme": "cat face", "items": ["grinning", "smiling", "crying", "pouting", "kissing", "weary"], "seed": 1,
+  -d '{"theme": "heart", "items": ["red", "orange", "yellow", "green", "blue", "purple"], "seed": 1,
        "target": "slack"}' \
   -o "$out/emoji-set.zip"
 rm -rf "$out/emoji-set"
