@@ -37,23 +37,48 @@ def chat_pixels(judge, images: list[Image.Image], background: str, px: int = CHA
                      for im in images])
 
 
+def theme_reads(judge, images: list[Image.Image], labels: list[str | None], px: int = CHAT_PX) -> list[dict | None]:
+    """Per image, {theme: whether the judge reads it as its label at chat size on that theme}; None for an image
+    whose label the judge does not know. What `legibility` and `legible_share` are made of, and what a durable
+    job stores per item, so that its summary never measures an item twice."""
+    reads: list[dict | None] = [None] * len(images)
+    known = [i for i, y in enumerate(labels) if y in set(judge.classes)]
+    for i in known:
+        reads[i] = {}
+    for theme, colour in THEMES.items():
+        if not known:
+            break
+        predicted = judge.predict(chat_pixels(judge, [images[i] for i in known], colour, px))
+        for p, i in zip(predicted, known):
+            reads[i][theme] = bool(p == labels[i])
+    return reads
+
+
+def share_of(reads: dict | None) -> float | None:
+    """The share of chat themes on which one image reads as its label (None: no label to read it as)."""
+    return None if reads is None else round(float(np.mean(list(reads.values()))), 4)
+
+
+def summarise(reads: list[dict | None], px: int = CHAT_PX) -> dict:
+    """`theme_reads` as the judge's prompt accuracy per theme over the labelled images: {"px", "themes": {theme:
+    accuracy}, "min": the worst theme, "labelled": how many counted}."""
+    known = [r for r in reads if r is not None]
+    if not known:
+        return {"px": px, "themes": {}, "min": None, "labelled": 0}
+    themes = {theme: round(float(np.mean([r[theme] for r in known])), 4) for theme in THEMES}
+    return {"px": px, "themes": themes, "min": min(themes.values()), "labelled": len(known)}
+
+
 def legibility(judge, images: list[Image.Image], labels: list[str | None], px: int = CHAT_PX) -> dict:
     """The judge's prompt accuracy at chat size, per theme, over the images whose label the judge knows:
     {"px", "themes": {theme: accuracy}, "min": the worst theme, "labelled": how many counted}."""
-    known = [i for i, y in enumerate(labels) if y in set(judge.classes)]
-    if not known:
-        return {"px": px, "themes": {}, "min": None, "labelled": 0}
-    themes = {}
-    for theme, colour in THEMES.items():
-        predicted = judge.predict(chat_pixels(judge, [images[i] for i in known], colour, px))
-        themes[theme] = round(float(np.mean([p == labels[i] for p, i in zip(predicted, known)])), 4)
-    return {"px": px, "themes": themes, "min": min(themes.values()), "labelled": len(known)}
+    return summarise(theme_reads(judge, images, labels, px), px)
 
 
 def legible_share(judge, image: Image.Image, label: str, px: int = CHAT_PX) -> float:
     """The share of themes on which the judge reads one image as `label` at chat size (0 to 1)."""
-    pixels = np.concatenate([chat_pixels(judge, [image], colour, px) for colour in THEMES.values()])
-    return float(np.mean([p == label for p in judge.predict(pixels)]))
+    (reads,) = theme_reads(judge, [image], [label], px)
+    return 0.0 if reads is None else float(np.mean(list(reads.values())))
 
 
 def _palette_outline(image: Image.Image) -> np.ndarray:

@@ -39,10 +39,10 @@ import threading
 import time
 import traceback
 
-from emoji_ldm.serve.job_files import animation_state, items_per_chunk, package
+from emoji_ldm.serve.job_files import animation_state, items_per_chunk, job_judge, package
 from emoji_ldm.serve.schemas import MAX_BATCH_PIXELS, JobRequest, images_per_call
 from emoji_ldm.store.artifacts import delete, exists, read_json, write_bytes, write_json
-from emoji_ldm.store.uri import join
+from emoji_ldm.store.uri import join, public_uri
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ class JobSpec:
     webhook_secret: str = ""        # never written anywhere
     webhook_allow: tuple[str, ...] = ()
     max_batch_pixels: int = MAX_BATCH_PIXELS  # per pipeline call, images x size^2
+    judge: str = ""                 # the server's judge (args.judge): each item's legibility; "" none
 
     @property
     def folder(self) -> str:
@@ -172,7 +173,7 @@ class JobRunner:
         request = read_request(self.folder)
         if request is None:  # the one writer: this actor holds the job's name
             request = {"id": spec.job_id, "owner": spec.owner, "body": spec.body, "body_hash": spec.body_hash,
-                       "model": spec.model, "created_at": now_iso()}
+                       "model": spec.model, "created_at": now_iso(), "judge": public_uri(spec.judge)}
             write_json(join(self.folder, "request.json"), request)
             write_bytes(active_marker(spec.jobs_uri, spec.owner, spec.job_id), b"")
         self.request = request
@@ -233,11 +234,14 @@ class JobRunner:
         import ray
 
         from emoji_ldm.inference.sampler import SampleJob
+        from emoji_ldm.serve.job_files import JobLegibility, legibility_file
 
         request = JobRequest.model_validate(self.request["body"])
         draws = request.draws()
         if state["done"] >= len(draws) or self._cancel.is_set():
             return
+        judge = job_judge(self.request, self.spec.judge)  # the one the job was made with, or it fails here
+        legibility = JobLegibility(judge, request) if judge else None  # loaded before the Drawer starts
         write_json(join(self.folder, "state.json"), state)  # queued: waiting for the Drawer's CPUs/GPUs
         drawer = ray.remote(Drawer).options(num_cpus=self.spec.num_cpus, num_gpus=self.spec.num_gpus).remote(
             self.spec.model, self.spec.device, self.spec.inference, request.adapter, self.spec.adapter_uri,
@@ -249,6 +253,10 @@ class JobRunner:
         state.update(state="running", started_at=state.get("started_at") or now_iso())
         write_json(join(self.folder, "state.json"), state)
         settings, animation = request.sampler(), request.animation.settings()
+
+        def redraw(prompt: str, seed: int):  # one item again (job_files.JobLegibility), after the chunk ahead
+            job = SampleJob.of((prompt,), (seed,), settings, request.adapter, animation)
+            return self._wait(drawer.pngs.remote(job, self.spec.png_metadata, step))
 
         def submit(start: int):  # loops as the sets draw them: `Sampler.pngs` with the job's animation
             chunk = draws[start:start + items]
@@ -264,9 +272,14 @@ class JobRunner:
                 return
             if i + 1 < len(starts):
                 pending = submit(starts[i + 1])
+            records = legibility.chunk(start, made, redraw) if legibility else None  # measured, maybe redrawn
+            if records is not None and self._cancel.is_set():
+                return  # cancelled during a redraw: the chunk is not recorded
             for k, (png, params) in enumerate(made):
                 write_bytes(join(self.folder, "images", f"{start + k:05d}.png"), png)
                 write_json(join(self.folder, "images", f"{start + k:05d}.json"), params)
+                if records is not None:
+                    write_json(legibility_file(self.folder, start + k), records[k])
             state["done"] = start + len(made)
             write_json(join(self.folder, "state.json"), state)
 
@@ -305,7 +318,7 @@ class JobRunner:
     def _package(self, done: int, partial: bool) -> dict:
         """The set's files for the `done` images drawn: result/<id>.zip and result/manifest.json (job_files.py)."""
         return package(self.folder, self.spec.job_id, self.spec.model, self.request["body"], done, partial,
-                       self.spec.png_metadata)
+                       self.spec.png_metadata, job_judge(self.request, self.spec.judge))
 
 
 class Drawer:
@@ -352,7 +365,7 @@ def public_state(state: dict, base: str = "") -> dict:
             "progress": {"done": state.get("done", 0), "total": state.get("total")},
             "errors": state.get("errors", []), "partial": state.get("partial", False),
             "created_at": state.get("created_at"), "started_at": state.get("started_at"),
-            "finished_at": state.get("finished_at"), "result": links,
+            "finished_at": state.get("finished_at"), "result": links, "legibility": (result or {}).get("legibility"),
             "callback": {k: v for k, v in (state.get("callback") or {}).items() if k != "url"} or None}
 
 

@@ -68,9 +68,11 @@ def animation_state(body: JobRequest) -> dict | None:
     return {**loop_record(settings), "format": settings.format} if settings.animated else None
 
 
-def package(folder: str, job_id: str, model: str, body: dict, done: int, partial: bool, png_metadata: bool) -> dict:
+def package(folder: str, job_id: str, model: str, body: dict, done: int, partial: bool, png_metadata: bool,
+            judge_uri: str = "") -> dict:
     """The set's files (as /v1/emoji-sets makes them: PNGs, or loops as their format under the target's cap) for
-    the `done` images drawn under `folder`/images: result/<id>.zip and result/manifest.json."""
+    the `done` images drawn under `folder`/images: result/<id>.zip and result/manifest.json; the result's
+    `legibility`, its summary (`job_quality`)."""
     from emoji_ldm.inference.sampler import model_card, model_uri
     from emoji_ldm.serve.sets import set_files, set_manifest
 
@@ -79,10 +81,9 @@ def package(folder: str, job_id: str, model: str, body: dict, done: int, partial
     settings = request.model_dump(include={"negative_prompt", "steps", "guidance", "seed", "scheduler", "size",
                                            "adapter"})
     uri = model_uri(model)
+    quality = job_quality(folder, request, done, judge_uri)
     manifest = set_manifest(job_id, request.theme, [d[0] for d in draws], [d[1] for d in draws], settings,
-                            model_card(uri), uri, request.target, request.animation.settings())
-    for item, (_, _, seed) in zip(manifest["items"], draws):
-        item["seed"] = seed
+                            model_card(uri), uri, request.target, request.animation.settings(), quality)
     manifest.update(kind=request.kind, partial=partial, done=done, total=request.images())
     pngs = [read_bytes(join(folder, "images", f"{i:05d}.png")) for i in range(done)]
     params = [read_json(join(folder, "images", f"{i:05d}.json")) for i in range(done)]
@@ -90,4 +91,92 @@ def package(folder: str, job_id: str, model: str, body: dict, done: int, partial
     result = join(folder, "result")
     write_zip(join(result, f"{job_id}.zip"), files, job_id)
     write_bytes(join(result, "manifest.json"), files["manifest.json"])
-    return {"uri": result, "zip": join(result, f"{job_id}.zip"), "manifest": join(result, "manifest.json")}
+    figures = manifest["quality"]["legibility"]
+    summary = figures if isinstance(figures, str) else {
+        **{k: v for k, v in figures.items() if k != "items"}, "redraws": len(manifest["quality"]["redraws"])}
+    return {"uri": result, "zip": join(result, f"{job_id}.zip"), "manifest": join(result, "manifest.json"),
+            "legibility": summary}
+
+
+# ---- legibility at chat size: each item measured (and redrawn) once, as its chunk is drawn -------------------
+
+JOB_CONSISTENCY = ("not measured for jobs: a job's items are drawn and kept chunk by chunk; /v1/emoji-sets "
+                   "measures a pack's consistency")
+
+
+def legibility_file(folder: str, index: int) -> str:
+    """images/<index>.legibility.json: an item's final seed, its reads at chat size and its redraws."""
+    return join(folder, "images", f"{index:05d}.legibility.json")
+
+
+def job_judge(request: dict, server_judge: str) -> str:
+    """The judge a job is measured with: the server's when the job was created (its request.json's `judge`, the
+    public URI), the server's now to load it; "" for a job made without one. A job resumed by a server with
+    another judge, or none, fails: its items would be measured two ways."""
+    from emoji_ldm.errors import UserError
+    from emoji_ldm.store.uri import public_uri
+
+    made_with = request.get("judge") or ""
+    if made_with and made_with != public_uri(server_judge):
+        raise UserError(f"this job is measured by the judge {made_with!r}, but the server that resumed it has "
+                        f"{public_uri(server_judge) or 'none'!r}: resume it on a server with args.judge {made_with}")
+    return server_judge if made_with else ""
+
+
+class JobLegibility:
+    """A job's items measured at chat size by its server's judge as each chunk is drawn, before the chunk counts
+    as done; an item under `min_legibility` redrawn with `sets.most_legible` (the sets' own loop) from
+    `JobRequest.redraw_seed`. A resumed job never measures or redraws an item it has recorded."""
+
+    def __init__(self, judge_uri: str, request: JobRequest):
+        from emoji_ldm.serve.sets import service_judge
+
+        self.judge, self.request, self.draws = service_judge(judge_uri), request, request.draws()
+
+    def chunk(self, start: int, made: list, redraw) -> list[dict]:
+        """Records of the chunk's items (from image `start`), `made` [(bytes, params)] changed in place to the kept
+        draws; `redraw(prompt, seed)` -> [(bytes, params)] or None (cancelled: the caller drops the chunk)."""
+        import asyncio
+
+        from emoji_ldm.eval.legibility import item_labels, share_of, theme_reads
+        from emoji_ldm.serve.sets import first_frame
+
+        draws = self.draws[start:start + len(made)]
+        labels = item_labels(self.judge, [d[0] for d in draws], [d[1] for d in draws])
+        reads = theme_reads(self.judge, [first_frame(data) for data, _ in made], labels)
+        records = []
+        for k, (item, prompt, seed) in enumerate(draws):
+            record = {"index": start + k, "item": item, "seed": seed, "themes": reads[k], "redraws": []}
+            if self.request.min_legibility is not None:
+                asyncio.run(self._legible(record, labels[k], prompt, made, k, redraw))
+            records.append({**record, "legibility": share_of(record["themes"])})
+        return records
+
+    async def _legible(self, record: dict, label, prompt: str, made: list, k: int, redraw) -> None:
+        from emoji_ldm.eval.legibility import theme_reads
+        from emoji_ldm.serve.sets import first_frame, most_legible
+
+        async def again(tries: int):
+            seed = self.request.redraw_seed(record["index"], tries)
+            new = redraw(prompt, seed)
+            return None if new is None else (seed, new[0], first_frame(new[0][0]))
+
+        kept, reads, _, tried = await most_legible(
+            again, lambda image: theme_reads(self.judge, [image], [label])[0], record["themes"],
+            self.request.min_legibility, 0, self.request.max_redraws)
+        record["redraws"] = [{"index": record["index"], "item": record["item"], **t} for t in tried]
+        if kept:
+            record.update(seed=kept[0], themes=reads)
+            made[k] = kept[1]
+
+
+def job_quality(folder: str, request: JobRequest, done: int, judge_uri: str) -> dict:
+    """The manifest's `quality` for the `done` items, from their records (nothing measured again); without a
+    judge, the sets' "no judge" marker."""
+    from emoji_ldm.serve.sets import quality_report, service_judge, unmeasured
+
+    if not judge_uri:
+        return unmeasured([seed for _, _, seed in request.draws()[:done]])
+    records = [read_json(legibility_file(folder, i)) for i in range(done)]
+    return quality_report(judge_uri, service_judge(judge_uri), [r["themes"] for r in records], request,
+                          JOB_CONSISTENCY, [t for r in records for t in r["redraws"]], [r["seed"] for r in records])

@@ -14,6 +14,7 @@ from emoji_ldm.serve import meter
 from emoji_ldm.serve.http import ApiError, check_adapter, check_pixels
 from emoji_ldm.serve.job_files import animation_state, check_loops_fit
 from emoji_ldm.serve.schemas import JobRequest
+from emoji_ldm.serve.sets import check_judge
 
 logger = logging.getLogger("ray.serve")
 
@@ -133,7 +134,7 @@ class JobRoutes:
         return JobSpec(args.jobs_uri, owner, job_id, body, digest, args.model, args.max_batch_size,
                        device, args.inference(), args.adapters.get(body.get("adapter") or "", ""),
                        args.png_metadata, args.job_num_cpus, args.job_num_gpus, _webhook_secret(key),
-                       tuple(args.webhook_allow), args.max_batch_pixels)
+                       tuple(args.webhook_allow), args.max_batch_pixels, args.judge)
 
     async def _check_callback(self, url: str, key) -> None:
         from emoji_ldm.serve.webhooks import CallbackRefused, check_callback
@@ -152,6 +153,7 @@ class JobRoutes:
         from emoji_ldm.serve import durable
 
         self._jobs_on()
+        check_judge(body, self.args.judge)  # min_legibility needs the server's judge: a 409 before any work
         owner, key = _owner(request)
         check_adapter(body.adapter, self.args.adapters)
         if body.size:  # a job is drawn a pipeline call at a time: one image of its size must fit a call

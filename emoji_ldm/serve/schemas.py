@@ -10,7 +10,7 @@ from __future__ import annotations
 import string
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_serializer, model_validator
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.inference.animation import FORMATS, MAX_FRAMES, MIN_FRAMES, AnimationSettings
@@ -253,6 +253,11 @@ class JobRequest(Settings):
     callback_url: str | None = Field(None, max_length=MAX_CALLBACK_CHARS,
                                      description="POSTed the job's final state, signed with the key's webhook "
                                                  "secret (public http(s) addresses only)")
+    min_legibility: float | None = Field(None, ge=0, le=1, description="as for /v1/emoji-sets: redraw an image "
+                                         "whose legibility at chat size is below this share of the chat themes "
+                                         "(next seed, at most max_redraws times); needs a judge on the server")
+    max_redraws: int = Field(MAX_REDRAWS, ge=0, le=MAX_REDRAWS, description="redraws per image at most, for "
+                                                                           "legibility")
 
     @field_validator("items", "prompts")
     @classmethod
@@ -271,6 +276,16 @@ class JobRequest(Settings):
     def _animation_json(self, value: Animation) -> dict:
         """A still job's body holds no animation fields ({}), so that it validates again (a runner reads it)."""
         return value.model_dump() if value.frames else {}
+
+    @model_serializer(mode="wrap")
+    def _quiet_defaults(self, handler) -> dict:
+        """A body that asks for no legibility floor holds neither field, so that its hash (its Idempotency-Key's
+        body check) is what it was before jobs took them."""
+        data = handler(self)
+        if self.min_legibility is None and self.max_redraws == MAX_REDRAWS:
+            data.pop("min_legibility", None)
+            data.pop("max_redraws", None)
+        return data
 
     @field_validator("callback_url")
     @classmethod
@@ -314,3 +329,10 @@ class JobRequest(Settings):
         if self.items is not None:
             return [(item, render_template(self.template, item, self.theme), self.seed) for item in self.items]
         return [(p, p, self.seed + k) for p in self.prompts for k in range(self.per_prompt)]
+
+    def redraw_seed(self, index: int, tries: int) -> int:
+        """The seed of image `index`'s redraw number `tries` (1, 2, ...): a set's item the next seed (its items share
+        one), a bulk image past its prompt's other images (seed + k + tries x per_prompt), never a sibling's."""
+        if self.items is not None:
+            return self.seed + tries
+        return self.seed + index % self.per_prompt + tries * self.per_prompt

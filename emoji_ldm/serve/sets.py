@@ -210,6 +210,60 @@ def first_frame(data: bytes):
     return read_frames(data)[0]
 
 
+def check_judge(body, judge_uri: str) -> None:
+    """409 naming `min_legibility` when `body` (a set or a job) asks for it on a server without a judge."""
+    from emoji_ldm.serve.http import ApiError
+
+    if body.min_legibility is not None and not judge_uri:
+        raise ApiError(409, "min_legibility: this server has no judge to measure legibility with (its operator "
+                            "did not set args.judge); leave min_legibility out", "min_legibility")
+
+
+def unmeasured(seeds: list[int]) -> dict:
+    """The manifest's `quality` without a judge: it says so, and each item's seed."""
+    return {"judge": None, "legibility": NO_JUDGE, "consistency": NO_JUDGE, "redraws": [], "seeds": list(seeds)}
+
+
+def quality_report(judge_uri: str, judge, reads: list, body, consistency, redraws: list, seeds: list) -> dict:
+    """The manifest's `quality` (a set's or a durable job's): the judge, legibility at chat size from each item's
+    `theme_reads` (per theme, the worst, per item), consistency, every redraw, each item's final seed."""
+    from emoji_ldm.eval.legibility import share_of, summarise
+    from emoji_ldm.store.uri import public_uri
+
+    figures = summarise(reads)
+    figures.update(items=[share_of(r) for r in reads], min_legibility=body.min_legibility)
+    if not figures["labelled"]:
+        figures["note"] = "no item names a class the judge knows: nothing to measure legibility against"
+    return {"judge": {"uri": public_uri(judge_uri), "label": judge.meta.get("label"), "classes": len(judge.classes)},
+            "legibility": figures, "consistency": consistency, "redraws": redraws, "max_redraws": body.max_redraws,
+            "seeds": list(seeds)}
+
+
+async def most_legible(redraw, measure, reads: dict | None, floor: float, tries: int, max_redraws: int):
+    """One item under `floor` redrawn until it reads at `floor` or its redraws run out, the most legible draw kept:
+    the loop both a set (`draw_set`) and a durable job (`job_files.JobLegibility`) redraw with. `reads`: the
+    first draw's `theme_reads`; `redraw(tries)` -> (seed, draw, image) for the item's redraw number `tries`
+    (None: the job was cancelled); `measure(image)` -> its reads. Returns (the kept redraw or None for the first
+    draw, its reads, the tries made, a record per redraw)."""
+    import asyncio
+
+    from emoji_ldm.eval.legibility import share_of
+
+    kept, records, score = None, [], share_of(reads)
+    while score is not None and score < floor and tries < max_redraws:
+        tries += 1
+        new = await redraw(tries)
+        if new is None:
+            break
+        new_reads = await asyncio.to_thread(measure, new[2])
+        new_score = share_of(new_reads)
+        better = new_score is not None and new_score > score
+        records.append({"reason": "legibility", "seed": new[0], "legibility": new_score, "was": score, "kept": better})
+        if better:
+            kept, reads, score = new, new_reads, new_score
+    return kept, reads, tries, records
+
+
 async def draw_set(sample, job, body, judge_uri: str = "") -> tuple[list[tuple[bytes, dict]], dict]:
     """A set's items drawn (`sample`: the ingress's SampleJob -> [(bytes, params)]) and, with the server's judge,
     measured: legibility at chat size (`eval.legibility`), an item under `body.min_legibility` redrawn with the
@@ -217,15 +271,10 @@ async def draw_set(sample, job, body, judge_uri: str = "") -> tuple[list[tuple[b
     Returns (the items, the manifest's `quality`)."""
     import asyncio
 
-    from emoji_ldm.serve.http import ApiError
-
-    if body.min_legibility is not None and not judge_uri:
-        raise ApiError(409, "min_legibility: this server has no judge to measure legibility with (its operator "
-                            "did not set args.judge); leave min_legibility out", "min_legibility")
+    check_judge(body, judge_uri)
     made = list(await sample(job))
     if not judge_uri:
-        return made, {"judge": None, "legibility": NO_JUDGE, "consistency": NO_JUDGE, "redraws": [],
-                      "seeds": list(job.seeds)}
+        return made, unmeasured(job.seeds)
     judge = await asyncio.to_thread(service_judge, judge_uri)
     pack = _Pack(judge, job, made, body)
     await pack.legible(sample)
@@ -244,18 +293,23 @@ class _Pack:
         self.labels = item_labels(judge, body.items, list(job.prompts))
         self.images = [first_frame(data) for data, _ in made]
 
+    def reads(self, i: int, image) -> dict | None:
+        """`theme_reads` of item i's `image` (None: it names no class the judge knows)."""
+        from emoji_ldm.eval.legibility import theme_reads
+
+        return theme_reads(self.judge, [image], [self.labels[i]])[0]
+
     def share(self, i: int, image) -> float | None:
         """The share of chat themes on which the judge reads item i's `image` as its class (None: no class)."""
-        from emoji_ldm.eval.legibility import legible_share
+        from emoji_ldm.eval.legibility import share_of
 
-        return None if self.labels[i] is None else round(legible_share(self.judge, image, self.labels[i]), 4)
+        return share_of(self.reads(i, image))
 
-    async def _redraw(self, sample, i: int):
-        """Item i drawn again from its next seed: (the seed, (bytes, params), its image)."""
+    async def _redraw(self, sample, i: int, tries: int):
+        """Item i drawn again from its seed + `tries`: (the seed, (bytes, params), its image)."""
         from dataclasses import replace
 
-        self.tries[i] += 1
-        seed = self.job.seeds[i] + self.tries[i]
+        seed = self.job.seeds[i] + tries
         (new,) = await sample(replace(self.job, prompts=(self.job.prompts[i],), seeds=(seed,)))
         return seed, new, first_frame(new[0])
 
@@ -268,19 +322,20 @@ class _Pack:
 
     async def legible(self, sample) -> None:
         """Each item under `min_legibility` redrawn from the next seed until it reads or its redraws run out; the
-        most legible draw is kept."""
+        most legible draw is kept (`most_legible`)."""
         import asyncio
+        import functools
 
         floor = self.body.min_legibility
         for i in range(len(self.made) if floor is not None else 0):
-            score = await asyncio.to_thread(self.share, i, self.images[i])
-            while score is not None and score < floor and self.tries[i] < self.body.max_redraws:
-                seed, new, image = await self._redraw(sample, i)
-                new_score = await asyncio.to_thread(self.share, i, image)
-                self._record(i, "legibility", seed, new_score > score, legibility=new_score, was=score)
-                if new_score > score:
-                    self._keep(i, seed, new, image)
-                    score = new_score
+            reads = await asyncio.to_thread(self.reads, i, self.images[i])
+            kept, _, self.tries[i], records = await most_legible(
+                functools.partial(self._redraw, sample, i), functools.partial(self.reads, i), reads, floor,
+                self.tries[i], self.body.max_redraws)
+            for record in records:
+                self._record(i, **record)
+            if kept:
+                self._keep(i, *kept)
 
     async def consistent(self, sample) -> None:
         """The consistency outlier (farther than OUTLIER_DISTANCE) redrawn from its next seed while its redraws
@@ -298,7 +353,8 @@ class _Pack:
             if quality["distances"][o] <= OUTLIER_DISTANCE or self.tries[o] >= self.body.max_redraws:
                 return
             now = await asyncio.to_thread(self.share, o, self.images[o])
-            seed, new, image = await self._redraw(sample, o)
+            self.tries[o] += 1
+            seed, new, image = await self._redraw(sample, o, self.tries[o])
             trial = await asyncio.to_thread(consistency, self.judge, self.images[:o] + [image] + self.images[o + 1:])
             share = await asyncio.to_thread(self.share, o, image)
             legible = floor is None or share is None or share >= min(floor, now)
@@ -310,17 +366,8 @@ class _Pack:
                 quality = trial
 
     def report(self, judge_uri: str) -> dict:
-        """The manifest's `quality`: the judge, legibility at chat size (per theme, the worst, per item),
-        consistency, every redraw, and each item's final seed."""
-        from emoji_ldm.eval.legibility import consistency, legibility
-        from emoji_ldm.store.uri import public_uri
+        """The manifest's `quality` (`quality_report`), the items measured once more as they were kept."""
+        from emoji_ldm.eval.legibility import consistency, theme_reads
 
-        figures = legibility(self.judge, self.images, self.labels)
-        figures.update(items=[self.share(i, im) for i, im in enumerate(self.images)],
-                       min_legibility=self.body.min_legibility)
-        if not figures["labelled"]:
-            figures["note"] = "no item names a class the judge knows: nothing to measure legibility against"
-        return {"judge": {"uri": public_uri(judge_uri), "label": self.judge.meta.get("label"),
-                          "classes": len(self.judge.classes)},
-                "legibility": figures, "consistency": consistency(self.judge, self.images),
-                "redraws": self.redraws, "max_redraws": self.body.max_redraws, "seeds": self.seeds}
+        return quality_report(judge_uri, self.judge, theme_reads(self.judge, self.images, self.labels), self.body,
+                              consistency(self.judge, self.images), self.redraws, self.seeds)
