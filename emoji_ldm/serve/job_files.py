@@ -1,4 +1,5 @@
-"""A durable job's files (serve/durable.py): what its result holds, and what an animated job is refused for.
+"""A durable job's files (serve/durable.py): what its result holds, what an animated job is refused for, and
+each item's legibility at chat size, measured (and redrawn under `min_legibility`) once, as its chunk is drawn.
 
 An animated job (`animation` in its request, as for /v1/emoji-sets) is drawn as the sets' loops are: its
 Drawer's SampleJob carries the animation, so `Sampler.pngs` draws each item as a lossless APNG of all its frames
