@@ -6,8 +6,9 @@ The site is the test suite's imitation of discords.com (`tests/crawl_site.py`), 
   seed: one Chromium, a per-page loop that reads each item with its own WebDriver calls, re-processes
         the whole list of items seen so far on every page, downloads every image once to hash it and
         again to save it, converts WebP, writes PNGs and metadata.csv; its 1 s sleep per page set to 0.
-  ours: `crawl()` with 2 browser actors, 5-page shards, politeness limits lifted (--rate 0), then
-        the concurrent download + ingest into a new Delta version.
+  ours: `crawl()` with 2 browser actors, 5-page shards, politeness limits lifted (--rate 0), into a new
+        table: each reader downloads and cleans a page's images while its next pages load, then the
+        tag-end filter, de-duplication and one new Delta version.
 
     python bench/crawl.py [--pages 40] [--per-page 24] [--hydrate] [--repeat R] [--skip-seed]
 

@@ -9,13 +9,18 @@ One Ray Data pipeline, nothing of it listed on the driver:
              each actor owns one headless Chromium; per shard: reads its pages
              in order (paced to the per-host rate, retried with back-off, the
              browser replaced if it crashes), writes the shard's stats file,
-             emits one row per item (locator = the unwrapped image URL, page)
+             emits one row per item (locator = the unwrapped image URL, page);
+             into a new table it downloads and cleans each page's images
+             (`ShardFetch`, each URL once per shard) while the next pages
+             load, and emits those rows (with the page) instead
       -> left anti-join on locator against the table's `source_url` column
          (images already in the table are not downloaded again); on a new
-         table a hash repartition on locator instead
+         table one block of all rows (`repartition(1)`), or a hash
+         repartition on the URL past 15 shards
       -> map_batches(after_pages): the tag-end filter, then one row per
          image URL (the one on the lowest page)
-      -> ingest_dataset: download, clean, de-duplicate by content, one commit
+      -> ingest_dataset: download and clean (done already for a new table),
+         de-duplicate by content, one commit
 
 A page is read once it has settled (see `profiles.py`): items are read when
 their count stops growing; a page is empty only when the document is complete
@@ -147,29 +152,38 @@ def _resumed_shards(out: str, profile: str, tag: str, shards: list[list[int]]) -
 
 def _new_items(config: CrawlConfig, profile: SiteProfile, out: str, first_page: int, todo: list[dict], state):
     """The shards through the page readers, less the images the table holds, one row per image URL up to the
-    tag's end: a Ray Dataset of the rows `ingest_dataset` takes."""
+    tag's end: a Ray Dataset of the rows `ingest_dataset` takes, and whether they are fetched already (its
+    `fetched`)."""
     import ray.data
 
     from emoji_ldm.store.delta import read_dataset, table_exists
 
     interval = config.workers / config.rate_per_host if config.rate_per_host > 0 else 0.0
+    # a new table: each shard's images are downloaded while its next pages load, in the page readers; into a table,
+    # after the anti-join, so that no image it holds is fetched again
+    fetch = None if table_exists(out) else (config.image, config.fetch)
     items = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
         PageReader, batch_size=1, batch_format="pyarrow", num_cpus=0.5,  # mostly waiting on Chromium
         compute=ray.data.ActorPoolStrategy(size=config.workers, max_tasks_in_flight_per_actor=1),
         fn_constructor_kwargs=dict(profile=profile, tag=config.tag, out=out, first_page=first_page, state=state,
-                                   min_interval_s=interval, retries=config.retries, backoff_s=config.backoff_s))
-    # An all-to-all operator keyed on locator: images already in the table go, and every row of one image URL
+                                   min_interval_s=interval, retries=config.retries, backoff_s=config.backoff_s,
+                                   fetch=fetch))
+    # An all-to-all operator keyed on the image URL: images already in the table go, and every row of one image URL
     # lands in one block; nothing comes out of it before every shard is done, so the tag's end is final.
     partitions = max(1, min(32, len(todo) // 8))
-    if table_exists(out):
+    key = "source_url" if fetch else "locator"  # `ingest_batch`'s rows: source_url is the locator
+    if fetch and partitions == 1:  # one block of every row: no hash shuffle (whose start costs seconds)
+        items = items.repartition(1)
+    elif fetch:
+        items = items.repartition(partitions, keys=[key])
+    else:
         known, _ = read_dataset(out, columns=["source_url"])
         items = items.join(known, "left_anti", num_partitions=partitions, on=("locator",), right_on=("source_url",))
-    else:
-        items = items.repartition(partitions, keys=["locator"])
-    return items.map_batches(after_pages, fn_kwargs={"state": state}, batch_format="pyarrow", batch_size=None)
+    return items.map_batches(after_pages, fn_kwargs={"state": state, "key": key}, batch_format="pyarrow",
+                             batch_size=None), fetch is not None
 
 
-def _ingest(items, build: BuildConfig, metadata: dict, start: float, state):
+def _ingest(items, fetched: bool, build: BuildConfig, metadata: dict, start: float, state):
     """Run the pipeline into one commit while the driver prints each shard's line as it finishes; returns the
     build summary, the tag's end and the records of the shards read in this run."""
     import ray
@@ -179,7 +193,7 @@ def _ingest(items, build: BuildConfig, metadata: dict, start: float, state):
     printer = ShardPrinter(state)
     printer.start()
     try:
-        summary = ingest_dataset(items, build, extra_metadata=metadata, start=start)
+        summary = ingest_dataset(items, build, extra_metadata=metadata, start=start, fetched=fetched)
         printer.stop()
         printer.poll()
         end = ray.get(state.end.remote())
@@ -218,14 +232,14 @@ def crawl(config: CrawlConfig):
     todo = [{"first": s[0], "last": s[-1], "resumed": s[0] in done_firsts}
             for s in shards if end is None or s[0] <= end]
     state = ray.remote(num_cpus=0)(CrawlState).remote(end, [s["first"] for s in todo])
-    items = _new_items(config, profile, out, pages[0], todo, state)
+    items, fetched = _new_items(config, profile, out, pages[0], todo, state)
     build = BuildConfig(source=source, out=out, image=config.image, fetch=config.fetch,
                         message=config.message or f"crawl {source}")
     metadata = {"crawl": {"profile": profile.name, "tag": config.tag, "pages": f"{pages[0]}-{pages[-1]}",
                           "shards": len(shards), "resumed_shards": len(resumed),
                           "stats": stats_dir(out, profile.name, config.tag)},
                 "crawl_config": dataclasses.asdict(config)}
-    summary, end, records = _ingest(items, build, metadata, start, state)
+    summary, end, records = _ingest(items, fetched, build, metadata, start, state)
     stats = totals(resumed + records, end, pages, summary, start)
     print(f"crawl: {stats['pages_ok']} pages ok, {stats['pages_failed']} failed"
           + (f" (e.g. {next(iter(stats['failed_pages'].values()))})" if stats["pages_failed"] else "")

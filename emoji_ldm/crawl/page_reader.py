@@ -10,7 +10,7 @@ import time
 import pyarrow as pa
 
 from emoji_ldm.crawl.profiles import SiteProfile
-from emoji_ldm.crawl.shards import shard_summary, shard_uri
+from emoji_ldm.crawl.shards import ShardFetch, shard_summary, shard_uri
 from emoji_ldm.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -18,16 +18,33 @@ logger = logging.getLogger(__name__)
 # Polled while a page settles: [document.readyState, items with an image URL, the empty marker is present,
 # `wait_for` is present, [src, title] of the image inside each item (the reading that settles a page gives its
 # items)].
-PAGE_STATE_JS = """
-const [itemSel, imageSel, urlAttr, markerSel, waitSel, titleAttr] = arguments;
-const items = [];
-for (const item of document.querySelectorAll(itemSel)) {
-  const img = item.querySelector(imageSel);
-  const src = img && img.getAttribute(urlAttr);
-  if (src) items.push([src, img.getAttribute(titleAttr) || item.textContent.trim()]);
-}
-return [document.readyState, items.length, markerSel ? document.querySelector(markerSel) !== null : false,
-        document.querySelector(waitSel) !== null, items];
+READ_JS = """
+const read = (itemSel, imageSel, urlAttr, markerSel, waitSel, titleAttr) => {
+  const items = [];
+  for (const item of document.querySelectorAll(itemSel)) {
+    const img = item.querySelector(imageSel);
+    const src = img && img.getAttribute(urlAttr);
+    if (src) items.push([src, img.getAttribute(titleAttr) || item.textContent.trim()]);
+  }
+  return [document.readyState, items.length, markerSel ? document.querySelector(markerSel) !== null : false,
+          document.querySelector(waitSel) !== null, items];
+};
+"""
+PAGE_STATE_JS = READ_JS + "return read(...arguments);"
+# The same reading, taken (asynchronously) once the page shows items or its empty marker, or after arguments[6] ms:
+# a page's first items are seen when they appear, not at the next poll (the next tab opens on them).
+ITEMS_STATE_JS = READ_JS + """
+const done = arguments[arguments.length - 1], args = [...arguments].slice(0, 6);
+const shown = r => (r[3] && r[1] > 0) || r[2];
+let first = read(...args);
+if (shown(first)) return done(first);
+let timer = null;
+const seen = new MutationObserver(() => {
+  const r = read(...args);
+  if (shown(r)) { seen.disconnect(); clearTimeout(timer); done(r); }
+});
+seen.observe(document, {childList: true, subtree: true, attributes: true});
+timer = setTimeout(() => { seen.disconnect(); done(read(...args)); }, arguments[6]);
 """
 POLL_S = 0.1
 # Pages of a shard open at once, each in a tab of the actor's browser: the next page opens once the last one opened
@@ -84,8 +101,11 @@ class PageReader:
     """A Ray Data actor-pool UDF owning one headless Chromium: one shard per call, its items out as rows."""
 
     def __init__(self, profile: SiteProfile, tag: str, out: str, first_page: int, state, min_interval_s: float,
-                 retries: int, backoff_s: float):
+                 retries: int, backoff_s: float, fetch: tuple | None = None):
         self.profile, self.tag, self.out, self.first_page, self.state = profile, tag, out, first_page, state
+        # (ImageConfig, FetchConfig): a shard's images are downloaded and cleaned while its pages are read, and the
+        # rows are `ingest_batch`'s (with the page); None: the rows are the items (`ITEM_SCHEMA`)
+        self.fetching = ShardFetch(*fetch) if fetch else None
         self.min_interval_s, self.retries, self.backoff_s = min_interval_s, retries, backoff_s
         self.source = f"crawl:{profile.name}/{tag}"
         self.browser = None
@@ -112,10 +132,14 @@ class PageReader:
             time.sleep(wait)
         self.last_load = time.monotonic()
 
-    def _state(self, driver) -> list:
+    def _state(self, driver, wait_s: float = 0.0) -> list:
+        """A PAGE_STATE_JS reading; with `wait_s`, taken once the page shows items (or its empty marker), waiting
+        in the page at most `wait_s`."""
         p = self.profile
-        return driver.execute_script(PAGE_STATE_JS, p.item, p.image, p.image_url_attr, p.empty_marker, p.wait_for,
-                                     p.title_attr)
+        args = (p.item, p.image, p.image_url_attr, p.empty_marker, p.wait_for, p.title_attr)
+        if wait_s > 0:
+            return driver.execute_async_script(ITEMS_STATE_JS, *args, int(wait_s * 1000))
+        return driver.execute_script(PAGE_STATE_JS, *args)
 
     def _switch(self, driver, tab: str) -> None:
         if self.tab != tab:
@@ -199,11 +223,12 @@ class PageReader:
         driver.get(url)
         return opened
 
-    def _poll(self, driver, page: dict) -> dict | None:
-        """One reading of an open page: its result once decided (the same rule as `read_page`), else None."""
+    def _poll(self, driver, page: dict, wait_s: float = 0.0) -> dict | None:
+        """One reading of an open page (`_state`): its result once decided (the same rule as `read_page`), else
+        None."""
         p = self.profile
         self._switch(driver, page["tab"])
-        state, n, marker, rendered, items = self._state(driver)
+        state, n, marker, rendered, items = self._state(driver, wait_s)
         now = time.monotonic()
         page["next"] = now + POLL_S
         if page["settling"] is None:
@@ -251,16 +276,22 @@ class PageReader:
                                                       f"within {p.page_timeout_s:g} s")
                         active.append(late)
                         todo = []
+                # the last page opened, until it shows items: read as they appear (the next page opens on them)
+                lead = active[-1] if active and active[-1]["result"] is None and not active[-1]["items_seen"] else None
                 for page in active:
-                    if page["result"] is None and page["next"] <= time.monotonic():
+                    if page["result"] is None and page is not lead and page["next"] <= time.monotonic():
                         page["result"] = self._poll(driver, page)
+                if lead is not None:
+                    due = [a["next"] - time.monotonic() for a in active if a["result"] is None and a is not lead]
+                    lead["result"] = self._poll(driver, lead, wait_s=max(0.01, min([POLL_S, *due])))
                 while active and active[0]["result"] is not None:
                     page = active.pop(0)
                     done.append((page["page"], page["result"], page["start"]))
                     if page["result"]["status"] != "ok":
                         return done  # pages opened after it are read again by the caller
                 waiting = [a["next"] for a in active if a["result"] is None]
-                if waiting and not (todo and len(active) < TABS and active[-1]["items_seen"]):
+                opening = todo and len(active) < TABS and active[-1]["items_seen"]
+                if waiting and not opening and (lead is None or lead["result"] is not None or lead["items_seen"]):
                     time.sleep(min(POLL_S, max(0.0, min(waiting) - time.monotonic())))
         except WebDriverException as e:  # a crashed or hung browser: its pages are read again, one by one
             self._replace_browser()
@@ -292,6 +323,7 @@ class PageReader:
                 if page == self.first_page and result["status"] != "ok":
                     raise self._first_page_error(result)
                 results.append(result)
+                self._page_done(result)
                 if result["status"] == "empty":
                     ray.get(self.state.empty_at.remote(page))
                     stop = True
@@ -308,19 +340,33 @@ class PageReader:
 
         first, last, resumed = (batch.column(c)[0].as_py() for c in ("first", "last", "resumed"))
         uri = shard_uri(self.out, self.profile.name, self.tag, first, last)
+        if self.fetching:
+            self.fetching.reset()
         if resumed:  # finished in an earlier run: its items again (the anti-join drops those committed)
             shard, complete = read_json(uri), True
+            for page in shard["pages"]:
+                self._page_done(page)
         else:
             shard, complete = self.crawl_shard(list(range(first, last + 1)))
             if complete:
                 write_json(uri, shard)  # marks the shard done for a re-run
         record = None if resumed else shard_summary(shard, resumed=False, complete=complete)
+        rows = self.fetching.table() if self.fetching else pa.concat_tables(
+            [self._items(p) for p in shard["pages"]] + [ITEM_SCHEMA.empty_table()])
         ray.get(self.state.finished.remote(first, record))
-        rows = [{"locator": self.profile.original_image_url(src, p["url"]), "source": self.source,
-                 "source_url": None, "page_url": p["url"], "title": title or "", "tag": self.tag, "caption": None,
-                 "page": p["page"]}
-                for p in shard["pages"] if p["status"] == "ok" for src, title in p["items"] if src]
+        return rows
+
+    def _items(self, page: dict) -> pa.Table:
+        """One page's items as rows (`ITEM_SCHEMA`): locator = the unwrapped image URL."""
+        rows = [{"locator": self.profile.original_image_url(src, page["url"]), "source": self.source,
+                 "source_url": None, "page_url": page["url"], "title": title or "", "tag": self.tag, "caption": None,
+                 "page": page["page"]} for src, title in page["items"] if src] if page["status"] == "ok" else []
         return pa.Table.from_pylist(rows, schema=ITEM_SCHEMA)
+
+    def _page_done(self, page: dict) -> None:
+        """A page's result is final: its images start downloading (when this reader fetches)."""
+        if self.fetching and page["status"] == "ok":
+            self.fetching.add(self._items(page))
 
     def __del__(self):
         if self.browser is not None:

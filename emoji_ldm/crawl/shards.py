@@ -65,30 +65,85 @@ def shard_line(r: dict) -> str:
             + (" (done in an earlier run)" if r["resumed"] else f", {r['seconds']:.1f} s"))
 
 
-def after_pages(batch: pa.Table, state) -> pa.Table:
-    """Runs after an all-to-all operator keyed on locator: drops pages past the tag's end, keeps one row per
-    image URL (its lowest page), and the columns `ingest_dataset` takes."""
+def after_pages(batch: pa.Table, state, key: str = "locator") -> pa.Table:
+    """Runs after an all-to-all operator keyed on the image URL (`key`: locator, or source_url for fetched rows):
+    drops pages past the tag's end, keeps one row per image URL (its lowest page), and the columns
+    `ingest_dataset` takes."""
     import ray
 
     end, todo = ray.get(state.snapshot.remote())
     if todo:
         raise RuntimeError(f"the tag-end filter ran while {todo} page shard(s) were still running; it must follow "
                            "an all-to-all operator (join or repartition) on the page stage's output")
-    return tag_end_filter(batch, end)
+    return tag_end_filter(batch, end, key)
 
 
-def tag_end_filter(batch: pa.Table, end: int | None) -> pa.Table:
-    """Rows of pages up to `end`, one per locator (the lowest page), without the `page` column."""
+def tag_end_filter(batch: pa.Table, end: int | None, key: str = "locator") -> pa.Table:
+    """Rows of pages up to `end`, one per image URL (`key`; the lowest page), without the `page` column."""
     import pyarrow.compute as pc
 
     if end is not None:
         batch = batch.filter(pc.less_equal(batch.column("page"), end))
+    return first_per_url(batch, key).drop_columns(["page"])
+
+
+def first_per_url(batch: pa.Table, key: str = "locator") -> pa.Table:
+    """One row per image URL (`key`), the one of the lowest page; sorted by URL."""
+    import pyarrow.compute as pc
+
     if batch.num_rows > 1:
-        batch = batch.sort_by([("locator", "ascending"), ("page", "ascending")])
-        loc = batch.column("locator").combine_chunks()
+        batch = batch.sort_by([(key, "ascending"), ("page", "ascending")])
+        loc = batch.column(key).combine_chunks()
         first = pc.fill_null(pc.not_equal(loc.slice(1), loc.slice(0, len(loc) - 1)), True)
         batch = batch.filter(pa.concat_arrays([pa.array([True]), first]))
-    return batch.drop_columns(["page"])
+    return batch
+
+
+def fetched_schema() -> pa.Schema:
+    """The rows of `ShardFetch`: the build's `ingest_batch` rows, and the page."""
+    from emoji_ldm.ingest.tasks import WORK_SCHEMA
+
+    return WORK_SCHEMA.append(pa.field("page", pa.int64()))
+
+
+class ShardFetch:
+    """A shard's images downloaded and cleaned (the build's `ingest_batch`) page by page, in a thread of the page
+    reader, while its next pages load: each image URL once in the shard (pages come in order: its lowest page).
+    The rows keep the page for the tag-end filter, which still decides after the all-to-all which are kept.
+    Holds one shard's rows at most (`table` hands them over)."""
+
+    def __init__(self, image, fetch):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.image, self.fetch = image, fetch
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="shard-fetch")
+        self.reset()
+
+    def reset(self) -> None:
+        """A new shard (rows of one that raised are dropped)."""
+        self.seen, self.futures = set(), []
+
+    def add(self, items: pa.Table) -> None:
+        """Start on one page's item rows (`ITEM_SCHEMA`, with the page)."""
+        import pyarrow.compute as pc
+
+        new = items.filter(pc.invert(pc.is_in(items.column("locator"), value_set=pa.array(self.seen, pa.string()))))
+        new = first_per_url(new)
+        self.seen.update(new.column("locator").to_pylist())
+        if new.num_rows:
+            self.futures.append(self.pool.submit(self._fetch, new))
+
+    def _fetch(self, items: pa.Table) -> pa.Table:
+        from emoji_ldm.ingest.tasks import ingest_batch
+
+        rows = ingest_batch(items.drop_columns(["page"]), self.image, self.fetch)
+        return rows.append_column("page", items.column("page"))
+
+    def table(self) -> pa.Table:
+        """The shard's fetched rows, once the last page's are done; then ready for the next shard."""
+        tables = [f.result() for f in self.futures]
+        self.reset()
+        return pa.concat_tables(tables) if tables else fetched_schema().empty_table()
 
 
 def shard_uri(out: str, profile: str, tag: str, first: int, last: int) -> str:

@@ -226,15 +226,17 @@ def image_config_for(uri: str, image: ImageConfig) -> ImageConfig:
     return image
 
 
-def _stage(items, config: BuildConfig, build_id: str, work: str) -> BuildSink:
-    """Step 2: fetch, clean and hash the items; write the accepted rows (uncommitted), the rejects and the narrow
-    keys. One data file per write task, one write task per block of items (blocks smaller than a batch are
-    bundled): blocks of `rows_per_file` items keep every file, and every task that reads or rewrites one later,
-    the same size however big the source."""
+def _stage(items, config: BuildConfig, build_id: str, work: str, fetched: bool = False) -> BuildSink:
+    """Step 2: fetch, clean and hash the items (`fetched`: `ingest_batch` already ran on them); write the accepted
+    rows (uncommitted), the rejects and the narrow keys. One data file per write task, one write task per block of
+    items (blocks smaller than a batch are bundled): blocks of `rows_per_file` items keep every file, and every task
+    that reads or rewrites one later, the same size however big the source."""
     staged = BuildSink(config.out, build_id, work)
     items = items.repartition(target_num_rows_per_block=max(rows_per_file(config.image.size), config.batch_size))
-    items.map_batches(ingest_batch, fn_kwargs={"image": config.image, "fetch": config.fetch},
-                      batch_format="pyarrow", batch_size=config.batch_size).write_datasink(staged)
+    if not fetched:
+        items = items.map_batches(ingest_batch, fn_kwargs={"image": config.image, "fetch": config.fetch},
+                                  batch_format="pyarrow", batch_size=config.batch_size)
+    items.write_datasink(staged)
     return staged
 
 
@@ -269,8 +271,9 @@ def _commit(config: BuildConfig, actions: list, metadata: dict, build_id: str) -
 
 
 def ingest_dataset(items, config: BuildConfig, *, extra_metadata: dict | None = None,
-                   start: float | None = None) -> BuildSummary:
-    """Steps 2-5 for a Ray Dataset of items (`ITEM_SCHEMA`; from `build_dataset`, or from the crawler)."""
+                   start: float | None = None, fetched: bool = False) -> BuildSummary:
+    """Steps 2-5 for a Ray Dataset of items (`ITEM_SCHEMA`; from `build_dataset`, or from the crawler), or with
+    `fetched` of `ingest_batch`'s rows (the crawler fetches a new table's images while it reads pages)."""
     start = start or time.perf_counter()
     config = dataclasses.replace(config, image=image_config_for(config.out, config.image))
     ensure_ray()
@@ -278,7 +281,7 @@ def ingest_dataset(items, config: BuildConfig, *, extra_metadata: dict | None = 
     work = join(config.out, SIDECAR, "builds", build_id)
     logger.info("build %s: %s -> %s", build_id, config.source, config.out)
     marks = [("ray", time.perf_counter())]  # the end of each phase since `start`
-    staged = _stage(items, config, build_id, work)
+    staged = _stage(items, config, build_id, work, fetched)
     marks.append(("ingest", time.perf_counter()))
     dropped, replaced = _dedupe(config.out, staged, work) if staged.actions else (Counter(), {})
     marks.append(("dedupe", time.perf_counter()))

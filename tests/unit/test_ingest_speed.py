@@ -92,6 +92,12 @@ class FakeDriver:
             return ["complete", len(items), False, True, items][:len(args) - 1]
         return items
 
+    def execute_async_script(self, script: str, *args):  # the reading once items show, or after args[6] ms
+        deadline = time.monotonic() + args[6] / 1000
+        while not self._items() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return self.execute_script(script, *args[:6])
+
 
 class FakeState:
     """CrawlState's calls, answered at once (ray.get is patched to return its argument)."""
