@@ -275,24 +275,30 @@ def app_args(config: ServeConfig, app_cfg: dict) -> dict:
 
 
 def _fit(deployments: list[dict], job_gpus: float) -> list[dict]:
-    """`fit_gpus` on this cluster's GPUs now. Joined to a cluster (RAY_ADDRESS), whose autoscaler may add GPU nodes,
-    a misfit is a warning and nothing is lowered; on the local Ray this command started, what it sees is all
-    there is."""
-    import os
-
-    joined = bool(os.environ.get("RAY_ADDRESS"))
+    """`fit_gpus` on this cluster's GPUs now. Where GPU nodes may still join (`_gpus_may_grow`), a misfit is a
+    warning and nothing is lowered; elsewhere (this command's own Ray, a fixed cluster) what it sees is all there is."""
+    grows = _gpus_may_grow()
     try:
         fitted, note = fit_gpus(deployments, job_gpus, node_gpus())
     except UserError as e:
-        if not joined:
+        if not grows:
             raise
         note = str(e)
-    if note and joined:
+    if note and grows:
         print(f"serve: warning: {note} (the GPUs up now; the cluster's autoscaler may add more)", flush=True)
         return deployments
     if note:
         print(f"serve: {note}", flush=True)
     return fitted
+
+
+def _gpus_may_grow() -> bool:
+    """Whether GPU nodes may join this cluster: the manifests declare more GPUs than are up
+    ($EMOJI_LDM_MAX_GPUS), or, with none declared, KubeRay's autoscaler is on (`runtime/shared.py`)."""
+    from emoji_ldm.runtime.shared import MAX_ENV, autoscaler_on, declared_max
+
+    declared = declared_max(MAX_ENV["GPU"])
+    return declared > sum(node_gpus()) if declared is not None else autoscaler_on()
 
 
 def start(config: ServeConfig) -> str:

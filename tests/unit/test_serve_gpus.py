@@ -93,7 +93,8 @@ def cluster(monkeypatch, tmp_path):
     (tmp_path / "model" / "model_index.json").write_text("{}")
     state = SimpleNamespace(nodes=[1.0], deployed=None, model=str(tmp_path / "model"), root=tmp_path)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv("EMOJI_LDM_SHARED_PATHS", raising=False)
+    for name in ("EMOJI_LDM_SHARED_PATHS", "EMOJI_LDM_MAX_GPUS", "KUBERAY_GEN_RAY_START_CMD"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(connect, "ensure_ray", lambda *a, **k: None)
     monkeypatch.setattr(run, "_check_port_free", lambda host, port: None)
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": g}}
@@ -120,15 +121,32 @@ def test_serve_with_jobs_on_one_gpu_is_refused_unless_the_replicas_and_a_drawer_
     assert "the Generator scales to at most 1 replica(s) here" in capsys.readouterr().out
 
 
-def test_serve_joined_to_a_cluster_warns_and_lowers_nothing(cluster, capsys, monkeypatch):
-    """RAY_ADDRESS: the cluster's autoscaler may add GPU nodes that ray.nodes() does not show yet."""
+@pytest.mark.parametrize("env", [{"KUBERAY_GEN_RAY_START_CMD": "ray start --head --no-monitor"},
+                                 {"EMOJI_LDM_MAX_GPUS": "3"}], ids=["kuberay-autoscaler", "declared-max"])
+def test_serve_where_gpu_nodes_may_join_warns_and_lowers_nothing(cluster, capsys, monkeypatch, env):
+    """KubeRay's autoscaler on (no maximum declared), or a declared maximum above the GPUs up now: nodes that
+    ray.nodes() does not show yet may join, so a misfit is a warning."""
     from emoji_ldm.serve.run import start
 
-    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("EMOJI_LDM_SHARED_PATHS", str(cluster.root))  # where nodes may join, a shared model path
     start(ServeConfig(model=cluster.model, gpus=1, jobs_uri=str(cluster.root / "jobs")))
     _, deployments = cluster.deployed
     assert deployments[0]["autoscaling_config"]["max_replicas"] == 2
     assert "serve: warning: --gpus 1 with --jobs-uri: " in capsys.readouterr().out
+
+
+def test_serve_joined_to_a_fixed_cluster_fits_what_it_sees(cluster, monkeypatch):
+    """RAY_ADDRESS alone says nothing about growth: a fixed cluster (no autoscaler, no larger maximum declared) has
+    the GPUs it shows, so a drawer that can never be placed is refused there too."""
+    from emoji_ldm.serve.run import start
+
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    monkeypatch.setenv("EMOJI_LDM_MAX_GPUS", "1")
+    with pytest.raises(UserError, match=r"--gpus 1 with --jobs-uri: .*pass --gpus 0.5"):
+        start(ServeConfig(model=cluster.model, gpus=1, jobs_uri=str(cluster.root / "jobs")))
+    assert cluster.deployed is None
 
 
 def test_serve_refuses_local_paths_on_a_multi_node_cluster(cluster):
