@@ -177,12 +177,17 @@ def test_half_precision_pipeline_on_cpu(model, dtype):
     assert diff < 40, diff  # the same picture, up to half-precision rounding (0-255 scale)
 
 
-def test_compiled_unet_is_warmed_up_once(model):
-    """torch.compile of the UNet: the warm-up compiles, a request at the warmed-up size does not compile again."""
+def test_compiled_unet_is_warmed_up_once(model, monkeypatch):
+    """torch.compile of the UNet: the warm-up compiles, a request at the warmed-up size does not compile again.
+    Whether a request compiles again is dynamo's (its guards), whatever backend builds the kernels: here
+    aot_eager, which traces as inductor does but builds no C++ (inductor's CPU kernels for training are
+    test_training_step's, for sampling `make gpu-check DEVICE=cpu`'s sample-*-compile)."""
     import torch._dynamo
 
     from emoji_ldm.inference.sampler import InferenceOptions, SampleJob, Sampler
 
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compile_(model, backend="aot_eager", **kwargs))
     torch._dynamo.reset()
     sampler = Sampler.load(model, options=InferenceOptions(compile=True))
     assert sampler.warm_up((2,)) > 0
