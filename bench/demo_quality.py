@@ -93,7 +93,23 @@ def side(out: Path) -> dict:
     v = e.get("vae_reconstruction") or {}
     return {"prompt_accuracy": e["prompt_accuracy"], "real_accuracy": e["real_accuracy"], "emoji_fid": e["emoji_fid"],
             "vae_visible_mse": v.get("visible_mse"), "heldout_loss": e.get("heldout_loss"),
-            "dataset": e.get("dataset"), "steps_s": timings(out), "colour_words": colour_words(out / "run")}
+            "dataset": e.get("dataset"), "steps_s": timings(out), "colour_words": colour_words(out / "run"),
+            "with_before_judge": _cross(out / "eval-before-judge.json")}
+
+
+def _cross(path: Path) -> dict | None:
+    """The after model's eval by the before side's judge (`--cross-judge`): the same instrument on both sides."""
+    if not path.exists():
+        return None
+    e = json.loads(path.read_text())
+    return {k: e[k] for k in ("prompt_accuracy", "real_accuracy", "emoji_fid")}
+
+
+def cross_judge(before: Path, after: Path) -> None:
+    target = after / "eval-before-judge.json"
+    if not target.exists():
+        run_timed([REPO / ".venv" / "bin" / "emoji-ldm", "eval", "--model", after / "run", "--data", after / "latents",
+                   "--judge", before / "judge", "--out", target], env={**os.environ, "RAY_ADDRESS": ""})
 
 
 def summary(b: dict, a: dict) -> list[dict]:
@@ -103,15 +119,22 @@ def summary(b: dict, a: dict) -> list[dict]:
     if "load_1min_start" in b and "load_1min_start" in a:
         note += "; 1-min load at start and end: {:.0f}, {:.0f} before; {:.0f}, {:.0f} after".format(
             b["load_1min_start"], b["load_1min_end"], a["load_1min_start"], a["load_1min_end"])
-    return [
+    rows = [
         row(area, "demo eval: prompt accuracy, after vs before", 100 * a["prompt_accuracy"],
-            100 * b["prompt_accuracy"], "%", None, note),
-        row(area, "demo eval: emoji-FID (lower is better), after vs before", a["emoji_fid"], b["emoji_fid"], ""),
+            100 * b["prompt_accuracy"], "%", ">= 30", note),
+        row(area, "demo eval: emoji-FID (lower is better), after vs before", a["emoji_fid"], b["emoji_fid"], "",
+            "<= 30"),
         row(area, "colour words: \"<colour> heart\" drawn in that colour, after vs before",
             100 * a["colour_words"]["mean"], 100 * b["colour_words"]["mean"], "%"),
         row(area, "demo wall time, after vs before (same machine, one after the other)", a["wall_s"] / 60,
             b["wall_s"] / 60, "min"),
     ]
+    if a.get("with_before_judge"):
+        x = a["with_before_judge"]
+        rows.insert(1, row(area, "the same, the after model by the before side's judge (whole pack)",
+                           100 * x["prompt_accuracy"], 100 * b["prompt_accuracy"], "%", None,
+                           f"ceiling {x['real_accuracy']:.0%} on the after side's held-out rows"))
+    return rows
 
 
 def main() -> None:
@@ -121,6 +144,8 @@ def main() -> None:
     parser.add_argument("--before-ref", help="run the before side: infra/demo.sh of this git ref (a worktree)")
     parser.add_argument("--out", type=Path, default=Path("demo-out/bench-demo-quality"),
                         help="where --before-ref's runs go (before/, after/)")
+    parser.add_argument("--cross-judge", action="store_true",
+                        help="also score the after model with the before side's judge (AFTER/eval-before-judge.json)")
     parser.add_argument("--wall", type=json.loads, default={},
                         help='with --before/--after: their wall times and loads, e.g. \'{"before": {"wall_s": 900, '
                              '"load_1min_start": 3, "load_1min_end": 4}, "after": {...}}\'')
@@ -132,6 +157,8 @@ def main() -> None:
         args.wall = {"before": run_demo(tree, args.before, 8421), "after": run_demo(REPO, args.after, 8422)}
     elif not (args.before and args.after):
         parser.error("give --before-ref REF, or --before DIR and --after DIR")
+    if args.cross_judge:
+        cross_judge(args.before, args.after)
     sides = {name: {"wall_s": timings(d).get("total"), **args.wall.get(name, {}), **side(d)}
              for name, d in (("before", args.before), ("after", args.after))}
     for name, s in sides.items():
