@@ -145,7 +145,8 @@ async def _asgi_post(api, path: str, body: dict) -> tuple[int, dict]:
 
 @pytest.fixture
 def jobs_api(monkeypatch, tmp_path):
-    """The /v1/jobs routes on a server with jobs; `started` holds the spec of each runner started."""
+    """The /v1/jobs routes on a server with jobs: `post(body, judge="")` -> (status, JSON) from a server with that
+    judge (empty: none); `started` holds the spec of each runner started."""
     from emoji_ldm.serve import durable
     from emoji_ldm.serve.app import AppArgs
     from emoji_ldm.serve.http import new_api
@@ -158,9 +159,13 @@ def jobs_api(monkeypatch, tmp_path):
 
     monkeypatch.setattr(durable, "start_runner", lambda spec: started.append(spec) or SimpleNamespace(
         stored_body_hash=SimpleNamespace(remote=stored)))
-    api = new_api(None, local_only=True)
-    JobRoutes(AppArgs(model="/m", jobs_uri=str(tmp_path / "jobs")), None).add_to(api)
-    return SimpleNamespace(post=lambda body: asyncio.run(_asgi_post(api, "/v1/jobs", body)), started=started)
+
+    def post(body: dict, judge: str = ""):
+        api = new_api(None, local_only=True)
+        JobRoutes(AppArgs(model="/m", jobs_uri=str(tmp_path / "jobs"), judge=judge), None).add_to(api)
+        return asyncio.run(_asgi_post(api, "/v1/jobs", body))
+
+    return SimpleNamespace(post=post, started=started)
 
 
 @pytest.mark.parametrize("animation, field, says", [

@@ -4,7 +4,6 @@ that reads a strongly red centre as a heart and anything else as a cat face; the
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
@@ -17,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from emoji_ldm.serve import durable, sets
 from emoji_ldm.serve.schemas import JobRequest
+from tests.unit.test_job_animation import jobs_api  # noqa: F401 (the fixture)
 
 SET = dict(theme="emoji", items=["red heart", "grinning cat", "blue heart", "yellow heart"], template="{item}",
            seed=3, steps=2)
@@ -230,39 +230,14 @@ def test_a_body_without_a_floor_hashes_as_before_jobs_took_one():
 # --- POST /v1/jobs -------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def post(monkeypatch, tmp_path):
-    """post(body, judge) -> (status, JSON) from /v1/jobs on a server with that judge; `.started` the runners' specs."""
-    from emoji_ldm.serve.app import AppArgs
-    from emoji_ldm.serve.http import new_api
-    from emoji_ldm.serve.job_routes import JobRoutes
-    from tests.unit.test_job_animation import _asgi_post
-
-    started = []
-
-    async def stored():
-        return started[-1].body_hash
-
-    monkeypatch.setattr(durable, "start_runner", lambda spec: started.append(spec) or SimpleNamespace(
-        stored_body_hash=SimpleNamespace(remote=stored)))
-
-    def call(body: dict, judge: str = ""):
-        api = new_api(None, local_only=True)
-        JobRoutes(AppArgs(model="/m", jobs_uri=str(tmp_path / "jobs"), judge=judge), None).add_to(api)
-        return asyncio.run(_asgi_post(api, "/v1/jobs", body))
-
-    call.started = started
-    return call
-
-
-def test_min_legibility_on_a_server_without_a_judge_is_a_409_and_starts_no_job(post):
-    status, answer = post({**SET, "min_legibility": 0.5})
+def test_min_legibility_on_a_server_without_a_judge_is_a_409_and_starts_no_job(jobs_api):  # noqa: F811
+    status, answer = jobs_api.post({**SET, "min_legibility": 0.5})
     assert status == 409 and answer["field"] == "min_legibility", answer
-    assert "no judge" in answer["error"] and post.started == []
-    status, answer = post({**SET, "min_legibility": 0.5, "max_redraws": 1}, judge="/judges/one")
+    assert "no judge" in answer["error"] and jobs_api.started == []
+    status, answer = jobs_api.post({**SET, "min_legibility": 0.5, "max_redraws": 1}, judge="/judges/one")
     assert status == 202, answer
-    spec = post.started[0]
+    spec = jobs_api.started[0]
     assert spec.judge == "/judges/one" and spec.body["min_legibility"] == 0.5 and spec.body["max_redraws"] == 1
-    status, answer = post({**SET, "min_legibility": 1.5}, judge="/judges/one")
+    status, answer = jobs_api.post({**SET, "min_legibility": 1.5}, judge="/judges/one")
     assert status == 422 and answer["field"] == "min_legibility", answer
     assert np.isclose(JobRequest.model_validate(spec.body).min_legibility, 0.5)
