@@ -275,11 +275,16 @@ def app_args(config: ServeConfig, app_cfg: dict) -> dict:
 
 
 def _fit(deployments: list[dict], job_gpus: float) -> list[dict]:
-    """`fit_gpus` on this cluster's GPUs now. Where GPU nodes may still join (`_gpus_may_grow`), a misfit is a
-    warning and nothing is lowered; elsewhere (this command's own Ray, a fixed cluster) what it sees is all there is."""
-    grows = _gpus_may_grow()
+    """`fit_gpus` on this cluster's GPUs now. Where GPU nodes may still join (`shared.most`: a declared
+    $EMOJI_LDM_MAX_GPUS above what is up, or KubeRay's autoscaler with none declared), a misfit is a warning and
+    nothing is lowered; elsewhere (this command's own Ray, a fixed cluster) what it sees is all there is."""
+    from emoji_ldm.runtime.shared import MAX_ENV, most
+
+    gpus = node_gpus()
+    limit = most(sum(gpus), MAX_ENV["GPU"])
+    grows = limit is None or limit > sum(gpus)
     try:
-        fitted, note = fit_gpus(deployments, job_gpus, node_gpus())
+        fitted, note = fit_gpus(deployments, job_gpus, gpus)
     except UserError as e:
         if not grows:
             raise
@@ -290,15 +295,6 @@ def _fit(deployments: list[dict], job_gpus: float) -> list[dict]:
     if note:
         print(f"serve: {note}", flush=True)
     return fitted
-
-
-def _gpus_may_grow() -> bool:
-    """Whether GPU nodes may join this cluster: the manifests declare more GPUs than are up
-    ($EMOJI_LDM_MAX_GPUS), or, with none declared, KubeRay's autoscaler is on (`runtime/shared.py`)."""
-    from emoji_ldm.runtime.shared import MAX_ENV, autoscaler_on, declared_max
-
-    declared = declared_max(MAX_ENV["GPU"])
-    return declared > sum(node_gpus()) if declared is not None else autoscaler_on()
 
 
 def start(config: ServeConfig) -> str:
