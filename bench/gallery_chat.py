@@ -28,7 +28,7 @@ PROMPTS = ("grinning face", "red heart", "blue heart", "cat face", "ghost", "thu
 ZOOM = 3  # the chat-size copies, enlarged this many times with nearest-neighbour
 
 
-def animated_row(frames_per_prompt: list[list[Image.Image]], cell: int, fps: int) -> list[Image.Image]:
+def animated_row(frames_per_prompt: list[list[Image.Image]], cell: int) -> list[Image.Image]:
     """One RGB image per frame: the prompts' loops side by side over the checkerboard."""
     n = len(frames_per_prompt[0])
     row = []
@@ -40,7 +40,7 @@ def animated_row(frames_per_prompt: list[list[Image.Image]], cell: int, fps: int
     return row
 
 
-def chat_strip(images: list[Image.Image], prompts: tuple[str, ...]) -> Image.Image:
+def chat_strip(images: list[Image.Image]) -> Image.Image:
     """A row per chat theme: each emoji at chat size on that theme's background, then the same enlarged."""
     font = ImageFont.load_default()
     label_w, pad, big = 110, 6, CHAT_PX * ZOOM
@@ -86,14 +86,14 @@ def main() -> None:
     sampler = Sampler.load(args.model)
     if args.chat:
         job = SampleJob(prompts, (args.seed,) * len(prompts), "", args.steps, args.guidance)
-        strip = chat_strip(sampler.sample([job])[0], prompts)
+        strip = chat_strip(sampler.sample([job])[0])
         strip.save(args.chat, optimize=True)
         print(f"chat strip: {args.chat} ({strip.width}x{strip.height})")
     if args.animated:
         loop = AnimationSettings(frames=args.frames, fps=args.fps)
         frames = [sampler.animate(SampleJob((p,), (args.seed,), "", args.steps, args.guidance), loop)[0]
                   for p in prompts]
-        row = animated_row(frames, args.cell, args.fps)
+        row = animated_row(frames, args.cell)
         row[0].save(args.animated, save_all=True, append_images=row[1:], duration=1000 // args.fps, loop=0,
                     optimize=True)
         print(f"animated row: {args.animated} ({len(row)} frames, {Path(args.animated).stat().st_size} bytes)")
