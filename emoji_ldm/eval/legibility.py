@@ -39,7 +39,7 @@ def chat_pixels(judge, images: list[Image.Image], background: str, px: int = CHA
 
 def theme_reads(judge, images: list[Image.Image], labels: list[str | None], px: int = CHAT_PX) -> list[dict | None]:
     """Per image, {theme: whether the judge reads it as its label at chat size on that theme}; None for an image
-    whose label the judge does not know. What `legibility` and `legible_share` are made of, and what a durable
+    whose label the judge does not know. What `legibility` and `share_of` are made of, and what a durable
     job stores per item, so that its summary never measures an item twice."""
     reads: list[dict | None] = [None] * len(images)
     known = [i for i, y in enumerate(labels) if y in set(judge.classes)]
@@ -73,12 +73,6 @@ def legibility(judge, images: list[Image.Image], labels: list[str | None], px: i
     """The judge's prompt accuracy at chat size, per theme, over the images whose label the judge knows:
     {"px", "themes": {theme: accuracy}, "min": the worst theme, "labelled": how many counted}."""
     return summarise(theme_reads(judge, images, labels, px), px)
-
-
-def legible_share(judge, image: Image.Image, label: str, px: int = CHAT_PX) -> float:
-    """The share of themes on which the judge reads one image as `label` at chat size (0 to 1)."""
-    (reads,) = theme_reads(judge, [image], [label], px)
-    return 0.0 if reads is None else float(np.mean(list(reads.values())))
 
 
 def _palette_outline(image: Image.Image) -> np.ndarray:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from emoji_ldm.eval.judge import Judge, build_net
-from emoji_ldm.eval.legibility import CHAT_PX, THEMES, at_chat_size, consistency, legibility, legible_share
+from emoji_ldm.eval.legibility import CHAT_PX, THEMES, at_chat_size, consistency, legibility, share_of, theme_reads
 
 
 def _shape(kind: str, size: int = 64, scale: float = 0.8, colour=None, jitter: int = 0) -> Image.Image:
@@ -69,7 +69,8 @@ def test_legibility_per_theme_and_what_a_smudge_scores(judge):
     assert result["min"] == 1.0
     # a near-white, mostly transparent square: at 22 px it is lost on the light themes
     ghost = _shape("blue", scale=0.5, colour=(235, 235, 255, 60))
-    assert legible_share(judge, ghost, "blue") < legible_share(judge, _shape("blue"), "blue")
+    faint, clear_one = theme_reads(judge, [ghost, _shape("blue")], ["blue", "blue"])
+    assert share_of(faint) < share_of(clear_one)
     # labels the judge does not know are left out, and said so
     assert legibility(judge, clear, [None, "cat", None, None]) == {"px": CHAT_PX, "themes": {}, "min": None,
                                                                      "labelled": 0}
