@@ -48,22 +48,31 @@ def tiny_sd_vae(folder: Path, channels: int = 3):
     return folder
 
 
-def tiny_sd_pipeline(folder: Path, vae_channels: int = 3) -> Path:
-    """A Stable Diffusion 1.x-layout pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+def tiny_sd_pipeline(folder: Path, vae_channels: int = 3, text_encoder: str = "clip") -> Path:
+    """A Stable Diffusion 1.x-layout pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    `text_encoder` "clip" is a tiny random CLIPTextModel (32-d); "minilm" the pretrained MiniLM (a BERT, 384-d)
+    that the tiny presets use, whose LoRA adapters diffusers loads only with the metadata saved beside them."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import AutoTokenizer, BertModel, CLIPTextModel, CLIPTokenizer
+
+    from emoji_ldm.models.builders import minilm_path
 
     tmp = folder.parent / (folder.name + "-parts")
-    tiny_clip(tmp / "clip")
     tiny_sd_vae(tmp / "vae", vae_channels)
+    if text_encoder == "clip":
+        tiny_clip(tmp / "clip")
+        encoder, tokenizer = CLIPTextModel.from_pretrained(tmp / "clip"), CLIPTokenizer.from_pretrained(tmp / "clip")
+    else:
+        assert text_encoder == "minilm", text_encoder
+        encoder = BertModel.from_pretrained(minilm_path())  # with its pooler, so that the folder loads whole
+        tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(32, 64),
                                 layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=4)
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=encoder.config.hidden_size, attention_head_dim=4)
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(tmp / "vae"), text_encoder=CLIPTextModel.from_pretrained(tmp / "clip"),
-        tokenizer=CLIPTokenizer.from_pretrained(tmp / "clip"), unet=unet,
+        vae=AutoencoderKL.from_pretrained(tmp / "vae"), text_encoder=encoder, tokenizer=tokenizer, unet=unet,
         scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )

@@ -1,5 +1,8 @@
 """DreamBooth end to end on real Ray (Ray Data class images, Ray Train + DeepSpeed on 2 CPU workers) with a tiny
-randomly initialised SD 1.x-layout pipeline: it proves the code runs, never a quality result."""
+SD 1.x-layout pipeline (random UNet and VAE, the pretrained MiniLM text encoder): it proves the code runs, never a
+quality result. The runs take what a GPU run uses, on CPU: DeepSpeed bf16, whose frozen weights must come out
+exactly as the base had them, and a LoRA on a BERT-family text encoder, which diffusers loads only with the
+adapter metadata saved beside the weights."""
 
 from __future__ import annotations
 
@@ -9,17 +12,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from emoji_ldm.cli.main import main
 from emoji_ldm.errors import UserError
 from emoji_ldm.inference.sampler import SampleJob, Sampler
 from emoji_ldm.train.dreambooth import DreamBoothConfig, dreambooth
+from emoji_ldm.train.speed import SpeedOptions
 from tests.tiny_models import tiny_sd_pipeline
 
 
 @pytest.fixture(scope="module")
 def subject(ray_local, tmp_path_factory):
-    """A tiny SD pipeline (32 px) and five photos of 'the subject' (a red disc on varied backgrounds, any size)."""
+    """A tiny SD pipeline (32 px, MiniLM text encoder) and five photos of 'the subject' (a red disc on varied
+    backgrounds, any size)."""
     root = tmp_path_factory.mktemp("dreambooth")
     photos = root / "photos"
     photos.mkdir()
@@ -30,7 +36,7 @@ def subject(ray_local, tmp_path_factory):
         image.paste((220, 30, 30), (8, 8, 32, 32))
         image.save(photos / f"photo-{i}.{'jpg' if i % 2 else 'png'}")
     (photos / "notes.txt").write_text("not an image")  # rejected with a reason, not fatal
-    return root, tiny_sd_pipeline(root / "sd"), photos
+    return root, tiny_sd_pipeline(root / "sd", text_encoder="minilm"), photos
 
 
 def _config(root, sd, photos, out, **kwargs):
@@ -40,12 +46,17 @@ def _config(root, sd, photos, out, **kwargs):
     return DreamBoothConfig(**{**base, **kwargs})
 
 
-def test_full_then_lora_reuse_the_class_images(subject, capsys):
+def test_full_in_bf16_then_lora_reuse_the_class_images(subject, capsys):
+    """Full DeepSpeed bf16 (bf16 module, fp32 masters) with accumulation and prior preservation: the frozen text
+    encoder and VAE come out bit for bit as the base had them, the trained UNet in fp32 from the masters. Then the
+    README's LoRA command on the UNet and the BERT text encoder, reusing the class images: the adapter loads as
+    diffusers and `serve --adapter` load it, and the fused model draws as `generate` does."""
     from diffusers import StableDiffusionPipeline
 
     root, sd, photos = subject
     # 2 micro-batches a step (1 instance photo and 1 class image on each of the 2 workers, twice)
-    card = dreambooth(_config(root, sd, photos, "full", train_text_encoder=True, batch_size=4, grad_accum=2))
+    card = dreambooth(_config(root, sd, photos, "full", batch_size=4, grad_accum=2, lr=1e-2,
+                              speed=SpeedOptions(precision="bf16")))
     assert card["class_generated"] == 4 and card["class_reused"] == 0
     assert (card["training"]["batch_size"], card["training"]["grad_accum"]) == (4, 2)
     assert len(card["instance_photos"]) == 5 and card["instance_prompt"] == "a sks cat emoji"
@@ -56,7 +67,12 @@ def test_full_then_lora_reuse_the_class_images(subject, capsys):
     assert all(abs(r["loss"] - r["instance_loss"] - r["prior_loss"]) < 1e-4 for r in rows)  # weight 1.0
     full = StableDiffusionPipeline.from_pretrained(root / "full" / "model", safety_checker=None)
     base = StableDiffusionPipeline.from_pretrained(sd, safety_checker=None)
+    exported, frozen = (load_file(next((folder / "text_encoder").glob("*.safetensors")))
+                        for folder in (root / "full" / "model", sd))
+    assert exported.keys() == frozen.keys() and all(torch.equal(exported[k], frozen[k]) for k in frozen)
+    assert {p.dtype for p in full.unet.parameters()} == {torch.float32}
     assert not torch.equal(full.unet.conv_in.weight, base.unet.conv_in.weight)  # the UNet was trained
+    assert torch.equal(full.vae.decoder.conv_out.weight, base.vae.decoder.conv_out.weight)
 
     # the README's command 1, as typed (the CLI generated from DreamBoothConfig)
     assert main(["dreambooth", "--base", str(sd), "--instance-data", f"dir:{photos}",
@@ -83,6 +99,8 @@ def test_full_then_lora_reuse_the_class_images(subject, capsys):
     job = dict(prompts=("a sks cat emoji happy", "a sks cat emoji sad"), seeds=(0, 1), steps=2)
     mine, plain = (sampler.pngs([SampleJob(**job, adapter=a)])[0] for a in ("my-cat", None))
     assert [png for png, _ in mine] != [png for png, _ in plain] and mine[0][1]["adapter"] == "my-cat"
+    (drawn,) = Sampler.load(str(root / "lora" / "model")).pngs([SampleJob(("a sks cat emoji",), (0,), "", 2, 3.0)])
+    assert drawn[0][0].startswith(b"\x89PNG")  # the fused model, as `generate --model OUT/model` loads it
 
 
 def test_square_opaque_photos_keep_their_backgrounds(subject, tmp_path):
