@@ -14,11 +14,11 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def rank1_fails(module, at_step: int, kind: str = "exit", marker=None):
+def rank1_fails(module, at_step: int, marker=None):
     """While in the block, `module`'s training runs fail on rank 1 at optimizer step `at_step`.
 
-    kind "exit": the process exits at once (a crash), and with `marker` (a path) only while that file does not
-    exist yet, so the group Ray Train restarts goes on; "user-error": a `UserError` on rank 1 alone.
+    The process exits at once (a crash), and with `marker` (a path) only while that file does not exist yet, so
+    the group Ray Train restarts goes on.
     """
     name, original = module.__name__, module.worker
     marker = None if marker is None else str(marker)
@@ -27,7 +27,6 @@ def rank1_fails(module, at_step: int, kind: str = "exit", marker=None):
         import importlib
         import os
 
-        from emoji_ldm.errors import UserError
         from emoji_ldm.train import loop
 
         train_step = loop.Loop.train_step
@@ -35,8 +34,6 @@ def rank1_fails(module, at_step: int, kind: str = "exit", marker=None):
         def failing(self, batches):
             applied = train_step(self, batches)
             if applied and self.counters["step"] == at_step and self.recipe.worker.rank == 1:
-                if kind == "user-error":
-                    raise UserError(f"fault injection: a user error on rank 1 at step {at_step}")
                 if marker is None or not os.path.exists(marker):
                     if marker is not None:
                         open(marker, "w").close()

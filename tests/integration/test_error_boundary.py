@@ -1,6 +1,8 @@
-"""A UserError raised inside a Ray task, a Ray Data UDF or a Ray Train worker reaches the user as one line."""
+"""A UserError raised inside a Ray task, a Ray Data UDF or one Ray Train worker reaches the user as one line."""
 
 from __future__ import annotations
+
+import pytest
 
 from emoji_ldm.cli import main as cli
 from emoji_ldm.errors import UserError, find_user_error
@@ -34,15 +36,27 @@ def test_user_error_found_inside_ray_wrappers(ray_local):
     assert find_user_error(RuntimeError("a bug")) is None
 
 
-def test_user_error_in_a_train_worker(ray_local):
+def _rank1_user_error(run):
+    """Rank 1 raises a UserError; rank 0 meanwhile waits in a collective that rank 1 never joins."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    import torch
 
-    trainer = TorchTrainer(_raise, scaling_config=ray.train.ScalingConfig(num_workers=1),
-                           torch_config=TorchConfig(backend="gloo"),
-                           run_config=ray.train.RunConfig(failure_config=ray.train.FailureConfig(max_failures=0)))
-    error = _raised_by(trainer.fit)
-    assert str(find_user_error(error)).splitlines()[0] == "--thing 'x' is wrong: use 'y'"
+    if ray.train.get_context().get_world_rank() == 1:
+        raise UserError(f"--thing {run!r} is wrong: use 'y'\n(a second line the user does not need)")
+    torch.distributed.all_reduce(torch.ones(1))
+
+
+@pytest.mark.timeout(300)
+def test_user_error_on_one_rank_stops_every_rank(ray_local, tmp_path):
+    """A UserError on rank 1 alone, rank 0 in the next collective, through the harness's `runner.fit` (what
+    every recipe runs on): the run stops with that one line, without waiting for the collective's timeout (the
+    test's own timeout would end it), and with restarts allowed, none retries it."""
+    from emoji_ldm.train import runner
+
+    with pytest.raises(UserError) as raised:
+        runner.fit(_rank1_user_error, "x", name="user-error", out=str(tmp_path / "run"), workers=2, use_gpu=False,
+                   max_failures=2)
+    assert str(raised.value) == "--thing 'x' is wrong: use 'y'"
 
 
 def test_cli_prints_a_worker_user_error_as_one_line(ray_local, monkeypatch, capsys):

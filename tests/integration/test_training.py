@@ -208,7 +208,7 @@ def test_bad_inputs(tiny, tmp_path, cli_in_process):
         train_vae(VAETrainConfig(dataset=tiny.ds, out=str(tmp_path / "v"), preset="emoji64"))
     # a mistake only a worker can see (a UNet it cannot load) is a UserError where the worker builds the UNet;
     # that a worker's UserError comes back from train() as itself, not retried, is what
-    # test_harness::test_user_error_on_one_rank_stops_every_rank runs (a Ray Train run here would cost 20 s)
+    # test_error_boundary::test_user_error_on_one_rank_stops_every_rank runs (a Ray Train run here would cost 20 s)
     from emoji_ldm.models.builders import build_unet
     from emoji_ldm.models.presets import get_preset
 
