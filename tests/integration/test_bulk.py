@@ -180,8 +180,8 @@ def test_half_precision_pipeline_on_cpu(model, dtype):
 def test_compiled_unet_is_warmed_up_once(model, monkeypatch):
     """torch.compile of the UNet: the warm-up compiles, a request at the warmed-up size does not compile again.
     Whether a request compiles again is dynamo's (its guards), whatever backend builds the kernels: here
-    aot_eager, which traces as inductor does but builds no C++ (inductor's CPU kernels for training are
-    test_training_step's, for sampling `make gpu-check DEVICE=cpu`'s sample-*-compile)."""
+    aot_eager, which traces as inductor does but builds no C++ (inductor's kernels are `make gpu-check`'s
+    sample-*-compile, with `DEVICE=cpu` its C++ ones)."""
     import torch._dynamo
 
     from emoji_ldm.inference.sampler import InferenceOptions, SampleJob, Sampler
