@@ -48,8 +48,10 @@ kubectl:
 
 # The whole suite (real Ray, a real moto_server S3 process, local HTTP servers, headless Chromium,
 # the k8s manifests, every RayJob entrypoint on a local `ray start --head`).
+# Two workers (pytest-xdist): the integration tests in order in one, the unit tests beside them in the other
+# (tests/conftest.py says why).
 test: $(STAMP) chromium kubectl cxx lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 # The unit tests alone (no Ray cluster, no servers, no browser, none marked slow): about 2 minutes on 2 cores.
 test-fast: $(STAMP) lint
