@@ -50,28 +50,21 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
-# Integration modules that start no shared service (each runs a Ray of its own): under `-n 2` they may run beside
-# the rest, as the unit tests do.
-OWN_SERVICES = {"test_gpu_check.py", "test_local_ray.py"}
-
-
 def pytest_xdist_make_scheduler(config, log):
     """`make test` runs two pytest-xdist workers (`-n 2`). The integration tests are one unit of work, so they run
-    in order in one worker, with the one session Ray cluster, S3 server and tiny pipeline they share (a cluster
-    runs one Serve, and a second cluster would contend for the same 2 cores). The unit tests, which start none of
-    these, go to the other worker, on the core that the integration tests leave idle much of the time (they keep
-    about 1.4 of 2 cores busy). (xdist's own `--dist loadgroup` cannot do this under pytest 9.2: it renames
-    items through `Item._nodeid`, which pytest no longer reads.)"""
+    in order in one worker, with the one session Ray cluster, S3 server and tiny pipeline they share: a cluster
+    runs one Serve, and two Ray clusters at work on one machine have been seen to cross (a job's working_dir
+    fetched through the other cluster's runtime-env agent). The unit tests, which start no Ray and no server
+    (tests/unit/conftest.py refuses it), go to the other worker, on the core that the integration tests leave
+    idle much of the time (they keep about 1.4 of 2 cores busy). xdist's own `--dist loadgroup` cannot group them
+    under pytest 9.2: it renames items through `Item._nodeid`, which pytest no longer reads."""
     from xdist.scheduler import LoadScopeScheduling
 
-    class SharedServicesInOneWorker(LoadScopeScheduling):
+    class IntegrationInOneWorker(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::")[0]
-            if path.startswith("tests/integration/") and path.rsplit("/", 1)[-1] not in OWN_SERVICES:
-                return "shared services"
-            return nodeid
+            return "integration" if nodeid.startswith("tests/integration/") else nodeid
 
-    return SharedServicesInOneWorker(config, log)
+    return IntegrationInOneWorker(config, log)
 
 
 def free_port() -> int:
