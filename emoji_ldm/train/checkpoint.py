@@ -86,12 +86,23 @@ def open_checkpoint(uri: str):
     return ray.train.Checkpoint(path, filesystem=fs)
 
 
-def restore(engine, resume_from: str | None, counters: dict, *, rank: int, device, ema=None) -> str | None:
-    """Load Ray Train's checkpoint of this attempt (after a worker failure) or `resume_from` (`--resume`) into
-    the engine, the EMA, the RNG and `counters` (updated in place). Returns where it came from, or None."""
+def restore(engine, resume_from: str | None, counters: dict, *, out: str, rank: int, device,
+            ema=None) -> str | None:
+    """Load the run's newest checkpoint into the engine, the EMA, the RNG and `counters` (updated in place);
+    returns where it came from, or None.
+
+    After a worker failure that is Ray Train's checkpoint of this run, or a newer complete one under
+    OUT/checkpoints: every rank uploads its part inside `ray.train.report`, but the controller registers a report
+    only when it next polls the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default), so a worker
+    that dies within that window after a checkpoint would otherwise send the run back to the one before. On a
+    first attempt OUT/checkpoints holds nothing (`runner.refuse_or_resume` refuses a new run into an OUT that has
+    checkpoints) or what `--resume` (`resume_from`) found there."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
+    newest = latest(out)
+    if newest is not None and (checkpoint is None or _step(checkpoint.path) < newest[1]["step"]):
+        checkpoint = open_checkpoint(newest[0])
     if checkpoint is None and resume_from:
         checkpoint = open_checkpoint(resume_from)
     if checkpoint is None:
@@ -105,9 +116,14 @@ def restore(engine, resume_from: str | None, counters: dict, *, rank: int, devic
     return checkpoint.path
 
 
+def _step(path: str) -> int:
+    """The step of a checkpoint folder named `step-XXXXXXXX` (as `save` names them)."""
+    return int(path.rstrip("/").rsplit("/", 1)[-1].removeprefix("step-"))
+
+
 def latest(out: str) -> tuple[str, dict] | None:
     """(URI, state.json) of the newest complete checkpoint under OUT/checkpoints, if any: one whose state.json
-    exists and that holds an optimizer shard from every rank (ZeRO 1-3)."""
+    exists and that holds the RNG state of every rank and, under ZeRO 1-3, an optimizer shard from every rank."""
     import pyarrow.fs as pafs
 
     from emoji_ldm.store.artifacts import artifact_uri
@@ -124,9 +140,10 @@ def latest(out: str) -> tuple[str, dict] | None:
             folder = info.path.rsplit("/", 1)[0]
             with fs.open_input_stream(info.path) as f:
                 state = json.loads(f.read())
-            shards = sum(1 for i in infos
-                         if i.path.startswith(folder + "/") and i.base_name.endswith("optim_states.pt"))
-            if shards >= state["world_size"] or state["zero_stage"] == 0:
+            names = [i.base_name for i in infos if i.path.startswith(folder + "/")]
+            shards = sum(1 for n in names if n.endswith("optim_states.pt"))
+            rngs = sum(1 for n in names if n.startswith("rng-rank"))
+            if rngs >= state["world_size"] and (shards >= state["world_size"] or state["zero_stage"] == 0):
                 found.append((state["step"], ("s3://" + folder) if is_s3(out) else folder, state))
     if not found:
         return None

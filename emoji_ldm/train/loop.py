@@ -99,8 +99,8 @@ class Loop:
         # every rank keeps the EMA of the fp32 masters its ZeRO partition owns: an update sends nothing
         self.ema = PartitionedEMA(r.engine, r.params, r.ema, w.rank) if r.ema is not None else None
         self.counters = dict(r.counters)
-        resumed = checkpoint.restore(r.engine, r.resume_from, self.counters, rank=w.rank, device=w.device,
-                                     ema=self.ema)
+        resumed = checkpoint.restore(r.engine, r.resume_from, self.counters, out=r.out, rank=w.rank,
+                                     device=w.device, ema=self.ema)
         self.log = MetricsLogger(r.out, r.tag, r.schedule.max_steps, self.counters["step"], r.config) \
             if w.main else None
         self.window = _Window()

@@ -64,11 +64,12 @@ def check_saved(state: dict, now: dict, out: str) -> None:
 
 
 def fit(worker, run, *, name: str, out: str, workers: int, use_gpu: bool, max_failures: int,
-        datasets: dict | None = None, storage_uri: str | None = None):
+        datasets: dict | None = None):
     """Run `worker(run)` on `workers` Ray Train workers; returns the `ray.train.Result`.
 
     `run` is the recipe's frozen dataclass: everything a worker needs, passed explicitly. Checkpoints go to
-    `storage_uri` (default OUT/checkpoints) through the project's filesystem, so S3 settings apply."""
+    OUT/checkpoints (where `checkpoint.latest` and `checkpoint.restore` look) through the project's filesystem,
+    so S3 settings apply."""
     import time
 
     import ray.train
@@ -81,7 +82,7 @@ def fit(worker, run, *, name: str, out: str, workers: int, use_gpu: bool, max_fa
     ensure_ray(dashboard=True)  # Ray Train's cleaner needs the State API
     if exists(artifact_uri(out, *_WORKER_ERROR)):  # left by a driver that was killed before it read it
         delete(artifact_uri(out, *_WORKER_ERROR))
-    fs, storage = filesystem(storage_uri or artifact_uri(out, "checkpoints"))
+    fs, storage = filesystem(artifact_uri(out, "checkpoints"))
     env = {**storage_options(), "DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}
     trainer = TorchTrainer(
         _train_loop,

@@ -159,6 +159,50 @@ def test_a_skipped_step_is_counted_but_moves_nothing(one_rank_gloo, no_ray_check
     assert all(math.isfinite(r["loss"]) for r in rows) and [s for s, _ in no_ray_checkpoints] == [3]
 
 
+def test_a_restart_resumes_from_a_checkpoint_the_controller_had_not_registered(one_rank_gloo, tmp_path,
+                                                                                monkeypatch):
+    """Every rank uploads its checkpoint inside `ray.train.report`, but Ray Train's controller registers it only
+    when it next polls the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default). A worker that died in
+    between leaves `ray.train.get_checkpoint()` at the checkpoint before (here: none), and the restart went back
+    to it. The restart resumes from the newest complete checkpoint under OUT/checkpoints instead, passing over
+    one that a rank had not finished (its RNG state missing)."""
+    import shutil
+
+    import deepspeed
+    import ray.train
+
+    from emoji_ldm.train import checkpoint
+    from emoji_ldm.train.runner import deepspeed_config
+
+    out = tmp_path / "run"
+
+    def upload(metrics, checkpoint, checkpoint_dir_name):  # what report does before the controller polls
+        shutil.copytree(checkpoint.path, out / "checkpoints" / "run-20261126-000000" / checkpoint_dir_name)
+
+    monkeypatch.setattr(ray.train, "report", upload)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)  # the controller registered none of them
+
+    def engine():
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(3, 1)
+        return deepspeed.initialize(model=layer, optimizer=torch.optim.AdamW(layer.parameters(), lr=1e-2),
+                                    config=deepspeed_config(2, 1, 1.0, 0, "no"), dist_init_required=False)[0]
+
+    first, cpu = engine(), torch.device("cpu")
+    for step in (1, 2, 3):
+        first.backward(first(torch.ones(2, 3)).pow(2).mean())
+        first.step()
+        if step == 2:
+            weights = [p.detach().clone() for p in first.module.parameters()]
+        checkpoint.save(first, {"step": step}, {"world_size": 1, "zero_stage": 0}, rank=0, device=cpu)
+    next(out.glob("checkpoints/*/step-00000003/rng-rank0.pt")).unlink()  # step 3: a rank died mid-upload
+
+    restarted, counters = engine(), {"step": 0}
+    where = checkpoint.restore(restarted, None, counters, out=str(out), rank=0, device=cpu)
+    assert where and where.endswith("step-00000002") and counters == {"step": 2}
+    assert all(torch.equal(p, w) for p, w in zip(restarted.module.parameters(), weights))
+
+
 def test_bf16_run_keeps_an_fp32_ema_and_exports_it(tiny, tmp_path):
     """`train --precision bf16` on 2 workers with the other fast-path flags (channels-last, gradient
     checkpointing): the banner and config.json say so, the losses are numbers, the checkpoint's EMA is fp32
