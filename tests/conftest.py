@@ -50,6 +50,11 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+# Integration tests that start no Ray and no shared server (gpu_check/run.py runs in one process without Ray):
+# they may run beside the rest, as the unit tests do.
+NO_SHARED_SERVICES = ("tests/integration/test_gpu_check.py",)
+
+
 def pytest_xdist_make_scheduler(config, log):
     """`make test` runs two pytest-xdist workers (`-n 2`). The integration tests are one unit of work, so they run
     in order in one worker, with the one session Ray cluster, S3 server and tiny pipeline they share: a cluster
@@ -62,7 +67,8 @@ def pytest_xdist_make_scheduler(config, log):
 
     class IntegrationInOneWorker(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "integration" if nodeid.startswith("tests/integration/") else nodeid
+            shared = nodeid.startswith("tests/integration/") and not nodeid.startswith(NO_SHARED_SERVICES)
+            return "integration" if shared else nodeid
 
     return IntegrationInOneWorker(config, log)
 
