@@ -50,9 +50,10 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
-# Integration tests that start no Ray and no shared server (gpu_check/run.py runs in one process without Ray):
-# they may run beside the rest, as the unit tests do.
-NO_SHARED_SERVICES = ("tests/integration/test_gpu_check.py",)
+# Integration tests that start no Ray (gpu_check/run.py runs in one process without it; the artifact cache's
+# processes read S3, and each xdist worker has an S3 server of its own): they may run beside the rest, as the
+# unit tests do.
+NO_SHARED_SERVICES = ("tests/integration/test_gpu_check.py", "tests/integration/test_artifact_cache.py")
 
 
 def pytest_xdist_make_scheduler(config, log):
