@@ -86,8 +86,7 @@ def open_checkpoint(uri: str):
     return ray.train.Checkpoint(path, filesystem=fs)
 
 
-def restore(engine, resume_from: str | None, counters: dict, *, out: str, rank: int, device,
-            ema=None) -> str | None:
+def restore(engine, counters: dict, *, out: str, rank: int, device, ema=None) -> str | None:
     """Load the run's newest checkpoint into the engine, the EMA, the RNG and `counters` (updated in place);
     returns where it came from, or None.
 
@@ -96,15 +95,13 @@ def restore(engine, resume_from: str | None, counters: dict, *, out: str, rank: 
     only when it next polls the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default), so a worker
     that dies within that window after a checkpoint would otherwise send the run back to the one before. On a
     first attempt OUT/checkpoints holds nothing (`runner.refuse_or_resume` refuses a new run into an OUT that has
-    checkpoints) or what `--resume` (`resume_from`) found there."""
+    checkpoints) or the checkpoint `--resume` continues from."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     newest = latest(out)
     if newest is not None and (checkpoint is None or _step(checkpoint.path) < newest[1]["step"]):
         checkpoint = open_checkpoint(newest[0])
-    if checkpoint is None and resume_from:
-        checkpoint = open_checkpoint(resume_from)
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:

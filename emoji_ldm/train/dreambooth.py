@@ -171,7 +171,6 @@ class DreamBoothRun:
     class_version: int | None
     out: str
     card: dict  # the model card's fields known on the driver (photos, prompts, base, tables)
-    resume_from: str | None = None
 
 
 def prior_preservation_loss(pred, target, n_instance: int, prior_weight: float):
@@ -256,7 +255,7 @@ def _recipe(run: DreamBoothRun):
         tag="dreambooth", out=run.out, worker=w, engine=engine, scheduler=scheduler, zero_stage=config.zero_stage,
         params=params, micro=rows, batches=photos.batches, forward=forward, describe=describe,
         schedule=loop.Schedule(config.max_steps, config.log_every, config.checkpoint_every, config.grad_accum),
-        meta=_resume_settings(config, run.base_id), resume_from=run.resume_from,
+        meta=_resume_settings(config, run.base_id),
         export=lambda ema, log: export(engine, run, w.rank, log))
 
 
@@ -293,7 +292,7 @@ def dreambooth(config: DreamBoothConfig) -> dict:
     out = check_writable(config.out)
     base_id = model_card(base).get("content_id") or weights_content_id(local_copy(base))
     now = {"world_size": config.workers, **_resume_settings(config, base_id)}
-    existing = runner.refuse_or_resume(out, config.resume, lambda state: runner.check_saved(state, now, out))
+    runner.refuse_or_resume(out, config.resume, lambda state: runner.check_saved(state, now, out))
 
     ensure_ray(dashboard=True)
     for uri, what in ((out, "the run folder (--out)"), (base, "the base model (--base)")):
@@ -312,8 +311,7 @@ def dreambooth(config: DreamBoothConfig) -> dict:
                                                   "class_images": card["class_images"]})
     run = DreamBoothRun(config=config, base=base, base_id=base_id, image_size=size, instance_uri=instance_uri,
                         instance_version=instance_version, class_uri=class_uri if config.prior else None,
-                        class_version=class_version, out=out, card=card,
-                        resume_from=existing[0] if existing else None)
+                        class_version=class_version, out=out, card=card)
     result = runner.fit(worker, run, name="dreambooth", out=out, workers=config.workers, use_gpu=config.use_gpu,
                         max_failures=config.max_failures)
     card = read_json(artifact_uri(out, "model", "model_card.json"))

@@ -114,7 +114,6 @@ class WorkerConfig:
     out: str
     vae: str
     image: dict  # how the model gets alpha (the card's `image`): its validation grids draw it so
-    resume_from: str | None = None
     shuffle_buffer: int = 2048
     prefetch_batches: int = 4
     speed: SpeedOptions = SpeedOptions()
@@ -173,7 +172,7 @@ def _recipe(run: WorkerConfig):
         params=params, micro=micro, batches=batches, forward=forward, describe=describe,
         schedule=loop.Schedule(tc.max_steps, tc.log_every, tc.checkpoint_every, tc.grad_accum, tc.sample_every),
         counters={"step": 0, "epoch": 0, "pos": 0}, meta={"preset": {k: run.preset[k] for k in _RESUME_KEYS}},
-        resume_from=run.resume_from, ema=tc, grid=_Validation(preset, run, w).grid, config=preset.to_dict())
+        ema=tc, grid=_Validation(preset, run, w).grid, config=preset.to_dict())
 
 
 def _describe(preset, unet, batches_per_epoch: int, run: WorkerConfig) -> str:
@@ -275,7 +274,7 @@ def train(config: TrainConfig) -> dict:
     latent_version = table.version()
     preset = config.resolved_preset()
     out = check_writable(config.out)
-    existing = runner.refuse_or_resume(out, config.resume, lambda state: _check_resume(state, preset, config))
+    runner.refuse_or_resume(out, config.resume, lambda state: _check_resume(state, preset, config))
     preset = _checked_preset(config, table, enc_meta)
     ensure_ray(dashboard=True)
     for uri, what in ((ref.uri, "the latent table (--data)"), (out, "the run folder (--out)"),
@@ -287,7 +286,7 @@ def train(config: TrainConfig) -> dict:
     run = WorkerConfig(
         preset=preset.to_dict(), latent_uri=ref.uri, latent_version=latent_version, zero_stage=config.zero_stage,
         use_gpu=config.use_gpu, threads=config.threads_per_worker, empty_emb=empty_caption(ref.uri).tolist(),
-        out=out, vae=enc_meta["vae"], image=enc_meta["image"], resume_from=existing[0] if existing else None,
+        out=out, vae=enc_meta["vae"], image=enc_meta["image"],
         shuffle_buffer=config.shuffle_buffer, speed=config.speed,
     )
     result = runner.fit(worker, run, name="run", out=out, workers=config.workers, use_gpu=config.use_gpu,

@@ -57,7 +57,6 @@ class Recipe:
     describe: str  # the banner's recipe half: the model, the data, the precision
     counters: dict = field(default_factory=lambda: {"step": 0})  # checkpointed; "step" is the loop's
     meta: dict = field(default_factory=dict)  # what state.json records and a --resume must match
-    resume_from: str | None = None  # --resume's checkpoint
     ema: object = None  # the preset's `TrainSpec` (decay, warm-up) to keep an fp32 EMA with; None: no EMA
     grid: Callable | None = None  # rank 0: (the full EMA, step, log), a validation grid
     export: Callable | None = None  # every rank, after the last step: (the `PartitionedEMA`, log)
@@ -99,8 +98,8 @@ class Loop:
         # every rank keeps the EMA of the fp32 masters its ZeRO partition owns: an update sends nothing
         self.ema = PartitionedEMA(r.engine, r.params, r.ema, w.rank) if r.ema is not None else None
         self.counters = dict(r.counters)
-        resumed = checkpoint.restore(r.engine, r.resume_from, self.counters, out=r.out, rank=w.rank,
-                                     device=w.device, ema=self.ema)
+        resumed = checkpoint.restore(r.engine, self.counters, out=r.out, rank=w.rank, device=w.device,
+                                     ema=self.ema)
         self.log = MetricsLogger(r.out, r.tag, r.schedule.max_steps, self.counters["step"], r.config) \
             if w.main else None
         self.window = _Window()

@@ -38,9 +38,10 @@ class WorkerUserError(RuntimeError):
 # --- driver ------------------------------------------------------------------------------------------------
 
 
-def refuse_or_resume(out: str, resume: bool, check=None) -> tuple[str, dict] | None:
-    """The checkpoint to resume from, or None to start afresh; `check(state)` raises a `UserError` when the
-    checkpoint's `state.json` does not match the run about to start."""
+def refuse_or_resume(out: str, resume: bool, check=None) -> None:
+    """Refuse a run into an OUT that has checkpoints unless it resumes; `check(state)` raises a `UserError` when
+    the checkpoint's `state.json` does not match the run about to start. The workers then restore the newest
+    checkpoint under OUT/checkpoints (`checkpoint.restore`)."""
     from emoji_ldm.train import checkpoint
 
     existing = checkpoint.latest(out)
@@ -51,7 +52,6 @@ def refuse_or_resume(out: str, resume: bool, check=None) -> tuple[str, dict] | N
         logger.warning("--resume: no checkpoint under %s/checkpoints, starting from scratch", out)
     if existing and check is not None:
         check(existing[1])
-    return existing if resume else None
 
 
 def check_saved(state: dict, now: dict, out: str) -> None:

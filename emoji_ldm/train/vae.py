@@ -86,7 +86,6 @@ class VAERun:
     use_gpu: bool
     log_every: int
     checkpoint_every: int
-    resume_from: str | None = None
 
 
 def worker(run: VAERun) -> None:
@@ -131,7 +130,7 @@ def _recipe(run: VAERun):
     return loop.Recipe(
         tag="train-vae", out=run.out, worker=w, engine=engine, scheduler=scheduler, zero_stage=0, params=params,
         micro=micro, batches=batches, forward=forward, describe=describe, meta=_resume_settings(preset),
-        schedule=loop.Schedule(run.max_steps, run.log_every, run.checkpoint_every), resume_from=run.resume_from,
+        schedule=loop.Schedule(run.max_steps, run.log_every, run.checkpoint_every),
         export=lambda ema, log: _export(model.vae, pixels, run, w, log))
 
 
@@ -226,14 +225,13 @@ def train_vae(config: VAETrainConfig) -> dict:
     preset = config.resolved_preset()
     out = check_writable(config.out)
     now = {"world_size": config.workers, **_resume_settings(preset)}
-    existing = runner.refuse_or_resume(out, config.resume, lambda state: runner.check_saved(state, now, out))
+    runner.refuse_or_resume(out, config.resume, lambda state: runner.check_saved(state, now, out))
     ensure_ray(dashboard=True)  # Ray Train's cleaner needs the State API
     steps = config.max_steps or preset.vae.train_steps
     ds, version, total, rows = _training_images(config, preset, steps)
     require_shared(out, "the VAE folder (--out)")
     run = VAERun(preset=preset.to_dict(), max_steps=steps, out=out, use_gpu=config.use_gpu,
-                 log_every=config.log_every, checkpoint_every=config.checkpoint_every,
-                 resume_from=existing[0] if existing else None)
+                 log_every=config.log_every, checkpoint_every=config.checkpoint_every)
     runner.fit(worker, run, name="train-vae", out=out, workers=config.workers, use_gpu=config.use_gpu,
                max_failures=config.max_failures, datasets={"train": ds})
     metrics = read_json(artifact_uri(out, "metrics.json"))

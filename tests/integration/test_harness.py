@@ -198,7 +198,7 @@ def test_a_restart_resumes_from_a_checkpoint_the_controller_had_not_registered(o
     next(out.glob("checkpoints/*/step-00000003/rng-rank0.pt")).unlink()  # step 3: a rank died mid-upload
 
     restarted, counters = engine(), {"step": 0}
-    where = checkpoint.restore(restarted, None, counters, out=str(out), rank=0, device=cpu)
+    where = checkpoint.restore(restarted, counters, out=str(out), rank=0, device=cpu)
     assert where and where.endswith("step-00000002") and counters == {"step": 2}
     assert all(torch.equal(p, w) for p, w in zip(restarted.module.parameters(), weights))
 
