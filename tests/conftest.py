@@ -11,6 +11,8 @@ Jobs API. Everything listens on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import os
 import shutil
@@ -54,24 +56,30 @@ def pytest_collection_modifyitems(items):
 # processes read S3, and each xdist worker has an S3 server of its own): they may run beside the rest, as the
 # unit tests do.
 NO_SHARED_SERVICES = ("tests/integration/test_gpu_check.py", "tests/integration/test_artifact_cache.py")
+# The modules that start from the session's tiny pipeline (the `pipeline` fixture): one unit of work, so that one
+# worker makes it once. A module missing here still passes; it costs a second pipeline in the other worker.
+PIPELINE_MODULES = tuple(f"tests/integration/test_{m}.py" for m in
+                         ("harness", "lineage", "train_loop", "training", "two_node"))
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """`make test` runs two pytest-xdist workers (`-n 2`). The integration tests are one unit of work, so they run
-    in order in one worker, with the one session Ray cluster, S3 server and tiny pipeline they share: a cluster
-    runs one Serve, and two Ray clusters at work on one machine have been seen to cross (a job's working_dir
-    fetched through the other cluster's runtime-env agent). The unit tests, which start no Ray and no server
-    (tests/unit/conftest.py refuses it), go to the other worker, on the core that the integration tests leave
-    idle much of the time (they keep about 1.4 of 2 cores busy). xdist's own `--dist loadgroup` cannot group them
-    under pytest 9.2: it renames items through `Item._nodeid`, which pytest no longer reads."""
+    """`make test` runs two pytest-xdist workers (`-n 2`), and the integration tests are two units of work of
+    about equal length, one per worker: the modules that share the session's tiny pipeline, and the rest. Each
+    unit runs in order, with its worker's own Ray cluster, S3 server and temp dir (`_Session`): a cluster runs one
+    Serve, and each module leaves its cluster idle for the next. The unit tests (they start no Ray and no server:
+    tests/unit/conftest.py refuses it) fill in wherever a worker is free. xdist's own `--dist loadgroup` cannot
+    group tests under pytest 9.2: it renames items through `Item._nodeid`, which pytest no longer reads."""
     from xdist.scheduler import LoadScopeScheduling
 
-    class IntegrationInOneWorker(LoadScopeScheduling):
+    class IntegrationInTwoUnits(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            shared = nodeid.startswith("tests/integration/") and not nodeid.startswith(NO_SHARED_SERVICES)
-            return "integration" if shared else nodeid
+            if nodeid.startswith(PIPELINE_MODULES):
+                return "integration: the pipeline's modules"
+            if nodeid.startswith("tests/integration/") and not nodeid.startswith(NO_SHARED_SERVICES):
+                return "integration: the rest"
+            return nodeid
 
-    return IntegrationInOneWorker(config, log)
+    return IntegrationInTwoUnits(config, log)
 
 
 def free_port() -> int:
@@ -174,6 +182,7 @@ class _Session:
         self.state: Path | None = None
         self.s3: S3Server | None = None
         self.head: subprocess.Popen | None = None
+        self.ray_temp: str | None = None
         self.cluster: Cluster | None = None
 
     def start_s3(self) -> S3Server:
@@ -196,14 +205,20 @@ class _Session:
         default port another Ray on the machine may hold (then the head takes no jobs)."""
         if self.cluster is None:
             s3 = self.start_s3()
-            port, dashboard = free_port(), free_port()
             env = {**os.environ, **s3.env(), "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
                    "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
             env.pop("RAY_ADDRESS", None)
-            self.head = start_ray_node(["--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard", "true",
-                                        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                                        "--object-store-memory", "2000000000"], env, log=self.state / "ray-head.log")
-            wait_for_nodes(f"127.0.0.1:{port}", self.head, env, nodes=1)
+            # A temp dir of its own (short: Ray's socket paths stay within 107 characters), so that nothing finds
+            # this head through /tmp/ray/ray_current_cluster, which `ray start` writes and Ray's address lookup
+            # reads; and one head starting at a time on the machine, so no two pick the same free port.
+            self.ray_temp = temp = tempfile.mkdtemp(prefix="rayt-")
+            with _machine_lock("ray-head-start"):
+                port, dashboard = free_port(), free_port()
+                self.head = start_ray_node(["--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard",
+                                            "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                                            "--object-store-memory", "2000000000", "--temp-dir", temp], env,
+                                           log=self.state / "ray-head.log")
+                wait_for_nodes(f"127.0.0.1:{port}", self.head, env, nodes=1)
             self.cluster = Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", s3)
             os.environ["RAY_ADDRESS"] = self.cluster.gcs  # subprocesses and in-process stages join it
         return self.cluster
@@ -218,6 +233,9 @@ class _Session:
         if self.head is not None:
             stop_ray_nodes([self.head])
             self.head = None
+        if self.ray_temp is not None:
+            shutil.rmtree(self.ray_temp, ignore_errors=True)
+            self.ray_temp = None
         if self.s3 is not None:
             subprocess.run([str(REPO / "infra" / "local_s3.sh"), "stop"], capture_output=True, timeout=60,
                            env={**os.environ, "EMOJI_LDM_LOCAL": str(self.state)})
@@ -225,6 +243,17 @@ class _Session:
         if self.state is not None:
             shutil.rmtree(self.state, ignore_errors=True)
             self.state = None
+
+
+@contextlib.contextmanager
+def _machine_lock(name: str):
+    """An exclusive lock across this machine's processes (the xdist workers, another checkout's suite)."""
+    with open(Path(tempfile.gettempdir()) / f"emoji-ldm-tests-{name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def start_ray_node(args: list[str], env: dict, log: Path | None = None) -> subprocess.Popen:
