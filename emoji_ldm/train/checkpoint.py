@@ -7,12 +7,13 @@ A checkpoint is one Ray Train checkpoint under `OUT/checkpoints/<run>/step-XXXXX
   ema.pt              the full fp32 EMA (gathered to rank 0 from every rank's partition), when the
                       recipe keeps one; every rank reads its partition back on a resume
   state.json          the loop's counters (step, and the recipe's data position), the world size, the ZeRO stage
-                      and what else must match to resume (written last by rank 0: a folder without it is
-                      incomplete and never resumed from)
+                      and what else must match to resume: the mark of a complete checkpoint, written by rank 0
+                      straight to the storage once every rank has uploaded its part (a folder without it is
+                      never resumed from)
 
 `save` is called by every rank at the same step (`loop.Loop.after_step`); `restore` puts a worker back where a
-checkpoint left it; `latest` finds the newest complete checkpoint on the driver; `open_checkpoint` builds the Ray
-Train checkpoint with the project's filesystem (so `s3://` resumes reach MinIO with the project's endpoint and
+checkpoint left it; `latest` finds the newest complete checkpoint; `open_checkpoint` builds the Ray Train
+checkpoint with the project's filesystem (so `s3://` resumes reach MinIO with the project's endpoint and
 credentials).
 """
 
@@ -51,13 +52,22 @@ def set_rng_state(state, device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save(engine, counters: dict, meta: dict, *, rank: int, device, ema=None, log=None,
+def save(engine, counters: dict, meta: dict, *, out: str, rank: int, device, ema=None, log=None,
          metrics: dict | None = None) -> None:
-    """Every rank: its engine shard and RNG state, and its EMA partition gathered to rank 0, which writes the EMA,
-    state.json and the logs. Then `ray.train.report` copies the folder to the run's storage as `step-XXXXXXXX`."""
+    """Every rank: its engine shard and RNG state, and its EMA partition gathered to rank 0, which writes the EMA
+    and the logs. `ray.train.report` copies each rank's folder to the run's storage as `step-XXXXXXXX`; once every
+    rank's copy is done, rank 0 writes state.json there.
+
+    state.json is not in rank 0's folder: the copy goes up one file at a time in the order the folder lists them
+    (pyarrow's copy_files, single-threaded to S3), so a rank lost during the copy could leave a state.json beside a
+    missing ema.pt or model states, and every restart would then load that checkpoint and fail."""
     import ray.train
     import torch
+    import torch.distributed as dist
 
+    from emoji_ldm.store.artifacts import artifact_uri, write_json
+
+    name = f"step-{counters['step']:08d}"
     folder = Path(tempfile.mkdtemp(prefix="emoji-ldm-ckpt-"))
     try:
         engine.save_checkpoint(str(folder), tag="ds", client_state=dict(counters))
@@ -66,14 +76,17 @@ def save(engine, counters: dict, meta: dict, *, rank: int, device, ema=None, log
         if rank == 0:
             if ema_state is not None:
                 torch.save(ema_state, folder / "ema.pt")
-            (folder / "state.json").write_text(json.dumps({**counters, **meta}, indent=2))
             if log is not None:
                 log.flush()
         ray.train.report(dict(metrics or {}, step=counters["step"]),
-                         checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-                         checkpoint_dir_name=f"step-{counters['step']:08d}")
+                         checkpoint=ray.train.Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name)
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # report() has copied it to the run's storage
+    if dist.is_initialized():
+        dist.barrier()  # every rank's report() has returned: its part is in the storage
+    if rank == 0:
+        run = ray.train.get_context().get_experiment_name()  # RunConfig.name: the run's folder under OUT/checkpoints
+        write_json(f"{artifact_uri(out, 'checkpoints')}/{run}/{name}/state.json", {**counters, **meta})
 
 
 def open_checkpoint(uri: str):
@@ -97,11 +110,18 @@ def restore(engine, counters: dict, *, out: str, rank: int, device, ema=None) ->
     first attempt OUT/checkpoints holds nothing (`runner.refuse_or_resume` refuses a new run into an OUT that has
     checkpoints) or the checkpoint `--resume` continues from."""
     import ray.train
+    import torch.distributed as dist
 
-    checkpoint = ray.train.get_checkpoint()
-    newest = latest(out)
-    if newest is not None and (checkpoint is None or _step(checkpoint.path) < newest[1]["step"]):
-        checkpoint = open_checkpoint(newest[0])
+    checkpoint = ray.train.get_checkpoint()  # the same on every rank
+    if rank == 0:  # rank 0 lists, and every rank loads what it found (a listing elsewhere may be behind)
+        newest = latest(out)
+        if newest is not None and (checkpoint is None or _step(checkpoint.path) < newest[1]["step"]):
+            checkpoint = open_checkpoint(newest[0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # the Checkpoint itself: one id, so Ray downloads it once per node for the ranks there, not once per rank
+        chosen = [checkpoint]
+        dist.broadcast_object_list(chosen, src=0)
+        checkpoint = chosen[0]
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
@@ -119,8 +139,9 @@ def _step(path: str) -> int:
 
 
 def latest(out: str) -> tuple[str, dict] | None:
-    """(URI, state.json) of the newest complete checkpoint under OUT/checkpoints, if any: one whose state.json
-    exists and that holds the RNG state of every rank and, under ZeRO 1-3, an optimizer shard from every rank."""
+    """(URI, state.json) of the newest complete checkpoint under OUT/checkpoints, if any: one with a state.json
+    (`save` writes it once every rank has uploaded its part) that holds the RNG state of every rank and, under
+    ZeRO 1-3, an optimizer shard from every rank."""
     import pyarrow.fs as pafs
 
     from emoji_ldm.store.artifacts import artifact_uri

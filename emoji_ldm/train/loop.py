@@ -158,8 +158,8 @@ class Loop:
         if step % s.checkpoint_every == 0 or last:
             r = self.recipe
             meta = {"world_size": r.worker.world, "zero_stage": r.zero_stage, **r.meta}
-            checkpoint.save(r.engine, self.counters, meta, rank=r.worker.rank, device=r.worker.device, ema=self.ema,
-                            log=self.log, metrics={"loss": self.log.last_loss if self.log else None})
+            checkpoint.save(r.engine, self.counters, meta, out=r.out, rank=r.worker.rank, device=r.worker.device,
+                            ema=self.ema, log=self.log, metrics={"loss": self.log.last_loss if self.log else None})
 
     def _log(self, step: int) -> None:
         """Rank 0's line: the mean over the ranks and the window's micro-batches (a collective: every rank)."""

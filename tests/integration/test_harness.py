@@ -4,6 +4,7 @@ test_error_boundary)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -165,8 +166,10 @@ def test_a_restart_resumes_from_a_checkpoint_the_controller_had_not_registered(o
     when it next polls the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default). A worker that died in
     between leaves `ray.train.get_checkpoint()` at the checkpoint before (here: none), and the restart went back
     to it. The restart resumes from the newest complete checkpoint under OUT/checkpoints instead, passing over
-    one that a rank had not finished (its RNG state missing)."""
+    one whose upload was cut short: the copy goes up file by file in the folder's listing order, and here it
+    stopped after everything but the model states (a node lost mid-upload)."""
     import shutil
+    from types import SimpleNamespace
 
     import deepspeed
     import ray.train
@@ -174,13 +177,18 @@ def test_a_restart_resumes_from_a_checkpoint_the_controller_had_not_registered(o
     from emoji_ldm.train import checkpoint
     from emoji_ldm.train.runner import deepspeed_config
 
-    out = tmp_path / "run"
+    out, run = tmp_path / "run", "run-20261126-000000"
 
     def upload(metrics, checkpoint, checkpoint_dir_name):  # what report does before the controller polls
-        shutil.copytree(checkpoint.path, out / "checkpoints" / "run-20261126-000000" / checkpoint_dir_name)
+        target = out / "checkpoints" / run / checkpoint_dir_name
+        shutil.copytree(checkpoint.path, target)
+        if checkpoint_dir_name == "step-00000003":
+            next(target.glob("ds/*model_states.pt")).unlink()
+            raise RuntimeError("the node was lost during the upload")
 
     monkeypatch.setattr(ray.train, "report", upload)
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)  # the controller registered none of them
+    monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_experiment_name=lambda: run))
 
     def engine():
         torch.manual_seed(0)
@@ -194,8 +202,10 @@ def test_a_restart_resumes_from_a_checkpoint_the_controller_had_not_registered(o
         first.step()
         if step == 2:
             weights = [p.detach().clone() for p in first.module.parameters()]
-        checkpoint.save(first, {"step": step}, {"world_size": 1, "zero_stage": 0}, rank=0, device=cpu)
-    next(out.glob("checkpoints/*/step-00000003/rng-rank0.pt")).unlink()  # step 3: a rank died mid-upload
+        with contextlib.nullcontext() if step < 3 else pytest.raises(RuntimeError, match="lost during the upload"):
+            checkpoint.save(first, {"step": step}, {"world_size": 1, "zero_stage": 0}, out=str(out), rank=0,
+                            device=cpu)
+    assert checkpoint.latest(str(out))[1]["step"] == 2
 
     restarted, counters = engine(), {"step": 0}
     where = checkpoint.restore(restarted, counters, out=str(out), rank=0, device=cpu)

@@ -34,3 +34,51 @@ def test_a_pickled_object_that_runs_code_is_refused(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         load_tensors(tmp_path / "ema.pt")
     assert _Payload.ran == []
+
+
+def _restore_on_rank(rank: int, store: str, out: str, seen, results) -> None:
+    """One of two gloo ranks: restore with a listing that, on rank 1, is behind (it has not seen step 3 yet, as a
+    node with a cached NFS listing would not). Puts (rank, the step restored) on `results`."""
+    import ray.train
+    import torch.distributed as dist
+
+    from emoji_ldm.train import checkpoint
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        ray.train.get_checkpoint = lambda: None  # this process only: no Ray Train checkpoint registered
+        checkpoint.latest = lambda out: seen[rank]
+
+        class Engine:
+            def load_checkpoint(self, folder, tag, load_lr_scheduler_states):
+                return None, {"step": checkpoint._step(folder)}
+
+        counters = {"step": 0}
+        checkpoint.restore(Engine(), counters, out=out, rank=rank, device=torch.device("cpu"))
+        results.put((rank, counters["step"]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_restores_the_checkpoint_rank_0_found(tmp_path):
+    """Each rank restoring the newest checkpoint its own listing shows would put the ranks at different steps (a
+    hang at the next collective, or ZeRO partitions from two steps): rank 0 lists, and every rank loads that."""
+    import multiprocessing
+
+    for step in (2, 3):
+        folder = tmp_path / "checkpoints" / "run" / f"step-{step:08d}"
+        folder.mkdir(parents=True)
+        for rank in (0, 1):
+            torch.save(rng_state(torch.device("cpu")), folder / f"rng-rank{rank}.pt")
+    seen = {0: (str(tmp_path / "checkpoints" / "run" / "step-00000003"), {"step": 3}),
+            1: (str(tmp_path / "checkpoints" / "run" / "step-00000002"), {"step": 2})}
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    ranks = [ctx.Process(target=_restore_on_rank, args=(r, str(tmp_path / "store"), str(tmp_path), seen, results))
+             for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(120)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    assert sorted(results.get(timeout=5) for _ in ranks) == [(0, 3), (1, 3)]
