@@ -54,7 +54,16 @@ def png_bytes(image: Image.Image, params: dict | None = None) -> bytes:
     return encode_png(image, params)
 
 
-def image_grid(images: list[Image.Image], labels: list[str] | None = None, cell: int = 96,
+SHEET_CELL = 96
+
+
+def sheet_thumbnail(image: Image.Image, cell: int = SHEET_CELL) -> Image.Image:
+    """An image as `image_grid` draws it in a cell (nearest neighbour, so small emoji stay crisp): a caller with
+    many large images keeps these, not the images, until the sheet is drawn."""
+    return image.resize((cell - 4, cell - 4), Image.Resampling.NEAREST)
+
+
+def image_grid(images: list[Image.Image], labels: list[str] | None = None, cell: int = SHEET_CELL,
                columns: int | None = None) -> Image.Image:
     """A sheet of images (upscaled with nearest neighbour so small emoji stay crisp, transparency on a
     checkerboard) with labels."""
@@ -69,7 +78,7 @@ def image_grid(images: list[Image.Image], labels: list[str] | None = None, cell:
     font = ImageFont.load_default()
     for i, img in enumerate(images):
         x, y = (i % cols) * cell, (i // cols) * (cell + label_h)
-        sheet.paste(on_checkerboard(img.resize((cell - 4, cell - 4), Image.Resampling.NEAREST)), (x + 2, y + 2))
+        sheet.paste(on_checkerboard(sheet_thumbnail(img, cell)), (x + 2, y + 2))
         if labels:
             draw.text((x + 3, y + cell - 1), labels[i][:18], fill="black", font=font)
     return sheet

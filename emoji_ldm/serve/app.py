@@ -125,6 +125,13 @@ def _settings(body) -> dict:
     return body.model_dump(include={"negative_prompt", "steps", "guidance", "seed", "scheduler", "size", "adapter"})
 
 
+async def _shared_spend(bucket: str, cost: float, per_minute: float) -> float:
+    """`Meter.spend` on the meter actor that every ingress replica shares."""
+    from emoji_ldm.serve.meter import ask
+
+    return await ask("spend", bucket, cost, per_minute)
+
+
 def _b64(png: bytes) -> str:
     return base64.b64encode(png).decode()
 
@@ -140,8 +147,9 @@ class Ingress:
         self.generator = generator
         self.args = AppArgs(**args)
         self._card: dict | None = None
-        self.keyring = KeyRing(self.args.keys) if self.args.keys else None
-        self.jobs = JobRoutes(self.args, self.keyring)
+        # each key's request rate from the meter actor every replica asks, as its cost budget (serve/meter.py)
+        self.keyring = KeyRing(self.args.keys, spend=_shared_spend) if self.args.keys else None
+        self.jobs = JobRoutes(self.args, self.keyring, self._model_card)
         if self.args.jobs_uri or (self.args.sets_uri and self.args.retention_days):
             # on start and every sweep_s: resume orphaned jobs, cancel revoked keys' jobs, expire old results
             threading.Thread(target=self.jobs.sweep_forever, name="sweep-jobs", daemon=True).start()
@@ -206,7 +214,7 @@ class Ingress:
         key = request.scope.get("state", {}).get("api_key")
         if key is None:
             return
-        cost = cost_units(images, steps, size)
+        cost = cost_units(images, steps, drawn)  # a request that leaves out the size pays for the model's own
         # more than a whole minute's budget never fits: refused here, without asking the meter
         wait = -1.0 if cost > key.cost_per_minute else await ask("spend", key.owner, cost, key.cost_per_minute)
         if wait < 0:
@@ -253,12 +261,18 @@ class Ingress:
             raise ApiError(409, "store: this server has no storage for sets (its operator did not set --sets-uri); "
                                 "leave store false to download the set", "store")
         prompts = body.prompts()
-        await self._charge(request, len(prompts) * max(1, body.animation.frames), body.steps, body.size)
+        frames = max(1, body.animation.frames)
+        await self._charge(request, len(prompts) * frames, body.steps, body.size)
         # every item starts from the same noise (one seed): the set shares pose, palette and framing
         job = SampleJob.of(tuple(prompts), (body.seed,) * len(prompts), body.sampler(), body.adapter,
                            body.animation.settings())
+
+        async def redraw(again: SampleJob):  # charged as a request for its images: redraws come out of the budget
+            await self._charge(request, len(again.prompts) * frames, body.steps, body.size)
+            return await self._sample(again)
+
         # with the server's judge: legibility and consistency measured, items redrawn (serve/sets.py)
-        made, quality = await draw_set(self._sample, job, body, self.args.judge)
+        made, quality = await draw_set(self._sample, job, body, self.args.judge, redraw)
         pngs, params = [png for png, _ in made], [p for _, p in made]
         set_id = new_set_id()
         card = await self._model_card()

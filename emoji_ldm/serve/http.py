@@ -58,6 +58,18 @@ def check_pixels(images: int, size: int, max_batch_pixels: int, own_size: bool =
                        "size")
 
 
+def check_job_pixels(images: int, size: int, own_size: bool = False) -> None:
+    """422 on `size` for a job (`images`: its images x frames) over what one job may hold: its result is packaged
+    by one process."""
+    from emoji_ldm.serve.meter import MAX_JOB_PIXELS
+
+    if images * size * size > MAX_JOB_PIXELS:
+        named = f"{size} px" + (" (the model's own size)" if own_size else "")
+        raise ApiError(422, f"size: {images} images of {named} are {images * size * size} pixels, more than one job "
+                            f"may hold ({MAX_JOB_PIXELS}, 4096 images of 256 px): ask for fewer or smaller images, "
+                            "or split the job", "size")
+
+
 async def _api_error(request: Request, exc: ApiError):
     return error_response(exc.status, exc.message, exc.field, exc.headers)
 
@@ -190,7 +202,7 @@ class KeyCheck:
             return  # no websocket route needs one; refused without reading anything
         try:
             key = self.keyring.authenticate(headers.get(b"authorization", b"").decode("latin-1"))
-            self.keyring.meter(key)
+            await self.keyring.meter(key)
         except AuthError as e:
             return await error_response(e.status, e.message, headers=e.headers)(scope, receive, send)
         scope.setdefault("state", {})["api_key"] = key

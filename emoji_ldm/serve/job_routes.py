@@ -6,12 +6,13 @@ import asyncio
 import logging
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from emoji_ldm.serve import meter
-from emoji_ldm.serve.http import ApiError, check_adapter, check_pixels
+from emoji_ldm.serve.http import ApiError, check_adapter, check_job_pixels, check_pixels
 from emoji_ldm.serve.job_files import animation_state, check_loops_fit
 from emoji_ldm.serve.schemas import JobRequest
 from emoji_ldm.serve.sets import check_judge
@@ -19,6 +20,10 @@ from emoji_ldm.serve.sets import check_judge
 logger = logging.getLogger("ray.serve")
 
 JOB_ID = re.compile(r"job-[0-9a-z-]{8,40}")
+# A callback's host is looked up on a pool of its own, within a deadline: a name server that never answers holds
+# one of these threads, not the default pool that every other blocking call of the replica shares.
+_CALLBACK_CHECKS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="callback-check")
+CALLBACK_CHECK_S = 5.0
 
 
 def _owner(request: Request):
@@ -37,8 +42,9 @@ def _webhook_secret(key) -> str:
 class JobRoutes:
     """The /v1/jobs routes of one Ingress replica, given its `AppArgs` and its keyring (None: no keys)."""
 
-    def __init__(self, args, keyring=None):
+    def __init__(self, args, keyring=None, model_card=None):
         self.args, self.keyring = args, keyring
+        self.model_card = model_card  # async () -> the model's card (its image_size: a job's size by default)
         self._expired_at = None  # when retention last ran (serve/retention.py)
 
     def add_to(self, api: FastAPI) -> None:
@@ -142,10 +148,15 @@ class JobRoutes:
         if not _webhook_secret(key):
             raise ApiError(422, "callback_url: this server has no webhook secret to sign with (no API keys and "
                                 "no EMOJI_LDM_WEBHOOK_SECRET)", "callback_url")
+        checking = asyncio.get_running_loop().run_in_executor(_CALLBACK_CHECKS, check_callback, url,
+                                                                self.args.webhook_allow)
         try:
-            await asyncio.to_thread(check_callback, url, self.args.webhook_allow)
+            await asyncio.wait_for(checking, CALLBACK_CHECK_S)
         except CallbackRefused as e:
             raise ApiError(400, str(e), "callback_url") from None
+        except TimeoutError:
+            raise ApiError(400, f"callback_url: its host did not resolve within {CALLBACK_CHECK_S:g} s",
+                           "callback_url") from None
 
     async def create_job(self, body: JobRequest, request: Request):
         """Start a set or bulk job; 202 with its id. `Idempotency-Key`: a replay returns the same job, the same
@@ -158,6 +169,9 @@ class JobRoutes:
         check_adapter(body.adapter, self.args.adapters)
         if body.size:  # a job is drawn a pipeline call at a time: one image of its size must fit a call
             check_pixels(0, body.size, self.args.max_batch_pixels)
+        drawn = body.size or ((await self.model_card()).get("image_size") if self.model_card else None)
+        if drawn:
+            check_job_pixels(body.images() * max(1, body.animation.frames), drawn, own_size=not body.size)
         await asyncio.to_thread(check_loops_fit, body)  # now, not once every loop is drawn (job_files.py)
         data = body.model_dump(mode="json")
         if not body.animation.frames:  # a still job's body (and so its Idempotency-Key hash) as before loops
@@ -173,14 +187,14 @@ class JobRoutes:
                 return await self._same_job(request, job_id, known["body_hash"], digest)
         else:
             job_id = durable.new_job_id()
-        if body.callback_url:
-            await self._check_callback(body.callback_url, key)
-        await self._admit(owner, key, job_id)
+        await self._admit(owner, key, job_id)  # first: a key at its quota costs no name lookup
         try:
+            if body.callback_url:
+                await self._check_callback(body.callback_url, key)
             actor = await asyncio.to_thread(durable.start_runner, self._job_spec(owner, key, job_id, data, digest))
             stored = await actor.stored_body_hash.remote()
         finally:
-            if key is not None:  # counted as a live runner from now on (or it never started)
+            if key is not None:  # counted as a live runner from now on (or it never started: a refused callback)
                 await meter.ask("started", owner, job_id)
         if idempotency:
             return await self._same_job(request, job_id, stored, digest, created=True)

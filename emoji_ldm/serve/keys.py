@@ -31,10 +31,10 @@ import dataclasses
 import datetime as dt
 import hashlib
 import hmac
+import inspect
 import json
 import re
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 
@@ -255,15 +255,20 @@ class AuthError(Exception):
 
 
 class KeyRing:
-    """The keys of a running service: authenticate a bearer header, and meter each key's requests."""
+    """The keys of a running service: authenticate a bearer header, and meter each key's requests.
 
-    def __init__(self, uri: str, clock=time.monotonic):
+    `spend(bucket, cost, per_minute)` (`Meter.spend`, or an async call of it) keeps the request buckets: the
+    service passes the meter actor every ingress replica shares (serve/meter.py), so that N replicas do not give a
+    key N rates; by default the buckets are this process's own."""
+
+    def __init__(self, uri: str, clock=time.monotonic, spend=None):
+        from emoji_ldm.serve.meter import Meter
+
         self.uri, self.clock = uri, clock
+        self.spend = spend or Meter(clock=clock).spend
         self._keys: list[ApiKey] = []
         self._signature: tuple | None = None
         self._checked = -RELOAD_S
-        self._buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, at)
-        self._lock = threading.Lock()
         self.reload(force=True)
         if not self._keys:
             raise UserError(f"the key file {uri} has no keys: add one with `emoji-ldm keys create --file {uri}`")
@@ -315,17 +320,13 @@ class KeyRing:
                             {"WWW-Authenticate": 'Bearer realm="emoji-ldm", error="invalid_token"'})
         return found
 
-    def meter(self, key: ApiKey) -> None:
+    async def meter(self, key: ApiKey) -> None:
         """Take one request from the key's bucket (its rate per minute, refilled continuously); AuthError 429
         with Retry-After when it is empty."""
-        rate = key.rate_per_minute / 60.0  # tokens per second
-        with self._lock:
-            now = self.clock()
-            tokens, at = self._buckets.get(key.id, (float(key.rate_per_minute), now))
-            tokens = min(float(key.rate_per_minute), tokens + (now - at) * rate)
-            if tokens < 1.0:
-                self._buckets[key.id] = (tokens, now)
-                retry = max(1, int((1.0 - tokens) / rate + 0.999))
-                raise AuthError(429, f"key {key.name!r} is over its rate of {key.rate_per_minute} requests per "
-                                     f"minute: retry in {retry} s", {"Retry-After": str(retry)})
-            self._buckets[key.id] = (tokens - 1.0, now)
+        wait = self.spend(f"requests:{key.id}", 1.0, float(key.rate_per_minute))
+        if inspect.isawaitable(wait):
+            wait = await wait
+        if wait != 0.0:
+            retry = max(1, int(wait + 0.999)) if wait > 0 else 60  # -1: a rate below one request a minute
+            raise AuthError(429, f"key {key.name!r} is over its rate of {key.rate_per_minute} requests per "
+                                 f"minute: retry in {retry} s", {"Retry-After": str(retry)})

@@ -8,7 +8,8 @@ concurrent-jobs quota.
                          request can come between (the job quota was check-then-act before: ten concurrent
                          posts with --max-jobs 1 all started)
 
-Cost: a request costs images x steps x (size/64)^2 units (x 1 when it gives no size: the model's own), taken
+Cost: a request costs images x steps x (size/64)^2 units (the size drawn: the model's own when the request gives
+none; x 1 at 64 px and below), taken
 from a token bucket per key id that refills `ApiKey.cost_per_minute` units a minute and holds at most that
 many. A request that costs more than the whole bucket can never pass; one that costs more than what is left
 waits for the refill (429 with Retry-After). Checked before any model work.
@@ -28,11 +29,13 @@ METER_NAME = "emoji-ldm-meter"
 SETTLE_S = 120.0   # an admitted job whose runner never came up stops counting after this long
 UNIT_PIXELS = 64 * 64
 MAX_REQUEST_PIXELS = 64 * 256 * 256  # one request's images x size^2: 64 at 256 px, 16 at 512, 4 at 1024
+MAX_JOB_PIXELS = 4096 * 256 * 256  # one job's images x frames x size^2 (packaged in one process): 4096 at 256 px
 
 
 def cost_units(images: int, steps: int, size: int | None = None) -> float:
-    """What a request costs: images x steps, x (size/64)^2 when it gives a size."""
-    return float(images * steps) * ((size * size / UNIT_PIXELS) if size else 1.0)
+    """What a request costs: images x steps, x (size/64)^2 for images larger than 64 px (`size`: the size drawn,
+    the model's own when the request gives none)."""
+    return float(images * steps) * max(1.0, (size * size / UNIT_PIXELS) if size else 1.0)
 
 
 def _live_runners(owner: str) -> set[str]:

@@ -89,8 +89,8 @@ def set_files(manifest: dict, pngs: list[bytes], params: list[dict] | None = Non
 
     from PIL import Image
 
+    from emoji_ldm.inference.images import image_grid, png_bytes, sheet_thumbnail
     from emoji_ldm.inference.pngmeta import shared_params
-    from emoji_ldm.inference.sampler import image_grid, png_bytes
     from emoji_ldm.inference.targets import fit, get_target
 
     target = get_target((manifest.get("target") or {}).get("name", "raw"))
@@ -98,7 +98,7 @@ def set_files(manifest: dict, pngs: list[bytes], params: list[dict] | None = Non
         pngs, stills = fitted_loops(manifest, pngs, target, params)
     else:
         pngs = [fit(png, target) for png in pngs]
-        stills = [Image.open(io.BytesIO(png)) for png in pngs]
+        stills = [sheet_thumbnail(Image.open(io.BytesIO(png))) for png in pngs]  # one decoded image at a time
     pairs = [(item["file"], png) for item, png in zip(manifest["items"], pngs)]
     files = dict(pairs)
     clash = {SHEET, MANIFEST} & set(files)
@@ -117,6 +117,7 @@ def fitted_loops(manifest: dict, drawn: list[bytes], target, params: list[dict] 
     that cannot fit is a 422 naming `animation`."""
     from emoji_ldm.errors import UserError
     from emoji_ldm.inference.animation import AnimationSettings, fitted_loop, read_frames
+    from emoji_ldm.inference.images import sheet_thumbnail
     from emoji_ldm.serve.http import ApiError
 
     spec = manifest["animation"]
@@ -129,7 +130,7 @@ def fitted_loops(manifest: dict, drawn: list[bytes], target, params: list[dict] 
             raise ApiError(422, f"animation: item {item['item']!r}: {e}", "animation") from None
         item.update(file_record=record["file"], metrics=record["metrics"])
         files.append(file)
-        stills.append(read_frames(data)[0])
+        stills.append(sheet_thumbnail(read_frames(data)[0]))
     return files, stills
 
 
@@ -264,12 +265,16 @@ async def most_legible(redraw, measure, reads: dict | None, floor: float, tries:
     return kept, reads, tries, records
 
 
-async def draw_set(sample, job, body, judge_uri: str = "") -> tuple[list[tuple[bytes, dict]], dict]:
+async def draw_set(sample, job, body, judge_uri: str = "", redraw=None) -> tuple[list[tuple[bytes, dict]], dict]:
     """A set's items drawn (`sample`: the ingress's SampleJob -> [(bytes, params)]) and, with the server's judge,
     measured: legibility at chat size (`eval.legibility`), an item under `body.min_legibility` redrawn with the
     next seed, the consistency outlier redrawn, each at most `body.max_redraws` times, every try recorded.
-    Returns (the items, the manifest's `quality`)."""
+    `redraw` (default `sample`) draws the redraws: the ingress charges each to the key first, and a 429 from it
+    ends the redraws (the set keeps what it has, and its quality says why). Returns (the items, the manifest's
+    `quality`)."""
     import asyncio
+
+    from emoji_ldm.serve.http import ApiError
 
     check_judge(body, judge_uri)
     made = list(await sample(job))
@@ -277,9 +282,18 @@ async def draw_set(sample, job, body, judge_uri: str = "") -> tuple[list[tuple[b
         return made, unmeasured(job.seeds)
     judge = await asyncio.to_thread(service_judge, judge_uri)
     pack = _Pack(judge, job, made, body)
-    await pack.legible(sample)
-    await pack.consistent(sample)
-    return pack.made, await asyncio.to_thread(pack.report, judge_uri)
+    stopped = None
+    try:
+        await pack.legible(redraw or sample)
+        await pack.consistent(redraw or sample)
+    except ApiError as e:
+        if e.status != 429:
+            raise
+        stopped = e.message
+    quality = await asyncio.to_thread(pack.report, judge_uri)
+    if stopped:
+        quality["redraws_stopped"] = stopped
+    return pack.made, quality
 
 
 class _Pack:

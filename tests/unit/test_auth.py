@@ -179,6 +179,34 @@ class Clock:
 def test_cost_is_images_times_steps_times_pixels():
     assert cost_units(1, 2) == 2 and cost_units(16, 100) == 1600
     assert cost_units(1, 25, 64) == 25 and cost_units(1, 25, 512) == 25 * 64
+    assert cost_units(1, 25, 32) == 25  # an image of 64 px or less costs its steps
+
+
+def test_a_request_without_a_size_pays_for_the_models_own():
+    """The cost is charged at the size drawn: leaving `size` out of a request to a 512 px model was 64 times
+    cheaper than asking for 512."""
+    from starlette.requests import Request
+
+    from emoji_ldm.serve.app import Ingress
+    from emoji_ldm.serve.http import ApiError
+    from emoji_ldm.serve.keys import ApiKey
+
+    class Generator:
+        class model_card:
+            @staticmethod
+            async def remote():
+                return {"image_size": 512}
+
+    cls = Ingress.func_or_class.__mro__[1]  # the class under Serve's ingress wrapper
+    ingress = object.__new__(cls)
+    cls.__init__(ingress, Generator(), {"model": "unused", "max_batch_size": 4})
+    key = ApiKey(name="k", hash="0" * 64, cost_per_minute=1000)
+    request = Request({"type": "http", "headers": [], "method": "POST", "path": "/v1/generate",
+                       "state": {"api_key": key}})
+    for size in (None, 512):  # 1 image x 20 steps x (512/64)^2 = 1280 units, more than the key's minute
+        with pytest.raises(ApiError, match="costs 1280 units") as refused:
+            asyncio.run(ingress._charge(request, 1, 20, size))
+        assert refused.value.status == 429
 
 
 def test_the_cost_bucket_charges_by_cost_not_requests():

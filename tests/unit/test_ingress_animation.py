@@ -93,3 +93,25 @@ def test_a_set_without_a_judge_and_with_one(ingress):
         if item["legibility"] is not None and item["legibility"] < 1.0:
             assert len(mine) == 1  # under the floor: its one redraw was used, and recorded
     json.dumps(judged["manifest"])  # the manifest is JSON as it is
+
+
+def test_redraws_are_charged_and_stop_when_the_key_has_spent_its_budget(ingress, monkeypatch):
+    """A set's redraws for legibility cost what drawing their items costs: a key whose minute's budget is exactly
+    the set gets the set, with no redraw and the reason in its quality (they were free: min_legibility 1.0 bought
+    up to 1 + max_redraws times the drawing for the price of one)."""
+    from emoji_ldm.serve import meter
+    from emoji_ldm.serve.keys import ApiKey
+
+    shared = meter.Meter()
+
+    async def ask(method, *args):  # the meter actor's decisions, in this process
+        return getattr(shared, method)(*args)
+
+    monkeypatch.setattr(meter, "ask", ask)
+    body = dict(theme="emoji", items=["grinning cat", "red heart", "slightly smiling face"], template="{item}",
+                steps=2, seed=7, format="json", min_legibility=1.0, max_redraws=3)
+    key = ApiKey(name="k", hash="0" * 64, cost_per_minute=3 * 2)  # 3 items x 2 steps at 64 px or less
+    request = Request({"type": "http", "headers": [], "method": "POST", "path": "/v1/emoji-sets",
+                       "state": {"api_key": key}})
+    quality = asyncio.run(ingress[1].emoji_set(EmojiSetRequest(**body), request))["manifest"]["quality"]
+    assert quality["redraws"] == [] and "cost units a minute" in quality["redraws_stopped"], quality

@@ -236,3 +236,27 @@ def test_serve_judge_on_a_local_path_is_refused_on_a_multi_node_cluster(cluster,
     with pytest.raises(UserError, match=r"the judge \(--judge\) is the local path .* 2 nodes"):
         start(ServeConfig(model=cluster.model, judge=judge))
     assert cluster.deployed is None
+
+
+@pytest.mark.parametrize("size", [None, 512])
+def test_a_job_over_the_pixels_one_job_may_hold_is_a_422(tmp_path, size):
+    """One process packages a job's result, so a job holds at most 4096 images of 256 px (their frames counted):
+    4096 of the model's own 512 px, asked for or by leaving `size` out, are refused before any work."""
+    from starlette.requests import Request
+
+    from emoji_ldm.serve.app import AppArgs
+    from emoji_ldm.serve.http import ApiError, check_job_pixels
+    from emoji_ldm.serve.job_routes import JobRoutes
+
+    async def card():
+        return {"image_size": 512}
+
+    routes = JobRoutes(AppArgs(model="/m", jobs_uri=str(tmp_path / "jobs"), max_batch_pixels=512 * 512), None, card)
+    body = JobRequest(prompts=["a red heart"] * 64, per_prompt=64, **({"size": size} if size else {}))
+    request = Request({"type": "http", "headers": [], "method": "POST", "path": "/v1/jobs"})
+    with pytest.raises(ApiError, match="more than one job may hold") as refused:
+        asyncio.run(routes.create_job(body, request))
+    assert refused.value.status == 422 and refused.value.field == "size"
+    check_job_pixels(4096, 256)  # the most a job holds
+    with pytest.raises(ApiError, match="4097 images of 256 px"):
+        check_job_pixels(4097, 256)

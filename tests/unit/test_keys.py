@@ -1,5 +1,6 @@
 """API keys: the key file and its commands, authentication, revocation and rates (serve/keys.py)."""
 
+import asyncio
 import json
 
 import pytest
@@ -77,12 +78,12 @@ def test_rate_is_a_token_bucket_with_retry_after(tmp_path):
     ring = K.KeyRing(str(path), clock=clock)
     api_key = ring.authenticate(f"Bearer {key}")
     for _ in range(6):
-        ring.meter(api_key)
+        asyncio.run(ring.meter(api_key))
     with pytest.raises(K.AuthError) as e:
-        ring.meter(api_key)
+        asyncio.run(ring.meter(api_key))
     assert e.value.status == 429 and e.value.headers["Retry-After"] == "10"
     clock.t += 10
-    ring.meter(api_key)  # one token back after 10 s
+    asyncio.run(ring.meter(api_key))  # one token back after 10 s
 
 
 def test_an_empty_or_broken_key_file_is_refused(tmp_path):
@@ -185,13 +186,13 @@ def test_rate_buckets_are_per_key_id_not_name(tmp_path):
     path = str(tmp_path / "keys.json")
     first = create_command(KeysCreateConfig(file=path, name="alice", rate=1)).splitlines()[2]
     ring = KeyRing(path, clock=lambda: 0.0)
-    ring.meter(ring.authenticate(f"Bearer {first}"))
+    asyncio.run(ring.meter(ring.authenticate(f"Bearer {first}")))
     with pytest.raises(AuthError):
-        ring.meter(ring.authenticate(f"Bearer {first}"))
+        asyncio.run(ring.meter(ring.authenticate(f"Bearer {first}")))
     revoke_command(KeysRevokeConfig(file=path, name="alice"))
     second = create_command(KeysCreateConfig(file=path, name="alice", rate=1)).splitlines()[2]
     ring.reload(force=True)
     key = ring.authenticate(f"Bearer {second}")
-    ring.meter(key)  # not the revoked key's empty bucket
+    asyncio.run(ring.meter(key))  # not the revoked key's empty bucket
     assert key.cost_per_minute == 20_000
     assert ring.by_owner(key.id) == key

@@ -187,3 +187,26 @@ def test_a_failed_delivery_says_nothing_a_port_scanner_could_use():
                       sleep=lambda s: None)
     assert outcome == {"url": f"http://127.0.0.1:{closed}/", "attempts": 2, "delivered": False, "status": None,
                        "error": DELIVERY_FAILED}
+
+
+def test_a_callback_host_that_never_resolves_is_a_400_within_the_deadline(monkeypatch):
+    """The lookup runs on the routes' own small pool with a deadline: a name server that never answers costs the
+    caller a 400, and the replica's default thread pool (every other blocking call) nothing."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from emoji_ldm.serve import job_routes, webhooks
+    from emoji_ldm.serve.http import ApiError
+
+    release = threading.Event()
+    monkeypatch.setattr(webhooks, "check_callback", lambda url, allow: release.wait(30))
+    monkeypatch.setattr(job_routes, "CALLBACK_CHECK_S", 0.3)
+    routes = job_routes.JobRoutes(SimpleNamespace(webhook_allow=[]))
+    key = SimpleNamespace(webhook_secret="s")
+    try:  # without the deadline: no error, once the lookup gives up after 30 s
+        with pytest.raises(ApiError, match="did not resolve within 0.3 s") as refused:
+            asyncio.run(routes._check_callback("https://never.example/hook", key))
+    finally:
+        release.set()
+    assert refused.value.status == 400 and refused.value.field == "callback_url"
