@@ -43,9 +43,12 @@ def parse(target: str, log: str) -> dict:
     return figures
 
 
-def run(target: str, keep: bool) -> tuple[float, str, int]:
+def run(target: str, keep: bool) -> tuple[float, str, int, str]:
+    """(wall s, the log, the exit status, the clone's commit: what ran, whatever this checkout holds besides)."""
     folder = Path(tempfile.mkdtemp(prefix=f"emoji-ldm-make-{target}-"))
     subprocess.run(["git", "clone", "-q", str(REPO), str(folder / "repo")], check=True)
+    cloned = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder / "repo", capture_output=True,
+                            text=True, check=True).stdout.strip()
     start = time.perf_counter()
     proc = subprocess.run(["make", target], cwd=folder / "repo", env={**_env(), "CI": "true"},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -54,7 +57,7 @@ def run(target: str, keep: bool) -> tuple[float, str, int]:
     print(f"log: {folder / f'make-{target}.log'}")
     if not keep:
         subprocess.run(["rm", "-rf", str(folder / "repo")])
-    return wall, proc.stdout, proc.returncode
+    return wall, proc.stdout, proc.returncode, cloned
 
 
 def _env() -> dict:
@@ -71,11 +74,12 @@ def main() -> int:
     parser.add_argument("--note", default=None, help="what the machine was doing besides (with --from-log)")
     parser.add_argument("--keep", action="store_true", help="keep the clone")
     args = parser.parse_args()
+    extra = {}
     if args.from_log:
         log, rc = Path(args.from_log).read_text(), None
         wall = args.wall_s
     else:
-        wall, log, rc = run(args.target, args.keep)
+        wall, log, rc, extra["commit"] = run(args.target, args.keep)
     figures = {"make_wall_s": wall, "returncode": rc, **parse(args.target, log)}
     minutes = (wall or figures.get("demo_total_s") or 0) / 60
     where = "" if args.from_log else " on a fresh clone"
@@ -85,7 +89,7 @@ def main() -> int:
         summary.append(row(f"make: {args.target}", f"its pytest ({figures.get('passed', 0)} passed, "
                            f"{figures.get('failed', 0)} failed)", figures["pytest_wall_s"] / 60, unit="min",
                            goal=f"<= {GOAL_MIN['test']}"))
-    write_record(f"make_{args.target}", figures, summary)
+    write_record(f"make_{args.target}", figures, summary, **extra)
     print(f"make {args.target}: {minutes:.1f} min, rc {rc}")
     return 0 if rc in (0, None) else 1
 
