@@ -292,7 +292,8 @@ def dreambooth(config: DreamBoothConfig) -> dict:
     out = check_writable(config.out)
     base_id = model_card(base).get("content_id") or weights_content_id(local_copy(base))
     now = {"world_size": config.workers, **_resume_settings(config, base_id)}
-    runner.refuse_or_resume(out, config.resume, lambda state: runner.check_saved(state, now, out))
+    runner.refuse_or_resume(out, config.resume, lambda state: runner.check_saved(state, now, out),
+                            use_gpu=config.use_gpu, precision=config.speed.resolved_precision(config.use_gpu))
 
     ensure_ray(dashboard=True)
     for uri, what in ((out, "the run folder (--out)"), (base, "the base model (--base)")):

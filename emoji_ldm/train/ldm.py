@@ -274,7 +274,8 @@ def train(config: TrainConfig) -> dict:
     latent_version = table.version()
     preset = config.resolved_preset()
     out = check_writable(config.out)
-    runner.refuse_or_resume(out, config.resume, lambda state: _check_resume(state, preset, config))
+    runner.refuse_or_resume(out, config.resume, lambda state: _check_resume(state, preset, config),
+                            use_gpu=config.use_gpu, precision=config.speed.resolved_precision(config.use_gpu))
     preset = _checked_preset(config, table, enc_meta)
     ensure_ray(dashboard=True)
     for uri, what in ((ref.uri, "the latent table (--data)"), (out, "the run folder (--out)"),

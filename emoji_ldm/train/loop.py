@@ -157,7 +157,8 @@ class Loop:
             self._grid(step)
         if step % s.checkpoint_every == 0 or last:
             r = self.recipe
-            meta = {"world_size": r.worker.world, "zero_stage": r.zero_stage, **r.meta}
+            meta = {"world_size": r.worker.world, "zero_stage": r.zero_stage, "device": r.worker.device.type,
+                    "precision": r.worker.precision, **r.meta}
             checkpoint.save(r.engine, self.counters, meta, out=r.out, rank=r.worker.rank, device=r.worker.device,
                             ema=self.ema, log=self.log, metrics={"loss": self.log.last_loss if self.log else None})
 

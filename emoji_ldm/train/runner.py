@@ -38,10 +38,11 @@ class WorkerUserError(RuntimeError):
 # --- driver ------------------------------------------------------------------------------------------------
 
 
-def refuse_or_resume(out: str, resume: bool, check=None) -> None:
+def refuse_or_resume(out: str, resume: bool, check=None, *, use_gpu: bool, precision: str) -> None:
     """Refuse a run into an OUT that has checkpoints unless it resumes; `check(state)` raises a `UserError` when
-    the checkpoint's `state.json` does not match the run about to start. The workers then restore the newest
-    checkpoint under OUT/checkpoints (`checkpoint.restore`)."""
+    the checkpoint's `state.json` does not match the run about to start, as does another device or precision
+    (the RNG state of a CPU run has no CUDA part; the optimizer state differs between fp32 and bf16). The
+    workers then restore the newest checkpoint under OUT/checkpoints (`checkpoint.restore`)."""
     from emoji_ldm.train import checkpoint
 
     existing = checkpoint.latest(out)
@@ -50,6 +51,8 @@ def refuse_or_resume(out: str, resume: bool, check=None) -> None:
                         "continue, or choose a new --out")
     if resume and not existing:
         logger.warning("--resume: no checkpoint under %s/checkpoints, starting from scratch", out)
+    if existing:
+        check_saved(existing[1], {"device": "cuda" if use_gpu else "cpu", "precision": precision}, out)
     if existing and check is not None:
         check(existing[1])
 

@@ -225,7 +225,8 @@ def train_vae(config: VAETrainConfig) -> dict:
     preset = config.resolved_preset()
     out = check_writable(config.out)
     now = {"world_size": config.workers, **_resume_settings(preset)}
-    runner.refuse_or_resume(out, config.resume, lambda state: runner.check_saved(state, now, out))
+    runner.refuse_or_resume(out, config.resume, lambda state: runner.check_saved(state, now, out),
+                            use_gpu=config.use_gpu, precision="no")
     ensure_ray(dashboard=True)  # Ray Train's cleaner needs the State API
     steps = config.max_steps or preset.vae.train_steps
     ds, version, total, rows = _training_images(config, preset, steps)

@@ -125,8 +125,8 @@ def test_the_loop_accumulates_then_steps_logs_and_checkpoints(one_rank_gloo, no_
     state.run()
     assert seen == list(range(6)) and (engine.global_steps, engine.micro_steps) == (3, 6)
     assert state.counters == {"step": 3} and state.ema.optimization_step == 3
-    assert no_ray_checkpoints == [(2, {"world_size": 1, "zero_stage": 0, "what": "toy"}),
-                                  (3, {"world_size": 1, "zero_stage": 0, "what": "toy"})]
+    meta = {"world_size": 1, "zero_stage": 0, "device": "cpu", "precision": "no", "what": "toy"}
+    assert no_ray_checkpoints == [(2, meta), (3, meta)]
     assert grids == [2, 3]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["images_per_s"] > 0 for r in rows)

@@ -82,3 +82,23 @@ def test_every_rank_restores_the_checkpoint_rank_0_found(tmp_path):
         p.join(120)
     assert [p.exitcode for p in ranks] == [0, 0]
     assert sorted(results.get(timeout=5) for _ in ranks) == [(0, 3), (1, 3)]
+
+
+def test_a_resume_on_another_device_or_precision_is_refused_on_the_driver(tmp_path):
+    """A CPU checkpoint resumed with --gpu failed inside every worker (`KeyError: 'cuda'` in the RNG state), and
+    fp32 and bf16 keep different optimizer states: both are refused before a worker starts, naming the values."""
+    import json
+
+    from emoji_ldm.errors import UserError
+    from emoji_ldm.train.runner import refuse_or_resume
+
+    folder = tmp_path / "checkpoints" / "run" / "step-00000002"
+    folder.mkdir(parents=True)
+    torch.save(rng_state(torch.device("cpu")), folder / "rng-rank0.pt")
+    (folder / "state.json").write_text(json.dumps({"step": 2, "world_size": 1, "zero_stage": 0, "device": "cpu",
+                                                   "precision": "no"}))
+    refuse_or_resume(str(tmp_path), True, use_gpu=False, precision="no")  # the same: resumes
+    with pytest.raises(UserError, match=r"other device, precision \(device 'cpu', precision 'no'\)"):
+        refuse_or_resume(str(tmp_path), True, use_gpu=True, precision="bf16")
+    with pytest.raises(UserError, match=r"other precision \(precision 'no'\)"):
+        refuse_or_resume(str(tmp_path), True, use_gpu=False, precision="bf16")
