@@ -64,8 +64,9 @@ def pytest_xdist_make_scheduler(config, log):
     tests, which start no Ray and no server (tests/unit/conftest.py refuses it), go to the other worker, on the
     core that the integration tests leave idle much of the time (they keep about 1.4 of 2 cores busy).
     Splitting the integration tests in two (the pipeline's modules and the rest, each worker with a Ray head of
-    its own) was measured on a fresh clone: 27:28 against 26:46 and 28:39 in one unit. The two halves then
-    contend for the same 2 cores, so it saved nothing: each test ran 1.5 to 2 times as long.
+    its own) was measured once on a fresh clone: 27:28 against 26:46 and 28:39 in one unit, each test 1.5 to 2
+    times as long. That run also gave each head its own --temp-dir, later found to cost every Ray Train run about
+    12 s, so the split deserves a second measurement without it.
     xdist's own `--dist loadgroup` cannot group tests under pytest 9.2: it renames items through `Item._nodeid`,
     which pytest no longer reads."""
     from xdist.scheduler import LoadScopeScheduling
