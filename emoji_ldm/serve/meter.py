@@ -35,7 +35,7 @@ MAX_JOB_PIXELS = 4096 * 256 * 256  # one job's images x frames x size^2 (package
 def cost_units(images: int, steps: int, size: int | None = None) -> float:
     """What a request costs: images x steps, x (size/64)^2 for images larger than 64 px (`size`: the size drawn,
     the model's own when the request gives none)."""
-    return float(images * steps) * max(1.0, (size * size / UNIT_PIXELS) if size else 1.0)
+    return float(images * steps) * max(1.0, (size or 0) ** 2 / UNIT_PIXELS)
 
 
 def _live_runners(owner: str) -> set[str]:

@@ -282,10 +282,10 @@ async def draw_set(sample, job, body, judge_uri: str = "", redraw=None) -> tuple
         return made, unmeasured(job.seeds)
     judge = await asyncio.to_thread(service_judge, judge_uri)
     pack = _Pack(judge, job, made, body)
-    stopped = None
+    redraw, stopped = redraw or sample, None
     try:
-        await pack.legible(redraw or sample)
-        await pack.consistent(redraw or sample)
+        await pack.legible(redraw)
+        await pack.consistent(redraw)
     except ApiError as e:
         if e.status != 429:
             raise
