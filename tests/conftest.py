@@ -58,25 +58,30 @@ def pytest_collection_modifyitems(items):
 NO_SHARED_SERVICES = ("tests/integration/test_gpu_check.py", "tests/integration/test_artifact_cache.py")
 
 
+# The modules that start from the session's tiny pipeline (the `pipeline` fixture): one unit of work, so that one
+# worker makes it once. A module missing here still passes; it costs a second pipeline in the other worker.
+PIPELINE_MODULES = tuple(f"tests/integration/test_{m}.py" for m in
+                         ("harness", "lineage", "train_loop", "training", "two_node"))
+
+
 def pytest_xdist_make_scheduler(config, log):
-    """`make test` runs two pytest-xdist workers (`-n 2`). The integration tests are one unit of work, so they run
-    in order in one worker, with the one session Ray cluster, S3 server and tiny pipeline they share. The unit
-    tests, which start no Ray and no server (tests/unit/conftest.py refuses it), go to the other worker, on the
-    core that the integration tests leave idle much of the time (they keep about 1.4 of 2 cores busy).
-    Splitting the integration tests in two (the pipeline's modules and the rest, each worker with a Ray head of
-    its own) was measured once on a fresh clone: 27:28 against 26:46 and 28:39 in one unit, each test 1.5 to 2
-    times as long. That run also gave each head its own --temp-dir, later found to cost every Ray Train run about
-    12 s, so the split deserves a second measurement without it.
-    xdist's own `--dist loadgroup` cannot group tests under pytest 9.2: it renames items through `Item._nodeid`,
-    which pytest no longer reads."""
+    """`make test` runs two pytest-xdist workers (`-n 2`), and the integration tests are two units of work of
+    about equal length, one per worker: the modules that share the session's tiny pipeline, and the rest. Each
+    unit runs in order, with its worker's own Ray head and S3 server (`_Session`): a cluster runs one Serve, and
+    each module leaves its cluster idle for the next. The unit tests (they start no Ray and no server:
+    tests/unit/conftest.py refuses it) fill in wherever a worker is free. xdist's own `--dist loadgroup` cannot
+    group tests under pytest 9.2: it renames items through `Item._nodeid`, which pytest no longer reads."""
     from xdist.scheduler import LoadScopeScheduling
 
-    class IntegrationInOneWorker(LoadScopeScheduling):
+    class IntegrationInTwoUnits(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            shared = nodeid.startswith("tests/integration/") and not nodeid.startswith(NO_SHARED_SERVICES)
-            return "integration" if shared else nodeid
+            if nodeid.startswith(PIPELINE_MODULES):
+                return "integration: the pipeline's modules"
+            if nodeid.startswith("tests/integration/") and not nodeid.startswith(NO_SHARED_SERVICES):
+                return "integration: the rest"
+            return nodeid
 
-    return IntegrationInOneWorker(config, log)
+    return IntegrationInTwoUnits(config, log)
 
 
 def free_port() -> int:
@@ -179,6 +184,7 @@ class _Session:
         self.state: Path | None = None
         self.s3: S3Server | None = None
         self.head: subprocess.Popen | None = None
+        self.ray_temp: str | None = None
         self.cluster: Cluster | None = None
 
     def start_s3(self) -> S3Server:
@@ -204,9 +210,13 @@ class _Session:
             env = {**os.environ, **s3.env(), "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
                    "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
             env.pop("RAY_ADDRESS", None)
-            # One head starting at a time on the machine, so that no two pick the same free port. (A temp dir of
-            # its own, `--temp-dir`, made every Ray Train run about 12 s slower: 35 s against 23 s for
-            # test_error_boundary's two-worker run. It is left at Ray's default.)
+            # A temp dir of its own as RAY_TMPDIR (not `--temp-dir`), which the head's processes inherit: Ray's own
+            # processes find their cluster there (`ray_current_cluster`). Ray Train's placement-group cleaner asks
+            # the State API without an address; under `--temp-dir` it found another head of the machine, took the
+            # run's controller for dead and quit, and the run waited up to 12 s for it at the end. Short: Ray's
+            # socket paths stay within 107 bytes. One head starts at a time, so no two pick the same free port.
+            self.ray_temp = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")
+            env["RAY_TMPDIR"] = self.ray_temp
             with _machine_lock("ray-head-start"):
                 port, dashboard = free_port(), free_port()
                 self.head = start_ray_node(["--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard",
@@ -228,6 +238,9 @@ class _Session:
         if self.head is not None:
             stop_ray_nodes([self.head])
             self.head = None
+        if self.ray_temp is not None:
+            shutil.rmtree(self.ray_temp, ignore_errors=True)
+            self.ray_temp = None
         if self.s3 is not None:
             subprocess.run([str(REPO / "infra" / "local_s3.sh"), "stop"], capture_output=True, timeout=60,
                            env={**os.environ, "EMOJI_LDM_LOCAL": str(self.state)})

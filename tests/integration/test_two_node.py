@@ -1,7 +1,8 @@
 """Encode and train on a two-node Ray cluster on this machine, with moto S3 as the shared storage.
 
 `ray start --head` and a second `ray start --address` node, each with 1 CPU
-(so the two training workers must go one to a node) and its own temp dir;
+(so the two training workers must go one to a node) and its own temp dir
+(RAY_TMPDIR, see `two_nodes`);
 the stages run as a Ray Job's driver would: the CLI with RAY_ADDRESS set.
 The dataset (two builds and a caption pass) and the VAE are the session's
 pipeline's, copied to S3: building them again on two nodes would repeat it.
@@ -24,18 +25,21 @@ BUCKET = "two-node"
 @pytest.fixture(scope="module")
 def two_nodes(s3_server):
     """(RAY_ADDRESS, env) of a head + one worker node, both started with the S3 settings their workers use."""
-    # short temp dirs: Ray's Unix socket paths under them must stay within 107 characters
+    # Each node's temp dir is RAY_TMPDIR, not `--temp-dir`: Ray's processes look for their cluster under RAY_TMPDIR
+    # (`ray_current_cluster`), and with `--temp-dir` Ray Train's placement-group cleaner found the session's head
+    # there instead, took the controller for dead and quit. Short: Ray's Unix socket paths stay within 107 bytes.
     head_tmp, node_tmp = tempfile.mkdtemp(prefix="ray2h-", dir="/tmp"), tempfile.mkdtemp(prefix="ray2w-", dir="/tmp")
     port, dashboard = free_port(), free_port()
     env = {**os.environ, **s3_server.env(), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     nodes = [start_ray_node(["--num-cpus", "1", "--head", "--port", str(port), "--include-dashboard", "true",
-                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--temp-dir",
-                             head_tmp, "--object-store-memory", "300000000"], env, log=Path(head_tmp) / "start.log")]
+                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                             "--object-store-memory", "300000000"], {**env, "RAY_TMPDIR": head_tmp},
+                            log=Path(head_tmp) / "start.log")]
     try:
         wait_for_nodes(f"127.0.0.1:{port}", nodes[0], env, nodes=1)
         nodes.append(start_ray_node(["--num-cpus", "1", "--address", f"127.0.0.1:{port}", "--object-store-memory",
-                                     "300000000", "--temp-dir", node_tmp, "--resources", '{"second_node": 1}'], env,
+                                     "300000000", "--resources", '{"second_node": 1}'], {**env, "RAY_TMPDIR": node_tmp},
                                     log=Path(node_tmp) / "start.log"))
         wait_for_nodes(f"127.0.0.1:{port}", nodes[1], env, nodes=2)
         s3_server.client().create_bucket(Bucket=BUCKET)
@@ -68,6 +72,10 @@ def test_encode_and_train_on_two_nodes(two_nodes, pipeline, s3_server, tmp_path,
                   "--set", "train.sample_every=0", "--set", "train.checkpoint_every=3")):
         r = run_cli(*args, env=env, timeout=600)
         assert r.returncode == 0, f"{args[0]}: {r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+        # Ray Train's placement-group cleaner watched this cluster's controller, not the session's head (where it
+        # finds no such actor, takes the controller for dead, and quits or removes the live placement group)
+        for sign in ("Failed to register placement group with cleaner", "Detected that the Ray Train controller"):
+            assert sign not in r.stdout + r.stderr, r.stderr[-3000:]
     assert "train: 3 steps" in r.stdout
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # Ray's State API would take it over `address`
