@@ -58,9 +58,9 @@ def _init(ray, num_cpus: int | None, dashboard: bool) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
     else:  # "local": always our own instance, never a `ray start` cluster someone left on the machine
         if dashboard:
-            # Ray's own processes (Ray Train's placement-group cleaner) ask the State API without an address, so
-            # Ray looks for the machine's last `ray start` cluster: another one than this, where the cleaner finds
-            # no controller, takes it for dead, and removes the run's placement group. Name this one's.
+            # Ray's own processes (Ray Train's placement-group cleaner) ask the State API without an address, and
+            # Ray then looks for the machine's last `ray start` cluster. Where that is another cluster, the cleaner
+            # finds no controller there, takes it for dead and removes the run's placement group. Name this one's.
             port = _free_port()
             kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port,
                           runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
