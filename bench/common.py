@@ -261,9 +261,9 @@ def write_record(bench: str, figures: dict, summary: list[dict], **extra) -> Pat
     """Write (or rewrite) this run's record, bench/results/<bench>-<START>.json; returns its path."""
     path = RESULTS / f"{bench}-{START:%Y%m%dT%H%M%SZ}.json"
     seconds = (dt.datetime.now(dt.timezone.utc) - START).total_seconds()
-    record = {"bench": bench, "command": command(), "commit": commit(), "date": START.isoformat(),  # `extra` may
-              "seconds": round(seconds, 1), "machine": machine(), **extra, "figures": figures,  # name the commit
-              "summary": summary}
+    # `extra` comes after the defaults: it may name the commit (a fresh clone's, a GPU machine's)
+    record = {"bench": bench, "command": command(), "commit": commit(), "date": START.isoformat(),
+              "seconds": round(seconds, 1), "machine": machine(), **extra, "figures": figures, "summary": summary}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1, default=_plain) + "\n")
     print(f"record: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}", flush=True)

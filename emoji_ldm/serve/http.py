@@ -46,16 +46,13 @@ def check_pixels(images: int, size: int, max_batch_pixels: int, own_size: bool =
     per-request budget. `own_size`: the request gave no size, and `size` is the model's."""
     from emoji_ldm.serve.meter import MAX_REQUEST_PIXELS
 
-    named = f"{size} px" + (" (the model's own size)" if own_size else "")
     if size * size > max_batch_pixels and not own_size:  # the model's own size: one image a call, whatever it is
         most = int(max_batch_pixels ** 0.5) // 8 * 8
-        raise ApiError(422, f"size: one image of {named} is {size * size} pixels, more than one pipeline call on this "
-                            f"server draws ({max_batch_pixels}, args.max_batch_pixels): ask for a size of at most "
-                            f"{most}", "size")
-    if images * size * size > MAX_REQUEST_PIXELS:
-        raise ApiError(422, f"size: {images} images of {named} are {images * size * size} pixels, more than one "
-                            f"request may draw ({MAX_REQUEST_PIXELS}): ask for fewer or smaller images, or send a job",
-                       "size")
+        raise ApiError(422, f"size: one image of {_named(size, own_size)} is {size * size} pixels, more than one "
+                            f"pipeline call on this server draws ({max_batch_pixels}, args.max_batch_pixels): ask "
+                            f"for a size of at most {most}", "size")
+    _check_total(images, size, own_size, MAX_REQUEST_PIXELS, f"one request may draw ({MAX_REQUEST_PIXELS})",
+                 "send a job")
 
 
 def check_job_pixels(images: int, size: int, own_size: bool = False) -> None:
@@ -63,11 +60,19 @@ def check_job_pixels(images: int, size: int, own_size: bool = False) -> None:
     by one process."""
     from emoji_ldm.serve.meter import MAX_JOB_PIXELS
 
-    if images * size * size > MAX_JOB_PIXELS:
-        named = f"{size} px" + (" (the model's own size)" if own_size else "")
-        raise ApiError(422, f"size: {images} images of {named} are {images * size * size} pixels, more than one job "
-                            f"may hold ({MAX_JOB_PIXELS}, 4096 images of 256 px): ask for fewer or smaller images, "
-                            "or split the job", "size")
+    _check_total(images, size, own_size, MAX_JOB_PIXELS,
+                 f"one job may hold ({MAX_JOB_PIXELS}, 4096 images of 256 px)", "split the job")
+
+
+def _named(size: int, own_size: bool) -> str:
+    return f"{size} px" + (" (the model's own size)" if own_size else "")
+
+
+def _check_total(images: int, size: int, own_size: bool, limit: int, whole: str, otherwise: str) -> None:
+    """422 on `size` when `images` of `size` px are more pixels than `limit` (`whole`: what holds them)."""
+    if images * size * size > limit:
+        raise ApiError(422, f"size: {images} images of {_named(size, own_size)} are {images * size * size} pixels, "
+                            f"more than {whole}: ask for fewer or smaller images, or {otherwise}", "size")
 
 
 async def _api_error(request: Request, exc: ApiError):

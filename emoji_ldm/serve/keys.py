@@ -31,7 +31,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import hmac
-import inspect
 import json
 import re
 import secrets
@@ -257,7 +256,7 @@ class AuthError(Exception):
 class KeyRing:
     """The keys of a running service: authenticate a bearer header, and meter each key's requests.
 
-    `spend(bucket, cost, per_minute)` (`Meter.spend`, or an async call of it) keeps the request buckets: the
+    `spend(bucket, cost, per_minute)` (an async call of `Meter.spend`) keeps the request buckets: the
     service passes the meter actor every ingress replica shares (serve/meter.py), so that N replicas do not give a
     key N rates; by default the buckets are this process's own."""
 
@@ -265,7 +264,12 @@ class KeyRing:
         from emoji_ldm.serve.meter import Meter
 
         self.uri, self.clock = uri, clock
-        self.spend = spend or Meter(clock=clock).spend
+        if spend is None:
+            local = Meter(clock=clock)
+
+            async def spend(bucket: str, cost: float, per_minute: float) -> float:
+                return local.spend(bucket, cost, per_minute)
+        self.spend = spend
         self._keys: list[ApiKey] = []
         self._signature: tuple | None = None
         self._checked = -RELOAD_S
@@ -323,9 +327,7 @@ class KeyRing:
     async def meter(self, key: ApiKey) -> None:
         """Take one request from the key's bucket (its rate per minute, refilled continuously); AuthError 429
         with Retry-After when it is empty."""
-        wait = self.spend(f"requests:{key.id}", 1.0, float(key.rate_per_minute))
-        if inspect.isawaitable(wait):
-            wait = await wait
+        wait = await self.spend(f"requests:{key.id}", 1.0, float(key.rate_per_minute))
         if wait != 0.0:
             retry = max(1, int(wait + 0.999)) if wait > 0 else 60  # -1: a rate below one request a minute
             raise AuthError(429, f"key {key.name!r} is over its rate of {key.rate_per_minute} requests per "
