@@ -23,14 +23,22 @@ port=${2:-8000}
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin=$root/.venv/bin
 cli=$bin/emoji-ldm
-# The training budgets of this demo (the stages are the preset's; fewer steps, so that the whole demo,
-# install included, fits in 15 minutes on 2 cores). The preset's own: VAE 500, UNet 1000, judge 20 epochs.
-# The VAE takes many small steps: 1,200 of 8 images show it as many images as 300 of 32 did, at about the
-# same compute, and its error as seen on mid-grey is 0.033 instead of 0.077 (the batch, not the images,
-# was what held it back; bench/demo_quality.py).
+# The model: `pixel32` (default) draws the 32x32 pixels themselves, with no VAE to train: the tiny VAE that
+# `tiny` trains in the demo's minutes loses most of what tells emoji apart (the judge knew 21% of its
+# reconstructions of held-out Twemoji, 39% of the images; docs/demo.md), and its minutes go to the UNet.
+# DEMO_PRESET=tiny gives the latent model back, with its VAE's budget (DEMO_VAE_STEPS of DEMO_VAE_BATCH).
+preset=${DEMO_PRESET:-pixel32}
+case $preset in
+  pixel32 | tiny) ;;
+  *) echo "DEMO_PRESET must be pixel32 or tiny, got '$preset'" >&2; exit 2 ;;
+esac
 vae_steps=${DEMO_VAE_STEPS:-1200}
 vae_batch=${DEMO_VAE_BATCH:-8}
-train_steps=${DEMO_TRAIN_STEPS:-500}
+# The UNet's steps (the preset's own for pixel32; tiny's VAE leaves it 500) and the judge's epochs (20 its own),
+# so that the whole demo, install included, fits in 15 minutes on 2 cores.
+default_steps=1000
+[ "$preset" = tiny ] && default_steps=500
+train_steps=${DEMO_TRAIN_STEPS:-$default_steps}
 judge_epochs=${DEMO_JUDGE_EPOCHS:-15}
 # Which Twemoji: "base" (default) leaves out the 2,060 skin-tone variants of people and hands (1,949 emoji,
 # each drawn once), so every step of the same budget goes to a distinct emoji; "all" is the whole pack.
@@ -168,12 +176,14 @@ step caption "$cli" dataset caption "$out/twemoji" --captioner metadata
 # workers); 10 epochs instead of 20 (DEMO_JUDGE_EPOCHS)
 background judge "$cli" train-judge --data "$out/twemoji" --out "$out/judge" --threads 1 --epochs "$judge_epochs"
 step show "$cli" dataset show "$out/twemoji" --sheet "$out/twemoji-sheet.png"
-# the tiny VAE: 1,200 steps of 8 images instead of the preset's 1,000 of 32 (DEMO_VAE_STEPS, DEMO_VAE_BATCH)
-step encode "$cli" encode --dataset "$out/twemoji" --preset tiny --out "$out/latents" --vae-steps "$vae_steps" \
-  --set vae.train_batch_size="$vae_batch"
-# the tiny UNet: 500 steps instead of the preset's 1,000 (DEMO_TRAIN_STEPS), its cosine schedule fitted to
-# them; channels-last convolutions (about 10% faster on CPU, the same work)
-step train "$cli" train --data "$out/latents" --preset tiny --out "$out/run" --workers 2 --zero-stage 2 \
+# pixel32: the images as 8x8x64 patches, nothing to train first; tiny: its VAE trained first, 1,200 steps of 8
+# images instead of the preset's 1,000 of 32 (the batch, not the images, held it back; bench/demo_quality.py)
+vae_args=()
+[ "$preset" = tiny ] && vae_args=(--vae-steps "$vae_steps" --set vae.train_batch_size="$vae_batch")
+step encode "$cli" encode --dataset "$out/twemoji" --preset "$preset" --out "$out/latents" "${vae_args[@]}"
+# the UNet's cosine schedule fitted to DEMO_TRAIN_STEPS; channels-last convolutions (about 10% faster on CPU,
+# the same work)
+step train "$cli" train --data "$out/latents" --preset "$preset" --out "$out/run" --workers 2 --zero-stage 2 \
   --max-steps "$train_steps" --channels-last
 join judge
 step generate "$cli" generate --model "$out/run" --prompt "smiling cat face" --n 8 --out "$out/generated"

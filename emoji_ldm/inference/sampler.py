@@ -92,9 +92,8 @@ class InferenceOptions:
 def load_pipeline(uri: str, scheduler: str = "dpmpp", device: str = "cpu", options: InferenceOptions | None = None):
     """StableDiffusionPipeline from a model folder/URI, with the chosen sampler, dtype, layout and compile."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
-    from emoji_ldm.models.builders import sampling_scheduler
+    from emoji_ldm.models.builders import load_sd_pipeline, sampling_scheduler
 
     options = options or InferenceOptions()
     if options.compile:
@@ -103,8 +102,7 @@ def load_pipeline(uri: str, scheduler: str = "dpmpp", device: str = "cpu", optio
     folder = model_folder(uri)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a BERT text encoder where CLIP is expected: a type warning only
-        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
-                                                       torch_dtype=dtype)
+        pipe = load_sd_pipeline(folder, torch_dtype=dtype)
     pipe.scheduler = sampling_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)

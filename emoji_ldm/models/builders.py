@@ -87,11 +87,15 @@ def configure_trainable(unet, preset: Preset) -> list[torch.nn.Parameter]:
 
 
 def build_vae(preset: Preset, path: str | None = None):
-    """The preset's VAE: pretrained, a trained one at `path`, or a fresh one to train (stage 1) with
-    `vae.channels` pixel channels (4: RGBA in and out)."""
+    """The preset's VAE: pretrained, a trained one at `path`, a fresh one to train (stage 1) with
+    `vae.channels` pixel channels (4: RGBA in and out), or the weightless patch autoencoder (`vae.kind` patches)."""
     from diffusers import AutoencoderKL
 
+    from emoji_ldm.models.patches import PatchAutoencoder
+
     spec = preset.vae
+    if spec.kind == "patches":  # nothing to load or train: the same every time
+        return PatchAutoencoder(in_channels=spec.channels, patch_size=spec.patch_size)
     if path:
         return _load(AutoencoderKL, path, "VAE")
     if spec.pretrained:
@@ -106,6 +110,17 @@ def build_vae(preset: Preset, path: str | None = None):
         sample_size=preset.image_size, mid_block_add_attention=False,
         scaling_factor=spec.scaling_factor or 1.0,
     )
+
+
+def load_sd_pipeline(folder: str, **kwargs):
+    """A saved model folder as a StableDiffusionPipeline without a safety checker. A pixel-space model's
+    `model_index.json` names the patch autoencoder's module, which diffusers finds only once it is imported."""
+    from diffusers import StableDiffusionPipeline
+
+    import emoji_ldm.models.patches  # noqa: F401
+
+    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
+                                                   **kwargs)
 
 
 def vae_scaling_factor(vae, preset: Preset) -> float:

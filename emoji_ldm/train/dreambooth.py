@@ -212,16 +212,16 @@ def worker(run: DreamBoothRun) -> None:
 
 def _recipe(run: DreamBoothRun):
     """The base's UNet and text encoder under one DeepSpeed engine, the prior-preservation loss, the export."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler
 
+    from emoji_ldm.models.builders import load_sd_pipeline
     from emoji_ldm.store.artifacts import local_copy
     from emoji_ldm.train import loop, runner
 
     config = run.config
     w = runner.setup_worker(config.use_gpu, config.threads_per_worker, config.seed, config.speed)
     micro = config.batch_size // (w.world * config.grad_accum)  # instance images per micro-batch; as many class
-    pipe = StableDiffusionPipeline.from_pretrained(local_copy(run.base), safety_checker=None,
-                                                   requires_safety_checker=False)
+    pipe = load_sd_pipeline(local_copy(run.base))
     noise = DDPMScheduler.from_config(pipe.scheduler.config)
     params = configure(pipe, config)
     use_mask = bool(getattr(pipe.text_encoder.config, "use_attention_mask", False))

@@ -63,6 +63,7 @@ def export(engine, run, rank: int, log) -> None:
     import torch
     from diffusers import StableDiffusionPipeline
 
+    from emoji_ldm.models.builders import load_sd_pipeline
     from emoji_ldm.store.artifacts import artifact_uri, local_copy, upload_dir, weights_content_id
     from emoji_ldm.train.ema import rank0_masters
 
@@ -71,8 +72,7 @@ def export(engine, run, rank: int, log) -> None:
     masters = list(rank0_masters(engine, [p for _, p in trainable], rank))
     if rank != 0:
         return
-    pipe = StableDiffusionPipeline.from_pretrained(local_copy(run.base), safety_checker=None,
-                                                   requires_safety_checker=False)  # fp32: frozen weights exact
+    pipe = load_sd_pipeline(local_copy(run.base))  # fp32: frozen weights exact
     card = dict(run.card)
     if run.config.method == "full":
         for part in ("unet", "text_encoder"):

@@ -48,6 +48,9 @@ class EncodeConfig(PresetOptions):
     def __post_init__(self):
         if self.batch_size <= 0 or self.concurrency <= 0:
             raise UserError(f"batch_size and concurrency must be positive, got {self.batch_size}, {self.concurrency}")
+        if self.vae and self.preset_config().vae.kind == "patches":
+            raise UserError(f"--vae {self.vae!r}: preset {self.preset!r} draws pixels (vae.kind=patches) and has no "
+                            "VAE to load; leave --vae out")
 
 
 class Encoder:
@@ -309,8 +312,8 @@ def image_lineage(dataset_uri: str, vae: str | None, preset: Preset) -> dict:
         join(vae, "config.json") if vae else None)
     if config and exists(config):
         channels = int(read_json(config).get("in_channels", 3))
-    else:  # a hub id: the SD VAEs are RGB
-        channels = preset.vae.channels if preset.vae.trained_here else 3
+    else:  # a hub id: the SD VAEs are RGB; a VAE trained here or pixel patches: the preset's channels
+        channels = 3 if preset.vae.pretrained else preset.vae.channels
     alpha = "none" if mode == "RGB" else ("vae" if channels == 4 else "key")
     return {"dataset_mode": mode, "vae_channels": channels, "alpha": alpha,
             "key_colour": preset.vae.key_colour if alpha == "key" else None}

@@ -37,8 +37,9 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, no
     """MSE of the prediction, per image weighted by min-SNR-gamma when `snr_gamma` is set.
 
     The weighting of diffusers' `train_text_to_image.py` (Hang et al., "Efficient Diffusion Training via
-    Min-SNR Weighting Strategy"): w(t) = min(SNR(t), gamma) / SNR(t) for epsilon prediction and
-    min(SNR(t), gamma) / (SNR(t) + 1) for v-prediction, where SNR(t) = alpha_bar_t / (1 - alpha_bar_t).
+    Min-SNR Weighting Strategy"): w(t) = min(SNR(t), gamma) / SNR(t) for epsilon prediction,
+    min(SNR(t), gamma) / (SNR(t) + 1) for v-prediction and min(SNR(t), gamma) for the clean sample, where
+    SNR(t) = alpha_bar_t / (1 - alpha_bar_t).
     """
     if not snr_gamma:
         return torch.nn.functional.mse_loss(pred.float(), target.float())
@@ -46,7 +47,7 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, no
 
     snr = compute_snr(noise_scheduler, t)  # (B,)
     weight = torch.clamp(snr, max=snr_gamma)
-    weight = weight / snr if prediction_type == "epsilon" else weight / (snr + 1)
+    weight = {"epsilon": weight / snr, "v_prediction": weight / (snr + 1), "sample": weight}[prediction_type]
     per_image = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
     per_image = per_image.mean(dim=list(range(1, per_image.ndim)))  # (B,)
     return (per_image * weight).mean()

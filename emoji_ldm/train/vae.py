@@ -55,10 +55,9 @@ class VAETrainConfig(PresetOptions):
     def resolved_preset(self) -> Preset:
         preset = self.preset_config()
         if not preset.vae.trained_here:
-            raise UserError(
-                f"preset {preset.name!r} uses the pretrained VAE {preset.vae.pretrained!r}; "
-                "train-vae is only for presets that train their own (tiny)"
-            )
+            has = (f"uses the pretrained VAE {preset.vae.pretrained!r}" if preset.vae.pretrained else
+                   "draws pixels (vae.kind=patches) and has no VAE")
+            raise UserError(f"preset {preset.name!r} {has}; train-vae is only for presets that train their own (tiny)")
         return preset
 
 

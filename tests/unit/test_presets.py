@@ -40,6 +40,9 @@ def test_presets_round_trip_and_overrides():
     ("tiny", ["train.caption_dropout=1.5"], "caption_dropout"),
     ("tiny", ["unet.block_out_channels=32,64,64"], "down_block_types has 2 entries"),
     ("tiny", ["vae.colour_loss=visible"], "vae.colour_loss must be premultiplied or straight, got 'visible'"),
+    ("tiny", ["vae.kind=pixels"], "vae.kind must be kl or patches, got 'pixels'"),
+    ("pixel32", ["vae.patch_size=2"], r"latent_channels must be channels x patch_size\^2 = 16, got 64"),
+    ("pixel32", ["vae.pretrained=stabilityai/sd-vae-ft-mse"], "vae.kind=patches has no autoencoder to load"),
 ])
 def test_bad_presets(name, sets, text):
     with pytest.raises(UserError, match=text):

@@ -21,10 +21,12 @@ def test_targets_follow_the_prediction_type():
     alpha_bar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
     v = alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0  # by hand: v = sqrt(a) eps - sqrt(1 - a) x0
     assert torch.allclose(diffusion_target(sched, x0, eps, t, "v_prediction"), v, atol=1e-6)
+    assert torch.equal(diffusion_target(sched, x0, eps, t, "sample"), x0)  # the clean image (pixel32)
     with pytest.raises(ValueError, match="prediction_type"):
-        diffusion_target(sched, x0, eps, t, "sample")
-    with pytest.raises(UserError, match="noise.prediction_type must be epsilon or v_prediction, got 'sample'"):
-        get_preset("tiny", {"noise.prediction_type": "sample"})
+        diffusion_target(sched, x0, eps, t, "x0")
+    with pytest.raises(UserError, match="noise.prediction_type must be one of epsilon, v_prediction, sample, "
+                                        "got 'x0'"):
+        get_preset("tiny", {"noise.prediction_type": "x0"})
 
 
 def test_step_check_runs_the_real_step():
@@ -108,7 +110,7 @@ def _sched(prediction_type="epsilon"):
                          beta_end=0.012, prediction_type=prediction_type)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_min_snr_weighting_matches_the_formula(prediction_type):
     from emoji_ldm.train.step import diffusion_loss
 
@@ -120,7 +122,8 @@ def test_min_snr_weighting_matches_the_formula(prediction_type):
     alpha_bar = sched.alphas_cumprod[t]
     snr = alpha_bar / (1 - alpha_bar)  # by hand: SNR(t) = a / (1 - a)
     gamma = 5.0
-    weight = torch.minimum(snr, torch.full_like(snr, gamma)) / (snr if prediction_type == "epsilon" else snr + 1)
+    weight = torch.minimum(snr, torch.full_like(snr, gamma)) / {"epsilon": snr, "v_prediction": snr + 1,
+                                                                "sample": torch.ones_like(snr)}[prediction_type]
     by_hand = (((pred - target) ** 2).mean(dim=(1, 2, 3)) * weight).mean()
     weighted = diffusion_loss(pred, target, t, sched, prediction_type, gamma)
     assert torch.allclose(weighted, by_hand, atol=1e-6)

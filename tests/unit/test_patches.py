@@ -1,0 +1,66 @@
+"""The pixel-space model's autoencoder (`vae.kind: patches`, the `pixel32` preset): exact, weightless, and a
+component a saved pipeline loads again."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emoji_ldm.models.builders import build_unet, build_vae, load_sd_pipeline, noise_scheduler
+from emoji_ldm.models.patches import PatchAutoencoder
+from emoji_ldm.models.presets import get_preset
+
+
+def test_patches_round_trip_exactly_and_have_the_latent_shape_of_the_preset():
+    preset = get_preset("pixel32")
+    vae = build_vae(preset)
+    assert isinstance(vae, PatchAutoencoder) and not preset.vae.trained_here
+    x = torch.rand(3, 4, 32, 32) * 2 - 1  # (B, RGBA, H, W) in [-1, 1]
+    z = vae.encode(x).latent_dist.mean
+    assert z.shape == (3, preset.vae.latent_channels, preset.latent_size, preset.latent_size) == (3, 64, 8, 8)
+    assert torch.equal(vae.encode(x).latent_dist.sample(), z)  # deterministic: no noise in the "posterior"
+    assert torch.equal(vae.decode(z).sample, x)
+    assert z[0, :4, 0, 0].tolist() == x[0, 0, :1, :4].flatten().tolist()  # channel c*16 + 4*i + j is pixel (i, j)
+    assert sum(p.numel() for p in vae.parameters()) == 0
+
+
+def test_a_saved_pixel_model_loads_as_a_pipeline_with_its_patches(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from emoji_ldm.models.builders import load_text_encoder
+
+    preset = get_preset("pixel32", {"unet.block_out_channels": "32,32"})
+    tokenizer, text_encoder = load_text_encoder(preset)
+    pipe = StableDiffusionPipeline(vae=build_vae(preset), text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=build_unet(preset), scheduler=noise_scheduler(preset), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    assert pipe.vae_scale_factor == 4
+    pipe.save_pretrained(tmp_path)
+    loaded = load_sd_pipeline(str(tmp_path))
+    assert isinstance(loaded.vae, PatchAutoencoder) and loaded.vae_scale_factor == 4
+    assert loaded.scheduler.config.prediction_type == "sample"
+    images = loaded(["red heart"], num_inference_steps=2, height=32, width=32, output_type="pt").images
+    assert images.shape == (1, 4, 32, 32)
+
+
+def test_encode_refuses_a_vae_for_a_pixel_model():
+    from emoji_ldm.errors import UserError
+    from emoji_ldm.train.encode import EncodeConfig
+
+    with pytest.raises(UserError, match="--vae '/models/vae': preset 'pixel32' draws pixels .* leave --vae out"):
+        EncodeConfig(dataset="/data/t", out="/data/l", preset="pixel32", vae="/models/vae")
+    EncodeConfig(dataset="/data/t", out="/data/l", preset="tiny", vae="/models/vae")  # a tiny VAE is fine
+
+
+def test_a_pixel_model_draws_its_own_alpha_and_has_no_vae_to_train(tmp_path):
+    from emoji_ldm.errors import UserError
+    from emoji_ldm.train.encode import image_lineage
+    from emoji_ldm.train.vae import VAETrainConfig
+
+    from emoji_ldm.store.sidecar import record_image_mode
+
+    record_image_mode(str(tmp_path), "RGBA")
+    lineage = image_lineage(str(tmp_path), None, get_preset("pixel32"))
+    assert (lineage["vae_channels"], lineage["alpha"]) == (4, "vae")  # RGBA drawn, never keyed
+    with pytest.raises(UserError, match="preset 'pixel32' draws pixels .* train-vae is only for presets that train"):
+        VAETrainConfig(dataset="/d", out="/v", preset="pixel32").resolved_preset()
