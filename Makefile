@@ -152,7 +152,7 @@ small64: $(STAMP) $(DEMO_MODEL)
 	  --zero-stage 2 $(RESUME)
 	$(BIN)/emoji-ldm eval --model $(SMALL64)/run --data $(SMALL64)/latents --judge $(DEMO_OUT)/judge \
 	  --samples 512 --out $(SMALL64)/eval.json
-	$(BIN)/python bench/gallery.py --model small64=$(SMALL64)/run --model tiny=$(DEMO_OUT)/run \
+	$(BIN)/python bench/gallery.py --model small64=$(SMALL64)/run --model demo=$(DEMO_OUT)/run \
 	  --data $(DEMO_OUT)/twemoji --out $(SMALL64)/gallery.png
 
 clean:

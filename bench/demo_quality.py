@@ -9,8 +9,8 @@ Its figures: the demo's eval (`OUT/eval.json`: prompt accuracy beside the judge'
 error as seen on mid-grey), the wall time of every step (`OUT/timings.txt`) and the machine's load around the
 run, and whether the model follows colour words: for each of six colours, "<colour> heart" from 8 seeds; a
 sample counts when the hue family of its opaque pixels' dominant colour (as the `metadata` captioner names
-colours) is the prompt's colour. Each side is measured by its own judge, trained on its own Twemoji: the
-before side's on the whole pack, the after side's without skin-tone variants.
+colours) is the prompt's colour. Each side is measured by its own judge, trained on its own Twemoji (`--cross-judge`:
+the after model by the before side's judge too, the same instrument on both sides).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def summary(b: dict, a: dict) -> list[dict]:
     ]
     if a.get("with_before_judge"):
         x = a["with_before_judge"]
-        rows.insert(1, row(area, "the same, the after model by the before side's judge (whole pack)",
+        rows.insert(1, row(area, "the same, the after model by the before side's judge",
                            100 * x["prompt_accuracy"], 100 * b["prompt_accuracy"], "%", None,
                            f"ceiling {x['real_accuracy']:.0%} on the after side's held-out rows"))
     return rows
@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--wall", type=json.loads, default={},
                         help='with --before/--after: their wall times and loads, e.g. \'{"before": {"wall_s": 900, '
                              '"load_1min_start": 3, "load_1min_end": 4}, "after": {...}}\'')
+    parser.add_argument("--note", default="", help="what the two sides are, for the record (e.g. their recipes)")
     args = parser.parse_args()
     if args.before_ref:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -167,7 +168,7 @@ def main() -> None:
               f"{s['vae_visible_mse']:.4f}, wall {s['wall_s'] / 60:.1f} min ({s['dataset']})")
     write_record("demo_quality", sides, summary(sides["before"], sides["after"]),
                  about="`infra/demo.sh` before and after its recipe change, each with its own judge; colour words: "
-                       "six \"<colour> heart\" prompts x 8 seeds")
+                       "six \"<colour> heart\" prompts x 8 seeds" + (f"; {args.note}" if args.note else ""))
 
 
 if __name__ == "__main__":

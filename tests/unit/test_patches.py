@@ -54,10 +54,9 @@ def test_encode_refuses_a_vae_for_a_pixel_model():
 
 def test_a_pixel_model_draws_its_own_alpha_and_has_no_vae_to_train(tmp_path):
     from emoji_ldm.errors import UserError
+    from emoji_ldm.store.sidecar import record_image_mode
     from emoji_ldm.train.encode import image_lineage
     from emoji_ldm.train.vae import VAETrainConfig
-
-    from emoji_ldm.store.sidecar import record_image_mode
 
     record_image_mode(str(tmp_path), "RGBA")
     lineage = image_lineage(str(tmp_path), None, get_preset("pixel32"))
