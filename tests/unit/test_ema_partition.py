@@ -234,7 +234,6 @@ def _two_ranks(rank: int, store: str, folder: str) -> None:
 def _export_reads_masters_to_rank0(engine, rank: int) -> None:
     """DreamBooth's export: rank 0 gets the full masters; rank 1 takes part without receiving any full tensor
     (no all-reduce, all-gather or broadcast: a reduce to rank 0 only)."""
-    import types
     from unittest import mock
 
     from emoji_ldm.train import dreambooth_lora
@@ -242,9 +241,8 @@ def _export_reads_masters_to_rank0(engine, rank: int) -> None:
     class Loaded(Exception):
         pass
 
-    stub = types.ModuleType("diffusers")  # this spawned process only: rank 0 stops where the base is loaded
-    stub.StableDiffusionPipeline = mock.Mock(from_pretrained=mock.Mock(side_effect=Loaded))
-    with mock.patch.dict(sys.modules, {"diffusers": stub}), \
+    # this spawned process only: rank 0 stops where the base is loaded
+    with mock.patch("emoji_ldm.models.builders.load_sd_pipeline", side_effect=Loaded), \
             mock.patch("emoji_ldm.store.artifacts.local_copy", side_effect=lambda uri: uri), \
             counted_collectives() as calls:
         try:
