@@ -63,3 +63,29 @@ def test_a_pixel_model_draws_its_own_alpha_and_has_no_vae_to_train(tmp_path):
     assert (lineage["vae_channels"], lineage["alpha"]) == (4, "vae")  # RGBA drawn, never keyed
     with pytest.raises(UserError, match="preset 'pixel32' draws pixels .* train-vae is only for presets that train"):
         VAETrainConfig(dataset="/d", out="/v", preset="pixel32").resolved_preset()
+
+
+def test_encode_stores_a_pixel_models_images_as_patches_that_decode_to_them():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from emoji_ldm.store.latents import decode_latents
+    from emoji_ldm.train.encode import Encoder
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 4), dtype=np.uint8), "RGBA") for _ in range(2)]
+    pngs = []
+    for im in images:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    preset = get_preset("pixel32")
+    rows = Encoder(preset.to_dict(), None, "cpu")({"id": ["a", "b"], "image": pngs, "caption": ["red heart", ""],
+                                                    "title": ["red heart", "blue heart"]})
+    decoded = decode_latents(rows.to_pydict())
+    assert decoded["latent"].shape == (2, 64, 8, 8)  # (B, 4 x 4 x 4, 32 / 4, 32 / 4)
+    back = build_vae(preset).decode(torch.from_numpy(decoded["latent"]).float()).sample  # (B, 4, 32, 32)
+    truth = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
+    assert torch.allclose(back, truth.float(), atol=1e-3)  # float16 storage of 8-bit pixels
