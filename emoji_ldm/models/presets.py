@@ -205,6 +205,8 @@ class Preset:
     def __post_init__(self):
         if self.image_size % 8 or not 16 <= self.image_size <= 1024:
             raise UserError(f"image_size must be a multiple of 8 from 16 to 1024, got {self.image_size}")
+        if self.vae.kind == "patches" and self.image_size % self.vae.patch_size:
+            raise UserError(f"image_size {self.image_size} is not a multiple of vae.patch_size {self.vae.patch_size}")
 
     @property
     def latent_size(self) -> int:

@@ -3,6 +3,9 @@ component a saved pipeline loads again."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -41,6 +44,12 @@ def test_a_saved_pixel_model_loads_as_a_pipeline_with_its_patches(tmp_path):
     assert loaded.scheduler.config.prediction_type == "sample"
     images = loaded(["red heart"], num_inference_steps=2, height=32, width=32, output_type="pt").images
     assert images.shape == (1, 4, 32, 32)
+    # a fresh process, as `emoji-ldm generate` or a Serve replica loads it: nothing has imported the patches yet
+    code = ("import sys; from emoji_ldm.inference.sampler import load_pipeline; "
+            "assert 'emoji_ldm.models.patches' not in sys.modules; "
+            "print(type(load_pipeline(sys.argv[1]).vae).__name__)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PatchAutoencoder"
 
 
 def test_encode_refuses_a_vae_for_a_pixel_model():

@@ -43,6 +43,8 @@ def test_presets_round_trip_and_overrides():
     ("tiny", ["vae.kind=pixels"], "vae.kind must be kl or patches, got 'pixels'"),
     ("pixel32", ["vae.patch_size=2"], r"latent_channels must be channels x patch_size\^2 = 16, got 64"),
     ("pixel32", ["vae.pretrained=stabilityai/sd-vae-ft-mse"], "vae.kind=patches has no autoencoder to load"),
+    ("pixel32", ["image_size=24", "vae.patch_size=16", "vae.latent_channels=1024"],
+     "image_size 24 is not a multiple of vae.patch_size 16"),
 ])
 def test_bad_presets(name, sets, text):
     with pytest.raises(UserError, match=text):
