@@ -56,7 +56,7 @@ def _link_lines(link: dict) -> list[tuple[str, str]]:
                f"(ZeRO-{t.get('zero_stage')}, global batch {t.get('global_batch')}"
                + (f", lr {lr:g}" if isinstance(lr, (int, float)) else "") + ")"
                + (f", final loss {loss:.4f}" if isinstance(loss, (int, float)) else ""))
-        encoders = f"VAE {link.get('vae')}, text encoder {link.get('text_encoder')}"
+        encoders = f"{_vae(link)}, text encoder {link.get('text_encoder')}"
         lines = [("model", link["uri"]), ("", f"content id {link.get('content_id') or 'not recorded'}"), ("", run),
                  ("", f"{encoders}; code {link.get('code_version')}")]
         if link.get("note"):
@@ -64,7 +64,7 @@ def _link_lines(link: dict) -> list[tuple[str, str]]:
         return lines
     if kind == "latent_table":
         return [("latents", f"{link['uri']} @ {link['version']}"),
-                ("", f"encode with preset {link.get('preset')}: VAE {link.get('vae')}, text encoder "
+                ("", f"encode with preset {link.get('preset')}: {_vae(link)}, text encoder "
                      f"{link.get('text_encoder')}; code {link.get('code_version')}")]
     lines = [("dataset", f"{link['uri']} @ {link['version']} ({link['rows']} rows)"),
              ("", "commits that made its rows:")]
@@ -105,3 +105,8 @@ def format_row(result: dict) -> str:
     if result.get("note"):
         lines.append(f"  note: {result['note']}")
     return "\n".join(lines)
+
+
+def _vae(link: dict) -> str:
+    """The VAE a model or latent table was made with; a pixel-space model (none recorded) says so."""
+    return f"VAE {link['vae']}" if link.get("vae") else "no VAE (the model draws pixels)"

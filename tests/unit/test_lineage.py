@@ -188,3 +188,13 @@ def test_restores_mark_the_commits_they_undid():
         (4, "caption", {})]]
     undone = {c["version"]: c.get("undone_by") for c in made_rows(rows)}
     assert undone == {0: None, 1: None, 2: 3, 3: None, 4: None}
+
+
+def test_a_pixel_models_chain_says_it_has_no_vae():
+    chain = [{"link": "latent_table", "uri": "/d/latents", "version": 0, "preset": "pixel32", "vae": None,
+              "text_encoder": "minilm", "code_version": "0.1.0"},
+             {"link": "latent_table", "uri": "/d/latents", "version": 1, "preset": "tiny", "vae": "/d/vae",
+              "text_encoder": "minilm", "code_version": "0.1.0"}]
+    text = format_chain({"chain": chain, "missing": None})
+    assert "encode with preset pixel32: no VAE (the model draws pixels), text encoder minilm" in text
+    assert "encode with preset tiny: VAE /d/vae, text encoder minilm" in text
