@@ -62,15 +62,16 @@ def ours(model: str, count: int, steps: int, batch: int, actors: int, work: Path
 def train_step(model: str, method: str, steps: int, batch: int) -> dict:
     """ms/step of one DreamBooth step (a plain engine, no Ray) and this process's peak RSS."""
     import torch
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler
 
     from emoji_ldm.inference.sampler import model_folder
+    from emoji_ldm.models.builders import load_sd_pipeline
     from emoji_ldm.train.dreambooth import DreamBoothConfig, _module, configure, prior_preservation_loss
     from emoji_ldm.train.step import PlainEngine, diffusion_target
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    pipe = StableDiffusionPipeline.from_pretrained(model_folder(model), safety_checker=None)
+    pipe = load_sd_pipeline(model_folder(model))
     config = DreamBoothConfig(base=model, instance_data="dir:/unused", instance_prompt="a sks cat emoji",
                               class_prompt="a cat emoji", out="/unused", method=method, train_text_encoder=True)
     params = configure(pipe, config)

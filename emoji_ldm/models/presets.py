@@ -346,17 +346,24 @@ def get_preset(name: str, overrides: dict[str, Any] | None = None) -> Preset:
     return with_overrides(PRESETS[name], overrides or {})
 
 
+_SECTIONS = {"vae": VAESpec, "text": TextSpec, "unet": UNetSpec, "noise": NoiseSpec, "train": TrainSpec}
+
+
+def _section(name: str, data: dict[str, Any]):
+    return _SECTIONS[name](**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
 def preset_from_dict(data: dict[str, Any]) -> Preset:
     """Inverse of `Preset.to_dict` (for saved configs and model cards)."""
-    def tup(d: dict) -> dict:
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return Preset(name=data["name"], image_size=data["image_size"],
+                  **{name: _section(name, data[name]) for name in _SECTIONS},
+                  sample_prompts=tuple(data["sample_prompts"]))
 
-    return Preset(
-        name=data["name"], image_size=data["image_size"],
-        vae=VAESpec(**tup(data["vae"])), text=TextSpec(**tup(data["text"])), unet=UNetSpec(**tup(data["unet"])),
-        noise=NoiseSpec(**data["noise"]), train=TrainSpec(**data["train"]),
-        sample_prompts=tuple(data["sample_prompts"]),
-    )
+
+def saved_section(name: str, data: Any) -> Any:
+    """A section of a saved preset (`vae`, `text`, ...) as `to_dict` writes it today: fields added since it was
+    saved take their defaults, so a saved and a current preset compare by what they mean, not by their JSON."""
+    return dataclasses.asdict(_section(name, data)) if name in _SECTIONS else data
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
-from emoji_ldm.models.presets import Preset, PresetOptions, preset_from_dict
+from emoji_ldm.models.presets import Preset, PresetOptions, preset_from_dict, saved_section
 from emoji_ldm.store.latents import LATENT_SCHEMA, PARTITION
 
 logger = logging.getLogger(__name__)
@@ -158,8 +158,9 @@ def _previous_encode(out: str, preset: Preset, vae: str | None, full: bool):
     if meta.get("operation") != "encode":
         raise UserError(f"{out!r} is a Delta table but not a latent table: choose another --out")
 
-    def key(d):  # as JSON: the commit stored tuples as lists
-        return json.dumps({k: d.get(k) for k in ("image_size", "vae", "text")}, sort_keys=True)
+    def key(d):  # as JSON, each section as it is written today (the commit stored tuples as lists)
+        return json.dumps({k: saved_section(k, d[k]) if k in d else None for k in ("image_size", "vae", "text")},
+                          sort_keys=True)
 
     if key(meta.get("preset", {})) != key(preset.to_dict()) or (vae and meta.get("vae") != vae):
         raise UserError(f"the latent table {out!r} was encoded with another preset, VAE or text encoder "

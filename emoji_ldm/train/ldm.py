@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
-from emoji_ldm.models.presets import PresetOptions, get_preset, preset_from_dict
+from emoji_ldm.models.presets import PresetOptions, get_preset, preset_from_dict, saved_section
 from emoji_ldm.train.speed import SpeedOptions
 
 logger = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class _Validation:
 
 
 def _check_resume(state: dict, preset, config: TrainConfig) -> None:
-    saved = state["preset"]
+    saved = {k: saved_section(k, v) for k, v in state["preset"].items()}
     current = preset.to_dict()
     diffs = [k for k in _RESUME_KEYS if json.dumps(saved[k], sort_keys=True) != json.dumps(current[k], sort_keys=True)]
     if diffs:
@@ -243,12 +243,15 @@ def _checked_preset(config: TrainConfig, table, enc_meta: dict):
     from emoji_ldm.store.latents import split_files
 
     preset = config.resolved_preset()
-    encoded_with = enc_meta["preset"]
-    same_text = all(encoded_with["text"].get(k) == getattr(preset.text, k)
+    encoded_with = preset_from_dict(enc_meta["preset"])
+    same_text = all(getattr(encoded_with.text, k) == getattr(preset.text, k)
                     for k in ("pretrained", "kind", "subfolder", "max_length"))  # what makes the embeddings
-    if not same_text or preset.image_size != encoded_with["image_size"]:
-        raise UserError(f"the latent table was encoded with preset {encoded_with['name']!r} "
-                        f"(text encoder / image size differ from {preset.name!r}): encode again or use that preset")
+    same_latents = ((encoded_with.vae.kind, encoded_with.vae.latent_channels, encoded_with.latent_size)
+                    == (preset.vae.kind, preset.vae.latent_channels, preset.latent_size))
+    if not same_text or not same_latents or preset.image_size != encoded_with.image_size:
+        raise UserError(f"the latent table was encoded with preset {encoded_with.name!r} (its text encoder, image "
+                        f"size or latents differ from {preset.name!r}'s): encode again or train with --preset "
+                        f"{encoded_with.name}")
     n_train = sum(f.rows for f in split_files(table))
     micro = preset.train.batch_size // (config.workers * preset.train.grad_accum)
     if n_train // config.workers < micro:

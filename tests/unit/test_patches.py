@@ -98,3 +98,15 @@ def test_encode_stores_a_pixel_models_images_as_patches_that_decode_to_them():
     back = build_vae(preset).decode(torch.from_numpy(decoded["latent"]).float()).sample  # (B, 4, 32, 32)
     truth = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
     assert torch.allclose(back, truth.float(), atol=1e-3)  # float16 storage of 8-bit pixels
+
+
+def test_train_refuses_latents_of_another_kind_and_resume_reads_older_sections():
+    from emoji_ldm.errors import UserError
+    from emoji_ldm.models.presets import saved_section
+    from emoji_ldm.train.ldm import TrainConfig, _checked_preset
+
+    pixel = {"preset": get_preset("pixel32").to_dict()}
+    with pytest.raises(UserError, match="encoded with preset 'pixel32' .* train with --preset pixel32"):
+        _checked_preset(TrainConfig(data="/d/latents", out="/d/run", preset="tiny"), None, pixel)
+    older = {k: v for k, v in get_preset("small64").to_dict()["vae"].items() if k not in ("kind", "patch_size")}
+    assert saved_section("vae", older) == get_preset("small64").to_dict()["vae"]  # saved before `kind` existed
