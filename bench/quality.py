@@ -8,7 +8,7 @@ Both are evaluated by `emoji-ldm eval` with the same emoji judge (`emoji-ldm tra
 Unicode subgroups), the same held-out prompts and seeds. Prints emoji-FID (lower is better), prompt accuracy
 (higher is better) and their ratios B vs A, beside the real-data floor and ceiling (`eval --real`).
 
-Needs the dataset and latent table of `make demo` (demo-out/twemoji, demo-out/latents); builds them when absent.
+Needs the dataset of `make demo` (demo-out/twemoji; built when absent); encodes it with `tiny` into WORK/latents.
 
     python bench/quality.py [--demo-out demo-out] [--steps 1000] [--samples 512] [--b KEY=VALUE ...]
 """
@@ -53,14 +53,16 @@ def main() -> None:
     recipe_b = tuple(args.b or RECIPE_B)
 
     demo = (REPO / args.demo_out).resolve()
-    data, latents = demo / "twemoji", demo / "latents"
+    data = demo / "twemoji"
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-quality-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    latents = work / "latents"  # tiny's own (the demo's are pixel32's)
     started = time.time()
-    if not (latents / "_delta_log").exists():
-        print("building the demo dataset and latent table (as `make demo` does)", flush=True)
+    if not (data / "_delta_log").exists():
+        print("building the demo dataset (as `make demo` does)", flush=True)
         cli("dataset", "build", "--source", "twemoji", "--out", str(data))
         cli("dataset", "caption", str(data), "--captioner", "metadata")
+    if not (latents / "_delta_log").exists():
         cli("encode", "--dataset", str(data), "--preset", "tiny", "--out", str(latents))
     judge = work / "judge"
     if not (judge / "judge.json").exists():

@@ -123,6 +123,12 @@ def main() -> None:
     latent_uri, model = str(demo / "latents"), str(demo / "run")
     if not (demo / "run" / "model" / "model_index.json").exists():
         sys.exit(f"run `make demo` first: no model at {demo / 'run' / 'model'}")
+    from emoji_ldm.store.latents import open_latent_table
+
+    encoded = open_latent_table(latent_uri)[2]["preset"]["name"]
+    if encoded != "tiny":
+        sys.exit(f"{latent_uri} holds {encoded}'s latents; this benchmark measures tiny's (its VAE's encoding "
+                 "against precomputed latents): run `DEMO_PRESET=tiny make demo` first")
     preset = get_preset("tiny")
     latents, text = load_latents(latent_uri, 2048)
     results = {}
