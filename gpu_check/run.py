@@ -10,7 +10,7 @@ is JSON (`--out`, default gpu-check.json) plus a short table; the exit code is 1
     python gpu_check/run.py --device cpu [--quick]   # here: the same code paths, smaller sizes
 
 Checks: deepspeed-zero2-bf16, deepspeed-zero3-bf16 (DeepSpeed on one rank: steps, the fp32 EMA, a checkpoint and a
-resume), train-step-check (MFU), dreambooth-lora, encode, caption-qwen25vl, sample-{fp16,bf16}[-compile],
+resume), train-step-check (MFU), dreambooth-lora, encode, caption-qwen25vl, pixel32 (the demo's pixel model), sample-{fp16,bf16}[-compile],
 generator-set, ray-serve.
 """
 
@@ -377,6 +377,77 @@ def encode(ctx: Context) -> dict:
     return figures
 
 
+# ---- pixel32: the demo's pixel-space model (bf16 steps predicting the clean image, fp16/bf16 sampling) ----------
+
+def pixel32(ctx: Context) -> dict:
+    need("diffusers", "PIL")
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from emoji_ldm.inference.sampler import InferenceOptions, SampleJob, Sampler
+    from emoji_ldm.models.builders import build_unet, build_vae, load_text_encoder, noise_scheduler
+    from emoji_ldm.models.presets import get_preset
+    from emoji_ldm.train.step import PlainEngine, training_step
+    from tests.tiny_models import tiny_clip
+
+    clip = tiny_clip(ctx.work / "clip-pixel32")
+    overrides = {"text.pretrained": str(clip), "text.kind": "clip", "text.hidden_size": "32"}
+    if ctx.quick:
+        overrides["unet.block_out_channels"] = "32,32"
+    preset = get_preset("pixel32", overrides)
+    torch.manual_seed(0)
+    vae = build_vae(preset).to(ctx.device)  # PatchAutoencoder: no weights, 4x4 patches as channels
+    pixels = torch.rand(8, 4, 32, 32, device=ctx.device) * 2 - 1  # (B, 4, 32, 32) RGBA in [-1, 1]
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(torch.bfloat16)).latent_dist.mode()  # (B, 64, 8, 8) in bf16
+        back = vae.decode(latents).sample.float()  # (B, 4, 32, 32)
+    round_trip = float((back - pixels.to(torch.bfloat16).float()).abs().max())
+    unet = build_unet(preset).to(ctx.device).train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    engine = PlainEngine(unet, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), 1.0, params)
+    noise = noise_scheduler(preset)
+    g = torch.Generator("cpu").manual_seed(3)
+    text = torch.randn(8, preset.text.max_length, 32, generator=g).to(ctx.device)  # (B, L, D)
+    empty = torch.zeros(preset.text.max_length, 32, device=ctx.device)
+    autocast = torch.autocast(ctx.device, dtype=torch.bfloat16, enabled=ctx.cuda)
+    steps = 3 if ctx.quick else 20
+    losses = []
+    start = time.perf_counter()
+    for _ in range(steps):
+        with autocast:  # the loop's bf16: autocast over fp32 masters, the target the clean image, min-SNR weighted
+            losses.append(float(training_step(engine, noise, latents.float(), text, empty, preset.train,
+                                              preset.noise.prediction_type, torch.float32)))
+    ctx.sync()
+    train_s = time.perf_counter() - start
+    tokenizer, text_encoder = load_text_encoder(preset)
+    pipe = StableDiffusionPipeline(vae=vae.to("cpu").float(), text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=unet.to("cpu").float().eval(), scheduler=noise_scheduler(preset),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    folder = ctx.work / "pixel32-model"
+    pipe.save_pretrained(folder)
+    sampled = {}
+    for dtype in ("fp16", "bf16"):
+        sampler = Sampler.load(str(folder), device=ctx.device, options=InferenceOptions(dtype=dtype))
+        images = sampler.sample([SampleJob(("red heart", "blue circle"), (0, 1), steps=4)])[0]
+        import numpy as np
+
+        arrays = [np.asarray(im) for im in images]
+        sampled[dtype] = {"vae": type(sampler.pipe.vae).__name__, "vae_dtype": str(sampler.pipe.vae.dtype),
+                          "unet_dtype": str(sampler.pipe.unet.dtype), "size": list(images[0].size),
+                          "mode": images[0].mode, "finite_spread": float(np.mean([a.std() for a in arrays]))}
+        del sampler
+    figures = {"round_trip_max_abs": round_trip, "latent_shape": list(latents.shape), "steps": steps,
+               "losses": losses, "train_s": train_s, "prediction_type": preset.noise.prediction_type,
+               "sampled": sampled}
+    ok = (figures["latent_shape"] == [8, 64, 8, 8] and round_trip < 1e-2 and all(map(math.isfinite, losses))
+          and all(s["size"] == [32, 32] and s["mode"] == "RGBA" and s["vae"] == "PatchAutoencoder"
+                  for s in sampled.values()))
+    if not ok:
+        raise AssertionError(f"exact patches, finite losses and 32x32 RGBA from fp16 and bf16 expected: {figures}")
+    return figures
+
+
 # ---- captioning: Qwen2.5-VL through transformers ----------------------------------------------------------
 
 def caption(ctx: Context) -> dict:
@@ -496,7 +567,8 @@ def checks(ctx: Context) -> list[tuple[str, object]]:
            ("train-step-check", lambda: step_check(ctx)),
            ("dreambooth-lora", lambda: dreambooth_lora(ctx)),
            ("encode", lambda: encode(ctx)),
-           ("caption-qwen25vl", lambda: caption(ctx))]
+           ("caption-qwen25vl", lambda: caption(ctx)),
+           ("pixel32", lambda: pixel32(ctx))]
     for dtype in ("fp16", "bf16"):
         out.append((f"sample-{dtype}", lambda d=dtype: sampling(ctx, d, False)))
     for dtype in ("fp16", "bf16"):
