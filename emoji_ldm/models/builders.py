@@ -191,15 +191,19 @@ def noise_scheduler(preset: Preset):
 
 
 def sampling_scheduler(name: str, config):
-    """A sampler built from the training scheduler's config."""
+    """A sampler built from the training scheduler's config.
+
+    DDIM and DDPM never clip the predicted clean image (`clip_sample`, True in a DDPMScheduler's config): latents
+    are not bounded by [-1, 1], and a pixel model's guided prediction leaves it, while DDIM keeps the noise it
+    derived from the unclipped one, so each step mixes two images (pixel32 drew noise with it)."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     if name == "dpmpp":
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
     if name == "ddim":
-        return DDIMScheduler.from_config(config)
+        return DDIMScheduler.from_config(config, clip_sample=False)
     if name == "ddpm":
-        return DDPMScheduler.from_config(config)
+        return DDPMScheduler.from_config(config, clip_sample=False)
     raise UserError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
 
 

@@ -88,6 +88,30 @@ def test_generate_config_errors():
         sampling_scheduler("euler", {})
 
 
+@pytest.mark.parametrize("name", ["dpmpp", "ddim", "ddpm"])
+@pytest.mark.parametrize("prediction_type", ["sample", "epsilon"])
+def test_every_sampler_ends_at_the_clean_image_a_model_predicts(name, prediction_type):
+    """A model that always predicts the same clean image x0 (outside [-1, 1], as latents and a guided pixel model's
+    predictions are) is sampled to exactly x0 by each sampler. DDIM and DDPM clipped x0 to [-1, 1] (their
+    `clip_sample` default) and drew something else; DDIM mixed the clipped image with the unclipped one's noise."""
+    import torch
+
+    from emoji_ldm.models.builders import noise_scheduler
+
+    training = noise_scheduler(get_preset("pixel32", {"noise.prediction_type": prediction_type}))
+    assert training.config.clip_sample  # what a saved model's scheduler config says
+    sampler = sampling_scheduler(name, training.config)
+    x0 = torch.linspace(-2.5, 2.5, 2 * 64 * 8 * 8).reshape(2, 64, 8, 8)  # (B, C, h, w)
+    x = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    sampler.set_timesteps(10)
+    for t in sampler.timesteps:
+        a = sampler.alphas_cumprod[t]
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # the noise that x0 implies at x_t
+        out = {"sample": x0, "epsilon": eps}[prediction_type]
+        x = sampler.step(out, t, x, generator=torch.Generator().manual_seed(1)).prev_sample
+    assert torch.allclose(x, x0, atol=1e-3), (name, prediction_type, float((x - x0).abs().max()))
+
+
 def test_emoji64_unet_matches_the_seed():
     unet = build_unet(get_preset("emoji64"))  # text.hidden_size 512 (CLIP ViT-B/32): no hub config needed
     assert unet.config.cross_attention_dim == 512 and 70e6 < count_params(unet) < 74e6
