@@ -28,10 +28,11 @@ SECTIONS = {  # section -> heading, in page order; a section not listed comes af
     "zero3_ema": "ZeRO-3 and the EMA", "resume": "Resuming mid-epoch", "quality": "Training recipe and model",
     "dreambooth": "DreamBooth", "transparency": "Transparency", "jobs": "Jobs and keys",
     "make": "`make test` and `make demo`: wall time", "animation": "Animated emoji", "security": "Security",
+    "demo_vae_sweep": "The `tiny` demo's VAE: steps, batch, width, latent channels (before the demo drew pixels)",
 }
 # Studies that decided a design (old code against new, once): their records stay in bench/results/, and the page
-# lists them in one line each; `--studies` renders their tables.
-STUDIES = ("fast_path", "zero3_ema", "resume")
+# lists them in one line each; `--studies` renders their tables. A name here is a section or a benchmark.
+STUDIES = ("fast_path", "zero3_ema", "resume", "demo_vae_sweep")
 AREAS = ["build", "caption", "encode", "train", "bulk", "bulk commits", "ingest", "keying", "tiny", "vae",
          "small64"]  # the order of a section's areas (a name not listed comes after these, by name)
 INTRO = """\
@@ -169,7 +170,8 @@ def render(records: list[dict], every: bool = False, studies: bool = False) -> s
     sections: dict[str, list[tuple[str, str, dict]]] = {}
     for (bench, area), kept in select(records, every).items():
         for record in kept:
-            sections.setdefault(area.partition(":")[0].strip(), []).append((bench, area, record))
+            section = bench if bench in STUDIES else area.partition(":")[0].strip()
+            sections.setdefault(section, []).append((bench, area, record))
     tail = [] if studies else studies_section(sections)
     order = list(SECTIONS)
 
