@@ -43,6 +43,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # ended 3-4 s after its workers had; at 0.25 s it ends within half a second. About 20 runs in the suite. Ray Train
 # passes the variable from the driver (this process, the CLI runs, the Ray head's job drivers) to its controller.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Ray Train starts a PreemptionWatcher actor (a Python process of its own, polling the nodes' drain state every 5 s)
+# for every run and keeps it across restarts: about 2 CPU seconds a run, for a preemption that a local cluster never
+# has (no test drains a node; the project does nothing of its own on preemption). Propagated as the one above.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def pytest_collection_modifyitems(items):
@@ -620,7 +624,7 @@ class Pipeline:
 
     root: Path
     ds: str  # the dataset: v0 build (44 Twemoji), v1 build (4 synthetic), v2 metadata caption pass
-    vae: str  # the tiny VAE, 4 steps
+    vae: str  # the tiny VAE, 4 steps on 1 worker (2 workers: test_train_loop's VAE runs, the RayJob encode)
     lat: str  # the latent table of v2
     run: Path  # 4 training steps of the tiny UNet, ZeRO-2 on 2 workers, samples at steps 2 and 4
     builds: list
@@ -650,7 +654,7 @@ def pipeline(ray_cluster, tmp_path_factory) -> Pipeline:
     builds = [build_dataset(BuildConfig(source="twemoji", out=ds, limit=44, message="first")),
               build_dataset(BuildConfig(source="synthetic:4:1", out=ds))]
     caption = caption_dataset(CaptionConfig(dataset=ds))
-    vae_card = train_vae(VAETrainConfig(dataset=ds, out=vae, max_steps=4))
+    vae_card = train_vae(VAETrainConfig(dataset=ds, out=vae, max_steps=4, workers=1))  # a run costs ~13 CPU s a worker
     encoded = encode(EncodeConfig(dataset=ds, out=lat, vae=vae))
     card = train(TrainConfig(data=lat, out=str(run), max_steps=4, zero_stage=2,
                              overrides={**FAST, "train.sample_every": 2}))
