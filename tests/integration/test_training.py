@@ -174,10 +174,11 @@ def test_judge_learns_twemoji_groups(ray_local, tmp_path):
 
 
 def test_loss_falls_when_overfitting(tiny, tmp_path):
-    """60 steps on the session's latent table (its training rows, a few batches of 12: each seen many times)."""
-    train_fast(tiny.lat, tmp_path / "run", max_steps=60, workers=1,
+    """30 steps on the session's latent table (its training rows, a few batches of 12: each seen several times).
+    The last 10 steps' mean loss has been about 0.43 of the first 10's at step 30 (0.39 at step 60)."""
+    train_fast(tiny.lat, tmp_path / "run", max_steps=30, workers=1,
                overrides={"train.batch_size": 12, "train.lr": 2e-3, "train.caption_dropout": 0.0,
-                          "train.checkpoint_every": 60})
+                          "train.checkpoint_every": 30})
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first = sum(r["loss"] for r in rows[:10]) / 10
     last = sum(r["loss"] for r in rows[-10:]) / 10
