@@ -46,9 +46,10 @@ def test_generate_pngs_carry_parameters_and_trace_to_the_builds(made, tmp_path, 
     card = made["card"]
     assert card["content_id"] == weights_content_id(made["model"]) and card["dataset"] == made["ds"]
     out = tmp_path / "gen"
-    r = run_cli("generate", "--model", made["run"], "--prompt", "red heart", "--n", "2", "--steps", "2",
-                "--seed", "5", "--negative-prompt", "blue", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    # `generate` in this process (it needs no Ray; test_training::test_generate_command runs it as a process)
+    code, err = cli_in_process("generate", "--model", made["run"], "--prompt", "red heart", "--n", "2", "--steps",
+                               "2", "--seed", "5", "--negative-prompt", "blue", "--out", str(out))
+    assert code == 0, err
     text = Image.open(out / "001.png").text
     assert read_params(text) == {
         "prompt": "red heart", "negative_prompt": "blue", "seed": 6, "steps": 2, "guidance": 5.0,
