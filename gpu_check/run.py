@@ -10,8 +10,8 @@ is JSON (`--out`, default gpu-check.json) plus a short table; the exit code is 1
     python gpu_check/run.py --device cpu [--quick]   # here: the same code paths, smaller sizes
 
 Checks: deepspeed-zero2-bf16, deepspeed-zero3-bf16 (DeepSpeed on one rank: steps, the fp32 EMA, a checkpoint and a
-resume), train-step-check (MFU), dreambooth-lora, encode, caption-qwen25vl, pixel32 (the demo's pixel model), sample-{fp16,bf16}[-compile],
-generator-set, ray-serve.
+resume), train-step-check (MFU), dreambooth-lora, encode, caption-qwen25vl, pixel32 (the demo's pixel model),
+sample-{fp16,bf16}[-compile], generator-set, ray-serve.
 """
 
 from __future__ import annotations
