@@ -10,7 +10,7 @@ import sys
 from tests.conftest import REPO
 
 CHECKS = {"deepspeed-zero2-bf16", "deepspeed-zero3-bf16", "train-step-check", "dreambooth-lora", "encode",
-          "caption-qwen25vl", "sample-fp16", "sample-bf16", "sample-fp16-compile", "sample-bf16-compile",
+          "caption-qwen25vl", "pixel32", "sample-fp16", "sample-bf16", "sample-fp16-compile", "sample-bf16-compile",
           "generator-set", "ray-serve"}
 # skipped on the CPU by design: --quick leaves torch.compile to the full run; ray-serve is out of this round's scope
 SKIP_BY_DESIGN = {"sample-fp16-compile", "sample-bf16-compile", "ray-serve"}
@@ -36,4 +36,6 @@ def test_gpu_check_quick_on_cpu(tmp_path):
         if by_name[stage]["status"] == "pass":
             assert f["checkpoint_weights_equal"] and f["checkpoint_ema_equal"] and f["ema_moved_max_abs"] > 0
     assert by_name["train-step-check"]["figures"]["step_ms"] > 0
+    pixel = by_name["pixel32"]["figures"]  # the demo's model: exact patches, both sampling dtypes drawn
+    assert pixel["round_trip_max_abs"] < 1e-2 and set(pixel["sampled"]) == {"fp16", "bf16"}
     assert "check" in done.stdout and "deepspeed-zero2-bf16" in done.stdout  # the table
