@@ -277,3 +277,27 @@ def _plain(value):
     if isinstance(value, (set, frozenset)):
         return sorted(value)
     return str(value)
+
+
+def sweep_main(doc: str, make_npz, sweep, record, inputs: str, procs: bool = False) -> None:
+    """The command line of a design sweep (bench/demo_*_sweep.py): write its inputs here (`--make-npz`), run it
+    anywhere (`--npz`, on a GPU with `--device cuda`), then make the record from its JSON lines (`--record`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--npz", help="the inputs (written by --make-npz)")
+    parser.add_argument("--make-npz", metavar=inputs, help=f"write --npz from {inputs}")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only", nargs="*", default=[], help="configs by name (or its first word)")
+    if procs:
+        parser.add_argument("--procs", type=int, default=1, help="configs run at once (8 on one GPU)")
+    parser.add_argument("--record", nargs="*", metavar="JSONL", help="write the record from sweep outputs")
+    args = parser.parse_args()
+    if args.record:
+        record(args.record, args.device)
+    elif args.make_npz:
+        make_npz(args.make_npz, args.npz)
+    elif args.npz:
+        sweep(args.npz, args.device, args.only, *([args.procs] if procs else []))
+    else:
+        parser.error(f"give --make-npz {inputs} --npz FILE, --npz FILE, or --record JSONL...")

@@ -16,7 +16,6 @@ error 0.02 against values up to 6), so the npz fits what a GPU call carries.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -200,7 +199,7 @@ def run(job) -> dict:
             "final_loss": float(loss.detach()), "results": results, "val_prompts": int(len(judged))}
 
 
-def sweep(npz: str, device: str, procs: int, only: list[str]) -> None:
+def sweep(npz: str, device: str, only: list[str], procs: int = 1) -> None:
     import multiprocessing as mp
 
     jobs = [(name, over, npz, device) for name, over in CONFIGS.items() if not only or name in only]
@@ -239,23 +238,9 @@ def record(paths: list[str], device: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--npz", help="the inputs (written by --make-npz; the judge beside it)")
-    parser.add_argument("--make-npz", metavar="DEMO_OUT", help="write --npz from a finished demo's folder")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--procs", type=int, default=1, help="configs run at once (8 on one GPU)")
-    parser.add_argument("--only", nargs="*", default=[], help="config names")
-    parser.add_argument("--record", nargs="*", metavar="JSONL", help="write the record from sweep outputs")
-    args = parser.parse_args()
-    if args.record:
-        record(args.record, args.device)
-    elif args.make_npz:
-        make_npz(args.make_npz, args.npz)
-    elif args.npz:
-        sweep(args.npz, args.device, args.procs, args.only)
-    else:
-        parser.error("give --make-npz, --npz or --record")
+    from common import sweep_main
 
+    sweep_main(__doc__, make_npz, sweep, record, "DEMO_OUT", procs=True)
 
 if __name__ == "__main__":
     main()

@@ -14,10 +14,8 @@ mean squared error as seen on mid-grey (`eval`'s `visible_mse`), with the colour
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
 
 CONFIGS = [  # name -> overrides of run()'s defaults: the demo's VAE before (300 steps of 32)
@@ -146,22 +144,9 @@ def record(paths: list[str], device: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--npz", help="the images (written by --make-npz)")
-    parser.add_argument("--make-npz", metavar="DATASET", help="write --npz from a demo's dataset folder")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--only", nargs="*", default=[], help="configs by their first word (A, F2, ...)")
-    parser.add_argument("--record", nargs="*", metavar="JSONL", help="write the record from sweep outputs")
-    args = parser.parse_args()
-    if args.record:
-        record(args.record, args.device)
-    elif args.make_npz:
-        make_npz(args.make_npz, args.npz)
-    elif args.npz:
-        sweep(args.npz, args.device, args.only)
-    else:
-        sys.exit("give --make-npz DATASET --npz FILE, --npz FILE, or --record JSONL...")
+    from common import sweep_main
 
+    sweep_main(__doc__, make_npz, sweep, record, "DATASET")
 
 if __name__ == "__main__":
     main()
