@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -94,8 +93,12 @@ def make_npz(demo: str, path: str) -> None:
     out["label"] = np.array([classes.get(row_label(meta["label"], data["source_url"][r], data["title"][r],
                                                    data["tag"][r]), -1) for r in rows])
     np.savez_compressed(path, **out)
-    for name in ("judge.pt", "judge.json"):
-        shutil.copy(f"{demo}/judge/{name}", Path(path).with_name(f"{Path(path).stem}-{name}"))
+    shutil.copytree(f"{demo}/judge", judge_folder(path), dirs_exist_ok=True)
+
+
+def judge_folder(npz: str) -> Path:
+    """The demo's judge, copied beside the npz (`--make-npz`) so that both travel together."""
+    return Path(npz).with_name(f"{Path(npz).stem}-judge")
 
 
 def run(job) -> dict:
@@ -105,8 +108,9 @@ def run(job) -> dict:
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
     from PIL import Image
 
-    from emoji_ldm.eval.judge import build_net
-    from emoji_ldm.imaging import composite
+    from emoji_ldm.eval.judge import load_judge
+    from emoji_ldm.models.presets import get_preset
+    from emoji_ldm.train.ldm import _lr_lambda
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32, as on the CPU
     c = dict(BASE, **over)
@@ -129,9 +133,10 @@ def run(job) -> dict:
                           prediction_type="sample", rescale_betas_zero_snr=c["zsnr"])
     noise.alphas_cumprod = noise.alphas_cumprod.to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=c["lr"], weight_decay=c["wd"])
-    steps, warm, lr0, lo = c["steps"], c["warm"], c["lr"], c["min_lr"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else (
-        lo + (lr0 - lo) * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))) / lr0)
+    steps = c["steps"]
+    recipe = get_preset("pixel32", {"train.lr": str(c["lr"]), "train.min_lr": str(c["min_lr"]),
+                                    "train.warmup_steps": str(c["warm"]), "train.max_steps": str(steps)})
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe))  # train's warm-up and cosine
     rng, g = np.random.default_rng(c["seed"]), torch.Generator(device).manual_seed(c["seed"])
 
     def pooled(h):  # the [CLS] token as a class embedding (the classemb configs)
@@ -160,11 +165,8 @@ def run(job) -> dict:
         for p, e in zip(unet.parameters(), ema):
             p.copy_(e)
     unet.eval()
-    stem = Path(npz).with_name(Path(npz).stem)
-    meta = json.loads(Path(f"{stem}-judge.json").read_text())
-    judge = build_net(len(meta["classes"]), meta["width"])
-    judge.load_state_dict(torch.load(f"{stem}-judge.pt", map_location=device))
-    judge = judge.to(device).eval()
+    judge = load_judge(str(judge_folder(npz)))
+    classes = np.array(judge.classes)
     reps = 4
     prompts = np.repeat(judged, reps)  # each held-out caption, seeds 0-3
     results = {}
@@ -187,12 +189,8 @@ def run(job) -> dict:
                     x = sampler.step(uncond + guidance * (cond - uncond), t, x).prev_sample
                 y = F.pixel_shuffle(x, 4).clamp(-1, 1)  # (B, 4, 32, 32)
                 images.append(((y.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy())
-        pixels = np.stack([np.asarray(composite(Image.fromarray(a, "RGBA")), dtype=np.uint8)
-                           for a in np.concatenate(images)])  # on mid-grey, as the judge sees images
-        with torch.no_grad():
-            xx = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float() / 255
-            predicted = torch.cat([judge(xx[i:i + 1024]).argmax(1) for i in range(0, len(xx), 1024)]).cpu().numpy()
-        right = predicted == label[prompts]
+        predicted = judge.predict(judge.pixels([Image.fromarray(a, "RGBA") for a in np.concatenate(images)]))
+        right = np.array(predicted) == classes[label[prompts]]  # as eval scores: on mid-grey, the judge's class
         key = f"{sampler_name}{n_steps}-g{guidance:g}{'-thr' if threshold else ''}"
         results[key] = {"acc": float(right.mean()), "per_seed": [float(right[k::reps].mean()) for k in range(reps)]}
     return {"name": name, "config": over, "params": sum(p.numel() for p in unet.parameters()), "train_s": train_s,

@@ -382,11 +382,11 @@ def encode(ctx: Context) -> dict:
 def pixel32(ctx: Context) -> dict:
     need("diffusers", "PIL")
     import torch
-    from diffusers import StableDiffusionPipeline
 
     from emoji_ldm.inference.sampler import InferenceOptions, SampleJob, Sampler
-    from emoji_ldm.models.builders import build_unet, build_vae, load_text_encoder, noise_scheduler
+    from emoji_ldm.models.builders import build_unet, build_vae, noise_scheduler
     from emoji_ldm.models.presets import get_preset
+    from emoji_ldm.train.export import assemble_pipeline
     from emoji_ldm.train.step import PlainEngine, training_step
     from tests.tiny_models import tiny_clip
 
@@ -420,12 +420,8 @@ def pixel32(ctx: Context) -> dict:
                                               preset.noise.prediction_type, torch.float32)))
     ctx.sync()
     train_s = time.perf_counter() - start
-    tokenizer, text_encoder = load_text_encoder(preset)
-    pipe = StableDiffusionPipeline(vae=vae.to("cpu").float(), text_encoder=text_encoder, tokenizer=tokenizer,
-                                   unet=unet.to("cpu").float().eval(), scheduler=noise_scheduler(preset),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     folder = ctx.work / "pixel32-model"
-    pipe.save_pretrained(folder)
+    assemble_pipeline(unet.to("cpu").float(), preset, "").save_pretrained(folder)  # as train exports it
     sampled = {}
     for dtype in ("fp16", "bf16"):
         sampler = Sampler.load(str(folder), device=ctx.device, options=InferenceOptions(dtype=dtype))
