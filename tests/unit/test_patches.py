@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from emoji_ldm.models.builders import build_unet, build_vae, load_sd_pipeline, noise_scheduler
+from emoji_ldm.models.builders import build_unet, build_vae, load_sd_pipeline
 from emoji_ldm.models.patches import PatchAutoencoder
 from emoji_ldm.models.presets import get_preset
 
@@ -28,15 +28,10 @@ def test_patches_round_trip_exactly_and_have_the_latent_shape_of_the_preset():
 
 
 def test_a_saved_pixel_model_loads_as_a_pipeline_with_its_patches(tmp_path):
-    from diffusers import StableDiffusionPipeline
-
-    from emoji_ldm.models.builders import load_text_encoder
+    from emoji_ldm.train.export import assemble_pipeline
 
     preset = get_preset("pixel32", {"unet.block_out_channels": "32,32"})
-    tokenizer, text_encoder = load_text_encoder(preset)
-    pipe = StableDiffusionPipeline(vae=build_vae(preset), text_encoder=text_encoder, tokenizer=tokenizer,
-                                   unet=build_unet(preset), scheduler=noise_scheduler(preset), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = assemble_pipeline(build_unet(preset), preset, "")  # as train exports it: no VAE to copy
     assert pipe.vae_scale_factor == 4
     pipe.save_pretrained(tmp_path)
     loaded = load_sd_pipeline(str(tmp_path))
