@@ -181,8 +181,10 @@ def test_set_job_runs_to_a_zip_and_a_signed_webhook(app):
                                 headers[SIGNATURE_HEADER.lower()])
     delivered = json.loads(body)
     assert delivered["id"] == job["id"] and delivered["state"] == "succeeded"
-    after = json.loads(get(f"{app['url']}/v1/jobs/{job['id']}", auth(app, "alice")).data)
-    assert after["callback"]["delivered"] and after["callback"]["attempts"] == 2
+    # the runner records the delivery after the receiver has answered: wait for that write, not just the POST
+    callback = wait_for(lambda: json.loads(get(f"{app['url']}/v1/jobs/{job['id']}", auth(app, "alice")).data)
+                        ["callback"], 30, "the delivery's record")
+    assert callback["delivered"] and callback["attempts"] == 2
 
 
 def test_idempotency_keys_replay_conflict_and_race(app):
