@@ -252,16 +252,23 @@ class PageReader:
 
     def _read_ahead(self, pages: list[int]) -> list[tuple[int, dict, float]]:
         """The first attempt at `pages`, in order, up to TABS at once: (page, result, start) for a prefix of
-        them, the first at least, ending at the first page that is not ok or before one past the tag's end."""
+        them, ending at the first page that is not ok or before one past the tag's end (none when the first page
+        is past an end that another shard found while it loaded)."""
         import ray
         from selenium.common.exceptions import TimeoutException, WebDriverException
 
         p = self.profile
         done, active, todo = [], [], list(pages)
+        checked = time.monotonic()
         try:
             driver = self._driver()
             tabs = self._tabs(driver)
             while active or todo:
+                if active and time.monotonic() - checked >= POLL_S:  # another shard found the tag's end meanwhile:
+                    checked = time.monotonic()                       # the pages past it are not waited for
+                    end = ray.get(self.state.end.remote())
+                    if end is not None and active[0]["page"] > end:
+                        return done
                 while todo and len(active) < TABS and (not active or active[-1]["items_seen"]):
                     end = ray.get(self.state.end.remote()) if done or active else None
                     if end is not None and todo[0] > end:
