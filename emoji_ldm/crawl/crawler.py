@@ -13,10 +13,12 @@ One Ray Data pipeline, nothing of it listed on the driver:
              into a new table it downloads and cleans each page's images
              (`ShardFetch`, each URL once per shard) while the next pages
              load, and emits those rows (with the page) instead
+      -> materialize: every shard done, the tag's end final (the blocks stay
+         in the object store)
       -> left anti-join on locator against the table's `source_url` column
          (images already in the table are not downloaded again); on a new
          table one block of all rows (`repartition(1)`), or a hash
-         repartition on the URL past 15 shards
+         repartition on the URL past 16 MiB of rows
       -> map_batches(after_pages): the tag-end filter, then one row per
          image URL (the one on the lowest page)
       -> ingest_dataset: download and clean (done already for a new table),
@@ -150,40 +152,59 @@ def _resumed_shards(out: str, profile: str, tag: str, shards: list[list[int]]) -
     return resumed, end
 
 
-def _new_items(config: CrawlConfig, profile: SiteProfile, out: str, first_page: int, todo: list[dict], state):
-    """The shards through the page readers, less the images the table holds, one row per image URL up to the
-    tag's end: a Ray Dataset of the rows `ingest_dataset` takes, and whether they are fetched already (its
-    `fetched`)."""
+def _page_rows(config: CrawlConfig, profile: SiteProfile, out: str, first_page: int, todo: list[dict], state):
+    """The shards through the page readers: a lazy Ray Dataset of their rows (`ITEM_SCHEMA`, or `ingest_batch`'s
+    rows with the page when they are fetched already), and whether they are."""
     import ray.data
 
-    from emoji_ldm.store.delta import read_dataset, table_exists
+    from emoji_ldm.store.delta import table_exists
 
     interval = config.workers / config.rate_per_host if config.rate_per_host > 0 else 0.0
     # a new table: each shard's images are downloaded while its next pages load, in the page readers; into a table,
     # after the anti-join, so that no image it holds is fetched again
     fetch = None if table_exists(out) else (config.image, config.fetch)
-    items = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+    rows = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
         PageReader, batch_size=1, batch_format="pyarrow", num_cpus=0.5,  # mostly waiting on Chromium
         compute=ray.data.ActorPoolStrategy(size=config.workers, max_tasks_in_flight_per_actor=1),
         fn_constructor_kwargs=dict(profile=profile, tag=config.tag, out=out, first_page=first_page, state=state,
                                    min_interval_s=interval, retries=config.retries, backoff_s=config.backoff_s,
                                    fetch=fetch))
-    # An all-to-all operator keyed on the image URL: images already in the table go, and every row of one image URL
-    # lands in one block; nothing comes out of it before every shard is done, so the tag's end is final.
-    partitions = max(1, min(32, len(todo) // 8))
-    key = "source_url" if fetch else "locator"  # `ingest_batch`'s rows: source_url is the locator
-    if fetch and partitions == 1:  # one block of every row: no hash shuffle (whose start costs seconds)
-        items = items.repartition(1)
-    elif fetch:
-        items = items.repartition(partitions, keys=[key])
+    return rows, fetch is not None
+
+
+# What one image URL of the table weighs in the anti-join, to size its partitions
+URL_BYTES = 128
+
+
+def _after_pages(rows, fetched: bool, out: str, state):
+    """The page stage run to its end, then one row per image URL up to the tag's end, less the images the table
+    holds: the Ray Dataset `ingest_dataset` takes.
+
+    The page stage's blocks are materialized (they stay in Ray's object store; the driver holds references), so
+    every shard is done and the tag's end is final, and the keyed step after it is sized by the bytes the pages
+    gave, not by the page range: the default range of a profile (1-1000) is far past most tags' ends."""
+    import math
+
+    from emoji_ldm.runtime.partitions import PARTITION_BYTES
+    from emoji_ldm.store.delta import open_table, read_dataset, row_count
+
+    rows = rows.materialize()
+    size = rows.size_bytes()
+    key = "source_url" if fetched else "locator"  # `ingest_batch`'s rows: source_url is the locator
+    # every row of one image URL lands in one block (and, into a table, images it holds go)
+    if fetched:
+        partitions = math.ceil(size / PARTITION_BYTES)
+        # one block: Ray's hash shuffle costs seconds to start
+        keyed = rows.repartition(1) if partitions <= 1 else rows.repartition(partitions, keys=[key])
     else:
         known, _ = read_dataset(out, columns=["source_url"])
-        items = items.join(known, "left_anti", num_partitions=partitions, on=("locator",), right_on=("source_url",))
-    return items.map_batches(after_pages, fn_kwargs={"state": state, "key": key}, batch_format="pyarrow",
-                             batch_size=None), fetch is not None
+        partitions = max(1, math.ceil((size + row_count(open_table(out)) * URL_BYTES) / PARTITION_BYTES))
+        keyed = rows.join(known, "left_anti", num_partitions=partitions, on=("locator",), right_on=("source_url",))
+    return keyed.map_batches(after_pages, fn_kwargs={"state": state, "key": key}, batch_format="pyarrow",
+                             batch_size=None)
 
 
-def _ingest(items, fetched: bool, build: BuildConfig, metadata: dict, start: float, state):
+def _ingest(rows, fetched: bool, build: BuildConfig, metadata: dict, start: float, state):
     """Run the pipeline into one commit while the driver prints each shard's line as it finishes; returns the
     build summary, the tag's end and the records of the shards read in this run."""
     import ray
@@ -193,6 +214,7 @@ def _ingest(items, fetched: bool, build: BuildConfig, metadata: dict, start: flo
     printer = ShardPrinter(state)
     printer.start()
     try:
+        items = _after_pages(rows, fetched, build.out, state)
         summary = ingest_dataset(items, build, extra_metadata=metadata, start=start, fetched=fetched)
         printer.stop()
         printer.poll()
@@ -232,14 +254,14 @@ def crawl(config: CrawlConfig):
     todo = [{"first": s[0], "last": s[-1], "resumed": s[0] in done_firsts}
             for s in shards if end is None or s[0] <= end]
     state = ray.remote(num_cpus=0)(CrawlState).remote(end, [s["first"] for s in todo])
-    items, fetched = _new_items(config, profile, out, pages[0], todo, state)
+    rows, fetched = _page_rows(config, profile, out, pages[0], todo, state)
     build = BuildConfig(source=source, out=out, image=config.image, fetch=config.fetch,
                         message=config.message or f"crawl {source}")
     metadata = {"crawl": {"profile": profile.name, "tag": config.tag, "pages": f"{pages[0]}-{pages[-1]}",
                           "shards": len(shards), "resumed_shards": len(resumed),
                           "stats": stats_dir(out, profile.name, config.tag)},
                 "crawl_config": dataclasses.asdict(config)}
-    summary, end, records = _ingest(items, fetched, build, metadata, start, state)
+    summary, end, records = _ingest(rows, fetched, build, metadata, start, state)
     stats = totals(resumed + records, end, pages, summary, start)
     print(f"crawl: {stats['pages_ok']} pages ok, {stats['pages_failed']} failed"
           + (f" (e.g. {next(iter(stats['failed_pages'].values()))})" if stats["pages_failed"] else "")

@@ -222,3 +222,25 @@ def test_a_crawl_whose_first_page_yields_nothing_exits_2(ray_local, site, tmp_pa
                               rate_per_host=0, retries=1, backoff_s=0.1))
     finally:
         dead.stop()
+
+
+def test_the_step_after_the_pages_is_sized_by_their_rows_not_the_page_range(ray_local):
+    """One block for a small crawl, a hash repartition on the URL past 16 MiB; either way one row per image URL
+    (its lowest page) up to the tag's end. The page range (1-1000 by default) no longer sizes it: 25 hash
+    partitions for a 40-page tag cost about 5 s after its last page."""
+    import ray
+    import ray.data
+
+    from emoji_ldm.crawl.crawler import _after_pages
+    from emoji_ldm.crawl.shards import CrawlState
+
+    state = ray.remote(num_cpus=0)(CrawlState).remote(3, [])  # every shard done, the tag ends at page 3
+    for image_bytes, blocks in ((1_000, 1), (600_000, 2)):  # 40 rows: 40 KB, or 24 MB
+        rows = [{"source_url": f"http://x/{i % 10}.png", "page": 1 + i // 10, "image": bytes(image_bytes)}
+                for i in range(40)]  # 10 URLs, each on pages 1-4
+        pages = ray.data.from_items(rows[::-1], override_num_blocks=8)
+        kept = _after_pages(pages, True, "unused", state).materialize()
+        assert kept.num_blocks() == blocks
+        out = sorted(kept.select_columns(["source_url"]).take_all(), key=lambda r: r["source_url"])
+        assert [r["source_url"] for r in out] == [f"http://x/{i}.png" for i in range(10)]
+    ray.kill(state)
