@@ -6,12 +6,12 @@ The site is the test suite's imitation of discords.com (`tests/crawl_site.py`), 
   seed: one Chromium, a per-page loop that reads each item with its own WebDriver calls, re-processes
         the whole list of items seen so far on every page, downloads every image once to hash it and
         again to save it, converts WebP, writes PNGs and metadata.csv; its 1 s sleep per page set to 0.
-  ours: `crawl()` with --workers browser actors (2), --shard-pages pages a shard (5), politeness limits
+  ours: `crawl()` with --workers browser actors (2), --shard-pages pages a shard (10), politeness limits
         lifted (--rate 0), into a new table: each reader downloads and cleans a page's images while its
         next pages load, then the tag-end filter, de-duplication and one new Delta version.
 
     python bench/crawl.py [--pages 40] [--per-page 24] [--hydrate] [--repeat R] [--skip-seed] [--cold]
-                          [--workers 2] [--shard-pages 5]
+                          [--workers 2] [--shard-pages 10]
 
 To time another commit's crawler (a bisect), run from inside its checkout with it first on the path (Ray's
 workers import from the working folder; RAY_ADDRESS=local: older commits joined any Ray running on the machine):
@@ -108,7 +108,7 @@ def page_times(stats: dict) -> dict:
             "sum_s": round(sum(seconds), 2)}
 
 
-def ours_once(site, work: Path, pages: int, i: int, workers: int = 2, shard_pages: int = 5) -> dict:
+def ours_once(site, work: Path, pages: int, i: int, workers: int = 2, shard_pages: int = 10) -> dict:
     from emoji_ldm.crawl.crawler import CrawlConfig, crawl
 
     profile = work / "site.yaml"
@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each, interleaved")
     parser.add_argument("--skip-seed", action="store_true", help="ours alone (a bisect)")
     parser.add_argument("--workers", type=int, default=2, help="ours' browsers (crawl --workers)")
-    parser.add_argument("--shard-pages", type=int, default=5, help="ours' pages per shard (crawl --shard-pages)")
+    parser.add_argument("--shard-pages", type=int, default=10, help="ours' pages per shard (crawl --shard-pages)")
     parser.add_argument("--cold", action="store_true",
                         help="ours' first run starts Ray (by default Ray is started before the timed runs, as a crawl "
                              "submitted to a running cluster joins its head; its start is recorded apart)")

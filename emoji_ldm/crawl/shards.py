@@ -173,14 +173,17 @@ def done_shard(out: str, profile: str, tag: str, shard: list[int]) -> dict | Non
 class ShardPrinter(threading.Thread):
     """Prints each shard's line on the driver as the shard finishes (from `CrawlState`)."""
 
-    def __init__(self, state):
+    def __init__(self, state, on_first=None):
         super().__init__(daemon=True)
         self.state, self.records, self.stopping = state, [], threading.Event()
+        self.on_first = on_first  # called once the first shard is done
 
     def poll(self) -> None:
         import ray
 
         for record in ray.get(self.state.records_since.remote(len(self.records))):
+            if not self.records and self.on_first is not None:
+                self.on_first()
             self.records.append(record)
             print(shard_line(record), flush=True)
 
