@@ -13,7 +13,7 @@ CHROMIUM = os.environ.get("EMOJI_LDM_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("EMOJI_LDM_CHROMEDRIVER", "/usr/bin/chromedriver")
 # Without the background-networking flags Chromium keeps dialling Google's hosts, which a closed
 # network refuses; --disable-dev-shm-usage because containers have a tiny /dev/shm. The crawler reads pages in
-# several tabs at once: without the three backgrounding flags a tab not in front runs its timers once a second.
+# several windows at once: without the three backgrounding flags one not in front runs its timers once a second.
 FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
          "--disable-background-networking", "--disable-component-update", "--no-first-run",
          "--disable-sync", "--disable-quic", "--window-size=1280,1024", "--disable-background-timer-throttling",

@@ -32,7 +32,7 @@ const read = (itemSel, imageSel, urlAttr, markerSel, waitSel, titleAttr) => {
 """
 PAGE_STATE_JS = READ_JS + "return read(...arguments);"
 # The same reading, taken (asynchronously) once the page shows items or its empty marker, or after arguments[6] ms:
-# a page's first items are seen when they appear, not at the next poll (the next tab opens on them).
+# a page's first items are seen when they appear, not at the next poll (the next window opens on them).
 ITEMS_STATE_JS = READ_JS + """
 const done = arguments[arguments.length - 1], args = [...arguments].slice(0, 6);
 const shown = r => (r[3] && r[1] > 0) || r[2];
@@ -47,10 +47,11 @@ seen.observe(document, {childList: true, subtree: true, attributes: true});
 timer = setTimeout(() => { seen.disconnect(); done(read(...args)); }, arguments[6]);
 """
 POLL_S = 0.1
-# Pages of a shard open at once, each in a tab of the actor's browser: the next page opens once the last one opened
+# Pages of a shard open at once, each in a window of the actor's browser: the next page opens once the last one opened
 # shows items (so never a page past an empty one: the pages loaded are those a one-by-one reader loads), and each
-# settles while the next loads.
-TABS = 3
+# settles while the next loads. Windows, not tabs: switching to a tab brings it to the front and repaints it, about
+# 30 ms of Chromium's CPU each time (2.7 switches a page), against 0.3 ms for a window (bench/crawl.py).
+WINDOWS = 3
 
 
 class Settling:
@@ -111,7 +112,7 @@ class PageReader:
         self.browser = None
         self.last_load = 0.0
         self.restarts = 0
-        self.tab = None  # the tab the driver is in
+        self.window = None  # the window the driver is in
 
     def _driver(self):
         from emoji_ldm.crawl.browser import Browser
@@ -123,7 +124,7 @@ class PageReader:
     def _replace_browser(self) -> None:
         if self.browser is not None:
             _quit(self.browser)
-        self.browser, self.tab = None, None
+        self.browser, self.window = None, None
         self.restarts += 1
 
     def _pace(self) -> None:
@@ -141,10 +142,10 @@ class PageReader:
             return driver.execute_async_script(ITEMS_STATE_JS, *args, int(wait_s * 1000))
         return driver.execute_script(PAGE_STATE_JS, *args)
 
-    def _switch(self, driver, tab: str) -> None:
-        if self.tab != tab:
-            driver.switch_to.window(tab)
-            self.tab = tab
+    def _switch(self, driver, window: str) -> None:
+        if self.window != window:
+            driver.switch_to.window(window)
+            self.window = window
 
     def _settle(self, driver) -> tuple[str, list, str]:
         """After `wait_for`: (ok, items, "") once the items stop arriving; (empty, [], how) once the page
@@ -207,18 +208,18 @@ class PageReader:
         return UserError(f"{where} has no items: {result['error']} [{selectors}]; check the profile's item and "
                          f"image selectors against the page, or raise its settle_s if the items arrive later")
 
-    def _tabs(self, driver) -> list[str]:
-        """The browser's TABS tabs (opened once per browser)."""
-        while len(driver.window_handles) < TABS:
-            driver.switch_to.new_window("tab")
-        return driver.window_handles[:TABS]
+    def _windows(self, driver) -> list[str]:
+        """The browser's WINDOWS windows (opened once per browser)."""
+        while len(driver.window_handles) < WINDOWS:
+            driver.switch_to.new_window("window")
+        return driver.window_handles[:WINDOWS]
 
-    def _open(self, driver, tab: str, page: int) -> dict:
-        """Load `page` in `tab` (paced); the page's reading state."""
+    def _open(self, driver, window: str, page: int) -> dict:
+        """Load `page` in `window` (paced); the page's reading state."""
         url = self.profile.page_url(self.tag, page)
-        self._switch(driver, tab)
+        self._switch(driver, window)
         self._pace()
-        opened = {"page": page, "url": url, "tab": tab, "start": time.perf_counter(), "since": time.monotonic(),
+        opened = {"page": page, "url": url, "window": window, "start": time.perf_counter(), "since": time.monotonic(),
                   "settling": None, "items_seen": False, "result": None, "next": 0.0}
         driver.get(url)
         return opened
@@ -227,7 +228,7 @@ class PageReader:
         """One reading of an open page (`_state`): its result once decided (the same rule as `read_page`), else
         None."""
         p = self.profile
-        self._switch(driver, page["tab"])
+        self._switch(driver, page["window"])
         state, n, marker, rendered, items = self._state(driver, wait_s)
         now = time.monotonic()
         page["next"] = now + POLL_S
@@ -251,7 +252,7 @@ class PageReader:
                 "seconds": round(time.perf_counter() - page["start"], 3)}
 
     def _read_ahead(self, pages: list[int]) -> list[tuple[int, dict, float]]:
-        """The first attempt at `pages`, in order, up to TABS at once: (page, result, start) for a prefix of
+        """The first attempt at `pages`, in order, up to WINDOWS at once: (page, result, start) for a prefix of
         them, ending at the first page that is not ok or before one past the tag's end (none when the first page
         is past an end that another shard found while it loaded)."""
         import ray
@@ -262,23 +263,23 @@ class PageReader:
         checked = time.monotonic()
         try:
             driver = self._driver()
-            tabs = self._tabs(driver)
+            windows = self._windows(driver)
             while active or todo:
                 if active and time.monotonic() - checked >= POLL_S:  # another shard found the tag's end meanwhile:
                     checked = time.monotonic()                       # the pages past it are not waited for
                     end = ray.get(self.state.end.remote())
                     if end is not None and active[0]["page"] > end:
                         return done
-                while todo and len(active) < TABS and (not active or active[-1]["items_seen"]):
+                while todo and len(active) < WINDOWS and (not active or active[-1]["items_seen"]):
                     end = ray.get(self.state.end.remote()) if done or active else None
                     if end is not None and todo[0] > end:
                         todo = []
                         break
-                    free, page = next(t for t in tabs if all(a["tab"] != t for a in active)), todo.pop(0)
+                    free, page = next(w for w in windows if all(a["window"] != w for a in active)), todo.pop(0)
                     try:
                         active.append(self._open(driver, free, page))
                     except TimeoutException:  # the page did not load in time: no later page is opened
-                        late = {"page": page, "tab": free, "start": time.perf_counter()}
+                        late = {"page": page, "window": free, "start": time.perf_counter()}
                         late["result"] = self._result(late, "failed", [], f"timeout: {p.wait_for!r} did not appear "
                                                       f"within {p.page_timeout_s:g} s")
                         active.append(late)
@@ -297,7 +298,7 @@ class PageReader:
                     if page["result"]["status"] != "ok":
                         return done  # pages opened after it are read again by the caller
                 waiting = [a["next"] for a in active if a["result"] is None]
-                opening = todo and len(active) < TABS and active[-1]["items_seen"]
+                opening = todo and len(active) < WINDOWS and active[-1]["items_seen"]
                 if waiting and not opening and (lead is None or lead["result"] is not None or lead["items_seen"]):
                     time.sleep(min(POLL_S, max(0.0, min(waiting) - time.monotonic())))
         except WebDriverException as e:  # a crashed or hung browser: its pages are read again, one by one
