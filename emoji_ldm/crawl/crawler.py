@@ -183,9 +183,7 @@ def _after_pages(rows, fetched: bool, out: str, state):
     The page stage's blocks are materialized (they stay in Ray's object store; the driver holds references), so
     every shard is done and the tag's end is final, and the keyed step after it is sized by the bytes the pages
     gave, not by the page range: the default range of a profile (1-1000) is far past most tags' ends."""
-    import math
-
-    from emoji_ldm.runtime.partitions import MAX_PARTITIONS, PARTITION_BYTES
+    from emoji_ldm.runtime.partitions import partitions_by_bytes
     from emoji_ldm.store.delta import open_table, read_dataset, row_count
 
     rows = rows.materialize()
@@ -193,13 +191,12 @@ def _after_pages(rows, fetched: bool, out: str, state):
     key = "source_url" if fetched else "locator"  # `ingest_batch`'s rows: source_url is the locator
     # every row of one image URL lands in one block (and, into a table, images it holds go)
     if fetched:
-        partitions = min(MAX_PARTITIONS, math.ceil(size / PARTITION_BYTES))
+        partitions = partitions_by_bytes(size)
         # one block: Ray's hash shuffle costs seconds to start
-        keyed = rows.repartition(1) if partitions <= 1 else rows.repartition(partitions, keys=[key])
+        keyed = rows.repartition(1) if partitions == 1 else rows.repartition(partitions, keys=[key])
     else:
         known, _ = read_dataset(out, columns=["source_url"])
-        table_bytes = row_count(open_table(out)) * URL_BYTES
-        partitions = min(MAX_PARTITIONS, max(1, math.ceil((size + table_bytes) / PARTITION_BYTES)))
+        partitions = partitions_by_bytes(size + row_count(open_table(out)) * URL_BYTES)
         keyed = rows.join(known, "left_anti", num_partitions=partitions, on=("locator",), right_on=("source_url",))
     return keyed.map_batches(after_pages, fn_kwargs={"state": state, "key": key}, batch_format="pyarrow",
                              batch_size=None)

@@ -23,4 +23,10 @@ def shuffle_partitions(data_bytes: int = 0) -> int:
 def partitions_for(data_bytes: int, cpus: int) -> int:
     """`shuffle_partitions` for a cluster of `cpus` CPUs."""
     by_cpus = max(4, min(256, 2 * cpus))
-    return min(MAX_PARTITIONS, max(by_cpus, math.ceil(max(data_bytes, 0) / PARTITION_BYTES)))
+    return max(by_cpus, partitions_by_bytes(data_bytes))
+
+
+def partitions_by_bytes(data_bytes: int) -> int:
+    """Partitions of about PARTITION_BYTES each for `data_bytes` (1 to MAX_PARTITIONS), with no floor by CPUs:
+    for a step that is one block when it is small."""
+    return min(MAX_PARTITIONS, max(1, math.ceil(max(data_bytes, 0) / PARTITION_BYTES)))
