@@ -64,15 +64,16 @@ NO_SHARED_SERVICES = ("tests/integration/test_gpu_check.py", "tests/integration/
 
 # The modules that start from the session's tiny pipeline (the `pipeline` fixture): one unit of work, so that one
 # worker makes it once. A module missing here still passes; it costs a second pipeline in the other worker.
+# DreamBooth (its own models) goes with them, so that the two units take about as long.
 PIPELINE_MODULES = tuple(f"tests/integration/test_{m}.py" for m in
-                         ("harness", "lineage", "train_loop", "training", "two_node"))
+                         ("harness", "lineage", "train_loop", "training", "two_node", "dreambooth"))
 
 
 def pytest_xdist_make_scheduler(config, log):
     """`make test` runs two pytest-xdist workers (`-n 2`), and the integration tests are two units of work of
-    about equal length, one per worker: the modules that share the session's tiny pipeline, and the rest. Each
-    unit runs in order, with its worker's own Ray head and S3 server (`_Session`): a cluster runs one Serve, and
-    each module leaves its cluster idle for the next. The unit tests (they start no Ray and no server:
+    about equal length, one per worker: the modules that share the session's tiny pipeline (and DreamBooth), and
+    the rest. Each unit runs in order, with its worker's own Ray head and S3 server (`_Session`): a cluster runs
+    one Serve, and each module leaves its cluster idle for the next. The unit tests (they start no Ray and no server:
     tests/unit/conftest.py refuses it) fill in wherever a worker is free. xdist's own `--dist loadgroup` cannot
     group tests under pytest 9.2: it renames items through `Item._nodeid`, which pytest no longer reads."""
     from xdist.scheduler import LoadScopeScheduling
@@ -80,7 +81,7 @@ def pytest_xdist_make_scheduler(config, log):
     class IntegrationInTwoUnits(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             if nodeid.startswith(PIPELINE_MODULES):
-                return "integration: the pipeline's modules"
+                return "integration: the pipeline's modules and DreamBooth"
             if nodeid.startswith("tests/integration/") and not nodeid.startswith(NO_SHARED_SERVICES):
                 return "integration: the rest"
             return nodeid
@@ -96,14 +97,13 @@ def free_port() -> int:
 
 @pytest.fixture
 def one_rank_gloo(monkeypatch):
-    """A one-process gloo group, as a Ray Train worker has, for DeepSpeed outside Ray. DeepSpeed's CPU
-    shared-memory all-reduce (a C++ op it JIT-builds, for inference only; tens of seconds whenever another
-    process built it with other flags) is left out: training's collectives go through torch.distributed."""
-    import importlib
-
+    """A one-process gloo group, as a Ray Train worker on CPU has, for DeepSpeed outside Ray; without DeepSpeed's
+    shared-memory all-reduce, as a worker (`runner.no_shared_memory_all_reduce`)."""
     import torch
 
-    monkeypatch.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
+    from emoji_ldm.train.runner import no_shared_memory_all_reduce
+
+    no_shared_memory_all_reduce()
     for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
                  "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}.items():
         monkeypatch.setenv(k, v)

@@ -170,11 +170,23 @@ def setup_worker(use_gpu: bool, threads: int, seed: int, speed) -> Worker:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not use_gpu:
+        no_shared_memory_all_reduce()
     torch.set_num_threads(threads)
     torch.manual_seed(seed * 7919 + rank)
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
     precision = speed.resolved_precision(use_gpu)
     return Worker(rank, world, device, precision, torch_dtype(precision))
+
+
+def no_shared_memory_all_reduce() -> None:
+    """On CPU, DeepSpeed compiles a shared-memory all-reduce (a C++ op: 25 to 60 s on 2 cores the first time on a
+    machine, and again whenever a process with another ninja on its PATH loads it) as it connects the ranks, for
+    its inference all-reduce alone; training's collectives go through torch.distributed (gloo). Marked as an op
+    this machine cannot build, as DeepSpeed marks one (its `__compatible_ops__`, kept for edits), it is skipped."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def deepspeed_config(micro: int, grad_accum: int, grad_clip: float, zero_stage: int, precision: str) -> dict:

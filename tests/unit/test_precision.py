@@ -271,6 +271,34 @@ def test_channels_last_convolutions_at_zero_2(one_rank_gloo):
     assert len(seen) > 20 and all(seen)
 
 
+def test_a_cpu_worker_leaves_out_deepspeeds_shared_memory_all_reduce(one_rank_gloo, monkeypatch):
+    """A Ray Train worker on CPU connects DeepSpeed without compiling its shared-memory all-reduce (a C++ op for
+    inference: 25 to 60 s on 2 cores, the first time on a machine and again whenever another ninja loads it)."""
+    import deepspeed
+    import deepspeed.ops
+    import ray.train
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    from emoji_ldm.train import runner
+
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)  # a fresh worker's
+    monkeypatch.setattr(ShareMemCommBuilder, "load", lambda *a, **k: pytest.fail("compiled the shared-memory op"))
+    monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_world_rank=lambda: 0,
+                                                                           get_world_size=lambda: 1))
+    threads = torch.get_num_threads()
+    try:
+        worker = runner.setup_worker(False, 1, 0, SpeedOptions())
+    finally:
+        torch.set_num_threads(threads)
+    layer = torch.nn.Linear(3, 1)
+    engine, _ = runner.create_engine(layer, list(layer.parameters()), lr=1e-3, weight_decay=0.0,
+                                     lr_lambda=lambda s: 1.0, micro=2, grad_accum=1, grad_clip=1.0, zero_stage=2,
+                                     worker=worker, speed=SpeedOptions())
+    assert deepspeed.comm.comm.cdb.shm_comm_op is None
+    engine.backward(engine(torch.ones(2, 3)).sum())
+    engine.step()  # ZeRO-2's gradient reduction, through gloo
+
+
 # --- ZeRO-3's banner ---------------------------------------------------------------------------------------------
 
 
