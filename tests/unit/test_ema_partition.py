@@ -49,6 +49,9 @@ def counted_collectives():
 def _init_gloo(rank: int, world: int, store: str) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "DS_ACCELERATOR": "cpu"})
+    from emoji_ldm.train.runner import no_shared_memory_all_reduce
+
+    no_shared_memory_all_reduce()  # as a Ray Train worker on CPU
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
 
