@@ -103,10 +103,10 @@ def one_rank_gloo(monkeypatch):
 
     from emoji_ldm.train.runner import no_shared_memory_all_reduce
 
-    no_shared_memory_all_reduce()
     for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
                  "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}.items():
         monkeypatch.setenv(k, v)
+    no_shared_memory_all_reduce()  # imports DeepSpeed: after DS_ACCELERATOR
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     yield
     torch.distributed.destroy_process_group()
