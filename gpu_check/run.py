@@ -107,10 +107,6 @@ def _init_single_rank(ctx: Context) -> None:
         import torch
 
         torch.cuda.set_device(0)
-    else:
-        from emoji_ldm.train.runner import no_shared_memory_all_reduce
-
-        no_shared_memory_all_reduce()  # as a Ray Train worker on CPU
     dist.init_process_group("nccl" if ctx.cuda else "gloo", rank=0, world_size=1)
 
 

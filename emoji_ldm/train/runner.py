@@ -170,8 +170,6 @@ def setup_worker(use_gpu: bool, threads: int, seed: int, speed) -> Worker:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if not use_gpu:
-        no_shared_memory_all_reduce()
     torch.set_num_threads(threads)
     torch.manual_seed(seed * 7919 + rank)
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
@@ -214,6 +212,8 @@ def create_engine(module, params, *, lr: float, weight_decay: float, lr_lambda, 
 
     from emoji_ldm.train.speed import channels_last_engine, compile_engine
 
+    if worker.device.type == "cpu":
+        no_shared_memory_all_reduce()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     engine, _, _, scheduler = deepspeed.initialize(

@@ -272,8 +272,9 @@ def test_channels_last_convolutions_at_zero_2(one_rank_gloo):
 
 
 def test_a_cpu_worker_leaves_out_deepspeeds_shared_memory_all_reduce(one_rank_gloo, monkeypatch):
-    """A Ray Train worker on CPU connects DeepSpeed without compiling its shared-memory all-reduce (a C++ op for
-    inference: 25 to 60 s on 2 cores, the first time on a machine and again whenever another ninja loads it)."""
+    """A Ray Train worker on CPU (`setup_worker`, then `create_engine`) connects DeepSpeed without compiling its
+    shared-memory all-reduce (a C++ op for inference: 25 to 60 s on 2 cores, the first time on a machine and again
+    whenever another ninja loads it)."""
     import deepspeed
     import deepspeed.ops
     import ray.train
