@@ -22,8 +22,8 @@ install: $(STAMP)
 # The main job on the embedded default, from scratch each time (infra/demo.sh; the budget: 15 minutes on a fresh
 # 2-core machine, install included): build the Twemoji dataset, caption it (metadata captioner), encode it (the
 # pixel32 preset: 32 px pixel patches, no VAE), train its UNet (1,000 steps) on 2 Ray Train workers under DeepSpeed
-# ZeRO-2, generate a sample sheet, serve the model (Ray Serve) and fetch one emoji set through POST /v1/emoji-sets, trace one
-# of its PNGs back to the data, and train the judge and evaluate the model beside those steps. All on one local Ray
+# ZeRO-2, generate a sample sheet, serve the model (Ray Serve) and fetch one emoji set through POST /v1/emoji-sets,
+# trace one of its PNGs back to the data, and train the judge and evaluate the model beside those steps. All on one local Ray
 # head that the script starts and stops; wall time per step in $(DEMO_OUT)/timings.txt.
 demo: $(STAMP)
 	infra/demo.sh $(DEMO_OUT) $(DEMO_PORT)
