@@ -610,6 +610,14 @@ FAST = {"train.log_every": 1, "train.sample_every": 0, "train.checkpoint_every":
         "unet.block_out_channels": "32,64", "train.batch_size": 8}
 
 
+def pipeline_speed():
+    """The session pipeline's fast path: bf16 with channels-last and gradient checkpointing, as a cluster trains
+    (DeepSpeed bf16 on CPU); a run that is compared with the pipeline's uses it too."""
+    from emoji_ldm.train.speed import SpeedOptions
+
+    return SpeedOptions(precision="bf16", channels_last=True, gradient_checkpointing=True)
+
+
 def train_fast(data: str, out, **kwargs) -> dict:
     """`train` of the tiny preset on latent table DATA into OUT with the `FAST` settings (plus `overrides`)."""
     from emoji_ldm.train.ldm import TrainConfig, train
@@ -626,7 +634,7 @@ class Pipeline:
     ds: str  # the dataset: v0 build (44 Twemoji), v1 build (4 synthetic), v2 metadata caption pass
     vae: str  # the tiny VAE, 4 steps on 1 worker (2 workers: test_train_loop's VAE runs, the RayJob encode)
     lat: str  # the latent table of v2
-    run: Path  # 4 training steps of the tiny UNet, ZeRO-2 on 2 workers, samples at steps 2 and 4
+    run: Path  # 4 training steps of the tiny UNet, ZeRO-2 on 2 workers in bf16 (`pipeline_speed`), samples at 2 and 4
     builds: list
     caption: dict
     vae_card: dict
@@ -656,6 +664,6 @@ def pipeline(ray_cluster, tmp_path_factory) -> Pipeline:
     caption = caption_dataset(CaptionConfig(dataset=ds))
     vae_card = train_vae(VAETrainConfig(dataset=ds, out=vae, max_steps=4, workers=1))  # a run costs ~13 CPU s a worker
     encoded = encode(EncodeConfig(dataset=ds, out=lat, vae=vae))
-    card = train(TrainConfig(data=lat, out=str(run), max_steps=4, zero_stage=2,
+    card = train(TrainConfig(data=lat, out=str(run), max_steps=4, zero_stage=2, speed=pipeline_speed(),
                              overrides={**FAST, "train.sample_every": 2}))
     return Pipeline(root, ds, vae, lat, run, builds, caption, vae_card, encoded, card)

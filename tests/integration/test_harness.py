@@ -14,7 +14,7 @@ import torch
 from emoji_ldm.errors import UserError
 from emoji_ldm.train import ldm
 from emoji_ldm.train.checkpoint import latest as latest_checkpoint
-from tests.conftest import FAST, run_cli, train_fast
+from tests.conftest import pipeline_speed, train_fast
 from tests.faults import rank1_fails
 
 
@@ -213,24 +213,20 @@ def test_a_restart_resumes_from_a_checkpoint_the_controller_had_not_registered(o
     assert all(torch.equal(p, w) for p, w in zip(restarted.module.parameters(), weights))
 
 
-def test_bf16_run_keeps_an_fp32_ema_and_exports_it(tiny, tmp_path):
-    """`train --precision bf16` on 2 workers with the other fast-path flags (channels-last, gradient
-    checkpointing): the banner and config.json say so, the losses are numbers, the checkpoint's EMA is fp32
-    and the exported UNet is exactly that EMA."""
+def test_bf16_run_keeps_an_fp32_ema_and_exports_it(tiny):
+    """The session pipeline's run, `train` in bf16 on 2 workers with the other fast-path flags (channels-last,
+    gradient checkpointing): config.json says so (the banner's text: test_training_step), the losses are
+    numbers, the checkpoint's EMA is fp32 and the exported UNet is exactly that EMA."""
     from diffusers import UNet2DConditionModel
 
-    out = tmp_path / "run"
-    sets = [a for k, v in FAST.items() for a in ("--set", f"{k}={v}")]
-    r = run_cli("train", "--data", tiny.lat, "--out", str(out), "--max-steps", "3", "--precision", "bf16",
-                "--channels-last", "--gradient-checkpointing", *sets)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "precision bf16, gradient_checkpointing, channels_last, attention: scaled_dot_product_attention" in r.stdout
+    out = tiny.run
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in rows)  # not NaN
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["loss"] == r["loss"] for r in rows)  # not NaN
     saved = json.loads((out / "config.json").read_text())["run"]["speed"]
     assert saved["precision"] == "bf16" and saved["channels_last"] and saved["gradient_checkpointing"]
 
-    folder, _ = latest_checkpoint(str(out))
+    folder, meta = latest_checkpoint(str(out))
+    assert meta["step"] == 4  # the last step: the export's
     shadow = torch.load(f"{folder}/ema.pt", weights_only=False)["shadow_params"]
     assert {s.dtype for s in shadow} == {torch.float32}
     unet = UNet2DConditionModel.from_pretrained(str(out / "model" / "unet"))
@@ -240,29 +236,31 @@ def test_bf16_run_keeps_an_fp32_ema_and_exports_it(tiny, tmp_path):
 
 
 def test_crash_then_resume_from_s3_continues_exactly(s3_server, tiny, tmp_path):
-    """The session pipeline's run (4 steps straight, local) == the same 4 steps on moto S3 whose rank 1 dies at
-    step 4, after its step-3 checkpoint, then `--resume` from s3:// (weights, optimizer, EMA, RNG, data position,
-    step, metrics); a resume that does not match is refused. (The pipeline's run also drew sample grids at steps 2
-    and 4: they must not shift the training RNG.)"""
+    """The session pipeline's run (4 steps straight, local, bf16) == the same 4 steps on moto S3 whose rank 1 dies
+    at step 4, after its step-3 checkpoint, then `--resume` from s3:// (weights, optimizer, EMA, RNG, data
+    position, step, metrics); a resume that does not match is refused. (The pipeline's run also drew sample grids
+    at steps 2 and 4: they must not shift the training RNG.)"""
     from ray.train import WorkerGroupError
 
     client = s3_server.client()
     client.create_bucket(Bucket="harness-runs")
-    out = "s3://harness-runs/runs/crash"
+    out, bf16 = "s3://harness-runs/runs/crash", pipeline_speed()  # as the pipeline's run
     assert tiny.card["training"] == {"workers": 2, "zero_stage": 2, "steps": 4, "global_batch": 8}
     with rank1_fails(ldm, at_step=4), \
             pytest.raises(WorkerGroupError, match="Training failed due to worker errors") as died:
-        train_fast(tiny.lat, out, max_steps=4, max_failures=0)
+        train_fast(tiny.lat, out, max_steps=4, max_failures=0, speed=bf16)
     assert 1 in died.value.worker_failures  # rank 1 died (rank 0 then fails in a collective with it)
     found = latest_checkpoint(out)
     assert found and found[0].startswith("s3://") and found[1]["step"] == 3
     with pytest.raises(UserError, match="already has checkpoints"):
-        train_fast(tiny.lat, out, max_steps=4)
+        train_fast(tiny.lat, out, max_steps=4, speed=bf16)
+    with pytest.raises(UserError, match="other precision"):
+        train_fast(tiny.lat, out, max_steps=4, resume=True)  # fp32
     with pytest.raises(UserError, match="different unet config"):
-        train_fast(tiny.lat, out, max_steps=4, resume=True, overrides={"unet.block_out_channels": "32,32"})
+        train_fast(tiny.lat, out, max_steps=4, resume=True, overrides={"unet.block_out_channels": "32,32"}, speed=bf16)
     with pytest.raises(UserError, match="written by 2 workers"):
-        train_fast(tiny.lat, out, max_steps=4, resume=True, workers=1)
-    card = train_fast(tiny.lat, out, max_steps=4, resume=True)
+        train_fast(tiny.lat, out, max_steps=4, resume=True, workers=1, speed=bf16)
+    card = train_fast(tiny.lat, out, max_steps=4, resume=True, speed=bf16)
     assert card["training"]["steps"] == 4
     metrics = client.get_object(Bucket="harness-runs", Key="runs/crash/metrics.jsonl")["Body"].read().decode()
     assert [json.loads(line)["step"] for line in metrics.splitlines()] == [1, 2, 3, 4]
@@ -271,14 +269,14 @@ def test_crash_then_resume_from_s3_continues_exactly(s3_server, tiny, tmp_path):
     assert meta_a["step"] == meta_b["step"] == 4
     local_b = tmp_path / "b"
     prefix = folder_b.removeprefix("s3://harness-runs/")
-    for name in ("ema.pt", "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+    for name in ("ema.pt", "ds/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"):
         (local_b / name).parent.mkdir(parents=True, exist_ok=True)
         client.download_file("harness-runs", f"{prefix}/{name}", str(local_b / name))
     ema_a = torch.load(f"{folder_a}/ema.pt", weights_only=False)["shadow_params"]
     ema_b = torch.load(local_b / "ema.pt", weights_only=False)["shadow_params"]
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ema_a, ema_b))
-    opt_a = torch.load(f"{folder_a}/ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
-    opt_b = torch.load(local_b / "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    opt_a = torch.load(f"{folder_a}/ds/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    opt_b = torch.load(local_b / "ds/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
     flat_a = opt_a["optimizer_state_dict"]["single_partition_of_fp32_groups"][0]
     flat_b = opt_b["optimizer_state_dict"]["single_partition_of_fp32_groups"][0]
     assert torch.allclose(flat_a, flat_b, atol=1e-6)
