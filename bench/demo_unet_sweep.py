@@ -110,10 +110,6 @@ def make_npz(demo: str, path: str) -> None:
     shutil.copytree(f"{demo}/judge", judge_folder(path), dirs_exist_ok=True)
 
 
-def load_judge_classes(npz: str) -> list[str]:
-    return json.loads((judge_folder(npz) / "judge.json").read_text())["classes"]
-
-
 def judge_folder(npz: str) -> Path:
     """The demo's judge, copied beside the npz (`--make-npz`) so that both travel together."""
     return Path(npz).with_name(f"{Path(npz).stem}-judge")
@@ -151,7 +147,9 @@ def run(job) -> dict:
     empty = torch.from_numpy(d[f"empty{length}"].astype(np.float32)).to(device)  # (L, D)
     X = F.pixel_unshuffle(torch.from_numpy(d["X"]).float().to(device) / 127.5 - 1, 4)  # (N, 64, 8, 8)
     held, label = d["split"], d["label"]
-    kept = kept_rows(c["keep"], label, held, load_judge_classes(npz).index("country-flag"))
+    judge = load_judge(str(judge_folder(npz)))
+    classes = np.array(judge.classes)
+    kept = kept_rows(c["keep"], label, held, judge.classes.index("country-flag"))
     train = np.where(~held & kept)[0]
     judged = np.where(held & (label >= 0))[0]
     torch.manual_seed(c["seed"])
@@ -197,8 +195,6 @@ def run(job) -> dict:
         for p, e in zip(unet.parameters(), ema):
             p.copy_(e)
     unet.eval()
-    judge = load_judge(str(judge_folder(npz)))
-    classes = np.array(judge.classes)
     reps = 4
     prompts = np.repeat(judged, reps)  # each held-out caption, seeds 0-3
     results = {}
