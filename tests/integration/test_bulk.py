@@ -27,7 +27,7 @@ def commit_workers(expected: int) -> list[int]:
     """The worker pids of this job's manifest-commit tasks (Ray's state API). The driver has their results, so
     they ran; each worker reports its pid when it starts the task. Not filtered on FINISHED: that event comes
     later, from a worker that exits right after the task (max_calls=1), and on a busy machine it went missing for
-    over 30 s (a suite run of 2026-11-27)."""
+    over 30 s."""
     import ray
     from ray.util.state import list_tasks
 

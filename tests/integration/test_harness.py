@@ -269,14 +269,15 @@ def test_crash_then_resume_from_s3_continues_exactly(s3_server, tiny, tmp_path):
     assert meta_a["step"] == meta_b["step"] == 4
     local_b = tmp_path / "b"
     prefix = folder_b.removeprefix("s3://harness-runs/")
-    for name in ("ema.pt", "ds/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+    optimizer = "ds/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"  # DeepSpeed's rank-0 file of a bf16 run
+    for name in ("ema.pt", optimizer):
         (local_b / name).parent.mkdir(parents=True, exist_ok=True)
         client.download_file("harness-runs", f"{prefix}/{name}", str(local_b / name))
     ema_a = torch.load(f"{folder_a}/ema.pt", weights_only=False)["shadow_params"]
     ema_b = torch.load(local_b / "ema.pt", weights_only=False)["shadow_params"]
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ema_a, ema_b))
-    opt_a = torch.load(f"{folder_a}/ds/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
-    opt_b = torch.load(local_b / "ds/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    opt_a = torch.load(f"{folder_a}/{optimizer}", weights_only=False)
+    opt_b = torch.load(local_b / optimizer, weights_only=False)
     flat_a = opt_a["optimizer_state_dict"]["single_partition_of_fp32_groups"][0]
     flat_b = opt_b["optimizer_state_dict"]["single_partition_of_fp32_groups"][0]
     assert torch.allclose(flat_a, flat_b, atol=1e-6)
