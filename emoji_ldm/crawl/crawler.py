@@ -4,9 +4,10 @@
 
 One Ray Data pipeline, nothing of it listed on the driver:
 
-    shards (from_items, one block of `shard_pages` page numbers each)
+    one row per shard (range), the shards themselves queued in `CrawlState`
       -> map_batches(PageReader (page_reader.py), ActorPoolStrategy(size=workers), batch_size=1)
-             each actor owns one headless Chromium; per shard: reads its pages
+             each actor owns one headless Chromium and holds two calls; a call
+             takes the next shard in page order once the browser is free: reads its pages
              in order (paced to the per-host rate, retried with back-off, the
              browser replaced if it crashes), writes the shard's stats file,
              emits one row per item (locator = the unwrapped image URL, page);
@@ -62,7 +63,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from emoji_ldm.config import opt
-from emoji_ldm.crawl.page_reader import PageReader
+from emoji_ldm.crawl.page_reader import CONCURRENT_SHARDS, PageReader
 from emoji_ldm.crawl.profiles import SiteProfile, load_profile, parse_pages
 from emoji_ldm.crawl.shards import (
     CrawlState,
@@ -163,9 +164,12 @@ def _page_rows(config: CrawlConfig, profile: SiteProfile, out: str, first_page: 
     # a new table: each shard's images are downloaded while its next pages load, in the page readers; into a table,
     # after the anti-join, so that no image it holds is fetched again
     fetch = None if table_exists(out) else (config.image, config.fetch)
-    rows = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+    # one call per shard; each call takes the next shard from `state` when its reader's browser is free
+    rows = ray.data.range(len(todo), override_num_blocks=len(todo)).map_batches(
         PageReader, batch_size=1, batch_format="pyarrow", num_cpus=0.5,  # mostly waiting on Chromium
-        compute=ray.data.ActorPoolStrategy(size=config.workers, max_tasks_in_flight_per_actor=1),
+        compute=ray.data.ActorPoolStrategy(size=config.workers, max_tasks_in_flight_per_actor=CONCURRENT_SHARDS,
+                                           max_concurrent_calls_per_actor=CONCURRENT_SHARDS,
+                                           enable_true_multi_threading=True),
         fn_constructor_kwargs=dict(profile=profile, tag=config.tag, out=out, first_page=first_page, state=state,
                                    min_interval_s=interval, retries=config.retries, backoff_s=config.backoff_s,
                                    fetch=fetch))
@@ -260,7 +264,7 @@ def crawl(config: CrawlConfig):
     done_firsts = {r["first"] for r in resumed}
     todo = [{"first": s[0], "last": s[-1], "resumed": s[0] in done_firsts}
             for s in shards if end is None or s[0] <= end]
-    state = ray.remote(num_cpus=0)(CrawlState).remote(end, [s["first"] for s in todo])
+    state = ray.remote(num_cpus=0)(CrawlState).remote(end, todo)
     rows, fetched = _page_rows(config, profile, out, pages[0], todo, state)
     build = BuildConfig(source=source, out=out, image=config.image, fetch=config.fetch,
                         message=config.message or f"crawl {source}")

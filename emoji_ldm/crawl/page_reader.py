@@ -5,6 +5,7 @@ back-off; it writes the shard's stats file and emits one row per item (`ITEM_SCH
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import pyarrow as pa
@@ -52,6 +53,8 @@ POLL_S = 0.1
 # settles while the next loads. Windows, not tabs: switching to a tab brings it to the front and repaints it, about
 # 30 ms of Chromium's CPU each time (2.7 switches a page), against 0.3 ms for a window (bench/crawl.py).
 WINDOWS = 3
+# Shards a page reader holds at once: one reads its pages while the one before finishes its downloads
+CONCURRENT_SHARDS = 2
 
 
 class Settling:
@@ -99,14 +102,24 @@ ITEM_SCHEMA = pa.schema([("locator", pa.string()), ("source", pa.string()), ("so
 
 
 class PageReader:
-    """A Ray Data actor-pool UDF owning one headless Chromium: one shard per call, its items out as rows."""
+    """A Ray Data actor-pool UDF owning one headless Chromium: one shard per call, its items out as rows.
+
+    Two calls run at once (`CONCURRENT_SHARDS`), the browser held by one at a time: the next shard's pages load
+    while the last one's images finish downloading. A call reads whichever shard is next in page order when it gets
+    the browser (`CrawlState.take`), not the row Ray Data handed it: a call queued behind a busy browser binds no
+    pages, so no reader is left with shards far ahead of the others."""
 
     def __init__(self, profile: SiteProfile, tag: str, out: str, first_page: int, state, min_interval_s: float,
                  retries: int, backoff_s: float, fetch: tuple | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.profile, self.tag, self.out, self.first_page, self.state = profile, tag, out, first_page, state
         # (ImageConfig, FetchConfig): a shard's images are downloaded and cleaned while its pages are read, and the
         # rows are `ingest_batch`'s (with the page); None: the rows are the items (`ITEM_SCHEMA`)
-        self.fetching = ShardFetch(*fetch) if fetch else None
+        self.fetch = fetch
+        # one thread downloads for all of this reader's shards, in the order their pages were read
+        self.fetch_pool = ThreadPoolExecutor(1, thread_name_prefix="shard-fetch") if fetch else None
+        self.reading = threading.Lock()  # the browser: one shard's pages at a time
         self.min_interval_s, self.retries, self.backoff_s = min_interval_s, retries, backoff_s
         self.source = f"crawl:{profile.name}/{tag}"
         self.browser = None
@@ -208,11 +221,16 @@ class PageReader:
         return UserError(f"{where} has no items: {result['error']} [{selectors}]; check the profile's item and "
                          f"image selectors against the page, or raise its settle_s if the items arrive later")
 
-    def _windows(self, driver) -> list[str]:
-        """The browser's WINDOWS windows (opened once per browser)."""
-        while len(driver.window_handles) < WINDOWS:
-            driver.switch_to.new_window("window")
-        return driver.window_handles[:WINDOWS]
+    def _free_window(self, driver, active: list[dict]) -> str:
+        """A window with no page of `active` in it: one of the browser's, or a new one up to WINDOWS (opened when
+        first needed, so a fresh browser's first page does not wait for the others: about 0.4 s each)."""
+        handles = driver.window_handles
+        free = [w for w in handles if all(a["window"] != w for a in active)]
+        if free:
+            return free[0]
+        driver.switch_to.new_window("window")
+        self.window = driver.current_window_handle
+        return self.window
 
     def _open(self, driver, window: str, page: int) -> dict:
         """Load `page` in `window` (paced); the page's reading state."""
@@ -263,7 +281,6 @@ class PageReader:
         checked = time.monotonic()
         try:
             driver = self._driver()
-            windows = self._windows(driver)
             while active or todo:
                 if active and time.monotonic() - checked >= POLL_S:  # another shard found the tag's end meanwhile:
                     checked = time.monotonic()                       # the pages past it are not waited for
@@ -275,7 +292,7 @@ class PageReader:
                     if end is not None and todo[0] > end:
                         todo = []
                         break
-                    free, page = next(w for w in windows if all(a["window"] != w for a in active)), todo.pop(0)
+                    free, page = self._free_window(driver, active), todo.pop(0)
                     try:
                         active.append(self._open(driver, free, page))
                     except TimeoutException:  # the page did not load in time: no later page is opened
@@ -308,7 +325,7 @@ class PageReader:
                                  "attempts": 1, "seconds": 0.0}, time.perf_counter()))
         return done
 
-    def crawl_shard(self, pages: list[int]) -> tuple[dict, bool]:
+    def crawl_shard(self, pages: list[int], fetching: ShardFetch | None = None) -> tuple[dict, bool]:
         """Pages in order until the first empty one, or until the tag's end found by another shard; the shard's
         stats, and whether it finished on its own terms (all pages read, or its own empty page). The first
         attempt at each page is made in `_read_ahead`, a failed page is retried in `read_page`."""
@@ -331,7 +348,7 @@ class PageReader:
                 if page == self.first_page and result["status"] != "ok":
                     raise self._first_page_error(result)
                 results.append(result)
-                self._page_done(result)
+                self._page_done(result, fetching)
                 if result["status"] == "empty":
                     ray.get(self.state.empty_at.remote(page))
                     stop = True
@@ -346,20 +363,21 @@ class PageReader:
 
         from emoji_ldm.store.artifacts import read_json, write_json
 
-        first, last, resumed = (batch.column(c)[0].as_py() for c in ("first", "last", "resumed"))
-        uri = shard_uri(self.out, self.profile.name, self.tag, first, last)
-        if self.fetching:
-            self.fetching.reset()
-        if resumed:  # finished in an earlier run: its items again (the anti-join drops those committed)
-            shard, complete = read_json(uri), True
-            for page in shard["pages"]:
-                self._page_done(page)
-        else:
-            shard, complete = self.crawl_shard(list(range(first, last + 1)))
-            if complete:
-                write_json(uri, shard)  # marks the shard done for a re-run
+        fetching = ShardFetch(*self.fetch, pool=self.fetch_pool) if self.fetch else None
+        with self.reading:
+            shard = ray.get(self.state.take.remote())  # not `batch`: a row per shard, only counting the calls
+            first, last, resumed = shard["first"], shard["last"], shard["resumed"]
+            uri = shard_uri(self.out, self.profile.name, self.tag, first, last)
+            if resumed:  # finished in an earlier run: its items again (the anti-join drops those committed)
+                shard, complete = read_json(uri), True
+                for page in shard["pages"]:
+                    self._page_done(page, fetching)
+            else:
+                shard, complete = self.crawl_shard(list(range(first, last + 1)), fetching)
+        if complete and not resumed:
+            write_json(uri, shard)  # marks the shard done for a re-run
         record = None if resumed else shard_summary(shard, resumed=False, complete=complete)
-        rows = self.fetching.table() if self.fetching else pa.concat_tables(
+        rows = fetching.table() if fetching else pa.concat_tables(
             [self._items(p) for p in shard["pages"]] + [ITEM_SCHEMA.empty_table()])
         ray.get(self.state.finished.remote(first, record))
         return rows
@@ -371,10 +389,10 @@ class PageReader:
                  "page": page["page"]} for src, title in page["items"] if src] if page["status"] == "ok" else []
         return pa.Table.from_pylist(rows, schema=ITEM_SCHEMA)
 
-    def _page_done(self, page: dict) -> None:
+    def _page_done(self, page: dict, fetching: ShardFetch | None) -> None:
         """A page's result is final: its images start downloading (when this reader fetches)."""
-        if self.fetching and page["status"] == "ok":
-            self.fetching.add(self._items(page))
+        if fetching and page["status"] == "ok":
+            fetching.add(self._items(page))
 
     def __del__(self):
         if self.browser is not None:

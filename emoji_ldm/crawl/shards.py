@@ -15,13 +15,22 @@ FEW_PAGES = 3  # fewer pages with items than this, out of a longer range, is wor
 
 
 class CrawlState:
-    """A small Ray actor shared by the page readers and the tag-end filter: the tag's end so far (the
-    smallest empty page), the shards still to finish, and each finished shard's summary for the driver."""
+    """A small Ray actor shared by the page readers and the tag-end filter: the shards not started yet, in page
+    order, the tag's end so far (the smallest empty page), the shards still to finish, and each finished shard's
+    summary for the driver."""
 
-    def __init__(self, end: int | None, shards: list[int]):
+    def __init__(self, end: int | None, shards: list[dict]):
+        from collections import deque
+
         self._end = end
-        self.todo = set(shards)  # first pages of the shards still to finish
+        self.queue = deque(shards)  # {first, last, resumed}
+        self.todo = {s["first"] for s in shards}  # first pages of the shards still to finish
         self.records: list[dict] = []
+
+    def take(self) -> dict:
+        """The next shard to read: the one of the lowest pages not started yet (a reader takes one when its
+        browser is free, so the readers go through the pages in order whatever Ray Data queued where)."""
+        return self.queue.popleft()
 
     def end(self) -> int | None:
         return self._end
@@ -107,20 +116,13 @@ def fetched_schema() -> pa.Schema:
 
 
 class ShardFetch:
-    """A shard's images downloaded and cleaned (the build's `ingest_batch`) page by page, in a thread of the page
-    reader, while its next pages load: each image URL once in the shard (pages come in order: its lowest page).
-    The rows keep the page for the tag-end filter, which still decides after the all-to-all which are kept.
-    Holds one shard's rows at most (`table` hands them over)."""
+    """A shard's images downloaded and cleaned (the build's `ingest_batch`) page by page, on `pool` (a thread of
+    the page reader), while its next pages load: each image URL once in the shard (pages come in order: its lowest
+    page). The rows keep the page for the tag-end filter, which still decides after the all-to-all which are kept.
+    Holds the shard's rows until `table` hands them over."""
 
-    def __init__(self, image, fetch):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.image, self.fetch = image, fetch
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="shard-fetch")
-        self.reset()
-
-    def reset(self) -> None:
-        """A new shard (rows of one that raised are dropped)."""
+    def __init__(self, image, fetch, pool):
+        self.image, self.fetch, self.pool = image, fetch, pool
         self.seen, self.futures = set(), []
 
     def add(self, items: pa.Table) -> None:
@@ -140,9 +142,8 @@ class ShardFetch:
         return rows.append_column("page", items.column("page"))
 
     def table(self) -> pa.Table:
-        """The shard's fetched rows, once the last page's are done; then ready for the next shard."""
+        """The shard's fetched rows, once the last page's are done."""
         tables = [f.result() for f in self.futures]
-        self.reset()
         return pa.concat_tables(tables) if tables else fetched_schema().empty_table()
 
 

@@ -28,12 +28,16 @@ def _png(color: int) -> bytes:
 
 
 def test_a_shard_fetches_each_url_once_from_its_lowest_page_and_the_tag_end_filter_agrees(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
     from emoji_ldm.crawl.shards import ShardFetch, fetched_schema, tag_end_filter
     from emoji_ldm.ingest import tasks
 
     fetched = []
     monkeypatch.setattr(tasks, "fetch_bytes", lambda url, fetch, pool: fetched.append(url) or _png(len(url)))
-    shard = ShardFetch(ImageConfig(size=8), FetchConfig(threads=2, per_host=2, timeout_s=3.25))
+    pool = ThreadPoolExecutor(1)  # the page reader's: one for all its shards
+    config = (ImageConfig(size=8), FetchConfig(threads=2, per_host=2, timeout_s=3.25))
+    shard = ShardFetch(*config, pool=pool)
     pages = {11: ["a", "b", "a"], 12: ["c", "b"], 13: ["d"]}  # "a" twice on its page, "b" again on the next
     for page, names in pages.items():
         shard.add(_items(page, names))
@@ -53,6 +57,9 @@ def test_a_shard_fetches_each_url_once_from_its_lowest_page_and_the_tag_end_filt
         assert "page" not in kept.column_names
 
     # the next shard starts afresh: its "a" is fetched again (the all-to-all keeps the lowest page's row)
+    shard = ShardFetch(*config, pool=pool)
     shard.add(_items(16, ["a"]))
     assert shard.table().column("page").to_pylist() == [16] and fetched.count("http://127.0.0.1:9/img/a.png") == 2
-    assert shard.table().num_rows == 0 and shard.table().schema == fetched_schema()  # a shard without items
+    empty = ShardFetch(*config, pool=pool).table()  # a shard without items
+    assert empty.num_rows == 0 and empty.schema == fetched_schema()
+    pool.shutdown()

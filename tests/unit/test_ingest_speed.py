@@ -72,6 +72,10 @@ class FakeDriver:
 
         self.switch_to = SwitchTo()
 
+    @property
+    def current_window_handle(self) -> str:
+        return self.current
+
     def get(self, url: str) -> None:
         page = int(url.rsplit("=", 1)[1])
         self.loads.append(page)
@@ -100,18 +104,15 @@ class FakeDriver:
 
 
 class FakeState:
-    """CrawlState's calls, answered at once (ray.get is patched to return its argument)."""
+    """A CrawlState in this process: `state.take.remote()` answers at once (ray.get is patched to return its
+    argument)."""
 
-    def __init__(self):
-        self.end_page = None
-        state = self
+    def __init__(self, shards: list[dict] = ()):
+        from emoji_ldm.crawl.shards import CrawlState
 
-        class Method:
-            def __init__(self, fn):
-                self.remote = fn
-
-        self.end = Method(lambda: state.end_page)
-        self.empty_at = Method(lambda page: setattr(state, "end_page", page))
+        self.real = CrawlState(None, list(shards))
+        for name in ("end", "empty_at", "take", "finished"):
+            setattr(self, name, type("Method", (), {"remote": staticmethod(getattr(self.real, name))})())
 
 
 def test_a_shard_reads_its_pages_a_few_at_a_time_and_none_past_the_empty_one(monkeypatch):
@@ -133,3 +134,39 @@ def test_a_shard_reads_its_pages_a_few_at_a_time_and_none_past_the_empty_one(mon
     assert sorted(driver.loads) == [1, 2, 3, 4, 5, 6]  # each page once, nothing past the empty page
     # one by one: 5 x (0.1 s to the items + 0.3 s settle) + 0.5 s for the empty page = 2.5 s at least
     assert seconds < 1.9, f"{seconds:.1f} s for 6 pages: read one at a time"
+
+
+def test_a_reader_holding_two_calls_reads_the_shards_in_page_order(monkeypatch, tmp_path):
+    """Ray Data hands a page reader two calls at once (one reads pages while the other finishes its downloads).
+    The call that gets the browser reads the first shard not started (`CrawlState.take`), not the row it was handed:
+    here the call of the second row gets it first, and the pages still load in order."""
+    import threading
+
+    import ray
+
+    from emoji_ldm.crawl.page_reader import PageReader
+
+    monkeypatch.setattr(ray, "get", lambda ref: ref)
+    profile = SiteProfile(name="t", url="http://h/{tag}?page={page}", wait_for="main", item="div", image="img",
+                          settle_s=0.3, items_settle_s=0.1, page_timeout_s=5)
+    state = FakeState([{"first": 1, "last": 3, "resumed": False}, {"first": 4, "last": 6, "resumed": False}])
+    reader = PageReader(profile, "Blobs", str(tmp_path), 1, state, min_interval_s=0, retries=0, backoff_s=0)
+    driver = FakeDriver(delay_s=0.05, empty=6)
+    reader.browser = type("B", (), {"driver": driver, "quit": lambda self: None})()
+    rows = {}
+
+    def call(row: int) -> None:
+        rows[row] = reader(pa.table({"id": [row]}))
+
+    second = threading.Thread(target=call, args=(1,))
+    second.start()
+    while not reader.reading.locked():  # the second row's call holds the browser
+        time.sleep(0.005)
+    first = threading.Thread(target=call, args=(0,))
+    first.start()
+    second.join(10)
+    first.join(10)
+    assert driver.loads == [1, 2, 3, 4, 5, 6]  # in page order, each once
+    assert sorted(rows[1].column("page").to_pylist()) == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert sorted(rows[0].column("page").to_pylist()) == [4, 4, 4, 5, 5, 5]  # page 6 is the empty one
+    assert [r["first"] for r in state.real.records] == [1, 4] and not state.real.todo
