@@ -47,6 +47,12 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # for every run and keeps it across restarts: about 2 CPU seconds a run, for a preemption that a local cluster never
 # has (no test drains a node; the project does nothing of its own on preemption). Propagated as the one above.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# A raylet keeps as many idle workers as its node has CPUs (2 here) and kills the rest a second after they go idle.
+# The suite's stages run one after another in the same few jobs, each with more tasks and actors than that, so
+# every stage started its workers again: test_dataset_local.py and test_bulk.py started 72 workers, now 22
+# (150 s -> 98 s, 222 -> 128 CPU s on 2 cores, twice each). Every Ray the tests start (the head, the second node,
+# a CLI run's own) reads it from this environment.
+os.environ.setdefault("RAY_num_workers_soft_limit", "8")
 
 
 def pytest_collection_modifyitems(items):
