@@ -10,7 +10,7 @@ import time
 
 import pyarrow as pa
 
-from emoji_ldm.crawl.profiles import SiteProfile
+from emoji_ldm.crawl.profiles import POLL_S, Settling, SiteProfile
 from emoji_ldm.crawl.shards import ShardFetch, shard_summary, shard_uri
 from emoji_ldm.errors import UserError
 
@@ -47,7 +47,6 @@ const seen = new MutationObserver(() => {
 seen.observe(document, {childList: true, subtree: true, attributes: true});
 timer = setTimeout(() => { seen.disconnect(); done(read(...args)); }, arguments[6]);
 """
-POLL_S = 0.1
 # Pages of a shard open at once, each in a window of the actor's browser: the next page opens once the last one opened
 # shows items (so never a page past an empty one: the pages loaded are those a one-by-one reader loads), and each
 # settles while the next loads. Windows, not tabs: switching to a tab brings it to the front and repaints it, about
@@ -55,44 +54,6 @@ POLL_S = 0.1
 WINDOWS = 3
 # Shards a page reader holds at once: one reads its pages while the one before finishes its downloads
 CONCURRENT_SHARDS = 2
-
-
-class Settling:
-    """The settle rule of one page (profiles.py), fed one PAGE_STATE_JS reading at a time from `wait_for`'s
-    appearance on: `step` answers None while the page settles, then (ok|empty|failed, why)."""
-
-    def __init__(self, profile: SiteProfile, now: float):
-        self.p = profile
-        self.deadline = now + profile.page_timeout_s + profile.settle_s
-        self.count, self.changed, self.complete_since = -1, now, None
-
-    def step(self, state: str, n: int, marker: bool, now: float) -> tuple[str, str] | None:
-        p = self.p
-        if n != self.count:
-            self.count, self.changed = n, now
-        if state == "complete" and self.complete_since is None:
-            self.complete_since = now
-        if n == 0 and marker:
-            return "empty", f"empty marker {p.empty_marker!r}"
-        quiet = now - max(self.changed, self.complete_since or now)
-        if self.complete_since is not None and n > 0 and quiet >= p.items_settle_s:
-            return "ok", ""
-        if self.complete_since is not None and n == 0 and quiet >= p.settle_s:
-            return "empty", f"no items {p.settle_s:g} s after the page completed"
-        if now > self.deadline:
-            if n > 0:
-                return "ok", ""  # still growing: take what is there
-            return "failed", (f"timeout: the page did not settle within {p.page_timeout_s + p.settle_s:g} s "
-                              f"(document {state}, no {p.item!r} yet)")
-        return None
-
-    def next_reading(self, now: float) -> float:
-        """When to read the page next: every POLL_S until it is complete and shows items, then not before their
-        quiet time is up (an item seen later only restarts the quiet time)."""
-        if self.complete_since is None or self.count <= 0:
-            return now + POLL_S
-        settled = max(self.changed, self.complete_since) + self.p.items_settle_s
-        return min(max(now + POLL_S / 2, settled), self.deadline + POLL_S)
 
 
 # The rows the page stage emits: the columns `ingest_dataset` takes, and the page number for the tag-end filter.

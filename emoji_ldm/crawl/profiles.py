@@ -6,7 +6,7 @@ item), the attributes holding the image URL and title, how the last page is
 detected, and how to unwrap proxied image URLs to the original. `discords` is
 built in (`profiles/discords.yaml`); any other YAML file works the same.
 
-When a page is read (`crawler.PageReader.read_page`): `wait_for` must appear
+When a page is read (`Settling`, fed by the page reader): `wait_for` must appear
 within `page_timeout_s` (else the page failed); then the page must settle. A
 page has items once they stop arriving for `items_settle_s`; it is empty only
 when the document is complete and no item has appeared for `settle_s`, or
@@ -134,3 +134,45 @@ def parse_pages(text: str) -> range:
     if end < start:
         raise UserError(f"page range {text!r} runs backwards: write the first page first, e.g. {end}-{start}")
     return range(start, end + 1)
+
+
+# How often a page that is settling is read (its items counted)
+POLL_S = 0.1
+
+
+class Settling:
+    """The settle rule of one page (the module docstring), fed one `page_reader.PAGE_STATE_JS` reading at a time
+    from `wait_for`'s appearance on: `step` answers None while the page settles, then (ok|empty|failed, why)."""
+
+    def __init__(self, profile: SiteProfile, now: float):
+        self.p = profile
+        self.deadline = now + profile.page_timeout_s + profile.settle_s
+        self.count, self.changed, self.complete_since = -1, now, None
+
+    def step(self, state: str, n: int, marker: bool, now: float) -> tuple[str, str] | None:
+        p = self.p
+        if n != self.count:
+            self.count, self.changed = n, now
+        if state == "complete" and self.complete_since is None:
+            self.complete_since = now
+        if n == 0 and marker:
+            return "empty", f"empty marker {p.empty_marker!r}"
+        quiet = now - max(self.changed, self.complete_since or now)
+        if self.complete_since is not None and n > 0 and quiet >= p.items_settle_s:
+            return "ok", ""
+        if self.complete_since is not None and n == 0 and quiet >= p.settle_s:
+            return "empty", f"no items {p.settle_s:g} s after the page completed"
+        if now > self.deadline:
+            if n > 0:
+                return "ok", ""  # still growing: take what is there
+            return "failed", (f"timeout: the page did not settle within {p.page_timeout_s + p.settle_s:g} s "
+                              f"(document {state}, no {p.item!r} yet)")
+        return None
+
+    def next_reading(self, now: float) -> float:
+        """When to read the page next: every POLL_S until it is complete and shows items, then not before their
+        quiet time is up (an item seen later only restarts the quiet time)."""
+        if self.complete_since is None or self.count <= 0:
+            return now + POLL_S
+        settled = max(self.changed, self.complete_since) + self.p.items_settle_s
+        return min(max(now + POLL_S / 2, settled), self.deadline + POLL_S)
