@@ -153,9 +153,9 @@ def _resumed_shards(out: str, profile: str, tag: str, shards: list[list[int]]) -
     return resumed, end
 
 
-def _page_rows(config: CrawlConfig, profile: SiteProfile, out: str, first_page: int, todo: list[dict], state):
-    """The shards through the page readers: a lazy Ray Dataset of their rows (`ITEM_SCHEMA`, or `ingest_batch`'s
-    rows with the page when they are fetched already), and whether they are."""
+def _page_rows(config: CrawlConfig, profile: SiteProfile, out: str, first_page: int, shards: int, state):
+    """The `shards` queued in `state` through the page readers: a lazy Ray Dataset of their rows (`ITEM_SCHEMA`, or
+    `ingest_batch`'s rows with the page when they are fetched already), and whether they are."""
     import ray.data
 
     from emoji_ldm.store.delta import table_exists
@@ -165,7 +165,7 @@ def _page_rows(config: CrawlConfig, profile: SiteProfile, out: str, first_page: 
     # after the anti-join, so that no image it holds is fetched again
     fetch = None if table_exists(out) else (config.image, config.fetch)
     # one call per shard; each call takes the next shard from `state` when its reader's browser is free
-    rows = ray.data.range(len(todo), override_num_blocks=len(todo)).map_batches(
+    rows = ray.data.range(shards, override_num_blocks=shards).map_batches(
         PageReader, batch_size=1, batch_format="pyarrow", num_cpus=0.5,  # mostly waiting on Chromium
         compute=ray.data.ActorPoolStrategy(size=config.workers, max_tasks_in_flight_per_actor=CONCURRENT_SHARDS,
                                            max_concurrent_calls_per_actor=CONCURRENT_SHARDS,
@@ -265,7 +265,7 @@ def crawl(config: CrawlConfig):
     todo = [{"first": s[0], "last": s[-1], "resumed": s[0] in done_firsts}
             for s in shards if end is None or s[0] <= end]
     state = ray.remote(num_cpus=0)(CrawlState).remote(end, todo)
-    rows, fetched = _page_rows(config, profile, out, pages[0], todo, state)
+    rows, fetched = _page_rows(config, profile, out, pages[0], len(todo), state)
     build = BuildConfig(source=source, out=out, image=config.image, fetch=config.fetch,
                         message=config.message or f"crawl {source}")
     metadata = {"crawl": {"profile": profile.name, "tag": config.tag, "pages": f"{pages[0]}-{pages[-1]}",

@@ -87,6 +87,7 @@ class PageReader:
         self.last_load = 0.0
         self.restarts = 0
         self.window = None  # the window the driver is in
+        self.windows: list[str] = []  # the browser's windows, as opened (up to WINDOWS)
 
     def _driver(self):
         from emoji_ldm.crawl.browser import Browser
@@ -98,7 +99,7 @@ class PageReader:
     def _replace_browser(self) -> None:
         if self.browser is not None:
             _quit(self.browser)
-        self.browser, self.window = None, None
+        self.browser, self.window, self.windows = None, None, []
         self.restarts += 1
 
     def _pace(self) -> None:
@@ -185,12 +186,14 @@ class PageReader:
     def _free_window(self, driver, active: list[dict]) -> str:
         """A window with no page of `active` in it: one of the browser's, or a new one up to WINDOWS (opened when
         first needed, so a fresh browser's first page does not wait for the others: about 0.4 s each)."""
-        handles = driver.window_handles
-        free = [w for w in handles if all(a["window"] != w for a in active)]
+        if not self.windows:
+            self.windows = [driver.current_window_handle]  # a fresh browser's own
+        free = [w for w in self.windows if all(a["window"] != w for a in active)]
         if free:
             return free[0]
         driver.switch_to.new_window("window")
         self.window = driver.current_window_handle
+        self.windows.append(self.window)
         return self.window
 
     def _open(self, driver, window: str, page: int) -> dict:
