@@ -34,7 +34,7 @@ def parse(target: str, log: str) -> dict:
                 counts = dict((k, int(v)) for v, k in re.findall(r"(\d+) (passed|failed|error|errors|skipped)", m[1]))
                 figures.update(pytest_wall_s=float(m[2]), **counts)
                 break
-        figures["slowest"] = re.findall(r"^([0-9.]+)s (call|setup|teardown)\s+(\S+)$", log, re.M)
+        figures["slowest"] = re.findall(r"^([0-9.]+)s (call|setup|teardown)\s+(\S+)$", log, re.M)[:30]
     else:
         steps = re.findall(r"^([a-z-]+)\s+([0-9.]+) s$", log, re.M)
         figures["steps_s"] = {name: float(s) for name, s in steps}
