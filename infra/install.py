@@ -26,20 +26,26 @@ SETTINGS = {"index-url": ("--index-url", False), "extra-index-url": ("--extra-in
 
 
 def pip_settings(python: str) -> dict[str, str]:
-    """pip's effective settings: a PIP_* variable (`:env:.key`) wins over a file's `global.key`."""
-    out = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
-    found: dict[str, str] = {}
-    for scope, key, value in re.findall(r"^([\w:]*)\.([\w-]+)='(.*)'$", out, re.M):
-        if scope in (":env:", "global", "install") and (scope == ":env:" or key not in found):
-            found[key] = value
-    return found
+    return parse_pip_config(subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True,
+                                           text=True).stdout)
+
+
+def parse_pip_config(listing: str) -> dict[str, str]:
+    """`pip config list` -> pip's effective settings for `pip install`: a PIP_* variable (`:env:.key`) wins over a
+    file's `[install]` section, which wins over its `[global]` one."""
+    rank = {"global": 0, "install": 1, ":env:": 2}
+    found: dict[str, tuple[int, str]] = {}
+    for scope, key, value in re.findall(r"^([\w:]*)\.([\w-]+)='(.*)'$", listing, re.M):
+        if scope in rank and rank[scope] >= found.get(key, (-1, ""))[0]:
+            found[key] = (rank[scope], value)
+    return {key: value for key, (_, value) in found.items()}
 
 
 def uv_flags(settings: dict[str, str]) -> list[str]:
     flags = ["--index-strategy", "unsafe-best-match"]
     for key, (flag, several) in SETTINGS.items():
         for value in (settings[key].split() if several else [settings[key]]) if key in settings else []:
-            local = value.removeprefix("file://") if value.startswith(("file://", "/")) else None
+            local = value.removeprefix("file://") if value.startswith("file://") or "://" not in value else None
             if local is None or Path(local).exists():
                 flags += [flag, value]
     return flags
@@ -48,7 +54,7 @@ def uv_flags(settings: dict[str, str]) -> list[str]:
 def main(venv: str, *requirements: str) -> int:
     python = str(Path(venv) / "bin" / "python")
     pip = [python, "-m", "pip", "install", "--quiet"]
-    subprocess.run([*pip, "--upgrade", "pip", UV], check=True)
+    subprocess.run([*pip, UV], check=True)  # uv alone: the venv's own pip is only the fallback
     settings = pip_settings(python)
     env = dict(os.environ)
     if "cert" in settings:
