@@ -44,7 +44,9 @@ def parse_pip_config(listing: str) -> dict[str, str]:
 def uv_flags(settings: dict[str, str]) -> list[str]:
     flags = ["--index-strategy", "unsafe-best-match"]
     for key, (flag, several) in SETTINGS.items():
-        for value in (settings[key].split() if several else [settings[key]]) if key in settings else []:
+        if key not in settings:
+            continue
+        for value in settings[key].split() if several else [settings[key]]:
             local = value.removeprefix("file://") if value.startswith("file://") or "://" not in value else None
             if local is None or Path(local).exists():
                 flags += [flag, value]
