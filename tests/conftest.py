@@ -53,6 +53,11 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # (150 s -> 98 s, 222 -> 128 CPU s on 2 cores, twice each). Every Ray the tests start (the head, the second node,
 # a CLI run's own) reads it from this environment.
 os.environ.setdefault("RAY_num_workers_soft_limit", "8")
+# torch's OpenMP threads (libgomp) spin for a while after each parallel op before they sleep. Each process here
+# has as many threads as the machine has cores, and two xdist workers, Ray's actors and CLI runs share the two
+# cores: the spinning took CPU that another process needed. Passive waiting: the in-process torch tests use 0.79x
+# the CPU seconds (bench/omp_wait.py). Every process the tests start inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def pytest_collection_modifyitems(items):
@@ -70,9 +75,10 @@ NO_SHARED_SERVICES = ("tests/integration/test_gpu_check.py", "tests/integration/
 
 # The modules that start from the session's tiny pipeline (the `pipeline` fixture): one unit of work, so that one
 # worker makes it once. A module missing here still passes; it costs a second pipeline in the other worker.
-# DreamBooth (its own models) goes with them, so that the two units take about as long.
+# DreamBooth (its own models) and the training error boundary (its own runs) go with them, so that the two units
+# take about as long.
 PIPELINE_MODULES = tuple(f"tests/integration/test_{m}.py" for m in
-                         ("harness", "lineage", "train_loop", "training", "two_node", "dreambooth"))
+                         ("harness", "lineage", "train_loop", "training", "two_node", "dreambooth", "error_boundary"))
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -87,7 +93,7 @@ def pytest_xdist_make_scheduler(config, log):
     class IntegrationInTwoUnits(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             if nodeid.startswith(PIPELINE_MODULES):
-                return "integration: the pipeline's modules and DreamBooth"
+                return "integration: the pipeline's modules, DreamBooth and the error boundary"
             if nodeid.startswith("tests/integration/") and not nodeid.startswith(NO_SHARED_SERVICES):
                 return "integration: the rest"
             return nodeid
