@@ -75,10 +75,11 @@ NO_SHARED_SERVICES = ("tests/integration/test_gpu_check.py", "tests/integration/
 
 # The modules that start from the session's tiny pipeline (the `pipeline` fixture): one unit of work, so that one
 # worker makes it once. A module missing here still passes; it costs a second pipeline in the other worker.
-# DreamBooth (its own models) and the training error boundary (its own runs) go with them, so that the two units
-# take about as long.
-PIPELINE_MODULES = tuple(f"tests/integration/test_{m}.py" for m in
-                         ("harness", "lineage", "train_loop", "training", "two_node", "dreambooth", "error_boundary"))
+# DreamBooth (its own models), the training error boundary and captioning (their own runs) go with them, so that
+# the two units take about as long.
+PIPELINE_MODULES = tuple(f"tests/integration/test_{m}.py" for m in ("harness", "lineage", "train_loop", "training",
+                                                                    "two_node", "dreambooth", "error_boundary",
+                                                                    "caption"))
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -93,7 +94,7 @@ def pytest_xdist_make_scheduler(config, log):
     class IntegrationInTwoUnits(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             if nodeid.startswith(PIPELINE_MODULES):
-                return "integration: the pipeline's modules, DreamBooth and the error boundary"
+                return "integration: the pipeline's modules, DreamBooth, the error boundary and captioning"
             if nodeid.startswith("tests/integration/") and not nodeid.startswith(NO_SHARED_SERVICES):
                 return "integration: the rest"
             return nodeid
