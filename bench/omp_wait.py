@@ -25,10 +25,11 @@ SIDES = {"passive": {"OMP_WAIT_POLICY": "PASSIVE"},
 
 
 def busy_cpu_s() -> float:
-    """The machine's busy CPU seconds since boot (user, nice, system, irq, softirq), from /proc/stat."""
-    fields = open("/proc/stat").readline().split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    """The machine's busy CPU seconds since boot (user, nice, system, irq, softirq: /proc/stat, through psutil)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq
 
 
 def run_side(env: dict, tests: list[str]) -> dict:
