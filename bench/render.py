@@ -30,10 +30,11 @@ SECTIONS = {  # section -> heading, in page order; a section not listed comes af
     "make": "`make test` and `make demo`: wall time", "animation": "Animated emoji", "security": "Security",
     "demo_vae_sweep": "The `tiny` demo's VAE: steps, batch, width, latent channels (before the demo drew pixels)",
     "omp_wait": "How the suite's torch threads wait: passive vs libgomp's default spin",
+    "suite_ray_head": "The suite's Ray head: no log monitor, no usage stats, vs Ray's defaults",
 }
 # Studies that decided a design (old code against new, once): their records stay in bench/results/, and the page
 # lists them in one line each; `--studies` renders their tables. A name here is a section or a benchmark.
-STUDIES = ("fast_path", "zero3_ema", "resume", "demo_vae_sweep", "omp_wait")
+STUDIES = ("fast_path", "zero3_ema", "resume", "demo_vae_sweep", "omp_wait", "suite_ray_head")
 AREAS = ["build", "caption", "encode", "train", "bulk", "bulk commits", "ingest", "keying", "tiny", "vae",
          "small64"]  # the order of a section's areas (a name not listed comes after these, by name)
 INTRO = """\

@@ -1,7 +1,7 @@
 """What a Ray head's own daemons cost the test suite: the head as tests/conftest.py starts it (no log monitor; the
 drivers without Ray's usage stats) against the head as infra/local_ray_head.sh starts it (Ray's defaults).
 
-    .venv/bin/python bench/ray_daemons.py [--repeats 3] [--actors 24] [--idle 20]
+    .venv/bin/python bench/suite_ray_head.py [--repeats 3] [--actors 24] [--idle 20]
 
 Each round starts a head on each side (`ray start --head --block`, 2 CPUs, its dashboard, its own RAY_TMPDIR), runs
 the same driver against it (pairs of short-lived actors, as a Ray Train run starts them and each leaves its worker
@@ -112,7 +112,7 @@ def main() -> int:
     runs = repeat({name: (lambda i, s=side: run_side(s, args.actors, args.idle)) for name, side in SIDES.items()},
                   args.repeats, alternate=True, report=report)
     ours, peer = runs["suite's head"], runs["Ray's defaults"]
-    area = "make: Ray's daemons"
+    area = "make: the suite's Ray head"
     summary = [
         row(area, f"a head through {args.actors} actors, 8 Ray Data runs and {args.idle:g} s idle: the machine's "
             "CPU seconds, the suite's head vs Ray's defaults", [r["cpu_s"] for r in ours], [r["cpu_s"] for r in peer],
@@ -121,7 +121,8 @@ def main() -> int:
             [r["log_monitor_cpu_s"] + r["usage_actor_cpu_s"] for r in ours],
             [r["log_monitor_cpu_s"] + r["usage_actor_cpu_s"] for r in peer], unit="s"),
     ]
-    write_record("ray_daemons", {"sides": SIDES, "actors": args.actors, "idle_s": args.idle, "runs": runs}, summary,
+    figures = {"sides": SIDES, "actors": args.actors, "idle_s": args.idle, "runs": runs}
+    write_record("suite_ray_head", figures, summary,
                  about="a Ray head as the suite starts it (no log monitor, no usage stats) vs Ray's defaults")
     return 0
 
