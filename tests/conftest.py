@@ -3,10 +3,10 @@ a local HTTP site.
 
 The S3 server is what `infra/local_s3.sh` starts (a moto_server process, the emoji-ldm bucket made as
 the minio-bucket Job makes it); the cluster is a head as `infra/local_ray_head.sh` starts it (`ray
-start --head`, its dashboard and Jobs API, here 2 CPUs), with that server's variables. Both start the first
-time a test needs them and stop at the end of the session. In-process tests join the cluster as a
-driver (`ray_local`), CLI subprocesses through RAY_ADDRESS (`run_cli`), the RayJob tests through its
-Jobs API. Everything listens on 127.0.0.1 only.
+start --head`, its dashboard and Jobs API, here 2 CPUs and no log monitor), with that server's variables.
+Both start the first time a test needs them and stop at the end of the session. In-process tests join the
+cluster as a driver (`ray_local`), CLI subprocesses through RAY_ADDRESS (`run_cli`), the RayJob tests
+through its Jobs API. Everything listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
