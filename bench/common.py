@@ -123,6 +123,15 @@ def run_watched(cmd: list[str], on_sample=None, log: Path | None = None, timeout
 # --- timing and repeats -----------------------------------------------------------------------------------
 
 
+def busy_cpu_s() -> float:
+    """The machine's busy CPU seconds since boot (user, nice, system, irq, softirq: /proc/stat, through psutil):
+    every process's, those a run starts and ends included."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq
+
+
 def timed(fn, *args, **kwargs) -> tuple[float, object]:
     """(wall seconds, fn(*args, **kwargs)), by perf_counter."""
     t0 = time.perf_counter()

@@ -16,20 +16,12 @@ import argparse
 import os
 import sys
 
-from common import REPO, repeat, row, run_timed, write_record
+from common import REPO, busy_cpu_s, repeat, row, run_timed, write_record
 
 TESTS = ["tests/unit/test_training_step.py", "tests/unit/test_precision.py", "tests/unit/test_ema_partition.py",
          "tests/unit/test_animation.py", "tests/unit/test_ingress_animation.py", "tests/unit/test_job_animation.py"]
 SIDES = {"passive": {"OMP_WAIT_POLICY": "PASSIVE"},
          "libgomp default": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}}
-
-
-def busy_cpu_s() -> float:
-    """The machine's busy CPU seconds since boot (user, nice, system, irq, softirq: /proc/stat, through psutil)."""
-    import psutil
-
-    t = psutil.cpu_times()
-    return t.user + t.nice + t.system + t.irq + t.softirq
 
 
 def run_side(env: dict, tests: list[str]) -> dict:

@@ -21,7 +21,7 @@ import tempfile
 import time
 
 import psutil
-from common import REPO, free_port, repeat, row, write_record
+from common import REPO, busy_cpu_s, free_port, repeat, row, write_record
 
 VENV_BIN = REPO / ".venv" / "bin"
 SIDES = {"suite's head": {"args": ["--include-log-monitor", "false"], "driver_env": {"RAY_USAGE_STATS_ENABLED": "0"}},
@@ -43,11 +43,6 @@ for _ in range(int(sys.argv[1]) // 2):  # two at a time, as a 2-worker Ray Train
 for _ in range(8):
     ray.data.range(2000, override_num_blocks=4).map_batches(lambda b: b).materialize()
 """
-
-
-def busy_cpu_s() -> float:
-    t = psutil.cpu_times()
-    return t.user + t.nice + t.system + t.irq + t.softirq
 
 
 def daemon_cpu_s(temp: str) -> dict:
