@@ -46,17 +46,19 @@ for _ in range(8):
 
 
 def daemon_cpu_s(temp: str) -> dict:
-    """CPU seconds so far of the head's log monitor and of the usage-collection actor (0 where there is none)."""
+    """CPU seconds so far of the head's log monitor and of its usage-collection actor (a worker of its raylet; 0
+    where there is none)."""
     out = {"log_monitor_cpu_s": 0.0, "usage_actor_cpu_s": 0.0}
     for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        key = ("log_monitor_cpu_s" if "log_monitor.py" in cmd and temp in cmd else
-               "usage_actor_cpu_s" if cmd.startswith("ray::_UsageCollectionActor") else None)
-        if key:
-            try:
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            key = ("log_monitor_cpu_s" if "log_monitor.py" in cmd and temp in cmd else
+                   "usage_actor_cpu_s" if cmd.startswith("ray::_UsageCollectionActor")
+                   and temp in " ".join(p.parent().cmdline()) else None)
+            if key:
                 out[key] += sum(p.cpu_times()[:2])
-            except psutil.Error:
-                pass
+        except (psutil.Error, AttributeError):  # gone, or no parent
+            pass
     return out
 
 
