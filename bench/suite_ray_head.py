@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,7 +91,7 @@ def run_side(side: dict, actors: int, idle: float) -> dict:
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(60)
-        subprocess.run(["rm", "-rf", temp])
+        shutil.rmtree(temp, ignore_errors=True)
     return {"wall_s": round(time.time() - start, 1), "cpu_s": round(busy_cpu_s() - cpu, 1),
             **{k: round(v, 2) for k, v in figures.items()}}
 
