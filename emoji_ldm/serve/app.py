@@ -216,13 +216,15 @@ class Ingress:
             return
         cost = cost_units(images, steps, drawn)  # a request that leaves out the size pays for the model's own
         # more than a whole minute's budget never fits: refused here, without asking the meter
-        wait = -1.0 if cost > key.cost_per_minute else await ask("spend", key.owner, cost, key.cost_per_minute)
+        wait = -1.0 if cost > key.cost_per_minute else await ask("spend", key.owner, cost, key.cost_per_minute,
+                                                                  key.budget)
         if wait < 0:
             raise ApiError(429, f"this request costs {cost:g} units (images x steps x (size/64)^2), more than key "
                                 f"{key.name!r} may spend in a minute ({key.cost_per_minute}): ask for fewer "
                                 "images or steps, or send a job")
-        if wait > 0:
-            raise ApiError(429, f"key {key.name!r} has spent its {key.cost_per_minute} cost units a minute: this "
+        if wait > 0:  # its minute bucket, or the budget it shares with the key's jobs (serve/meter.py)
+            raise ApiError(429, f"key {key.name!r} has spent its {key.cost_per_minute} cost units a minute or its "
+                                f"budget of {key.budget}: this "
                                 f"request ({cost:g} units) fits in {wait:.0f} s", headers={"Retry-After":
                                                                                           str(int(wait + 0.999))})
 

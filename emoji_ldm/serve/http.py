@@ -24,13 +24,17 @@ MAX_BODY_BYTES = 256 * 1024  # 256 items of 500 characters fit; anything bigger 
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, field: str | None = None, headers: dict | None = None):
+    """`extra`: figures beside the message in the JSON body (a quota's cost and what is left)."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, headers: dict | None = None,
+                 extra: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.field, self.headers = status, message, field, headers
+        self.status, self.message, self.field, self.headers, self.extra = status, message, field, headers, extra
 
 
-def error_response(status: int, message: str, field: str | None = None, headers: dict | None = None):
-    return JSONResponse({"error": message, "field": field}, status_code=status, headers=headers)
+def error_response(status: int, message: str, field: str | None = None, headers: dict | None = None,
+                   extra: dict | None = None):
+    return JSONResponse({**(extra or {}), "error": message, "field": field}, status_code=status, headers=headers)
 
 
 def check_adapter(name: str | None, adapters: dict) -> None:
@@ -76,7 +80,7 @@ def _check_total(images: int, size: int, own_size: bool, limit: int, whole: str,
 
 
 async def _api_error(request: Request, exc: ApiError):
-    return error_response(exc.status, exc.message, exc.field, exc.headers)
+    return error_response(exc.status, exc.message, exc.field, exc.headers, exc.extra)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError):

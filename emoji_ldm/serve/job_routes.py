@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from emoji_ldm.serve import meter
+from emoji_ldm.serve import meter, quota
 from emoji_ldm.serve.http import ApiError, check_adapter, check_job_pixels, check_pixels
 from emoji_ldm.serve.job_files import animation_state, check_loops_fit
 from emoji_ldm.serve.schemas import JobRequest
@@ -46,6 +46,7 @@ class JobRoutes:
         self.args, self.keyring = args, keyring
         self.model_card = model_card  # async () -> the model's card (its image_size: a job's size by default)
         self._expired_at = None  # when retention last ran (serve/retention.py)
+        self._stored = quota.StoredBytes(args.jobs_uri)  # each key's stored bytes, measured at most every minute
 
     def add_to(self, api: FastAPI) -> None:
         api.post("/v1/jobs", status_code=202)(self.create_job)
@@ -187,12 +188,16 @@ class JobRoutes:
                 return await self._same_job(request, job_id, known["body_hash"], digest)
         else:
             job_id = durable.new_job_id()
-        await self._admit(owner, key, job_id)  # first: a key at its quota costs no name lookup
+        await self._admit(owner, key, job_id, body, drawn)  # first: a refused job costs no name lookup
         try:
             if body.callback_url:
                 await self._check_callback(body.callback_url, key)
             actor = await asyncio.to_thread(durable.start_runner, self._job_spec(owner, key, job_id, data, digest))
             stored = await actor.stored_body_hash.remote()
+        except BaseException:
+            if key is not None:  # it never started (a refused callback): its whole charge back
+                await meter.ask("refund", owner, job_id, 1.0, key.cost_per_minute, key.budget)
+            raise
         finally:
             if key is not None:  # counted as a live runner from now on (or it never started: a refused callback)
                 await meter.ask("started", owner, job_id)
@@ -203,13 +208,18 @@ class JobRoutes:
                                                  "created_at": durable.now_iso()}), status_code=202,
                             headers={"Location": f"/v1/jobs/{job_id}"})
 
-    async def _admit(self, owner: str, key, job_id: str) -> None:
-        """The key's concurrent-jobs quota, decided by the one meter actor for every replica (serve/meter.py): of
-        ten concurrent posts with room for one, one is admitted."""
-        quota = key.max_jobs if key else None
-        if quota is not None and not await meter.ask("admit", owner, job_id, quota):
-            raise ApiError(429, f"key {key.name!r} has {quota} job(s) running, its quota: retry when one ends",
-                           headers={"Retry-After": "30"})
+    async def _admit(self, owner: str, key, job_id: str, body: JobRequest, drawn: int | None) -> None:
+        """The key's concurrent-jobs quota, its cost budget (the job's whole cost, charged now) and its
+        stored-bytes quota, decided in one step by the one meter actor for every replica (serve/meter.py,
+        serve/quota.py): of ten concurrent posts with room for one, one is admitted. 429 with the figures."""
+        if key is None:
+            return
+        stored = await asyncio.to_thread(self._stored.of, owner)
+        decision = await meter.ask("admit_job", owner, job_id, key.max_jobs, quota.job_cost(body, drawn or 0),
+                                   key.cost_per_minute, key.budget, quota.job_bytes(body, drawn or 0), stored,
+                                   key.max_stored_bytes)
+        if not decision.get("ok"):
+            raise quota.refusal(decision if "refused" in decision else {"refused": "jobs"}, key)
 
     async def _same_job(self, request: Request, job_id: str, stored: str, digest: str, created: bool = False):
         from emoji_ldm.serve import durable
@@ -251,6 +261,10 @@ class JobRoutes:
         actor = await asyncio.to_thread(durable.runner, owner, job_id)
         if actor is not None:
             await actor.cancel.remote()
+        _, key = _owner(request)
+        if key is not None:  # the images not drawn yet go back to the key's budget (once, however many cancels)
+            share = 1.0 - state["done"] / state["total"] if state.get("total") else 1.0
+            await meter.ask("refund", owner, job_id, share, key.cost_per_minute, key.budget)
         return {**durable.public_state(state), "state": "cancelling"}
 
     async def job_zip(self, job_id: str, request: Request):

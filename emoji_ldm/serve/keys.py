@@ -76,12 +76,26 @@ class ApiKey:
     webhook_secret: str = ""  # signs this key's webhooks (HMAC-SHA256)
     id: str = ""              # immutable; derived from the hash for an entry older than ids
     cost_per_minute: int = 20_000  # cost units a minute (images x steps x (size/64)^2, serve/meter.py)
+    cost_budget: int = 0      # cost units it may hold for requests and jobs together; 0: an hour of cost_per_minute
+    max_stored_bytes: int = 10 * 2**30  # bytes its job results may hold on the service's storage at once
 
     def __post_init__(self):
         if not self.id:
             object.__setattr__(self, "id", derived_key_id(self.hash))
         elif not KEY_ID.match(self.id):
             raise ValueError(f"key {self.name!r} has id {self.id!r}, not key-<16 hex digits>")
+        for field in ("rate_per_minute", "max_jobs", "cost_per_minute", "cost_budget", "max_stored_bytes"):
+            value = getattr(self, field)
+            if type(value) is not int or value < 0:  # a JSON "10" or true is refused, not read as a number
+                raise ValueError(f"key {self.name!r} has {field} {value!r}: a whole number, 0 or more")
+        if type(self.revoked) is not bool:
+            raise ValueError(f"key {self.name!r} has revoked {self.revoked!r}: true or false")
+
+    @property
+    def budget(self) -> int:
+        """The most cost units the key holds (its `budget:` bucket, serve/meter.py): a job costing more never
+        runs."""
+        return self.cost_budget or 60 * self.cost_per_minute
 
     @property
     def owner(self) -> str:
@@ -92,7 +106,8 @@ class ApiKey:
         """What `keys list` shows: no hash, no secret."""
         return {"name": self.name, "id": self.id, "rate_per_minute": self.rate_per_minute,
                 "max_jobs": self.max_jobs,
-                "cost_per_minute": self.cost_per_minute, "revoked": self.revoked, "created_at": self.created_at}
+                "cost_per_minute": self.cost_per_minute, "cost_budget": self.budget,
+                "max_stored_bytes": self.max_stored_bytes, "revoked": self.revoked, "created_at": self.created_at}
 
 
 def read_keys(uri: str) -> dict[str, ApiKey]:

@@ -19,6 +19,13 @@ plus the jobs it admitted whose runners are not yet up, and admits the job only 
 runners are the truth (a job that ends takes its runner with it), so the meter keeps nothing that must be
 released for the count to be right, and a meter that is lost and started again counts right from its first
 call. A job id that is already running or admitted is admitted again (an idempotent replay, a resume).
+
+One cost model for every route: a key's `cost_budget` is a second bucket (`budget:<key id>`, refilled at the same
+`cost_per_minute`, holding at most `cost_budget` units) that every request and every job draws from. A request
+also needs room in its minute bucket (at most a minute's budget a minute, as before); a job is charged its whole
+cost at admission (`admit_job`: images x frames x (1 + redraws) x steps x (size/64)^2, quota.py), in the same
+step as its jobs quota and the key's stored-bytes quota, and what it did not draw is refunded on cancel (`refund`,
+once per job).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ SETTLE_S = 120.0   # an admitted job whose runner never came up stops counting a
 UNIT_PIXELS = 64 * 64
 MAX_REQUEST_PIXELS = 64 * 256 * 256  # one request's images x size^2: 64 at 256 px, 16 at 512, 4 at 1024
 MAX_JOB_PIXELS = 4096 * 256 * 256  # one job's images x frames x size^2 (packaged in one process): 4096 at 256 px
+STORED_TTL_S = 60.0  # how old an ingress's measurement of a key's stored bytes may be (quota.py)
 
 
 def cost_units(images: int, steps: int, size: int | None = None) -> float:
@@ -55,27 +63,91 @@ class Meter:
 
     def __init__(self, clock=time.monotonic, live=_live_runners):
         self.clock, self.live = clock, live
-        self.buckets: dict[str, tuple[float, float]] = {}   # owner -> (units left, when)
+        self.buckets: dict[str, tuple[float, float]] = {}   # bucket -> (units left, when)
         self.admitted: dict[str, dict[str, float]] = {}     # owner -> job id -> when admitted
+        self.charged: dict[str, dict[str, tuple[float, float]]] = {}  # owner -> job id -> (units, when)
+        self.job_bytes: dict[str, dict[str, tuple[int, float]]] = {}  # owner -> job id -> (its bound, ended at)
 
-    def spend(self, owner: str, cost: float, per_minute: float) -> float:
-        """0.0: taken from the owner's bucket. > 0: the seconds until the bucket holds `cost` (nothing taken).
-        -1.0: more than the bucket ever holds."""
-        if cost > per_minute:
+    def _level(self, bucket: str, most: float, per_minute: float, now: float) -> float:
+        left, at = self.buckets.get(bucket, (float(most), now))
+        return min(float(most), left + (now - at) * per_minute / 60.0)
+
+    def spend(self, owner: str, cost: float, per_minute: float, budget: float | None = None) -> float:
+        """0.0: taken from the owner's bucket (and from its `budget:` bucket, holding `budget`, when given).
+        > 0: the seconds until both hold `cost` (nothing taken). -1.0: more than the minute bucket ever holds."""
+        if cost > per_minute or (budget is not None and cost > budget):
             return -1.0
         now = self.clock()
-        left, at = self.buckets.get(owner, (float(per_minute), now))
-        left = min(float(per_minute), left + (now - at) * per_minute / 60.0)
-        if left < cost:
+        left = self._level(owner, per_minute, per_minute, now)
+        room = left if budget is None else min(left, self._level(f"budget:{owner}", budget, per_minute, now))
+        if room < cost:
             self.buckets[owner] = (left, now)
-            return max(1.0, (cost - left) * 60.0 / per_minute)
+            return max(1.0, (cost - room) * 60.0 / per_minute)
         self.buckets[owner] = (left - cost, now)
+        if budget is not None:
+            self.buckets[f"budget:{owner}"] = (self._level(f"budget:{owner}", budget, per_minute, now) - cost, now)
         return 0.0
 
-    def admit(self, owner: str, job_id: str, quota: int | None) -> bool:
+    def admit_job(self, owner: str, job_id: str, quota: int | None, cost: float, per_minute: float,
+                  budget: float, job_bytes: int, stored: int, max_bytes: int) -> dict:
+        """A job's admission in one step: the jobs quota, the stored-bytes quota (`stored`: what the owner's
+        folder held when last measured; the bounds of its jobs running, admitted or ended since are added) and its
+        whole cost from the `budget:` bucket. {"ok": True}, or {"refused": "jobs" | "bytes" | "cost", ...}
+        with what it would take and what is left. A job already charged (a replay) is admitted as it is."""
+        now = self.clock()
+        if job_id in self.charged.get(owner, {}):
+            return {"ok": self.admit(owner, job_id, quota)}
+        bucket = f"budget:{owner}"
+        left = self._level(bucket, budget, per_minute, now)
+        if cost > budget or left < cost:
+            return {"refused": "cost", "cost": cost, "left": left, "budget": budget,
+                    "wait_s": None if cost > budget else max(1.0, (cost - left) * 60.0 / per_minute)}
+        live = self.live(owner)
+        held = stored + self._bytes_held(owner, live, now)
+        if held + job_bytes > max_bytes:
+            return {"refused": "bytes", "bytes": job_bytes, "held": held, "max_bytes": max_bytes}
+        if not self.admit(owner, job_id, quota, live):
+            return {"refused": "jobs"}
+        self.buckets[bucket] = (left - cost, now)
+        self.charged.setdefault(owner, {})[job_id] = (cost, now)
+        self.job_bytes.setdefault(owner, {})[job_id] = (job_bytes, float("inf"))
+        self._forget(owner, budget / per_minute * 60.0, now)
+        return {"ok": True}
+
+    def _bytes_held(self, owner: str, live: set[str], now: float) -> int:
+        """The bounds of the owner's jobs whose output a measurement may not hold yet: running or admitted, or
+        ended within the last STORED_TTL_S (a measurement is at most that old)."""
+        live = live | set(self.admitted.get(owner, {}))
+        jobs = self.job_bytes.get(owner, {})
+        for job_id, (size, ended) in list(jobs.items()):
+            if job_id in live:
+                continue
+            if ended == float("inf"):
+                jobs[job_id] = (size, now)  # seen gone now: counted for STORED_TTL_S more
+            elif now - ended >= STORED_TTL_S:
+                del jobs[job_id]
+        return sum(size for size, _ in jobs.values())
+
+    def _forget(self, owner: str, refill_s: float, now: float) -> None:
+        """Charges older than a full refill of the budget: a refund of them would change nothing."""
+        charged = self.charged.get(owner, {})
+        for job_id in [j for j, (_, at) in charged.items() if now - at > refill_s]:
+            del charged[job_id]
+
+    def refund(self, owner: str, job_id: str, share: float, per_minute: float, budget: float) -> float:
+        """Give back `share` (0-1: the part not drawn) of a cancelled job's charge, once; returns the units."""
+        units, _ = self.charged.get(owner, {}).pop(job_id, (0.0, 0.0))
+        units *= min(1.0, max(0.0, share))
+        if units:
+            now = self.clock()
+            bucket = f"budget:{owner}"
+            self.buckets[bucket] = (min(float(budget), self._level(bucket, budget, per_minute, now) + units), now)
+        return units
+
+    def admit(self, owner: str, job_id: str, quota: int | None, live: set[str] | None = None) -> bool:
         """Admit one more job of `owner` if it has fewer than `quota` live or admitted (None: no quota)."""
         now = self.clock()
-        live = self.live(owner)
+        live = self.live(owner) if live is None else live
         pending = {j: t for j, t in self.admitted.get(owner, {}).items() if j not in live and now - t < SETTLE_S}
         self.admitted[owner] = pending
         if job_id in live or job_id in pending:

@@ -24,6 +24,12 @@ EVERY_S = 3600.0
 def iter_objects(uri: str) -> Iterator[tuple[str, float]]:
     """(relative name, modification time in epoch seconds) of every object under `uri`, in name order, one
     listing page at a time."""
+    for name, mtime, _ in iter_sized(uri):
+        yield name, mtime
+
+
+def iter_sized(uri: str) -> Iterator[tuple[str, float, int]]:
+    """`iter_objects` with each object's size in bytes."""
     from emoji_ldm.store.uri import is_s3, normalize_uri
 
     if is_s3(uri):
@@ -35,11 +41,11 @@ def iter_objects(uri: str) -> Iterator[tuple[str, float]]:
                                                                        PaginationConfig={"PageSize": 1000})
         for page in pages:
             for obj in page.get("Contents", []):
-                yield obj["Key"][len(prefix):], obj["LastModified"].timestamp()
+                yield obj["Key"][len(prefix):], obj["LastModified"].timestamp(), obj["Size"]
         return
     root = normalize_uri(uri)
 
-    def walk(folder: str, rel: str) -> Iterator[tuple[str, float]]:
+    def walk(folder: str, rel: str) -> Iterator[tuple[str, float, int]]:
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)  # one folder's names at a time
         except FileNotFoundError:
@@ -49,7 +55,8 @@ def iter_objects(uri: str) -> Iterator[tuple[str, float]]:
             if entry.is_dir(follow_symlinks=False):
                 yield from walk(entry.path, name + "/")
             elif entry.is_file(follow_symlinks=False):
-                yield name, entry.stat(follow_symlinks=False).st_mtime
+                info = entry.stat(follow_symlinks=False)
+                yield name, info.st_mtime, info.st_size
 
     yield from walk(root, "")
 
