@@ -71,7 +71,9 @@ class AppArgs:
 
     def __post_init__(self):
         from emoji_ldm.errors import UserError
+        from emoji_ldm.serve.strict import parse_fields
 
+        parse_fields(self)  # "false" is false, "16" is 16; "no" or 16.5 for an int is refused (serve/strict.py)
         if not self.model:
             raise UserError("args.model is empty: give the model folder/URI to serve")
         for name, uri in self.adapters.items():
@@ -297,6 +299,9 @@ class Ingress:
 
 def application(args: dict, deployments: list[dict] | None = None) -> serve.Application:
     """The bound application; `deployments` are the Serve config's per-deployment options."""
+    from emoji_ldm.serve.strict import unknown
+
+    unknown(args, AppArgs)
     config = AppArgs(**args)
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in deployments or []}
     generator = Generator.options(**options.get("Generator", {})).bind(
@@ -313,11 +318,14 @@ def build_app(args: dict) -> serve.Application:
     import os
 
     from emoji_ldm.errors import UserError
+    from emoji_ldm.serve.strict import parse, unknown
 
     args = dict(args)
+    unknown(args, AppArgs)
     if not args.get("keys") and os.environ.get("EMOJI_LDM_API_KEYS"):
         args["keys"] = os.environ["EMOJI_LDM_API_KEYS"]
-    if not args.get("keys") and not args.get("insecure"):
+    # parsed here, before the check: the string "false" from `serve run ... insecure=false` is false
+    if not parse("keys", str, args.get("keys", "")) and not parse("insecure", bool, args.get("insecure", False)):
         raise UserError("refusing to serve without API keys: set args.keys to a key file (emoji-ldm keys create) "
                         "or $EMOJI_LDM_API_KEYS, or args.insecure: true to let anyone who reaches the port generate")
     return application(args)
