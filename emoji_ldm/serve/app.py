@@ -112,6 +112,10 @@ class AppArgs:
                             "recompiles until torch.compile gives up; serve adapters without compile, or serve "
                             "the fused model (the dreambooth run's OUT/model) compiled")
         self.inference()  # validates dtype
+        from emoji_ldm.serve.retention import check_locations
+
+        check_locations(self.sets_uri, self.jobs_uri, {"model": self.model, "judge": self.judge, "keys": self.keys,
+                                                       **{f"adapter {n}": u for n, u in self.adapters.items()}})
 
     def inference(self):
         from emoji_ldm.errors import UserError

@@ -6,19 +6,26 @@
 
 The listing is streamed (S3 `list_objects_v2` one page of 1000 at a time; a local tree with `os.scandir`), in
 key order, so the objects of one job or set come together: only the current one's names are held, never the
-bucket's. An ingress runs it when it starts and then at most every `EVERY_S` (serve/job_routes.py's sweep).
+bucket's. Only names shaped like the service's own are deleted (`JOB_GROUP`, `SET_GROUP`): a folder of any other
+name under the sets or jobs location is left alone, and `check_locations` refuses to start a service whose sets or
+jobs location holds, or sits inside, a model, a judge, an adapter, the key file or the other one.
+An ingress runs it when it starts and then at most every `EVERY_S` (serve/job_routes.py's sweep).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 
 logger = logging.getLogger("ray.serve")
 
 EVERY_S = 3600.0
+# only what the service itself names is ever deleted: <key id or _local>/<job id>/... and <set id>/...
+JOB_GROUP = re.compile(r"(key-[0-9a-f]{16}|_local)/job-[0-9a-z-]{8,40}")
+SET_GROUP = re.compile(r"set-[0-9]{8}-[0-9]{6}-[0-9a-f]{8}")
 
 
 def iter_objects(uri: str) -> Iterator[tuple[str, float]]:
@@ -111,15 +118,15 @@ def _delete(uri: str, names: list[str]) -> None:
 def expire_jobs(jobs_uri: str, days: float, now: float | None = None) -> int:
     """Delete every job folder whose newest object is older than `days` and which is not running; returns
     how many."""
-    from emoji_ldm.serve.durable import ACTIVE, active_marker
+    from emoji_ldm.serve.durable import active_marker
     from emoji_ldm.store.artifacts import exists
 
     cutoff = (now or time.time()) - days * 86400
     gone = 0
     for group, names, newest in _groups(jobs_uri, 2):
         owner, job_id = group.split("/")
-        if owner == ACTIVE or newest >= cutoff or exists(active_marker(jobs_uri, owner, job_id)):
-            continue
+        if not JOB_GROUP.fullmatch(group) or newest >= cutoff or exists(active_marker(jobs_uri, owner, job_id)):
+            continue  # not shaped like a job of ours (the _active markers, an operator's files), recent, or running
         _delete(jobs_uri, names)
         gone += 1
         logger.info("retention: deleted job %s of %s (%d files, past %g days)", job_id, owner, len(names), days)
@@ -131,8 +138,40 @@ def expire_sets(sets_uri: str, days: float, now: float | None = None) -> int:
     cutoff = (now or time.time()) - days * 86400
     gone = 0
     for group, names, newest in _groups(sets_uri, 1):
-        if newest < cutoff:
+        if newest < cutoff and SET_GROUP.fullmatch(group):  # a model or a dataset beside the sets is never ours
             _delete(sets_uri, names)
             gone += 1
             logger.info("retention: deleted set %s (%d files, past %g days)", group, len(names), days)
     return gone
+
+
+def check_locations(sets_uri: str, jobs_uri: str, others: dict[str, str]) -> None:
+    """UserError when the sets or jobs location contains, or is inside, one of `others` (name -> URI: the model,
+    the judge, the adapters, the key file) or each other: retention deletes under them, so nothing else may be
+    there. Local paths are compared resolved (a symlink is what it points to)."""
+    from emoji_ldm.errors import UserError
+
+    ours = {name: uri for name, uri in (("sets_uri", sets_uri), ("jobs_uri", jobs_uri)) if uri}
+    places = {name: _place(uri) for name, uri in {**others, **ours}.items() if uri}
+    for name, uri in ours.items():
+        for other, there in places.items():
+            here = places[name]
+            if other == name or None in (here, there):
+                continue
+            if here == there or there.startswith(here + "/") or here.startswith(there + "/"):
+                raise UserError(f"args.{name} {uri!r} overlaps {other} {(others | ours)[other]!r}: retention deletes "
+                                f"expired output under {name}, so give it a folder of its own that holds nothing "
+                                "else and is inside nothing the service reads (e.g. s3://bucket/emoji-ldm/sets)")
+
+
+def _place(uri: str) -> str | None:
+    """A comparable form of `uri` (None: not a location, such as a hub name)."""
+    from emoji_ldm.store.uri import is_s3, normalize_uri
+
+    try:
+        where = normalize_uri(uri)
+    except Exception:  # not a path or an s3:// URI: nothing retention could reach
+        return None
+    if is_s3(where):
+        return "s3://" + where.split("://", 1)[1].rstrip("/")
+    return os.path.realpath(where.removeprefix("file://")).rstrip("/") or "/"

@@ -254,14 +254,18 @@ def test_retention_deletes_old_jobs_and_sets_but_not_running_or_recent_ones(tmp_
 
     jobs, sets = tmp_path / "jobs", tmp_path / "sets"
     old = time.time() - 8 * 86400
-    files = {jobs / "key-a" / "job-old" / "state.json": old, jobs / "key-a" / "job-old" / "images" / "00000.png": old,
-             jobs / "key-a" / "job-old-2" / "state.json": old,
-             jobs / "key-a" / "job-running" / "state.json": old, jobs / "_active" / "key-a" / "job-running": old,
-             jobs / "key-b" / "job-new" / "state.json": time.time(),
-             jobs / "key-b" / "job-mixed" / "images" / "00000.png": old,
-             jobs / "key-b" / "job-mixed" / "state.json": time.time(),  # still being written: kept whole
-             sets / "set-old" / "manifest.json": old, sets / "set-old" / "a.png": old,
-             sets / "set-new" / "manifest.json": time.time()}
+    a, b = "key-00000000000000aa", "key-00000000000000bb"  # key ids, job and set ids as the service names them
+    j_old, j_old2, j_run = "job-20261101-000000-0000000a", "job-20261101-000000-0000000b", "job-0123456789abcdef"
+    j_new, j_mixed = "job-20261101-000000-0000000c", "job-20261101-000000-0000000d"
+    s_old, s_new = "set-20261101-000000-0000000a", "set-20261101-000000-0000000b"
+    files = {jobs / a / j_old / "state.json": old, jobs / a / j_old / "images" / "00000.png": old,
+             jobs / a / j_old2 / "state.json": old,
+             jobs / a / j_run / "state.json": old, jobs / "_active" / a / j_run: old,
+             jobs / b / j_new / "state.json": time.time(),
+             jobs / b / j_mixed / "images" / "00000.png": old,
+             jobs / b / j_mixed / "state.json": time.time(),  # still being written: kept whole
+             sets / s_old / "manifest.json": old, sets / s_old / "a.png": old,
+             sets / s_new / "manifest.json": time.time()}
     for path, mtime in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
@@ -270,8 +274,8 @@ def test_retention_deletes_old_jobs_and_sets_but_not_running_or_recent_ones(tmp_
     assert expire_jobs(str(jobs), 7) == 2
     assert expire_sets(str(sets), 7) == 1
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
-    assert left == ["jobs/_active/key-a/job-running", "jobs/key-a/job-running/state.json",
-                    "jobs/key-b/job-mixed/images/00000.png", "jobs/key-b/job-mixed/state.json",
-                    "jobs/key-b/job-new/state.json", "sets/set-new/manifest.json"]
-    assert not (jobs / "key-a" / "job-old").exists() and not (sets / "set-old").exists()
+    assert left == sorted([f"jobs/_active/{a}/{j_run}", f"jobs/{a}/{j_run}/state.json",
+                           f"jobs/{b}/{j_mixed}/images/00000.png", f"jobs/{b}/{j_mixed}/state.json",
+                           f"jobs/{b}/{j_new}/state.json", f"sets/{s_new}/manifest.json"])
+    assert not (jobs / a / j_old).exists() and not (sets / s_old).exists()
     assert expire_jobs(str(jobs), 7, now=time.time() + 30 * 86400) == 2  # the unfinished one stays
