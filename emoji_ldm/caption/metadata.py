@@ -1,6 +1,7 @@
 """The `metadata` captioner: no model, words from the title and tag plus colours measured in the pixels.
 
 "red heart emoji (smileys & emotion), bright red, on a white background"
+"red heart emoji (smileys & emotion), bright red, noto style, on a transparent background"
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ import io
 
 import numpy as np
 from PIL import Image
+
+# Rows of these sources (emoji_ldm/sources: the emoji sets a package ships) are captioned with their style, so
+# one dataset of several sets teaches each style by name. Twemoji is left unnamed: it is the style a prompt
+# without a style word draws, and its captions stay what every model so far was trained on.
+STYLES = {"noto": "noto style", "openmoji": "openmoji style"}
 
 
 def colour_name(rgb) -> str:
@@ -74,7 +80,7 @@ def dominant_colours(pixels: np.ndarray, bg: np.ndarray | None, top: int = 2) ->
     return out[:top]
 
 
-def describe(png: bytes, title: str | None, tag: str | None) -> str:
+def describe(png: bytes, title: str | None, tag: str | None, source: str | None = None) -> str:
     with Image.open(io.BytesIO(png)) as im:
         rgba = np.asarray(im.convert("RGBA"))
     pixels, alpha = rgba[..., :3], rgba[..., 3]
@@ -89,17 +95,19 @@ def describe(png: bytes, title: str | None, tag: str | None) -> str:
     head = f"{name} emoji" if name else "emoji"
     if tag:
         head += f" ({' '.join(tag.split()).lower()})"
-    parts = [head] + ([" and ".join(colours)] if colours else []) + [f"on {bg_words}"]
+    style = [STYLES[source]] if source in STYLES else []
+    parts = [head] + ([" and ".join(colours)] if colours else []) + style + [f"on {bg_words}"]
     return ", ".join(parts)
 
 
 def caption_batch(batch: dict) -> dict:
-    """Ray Data batch function (no model, so plain tasks): image/title/tag in; id, caption, error out
-    (and `_file`, the data file the row came from, passed through)."""
+    """Ray Data batch function (no model, so plain tasks): image/title/tag (and `source`, where the batch has
+    it) in; id, caption, error out (and `_file`, the data file the row came from, passed through)."""
     captions, errors = [], []
-    for png, title, tag in zip(batch["image"], batch["title"], batch["tag"]):
+    sources = batch["source"] if "source" in batch else [None] * len(batch["id"])
+    for png, title, tag, source in zip(batch["image"], batch["title"], batch["tag"], sources):
         try:
-            captions.append(describe(png, title, tag))
+            captions.append(describe(png, title, tag, source))
             errors.append(None)
         except Exception as e:  # one bad image never fails its batch
             captions.append(None)

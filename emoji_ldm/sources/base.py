@@ -11,7 +11,7 @@ from emoji_ldm.errors import UserError
 
 # The items a source lists: one row per picture, its bytes not yet read.
 ITEM_SCHEMA = pa.schema([
-    ("locator", pa.string()),  # a local path, an http(s) URL or synthetic:SEED:I
+    ("locator", pa.string()),  # a local path, an http(s) URL, synthetic:SEED:I, noto:CODEPOINTS:FONT or openmoji:SVG
     ("source", pa.string()),  # the spec that listed it, e.g. "twemoji" or "dir:/data/pack"
     ("source_url", pa.string()),  # where the picture came from (the locator when null)
     ("page_url", pa.string()),  # the web page it was found on (crawls)
@@ -133,6 +133,14 @@ def fetch_bytes(locator: str, config: FetchConfig, pool=None) -> bytes:
         from emoji_ldm.sources.synthetic import draw
 
         return draw(locator)
+    if locator.startswith("noto:"):
+        from emoji_ldm.sources.noto import render
+
+        return render(locator)
+    if locator.startswith("openmoji:"):
+        from emoji_ldm.sources.openmoji import rasterise
+
+        return rasterise(locator)
     if not locator.startswith("/"):
         raise FetchError("bad_url", f"{locator[:200]!r} is not an http(s) URL or an absolute path")
     return read_file(locator, config.max_bytes)
