@@ -198,3 +198,56 @@ def test_a_pixel_models_chain_says_it_has_no_vae():
     text = format_chain({"chain": chain, "missing": None})
     assert "encode with preset pixel32: no VAE (the model draws pixels), text encoder minilm" in text
     assert "encode with preset tiny: VAE /d/vae, text encoder minilm" in text
+
+
+@pytest.fixture(scope="module")
+def c2pa_keys():
+    from emoji_ldm.inference.provenance import SigningKeys
+    from emoji_ldm.lineage.provenance_cmd import make_dev_chain
+
+    chain, key, _ = make_dev_chain()
+    return SigningKeys(chain, key)
+
+
+def test_lineage_verifies_a_signed_png_then_traces_it(model_run, tmp_path, capsys, c2pa_keys, monkeypatch):
+    from emoji_ldm.inference.provenance import lineage_of, sign
+
+    monkeypatch.delenv("EMOJI_LDM_C2PA_TRUST", raising=False)
+    params = _params(model=str(model_run / "run" / "model"))
+    png = tmp_path / "signed.png"
+    png.write_bytes(sign(encode_png(Image.new("RGBA", (8, 8), "red"), params), "png", lineage_of(params), c2pa_keys))
+    assert lineage_command(LineageConfig(target=str(png))) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith('c2pa      signed by "emoji-ldm dev signer"') and "Valid" in out[0]
+    assert "status: signingCredential.untrusted" in out[1] and f"model {CONTENT_ID}" in out[2]
+    assert out[3].startswith("image     ")  # then the chain, as for any PNG
+    assert lineage_command(LineageConfig(target=str(png), as_json=True)) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["complete"] and result["provenance"]["valid"] and result["provenance"]["signed"]
+
+
+def test_lineage_of_a_gif_is_its_c2pa_verification(tmp_path, capsys, c2pa_keys):
+    from emoji_ldm.inference.provenance import sign
+
+    frames = [Image.new("RGBA", (16, 16), (60 * i, 0, 0, 255)) for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    gif = tmp_path / "wave.gif"
+    gif.write_bytes(sign(buf.getvalue(), "gif", {"seed": 2}, c2pa_keys))
+    assert lineage_command(LineageConfig(target=str(gif))) == 0
+    assert "seed 2" in capsys.readouterr().out
+
+    data = bytearray(gif.read_bytes())
+    tail = buf.getvalue()[-12:-2]  # the last frame's image data, before its block terminator and the trailer
+    data[data.find(tail) + 4] ^= 0x01
+    changed = tmp_path / "changed.gif"
+    changed.write_bytes(bytes(data))
+    assert lineage_command(LineageConfig(target=str(changed))) == 1
+    assert "INVALID: the file or its manifest changed after signing" in capsys.readouterr().out
+
+    plain = tmp_path / "plain.gif"
+    plain.write_bytes(buf.getvalue())
+    assert lineage_command(LineageConfig(target=str(plain))) == 1
+    assert "no C2PA manifest" in capsys.readouterr().out
+    with pytest.raises(UserError, match="no file at"):
+        lineage_command(LineageConfig(target=str(tmp_path / "none.webp")))
