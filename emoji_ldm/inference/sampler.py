@@ -21,6 +21,7 @@ from emoji_ldm.inference.compile import COMPILE_MODES, compile_kwargs, require_c
 
 # the images' alpha, PNG bytes and contact sheets: imported from here too (they began here)
 from emoji_ldm.inference.images import ImageAlpha, image_grid, png_bytes, to_rgba  # noqa: F401
+from emoji_ldm.inference.prompts import clean, model_prompt
 from emoji_ldm.inference.settings import SamplerSettings
 
 if TYPE_CHECKING:
@@ -189,11 +190,12 @@ class Sampler:
     """
 
     def __init__(self, pipe, model_uri: str | None = None, content_id: str | None = None,
-                 alpha: "ImageAlpha | None" = None):
+                 alpha: "ImageAlpha | None" = None, prompt_style: str = "as-typed"):
         from emoji_ldm.models.builders import SCHEDULERS, sampling_scheduler
 
         self.pipe = pipe
         self.model_uri, self.content_id, self.alpha = model_uri, content_id, alpha or ImageAlpha()
+        self.prompt_style = prompt_style  # the card's: how a typed prompt reaches the model (inference/prompts.py)
         self._schedulers = {name: sampling_scheduler(name, pipe.scheduler.config) for name in SCHEDULERS}
         self.image_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.calls = 0  # pipeline calls so far (the batching tests count them)
@@ -204,7 +206,7 @@ class Sampler:
         resolved = model_uri(uri)
         card = model_card(resolved)
         return cls(load_pipeline(resolved, device=device, options=options), resolved, card.get("content_id"),
-                   ImageAlpha.of(card))
+                   ImageAlpha.of(card), card.get("prompt_style", "as-typed"))
 
     def load_adapter(self, name: str, uri: str) -> dict:
         """Load a LoRA adapter (`dreambooth --method lora`'s OUT/lora, diffusers/peft format) under `name`,
@@ -334,9 +336,9 @@ class Sampler:
         import torch
 
         first = jobs[0]
-        prompts = [p for job in jobs for p in job.prompts]
+        prompts = [model_prompt(p, self.prompt_style) for job in jobs for p in job.prompts]
         seeds = [s for job in jobs for s in job.seeds]
-        negatives = [job.negative_prompt for job in jobs for _ in job.prompts]
+        negatives = [clean(job.negative_prompt) for job in jobs for _ in job.prompts]
         limit = self.pipe.tokenizer.model_max_length
         too_long = [p for p in prompts if len(self.pipe.tokenizer(p, verbose=False)["input_ids"]) > limit]
         if too_long:

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 
 from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
+from emoji_ldm.inference.prompts import caption_style
 from emoji_ldm.models.presets import Preset, PresetOptions, preset_from_dict, saved_section
 from emoji_ldm.store.latents import LATENT_SCHEMA, PARTITION
 
@@ -130,6 +131,7 @@ def empty_caption_embedding(preset: Preset) -> np.ndarray:
 
 
 LATENT_FILE_BYTES = 64 * 2**20
+CAPTION_STYLE_ROWS = 512  # captions read to tell their style: the first rows that have one
 MINILM_WIDTH = 384  # text.hidden_size None: the embedded MiniLM's
 
 
@@ -182,6 +184,15 @@ def _check_dataset(dataset: str):
     if arrow_dataset(table).head(1, columns=["id"], filter=has_text).num_rows == 0:
         raise UserError(f"dataset {dataset!r} has no captions or titles: caption it first")
     return table
+
+
+def _caption_style(table) -> str:
+    """The captions' style (`inference.prompts.caption_style`) from the first rows that have one: what the model
+    card's `prompt_style` says, so that typed prompts reach the model in its captions' form. A bounded read."""
+    from emoji_ldm.store.delta import arrow_dataset
+
+    head = arrow_dataset(table).head(CAPTION_STYLE_ROWS, columns=["caption"], filter=pc.field("caption") != "")
+    return caption_style(head.column("caption").to_pylist())
 
 
 def _vae_to_use(config: EncodeConfig, preset: Preset, out: str, vae_path: str | None, previous) -> str | None:
@@ -284,7 +295,8 @@ def encode(config: EncodeConfig) -> dict:
         "operation": "encode", "source": f"{dataset_uri}@{version}", "dataset": dataset_uri,
         "image": image_lineage(dataset_uri, vae_path or preset.vae.pretrained, preset),
         "dataset_version": version, "preset": preset.to_dict(), "vae": vae_path or preset.vae.pretrained,
-        "text_encoder": preset.text.pretrained, "code_version": code_version(), "build_id": build_id,
+        "text_encoder": preset.text.pretrained, "caption_style": _caption_style(table),
+        "code_version": code_version(), "build_id": build_id,
         "config": dataclasses.asdict(config), "message": f"encode {config.dataset}@{version} with {preset.name}",
     }
     mode, todo, removed = _rows_to_encode(ds, out, table, previous, preset, metadata)

@@ -315,6 +315,8 @@ def _export(config: TrainConfig, preset, latent_uri: str, latent_version: int, e
         "dataset": encoded_dataset(enc_meta), "dataset_version": enc_meta.get("dataset_version"),
         "latent_table": latent_uri, "latent_table_version": latent_version, "vae": enc_meta["vae"],
         "text_encoder": preset.text.pretrained, "code_version": code_version(), "image": enc_meta["image"],
+        # how typed prompts reach the model (inference/prompts.py): in the form of the captions it learned
+        "prompt_style": enc_meta.get("caption_style", "as-typed"),
         "training": {"workers": config.workers, "zero_stage": config.zero_stage, "steps": final[1]["step"],
                      "global_batch": preset.train.batch_size},
         "metrics": metrics,

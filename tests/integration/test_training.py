@@ -36,6 +36,7 @@ def test_tiny_pipeline_zero2_end_to_end(tiny):
     out, card = tiny.run, tiny.card
     assert card["training"] == {"workers": 2, "zero_stage": 2, "steps": 4, "global_batch": 8}
     assert card["dataset_version"] == 2 and card["latent_table_version"] == 0
+    assert card["prompt_style"] == "metadata"  # the metadata captioner's captions: typed names are rewritten
     for name in ("model/model_index.json", "model/model_card.json", "config.json", "loss.png",
                  "samples/step-00000002.png", "samples/step-00000004.png"):
         assert (out / name).exists(), name
