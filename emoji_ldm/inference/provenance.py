@@ -236,15 +236,15 @@ def _format_of(name: str, data: bytes | None = None) -> str:
     return ext
 
 
-def verify(file: bytes | str | Path, sidecar: bytes | None = None, trust_pem: bytes | None = None) -> dict:
+def verify(file: bytes | str | Path, sidecar: bytes | None = None, trust_pem: bytes | None = None,
+           name: str | None = None) -> dict:
     """What a C2PA reader says of `file` (bytes or a path; a path's `<stem>.c2pa` beside it is read when the
-    file holds no manifest): {"signed", "valid", "trusted", "state", "signer", "status", "embedded", "lineage",
-    "ingredients"}. `valid`: the signature and the file's hash hold; `status`: the failure codes (a file signed
-    with a dev certificate has only "signingCredential.untrusted"); trust anchors from `trust_pem` or the PEM
-    file `EMOJI_LDM_C2PA_TRUST` names."""
+    file holds no manifest; `name` names bytes in messages): {"signed", "valid", "trusted", "state", "signer",
+    "status", "embedded", "lineage", "ingredients"}. `valid`: the signature and the file's hash hold; `status`:
+    the failure codes (a file signed with a dev certificate has only "signingCredential.untrusted"); trust
+    anchors from `trust_pem` or the PEM file `EMOJI_LDM_C2PA_TRUST` names."""
     import c2pa
 
-    name = None
     if not isinstance(file, (bytes, bytearray)):
         path = Path(file)
         name, data = path.name, _read(path)

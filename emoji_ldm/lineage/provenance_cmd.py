@@ -135,7 +135,7 @@ def verify_target(uri: str) -> dict:
     data = read_bytes(uri)
     stem = uri.rsplit(".", 1)[0] if "." in uri.rsplit("/", 1)[-1] else uri
     sidecar = read_bytes(stem + SIDECAR_SUFFIX) if exists(stem + SIDECAR_SUFFIX) else None
-    return {**verify(data, sidecar), "file": uri, "sidecar": stem + SIDECAR_SUFFIX if sidecar else None}
+    return {**verify(data, sidecar, name=uri), "file": uri, "sidecar": stem + SIDECAR_SUFFIX if sidecar else None}
 
 
 def format_provenance(result: dict) -> str:
