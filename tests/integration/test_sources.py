@@ -1,15 +1,21 @@
-"""Sources: listing (twemoji, dir:, urls:, synthetic:) as Ray Datasets on the session's Ray, and fetching with
-retries against a local server."""
+"""Sources: listing (twemoji, noto, openmoji, dir:, urls:, synthetic:) as Ray Datasets on the session's Ray, a
+build of all three emoji sets, and fetching with retries against a local server."""
 
 import hashlib
+import io
 
 import pandas as pd
 import pytest
+from deltalake import DeltaTable
+from PIL import Image
 
+from emoji_ldm.caption.metadata import caption_batch
 from emoji_ldm.errors import UserError
+from emoji_ldm.ingest.build import BuildConfig, build_dataset
 from emoji_ldm.sources import FetchConfig, open_source, source_dataset
 from emoji_ldm.sources.base import FetchError, fetch_bytes, fetch_url, make_pool
 from emoji_ldm.sources.synthetic import describe as synthetic_title
+from emoji_ldm.store.delta import history
 from tests.conftest import png_bytes
 
 
@@ -24,6 +30,29 @@ def test_limit_and_unknown_source(ray_local):
         open_source("ftp:x")
     with pytest.raises(UserError, match="positive"):
         source_dataset("twemoji", limit=0)
+
+
+def test_one_version_holds_all_three_styles(ray_local, tmp_path):
+    out = str(tmp_path / "ds")
+    summary = build_dataset(BuildConfig(source="twemoji+noto+openmoji", out=out, limit=9))
+    assert (summary.version, summary.added) == (0, 9)
+    assert history(out)[-1]["meta"]["source"] == "twemoji+noto+openmoji"
+    rows = DeltaTable(out).to_pyarrow_table().to_pylist()
+    assert sorted(r["source"] for r in rows) == ["noto"] * 3 + ["openmoji"] * 3 + ["twemoji"] * 3
+    assert len({r["id"] for r in rows}) == 9
+    for r in rows:
+        with Image.open(io.BytesIO(r["image"])) as im:
+            assert (im.mode, im.size) == ("RGBA", (64, 64)) and im.getpixel((0, 0))[3] == 0, r["title"]
+    # the first emoji of each set in code-point order: the same CLDR title, drawn three ways
+    by_style = {s: sorted(r["title"] for r in rows if r["source"] == s) for s in ("noto", "openmoji")}
+    assert by_style["noto"] == by_style["openmoji"] == ["keycap #", "keycap *", "keycap 0"]
+    captions = caption_batch({k: [r[k] for r in rows] for k in ("id", "image", "title", "tag", "source")})
+    styled = {r["source"]: c for r, c in zip(rows, captions["caption"])}
+    assert "noto style" in styled["noto"] and "openmoji style" in styled["openmoji"]
+    assert "style" not in styled["twemoji"]
+    # a second build of the same sets adds nothing: the ids are content hashes
+    again = build_dataset(BuildConfig(source="twemoji+noto+openmoji", out=out, limit=9))
+    assert again.added == 0 and again.duplicates_in_table == 9
 
 
 def test_synthetic_source_is_distinct_deterministic_and_described(ray_local):
