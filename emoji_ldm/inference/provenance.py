@@ -9,7 +9,8 @@ Each manifest holds:
 - `org.emoji-ldm.lineage` (`LINEAGE_LABEL`): the model's URI and content id, its latent table and dataset (URI
   and version), seed and settings, and the sha256 of the prompt, never the prompt itself (`lineage_of`);
 - no thumbnail: c2pa's default one (a JPEG of the image) costs tens of KB, a large part of Slack's 128 KB cap.
-A set's manifest is embedded in its contact sheet and lists the set's emoji as ingredients (`sign_set`).
+A set's manifest is embedded in its contact sheet and lists the set's emoji as ingredients (`sign_set`;
+`sign_set_files` signs the files `serve.sets.set_files` makes, items and sheet, and records it in manifest.json).
 
 `signed_files` checks a target's byte cap after signing: when the embedded manifest takes the file over it,
 the file is written unsigned beside `<stem>.c2pa`, a sidecar manifest store, and the lineage says so
@@ -117,6 +118,12 @@ class SigningKeys:
                             f"and {KEY_ENV} (its PEM private key), or neither (no signing)")
         return cls.from_files(cert, key)
 
+    def subject(self) -> str:
+        """The signing certificate's subject, as readers show the signer ("CN=...,O=...")."""
+        from cryptography import x509
+
+        return x509.load_pem_x509_certificates(self.cert_pem)[0].subject.rfc4514_string()
+
     def signer(self):
         import c2pa
 
@@ -197,10 +204,13 @@ def sidecar_name(name: str) -> str:
     return str(Path(name).with_suffix(SIDECAR_SUFFIX))
 
 
-def signed_files(name: str, data: bytes, lineage: dict, keys: SigningKeys, target=None) -> dict[str, bytes]:
+def signed_files(name: str, data: bytes, lineage: dict, keys: SigningKeys | None,
+                 target=None) -> dict[str, bytes]:
     """{name: the signed file} or, when the embedded manifest takes it over `target`'s cap (`targets.Target`;
     None or no cap: no check), {name: the file unsigned, `sidecar_name(name)`: its manifest store}, the
-    lineage's `placement` saying why."""
+    lineage's `placement` saying why. Without keys (None: the operator set none), {name: data}."""
+    if keys is None:
+        return {name: data}
     fmt = _format_of(name, data)
     signed = sign(data, fmt, lineage, keys, Path(name).name)
     cap = getattr(target, "max_bytes", None)
@@ -219,6 +229,32 @@ def sign_set(sheet: bytes, items: dict[str, bytes], lineage: dict, keys: Signing
     and each item (file name -> the bytes as written, signed themselves) as a `componentOf` ingredient, so a
     set's manifest names and hashes every emoji and carries their own manifests."""
     return _sign(sheet, "png", _manifest(title, lineage), keys, ingredients=items)[0]
+
+
+def sign_set_files(files: dict[str, bytes], manifest: dict, params: list[dict] | None, keys: SigningKeys | None,
+                   target=None, sheet: str = "sheet.png", manifest_file: str = "manifest.json") -> dict[str, bytes]:
+    """A set's files (`serve.sets.set_files`: its items, sheet and manifest.json) signed: each item with its own
+    lineage (`signed_files`: a sidecar when over `target`'s cap), the sheet with the set's manifest listing the
+    items as ingredients (`sign_set`), and the set's `manifest` (updated in place, and as `manifest_file`)
+    given a `provenance` record: the signer and the sidecars. Unchanged without keys."""
+    if keys is None:
+        return files
+    model = manifest.get("model") or {}
+    out = dict(files)
+    for i, item in enumerate(manifest["items"]):
+        drawn = {**(params[i] if params else {}), "prompt": item["prompt"], "seed": item["seed"],
+                 "model": model.get("uri")}
+        out.update(signed_files(item["file"], files[item["file"]], lineage_of(drawn, model), keys, target))
+    seed = (manifest.get("settings") or {}).get("seed")
+    set_lineage = {"set_id": manifest["id"], "items": len(manifest["items"]),
+                   **lineage_of({"model": model.get("uri"), "seed": seed}, model)}
+    out[sheet] = sign_set(files[sheet], {i["file"]: out[i["file"]] for i in manifest["items"]}, set_lineage, keys,
+                          sheet)
+    manifest["provenance"] = {"c2pa": "every item and the sheet (the set's manifest, the items as ingredients)",
+                              "signer": keys.subject(), "digital_source_type": DIGITAL_SOURCE_TYPE,
+                              "sidecars": sorted(n for n in out if n.endswith(SIDECAR_SUFFIX))}
+    out[manifest_file] = json.dumps(manifest, indent=2).encode()
+    return out
 
 
 def _format_of(name: str, data: bytes | None = None) -> str:

@@ -252,3 +252,27 @@ def test_dev_cert_writes_an_owner_only_key_and_keeps_earlier_files(dev):
         dev_cert(DevCertConfig(out=folder))
     with pytest.raises(UserError, match="--days"):
         DevCertConfig(out=folder, days=0)
+
+
+def test_a_served_sets_files_are_signed_as_a_set(dev):
+    """The files `serve.sets.set_files` makes for /v1/emoji-sets and durable jobs, signed by `sign_set_files`."""
+    from emoji_ldm.inference.provenance import sign_set_files
+    from emoji_ldm.serve.sets import set_files, set_manifest
+
+    _, keys = dev
+    items, prompts = ["cat", "dog"], ["cat face emoji", "dog face emoji"]
+    params = [_params(seed=5) | {"prompt": p} for p in prompts]
+    manifest = set_manifest("set-1", "pets", items, prompts, {"seed": 5}, CARD, "s3://emoji/run/model", "slack")
+    files = set_files(manifest, [encode_png(f, p) for f, p in zip(_frames(2, 32), params)], params)
+    signed = sign_set_files(files, manifest, params, keys, TARGETS["slack"])
+    for item in manifest["items"]:
+        result = verify(signed[item["file"]])
+        assert result["valid"] and result["status"] == [UNTRUSTED] and len(signed[item["file"]]) <= 128 * 1024
+        assert result["lineage"]["seed"] == 5 and result["lineage"]["latent_table_version"] == 3
+        assert "cat face emoji" not in json.dumps(result["lineage"])
+    sheet = verify(signed["sheet.png"])
+    assert sheet["valid"] and [i["title"] for i in sheet["ingredients"]] == [i["file"] for i in manifest["items"]]
+    assert sheet["lineage"]["set_id"] == "set-1" and sheet["lineage"]["model_content_id"] == CARD["content_id"]
+    record = json.loads(signed["manifest.json"])["provenance"]
+    assert record["sidecars"] == [] and "CN=emoji-ldm dev signer" in record["signer"]
+    assert sign_set_files(files, manifest, params, None) is files  # no keys: as made
