@@ -1,4 +1,4 @@
-"""Ray Job entrypoint: build a dataset version (same flags as `emoji-ldm dataset build`).
+"""Ray Job entrypoint of the `build` stage: `emoji-ldm dataset build` with the same flags (a new dataset version).
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python ray_jobs/build_dataset.py --source twemoji --out s3://emoji/datasets/twemoji

@@ -1,4 +1,4 @@
-"""Ray Job entrypoint: `emoji-ldm bulk` with the same flags.
+"""Ray Job entrypoint of the `bulk` stage: `emoji-ldm bulk` with the same flags.
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python ray_jobs/bulk_generate.py --model s3://bucket/run --prompts s3://bucket/prompts.txt --out s3://bucket/bulk

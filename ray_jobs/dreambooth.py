@@ -1,4 +1,4 @@
-"""Ray Job entrypoint: `emoji-ldm dreambooth` with the same flags.
+"""Ray Job entrypoint of the `dreambooth` stage: `emoji-ldm dreambooth` with the same flags.
 
     ray job submit --address http://HEAD:8265 --working-dir . -- python ray_jobs/dreambooth.py --help
 """

@@ -1,4 +1,4 @@
-"""Ray Job entrypoint: `emoji-ldm encode` with the same flags.
+"""Ray Job entrypoint of the `encode` stage: `emoji-ldm encode` with the same flags.
 
     ray job submit --address http://HEAD:8265 --working-dir . -- python ray_jobs/encode.py --help
 """

@@ -1,4 +1,4 @@
-"""Ray Job entrypoint: `emoji-ldm train-vae` with the same flags.
+"""Ray Job entrypoint of the `train-vae` stage: `emoji-ldm train-vae` with the same flags.
 
     ray job submit --address http://HEAD:8265 --working-dir . -- python ray_jobs/train_vae.py --help
 """

@@ -15,6 +15,9 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
+from emoji_ldm.cli.options import add_arguments, build_config
+from emoji_ldm.errors import UserError
+
 _DATASET_KEPT = "the dataset stays at its last committed version; re-run the same command to resume"
 
 
@@ -50,15 +53,15 @@ COMMANDS: tuple[Command, ...] = (
             "emoji_ldm.caption.stage:caption_dataset",
             "caption rows (metadata | qwen2.5-vl | vllm) into new versions", _DATASET_KEPT,
             report="emoji_ldm.caption.stage:report", stage="caption", script="caption.py"),
-    Command(("dataset", "versions"), "emoji_ldm.store.ops:VersionsConfig", "emoji_ldm.store.ops:versions_text",
+    Command(("dataset", "versions"), "emoji_ldm.cli.dataset:VersionsConfig", "emoji_ldm.cli.dataset:versions_text",
             "list versions: time, operation, rows added/removed, message", "interrupted"),
-    Command(("dataset", "show"), "emoji_ldm.store.ops:ShowConfig", "emoji_ldm.store.ops:show_command",
+    Command(("dataset", "show"), "emoji_ldm.cli.dataset:ShowConfig", "emoji_ldm.cli.dataset:show_command",
             "summarise a version; --sheet writes a contact sheet PNG", "interrupted; no sheet was written"),
-    Command(("dataset", "diff"), "emoji_ldm.store.ops:DiffConfig", "emoji_ldm.store.ops:diff_command",
+    Command(("dataset", "diff"), "emoji_ldm.cli.dataset:DiffConfig", "emoji_ldm.cli.dataset:diff_command",
             "rows added/removed between two versions (by content hash)", "interrupted"),
-    Command(("dataset", "tag"), "emoji_ldm.store.ops:TagConfig", "emoji_ldm.store.ops:tag_command",
+    Command(("dataset", "tag"), "emoji_ldm.cli.dataset:TagConfig", "emoji_ldm.cli.dataset:tag_command",
             "name a version; read it back as URI@NAME", "interrupted; the tags are as they were"),
-    Command(("dataset", "restore"), "emoji_ldm.store.ops:RestoreConfig", "emoji_ldm.store.ops:restore_command",
+    Command(("dataset", "restore"), "emoji_ldm.cli.dataset:RestoreConfig", "emoji_ldm.cli.dataset:restore_command",
             "make an old version current again (as a new version)", _DATASET_KEPT),
     Command(("crawl",), "emoji_ldm.crawl.crawler:CrawlConfig", "emoji_ldm.crawl.crawler:crawl",
             "crawl a site's tag pages in headless Chromium into a new dataset version",
@@ -157,8 +160,6 @@ class Parser(argparse.ArgumentParser):
 
 def make_parser(command: Command, prog: str | None = None):
     """A standalone parser for one command (used by `submit` to check a stage's flags)."""
-    from emoji_ldm.cli.options import add_arguments
-
     parser = Parser(prog=prog or f"emoji-ldm {command.name}", description=command.help)
     add_arguments(parser, command.config_class())
     return parser
@@ -166,9 +167,6 @@ def make_parser(command: Command, prog: str | None = None):
 
 def parse_config(command: Command, argv: list[str]) -> Any:
     """The command's config from its flags, or a UserError naming what is wrong."""
-    from emoji_ldm.cli.options import build_config
-    from emoji_ldm.errors import UserError
-
     try:
         args = make_parser(command).parse_args(argv)
     except UsageError as e:

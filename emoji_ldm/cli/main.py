@@ -3,7 +3,8 @@
 Every command is an entry of `emoji_ldm.cli.commands.COMMANDS`: its flags come
 from its config dataclass (`emoji_ldm.cli.options`), it runs one typed function,
 and its result is printed here. A `UserError` raised anywhere, inside a Ray
-worker too, prints as one line `emoji-ldm: error: ...` with exit code 2;
+worker too, prints as one line `emoji-ldm: error: ...` with exit code 2 (after
+the traceback of where it was raised, with `-v`);
 Ctrl-C prints what the interrupted command leaves behind; anything else is a
 bug and keeps its traceback.
 """
@@ -14,9 +15,11 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 from emoji_ldm import __version__
 from emoji_ldm.cli.commands import COMMANDS, GROUPS, Command, Parser, UsageError, load
+from emoji_ldm.cli.options import add_arguments, build_config
 from emoji_ldm.errors import find_user_error
 
 
@@ -32,12 +35,11 @@ def _selected(argv: list[str]) -> Command | None:
 
 def build_parser(selected: Command | None = None) -> argparse.ArgumentParser:
     """The full command tree; only `selected` gets its flags (importing only its config's module)."""
-    from emoji_ldm.cli.options import add_arguments
-
     parser = Parser(
         prog="emoji-ldm", description="Versioned emoji datasets, latent diffusion training and bulk generation on Ray.")
     parser.add_argument("--version", action="version", version=f"emoji-ldm {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log at INFO level; an error also prints the traceback of where it was raised")
     sub = parser.add_subparsers(dest="command", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for command in COMMANDS:
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         user = find_user_error(e)
         if user is None:
             raise
+        if args.verbose:  # where it was raised: the whole chain, Ray's wrappers (and their remote frames) too
+            traceback.print_exception(e, file=sys.stderr)
         # one line: Ray Data appends its retry advice to the message of an exception it passes on
         print(f"emoji-ldm: error: {str(user).splitlines()[0]}", file=sys.stderr)
         return 2
@@ -93,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(command: Command, args: argparse.Namespace, extra: list[str]) -> int:
     """Build the command's config, run it, print its report; the exit code."""
-    from emoji_ldm.cli.options import build_config
-
     # submit: the flags it does not know are the stage's own
     config = build_config(command.config_class(), args, {"args": tuple(extra)} if extra else None)
     result = load(command.run)(config)

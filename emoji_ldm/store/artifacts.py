@@ -13,12 +13,14 @@ import logging
 import os
 import tempfile
 import uuid
+import zipfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
+from filelock import FileLock
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.store.uri import filesystem, is_s3, join, normalize_uri, s3_client
+from emoji_ldm.store.uri import check_s3_bucket, filesystem, is_s3, join, normalize_uri, s3_client
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +32,6 @@ def exists(uri: str) -> bool:
 
 def check_writable(uri: str) -> str:
     """Fail early (before any training) when `uri` cannot be written."""
-    from emoji_ldm.store.uri import check_s3_bucket
-
     uri = normalize_uri(uri)
     check_s3_bucket(uri)
     fs, path = filesystem(uri)
@@ -134,8 +134,6 @@ def local_copy(uri: str) -> str:
     reused while the remote files are unchanged (the cache key holds their names, sizes and times); a folder in
     the cache is complete by construction and is never deleted while another process may be loading it.
     """
-    from filelock import FileLock
-
     uri = normalize_uri(uri)
     if not is_s3(uri):
         if not Path(uri).exists():
@@ -195,8 +193,6 @@ def write_zip(uri: str, files: dict[str, bytes], folder: str) -> None:
     """The set's zip written entry by entry into the storage's output stream (an S3 multipart upload, or a
     local part file renamed onto its name at the end), never whole in memory; as /v1/emoji-sets zips it: every
     file under `folder/`, PNGs stored, JSON deflated."""
-    import zipfile
-
     fs, path = filesystem(uri)
     parent, name = path.rsplit("/", 1)
     fs.create_dir(parent, recursive=True)

@@ -30,7 +30,7 @@ import pyarrow.dataset as pds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable, Schema, write_deltalake
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import DeltaError, TableNotFoundError
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction, create_table_with_add_actions
 from ray.data.datasource import Datasink
 
@@ -105,7 +105,7 @@ def open_table(ref: DatasetRef | str) -> Table:
             raise UserError(f"unknown version {version} of {ref.uri!r}: versions are 0..{latest}")
         try:
             table.load_as_version(version)
-        except Exception as e:  # delta-rs raises a generic error for vacuumed versions
+        except TableNotFoundError as e:  # what delta-rs raises for a version whose log was cleaned up
             raise UserError(f"version {version} of {ref.uri!r} cannot be loaded: {e}") from None
     return table
 
@@ -273,7 +273,7 @@ class CommitDeltaDatasink(Datasink):
                     storage_options=options, commit_properties=props,
                 )
                 return
-            except Exception:
+            except DeltaError:
                 # Another writer created the table first (concurrent builds): append to it.
                 if not table_exists(self.uri):
                     raise

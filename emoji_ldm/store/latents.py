@@ -37,8 +37,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.store.artifacts import artifact_uri, read_bytes
+from emoji_ldm.store.uri import DatasetRef, filesystem, join, public_uri
 
 LATENT_SCHEMA = pa.schema(
     [
@@ -57,8 +60,7 @@ _TENSOR_COLUMNS = ["latent", "latent_shape", "text_emb", "text_shape"]
 
 def open_latent_table(data: str):
     """(ref, table at the referenced version, that version's encode commit metadata) of a latent table."""
-    from emoji_ldm.store.delta import commit_metadata, open_table
-    from emoji_ldm.store.uri import DatasetRef
+    from emoji_ldm.store.delta import commit_metadata, open_table  # Ray Data's Datasink: heavy
 
     ref = DatasetRef.parse(data)
     table = open_table(ref)
@@ -71,16 +73,12 @@ def open_latent_table(data: str):
 def encoded_dataset(enc_meta: dict) -> str | None:
     """The absolute URI of the dataset a latent table was encoded from: its encode commit's `source`
     (`URI@VERSION`); None when the commit names none."""
-    from emoji_ldm.store.uri import public_uri
-
     source = enc_meta.get("source") or ""
     return public_uri(source.rsplit("@", 1)[0]) if "@" in source else None
 
 
 def empty_caption(uri: str) -> np.ndarray:
     """The text embedding of "" stored beside the latent table at `uri`, (L, D) float16."""
-    from emoji_ldm.store.artifacts import artifact_uri, read_bytes
-
     return np.load(io.BytesIO(read_bytes(artifact_uri(uri, "_emoji_ldm", "empty_caption.npz"))))["emb"]
 
 
@@ -107,8 +105,6 @@ def split_files(table, split: str = "train") -> list[SplitFile]:
     Reads only the Delta log (one entry per file, never a row), so it costs
     O(files): `encode` partitions the table by split and records each file's row count.
     """
-    from emoji_ldm.store.uri import join
-
     actions = pa.table(table.get_add_actions(flatten=True))
     mine = actions.filter(pc.equal(actions.column(f"partition.{PARTITION}"), split))
     counts = mine.column("num_records").to_pylist()
@@ -168,10 +164,6 @@ class RankStream:
     def _read(self, index: int, first: int, end: int, wanted=None):
         """Rows first..end-1 of one file (only those in the sorted list `wanted` when given), streamed in batches
         of `read_rows` from the first row group that holds them on."""
-        import pyarrow.parquet as pq
-
-        from emoji_ldm.store.uri import filesystem
-
         fs, path = filesystem(self.files[index].uri)
         with fs.open_input_file(path) as f:
             parquet = pq.ParquetFile(f)

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
 from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
 
 from emoji_ldm.store.delta import Table, arrow_dataset
 from emoji_ldm.store.uri import storage_options
@@ -53,7 +54,7 @@ def table_at(uri: str, version: int) -> Table | None:
     """The table at `version`, or None when that version can no longer be loaded (vacuumed, log cleaned)."""
     try:
         return Table(uri, version=version, storage_options=storage_options() or None)
-    except Exception:  # delta-rs raises a generic error for a version whose log is gone
+    except TableNotFoundError:  # what delta-rs raises for a version whose log was cleaned up
         return None
 
 

@@ -10,7 +10,7 @@ import pyarrow.dataset as pds
 import pyarrow.fs as pafs
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.store.uri import DatasetRef, filesystem, is_s3, join, normalize_uri
+from emoji_ldm.store.uri import filesystem, is_s3, join, normalize_uri
 
 SIDECAR = "_emoji_ldm"
 
@@ -31,21 +31,23 @@ def read_tags(uri: str) -> dict[str, int]:
         return {}
 
 
-def write_tag(uri: str, name: str, version: int) -> None:
+def check_tag_name(name: str) -> None:
     if not name or not all(c.isalnum() or c in "_.-" for c in name) or name.isdigit():
         raise UserError(
             f"tag name {name!r} must be letters, digits, '_', '.' or '-' and not only digits"
         )
-    from emoji_ldm.store.delta import open_table
 
-    table = open_table(DatasetRef(normalize_uri(uri), version=version))  # validates the version
+
+def write_tag(uri: str, name: str, version: int) -> None:
+    """Point tag `name` at `version`, which the caller has checked exists (`ops.tag` opens it): the tags are
+    read by `delta.open_table`, so this module does not import it."""
+    check_tag_name(name)
     tags = read_tags(uri)
     tags[name] = version
     fs, path = filesystem(_tags_path(uri))
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(json.dumps(tags, indent=2, sort_keys=True).encode())
-    del table
 
 
 # --- image mode -------------------------------------------------------------

@@ -18,7 +18,9 @@ from collections import Counter
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from ray.data.datasource import Datasink
 
 from emoji_ldm.store.schema import value_counts
@@ -30,8 +32,6 @@ def folder_name(file: str) -> str:
 
 
 def write_atomic(fs, folder: str, table: pa.Table, s3: bool) -> None:
-    import pyarrow.parquet as pq
-
     name = f"part-{uuid.uuid4().hex}.parquet"
     if s3:  # an S3 object appears whole when its upload completes
         pq.write_table(table, f"{folder}/{name}", filesystem=fs)
@@ -91,8 +91,6 @@ def staged_folders(run: str) -> list[str]:
 
 def read_folder(folder: str, schema: pa.Schema) -> pa.Table:
     """The staged rows of one data file (small: at most that file's rows, narrow columns)."""
-    import pyarrow.dataset as pds
-
     fs, path = filesystem(folder)
     return pds.dataset(path, filesystem=fs, format="parquet", schema=schema,
                        exclude_invalid_files=False, ignore_prefixes=[".", "_"]).to_table()
