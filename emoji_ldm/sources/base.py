@@ -1,42 +1,21 @@
-"""The item a source lists, and reading its bytes (file or HTTP with retries)."""
+"""Reading an item's bytes: a file, HTTP with retries, or drawn (synthetic, a font's glyph, an SVG).
+
+The item types (`ITEM_SCHEMA`, `SourceItem`, `FetchError`, `items_dataset`) live in `items.py`, below the
+sources that draw their pictures, and are named here too.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
-import pyarrow as pa
+from dataclasses import dataclass
 
 from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
+from emoji_ldm.sources.items import ITEM_SCHEMA, FetchError, SourceItem, items_dataset
 
-# The items a source lists: one row per picture, its bytes not yet read.
-ITEM_SCHEMA = pa.schema([
-    ("locator", pa.string()),  # a local path, an http(s) URL, synthetic:SEED:I, noto:CODEPOINTS:FONT or openmoji:SVG
-    ("source", pa.string()),  # the spec that listed it, e.g. "twemoji" or "dir:/data/pack"
-    ("source_url", pa.string()),  # where the picture came from (the locator when null)
-    ("page_url", pa.string()),  # the web page it was found on (crawls)
-    ("title", pa.string()),
-    ("tag", pa.string()),
-    ("caption", pa.string()),  # a caption the source already has (metadata.csv `prompt`)
-])
+__all__ = ["ITEM_SCHEMA", "FetchConfig", "FetchError", "SourceItem", "fetch_bytes", "fetch_url", "items_dataset",
+           "make_pool", "read_file"]
 
 USER_AGENT = "emoji-ldm/0.1 (+https://github.com/emoji-ldm/emoji-ldm; dataset builder)"
-
-
-@dataclass(frozen=True)
-class SourceItem:
-    locator: str  # a local path or an http(s) URL
-    source: str  # the spec that listed it, e.g. "twemoji" or "dir:/data/pack"
-    title: str = ""
-    tag: str = ""
-    caption: str | None = None  # a caption the source already has (metadata.csv `prompt`)
-    source_url: str | None = None  # where the picture came from, when not the locator
-    page_url: str | None = None  # the web page it was found on (crawls)
-
-    def to_row(self) -> dict:
-        row = asdict(self)
-        row["source_url"] = self.source_url or self.locator
-        return row
 
 
 @dataclass(frozen=True)
@@ -57,13 +36,6 @@ class FetchConfig:
                 raise UserError(f"fetch setting {name} must be positive, got {getattr(self, name)!r}")
         if self.retries < 0 or self.backoff_s < 0:
             raise UserError(f"retries and backoff_s must be >= 0, got {self.retries}, {self.backoff_s}")
-
-
-class FetchError(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
 
 
 _RETRY_STATUS = (429, 500, 502, 503, 504)
@@ -144,13 +116,3 @@ def fetch_bytes(locator: str, config: FetchConfig, pool=None) -> bytes:
     if not locator.startswith("/"):
         raise FetchError("bad_url", f"{locator[:200]!r} is not an http(s) URL or an absolute path")
     return read_file(locator, config.max_bytes)
-
-
-def items_dataset(rows: list[dict], rows_per_block: int = 128):
-    """A Ray Dataset of a short, bounded list of item rows (a package's pack, a test), in blocks that
-    spread over the ingest tasks."""
-    import ray.data
-
-    table = pa.Table.from_pylist([{k: r.get(k) for k in ITEM_SCHEMA.names} for r in rows], schema=ITEM_SCHEMA)
-    blocks = [table.slice(i, rows_per_block) for i in range(0, max(table.num_rows, 1), rows_per_block)]
-    return ray.data.from_arrow(blocks)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.sources import cldr
-from emoji_ldm.sources.base import FetchError, SourceItem, items_dataset
+from emoji_ldm.sources.items import FetchError, SourceItem, items_dataset
 
 FONT_DIR = Path("/usr/share/fonts/truetype/noto")  # where Debian's package puts it
 FONT_FILE = "NotoColorEmoji.ttf"

