@@ -9,8 +9,11 @@ import os
 from emoji_ldm.runtime.partitions import PARTITION_BYTES
 
 
-def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
+def ensure_ray(num_cpus: int | None = None, dashboard: bool = False, private: bool = False) -> None:
     """Start (or join) Ray once per process, quietly.
+
+    `private=True` (`emoji-ldm serve`): a local instance this process starts runs with Ray's token
+    authentication (`private_token_auth`), whatever RAY_AUTH_MODE says, and without its dashboard.
 
     Inside a Ray Job (KubeRay RayJob or `ray job submit`) RAY_ADDRESS points
     at the cluster and we join it; on a laptop we start a local instance.
@@ -21,6 +24,9 @@ def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     import ray
 
     if not ray.is_initialized():
+        if private and not os.environ.get("RAY_ADDRESS"):
+            private_token_auth()
+            dashboard = False
         _init(ray, num_cpus, dashboard)
     from ray.data import DataContext
 
@@ -73,3 +79,22 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def private_token_auth() -> None:
+    """Token authentication for the Ray this process is about to start (Ray's `RAY_AUTH_MODE=token`, with the token
+    in `RAY_AUTH_TOKEN`, both as Ray 2.60 documents them): a fresh 256-bit token held only in the environment of this
+    process and of the daemons and workers it starts, never written to disk, unless the operator gave one
+    (RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH). Ray binds its own ports to the node's routable address (ray.init turns
+    127.0.0.1 into it), so on a shared network the token is what keeps another machine from submitting work.
+
+    Ray reads the mode when it loads, before this runs: its config is read again, as Ray's own
+    `enable_token_auth_by_default` does for a local `ray.init()`."""
+    import secrets
+
+    from ray._raylet import Config
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    Config.initialize("")

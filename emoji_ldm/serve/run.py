@@ -313,7 +313,7 @@ def start(config: ServeConfig) -> str:
         args["device"] = "cuda"
     elif args.get("device") == "cuda":
         raise UserError("the Serve config asks for device: cuda but no GPU per replica: pass --gpus 1")
-    ensure_ray()
+    ensure_ray(private=True)  # a Ray it starts itself needs Ray's token (runtime/connect.py)
     import ray
 
     check_shared(args)
