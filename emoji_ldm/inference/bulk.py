@@ -158,6 +158,13 @@ class BulkGenerator:
         self.images_per_call = images_per_call
         self.target = TARGETS[target]
         self.animation = animation if animation is not None and animation.animated else None
+        from emoji_ldm.inference.provenance import SigningKeys
+        from emoji_ldm.inference.sampler import model_card
+
+        # each actor reads the operator's C2PA keys itself (EMOJI_LDM_C2PA_CERT / _KEY, files every node has):
+        # the key never travels through Ray's object store
+        self.keys = SigningKeys.from_env()
+        self.card = model_card(model) if self.keys else None
 
     def _file(self, data: bytes, params: dict) -> tuple[bytes, str, str | None, str | None]:
         """An image as the target takes it: (bytes, extension, the loop's JSON, the file's JSON); an animated
@@ -174,6 +181,7 @@ class BulkGenerator:
                 json.dumps(record["file"]))
 
     def __call__(self, batch: dict) -> pa.Table:
+        from emoji_ldm.inference.provenance import lineage_of, signed_files
         from emoji_ldm.inference.sampler import SampleJob
         from emoji_ldm.inference.targets import emoji_name
         from emoji_ldm.runtime.heap import release_free_heap
@@ -190,8 +198,11 @@ class BulkGenerator:
             for i, (data, params) in enumerate(made):
                 data, ext, loop, record = self._file(data, params)
                 file = f"{pid}-{i:02d}{ext}"
-                with self.fs.open_output_stream(f"{self.root.rstrip('/')}/{file}") as f:
-                    f.write(data)
+                signed = signed_files(file, data, lineage_of(params, self.card), self.keys, self.target)
+                for name, blob in signed.items():  # the file, and its .c2pa sidecar when the manifest did not fit
+                    with self.fs.open_output_stream(f"{self.root.rstrip('/')}/{name}") as f:
+                        f.write(blob)
+                data = signed[file]
                 width, height = (self.target.size,) * 2 if self.target.size else map(int, params["size"].split("x"))
                 name = emoji_name(prompt, names)
                 rows.append({"prompt_id": str(pid), "prompt": prompt, "index": i, "seed": seeds[i],

@@ -32,7 +32,8 @@ from emoji_ldm.inference.animation import (
     loop_text,
 )
 from emoji_ldm.inference.pngmeta import shared_params
-from emoji_ldm.inference.sampler import SampleJob, Sampler, image_grid, inference_device, png_bytes
+from emoji_ldm.inference.provenance import SigningKeys, lineage_of, sign_set, signed_files
+from emoji_ldm.inference.sampler import SampleJob, Sampler, image_grid, inference_device, model_card, png_bytes
 from emoji_ldm.inference.settings import SamplerSettings
 from emoji_ldm.inference.targets import TARGETS, fit, get_target
 
@@ -66,17 +67,24 @@ def generate(config: GenerateConfig) -> list[str]:
     job = SampleJob.of((config.prompt,) * settings.count, seeds, settings)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    keys = SigningKeys.from_env()  # the operator's C2PA keys (EMOJI_LDM_C2PA_CERT / _KEY); None: unsigned
+    card = model_card(sampler.model_uri) if keys else None
     if config.animation.animated:
-        files, records, stills = _write_loops(sampler, job, config, out)
+        files, records, stills = _write_loops(sampler, job, config, out, keys, card)
     else:
         (made,) = sampler.pngs([job], config.png_metadata)
         files, records, stills = [], [p for _, p in made], [Image.open(io.BytesIO(png)) for png, _ in made]
-        for i, (png, _) in enumerate(made):
+        target = get_target(config.target)
+        for i, (png, params) in enumerate(made):
             files.append(out / f"{i:03d}.png")
-            files[-1].write_bytes(fit(png, get_target(config.target)))
+            _write(out, files[-1].name, fit(png, target), lineage_of(params, card), keys, target)
     params = [r.get("params", r) for r in records]
     sheet = image_grid(stills, [f"seed {s}" for s in seeds])
-    (out / "sheet.png").write_bytes(png_bytes(sheet, shared_params(params) if config.png_metadata else None))
+    sheet_png = png_bytes(sheet, shared_params(params) if config.png_metadata else None)
+    if keys is not None:  # the sheet carries the run's manifest, the images as its ingredients
+        sheet_png = sign_set(sheet_png, {f.name: f.read_bytes() for f in files},
+                             lineage_of({"model": sampler.model_uri, "seed": settings.seed}, card), keys)
+    (out / "sheet.png").write_bytes(sheet_png)
     paths = [str(f) for f in files]
     (out / "generate.json").write_text(json.dumps(
         {**dataclasses.asdict(config), "model_uri": sampler.model_uri, "model_content_id": sampler.content_id,
@@ -84,7 +92,14 @@ def generate(config: GenerateConfig) -> list[str]:
     return paths
 
 
-def _write_loops(sampler: Sampler, job: SampleJob, config: GenerateConfig, out: Path):
+def _write(out: Path, name: str, data: bytes, lineage: dict, keys: SigningKeys | None, target) -> None:
+    """The file, C2PA-signed with `keys` (and its .c2pa sidecar when the manifest does not fit the target's cap)."""
+    for file, blob in signed_files(name, data, lineage, keys, target).items():
+        (out / file).write_bytes(blob)
+
+
+def _write_loops(sampler: Sampler, job: SampleJob, config: GenerateConfig, out: Path,
+                 keys: SigningKeys | None = None, card: dict | None = None):
     """Each image of `job` as an animated loop under the target's cap: (files, per-file records, first frames).
     A record holds the image's parameters, the loop (frames, motion, fps), what fitting kept, and the loop's
     metrics."""
@@ -96,7 +111,7 @@ def _write_loops(sampler: Sampler, job: SampleJob, config: GenerateConfig, out: 
         encoded = encode_loop(frames, animation, target.max_bytes, target.size,
                               {**params, "loop": text} if config.png_metadata else None)
         files.append(out / f"{i:03d}{EXTENSIONS[animation.format]}")
-        files[-1].write_bytes(encoded.data)
+        _write(out, files[-1].name, encoded.data, lineage_of(params, card), keys, target)
         records.append({"params": params, "loop": loop, "file": encoded.record(), "metrics": loop_metrics(frames)})
         stills.append(frames[0])
     return files, records, stills

@@ -73,6 +73,29 @@ def test_generate_pngs_carry_parameters_and_trace_to_the_builds(made, tmp_path, 
     assert code == 1 and cli_in_process.out.splitlines()[-1].startswith("missing link: png -> model: ")
 
 
+def test_generate_signs_every_file_and_lineage_verifies_it(made, tmp_path, cli_in_process, monkeypatch):
+    """With the operator's C2PA keys (a dev chain here), every file `generate` writes and its sheet carry a manifest
+    that c2pa's Reader validates with only the untrusted-signer notice; `lineage` shows it before the chain."""
+    from emoji_ldm.inference.generate import GenerateConfig, generate
+    from emoji_ldm.inference.provenance import UNTRUSTED, verify
+    from emoji_ldm.lineage.provenance_cmd import DevCertConfig, dev_cert
+
+    keys = dev_cert(DevCertConfig(out=str(tmp_path / "c2pa")))
+    monkeypatch.setenv("EMOJI_LDM_C2PA_CERT", keys["chain"])
+    monkeypatch.setenv("EMOJI_LDM_C2PA_KEY", keys["key"])
+    monkeypatch.delenv("EMOJI_LDM_C2PA_TRUST", raising=False)
+    paths = generate(GenerateConfig(model=made["model"], prompt="red heart", out=str(tmp_path / "gen"),
+                                    sampler=SamplerSettings(count=2, steps=1, seed=5), target="slack"))
+    for path in [*paths, str(tmp_path / "gen" / "sheet.png")]:
+        result = verify(path)
+        assert result["valid"] and result["status"] == [UNTRUSTED], (path, result["status"])
+        assert result["lineage"]["model_content_id"] == made["card"]["content_id"]
+    assert [i["title"] for i in verify(tmp_path / "gen" / "sheet.png")["ingredients"]] == ["000.png", "001.png"]
+    code, _ = cli_in_process("lineage", paths[1])
+    assert code == 0 and cli_in_process.out.startswith('c2pa      signed by "emoji-ldm dev signer"')
+    assert "seed 6" in cli_in_process.out and "build    twemoji: 44 in" in cli_in_process.out
+
+
 def test_no_png_metadata_writes_bare_pngs(made, tmp_path):
     from emoji_ldm.inference.generate import GenerateConfig, generate
 
