@@ -20,6 +20,7 @@ from emoji_ldm.serve.http import ApiError
 from emoji_ldm.serve.meter import STORED_TTL_S, cost_units
 
 TARGET_SIZE = 128  # slack, discord and github targets: every file at 128 x 128 (serve/sets.py)
+MIN_SIZE = 64  # the size a job's bytes are bounded at, at least
 OVERHEAD_BYTES = 64 * 1024  # request.json, state.json, manifest.json, the zip's directory
 
 
@@ -36,7 +37,7 @@ def job_cost(body, drawn: int) -> float:
 
 def job_bytes(body, drawn: int) -> int:
     """The most bytes a job's result may take on storage."""
-    side = max(drawn, TARGET_SIZE if body.target != "raw" else 0)
+    side = max(drawn, MIN_SIZE, TARGET_SIZE if body.target != "raw" else 0)  # drawn 0: a model card without a size
     return body.images() * max(1, body.animation.frames) * side * side * 4 * 2 + OVERHEAD_BYTES
 
 
