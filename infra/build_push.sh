@@ -7,23 +7,26 @@
 #
 # The tag is the pinned Ray version from pyproject.toml plus the base image variant, the same tags the
 # manifests in k8s/ use. After pushing, the gpu overlay's `images` get each image's registry digest
-# (`newName` REGISTRY/..., `digest` sha256:...), the MinIO images' too (pulled for it): commit the file.
+# (`newName` REGISTRY/..., `digest` sha256:...), the MinIO and Redis images' too (pulled for it), and then
+# k8s/overlays/gpu/images.pinned lists them: the overlay does not render without that file. Commit both.
+# The GPU image's torch is the CUDA build below (docs/cluster.md: the NVIDIA driver it needs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ray_version=$(sed -n 's/.*"ray\[[^]]*\]==\([0-9.]*\)".*/\1/p' pyproject.toml)
 [ -n "$ray_version" ] || { echo "no exact ray==X.Y.Z pin in pyproject.toml" >&2; exit 2; }
 overlay=k8s/overlays/gpu/kustomization.yaml
+pins=k8s/overlays/gpu/images.pinned
 
 image() {  # image VARIANT: the local name of a variant's image
   case "$1" in py311-gpu) echo "emoji-ldm-gpu:$ray_version-$1" ;; *) echo "emoji-ldm:$ray_version-$1" ;; esac
 }
 
-build() {  # build VARIANT TORCH_INDEX_URL
+build() {  # build VARIANT TORCH_INDEX_URL TORCH_CUDA (empty: a CPU build)
   local tag
   tag=$(image "$1")
   echo "building $tag"
   docker build -f infra/Dockerfile --build-arg RAY_VERSION="$ray_version" --build-arg VARIANT="$1" \
-    --build-arg TORCH_INDEX_URL="$2" -t "$tag" .
+    --build-arg TORCH_INDEX_URL="$2" --build-arg TORCH_CUDA="${3:-}" -t "$tag" .
 }
 
 digest() {  # digest REPOSITORY REFERENCE: the sha256:... the registry gave REFERENCE (pushed or pulled)
@@ -54,7 +57,7 @@ case "${1:-}" in
   *)
     registry=${1%/}
     build py311-cpu https://download.pytorch.org/whl/cpu
-    build py311-gpu ""
+    build py311-gpu https://download.pytorch.org/whl/cu130 13.0
     for variant in py311-cpu py311-gpu; do
       local_tag=$(image "$variant")
       docker tag "$local_tag" "$registry/$local_tag"
@@ -62,9 +65,16 @@ case "${1:-}" in
       repository=$registry/${local_tag%%:*}
       pin "${local_tag%%:*}" "$repository" "$(digest "$repository" "$registry/$local_tag")"
     done
-    sed -n 's/^ *image: \(minio\/[^ ]*\).*/\1/p' k8s/base/minio.yaml k8s/base/minio.bucket-job.yaml \
+    sed -n 's/^ *image: \(\(minio\/\|redis:\)[^ ]*\).*/\1/p' k8s/base/minio.yaml k8s/base/minio.bucket-job.yaml \
+        k8s/base/redis.yaml \
       | while read -r ref; do
           docker pull "$ref"
           pin "${ref%%:*}" "" "$(digest "${ref%%:*}" "$ref")"
-        done ;;
+        done
+    # every entry pinned: record them; the overlay renders from now on
+    grep -q 'sha256:0\{64\}' "$overlay" && { echo "$overlay still has an all-zero digest" >&2; exit 1; }
+    awk '/^  - name: / { name = $3 } /^    newName: / { new_name = $2 }
+         /^    digest: / { print name "=" (new_name != "" ? new_name : name) "@" $2; new_name = "" }' \
+      "$overlay" > "$pins"
+    echo "wrote $pins: commit it with $overlay" ;;
 esac

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -12,6 +15,9 @@ from tests.conftest import REPO
 
 K8S = REPO / "k8s"
 OVERLAYS = ("local", "gpu")
+PINS = "images.pinned"  # the gpu overlay's record of its pinned digests (infra/build_push.sh writes it)
+# a stand-in for what infra/build_push.sh records, so the gpu overlay (and those built on it) render in the tests
+TEST_PINS = "emoji-ldm=registry.example.com/emoji-ldm@sha256:" + "1" * 64 + "\n"
 IMAGE_CHECKOUT = "/home/ray/emoji-ldm"  # where infra/Dockerfile puts the checkout (the RayJobs' working_dir)
 
 
@@ -30,10 +36,24 @@ def kubectl() -> str:
     return path
 
 
+def kustomize(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=120)
+
+
+@functools.cache
+def pinned_copy() -> Path:
+    """A copy of k8s/ as it is once `infra/build_push.sh` has pinned the gpu overlay's images: the checkout's gpu
+    overlay refuses to render until then (it needs its pins file), so the tests render this copy."""
+    root = Path(tempfile.mkdtemp(prefix="emoji-ldm-k8s-")) / "k8s"
+    atexit.register(shutil.rmtree, root.parent, True)
+    shutil.copytree(K8S, root)
+    (root / "overlays" / "gpu" / PINS).write_text(TEST_PINS)
+    return root
+
+
 def render(overlay: str) -> list[dict]:
-    """`kubectl kustomize k8s/overlays/OVERLAY`, parsed."""
-    out = subprocess.run([kubectl(), "kustomize", str(K8S / "overlays" / overlay)], capture_output=True,
-                         text=True, timeout=120)
+    """`kubectl kustomize k8s/overlays/OVERLAY` (of the pinned copy), parsed."""
+    out = kustomize(pinned_copy() / "overlays" / overlay)
     assert out.returncode == 0, f"kubectl kustomize {overlay} failed:\n{out.stderr}"
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc is not None]
 

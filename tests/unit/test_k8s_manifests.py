@@ -39,7 +39,7 @@ from tests.k8s import (
 
 K8S_VERSION = kubernetes_validate.latest_version()
 CORE_KINDS = {"Namespace", "Secret", "ConfigMap", "PersistentVolumeClaim", "Service", "StatefulSet", "Job",
-              "NetworkPolicy"}
+              "NetworkPolicy", "ServiceAccount", "Deployment", "DaemonSet"}
 RAY_KINDS = {"RayCluster", "RayJob", "RayService"}
 PIPELINE_STAGES = ("build", "crawl", "caption", "encode", "train", "bulk")
 # KubeRay ray.io/v1 fields (ray-operator/apis/ray/v1/*_types.go)
@@ -127,15 +127,17 @@ def check_ray_resource(doc: dict, where: str) -> None:
                 tolerations = template["spec"].get("tolerations", [])
                 assert any(t.get("key") == "nvidia.com/gpu" for t in tolerations), f"{name} {place}: no toleration"
             if ours(c["image"]) and place != "submitter":
-                assert {"secretRef": {"name": "emoji-ldm-s3"}} in c.get("envFrom", []), \
-                    f"{name} {place}: S3 settings must come from the emoji-ldm-s3 Secret"
+                assert any(e.get("secretRef", {}).get("name", "").startswith("emoji-ldm-s3-")
+                           for e in c.get("envFrom", [])), \
+                    f"{name} {place}: S3 settings must come from its zone's emoji-ldm-s3-ZONE Secret"
     if doc["kind"] == "RayJob":
         check_rayjob(doc, name)
     # the head's GCS keeps the task events of as many tasks as a local run's (it grew with the tasks)
     head_env = {e["name"]: e.get("value") for e in containers(pod_templates(doc)["head"])[0].get("env", [])}
     assert head_env.get(TASK_EVENTS_ENV) == str(TASK_EVENTS_IN_GCS), f"{name} head: {TASK_EVENTS_ENV} not set"
-    assert cluster.get("authOptions") == {"mode": "token", "secretName": "emoji-ldm-ray-token"}, \
-        f"{name}: Ray token authentication must be on, with the emoji-ldm-ray-token Secret"
+    auth = cluster.get("authOptions", {})
+    assert auth.get("mode") == "token" and auth.get("secretName", "").startswith("emoji-ldm-ray-token-"), \
+        f"{name}: Ray token authentication must be on, with its zone's emoji-ldm-ray-token-ZONE Secret"
     if doc["kind"] == "RayService":
         check_serve_config(spec["serveConfigV2"], name)
         args = yaml.safe_load(spec["serveConfigV2"])["applications"][0]["args"]
@@ -326,7 +328,8 @@ def test_no_secret_value_is_committed_and_apply_carries_no_secret():
             assert f"{key}: " not in yaml.safe_dump(doc).replace("key: AWS_SECRET_ACCESS_KEY", ""), \
                 f"{doc['kind']}/{doc['metadata']['name']} sets {key} itself"
     script = (K8S / "secrets.sh").read_text()
-    assert script.count("openssl rand -hex 32") == 2  # the MinIO password and the Ray token
+    # MinIO's root password, a zone's MinIO user key, a zone's Ray token, Redis's password
+    assert script.count("openssl rand -hex 32") == 4
     assert 'get secret "$name"' in script and "kept as it is" in script  # an existing Secret is never replaced
     cluster_doc = (REPO / "docs" / "cluster.md").read_text()
     assert "k8s/secrets.sh" in cluster_doc and "change-me" not in cluster_doc
@@ -403,15 +406,20 @@ BUCKET_JOB_PEER = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mi
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_network_policies_fence_ray_ports_and_minio(overlay):
+    """The service's Ray ports here (tests/unit/test_cluster_zones.py checks every zone against every other)."""
     docs = render(overlay)
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
-    ray_pod = {**RAY_NODE, "ray.io/node-type": "head", "ray.io/cluster": "emoji"}  # as KubeRay labels a head
+    zone = {"emoji-ldm/zone": "service"}
+    # as KubeRay labels a head, with the zone label of its pod template
+    ray_pod = {**RAY_NODE, "ray.io/node-type": "head", "ray.io/cluster": "emoji", **zone}
+    zone_peer = {"podSelector": {"matchLabels": {**RAY_NODE, **zone}}}
+    submitter_peer = {"podSelector": {"matchLabels": {**SUBMITTER_PEER["podSelector"]["matchLabels"], **zone}}}
     for what, port in RAY_PORTS.items():
         peers = admitted(policies, ray_pod, port)
         assert peers, f"{overlay}: no NetworkPolicy fences Ray's {what} port {port}"
-        allowed = [RAY_PEER] + ([SUBMITTER_PEER, OPERATOR_PEER] if port == 8265 else [])
+        allowed = [zone_peer] + ([submitter_peer, OPERATOR_PEER] if port == 8265 else [])
         assert all(peer in allowed for peer in peers), f"{overlay}: {what} {port} is open to {peers}"
-        assert RAY_PEER in peers, f"{overlay}: Ray's own pods cannot reach {what} {port}"
+        assert zone_peer in peers, f"{overlay}: Ray's own pods cannot reach {what} {port}"
     assert {"anyone": True} in admitted(policies, ray_pod, 8000)  # the API, behind its keys
     minio = by_kind(docs, "StatefulSet")["minio"]["spec"]["template"]["metadata"]["labels"]
     assert sorted(map(str, admitted(policies, minio, 9000))) == sorted(map(str, [RAY_PEER, BUCKET_JOB_PEER]))
@@ -431,7 +439,8 @@ def test_gpu_overlay_pins_every_image_by_digest_and_build_push_sets_them():
     images = {c["image"] for d in gpu for t in every_pod_template(d).values() for c in containers(t)}
     assert images and all(DIGEST.search(i) for i in images), sorted(i for i in images if not DIGEST.search(i))
     assert {i.split("@")[0] for i in images} == {"registry.example.com/emoji-ldm",
-                                                 "registry.example.com/emoji-ldm-gpu", "minio/minio", "minio/mc"}
+                                                 "registry.example.com/emoji-ldm-gpu", "minio/minio", "minio/mc",
+                                                 "redis"}
     # the local overlay keeps the tags `infra/build_push.sh --kind` loads into kind
     local_images = {c["image"] for d in local for t in every_pod_template(d).values() for c in containers(t)}
     assert not any(DIGEST.search(i) for i in local_images)
