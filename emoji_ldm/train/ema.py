@@ -174,10 +174,49 @@ def rank0_masters(engine, params, rank: int):
     return gather_to_rank0(params, pieces, rank)
 
 
+class _FlatPartitions:
+    """ZeRO-3: this rank's fp32 masters as DeepSpeed keeps them, one flat tensor per sub-group
+    (`fp32_partitioned_groups_flat`), and the EMA's own flat copies of them. DeepSpeed's per-parameter accessor
+    (`safe_get_local_fp32_param`) synchronizes its reduce stream on every call; an update reads the flat tensors
+    instead, one lerp per sub-group. Each parameter's shadow is a view of a flat copy."""
+
+    def __init__(self, optimizer, groups: list[int], shadows: list):
+        self.optimizer, self.groups, self.shadows = optimizer, groups, shadows
+
+    @classmethod
+    def of(cls, optimizer, pieces: list) -> tuple[_FlatPartitions, list] | None:
+        """(the flat partitions, each piece's shadow: a view of their copy), where every piece of `pieces` (views
+        that `safe_get_local_fp32_param` returned, read once) lies in one of the optimizer's flat tensors; None
+        otherwise (ZeRO 0-2, or an offloaded optimizer whose masters are copies)."""
+        flats = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+        if not flats or not pieces:
+            return None
+        where = []  # (sub-group, offset in it) of each piece
+        for piece in pieces:
+            found = [g for g, flat in enumerate(flats) if flat.numel() and flat.dtype == piece.dtype
+                     and flat.untyped_storage().data_ptr() == piece.untyped_storage().data_ptr()]
+            if len(found) != 1:
+                return None
+            where.append((found[0], piece.storage_offset() - flats[found[0]].storage_offset()))
+        groups = sorted({g for g, _ in where})
+        copies = {g: flats[g].detach().to(torch.float32, copy=True) for g in groups}
+        views = [copies[g].narrow(0, offset, piece.numel()).view(piece.shape)
+                 for (g, offset), piece in zip(where, pieces)]
+        return cls(optimizer, groups, [copies[g] for g in groups]), views
+
+    @torch.no_grad()
+    def lerp(self, weight: float) -> None:
+        flats = self.optimizer.fp32_partitioned_groups_flat  # read again: a checkpoint load may replace them
+        for shadow, g in zip(self.shadows, self.groups):
+            shadow.lerp_(flats[g], weight)  # s += (1 - decay) (p - s), padding included
+
+
 class PartitionedEMA:
     """The loop's fp32 EMA: each rank averages only the master elements it owns (its ZeRO partition; under ZeRO 0
-    rank 0 owns everything), so a step sends nothing. A full copy is gathered at a checkpoint (`state_dict`) and
-    for a grid (`gathered`) only, on rank 0; a checkpoint's `ema.pt` is the full EMA, whatever the world size.
+    rank 0 owns everything), so a step sends nothing; under ZeRO-3 it reads DeepSpeed's flat partitions, without a
+    stream synchronization per parameter (`_FlatPartitions`). A full copy is gathered at a checkpoint
+    (`state_dict`) and for a grid (`gathered`) only, on rank 0; a checkpoint's `ema.pt` is the full EMA, whatever
+    the world size.
 
     `state_dict`, `gathered` and `load_state_dict` are called by every rank."""
 
@@ -189,6 +228,10 @@ class PartitionedEMA:
         self.starts = [pieces[i][0] for i in self.index]
         self.device = pieces[self.index[0]][1].device if self.index else self.params[0].device
         self.ema = make_ema([pieces[i][1] for i in self.index], recipe)
+        flat = _FlatPartitions.of(getattr(engine, "optimizer", None), [pieces[i][1] for i in self.index])
+        self.flat = None
+        if flat is not None:
+            self.flat, self.ema.shadow_params = flat  # the same values, now views of the flat copies
 
     def _pieces(self) -> dict:
         return {i: piece for i, p in enumerate(self.params)
@@ -199,7 +242,11 @@ class PartitionedEMA:
         return self.ema.optimization_step
 
     def step(self) -> None:
-        """One update from the masters this rank owns: no collective."""
+        """One update from the masters this rank owns: no collective, and under ZeRO-3 no per-parameter read."""
+        if self.flat is not None:
+            self.ema.optimization_step += 1
+            self.flat.lerp(1 - self.ema.get_decay(self.ema.optimization_step))
+            return
         pieces = self._pieces()  # read again: a checkpoint load may have replaced the optimizer's tensors
         self.ema.step(pieces[i][1] for i in self.index)
 
@@ -226,13 +273,9 @@ class PartitionedEMA:
         shadows = state["shadow_params"]
         if len(shadows) != len(self.params):
             raise ValueError(f"the EMA in the checkpoint has {len(shadows)} tensors, the model {len(self.params)}")
-        import torch
-
         self.ema.optimization_step = int(state["optimization_step"])
-        self.ema.shadow_params = [
-            shadows[i].reshape(-1).narrow(0, start, s.numel()).reshape(s.shape).to(self.device, torch.float32,
-                                                                                    copy=True)
-            for i, start, s in zip(self.index, self.starts, self.ema.shadow_params)]
+        for i, start, s in zip(self.index, self.starts, self.ema.shadow_params):  # in place: ZeRO-3's are views
+            s.copy_(shadows[i].reshape(-1).narrow(0, start, s.numel()).reshape(s.shape))
 
     def to(self, device) -> PartitionedEMA:
         return self  # each piece lives where its master does

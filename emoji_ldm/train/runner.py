@@ -188,7 +188,10 @@ def no_shared_memory_all_reduce() -> None:
 
 
 def deepspeed_config(micro: int, grad_accum: int, grad_clip: float, zero_stage: int, precision: str) -> dict:
-    """The DeepSpeed config (micro batch per worker, ZeRO stage, precision)."""
+    """The DeepSpeed config (micro batch per worker, ZeRO stage, precision), without DeepSpeed's defaults that make
+    the host wait for the GPU in every step: its throughput timer synchronizes the device twice per micro-step
+    (`timers.throughput.synchronized`) to time steps the loop already times, and is turned off; bf16's overflow
+    check is in `deepspeed_precision`."""
     from emoji_ldm.train.speed import deepspeed_precision
 
     return {
@@ -200,6 +203,7 @@ def deepspeed_config(micro: int, grad_accum: int, grad_clip: float, zero_stage: 
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
 
 

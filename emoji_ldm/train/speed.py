@@ -105,19 +105,27 @@ def torch_dtype(precision: str):
 def deepspeed_precision(precision: str, zero_stage: int) -> dict:
     """The DeepSpeed config blocks for a resolved precision.
 
+    bf16 at ZeRO 0 (plain data parallel) is torch autocast over fp32 weights (DeepSpeed's `torch_autocast` block),
+    as a DDP run trains: the client's optimizer steps the fp32 parameters themselves, gradients are fp32, and
+    nothing in the step reads the device. DeepSpeed's `bf16` block at ZeRO 0 runs its unfused fp16 optimizer
+    instead: bf16 weights with fp32 copies, an overflow test read to the host for every parameter, a norm read per
+    group, and gradients summed in bf16 over the micro-batches.
+
     bf16 under ZeRO 1-3 accumulates the micro-batches' gradients in fp32 (`data_types.grad_accum_dtype`;
     DeepSpeed's default is the model's dtype, and a sum of bf16 gradients keeps 8 bits of mantissa). ZeRO 2/3
     keep fp32 accumulation buffers; ZeRO 1 then runs DeepSpeed's bf16 optimizer, which accumulates in fp32 too.
-    DeepSpeed 0.19 has no fp32 accumulation without ZeRO ("unsupported mix of model_dtype=torch.bfloat16 and
-    grad_accum_dtype=torch.float32"), so ZeRO 0 keeps bf16's. fp16 accumulates scaled fp16 gradients, as
-    DeepSpeed's loss scaling expects."""
+    Its overflow check (`bf16.check_grad_overflow`) is off: bf16 has no loss scale to protect, and at ZeRO 2 the
+    check all-reduces a flag and reads it to the host every step (ZeRO 1's bf16 optimizer and ZeRO 3 test the
+    norm whatever the config says). fp16 accumulates scaled fp16 gradients, as DeepSpeed's loss scaling expects,
+    and keeps its overflow check: a step whose scaled gradients overflowed must be skipped."""
     if precision == "fp16":  # dynamic loss scaling: loss_scale 0 starts at 2^16 and halves on overflow
         return {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                          "hysteresis": 2, "min_loss_scale": 1}}
-    blocks = {"bf16": {"enabled": precision == "bf16"}}
-    if precision == "bf16" and zero_stage >= 1:
-        blocks["data_types"] = {"grad_accum_dtype": "fp32"}
-    return blocks
+    if precision != "bf16":
+        return {"bf16": {"enabled": False}}
+    if zero_stage == 0:
+        return {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
+    return {"bf16": {"enabled": True, "check_grad_overflow": False}, "data_types": {"grad_accum_dtype": "fp32"}}
 
 
 def check_sdpa(unet) -> None:

@@ -71,7 +71,7 @@ def one_rank_gloo(tmp_path, monkeypatch):
     _close_gloo()
 
 
-def _engine(stage: int, precision: str, seed: int = 0):
+def _engine(stage: int, precision: str, seed: int = 0, **config):
     """A two-layer model under DeepSpeed (67 weights: odd, so ZeRO pads and splits a tensor across ranks)."""
     import deepspeed
 
@@ -83,7 +83,8 @@ def _engine(stage: int, precision: str, seed: int = 0):
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-                                      config=deepspeed_config(2, 1, 1.0, stage, precision), dist_init_required=False)
+                                      config={**deepspeed_config(2, 1, 1.0, stage, precision), **config},
+                                      dist_init_required=False)
     return engine, params
 
 
@@ -122,10 +123,11 @@ def test_an_ema_update_sends_nothing(one_rank_gloo, tmp_path, monkeypatch, stage
     assert calls == [] and state.ema.optimization_step == 1
 
 
-def test_zero0_bf16_ema_follows_the_fp32_masters(one_rank_gloo, tmp_path, monkeypatch):
-    """ZeRO 0 with bf16: DeepSpeed's unfused optimizer keeps fp32 copies it links to no parameter. The EMA's first
-    update (decay 0) copies exactly those masters, not the bf16 weights."""
-    engine, params = _engine(0, "bf16")
+def test_zero0_half_precision_ema_follows_the_fp32_masters(one_rank_gloo, tmp_path, monkeypatch):
+    """ZeRO 0 with half-precision weights (fp16 on a GPU; here DeepSpeed's bf16 block, which runs the same unfused
+    optimizer on CPU): the optimizer keeps fp32 copies it links to no parameter. The EMA's first update (decay 0)
+    copies exactly those masters, not the half-precision weights."""
+    engine, params = _engine(0, "no", bf16={"enabled": True})
     assert type(engine.optimizer).__name__ == "FP16_UnfusedOptimizer" and params[0].dtype == torch.bfloat16
     state = _loop(engine, params, tmp_path, monkeypatch)
     _step(engine, 1)
@@ -134,6 +136,43 @@ def test_zero0_bf16_ema_follows_the_fp32_masters(one_rank_gloo, tmp_path, monkey
     masters = [m for group in engine.optimizer.fp32_groups for m in group]
     assert all(torch.equal(s, m) for s, m in zip(shadows, masters, strict=True))
     assert not all(torch.equal(s, p.float()) for s, p in zip(shadows, params))  # the masters are not bf16 values
+
+
+def test_zero0_bf16_ema_follows_the_fp32_weights(one_rank_gloo, tmp_path, monkeypatch):
+    """ZeRO 0 with --precision bf16 is autocast over fp32 weights: each weight is its own master."""
+    engine, params = _engine(0, "bf16")
+    assert params[0].dtype == torch.float32
+    state = _loop(engine, params, tmp_path, monkeypatch)
+    _step(engine, 1)
+    state.ema.step()
+    assert all(torch.equal(s, p) for s, p in zip(state.ema.state_dict()["shadow_params"], params, strict=True))
+
+
+def test_a_zero3_ema_update_reads_the_flat_partitions(one_rank_gloo, monkeypatch):
+    """ZeRO-3: DeepSpeed's per-parameter accessor (`safe_get_local_fp32_param`) synchronizes its reduce stream on
+    every call. An EMA update reads none: it moves towards the optimizer's flat fp32 partitions in one go, to the
+    values the per-parameter way gives."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    from emoji_ldm.models.presets import get_preset
+    from emoji_ldm.train.ema import PartitionedEMA, local_master, make_ema
+
+    spec = get_preset("tiny").train
+    engine, params = _engine(3, "bf16")
+    ema = PartitionedEMA(engine, params, spec, rank=0)
+    per_parameter = make_ema([local_master(p, {}, 0)[1] for p in params], spec)  # the per-parameter way
+    calls, accessor = [], DeepSpeedZeroOptimizer_Stage3.get_local_fp32_param
+    monkeypatch.setattr(DeepSpeedZeroOptimizer_Stage3, "get_local_fp32_param",
+                        lambda self, *args, **kwargs: (calls.append(1), accessor(self, *args, **kwargs))[1])
+    for seed in range(3):
+        _step(engine, seed)
+        calls.clear()
+        ema.step()
+        assert calls == []
+        per_parameter.step(local_master(p, {}, 0)[1] for p in params)
+    shadows = ema.state_dict()["shadow_params"]
+    assert all(torch.equal(s, e.view(s.shape)) for s, e in zip(shadows, per_parameter.shadow_params, strict=True))
+    assert ema.optimization_step == per_parameter.optimization_step == 3
 
 
 def test_a_bf16_weight_without_masters_is_refused(one_rank_gloo):
