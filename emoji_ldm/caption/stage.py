@@ -229,7 +229,7 @@ def _stage_captions(uri: str, files: pa.Table, run: str, config: CaptionConfig, 
     fs, root = filesystem(uri)
     paths = [f"{root.rstrip('/')}/{p}" for p in files.column("path").to_pylist()]
     ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True).select_columns(
-        ["id", "image", "title", "tag", "caption", "path"])
+        ["id", "image", "title", "tag", "source", "caption", "path"])
     ds = ds.map_batches(_todo_rows, fn_kwargs={"root": root.rstrip("/") + "/", "only_missing": config.only_missing},
                         batch_format="pyarrow")
     staged = _staged_ids(run)
@@ -251,7 +251,7 @@ def _todo_rows(batch: pa.Table, root: str, only_missing: bool) -> pa.Table:
         batch = batch.filter(pc.is_null(batch.column("caption")))
     files = pc.replace_substring_regex(batch.column("path"), f"^{re.escape(root)}", "")
     return pa.table({"id": batch.column("id"), "image": batch.column("image"), "title": batch.column("title"),
-                     "tag": batch.column("tag"), "_file": files})
+                     "tag": batch.column("tag"), "source": batch.column("source"), "_file": files})
 
 
 STAGED_SCHEMA = pa.schema([("id", pa.string()), ("caption", pa.string()), ("error", pa.string()),

@@ -23,7 +23,7 @@ import functools
 import re
 import unicodedata
 
-from emoji_ldm.sources.cldr import codepoints, groups, key
+from emoji_ldm.cldr import codepoints, groups, key
 
 STYLES = ("as-typed", "metadata")
 # the metadata captioner's colour words (caption/metadata.py `colour_name`), as a user may put them first

@@ -72,7 +72,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BuildConfig:
-    source: str = opt(help="twemoji | dir:PATH | urls:FILE (.txt, .csv or .parquet; local or s3://) | "
+    source: str = opt(help="twemoji | noto | openmoji | several sets joined by '+' (twemoji+noto+openmoji) | "
+                           "dir:PATH | urls:FILE (.txt, .csv or .parquet; local or s3://) | "
                            "synthetic:N[:SEED] (N generated emoji-like images, for load tests)")
     out: str = opt(help="dataset URI: a local path or s3://bucket/prefix")
     image: ImageConfig = opt(default_factory=ImageConfig, help="how images are normalised")

@@ -14,8 +14,8 @@ import functools
 import io
 from pathlib import Path
 
+from emoji_ldm import cldr
 from emoji_ldm.errors import UserError
-from emoji_ldm.sources import cldr
 from emoji_ldm.sources.items import FetchError, SourceItem, items_dataset
 
 FONT_DIR = Path("/usr/share/fonts/truetype/noto")  # where Debian's package puts it

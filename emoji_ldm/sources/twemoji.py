@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from emoji_ldm.sources import cldr
+from emoji_ldm import cldr
 from emoji_ldm.sources.base import SourceItem
 
 # Where the pack comes from upstream (recorded as source_url, never fetched).
