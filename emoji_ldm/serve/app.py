@@ -37,7 +37,7 @@ from ray.serve.handle import DeploymentHandle
 from emoji_ldm import __version__
 from emoji_ldm.inference.sampler import SampleJob
 from emoji_ldm.serve.generator import Generator
-from emoji_ldm.serve.http import ApiError, check_adapter, check_pixels, new_api
+from emoji_ldm.serve.http import ApiError, check_adapter, check_pixels, new_api, page_headers
 from emoji_ldm.serve.job_routes import JobRoutes
 from emoji_ldm.serve.schemas import MAX_BATCH_PIXELS, EmojiSetRequest, GenerateRequest, images_per_call
 from emoji_ldm.serve.sets import finish_files, media_type
@@ -202,7 +202,8 @@ class Ingress:
         return [made for result in results for made in result]
 
     async def page(self) -> HTMLResponse:
-        return HTMLResponse(resources.files("emoji_ldm.serve").joinpath("page.html").read_text())
+        html = resources.files("emoji_ldm.serve").joinpath("page.html").read_text()
+        return HTMLResponse(html, headers=page_headers(html))  # CSP, no framing (serve/http.py)
 
     async def healthz(self) -> dict:
         """Open to anyone, so it says only that the model is loaded; /v1/model (with a key) says which."""

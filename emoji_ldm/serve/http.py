@@ -218,6 +218,41 @@ class KeyCheck:
         await self.app(scope, receive, send)
 
 
+class NoSniff:
+    """`X-Content-Type-Options: nosniff` on every answer: a PNG or a zip is never read as a page."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def sent(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]
+            await send(message)
+
+        await self.app(scope, receive, sent)
+
+
+def page_headers(html: str) -> dict:
+    """The web page holds a key in memory: a Content-Security-Policy that runs only its own inline script (by its
+    hash), loads nothing from elsewhere, talks only to this origin and is framed by no one."""
+    import base64
+    import hashlib
+
+    scripts = re.findall(r"<script>(.*?)</script>", html, flags=re.S)
+    hashes = " ".join("'sha256-" + base64.b64encode(hashlib.sha256(s.encode()).digest()).decode() + "'"
+                      for s in scripts)
+    script_src = hashes or "'none'"
+    policy = (f"default-src 'none'; script-src {script_src}; style-src 'unsafe-inline'; "
+              "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+              "frame-ancestors 'none'")
+    return {"Content-Security-Policy": policy, "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-store"}
+
+
 def new_api(keyring=None, local_only: bool = False) -> FastAPI:
     """A FastAPI app with the error handlers, the body limit and the key check (`KeyCheck`); no routes.
 
@@ -238,4 +273,5 @@ def new_api(keyring=None, local_only: bool = False) -> FastAPI:
     api.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     # added last, so it runs first: no body is read without a key
     api.add_middleware(KeyCheck, keyring=keyring, local_only=local_only)
+    api.add_middleware(NoSniff)  # around everything, the key check's refusals too
     return api

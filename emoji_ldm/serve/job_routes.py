@@ -46,7 +46,7 @@ class JobRoutes:
         self.args, self.keyring = args, keyring
         self.model_card = model_card  # async () -> the model's card (its image_size: a job's size by default)
         self._expired_at = None  # when retention last ran (serve/retention.py)
-        self._stored = quota.StoredBytes(args.jobs_uri)  # each key's stored bytes, measured at most every minute
+        self._stored = None  # each key's stored bytes (quota.StoredBytes), measured at most every minute
 
     def add_to(self, api: FastAPI) -> None:
         api.post("/v1/jobs", status_code=202)(self.create_job)
@@ -214,6 +214,8 @@ class JobRoutes:
         serve/quota.py): of ten concurrent posts with room for one, one is admitted. 429 with the figures."""
         if key is None:
             return
+        if self._stored is None:
+            self._stored = quota.StoredBytes(self.args.jobs_uri)
         stored = await asyncio.to_thread(self._stored.of, owner)
         decision = await meter.ask("admit_job", owner, job_id, key.max_jobs, quota.job_cost(body, drawn or 0),
                                    key.cost_per_minute, key.budget, quota.job_bytes(body, drawn or 0), stored,

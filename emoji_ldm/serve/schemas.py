@@ -57,6 +57,8 @@ class Settings(BaseModel):
     @field_validator("negative_prompt", "steps", "guidance", "seed", "scheduler", "size")
     @classmethod
     def _sampler_rules(cls, value, info):
+        if info.field_name == "negative_prompt" and isinstance(value, str):  # one line of plain text, as a prompt
+            value = _plain(" ".join(value.split()), "negative_prompt")
         return _checked(info.field_name, value)
 
     def sampler(self, count: int = 1) -> SamplerSettings:
@@ -152,9 +154,25 @@ def _check_prompts(template: str, theme: str, items: list[str] | None) -> None:
 
 
 def _text(value: str, what: str) -> str:
-    value = " ".join(value.split())  # one line: prompts are plain text
+    value = _plain(" ".join(value.split()), what)  # one line: prompts are plain text
     if not value:
         raise ValueError(f"{what} is empty: describe the emoji, e.g. 'smiling cat face'")
+    return value
+
+
+# Bidirectional embeddings, overrides and isolates: they make a PNG viewer show text in another order than it is
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _plain(value: str, what: str) -> str:
+    """`value` with no control character (a NUL, an escape, a line break left) and no bidi control: such text would
+    reach the PNG text chunks and the web UI `parameters` line, where it could pose as other fields. Emoji joiners
+    (U+200D) and variation selectors are text, and pass."""
+    import unicodedata
+
+    for i, ch in enumerate(value):
+        if ch in BIDI_CONTROLS or unicodedata.category(ch) == "Cc":
+            raise ValueError(f"{what} has a control character (U+{ord(ch):04X}) at {i}: send plain text")
     return value
 
 
@@ -206,7 +224,7 @@ class EmojiSetRequest(Settings):
     @field_validator("theme")
     @classmethod
     def _theme(cls, value: str) -> str:
-        return " ".join(value.split())
+        return _plain(" ".join(value.split()), "theme")
 
     @field_validator("items")
     @classmethod
@@ -220,7 +238,7 @@ class EmojiSetRequest(Settings):
     @classmethod
     def _template(cls, value: str) -> str:
         template_parts(value)
-        return value
+        return _plain(value, "template")
 
     @model_validator(mode="after")
     def _prompt_lengths(self):
