@@ -21,6 +21,10 @@ Transparency: a VAE trained here has 4 pixel channels (RGBA in and out), so the 
 draws alpha. A pretrained SD VAE has 3: its models learn transparent images composited
 onto `vae.key_colour`, and their output is keyed from that colour (`emoji_ldm.imaging`).
 
+Each preset's `train` section states its engine (`zero_stage`: 0, DDP, where the model fits one GPU; ZeRO where
+partitioning pays), and for GPUs its batch per GPU (`gpu_micro_batch`, so that a GPU is compute-bound, not
+launch-bound) and `precision`. CPU runs keep the global `batch_size` and fp32.
+
 Any field can be overridden with `with_overrides(preset, {"train.max_steps": 10})`
 (the CLI's `--set train.max_steps=10`); the resolved preset is saved with every output.
 """
@@ -31,7 +35,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from emoji_ldm.config import opt
+from emoji_ldm.config import check_choice, opt
 from emoji_ldm.errors import UserError
 from emoji_ldm.imaging import KEY_COLOUR
 
@@ -172,8 +176,16 @@ class TrainSpec:
     sample_every: int = 250  # validation: a grid of `sample_prompts` every K steps (0: only at the end)
     log_every: int = 10
     seed: int = 0
+    zero_stage: int = 0  # DeepSpeed's engine: 0 plain data parallel (DDP), 1-3 ZeRO; `train --zero-stage` sets it
+    gpu_micro_batch: int | None = None  # a --gpu run's images per GPU (x workers x grad_accum); None: batch_size
+    precision: str = "auto"  # on GPUs (--precision auto takes it): auto | bf16 | fp16 | no; CPU runs are fp32
 
     def __post_init__(self):
+        if not isinstance(self.zero_stage, int) or not 0 <= self.zero_stage <= 3:
+            raise UserError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        if self.gpu_micro_batch is not None and self.gpu_micro_batch <= 0:
+            raise UserError(f"train.gpu_micro_batch must be positive or None, got {self.gpu_micro_batch}")
+        check_choice("train.precision", self.precision, ("auto", "bf16", "fp16", "no"))
         if self.batch_size <= 0 or self.grad_accum <= 0 or self.max_steps <= 0:
             raise UserError(
                 f"batch_size, grad_accum and max_steps must be positive, got "
@@ -268,8 +280,10 @@ PRESETS: dict[str, Preset] = {
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         ),
+        # DDP (71M parameters); one H200 is launch-bound at 128 images a step, compute-bound at 1024 with --compile
         train=TrainSpec(batch_size=128, lr=1e-4, min_lr=1e-5, warmup_steps=500, max_steps=50_000,
-                        caption_dropout=0.5, ema_decay=0.9999, checkpoint_every=1000, sample_every=1000),
+                        caption_dropout=0.5, ema_decay=0.9999, checkpoint_every=1000, sample_every=1000,
+                        zero_stage=0, gpu_micro_batch=1024, precision="bf16"),
     ),
     "sd-finetune": Preset(
         name="sd-finetune",
@@ -278,8 +292,10 @@ PRESETS: dict[str, Preset] = {
         text=TextSpec(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", kind="clip",
                       subfolder="text_encoder", max_length=77, hidden_size=768),
         unet=UNetSpec(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", finetune="attn2"),
+        # ZeRO 2 partitions the 10 GB of fp32 masters and AdamW state of a full fine-tune of the 860M UNet
         train=TrainSpec(batch_size=32, lr=1e-5, min_lr=1e-6, warmup_steps=100, max_steps=5000,
-                        caption_dropout=0.1, ema_decay=0.9999, checkpoint_every=500, sample_every=500),
+                        caption_dropout=0.1, ema_decay=0.9999, checkpoint_every=500, sample_every=500,
+                        zero_stage=2, gpu_micro_batch=8, precision="bf16"),
     ),
 }
 

@@ -40,8 +40,10 @@ class TrainConfig(PresetOptions):
     data: str = opt(help="latent table URI[@VERSION]")
     out: str = opt(help="run output URI: model/, checkpoints/, samples/, metrics")
     workers: int = opt(2, help="Ray Train workers")
-    zero_stage: int = opt(2, help="DeepSpeed ZeRO stage: 0, 1, 2 or 3")
-    batch_size: int | None = opt(None, help="global batch (default: the preset's)")
+    zero_stage: int | None = opt(None, help="DeepSpeed ZeRO stage: 0 (plain data parallel), 1, 2 or 3 (default: "
+                                            "the preset's train.zero_stage)")
+    batch_size: int | None = opt(None, help="global batch (default: the preset's; with --gpu, its "
+                                            "train.gpu_micro_batch per GPU where it has one)")
     max_steps: int | None = opt(None, help="optimizer steps (default: the preset's)")
     epochs: float | None = opt(None, help="passes over the training rows instead of --max-steps")
     resume: bool = opt(False, help="continue from the latest checkpoint under --out")
@@ -52,7 +54,7 @@ class TrainConfig(PresetOptions):
     threads_per_worker: int = opt(1, cli=False, help="torch threads per worker")
 
     def __post_init__(self):
-        if not isinstance(self.zero_stage, int) or not 0 <= self.zero_stage <= 3:
+        if self.zero_stage is not None and (not isinstance(self.zero_stage, int) or not 0 <= self.zero_stage <= 3):
             raise UserError(f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         if self.workers <= 0:
             raise UserError(f"--workers must be positive, got {self.workers}")
@@ -68,6 +70,10 @@ class TrainConfig(PresetOptions):
             raise UserError(f"--max-failures must be 0 or more, got {self.max_failures}")
         self.speed.resolved_precision(self.use_gpu)  # fp16 without --gpu is refused here
         preset = self.resolved_preset()
+        # what the preset states, resolved once (frozen): the run, its config.json and its card say which
+        object.__setattr__(self, "zero_stage", preset.train.zero_stage)
+        if self.use_gpu and self.speed.precision == "auto":
+            object.__setattr__(self, "speed", dataclasses.replace(self.speed, precision=preset.train.precision))
         per_step = self.workers * preset.train.grad_accum
         if preset.train.batch_size % per_step:
             raise UserError(
@@ -76,11 +82,18 @@ class TrainConfig(PresetOptions):
             )
 
     def resolved_preset(self):
+        """The preset with the command line's settings; with --gpu, a preset's `gpu_micro_batch` per GPU sets the
+        global batch unless --batch-size (or --set train.batch_size) gives one."""
         overrides = dict(self.overrides)
+        if self.zero_stage is not None:
+            overrides["train.zero_stage"] = self.zero_stage
         if self.batch_size is not None:
             overrides["train.batch_size"] = self.batch_size
         if self.max_steps is not None:
             overrides["train.max_steps"] = self.max_steps
+        train = get_preset(self.preset, overrides).train
+        if self.use_gpu and train.gpu_micro_batch and "train.batch_size" not in overrides:
+            overrides["train.batch_size"] = train.gpu_micro_batch * self.workers * train.grad_accum
         return get_preset(self.preset, overrides)
 
 

@@ -41,6 +41,9 @@ def test_presets_round_trip_and_overrides():
     ("tiny", ["unet.block_out_channels=32,64,64"], "down_block_types has 2 entries"),
     ("tiny", ["vae.colour_loss=visible"], "vae.colour_loss must be premultiplied or straight, got 'visible'"),
     ("tiny", ["vae.kind=pixels"], "vae.kind must be kl or patches, got 'pixels'"),
+    ("tiny", ["train.zero_stage=4"], "train.zero_stage must be 0, 1, 2 or 3, got 4"),
+    ("tiny", ["train.precision=fp8"], "train.precision must be one of auto, bf16, fp16, no, got 'fp8'"),
+    ("tiny", ["train.gpu_micro_batch=0"], "train.gpu_micro_batch must be positive or None, got 0"),
     ("pixel32", ["vae.patch_size=2"], r"latent_channels must be channels x patch_size\^2 = 16, got 64"),
     ("pixel32", ["vae.pretrained=stabilityai/sd-vae-ft-mse"], "vae.kind=patches has no autoencoder to load"),
     ("pixel32", ["image_size=24", "vae.patch_size=16", "vae.latent_channels=1024"],
@@ -120,3 +123,28 @@ def test_emoji64_unet_matches_the_seed():
 def test_small64_is_the_size_the_readme_says():
     preset = get_preset("small64")
     assert preset.latent_size == 16 and 15e6 < count_params(build_unet(preset)) < 20e6
+
+
+def test_each_preset_states_its_engine():
+    """DDP (ZeRO 0) where the model fits one GPU; ZeRO 2 for the SD fine-tune, whose fp32 masters and AdamW state
+    it partitions. The GPU presets state a compute-bound batch per GPU and bf16."""
+    assert {name: p.train.zero_stage for name, p in PRESETS.items()} == {
+        "tiny": 0, "pixel32": 0, "small64": 0, "emoji64": 0, "sd-finetune": 2}
+    assert (PRESETS["emoji64"].train.gpu_micro_batch, PRESETS["emoji64"].train.precision) == (1024, "bf16")
+    assert (PRESETS["sd-finetune"].train.gpu_micro_batch, PRESETS["sd-finetune"].train.precision) == (8, "bf16")
+
+
+def test_train_takes_its_engine_batch_and_precision_from_the_preset():
+    """`--zero-stage` defaults to the preset's; with --gpu the global batch is the preset's batch per GPU x workers
+    and --precision auto is the preset's; what the command line gives wins."""
+    assert TrainConfig(data="/x", out="/y").zero_stage == 0
+    assert TrainConfig(data="/x", out="/y", preset="sd-finetune").zero_stage == 2
+    assert TrainConfig(data="/x", out="/y", zero_stage=3).resolved_preset().train.zero_stage == 3
+    cpu = TrainConfig(data="/x", out="/y", preset="emoji64", workers=4)
+    assert cpu.resolved_preset().train.batch_size == 128 and cpu.speed.precision == "auto"
+    gpu = TrainConfig(data="/x", out="/y", preset="emoji64", workers=4, use_gpu=True)
+    assert gpu.resolved_preset().train.batch_size == 4096 and gpu.speed.precision == "bf16"
+    assert TrainConfig(data="/x", out="/y", preset="emoji64", workers=4, use_gpu=True,
+                       batch_size=256).resolved_preset().train.batch_size == 256
+    assert TrainConfig(data="/x", out="/y", preset="emoji64", use_gpu=True,
+                       overrides={"train.batch_size": "64"}).resolved_preset().train.batch_size == 64
