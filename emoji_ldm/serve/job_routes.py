@@ -21,9 +21,11 @@ logger = logging.getLogger("ray.serve")
 
 JOB_ID = re.compile(r"job-[0-9a-z-]{8,40}")
 # A callback's host is looked up on a pool of its own, within a deadline: a name server that never answers holds
-# one of these threads, not the default pool that every other blocking call of the replica shares.
-_CALLBACK_CHECKS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="callback-check")
+# one of these threads, not the default pool that every other blocking call of the replica shares; and one key
+# holds at most one of them at a time (`_one_check`), so one tenant's slow names never hold up another's check.
+_CALLBACK_CHECKS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="callback-check")
 CALLBACK_CHECK_S = 5.0
+_CHECKING: dict[str, asyncio.Lock] = {}  # owner -> its one callback check at a time, on this replica
 
 
 def _owner(request: Request):
@@ -149,10 +151,17 @@ class JobRoutes:
         if not _webhook_secret(key):
             raise ApiError(422, "callback_url: this server has no webhook secret to sign with (no API keys and "
                                 "no EMOJI_LDM_WEBHOOK_SECRET)", "callback_url")
-        checking = asyncio.get_running_loop().run_in_executor(_CALLBACK_CHECKS, check_callback, url,
-                                                                self.args.webhook_allow)
+        turn = _CHECKING.setdefault(getattr(key, "owner", ""), asyncio.Lock())
+
+        async def one_check():
+            await turn.acquire()
+            checking = asyncio.get_running_loop().run_in_executor(_CALLBACK_CHECKS, check_callback, url,
+                                                                  self.args.webhook_allow)
+            checking.add_done_callback(lambda _: turn.release())  # the key's turn ends when its thread is free
+            await asyncio.shield(checking)  # past the deadline the lookup runs on, holding the turn
+
         try:
-            await asyncio.wait_for(checking, CALLBACK_CHECK_S)
+            await asyncio.wait_for(one_check(), CALLBACK_CHECK_S)
         except CallbackRefused as e:
             raise ApiError(400, str(e), "callback_url") from None
         except TimeoutError:

@@ -210,3 +210,41 @@ def test_a_callback_host_that_never_resolves_is_a_400_within_the_deadline(monkey
     finally:
         release.set()
     assert refused.value.status == 400 and refused.value.field == "callback_url"
+
+
+def test_one_keys_slow_names_do_not_hold_up_another_keys_check(monkeypatch):
+    """A tenant whose callback names never resolve holds at most one lookup thread at a time: its fifth post
+    waits for its own turn (and gets its 400 at the deadline), while another key's check runs at once."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from emoji_ldm.serve import job_routes, webhooks
+    from emoji_ldm.serve.http import ApiError
+
+    release, checked = threading.Event(), []
+
+    def check(url, allow):
+        if "slow" in url:
+            release.wait(30)
+        checked.append(url)
+
+    monkeypatch.setattr(webhooks, "check_callback", check)
+    monkeypatch.setattr(job_routes, "CALLBACK_CHECK_S", 0.5)
+    routes = job_routes.JobRoutes(SimpleNamespace(webhook_allow=[]))
+    slow, quick = SimpleNamespace(webhook_secret="s", owner="key-slow"), SimpleNamespace(webhook_secret="s",
+                                                                                       owner="key-quick")
+
+    async def both():
+        slow_posts = [routes._check_callback(f"https://slow{i}.example/hook", slow) for i in range(5)]
+        results = await asyncio.gather(*slow_posts, routes._check_callback("https://ok.example/hook", quick),
+                                       return_exceptions=True)
+        return results
+
+    try:
+        results = asyncio.run(both())
+    finally:
+        release.set()
+    assert all(isinstance(r, ApiError) and r.status == 400 for r in results[:5])
+    assert results[5] is None and checked == ["https://ok.example/hook"]
+    assert sum(t.name.startswith("callback-check") and t.is_alive() for t in threading.enumerate()) <= 16
