@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
 from emoji_ldm.store.uri import filesystem
 
@@ -27,10 +28,12 @@ DEFAULT_MODELS = ("stabilityai/sd-vae-ft-mse", "openai/clip-vit-base-patch32", "
 
 @dataclass(frozen=True)
 class MirrorConfig:
-    dest: str                          # a URI: s3://bucket/prefix or a local folder
-    models: tuple[str, ...] = DEFAULT_MODELS
-    cache_dir: str | None = None       # a hub cache to take the models from (None: the hub's default cache)
-    offline: bool = False              # take only what that cache holds; never download
+    dest: str = opt(positional=True, help="where the mirror goes: s3://bucket/prefix (the pods pull "
+                                          "s3://emoji-ldm/weights/hub) or a local folder")
+    models: tuple[str, ...] = opt(DEFAULT_MODELS, flag="model", metavar="ORG/NAME",
+                                  help="a hub model id to mirror (repeat; default: the presets' and the captioner's)")
+    cache_dir: str | None = opt(None, help="the hub cache to take the models from (default: the hub's own)")
+    offline: bool = opt(False, help="use only what that cache holds; never download")
 
     def __post_init__(self):
         if not self.models:
@@ -74,6 +77,12 @@ def mirror_weights(config: MirrorConfig) -> list[str]:
     return written
 
 
+def mirror_command(config: MirrorConfig) -> str:
+    """`emoji-ldm weights mirror`: mirror_weights, as one line of text."""
+    files = mirror_weights(config)
+    return f"mirrored {len(config.models)} models ({len(files)} files) to {config.dest}"
+
+
 def pull_weights(source: str, cache_dir: str) -> int:
     """Copy every file under `source` (what `mirror_weights` wrote) into the hub cache folder `cache_dir`; files
     already there with the same size are kept. Returns the number of files copied. An empty or missing source
@@ -113,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "push":
-            files = mirror_weights(MirrorConfig(args.dest, tuple(args.models), args.cache_dir, args.offline))
-            print(f"mirrored {len(args.models)} models ({len(files)} files) to {args.dest}")
+            print(mirror_command(MirrorConfig(args.dest, tuple(args.models), args.cache_dir, args.offline)))
         else:
             print(f"pulled {pull_weights(args.source, args.cache_dir)} files from {args.source} to {args.cache_dir}")
     except UserError as e:

@@ -278,7 +278,7 @@ def test_submit_and_jobs_bad_input(cluster, tmp_path, cli_in_process):
 
 def test_jobs_with_ray_token_authentication(tmp_path):
     """A head with Ray's token authentication on, as KubeRay's `authOptions` starts it: RAY_AUTH_TOKEN alone (what
-    the emoji-ldm-ray-token Secret holds) gets `jobs` in; no token and a wrong one get one clear line each."""
+    the emoji-ldm-ray-token-ZONE Secret holds) gets `jobs` in; no token and a wrong one get one clear line each."""
     import secrets
     import shutil
     import signal
