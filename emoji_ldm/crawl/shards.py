@@ -136,7 +136,15 @@ class ShardFetch:
             self.futures.append(self.pool.submit(self._fetch, new))
 
     def _fetch(self, items: pa.Table) -> pa.Table:
+        from emoji_ldm.crawl.guard import may_fetch
         from emoji_ldm.ingest.tasks import ingest_batch
+
+        allowed = [may_fetch(u, p) for u, p in zip(items.column("locator").to_pylist(),
+                                                   items.column("page_url").to_pylist())]
+        if not all(allowed):  # an image URL that names an internal address or a file: never fetched (guard.py)
+            logger.warning("crawl: %d image URL(s) of a page name no public address; not fetched",
+                           allowed.count(False))
+            items = items.filter(pa.array(allowed))
 
         rows = ingest_batch(items.drop_columns(["page"]), self.image, self.fetch)
         return rows.append_column("page", items.column("page"))
