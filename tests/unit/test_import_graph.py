@@ -110,7 +110,7 @@ def test_each_ray_job_entrypoint_says_the_stage_it_runs():
 
 # The packages held to the import rule of docs/development.md; a package joins once its lazy imports follow it.
 HELD_TO_THE_IMPORT_RULE = ("emoji_ldm/store", "emoji_ldm/cli", "emoji_ldm/errors.py")
-S3_ONLY = {"boto3", "botocore"}  # heavy to import, and only S3 paths need them
+ONE_PATH_ONLY = {"boto3", "botocore", "huggingface_hub"}  # heavy to import, and only S3 or the hub mirror needs them
 
 
 def heavy_modules() -> set[str]:
@@ -118,7 +118,7 @@ def heavy_modules() -> set[str]:
     module level (their TID253 exceptions in pyproject.toml)."""
     with open(ROOT / "pyproject.toml", "rb") as f:
         lint = tomllib.load(f)["tool"]["ruff"]["lint"]
-    libraries = set(lint["flake8-tidy-imports"]["banned-module-level-imports"]) | S3_ONLY
+    libraries = set(lint["flake8-tidy-imports"]["banned-module-level-imports"]) | ONE_PATH_ONLY
     modules = {path.removesuffix(".py").replace("/", ".") for path, rules in lint["per-file-ignores"].items()
                if "TID253" in rules and "*" not in path}
     return libraries | modules
