@@ -49,7 +49,8 @@ def _repo_folder(model: str) -> str:
 
 
 def _copy_file(fs: pafs.FileSystem, source: Path, target: str) -> None:
-    fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):  # an object store has no folders (and a prefix-scoped user may not
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)  # check the bucket, which making one does)
     with source.open("rb") as src, fs.open_output_stream(target) as out:
         while chunk := src.read(8 << 20):
             out.write(chunk)
