@@ -215,3 +215,31 @@ def test_only_minio_and_the_bucket_job_hold_minios_root_user(overlay):
     text_of = {f"{d['kind']}/{d['metadata']['name']}": yaml.safe_dump(d) for d in render(overlay)}
     holders = {name for name, text in text_of.items() if "emoji-ldm-minio-root" in text}
     assert holders == {"StatefulSet/minio", "Job/minio-bucket"}, holders
+
+
+def test_bucket_job_script_makes_each_user_with_its_policy_and_the_lifecycle(tmp_path):
+    """The bucket Job's script, run by /bin/sh with a stand-in `mc` that logs its calls, the Job's env and the
+    ConfigMaps' files where the Job mounts them (paths moved under tmp_path)."""
+    job = by_kind(render("local"), "Job")["minio-bucket"]["spec"]["template"]["spec"]["containers"][0]
+    config, prompts, bin_dir, log = tmp_path / "config", tmp_path / "prompts", tmp_path / "bin", tmp_path / "calls"
+    for folder, files in ((config, minio_config()), (prompts, {"emoji-set.txt": "red heart\n"})):
+        folder.mkdir()
+        for name, text in files.items():
+            (folder / name).write_text(text)
+    bin_dir.mkdir()
+    (bin_dir / "mc").write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {log}\n')
+    (bin_dir / "mc").chmod(0o755)
+    script = job["args"][0].replace("/config/", f"{config}/").replace("/prompts/", f"{prompts}/")
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "MINIO_ENDPOINT": "http://minio:9000", "MINIO_ROOT_USER": "root",
+           "MINIO_ROOT_PASSWORD": "rootpw"}
+    env |= {f"USER_{z}": f"emoji-ldm-{z}" for z in ZONES} | {f"SECRET_{z}": f"key-{z}" for z in ZONES}
+    assert {e["name"] for e in job["env"]} >= {k for k in env if k.startswith(("USER_", "SECRET_"))}
+    r = subprocess.run(["/bin/sh", "-ec", script], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0] == "alias set store http://minio:9000 root rootpw"
+    assert "ilm import store/emoji-ldm" in calls and "version enable store/emoji-ldm" in calls
+    for zone in ZONES:
+        assert f"admin user add store emoji-ldm-{zone} key-{zone}" in calls
+        assert f"admin policy create store emoji-ldm-{zone} {config}/policy-{zone}.json" in calls
+        assert f"admin policy attach store emoji-ldm-{zone} --user emoji-ldm-{zone}" in calls
