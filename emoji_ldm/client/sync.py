@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from urllib3.exceptions import HTTPError
+from urllib3.exceptions import HTTPError, ReadTimeoutError
 
 from emoji_ldm.client.errors import ConnectError, EmojiLdmError, JobCancelled, JobFailed
 from emoji_ldm.client.events import Event, Seen, SseParser, event_from_sse
@@ -140,24 +140,28 @@ class Client:
             if not answer.headers.get("Content-Type", "").startswith("text/event-stream"):
                 close_stream(answer)
                 return False
-            parser = SseParser()
+            parser, quiet = SseParser(), False
             try:
                 while chunk := answer.read1(65536):
-                    failures = 0  # bytes came (a keep-alive comment too): the stream is alive
                     for message in parser.feed(chunk):
                         event = seen.note(event_from_sse(job_id, message))
+                        failures = 0
                         yield event
                         if event.terminal:
                             return True
+            except ReadTimeoutError:
+                quiet = True  # nothing to say for `timeout` s (a long queue): ask again, not a failure
             except HTTPError:
                 pass  # dropped: reconnect below, after the last whole message
             finally:
                 close_stream(answer)
                 last_id, retry_s = parser.last_id or last_id, parser.retry_s or retry_s
+            _check(deadline, job_id)
+            if quiet:
+                continue
             failures += 1
             if failures > self.settings.retries:
                 raise ConnectError(f"the event stream of job {job_id} dropped {failures} times in a row")
-            _check(deadline, job_id)
             self.transport.wait(Retry(failures, retry_s or self.transport.backoff(failures), None, "stream ended"))
 
     def _poll(self, job_id: str, seen: Seen, deadline: float | None) -> Iterator[Event]:

@@ -52,7 +52,7 @@ class Settings:
     backoff_s: float = 0.5
     max_backoff_s: float = 30.0
     max_retry_after_s: float = 120.0
-    poll_s: float = 0.25
+    poll_s: float = 1.0  # a key's default rate is 60 requests a minute
     max_poll_s: float = 5.0
     sse: bool = True
 
