@@ -133,20 +133,21 @@ EVENTS = [("queued", {"position": 2}), ("started", {}), *[("progress", {"done": 
           ("completed", {"progress": {"done": 4, "total": 4}})]
 
 
-def event_stream(cuts: list[tuple[int, str]]):
-    """The events route: from after Last-Event-ID (or the start), chunked, until the next cut (an index in
-    EVENTS and how the connection ends there: "mid-message" cut inside it, "eof" closed cleanly before it)."""
+def event_stream(cuts: list[tuple[int, str]], chunked: bool = True):
+    """The events route: from after Last-Event-ID (or the start) until the next cut (an index in EVENTS and how
+    the connection ends there: "mid-message" cut inside it, "eof" closed cleanly before it), chunked or ended
+    by closing the connection."""
 
     def answer(handler):
         after = int(handler.headers.get("Last-Event-ID") or 0)
         stop, how = cuts.pop(0) if cuts else (len(EVENTS), "eof")
         handler.send_response(200)
         handler.send_header("Content-Type", "text/event-stream")
-        handler.send_header("Transfer-Encoding", "chunked")
+        handler.send_header("Transfer-Encoding" if chunked else "Connection", "chunked" if chunked else "close")
         handler.end_headers()
 
         def chunk(data: bytes):
-            handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
             handler.wfile.flush()
 
         chunk(b"retry: 10\n: connected\n\n")
@@ -156,16 +157,17 @@ def event_stream(cuts: list[tuple[int, str]]):
         if how == "mid-message":
             kind, data = EVENTS[stop]
             chunk(f"id: {stop + 1}\nevent: {kind}\ndata: {json.dumps(data)}\n".encode())  # no blank line: cut
-        else:
+        elif chunked:
             handler.wfile.write(b"0\r\n\r\n")
         handler.close_connection = True
 
     return answer
 
 
-def test_a_stream_that_drops_resumes_with_last_event_id_and_misses_and_repeats_nothing(scripted):
+@pytest.mark.parametrize("chunked", [True, False])
+def test_a_stream_that_drops_resumes_with_last_event_id_and_misses_and_repeats_nothing(scripted, chunked):
     path = f"/v1/jobs/{JOB['id']}/events"
-    server = scripted({("GET", path): [event_stream([(3, "mid-message"), (5, "eof")])]})
+    server = scripted({("GET", path): [event_stream([(3, "mid-message"), (5, "eof")], chunked)]})
     client, retries = quick(server.url)
     events = list(client.subscribe(JOB["id"]))
     assert [(e.id, e.type, e.done) for e in events] == [(str(n), kind, data.get("done", data.get("progress", {})
@@ -173,6 +175,28 @@ def test_a_stream_that_drops_resumes_with_last_event_id_and_misses_and_repeats_n
                                                         for n, (kind, data) in enumerate(EVENTS, 1)]
     assert [h.get("last-event-id") for m, p, h in server.seen if p == path] == [None, "3", "5"]
     assert [r.wait_s for r in retries] == [0.01, 0.01] and events[0].data == {"position": 2}
+
+
+def test_a_stream_that_goes_away_is_followed_by_polling_from_where_it_was(scripted):
+    job = f"/v1/jobs/{JOB['id']}"
+    running, ended = ({**JOB, "state": state, "progress": {"done": done, "total": 4}, "started_at": "t"}
+                      for state, done in (("running", 2), ("succeeded", 4)))
+    server = scripted({("GET", f"{job}/events"): [event_stream([(3, "mid-message")]),
+                                                  (404, {"error": "Not Found", "field": None}, {})],
+                       ("GET", job): [(200, running, {}), (200, ended, {})]})
+    client, _ = quick(server.url, poll_s=0.01)
+    events = [(e.type, e.done) for e in client.subscribe(JOB["id"])]
+    assert events == [("queued", None), ("started", None), ("progress", 1), ("progress", 2), ("progress", 3),
+                      ("progress", 4), ("completed", 4)]
+
+
+def test_verify_sends_the_file_to_the_service_when_asked(scripted, tmp_path):
+    report = {"file": "a.gif", "signed": True, "valid": True, "status": ["signingCredential.untrusted"]}
+    server = scripted({("POST", "/v1/verify"): [(200, report, {})]})
+    (tmp_path / "a.gif").write_bytes(b"GIF89a not really")
+    client, _ = quick(server.url)
+    assert client.verify(tmp_path / "a.gif", remote=True) == report
+    assert server.seen[0][2]["content-type"] == "image/gif" and server.seen[0][2]["content-length"] == "17"
 
 
 def test_a_stream_that_never_comes_back_is_an_error_after_the_retries(scripted):
