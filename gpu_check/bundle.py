@@ -99,10 +99,10 @@ def source_items(name: str) -> tuple[list, str | None]:
         return [], f"{name}_items() failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
-def _label(title: str, tag: str, source_url: str | None) -> str | None:
+def _label(title: str, tag: str, source_url: str | None, kind: str = "subgroup") -> str | None:
     from emoji_ldm.eval.judge import row_label
 
-    return row_label("subgroup", source_url, title, tag)
+    return row_label(kind, source_url, title, tag)
 
 
 def _colours(rgba: np.ndarray) -> str:
@@ -144,6 +144,7 @@ def _rows(config: BundleConfig, name: str, items: list, keep: set[str]) -> list[
         rgba = np.asarray(Image.open(io.BytesIO(cleaned.png)).convert("RGBA"), dtype=np.uint8)  # (S, S, 4)
         rows.append({"id": cleaned.id, "pixels": rgba, "name": title, "style": name,
                      "label": _label(title, item.tag, item.source_url or item.locator),
+                     "group": _label(title, item.tag, item.source_url or item.locator, "group"),
                      "captions": _captions(title, name, rgba, item.caption)})
     return rows
 
@@ -203,7 +204,8 @@ def write_data(config: BundleConfig, rows: list[dict], info: dict) -> dict:
     index = np.array([[captions.setdefault(c, len(captions)) for c in r["captions"]] for r in rows], dtype=np.int32)
     styles = list(dict.fromkeys(r["style"] for r in rows))
     held = held_out_names(rows)
-    eval_prompts = sorted({(r["name"], r["label"]) for r in rows if r["name"] in held and r["style"] == "twemoji"})
+    eval_prompts = sorted({(r["name"], r["label"], r["group"]) for r in rows
+                           if r["name"] in held and r["style"] == "twemoji"})
     np.savez_compressed(out / "images.npz",
                         images=np.stack([r["pixels"] for r in rows]),  # (N, S, S, 4) uint8
                         captions=index,  # (N, CAPTION_VARIANTS) int32 into meta["captions"]
@@ -212,7 +214,7 @@ def write_data(config: BundleConfig, rows: list[dict], info: dict) -> dict:
     meta = {**info, "size": config.size, "rows": len(rows), "styles": styles, "captions": list(captions),
             "names": [r["name"] for r in rows], "labels": [r["label"] for r in rows],
             "gallery": list(GALLERY), "unseen": list(UNSEEN), "naming_sheet": naming_sheet(),
-            "eval_prompts": [{"prompt": n, "label": lab} for n, lab in eval_prompts],
+            "eval_prompts": [{"prompt": n, "label": lab, "group": g} for n, lab, g in eval_prompts],
             "caption_variants": CAPTION_VARIANTS}
     (out / "meta.json").write_text(json.dumps(meta))
     return meta

@@ -295,9 +295,12 @@ def colour_share(sampler, prompt: str, config: RunConfig, n: int) -> float:
 
 
 def evaluate(sampler, data: Data, config: RunConfig) -> dict:
-    """Unseen colour combinations (no judge needed), then prompt accuracy on held-out names with the frozen judge
-    beside the real held-out images' accuracy, when the judge is installed."""
+    """Unseen colour combinations (no judge needed), then, with the frozen judge, the eval protocol's prompt
+    accuracy (`emoji_ldm.eval.protocol`: per held-out caption, `eval_seeds` samples each, 95% bootstrap intervals)
+    beside the real held-out Twemoji images and the empty prompt, on the same captions."""
     from PIL import Image
+
+    from emoji_ldm.eval.protocol import caption_scores, prompt_accuracy_figures, summary_line
 
     meta = data.meta
     out = {"unseen_colour_share": {p: colour_share(sampler, p, config, 4 * config.eval_seeds) for p in meta["unseen"]}}
@@ -310,19 +313,23 @@ def evaluate(sampler, data: Data, config: RunConfig) -> dict:
     prompts = [p for p in meta["eval_prompts"] if p["label"] in judge.classes][:config.eval_prompts]
     if not prompts:
         return {**out, "judge": judge.meta.get("content_id"), "skipped": "no held-out prompt has a judge class"}
-    k = config.eval_seeds
-    images = sample(sampler, [p["prompt"] for p in prompts for _ in range(k)], list(range(k)) * len(prompts), config)
-    labels = [p["label"] for p in prompts for _ in range(k)]
-    accuracy = float(np.mean([a == b for a, b in zip(judge.predict(judge.pixels(images)), labels)]))
-    held = {p["prompt"] for p in prompts}
-    real = [i for i, (n, s) in enumerate(zip(meta["names"], meta["style_of_row"])) if n in held and s == "twemoji"]
-    pixels = data.images[real].permute(0, 2, 3, 1).cpu().numpy()  # (R, S, S, 4) uint8
-    real_labels = [meta["labels"][i] for i in real]
-    real_acc = float(np.mean([a == b for a, b in zip(
-        judge.predict(judge.pixels([Image.fromarray(p, "RGBA") for p in pixels])), real_labels)]))
+    k, truth = config.eval_seeds, [p["label"] for p in prompts]
+    drawn = sample(sampler, [p["prompt"] for p in prompts for _ in range(k)], list(range(k)) * len(prompts), config)
+    first: dict[str, int] = {}
+    for i, (name, style) in enumerate(zip(meta["names"], meta["style_of_row"])):
+        if style == "twemoji":
+            first.setdefault(name, i)
+    real = data.images[[first[p["prompt"]] for p in prompts]].permute(0, 2, 3, 1).cpu().numpy()  # (N, S, S, 4)
+    empty = sample(sampler, [""] * len(prompts), list(range(len(prompts))), config)
+    index = {c: i for i, c in enumerate(judge.classes)}
+    per_row = {"model": caption_scores(judge.predict(judge.pixels(drawn)), truth, k),
+               "real": caption_scores(judge.predict(judge.pixels([Image.fromarray(a, "RGBA") for a in real])),
+                                      truth, 1)}
+    empty_classes = np.array([index[c] for c in judge.predict(judge.pixels(empty))])
+    figures = prompt_accuracy_figures(per_row, [p.get("group") for p in prompts],
+                                      (empty_classes, np.array([index[t] for t in truth])))
     return {**out, "judge": judge.meta.get("content_id"), "held_out_prompts": len(prompts), "seeds_per_prompt": k,
-            "prompt_accuracy": accuracy, "real_accuracy": real_acc, "ratio_to_real": accuracy / real_acc
-            if real_acc else None}
+            "summary": summary_line(figures), "prompt_accuracy": figures}
 
 
 def device_name(device) -> str:
