@@ -221,7 +221,7 @@ def write_data(config: BundleConfig, rows: list[dict], info: dict) -> dict:
 
 
 def write_minilm(config: BundleConfig) -> None:
-    """MiniLM as fp16 safetensors (half the fp32 file; sentence embeddings within fp16's range) + its tokenizer."""
+    """MiniLM as fp16 safetensors (half the fp32 file) + its tokenizer."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -358,10 +358,8 @@ class GpuLoader:
 
 
 def sync(device) -> None:
-    import torch
-
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        __import__("torch").cuda.synchronize()
 
 
 def loader_rate(loader: GpuLoader, device, batches: int = 20) -> float:

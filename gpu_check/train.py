@@ -459,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu-train: error: {e}", file=sys.stderr)
         return 2
     print(summary(record))
+    print(record["eval"].get("summary") or record["eval"].get("skipped"))
     print(f"outputs: {config.out}")
     return 0
 
