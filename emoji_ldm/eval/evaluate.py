@@ -1,55 +1,52 @@
-"""Evaluate a trained model: sample quality, prompt accuracy, held-out loss and memorisation.
+"""Evaluate a trained model: prompt accuracy with error bars beside its baselines, sample quality, held-out loss
+and memorisation.
 
-    emoji-ldm eval --model URI --data LATENT_URI[@v] --judge JUDGE_URI [--samples 256] [--inception FILE]
-    emoji-ldm eval --real --data LATENT_URI[@v] --judge JUDGE_URI      # the floor a perfect model would reach
+    emoji-ldm eval --model URI --data LATENT_URI[@v] [--samples 256] [--samples-per-caption 4] [--judge URI]
+    emoji-ldm eval --real --data LATENT_URI[@v]      # the floor a perfect model would reach
 
-Reports, from `--samples` images generated with fixed seeds from the captions
-of held-out rows (the `val` split by content hash) of the dataset version the
-latent table was encoded from:
-- emoji-FID, KID and precision/recall (k = 3 nearest neighbours) against those
-  held-out rows' real images, in the feature space of the emoji judge
-  (`emoji-ldm train-judge`, `emoji_ldm.eval.judge`). These are "emoji-FID": only
-  comparable between models measured with the same judge, and not the
-  Inception FID papers report;
-- Inception FID when a local Inception-v3 weights file is given
-  (`--inception FILE`: torchmetrics' FID with `feature_extractor_weights_path`,
-  which needs the `torch-fidelity` package), and the CLIP score when a local
+Everything the judge measures is measured by the frozen judge shipped with the package (`frozen_judge.py`)
+unless `--judge` names another; the report carries the judge's content id, and figures from two judges are
+never compared (`compare.py`). From `--samples` held-out rows (the `val` split by content hash) of the dataset
+version the latent table was encoded from, each caption drawn `--samples-per-caption` times on fixed seeds:
+- prompt accuracy: the share of a caption's samples the judge puts in the caption's class (Unicode
+  subgroup), with its 95% interval (a bootstrap over captions: one caption's samples are not independent),
+  over all captions, without flag emoji, and per Unicode group; beside three baselines on the same captions:
+  the real held-out images, the model prompted with "" (the empty prompt), and caption retrieval (the real
+  image of the most similar training caption, `retrieval.py`). `protocol.py` has the statistics; the report's
+  `summary` is its one line, e.g. "prompt accuracy (no flags) 31.2% [27.9, 34.6] = 0.82x real images (38.0%),
+  empty prompt 3.1%, caption retrieval 22.4%";
+- emoji-FID, KID and precision/recall (k = 3 nearest neighbours) of one sample per caption against the
+  held-out images, in the judge's feature space: "emoji-FID", not the Inception FID papers report;
+- Inception FID when a local Inception-v3 weights file is given (`--inception FILE`: torchmetrics' FID with
+  `feature_extractor_weights_path`, which needs the `torch-fidelity` package), and the CLIP score when a local
   CLIP folder is (`--clip DIR`);
-- prompt accuracy: the share of samples the judge puts in the class (Unicode
-  subgroup) of the row whose caption prompted them, beside the judge's
-  accuracy on those rows' real images: the ceiling;
-- held-out denoising loss: noise-prediction MSE on the latent table's `val`
-  split at fixed noise and fixed timesteps (50, 250, 500, 750, 950);
-- memorisation: the share of samples whose nearest image in the dataset
-  version is a near-copy (pixel MSE below `--near-copy`);
-- transparency (`emoji_ldm.imaging.alpha_figures`), for the samples beside the
-  held-out real images: the share with a transparent border, the share of
-  stray semi-transparent pixels, the share fully opaque; and the VAE's
-  reconstruction error of the held-out images, colour and alpha apart (the
-  autoencoder is the ceiling of everything after it).
+- legibility at chat size (`legibility.py`), samples beside the real images;
+- held-out denoising loss: noise-prediction MSE on the latent table's `val` split at fixed noise and fixed
+  timesteps (50, 250, 500, 750, 950);
+- memorisation: the share of samples (each caption's first) whose nearest image in the dataset version is a
+  near-copy (pixel MSE below `--near-copy`);
+- transparency (`emoji_ldm.imaging.alpha_figures`), for the samples beside the held-out real images, and the
+  VAE's reconstruction error of the held-out images, colour and alpha apart (the autoencoder is the ceiling of
+  everything after it).
 
-The judge, emoji-FID and the pixel distances see every image composited on
-mid-grey (`alpha.composite`), so RGBA and RGB models compare.
+The judge, emoji-FID and the pixel distances see every image composited on mid-grey (`alpha.composite`), so
+RGBA and RGB models compare. `--real` puts real training-split images where the samples would be (one per
+caption): the metrics a model that reproduces its training data would reach.
 
-`--real` puts real training-split images where the samples would be: the
-metrics a model that reproduces its training data would reach.
+Bounded at any table size: the work is `--samples` x (`--samples-per-caption` + 1) images and passes over the
+dataset version that keep only per-sample results. The held-out loss reads at most `--val-rows` rows of the
+`val` split's files (from the Delta log, never the whole table); the real images are the first `--samples`
+rows of the split that a streaming Ray Data filter yields (the read stops there); the nearest-image search and
+caption retrieval stream the dataset version's images through Ray Data tasks, each returning only its batch's
+best match per sample, folded on the driver.
 
-Bounded at any table size: the held-out loss reads at most `--val-rows` rows
-of the `val` split's files (from the Delta log, never the whole table); the
-real images are the first `--samples` rows of the split that a streaming Ray
-Data filter yields (the read stops there); the nearest-image search streams
-the dataset version's images through Ray Data tasks (held-out images included,
-so the near-copy share is an upper bound), each task returning only its
-batch's nearest distances, folded on the driver into one value per sample.
-
-The measures are in `scores.py`, the real rows and images they compare with in
-`reference.py`.
+The measures are in `scores.py`, the real rows and images they compare with in `reference.py`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -61,7 +58,6 @@ from emoji_ldm.eval.scores import (
     clip_score,
     heldout_loss,
     inception_metric,
-    judge_metrics,
     uint8_on_grey,
     vae_reconstruction,
 )
@@ -72,10 +68,13 @@ from emoji_ldm.inference.settings import SamplerSettings
 class EvalConfig:
     data: str = opt(help="the latent table URI[@VERSION] it was trained on")
     model: str | None = opt(None, help="a model folder/URI (or a training --out); not with --real")
-    judge: str | None = opt(None, help="the emoji judge (emoji-ldm train-judge --out) for emoji-FID/KID, "
-                                       "precision/recall and prompt accuracy")
+    judge: str | None = opt(None, help="the emoji judge for emoji-FID/KID, precision/recall and prompt accuracy; "
+                                       "by default the frozen judge shipped with emoji-ldm (its content id is in "
+                                       "the report), else a judge from `emoji-ldm train-judge --out URI`")
     real: bool = opt(False, help="measure real training images instead of samples: the floor of every metric")
-    samples: int = opt(256, help="images generated (and held-out images compared), 2-10000")
+    samples: int = opt(256, help="held-out captions (and their real images) to measure on, 2-10000")
+    samples_per_caption: int = opt(4, help="images drawn per held-out caption (seeds in a row), 1-64: a caption's "
+                                           "samples share its prompt, so intervals resample captions")
     sampler: SamplerSettings = opt(default_factory=SamplerSettings, skip=("count", "size", "negative_prompt"),
                                    help="sampler settings")
     near_copy: float = opt(0.005, help="pixel MSE (images in [0, 1]) below which a sample counts as a copy")
@@ -93,6 +92,8 @@ class EvalConfig:
             raise UserError("give --model URI to evaluate a model, or --real (without --model) for the real-data floor")
         if self.val_rows < 1:
             raise UserError(f"--val-rows must be 1 or more, got {self.val_rows}")
+        if not 1 <= self.samples_per_caption <= 64:
+            raise UserError(f"--samples-per-caption must be 1..64, got {self.samples_per_caption}")
 
 
 def model_pipeline(config: EvalConfig):
@@ -115,8 +116,9 @@ def generate_samples(pipe, prompts: list[str], s, batch: int = 64, alpha=None) -
 
 
 def _model_measures(config: EvalConfig, pipe, table, meta: dict, heldout: dict) -> tuple[list, dict]:
-    """A model's samples for the held-out prompts, and what needs the model: the held-out denoising loss, the
-    near-copy share and the VAE's reconstruction error."""
+    """A model's samples for the held-out prompts (`samples_per_caption` each, caption-major), and what needs the
+    model: its images for the empty prompt, the held-out denoising loss, the near-copy share and the VAE's
+    reconstruction error."""
     import torch
 
     from emoji_ldm.imaging import composite
@@ -134,9 +136,14 @@ def _model_measures(config: EvalConfig, pipe, table, meta: dict, heldout: dict) 
         pipe.unet, noise_scheduler(preset), torch.from_numpy(decoded["latent"]).float(),
         torch.from_numpy(decoded["text_emb"]).float(), seed=s.seed)}
     image_alpha = ImageAlpha.of(model_card(config.model))
-    images = generate_samples(pipe, heldout["caption"], s, alpha=image_alpha)
+    k = config.samples_per_caption
+    images = generate_samples(pipe, [c for c in heldout["caption"] for _ in range(k)], s, alpha=image_alpha)
+    # the empty prompt, one image per caption, on seeds after the captions' own
+    measures["empty_prompt_images"] = generate_samples(pipe, [""] * len(heldout["caption"]),
+                                                       replace(s, seed=s.seed + len(images)), alpha=image_alpha)
     size = images[0].size[0]
-    sample_px = np.stack([np.asarray(composite(im), dtype=np.float32).ravel() / 255.0 for im in images])
+    # memorisation over each caption's first sample: the cost of the dataset pass stays that of one per caption
+    sample_px = np.stack([np.asarray(composite(im), dtype=np.float32).ravel() / 255.0 for im in images[::k]])
     nearest = nearest_training_mse(meta, sample_px, size)
     measures.update(near_copy_share=float((nearest < config.near_copy).mean()), near_copy_threshold=config.near_copy,
                     nearest_mse_median=float(np.median(nearest)))
@@ -145,42 +152,17 @@ def _model_measures(config: EvalConfig, pipe, table, meta: dict, heldout: dict) 
     return images, measures
 
 
-def _judged(judge, config: EvalConfig, heldout: dict, images: list) -> dict:
-    """emoji-FID/KID and precision/recall in the judge's features, and the prompt accuracy: the share of images
-    the judge puts in the class of the row whose caption prompted them (beside the real images': the ceiling)."""
-    from emoji_ldm.eval.judge import row_label
-    from emoji_ldm.eval.legibility import legibility
-
-    labels = [row_label(judge.meta["label"], u, t, g)
-              for u, t, g in zip(heldout["source_url"], heldout["title"], heldout["tag"])]
-    classes = set(judge.classes)
-    known = [i for i, y in enumerate(labels) if y in classes]
-    real_px, fake_px = judge.pixels(heldout["image"]), judge.pixels(images)  # (N, S, S, 3) uint8, once each
-    real_pred = judge.predict(real_px[known]) if known else []
-    # --real, the floor: real images in the samples' place, measured against their own classes
-    fake_pred = real_pred if config.real or not known else judge.predict(fake_px[known])
-    truth = [labels[i] for i in known]
-    # at chat size (22 px on Slack's and Discord's light and dark backgrounds): the samples, and the real images
-    # as the ceiling; --real measures real images in the samples' place
-    chat = {"samples": legibility(judge, heldout["image"] if config.real else images, labels),
-            "real": legibility(judge, heldout["image"], labels)}
-    return {**judge_metrics(judge, real_px, fake_px), "legibility": chat,
-            "judge": {"uri": config.judge, "label": judge.meta["label"], "classes": len(judge.classes),
-                      "val_accuracy": judge.meta.get("val_accuracy"), "dataset": judge.meta.get("dataset")},
-            "prompt_accuracy": float(np.mean([p == y for p, y in zip(fake_pred, truth)])) if known else None,
-            "real_accuracy": float(np.mean([p == y for p, y in zip(real_pred, truth)])) if known else None,
-            "labelled_samples": len(known)}
-
-
 def evaluate(config: EvalConfig) -> dict:
     """The report of one model (or of real training images, `--real`) against the held-out rows."""
-    from emoji_ldm.eval.judge import load_judge
+    from emoji_ldm.eval.frozen_judge import judge_for
+    from emoji_ldm.eval.judged import judge_report
+    from emoji_ldm.eval.retrieval import retrieve
     from emoji_ldm.imaging import alpha_figures
     from emoji_ldm.store.latents import open_latent_table
 
     # everything that can be wrong with the inputs fails here, before sampling
     ref, table, meta = open_latent_table(config.data)
-    judge = load_judge(config.judge) if config.judge else None
+    judge = judge_for(config.judge)
     inception = inception_metric(config.inception) if config.inception else None
     pipe = model_pipeline(config) if config.model else None
 
@@ -190,20 +172,24 @@ def evaluate(config: EvalConfig) -> dict:
               "dataset": f"{meta['dataset']}@{meta['dataset_version']}", "samples": len(prompts),
               "real": config.real, "judge": None, "inception_fid": None, "clip_score": None,
               "heldout_loss": None, "near_copy_share": None}
+    k, empty = 1, None
     if config.real:
         images = dataset_rows(meta, "train", len(prompts))["image"]
     else:
+        k = config.samples_per_caption
         images, measures = _model_measures(config, pipe, table, meta, heldout)
+        empty = measures.pop("empty_prompt_images")
         report.update(measures)
+    report.update(images=len(images), samples_per_caption=k)
     report["alpha"] = {"real": alpha_figures(heldout["image"]), "samples": alpha_figures(images)}
-    if judge is not None:
-        report.update(_judged(judge, config, heldout, images))
+    report.update(judge_report(judge, heldout, images, k, empty, retrieve(meta, prompts), config.real,
+                               seed=config.sampler.seed))
     if inception is not None:
         inception.update(uint8_on_grey(heldout["image"]), real=True)
-        inception.update(uint8_on_grey(images), real=False)
+        inception.update(uint8_on_grey(images[::k]), real=False)
         report["inception_fid"] = float(inception.compute())
     if config.clip:
-        report["clip_score"] = clip_score(config.clip, images, prompts)
+        report["clip_score"] = clip_score(config.clip, images[::k], prompts)
     if config.out:
         with open(config.out, "w") as f:
             json.dump(report, f, indent=2)
@@ -214,19 +200,20 @@ def format_report(r: dict) -> str:
     def num(v, fmt=".2f", none="not computed"):
         return none if v is None else format(v, fmt)
 
-    lines = [f"eval {r['model']} on {r['dataset']} ({r['samples']} held-out prompts; latents {r['latent_table']})"]
-    if r["judge"]:
-        j = r["judge"]
-        lines += [
-            f"  emoji-FID {r['emoji_fid']:.2f}  KID {r['emoji_kid']:.4f} +- {r['emoji_kid_std']:.4f}  precision "
-            f"{r['precision']:.2f}  recall {r['recall']:.2f}  (features: emoji judge {j['uri']}, {j['classes']} "
-            f"{j['label']} classes; not the Inception FID of papers)",
-            f"  prompt accuracy {num(r['prompt_accuracy'], '.1%')} (ceiling: real held-out images "
-            f"{num(r['real_accuracy'], '.1%')}) over {r['labelled_samples']} labelled prompts",
-        ]
-    else:
-        lines.append("  emoji-FID/KID, precision/recall, prompt accuracy, legibility: not computed "
-                     "(pass --judge URI from `emoji-ldm train-judge`)")
+    from emoji_ldm.eval.frozen_judge import short_id
+    from emoji_ldm.eval.protocol import group_lines, summary_line
+
+    j, figures = r["judge"], r["protocol"]["figures"]
+    lines = [f"eval {r['model']} on {r['dataset']} ({r['samples']} held-out captions x {r['samples_per_caption']} "
+             f"samples; latents {r['latent_table']})",
+             f"  {r['summary']}",
+             f"  {summary_line(figures, 'all')}",
+             f"  ({r['protocol']['interval']}; judge {j['uri']}, content id {short_id(j['content_id'])}, "
+             f"{j['classes']} {j['label']} classes)",
+             "  per Unicode group, samples | real images:", *group_lines(figures),
+             f"  emoji-FID {r['emoji_fid']:.2f}  KID {r['emoji_kid']:.4f} +- {r['emoji_kid_std']:.4f}  precision "
+             f"{r['precision']:.2f}  recall {r['recall']:.2f}  (in the judge's features, one sample per caption; "
+             "not the Inception FID of papers)"]
     if r.get("legibility"):
         lines.append(legibility_line(r["legibility"]))
     lines.append(f"  Inception FID: {num(r['inception_fid'], '.2f', 'not computed (pass --inception FILE)')}")

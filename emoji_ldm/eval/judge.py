@@ -1,6 +1,10 @@
-"""The emoji judge: a small image classifier the project trains on a dataset version, for offline metrics.
+"""The emoji judge: a small image classifier that measures models offline.
 
-    emoji-ldm train-judge --data DATASET[@v] --out URI [--label subgroup|group|tag]
+    emoji-ldm train-judge --out DIR                          # rebuild the frozen judge from the Twemoji pack
+    emoji-ldm train-judge --data DATASET[@v] --out URI [--label subgroup|group|tag]   # a judge of your data
+
+`eval` measures with the frozen judge (`frozen_judge.py`, committed with the
+package, identified by its content id) unless `--judge` names another.
 
 No Inception or CLIP weights can be downloaded on the machines this project is
 built on, so `eval` measures images with a classifier of its own instead:
@@ -17,7 +21,7 @@ or a row's own `tag` (a crawl's tag) with `--label tag`. Rows without a label,
 and classes with fewer than `--min-class-rows` training rows, are left out and
 counted.
 
-Bounded at any table size: the dataset version is streamed through Ray Data
+With `--data`, bounded at any table size: the dataset version is streamed through Ray Data
 tasks that decode, label and split each row (held-out split by content hash,
 the same `split_of` as the latent tables), and at most `--max-rows` training
 rows and a fifth as many held-out rows reach the training task: the judge's
@@ -27,15 +31,15 @@ driver.
 
 Outputs under OUT: `judge.pt` (the state dict) and `judge.json` (classes,
 label kind, image size, width, held-out accuracy beside the majority-class
-baseline, the dataset version it learned from).
+baseline, the dataset version it learned from, and its content id).
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import json
 import re
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -182,9 +186,11 @@ class Judge:
 
 
 def load_judge(uri: str) -> Judge:
-    """The judge saved under `uri` (a folder or an S3 prefix); a clear error when it is not one."""
+    """The judge saved under `uri` (a folder or an S3 prefix), its content id checked against judge.json's (or
+    computed, for a judge saved without one); a clear error when it is not one."""
     import torch
 
+    from emoji_ldm.eval.frozen_judge import content_id
     from emoji_ldm.store.artifacts import artifact_uri, exists, read_bytes, read_json
 
     if not exists(artifact_uri(uri, "judge.json")):
@@ -193,14 +199,19 @@ def load_judge(uri: str) -> Judge:
     try:
         meta = read_json(artifact_uri(uri, "judge.json"))
         net = build_net(len(meta["classes"]), meta["width"])
-        net.load_state_dict(torch.load(io.BytesIO(read_bytes(artifact_uri(uri, "judge.pt"))), map_location="cpu",
-                                       weights_only=True))
+        state = torch.load(io.BytesIO(read_bytes(artifact_uri(uri, "judge.pt"))), map_location="cpu",
+                           weights_only=True)
+        net.load_state_dict(state)
     except UserError:
         raise
     except Exception as e:  # a truncated file, another model's weights, a hand-edited judge.json
         raise UserError(f"--judge {uri}: the judge does not load ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]}); train it again with `emoji-ldm train-judge`") from None
-    return Judge(net, meta)
+    found = content_id(state, meta)
+    if meta.get("content_id", found) != found:
+        raise UserError(f"--judge {uri}: judge.pt and judge.json are not the judge recorded there (content id "
+                        f"{found}, recorded {meta['content_id']}); train it again with `emoji-ldm train-judge`")
+    return Judge(net, {**meta, "content_id": found, "uri": uri})
 
 
 # --- training -------------------------------------------------------------------------
@@ -208,8 +219,10 @@ def load_judge(uri: str) -> Judge:
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    data: str = opt(help="the dataset URI[@VERSION] to learn from (images with Twemoji-style names or tags)")
     out: str = opt(help="where the judge goes: a folder or s3:// prefix (judge.pt, judge.json)")
+    data: str | None = opt(None, help="the dataset URI[@VERSION] to learn from (images with Twemoji-style names or "
+                                      "tags); by default the Twemoji pack, as the frozen judge that eval uses "
+                                      "was made (deterministic, in this process, one torch thread)")
     label: str = opt("subgroup", choices=LABELS,
                      help="classes: Unicode emoji subgroup (~100) or group (10), or the rows' own tag")
     image_size: int = opt(32, help="the judge's input size in pixels (images are resized to it)")
@@ -232,6 +245,9 @@ class JudgeConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(self, name)}")
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.data is None and self.label == "tag":
+            raise UserError("--label tag needs --data (rows with tags); the Twemoji pack is labelled by subgroup "
+                            "or group")
 
 
 def labelled_pixels(batch: dict, size: int, label: str) -> dict:
@@ -271,77 +287,54 @@ def _collect(labelled, train_rows: int, val_rows: int) -> dict[str, tuple[np.nda
 
 def _fit(config: JudgeConfig, labelled) -> tuple[bytes, dict]:
     """Ray task: read a bounded sample of the labelled stream, train, measure on the held-out rows."""
-    from collections import Counter
-
     import torch
 
-    torch.manual_seed(config.seed)
-    torch.set_num_threads(config.threads)  # for training, after the sample is read
-    t0 = time.perf_counter()
-    sample = _collect(labelled, config.max_rows, max(1, config.max_rows // 5))
-    (train_px, train_y), (val_px, val_y) = sample["train"], sample["val"]
-    counts = Counter(train_y)
-    classes = sorted(c for c, n in counts.items() if n >= config.min_class_rows)
-    if len(classes) < 2:
-        raise UserError(f"train-judge: {config.data} has {len(classes)} class(es) with at least "
-                        f"{config.min_class_rows} training rows under --label {config.label}; the judge needs 2 or "
-                        "more (Twemoji-style file names or titles for subgroup/group, or rows with tags for tag)")
-    index = {c: i for i, c in enumerate(classes)}
-    keep = np.array([y in index for y in train_y], dtype=bool)
-    x = torch.from_numpy(train_px[keep]).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S) uint8
-    y = torch.tensor([index[v] for v in train_y if v in index])
-    vkeep = np.array([v in index for v in val_y], dtype=bool)
-    vx = torch.from_numpy(val_px[vkeep]).permute(0, 3, 1, 2).contiguous() if len(val_y) else x[:0]
-    vy = torch.tensor([index[v] for v in val_y if v in index], dtype=torch.long)
+    from emoji_ldm.eval.fit import fit_judge
 
-    device = torch.device("cuda" if config.use_gpu and torch.cuda.is_available() else "cpu")
-    net = build_net(len(classes), config.width).to(device)
-    steps = config.epochs * max(1, -(-len(x) // config.batch_size))
-    opt_ = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt_, max_lr=config.lr, total_steps=steps, pct_start=0.15)
-    gen = torch.Generator().manual_seed(config.seed)
-    net.train()
-    for _ in range(config.epochs):
-        for idx in torch.randperm(len(x), generator=gen).split(config.batch_size):
-            xb = x[idx].float().div(255.0)
-            shift = torch.randint(-2, 3, (2,), generator=gen).tolist()  # small translations: a cheap augmentation
-            xb = torch.roll(xb, shifts=shift, dims=(2, 3))
-            loss = torch.nn.functional.cross_entropy(net(xb.to(device)), y[idx].to(device), label_smoothing=0.1)
-            opt_.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_.step()
-            sched.step()
-    net.eval().cpu()
-    judge = Judge(net, {"classes": classes, "image_size": config.image_size})
-    correct = sum(p == classes[t] for p, t in zip(judge.predict(vx.permute(0, 2, 3, 1).numpy()), vy.tolist()))
-    majority = Counter(vy.tolist()).most_common(1)[0][1] / len(vy) if len(vy) else 0.0
+    sample = _collect(labelled, config.max_rows, max(1, config.max_rows // 5))
+    net, meta = fit_judge(config, sample["train"], sample["val"])
     buf = io.BytesIO()
     torch.save(net.state_dict(), buf)
-    return buf.getvalue(), {
-        "classes": classes, "label": config.label, "image_size": config.image_size, "width": config.width,
-        "train_rows": int(keep.sum()), "train_rows_dropped": int((~keep).sum()),
-        "val_rows": int(len(vy)), "val_accuracy": correct / len(vy) if len(vy) else None,
-        "majority_baseline": majority, "chance": 1 / len(classes), "epochs": config.epochs,
-        "final_train_loss": loss.item(), "train_seconds": round(time.perf_counter() - t0, 1),
-    }
+    return buf.getvalue(), meta
 
 
 def train_judge(config: JudgeConfig) -> dict:
-    """Train the judge on a dataset version and save it under `config.out`; returns judge.json."""
+    """Train a judge and save it under `config.out`; returns judge.json. Without `data`: the frozen judge's recipe
+    from the Twemoji pack, in this process (`frozen_judge.build_frozen`); with it: a dataset version's sample, in
+    a Ray task."""
     import datetime as dt
 
+    import torch
+
+    from emoji_ldm.eval.frozen_judge import build_frozen, content_id
+    from emoji_ldm.store.artifacts import artifact_uri, check_writable, write_bytes, write_json
+    from emoji_ldm.store.uri import normalize_uri
+    from emoji_ldm.version import code_version
+
+    out = check_writable(normalize_uri(config.out))
+    if config.data is None:
+        weights, meta = build_frozen(config)
+    else:
+        weights, meta = _train_on_dataset(config, out)
+        state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+        meta["content_id"] = content_id(state, meta)
+    meta.update(code_version=code_version(), trained_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    write_bytes(artifact_uri(out, "judge.pt"), weights)
+    write_json(artifact_uri(out, "judge.json"), meta)  # last: a judge.json means a complete judge
+    return {**meta, "out": out}
+
+
+def _train_on_dataset(config: JudgeConfig, out: str) -> tuple[bytes, dict]:
+    """A dataset version's labelled rows, streamed through Ray Data into one training task: (judge.pt, meta)."""
     import ray
 
     from emoji_ldm.runtime.connect import ensure_ray
     from emoji_ldm.runtime.shared import require_shared
-    from emoji_ldm.store.artifacts import artifact_uri, check_writable, write_bytes, write_json
     from emoji_ldm.store.delta import open_table, read_dataset
-    from emoji_ldm.store.uri import DatasetRef, normalize_uri
-    from emoji_ldm.version import code_version
+    from emoji_ldm.store.uri import DatasetRef
 
     ref = DatasetRef.parse(config.data)
     version = open_table(ref).version()  # a clear error for a missing table or version, before Ray starts
-    out = check_writable(normalize_uri(config.out))
     ensure_ray()
     require_shared(ref.uri, "--data")
     require_shared(out, "--out")
@@ -353,15 +346,21 @@ def train_judge(config: JudgeConfig) -> dict:
     # task holding every CPU of a small cluster would wait for them forever
     fit = ray.remote(_fit).options(num_cpus=1, num_gpus=1 if config.use_gpu else 0)
     weights, meta = ray.get(fit.remote(config, labelled))
-    meta.update(dataset=f"{ref.uri}@{version}", code_version=code_version(),
-                trained_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-    write_bytes(artifact_uri(out, "judge.pt"), weights)
-    write_json(artifact_uri(out, "judge.json"), meta)  # last: a judge.json means a complete judge
-    return {**meta, "out": out}
+    meta["dataset"] = f"{ref.uri}@{version}"
+    return weights, meta
 
 
 def report(meta: dict) -> str:
+    from emoji_ldm.eval.frozen_judge import frozen_dir, short_id
+
     acc = "n/a (no held-out rows)" if meta["val_accuracy"] is None else f"{100 * meta['val_accuracy']:.1f}%"
-    return (f"train-judge: {len(meta['classes'])} {meta['label']} classes from {meta['dataset']}: held-out accuracy "
+    line = (f"train-judge: {len(meta['classes'])} {meta['label']} classes from {meta['dataset']}: held-out accuracy "
             f"{acc} on {meta['val_rows']} rows (majority class {100 * meta['majority_baseline']:.1f}%, chance "
-            f"{100 * meta['chance']:.1f}%); {meta['train_rows']} training rows -> {meta['out']}")
+            f"{100 * meta['chance']:.1f}%); {meta['train_rows']} training rows -> {meta['out']}\n"
+            f"  content id {meta['content_id']}")
+    frozen = frozen_dir() / "judge.json"
+    if frozen.exists():
+        committed = json.loads(frozen.read_text())["content_id"]
+        same = "the same judge" if committed == meta["content_id"] else "a different judge"
+        line += f" ({same} as the frozen judge {short_id(committed)} that eval uses by default)"
+    return line

@@ -9,15 +9,13 @@ import pytest
 from deltalake import write_deltalake
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.eval.evaluate import EvalConfig, evaluate
-from emoji_ldm.inference.settings import SamplerSettings
 from emoji_ldm.ingest.build import BuildConfig, build_dataset
 from emoji_ldm.store.schema import EMOJI_SCHEMA
 from emoji_ldm.train.encode import EncodeConfig, encode
 from emoji_ldm.train.ldm import TrainConfig, train
 from emoji_ldm.train.vae import VAETrainConfig, train_vae
 from tests.conftest import FAST, png_bytes, run_cli, train_fast
-from tests.tiny_models import tiny_clip, tiny_clip_model, tiny_sd_pipeline, tiny_sd_vae
+from tests.tiny_models import tiny_clip, tiny_sd_pipeline, tiny_sd_vae
 
 
 @pytest.fixture(scope="module")
@@ -73,105 +71,6 @@ def test_generate_command(tiny, tmp_path, cli_in_process):
     code, err = cli_in_process("generate", "--model", str(out), "--prompt", "x", "--scheduler", "euler",
                                "--out", str(tmp_path))
     assert code == 2 and "sampler setting scheduler must be one of dpmpp, ddim, ddpm, got 'euler'" in err
-
-
-def test_eval_of_the_tiny_model(tiny, tmp_path, cli_in_process, capsys):
-    """Every metric on a tiny model, with a judge trained on the same 48 rows (2 epochs: it runs, no quality).
-    `eval` runs as a process; `train-judge` and `eval --real` through the same CLI in this process (already a
-    driver of the session's Ray), which saves a Python start with torch each."""
-    from emoji_ldm.cli.main import main
-
-    out = tiny.run
-    assert main(["train-judge", "--data", tiny.ds, "--out", str(tmp_path / "judge"), "--label", "group",
-                 "--epochs", "2", "--width", "8", "--min-class-rows", "1"]) == 0
-    assert "group classes from" in capsys.readouterr().out
-    report = evaluate(EvalConfig(model=str(out), data=tiny.lat, samples=3, sampler=SamplerSettings(steps=2),
-                                 clip=str(tiny_clip_model(tmp_path / "clip")), judge=str(tmp_path / "judge")))
-    n = report["samples"]
-    assert 2 <= n <= 3  # the held-out rows (by content hash) among the pipeline's, at most --samples
-    assert report["heldout_loss"] > 0
-    # a 4-step model draws no copy of a training image; the share and the median are of the same n samples
-    assert report["near_copy_share"] == 0.0 and report["nearest_mse_median"] > report["near_copy_threshold"]
-    # an RGBA model (4-channel VAE): alpha figures beside the real images', and the VAE's error per channel kind
-    assert tiny.card["image"] == {"dataset_mode": "RGBA", "vae_channels": 4, "alpha": "vae", "key_colour": None}
-    assert set(report["alpha"]) == {"real", "samples"} and report["alpha"]["real"]["opaque"] < 1.0
-    recon = report["vae_reconstruction"]
-    assert recon["channels"] == 4 and recon["rgb_mse"] > 0 and recon["alpha_mse"] is not None
-    assert 0 < recon["visible_mse"] <= 4  # as seen on mid-grey
-    assert report["clip_score"] is not None and report["inception_fid"] is None
-    assert report["emoji_fid"] >= 0 and report["emoji_kid_std"] >= 0
-    # shares of n samples (precision, and prompt accuracy over the labelled ones) and of n held-out images (recall)
-    labelled = report["labelled_samples"]
-    assert 1 <= labelled <= n
-    for key, of in (("precision", n), ("recall", n), ("prompt_accuracy", labelled), ("real_accuracy", labelled)):
-        assert report[key] * of == pytest.approx(round(report[key] * of)) and 0 <= round(report[key] * of) <= of, key
-    # legibility at chat size: the same labelled samples (and real images) on each of the 4 chat themes
-    chat = report["legibility"]
-    for who in ("samples", "real"):
-        assert chat[who]["px"] == 22 and chat[who]["labelled"] == labelled
-        assert set(chat[who]["themes"]) == {"slack-light", "slack-dark", "discord-light", "discord-dark"}
-        assert chat[who]["min"] == min(chat[who]["themes"].values())
-        assert all(v * labelled == pytest.approx(round(v * labelled)) for v in chat[who]["themes"].values())
-    # known inputs, known values: an image set against itself is all inside the other's manifold (precision =
-    # recall = 1) and all copies of the dataset (nearest MSE 0); moved far away from itself, none is inside
-    import numpy as np
-
-    from emoji_ldm.eval.judge import load_judge
-    from emoji_ldm.eval.reference import dataset_rows, nearest_training_mse
-    from emoji_ldm.eval.scores import precision_recall
-    from emoji_ldm.imaging import composite
-    from emoji_ldm.store.latents import open_latent_table
-
-    judge = load_judge(str(tmp_path / "judge"))
-    meta = open_latent_table(tiny.lat)[2]
-    real = dataset_rows(meta, "train", 4)["image"]
-    features = judge.features(judge.pixels(real))
-    assert precision_recall(features, features) == (1.0, 1.0)
-    assert precision_recall(features, features + 1e3 * (1 + np.abs(features).max())) == (0.0, 0.0)
-    pixels = np.stack([np.asarray(composite(im), dtype=np.float32).ravel() / 255.0 for im in real])
-    assert nearest_training_mse(meta, pixels, real[0].size[0]).max() < 1e-6
-    r = run_cli("eval", "--model", str(out), "--data", tiny.lat, "--samples", "2", "--steps", "2",
-                "--judge", str(tmp_path / "judge"))
-    assert r.returncode == 0, r.stderr
-    assert "held-out denoising loss" in r.stdout and "CLIP score: not computed" in r.stdout
-    assert "transparency (samples | real)" in r.stdout and "VAE reconstruction MSE" in r.stdout
-    assert "emoji-FID" in r.stdout and "prompt accuracy" in r.stdout and "not the Inception FID" in r.stdout
-    assert "legibility at 22 px (samples | real" in r.stdout and "discord-dark" in r.stdout
-    assert main(["eval", "--real", "--data", tiny.lat, "--samples", "2", "--judge", str(tmp_path / "judge"),
-                 "--out", str(tmp_path / "real.json")]) == 0
-    assert "real training images (--real)" in capsys.readouterr().out
-    real_report = json.loads((tmp_path / "real.json").read_text())
-    assert real_report["prompt_accuracy"] == real_report["real_accuracy"]  # --real: the same images, judged twice
-    assert real_report["legibility"]["samples"] == real_report["legibility"]["real"]
-    # feature extractors that do not load: one line each, before any sampling
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "judge.json").write_text('{"classes": ["a", "b"], "width": 8, "image_size": 32}')
-    (tmp_path / "broken" / "judge.pt").write_bytes(b"not a state dict")
-    for flags, message in [(["--judge", str(tmp_path / "nope")], "no judge.json there; train one with"),
-                           (["--judge", str(tmp_path / "broken")], "the judge does not load"),
-                           (["--inception", str(tmp_path / "pt_inception.pth")], "no such file")]:
-        code, err = cli_in_process("eval", "--model", str(out), "--data", tiny.lat, "--samples", "2", *flags)
-        assert code == 2 and message in err and "Traceback" not in err, err
-
-
-def test_judge_learns_twemoji_groups(ray_local, tmp_path):
-    """The emoji judge on a small Twemoji slice (every 8th PNG): held-out accuracy above the majority class."""
-    import shutil
-
-    from emoji_ldm.eval.judge import JudgeConfig, load_judge, train_judge
-    from emoji_ldm.sources.twemoji import twemoji_dir
-
-    folder = tmp_path / "slice"
-    folder.mkdir()
-    for png in sorted(twemoji_dir().glob("*.png"))[::8]:
-        shutil.copy(png, folder / png.name)
-    build_dataset(BuildConfig(source=f"dir:{folder}", out=str(tmp_path / "ds")))
-    meta = train_judge(JudgeConfig(data=str(tmp_path / "ds"), out=str(tmp_path / "judge"), label="group",
-                                   epochs=8, width=16))
-    assert len(meta["classes"]) >= 8 and meta["val_rows"] > 20
-    assert meta["val_accuracy"] > meta["majority_baseline"], meta
-    judge = load_judge(str(tmp_path / "judge"))
-    assert judge.classes == meta["classes"] and judge.meta["dataset"].endswith("ds@0")
 
 
 def test_loss_falls_when_overfitting(tiny, tmp_path):

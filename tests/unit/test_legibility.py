@@ -102,18 +102,19 @@ def test_item_labels_name_the_judges_classes():
 def test_eval_reports_legibility_at_chat_size_beside_the_real_images(judge):
     """`eval`'s judged figures: legibility of the samples and of the held-out real images (the ceiling), per
     theme and the worst; the report line says both, and an unlabelled run says it measured nothing."""
-    from emoji_ldm.eval.evaluate import EvalConfig, _judged, format_report, legibility_line
+    from emoji_ldm.eval.evaluate import format_report, legibility_line
+    from emoji_ldm.eval.judged import judge_report
 
     real = [_shape("red"), _shape("blue"), _shape("red", jitter=2), _shape("blue", jitter=-2)]
     heldout = {"source_url": [None] * 4, "title": [None] * 4, "tag": ["red", "blue", "red", "blue"], "image": real}
     samples = [_shape("red"), _shape("red"), _shape("red", jitter=1), _shape("blue")]  # the second is wrong
-    config = EvalConfig(data="/lat", model="/model", judge="/judge", samples=4)
-    judged = _judged(judge, config, heldout, samples)
+    nothing_retrieved = {"images": [None] * 4, "method": "none"}
+    judged = judge_report(judge, heldout, samples, 1, None, nothing_retrieved, real_mode=False, seed=0)
     chat = judged["legibility"]
     assert chat["real"]["min"] == 1.0 and chat["real"]["labelled"] == 4
     assert set(chat["samples"]["themes"]) == set(THEMES) and chat["samples"]["min"] <= 0.75
-    report = {"model": "/model", "dataset": "d@1", "samples": 4, "latent_table": "l@1", "inception_fid": None,
-              "clip_score": None, "heldout_loss": None, "near_copy_share": None, **judged}
+    report = {"model": "/model", "dataset": "d@1", "samples": 4, "samples_per_caption": 1, "latent_table": "l@1",
+              "inception_fid": None, "clip_score": None, "heldout_loss": None, "near_copy_share": None, **judged}
     text = format_report(report)
     assert "legibility at 22 px (samples | real" in text and "discord-dark" in text
     assert f"min {chat['samples']['min']:.1%} | 100.0%" in text
