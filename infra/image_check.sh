@@ -9,13 +9,15 @@
 # `apt-get install`, the paths of its COPY lines (with .dockerignore's __pycache__ rule), the torch pin, the
 # `pip install` order (dependencies, then the code with --no-deps) and the build's own checks. What differs, and
 # only this: the base is Debian bookworm's python3.11 in a venv at /home/ray/venv (the Ray image's is conda's
-# Python 3.11 on Ubuntu), Chrome for Testing (not reachable here) is Debian's chromium, and the CPU variant only.
+# Python 3.11 on Ubuntu), Chrome for Testing (not reachable here) is Debian's chromium, torch's CPU wheel comes
+# through this machine's pip settings (download.pytorch.org is not reachable either), and the CPU variant only.
 # Inside, as uid 1000:100: `emoji-ldm --version`, `import ray, deepspeed`, the ray version against the pin, a
 # C compiler, a tiny training step (`emoji-ldm train-step-check --preset tiny`) and the GPU check's CPU mode
 # (`python gpu_check/run.py --device cpu --quick`).
 #
 #   IMAGE_CHECK_DIR  where the rootfs and the record go (default .local/image-check, git-ignored)
 #   SUITE, MIRROR    the Debian suite and mirror (default bookworm, http://deb.debian.org/debian)
+#   STOP_AFTER       run only the first N steps (a partial rehearsal; the record says so)
 # Record: $IMAGE_CHECK_DIR/image-check.json (each step, its exit code and seconds). On 2 busy cores the whole run
 # takes about half an hour, most of it pip; a second run reuses the rootfs.
 set -euo pipefail
@@ -61,20 +63,29 @@ step() {  # step NAME COMMAND...: run, time and record one step; stop at the fir
   "$@" || rc=$?
   printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$steps"
   [ "$rc" = 0 ] || { record; echo "image-check: step '$name' failed ($rc)" >&2; exit 1; }
+  if [ -n "${STOP_AFTER:-}" ] && [ "$(wc -l < "$steps")" -ge "$STOP_AFTER" ]; then
+    record
+    echo "image-check: stopped after $STOP_AFTER steps (STOP_AFTER); record in $out/image-check.json"
+    exit 0
+  fi
 }
 record() {  # the record: every step so far, as JSON
   python3 - "$steps" "$out/image-check.json" <<'PY'
 import json, sys
 rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1]) if line.strip()]
 steps = [{"step": n, "rc": int(rc), "seconds": int(s)} for n, rc, s in rows]
-json.dump({"passed": all(s["rc"] == 0 for s in steps), "steps": steps}, open(sys.argv[2], "w"), indent=1)
+json.dump({"passed": all(s["rc"] == 0 for s in steps), "complete": steps[-1]["step"].startswith("the GPU check"),
+           "steps": steps}, open(sys.argv[2], "w"), indent=1)
 PY
 }
 
-as_ray() {  # as_ray COMMAND: a shell command in the rootfs as the image's user, in the checkout, venv first
+as_ray() {  # as_ray COMMAND: a shell command in the rootfs as the image's user, in the checkout, venv first, with
+  # this machine's pip and TLS settings (its PIP_* variables, and the CA bundle mounted by `mounts`)
+  local pass=()
+  while IFS= read -r var; do pass+=("$var"); done < <(env | grep -E '^(PIP_[A-Z_]+|SSL_CERT_FILE|REQUESTS_CA_BUNDLE)=')
   chroot --userspec=1000:100 "$rootfs" /usr/bin/env -i HOME=/home/ray PATH=/home/ray/venv/bin:/usr/bin:/bin \
     EMOJI_LDM_CHROMIUM=/usr/bin/chromium EMOJI_LDM_CHROMEDRIVER=/usr/bin/chromedriver MALLOC_CONF=tcache:false \
-    PIP_CONFIG_FILE=/etc/pip.conf PYTHONUNBUFFERED=1 /bin/sh -ec "cd $app && $1"
+    PYTHONUNBUFFERED=1 "${pass[@]}" /bin/sh -ec "cd $app && $1"
 }
 
 bootstrap() {
@@ -83,9 +94,13 @@ bootstrap() {
   mmdebstrap --variant=apt --include="$(apt_packages | paste -sd, -)" "$suite" "$rootfs" "$mirror"
 }
 
-mounts() {  # the host's PyPI settings and wheel folders (pip reads them as on the host), DNS, /proc, /dev
+mounts() {  # the host's PyPI settings, wheel folders and CA bundle (pip reads them as on the host), DNS, /proc, /dev
   cp /etc/resolv.conf "$rootfs/etc/resolv.conf"
-  for path in /etc/pip.conf /etc/xdg/pip /opt/wheels /opt/pypi /opt/pypi-more; do
+  if [ -f "${HOME:-/root}/.config/pip/pip.conf" ]; then  # the invoking user's pip settings become ray's
+    mkdir -p "$rootfs/home/ray/.config/pip"
+    cp "${HOME:-/root}/.config/pip/pip.conf" "$rootfs/home/ray/.config/pip/pip.conf"
+  fi
+  for path in /etc/pip.conf /etc/xdg/pip /etc/ssl/certs/ca-certificates.crt /opt/wheels /opt/pypi /opt/pypi-more; do
     [ -e "$path" ] || continue
     if [ -d "$path" ]; then mkdir -p "$rootfs$path"; else mkdir -p "$(dirname "$rootfs$path")"; touch "$rootfs$path"; fi
     mountpoint -q "$rootfs$path" || mount --bind -o ro "$path" "$rootfs$path"
@@ -94,7 +109,8 @@ mounts() {  # the host's PyPI settings and wheel folders (pip reads them as on t
   mountpoint -q "$rootfs/dev" || mount --bind /dev "$rootfs/dev"
 }
 unmount() {
-  for path in /dev /proc /opt/pypi-more /opt/pypi /opt/wheels /etc/xdg/pip /etc/pip.conf; do
+  for path in /dev /proc /opt/pypi-more /opt/pypi /opt/wheels /etc/ssl/certs/ca-certificates.crt /etc/xdg/pip \
+      /etc/pip.conf; do
     mountpoint -q "$rootfs$path" && umount "$rootfs$path"
   done
   return 0
@@ -115,8 +131,10 @@ step "debian rootfs ($suite) with the Dockerfile's apt packages" bootstrap
 step "mounts" mounts
 step "user ray 1000:100 and the COPY sources" user_and_copy
 step "venv" as_ray "test -x /home/ray/venv/bin/python || python3 -m venv /home/ray/venv"
-step "pip: $(torch_pin) (CPU)" as_ray "pip install --quiet --index-url https://download.pytorch.org/whl/cpu \
-  --extra-index-url https://pypi.org/simple $(torch_pin)"
+# the CPU wheel (+cpu) through the host's pip settings (download.pytorch.org is not reachable here), and the
+# Dockerfile's check of its CUDA build (TORCH_CUDA is empty for the CPU image)
+step "pip: $(torch_pin) (CPU)" as_ray "pip install --quiet $(torch_pin) && \
+  python -c \"import torch; assert (torch.version.cuda or '') == '', torch.version.cuda\""
 step "pip: the dependencies, then the code (--no-deps)" as_ray \
   "pip install --quiet . && pip uninstall -y --quiet emoji-ldm && pip install --quiet --no-deps ."
 step "the build's checks: ray pin, emoji-ldm --version, cc" as_ray \
