@@ -2,7 +2,7 @@
 concurrent-jobs quota.
 
     Ingress replica ─┐
-    Ingress replica ─┼─► the meter: one detached, named Ray actor (`emoji-ldm-meter`, namespace
+    Ingress replica ─┼─► the meter: one detached, named Ray actor (`emoji-ldm-meter-2`, namespace
     Ingress replica ─┘   `emoji-ldm-jobs`, get_if_exists), a plain (non-async) actor: Ray runs its calls
                          one at a time, so "is there room? then take it" is one step that no other
                          request can come between (the job quota was check-then-act before: ten concurrent
@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import time
 
-METER_NAME = "emoji-ldm-meter"
+# the name changes with the actor's methods: an ingress of this version never asks an older meter left running on
+# the cluster (detached, it outlives a `serve deploy`) for a method it lacks
+METER_NAME = "emoji-ldm-meter-2"
 SETTLE_S = 120.0   # an admitted job whose runner never came up stops counting after this long
 UNIT_PIXELS = 64 * 64
 MAX_REQUEST_PIXELS = 64 * 256 * 256  # one request's images x size^2: 64 at 256 px, 16 at 512, 4 at 1024
