@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 from urllib3.exceptions import HTTPError, ReadTimeoutError
 
@@ -233,10 +234,11 @@ class Generated:
 
 
 def _id(job: Job | str) -> str:
+    """The job's id as a path segment (quoted: an id from elsewhere cannot reach another route)."""
     if isinstance(job, Job):
-        return job.id
+        return quote(job.id, safe="")
     if isinstance(job, str) and job:
-        return job
+        return quote(job, safe="")
     raise UserError(f"job {job!r} is neither a Job nor a job id (the 'id' POST /v1/jobs answered)")
 
 
