@@ -257,8 +257,8 @@ def test_retention_streams_a_listing_longer_than_a_page_and_keeps_running_jobs(s
     client = s3_server.client()
     client.create_bucket(Bucket="retain")
     for i in range(1005):
-        client.put_object(Bucket="retain", Key=f"jobs/key-a/job-{i // 100:03d}/images/{i:05d}.png", Body=b"x")
-    client.put_object(Bucket="retain", Key="jobs/_active/key-a/job-000", Body=b"")
+        client.put_object(Bucket="retain", Key=f"jobs/key-00000000000000aa/job-20261101-000000-{i // 100:08x}/images/{i:05d}.png", Body=b"x")
+    client.put_object(Bucket="retain", Key="jobs/_active/key-00000000000000aa/job-20261101-000000-00000000", Body=b"")
     pages = client.get_paginator("list_objects_v2").paginate(Bucket="retain", Prefix="jobs/")
     assert len(list(pages)) == 2
     assert sum(1 for _ in iter_objects("s3://retain/jobs")) == 1006
@@ -266,7 +266,7 @@ def test_retention_streams_a_listing_longer_than_a_page_and_keeps_running_jobs(s
     assert expire_jobs("s3://retain/jobs", 7, now=time.time() + 8 * 86400) == 10
     left = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="retain")
             for o in page.get("Contents", [])]
-    assert len(left) == 101 and all("job-000" in k for k in left)
+    assert len(left) == 101 and all("job-20261101-000000-00000000" in k for k in left)
 
 
 def test_a_job_outlives_a_serve_restart_and_cancel_marks_partial_output(app):
