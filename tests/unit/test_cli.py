@@ -99,7 +99,7 @@ def test_ctrl_c_message_fits_the_command(monkeypatch, capsys):
     monkeypatch.setattr("emoji_ldm.train.ldm.train", interrupted)
     assert cli.main(["train", "--data", "/d", "--out", "/o"]) == 130
     assert "re-run with --resume" in capsys.readouterr().err
-    monkeypatch.setattr("emoji_ldm.store.ops.versions_text", interrupted)
+    monkeypatch.setattr("emoji_ldm.cli.dataset.versions_text", interrupted)
     assert cli.main(["dataset", "versions", "/d"]) == 130
     err = capsys.readouterr().err
     assert "emoji-ldm dataset versions: interrupted" in err and "dataset stays" not in err
