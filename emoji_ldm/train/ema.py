@@ -194,7 +194,8 @@ class _FlatPartitions:
         where = []  # (sub-group, offset in it) of each piece
         for piece in pieces:
             found = [g for g, flat in enumerate(flats) if flat.numel() and flat.dtype == piece.dtype
-                     and flat.untyped_storage().data_ptr() == piece.untyped_storage().data_ptr()]
+                     and flat.untyped_storage().data_ptr() == piece.untyped_storage().data_ptr()
+                     and 0 <= piece.storage_offset() - flat.storage_offset() <= flat.numel() - piece.numel()]
             if len(found) != 1:
                 return None
             where.append((found[0], piece.storage_offset() - flats[found[0]].storage_offset()))
