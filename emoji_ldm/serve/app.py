@@ -173,6 +173,9 @@ class Ingress:
         api.post("/v1/emoji-sets", responses={200: {"content": {"application/zip": {}, "application/json": {}},
                                                     "description": "a zip (PNGs, sheet.png, manifest.json), or JSON"}}
                  )(self.emoji_set)
+        api.post("/v1/verify", responses={200: {"content": {"application/json": {}},
+                                                "description": "the C2PA verification of the emoji in the body"}}
+                 )(self.verify)
         self.jobs.add_to(api)
         return api
 
@@ -262,6 +265,28 @@ class Ingress:
                 "metadata": [params for _, params in made], "model": card.get("uri"),
                 "model_content_id": card.get("content_id"), "code_version": made[0][1].get("code_version"),
                 "settings": _settings(body), "elapsed_s": round(time.perf_counter() - start, 3)}
+
+    async def verify(self, request: Request):
+        """The C2PA verification (inference/provenance.py `verify`) of the emoji file that is the body (PNG, APNG,
+        GIF or WebP); `X-C2PA-Sidecar`: its .c2pa manifest store, base64, for a file whose manifest is a sidecar."""
+        import binascii
+
+        from emoji_ldm.errors import UserError
+        from emoji_ldm.inference.provenance import verify
+
+        data = await request.body()
+        if not data:
+            raise ApiError(422, "the body is empty: POST the bytes of an emoji file (PNG, APNG, GIF or WebP)", "body")
+        sidecar = request.headers.get("x-c2pa-sidecar")
+        try:
+            sidecar = base64.b64decode(sidecar, validate=True) if sidecar else None
+        except binascii.Error:
+            raise ApiError(422, "X-C2PA-Sidecar is not base64: send the .c2pa file base64-encoded",
+                           "X-C2PA-Sidecar") from None
+        try:
+            return await asyncio.to_thread(verify, data, sidecar, None, "the body")
+        except UserError as e:
+            raise ApiError(422, str(e), "body") from None
 
     async def emoji_set(self, body: EmojiSetRequest, request: Request):
         from emoji_ldm.serve.sets import draw_set, new_set_id, set_files, set_manifest, store_set, zip_bytes

@@ -91,6 +91,7 @@ def set_files(manifest: dict, pngs: list[bytes], params: list[dict] | None = Non
 
     from emoji_ldm.inference.images import image_grid, png_bytes, sheet_thumbnail
     from emoji_ldm.inference.pngmeta import shared_params
+    from emoji_ldm.inference.provenance import SigningKeys, sign_set_files
     from emoji_ldm.inference.targets import fit, get_target
 
     target = get_target((manifest.get("target") or {}).get("name", "raw"))
@@ -108,7 +109,8 @@ def set_files(manifest: dict, pngs: list[bytes], params: list[dict] | None = Non
     sheet = image_grid(stills, [item["item"] for item in manifest["items"]])
     files[SHEET] = png_bytes(sheet, shared_params(params) if params else None)
     files[MANIFEST] = json.dumps(manifest, indent=2).encode()
-    return files
+    # with the operator's C2PA keys: every item and the sheet signed, manifest.json's `provenance` says so
+    return sign_set_files(files, manifest, params, SigningKeys.from_env(), target, SHEET, MANIFEST)
 
 
 def fitted_loops(manifest: dict, drawn: list[bytes], target, params: list[dict] | None = None):
@@ -170,10 +172,11 @@ def finish_files(made: list[tuple[bytes, dict]], body, metadata: bool = True) ->
     from emoji_ldm.inference.animation import fitted_loop
     from emoji_ldm.inference.targets import fit, get_target
     from emoji_ldm.serve.http import ApiError
+    from emoji_ldm.serve.signing import signed_outputs
 
     target, animation = get_target(body.target), body.animation.settings()
     if not animation.animated:
-        return [(fit(png, target), params) for png, params in made]
+        return signed_outputs([(fit(png, target), params) for png, params in made], target)
     out = []
     for drawn, params in made:
         try:
@@ -181,7 +184,7 @@ def finish_files(made: list[tuple[bytes, dict]], body, metadata: bool = True) ->
         except UserError as e:
             raise ApiError(422, f"animation: {e}", "animation") from None
         out.append((file, {**params, "animation": record}))
-    return out
+    return signed_outputs(out, target)
 
 
 def media_type(params: dict) -> str:
