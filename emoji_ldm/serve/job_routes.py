@@ -53,6 +53,10 @@ class JobRoutes:
     def add_to(self, api: FastAPI) -> None:
         api.post("/v1/jobs", status_code=202)(self.create_job)
         api.get("/v1/jobs/{job_id}")(self.get_job)
+        api.get("/v1/jobs/{job_id}/events", response_class=Response,
+                responses={200: {"content": {"text/event-stream": {}},
+                                 "description": "the job's events (serve/events.py), resumed after Last-Event-ID"}}
+                )(self.job_events)
         api.delete("/v1/jobs/{job_id}", status_code=202)(self.cancel_job)
         api.get("/v1/jobs/{job_id}/result.zip", response_class=Response,
                 responses={200: {"content": {"application/zip": {}}}})(self.job_zip)
@@ -248,6 +252,12 @@ class JobRoutes:
         from emoji_ldm.serve import durable
 
         owner, folder, state = await self._job_folder(request, job_id)
+        return durable.public_state(await self._resumed(request, owner, job_id, folder, state))
+
+    async def _resumed(self, request: Request, owner: str, job_id: str, folder: str, state: dict) -> dict:
+        """The job's state, its runner started again when it has none and has not ended."""
+        from emoji_ldm.serve import durable
+
         if state["state"] not in durable.ENDED and await asyncio.to_thread(durable.runner, owner, job_id) is None:
             # no runner: it has just ended (it writes its last state, then exits), or it is gone (a node or the
             # whole cluster restarted) and a new one resumes after the last chunk
@@ -257,7 +267,36 @@ class JobRoutes:
                 _, key = _owner(request)
                 spec = self._job_spec(owner, key, job_id, known["body"], known["body_hash"])
                 await asyncio.to_thread(durable.start_runner, spec)
-        return durable.public_state(state)
+        return state
+
+    async def job_events(self, job_id: str, request: Request):
+        """The job's events as server-sent events (serve/events.py), from shared storage, so any replica serves
+        them; `Last-Event-ID` resumes after that event. Another key's job is a 404, as for GET."""
+        from fastapi.responses import StreamingResponse
+
+        from emoji_ldm.serve import events
+        from emoji_ldm.serve.durable import read_request, read_state
+
+        owner, folder, state = await self._job_folder(request, job_id)
+        try:
+            after = events.last_event_id(request.headers.get("last-event-id"))
+        except ValueError as e:
+            raise ApiError(400, str(e), "Last-Event-ID") from None
+        state = await self._resumed(request, owner, job_id, folder, state)
+        total = state.get("total")
+        if total is None:  # no state.json yet: the total from the request, so the ids never move
+            total = JobRequest.model_validate((await asyncio.to_thread(read_request, folder))["body"]).images()
+
+        async def read() -> dict:
+            now = await asyncio.to_thread(read_state, folder) or state
+            return {**now, "total": now.get("total") or total}
+
+        async def queue() -> dict:
+            return await asyncio.to_thread(events.queue_place, self.args.jobs_uri, owner, job_id,
+                                           state.get("created_at"))
+
+        return StreamingResponse(events.stream(read, after, queue), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def cancel_job(self, job_id: str, request: Request) -> dict:
         """Cancel: the runner stops after its current chunk; what it drew is packaged and marked partial."""
