@@ -40,6 +40,7 @@ import time
 import traceback
 
 from emoji_ldm.serve.job_files import animation_state, items_per_chunk, job_judge, package
+from emoji_ldm.serve.job_webhooks import JobHooks
 from emoji_ldm.serve.schemas import MAX_BATCH_PIXELS, JobRequest, images_per_call
 from emoji_ldm.store.artifacts import delete, exists, read_json, write_bytes, write_json
 from emoji_ldm.store.uri import join, public_uri
@@ -177,6 +178,7 @@ class JobRunner:
             write_json(join(self.folder, "request.json"), request)
             write_bytes(active_marker(spec.jobs_uri, spec.owner, spec.job_id), b"")
         self.request = request
+        self._hooks = JobHooks(request["body"], spec.webhook_secret, spec.webhook_allow)  # serve/job_webhooks.py
         if exists(join(self.folder, "cancel")):
             self._cancel.set()
         self._thread = threading.Thread(target=self._run_and_exit, name="job", daemon=True)
@@ -242,7 +244,7 @@ class JobRunner:
             return
         judge = job_judge(self.request, self.spec.judge)  # the one the job was made with, or it fails here
         legibility = JobLegibility(judge, request) if judge else None  # loaded before the Drawer starts
-        write_json(join(self.folder, "state.json"), state)  # queued: waiting for the Drawer's CPUs/GPUs
+        self._save(state, "queued")  # waiting for the Drawer's CPUs/GPUs
         drawer = ray.remote(Drawer).options(num_cpus=self.spec.num_cpus, num_gpus=self.spec.num_gpus).remote(
             self.spec.model, self.spec.device, self.spec.inference, request.adapter, self.spec.adapter_uri,
             request.size, self.spec.max_batch_size, self.spec.max_batch_pixels)
@@ -251,7 +253,7 @@ class JobRunner:
             return
         items = items_per_chunk(step, request)
         state.update(state="running", started_at=state.get("started_at") or now_iso())
-        write_json(join(self.folder, "state.json"), state)
+        self._save(state, "started")
         settings, animation = request.sampler(), request.animation.settings()
 
         def redraw(prompt: str, seed: int):  # one item again (job_files.JobLegibility), after the chunk ahead
@@ -281,7 +283,11 @@ class JobRunner:
                 if records is not None:
                     write_json(legibility_file(self.folder, start + k), records[k])
             state["done"] = start + len(made)
-            write_json(join(self.folder, "state.json"), state)
+            self._save(state, "progress")
+
+    def _save(self, state: dict, event: str) -> None:  # on storage, then the event's webhook if the job asks
+        write_json(join(self.folder, "state.json"), state)
+        self._hooks.event(event, state)
 
     def _wait(self, ref):
         """The result of a Drawer call, or None once the job is cancelled (checked twice a second)."""
@@ -294,8 +300,6 @@ class JobRunner:
         return None
 
     def _finish(self, state: dict, outcome: str) -> None:
-        from emoji_ldm.serve.webhooks import deliver
-
         if state["done"]:
             try:
                 state["result"] = self._package(state["done"], partial=outcome != "succeeded")
@@ -311,8 +315,8 @@ class JobRunner:
             state["errors"].append(REVOKED_ERROR)
             state["callback"] = {"attempts": 0, "delivered": False, "error": "not sent: the key was revoked"}
             write_json(join(self.folder, "state.json"), state)
-        elif url:
-            state["callback"] = deliver(url, public_state(state), self.spec.webhook_secret, self.spec.webhook_allow)
+        elif url and (delivery := self._hooks.final(state)) is not None:  # the end, if its events ask for it
+            state["callback"] = delivery
             write_json(join(self.folder, "state.json"), state)
 
     def _package(self, done: int, partial: bool) -> dict:

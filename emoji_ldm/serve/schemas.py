@@ -271,6 +271,9 @@ class JobRequest(Settings):
     callback_url: str | None = Field(None, max_length=MAX_CALLBACK_CHARS,
                                      description="POSTed the job's final state, signed with the key's webhook "
                                                  "secret (public http(s) addresses only)")
+    callback_events: list[Literal["queued", "started", "progress", "completed", "failed", "cancelled"]] | None = \
+        Field(None, max_length=6, description="the events POSTed to callback_url (progress: once per chunk "
+                                              "drawn); left out: completed, failed and cancelled")
     min_legibility: float | None = Field(None, ge=0, le=1, description="as for /v1/emoji-sets: redraw an image "
                                          "whose legibility at chat size is below this share of the chat themes "
                                          "(next seed, at most max_redraws times); needs a judge on the server")
@@ -303,6 +306,8 @@ class JobRequest(Settings):
         if self.min_legibility is None and self.max_redraws == MAX_REDRAWS:
             data.pop("min_legibility", None)
             data.pop("max_redraws", None)
+        if self.callback_events is None:  # likewise for a job that takes the default webhook events
+            data.pop("callback_events", None)
         return data
 
     @field_validator("callback_url")

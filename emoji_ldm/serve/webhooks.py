@@ -7,7 +7,16 @@ as JSON, signed with the calling key's webhook secret (`emoji-ldm keys create` p
     X-Emoji-Ldm-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>." + body)>
 
 A receiver recomputes the HMAC over the raw body (`verify_signature`) and refuses a timestamp older than a
-few minutes, so a captured delivery cannot be replayed later.
+few minutes, so a captured delivery cannot be replayed later. Beside ours, every delivery carries the Standard
+Webhooks headers, so stock verifiers (`standardwebhooks.Webhook(secret).verify`) work:
+
+    webhook-id: <job id>_<event>          the same on every retry of one delivery: a receiver dedupes by it
+    webhook-timestamp: 1795478400
+    webhook-signature: v1,<base64 HMAC-SHA256(key, "<webhook-id>.<timestamp>." + body)>
+    X-Emoji-Ldm-Event: completed          which event (a job's `callback_events` picks them)
+
+The HMAC key is the secret's UTF-8 bytes for both; a Standard Webhooks receiver is given it as the spec
+writes secrets, `whsec_` + base64 of those bytes (`standard_secret`).
 
 SSRF: the service runs beside the cluster's private network and a cloud's metadata endpoint, so a callback
 may only go to a public address. Three rules close the ways around that check:
@@ -52,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Emoji-Ldm-Signature"
 TIMESTAMP_HEADER = "X-Emoji-Ldm-Timestamp"
+EVENT_HEADER = "X-Emoji-Ldm-Event"
 ATTEMPTS = 5             # one delivery and up to 4 retries
 BACKOFF_S = 1.0          # 1, 2, 4, 8 s between them
 TIMEOUT_S = 10.0         # connecting, and each wait for bytes
@@ -264,6 +274,23 @@ def sign(secret: str, body: bytes, timestamp: int) -> str:
     return "v1=" + mac.hexdigest()
 
 
+def standard_secret(secret: str) -> str:
+    """The key's webhook secret as Standard Webhooks writes secrets: `whsec_` + base64 of the HMAC key."""
+    import base64
+
+    return "whsec_" + base64.b64encode(secret.encode()).decode()
+
+
+def standard_signature(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
+    """`webhook-signature`: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">, keyed as `sign`."""
+    import base64
+
+    if not secret:
+        raise ValueError("a webhook secret is required to sign a delivery")
+    mac = hmac.new(secret.encode(), f"{message_id}.{timestamp}.".encode() + body, hashlib.sha256)
+    return "v1," + base64.b64encode(mac.digest()).decode()
+
+
 def verify_signature(secret: str, body: bytes, timestamp: str, signature: str, tolerance_s: float = 300,
                      now: float | None = None) -> bool:
     """What a receiver runs: the signature matches the raw body and timestamp, and the timestamp is recent.
@@ -321,10 +348,10 @@ def _post(callback: Callback, address: str, body: bytes, headers: dict, deadline
 def deliver(url: str, payload: dict, secret: str, allow: Iterable[str] = (), attempts: int = ATTEMPTS,
             backoff_s: float = BACKOFF_S, sleep: Callable[[float], None] = time.sleep,
             resolve: Callable[[str, int], list[str]] = _resolve, deadline_s: float = DEADLINE_S,
-            ca_certs: str | None = None) -> dict:
-    """POST the payload, signed, until a 2xx answer or `attempts` tries; returns what happened (no secret, no
-    address, no connection error: those go to the log). The host is resolved and checked once, and every
-    attempt connects to an address of that check."""
+            ca_certs: str | None = None, event: str = "completed", message_id: str = "") -> dict:
+    """POST the payload (a job's public state) as `event`, signed both ways, until a 2xx answer or `attempts`
+    tries; returns what happened (no secret, no address, no connection error: those go to the log). The host is
+    resolved and checked once, and every attempt connects to an address of that check."""
     body = json.dumps(payload, sort_keys=True).encode()
     outcome = {"url": url, "attempts": 0, "delivered": False, "status": None, "error": None}
     if not secret:
@@ -342,8 +369,11 @@ def deliver(url: str, payload: dict, secret: str, allow: Iterable[str] = (), att
         outcome["attempts"] = attempt + 1
         address = callback.addresses[attempt % len(callback.addresses)]
         ts = int(time.time())
+        message_id = message_id or f"{payload.get('id', 'job')}_{event}"
         headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: str(ts),
-                   SIGNATURE_HEADER: sign(secret, body, ts), "User-Agent": "emoji-ldm-webhook"}
+                   SIGNATURE_HEADER: sign(secret, body, ts), "User-Agent": "emoji-ldm-webhook", EVENT_HEADER: event,
+                   "webhook-id": message_id, "webhook-timestamp": str(ts),
+                   "webhook-signature": standard_signature(secret, message_id, ts, body)}
         try:
             status = _post(callback, address, body, headers, deadline_s, ca_certs)
         except Exception as e:  # refused, reset, timed out, TLS: the log says which, the job's state does not

@@ -257,7 +257,8 @@ def test_retention_streams_a_listing_longer_than_a_page_and_keeps_running_jobs(s
     client = s3_server.client()
     client.create_bucket(Bucket="retain")
     for i in range(1005):
-        client.put_object(Bucket="retain", Key=f"jobs/key-00000000000000aa/job-20261101-000000-{i // 100:08x}/images/{i:05d}.png", Body=b"x")
+        folder = f"jobs/key-00000000000000aa/job-20261101-000000-{i // 100:08x}"
+        client.put_object(Bucket="retain", Key=f"{folder}/images/{i:05d}.png", Body=b"x")
     client.put_object(Bucket="retain", Key="jobs/_active/key-00000000000000aa/job-20261101-000000-00000000", Body=b"")
     pages = client.get_paginator("list_objects_v2").paginate(Bucket="retain", Prefix="jobs/")
     assert len(list(pages)) == 2
@@ -606,3 +607,83 @@ def test_https_delivery_connects_to_the_ip_with_the_name_as_sni_and_certificate_
     outcome = deliver(f"https://other.test:{r.port}/hook", {"id": "job-2"}, "s3cret", allow=["127.0.0.1/32"],
                       resolve=lambda host, port: names[host], ca_certs=cert, attempts=1)
     assert outcome["delivered"] is False and outcome["error"] == DELIVERY_FAILED and len(r.got) == 1
+
+
+# --- Standard Webhooks, and a job's events filter ------------------------------------------------------------
+
+
+class _Keeper:
+    """A receiver on 127.0.0.1 that keeps each delivery's headers and raw body."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.got: list[tuple[dict, bytes]] = []
+        keeper = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                keeper.got.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(204)
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def keeper():
+    made = _Keeper()
+    yield made
+    made.server.shutdown()
+
+
+def test_a_delivery_verifies_with_the_standard_webhooks_reference_verifier(keeper):
+    from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+    from emoji_ldm.serve.webhooks import EVENT_HEADER, standard_secret
+
+    secret = "Zk3x_-Q9" * 5  # as `emoji-ldm keys create` makes them: URL-safe base64 characters
+    payload = {"id": "job-20260101-000000-00000001", "state": "succeeded", "progress": {"done": 3, "total": 3}}
+    outcome = deliver(keeper.url, payload, secret, allow=["127.0.0.1/32"], sleep=lambda s: None)
+    assert outcome["delivered"], outcome
+    headers, body = keeper.got[0]
+    assert Webhook(standard_secret(secret)).verify(body, headers) == payload
+    assert headers["webhook-id"] == f"{payload['id']}_completed" and headers[EVENT_HEADER.lower()] == "completed"
+    assert verify_signature(secret, body, headers["x-emoji-ldm-timestamp"], headers["x-emoji-ldm-signature"])
+    with pytest.raises(WebhookVerificationError):
+        Webhook(standard_secret(secret)).verify(body.replace(b"succeeded", b"failed"), headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(standard_secret("another secret")).verify(body, headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(standard_secret(secret)).verify(body, {**headers, "webhook-id": payload["id"] + "_failed"})
+
+
+def _job_state(state: str, done: int) -> dict:
+    return {"id": "job-1", "state": state, "done": done, "total": 4, "errors": []}
+
+
+@pytest.mark.parametrize("events,expected", [
+    (None, ["completed"]),
+    (["started", "progress", "completed"], ["started", "progress", "progress", "completed"]),
+    (["progress"], ["progress", "progress"]),
+])
+def test_a_jobs_events_filter_picks_its_deliveries_in_order(keeper, events, expected):
+    from emoji_ldm.serve.job_webhooks import JobHooks
+
+    hooks = JobHooks({"callback_url": keeper.url, "callback_events": events}, "s3cret", ("127.0.0.1/32",))
+    hooks.event("queued", _job_state("queued", 0))
+    hooks.event("started", _job_state("running", 0))
+    hooks.event("progress", _job_state("running", 2))
+    hooks.event("progress", _job_state("running", 4))
+    outcome = hooks.final(_job_state("succeeded", 4))
+    assert (outcome is not None and outcome["delivered"]) == ("completed" in expected)
+    assert [h["x-emoji-ldm-event"] for h, _ in keeper.got] == expected
+    ids = [h["webhook-id"] for h, _ in keeper.got]
+    assert len(set(ids)) == len(ids)  # one id per delivery; a retry of one keeps its id
