@@ -31,6 +31,7 @@ A key sees only its own jobs: they live under its owner id, and a job id under a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -108,8 +109,7 @@ def orphaned_jobs(jobs_uri: str) -> list[tuple[str, str]]:
 
 
 def cancel_revoked(jobs_uri: str, owner: str, job_id: str) -> None:
-    """Cancel a job whose key was revoked: its runner stops after its chunk and sends no webhook (the
-    `revoked` marker); a job with no runner ends here, cancelled, and is not resumed."""
+    """Cancel a revoked key's job: its runner stops after its chunk, sending no webhook (the `revoked` marker)."""
     folder = job_folder(jobs_uri, owner, job_id)
     write_bytes(join(folder, REVOKED), b"")
     write_bytes(join(folder, "cancel"), b"")
@@ -178,7 +178,6 @@ class JobRunner:
             write_json(join(self.folder, "request.json"), request)
             write_bytes(active_marker(spec.jobs_uri, spec.owner, spec.job_id), b"")
         self.request = request
-        self._hooks = JobHooks(request["body"], spec.webhook_secret, spec.webhook_allow)  # serve/job_webhooks.py
         if exists(join(self.folder, "cancel")):
             self._cancel.set()
         self._thread = threading.Thread(target=self._run_and_exit, name="job", daemon=True)
@@ -284,6 +283,10 @@ class JobRunner:
                     write_json(legibility_file(self.folder, start + k), records[k])
             state["done"] = start + len(made)
             self._save(state, "progress")
+
+    @functools.cached_property
+    def _hooks(self) -> JobHooks:  # the job's webhooks (serve/job_webhooks.py), made on first use
+        return JobHooks(self.request["body"], self.spec.webhook_secret, self.spec.webhook_allow)
 
     def _save(self, state: dict, event: str) -> None:  # on storage, then the event's webhook if the job asks
         write_json(join(self.folder, "state.json"), state)
