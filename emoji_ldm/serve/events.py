@@ -81,6 +81,8 @@ async def stream(read_state: Callable[[], Awaitable[dict]], after: int,
             after, said = event_id, time.monotonic()
             if event_id == terminal_id(state.get("total")):
                 return
+        if state.get("state") in TERMINAL:  # resumed after the end: nothing more will come
+            return
         if time.monotonic() - said >= HEARTBEAT_S:
             yield b": heartbeat\n\n"
             said = time.monotonic()

@@ -45,6 +45,7 @@ def _run(states: list[dict], after: int) -> list[tuple[int, str, dict]]:
 @pytest.fixture(autouse=True)
 def _quick(monkeypatch):
     monkeypatch.setattr(events, "POLL_S", 0)
+    monkeypatch.setattr(events, "MAX_STREAM_S", 5)
 
 
 def test_the_whole_story_one_progress_per_emoji():
@@ -99,3 +100,7 @@ def test_last_event_id(header, after):
 def test_a_foreign_last_event_id_is_refused(header):
     with pytest.raises(ValueError, match="Last-Event-ID"):
         events.last_event_id(header)
+
+
+def test_a_resume_after_the_end_ends_at_once():
+    assert _run([_state("succeeded", 5, started=True)], 7) == []
