@@ -1,7 +1,8 @@
 """Evaluation: how good is a trained model, measured against its data, by one frozen instrument.
 
-- `judge.py`: the emoji judge (a small classifier of Unicode subgroups whose features and predictions give
-  emoji-FID and prompt accuracy) and `emoji-ldm train-judge`; `fit.py`, its training loop;
+- `judge_net.py`: the emoji judge as an instrument (a small classifier of Unicode subgroups whose features and
+  predictions give emoji-FID and prompt accuracy; its labels, loading and content id); `judge.py`: `emoji-ldm
+  train-judge`; `fit.py`, its training loop;
 - `frozen_judge.py`: the frozen judge shipped in `frozen/`, its content id, and how it is rebuilt;
 - `evaluate.py`: `emoji-ldm eval`: prompt accuracy with its interval beside its baselines (`protocol.py`,
   `judged.py`, `retrieval.py`), emoji-FID/KID, precision/recall, held-out loss and memorisation of a model,

@@ -200,7 +200,7 @@ def format_report(r: dict) -> str:
     def num(v, fmt=".2f", none="not computed"):
         return none if v is None else format(v, fmt)
 
-    from emoji_ldm.eval.frozen_judge import short_id
+    from emoji_ldm.eval.judge_net import short_id
     from emoji_ldm.eval.protocol import group_lines, summary_line
 
     j, figures = r["judge"], r["protocol"]["figures"]

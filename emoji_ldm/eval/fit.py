@@ -54,7 +54,7 @@ def fit_judge(config, train: tuple[np.ndarray, list[str]], val: tuple[np.ndarray
     """
     import torch
 
-    from emoji_ldm.eval.judge import Judge, build_net
+    from emoji_ldm.eval.judge_net import Judge, build_net
 
     counts = Counter(train[1])
     classes = sorted(c for c, n in counts.items() if n >= config.min_class_rows)

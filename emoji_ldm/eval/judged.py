@@ -11,7 +11,7 @@ from emoji_ldm.eval.protocol import BOOTSTRAP, LEVEL, caption_scores, prompt_acc
 
 def _labels(judge, heldout: dict) -> tuple[list[str | None], list[str | None]]:
     """Each held-out row's class (None where the judge has no such class) and its Unicode group."""
-    from emoji_ldm.eval.judge import row_label
+    from emoji_ldm.eval.judge_net import row_label
 
     kind, classes = judge.meta["label"], set(judge.classes)
     rows = list(zip(heldout["source_url"], heldout["title"], heldout["tag"]))

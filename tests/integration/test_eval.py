@@ -99,7 +99,8 @@ def test_eval_command_with_the_frozen_judge(tiny, tmp_path, cli_in_process, caps
     """`eval` as a process measures with the frozen judge unless told otherwise, and says so; `--real` (in this
     process) judges the held-out images twice; judges that do not load are one line each, before sampling."""
     from emoji_ldm.cli.main import main
-    from emoji_ldm.eval.frozen_judge import frozen_judge, short_id
+    from emoji_ldm.eval.frozen_judge import frozen_judge
+    from emoji_ldm.eval.judge_net import short_id
 
     r = run_cli("eval", "--model", str(tiny.run), "--data", tiny.lat, "--samples", "2", "--samples-per-caption",
                 "2", "--steps", "2", "--out", str(tmp_path / "eval.json"))

@@ -15,8 +15,9 @@ import torch
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.eval.fit import fit_judge
-from emoji_ldm.eval.frozen_judge import content_id, frozen_dir, frozen_judge, pack_rows
-from emoji_ldm.eval.judge import JudgeConfig, load_judge
+from emoji_ldm.eval.frozen_judge import frozen_dir, frozen_judge, pack_rows
+from emoji_ldm.eval.judge import JudgeConfig
+from emoji_ldm.eval.judge_net import content_id, load_judge
 
 
 def test_the_committed_judge_is_the_one_its_content_id_names():
