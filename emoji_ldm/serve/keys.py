@@ -207,6 +207,8 @@ class KeysSecretConfig:
 
 
 def create_command(config: KeysCreateConfig) -> str:
+    from emoji_ldm.serve.webhooks import standard_secret
+
     keys = read_keys(config.file)
     if config.name in keys and not keys[config.name].revoked:
         raise UserError(f"a key named {config.name!r} exists in {config.file}: revoke it first, or pick another name")
@@ -221,7 +223,8 @@ def create_command(config: KeysCreateConfig) -> str:
     return (f"key {config.name!r} (id {keys[config.name].id}, {config.rate} requests/min, {config.max_jobs} jobs) "
             f"added to {config.file}.\n"
             f"The key (shown once, stored nowhere; send it as 'Authorization: Bearer KEY'):\n{key}\n"
-            f"Its webhook secret (verifies the X-Emoji-Ldm-Signature of its job callbacks):\n{secret}")
+            f"Its webhook secret (verifies the X-Emoji-Ldm-Signature of its job callbacks):\n{secret}\n"
+            f"The same secret as Standard Webhooks verifiers take it (webhook-signature):\n{standard_secret(secret)}")
 
 
 def list_command(config: KeysFileConfig) -> str:
