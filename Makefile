@@ -205,3 +205,11 @@ gpu-train: $(STAMP)
 	$(BIN)/python gpu_check/train.py --device $(DEVICE) --bundle $(GPU_TRAIN_BUNDLE) --out $(GPU_TRAIN_OUT)
 
 .PHONY: gpu-train gpu-train-bundle
+
+# `make image-check`: infra/Dockerfile's steps on a Debian rootfs (mmdebstrap) and the image's smoke test inside
+# (emoji-ldm --version, Ray, DeepSpeed, a tiny train step, the GPU check's CPU mode), with a JSON record of what ran:
+# docs/cluster.md. About 35 minutes on 2 cores; no Docker engine or registry needed.
+image-check:
+	$(SUDO) infra/image_check.sh
+
+.PHONY: image-check

@@ -106,6 +106,10 @@ COMMANDS: tuple[Command, ...] = (
     Command(("lineage",), "emoji_ldm.lineage.command:LineageConfig", "emoji_ldm.lineage.command:lineage_command",
             "trace a PNG, set, model or table back to its model, latent table, dataset and the commits that "
             "made it; --row ID: one row's origin (exit 1: a missing link)", "interrupted"),
+    Command(("provenance", "dev-cert"), "emoji_ldm.lineage.provenance_cmd:DevCertConfig",
+            "emoji_ldm.lineage.provenance_cmd:dev_cert", "make a CA and an end-entity chain for local C2PA signing "
+            "(ca.pem, chain.pem, key.pem under --out)", "interrupted; no key was written",
+            report="emoji_ldm.lineage.provenance_cmd:dev_cert_report"),
     Command(("submit",), "emoji_ldm.cli.submit:SubmitConfig", "emoji_ldm.cli.submit:submit",
             "run a stage on a Ray cluster as a Ray Job (the RayJob's entrypoint) and follow it",
             "stopped following; the job goes on (emoji-ldm jobs stop ID stops it)"),
@@ -123,12 +127,16 @@ COMMANDS: tuple[Command, ...] = (
             "revoke a key; a running service stops taking it within seconds", "interrupted"),
     Command(("keys", "secret"), "emoji_ldm.serve.keys:KeysSecretConfig", "emoji_ldm.serve.keys:secret_command",
             "print the key file as a Kubernetes Secret manifest (kubectl apply -f -)", "interrupted"),
+    Command(("weights", "mirror"), "emoji_ldm.store.mirror:MirrorConfig", "emoji_ldm.store.mirror:mirror_command",
+            "mirror hub models to S3 for pods with HF_HUB_OFFLINE", "interrupted; run it again"),
 )
 
 GROUPS = {
     "dataset": "build and inspect versioned emoji datasets (Delta Lake)",
     "jobs": "list, read and stop the Ray Jobs of a cluster",
     "keys": "manage the API keys of `emoji-ldm serve` (a key file, or a Secret manifest)",
+    "weights": "hub weights on our own storage",
+    "provenance": "C2PA signing keys for local use (`lineage FILE` verifies a signed emoji)",
 }
 
 # stage -> command, for `emoji-ldm submit STAGE` and the RayJob manifests

@@ -14,7 +14,7 @@ The job's code comes from one of two places:
 - `--installed`: nothing is uploaded; the entrypoint is `emoji-ldm <command>
   FLAGS` from the package installed in the cluster's image (infra/Dockerfile).
 S3 settings are the cluster's own (on Kubernetes, the pods read them from the
-`emoji-ldm-s3` Secret); `--env K=V` or `--forward-aws` adds variables to the
+`emoji-ldm-s3-ZONE` Secret); `--env K=V` or `--forward-aws` adds variables to the
 job's runtime_env.
 """
 
@@ -144,7 +144,7 @@ def connect(address: str):
         if given:
             raise UserError(f"the Ray cluster at {address} refused the token in RAY_AUTH_TOKEN"
                             f"{'_PATH' if not os.environ.get('RAY_AUTH_TOKEN') else ''}: it is not this cluster's "
-                            "(`ray get-auth-token` on the head, or its emoji-ldm-ray-token Secret, has it)") from None
+                            "(`ray get-auth-token` on the head, or its emoji-ldm-ray-token-ZONE Secret, has it)") from None
         raise UserError(f"the Ray cluster at {address} uses token authentication: set RAY_AUTH_TOKEN (or "
                         "RAY_AUTH_TOKEN_PATH) to its token, which `ray get-auth-token` prints on the head") from None
     except (ConnectionError, OSError) as e:
