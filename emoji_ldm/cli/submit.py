@@ -144,7 +144,8 @@ def connect(address: str):
         if given:
             raise UserError(f"the Ray cluster at {address} refused the token in RAY_AUTH_TOKEN"
                             f"{'_PATH' if not os.environ.get('RAY_AUTH_TOKEN') else ''}: it is not this cluster's "
-                            "(`ray get-auth-token` on the head, or its emoji-ldm-ray-token-ZONE Secret, has it)") from None
+                            "(`ray get-auth-token` on the head, or its emoji-ldm-ray-token-ZONE Secret, has it)"
+                            ) from None
         raise UserError(f"the Ray cluster at {address} uses token authentication: set RAY_AUTH_TOKEN (or "
                         "RAY_AUTH_TOKEN_PATH) to its token, which `ray get-auth-token` prints on the head") from None
     except (ConnectionError, OSError) as e:
