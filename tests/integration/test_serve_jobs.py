@@ -181,6 +181,13 @@ def test_set_job_runs_to_a_zip_and_a_signed_webhook(app):
                                 headers[SIGNATURE_HEADER.lower()])
     delivered = json.loads(body)
     assert delivered["id"] == job["id"] and delivered["state"] == "succeeded"
+    # and with the Standard Webhooks reference verifier, given the secret as that spec writes it
+    from standardwebhooks.webhooks import Webhook
+
+    from emoji_ldm.serve.webhooks import standard_secret
+
+    assert Webhook(standard_secret(secret)).verify(body, headers) == delivered
+    assert headers["webhook-id"] == f"{job['id']}_completed"
     # the runner records the delivery after the receiver has answered: wait for that write, not just the POST
     callback = wait_for(lambda: json.loads(get(f"{app['url']}/v1/jobs/{job['id']}", auth(app, "alice")).data)
                         ["callback"], 30, "the delivery's record")
