@@ -290,7 +290,7 @@ class JobRunner:
 
     def _save(self, state: dict, event: str) -> None:  # on storage, then the event's webhook if the job asks
         write_json(join(self.folder, "state.json"), state)
-        self._hooks.event(event, state)
+        self._hooks.event(event, state, public_state)
 
     def _wait(self, ref):
         """The result of a Drawer call, or None once the job is cancelled (checked twice a second)."""
@@ -318,7 +318,7 @@ class JobRunner:
             state["errors"].append(REVOKED_ERROR)
             state["callback"] = {"attempts": 0, "delivered": False, "error": "not sent: the key was revoked"}
             write_json(join(self.folder, "state.json"), state)
-        elif url and (delivery := self._hooks.final(state)) is not None:  # the end, if its events ask for it
+        elif url and (delivery := self._hooks.final(public_state(state))) is not None:  # if its events ask
             state["callback"] = delivery
             write_json(join(self.folder, "state.json"), state)
 

@@ -6,6 +6,7 @@ its outcome is the job's `callback` record."""
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 
@@ -23,31 +24,30 @@ class JobHooks:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
 
-    def event(self, kind: str, state: dict) -> None:
-        """`kind` (queued, started, progress) as of `state`, sent in the background when the job asks for it."""
-        from emoji_ldm.serve.durable import public_state
-
+    def event(self, kind: str, state: dict, describe) -> None:
+        """`kind` (queued, started, progress) with the job's status as of `state` (`describe`:
+        `durable.public_state`), sent in the background when the job asks for it."""
         if not self.url or kind not in self.wanted:
             return
+        status = json.loads(json.dumps(describe(state)))  # as of now: the runner goes on changing `state`
         if self._thread is None:
             self._thread = threading.Thread(target=self._send_all, name="job-webhooks", daemon=True)
             self._thread.start()
-        message = f"{state['id']}_{kind}" + (f"-{state.get('done', 0)}" if kind == "progress" else "")
-        self._queue.put((kind, message, public_state(state)))  # a copy: the runner goes on changing `state`
+        done = (status.get("progress") or {}).get("done", 0)
+        self._queue.put((kind, f"{status['id']}_{kind}" + (f"-{done}" if kind == "progress" else ""), status))
 
-    def final(self, state: dict) -> dict | None:
-        """The delivery of the job's end (its state: succeeded, failed or cancelled) after the events before it,
-        as `webhooks.deliver` reports it; None when the job's events leave the end out."""
-        from emoji_ldm.serve.durable import public_state
+    def final(self, status: dict) -> dict | None:
+        """The delivery of the job's end (`status["state"]`: succeeded, failed or cancelled) after the events
+        before it, as `webhooks.deliver` reports it; None when the job's events leave the end out."""
         from emoji_ldm.serve.webhooks import deliver
 
         if self._thread is not None:
             self._queue.put(_DONE)
             self._thread.join()
-        kind = ENDS[state["state"]]
+        kind = ENDS[status["state"]]
         if not self.url or kind not in self.wanted:
             return None
-        return deliver(self.url, public_state(state), self.secret, self.allow, event=kind)
+        return deliver(self.url, status, self.secret, self.allow, event=kind)
 
     def _send_all(self) -> None:
         from emoji_ldm.serve.webhooks import deliver

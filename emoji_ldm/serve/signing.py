@@ -10,14 +10,14 @@ def signed_outputs(made: list[tuple[bytes, dict]], target) -> list[tuple[bytes, 
     import base64
 
     from emoji_ldm.inference.provenance import SigningKeys, lineage_of, signed_files
-    from emoji_ldm.serve.sets import media_type
 
     keys = SigningKeys.from_env()
     if keys is None:
         return made
     out = []
     for data, params in made:
-        name = "emoji." + {"gif": "gif", "webp": "webp"}.get(media_type(params).split("/")[-1], "png")
+        drawn_as = ((params.get("animation") or {}).get("file") or {}).get("format")  # a loop's; a still: PNG
+        name = "emoji." + {"gif": "gif", "webp": "webp"}.get(drawn_as, "png")
         files = signed_files(name, data, lineage_of(params), keys, target)
         sidecar = next((v for k, v in files.items() if k != name), None)
         out.append((files[name], params if sidecar is None else

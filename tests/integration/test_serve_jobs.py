@@ -682,14 +682,14 @@ def _job_state(state: str, done: int) -> dict:
     (["progress"], ["progress", "progress"]),
 ])
 def test_a_jobs_events_filter_picks_its_deliveries_in_order(keeper, events, expected):
+    from emoji_ldm.serve.durable import public_state
     from emoji_ldm.serve.job_webhooks import JobHooks
 
     hooks = JobHooks({"callback_url": keeper.url, "callback_events": events}, "s3cret", ("127.0.0.1/32",))
-    hooks.event("queued", _job_state("queued", 0))
-    hooks.event("started", _job_state("running", 0))
-    hooks.event("progress", _job_state("running", 2))
-    hooks.event("progress", _job_state("running", 4))
-    outcome = hooks.final(_job_state("succeeded", 4))
+    for kind, state, done in (("queued", "queued", 0), ("started", "running", 0), ("progress", "running", 2),
+                              ("progress", "running", 4)):
+        hooks.event(kind, _job_state(state, done), public_state)
+    outcome = hooks.final(public_state(_job_state("succeeded", 4)))
     assert (outcome is not None and outcome["delivered"]) == ("completed" in expected)
     assert [h["x-emoji-ldm-event"] for h, _ in keeper.got] == expected
     ids = [h["webhook-id"] for h, _ in keeper.got]
