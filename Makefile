@@ -23,8 +23,8 @@ install: $(STAMP)
 # 2-core machine, install included): build the Twemoji dataset, caption it (metadata captioner), encode it (the
 # pixel32 preset: 32 px pixel patches, no VAE), train its UNet (1,000 steps) on 2 Ray Train workers under DeepSpeed
 # ZeRO-2, generate a sample sheet, serve the model (Ray Serve) and fetch one emoji set through POST /v1/emoji-sets,
-# trace one of its PNGs back to the data, and train the judge and evaluate the model beside those steps. All on one local Ray
-# head that the script starts and stops; wall time per step in $(DEMO_OUT)/timings.txt.
+# trace one of its PNGs back to the data, and evaluate the model with the frozen judge. All on one local Ray head that
+# the script starts and stops; wall time per step in $(DEMO_OUT)/timings.txt.
 demo: $(STAMP) noto-font
 	infra/demo.sh $(DEMO_OUT) $(DEMO_PORT)
 
@@ -147,7 +147,7 @@ bench-results: $(STAMP)
 	$(BIN)/python bench/render.py
 
 # The small64 model of the README gallery, trained on the demo's Twemoji dataset on 2 CPU cores (about 105
-# minutes: 92 measured with a 500-step VAE, the RGBA VAE's 1,000 steps add about 14; builds the demo first when absent): encode (training its VAE), train, eval with the demo's judge,
+# minutes: 92 measured with a 500-step VAE, the RGBA VAE's 1,000 steps add about 14; builds the demo first when absent): encode (training its VAE), train, eval with the frozen judge,
 # gallery. Stopped midway, `make small64 RESUME=--resume` continues from the last checkpoint.
 SMALL64 := $(DEMO_OUT)/small64
 RESUME ?=
@@ -156,8 +156,7 @@ small64: $(STAMP) $(DEMO_MODEL)
 	  $(BIN)/emoji-ldm encode --dataset $(DEMO_OUT)/twemoji --preset small64 --out $(SMALL64)/latents
 	$(BIN)/emoji-ldm train --data $(SMALL64)/latents --preset small64 --out $(SMALL64)/run --workers 2 \
 	  --zero-stage 2 $(RESUME)
-	$(BIN)/emoji-ldm eval --model $(SMALL64)/run --data $(SMALL64)/latents --judge $(DEMO_OUT)/judge \
-	  --samples 512 --out $(SMALL64)/eval.json
+	$(BIN)/emoji-ldm eval --model $(SMALL64)/run --data $(SMALL64)/latents --samples 512 --out $(SMALL64)/eval.json
 	$(BIN)/python bench/gallery.py --model small64=$(SMALL64)/run --model demo=$(DEMO_OUT)/run \
 	  --data $(DEMO_OUT)/twemoji --out $(SMALL64)/gallery.png
 

@@ -9,14 +9,10 @@
 #     end, on failure and on Ctrl-C alike. It is private to this run: free ports, its own temp folder
 #     (no other `ray.init()` on the machine finds it) and token, stopped by its process group (never
 #     `ray stop`, which would stop other people's Rays too);
-#   - the judge needs only the captioned dataset: it trains in the background (one torch thread, output
-#     in OUT/logs/judge.log, shown when it is joined) beside encode and train, whose two Ray Train workers
-#     run one thread each. The head has one logical CPU more than the cores so that the judge's task
-#     (1 CPU) and the two workers (1 CPU each) are scheduled together instead of one waiting for the
-#     other. (Eval stays in line: beside generate and serve, its torch threads and theirs would fight
-#     over the 2 cores and all would take longer.)
+#   - eval measures with the frozen judge the package ships (emoji_ldm/eval/frozen/): no judge is trained
+#     here, and every run's figures are on the same instrument.
 # Each step's wall time is printed as it ends and again in a table at the end (OUT/timings.txt).
-# Any failing step, in the background too, fails the script (and `make demo`) with its exit status.
+# Any failing step fails the script (and `make demo`) with its exit status.
 set -euo pipefail
 out=${1:?usage: infra/demo.sh OUT [PORT]}
 port=${2:-8000}
@@ -34,12 +30,11 @@ case $preset in
 esac
 vae_steps=${DEMO_VAE_STEPS:-1200}
 vae_batch=${DEMO_VAE_BATCH:-8}
-# The UNet's steps (the preset's own for pixel32; tiny's VAE leaves it 500) and the judge's epochs (20 its own),
-# so that the whole demo, install included, fits in 15 minutes on 2 cores.
+# The UNet's steps (the preset's own for pixel32; tiny's VAE leaves it 500), so that the whole demo, install
+# included, fits in 15 minutes on 2 cores.
 default_steps=1000
 [ "$preset" = tiny ] && default_steps=500
 train_steps=${DEMO_TRAIN_STEPS:-$default_steps}
-judge_epochs=${DEMO_JUDGE_EPOCHS:-15}
 # Which Twemoji: "base" (default) leaves out the 2,060 skin-tone variants of people and hands (1,949 emoji,
 # each drawn once), so every step of the same budget goes to a distinct emoji; "all" is the whole pack.
 twemoji=${DEMO_TWEMOJI:-base}
@@ -60,8 +55,7 @@ out=$(cd "$out" && pwd)
 timings=$out/timings.txt
 : > "$timings"
 
-# --- cleanup: background steps, then the head ---------------------------------------------------
-declare -A bg_pids=()
+# --- cleanup: the head ---------------------------------------------------------------------------
 head_pid=
 raytmp=$(mktemp -d /tmp/rdemo-XXXXXX)  # short: Ray's socket paths live under it (108-byte limit)
 stop_head() {
@@ -73,11 +67,7 @@ stop_head() {
   fi
 }
 on_exit() {
-  local rc=$? pid
-  for pid in "${bg_pids[@]}"; do  # a background step still running: end its command, then it
-    pkill -TERM -P "$pid" 2> /dev/null || true
-    kill -TERM "$pid" 2> /dev/null || true
-  done
+  local rc=$?
   stop_head
   if [ "$rc" = 0 ]; then
     rm -rf "$raytmp"
@@ -146,23 +136,6 @@ step() {  # step NAME COMMAND...: run it, time it, fail the demo if it fails
     | tee -a "$timings"
   return "$rc"
 }
-background() {  # background NAME COMMAND...: the same, beside the main line, output in OUT/logs/NAME.log
-  local name=$1
-  shift
-  echo "==> [demo] $(date +%T) $name, in the background (output: $out/logs/$name.log): $*"
-  step "$name" "$@" > "$out/logs/$name.log" 2>&1 &
-  bg_pids[$name]=$!
-}
-join() {  # join NAME: wait for a background step, show the end of its output, fail if it failed
-  local name=$1 rc=0
-  wait "${bg_pids[$name]}" || rc=$?
-  unset "bg_pids[$name]"
-  echo "==> [demo] $(date +%T) $name finished (exit $rc); the end of $out/logs/$name.log:"
-  # without Ray's progress lines and bars (the full output stays in the log)
-  grep -v -e $'\e' -e "logging_progress" -e "%|" -e "^[[:space:]]*$" "$out/logs/$name.log" | tail -n 20
-  return "$rc"
-}
-
 step ray-head wait_head
 source=twemoji
 if [ "$twemoji" = base ]; then  # a folder of the pack's PNGs without skin tones, titled and tagged as `twemoji` does
@@ -172,9 +145,6 @@ fi
 step build "$cli" dataset build --source "$source" --out "$out/twemoji" --message "make demo ($twemoji Twemoji)" \
   "${build_args[@]}"
 step caption "$cli" dataset caption "$out/twemoji" --captioner metadata
-# one torch thread: the judge shares the cores with encode and train (two single-threaded Ray Train
-# workers); 10 epochs instead of 20 (DEMO_JUDGE_EPOCHS)
-background judge "$cli" train-judge --data "$out/twemoji" --out "$out/judge" --threads 1 --epochs "$judge_epochs"
 step show "$cli" dataset show "$out/twemoji" --sheet "$out/twemoji-sheet.png"
 # pixel32: the images as 8x8x64 patches, nothing to train first; tiny: its VAE trained first, 1,200 steps of 8
 # images instead of the preset's 1,000 of 32 (the batch, not the images, held it back; bench/demo_quality.py)
@@ -185,16 +155,16 @@ step encode "$cli" encode --dataset "$out/twemoji" --preset "$preset" --out "$ou
 # the same work)
 step train "$cli" train --data "$out/latents" --preset "$preset" --out "$out/run" --workers 2 --zero-stage 2 \
   --max-steps "$train_steps" --channels-last
-join judge
-step generate "$cli" generate --model "$out/run" --prompt "smiling cat face" --n 8 --out "$out/generated"
+# typed as a user types it: the model card's prompt_style gives it the form of the captions it learned
+step generate "$cli" generate --model "$out/run" --prompt "cat face" --n 8 --out "$out/generated"
 step serve-set "$root/infra/demo_set.sh" "$out/run" "$out/serve" "$port"
 step lineage "$cli" lineage "$out"/serve/emoji-set/set-*/red_heart.png
 # not beside generate and serve: their torch thread pools and eval's would fight over the same 2 cores
-step eval "$cli" eval --model "$out/run" --data "$out/latents" --judge "$out/judge" --out "$out/eval.json"
+step eval "$cli" eval --model "$out/run" --data "$out/latents" --out "$out/eval.json"
 t0=$(now_ms)
 stop_head
 printf '%-10s %7s s\n' ray-stop "$(secs $(($(now_ms) - t0)))" | tee -a "$timings"
-printf '%-10s %7s s  (the judge ran beside show, encode and train)\n' total "$(secs $(($(now_ms) - t_start)))" \
+printf '%-10s %7s s\n' total "$(secs $(($(now_ms) - t_start)))" \
   >> "$timings"
 
 echo

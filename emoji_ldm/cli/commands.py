@@ -95,8 +95,9 @@ COMMANDS: tuple[Command, ...] = (
             "emoji-FID/KID, precision/recall, prompt accuracy, held-out loss, memorisation of a trained model",
             "interrupted; no report was written", report="emoji_ldm.eval.evaluate:format_report"),
     Command(("train-judge",), "emoji_ldm.eval.judge:JudgeConfig", "emoji_ldm.eval.judge:train_judge",
-            "train the emoji judge (a small classifier of Unicode subgroups) that eval's emoji-FID and prompt "
-            "accuracy use", "interrupted; no judge was written", report="emoji_ldm.eval.judge:report"),
+            "without --data, rebuild the frozen judge eval uses (prints whether its content id matches); with "
+            "--data, a judge of your data for eval --judge", "interrupted; no judge was written",
+            report="emoji_ldm.eval.judge:report"),
     Command(("serve",), "emoji_ldm.serve.run:ServeConfig", "emoji_ldm.serve.run:serve_forever",
             "serve the HTTP API and web page on Ray Serve until Ctrl-C", "serve: stopped"),
     Command(("bulk",), "emoji_ldm.inference.bulk:BulkConfig", "emoji_ldm.inference.bulk:bulk_generate",
