@@ -22,6 +22,7 @@ from emoji_ldm.client.transport import Retry, Settings, Transport, close_stream
 from emoji_ldm.errors import UserError
 
 NO_STREAM = (404, 405, 406, 501)  # a service without the events route: poll instead
+CLEAN_CLOSE_S = 5.0  # a stream the service closed after this long ended as planned (it ends each after minutes)
 
 
 class Job:
@@ -141,7 +142,7 @@ class Client:
             if not answer.headers.get("Content-Type", "").startswith("text/event-stream"):
                 close_stream(answer)
                 return False
-            parser, quiet = SseParser(), False
+            parser, quiet, opened = SseParser(), False, time.monotonic()
             try:
                 while chunk := answer.read1(65536):
                     for message in parser.feed(chunk):
@@ -150,6 +151,9 @@ class Client:
                         yield event
                         if event.terminal:
                             return True
+                # the service closed the stream (it ends each one after a few minutes): ask again, not a failure,
+                # unless it closed at once (then it counts, so a service that always does is not asked forever)
+                quiet = time.monotonic() - opened >= CLEAN_CLOSE_S
             except ReadTimeoutError:
                 quiet = True  # nothing to say for `timeout` s (a long queue): ask again, not a failure
             except HTTPError:
