@@ -38,6 +38,17 @@ def deploy(model: str, *, sets_uri: str = "", generator: dict | None = None, ing
     return f"http://127.0.0.1:{port}" if port else None
 
 
+def stop_runners() -> None:
+    """Kill the durable jobs' runner actors a module left (they are detached: they outlive Serve)."""
+    import ray
+
+    from emoji_ldm.serve.durable import NAMESPACE
+
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] == NAMESPACE:
+            ray.kill(ray.get_actor(actor["name"], namespace=NAMESPACE))
+
+
 def post(url: str, body, headers: dict | None = None) -> urllib3.BaseHTTPResponse:
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return HTTP.request("POST", url, body=data, headers={"content-type": "application/json", **(headers or {})})

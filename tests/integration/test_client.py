@@ -214,7 +214,7 @@ def service(ray_local, tmp_path_factory):
     from ray import serve
 
     from emoji_ldm.serve.keys import KeysCreateConfig, create_command
-    from tests.serving import deploy
+    from tests.serving import deploy, stop_runners
     from tests.tiny_models import tiny_model_with_card
 
     root = tmp_path_factory.mktemp("client")
@@ -224,17 +224,7 @@ def service(ray_local, tmp_path_factory):
     url = deploy(model, max_batch_size=2, keys=keyfile, jobs_uri=str(root / "jobs"), job_num_cpus=0.5, sweep_s=1.0)
     yield {"url": url, "key": key}
     serve.shutdown()
-    _stop_runners()
-
-
-def _stop_runners() -> None:
-    import ray
-
-    from emoji_ldm.serve.durable import NAMESPACE
-
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["namespace"] == NAMESPACE:
-            ray.kill(ray.get_actor(actor["name"], namespace=NAMESPACE))
+    stop_runners()
 
 
 def three_lines(doc: str) -> str:

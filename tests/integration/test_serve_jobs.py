@@ -27,7 +27,7 @@ from emoji_ldm.serve.webhooks import (
     deliver,
     verify_signature,
 )
-from tests.serving import HTTP, deploy, get, post, wait_for
+from tests.serving import HTTP, deploy, get, post, stop_runners, wait_for
 from tests.tiny_models import tiny_model_with_card
 
 pytestmark = pytest.mark.s3
@@ -102,16 +102,6 @@ def app(s3_server, ray_local, tmp_path_factory):
     receiver.server.shutdown()
     serve.shutdown()
     stop_runners()
-
-
-def stop_runners() -> None:
-    import ray
-
-    from emoji_ldm.serve.durable import NAMESPACE
-
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["namespace"] == NAMESPACE:
-            ray.kill(ray.get_actor(actor["name"], namespace=NAMESPACE))
 
 
 def auth(app, name: str) -> dict:

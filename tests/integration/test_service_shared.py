@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.serving import HTTP, deploy, get, post, wait_for
+from tests.serving import HTTP, deploy, get, post, stop_runners, wait_for
 from tests.tiny_models import tiny_model_with_card
 
 
@@ -45,17 +45,7 @@ def shared(ray_local, tmp_path_factory):
                  job_num_cpus=0.5, sweep_s=1.0)
     yield {"url": url, "keys": keys, "root": root, "model": model}
     serve.shutdown()
-    _stop_runners()
-
-
-def _stop_runners() -> None:
-    import ray
-
-    from emoji_ldm.serve.durable import NAMESPACE
-
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["namespace"] == NAMESPACE:
-            ray.kill(ray.get_actor(actor["name"], namespace=NAMESPACE))
+    stop_runners()
 
 
 def _auth(shared, name: str) -> dict:
