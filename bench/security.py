@@ -39,6 +39,19 @@ HTTP = urllib3.PoolManager(maxsize=256, retries=False, timeout=urllib3.Timeout(c
 JSON = {"content-type": "application/json"}
 
 
+
+def _start_serve() -> tuple[int, list[dict]]:
+    """A local Ray and Serve on a free port; the deployments' settings both sides are served with."""
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port, [{"name": "Generator", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+                  {"name": "Ingress", "num_replicas": 1, "max_ongoing_requests": 512, "max_queued_requests": 1024,
+                   "ray_actor_options": {"num_cpus": 0.25}}]
+
 def post_and_cancel(base: str, headers: dict, namespace: str = "emoji-ldm-jobs") -> float:
     """Seconds of one POST /v1/jobs (a 1-item set); the job is then cancelled and its runner (in `namespace`)
     waited out, so the next post starts from the same state."""
@@ -111,12 +124,7 @@ def compare_main(args) -> None:
     sys.path.insert(0, peer)
     os.environ["PYTHONPATH"] = os.pathsep.join([peer, str(REPO), os.environ.get("PYTHONPATH", "")])
     model = str(tiny_model_with_card(tmp / "model"))
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    deployments = [{"name": "Generator", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
-                   {"name": "Ingress", "num_replicas": 1, "max_ongoing_requests": 512, "max_queued_requests": 1024,
-                    "ray_actor_options": {"num_cpus": 0.25}}]
+    port, deployments = _start_serve()
     auth, url = {}, {}
     for name, package in (("ours", "emoji_ldm"), ("before", "emoji_ldm_before")):
         app_args, auth[name] = _side(package, tmp, model, name)
@@ -227,12 +235,7 @@ def main() -> None:
     ring["thrifty"] = dataclasses.replace(ring["thrifty"], cost_per_minute=100)
     write_keys(keys, ring)
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    deployments = [{"name": "Generator", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
-                   {"name": "Ingress", "num_replicas": 1, "max_ongoing_requests": 512, "max_queued_requests": 1024,
-                    "ray_actor_options": {"num_cpus": 0.25}}]
+    port, deployments = _start_serve()
     base = {"model": model, "max_batch_size": 4, "job_num_cpus": 0.25, "sweep_s": 600}
     serve.run(application({**base, "keys": keys, "jobs_uri": str(tmp / "jobs-keyed")}, deployments),
               name="keyed", route_prefix="/keyed")
