@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
+from emoji_ldm.models.presets import SCHEDULERS
 
-SCHEDULERS = ("dpmpp", "ddim", "ddpm")
 MAX_STEPS = 1000
 MAX_COUNT = 64
 MAX_SEED = 2**32 - 1

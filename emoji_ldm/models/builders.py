@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 
 from emoji_ldm.errors import UserError
-from emoji_ldm.inference.settings import SCHEDULERS  # noqa: F401  (the names; sampling_scheduler builds them)
-from emoji_ldm.models.presets import MINILM, Preset
+from emoji_ldm.models.presets import MINILM, SCHEDULERS, Preset
 
 
 def minilm_path() -> Path:

