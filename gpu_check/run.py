@@ -128,7 +128,7 @@ def _engine(ctx: Context, stage: int, seed: int):
     import torch
 
     from emoji_ldm.models.presets import get_preset
-    from emoji_ldm.train.ldm import _lr_lambda
+    from emoji_ldm.train.lr import preset_schedule
     from emoji_ldm.train.runner import Worker, create_engine
     from emoji_ldm.train.speed import SpeedOptions
 
@@ -136,7 +136,7 @@ def _engine(ctx: Context, stage: int, seed: int):
     module = _unet(ctx, seed).to(ctx.torch_device()).train()
     params = [p for p in module.parameters() if p.requires_grad]
     worker = Worker(0, 1, ctx.torch_device(), "bf16", torch.bfloat16)
-    engine, _ = create_engine(module, params, lr=1e-3, weight_decay=0.0, lr_lambda=_lr_lambda(preset), micro=2,
+    engine, _ = create_engine(module, params, lr=1e-3, weight_decay=0.0, lr_lambda=preset_schedule(preset), micro=2,
                               grad_accum=1, grad_clip=1.0, zero_stage=stage, worker=worker,
                               speed=SpeedOptions(precision="bf16"))
     return engine, preset

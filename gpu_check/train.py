@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # emoji_ldm from the working tree (not installed on the GPU machine)
 
 from emoji_ldm.errors import UserError  # noqa: E402
+from emoji_ldm.train.metrics import busy_share  # noqa: E402
 from gpu_check.bundle import Data, GpuLoader, caption_table, load_data, loader_rate, sync  # noqa: E402
 
 # VAE-free candidates, largest first: (preset, overrides as `--set` takes them, lr, warm-up steps)
@@ -137,33 +138,12 @@ def choose(config: RunConfig, peak: float, rows: int, device, empty) -> tuple[st
     return (fits[0] if fits else names[-1]), plans
 
 
-def busy_share(prof, wall_s: float) -> float | None:
-    """The union of the device's kernel and copy intervals over the profiled window's wall time."""
-    from torch.autograd import DeviceType
-
-    try:
-        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                       if e.device_type == DeviceType.CUDA)
-    except Exception as e:  # the figure is lost, not the run's others
-        print(f"gpu-train: the profiler's events did not parse: {type(e).__name__}: {e}", file=sys.stderr)
-        return None
-    if not spans:
-        return None
-    busy, (lo, hi) = 0.0, spans[0]
-    for a, b in spans[1:]:
-        if a > hi:
-            busy, lo, hi = busy + hi - lo, a, b
-        else:
-            hi = max(hi, b)
-    return (busy + hi - lo) / 1e6 / wall_s
-
-
 def build_engine(preset, config: RunConfig, device):
     import torch
 
     from emoji_ldm.models.builders import build_unet, configure_trainable
     from emoji_ldm.train.ema import make_ema
-    from emoji_ldm.train.ldm import _lr_lambda
+    from emoji_ldm.train.lr import preset_schedule
     from emoji_ldm.train.speed import SpeedOptions, compile_engine, prepare_unet
     from emoji_ldm.train.step import PlainEngine
 
@@ -173,7 +153,7 @@ def build_engine(preset, config: RunConfig, device):
     params = configure_trainable(unet, preset)
     optimizer = torch.optim.AdamW(params, lr=preset.train.lr, weight_decay=preset.train.weight_decay,
                                   fused=config.cuda)
-    engine = PlainEngine(unet, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(preset)),
+    engine = PlainEngine(unet, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, preset_schedule(preset)),
                          preset.train.grad_clip, params)
     ema = make_ema(params, preset.train)
     compile_engine(engine, speed)
@@ -184,10 +164,11 @@ def retime(engine, preset) -> None:
     """The LR schedule over the run's real length (known once a step is timed), from the step it has reached."""
     import torch
 
-    from emoji_ldm.train.ldm import _lr_lambda
+    from emoji_ldm.train.lr import preset_schedule
 
     done = engine.lr_scheduler.last_epoch
-    engine.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, _lr_lambda(preset), last_epoch=done - 1)
+    engine.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, preset_schedule(preset),
+                                                            last_epoch=done - 1)
 
 
 def train(config: RunConfig, name: str, engine, ema, params, loader, empty, device, deadline: float) -> dict:

@@ -125,7 +125,7 @@ def _step(config: StepCheckConfig, preset, device, precision: str, autocast):
     import torch
 
     from emoji_ldm.models.builders import build_unet, configure_trainable, noise_scheduler, text_hidden_size
-    from emoji_ldm.train.ldm import _lr_lambda
+    from emoji_ldm.train.lr import preset_schedule
     from emoji_ldm.train.speed import prepare_unet
     from emoji_ldm.train.step import PlainEngine, training_step
 
@@ -134,7 +134,7 @@ def _step(config: StepCheckConfig, preset, device, precision: str, autocast):
     params = configure_trainable(unet, preset)
     optimizer = torch.optim.AdamW(params, lr=preset.train.lr, weight_decay=preset.train.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    engine = PlainEngine(unet, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(preset)),
+    engine = PlainEngine(unet, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, preset_schedule(preset)),
                          preset.train.grad_clip, params, scaler=scaler)
     noise = noise_scheduler(preset)
     batch = config.batch_size or preset.train.batch_size

@@ -42,6 +42,7 @@ from emoji_ldm.train.dreambooth_data import (
     pipeline_image_size,
 )
 from emoji_ldm.train.dreambooth_lora import configure, export
+from emoji_ldm.train.lr import warmup_cosine
 from emoji_ldm.train.speed import SpeedOptions
 
 logger = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ def _recipe(run: DreamBoothRun):
     warmup = config.warmup_steps
     engine, scheduler = runner.create_engine(
         _module(pipe.unet, pipe.text_encoder, use_mask), params, lr=config.learning_rate, weight_decay=1e-2,
-        lr_lambda=lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0, micro=rows,
+        lr_lambda=warmup_cosine(warmup, 1, 1.0), micro=rows,
         grad_accum=config.grad_accum, grad_clip=1.0, zero_stage=config.zero_stage, worker=w, speed=config.speed)
     photos = TrainingImages(run, w, pipe, micro)
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
 from emoji_ldm.models.presets import PresetOptions, get_preset, preset_from_dict, saved_section
+from emoji_ldm.train.lr import preset_schedule
 from emoji_ldm.train.speed import SpeedOptions
 
 logger = logging.getLogger(__name__)
@@ -100,19 +101,6 @@ class TrainConfig(PresetOptions):
 # --- the worker --------------------------------------------------------------------
 
 
-def _lr_lambda(preset):
-    t = preset.train
-
-    def f(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-        floor = t.min_lr / t.lr
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
 @dataclass(frozen=True)
 class WorkerConfig:
     """Everything a training worker needs, passed explicitly through `train_loop_config`."""
@@ -162,7 +150,7 @@ def _recipe(run: WorkerConfig):
     unet = prepare_unet(build_unet(preset), run.speed, convert_weights=False)  # channels-last: in create_engine
     params = configure_trainable(unet, preset)
     engine, scheduler = runner.create_engine(
-        unet, params, lr=tc.lr, weight_decay=tc.weight_decay, lr_lambda=_lr_lambda(preset), micro=micro,
+        unet, params, lr=tc.lr, weight_decay=tc.weight_decay, lr_lambda=preset_schedule(preset), micro=micro,
         grad_accum=tc.grad_accum, grad_clip=tc.grad_clip, zero_stage=run.zero_stage, worker=w, speed=run.speed)
     noise = noise_scheduler(preset)
 
@@ -183,7 +171,8 @@ def _recipe(run: WorkerConfig):
     return loop.Recipe(
         tag="train", out=run.out, worker=w, engine=engine, scheduler=scheduler, zero_stage=run.zero_stage,
         params=params, micro=micro, batches=batches, forward=forward, describe=describe,
-        schedule=loop.Schedule(tc.max_steps, tc.log_every, tc.checkpoint_every, tc.grad_accum, tc.sample_every),
+        schedule=loop.Schedule(tc.max_steps, tc.log_every, tc.checkpoint_every, tc.grad_accum, tc.sample_every,
+                               run.speed.profile_steps),
         counters={"step": 0, "epoch": 0, "pos": 0}, meta={"preset": {k: run.preset[k] for k in _RESUME_KEYS}},
         ema=tc, grid=_Validation(preset, run, w).grid, config=preset.to_dict())
 

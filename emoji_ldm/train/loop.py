@@ -6,9 +6,15 @@ it trains, its micro-batches and the loss of one (`forward`), its `Schedule`, wh
 rest, the same for every recipe, split as torchtitan splits it:
 
 - `Loop.train_step`: one optimizer step, `grad_accum` micro-batches through `forward_backward_step` (the
-  recipe's forward and loss, then the engine's backward and step: DeepSpeed scales the loss by the
-  accumulation and updates the weights on the last micro-batch). A step the engine skipped (fp16 overflow:
-  non-finite gradients) advances nothing (the step counter, the EMA, the LR schedule); it is counted and logged;
+  recipe's forward and loss, then the engine's backward), each followed by the engine's step (DeepSpeed scales
+  the loss by the accumulation and updates the weights on the last micro-batch only). A step the engine skipped
+  (fp16 overflow: non-finite gradients) advances nothing (the step counter, the EMA, the LR schedule); it is
+  counted and logged;
+- a non-finite loss ends the run in one line, read where the loop reads its losses anyway (each log line and
+  checkpoint, never an extra host sync): no checkpoint of a diverged model is written, so --resume starts from
+  the last good one;
+- `profile_steps` (`--profile-steps`): rank 0 records that many steps with torch's profiler after 3 warm-up
+  steps, writes a Chrome trace under OUT/profile/ and logs the busiest ops;
 - after an applied step: the fp32 EMA fed from the optimizer's fp32 masters (`ema.py`: each rank averages its
   own ZeRO partition, with no collective; the full EMA is gathered to rank 0 for a grid and a checkpoint only),
   rank 0's line every `log_every` steps (`metrics.py`), a validation grid every `sample_every` steps (outside the
@@ -23,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from emoji_ldm.errors import UserError
 from emoji_ldm.train import checkpoint, runner
 
 
@@ -35,6 +42,10 @@ class Schedule:
     checkpoint_every: int
     grad_accum: int = 1  # micro-batches per optimizer step
     sample_every: int = 0  # validation grids every N steps (0: at the last step only), for a recipe with a grid
+    profile_steps: int = 0  # steps rank 0 records with torch's profiler, after PROFILE_AFTER steps (0: none)
+
+
+PROFILE_AFTER = 3  # warm-up steps before a profile: allocator, cuDNN autotuning, a compile
 
 
 @dataclass
@@ -103,15 +114,18 @@ class Loop:
         self.log = MetricsLogger(r.out, r.tag, r.schedule.max_steps, self.counters["step"], r.config) \
             if w.main else None
         self.window = _Window()
+        self.profiler = None
         if self.log:
             self._banner(resumed)
 
     def run(self) -> None:
         r = self.recipe
-        batches = r.batches(self.counters)
+        batches, first = r.batches(self.counters), self.counters["step"]
         while self.counters["step"] < r.schedule.max_steps:
+            self._profile(self.counters["step"] - first)  # counted from this attempt's start (a resume too)
             if self.train_step(batches):
                 self.after_step(self.counters["step"])
+        self._profile(None)
         batches.close()
         if r.export is not None:
             r.export(self.ema, self.log)
@@ -123,7 +137,10 @@ class Loop:
 
         r, window = self.recipe, self.window
         start = time.perf_counter()
-        outputs = [self.forward_backward_step(next(batches)) for _ in range(r.schedule.grad_accum)]
+        outputs = []
+        for _ in range(r.schedule.grad_accum):
+            outputs.append(self.forward_backward_step(next(batches)))
+            r.engine.step()  # the optimizer and LR step at the last micro-batch of the step only
         applied = runner.step_applied(r.engine)
         if applied:
             self.counters["step"] += 1
@@ -142,11 +159,10 @@ class Loop:
         return applied
 
     def forward_backward_step(self, batch) -> tuple:
-        """The recipe's forward and loss of one micro-batch, the engine's backward and step: (loss, parts)."""
+        """The recipe's forward and loss of one micro-batch, then the engine's backward: (loss, parts)."""
         r = self.recipe
         loss, parts = r.forward(batch)
         r.engine.backward(loss)
-        r.engine.step()  # updates the weights at the last micro-batch of the step only
         return loss.detach(), parts
 
     def after_step(self, step: int) -> None:
@@ -156,19 +172,55 @@ class Loop:
         if self.recipe.grid is not None and ((s.sample_every and step % s.sample_every == 0) or last):
             self._grid(step)
         if step % s.checkpoint_every == 0 or last:
+            if not (step % s.log_every == 0 or last):  # the window's losses, read here as _log reads them
+                self._finite(step, self._means()[0])
             r = self.recipe
             meta = {"world_size": r.worker.world, "zero_stage": r.zero_stage, "device": r.worker.device.type,
                     "precision": r.worker.precision, **r.meta}
             checkpoint.save(r.engine, self.counters, meta, out=r.out, rank=r.worker.rank, device=r.worker.device,
                             ema=self.ema, log=self.log, metrics={"loss": self.log.last_loss if self.log else None})
 
+    def _means(self) -> list[float]:
+        """The window's mean loss and parts over its micro-batches and the ranks (a collective: every rank)."""
+        import torch
+
+        window = self.window  # never empty: the loop measures after an applied step, which adds its losses
+        return runner.mean_over_ranks([torch.stack(values).float().mean()
+                                       for values in (window.losses, *window.parts.values())], self.recipe.worker)
+
+    def _finite(self, step: int, loss: float) -> None:
+        """A non-finite loss ends the run, before a checkpoint could keep the diverged model."""
+        import math
+
+        if not math.isfinite(loss):
+            lr = self.recipe.scheduler.get_last_lr()[0]
+            raise UserError(f"the loss is {loss} by step {step} (learning rate {lr:.3g}): training diverged; "
+                            "resume from the last checkpoint (--resume) with a lower learning rate "
+                            "(--set train.lr=...) or another precision (--precision no)")
+
+    def _profile(self, step: int | None) -> None:
+        """Rank 0's profiler over `profile_steps` steps from PROFILE_AFTER (`step`: of this attempt; None: the
+        loop ended)."""
+        n, r = self.recipe.schedule.profile_steps, self.recipe
+        if not n or not self.log:
+            return
+        if self.profiler is None and step == PROFILE_AFTER:
+            from emoji_ldm.train.metrics import start_profile
+
+            self.profiler = start_profile(r.worker.device)
+        elif self.profiler is not None and (step is None or step == PROFILE_AFTER + n):
+            from emoji_ldm.train.metrics import finish_profile
+
+            finish_profile(self.profiler, r.out, self.log)
+            self.profiler = None
+
     def _log(self, step: int) -> None:
         """Rank 0's line: the mean over the ranks and the window's micro-batches (a collective: every rank)."""
         import torch
 
         window, names = self.window, list(self.window.parts)
-        means = runner.mean_over_ranks([torch.stack(values).float().mean()
-                                        for values in (window.losses, *window.parts.values())], self.recipe.worker)
+        means = self._means()
+        self._finite(step, means[0])
         if self.log:
             parts = dict(zip(names, means[1:]))
             if window.skipped:

@@ -105,3 +105,58 @@ def loss_curve_png(rows: list[dict]) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+# --- profiling ----------------------------------------------------------------------------------------------
+
+
+def start_profile(device):
+    """torch's profiler, recording host ops (and, on CUDA, the device's kernels) until `finish_profile`."""
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    prof = torch.profiler.profile(activities=activities)
+    prof.start()
+    return prof, time.perf_counter(), device.type == "cuda"
+
+
+def finish_profile(profile, out: str, log) -> None:
+    """Stop it; OUT/profile/trace-rank0.json (Chrome's trace viewer, Perfetto) and the busiest ops in the log."""
+    from emoji_ldm.store.artifacts import artifact_uri, write_bytes
+
+    prof, started, cuda = profile
+    prof.stop()
+    wall = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        uri = artifact_uri(out, "profile", "trace-rank0.json")
+        write_bytes(uri, Path(f"{tmp}/trace.json").read_bytes())
+    busy = busy_share(prof, wall) if cuda else None
+    log.print(f"profile: {wall:.1f} s recorded, {uri}" + (f", GPU busy {busy:.0%} of it" if busy is not None else ""))
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=10)
+    for line in table.splitlines():
+        log.print(line)
+
+
+def busy_share(prof, wall_s: float) -> float | None:
+    """The union of the device's kernel and copy intervals over the profiled window's wall time."""
+    from torch.autograd import DeviceType
+
+    try:
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == DeviceType.CUDA)
+    except Exception as e:  # the figure is lost, not the run's others
+        print(f"the profiler's events did not parse: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    if not spans:
+        return None
+    busy, (lo, hi) = 0.0, spans[0]
+    for a, b in spans[1:]:
+        if a > hi:
+            busy, lo, hi = busy + hi - lo, a, b
+        else:
+            hi = max(hi, b)
+    return (busy + hi - lo) / 1e6 / wall_s

@@ -61,10 +61,14 @@ class SpeedOptions:
     channels_last: bool = opt(False, help="the UNet in channels-last memory format (faster convolutions on GPUs)")
     compile: bool = opt(False, help="torch.compile the UNet (inductor); the first steps pay the compile")
     compile_mode: str = opt("default", choices=COMPILE_MODES, help="torch.compile mode")
+    profile_steps: int = opt(0, help="profile this many optimizer steps on rank 0, after 3 warm-up steps: a "
+                                     "Chrome trace under OUT/profile/ and the busiest ops in the log (0: off)")
 
     def __post_init__(self):
         check_choice("--precision", self.precision, PRECISIONS)
         check_choice("--compile-mode", self.compile_mode, COMPILE_MODES)
+        if not 0 <= self.profile_steps <= 100:
+            raise UserError(f"--profile-steps must be from 0 to 100, got {self.profile_steps}")
 
     def resolved_precision(self, use_gpu: bool) -> str:
         """no | bf16 | fp16; fp16 without a GPU is refused (CPUs have no fp16 matmul worth having). `auto` is

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 
 from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
 from emoji_ldm.models.presets import Preset, PresetOptions, preset_from_dict
+from emoji_ldm.train.lr import warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ def _recipe(run: VAERun):
     model = VAEWithLoss(build_vae(preset))
     params = list(model.parameters())
     engine, scheduler = runner.create_engine(
-        model, params, lr=spec.train_lr, weight_decay=1e-4, lr_lambda=_cosine(run.max_steps), micro=micro,
-        grad_accum=1, grad_clip=1.0, zero_stage=0, worker=w, speed=fp32)
+        model, params, lr=spec.train_lr, weight_decay=1e-4, lr_lambda=warmup_cosine(0, run.max_steps, 0.1),
+        micro=micro, grad_accum=1, grad_clip=1.0, zero_stage=0, worker=w, speed=fp32)
 
     def batches(counters: dict):
         while True:  # (B, C, H, W) in [-1, 1], C = vae.channels (4: RGBA)
@@ -131,11 +131,6 @@ def _recipe(run: VAERun):
         micro=micro, batches=batches, forward=forward, describe=describe, meta=_resume_settings(preset),
         schedule=loop.Schedule(run.max_steps, run.log_every, run.checkpoint_every),
         export=lambda ema, log: _export(model.vae, pixels, run, w, log))
-
-
-def _cosine(steps: int):
-    """The learning rate's factor: a cosine from 1 to 0.1 over the run."""
-    return lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) * 0.9 + 0.1
 
 
 def _resume_settings(preset: Preset) -> dict:

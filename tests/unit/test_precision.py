@@ -4,6 +4,7 @@ GPU wait counted by a dispatch mode."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -364,3 +365,53 @@ def test_the_log_step_reads_the_window(one_rank_gloo, tmp_path):
     step.log.flush()
     line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert line["loss"] == 2.0 and line["grad_norm"] == 1.0 and isinstance(line["grad_norm"], float)
+
+
+def test_a_non_finite_loss_ends_the_run_before_a_checkpoint_keeps_it(one_rank_gloo, tmp_path, monkeypatch):
+    """A NaN in the window: the log step raises one line naming the step and the learning rate, and a
+    checkpoint-only step raises before `checkpoint.save` is reached (no checkpoint of a diverged model)."""
+    from emoji_ldm.errors import UserError
+    from emoji_ldm.train import checkpoint, loop
+    from emoji_ldm.train.runner import Worker
+
+    saved = []
+    monkeypatch.setattr(checkpoint, "save", lambda *a, **k: saved.append(a))
+    layer = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    step = loop.Loop.__new__(loop.Loop)
+    step.recipe = SimpleNamespace(worker=Worker(0, 1, torch.device("cpu"), "no", torch.float32), grid=None,
+                                  scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                                  schedule=loop.Schedule(10, 5, 3))
+    step.log, step.ema, step.counters = None, None, {"step": 3}
+    step.window = loop._Window(losses=[torch.tensor(1.0), torch.tensor(float("nan"))], steps=2, seconds=1.0)
+    with pytest.raises(UserError, match=r"the loss is nan by step 3 \(learning rate 0\.1\): training diverged"):
+        step.after_step(3)  # a checkpoint step, not a log step
+    assert saved == []
+    with pytest.raises(UserError, match="by step 5"):
+        step._log(5)
+
+
+def test_profile_steps_writes_a_trace_and_logs_the_busiest_ops(tmp_path):
+    from emoji_ldm.train import loop
+    from emoji_ldm.train.metrics import finish_profile, start_profile
+
+    lines = []
+    profile = start_profile(torch.device("cpu"))
+    torch.nn.functional.conv2d(torch.randn(1, 3, 16, 16), torch.randn(4, 3, 3, 3))
+    finish_profile(profile, str(tmp_path), SimpleNamespace(print=lines.append))
+    assert json.loads((tmp_path / "profile" / "trace-rank0.json").read_text())["traceEvents"]
+    assert lines[0].startswith("profile: ") and any("conv" in line for line in lines[1:]), lines
+    assert loop.PROFILE_AFTER == 3
+
+
+def test_every_recipe_shares_one_lr_schedule():
+    from emoji_ldm.train.lr import preset_schedule, warmup_cosine
+
+    f = warmup_cosine(10, 110, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == 1.0 and f(10) == 1.0
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert {warmup_cosine(4, 1, 1.0)(s) for s in range(4, 100)} == {1.0}  # DreamBooth: constant after warm-up
+    t = get_preset("tiny").train
+    assert preset_schedule(get_preset("tiny"))(t.max_steps) == pytest.approx(t.min_lr / t.lr)
+    with pytest.raises(ValueError, match="floor 2"):
+        warmup_cosine(0, 10, 2)
