@@ -42,7 +42,7 @@ def stop_runners() -> None:
     """Kill the durable jobs' runner actors a module left (they are detached: they outlive Serve)."""
     import ray
 
-    from emoji_ldm.serve.durable import NAMESPACE
+    from emoji_ldm.serve.placement import NAMESPACE
 
     for actor in ray.util.list_named_actors(all_namespaces=True):
         if actor["namespace"] == NAMESPACE:

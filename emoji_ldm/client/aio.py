@@ -65,8 +65,9 @@ class AsyncClient:
                  **settings):
         self.sync = Client(base_url, api_key, timeout, retries, **settings)
 
-    async def submit(self, spec: dict, idempotency_key: str | None = None) -> AsyncJob:
-        return AsyncJob(self, await asyncio.to_thread(self.sync.submit, spec, idempotency_key))
+    async def submit(self, spec: dict, idempotency_key: str | None = None,
+                     cancel_after: str | float | None = None) -> AsyncJob:
+        return AsyncJob(self, await asyncio.to_thread(self.sync.submit, spec, idempotency_key, cancel_after))
 
     async def job(self, job_id: str) -> AsyncJob:
         return AsyncJob(self, await asyncio.to_thread(self.sync.job, job_id))

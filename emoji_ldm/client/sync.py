@@ -87,14 +87,16 @@ class Client:
         self.settings = Settings(base_url, api_key, timeout, retries, **settings)
         self.transport = Transport(self.settings, on_retry)
 
-    def submit(self, spec: dict, idempotency_key: str | None = None) -> Job:
-        """Start a job (a set: `theme` + `items`; a bulk spec: `prompts`; the fields of POST /v1/jobs). One
-        Idempotency-Key (yours, or a fresh uuid4) for every try, so a retried submit never makes two jobs."""
+    def submit(self, spec: dict, idempotency_key: str | None = None, cancel_after: str | float | None = None) -> Job:
+        """Start a job (a set: `theme` + `items`; a bulk spec: `prompts`; the fields of POST /v1/jobs, `priority`
+        among them). One Idempotency-Key (yours, or a fresh uuid4) for every try, so a retried submit never makes
+        two jobs. `cancel_after`: seconds or a duration ("5m"): the service cancels the job at that deadline."""
         if not isinstance(spec, dict):
             raise UserError(f"spec must be a dict of POST /v1/jobs fields, e.g. {{'theme': 'blob', 'items': "
                             f"['happy', 'sad']}}; got {type(spec).__name__}")
         key = idempotency_key or str(uuid.uuid4())
-        status = self.transport.json("POST", "/v1/jobs", body=spec, headers={"Idempotency-Key": key})
+        headers = {"Idempotency-Key": key, **({"Cancel-After": str(cancel_after)} if cancel_after else {})}
+        status = self.transport.json("POST", "/v1/jobs", body=spec, headers=headers)
         return Job(self, status)
 
     def job(self, job_id: str) -> Job:

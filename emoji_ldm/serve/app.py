@@ -36,9 +36,12 @@ from ray.serve.handle import DeploymentHandle
 
 from emoji_ldm import __version__
 from emoji_ldm.inference.sampler import SampleJob
+from emoji_ldm.serve.errors import ApiError
 from emoji_ldm.serve.generator import Generator
-from emoji_ldm.serve.http import ApiError, check_adapter, check_pixels, new_api, page_headers
-from emoji_ldm.serve.job_routes import JobRoutes
+from emoji_ldm.serve.http import new_api, page_headers
+from emoji_ldm.serve.jobs.routes import JobRoutes
+from emoji_ldm.serve.limits import check_adapter, check_pixels
+from emoji_ldm.serve.placement import check_gpu_share
 from emoji_ldm.serve.schemas import MAX_BATCH_PIXELS, EmojiSetRequest, GenerateRequest, images_per_call
 from emoji_ldm.serve.sets import finish_files, media_type
 
@@ -63,6 +66,8 @@ class AppArgs:
     jobs_uri: str = ""               # where /v1/jobs keep their state and results (shared storage); empty: no jobs
     job_num_cpus: float = 1.0        # each job's drawer actor (serve/durable.py): CPUs ...
     job_num_gpus: float = 0.0        # ... and GPUs (> 0: it draws on CUDA; a share below 1 fits beside a replica)
+    job_slots: int = 0               # jobs drawing at once, cluster-wide (serve/jobs/queue.py); 0: as many drawers as
+                                     # the cluster's CPUs/GPUs hold when the first job comes
     webhook_allow: tuple = ()        # CIDRs a job's callback_url may reach besides public addresses
     judge: str = ""                  # an emoji judge (train-judge --out): sets' legibility and consistency; empty: none
     insecure: bool = False           # no keys and no Host check: anyone who reaches the port may generate
@@ -92,11 +97,11 @@ class AppArgs:
         if self.sweep_s <= 0 or self.retention_days < 0:
             raise UserError(f"args.sweep_s must be more than 0 seconds and args.retention_days 0 or more, got "
                             f"{self.sweep_s} / {self.retention_days}")
+        if self.job_slots < 0:
+            raise UserError(f"args.job_slots must be 0 (as many as the cluster holds) or more, got {self.job_slots}")
         if self.job_num_cpus < 0 or self.job_num_gpus < 0:
             raise UserError(f"args.job_num_cpus / job_num_gpus must be 0 or more, got {self.job_num_cpus} / "
                             f"{self.job_num_gpus}")
-        from emoji_ldm.serve.run import check_gpu_share
-
         check_gpu_share("args.job_num_gpus", self.job_num_gpus)
         from emoji_ldm.serve.webhooks import allowlist
 
@@ -112,7 +117,7 @@ class AppArgs:
                             "recompiles until torch.compile gives up; serve adapters without compile, or serve "
                             "the fused model (the dreambooth run's OUT/model) compiled")
         self.inference()  # validates dtype
-        from emoji_ldm.serve.retention import check_locations
+        from emoji_ldm.serve.jobs.retention import check_locations
 
         check_locations(self.sets_uri, self.jobs_uri, {"model": self.model, "judge": self.judge, "keys": self.keys,
                                                        **{f"adapter {n}": u for n, u in self.adapters.items()}})

@@ -1,7 +1,7 @@
 """The HTTP plumbing of the service: one JSON error shape, the body-size limit and the API-key check.
 
 `new_api(keyring)` builds the FastAPI app with all three in place; the routes are added by the
-Ingress (serve/app.py) and the jobs routes (serve/job_routes.py). Errors are
+Ingress (serve/app.py) and the jobs routes (serve/jobs/routes.py). Errors are
 `{"error": message, "field": name or null}` whatever raised them: an `ApiError`, a validation
 error, Starlette's own 404/405, an oversize body, a refused key or a bug (a JSON 500).
 """
@@ -17,66 +17,16 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from emoji_ldm import __version__
+from emoji_ldm.serve.errors import ApiError
 
 logger = logging.getLogger("ray.serve")
 
 MAX_BODY_BYTES = 256 * 1024  # 256 items of 500 characters fit; anything bigger is refused with 413
 
 
-class ApiError(Exception):
-    """`extra`: figures beside the message in the JSON body (a quota's cost and what is left)."""
-
-    def __init__(self, status: int, message: str, field: str | None = None, headers: dict | None = None,
-                 extra: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.field, self.headers, self.extra = status, message, field, headers, extra
-
-
 def error_response(status: int, message: str, field: str | None = None, headers: dict | None = None,
                    extra: dict | None = None):
     return JSONResponse({**(extra or {}), "error": message, "field": field}, status_code=status, headers=headers)
-
-
-def check_adapter(name: str | None, adapters: dict) -> None:
-    """404 for an adapter this server does not serve (None: the base model)."""
-    if name is not None and name not in adapters:
-        known = ", ".join(sorted(adapters)) or "none (the operator passed no --adapter)"
-        raise ApiError(404, f"unknown adapter {name!r}: this server has {known}", "adapter")
-
-
-def check_pixels(images: int, size: int, max_batch_pixels: int, own_size: bool = False) -> None:
-    """422 on `size` for what the GPU path must not draw: an image of the size asked over what a pipeline call
-    holds (`max_batch_pixels`), or `images` (a request's images x frames; 0: not counted, a job) over the
-    per-request budget. `own_size`: the request gave no size, and `size` is the model's."""
-    from emoji_ldm.serve.meter import MAX_REQUEST_PIXELS
-
-    if size * size > max_batch_pixels and not own_size:  # the model's own size: one image a call, whatever it is
-        most = int(max_batch_pixels ** 0.5) // 8 * 8
-        raise ApiError(422, f"size: one image of {_named(size, own_size)} is {size * size} pixels, more than one "
-                            f"pipeline call on this server draws ({max_batch_pixels}, args.max_batch_pixels): ask "
-                            f"for a size of at most {most}", "size")
-    _check_total(images, size, own_size, MAX_REQUEST_PIXELS, f"one request may draw ({MAX_REQUEST_PIXELS})",
-                 "send a job")
-
-
-def check_job_pixels(images: int, size: int, own_size: bool = False) -> None:
-    """422 on `size` for a job (`images`: its images x frames) over what one job may hold: its result is packaged
-    by one process."""
-    from emoji_ldm.serve.meter import MAX_JOB_PIXELS
-
-    _check_total(images, size, own_size, MAX_JOB_PIXELS,
-                 f"one job may hold ({MAX_JOB_PIXELS}, 4096 images of 256 px)", "split the job")
-
-
-def _named(size: int, own_size: bool) -> str:
-    return f"{size} px" + (" (the model's own size)" if own_size else "")
-
-
-def _check_total(images: int, size: int, own_size: bool, limit: int, whole: str, otherwise: str) -> None:
-    """422 on `size` when `images` of `size` px are more pixels than `limit` (`whole`: what holds them)."""
-    if images * size * size > limit:
-        raise ApiError(422, f"size: {images} images of {_named(size, own_size)} are {images * size * size} pixels, "
-                            f"more than {whole}: ask for fewer or smaller images, or {otherwise}", "size")
 
 
 async def _api_error(request: Request, exc: ApiError):

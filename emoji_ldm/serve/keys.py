@@ -74,10 +74,13 @@ class ApiKey:
     revoked: bool = False
     created_at: str = ""
     webhook_secret: str = ""  # signs this key's webhooks (HMAC-SHA256)
+    previous_webhook_secret: str = ""  # after a rotation, signs them too until `previous_until` (ISO time)
+    previous_until: str = ""
     id: str = ""              # immutable; derived from the hash for an entry older than ids
     cost_per_minute: int = 20_000  # cost units a minute (images x steps x (size/64)^2, serve/meter.py)
     cost_budget: int = 0      # cost units it may hold for requests and jobs together; 0: an hour of cost_per_minute
     max_stored_bytes: int = 10 * 2**30  # bytes its job results may hold on the service's storage at once
+    max_priority: str = "normal"  # the highest job priority it may ask for: high | normal | low
 
     def __post_init__(self):
         if not self.id:
@@ -88,6 +91,8 @@ class ApiKey:
             value = getattr(self, field)
             if type(value) is not int or value < 0:  # a JSON "10" or true is refused, not read as a number
                 raise ValueError(f"key {self.name!r} has {field} {value!r}: a whole number, 0 or more")
+        if self.max_priority not in ("high", "normal", "low"):
+            raise ValueError(f"key {self.name!r} has max_priority {self.max_priority!r}: high, normal or low")
         if type(self.revoked) is not bool:
             raise ValueError(f"key {self.name!r} has revoked {self.revoked!r}: true or false")
 
@@ -96,6 +101,14 @@ class ApiKey:
         """The most cost units the key holds (its `budget:` bucket, serve/meter.py): a job costing more never
         runs."""
         return self.cost_budget or 60 * self.cost_per_minute
+
+    def webhook_secrets(self, now: dt.datetime | None = None) -> tuple[str, ...]:
+        """The secrets its webhooks are signed with: the current one, and the one before it while it lives
+        (`keys rotate-webhook-secret`), so a receiver can switch over without missing a delivery."""
+        now = now or dt.datetime.now(dt.timezone.utc)
+        live = self.previous_webhook_secret and self.previous_until and \
+            dt.datetime.fromisoformat(self.previous_until) > now
+        return tuple(s for s in (self.webhook_secret, self.previous_webhook_secret if live else "") if s)
 
     @property
     def owner(self) -> str:
@@ -107,7 +120,8 @@ class ApiKey:
         return {"name": self.name, "id": self.id, "rate_per_minute": self.rate_per_minute,
                 "max_jobs": self.max_jobs,
                 "cost_per_minute": self.cost_per_minute, "cost_budget": self.budget,
-                "max_stored_bytes": self.max_stored_bytes, "revoked": self.revoked, "created_at": self.created_at}
+                "max_stored_bytes": self.max_stored_bytes,
+                "max_priority": self.max_priority, "revoked": self.revoked, "created_at": self.created_at}
 
 
 def read_keys(uri: str) -> dict[str, ApiKey]:
@@ -200,6 +214,17 @@ class KeysRevokeConfig:
 
 
 @dataclass(frozen=True)
+class KeysRotateConfig:
+    file: str = opt(help="the key file (local path or s3://)")
+    name: str = opt(help="the key's name (`emoji-ldm keys list`)")
+    keep_hours: float = opt(24.0, help="hours the old webhook secret goes on signing beside the new one (0: none)")
+
+    def __post_init__(self):
+        if not 0 <= self.keep_hours <= 24 * 30:
+            raise UserError(f"--keep-hours must be from 0 to 720, got {self.keep_hours:g}")
+
+
+@dataclass(frozen=True)
 class KeysSecretConfig:
     file: str = opt(help="the key file (local path or s3://)")
     secret_name: str = opt("emoji-ldm-api-keys", help="the Secret's name (k8s/ mounts emoji-ldm-api-keys)")
@@ -245,6 +270,29 @@ def revoke_command(config: KeysRevokeConfig) -> str:
     keys[config.name] = dataclasses.replace(keys[config.name], revoked=True)
     write_keys(config.file, keys)
     return f"key {config.name!r} revoked in {config.file}; a running service stops taking it within {RELOAD_S:g} s"
+
+
+def rotate_command(config: KeysRotateConfig) -> str:
+    """A new webhook secret for a key; the old one goes on signing beside it for `keep_hours`, so receivers
+    switch to the new one in their own time (Standard Webhooks receivers accept any of the signatures sent)."""
+    from emoji_ldm.serve.webhooks import standard_secret
+
+    keys = read_keys(config.file)
+    if config.name not in keys or keys[config.name].revoked:
+        raise UserError(f"no active key named {config.name!r} in {config.file} (emoji-ldm keys list --file "
+                        f"{config.file})")
+    key = keys[config.name]
+    until = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=config.keep_hours)
+    keys[config.name] = dataclasses.replace(
+        key, webhook_secret=secrets.token_urlsafe(32), previous_webhook_secret=key.webhook_secret if
+        config.keep_hours else "", previous_until=until.isoformat(timespec="seconds") if config.keep_hours else "")
+    write_keys(config.file, keys)
+    secret = keys[config.name].webhook_secret
+    kept = (f"the old one signs beside it until {until.isoformat(timespec='seconds')}" if config.keep_hours else
+            "the old one no longer signs")
+    return (f"key {config.name!r}: a new webhook secret ({kept}; a running service takes it within "
+            f"{RELOAD_S:g} s):\n{secret}\nThe same secret as Standard Webhooks verifiers take it:\n"
+            f"{standard_secret(secret)}")
 
 
 def secret_command(config: KeysSecretConfig) -> str:

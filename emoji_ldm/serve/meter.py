@@ -14,16 +14,17 @@ from a token bucket per key id that refills `ApiKey.cost_per_minute` units a min
 many. A request that costs more than the whole bucket can never pass; one that costs more than what is left
 waits for the refill (429 with Retry-After). Checked before any model work.
 
-Jobs: `admit(owner, job_id, quota)` counts the owner's live runner actors (their names, `job:<owner>:<id>`)
-plus the jobs it admitted whose runners are not yet up, and admits the job only below the quota. The live
-runners are the truth (a job that ends takes its runner with it), so the meter keeps nothing that must be
-released for the count to be right, and a meter that is lost and started again counts right from its first
-call. A job id that is already running or admitted is admitted again (an idempotent replay, a resume).
+Jobs: `admit(owner, job_id, quota)` counts the owner's unfinished jobs (its live runner actors, `job:<owner>:<id>`,
+and its places in the job queue, jobs/queue.py) plus the jobs it admitted that are in neither yet, and admits the
+job only below the quota. Those are the truth (a job that ends takes its runner and its place with it), so the
+meter keeps nothing that must be released for the count to be right, and a meter that is lost and started again
+counts right from its first call. A job id that is already running or admitted is admitted again (an idempotent
+replay, a resume).
 
 One cost model for every route: a key's `cost_budget` is a second bucket (`budget:<key id>`, refilled at the same
 `cost_per_minute`, holding at most `cost_budget` units) that every request and every job draws from. A request
 also needs room in its minute bucket (at most a minute's budget a minute, as before); a job is charged its whole
-cost at admission (`admit_job`: images x frames x (1 + redraws) x steps x (size/64)^2, quota.py), in the same
+cost at admission (`admit_job`: images x frames x (1 + redraws) x steps x (size/64)^2, jobs/quota.py), in the same
 step as its jobs quota and the key's stored-bytes quota, and what it did not draw is refunded on cancel (`refund`,
 once per job).
 """
@@ -32,14 +33,14 @@ from __future__ import annotations
 
 import time
 
+from emoji_ldm.serve.placement import NAMESPACE, unfinished_jobs
+
 # the name changes with the actor's methods: an ingress of this version never asks an older meter left running on
 # the cluster (detached, it outlives a `serve deploy`) for a method it lacks
 METER_NAME = "emoji-ldm-meter-2"
 SETTLE_S = 120.0   # an admitted job whose runner never came up stops counting after this long
 UNIT_PIXELS = 64 * 64
-MAX_REQUEST_PIXELS = 64 * 256 * 256  # one request's images x size^2: 64 at 256 px, 16 at 512, 4 at 1024
-MAX_JOB_PIXELS = 4096 * 256 * 256  # one job's images x frames x size^2 (packaged in one process): 4096 at 256 px
-STORED_TTL_S = 60.0  # how old an ingress's measurement of a key's stored bytes may be (quota.py)
+STORED_TTL_S = 60.0  # how old an ingress's measurement of a key's stored bytes may be (jobs/quota.py)
 
 
 def cost_units(images: int, steps: int, size: int | None = None) -> float:
@@ -48,22 +49,11 @@ def cost_units(images: int, steps: int, size: int | None = None) -> float:
     return float(images * steps) * max(1.0, (size or 0) ** 2 / UNIT_PIXELS)
 
 
-def _live_runners(owner: str) -> set[str]:
-    """Job ids of this owner with a live runner actor."""
-    import ray
-
-    from emoji_ldm.serve.durable import NAMESPACE, actor_name
-
-    prefix = actor_name(owner, "")
-    return {a["name"][len(prefix):] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a.get("namespace") == NAMESPACE and a.get("name", "").startswith(prefix)}
-
-
 class Meter:
     """The decisions; as a Ray actor through `meter_actor()`, in a test as it is (a clock and the live runners
     injected)."""
 
-    def __init__(self, clock=time.monotonic, live=_live_runners):
+    def __init__(self, clock=time.monotonic, live=unfinished_jobs):
         self.clock, self.live = clock, live
         self.buckets: dict[str, tuple[float, float]] = {}   # bucket -> (units left, when)
         self.admitted: dict[str, dict[str, float]] = {}     # owner -> job id -> when admitted
@@ -189,8 +179,6 @@ def meter_actor():
     global _handle
     if _handle is None:
         import ray
-
-        from emoji_ldm.serve.durable import NAMESPACE
 
         _handle = ray.remote(Meter).options(name=METER_NAME, namespace=NAMESPACE, lifetime="detached",
                                             get_if_exists=True, num_cpus=0, max_restarts=-1,

@@ -279,6 +279,9 @@ class JobRequest(Settings):
                                          "(next seed, at most max_redraws times); needs a judge on the server")
     max_redraws: int = Field(MAX_REDRAWS, ge=0, le=MAX_REDRAWS, description="redraws per image at most, for "
                                                                            "legibility")
+    priority: Literal["high", "normal", "low"] = Field("normal", description="the job's place in the queue: "
+                                                       "high before normal before low (high needs a key whose "
+                                                       "max_priority is high); keys share each level round-robin")
 
     @field_validator("items", "prompts")
     @classmethod
@@ -308,6 +311,8 @@ class JobRequest(Settings):
             data.pop("max_redraws", None)
         if self.callback_events is None:  # likewise for a job that takes the default webhook events
             data.pop("callback_events", None)
+        if self.priority == "normal":  # and for one of the default priority
+            data.pop("priority", None)
         return data
 
     @field_validator("callback_url")

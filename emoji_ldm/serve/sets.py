@@ -120,7 +120,7 @@ def fitted_loops(manifest: dict, drawn: list[bytes], target, params: list[dict] 
     from emoji_ldm.errors import UserError
     from emoji_ldm.inference.animation import AnimationSettings, fitted_loop, read_frames
     from emoji_ldm.inference.images import sheet_thumbnail
-    from emoji_ldm.serve.http import ApiError
+    from emoji_ldm.serve.errors import ApiError
 
     spec = manifest["animation"]
     settings = AnimationSettings(spec["frames"], spec["format"], spec["motion"], spec["fps"], spec["matte"])
@@ -171,7 +171,7 @@ def finish_files(made: list[tuple[bytes, dict]], body, metadata: bool = True) ->
     from emoji_ldm.errors import UserError
     from emoji_ldm.inference.animation import fitted_loop
     from emoji_ldm.inference.targets import fit, get_target
-    from emoji_ldm.serve.http import ApiError
+    from emoji_ldm.serve.errors import ApiError
     from emoji_ldm.serve.signing import signed_outputs
 
     target, animation = get_target(body.target), body.animation.settings()
@@ -216,7 +216,7 @@ def first_frame(data: bytes):
 
 def check_judge(body, judge_uri: str) -> None:
     """409 naming `min_legibility` when `body` (a set or a job) asks for it on a server without a judge."""
-    from emoji_ldm.serve.http import ApiError
+    from emoji_ldm.serve.errors import ApiError
 
     if body.min_legibility is not None and not judge_uri:
         raise ApiError(409, "min_legibility: this server has no judge to measure legibility with (its operator "
@@ -277,7 +277,7 @@ async def draw_set(sample, job, body, judge_uri: str = "", redraw=None) -> tuple
     `quality`)."""
     import asyncio
 
-    from emoji_ldm.serve.http import ApiError
+    from emoji_ldm.serve.errors import ApiError
 
     check_judge(body, judge_uri)
     made = list(await sample(job))

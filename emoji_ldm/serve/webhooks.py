@@ -4,7 +4,8 @@ A job may name a `callback_url`; when it ends (succeeded, failed or cancelled) i
 as JSON, signed with the calling key's webhook secret (`emoji-ldm keys create` prints it):
 
     X-Emoji-Ldm-Timestamp: 1795478400
-    X-Emoji-Ldm-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>." + body)>
+    X-Emoji-Ldm-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>." + body)>   (after `keys
+                           rotate-webhook-secret`, one per live secret, comma separated, the new first)
 
 A receiver recomputes the HMAC over the raw body (`verify_signature`) and refuses a timestamp older than a
 few minutes, so a captured delivery cannot be replayed later. Beside ours, every delivery carries the Standard
@@ -293,9 +294,9 @@ def standard_signature(secret: str, message_id: str, timestamp: int, body: bytes
 
 def verify_signature(secret: str, body: bytes, timestamp: str, signature: str, tolerance_s: float = 300,
                      now: float | None = None) -> bool:
-    """What a receiver runs: the signature matches the raw body and timestamp, and the timestamp is recent.
-    False (never an exception) for anything else: an empty secret, a non-ASCII or non-numeric timestamp or
-    signature, a body that is not bytes."""
+    """What a receiver runs: a signature of the header (one, or one per live secret after a rotation, comma
+    separated) matches the raw body and timestamp, and the timestamp is recent. False (never an exception) for
+    anything else: an empty secret, a non-ASCII or non-numeric timestamp or signature, a body that is not bytes."""
     if not isinstance(secret, str) or not secret or not isinstance(body, (bytes, bytearray)):
         return False
     if not isinstance(timestamp, str) or not re.fullmatch(r"[0-9]{1,15}", timestamp, re.ASCII):
@@ -305,7 +306,8 @@ def verify_signature(secret: str, body: bytes, timestamp: str, signature: str, t
     ts = int(timestamp)
     if abs((time.time() if now is None else now) - ts) > tolerance_s:
         return False
-    return hmac.compare_digest(sign(secret, bytes(body), ts).encode(), signature.encode())
+    ours = sign(secret, bytes(body), ts).encode()
+    return any(hmac.compare_digest(ours, one.strip().encode()) for one in signature.split(","))
 
 
 def _abort(conn) -> None:
@@ -345,16 +347,18 @@ def _post(callback: Callback, address: str, body: bytes, headers: dict, deadline
         conn.close()
 
 
-def deliver(url: str, payload: dict, secret: str, allow: Iterable[str] = (), attempts: int = ATTEMPTS,
+def deliver(url: str, payload: dict, secret: str | tuple[str, ...], allow: Iterable[str] = (), attempts: int = ATTEMPTS,
             backoff_s: float = BACKOFF_S, sleep: Callable[[float], None] = time.sleep,
             resolve: Callable[[str, int], list[str]] = _resolve, deadline_s: float = DEADLINE_S,
             ca_certs: str | None = None, event: str = "completed", message_id: str = "") -> dict:
     """POST the payload (a job's public state) as `event`, signed both ways, until a 2xx answer or `attempts`
     tries; returns what happened (no secret, no address, no connection error: those go to the log). The host is
-    resolved and checked once, and every attempt connects to an address of that check."""
+    resolved and checked once, and every attempt connects to an address of that check. `secret`: one, or the
+    key's live ones after a rotation (the new first): each header then carries a signature by each."""
     body = json.dumps(payload, sort_keys=True).encode()
     outcome = {"url": url, "attempts": 0, "delivered": False, "status": None, "error": None}
-    if not secret:
+    keys = tuple(s for s in ((secret,) if isinstance(secret, str) else secret) if s)
+    if not keys:
         logger.warning("webhook to %r not sent: no webhook secret to sign it with", url)
         outcome["error"] = f"{DELIVERY_FAILED}: the server has no webhook secret to sign it with"
         return outcome
@@ -371,9 +375,9 @@ def deliver(url: str, payload: dict, secret: str, allow: Iterable[str] = (), att
         ts = int(time.time())
         message_id = message_id or f"{payload.get('id', 'job')}_{event}"
         headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: str(ts),
-                   SIGNATURE_HEADER: sign(secret, body, ts), "User-Agent": "emoji-ldm-webhook", EVENT_HEADER: event,
-                   "webhook-id": message_id, "webhook-timestamp": str(ts),
-                   "webhook-signature": standard_signature(secret, message_id, ts, body)}
+                   SIGNATURE_HEADER: ",".join(sign(k, body, ts) for k in keys), "User-Agent": "emoji-ldm-webhook",
+                   EVENT_HEADER: event, "webhook-id": message_id, "webhook-timestamp": str(ts),
+                   "webhook-signature": " ".join(standard_signature(k, message_id, ts, body) for k in keys)}
         try:
             status = _post(callback, address, body, headers, deadline_s, ca_certs)
         except Exception as e:  # refused, reset, timed out, TLS: the log says which, the job's state does not

@@ -182,6 +182,27 @@ def test_set_job_runs_to_a_zip_and_a_signed_webhook(app):
     callback = wait_for(lambda: json.loads(get(f"{app['url']}/v1/jobs/{job['id']}", auth(app, "alice")).data)
                         ["callback"], 30, "the delivery's record")
     assert callback["delivered"] and callback["attempts"] == 2
+    # a new webhook secret: a redelivery is signed by both while the old one lives, and keeps its webhook-id
+    from emoji_ldm.serve.keys import KeysRotateConfig, rotate_command
+
+    rotated = rotate_command(KeysRotateConfig(file=app["keyfile"], name="alice")).splitlines()
+    new_secret = rotated[1]
+
+    def redelivered():
+        answer = post(f"{app['url']}/v1/jobs/{job['id']}/redeliver", b"", auth(app, "alice"))
+        assert answer.status == 200 and json.loads(answer.data)["callback"]["delivered"], answer.data
+        headers, body = receiver.deliveries[-1]
+        return (headers, body) if verify_signature(new_secret, body, headers[TIMESTAMP_HEADER.lower()],
+                                                   headers[SIGNATURE_HEADER.lower()]) else None
+
+    headers, body = wait_for(redelivered, 30, "a redelivery signed with the new secret (the key file reloads)", 2.5)
+    for one in (secret, new_secret):
+        assert Webhook(standard_secret(one)).verify(body, headers) == delivered
+        assert verify_signature(one, body, headers[TIMESTAMP_HEADER.lower()], headers[SIGNATURE_HEADER.lower()])
+    assert headers["webhook-id"] == f"{job['id']}_completed"
+    plain = post(f"{app['url']}/v1/jobs", set_body(1), auth(app, "alice"))
+    again = post(f"{app['url']}/v1/jobs/{json.loads(plain.data)['id']}/redeliver", b"", auth(app, "alice"))
+    assert again.status == 409 and "no callback_url" in json.loads(again.data)["error"], again.data
 
 
 def test_idempotency_keys_replay_conflict_and_race(app):
@@ -249,7 +270,7 @@ def test_an_unreadable_job_state_is_a_json_500(app, s3_server):
 def test_retention_streams_a_listing_longer_than_a_page_and_keeps_running_jobs(s3_server):
     """Job folders past the retention period are deleted from S3 while the listing streams by (1000 keys a
     page: 1005 objects take two), and a running job's folder (its _active marker) is kept."""
-    from emoji_ldm.serve.retention import expire_jobs, iter_objects
+    from emoji_ldm.serve.jobs.retention import expire_jobs, iter_objects
 
     client = s3_server.client()
     client.create_bucket(Bucket="retain")
@@ -274,7 +295,8 @@ def test_a_job_outlives_a_serve_restart_and_cancel_marks_partial_output(app):
     import ray
     from ray import serve
 
-    from emoji_ldm.serve.durable import NAMESPACE, job_folder, read_state, runner
+    from emoji_ldm.serve.jobs.store import job_folder, read_state
+    from emoji_ldm.serve.placement import NAMESPACE, runner
 
     url, solo = f"{app['url']}/v1/jobs", auth(app, "solo")
     short = json.loads(post(url, set_body(30, steps=2), solo).data)
@@ -313,7 +335,7 @@ def test_ten_concurrent_job_posts_with_room_for_one_start_exactly_one(app):
     old check counted live runners, then started one, so ten concurrent posts with --max-jobs 1 all got 202."""
     import ray
 
-    from emoji_ldm.serve.durable import NAMESPACE
+    from emoji_ldm.serve.placement import NAMESPACE
 
     url, one = f"{app['url']}/v1/jobs", auth(app, "one")
     with ThreadPoolExecutor(10) as pool:
@@ -337,7 +359,7 @@ def test_ten_concurrent_job_posts_with_room_for_one_start_exactly_one(app):
 def test_revoking_a_key_cancels_its_running_job_and_sends_no_webhook(app):
     """The ingress's sweep (every sweep_s) cancels the jobs of a key revoked in the file; the runner stops after
     its chunk and its webhook is not sent: the revoked key's owner gets nothing more from the service."""
-    from emoji_ldm.serve.durable import REVOKED_ERROR, job_folder, read_state
+    from emoji_ldm.serve.jobs.store import REVOKED_ERROR, job_folder, read_state
     from emoji_ldm.serve.keys import KeysRevokeConfig, revoke_command
 
     receiver = Receiver()
@@ -672,8 +694,8 @@ def _job_state(state: str, done: int) -> dict:
     (["progress"], ["progress", "progress"]),
 ])
 def test_a_jobs_events_filter_picks_its_deliveries_in_order(keeper, events, expected):
-    from emoji_ldm.serve.durable import public_state
-    from emoji_ldm.serve.job_webhooks import JobHooks
+    from emoji_ldm.serve.jobs.hooks import JobHooks
+    from emoji_ldm.serve.jobs.store import public_state
 
     hooks = JobHooks({"callback_url": keeper.url, "callback_events": events}, "s3cret", ("127.0.0.1/32",))
     for kind, state, done in (("queued", "queued", 0), ("started", "running", 0), ("progress", "running", 2),

@@ -1,6 +1,7 @@
 """The service shared by three keys on a real Serve (tiny model, jobs and sets on local disk beside the model and a
-dataset, as `make demo` lays them out): `heavy` past its cost budget is refused with what the job costs and what is
-left, `light`'s job starts while `heavy` is refused, `full` at its stored-bytes quota is refused; and retention,
+dataset, as `make demo` lays them out, one job drawing at a time): `heavy` past its cost budget is refused with what
+the job costs and what is left, `light`'s job starts while `heavy` is refused, `full` at its stored-bytes quota is
+refused; `many` posts 50 jobs and `one` a single job after them, which starts before many's third; and retention,
 run as if every file were long expired, deletes nothing outside its own jobs and sets."""
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from tests.tiny_models import tiny_model_with_card
 def _keys(path: str) -> dict[str, str]:
     from emoji_ldm.serve.keys import KeysCreateConfig, create_command, read_keys, write_keys
 
-    made = {name: create_command(KeysCreateConfig(file=path, name=name, max_jobs=4)).splitlines()[2]
-            for name in ("heavy", "light", "full")}
+    made = {name: create_command(KeysCreateConfig(file=path, name=name, max_jobs=60 if name == "many" else 4)
+                                 ).splitlines()[2] for name in ("heavy", "light", "full", "many", "one")}
     keys = read_keys(path)
     keys["heavy"] = dataclasses.replace(keys["heavy"], cost_per_minute=1, cost_budget=10)
     keys["full"] = dataclasses.replace(keys["full"], max_stored_bytes=200 * 1024)
+    keys["many"] = dataclasses.replace(keys["many"], rate_per_minute=1000)  # 50 posts, then 50 cancels
     write_keys(path, keys)
     return made | {f"{name}-id": k.id for name, k in keys.items()}
 
@@ -42,7 +44,7 @@ def shared(ray_local, tmp_path_factory):
     full_old.mkdir(parents=True)
     (full_old / "result.zip").write_bytes(b"\0" * (100 * 1024))  # what `full` already stores
     url = deploy(model, keys=str(root / "keys.json"), jobs_uri=str(root / "jobs"), sets_uri=str(root / "sets"),
-                 job_num_cpus=0.5, sweep_s=1.0)
+                 job_num_cpus=0.5, sweep_s=1.0, job_slots=1)
     yield {"url": url, "keys": keys, "root": root, "model": model}
     serve.shutdown()
     stop_runners()
@@ -91,9 +93,50 @@ def test_a_sets_location_over_the_model_refuses_to_start(shared):
                same_serve=True, name="overlap", route_prefix="/overlap")
 
 
+def test_a_key_with_one_job_starts_before_the_third_of_a_key_with_fifty(shared):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+
+    from emoji_ldm.serve.placement import NAMESPACE, QUEUE_NAME
+
+    jobs = f"{shared['url']}/v1/jobs"
+
+    def many(n: int) -> str:
+        answer = post(jobs, {"prompts": [f"blob {n}"], "steps": 2}, _auth(shared, "many"))
+        assert answer.status == 202, answer.data
+        return json.loads(answer.data)["id"]
+
+    with ThreadPoolExecutor(4) as pool:
+        heavy = list(pool.map(many, range(50)))
+    single = post(jobs, {"prompts": ["one blob"], "steps": 2}, _auth(shared, "one"))
+    assert single.status == 202, single.data
+    one = json.loads(single.data)["id"]
+    last = json.loads(get(f"{jobs}/{heavy[-1]}", _auth(shared, "many")).data)
+    if last["state"] == "queued":  # its place in line and the priority it waits at
+        assert last["queue"]["position"] >= 40 and last["queue"]["priority"] == "normal", last
+    assert get(f"{jobs}/{one}", _auth(shared, "many")).status == 404  # another key's job
+
+    queue = ray.get_actor(QUEUE_NAME, namespace=NAMESPACE)
+
+    def started() -> list[str] | None:
+        turns = [job_id for _, _, job_id in ray.get(queue.snapshot.remote())["turns"]]
+        return turns if one in turns else None
+
+    turns = wait_for(started, 180, "the single job to start")
+    ours = [j for j in turns if j in heavy or j == one]
+    assert ours.index(one) <= 2, ours[:5]  # before many's third
+    with ThreadPoolExecutor(4) as pool:  # the rest, cancelled while they wait: they end at once, in no slot
+        assert all(r.status == 202 for r in pool.map(
+            lambda j: HTTP.request("DELETE", f"{jobs}/{j}", headers=_auth(shared, "many")), heavy))
+    wait_for(lambda: not _running(), 240, "the cancelled jobs to end")
+    ended = [json.loads(get(f"{jobs}/{j}", _auth(shared, "many")).data)["state"] for j in heavy]
+    assert set(ended) <= {"succeeded", "cancelled"} and ended.count("cancelled") >= 40, ended
+
+
 def test_retention_deletes_nothing_outside_its_jobs_and_sets(shared):
     """Every job ended, every file as if long past the period: what is left is everything but the jobs and sets."""
-    from emoji_ldm.serve.retention import expire_jobs, expire_sets
+    from emoji_ldm.serve.jobs.retention import expire_jobs, expire_sets
 
     root = shared["root"]
     wait_for(lambda: not _running(), 180, "the jobs to end")
@@ -118,7 +161,9 @@ def test_retention_deletes_nothing_outside_its_jobs_and_sets(shared):
 def _running() -> bool:
     import ray
 
-    from emoji_ldm.serve.durable import NAMESPACE
+    from emoji_ldm.serve.placement import NAMESPACE, job_queue
 
-    return any(a["namespace"] == NAMESPACE and a["name"].startswith("job:")
-               for a in ray.util.list_named_actors(all_namespaces=True))
+    queue = job_queue()
+    waiting = ray.get(queue.snapshot.remote())["waiting"] if queue is not None else 0
+    return waiting > 0 or any(a["namespace"] == NAMESPACE and a["name"].startswith("job:")
+                              for a in ray.util.list_named_actors(all_namespaces=True))

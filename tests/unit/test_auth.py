@@ -188,7 +188,7 @@ def test_a_request_without_a_size_pays_for_the_models_own():
     from starlette.requests import Request
 
     from emoji_ldm.serve.app import Ingress
-    from emoji_ldm.serve.http import ApiError
+    from emoji_ldm.serve.errors import ApiError
     from emoji_ldm.serve.keys import ApiKey
 
     class Generator:
@@ -242,7 +242,7 @@ def test_job_admission_counts_live_and_admitted_jobs():
     assert meter.admit("key-a", "job-5", None)        # no quota (no keys)
 
 
-# --- retention (serve/retention.py): what a key's jobs and sets leave behind is deleted after the period ------
+# --- retention (serve/jobs/retention.py): what a key's jobs and sets leave behind is deleted after the period ------
 
 
 def test_retention_deletes_old_jobs_and_sets_but_not_running_or_recent_ones(tmp_path):
@@ -250,7 +250,7 @@ def test_retention_deletes_old_jobs_and_sets_but_not_running_or_recent_ones(tmp_
     import time
     from collections.abc import Iterator
 
-    from emoji_ldm.serve.retention import expire_jobs, expire_sets, iter_objects
+    from emoji_ldm.serve.jobs.retention import expire_jobs, expire_sets, iter_objects
 
     jobs, sets = tmp_path / "jobs", tmp_path / "sets"
     old = time.time() - 8 * 86400

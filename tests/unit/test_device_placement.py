@@ -69,7 +69,7 @@ def test_generate_and_eval_take_gpu_and_refuse_it_without_cuda():
 
 
 def test_serve_gpus_reach_the_replicas_and_a_visible_gpu_is_named():
-    from emoji_ldm.serve.run import generator_resources
+    from emoji_ldm.serve.placement import generator_resources
 
     deployments = [{"name": "Generator", "ray_actor_options": {"num_cpus": 1}}, {"name": "Ingress"}]
     placed, note = generator_resources(deployments, 1, cluster_gpus=4)

@@ -14,7 +14,7 @@ from PIL import Image
 from starlette.requests import Request
 
 from emoji_ldm.inference.targets import TARGETS, Target
-from emoji_ldm.serve.http import ApiError
+from emoji_ldm.serve.errors import ApiError
 from emoji_ldm.serve.schemas import EmojiSetRequest, GenerateRequest
 
 RGBA_MODEL = {"dataset_mode": "RGBA", "vae_channels": 4, "alpha": "vae", "key_colour": None}

@@ -46,7 +46,8 @@ def runner_for(monkeypatch, model, tmp_path):
     import ray
 
     from emoji_ldm.inference.sampler import Sampler
-    from emoji_ldm.serve import durable
+    from emoji_ldm.serve.jobs.runner import Drawer, JobRunner
+    from emoji_ldm.serve.jobs.store import JobSpec
 
     loops = []
     pngs = Sampler.pngs
@@ -56,14 +57,14 @@ def runner_for(monkeypatch, model, tmp_path):
         return pngs(self, jobs, metadata, max_batch)
 
     monkeypatch.setattr(Sampler, "pngs", counted)
-    remote = SimpleNamespace(options=lambda **kw: SimpleNamespace(remote=lambda *a: _Actor(durable.Drawer(*a))))
+    remote = SimpleNamespace(options=lambda **kw: SimpleNamespace(remote=lambda *a: _Actor(Drawer(*a))))
     monkeypatch.setattr(ray, "remote", lambda cls: remote)
     monkeypatch.setattr(ray, "wait", lambda refs, timeout=None: (refs, []))
     monkeypatch.setattr(ray, "get", lambda ref: ref)
 
     def make(body: dict):
-        spec = durable.JobSpec(str(tmp_path), "_local", "job-test-0001", body, "h", model, max_batch_size=4)
-        runner = object.__new__(durable.JobRunner)
+        spec = JobSpec(str(tmp_path), "_local", "job-test-0001", body, "h", model, max_batch_size=4)
+        runner = object.__new__(JobRunner)
         runner.spec, runner.folder, runner._cancel = spec, spec.folder, threading.Event()
         runner.request = {"body": body, "created_at": "2026-11-26T00:00:00Z"}
         return runner
@@ -73,7 +74,7 @@ def runner_for(monkeypatch, model, tmp_path):
 
 
 def test_an_animated_job_packages_loops_under_the_cap_with_their_records_and_resumes_without_redrawing(runner_for):
-    from emoji_ldm.serve.durable import public_state
+    from emoji_ldm.serve.jobs.store import public_state
 
     body = JobRequest(**ANIMATED).model_dump(mode="json")
     runner = runner_for(body)
@@ -110,7 +111,7 @@ def test_an_animated_job_packages_loops_under_the_cap_with_their_records_and_res
 
 
 def test_the_job_state_names_the_loop_and_a_still_job_none():
-    from emoji_ldm.serve.job_files import animation_state, items_per_chunk
+    from emoji_ldm.serve.jobs.files import animation_state, items_per_chunk
 
     loop = animation_state(JobRequest(**ANIMATED))
     assert loop["frames"] == 4 and loop["format"] == "gif" and "noise circle" in loop["path"]
@@ -146,19 +147,13 @@ async def _asgi_post(api, path: str, body: dict) -> tuple[int, dict]:
 @pytest.fixture
 def jobs_api(monkeypatch, tmp_path):
     """The /v1/jobs routes on a server with jobs: `post(body, judge="")` -> (status, JSON) from a server with that
-    judge (empty: none); `started` holds the spec of each runner started."""
-    from emoji_ldm.serve import durable
+    judge (empty: none); `started` holds the spec of each job put in the queue."""
     from emoji_ldm.serve.app import AppArgs
     from emoji_ldm.serve.http import new_api
-    from emoji_ldm.serve.job_routes import JobRoutes
+    from emoji_ldm.serve.jobs.routes import JobRoutes
 
     started = []
-
-    async def stored():
-        return started[-1].body_hash
-
-    monkeypatch.setattr(durable, "start_runner", lambda spec: started.append(spec) or SimpleNamespace(
-        stored_body_hash=SimpleNamespace(remote=stored)))
+    monkeypatch.setattr(JobRoutes, "_submit", lambda self, spec, *args: started.append(spec) or spec.body_hash)
 
     def post(body: dict, judge: str = ""):
         api = new_api(None, local_only=True)
@@ -195,7 +190,7 @@ def test_a_loop_that_cannot_fit_the_cap_is_a_422_at_submission(jobs_api, monkeyp
 
 
 def test_a_good_animated_job_starts_with_its_animation_and_a_still_job_hashes_as_before(jobs_api):
-    from emoji_ldm.serve.durable import body_hash
+    from emoji_ldm.serve.jobs.store import body_hash
 
     status, answer = jobs_api.post(ANIMATED)
     assert status == 202 and answer["state"] == "queued" and answer["kind"] == "set", answer
@@ -245,8 +240,9 @@ def test_a_job_over_the_pixels_one_job_may_hold_is_a_422(tmp_path, size):
     from starlette.requests import Request
 
     from emoji_ldm.serve.app import AppArgs
-    from emoji_ldm.serve.http import ApiError, check_job_pixels
-    from emoji_ldm.serve.job_routes import JobRoutes
+    from emoji_ldm.serve.errors import ApiError
+    from emoji_ldm.serve.jobs.routes import JobRoutes
+    from emoji_ldm.serve.limits import check_job_pixels
 
     async def card():
         return {"image_size": 512}

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from emoji_ldm.serve import durable, sets
+from emoji_ldm.serve import sets
+from emoji_ldm.serve.jobs.runner import JobRunner
+from emoji_ldm.serve.jobs.store import JobSpec, public_state
 from emoji_ldm.serve.schemas import JobRequest
 from tests.unit.test_job_animation import jobs_api  # noqa: F401 (the fixture)
 
@@ -98,8 +100,8 @@ def jobs(monkeypatch, tmp_path):
     def make(body: dict, judge_uri: str = "/judges/one", job_id: str = "job-test-0001", look_fn=None):
         if look_fn:
             look["fn"] = look_fn
-        spec = durable.JobSpec(str(tmp_path / "jobs"), "_local", job_id, body, "h", str(model), judge=judge_uri)
-        runner = object.__new__(durable.JobRunner)
+        spec = JobSpec(str(tmp_path / "jobs"), "_local", job_id, body, "h", str(model), judge=judge_uri)
+        runner = object.__new__(JobRunner)
         runner.spec, runner.folder, runner._cancel = spec, spec.folder, threading.Event()
         runner.request = {"body": body, "created_at": "2026-11-26T00:00:00Z", "judge": judge_uri}
         return runner
@@ -138,7 +140,7 @@ def test_a_job_records_each_items_legibility_and_redraws_under_the_floor_keeping
     assert legibility["min"] == 0.75 and legibility["labelled"] == 4 and legibility["min_legibility"] == 1.0
     assert quality["max_redraws"] == 2 and quality["judge"]["uri"] == "/judges/one"
     assert quality["consistency"].startswith("not measured for jobs")
-    summary = durable.public_state(state)["legibility"]  # the job's own summary, as GET /v1/jobs/{id} says it
+    summary = public_state(state)["legibility"]  # the job's own summary, as GET /v1/jobs/{id} says it
     assert summary["min"] == 0.75 and summary["redraws"] == 3 and "items" not in summary
 
 
@@ -197,7 +199,7 @@ def test_a_job_without_a_judge_says_so_and_measures_nothing(jobs):
     state, manifest = _ended(runner)
     assert manifest["quality"]["legibility"] == sets.NO_JUDGE and manifest["quality"]["redraws"] == []
     assert [i["seed"] for i in manifest["items"]] == [3, 3, 3, 3] and "legibility" not in manifest["items"][0]
-    assert durable.public_state(state)["legibility"] == sets.NO_JUDGE
+    assert public_state(state)["legibility"] == sets.NO_JUDGE
     assert jobs.judge.seen == 0 and len(jobs.calls) == 2
     assert not [f for f in os.listdir(os.path.join(runner.folder, "images")) if "legibility" in f]
 
@@ -212,7 +214,7 @@ def test_a_job_with_a_judge_and_no_floor_is_measured_without_redraws(jobs):
 
 def test_a_job_resumed_by_a_server_with_another_judge_or_none_fails_in_one_line():
     from emoji_ldm.errors import UserError
-    from emoji_ldm.serve.job_files import job_judge
+    from emoji_ldm.serve.jobs.files import job_judge
 
     assert job_judge({"judge": "/judges/one"}, "/judges/one") == "/judges/one"
     assert job_judge({}, "/judges/one") == "" and job_judge({"judge": ""}, "") == ""  # made without one: stays so

@@ -475,29 +475,33 @@ def every_rayservice() -> dict[str, dict]:
     return services
 
 
-def test_every_rayservice_fits_its_generator_at_peak_beside_a_job():
-    """A job's drawer asks for its own GPUs (job_num_gpus): when the Generator's replicas at max_replicas x num_gpus
-    and one drawer do not fit the worker groups at maxReplicas, jobs stay queued at peak and the Generator cannot
-    scale up while jobs hold GPUs. The GPUs are placed as Ray does (a share below 1 out of one GPU, `serve.run.packs`);
-    the CPUs of the Generator, the Ingress and the drawer are summed over every pod the cluster can have."""
-    from emoji_ldm.serve.run import packs, replica_range
+def test_every_rayservice_fits_its_generator_at_peak_beside_its_jobs():
+    """A job's drawer asks for its own GPUs (job_num_gpus), and at most `job_slots` drawers run at once (the fair
+    queue's cap, cluster-wide): when the Generator's replicas at max_replicas x num_gpus and that many drawers do not
+    fit the worker groups at maxReplicas, jobs stay queued at peak and the Generator cannot scale up while jobs hold
+    GPUs. A service with jobs states its cap (0 would be "what the cluster holds", which an autoscaling cluster
+    never settles). The GPUs are placed as Ray does (a share below 1 out of one GPU, `placement.packs`); the CPUs
+    of the Generator, the Ingress and the drawers are summed over every pod the cluster can have."""
+    from emoji_ldm.serve.placement import packs, replica_range
 
     services = every_rayservice()
     assert len(services) == 1 + len(OVERLAYS), sorted(services)
     for name, doc in services.items():
         app = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]
         deployments = {d["name"]: d for d in app["deployments"]}
-        jobs = bool(app["args"].get("jobs_uri"))
-        job = {k: float(app["args"].get(f"job_num_{k.lower()}s", 0)) if jobs else 0.0 for k in ("CPU", "GPU")}
+        slots = int(app["args"].get("job_slots", 0)) if app["args"].get("jobs_uri") else 0
+        assert slots or not app["args"].get("jobs_uri"), f"{name}: jobs without job_slots: drawers are not capped"
+        job = {k: float(app["args"].get(f"job_num_{k.lower()}s", 0)) * slots for k in ("CPU", "GPU")}
         cluster = ray_cluster_spec(doc)
         pods = [_pod_resources(cluster["headGroupSpec"])] + [_pod_resources(g) for g in cluster["workerGroupSpecs"]
                                                              for _ in range(g["maxReplicas"])]
         generator = deployments["Generator"]
         most = replica_range(generator)[1]
         share = float(generator["ray_actor_options"].get("num_gpus", 0))
+        drawer = float(app["args"].get("job_num_gpus", 0))
         need, have = most * share + job["GPU"], sum(p["GPU"] for p in pods)
-        assert need <= have and packs([share] * most + [job["GPU"]], [p["GPU"] for p in pods]), \
-            (f"{name}: at peak the Generator's {most} replicas x {share:g} GPU + a job's drawer {job['GPU']:g} GPU = "
+        assert need <= have and packs([share] * most + [drawer] * slots, [p["GPU"] for p in pods]), \
+            (f"{name}: at peak the Generator's {most} replicas x {share:g} GPU + {slots} drawers x {drawer:g} GPU = "
              f"{need:g} GPUs, but the worker groups hold {have:g} at maxReplicas")
         cpus = job["CPU"] + sum(replica_range(d)[1] * float(d["ray_actor_options"].get("num_cpus", 1))
                                 for d in deployments.values())

@@ -1,4 +1,4 @@
-"""A job's server-sent events (serve/events.py) as a function of its durable state: ids that only grow, one
+"""A job's server-sent events (serve/jobs/events.py) as a function of its durable state: ids that only grow, one
 progress event per finished emoji, and a resume after any id that gives exactly the rest, read back with the
 client's own SSE parser."""
 
@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from emoji_ldm.client.events import SseParser, event_from_sse
-from emoji_ldm.serve import events
+from emoji_ldm.serve.jobs import events
 
 
 def _state(state: str, done: int = 0, total: int = 5, started: bool = False) -> dict:

@@ -17,7 +17,8 @@ from starlette.requests import Request
 from emoji_ldm.errors import UserError
 from emoji_ldm.inference.animation import AnimationSettings
 from emoji_ldm.inference.sampler import InferenceOptions, SampleJob, Sampler
-from emoji_ldm.serve.run import ServeConfig, check_gpu_share, fit_gpus, packs
+from emoji_ldm.serve.placement import check_gpu_share, fit_gpus, packs
+from emoji_ldm.serve.run import ServeConfig
 from emoji_ldm.serve.schemas import MAX_BATCH_PIXELS
 
 REQUEST = Request({"type": "http", "headers": [], "method": "POST", "path": "/v1/generate"})
@@ -206,7 +207,7 @@ def test_a_replica_draws_a_batch_of_large_images_in_calls_under_the_pixel_budget
 
 def test_a_request_at_the_models_own_size_counts_against_the_pixel_budget():
     from emoji_ldm.serve.app import Ingress
-    from emoji_ldm.serve.http import ApiError
+    from emoji_ldm.serve.errors import ApiError
 
     class Card:
         @staticmethod
@@ -244,7 +245,7 @@ def drawers(monkeypatch):
 
 
 def test_a_drawer_warms_up_its_compiled_unet_before_it_is_ready(drawers):
-    from emoji_ldm.serve.durable import Drawer
+    from emoji_ldm.serve.jobs.runner import Drawer
 
     Drawer("/m", "cpu", InferenceOptions(compile=True), None, "")
     assert drawers[0].drawn == [(1, 64), (16, 64)]  # batch 1 and the largest chunk, before the first job's chunk
@@ -255,7 +256,8 @@ def test_a_drawer_warms_up_its_compiled_unet_before_it_is_ready(drawers):
 def test_a_job_at_a_large_size_is_drawn_in_chunks_under_the_pixel_budget(drawers, monkeypatch, tmp_path):
     import ray
 
-    from emoji_ldm.serve import durable
+    from emoji_ldm.serve.jobs.runner import Drawer, JobRunner
+    from emoji_ldm.serve.jobs.store import JobSpec
     from emoji_ldm.serve.schemas import JobRequest
 
     class Actor:  # a Ray actor handle whose calls run here; an object ref is the value itself
@@ -265,13 +267,13 @@ def test_a_job_at_a_large_size_is_drawn_in_chunks_under_the_pixel_budget(drawers
         def __getattr__(self, name):
             return SimpleNamespace(remote=lambda *args: getattr(self.obj, name)(*args))
 
-    remote = SimpleNamespace(options=lambda **kw: SimpleNamespace(remote=lambda *a: Actor(durable.Drawer(*a))))
+    remote = SimpleNamespace(options=lambda **kw: SimpleNamespace(remote=lambda *a: Actor(Drawer(*a))))
     monkeypatch.setattr(ray, "remote", lambda cls: remote)
     monkeypatch.setattr(ray, "wait", lambda refs, timeout=None: (refs, []))
     monkeypatch.setattr(ray, "get", lambda ref: ref)
     body = JobRequest(prompts=["a cat"], per_prompt=10, size=1024, steps=2).model_dump(mode="json")
-    spec = durable.JobSpec(str(tmp_path), "_local", "job-test-0001", body, "h", "/m")
-    runner = object.__new__(durable.JobRunner)
+    spec = JobSpec(str(tmp_path), "_local", "job-test-0001", body, "h", "/m")
+    runner = object.__new__(JobRunner)
     runner.spec, runner.folder, runner.request, runner._cancel = spec, spec.folder, {"body": body}, threading.Event()
     state = {"done": 0, "state": "queued"}
     runner._draw(state)

@@ -1,4 +1,4 @@
-"""One cost model for every route (serve/quota.py, serve/meter.py): a durable job is charged at admission for
+"""One cost model for every route (serve/jobs/quota.py, serve/meter.py): a durable job is charged at admission for
 images x frames x (1 + redraws) x steps x (size/64)^2 against the key's budget, the one /v1/generate and
 /v1/emoji-sets draw from, refunded on cancel; a key has a stored-bytes quota; either refusal is a 429 JSON with
 what the job would take and what is left. The jobs routes run in process with the meter's decisions as the actor
@@ -13,7 +13,7 @@ import pytest
 
 from emoji_ldm.serve import meter
 from emoji_ldm.serve.http import new_api
-from emoji_ldm.serve.job_routes import JobRoutes
+from emoji_ldm.serve.jobs.routes import JobRoutes
 from emoji_ldm.serve.keys import KeyRing, KeysCreateConfig, create_command, read_keys, write_keys
 from emoji_ldm.serve.meter import Meter, cost_units
 from emoji_ldm.serve.schemas import JobRequest
@@ -80,7 +80,7 @@ def test_a_job_over_the_keys_budget_is_refused_with_its_cost_and_what_is_left(se
 
 
 def test_redraws_and_frames_are_charged(service):
-    from emoji_ldm.serve.quota import job_cost
+    from emoji_ldm.serve.jobs.quota import job_cost
 
     still = JobRequest(prompts=["a"], steps=10)
     loop = JobRequest(prompts=["a"], steps=10, animation={"frames": 8})

@@ -1,4 +1,4 @@
-"""Retention deletes only the service's own expired output (serve/retention.py): names shaped like its job and
+"""Retention deletes only the service's own expired output (serve/jobs/retention.py): names shaped like its job and
 set ids, and a service whose sets or jobs location holds, or is inside, a model, a judge, an adapter, the key
 file or the other location refuses to start. The finding: `--sets-uri demo-out` (the demo's output folder, which
 holds the served model, a dataset and a run) had them all deleted after 7 days."""
@@ -12,7 +12,7 @@ import pytest
 
 from emoji_ldm.errors import UserError
 from emoji_ldm.serve.app import AppArgs
-from emoji_ldm.serve.retention import expire_jobs, expire_sets
+from emoji_ldm.serve.jobs.retention import expire_jobs, expire_sets
 
 OLD = time.time() - 30 * 86400
 

@@ -16,7 +16,7 @@ from emoji_ldm.inference.animation import AnimationSettings, encode_loop, read_f
 from emoji_ldm.inference.sampler import SampleJob
 from emoji_ldm.inference.targets import TARGETS, Target
 from emoji_ldm.serve import sets
-from emoji_ldm.serve.http import ApiError
+from emoji_ldm.serve.errors import ApiError
 from emoji_ldm.serve.schemas import EmojiSetRequest, GenerateRequest
 
 

@@ -196,8 +196,9 @@ def test_a_callback_host_that_never_resolves_is_a_400_within_the_deadline(monkey
     import threading
     from types import SimpleNamespace
 
-    from emoji_ldm.serve import job_routes, webhooks
-    from emoji_ldm.serve.http import ApiError
+    from emoji_ldm.serve import webhooks
+    from emoji_ldm.serve.errors import ApiError
+    from emoji_ldm.serve.jobs import routes as job_routes
 
     release = threading.Event()
     monkeypatch.setattr(webhooks, "check_callback", lambda url, allow: release.wait(30))
@@ -219,8 +220,9 @@ def test_one_keys_slow_names_do_not_hold_up_another_keys_check(monkeypatch):
     import threading
     from types import SimpleNamespace
 
-    from emoji_ldm.serve import job_routes, webhooks
-    from emoji_ldm.serve.http import ApiError
+    from emoji_ldm.serve import webhooks
+    from emoji_ldm.serve.errors import ApiError
+    from emoji_ldm.serve.jobs import routes as job_routes
 
     release, checked = threading.Event(), []
 

@@ -16,9 +16,10 @@ _DONE = None  # the background thread's last item
 
 
 class JobHooks:
-    """The webhooks of one job's runner, given its request body, its key's webhook secret and the allowlist."""
+    """The webhooks of one job's runner, given its request body, its key's webhook secrets (or what gives them at
+    delivery time, so a rotation since the job was made is honoured) and the allowlist."""
 
-    def __init__(self, body: dict, secret: str, allow: tuple = ()):
+    def __init__(self, body: dict, secret, allow: tuple = ()):
         self.url, self.secret, self.allow = body.get("callback_url"), secret, tuple(allow)
         self.wanted = frozenset(body.get("callback_events") or DEFAULT_EVENTS)
         self._queue: queue.Queue = queue.Queue()
@@ -47,11 +48,15 @@ class JobHooks:
         kind = ENDS[status["state"]]
         if not self.url or kind not in self.wanted:
             return None
-        return deliver(self.url, status, self.secret, self.allow, event=kind)
+        return deliver(self.url, status, self._secrets(), self.allow, event=kind)
+
+    def _secrets(self) -> tuple[str, ...]:
+        secret = self.secret() if callable(self.secret) else self.secret
+        return (secret,) if isinstance(secret, str) else tuple(secret)
 
     def _send_all(self) -> None:
         from emoji_ldm.serve.webhooks import deliver
 
         while (item := self._queue.get()) is not _DONE:
             kind, message, payload = item
-            deliver(self.url, payload, self.secret, self.allow, event=kind, message_id=message)
+            deliver(self.url, payload, self._secrets(), self.allow, event=kind, message_id=message)

@@ -118,7 +118,7 @@ def _delete(uri: str, names: list[str]) -> None:
 def expire_jobs(jobs_uri: str, days: float, now: float | None = None) -> int:
     """Delete every job folder whose newest object is older than `days` and which is not running; returns
     how many."""
-    from emoji_ldm.serve.durable import active_marker
+    from emoji_ldm.serve.jobs.store import active_marker
     from emoji_ldm.store.artifacts import exists
 
     cutoff = (now or time.time()) - days * 86400

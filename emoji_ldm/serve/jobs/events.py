@@ -46,7 +46,7 @@ def terminal_id(total: int | None) -> int:
 def job_events(state: dict, after: int, queue: dict | None = None) -> list[tuple[int, str, dict]]:
     """(id, type, data) of every event of `state` (a job's state.json, `durable.public_state`'s input) with an id
     above `after`. `queue`: the queued event's {position, eta_s} (None: not measured)."""
-    from emoji_ldm.serve.durable import public_state
+    from emoji_ldm.serve.jobs.store import public_state
 
     total, done, now = state.get("total"), state.get("done", 0) or 0, state.get("state")
     out: list[tuple[int, str, dict]] = []
@@ -87,33 +87,3 @@ async def stream(read_state: Callable[[], Awaitable[dict]], after: int,
             yield b": heartbeat\n\n"
             said = time.monotonic()
         await asyncio.sleep(POLL_S)
-
-
-def queue_place(jobs_uri: str, owner: str, job_id: str, created_at: str | None) -> dict:
-    """{position, eta_s} of a job not started yet: `position` counts the unfinished jobs made before it that have
-    not started (0: it starts next, when a drawer's CPUs or GPUs are free); `eta_s` is the images left of every
-    job ahead (running, or queued before it) over the images a second the running jobs draw now, or None until
-    one of them has drawn an image."""
-    from emoji_ldm.serve.durable import active_jobs, job_folder, read_state
-
-    position, left, rate, now = 0, 0, 0.0, time.time()
-    for other_owner, other in active_jobs(jobs_uri):
-        if (other_owner, other) == (owner, job_id):
-            continue
-        state = read_state(job_folder(jobs_uri, other_owner, other)) or {}
-        started = state.get("started_at")
-        if started:
-            left += max(0, (state.get("total") or 0) - (state.get("done") or 0))
-            ran = now - _epoch(started)
-            if state.get("done") and ran > 0:
-                rate += state["done"] / ran
-        elif created_at and (state.get("created_at") or "", other) < (created_at, job_id):
-            position += 1
-            left += state.get("total") or 0
-    return {"position": position, "eta_s": round(left / rate, 1) if rate > 0 else None}
-
-
-def _epoch(iso: str) -> float:
-    import calendar
-
-    return calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))

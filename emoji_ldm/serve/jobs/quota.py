@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 
-from emoji_ldm.serve.http import ApiError
+from emoji_ldm.serve.errors import ApiError
 from emoji_ldm.serve.meter import STORED_TTL_S, cost_units
 
 TARGET_SIZE = 128  # slack, discord and github targets: every file at 128 x 128 (serve/sets.py)
@@ -63,7 +63,7 @@ class StoredBytes:
 
 
 def measure(jobs_uri: str, owner: str) -> int:
-    from emoji_ldm.serve.retention import iter_sized
+    from emoji_ldm.serve.jobs.retention import iter_sized
     from emoji_ldm.store.uri import join
 
     return sum(size for _, _, size in iter_sized(join(jobs_uri, owner)))

@@ -1,191 +1,67 @@
-"""Durable jobs: an emoji set or a bulk spec drawn outside the Serve replicas, its state on shared storage.
+"""A durable job's runner and drawer: the actors that draw a job once the queue (queue.py) gives it a slot.
 
-    POST /v1/jobs ──► Ingress: check the body, the key's job quota, the callback URL (webhooks.py)
-                        │  a detached, named Ray actor per job (namespace `emoji-ldm-jobs`,
-                        ▼  name `job:<owner>:<job id>`), holding no CPU, so it starts at once
-                     JobRunner: writes request.json, then state.json (queued, running, done/total)
-                        │  a Drawer actor with the job's CPUs/GPUs (it queues for them), owned by the runner
-                        ▼
-                     Drawer: the model, loaded (and a compiled UNet warmed up) once; draws chunks of one pipeline
-                        │  call each (max_batch_size images, max_batch_pixels pixels), one ahead of the runner, which
-                        ▼  writes its PNGs, then state.json; at the end the zip, manifest.json, the webhook; both exit
-                     <jobs_uri>/<owner>/<job id>/  request.json  state.json  images/  result/
+    JobRunner: a detached, named Ray actor per job (namespace `emoji-ldm-jobs`, name `job:<owner>:<job id>`),
+        │  holding no CPU; it reads request.json, then writes state.json (queued, running, done/total)
+        │  a Drawer actor with the job's CPUs/GPUs, owned by the runner
+        ▼
+    Drawer: the model, loaded (and a compiled UNet warmed up) once; draws chunks of one pipeline call each
+        │  (max_batch_size images, max_batch_pixels pixels), one ahead of the runner, which writes its PNGs, then
+        ▼  state.json; at the end the zip, manifest.json, the webhook; it gives its slot back, and both exit
+    <jobs_uri>/<owner>/<job id>/  request.json  state.json  images/  result/
 
-The owner of a job is its API key's immutable id (`ApiKey.owner`, `key-<16 hex>`, serve/keys.py), or `_local`
-on a server without keys; never the key's name, which a later key can be given after a revoke.
-
-Detached actors, not Ray jobs (a job driver per job would only add start-up time): the actor outlives a Serve
-app's restart, redeploy or delete, and everything a reader needs is on the shared storage. A runner that dies
-with its node is restarted by Ray (`max_restarts`) and resumes after the last chunk it recorded; if even that is
-gone (a RayService upgrade replaces the whole cluster), an ingress that starts resumes every job marked
-unfinished under `<jobs_uri>/_active/` that has no runner, and so does the job's next GET.
-
-Idempotency: with an `Idempotency-Key` header the job id is a hash of the job's owner and that header,
-so a replay names the same job; the actor's name is the lock (Ray creates one named actor however many
-ask at once, `get_if_exists=True`), and the runner writes the job's request.json once, so ten concurrent
-duplicates make one job, and the same header with another body is told apart by the body's hash (409).
-
-A key sees only its own jobs: they live under its owner id, and a job id under another key is a 404.
+A runner that dies with its node is restarted by Ray (`max_restarts`) and resumes after the last chunk it
+recorded. A job past its `Cancel-After` deadline is cancelled as a DELETE is, and what it did not draw is
+refunded.
 """
-
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
-import json
 import logging
-import secrets
 import threading
 import time
 import traceback
 
-from emoji_ldm.serve.job_files import animation_state, items_per_chunk, job_judge, package
-from emoji_ldm.serve.job_webhooks import JobHooks
+from emoji_ldm.serve.jobs.files import animation_state, items_per_chunk, job_judge, package
+from emoji_ldm.serve.jobs.hooks import JobHooks
+from emoji_ldm.serve.jobs.store import (
+    ENDED,
+    REVOKED,
+    REVOKED_ERROR,
+    JobSpec,
+    active_marker,
+    iso,
+    now_iso,
+    public_state,
+    read_request,
+    read_state,
+)
+from emoji_ldm.serve.placement import NAMESPACE, QUEUE_NAME, actor_name
 from emoji_ldm.serve.schemas import MAX_BATCH_PIXELS, JobRequest, images_per_call
-from emoji_ldm.store.artifacts import delete, exists, read_json, write_bytes, write_json
-from emoji_ldm.store.uri import join, public_uri
+from emoji_ldm.store.artifacts import delete, exists, write_bytes, write_json
+from emoji_ldm.store.uri import join
 
 logger = logging.getLogger(__name__)
 
-NAMESPACE = "emoji-ldm-jobs"
-ENDED = ("succeeded", "failed", "cancelled")
 DRAWER_ATTEMPTS = 3      # a job's Drawer is started again twice when its node is lost
-ANONYMOUS = "_local"      # the owner of jobs on a server without keys (a key id never starts with '_')
-ACTIVE = "_active"       # <jobs_uri>/_active/<owner>/<job id>: the unfinished jobs
-REVOKED = "revoked"      # <job folder>/revoked: the job's key was revoked; it is cancelled and sends no webhook
-REVOKED_ERROR = "cancelled: the job's API key was revoked"
-
-
-def new_job_id() -> str:
-    return time.strftime("job-%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(4)
-
-
-def idempotent_job_id(owner: str, idempotency_key: str) -> str:
-    return "job-" + hashlib.sha256(f"{owner}\0{idempotency_key}".encode()).hexdigest()[:24]
-
-
-def body_hash(body: dict) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def actor_name(owner: str, job_id: str) -> str:
-    return f"job:{owner}:{job_id}"
-
-
-def job_folder(jobs_uri: str, owner: str, job_id: str) -> str:
-    return join(jobs_uri, owner, job_id)
-
-
-def active_marker(jobs_uri: str, owner: str, job_id: str) -> str:
-    """An empty object that exists while the job has not ended: what an ingress lists when it starts, to resume
-    the jobs whose runners are gone (a RayService upgrade replaces the whole cluster). The listing is as long
-    as the jobs running, which the keys' quotas bound, not as the jobs ever run."""
-    return join(jobs_uri, ACTIVE, owner, job_id)
-
-
-def active_jobs(jobs_uri: str) -> list[tuple[str, str]]:
-    """(owner, job id) of every unfinished job (its marker under <jobs_uri>/_active/)."""
-    import pyarrow.fs as pafs
-
-    from emoji_ldm.store.uri import filesystem
-
-    fs, path = filesystem(join(jobs_uri, ACTIVE))
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    except FileNotFoundError:
-        return []
-    found = []
-    for info in infos:
-        if info.type == pafs.FileType.File:
-            owner, job_id = info.path[len(path.rstrip("/")) + 1:].split("/", 1)
-            found.append((owner, job_id))
-    return found
-
-
-def orphaned_jobs(jobs_uri: str) -> list[tuple[str, str]]:
-    """(owner, job id) of every unfinished job without a live runner."""
-    return [(owner, job_id) for owner, job_id in active_jobs(jobs_uri) if runner(owner, job_id) is None]
-
-
-def cancel_revoked(jobs_uri: str, owner: str, job_id: str) -> None:
-    """Cancel a revoked key's job: its runner stops after its chunk, sending no webhook (the `revoked` marker)."""
-    folder = job_folder(jobs_uri, owner, job_id)
-    write_bytes(join(folder, REVOKED), b"")
-    write_bytes(join(folder, "cancel"), b"")
-    actor = runner(owner, job_id)
-    if actor is not None:
-        import ray
-
-        ray.get(actor.cancel.remote())
-        return
-    state = read_state(folder) or {"id": job_id, "done": 0, "created_at": None}
-    if state.get("state") not in ENDED:
-        state.update(state="cancelled", finished_at=now_iso(), partial=False, result=None,
-                     errors=[*state.get("errors", []), REVOKED_ERROR])
-        write_json(join(folder, "state.json"), state)
-    delete(active_marker(jobs_uri, owner, job_id))
-
-
-@dataclasses.dataclass(frozen=True)
-class JobSpec:
-    """What a runner needs; everything but the webhook secret is also in the job's request.json."""
-
-    jobs_uri: str
-    owner: str
-    job_id: str
-    body: dict                      # the validated JobRequest, as JSON
-    body_hash: str
-    model: str
-    max_batch_size: int = 16
-    device: str = "cpu"
-    inference: object = None        # InferenceOptions
-    adapter_uri: str = ""
-    png_metadata: bool = True
-    num_cpus: float = 1.0           # the job's Drawer (its runner holds none)
-    num_gpus: float = 0.0
-    webhook_secret: str = ""        # never written anywhere
-    webhook_allow: tuple[str, ...] = ()
-    max_batch_pixels: int = MAX_BATCH_PIXELS  # per pipeline call, images x size^2
-    judge: str = ""                 # the server's judge (args.judge): each item's legibility; "" none
-
-    @property
-    def folder(self) -> str:
-        return job_folder(self.jobs_uri, self.owner, self.job_id)
-
-
-def read_state(folder: str) -> dict | None:
-    uri = join(folder, "state.json")
-    return read_json(uri) if exists(uri) else None
-
-
-def read_request(folder: str) -> dict | None:
-    uri = join(folder, "request.json")
-    return read_json(uri) if exists(uri) else None
 
 
 class JobRunner:
     """A detached Ray actor that runs one job in a thread (so its methods answer while it draws)."""
 
+    deadline: float | None = None  # epoch seconds (Cancel-After), from request.json
+    expired = False                # the deadline passed, and the job was cancelled for it
+
     def __init__(self, spec: JobSpec):
         self.spec = spec
         self.folder = spec.folder
         self._cancel = threading.Event()
-        request = read_request(self.folder)
-        if request is None:  # the one writer: this actor holds the job's name
-            request = {"id": spec.job_id, "owner": spec.owner, "body": spec.body, "body_hash": spec.body_hash,
-                       "model": spec.model, "created_at": now_iso(), "judge": public_uri(spec.judge)}
-            write_json(join(self.folder, "request.json"), request)
-            write_bytes(active_marker(spec.jobs_uri, spec.owner, spec.job_id), b"")
-        self.request = request
+        self.request = read_request(self.folder)  # written by the queue (queue.py) before it started this runner
+        self.deadline = self.request.get("deadline")
+        self.began = time.monotonic()
         if exists(join(self.folder, "cancel")):
             self._cancel.set()
         self._thread = threading.Thread(target=self._run_and_exit, name="job", daemon=True)
         self._thread.start()
-
-    def stored_body_hash(self) -> str:
-        """The hash of the body this job was created with (the caller compares it with its own)."""
-        return self.request["body_hash"]
 
     def cancel(self) -> None:
         write_bytes(join(self.folder, "cancel"), b"")
@@ -196,21 +72,30 @@ class JobRunner:
     def _run_and_exit(self) -> None:
         import ray
 
+        drawn = 0
         try:
-            self._run()
+            drawn = self._run()
         finally:
+            try:  # its slot, and the images/s it drew (each waiting job's ETA), back to the queue (queue.py)
+                queue = ray.get_actor(QUEUE_NAME, namespace=NAMESPACE)
+                ray.get(queue.release.remote(self.spec.job_id, drawn, time.monotonic() - self.began), timeout=30)
+            except Exception:  # logged; the queue notices the runner is gone within CHECK_RUNNERS_S
+                logger.exception("job %s: releasing its queue slot failed", self.spec.job_id)
             ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
-    def _run(self) -> None:
+    def _run(self) -> int:
+        """Draw the job, then write its end; the images drawn by this runner."""
         state = read_state(self.folder) or {}
         if state.get("state") in ENDED:
-            return  # a runner started again for a job that has ended (a replay, a GET after a restart)
+            return 0  # a runner started again for a job that has ended (a replay, a GET after a restart)
+        self._past_deadline()
         request = JobRequest.model_validate(self.request["body"])
         state = {"id": self.spec.job_id, "kind": request.kind, "animation": animation_state(request),
                  "state": "queued", "done": state.get("done", 0), "total": request.images(),
                  "errors": state.get("errors", []), "created_at": self.request["created_at"],
                  "started_at": state.get("started_at"), "finished_at": None, "partial": False,
                  "result": None, "callback": None}
+        first = state["done"]
         from ray.exceptions import RayActorError
 
         try:
@@ -223,11 +108,33 @@ class JobRunner:
                         raise
                     state["errors"].append(f"the drawer was lost ({type(e).__name__}); drawing again from "
                                            f"image {state['done']}")
+            if self.expired:
+                state["errors"].append(f"cancelled: its Cancel-After deadline ({iso(self.deadline)}) passed")
+                self._refund(state)
             self._finish(state, "cancelled" if self._cancel.is_set() else "succeeded")
         except Exception as e:  # the job fails, with a reason a caller can read; the server goes on
             logger.error("job %s failed: %s", self.spec.job_id, traceback.format_exc())
             state["errors"].append(f"{type(e).__name__}: {e}")
             self._finish(state, "failed")
+        return state["done"] - first
+
+    def _past_deadline(self) -> bool:
+        """Cancel the job once its Cancel-After deadline has passed."""
+        if self.deadline is not None and not self.expired and time.time() >= self.deadline:
+            self.expired = True
+            self.cancel()
+        return self.expired
+
+    def _refund(self, state: dict) -> None:
+        """A job past its deadline gives back the part it did not draw, as a cancel does."""
+        if self.spec.cost_per_minute:
+            from emoji_ldm.serve.meter import meter_actor
+
+            share = 1.0 - state["done"] / state["total"] if state.get("total") else 1.0
+            import ray
+
+            ray.get(meter_actor().refund.remote(self.spec.owner, self.spec.job_id, share, self.spec.cost_per_minute,
+                                                self.spec.cost_budget))
 
     def _draw(self, state: dict) -> None:
         """Chunks drawn by the job's Drawer (as many images as one pipeline call holds, `Drawer.step`), one chunk
@@ -235,7 +142,7 @@ class JobRunner:
         import ray
 
         from emoji_ldm.inference.sampler import SampleJob
-        from emoji_ldm.serve.job_files import JobLegibility, legibility_file
+        from emoji_ldm.serve.jobs.files import JobLegibility, legibility_file
 
         request = JobRequest.model_validate(self.request["body"])
         draws = request.draws()
@@ -286,7 +193,17 @@ class JobRunner:
 
     @functools.cached_property
     def _hooks(self) -> JobHooks:  # the job's webhooks (serve/job_webhooks.py), made on first use
-        return JobHooks(self.request["body"], self.spec.webhook_secret, self.spec.webhook_allow)
+        return JobHooks(self.request["body"], self._webhook_secrets, self.spec.webhook_allow)
+
+    def _webhook_secrets(self) -> tuple[str, ...]:
+        """The key's live webhook secrets now (after a rotation: the new one and, for a while, the old), read from
+        the key file at each delivery; a server without keys signs with its own."""
+        if not self.spec.keys_uri:
+            return (self.spec.webhook_secret,)
+        from emoji_ldm.serve.keys import read_keys
+
+        key = next((k for k in read_keys(self.spec.keys_uri).values() if k.owner == self.spec.owner), None)
+        return key.webhook_secrets() if key is not None and not key.revoked else ()
 
     def _save(self, state: dict, event: str) -> None:  # on storage, then the event's webhook if the job asks
         write_json(join(self.folder, "state.json"), state)
@@ -296,7 +213,7 @@ class JobRunner:
         """The result of a Drawer call, or None once the job is cancelled (checked twice a second)."""
         import ray
 
-        while not self._cancel.is_set():
+        while not self._cancel.is_set() and not self._past_deadline():
             ready, _ = ray.wait([ref], timeout=0.5)
             if ready:
                 return ray.get(ref)
@@ -355,38 +272,6 @@ class Drawer:
     def pngs(self, job, metadata: bool, max_batch: int) -> list[tuple[bytes, dict]]:
         (made,) = self.sampler.pngs([job], metadata=metadata, max_batch=max_batch)
         return made
-
-
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def public_state(state: dict, base: str = "") -> dict:
-    """What GET /v1/jobs/{id} and the webhook say: the state, progress, errors, and the result's links."""
-    result = state.get("result")
-    links = None
-    if result:
-        links = {"uri": result["uri"], "zip": f"{base}/v1/jobs/{state['id']}/result.zip",
-                 "manifest": f"{base}/v1/jobs/{state['id']}/manifest.json"}
-    return {"id": state["id"], "kind": state.get("kind"), "animation": state.get("animation"), "state": state["state"],
-            "progress": {"done": state.get("done", 0), "total": state.get("total")},
-            "errors": state.get("errors", []), "partial": state.get("partial", False),
-            "created_at": state.get("created_at"), "started_at": state.get("started_at"),
-            "finished_at": state.get("finished_at"), "result": links, "legibility": (result or {}).get("legibility"),
-            "callback": {k: v for k, v in (state.get("callback") or {}).items() if k != "url"} or None}
-
-
-# --- the ingress side -------------------------------------------------------------------------
-
-
-def runner(owner: str, job_id: str):
-    """The live runner actor of a job, or None."""
-    import ray
-
-    try:
-        return ray.get_actor(actor_name(owner, job_id), namespace=NAMESPACE)
-    except ValueError:
-        return None
 
 
 def start_runner(spec: JobSpec):

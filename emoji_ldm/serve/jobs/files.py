@@ -42,7 +42,7 @@ def worst_case_bytes(settings, target) -> int:
 def check_loops_fit(body: JobRequest) -> None:
     """422 naming `animation` when a loop of `body` might not fit its target's cap (see the module's note)."""
     from emoji_ldm.inference.targets import get_target
-    from emoji_ldm.serve.http import ApiError
+    from emoji_ldm.serve.errors import ApiError
 
     settings, target = body.animation.settings(), get_target(body.target)
     if not settings.animated or target.max_bytes is None or target.size is None:
