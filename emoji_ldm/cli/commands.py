@@ -79,7 +79,7 @@ COMMANDS: tuple[Command, ...] = (
             "train the UNet on a latent table: Ray Train + DeepSpeed ZeRO",
             "interrupted; re-run with --resume to continue from the last checkpoint under --out",
             report="emoji_ldm.train.ldm:report", stage="train", script="train.py"),
-    Command(("dreambooth",), "emoji_ldm.train.dreambooth:DreamBoothConfig", "emoji_ldm.train.dreambooth:dreambooth",
+    Command(("dreambooth",), "emoji_ldm.train.dreambooth:DreamBoothConfig", "emoji_ldm.cli.dreambooth:dreambooth",
             "personalise a model on 3-1000 photos of one subject (DreamBooth, full or LoRA, with prior "
             "preservation): Ray Data class images, Ray Train + DeepSpeed",
             "interrupted; re-run with --resume to continue from the last checkpoint under --out (the instance "

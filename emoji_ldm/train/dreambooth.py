@@ -38,7 +38,6 @@ from emoji_ldm.train.dreambooth_data import (
     TrainingImages,
     class_images,
     image_card,
-    instance_table,
     pipeline_image_size,
 )
 from emoji_ldm.train.dreambooth_lora import configure, export
@@ -269,8 +268,10 @@ def _resume_settings(config: DreamBoothConfig, base_id: str) -> dict:
 # --- the driver ---------------------------------------------------------------------
 
 
-def dreambooth(config: DreamBoothConfig) -> dict:
-    """Personalise `config.base` on the instance photos; returns the exported model's card."""
+def dreambooth(config: DreamBoothConfig, instance_table) -> dict:
+    """Personalise `config.base` on the instance photos; returns the exported model's card. `instance_table`:
+    (config, out, image size) -> (the photos' table URI, its version, [{id, source_url}] of its rows): the
+    CLI's (cli/dreambooth.py), which builds it with the dataset stage."""
     from emoji_ldm.inference.sampler import model_card, model_uri
     from emoji_ldm.runtime.connect import ensure_ray
     from emoji_ldm.runtime.shared import require_shared

@@ -1,6 +1,7 @@
 """DreamBooth's data: the instance photos as a dataset version, and the class images the base model draws.
 
-- `instance_table`: the photos through `dataset build` at OUT/instance (3 to 1,000 accepted);
+- the instance table: the photos through `dataset build` at OUT/instance (3 to 1,000 accepted), built by the
+  CLI (cli/dreambooth.py: train/ imports no dataset stage) and handed to `dreambooth.dreambooth`;
 - `class_images`: the class table holds `--num-class-images` rows of this base and class prompt: the missing
   ones are drawn in Ray Data actors (`ClassImageSampler`) and committed as one version;
 - `read_images`: a worker's PNG bytes of those two small tables; `TrainingImages`: its micro-batches of them;
@@ -64,33 +65,6 @@ def pipeline_image_size(base: str) -> int:
         raise UserError(f"--base {base!r} is not a Stable Diffusion pipeline folder (unet/ and vae/ configs): "
                         f"{e}") from None
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-
-
-def instance_table(config, out: str, size: int) -> tuple[str, int, list[dict]]:
-    """Step 1: the photos as a dataset version at OUT/instance; (uri, version, [{id, source_url}] of its rows).
-
-    Builds with a limit of one more than the maximum, so a huge folder is never ingested in full; a count out
-    of range removes a table this run created, so nothing is left half-written."""
-    from emoji_ldm.imaging import ImageConfig
-    from emoji_ldm.ingest.build import BuildConfig, build_dataset
-    from emoji_ldm.store.delta import open_table, table_exists
-    from emoji_ldm.store.uri import filesystem, join
-
-    uri = join(out, "instance")
-    created = not table_exists(uri)
-    summary = build_dataset(BuildConfig(source=config.instance_data, out=uri, image=ImageConfig(size=size),
-                                        limit=MAX_INSTANCE + 1, message="dreambooth instance photos"))
-    print(f"[dreambooth] instance photos: {summary.line()}", flush=True)
-    table = open_table(uri)
-    rows = table.to_pyarrow_dataset().to_table(columns=["id", "source_url"])  # at most MAX_INSTANCE + 1 rows
-    if not MIN_INSTANCE <= rows.num_rows <= MAX_INSTANCE:
-        if created:
-            fs, path = filesystem(uri)
-            fs.delete_dir(path)
-        raise UserError(f"--instance-data {config.instance_data!r} gave {rows.num_rows}"
-                        f"{'+' if rows.num_rows > MAX_INSTANCE else ''} usable photos: DreamBooth takes "
-                        f"{MIN_INSTANCE} to {MAX_INSTANCE} (10-20 is typical)")
-    return uri, table.version(), rows.to_pylist()
 
 
 class ClassImageSampler:

@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from emoji_ldm.cli.dreambooth import dreambooth
 from emoji_ldm.cli.main import main
 from emoji_ldm.errors import UserError
 from emoji_ldm.inference.sampler import SampleJob, Sampler
-from emoji_ldm.train.dreambooth import DreamBoothConfig, dreambooth
+from emoji_ldm.train.dreambooth import DreamBoothConfig
 from emoji_ldm.train.speed import SpeedOptions
 from tests.tiny_models import tiny_sd_pipeline
 
@@ -106,7 +107,8 @@ def test_full_in_bf16_then_lora_reuse_the_class_images(subject, capsys):
 def test_square_opaque_photos_keep_their_backgrounds(subject, tmp_path):
     """JPEGs and opaque PNGs fill the square: the RGBA instance table holds no alpha, the card says none (it
     once said key for every RGBA table, and generation keyed photos' backgrounds)."""
-    from emoji_ldm.train.dreambooth_data import image_card, instance_table
+    from emoji_ldm.cli.dreambooth import instance_table
+    from emoji_ldm.train.dreambooth_data import image_card
 
     root, sd, _ = subject
     photos = tmp_path / "square"
