@@ -326,18 +326,22 @@ class JobQueue:
 # --- the callers' side ------------------------------------------------------------------------
 
 _handle = None
+_slots = None  # what this process configured: a queue made again (the old one gone for good) gets it too
 
 
 def queue_actor(slots: int | None = None):
     """This process's handle on the one queue actor (made by whoever asks first); `slots` configures it."""
-    global _handle
+    global _handle, _slots
     import ray
 
+    _slots = slots or _slots
     if _handle is None:
         _handle = ray.remote(JobQueue).options(name=QUEUE_NAME, namespace=NAMESPACE, lifetime="detached",
                                                get_if_exists=True, num_cpus=0, max_restarts=-1,
-                                               max_task_retries=-1).remote(slots or 1)
-    if slots:
+                                               max_task_retries=-1).remote(_slots or 1)
+        if _slots:
+            ray.get(_handle.configure.remote(_slots))
+    elif slots:
         ray.get(_handle.configure.remote(slots))
     return _handle
 
