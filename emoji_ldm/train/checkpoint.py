@@ -15,6 +15,10 @@ A checkpoint is one Ray Train checkpoint under `OUT/checkpoints/<run>/step-XXXXX
 checkpoint left it; `latest` finds the newest complete checkpoint; `open_checkpoint` builds the Ray Train
 checkpoint with the project's filesystem (so `s3://` resumes reach MinIO with the project's endpoint and
 credentials).
+
+Where the folders go is the storage's: `RayTrainStorage` (a run under Ray Train: `ray.train.report` merges every
+rank's folder into the run's checkpoint) or `FolderStorage` (a run without Ray Train, one process: the folder is
+copied to OUT/checkpoints/<run>/ as it is). Both leave the same layout, which `latest` and `restore` read.
 """
 
 from __future__ import annotations
@@ -52,21 +56,61 @@ def set_rng_state(state, device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+class RayTrainStorage:
+    """Checkpoints of a run under Ray Train: `ray.train.report` copies each rank's folder into the run's checkpoint
+    (RunConfig's storage, OUT/checkpoints/<run>/), and a restarted attempt is handed its last one."""
+
+    def publish(self, folder: Path, name: str, metrics: dict) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                         checkpoint_dir_name=name)
+
+    def run_name(self) -> str:
+        import ray.train
+
+        return ray.train.get_context().get_experiment_name()  # RunConfig.name: the folder under OUT/checkpoints
+
+    def attempt(self):
+        """This attempt's Ray Train checkpoint (after a worker failure), or None."""
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+
+class FolderStorage:
+    """Checkpoints of a run without Ray Train (one process): each folder copied to OUT/checkpoints/<run>/<name>/."""
+
+    def __init__(self, out: str, run: str = "local"):
+        self.out, self.run = out, run
+
+    def publish(self, folder: Path, name: str, metrics: dict) -> None:
+        from emoji_ldm.store.artifacts import artifact_uri, upload_dir
+
+        upload_dir(folder, f"{artifact_uri(self.out, 'checkpoints')}/{self.run}/{name}")
+
+    def run_name(self) -> str:
+        return self.run
+
+    def attempt(self):
+        return None
+
+
 def save(engine, counters: dict, meta: dict, *, out: str, rank: int, device, ema=None, log=None,
-         metrics: dict | None = None) -> None:
+         metrics: dict | None = None, storage=None) -> None:
     """Every rank: its engine shard and RNG state, and its EMA partition gathered to rank 0, which writes the EMA
-    and the logs. `ray.train.report` copies each rank's folder to the run's storage as `step-XXXXXXXX`; once every
-    rank's copy is done, rank 0 writes state.json there.
+    and the logs. The storage (`RayTrainStorage` unless given) copies each rank's folder to the run's checkpoints as
+    `step-XXXXXXXX`; once every rank's copy is done, rank 0 writes state.json there.
 
     state.json is not in rank 0's folder: the copy goes up one file at a time in the order the folder lists them
     (pyarrow's copy_files, single-threaded to S3), so a rank lost during the copy could leave a state.json beside a
     missing ema.pt or model states, and every restart would then load that checkpoint and fail."""
-    import ray.train
     import torch
     import torch.distributed as dist
 
     from emoji_ldm.store.artifacts import artifact_uri, write_json
 
+    storage = storage or RayTrainStorage()
     name = f"step-{counters['step']:08d}"
     folder = Path(tempfile.mkdtemp(prefix="emoji-ldm-ckpt-"))
     try:
@@ -78,15 +122,13 @@ def save(engine, counters: dict, meta: dict, *, out: str, rank: int, device, ema
                 torch.save(ema_state, folder / "ema.pt")
             if log is not None:
                 log.flush()
-        ray.train.report(dict(metrics or {}, step=counters["step"]),
-                         checkpoint=ray.train.Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name)
+        storage.publish(folder, name, dict(metrics or {}, step=counters["step"]))
     finally:
-        shutil.rmtree(folder, ignore_errors=True)  # report() has copied it to the run's storage
+        shutil.rmtree(folder, ignore_errors=True)  # the storage has copied it
     if dist.is_initialized():
-        dist.barrier()  # every rank's report() has returned: its part is in the storage
+        dist.barrier()  # every rank's copy is done: its part is in the storage
     if rank == 0:
-        run = ray.train.get_context().get_experiment_name()  # RunConfig.name: the run's folder under OUT/checkpoints
-        write_json(f"{artifact_uri(out, 'checkpoints')}/{run}/{name}/state.json", {**counters, **meta})
+        write_json(f"{artifact_uri(out, 'checkpoints')}/{storage.run_name()}/{name}/state.json", {**counters, **meta})
 
 
 def open_checkpoint(uri: str):
@@ -99,7 +141,7 @@ def open_checkpoint(uri: str):
     return ray.train.Checkpoint(path, filesystem=fs)
 
 
-def restore(engine, counters: dict, *, out: str, rank: int, device, ema=None) -> str | None:
+def restore(engine, counters: dict, *, out: str, rank: int, device, ema=None, storage=None) -> str | None:
     """Load the run's newest checkpoint into the engine, the EMA, the RNG and `counters` (updated in place);
     returns where it came from, or None.
 
@@ -109,10 +151,9 @@ def restore(engine, counters: dict, *, out: str, rank: int, device, ema=None) ->
     that dies within that window after a checkpoint would otherwise send the run back to the one before. On a
     first attempt OUT/checkpoints holds nothing (`runner.refuse_or_resume` refuses a new run into an OUT that has
     checkpoints) or the checkpoint `--resume` continues from."""
-    import ray.train
     import torch.distributed as dist
 
-    checkpoint = ray.train.get_checkpoint()  # the same on every rank
+    checkpoint = (storage or RayTrainStorage()).attempt()  # the same on every rank
     if rank == 0:  # rank 0 lists, and every rank loads what it found (a listing elsewhere may be behind)
         newest = latest(out)
         if newest is not None and (checkpoint is None or _step(checkpoint.path) < newest[1]["step"]):

@@ -72,6 +72,7 @@ class Recipe:
     grid: Callable | None = None  # rank 0: (the full EMA, step, log), a validation grid
     export: Callable | None = None  # every rank, after the last step: (the `PartitionedEMA`, log)
     config: dict | None = None  # shown in TensorBoard
+    storage: object = None  # where checkpoints go (checkpoint.py): Ray Train's (None) or a `FolderStorage`
 
 
 @dataclass
@@ -110,7 +111,7 @@ class Loop:
         self.ema = PartitionedEMA(r.engine, r.params, r.ema, w.rank) if r.ema is not None else None
         self.counters = dict(r.counters)
         resumed = checkpoint.restore(r.engine, self.counters, out=r.out, rank=w.rank, device=w.device,
-                                     ema=self.ema)
+                                     ema=self.ema, storage=r.storage)
         self.log = MetricsLogger(r.out, r.tag, r.schedule.max_steps, self.counters["step"], r.config) \
             if w.main else None
         self.window = _Window()
@@ -178,7 +179,8 @@ class Loop:
             meta = {"world_size": r.worker.world, "zero_stage": r.zero_stage, "device": r.worker.device.type,
                     "precision": r.worker.precision, **r.meta}
             checkpoint.save(r.engine, self.counters, meta, out=r.out, rank=r.worker.rank, device=r.worker.device,
-                            ema=self.ema, log=self.log, metrics={"loss": self.log.last_loss if self.log else None})
+                            ema=self.ema, log=self.log, metrics={"loss": self.log.last_loss if self.log else None},
+                            storage=r.storage)
 
     def _means(self) -> list[float]:
         """The window's mean loss and parts over its micro-batches and the ranks (a collective: every rank)."""

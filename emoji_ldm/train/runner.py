@@ -249,5 +249,6 @@ def mean_over_ranks(values, worker: Worker) -> list[float]:
     import torch
 
     t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=worker.device).reshape(()) for v in values])
-    torch.distributed.all_reduce(t)  # a device tensor: NCCL takes no CPU tensors
+    if worker.world > 1 or torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)  # a device tensor: NCCL takes no CPU tensors
     return (t / worker.world).tolist()

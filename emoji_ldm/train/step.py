@@ -100,7 +100,8 @@ def to_device(array, device: torch.device, memory_format=torch.contiguous_format
 
 
 class PlainEngine:
-    """The part of a DeepSpeed engine's interface that `training_step` uses, around a bare module."""
+    """The part of a DeepSpeed engine's interface that `training_step` and the loop (its checkpoints) use, around a
+    bare module: the loop runs a recipe in one process on it (`checkpoint.FolderStorage`)."""
 
     def __init__(self, module, optimizer, lr_scheduler, grad_clip: float, params, scaler=None):
         self.module, self.optimizer, self.lr_scheduler = module, optimizer, lr_scheduler
@@ -121,6 +122,30 @@ class PlainEngine:
     def was_step_applied(self) -> bool:
         """False after a step the GradScaler skipped (overflowed gradients), as DeepSpeed's engine reports it."""
         return self.applied
+
+    def save_checkpoint(self, folder: str, tag: str, client_state: dict) -> None:
+        """DeepSpeed's `save_checkpoint` for one process: the module, optimizer, LR schedule (and loss scale)."""
+        from pathlib import Path
+
+        path = Path(folder) / tag
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "lr_scheduler": self.lr_scheduler.state_dict(), "client": dict(client_state),
+                    "scaler": self.scaler.state_dict() if self.scaler else None}, path / "engine.pt")
+
+    def load_checkpoint(self, folder: str, tag: str, load_lr_scheduler_states: bool = True) -> tuple[str, dict]:
+        """DeepSpeed's `load_checkpoint`: (the path, the client state saved with it)."""
+        from pathlib import Path
+
+        path = Path(folder) / tag / "engine.pt"
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if load_lr_scheduler_states:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        return str(path), state["client"]
 
     def step(self) -> None:
         if self.scaler:
