@@ -211,7 +211,8 @@ class JobQueue:
             self._places = None
 
     def place(self, owner: str, job_id: str) -> dict | None:
-        """{state: waiting, position, eta_s, priority} or {state: running, turn} or None (not in the queue)."""
+        """{state: waiting, position, eta_s, priority}, {state: running}, or None: not in the queue (or not the
+        owner's)."""
         with self._lock:
             if job_id in self.running or job_id in self.closing:
                 return {"state": "running"}
@@ -312,6 +313,7 @@ class JobQueue:
                     for job_id, ran in list(lane.items()):
                         if self.clock() - ran.since >= GRACE_S and not self.alive(ran.owner, job_id):
                             del lane[job_id]  # gone without a release (its node): its next GET or sweep resubmits
+                            self._places = None
             self._fill()
 
     def _tick_forever(self) -> None:
