@@ -70,7 +70,24 @@ def _init(ray, num_cpus: int | None, dashboard: bool) -> None:
             port = _free_port()
             kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port,
                           runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
-        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        _start_local(ray, num_cpus, kwargs)
+
+
+LOCAL_START_TRIES = 2  # Ray waits 30 s (hard-coded) for its new raylet: a busy machine can take longer, once
+
+
+def _start_local(ray, num_cpus: int | None, kwargs: dict) -> None:
+    """`ray.init(address="local")`, tried again once when the new node does not come up in Ray's 30 s (three CLI
+    runs starting their Rays at once on 2 busy cores did not), after stopping what the first try started."""
+    for attempt in range(LOCAL_START_TRIES):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, **kwargs)
+            return
+        except Exception as e:  # Ray raises a bare Exception for this one
+            if "timed out during startup" not in str(e) or attempt + 1 == LOCAL_START_TRIES:
+                raise
+            logging.getLogger(__name__).warning("the local Ray did not come up in time; starting it again")
+            ray.shutdown()
 
 
 def _free_port() -> int:

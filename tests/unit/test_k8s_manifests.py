@@ -167,10 +167,11 @@ def check_rayjob(doc: dict, name: str) -> None:
 def _comparable(config: dict) -> dict:
     """A Serve config without what each deployment sets for itself: model, sets URI, resources, replicas,
     the GPU fast path (channels-last, compile: on in the GPU RayService, off on CPU), the key file (the
-    RayService's mounted Secret; `emoji-ldm serve --keys`), and where jobs keep state and what a runner asks."""
+    RayService's mounted Secret; `emoji-ldm serve --keys`), and where jobs keep state, what a drawer asks and how
+    many draw at once."""
     config = yaml.safe_load(yaml.safe_dump(config))
     for app in config["applications"]:
-        for key in ("model", "sets_uri", "channels_last", "compile", "keys", "jobs_uri", "job_num_gpus"):
+        for key in ("model", "sets_uri", "channels_last", "compile", "keys", "jobs_uri", "job_num_gpus", "job_slots"):
             app["args"].pop(key, None)
         for d in app["deployments"]:
             d.pop("ray_actor_options")

@@ -15,7 +15,8 @@ from emoji_ldm.inference.sampler import SampleJob
 from emoji_ldm.inference.settings import SamplerSettings
 from emoji_ldm.ingest.tasks import KEY_SCHEMA, resolve_group
 from emoji_ldm.models.presets import get_preset
-from emoji_ldm.train.ldm import TrainConfig, _check_resume, _lr_lambda
+from emoji_ldm.train.ldm import TrainConfig, _check_resume
+from emoji_ldm.train.lr import preset_schedule
 
 
 def _keys(rows: list[dict]) -> pa.Table:
@@ -114,7 +115,7 @@ def test_release_free_heap_hands_freed_pages_back():
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
     preset = get_preset("tiny", {"train.lr": 1e-3, "train.min_lr": 1e-4, "train.warmup_steps": 10,
                                  "train.max_steps": 110})
-    f = _lr_lambda(preset)
+    f = preset_schedule(preset)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
