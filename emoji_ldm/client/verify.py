@@ -28,7 +28,7 @@ def verify(transport, file: str | os.PathLike | bytes, remote: bool | None) -> d
     if remote is False and not local:
         raise UserError("verify(remote=False): c2pa-python is not installed here: `pip install c2pa-python`, or "
                         "let the service verify (remote=None or True)")
-    one = _local if local else (lambda n, d, sidecar: _remote(transport, n, d))
+    one = _local if local else (lambda n, d, sidecar: _remote(transport, n, d, sidecar))
     if data[:4] != b"PK\x03\x04":
         return one(name, data, _sidecar_beside(file))
     with zipfile.ZipFile(io.BytesIO(data)) as z:
@@ -62,10 +62,14 @@ def _local(name: str, data: bytes, sidecar: bytes | None) -> dict:
     return c2pa_verify(data, sidecar=sidecar, name=name)
 
 
-def _remote(transport, name: str, data: bytes) -> dict:
+def _remote(transport, name: str, data: bytes, sidecar: bytes | None = None) -> dict:
+    """POST /v1/verify; a file whose manifest is a `.c2pa` sidecar sends it too (`X-C2PA-Sidecar`, base64)."""
+    import base64
+
     media = MEDIA_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
+    headers = {"Content-Type": media, **({"X-C2PA-Sidecar": base64.b64encode(sidecar).decode()} if sidecar else {})}
     try:
-        answer = transport.request("POST", "/v1/verify", body=data, headers={"Content-Type": media})
+        answer = transport.request("POST", "/v1/verify", body=data, headers=headers)
     except NotFoundError as e:
         raise NotFoundError(f"this service has no /v1/verify ({e.message}): install c2pa-python to verify "
                             "locally", e.status, e.field, e.body) from None

@@ -132,3 +132,26 @@ def test_a_job_is_named_by_a_job_or_its_id():
         Client("http://h").subscribe(None)
     with pytest.raises(UserError, match="spec must be a dict"):
         Client("http://h").submit("blob hearts")
+
+
+def test_a_remote_verify_sends_the_files_sidecar(tmp_path):
+    """A file whose manifest did not fit its cap has a `.c2pa` sidecar beside it: the service's /v1/verify gets it
+    as `X-C2PA-Sidecar` (base64), as it does for a set's zip member."""
+    import base64
+    import json
+    from types import SimpleNamespace
+
+    from emoji_ldm.client.verify import verify
+
+    (tmp_path / "a.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "a.c2pa").write_bytes(b"manifest store")
+    sent = []
+
+    def request(method, path, body=None, headers=None, **kwargs):
+        sent.append((method, path, headers))
+        return SimpleNamespace(data=json.dumps({"signed": True}).encode())
+
+    assert verify(SimpleNamespace(request=request), tmp_path / "a.png", remote=True) == {"signed": True}
+    assert sent[0][:2] == ("POST", "/v1/verify")
+    assert base64.b64decode(sent[0][2]["X-C2PA-Sidecar"]) == b"manifest store"
+    assert sent[0][2]["Content-Type"] == "image/png"
