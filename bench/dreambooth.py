@@ -67,6 +67,7 @@ def train_step(model: str, method: str, steps: int, batch: int) -> dict:
     from emoji_ldm.inference.sampler import model_folder
     from emoji_ldm.models.builders import load_sd_pipeline
     from emoji_ldm.train.dreambooth import DreamBoothConfig, _module, configure, prior_preservation_loss
+    from emoji_ldm.train.loop import one_process
     from emoji_ldm.train.step import PlainEngine, diffusion_target
 
     torch.manual_seed(0)
@@ -84,13 +85,17 @@ def train_step(model: str, method: str, steps: int, batch: int) -> dict:
                             max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
     latents = torch.randn(2 * batch, pipe.unet.config.in_channels, size, size)  # (2B, C, h, w)
 
+    def forward(micro):
+        eps = torch.randn_like(micro)
+        t = torch.randint(0, noise.config.num_train_timesteps, (len(micro),))
+        pred = engine(noise.add_noise(micro, eps, t), t, tokens.input_ids, tokens.attention_mask)
+        loss, _, _ = prior_preservation_loss(pred, diffusion_target(noise, micro, eps, t, "epsilon"), batch, 1.0)
+        return loss, {}
+
+    loop = one_process(engine, params, forward, micro=2 * batch, device="cpu")
+
     def step():
-        eps = torch.randn_like(latents)
-        t = torch.randint(0, noise.config.num_train_timesteps, (len(latents),))
-        pred = engine(noise.add_noise(latents, eps, t), t, tokens.input_ids, tokens.attention_mask)
-        loss, _, _ = prior_preservation_loss(pred, diffusion_target(noise, latents, eps, t, "epsilon"), batch, 1.0)
-        engine.backward(loss)
-        engine.step()
+        loop.step(latents)  # the training loop's step
 
     step()
     seconds, _ = timed(lambda: [step() for _ in range(steps)])

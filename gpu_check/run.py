@@ -166,8 +166,8 @@ def deepspeed_check(ctx: Context, stage: int) -> dict:
     from emoji_ldm.models.builders import noise_scheduler
     from emoji_ldm.train.checkpoint import rng_state, set_rng_state
     from emoji_ldm.train.ema import PartitionedEMA
-    from emoji_ldm.train.runner import step_applied
-    from emoji_ldm.train.step import micro_batch_loss, training_step
+    from emoji_ldm.train.loop import one_process
+    from emoji_ldm.train.step import micro_batch_loss
 
     _init_single_rank(ctx)
     engine, preset = _engine(ctx, stage, seed=0)
@@ -183,17 +183,20 @@ def deepspeed_check(ctx: Context, stage: int) -> dict:
         torch.set_rng_state(state)
         return loss
 
-    params = list(engine.module.parameters())
-    ema = PartitionedEMA(engine, params, preset.train, rank=0)  # the loop's EMA: this rank's fp32 masters
+    def trainer(e, ema=None):  # the training loop's step on `e`, with the loop's EMA (this rank's fp32 masters)
+        return one_process(e, list(e.module.parameters()), lambda micro: (micro_batch_loss(
+            e, noise, *micro, empty, recipe, ptype, torch.bfloat16), {}), micro=2, device=ctx.torch_device(),
+            precision="bf16", ema=ema)
+
+    original = trainer(engine, ema=preset.train)
+    ema = original.ema
     ema_start = [s.clone() for s in ema.gathered().shadow_params]
     before = eval_loss(engine)
     steps = 3 if ctx.quick else 8
     start = time.perf_counter()
     losses = []
     for _ in range(steps):
-        losses.append(float(training_step(engine, noise, latents, text, empty, recipe, ptype, torch.bfloat16)))
-        if step_applied(engine):
-            ema.step()
+        losses.append(float(original.step((latents, text))))  # the EMA follows an applied step
     ctx.sync()
     step_s = (time.perf_counter() - start) / steps
     after = eval_loss(engine)
@@ -220,9 +223,9 @@ def deepspeed_check(ctx: Context, stage: int) -> dict:
     # one more step from the same RNG on both: a resumed run continues where the first left off
     rng = torch.load(folder / "rng-rank0.pt", weights_only=False, map_location="cpu")
     set_rng_state(rng, ctx.torch_device())
-    next_a = float(training_step(engine, noise, latents, text, empty, recipe, ptype, torch.bfloat16))
+    next_a = float(original.step((latents, text)))
     set_rng_state(rng, ctx.torch_device())
-    next_b = float(training_step(resumed, noise, latents, text, empty, recipe, ptype, torch.bfloat16))
+    next_b = float(trainer(resumed).step((latents, text)))
     figures = {"zero_stage": stage, "steps": steps, "step_ms": 1000 * step_s, "loss_before": before,
                "loss_after": after, "loss_decreased": after < before, "train_losses": losses,
                "ema_moved_max_abs": ema_moved, "ema_steps": ema.optimization_step,
@@ -286,6 +289,26 @@ def step_check(ctx: Context) -> dict:
 
 # ---- DreamBooth LoRA ----------------------------------------------------------------------------------------
 
+def _plain_loop(ctx: Context, module, params: list, preset, empty, micro: int):
+    """The training loop of one process (`loop.one_process`) over a `PlainEngine` of `module`: AdamW at 1e-3, a
+    constant LR, the preset's loss with `empty` (L, D) as the dropped caption."""
+    import torch
+
+    from emoji_ldm.models.builders import noise_scheduler
+    from emoji_ldm.train.loop import one_process
+    from emoji_ldm.train.step import PlainEngine, micro_batch_loss
+
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    engine = PlainEngine(module, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), 1.0, params)
+    noise = noise_scheduler(preset)
+
+    def forward(micro):
+        return micro_batch_loss(engine, noise, *micro, empty, preset.train, preset.noise.prediction_type,
+                                torch.float32), {}
+
+    return one_process(engine, params, forward, micro=micro, device=ctx.device)
+
+
 def dreambooth_lora(ctx: Context) -> dict:
     need("diffusers", "peft")
     import torch
@@ -294,9 +317,8 @@ def dreambooth_lora(ctx: Context) -> dict:
     from peft.utils import get_peft_model_state_dict
 
     from emoji_ldm.inference.sampler import Sampler
-    from emoji_ldm.models.builders import configure_trainable, noise_scheduler
+    from emoji_ldm.models.builders import configure_trainable
     from emoji_ldm.models.presets import get_preset
-    from emoji_ldm.train.step import PlainEngine, training_step
 
     base = ctx.tiny_pipeline()
     preset = get_preset("tiny", {"unet.finetune": "lora", "unet.pretrained": str(base), "text.hidden_size": "32"})
@@ -305,20 +327,17 @@ def dreambooth_lora(ctx: Context) -> dict:
     params = configure_trainable(unet, preset)  # peft LoRA on the attention projections, the base frozen
     lora = {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in unet.named_parameters() if not p.requires_grad}
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    engine = PlainEngine(unet, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), 1.0, params)
-    noise = noise_scheduler(preset)
     g = torch.Generator("cpu").manual_seed(3)
     latents = torch.randn(2, 4, 4, 4, generator=g).to(ctx.device)  # the instance photos' latents (B, 4, h, w)
     text = torch.randn(2, 77, 32, generator=g).to(ctx.device)  # "a sks cat emoji" (B, L, D)
     empty = torch.zeros(77, 32, device=ctx.device)
     autocast = torch.autocast(ctx.device, dtype=torch.bfloat16, enabled=ctx.cuda)
+    trainer = _plain_loop(ctx, unet, params, preset, empty, micro=2)
     steps = 3 if ctx.quick else 10
     losses = []
     for _ in range(steps):
         with autocast:
-            losses.append(float(training_step(engine, noise, latents, text, empty, preset.train,
-                                              preset.noise.prediction_type, torch.float32)))
+            losses.append(float(trainer.step((latents, text))))
     named = dict(unet.named_parameters())
     changed = sum(not torch.equal(v, named[n].detach()) for n, v in lora.items())
     frozen_same = all(torch.equal(v, named[n].detach()) for n, v in frozen.items())
@@ -384,10 +403,9 @@ def pixel32(ctx: Context) -> dict:
     import torch
 
     from emoji_ldm.inference.sampler import InferenceOptions, SampleJob, Sampler
-    from emoji_ldm.models.builders import build_unet, build_vae, noise_scheduler
+    from emoji_ldm.models.builders import build_unet, build_vae
     from emoji_ldm.models.presets import get_preset
     from emoji_ldm.train.export import assemble_pipeline
-    from emoji_ldm.train.step import PlainEngine, training_step
     from tests.tiny_models import tiny_clip
 
     clip = tiny_clip(ctx.work / "clip-pixel32")
@@ -404,20 +422,17 @@ def pixel32(ctx: Context) -> dict:
     round_trip = float((back - pixels.to(torch.bfloat16).float()).abs().max())
     unet = build_unet(preset).to(ctx.device).train()
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    engine = PlainEngine(unet, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), 1.0, params)
-    noise = noise_scheduler(preset)
     g = torch.Generator("cpu").manual_seed(3)
     text = torch.randn(8, preset.text.max_length, 32, generator=g).to(ctx.device)  # (B, L, D)
     empty = torch.zeros(preset.text.max_length, 32, device=ctx.device)
     autocast = torch.autocast(ctx.device, dtype=torch.bfloat16, enabled=ctx.cuda)
+    trainer = _plain_loop(ctx, unet, params, preset, empty, micro=8)
     steps = 3 if ctx.quick else 20
     losses = []
     start = time.perf_counter()
     for _ in range(steps):
         with autocast:  # the loop's bf16: autocast over fp32 masters, the target the clean image, min-SNR weighted
-            losses.append(float(training_step(engine, noise, latents.float(), text, empty, preset.train,
-                                              preset.noise.prediction_type, torch.float32)))
+            losses.append(float(trainer.step((latents.float(), text))))
     ctx.sync()
     train_s = time.perf_counter() - start
     folder = ctx.work / "pixel32-model"

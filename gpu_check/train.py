@@ -10,9 +10,10 @@ text is a row gather from the captions' MiniLM states, encoded once at start: th
 
 The preset: `--preset auto` takes the largest VAE-free candidate whose FLOPs per image (counted by torch) let the
 budget reach `MIN_EPOCHS` of the bundle at `ASSUMED_MFU` of the bf16 matmul peak measured at start. The step is
-`emoji_ldm.train.step.training_step` on a `PlainEngine` (bf16 autocast over fp32 weights, fused AdamW, the UNet
-torch.compiled), the EMA `emoji_ldm.train.ema`'s; nothing in the loop reads a device value (losses stay in a device
-buffer read once at the end), and the LR schedule's length is set from the step time measured after compiling.
+the training loop's (`emoji_ldm.train.loop.one_process`, `Loop.step`) on a `PlainEngine` (bf16 autocast over fp32
+weights, fused AdamW, the UNet torch.compiled), with the loop's fp32 EMA; nothing in the loop reads a device value
+(losses stay in a device buffer read once at the end), and the LR schedule's length is set from the step time
+measured after compiling.
 
 Outputs (`--out`, default $OUT or gpu-train-out): gallery.png, naming-sheet.png, naming-options.json (no answers),
 naming-key.json, eval.json, record.json (images/s, MFU, the profiler's GPU busy share, loader images/s, minutes).
@@ -142,7 +143,6 @@ def build_engine(preset, config: RunConfig, device):
     import torch
 
     from emoji_ldm.models.builders import build_unet, configure_trainable
-    from emoji_ldm.train.ema import make_ema
     from emoji_ldm.train.lr import preset_schedule
     from emoji_ldm.train.speed import SpeedOptions, compile_engine, prepare_unet
     from emoji_ldm.train.step import PlainEngine
@@ -155,9 +155,27 @@ def build_engine(preset, config: RunConfig, device):
                                   fused=config.cuda)
     engine = PlainEngine(unet, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, preset_schedule(preset)),
                          preset.train.grad_clip, params)
-    ema = make_ema(params, preset.train)
     compile_engine(engine, speed)
-    return engine, ema, params, speed
+    return engine, params, speed
+
+
+def trainer(engine, params, preset, config: RunConfig, device, empty):
+    """The training loop of one process over `engine`, with its fp32 EMA of the trained weights (`.ema`)."""
+    import torch
+
+    from emoji_ldm.models.builders import noise_scheduler
+    from emoji_ldm.train.loop import one_process
+    from emoji_ldm.train.step import micro_batch_loss
+
+    noise = noise_scheduler(preset)
+
+    def forward(micro):
+        latents, text = micro
+        return micro_batch_loss(engine, noise, latents, text, empty, preset.train, preset.noise.prediction_type,
+                                torch.float32), {}
+
+    return one_process(engine, params, forward, micro=config.batch, device=device,
+                       precision="bf16" if config.cuda else "no", ema=preset.train)
 
 
 def retime(engine, preset) -> None:
@@ -171,23 +189,16 @@ def retime(engine, preset) -> None:
                                                             last_epoch=done - 1)
 
 
-def train(config: RunConfig, name: str, engine, ema, params, loader, empty, device, deadline: float) -> dict:
+def train(config: RunConfig, name: str, loop, loader, device, deadline: float) -> dict:
     import torch
 
-    from emoji_ldm.models.builders import noise_scheduler
-    from emoji_ldm.train.step import training_step
-
-    preset = candidate(name, config)
-    noise, losses = noise_scheduler(preset), torch.zeros(1 << 17, device=device)
+    engine, losses = loop.recipe.engine, torch.zeros(1 << 17, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.cuda)
     count = [0]
 
     def step() -> None:
-        latents, text = loader()
         with autocast:
-            loss = training_step(engine, noise, latents, text, empty, preset.train, preset.noise.prediction_type,
-                                 torch.float32)
-        ema.step(params)
+            loss = loop.step(loader())  # the EMA follows
         losses[count[0] % len(losses)] = loss  # a device copy, read once at the end
         count[0] += 1
 
@@ -348,7 +359,8 @@ def run(config: RunConfig) -> dict:
     log(began, f"{len(data.train)} training rows, {len(table)} captions encoded")
     name, plans = choose(config, peak, len(data.train), device, empty)
     preset = candidate(name, config)
-    engine, ema, params, speed = build_engine(preset, config, device)
+    engine, params, speed = build_engine(preset, config, device)
+    loop = trainer(engine, params, preset, config, device, empty)
     log(began, f"preset {name}: {sum(p.numel() for p in params) / 1e6:.1f}M parameters")
     from emoji_ldm.models.builders import build_vae
     from emoji_ldm.train.speed import batch_layout
@@ -362,7 +374,7 @@ def run(config: RunConfig) -> dict:
               "params": sum(p.numel() for p in params), "batch": config.batch, "rows_trained": len(data.train),
               "styles": data.meta["styles"], "captions_encoded": len(table), "peak_tflops_measured": peak / 1e12,
               "loader_images_per_s": loader_ips, "config": asdict(config)}
-    fig = train(config, name, engine, ema, params, loader, empty, device, deadline)
+    fig = train(config, name, loop, loader, device, deadline)
     fpi = plans[name]["flops_per_image"]
     ips = fig["timed_steps"] * config.batch / fig["timed_s"] if fig["timed_steps"] else None
     record.update(fig, images_per_s=ips, flops_per_image=fpi, mfu=ips * fpi / peak if ips else None,
@@ -370,7 +382,8 @@ def run(config: RunConfig) -> dict:
                   loader_over_training=loader_ips / ips if ips else None)
     write(config, "record.json", record)  # the training figures, before anything after them can fail
     log(began, summary({**record, "seconds_total": time.perf_counter() - began}))
-    del engine, loader
+    ema = loop.ema.gathered()  # on the CPU
+    del engine, loop, loader
     with tempfile.TemporaryDirectory(prefix="gpu-train-model-") as folder:  # 0.3 GB: not brought back
         sampler = export(preset, ema, Path(folder), device)
         record["sheets"] = sheets(sampler, data.meta, config)

@@ -76,11 +76,13 @@ NO_SHARED_SERVICES = ("tests/integration/test_gpu_check.py", "tests/integration/
 
 # The modules that start from the session's tiny pipeline (the `pipeline` fixture): one unit of work, so that one
 # worker makes it once. A module missing here still passes; it costs a second pipeline in the other worker.
-# DreamBooth (its own models), the training error boundary and captioning (their own runs) go with them, so that
-# the two units take about as long.
+# DreamBooth (its own models), the training error boundary, captioning, bulk generation and the dataset failure and
+# local-Ray modules (their own runs) go with them, so that the two units take about as long (each about 2,000 s of
+# test time in `make test`, measured with --durations=0).
 PIPELINE_MODULES = tuple(f"tests/integration/test_{m}.py" for m in ("harness", "lineage", "train_loop", "training",
                                                                     "two_node", "dreambooth", "error_boundary",
-                                                                    "caption", "eval"))
+                                                                    "caption", "eval", "bulk", "dataset_failures",
+                                                                    "local_ray", "sources"))
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -95,7 +97,7 @@ def pytest_xdist_make_scheduler(config, log):
     class IntegrationInTwoUnits(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             if nodeid.startswith(PIPELINE_MODULES):
-                return "integration: the pipeline's modules, DreamBooth, the error boundary and captioning"
+                return "integration: the pipeline's modules and those that go with them"
             if nodeid.startswith("tests/integration/") and not nodeid.startswith(NO_SHARED_SERVICES):
                 return "integration: the rest"
             return nodeid

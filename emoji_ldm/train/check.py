@@ -1,7 +1,7 @@
 """`emoji-ldm train-step-check`: the real training step on random latents, in one process, no Ray.
 
-It builds the preset's UNet, runs `training_step` (the one the Ray Train
-workers run) on random latents and text embeddings of the preset's shapes,
+It builds the preset's UNet, runs the training loop's step (`loop.Loop.step`,
+the one the Ray Train workers run) on random latents and text embeddings of the preset's shapes,
 and reports images/s, the FLOPs of a step (counted by torch), MFU against a
 matmul peak measured on the same device, and peak memory. It is the check to
 run on a GPU node (only torch, transformers and diffusers are needed) and a
@@ -120,14 +120,15 @@ def step_check(config: StepCheckConfig) -> dict:
 
 
 def _step(config: StepCheckConfig, preset, device, precision: str, autocast):
-    """The preset's UNet in a `PlainEngine` on `device`, and a function that runs one real training step of it on
-    random latents and text embeddings of the preset's shapes (returns its loss)."""
+    """The preset's UNet in a `PlainEngine` on `device`, and a function that runs one real training step of it (the
+    loop's, `loop.Loop.step`) on random latents and text embeddings of the preset's shapes (returns its loss)."""
     import torch
 
     from emoji_ldm.models.builders import build_unet, configure_trainable, noise_scheduler, text_hidden_size
+    from emoji_ldm.train import loop
     from emoji_ldm.train.lr import preset_schedule
     from emoji_ldm.train.speed import prepare_unet
-    from emoji_ldm.train.step import PlainEngine, training_step
+    from emoji_ldm.train.step import PlainEngine, micro_batch_loss
 
     torch.manual_seed(preset.train.seed)
     unet = prepare_unet(build_unet(preset).to(device).train(), config.speed)
@@ -144,10 +145,15 @@ def _step(config: StepCheckConfig, preset, device, precision: str, autocast):
     text = torch.randn(batch, length, width, device=device)  # (B, L, D)
     empty = torch.zeros(length, width, device=device)  # (L, D)
 
+    def forward(micro):
+        return micro_batch_loss(engine, noise, *micro, empty, preset.train, preset.noise.prediction_type,
+                                torch.float32), {}
+
+    trainer = loop.one_process(engine, params, forward, micro=batch, device=device)
+
     def step():
         with autocast:
-            return training_step(engine, noise, latents, text, empty, preset.train,
-                                 preset.noise.prediction_type, torch.float32)
+            return trainer.step((latents, text))
 
     return engine, step
 

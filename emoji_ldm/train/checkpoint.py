@@ -19,6 +19,13 @@ credentials).
 Where the folders go is the storage's: `RayTrainStorage` (a run under Ray Train: `ray.train.report` merges every
 rank's folder into the run's checkpoint) or `FolderStorage` (a run without Ray Train, one process: the folder is
 copied to OUT/checkpoints/<run>/ as it is). Both leave the same layout, which `latest` and `restore` read.
+
+`--async-checkpoints` (`RayTrainStorage(upload="async")`): Ray Train's ASYNC upload mode. Each rank's folder goes up
+in a background thread while training goes on, and Ray Train deletes it once it is up. The state.json mark then
+waits until Ray Train has committed the report (every rank's part is up: `get_all_reported_checkpoints(COMMITTED)`),
+which rank 0 asks at the next checkpoint (so at most one upload is in flight) and at the end of the run, after the
+export. A run killed in between has the checkpoint in Ray Train (a restarted attempt resumes from it) but not yet
+its mark (`--resume` of a new run takes the one before).
 """
 
 from __future__ import annotations
@@ -58,13 +65,45 @@ def set_rng_state(state, device) -> None:
 
 class RayTrainStorage:
     """Checkpoints of a run under Ray Train: `ray.train.report` copies each rank's folder into the run's checkpoint
-    (RunConfig's storage, OUT/checkpoints/<run>/), and a restarted attempt is handed its last one."""
+    (RunConfig's storage, OUT/checkpoints/<run>/), and a restarted attempt is handed its last one. `upload`: sync
+    (the report returns once this rank's folder is up) or async (in the background; see the module docstring)."""
+
+    def __init__(self, upload: str = "sync"):
+        if upload not in ("sync", "async"):
+            raise ValueError(f"upload must be sync or async, got {upload!r}")
+        self.upload = upload
+        self.pending: list[tuple[str, dict]] = []  # async: (state.json's URI, its content), once committed
+
+    @property
+    def in_background(self) -> bool:
+        return self.upload == "async"
 
     def publish(self, folder: Path, name: str, metrics: dict) -> None:
         import ray.train
+        from ray.train import CheckpointUploadMode
 
+        mode = CheckpointUploadMode.ASYNC if self.in_background else CheckpointUploadMode.SYNC
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-                         checkpoint_dir_name=name)
+                         checkpoint_dir_name=name, checkpoint_upload_mode=mode,
+                         delete_local_checkpoint_after_upload=self.in_background)
+
+    def mark(self, uri: str, state: dict) -> None:
+        """Rank 0: write the state.json mark at `uri` once the checkpoint is complete (async: once committed)."""
+        if self.in_background:
+            self.pending.append((uri, state))
+        else:
+            _write_mark(uri, state)
+
+    def commit(self) -> None:
+        """Rank 0: wait until Ray Train has committed every report so far, then write their marks."""
+        if self.pending:
+            import ray.train
+            from ray.train import CheckpointConsistencyMode
+
+            ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
+            for uri, state in self.pending:
+                _write_mark(uri, state)
+            self.pending.clear()
 
     def run_name(self) -> str:
         import ray.train
@@ -95,6 +134,20 @@ class FolderStorage:
     def attempt(self):
         return None
 
+    in_background = False
+
+    def mark(self, uri: str, state: dict) -> None:
+        _write_mark(uri, state)
+
+    def commit(self) -> None:
+        pass
+
+
+def _write_mark(uri: str, state: dict) -> None:
+    from emoji_ldm.store.artifacts import write_json
+
+    write_json(uri, state)
+
 
 def save(engine, counters: dict, meta: dict, *, out: str, rank: int, device, ema=None, log=None,
          metrics: dict | None = None, storage=None) -> None:
@@ -108,11 +161,14 @@ def save(engine, counters: dict, meta: dict, *, out: str, rank: int, device, ema
     import torch
     import torch.distributed as dist
 
-    from emoji_ldm.store.artifacts import artifact_uri, write_json
+    from emoji_ldm.store.artifacts import artifact_uri
 
     storage = storage or RayTrainStorage()
+    if rank == 0:
+        storage.commit()  # async: the previous checkpoint's upload is done (at most one in flight) and marked
     name = f"step-{counters['step']:08d}"
     folder = Path(tempfile.mkdtemp(prefix="emoji-ldm-ckpt-"))
+    published = False
     try:
         engine.save_checkpoint(str(folder), tag="ds", client_state=dict(counters))
         torch.save(rng_state(device), folder / f"rng-rank{rank}.pt")
@@ -123,12 +179,14 @@ def save(engine, counters: dict, meta: dict, *, out: str, rank: int, device, ema
             if log is not None:
                 log.flush()
         storage.publish(folder, name, dict(metrics or {}, step=counters["step"]))
+        published = True
     finally:
-        shutil.rmtree(folder, ignore_errors=True)  # the storage has copied it
-    if dist.is_initialized():
+        if not (published and storage.in_background):  # an async upload reads it later, and deletes it
+            shutil.rmtree(folder, ignore_errors=True)  # the storage has copied it
+    if dist.is_initialized() and not storage.in_background:
         dist.barrier()  # every rank's copy is done: its part is in the storage
     if rank == 0:
-        write_json(f"{artifact_uri(out, 'checkpoints')}/{storage.run_name()}/{name}/state.json", {**counters, **meta})
+        storage.mark(f"{artifact_uri(out, 'checkpoints')}/{storage.run_name()}/{name}/state.json", {**counters, **meta})
 
 
 def open_checkpoint(uri: str):

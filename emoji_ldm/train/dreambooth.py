@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 
 from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
+from emoji_ldm.train import checkpoint
 from emoji_ldm.train.dreambooth_data import (
     MAX_CLASS_IMAGES,
     TrainingImages,
@@ -256,7 +257,8 @@ def _recipe(run: DreamBoothRun):
         params=params, micro=rows, batches=photos.batches, forward=forward, describe=describe,
         schedule=loop.Schedule(config.max_steps, config.log_every, config.checkpoint_every, config.grad_accum),
         meta=_resume_settings(config, run.base_id),
-        export=lambda ema, log: export(engine, run, w.rank, log))
+        export=lambda ema, log: export(engine, run, w.rank, log),
+        storage=checkpoint.RayTrainStorage(upload="async" if config.speed.async_checkpoints else "sync"))
 
 
 def _resume_settings(config: DreamBoothConfig, base_id: str) -> dict:

@@ -114,9 +114,10 @@ def local_master(param, masters: dict, rank: int):
       fp32 copy, or the parameter itself when it is fp32. A bf16/fp16 parameter without a master is refused.
     """
     import torch
-    from deepspeed.utils import safe_get_local_fp32_param
 
     if hasattr(param, "ds_id"):
+        from deepspeed.utils import safe_get_local_fp32_param  # only under ZeRO-3: a plain process has no DeepSpeed
+
         local = safe_get_local_fp32_param(param).view(-1)
         start = rank * local.numel()
         count = max(0, min(local.numel(), param.ds_numel - start))  # the last partitions are padded

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
 from emoji_ldm.models.presets import PresetOptions, get_preset, preset_from_dict, saved_section
+from emoji_ldm.train import checkpoint
 from emoji_ldm.train.lr import preset_schedule
 from emoji_ldm.train.speed import SpeedOptions
 
@@ -174,7 +175,8 @@ def _recipe(run: WorkerConfig):
         schedule=loop.Schedule(tc.max_steps, tc.log_every, tc.checkpoint_every, tc.grad_accum, tc.sample_every,
                                run.speed.profile_steps),
         counters={"step": 0, "epoch": 0, "pos": 0}, meta={"preset": {k: run.preset[k] for k in _RESUME_KEYS}},
-        ema=tc, grid=_Validation(preset, run, w).grid, config=preset.to_dict())
+        ema=tc, grid=_Validation(preset, run, w).grid, config=preset.to_dict(),
+        storage=checkpoint.RayTrainStorage(upload="async" if run.speed.async_checkpoints else "sync"))
 
 
 def _describe(preset, unet, batches_per_epoch: int, run: WorkerConfig) -> str:

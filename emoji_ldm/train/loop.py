@@ -21,6 +21,10 @@ rest, the same for every recipe, split as torchtitan splits it:
   training RNG), a checkpoint every `checkpoint_every` steps (`checkpoint.py`), and each of them at the last step;
 - at the start: this attempt's checkpoint (after a worker failure) or --resume's, and rank 0's banner with the
   global batch; at the end, the recipe's export.
+
+Every single-process path steps through the same loop: `one_process` builds it around a `step.PlainEngine` (no Ray
+Train, no log, no checkpoint), and `Loop.step` takes one optimizer step for a caller that times or inspects steps
+itself (`emoji-ldm train-step-check`, gpu_check/, the benchmarks).
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class Recipe:
     """What a recipe gives the loop (built in each worker, after `runner.setup_worker`)."""
 
     tag: str  # the log lines' tag: train | dreambooth | train-vae
-    out: str  # the run folder: metrics.jsonl, loss.png, samples/, tensorboard/
+    out: str | None  # the run folder: metrics.jsonl, loss.png, samples/, tensorboard/; None: a caller-driven loop
     worker: runner.Worker
     engine: object  # a DeepSpeed engine (or anything with its backward/step/was_step_applied interface)
     scheduler: object  # the engine's LR schedule
@@ -72,7 +76,7 @@ class Recipe:
     grid: Callable | None = None  # rank 0: (the full EMA, step, log), a validation grid
     export: Callable | None = None  # every rank, after the last step: (the `PartitionedEMA`, log)
     config: dict | None = None  # shown in TensorBoard
-    storage: object = None  # where checkpoints go (checkpoint.py): Ray Train's (None) or a `FolderStorage`
+    storage: object = None  # where checkpoints go (checkpoint.py): `RayTrainStorage` (None: sync), `FolderStorage`
 
 
 @dataclass
@@ -100,6 +104,23 @@ def run(recipe: Recipe) -> None:
     Loop(recipe).run()
 
 
+def one_process(engine, params: list, forward: Callable, *, micro: int, device, precision: str = "no",
+                ema=None, grad_accum: int = 1) -> Loop:
+    """The loop of one rank without Ray Train, around `engine` (a `step.PlainEngine`, or a DeepSpeed engine in a
+    one-process group), for `Loop.step`: `forward(batch)` -> (loss, parts); `ema` the preset's `TrainSpec` to keep
+    the fp32 EMA with (`Loop.ema`), or None."""
+    import torch
+
+    from emoji_ldm.train.speed import torch_dtype
+
+    recipe = Recipe(tag="step", out=None, worker=runner.Worker(0, 1, torch.device(device), precision,
+                                                               torch_dtype(precision)),
+                    engine=engine, scheduler=engine.lr_scheduler, zero_stage=0, params=list(params), micro=micro,
+                    schedule=Schedule(max_steps=2**62, log_every=2**62, checkpoint_every=2**62, grad_accum=grad_accum),
+                    batches=lambda counters: iter(()), forward=forward, describe="one process", ema=ema)
+    return Loop(recipe)
+
+
 class Loop:
     def __init__(self, recipe: Recipe):
         from emoji_ldm.train.ema import PartitionedEMA
@@ -110,12 +131,14 @@ class Loop:
         # every rank keeps the EMA of the fp32 masters its ZeRO partition owns: an update sends nothing
         self.ema = PartitionedEMA(r.engine, r.params, r.ema, w.rank) if r.ema is not None else None
         self.counters = dict(r.counters)
-        resumed = checkpoint.restore(r.engine, self.counters, out=r.out, rank=w.rank, device=w.device,
-                                     ema=self.ema, storage=r.storage)
+        self.storage = r.storage or checkpoint.RayTrainStorage()  # one for the run: it holds async marks pending
+        resumed = None if r.out is None else checkpoint.restore(r.engine, self.counters, out=r.out, rank=w.rank,
+                                                                device=w.device, ema=self.ema, storage=self.storage)
         self.log = MetricsLogger(r.out, r.tag, r.schedule.max_steps, self.counters["step"], r.config) \
-            if w.main else None
+            if w.main and r.out is not None else None
         self.window = _Window()
         self.profiler = None
+        self.last_loss = None  # the last micro-batch's loss, detached (a device tensor)
         if self.log:
             self._banner(resumed)
 
@@ -130,6 +153,8 @@ class Loop:
         batches.close()
         if r.export is not None:
             r.export(self.ema, self.log)
+        if r.worker.main and r.out is not None:
+            self.storage.commit()  # async uploads: the last marks, once committed (the export ran meanwhile)
 
     def train_step(self, batches: Iterator) -> bool:
         """One optimizer step over `grad_accum` micro-batches; False when the engine skipped it. A skipped step's
@@ -143,6 +168,7 @@ class Loop:
             outputs.append(self.forward_backward_step(next(batches)))
             r.engine.step()  # the optimizer and LR step at the last micro-batch of the step only
         applied = runner.step_applied(r.engine)
+        self.last_loss = outputs[-1][0]
         if applied:
             self.counters["step"] += 1
             norm = grad_norm(r.engine)  # before clipping, the same on every rank: a device tensor, read at _log
@@ -158,6 +184,14 @@ class Loop:
         window.images += len(outputs) * r.micro * r.worker.world
         window.seconds += time.perf_counter() - start
         return applied
+
+    def step(self, *micro_batches):
+        """One optimizer step over `micro_batches` (the schedule's `grad_accum` of them) for a caller that drives the
+        loop itself: the EMA follows, nothing is logged or checkpointed. Returns the last micro-batch's loss, detached
+        (a device tensor: not read here)."""
+        self.window = _Window()  # the caller measures; nothing accumulates between its steps
+        self.train_step(iter(micro_batches))
+        return self.last_loss
 
     def forward_backward_step(self, batch) -> tuple:
         """The recipe's forward and loss of one micro-batch, then the engine's backward: (loss, parts)."""
@@ -180,7 +214,7 @@ class Loop:
                     "precision": r.worker.precision, **r.meta}
             checkpoint.save(r.engine, self.counters, meta, out=r.out, rank=r.worker.rank, device=r.worker.device,
                             ema=self.ema, log=self.log, metrics={"loss": self.log.last_loss if self.log else None},
-                            storage=r.storage)
+                            storage=self.storage)
 
     def _means(self) -> list[float]:
         """The window's mean loss and parts over its micro-batches and the ranks (a collective: every rank)."""

@@ -63,6 +63,8 @@ class SpeedOptions:
     compile_mode: str = opt("default", choices=COMPILE_MODES, help="torch.compile mode")
     profile_steps: int = opt(0, help="profile this many optimizer steps on rank 0, after 3 warm-up steps: a "
                                      "Chrome trace under OUT/profile/ and the busiest ops in the log (0: off)")
+    async_checkpoints: bool = opt(False, help="upload each checkpoint in the background (Ray Train's ASYNC upload "
+                                              "mode): training goes on while it goes to storage")
 
     def __post_init__(self):
         check_choice("--precision", self.precision, PRECISIONS)

@@ -1,10 +1,10 @@
-"""One training step of the latent diffusion UNet: noise, forward, loss, backward, optimizer.
+"""The loss of one micro-batch of the latent diffusion UNet (noise, forward, loss), and the plain engine.
 
-The same `micro_batch_loss` runs inside the Ray Train workers (the loop,
-`loop.py`, drives the DeepSpeed engine's backward and step) and, as
-`training_step`, in a single plain process (`PlainEngine` around a bare
-module: `emoji-ldm train-step-check`, the check to run on a GPU node). It
-knows nothing of ranks; the caller places tensors on its device once.
+`micro_batch_loss` is the loss the training loop (`loop.py`) takes the backward
+and the optimizer step of, inside the Ray Train workers (a DeepSpeed engine) and
+in a single plain process (`loop.one_process` over a `PlainEngine` around a bare
+module: `emoji-ldm train-step-check`, the GPU checks). It knows nothing of
+ranks; the caller places tensors on its device once.
 
 Nothing here waits for the GPU: no `.item()`, `float(tensor)` or boolean-mask
 indexing (each is a host-device sync that stalls the CPU until every queued
@@ -73,15 +73,6 @@ def micro_batch_loss(engine, noise_scheduler, latents: torch.Tensor, text: torch
     return diffusion_loss(pred, target, t, noise_scheduler, prediction_type, recipe.snr_gamma)
 
 
-def training_step(engine, noise_scheduler, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor,
-                  recipe, prediction_type: str, dtype: torch.dtype) -> torch.Tensor:
-    """`micro_batch_loss`, then the engine's backward and optimizer step; returns the (detached) loss."""
-    loss = micro_batch_loss(engine, noise_scheduler, latents, text, empty, recipe, prediction_type, dtype)
-    engine.backward(loss)
-    engine.step()
-    return loss.detach()
-
-
 def grad_norm(engine) -> torch.Tensor | None:
     """The global gradient norm of the last step (before clipping), when the engine measured it: a tensor on the
     engine's device (reading it waits for the step to finish)."""
@@ -100,8 +91,8 @@ def to_device(array, device: torch.device, memory_format=torch.contiguous_format
 
 
 class PlainEngine:
-    """The part of a DeepSpeed engine's interface that `training_step` and the loop (its checkpoints) use, around a
-    bare module: the loop runs a recipe in one process on it (`checkpoint.FolderStorage`)."""
+    """The part of a DeepSpeed engine's interface that the loop (its step and checkpoints) uses, around a bare
+    module: the loop runs in one process on it (`loop.one_process`, or a recipe with a `checkpoint.FolderStorage`)."""
 
     def __init__(self, module, optimizer, lr_scheduler, grad_clip: float, params, scaler=None):
         self.module, self.optimizer, self.lr_scheduler = module, optimizer, lr_scheduler

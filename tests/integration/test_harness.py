@@ -168,27 +168,23 @@ def test_a_restart_resumes_from_a_checkpoint_the_controller_had_not_registered(o
     to it. The restart resumes from the newest complete checkpoint under OUT/checkpoints instead, passing over
     one whose upload was cut short: the copy goes up file by file in the folder's listing order, and here it
     stopped after everything but the model states (a node lost mid-upload)."""
-    import shutil
-    from types import SimpleNamespace
-
     import deepspeed
-    import ray.train
 
     from emoji_ldm.train import checkpoint
     from emoji_ldm.train.runner import deepspeed_config
 
     out, run = tmp_path / "run", "run-20261126-000000"
 
-    def upload(metrics, checkpoint, checkpoint_dir_name):  # what report does before the controller polls
-        target = out / "checkpoints" / run / checkpoint_dir_name
-        shutil.copytree(checkpoint.path, target)
-        if checkpoint_dir_name == "step-00000003":
-            next(target.glob("ds/*model_states.pt")).unlink()
-            raise RuntimeError("the node was lost during the upload")
+    class ControllerRegisteredNone(checkpoint.FolderStorage):
+        """Each rank's copy, as `ray.train.report` makes it before the controller polls; `attempt()` is None."""
 
-    monkeypatch.setattr(ray.train, "report", upload)
-    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)  # the controller registered none of them
-    monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_experiment_name=lambda: run))
+        def publish(self, folder, name, metrics):
+            super().publish(folder, name, metrics)
+            if name == "step-00000003":
+                next((out / "checkpoints" / run / name).glob("ds/*model_states.pt")).unlink()
+                raise RuntimeError("the node was lost during the upload")
+
+    storage = ControllerRegisteredNone(str(out), run)
 
     def engine():
         torch.manual_seed(0)
@@ -204,11 +200,11 @@ def test_a_restart_resumes_from_a_checkpoint_the_controller_had_not_registered(o
             weights = [p.detach().clone() for p in first.module.parameters()]
         with contextlib.nullcontext() if step < 3 else pytest.raises(RuntimeError, match="lost during the upload"):
             checkpoint.save(first, {"step": step}, {"world_size": 1, "zero_stage": 0}, out=str(out), rank=0,
-                            device=cpu)
+                            device=cpu, storage=storage)
     assert checkpoint.latest(str(out))[1]["step"] == 2
 
     restarted, counters = engine(), {"step": 0}
-    where = checkpoint.restore(restarted, counters, out=str(out), rank=0, device=cpu)
+    where = checkpoint.restore(restarted, counters, out=str(out), rank=0, device=cpu, storage=storage)
     assert where and where.endswith("step-00000002") and counters == {"step": 2}
     assert all(torch.equal(p, w) for p, w in zip(restarted.module.parameters(), weights))
 
@@ -236,7 +232,8 @@ def test_bf16_run_keeps_an_fp32_ema_and_exports_it(tiny):
 
 
 def test_crash_then_resume_from_s3_continues_exactly(s3_server, tiny, tmp_path):
-    """The session pipeline's run (4 steps straight, local, bf16) == the same 4 steps on moto S3 whose rank 1 dies
+    """The session pipeline's run (4 steps straight, local, bf16, its checkpoints uploaded in the background:
+    `--async-checkpoints`) == the same 4 steps on moto S3, uploaded synchronously, whose rank 1 dies
     at step 4, after its step-3 checkpoint, then `--resume` from s3:// (weights, optimizer, EMA, RNG, data
     position, step, metrics); a resume that does not match is refused. (The pipeline's run also drew sample grids
     at steps 2 and 4: they must not shift the training RNG.)"""

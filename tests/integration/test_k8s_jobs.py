@@ -142,15 +142,18 @@ def test_rayjob_caption(cluster, local_overlay):
 
 
 def test_rayjob_encode(cluster, local_overlay):
-    run_rayjob(cluster, local_overlay, "encode", replace={"--vae-steps 50": "--vae-steps 4"})  # 4 of its 50 VAE steps
+    # 2 of its 50 VAE steps, on one Ray Train worker (the manifest's two: test_train_loop, test_two_node)
+    run_rayjob(cluster, local_overlay, "encode", replace={"--vae-steps 50": "--vae-steps 2 --vae-workers 1"})
     dataset_rows = cluster.table(f"{BUCKET}/datasets/emoji").to_pyarrow_table(columns=["id"]).num_rows
     assert cluster.table(f"{BUCKET}/latents/emoji").to_pyarrow_table(columns=["id"]).num_rows == dataset_rows
 
 
 def test_rayjob_train(cluster, local_overlay):
-    # the manifest's job with 4 of its 100 steps: the same path (ZeRO-2 on 2 workers, S3 checkpoints, export)
-    logs = run_rayjob(cluster, local_overlay, "train", replace={"--max-steps 100": "--max-steps 4"}, timeout=900)
-    assert "train: 4 steps" in logs
+    # the manifest's job with 2 of its 100 steps, a smaller UNet and batch: the same path (ZeRO-2 on 2 workers, S3
+    # checkpoints, export)
+    small = "--max-steps 2 --set train.batch_size=8 --set unet.block_out_channels=32,64"
+    logs = run_rayjob(cluster, local_overlay, "train", replace={"--max-steps 100": small}, timeout=900)
+    assert "train: 2 steps" in logs
     keys = {o["Key"] for o in cluster.s3().list_objects_v2(Bucket="emoji-ldm", Prefix="runs/emoji/")["Contents"]}
     assert "runs/emoji/model/model_index.json" in keys and "runs/emoji/model/model_card.json" in keys
     assert any(k.startswith("runs/emoji/checkpoints/") for k in keys)

@@ -153,7 +153,6 @@ def test_a_training_step_does_not_wait_for_the_device():
     AdamW's step counter is a CPU tensor on a GPU too, read on the host without waiting.)"""
     from emoji_ldm.models.builders import build_unet, noise_scheduler
     from emoji_ldm.train import loop
-    from emoji_ldm.train.runner import Worker
     from emoji_ldm.train.step import PlainEngine, micro_batch_loss
 
     preset = get_preset("tiny", ONE_LEVEL)
@@ -169,12 +168,7 @@ def test_a_training_step_does_not_wait_for_the_device():
         return micro_batch_loss(engine, noise, latents, text, torch.zeros(16, width), recipe, "epsilon",
                                 torch.float32), {}
 
-    step = loop.Loop.__new__(loop.Loop)  # the step alone: no checkpoint to restore, no logger
-    step.recipe = loop.Recipe(tag="t", out="/unused", worker=Worker(0, 1, torch.device("cpu"), "no", torch.float32),
-                              engine=engine, scheduler=engine.lr_scheduler, zero_stage=0, params=[], micro=4,
-                              schedule=loop.Schedule(1, 1, 1, grad_accum=2), batches=None, forward=forward,
-                              describe="")
-    step.window, step.counters = loop._Window(), {"step": 0}
+    step = loop.one_process(engine, [], forward, micro=4, device="cpu", grad_accum=2)  # no checkpoint, no logger
     with DeviceWaits() as waits:
         assert step.train_step(iter(range(2)))
     assert waits.seen == []

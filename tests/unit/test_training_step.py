@@ -176,9 +176,11 @@ def test_recipe_options_are_validated():
 
 
 def test_training_step_uses_the_recipe():
-    """The real step with snr_gamma and noise_offset on a tiny UNet: a finite loss and a measured grad norm."""
+    """The loop's step with snr_gamma and noise_offset on a tiny UNet in one process: a finite loss and a measured
+    grad norm."""
     from emoji_ldm.models.builders import build_unet
-    from emoji_ldm.train.step import PlainEngine, grad_norm, training_step
+    from emoji_ldm.train.loop import one_process
+    from emoji_ldm.train.step import PlainEngine, grad_norm, micro_batch_loss
 
     preset = get_preset("tiny", {"unet.block_out_channels": "32,32", "train.snr_gamma": "5",
                                  "train.noise_offset": "0.1", "noise.prediction_type": "v_prediction"})
@@ -187,8 +189,10 @@ def test_training_step_uses_the_recipe():
     engine = PlainEngine(unet, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 1.0, unet.parameters())
     latents = torch.randn(2, 4, 8, 8)
     text = torch.randn(2, 16, unet.config.cross_attention_dim)
-    loss = training_step(engine, _sched("v_prediction"), latents, text, torch.zeros(16, text.shape[-1]),
-                         preset.train, "v_prediction", torch.float32)
+    loop = one_process(engine, list(unet.parameters()), lambda micro: (micro_batch_loss(
+        engine, _sched("v_prediction"), *micro, torch.zeros(16, text.shape[-1]), preset.train, "v_prediction",
+        torch.float32), {}), micro=2, device="cpu")
+    loss = loop.step((latents, text))
     assert torch.isfinite(loss) and grad_norm(engine) > 0
 
 
