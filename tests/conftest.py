@@ -22,7 +22,7 @@ from tests.fixtures.cli import run_cli  # noqa: F401  (the helpers tests import 
 from tests.fixtures.images import make_bad_corpus, png_bytes  # noqa: F401
 from tests.fixtures.pipeline import FAST, Pipeline, pipeline_speed, train_fast  # noqa: F401
 from tests.fixtures.processes import REPO, VENV_BIN, free_port  # noqa: F401
-from tests.fixtures.ray_nodes import start_ray_node, stop_ray_nodes, wait_for_nodes  # noqa: F401
+from tests.fixtures.ray_nodes import start_ray_node_up, stop_ray_nodes  # noqa: F401
 from tests.fixtures.s3 import S3Server, start_moto, stop_moto  # noqa: F401
 from tests.fixtures.servers import new_chrome  # noqa: F401
 from tests.fixtures.services import Cluster, connect, shared_cluster  # noqa: F401

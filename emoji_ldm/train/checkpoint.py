@@ -120,6 +120,8 @@ class RayTrainStorage:
 class FolderStorage:
     """Checkpoints of a run without Ray Train (one process): each folder copied to OUT/checkpoints/<run>/<name>/."""
 
+    in_background = False  # `publish` returns once the copy is done
+
     def __init__(self, out: str, run: str = "local"):
         self.out, self.run = out, run
 
@@ -133,8 +135,6 @@ class FolderStorage:
 
     def attempt(self):
         return None
-
-    in_background = False
 
     def mark(self, uri: str, state: dict) -> None:
         _write_mark(uri, state)

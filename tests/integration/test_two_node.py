@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, run_cli, start_ray_node, stop_ray_nodes, wait_for_nodes
+from tests.conftest import free_port, run_cli, start_ray_node_up, stop_ray_nodes
 
 BUCKET = "two-node"
 
@@ -32,16 +32,16 @@ def two_nodes(s3_server):
     port, dashboard = free_port(), free_port()
     env = {**os.environ, **s3_server.env(), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    nodes = [start_ray_node(["--num-cpus", "1", "--head", "--port", str(port), "--include-dashboard", "true",
-                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                             "--object-store-memory", "300000000"], {**env, "RAY_TMPDIR": head_tmp},
-                            log=Path(head_tmp) / "start.log")]
+    nodes = []
     try:
-        wait_for_nodes(f"127.0.0.1:{port}", nodes[0], env, nodes=1)
-        nodes.append(start_ray_node(["--num-cpus", "1", "--address", f"127.0.0.1:{port}", "--object-store-memory",
-                                     "300000000", "--resources", '{"second_node": 1}'], {**env, "RAY_TMPDIR": node_tmp},
-                                    log=Path(node_tmp) / "start.log"))
-        wait_for_nodes(f"127.0.0.1:{port}", nodes[1], env, nodes=2)
+        nodes.append(start_ray_node_up(["--num-cpus", "1", "--head", "--port", str(port), "--include-dashboard",
+                                        "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                                        "--object-store-memory", "300000000"], {**env, "RAY_TMPDIR": head_tmp},
+                                       f"127.0.0.1:{port}", nodes=1, log=Path(head_tmp) / "start.log"))
+        nodes.append(start_ray_node_up(["--num-cpus", "1", "--address", f"127.0.0.1:{port}",
+                                        "--object-store-memory", "300000000", "--resources", '{"second_node": 1}'],
+                                       {**env, "RAY_TMPDIR": node_tmp}, f"127.0.0.1:{port}", nodes=2,
+                                       log=Path(node_tmp) / "start.log"))
         s3_server.client().create_bucket(Bucket=BUCKET)
         yield f"http://127.0.0.1:{dashboard}", {**s3_server.env(), "RAY_ADDRESS": f"127.0.0.1:{port}"}
     finally:
