@@ -147,7 +147,9 @@ def test_a_page_that_never_renders_is_recorded_as_failed(ray_local, tmp_path):
     site = CrawlSite(pages=3, per_page=2, slow_page=0, flaky_page=0, dead_page=2)
     try:
         profile = tmp_path / "testsite.yaml"
-        profile.write_text(site.profile_yaml(page_timeout_s=1))
+        # 3 s: the dead page never renders, and each attempt must reach the site within it (at 1 s, on a 2-core
+        # machine 98% busy, a retry timed out in Chromium before its request went out)
+        profile.write_text(site.profile_yaml(page_timeout_s=3))
         summary, stats = crawl(CrawlConfig(profile=str(profile), tag="Blobs", out=str(tmp_path / "out"),
                                            pages="1-10", workers=2, shard_pages=1, rate_per_host=0, retries=1,
                                            backoff_s=0.1))
