@@ -167,7 +167,7 @@ def deepspeed_check(ctx: Context, stage: int) -> dict:
     from emoji_ldm.train.checkpoint import rng_state, set_rng_state
     from emoji_ldm.train.ema import PartitionedEMA
     from emoji_ldm.train.loop import one_process
-    from emoji_ldm.train.step import micro_batch_loss
+    from emoji_ldm.train.step import latent_forward, micro_batch_loss
 
     _init_single_rank(ctx)
     engine, preset = _engine(ctx, stage, seed=0)
@@ -184,9 +184,9 @@ def deepspeed_check(ctx: Context, stage: int) -> dict:
         return loss
 
     def trainer(e, ema=None):  # the training loop's step on `e`, with the loop's EMA (this rank's fp32 masters)
-        return one_process(e, list(e.module.parameters()), lambda micro: (micro_batch_loss(
-            e, noise, *micro, empty, recipe, ptype, torch.bfloat16), {}), micro=2, device=ctx.torch_device(),
-            precision="bf16", ema=ema)
+        forward = latent_forward(e, noise, empty, recipe, ptype, torch.bfloat16)
+        return one_process(e, list(e.module.parameters()), forward, micro=2, device=ctx.torch_device(),
+                           precision="bf16", ema=ema)
 
     original = trainer(engine, ema=preset.train)
     ema = original.ema
@@ -296,16 +296,11 @@ def _plain_loop(ctx: Context, module, params: list, preset, empty, micro: int):
 
     from emoji_ldm.models.builders import noise_scheduler
     from emoji_ldm.train.loop import one_process
-    from emoji_ldm.train.step import PlainEngine, micro_batch_loss
+    from emoji_ldm.train.step import PlainEngine, latent_forward
 
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     engine = PlainEngine(module, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), 1.0, params)
-    noise = noise_scheduler(preset)
-
-    def forward(micro):
-        return micro_batch_loss(engine, noise, *micro, empty, preset.train, preset.noise.prediction_type,
-                                torch.float32), {}
-
+    forward = latent_forward(engine, noise_scheduler(preset), empty, preset.train, preset.noise.prediction_type)
     return one_process(engine, params, forward, micro=micro, device=ctx.device)
 
 

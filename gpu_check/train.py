@@ -161,19 +161,12 @@ def build_engine(preset, config: RunConfig, device):
 
 def trainer(engine, params, preset, config: RunConfig, device, empty):
     """The training loop of one process over `engine`, with its fp32 EMA of the trained weights (`.ema`)."""
-    import torch
 
     from emoji_ldm.models.builders import noise_scheduler
     from emoji_ldm.train.loop import one_process
-    from emoji_ldm.train.step import micro_batch_loss
+    from emoji_ldm.train.step import latent_forward
 
-    noise = noise_scheduler(preset)
-
-    def forward(micro):
-        latents, text = micro
-        return micro_batch_loss(engine, noise, latents, text, empty, preset.train, preset.noise.prediction_type,
-                                torch.float32), {}
-
+    forward = latent_forward(engine, noise_scheduler(preset), empty, preset.train, preset.noise.prediction_type)
     return one_process(engine, params, forward, micro=config.batch, device=device,
                        precision="bf16" if config.cuda else "no", ema=preset.train)
 

@@ -128,7 +128,7 @@ def _step(config: StepCheckConfig, preset, device, precision: str, autocast):
     from emoji_ldm.train import loop
     from emoji_ldm.train.lr import preset_schedule
     from emoji_ldm.train.speed import prepare_unet
-    from emoji_ldm.train.step import PlainEngine, micro_batch_loss
+    from emoji_ldm.train.step import PlainEngine, latent_forward
 
     torch.manual_seed(preset.train.seed)
     unet = prepare_unet(build_unet(preset).to(device).train(), config.speed)
@@ -145,10 +145,7 @@ def _step(config: StepCheckConfig, preset, device, precision: str, autocast):
     text = torch.randn(batch, length, width, device=device)  # (B, L, D)
     empty = torch.zeros(length, width, device=device)  # (L, D)
 
-    def forward(micro):
-        return micro_batch_loss(engine, noise, *micro, empty, preset.train, preset.noise.prediction_type,
-                                torch.float32), {}
-
+    forward = latent_forward(engine, noise, empty, preset.train, preset.noise.prediction_type)
     trainer = loop.one_process(engine, params, forward, micro=batch, device=device)
 
     def step():

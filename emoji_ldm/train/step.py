@@ -73,6 +73,17 @@ def micro_batch_loss(engine, noise_scheduler, latents: torch.Tensor, text: torch
     return diffusion_loss(pred, target, t, noise_scheduler, prediction_type, recipe.snr_gamma)
 
 
+def latent_forward(engine, noise_scheduler, empty: torch.Tensor, recipe, prediction_type: str,
+                   dtype: torch.dtype = torch.float32):
+    """The loop's `forward` (`loop.Recipe.forward`) for a micro-batch (latents (B, C, h, w), text (B, L, D)) already
+    on the engine's device: `micro_batch_loss`, and no logged parts."""
+    def forward(micro) -> tuple:
+        latents, text = micro
+        return micro_batch_loss(engine, noise_scheduler, latents, text, empty, recipe, prediction_type, dtype), {}
+
+    return forward
+
+
 def grad_norm(engine) -> torch.Tensor | None:
     """The global gradient norm of the last step (before clipping), when the engine measured it: a tensor on the
     engine's device (reading it waits for the step to finish)."""
