@@ -10,6 +10,7 @@ from emoji_ldm.store.delta import open_table
 from emoji_ldm.store.sidecar import read_rejects
 from emoji_ldm.store.uri import storage_options
 from tests.conftest import make_bad_corpus, png_bytes, run_cli, start_moto, stop_moto
+from tests.fixtures.ray_nodes import own_head
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +88,10 @@ def test_wrong_credentials(tmp_path):
 
 def test_concurrent_appends_through_the_cli_lose_no_commit(s3_server, ray_local, bucket):
     """3 `dataset build` processes appending at once into one S3 table (the table exists first):
-    Delta's optimistic concurrency lands every commit, no row is lost. Each process runs its own local
-    Ray, as separate jobs would; several drivers sharing this 2-CPU test cluster would starve each
-    other's shuffle aggregators (each Ray Data job reserves up to a quarter of the CPUs for them)."""
+    Delta's optimistic concurrency lands every commit, no row is lost. The three are drivers of one cluster of
+    the test's own, as three Ray Jobs on one RayCluster would be, with 6 CPUs: on the session's 2-CPU head they
+    would starve each other's shuffle aggregators (each Ray Data job reserves up to a quarter of the CPUs for
+    them). Three local Rays, one per process, starting at once timed out on a busy 2-core machine."""
     import os
     import subprocess
     import sys
@@ -98,12 +100,14 @@ def test_concurrent_appends_through_the_cli_lose_no_commit(s3_server, ray_local,
     uri = f"{bucket}/datasets/concurrent"
     first = build_dataset(BuildConfig(source="synthetic:5:100", out=uri))
     assert first.version == 0
-    env = {**os.environ, **s3_server.env()}
+    env = {**os.environ, **s3_server.env(), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     cli = str(Path(sys.executable).parent / "emoji-ldm")
-    procs = [subprocess.Popen([cli, "dataset", "build", "--source", f"synthetic:6:{w}0", "--out", uri], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in range(1, 4)]
-    results = [(p.wait(600), p.stdout.read(), p.stderr.read()) for p in procs]
+    with own_head(env, num_cpus=6, prefix="rayca-") as (address, _):
+        procs = [subprocess.Popen([cli, "dataset", "build", "--source", f"synthetic:6:{w}0", "--out", uri],
+                                  env={**env, "RAY_ADDRESS": address}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for w in range(1, 4)]
+        results = [(p.wait(600), p.stdout.read(), p.stderr.read()) for p in procs]
     for code, _, err in results:
         assert code == 0, err[-2000:]
     table = DeltaTable(uri, storage_options=storage_options())

@@ -17,37 +17,31 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, run_cli, start_ray_node_up, stop_ray_nodes
+from tests.conftest import run_cli, start_ray_node_up, stop_ray_nodes
+from tests.fixtures.ray_nodes import own_head
 
 BUCKET = "two-node"
 
 
 @pytest.fixture(scope="module")
 def two_nodes(s3_server):
-    """(RAY_ADDRESS, env) of a head + one worker node, both started with the S3 settings their workers use."""
-    # Each node's temp dir is RAY_TMPDIR, not `--temp-dir`: Ray's processes look for their cluster under RAY_TMPDIR
-    # (`ray_current_cluster`), and with `--temp-dir` Ray Train's placement-group cleaner found the session's head
-    # there instead, took the controller for dead and quit. Short: Ray's Unix socket paths stay within 107 bytes.
-    head_tmp, node_tmp = tempfile.mkdtemp(prefix="ray2h-", dir="/tmp"), tempfile.mkdtemp(prefix="ray2w-", dir="/tmp")
-    port, dashboard = free_port(), free_port()
+    """(the dashboard's URL, env) of a head + one worker node, both started with the S3 settings their workers use,
+    each with a temp dir of its own (see `own_head`)."""
     env = {**os.environ, **s3_server.env(), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    nodes = []
-    try:
-        nodes.append(start_ray_node_up(["--num-cpus", "1", "--head", "--port", str(port), "--include-dashboard",
-                                        "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                                        "--object-store-memory", "300000000"], {**env, "RAY_TMPDIR": head_tmp},
-                                       f"127.0.0.1:{port}", nodes=1, log=Path(head_tmp) / "start.log"))
-        nodes.append(start_ray_node_up(["--num-cpus", "1", "--address", f"127.0.0.1:{port}",
-                                        "--object-store-memory", "300000000", "--resources", '{"second_node": 1}'],
-                                       {**env, "RAY_TMPDIR": node_tmp}, f"127.0.0.1:{port}", nodes=2,
-                                       log=Path(node_tmp) / "start.log"))
-        s3_server.client().create_bucket(Bucket=BUCKET)
-        yield f"http://127.0.0.1:{dashboard}", {**s3_server.env(), "RAY_ADDRESS": f"127.0.0.1:{port}"}
-    finally:
-        stop_ray_nodes(list(reversed(nodes)))
-        for folder in (head_tmp, node_tmp):
-            shutil.rmtree(folder, ignore_errors=True)
+    with own_head(env, num_cpus=1, prefix="ray2h-", dashboard=True) as (address, _, dashboard):
+        node_tmp = tempfile.mkdtemp(prefix="ray2w-", dir="/tmp")
+        node = None
+        try:
+            node = start_ray_node_up(["--num-cpus", "1", "--address", address, "--object-store-memory", "300000000",
+                                      "--resources", '{"second_node": 1}'], {**env, "RAY_TMPDIR": node_tmp}, address,
+                                     nodes=2, log=Path(node_tmp) / "start.log")
+            s3_server.client().create_bucket(Bucket=BUCKET)
+            yield dashboard, {**s3_server.env(), "RAY_ADDRESS": address}
+        finally:
+            if node is not None:
+                stop_ray_nodes([node])
+            shutil.rmtree(node_tmp, ignore_errors=True)
 
 
 def _upload(client, folder: str, bucket: str, prefix: str) -> str:
