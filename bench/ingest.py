@@ -245,8 +245,10 @@ def profiled(cmd: list[str], head_proc: subprocess.Popen, out: Path, env: dict) 
 
 
 def img2dataset(url_list: Path, out: Path, processes_count: int, thread_count: int) -> float:
+    """img2dataset writing Parquet shards of PNG bytes, as ours writes a table of them (its `files` writer, one file
+    per image, is different work)."""
     return timed([str(PEER_BIN / "img2dataset"), "--url_list", str(url_list), "--input_format", "txt",
-                  "--output_folder", str(out), "--output_format", "files", "--image_size", "64", "--resize_mode",
+                  "--output_folder", str(out), "--output_format", "parquet", "--image_size", "64", "--resize_mode",
                   "border", "--encode_format", "png", "--encode_quality", "9", "--processes_count",
                   str(processes_count), "--thread_count", str(thread_count), "--number_sample_per_shard", "1000",
                   "--disable_all_reencoding", "False"], env={"NO_ALBUMENTATIONS_UPDATE": "1"})
@@ -294,7 +296,10 @@ def check_kept(work: Path, n: int) -> dict:
             kept[prefix] = deltalake.DeltaTable(str(last[-1])).to_pyarrow_dataset().count_rows()
     last = sorted(work.glob("i2d-*"))
     if last:
-        kept["img2dataset"] = len(list(last[-1].rglob("*.png")))
+        import pyarrow.dataset as pads
+
+        shards = pads.dataset([str(f) for f in last[-1].rglob("*.parquet")], format="parquet")
+        kept["img2dataset"] = shards.count_rows(filter=pads.field("png").is_valid())  # a failed row: png null
     short = {k: v for k, v in kept.items() if v != n}
     if short:
         print(f"WARNING: not every image kept: {short} of {n}", flush=True)

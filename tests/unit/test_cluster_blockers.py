@@ -125,13 +125,13 @@ def test_dockerignore_matcher():
 
 
 def local_imports(path: Path) -> set[str]:
-    """The modules of this repository that a file imports (`tests.x`, `emoji_ldm...`), at any depth."""
-    names = set()
+    """The modules of this repository that a file imports (`tests.x`, `emoji_ldm...`, `gpu_check.x`), at any depth."""
+    ours, names = ("tests", "emoji_ldm", "gpu_check"), set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("tests", "emoji_ldm"):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ours:
             names.add(node.module)
         elif isinstance(node, ast.Import):
-            names |= {a.name for a in node.names if a.name.split(".")[0] in ("tests", "emoji_ldm")}
+            names |= {a.name for a in node.names if a.name.split(".")[0] in ours}
     return names
 
 
@@ -150,7 +150,7 @@ def test_gpu_check_is_in_the_image_with_what_it_imports():
             continue
         needed.add(rel)
         for module in local_imports(path):
-            if module.startswith("tests"):
+            if module.startswith(("tests", "gpu_check")):
                 todo.append(REPO / (module.replace(".", "/") + ".py"))
     needed.add("tests/__init__.py")
     for rel in sorted(needed):
