@@ -46,17 +46,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from emoji_ldm.errors import UserError  # noqa: E402
+from emoji_ldm.eval.naming import NAMING, naming_sheet  # noqa: E402
 
 SOURCES = ("twemoji", "noto", "openmoji")
 GALLERY = ("grinning face", "red heart", "cat face", "pizza", "thumbs up", "ghost", "purple cat face", "green ghost")
 UNSEEN = ("purple cat face", "green ghost")  # combinations no training row has: drawn in the colour asked?
-# 24 everyday emoji, typed as a user types them (their CLDR names): the blind naming test
-NAMING = ("grinning face", "red heart", "cat face", "dog face", "pizza", "thumbs up", "ghost", "fire", "sun",
-          "rocket", "birthday cake", "pile of poo", "face with tears of joy", "rainbow", "banana", "red apple",
-          "snowman", "light bulb", "crown", "soccer ball", "party popper", "clapping hands", "hot beverage",
-          "alarm clock")
 WHEELS = ("diffusers", "importlib_metadata")  # what the GPU image lacks that the training path imports
-NAMING_SEED = 64  # the naming sheet's order and each tile's options
 CAPTION_VARIANTS = 4  # per row: name, name + style, colours + name + style, the source's caption (or the name)
 
 
@@ -179,22 +174,6 @@ def collect(config: BundleConfig) -> tuple[list[dict], dict]:
         raise UserError(f"the naming-sheet names {missing} are in none of the sources {present}: pick CLDR names "
                         "the packs have")
     return rows, {"sources_present": present, "sources_skipped": skipped}
-
-
-def naming_sheet(names: tuple[str, ...] = NAMING, seed: int = NAMING_SEED) -> list[dict]:
-    """The blind naming test's tiles: the names shuffled with a fixed seed, each with 4 options (its answer and 3
-    other names of the sheet, shuffled); tiles are numbered from 1, left to right, top to bottom."""
-    import random
-
-    rng = random.Random(seed)
-    order = list(names)
-    rng.shuffle(order)
-    tiles = []
-    for i, answer in enumerate(order):
-        options = [answer] + rng.sample([n for n in names if n != answer], 3)
-        rng.shuffle(options)
-        tiles.append({"tile": i + 1, "answer": answer, "options": options})
-    return tiles
 
 
 def write_data(config: BundleConfig, rows: list[dict], info: dict) -> dict:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.eval.naming import options_only
 from gpu_check.bundle import Data
 
 if TYPE_CHECKING:
@@ -50,9 +51,7 @@ def sheets(sampler, meta: dict, config: RunConfig) -> dict:
     tiles = meta["naming_sheet"]
     drawn = sample(sampler, [t["answer"] for t in tiles], [0] * len(tiles), config)
     image_grid(drawn, [str(t["tile"]) for t in tiles], columns=6).save(config.out / "naming-sheet.png")
-    (config.out / "naming-options.json").write_text(json.dumps(
-        {"instructions": "name each numbered tile from its 4 options, and say whether you truly recognise it",
-         "tiles": [{"tile": t["tile"], "options": t["options"]} for t in tiles]}, indent=1))
+    (config.out / "naming-options.json").write_text(json.dumps(options_only(tiles), indent=1))
     (config.out / "naming-key.json").write_text(json.dumps({"seed": 0, "tiles": tiles}, indent=1))
     return {"gallery_images": len(images), "naming_tiles": len(drawn), "seconds": time.perf_counter() - start}
 

@@ -36,11 +36,13 @@ default_steps=1000
 [ "$preset" = tiny ] && default_steps=500
 train_steps=${DEMO_TRAIN_STEPS:-$default_steps}
 # Which Twemoji: "base" (default) leaves out the 2,060 skin-tone variants of people and hands (1,949 emoji,
-# each drawn once), so every step of the same budget goes to a distinct emoji; "all" is the whole pack.
+# each drawn once), so every step of the same budget goes to a distinct emoji; "everyday" keeps, of those, the
+# smileys and the subgroups of the naming test's emoji (540: animals, food, weather, ...; infra/demo_twemoji.py);
+# "all" is the whole pack.
 twemoji=${DEMO_TWEMOJI:-base}
 case $twemoji in
-  base | all) ;;
-  *) echo "DEMO_TWEMOJI must be base or all, got '$twemoji'" >&2; exit 2 ;;
+  base | everyday | all) ;;
+  *) echo "DEMO_TWEMOJI must be base, everyday or all, got '$twemoji'" >&2; exit 2 ;;
 esac
 # RGBA by default; DEMO_BACKGROUND=white builds the RGB dataset every table was before (bench/alpha_quality.py)
 build_args=()
@@ -138,9 +140,9 @@ step() {  # step NAME COMMAND...: run it, time it, fail the demo if it fails
 }
 step ray-head wait_head
 source=twemoji
-if [ "$twemoji" = base ]; then  # a folder of the pack's PNGs without skin tones, titled and tagged as `twemoji` does
-  step subset "$bin/python" "$root/infra/demo_twemoji.py" "$out/twemoji-base"
-  source=dir:$out/twemoji-base
+if [ "$twemoji" != all ]; then  # a folder of the pack's PNGs without skin tones, titled and tagged as `twemoji` does
+  step subset "$bin/python" "$root/infra/demo_twemoji.py" "$out/twemoji-$twemoji" --subset "$twemoji"
+  source=dir:$out/twemoji-$twemoji
 fi
 step build "$cli" dataset build --source "$source" --out "$out/twemoji" --message "make demo ($twemoji Twemoji)" \
   "${build_args[@]}"

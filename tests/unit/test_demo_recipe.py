@@ -48,6 +48,29 @@ def test_skin_tone_variants_are_left_out(tmp_path, monkeypatch):
                        "image_title": "red heart", "tag": "Symbols"}
 
 
+def test_the_everyday_subset_keeps_smileys_and_the_naming_emojis_subgroups(tmp_path, monkeypatch):
+    from emoji_ldm.eval.naming import NAMING
+    from emoji_ldm.sources import twemoji
+    from emoji_ldm.sources.base import SourceItem
+
+    subset = _module("demo_twemoji")
+    assert {"animal-mammal", "heart", "sky & weather", "food-fruit"} <= subset.everyday_subgroups()
+    assert len(NAMING) == 24
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    items = []
+    for stem, title, tag in (("1f600", "grinning face", "Smileys & Emotion"),  # a smiley, not in the test
+                             ("1f42d", "mouse face", "Animals & Nature"),  # the cat face's subgroup
+                             ("1f6a2", "ship", "Travel & Places"),  # transport-water: no naming emoji
+                             ("1f9ee", "abacus", "Objects")):
+        Image.new("RGBA", (8, 8), (255, 0, 0, 255)).save(pack / f"{stem}.png")
+        items.append(SourceItem(locator=str(pack / f"{stem}.png"), source="twemoji", title=title, tag=tag,
+                                source_url=f"{twemoji.UPSTREAM}/{stem}.png"))
+    monkeypatch.setattr(twemoji, "twemoji_items", lambda: items)
+    assert subset.write_subset(tmp_path / "everyday", "everyday") == 2
+    assert sorted(p.name for p in (tmp_path / "everyday").glob("*.png")) == ["1f42d.png", "1f600.png"]
+
+
 def test_the_set_is_drawn_over_a_checkerboard(tmp_path):
     show = _module("show_set")
     red = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
@@ -74,5 +97,5 @@ def test_demo_refuses_an_unknown_twemoji_subset(tmp_path, value):
     env = {**os.environ, "DEMO_TWEMOJI": value}
     r = subprocess.run(["bash", str(REPO / "infra" / "demo.sh"), str(tmp_path / "out")], env=env,
                        capture_output=True, text=True, timeout=30)
-    assert r.returncode == 2 and f"DEMO_TWEMOJI must be base or all, got '{value}'" in r.stderr
+    assert r.returncode == 2 and f"DEMO_TWEMOJI must be base, everyday or all, got '{value}'" in r.stderr
     assert not (tmp_path / "out").exists()  # refused before anything ran

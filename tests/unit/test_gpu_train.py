@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from emoji_ldm.errors import UserError
+from emoji_ldm.eval.naming import NAMING
 from tests.conftest import REPO
 
 
@@ -47,7 +48,7 @@ def test_bundle_holds_every_naming_name_and_degrades_to_the_sources_present(tiny
     out, summary = tiny_bundle
     meta = json.loads((out / "data" / "meta.json").read_text())
     assert summary["styles"] == ["twemoji"] and summary["rows"] == len(meta["names"])
-    assert {t["answer"] for t in meta["naming_sheet"]} == set(bundle.NAMING) <= set(meta["names"])
+    assert {t["answer"] for t in meta["naming_sheet"]} == set(NAMING) <= set(meta["names"])
     assert all(len(set(t["options"])) == 4 and t["answer"] in t["options"] for t in meta["naming_sheet"])
     assert meta["captions"][0] == ""  # the empty caption: classifier-free guidance
     items, reason = bundle.source_items("nosuch")
