@@ -43,6 +43,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                             ("make_test", "make_demo")),
     "demo-quality": Benchmark("demo_quality.py", "the demo model before and after a recipe change: eval, wall time",
                               ("demo_quality",)),
+    "naming": Benchmark("naming.py", "the blind naming test: a reader names a model's 24 tiles (chance: 6)"),
     "gpu-check": Benchmark("gpu_check.py", "a make gpu-check report (run on the GPU machine) as a record",
                            ("gpu_check",)),
 }
