@@ -22,7 +22,7 @@ def instance_table(config, out: str, size: int) -> tuple[str, int, list[dict]]:
 
     Builds with a limit of one more than the maximum, so a huge folder is never ingested in full; a count out
     of range removes a table this run created, so nothing is left half-written."""
-    from emoji_ldm.store.delta import open_table, table_exists
+    from emoji_ldm.store.delta import arrow_dataset, open_table, row_count, table_exists
 
     uri = join(out, "instance")
     created = not table_exists(uri)
@@ -30,12 +30,12 @@ def instance_table(config, out: str, size: int) -> tuple[str, int, list[dict]]:
                                         limit=MAX_INSTANCE + 1, message="dreambooth instance photos"))
     print(f"[dreambooth] instance photos: {summary.line()}", flush=True)
     table = open_table(uri)
-    rows = table.to_pyarrow_dataset().to_table(columns=["id", "source_url"])  # at most MAX_INSTANCE + 1 rows
-    if not MIN_INSTANCE <= rows.num_rows <= MAX_INSTANCE:
+    count = row_count(table)  # from the log: a table of an earlier run's OUT holds its rows too
+    if not MIN_INSTANCE <= count <= MAX_INSTANCE:
         if created:
             fs, path = filesystem(uri)
             fs.delete_dir(path)
-        raise UserError(f"--instance-data {config.instance_data!r} gave {rows.num_rows}"
-                        f"{'+' if rows.num_rows > MAX_INSTANCE else ''} usable photos: DreamBooth takes "
+        raise UserError(f"--instance-data {config.instance_data!r} gave {count}"
+                        f"{'+' if count > MAX_INSTANCE else ''} usable photos: DreamBooth takes "
                         f"{MIN_INSTANCE} to {MAX_INSTANCE} (10-20 is typical)")
-    return uri, table.version(), rows.to_pylist()
+    return uri, table.version(), arrow_dataset(table).head(count, columns=["id", "source_url"]).to_pylist()

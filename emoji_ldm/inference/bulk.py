@@ -291,8 +291,8 @@ def _todo_prompts(config: BulkConfig, prompts_uri: str, manifest_uri: str):
     marked = prompts.join(done.map_batches(_mark_done, batch_format="pyarrow"), "left_outer",
                           num_partitions=prompt_partitions(prompts_uri), on=("prompt_id",)).materialize()
     skipped = marked.map_batches(_marked, fn_kwargs={"done": True}, batch_format="pyarrow").count()
-    todo = marked.map_batches(_marked, fn_kwargs={"done": False}, batch_format="pyarrow").materialize()
-    return (todo if todo.count() else None), skipped
+    todo = marked.map_batches(_marked, fn_kwargs={"done": False}, batch_format="pyarrow")  # lazy: one copy held
+    return (None if skipped == marked.count() else todo), skipped
 
 
 def _drawn_rows(config: BulkConfig, prompts, model: str, images_uri: str):

@@ -27,6 +27,9 @@ from emoji_ldm.errors import UserError
 from emoji_ldm.models.presets import Preset, PresetOptions, preset_from_dict
 from emoji_ldm.train.lr import warmup_cosine
 
+# The decoded images the workers hold, at most (all workers together): 32,768 RGBA images at 64 px in fp16
+SAMPLE_BYTES = 2**30
+
 logger = logging.getLogger(__name__)
 
 
@@ -183,6 +186,13 @@ def _reconstruction(vae, pixels, device) -> dict:
 # --- the driver ----------------------------------------------------------------------
 
 
+def sample_cap(preset: Preset, steps: int) -> int:
+    """How many images the VAE's workers hold, at most: it draws steps x batch images, so a uniform sample of at
+    most that many, and at most SAMPLE_BYTES of decoded pixels: bounded by neither the table nor --vae-steps."""
+    image_bytes = 2 * preset.vae.channels * preset.image_size ** 2  # fp16 (C, H, W)
+    return min(steps * preset.vae.train_batch_size, SAMPLE_BYTES // image_bytes)
+
+
 def _training_images(config: VAETrainConfig, preset: Preset, steps: int):
     """The decoded images the workers train on, materialized: (dataset, version, the table's rows, its rows)."""
     from emoji_ldm.store.delta import open_table, read_dataset, row_count
@@ -190,10 +200,8 @@ def _training_images(config: VAETrainConfig, preset: Preset, steps: int):
     from emoji_ldm.train.data import decode_images
 
     ds, version = read_dataset(config.dataset, columns=["id", "image"])
-    # The VAE draws steps x batch images, so it is shown a uniform sample of at most that many (from the Delta
-    # log's row count, free): what the workers hold is bounded by the run, not by the table.
-    total = row_count(open_table(f"{DatasetRef.parse(config.dataset).uri}@{version}"))
-    cap = steps * preset.vae.train_batch_size
+    total = row_count(open_table(f"{DatasetRef.parse(config.dataset).uri}@{version}"))  # the log's, free
+    cap = sample_cap(preset, steps)
     if total > cap:  # (at least 256 expected rows: a sample is never empty by chance)
         ds = ds.random_sample(min(1.0, max(1.1 * cap, 256) / total), seed=preset.train.seed)
     # Decode before the workers start: on a small node the training workers hold every CPU,
