@@ -55,7 +55,7 @@ from emoji_ldm.runtime.shared import require_shared
 from emoji_ldm.store.delta import CommitDeltaDatasink, version_for_build
 from emoji_ldm.store.schema import value_counts
 from emoji_ldm.store.sidecar import SIDECAR
-from emoji_ldm.store.staging import FileStagingSink, read_folder, staged_folders
+from emoji_ldm.store.staging import FileStagingSink, folder_dataset, has_staged, read_folder
 from emoji_ldm.store.uri import filesystem, is_s3, join
 from emoji_ldm.version import code_version
 
@@ -146,10 +146,9 @@ def caption_dataset(config: CaptionConfig) -> dict:
                 "message": config.message or f"caption with {config.captioner}"}
     sink = CaptionRewriteSink(uri, metadata=metadata, read_version=version, caption_model=caption_model,
                               prompt_id=pid, failures=join(uri, SIDECAR, "caption-failures", key))
-    folders = staged_folders(run)
-    if folders:
-        ray.data.from_items([{"folder": f} for f in folders], override_num_blocks=min(len(folders), 256)) \
-            .write_datasink(sink)
+    folders = folder_dataset(run, files.column("path"))  # a file with nothing staged is read as empty and kept
+    if folders is not None and (summary["staged_now"] or has_staged(run)):
+        folders.write_datasink(sink)
     summary["captioned"], summary["failed"] = sink.captioned, sink.failed
     if sink.version is not None:
         summary["versions"].append(sink.version)
@@ -260,7 +259,7 @@ STAGED_SCHEMA = pa.schema([("id", pa.string()), ("caption", pa.string()), ("erro
 
 def _staged_ids(run: str):
     """A Ray Dataset of the ids a killed run already staged, or None."""
-    if not staged_folders(run):
+    if not has_staged(run):
         return None
     fs, path = filesystem(run)
     return ray.data.read_parquet(path, filesystem=fs).select_columns(["id"])

@@ -59,9 +59,9 @@ from emoji_ldm.store.schema import EMOJI_SCHEMA, value_counts
 from emoji_ldm.store.sidecar import SIDECAR, image_mode, record_image_mode
 from emoji_ldm.store.staging import (
     FileStagingSink,
+    folder_dataset,
     folder_name,
     remove_run,
-    staged_folders,
     write_atomic,
 )
 from emoji_ldm.store.uri import check_s3_bucket, filesystem, is_s3, join, normalize_uri
@@ -245,7 +245,6 @@ def _dedupe(out: str, staged: BuildSink, work: str) -> tuple[Counter, dict[str, 
     """Steps 3 and 4: which written rows are duplicates (a groupby on the content hash over the narrow keys, on
     the driver for a small build), then the data files that hold some rewritten without them. Returns the
     dropped rows by reason, and each rewritten file's new add actions."""
-    import ray.data
 
     written = sum(json.loads(a.stats)["numRecords"] for a in staged.actions)
     table_rows = row_count(open_table(out)) if table_exists(out) else 0
@@ -253,11 +252,10 @@ def _dedupe(out: str, staged: BuildSink, work: str) -> tuple[Counter, dict[str, 
         dropped = _dedupe_small(out, staged.keys, join(work, "drops"), table_rows > 0)
     else:
         dropped = _dedupe_in_ray(out, staged.keys, join(work, "drops"), written + table_rows, len(staged.actions))
-    folders = staged_folders(join(work, "drops"))
-    if not folders:
+    if not sum(dropped.values()):
         return dropped, {}
-    rewrite = DedupeSink(out, metadata={})
-    ray.data.from_items([{"folder": f} for f in folders], override_num_blocks=min(len(folders), 256)) \
+    rewrite = DedupeSink(out, metadata={})  # the build's files with nothing to drop are read as empty and kept
+    folder_dataset(join(work, "drops"), pa.array([a.path for a in staged.actions], pa.string())) \
         .write_datasink(rewrite)
     return dropped, rewrite.replaced
 

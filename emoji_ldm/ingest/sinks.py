@@ -94,6 +94,8 @@ class DedupeSink(CommitDeltaDatasink):
         for block in blocks:
             for folder in BlockAccessor.for_block(block).to_arrow().column("folder").to_pylist():
                 drops = read_folder(folder, DROP_SCHEMA)
+                if drops.num_rows == 0:  # nothing to drop from this file: kept as written
+                    continue
                 file = drops.column("_file")[0].as_py()  # a drops folder holds the rows of one source file
                 source = f"{self.root.rstrip('/')}/{file}"
                 with self.fs.open_input_file(source) as f:

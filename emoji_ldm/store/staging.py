@@ -75,23 +75,36 @@ class FileStagingSink(Datasink):
             self.reasons.update(r["reasons"])
 
 
-def staged_folders(run: str) -> list[str]:
-    """The per-data-file folders staged under `run` (one per touched file); [] when none."""
+def folder_dataset(run: str, files: pa.Array):
+    """The staging folders under `run` of the data files a pass may have touched (`files`: their paths, relative
+    to the table, as the `_file` column names them), as a Ray Dataset of `folder` for the rewrite's tasks.
+    Named from the files, never listed from storage (on S3 a listing would return every staged part: write
+    tasks x files); a folder that holds nothing reads as empty (`read_folder`). None when `files` is empty."""
+    import ray.data
+
+    names = pc.unique(files)
+    if len(names) == 0:
+        return None
+    return ray.data.from_arrow(pa.table({"_file": names})).repartition(min(len(names), 256)).map_batches(
+        _folders, fn_kwargs={"run": run}, batch_format="pyarrow")
+
+
+def _folders(batch: pa.Table, run: str) -> pa.Table:
+    return pa.table({"folder": pa.array([join(run, folder_name(f)) for f in batch.column("_file").to_pylist()],
+                                        pa.string())})
+
+
+def has_staged(run: str) -> bool:
+    """Whether anything is staged under `run` (one lookup: on S3 a prefix with objects is a directory)."""
     fs, path = filesystem(run)
-    base = path.rstrip("/") + "/"
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=is_s3(run)))
-    except FileNotFoundError:
-        return []
-    if is_s3(run):  # S3 lists objects; their first path part is the folder
-        return sorted({join(run, i.path[len(base):].split("/")[0]) for i in infos
-                       if i.type == pafs.FileType.File and "/" in i.path[len(base):]})
-    return sorted(join(run, i.base_name) for i in infos if i.type == pafs.FileType.Directory)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def read_folder(folder: str, schema: pa.Schema) -> pa.Table:
-    """The staged rows of one data file (small: at most that file's rows, narrow columns)."""
+    """The staged rows of one data file (small: at most that file's rows, narrow columns); empty when none."""
     fs, path = filesystem(folder)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return schema.empty_table()
     return pds.dataset(path, filesystem=fs, format="parquet", schema=schema,
                        exclude_invalid_files=False, ignore_prefixes=[".", "_"]).to_table()
 

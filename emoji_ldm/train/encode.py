@@ -131,6 +131,8 @@ def empty_caption_embedding(preset: Preset) -> np.ndarray:
 
 
 LATENT_FILE_BYTES = 64 * 2**20
+# The (id, caption) keys one removal commit holds in the driver (a Delta MERGE): about 100 MB at a million
+DELETE_KEYS_PER_COMMIT = 1_000_000
 CAPTION_STYLE_ROWS = 512  # captions read to tell their style: the first rows that have one
 MINILM_WIDTH = 384  # text.hidden_size None: the embedded MiniLM's
 
@@ -219,11 +221,11 @@ def _vae_to_use(config: EncodeConfig, preset: Preset, out: str, vae_path: str | 
 
 def _rows_to_encode(ds, out: str, table, previous, preset: Preset, metadata: dict):
     """(write mode, rows to encode, rows removed). A new table: every row, overwritten, with the empty caption's
-    embedding beside it. Else only the rows whose (id, caption) the table lacks, after removing in one commit
-    the table's rows whose (id, caption) the dataset no longer has."""
+    embedding beside it. Else only the rows whose (id, caption) the table lacks, after removing the table's rows
+    whose (id, caption) the dataset no longer has; every row, overwritten, when those are half the table."""
     from emoji_ldm.runtime.partitions import shuffle_partitions
     from emoji_ldm.store.artifacts import artifact_uri, write_bytes
-    from emoji_ldm.store.delta import read_dataset
+    from emoji_ldm.store.delta import read_dataset, row_count
     from emoji_ldm.store.log import file_actions
     from emoji_ldm.store.uri import DatasetRef
 
@@ -237,8 +239,12 @@ def _rows_to_encode(ds, out: str, table, previous, preset: Preset, metadata: dic
     parts = shuffle_partitions(size)
     have, _ = read_dataset(DatasetRef(out, version=previous[0].version()), columns=["id", "caption"])
     keys = ds.select_columns(["id", "caption"])
-    removed = _remove_rows(out, have.join(keys, "left_anti", parts, on=("id", "caption")),
-                           {**metadata, "phase": "remove", "message": f"{metadata['message']}: remove"})
+    # the latent rows whose (id, caption) the dataset no longer has: their keys in the object store (spilled at
+    # scale), counted, then removed a bounded chunk at a time
+    stale = have.join(keys, "left_anti", parts, on=("id", "caption")).materialize()
+    if stale.count() and 2 * stale.count() >= row_count(previous[0]):  # most rows changed: encode them all
+        return "overwrite", ds, stale.count()
+    removed = _remove_rows(out, stale, {**metadata, "phase": "remove", "message": f"{metadata['message']}: remove"})
     return "append", ds.join(have, "left_anti", parts, on=("id", "caption")), removed
 
 
@@ -267,9 +273,11 @@ def encode(config: EncodeConfig) -> dict:
     Incremental unless `full`: only rows whose id or caption is new or changed
     since the dataset version the latent table was built from are encoded
     (a Ray Data left anti-join on (id, caption)), and rows no longer in the
-    dataset (or with another caption) are removed. At most two versions: the
-    removal (when something was removed) and the append. A run killed between
-    them leaves the changed rows missing, and the next run encodes them.
+    dataset (or with another caption) are removed: one version per
+    `DELETE_KEYS_PER_COMMIT` rows removed, then the append. A run killed between
+    them leaves the changed rows missing, and the next run encodes them. When at
+    least half the table's rows changed (a re-caption pass), every row is
+    encoded again into one overwriting version instead, with no keys to hold.
     """
     from emoji_ldm.runtime.connect import ensure_ray
     from emoji_ldm.store.artifacts import check_writable
@@ -333,14 +341,15 @@ def image_lineage(dataset_uri: str, vae: str | None, preset: Preset) -> dict:
 
 
 def _remove_rows(out: str, stale, metadata: dict) -> int:
-    """Delete the rows of `stale` (id, caption) from the latent table in one commit; returns how many."""
+    """Delete the rows of `stale` (id, caption) from the latent table, `DELETE_KEYS_PER_COMMIT` keys a commit;
+    returns how many."""
     from emoji_ldm.store.delta import delete_matching
 
     schema = pa.schema([("id", pa.string()), ("caption", pa.string())])
-    # the keys of the rows to remove: as many as the dataset lost or changed, the work this run was asked
-    keys = pa.concat_tables([schema.empty_table()] + [
-        b.select(["id", "caption"]).cast(schema) for b in stale.iter_batches(batch_size=65536, batch_format="pyarrow")])
-    return delete_matching(out, keys, metadata)  # nothing committed when there are no keys
+    removed = 0
+    for keys in stale.iter_batches(batch_size=DELETE_KEYS_PER_COMMIT, batch_format="pyarrow"):
+        removed += delete_matching(out, keys.select(["id", "caption"]).cast(schema), metadata)
+    return removed
 
 
 def report(summary: dict) -> str:

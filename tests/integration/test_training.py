@@ -167,6 +167,7 @@ def test_encode_is_incremental(ray_local, tiny, tmp_path, monkeypatch):
     Its files hold latent_rows_per_file rows, not the few rows of whatever blocks the encoder made."""
     from deltalake import DeltaTable
 
+    from emoji_ldm.store.delta import commit_meta
     from emoji_ldm.store.log import file_actions
     from emoji_ldm.train import encode as encode_module
 
@@ -184,14 +185,22 @@ def test_encode_is_incremental(ray_local, tiny, tmp_path, monkeypatch):
     ids = sorted(DeltaTable(ds, version=0).to_pyarrow_table(columns=["id"]).column("id").to_pylist())
     table.update(predicate=f"id = '{ids[0]}'", updates={"caption": "'a brand new caption'"})
     DeltaTable(ds).delete(predicate=f"id = '{ids[1]}'")
+    monkeypatch.setattr(encode_module, "DELETE_KEYS_PER_COMMIT", 1)  # a removal commit per stale key
     second = encode(EncodeConfig(dataset=ds, out=lat))
     assert (second["encoded"], second["removed"], second["incremental"]) == (7, 2, True)  # 6 new + 1 re-captioned
+    phases = [commit_meta(h).get("phase") for h in DeltaTable(lat).history(3)]
+    assert phases == [None, "remove", "remove"], phases  # newest first: the append, then one per stale key
     rows = DeltaTable(lat).to_pyarrow_table(columns=["id", "caption"]).to_pylist()
     assert len(rows) == 29 and len({r["id"] for r in rows}) == 29
     assert {"id": ids[0], "caption": "a brand new caption"} in rows and ids[1] not in {r["id"] for r in rows}
 
     again = encode(EncodeConfig(dataset=ds, out=lat))  # nothing changed since: nothing to encode
     assert (again["encoded"], again["removed"], again["rows"]) == (0, 0, 29)
+    # a re-caption pass changes every caption: every row encoded again, in one overwriting version, no keys held
+    DeltaTable(ds).update(updates={"caption": "concat(caption, ' (again)')"})
+    recaptioned = encode(EncodeConfig(dataset=ds, out=lat))
+    assert (recaptioned["encoded"], recaptioned["removed"], recaptioned["incremental"]) == (29, 29, False)
+    assert recaptioned["version"] == again["version"] + 1 and recaptioned["rows"] == 29
     full = encode(EncodeConfig(dataset=ds, out=lat, vae=tiny.vae, full=True))
     assert (full["encoded"], full["incremental"], full["rows"]) == (29, False, 29)
     with pytest.raises(UserError, match="pass --full"):

@@ -40,7 +40,7 @@ def test_small_builds_apply_the_same_rule_on_the_driver(tmp_path):
 
     from emoji_ldm.ingest.build import _dedupe_small
     from emoji_ldm.ingest.tasks import DROP_SCHEMA
-    from emoji_ldm.store.staging import read_folder, staged_folders, write_atomic
+    from emoji_ldm.store.staging import folder_name, read_folder, write_atomic
 
     keys = _keys([{"id": "a", "source_url": "u1", "_file": "f1", "_pos": 0},
                   {"id": "a", "source_url": "u0", "_file": "f2", "_pos": 5},
@@ -48,8 +48,10 @@ def test_small_builds_apply_the_same_rule_on_the_driver(tmp_path):
     write_atomic(pafs.LocalFileSystem(), str(tmp_path / "keys"), keys, False)
     assert _dedupe_small(str(tmp_path / "ds"), str(tmp_path / "keys"), str(tmp_path / "drops"), False) == {
         "duplicate_in_build": 1}
-    (folder,) = staged_folders(str(tmp_path / "drops"))
-    assert read_folder(folder, DROP_SCHEMA).to_pylist() == [{"_file": "f1", "_pos": 0, "_reason": "duplicate_in_build"}]
+    drops = tmp_path / "drops"
+    assert read_folder(str(drops / folder_name("f1")), DROP_SCHEMA).to_pylist() == [
+        {"_file": "f1", "_pos": 0, "_reason": "duplicate_in_build"}]
+    assert read_folder(str(drops / folder_name("f2")), DROP_SCHEMA).num_rows == 0  # nothing staged: empty
 
 
 def test_build_drops_rows_already_in_the_table():
