@@ -26,13 +26,23 @@ waits until Ray Train has committed the report (every rank's part is up: `get_al
 which rank 0 asks at the next checkpoint (so at most one upload is in flight) and at the end of the run, after the
 export. A run killed in between has the checkpoint in Ray Train (a restarted attempt resumes from it) but not yet
 its mark (`--resume` of a new run takes the one before).
+
+A restore from remote storage (S3) fetches, per node, only what that node's ranks load: the files every rank reads
+(the model states, ema.pt, DeepSpeed's `latest`) and each of its ranks' own (`*zero_pp_rank_<R>_*`, `rng-rank<R>.pt`).
+DeepSpeed's ZeRO 1-3 without `elastic_checkpoint` reads only the rank's own optimizer shard
+(`DeepSpeedEngine._get_all_zero_checkpoint_state_dicts`) and never checks the others exist. The node's lowest rank
+downloads them into a folder of that node, once; every rank loads from it, and it is deleted after.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -223,13 +233,83 @@ def restore(engine, counters: dict, *, out: str, rank: int, device, ema=None, st
         checkpoint = chosen[0]
     if checkpoint is None:
         return None
-    with checkpoint.as_directory() as folder:
+    with _on_this_node(checkpoint, rank) as folder:
         _, client = engine.load_checkpoint(folder, tag="ds", load_lr_scheduler_states=True)
         counters.update({k: client[k] for k in counters})
         if ema is not None:  # every rank takes its partition of the full EMA, read from the file, not into memory
             ema.load_state_dict(load_tensors(Path(folder) / "ema.pt", mmap=True))
         set_rng_state(load_tensors(Path(folder) / f"rng-rank{rank}.pt"), device)
     return checkpoint.path
+
+
+_RANK_FILE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_|^rng-rank(\d+)\.pt$")
+
+
+def rank_of(name: str) -> int | None:
+    """The rank whose file `name` (a checkpoint file's base name) is, or None for a file every rank reads."""
+    found = _RANK_FILE.search(name)
+    return None if found is None else int(found.group(1) or found.group(2))
+
+
+def _node() -> str:
+    """This worker's node: Ray's node id under Ray, else the host name."""
+    import socket
+
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
+
+
+@contextlib.contextmanager
+def _on_this_node(checkpoint, rank: int) -> Iterator[str]:
+    """The checkpoint as a local folder holding what this node's ranks load (see the module docstring): the
+    checkpoint's own folder when it is on a local filesystem; else a download by the node's lowest rank."""
+    import pyarrow.fs as pafs
+    import torch.distributed as dist
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    ranks = [(_node(), rank)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, (_node(), rank))
+    here = {r for node, r in ranks if node == _node()}
+    # the same on every rank of the node, another on another node (two Ray nodes may share a host and its /tmp)
+    key = hashlib.sha1(f"{checkpoint.path}\n{_node()}".encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / f"emoji-ldm-restore-{key}"
+    try:
+        if rank == min(here):
+            shutil.rmtree(folder, ignore_errors=True)
+            _download(checkpoint, folder, here)
+        if dist.is_initialized():
+            dist.barrier()  # the node's files are down
+        yield str(folder)
+        if dist.is_initialized():
+            dist.barrier()  # every rank of the node has loaded
+    finally:
+        if rank == min(here):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _download(checkpoint, folder: Path, ranks: set[int]) -> None:
+    """The checkpoint's files that `ranks` load, into `folder`, several at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.fs as pafs
+
+    fs, root = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    wanted = [i.path for i in infos if i.type == pafs.FileType.File and rank_of(i.base_name) in ranks | {None}]
+    local = pafs.LocalFileSystem()
+
+    def fetch(path: str) -> None:
+        target = folder / path[len(root) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=local)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(fetch, wanted))
 
 
 def _step(path: str) -> int:

@@ -102,3 +102,84 @@ def test_a_resume_on_another_device_or_precision_is_refused_on_the_driver(tmp_pa
         refuse_or_resume(str(tmp_path), True, use_gpu=True, precision="bf16")
     with pytest.raises(UserError, match=r"other precision \(precision 'no'\)"):
         refuse_or_resume(str(tmp_path), True, use_gpu=False, precision="bf16")
+
+
+def test_rank_files_and_shared_files_are_told_apart():
+    from emoji_ldm.train.checkpoint import rank_of
+
+    assert rank_of("bf16_zero_pp_rank_12_mp_rank_00_optim_states.pt") == 12
+    assert rank_of("zero_pp_rank_3_mp_rank_00_model_states.pt") == 3  # ZeRO-3's weights shard
+    assert rank_of("zero_pp_rank_0_mp_rank_00_optim_states.pt") == 0
+    assert rank_of("rng-rank7.pt") == 7
+    for shared in ("mp_rank_00_model_states.pt", "ema.pt", "latest", "state.json", "zero_to_fp32.py"):
+        assert rank_of(shared) is None, shared
+
+
+CHECKPOINT_FILES = ("ds/mp_rank_00_model_states.pt", "ds/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                    "ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "latest", "ema.pt")
+
+
+def _restore_on_node(rank: int, store: str, root: str, nodes: dict, results) -> None:
+    """One of two gloo ranks restoring a checkpoint on a remote filesystem (a SubTreeFileSystem: not pyarrow's
+    LocalFileSystem, so it is downloaded), each rank on the node `nodes` gives it. Puts (rank, the files its
+    folder held when DeepSpeed would load it, that folder) on `results`."""
+    import os
+
+    import pyarrow.fs as pafs
+    import ray.train
+    import torch.distributed as dist
+
+    from emoji_ldm.train import checkpoint
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        checkpoint.latest = lambda out: None
+        checkpoint._node = lambda: nodes[rank]
+        remote = ray.train.Checkpoint("checkpoints/run/step-00000003",
+                                      filesystem=pafs.SubTreeFileSystem(root, pafs.LocalFileSystem()))
+
+        class Storage:
+            def attempt(self):
+                return remote
+
+        class Engine:
+            def load_checkpoint(self, folder, tag, load_lr_scheduler_states):
+                seen = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+                results.put((rank, seen, folder))
+                return None, {"step": 3}
+
+        checkpoint.restore(Engine(), {"step": 0}, out=root, rank=rank, device=torch.device("cpu"), storage=Storage())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_restore_fetches_only_what_the_nodes_ranks_load(tmp_path):
+    """From remote storage, each node's lowest rank downloads the files every rank reads and its node's ranks'
+    own (optimizer shards, RNG), never another node's; its ranks load from that folder, which is gone after.
+    (Two ranks of one node share one download: the S3 crash-resume test, `test_harness.py`, with DeepSpeed.)"""
+    import multiprocessing
+    import os
+
+    folder = tmp_path / "checkpoints" / "run" / "step-00000003"
+    for name in CHECKPOINT_FILES:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x")
+    for rank in (0, 1):
+        torch.save(rng_state(torch.device("cpu")), folder / f"rng-rank{rank}.pt")
+    nodes = {0: "a", 1: "b"}
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    ranks = [ctx.Process(target=_restore_on_node, args=(r, str(tmp_path / "store"), str(tmp_path), nodes, results))
+             for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(120)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    seen = {rank: (files, where) for rank, files, where in (results.get(timeout=5) for _ in ranks)}
+    shared = ["ds/mp_rank_00_model_states.pt", "ema.pt", "latest"]
+    own = {r: [f"ds/bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt", f"rng-rank{r}.pt"] for r in (0, 1)}
+    for rank in (0, 1):
+        assert seen[rank][0] == sorted(shared + own[rank]), rank  # not the other node's rank's shard
+        assert not os.path.exists(seen[rank][1])  # deleted once the node's ranks had loaded
+    assert seen[0][1] != seen[1][1]  # a folder per node, even where two nodes share a host
