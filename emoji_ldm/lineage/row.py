@@ -16,17 +16,16 @@ ROW_COLUMNS = ("id", "source", "source_url", "page_url", "title", "tag", "captio
 
 
 class _Log:
-    """Commit summaries by version, read from the newest back to the oldest asked for (never the whole log
-    unless asked for version 0)."""
+    """Commit summaries by version, each read from its own commit file when first asked for."""
 
-    def __init__(self, uri: str, latest: int):
-        self.uri, self.latest, self.rows = uri, latest, {}
+    def __init__(self, uri: str):
+        self.uri, self.rows = uri, {}
 
     def commit(self, version: int) -> dict:
         from emoji_ldm.store.delta import history
 
         if version not in self.rows:
-            self.rows.update({r["version"]: r for r in history(self.uri, limit=self.latest - version + 1)})
+            self.rows.update({r["version"]: r for r in history(self.uri, limit=1, upto=version)})
         row = self.rows.get(version)
         return commit_summary(row) if row else {"version": version, "operation": "?",
                                                 "note": "the log no longer holds this commit"}
@@ -48,7 +47,7 @@ def row_origin(dataset: str, row_id: str) -> dict:
                         "hash) of that version, e.g. from `emoji-ldm dataset diff`")
     path, row = found
     current, seen = path, row  # the file at the version asked for; the row as the current step sees it
-    log = _Log(ref.uri, open_table(DatasetRef(ref.uri)).version())
+    log = _Log(ref.uri)
     changes, at, note = [], version, None
     while True:
         added, gone = version_added(ref.uri, path, at)

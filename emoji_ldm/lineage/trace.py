@@ -179,8 +179,7 @@ def _dataset(uri: str, version: int, commits: int = 1000):
         table = open_table(DatasetRef(uri, version=version))
     except UserError as e:
         raise MissingLink("dataset", str(e)) from None
-    latest = open_table(DatasetRef(uri)).version()
-    rows = [r for r in history(uri, limit=latest - version + commits) if r["version"] <= version]
+    rows = history(uri, limit=commits, upto=version)
     link = {"link": "dataset", "uri": uri, "version": version, "rows": row_count(table),
             "commits": made_rows(rows)}
     if rows and rows[0]["version"] > 0:

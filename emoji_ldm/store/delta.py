@@ -120,12 +120,17 @@ def commit_meta(table_or_entry: dict) -> dict:
     return meta
 
 
-def history(uri: str, limit: int | None = None) -> list[dict[str, Any]]:
-    """One dict per version, oldest first (the newest `limit` only, when given): version, time,
-    operation, rows added/removed, message. Reads only the commits it returns."""
-    table = open_table(DatasetRef(normalize_uri(uri)))
+def history(uri: str, limit: int | None = None, upto: int | None = None) -> list[dict[str, Any]]:
+    """One dict per version, oldest first: version, time, operation, rows added/removed, message. The newest
+    `limit` commits (all when None), or with `upto` the `limit` commits up to and including that version, read
+    one commit file each however many came after it. Reads only the commits it returns."""
+    if upto is None:
+        entries = open_table(DatasetRef(normalize_uri(uri))).history(limit)
+    else:
+        first = 0 if limit is None else max(0, upto - limit + 1)
+        entries = [e for e in (_commit_info(uri, v) for v in range(first, upto + 1)) if e is not None]
     rows = []
-    for entry in table.history(limit):
+    for entry in entries:
         meta = commit_meta(entry)
         metrics = entry.get("operationMetrics") or {}
         counts = meta.get("counts") or {}
@@ -143,6 +148,22 @@ def history(uri: str, limit: int | None = None) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["version"])
 
 
+def _commit_info(uri: str, version: int) -> dict | None:
+    """The commitInfo action of one version, from its commit file in `_delta_log/` (the Delta protocol's layout),
+    with its version; None when the log no longer holds that file (log retention) or it has none."""
+    fs, root = filesystem(normalize_uri(uri))
+    try:
+        with fs.open_input_stream(f"{root.rstrip('/')}/_delta_log/{version:020d}.json") as f:
+            lines = f.read().decode("utf-8").splitlines()
+    except FileNotFoundError:
+        return None
+    for line in lines:
+        action = json.loads(line) if line.strip() else {}
+        if "commitInfo" in action:
+            return {**action["commitInfo"], "version": version}
+    return None
+
+
 def row_count(table: DeltaTable) -> int:
     """Rows at the table's loaded version, from the log's per-file stats (no data file is read)."""
     counts = pa.table(table.get_add_actions(flatten=True)).column("num_records")
@@ -152,13 +173,9 @@ def row_count(table: DeltaTable) -> int:
 
 
 def commit_metadata(table: DeltaTable) -> dict:
-    """The emoji-ldm metadata of the commit that made `table`'s loaded version (reads the log back to it only)."""
-    version = table.version()
-    latest = DeltaTable(table.table_uri, storage_options=storage_options() or None)
-    for entry in latest.history(limit=latest.version() - version + 1):
-        if entry["version"] == version:
-            return commit_meta(entry)
-    return {}
+    """The emoji-ldm metadata of the commit that made `table`'s loaded version (its commit file alone)."""
+    entry = _commit_info(table.table_uri, table.version())
+    return commit_meta(entry) if entry else {}
 
 
 def version_for_build(uri: str, build_id: str, recent: int = 1000) -> int | None:
