@@ -72,12 +72,16 @@ def main() -> int:
     parser.add_argument("--from-log", help="record this log of a run already made instead of running one")
     parser.add_argument("--wall-s", type=float, help="with --from-log: the run's whole wall time")
     parser.add_argument("--note", default=None, help="what the machine was doing besides (with --from-log)")
+    parser.add_argument("--commit", default=None, help="with --from-log: the commit the run was made at")
     parser.add_argument("--keep", action="store_true", help="keep the clone")
     args = parser.parse_args()
     extra = {}
     if args.from_log:
-        log, rc = Path(args.from_log).read_text(), None
-        wall = args.wall_s
+        log = Path(args.from_log).read_text()
+        said = re.findall(r"^exit (\d+)$", log, re.M)  # the exit status the log's last line gives, if any
+        rc, wall = (int(said[-1]) if said else None), args.wall_s
+        if args.commit:
+            extra["commit"] = args.commit
     else:
         wall, log, rc, extra["commit"] = run(args.target, args.keep)
     figures = {"make_wall_s": wall, "returncode": rc, **parse(args.target, log)}
