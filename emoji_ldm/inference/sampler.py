@@ -194,6 +194,9 @@ class Sampler:
         from emoji_ldm.models.builders import SCHEDULERS, sampling_scheduler
 
         self.pipe = pipe
+        # `sample` says once per call which prompts are truncated; the pipeline's own warning repeats it for every
+        # prompt of a batch (a screenful for an eval's hundreds)
+        logging.getLogger(type(pipe).__module__).setLevel(logging.ERROR)
         self.model_uri, self.content_id, self.alpha = model_uri, content_id, alpha or ImageAlpha()
         self.prompt_style = prompt_style  # the card's: how a typed prompt reaches the model (inference/prompts.py)
         self._schedulers = {name: sampling_scheduler(name, pipe.scheduler.config) for name in SCHEDULERS}
