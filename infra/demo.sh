@@ -35,11 +35,11 @@ vae_batch=${DEMO_VAE_BATCH:-8}
 default_steps=1000
 [ "$preset" = tiny ] && default_steps=500
 train_steps=${DEMO_TRAIN_STEPS:-$default_steps}
-# Which Twemoji: "base" (default) leaves out the 2,060 skin-tone variants of people and hands (1,949 emoji,
-# each drawn once), so every step of the same budget goes to a distinct emoji; "everyday" keeps, of those, the
-# smileys and the subgroups of the naming test's emoji (540: animals, food, weather, ...; infra/demo_twemoji.py);
+# Which Twemoji: "everyday" (default) keeps the smileys and the Unicode subgroups of the naming test's emoji
+# without skin-tone variants (540: animals, food, weather, ...; infra/demo_twemoji.py), so the demo's minutes go
+# to fewer, coherent things a person names (docs/demo.md); "base" is every emoji without skin tones (1,949);
 # "all" is the whole pack.
-twemoji=${DEMO_TWEMOJI:-base}
+twemoji=${DEMO_TWEMOJI:-everyday}
 case $twemoji in
   base | everyday | all) ;;
   *) echo "DEMO_TWEMOJI must be base, everyday or all, got '$twemoji'" >&2; exit 2 ;;
