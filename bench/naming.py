@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--key", type=Path, required=True)
     s.add_argument("--answers", type=Path, required=True)
     s.add_argument("--record", action="store_true", help="write the figures to bench/results/")
+    s.add_argument("--label", default=None, help="the model's name in the record's rows (default: its path)")
     args = parser.parse_args(argv)
     if args.command == "draw":
         draw(args.model, args.out, args.steps, args.guidance)
@@ -60,10 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"named {figures['named']} of {figures['tiles']} (chance {figures['chance']:.0f}), recognised "
           f"{figures['recognised']}: {', '.join(figures['recognised_tiles'])}")
     if args.record:
-        from common import write_record
+        from common import row, write_record
 
+        summary = [row("blind naming", f"tiles named of {figures['tiles']} (chance {figures['chance']:.0f}), "
+                       f"{args.label or key['model']}", figures["named"], goal=">= 20"),
+                   row("blind naming", f"tiles truly recognised, {args.label or key['model']}", figures["recognised"],
+                       goal=">= 12")]
         write_record("naming", {"model": key["model"], "steps": key["steps"], "guidance": key["guidance"],
-                                **figures}, [], about="blind naming test: a reader who had not seen the prompts")
+                                **figures}, summary, about="blind naming test: a reader who had not seen the prompts")
     return 0
 
 
