@@ -60,10 +60,25 @@ def _restore_on_rank(rank: int, store: str, out: str, seen, results) -> None:
         dist.destroy_process_group()
 
 
+def _two_ranks(target, tmp_path, arg) -> list:
+    """`target(rank, store, root, arg, results)` in two spawned processes (gloo ranks 0 and 1): what they put."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    ranks = [ctx.Process(target=target, args=(r, str(tmp_path / "store"), str(tmp_path), arg, results))
+             for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(120)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    return [results.get(timeout=5) for _ in ranks]
+
+
 def test_every_rank_restores_the_checkpoint_rank_0_found(tmp_path):
     """Each rank restoring the newest checkpoint its own listing shows would put the ranks at different steps (a
     hang at the next collective, or ZeRO partitions from two steps): rank 0 lists, and every rank loads that."""
-    import multiprocessing
 
     for step in (2, 3):
         folder = tmp_path / "checkpoints" / "run" / f"step-{step:08d}"
@@ -72,16 +87,7 @@ def test_every_rank_restores_the_checkpoint_rank_0_found(tmp_path):
             torch.save(rng_state(torch.device("cpu")), folder / f"rng-rank{rank}.pt")
     seen = {0: (str(tmp_path / "checkpoints" / "run" / "step-00000003"), {"step": 3}),
             1: (str(tmp_path / "checkpoints" / "run" / "step-00000002"), {"step": 2})}
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    ranks = [ctx.Process(target=_restore_on_rank, args=(r, str(tmp_path / "store"), str(tmp_path), seen, results))
-             for r in (0, 1)]
-    for p in ranks:
-        p.start()
-    for p in ranks:
-        p.join(120)
-    assert [p.exitcode for p in ranks] == [0, 0]
-    assert sorted(results.get(timeout=5) for _ in ranks) == [(0, 3), (1, 3)]
+    assert sorted(_two_ranks(_restore_on_rank, tmp_path, seen)) == [(0, 3), (1, 3)]
 
 
 def test_a_resume_on_another_device_or_precision_is_refused_on_the_driver(tmp_path):
@@ -157,7 +163,6 @@ def test_a_restore_fetches_only_what_the_nodes_ranks_load(tmp_path):
     """From remote storage, each node's lowest rank downloads the files every rank reads and its node's ranks'
     own (optimizer shards, RNG), never another node's; its ranks load from that folder, which is gone after.
     (Two ranks of one node share one download: the S3 crash-resume test, `test_harness.py`, with DeepSpeed.)"""
-    import multiprocessing
     import os
 
     folder = tmp_path / "checkpoints" / "run" / "step-00000003"
@@ -166,17 +171,7 @@ def test_a_restore_fetches_only_what_the_nodes_ranks_load(tmp_path):
         (folder / name).write_bytes(b"x")
     for rank in (0, 1):
         torch.save(rng_state(torch.device("cpu")), folder / f"rng-rank{rank}.pt")
-    nodes = {0: "a", 1: "b"}
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    ranks = [ctx.Process(target=_restore_on_node, args=(r, str(tmp_path / "store"), str(tmp_path), nodes, results))
-             for r in (0, 1)]
-    for p in ranks:
-        p.start()
-    for p in ranks:
-        p.join(120)
-    assert [p.exitcode for p in ranks] == [0, 0]
-    seen = {rank: (files, where) for rank, files, where in (results.get(timeout=5) for _ in ranks)}
+    seen = {rank: (files, where) for rank, files, where in _two_ranks(_restore_on_node, tmp_path, {0: "a", 1: "b"})}
     shared = ["ds/mp_rank_00_model_states.pt", "ema.pt", "latest"]
     own = {r: [f"ds/bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt", f"rng-rank{r}.pt"] for r in (0, 1)}
     for rank in (0, 1):
