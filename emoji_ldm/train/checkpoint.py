@@ -270,13 +270,14 @@ def _on_this_node(checkpoint, rank: int) -> Iterator[str]:
     if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
         yield checkpoint.path
         return
-    ranks = [(_node(), rank)]
+    node = _node()
+    ranks = [(node, rank)]
     if dist.is_initialized() and dist.get_world_size() > 1:
         ranks = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, (_node(), rank))
-    here = {r for node, r in ranks if node == _node()}
+        dist.all_gather_object(ranks, (node, rank))
+    here = {r for other, r in ranks if other == node}
     # the same on every rank of the node, another on another node (two Ray nodes may share a host and its /tmp)
-    key = hashlib.sha1(f"{checkpoint.path}\n{_node()}".encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{checkpoint.path}\n{node}".encode()).hexdigest()[:16]
     folder = Path(tempfile.gettempdir()) / f"emoji-ldm-restore-{key}"
     try:
         if rank == min(here):
