@@ -112,26 +112,30 @@ def test_a_key_with_one_job_starts_before_the_third_of_a_key_with_fifty(shared):
     single = post(jobs, {"prompts": ["one blob"], "steps": 2}, _auth(shared, "one"))
     assert single.status == 202, single.data
     one = json.loads(single.data)["id"]
-    last = json.loads(get(f"{jobs}/{heavy[-1]}", _auth(shared, "many")).data)
-    if last["state"] == "queued":  # its place in line and the priority it waits at
-        assert last["queue"]["position"] >= 40 and last["queue"]["priority"] == "normal", last
-    assert get(f"{jobs}/{one}", _auth(shared, "many")).status == 404  # another key's job
-
     queue = ray.get_actor(QUEUE_NAME, namespace=NAMESPACE)
 
-    def started() -> list[str] | None:
-        turns = [job_id for _, _, job_id in ray.get(queue.snapshot.remote())["turns"]]
-        return turns if one in turns else None
+    def turns() -> list[str]:
+        return [job_id for _, _, job_id in ray.get(queue.snapshot.remote())["turns"]]
 
-    turns = wait_for(started, 180, "the single job to start")
-    ours = [j for j in turns if j in heavy or j == one]
-    assert ours.index(one) <= 2, ours[:5]  # before many's third
+    started_before = set(turns())  # many's jobs that ran while the 50 were posted (how many depends on the machine)
+    last, earlier = (json.loads(get(f"{jobs}/{j}", _auth(shared, "many")).data) for j in (heavy[-1], heavy[-2]))
+    if last["state"] == "queued":  # its place in line and the priority it waits at
+        assert last["queue"]["priority"] == "normal", last
+        if earlier["state"] == "queued":  # read after it: a place can only have moved forward meanwhile
+            assert earlier["queue"]["position"] < last["queue"]["position"], (earlier, last)
+    assert get(f"{jobs}/{one}", _auth(shared, "many")).status == 404  # another key's job
+
+    granted = wait_for(lambda: turns() if one in turns() else None, 180, "the single job to start")
+    ours = [j for j in granted if j == one or (j in heavy and j not in started_before)]
+    assert ours.index(one) <= 2, ours[:5]  # before the third of many's jobs still waiting when it came
     with ThreadPoolExecutor(4) as pool:  # the rest, cancelled while they wait: they end at once, in no slot
         assert all(r.status == 202 for r in pool.map(
             lambda j: HTTP.request("DELETE", f"{jobs}/{j}", headers=_auth(shared, "many")), heavy))
     wait_for(lambda: not _running(), 240, "the cancelled jobs to end")
-    ended = [json.loads(get(f"{jobs}/{j}", _auth(shared, "many")).data)["state"] for j in heavy]
-    assert set(ended) <= {"succeeded", "cancelled"} and ended.count("cancelled") >= 40, ended
+    ended = {j: json.loads(get(f"{jobs}/{j}", _auth(shared, "many")).data)["state"] for j in heavy}
+    never_ran = set(heavy) - set(turns())
+    assert set(ended.values()) <= {"succeeded", "cancelled"}, ended
+    assert never_ran and {ended[j] for j in never_ran} == {"cancelled"}, ended
 
 
 def test_retention_deletes_nothing_outside_its_jobs_and_sets(shared):
