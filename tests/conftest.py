@@ -59,6 +59,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Ray's usage stats: the heads are started without them (`--disable-usage-stats`), but each driver (this process,
 # a CLI run) that ran Ray Data made a detached usage-collection actor and sent it every execution.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray's metrics (each worker records and exports them; each node's agent gathers them and every 5 s reports the
+# node's processes to the dashboard): for Prometheus and the dashboard's charts, which no test reads.
+os.environ.setdefault("RAY_enable_metrics_collection", "0")
+os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", "60000")
 
 
 def pytest_collection_modifyitems(items):

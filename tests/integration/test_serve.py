@@ -210,7 +210,7 @@ def test_web_page_generates_and_downloads_zip_in_chromium(served, tmp_path):
         steps.send_keys("4")
         driver.find_element(By.ID, "generate").click()
         WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery figure img")) == 3)
-        captions = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "#gallery figcaption")]
+        captions = _texts(driver, "#gallery figcaption")
         assert all(c.startswith("<img src=x onerror=alert(1)> red heart") for c in captions)
         assert driver.find_elements(By.CSS_SELECTOR, "#gallery img[src='x']") == []
         sizes = driver.execute_script(
@@ -233,8 +233,7 @@ def test_web_page_generates_and_downloads_zip_in_chromium(served, tmp_path):
         items.send_keys("happy\nsad")
         driver.find_element(By.ID, "generate").click()
         WebDriverWait(driver, 60).until(  # the item and the alias people type (the theme is "blob")
-            lambda d: [c.text for c in d.find_elements(By.CSS_SELECTOR, "#gallery figcaption")]
-            == ["happy :happy_blob:", "sad :sad_blob:"])
+            lambda d: _texts(d, "#gallery figcaption") == ["happy :happy_blob:", "sad :sad_blob:"])
         # for Slack (the page's default): 128 px RGBA PNGs, each shown on a light and on a dark background
         sizes = driver.execute_script(
             "return [...document.querySelectorAll('#gallery img')].map(i => i.naturalWidth)")
@@ -244,8 +243,8 @@ def test_web_page_generates_and_downloads_zip_in_chromium(served, tmp_path):
         assert darks == ["rgb(26, 29, 33)"] * 2
 
         # the same set drawn by the adapter the server loaded, picked from the page's menu
-        def drawn(d):
-            return [i.get_attribute("src") for i in d.find_elements(By.CSS_SELECTOR, "#gallery img")]
+        def drawn(d):  # in one script: the page may redraw the gallery between two WebDriver calls
+            return d.execute_script("return [...document.querySelectorAll('#gallery img')].map(i => i.src)")
 
         plain = drawn(driver)
         menu = Select(driver.find_element(By.ID, "adapter"))
@@ -266,6 +265,12 @@ def test_web_page_generates_and_downloads_zip_in_chromium(served, tmp_path):
         assert "error" in driver.find_element(By.ID, "status").get_attribute("class")
     finally:
         browser.quit()
+
+
+def _texts(driver, css: str) -> list[str]:
+    """The shown text of every element CSS matches, read in one script (the page may redraw between two WebDriver
+    calls, and an element read after that is stale)."""
+    return driver.execute_script("return [...document.querySelectorAll(arguments[0])].map(e => e.innerText)", css)
 
 
 def _wait_for_download(folder, timeout: float = 30):
