@@ -129,6 +129,19 @@ def test_a_cancelled_or_expired_job_that_waits_ends_at_once_without_a_slot(queue
     assert queue.cancel("job-a-0001") is False  # running: its runner stops it, not the queue
 
 
+def test_a_keys_jobs_made_in_the_same_second_start_in_the_order_they_came(queue, monkeypatch):
+    """created_at has whole seconds: within one, a key's jobs go in the order they came, not by their random ids."""
+    from emoji_ldm.serve.jobs import store
+
+    monkeypatch.setattr(store, "now_iso", lambda: "2026-11-28T00:00:00Z")
+    for n in (9, 3, 7, 1):  # ids that sort in another order than they came
+        queue.submit_job("a", n)
+    assert [queue.place("a", f"job-a-{n:04d}")["position"] for n in (3, 7, 1)] == [0, 1, 2]
+    for n in (9, 3, 7):
+        queue.release(f"job-a-{n:04d}", 4, 1.0)
+    assert queue.runners.started == ["job-a-0009", "job-a-0003", "job-a-0007", "job-a-0001"]
+
+
 def test_a_runner_that_vanished_gives_its_slot_back(queue):
     queue.submit_job("a", 1)
     queue.submit_job("b", 1)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import heapq
+import itertools
 import logging
 import threading
 import time
@@ -57,10 +58,11 @@ class Waiting:
     created: str             # request.json's created_at: the order within a key's line
     deadline: float | None   # epoch seconds (Cancel-After), or None
     spec: object = None      # the JobSpec its runner starts with
+    arrival: int = 0         # the queue's count when it came: the order among jobs made in the same second
 
     @property
-    def key(self) -> tuple[str, str]:
-        return self.created, self.job_id
+    def key(self) -> tuple[str, int, str]:
+        return self.created, self.arrival, self.job_id
 
 
 @dataclasses.dataclass
@@ -154,6 +156,7 @@ class JobQueue:
         self.last: dict[str, int] = {}                  # owner -> the turn its last job started (fair share)
         self.turns: deque[tuple[int, str, str]] = deque(maxlen=1000)  # (turn, owner, job id), newest last
         self._places: dict[str, tuple[int, int]] | None = None  # job id -> (position, images ahead), until a change
+        self._arrivals = itertools.count()              # created_at has whole seconds: this orders a key's jobs
         self._lock = threading.RLock()
         self._checked = clock()
         if ticking:  # the live runners of before a restart hold their slots until they end
@@ -184,7 +187,7 @@ class JobQueue:
                 return request["body_hash"]
             entry = Waiting(spec.owner, job_id, PRIORITIES.index(request.get("priority", "normal")),
                             JobRequest.model_validate(request["body"]).images(), request["created_at"],
-                            request.get("deadline"), spec)
+                            request.get("deadline"), spec, next(self._arrivals))
             self.line.push(entry)
             self._places = None
             if entry.deadline is not None:
