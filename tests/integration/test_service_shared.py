@@ -126,7 +126,11 @@ def test_a_key_with_one_job_starts_before_the_third_of_a_key_with_fifty(shared):
             assert earlier["queue"]["position"] < last["queue"]["position"], (earlier, last)
     assert get(f"{jobs}/{one}", _auth(shared, "many")).status == 404  # another key's job
 
-    granted = wait_for(lambda: turns() if one in turns() else None, 180, "the single job to start")
+    def started() -> list[str] | None:
+        granted = turns()
+        return granted if one in granted else None
+
+    granted = wait_for(started, 180, "the single job to start")
     ours = [j for j in granted if j == one or (j in heavy and j not in started_before)]
     assert ours.index(one) <= 2, ours[:5]  # before the third of many's jobs still waiting when it came
     with ThreadPoolExecutor(4) as pool:  # the rest, cancelled while they wait: they end at once, in no slot
