@@ -34,11 +34,12 @@ BIN = Path(sys.executable).parent
 def load_latents(uri: str, n: int):
     from deltalake import DeltaTable
 
-    from emoji_ldm.store.latents import decode_latents
+    from emoji_ldm.store.latents import decode_latents, own_caption
 
     t = DeltaTable(uri).to_pyarrow_table(columns=["latent", "latent_shape", "text_emb", "text_shape"]).slice(0, n)
     d = decode_latents({k: t.column(k).to_pylist() for k in t.column_names})
-    return torch.from_numpy(d["latent"]).float(), torch.from_numpy(d["text_emb"]).float()
+    # both sides train on the captions themselves, (B, L, D)
+    return torch.from_numpy(d["latent"]).float(), torch.from_numpy(own_caption(d["text_emb"])).float()
 
 
 def plain_loop(preset, latents, text, batch: int, steps: int, encode_fn=None) -> float:

@@ -291,13 +291,13 @@ def pixel32(ctx: Context) -> dict:
     clip = tiny_clip(ctx.work / "clip-pixel32")
     overrides = {"text.pretrained": str(clip), "text.kind": "clip", "text.hidden_size": "32"}
     if ctx.quick:
-        overrides["unet.block_out_channels"] = "32,32"
+        overrides["unet.block_out_channels"] = "32,32,32"
     preset = get_preset("pixel32", overrides)
     torch.manual_seed(0)
-    vae = build_vae(preset).to(ctx.device)  # PatchAutoencoder: no weights, 4x4 patches as channels
+    vae = build_vae(preset).to(ctx.device)  # PatchAutoencoder: no weights, 2x2 patches as channels
     pixels = torch.rand(8, 4, 32, 32, device=ctx.device) * 2 - 1  # (B, 4, 32, 32) RGBA in [-1, 1]
     with torch.no_grad():
-        latents = vae.encode(pixels.to(torch.bfloat16)).latent_dist.mode()  # (B, 64, 8, 8) in bf16
+        latents = vae.encode(pixels.to(torch.bfloat16)).latent_dist.mode()  # (B, 16, 16, 16) in bf16
         back = vae.decode(latents).sample.float()  # (B, 4, 32, 32)
     round_trip = float((back - pixels.to(torch.bfloat16).float()).abs().max())
     unet = build_unet(preset).to(ctx.device).train()
@@ -331,7 +331,7 @@ def pixel32(ctx: Context) -> dict:
     figures = {"round_trip_max_abs": round_trip, "latent_shape": list(latents.shape), "steps": steps,
                "losses": losses, "train_s": train_s, "prediction_type": preset.noise.prediction_type,
                "sampled": sampled}
-    ok = (figures["latent_shape"] == [8, 64, 8, 8] and round_trip < 1e-2 and all(map(math.isfinite, losses))
+    ok = (figures["latent_shape"] == [8, 16, 16, 16] and round_trip < 1e-2 and all(map(math.isfinite, losses))
           and all(s["size"] == [32, 32] and s["mode"] == "RGBA" and s["vae"] == "PatchAutoencoder"
                   for s in sampled.values()))
     if not ok:

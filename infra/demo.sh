@@ -148,7 +148,7 @@ step build "$cli" dataset build --source "$source" --out "$out/twemoji" --messag
   "${build_args[@]}"
 step caption "$cli" dataset caption "$out/twemoji" --captioner metadata
 step show "$cli" dataset show "$out/twemoji" --sheet "$out/twemoji-sheet.png"
-# pixel32: the images as 8x8x64 patches, nothing to train first; tiny: its VAE trained first, 1,200 steps of 8
+# pixel32: the images as 16x16x16 patches, nothing to train first; tiny: its VAE trained first, 1,200 steps of 8
 # images instead of the preset's 1,000 of 32 (the batch, not the images, held it back; bench/demo_quality.py)
 vae_args=()
 [ "$preset" = tiny ] && vae_args=(--vae-steps "$vae_steps" --set vae.train_batch_size="$vae_batch")

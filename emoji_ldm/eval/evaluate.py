@@ -125,7 +125,7 @@ def _model_measures(config: EvalConfig, pipe, table, meta: dict, heldout: dict) 
     from emoji_ldm.inference.sampler import ImageAlpha, model_card
     from emoji_ldm.models.builders import noise_scheduler
     from emoji_ldm.models.presets import preset_from_dict
-    from emoji_ldm.store.latents import decode_latents
+    from emoji_ldm.store.latents import decode_latents, own_caption
 
     s = config.sampler
     preset = preset_from_dict(meta["preset"])
@@ -134,7 +134,7 @@ def _model_measures(config: EvalConfig, pipe, table, meta: dict, heldout: dict) 
                                                                       "text_shape")})
     measures = {"val_rows": val.num_rows, "timesteps": list(TIMESTEPS), "heldout_loss": heldout_loss(
         pipe.unet, noise_scheduler(preset), torch.from_numpy(decoded["latent"]).float(),
-        torch.from_numpy(decoded["text_emb"]).float(), seed=s.seed)}
+        torch.from_numpy(own_caption(decoded["text_emb"])).float(), seed=s.seed)}
     image_alpha = ImageAlpha.of(model_card(config.model))
     k = config.samples_per_caption
     images = generate_samples(pipe, [c for c in heldout["caption"] for _ in range(k)], s, alpha=image_alpha)

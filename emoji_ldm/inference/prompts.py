@@ -32,6 +32,9 @@ COLOURS = ("red", "orange", "yellow", "green", "teal", "blue", "purple", "pink",
 SHADES = ("bright", "dark", "pale", "light")
 # "cat face emoji (smileys & emotion), ..., on a transparent background": what a metadata caption looks like
 _METADATA_CAPTION = re.compile(r"^.+ emoji(?: \([^)]*\))?, .*\bon an? .+ background$")
+# its head, the form a typed name takes: "cat face emoji (smileys & emotion)"
+_NAME_FORM = re.compile(r"^(.+? emoji(?: \([^)]*\))?), ")
+FORMS = {"as-typed": 1, "metadata": 2}  # the caption forms a model of each style trains on (`caption_forms`)
 
 
 def clean(prompt: str) -> str:
@@ -97,6 +100,22 @@ def model_prompt(prompt: str, style: str) -> str:
     if colours and rest in names:
         return in_metadata_form(*names[rest], colours)
     return text
+
+
+def caption_forms(caption: str, style: str) -> list[str]:
+    """The `FORMS[style]` texts a caption is trained as, one drawn per image and step.
+
+    `metadata`: the caption, then its name form, the prompt a typed name becomes (`model_prompt`):
+    "cat face emoji (smileys & emotion), bright yellow, on a transparent background" -> [that,
+    "cat face emoji (smileys & emotion)"]. A model trained on whole captions alone draws a typed "cat face"
+    from a text it never saw. A caption not in the metadata form is its own name form. `as-typed`: [caption].
+    """
+    if style not in FORMS:
+        raise ValueError(f"caption style {style!r}: one of {', '.join(FORMS)}")
+    if FORMS[style] == 1:
+        return [caption]
+    head = _NAME_FORM.match(caption) if _METADATA_CAPTION.match(caption) else None
+    return [caption, head[1] if head else caption]
 
 
 def caption_style(captions: list[str]) -> str:

@@ -1,8 +1,8 @@
-"""The autoencoder of a pixel-space model: no weights, each 4x4 pixel patch becomes 64 latent channels.
+"""The autoencoder of a pixel-space model: no weights, each p x p pixel patch becomes 4 p^2 latent channels.
 
 `vae.kind: patches` (the `pixel32` preset, `make demo`'s model): the UNet denoises the image itself, rearranged
-space-to-depth (`torch.nn.functional.pixel_unshuffle`), so a 32x32 RGBA image is an 8x8x64 "latent" that a
-UNet of the `tiny` preset's cost handles, and decoding is exact. Nothing to train in stage 1, and no
+space-to-depth (`torch.nn.functional.pixel_unshuffle`): with 2x2 patches a 32x32 RGBA image is a 16x16x16
+"latent", and decoding is exact. Nothing to train in stage 1, and no
 reconstruction error: a small VAE trained for minutes on 2 cores loses most of what a judge needs to tell
 emoji apart (its reconstructions of held-out Twemoji were judged right 21% of the time, the images themselves
 39%; bench/demo_quality.py).

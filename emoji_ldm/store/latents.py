@@ -3,8 +3,10 @@
 A latent table is a Delta table partitioned by `split` (`train` | `val`, 10%
 held out by content hash), one row per image: `id`, `caption`, `latent`
 (float16 bytes of `latent_shape` (C, h, w), already times the VAE scaling
-factor), `text_emb` (float16 bytes of `text_shape` (L, D)). Its encode commit
-records the dataset URI + version and the encoder ids; the empty-caption
+factor), `text_emb` (float16 bytes of `text_shape`: (L, D), or (K, L, D) for K
+forms of the caption, the caption first: `inference.prompts.caption_forms`;
+training draws one per image and step). Its encode commit records the dataset
+URI + version, the encoder ids and `text_forms` (K); the empty-caption
 embedding (caption dropout) is stored beside it in `_emoji_ldm/empty_caption.npz`.
 
 Training reads it as deterministic per-rank shards (`RankStream`), not through
@@ -83,7 +85,7 @@ def empty_caption(uri: str) -> np.ndarray:
 
 
 def decode_latents(batch: dict) -> dict:
-    """Float16 bytes -> fixed-shape arrays: latent (B, C, h, w), text_emb (B, L, D)."""
+    """Float16 bytes -> fixed-shape arrays: latent (B, C, h, w), text_emb (B, L, D) or (B, K, L, D)."""
     shape = tuple(batch["latent_shape"][0])
     tshape = tuple(batch["text_shape"][0])
     return {
@@ -91,6 +93,11 @@ def decode_latents(batch: dict) -> dict:
         "latent": np.stack([np.frombuffer(b, dtype=np.float16).reshape(shape) for b in batch["latent"]]),
         "text_emb": np.stack([np.frombuffer(b, dtype=np.float16).reshape(tshape) for b in batch["text_emb"]]),
     }
+
+
+def own_caption(text_emb: np.ndarray) -> np.ndarray:
+    """The embeddings of the captions themselves, (B, L, D), from a decoded `text_emb` of any number of forms."""
+    return text_emb[:, 0] if text_emb.ndim == 4 else text_emb
 
 
 @dataclass(frozen=True)
@@ -139,7 +146,7 @@ class RankStream:
         self.batches_per_epoch = sum(f.rows for f in files) // world // micro
 
     def epoch(self, epoch: int, skip: int = 0):
-        """Micro-batches `skip`.. of `epoch` as dicts of float16 arrays: latent (B, C, h, w), text_emb (B, L, D).
+        """Micro-batches `skip`.. of `epoch` as dicts of float16 arrays: latent (B, C, h, w), text_emb (B, [K,] L, D).
 
         The same order as a run that never stopped. The `skip` batches already trained on are not read: the
         shuffle is replayed on row numbers alone, then only the rows still in the shuffle buffer are read back,

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from emoji_ldm.config import opt
 from emoji_ldm.errors import UserError
-from emoji_ldm.inference.prompts import caption_style
+from emoji_ldm.inference.prompts import FORMS, caption_forms, caption_style
 from emoji_ldm.models.presets import Preset, PresetOptions, preset_from_dict, saved_section
 from emoji_ldm.store.latents import LATENT_SCHEMA, PARTITION
 
@@ -57,7 +57,7 @@ class EncodeConfig(PresetOptions):
 class Encoder:
     """Ray Data actor: one VAE + text encoder per actor, called on batches of dataset rows."""
 
-    def __init__(self, preset: dict, vae_path: str | None, device: str):
+    def __init__(self, preset: dict, vae_path: str | None, device: str, caption_style: str = "as-typed"):
         import torch
 
         from emoji_ldm.models.builders import build_vae, load_text_encoder, vae_scaling_factor
@@ -69,6 +69,7 @@ class Encoder:
         self.scale = vae_scaling_factor(self.vae, self.preset)
         self.tokenizer, self.text = load_text_encoder(self.preset)
         self.text.to(self.device)
+        self.caption_style = caption_style
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -83,14 +84,17 @@ class Encoder:
                                self.preset.vae.key_colour)["pixels"]
         pixels = torch.from_numpy(pixels).float()  # (B, C, H, W), C: the VAE's (4 RGBA, 3 RGB)
         captions = [c if c else (t or "") for c, t in zip(batch["caption"], batch["title"])]
+        forms = [form for c in captions for form in caption_forms(c, self.caption_style)]  # B x K, row by row
         with torch.no_grad():
             latents = self.vae.encode(pixels.to(self.device)).latent_dist.mean * self.scale  # (B, C, h, w)
-            emb, _, truncated = encode_text(self.tokenizer, self.text, captions, self.preset.text.max_length)
+            emb, _, truncated = encode_text(self.tokenizer, self.text, forms, self.preset.text.max_length)
         if truncated:
             logger.warning("%d caption(s) longer than %d tokens were truncated", truncated,
                            self.preset.text.max_length)
         latents = latents.cpu().numpy().astype(np.float16)  # (B, C, h, w)
-        emb = emb.cpu().numpy().astype(np.float16)  # (B, L, D)
+        emb = emb.cpu().numpy().astype(np.float16)  # (B * K, L, D)
+        if FORMS[self.caption_style] > 1:
+            emb = emb.reshape(len(captions), FORMS[self.caption_style], *emb.shape[1:])  # (B, K, L, D)
         release_free_heap()  # the batch's freed activations back to the OS: the actor stays flat
         # Arrow straight from the arrays: no Python object per row here or in the write tasks
         return pa.Table.from_arrays([
@@ -151,8 +155,9 @@ def _text_rows(batch: dict) -> dict:
     return {**batch, "caption": np.array(text, dtype=object)}
 
 
-def _previous_encode(out: str, preset: Preset, vae: str | None, full: bool):
-    """The latent table's current version and its encode metadata, when this encode may build on it."""
+def _previous_encode(out: str, preset: Preset, vae: str | None, full: bool, forms: int):
+    """The latent table's current version and its encode metadata, when this encode may build on it: not when
+    its rows hold another number of caption forms (`text_forms`: the captions' style changed)."""
     from emoji_ldm.store.delta import commit_metadata, open_table, table_exists
 
     if full or not table_exists(out):
@@ -170,6 +175,10 @@ def _previous_encode(out: str, preset: Preset, vae: str | None, full: bool):
         raise UserError(f"the latent table {out!r} was encoded with another preset, VAE or text encoder "
                         f"({meta.get('preset', {}).get('name')!r}, VAE {meta.get('vae')!r}): pass --full to "
                         "re-encode every row, or choose another --out")
+    if meta.get("text_forms", 1) != forms:
+        print(f"[encode] the latent table {out!r} holds {meta.get('text_forms', 1)} caption form(s) a row and "
+              f"these captions take {forms}: encoding every row again", flush=True)
+        return None
     return table, meta
 
 
@@ -248,14 +257,14 @@ def _rows_to_encode(ds, out: str, table, previous, preset: Preset, metadata: dic
     return "append", ds.join(have, "left_anti", parts, on=("id", "caption")), removed
 
 
-def _encoded(todo, config: EncodeConfig, preset: Preset, vae_path: str | None):
+def _encoded(todo, config: EncodeConfig, preset: Preset, vae_path: str | None, style: str):
     """The rows through a pool of encoder actors, in blocks of one latent data file each."""
     import ray.data
 
     encoded = todo.map_batches(
         Encoder,
         fn_constructor_kwargs={"preset": preset.to_dict(), "vae_path": vae_path,
-                               "device": "cuda" if config.use_gpu else "cpu"},
+                               "device": "cuda" if config.use_gpu else "cpu", "caption_style": style},
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=config.concurrency),
@@ -292,7 +301,8 @@ def encode(config: EncodeConfig) -> dict:
     table = _check_dataset(config.dataset)
     version = table.version()
     vae_given = normalize_uri(config.vae) if config.vae else None
-    previous = _previous_encode(out, preset, vae_given, config.full)
+    style = _caption_style(table)
+    previous = _previous_encode(out, preset, vae_given, config.full, FORMS[style])
     ensure_ray(dashboard=True)  # Ray Train's cleaner needs the State API
     dataset_uri = DatasetRef.parse(config.dataset).uri
     ds, _ = read_dataset(DatasetRef(dataset_uri, version=version), columns=["id", "image", "caption", "title"])
@@ -303,14 +313,15 @@ def encode(config: EncodeConfig) -> dict:
         "operation": "encode", "source": f"{dataset_uri}@{version}", "dataset": dataset_uri,
         "image": image_lineage(dataset_uri, vae_path or preset.vae.pretrained, preset),
         "dataset_version": version, "preset": preset.to_dict(), "vae": vae_path or preset.vae.pretrained,
-        "text_encoder": preset.text.pretrained, "caption_style": _caption_style(table),
+        "text_encoder": preset.text.pretrained, "caption_style": style,
+        "text_forms": FORMS[style],
         "code_version": code_version(), "build_id": build_id,
         "config": dataclasses.asdict(config), "message": f"encode {config.dataset}@{version} with {preset.name}",
     }
     mode, todo, removed = _rows_to_encode(ds, out, table, previous, preset, metadata)
     sink = CommitDeltaDatasink(out, schema=LATENT_SCHEMA, metadata={**metadata, "counts": {"removed": removed}},
                                mode=mode, partition_by=PARTITION)
-    _encoded(todo, config, preset, vae_path).write_datasink(sink)
+    _encoded(todo, config, preset, vae_path, style).write_datasink(sink)
     latent_version = version_for_build(out, build_id)
     latest = open_table(f"{out}@{latent_version}")
     train_rows, val_rows = (sum(f.rows for f in split_files(latest, s)) for s in ("train", "val"))

@@ -165,7 +165,7 @@ def _recipe(run: WorkerConfig):
 
     def forward(batch):
         latents = to_device(batch["latent"], w.device, batch_layout(run.speed))  # (B, C, h, w)
-        text = to_device(batch["text_emb"], w.device)  # (B, L, D)
+        text = to_device(batch["text_emb"], w.device)  # (B, L, D), or (B, K, L, D): K forms of each caption
         return micro_batch_loss(engine, noise, latents, text, empty, tc, preset.noise.prediction_type, w.dtype), {}
 
     describe = _describe(preset, engine.module, stream.batches_per_epoch, run)

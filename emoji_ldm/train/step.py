@@ -55,13 +55,16 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, no
 
 def micro_batch_loss(engine, noise_scheduler, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor,
                      recipe, prediction_type: str, dtype: torch.dtype) -> torch.Tensor:
-    """The loss of one micro-batch on the engine's device: caption dropout, noise, forward.
+    """The loss of one micro-batch on the engine's device: caption form, caption dropout, noise, forward.
 
-    latents (B, C, h, w) and text (B, L, D) float32 on the device; `empty` (L, D)
-    is the empty caption's embedding; `recipe` is the preset's `TrainSpec`
-    (caption_dropout, noise_offset, snr_gamma). `engine` is a DeepSpeed engine
-    or a `PlainEngine`, called like the UNet.
+    latents (B, C, h, w) and text (B, L, D), or (B, K, L, D) for K forms of each caption (the latent table's
+    `text_emb`: the caption, then its name form), float32 on the device; `empty` (L, D) is the empty caption's
+    embedding; `recipe` is the preset's `TrainSpec` (caption_dropout, noise_offset, snr_gamma). `engine` is a
+    DeepSpeed engine or a `PlainEngine`, called like the UNet.
     """
+    if text.ndim == 4:  # one form per image, uniformly, on the CPU generator: the same draws on any device
+        form = torch.randint(text.shape[1], (len(text),)).to(text.device, non_blocking=True)  # (B,)
+        text = text[torch.arange(len(text), device=text.device), form]  # (B, L, D)
     drop = torch.rand(len(latents)) < recipe.caption_dropout  # on the CPU generator: the same draws on any device
     drop = drop.to(text.device, non_blocking=True).view(-1, 1, 1)  # (B, 1, 1)
     cond = torch.where(drop, empty, text)  # (B, L, D) classifier-free guidance: learn the unconditional too
@@ -75,8 +78,8 @@ def micro_batch_loss(engine, noise_scheduler, latents: torch.Tensor, text: torch
 
 def latent_forward(engine, noise_scheduler, empty: torch.Tensor, recipe, prediction_type: str,
                    dtype: torch.dtype = torch.float32):
-    """The loop's `forward` (`loop.Recipe.forward`) for a micro-batch (latents (B, C, h, w), text (B, L, D)) already
-    on the engine's device: `micro_batch_loss`, and no logged parts."""
+    """The loop's `forward` (`loop.Recipe.forward`) for a micro-batch (latents (B, C, h, w), text (B, [K,] L, D))
+    already on the engine's device: `micro_batch_loss`, and no logged parts."""
     def forward(micro) -> tuple:
         latents, text = micro
         return micro_batch_loss(engine, noise_scheduler, latents, text, empty, recipe, prediction_type, dtype), {}

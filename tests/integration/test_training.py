@@ -35,6 +35,8 @@ def test_tiny_pipeline_zero2_end_to_end(tiny):
     assert card["training"] == {"workers": 2, "zero_stage": 2, "steps": 4, "global_batch": 8}
     assert card["dataset_version"] == 2 and card["latent_table_version"] == 0
     assert card["prompt_style"] == "metadata"  # the metadata captioner's captions: typed names are rewritten
+    # and train as two forms, the caption and its name form (what a typed name becomes): (K, L, D)
+    assert {shape[:1] for shape in _text_shapes(tiny.encoded["out"])} == {(2,)}
     for name in ("model/model_index.json", "model/model_card.json", "config.json", "loss.png",
                  "samples/step-00000002.png", "samples/step-00000004.png"):
         assert (out / name).exists(), name
@@ -162,6 +164,12 @@ def test_sd_finetune_with_tiny_stand_in(sd_latents, tmp_path, mode):
     assert not any("lora" in n for n, _ in pipe.unet.named_parameters())  # LoRA fused on export
 
 
+def _text_shapes(latent_table: str) -> set[tuple]:
+    from deltalake import DeltaTable
+
+    return {tuple(s) for s in DeltaTable(latent_table).to_pyarrow_table(columns=["text_shape"]).column(0).to_pylist()}
+
+
 def test_encode_is_incremental(ray_local, tiny, tmp_path, monkeypatch):
     """A new dataset version: only new or re-captioned rows are encoded; deleted ones leave the latent table.
     Its files hold latent_rows_per_file rows, not the few rows of whatever blocks the encoder made."""
@@ -203,5 +211,13 @@ def test_encode_is_incremental(ray_local, tiny, tmp_path, monkeypatch):
     assert recaptioned["version"] == again["version"] + 1 and recaptioned["rows"] == 29
     full = encode(EncodeConfig(dataset=ds, out=lat, vae=tiny.vae, full=True))
     assert (full["encoded"], full["incremental"], full["rows"]) == (29, False, 29)
+    assert {len(shape) for shape in _text_shapes(lat)} == {2}  # titles, not metadata captions: one form, (L, D)
+    # captions in the metadata captioner's form train as two forms (the caption, its name form): a table of
+    # one form a row is encoded again whole, not row by row (its rows could not be stacked with the new ones)
+    DeltaTable(ds).update(updates={"caption": "concat(title, ' emoji (smileys & emotion), yellow, on a "
+                                              "transparent background')"})
+    forms = encode(EncodeConfig(dataset=ds, out=lat))
+    assert (forms["encoded"], forms["removed"], forms["incremental"]) == (29, 0, False)
+    assert {shape[0] for shape in _text_shapes(lat)} == {2}
     with pytest.raises(UserError, match="pass --full"):
         encode(EncodeConfig(dataset=ds, out=lat, overrides={"text.max_length": "8"}))

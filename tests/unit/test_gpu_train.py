@@ -58,7 +58,7 @@ def test_bundle_holds_every_naming_name_and_degrades_to_the_sources_present(tiny
 def test_cpu_mode_trains_samples_and_records(tiny_bundle, tmp_path):
     out = tmp_path / "out"
     code = train.main(["--device", "cpu", "--bundle", str(tiny_bundle[0]), "--out", str(out), "--preset", "pixel32",
-                       "--set", "unet.block_out_channels=32,32", "--batch", "4", "--max-steps", "8",
+                       "--set", "unet.block_out_channels=32,32,32", "--batch", "4", "--max-steps", "8",
                        "--sample-steps", "2", "--seeds", "1", "--eval-seeds", "1"])
     assert code == 0
     assert {p.name for p in out.iterdir()} == {"gallery.png", "naming-sheet.png", "naming-options.json",

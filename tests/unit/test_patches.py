@@ -20,22 +20,22 @@ def test_patches_round_trip_exactly_and_have_the_latent_shape_of_the_preset():
     assert isinstance(vae, PatchAutoencoder) and not preset.vae.trained_here
     x = torch.rand(3, 4, 32, 32) * 2 - 1  # (B, RGBA, H, W) in [-1, 1]
     z = vae.encode(x).latent_dist.mean
-    assert z.shape == (3, preset.vae.latent_channels, preset.latent_size, preset.latent_size) == (3, 64, 8, 8)
+    assert z.shape == (3, preset.vae.latent_channels, preset.latent_size, preset.latent_size) == (3, 16, 16, 16)
     assert torch.equal(vae.encode(x).latent_dist.sample(), z)  # deterministic: no noise in the "posterior"
     assert torch.equal(vae.decode(z).sample, x)
-    assert z[0, :4, 0, 0].tolist() == x[0, 0, :1, :4].flatten().tolist()  # channel c*16 + 4*i + j is pixel (i, j)
+    assert z[0, :4, 0, 0].tolist() == x[0, 0, :2, :2].flatten().tolist()  # channel c*4 + 2*i + j is pixel (i, j)
     assert sum(p.numel() for p in vae.parameters()) == 0
 
 
 def test_a_saved_pixel_model_loads_as_a_pipeline_with_its_patches(tmp_path):
     from emoji_ldm.train.export import assemble_pipeline
 
-    preset = get_preset("pixel32", {"unet.block_out_channels": "32,32"})
+    preset = get_preset("pixel32", {"unet.block_out_channels": "32,32,32"})
     pipe = assemble_pipeline(build_unet(preset), preset, "")  # as train exports it: no VAE to copy
-    assert pipe.vae_scale_factor == 4
+    assert pipe.vae_scale_factor == 2
     pipe.save_pretrained(tmp_path)
     loaded = load_sd_pipeline(str(tmp_path))
-    assert isinstance(loaded.vae, PatchAutoencoder) and loaded.vae_scale_factor == 4
+    assert isinstance(loaded.vae, PatchAutoencoder) and loaded.vae_scale_factor == 2
     assert loaded.scheduler.config.prediction_type == "sample"
     images = loaded(["red heart"], num_inference_steps=2, height=32, width=32, output_type="pt").images
     assert images.shape == (1, 4, 32, 32)
@@ -89,7 +89,7 @@ def test_encode_stores_a_pixel_models_images_as_patches_that_decode_to_them():
     rows = Encoder(preset.to_dict(), None, "cpu")({"id": ["a", "b"], "image": pngs, "caption": ["red heart", ""],
                                                     "title": ["red heart", "blue heart"]})
     decoded = decode_latents(rows.to_pydict())
-    assert decoded["latent"].shape == (2, 64, 8, 8)  # (B, 4 x 4 x 4, 32 / 4, 32 / 4)
+    assert decoded["latent"].shape == (2, 16, 16, 16)  # (B, 4 x 2 x 2, 32 / 2, 32 / 2)
     back = build_vae(preset).decode(torch.from_numpy(decoded["latent"]).float()).sample  # (B, 4, 32, 32)
     truth = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
     assert torch.allclose(back, truth.float(), atol=1e-3)  # float16 storage of 8-bit pixels

@@ -44,7 +44,7 @@ def test_presets_round_trip_and_overrides():
     ("tiny", ["train.zero_stage=4"], "train.zero_stage must be 0, 1, 2 or 3, got 4"),
     ("tiny", ["train.precision=fp8"], "train.precision must be one of auto, bf16, fp16, no, got 'fp8'"),
     ("tiny", ["train.gpu_micro_batch=0"], "train.gpu_micro_batch must be positive or None, got 0"),
-    ("pixel32", ["vae.patch_size=2"], r"latent_channels must be channels x patch_size\^2 = 16, got 64"),
+    ("pixel32", ["vae.patch_size=4"], r"latent_channels must be channels x patch_size\^2 = 64, got 16"),
     ("pixel32", ["vae.pretrained=stabilityai/sd-vae-ft-mse"], "vae.kind=patches has no autoencoder to load"),
     ("pixel32", ["image_size=24", "vae.patch_size=16", "vae.latent_channels=1024"],
      "image_size 24 is not a multiple of vae.patch_size 16"),

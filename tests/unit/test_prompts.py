@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from emoji_ldm.inference.prompts import caption_style, clean, model_prompt
+from emoji_ldm.inference.prompts import caption_forms, caption_style, clean, model_prompt
 from emoji_ldm.inference.sampler import SampleJob, Sampler
 from tests.tiny_models import tiny_model_with_card
 
@@ -55,6 +55,24 @@ def test_caption_style_tells_metadata_captions_from_free_text():
     assert caption_style(metadata) == "metadata"
     assert caption_style(["A smiling yellow cat with closed eyes.", *metadata]) == "as-typed"
     assert caption_style([]) == "as-typed"
+
+
+@pytest.mark.parametrize("typed", ["cat face", "family: man, woman, boy", "red heart"])
+def test_a_metadata_model_trains_on_the_prompt_a_typed_name_becomes(typed):
+    """The second form of a metadata caption is exactly what `model_prompt` makes of its name typed alone."""
+    seen = model_prompt(typed, "metadata")
+    head = seen if seen != typed else f"{typed} emoji (people & body)"  # a name the vocabulary misses: any group
+    caption = f"{head}, bright yellow and brown, on a transparent background"
+    assert caption_forms(caption, "metadata") == [caption, head]
+
+
+def test_other_captions_train_as_themselves():
+    assert caption_forms("A smiling yellow cat, with closed eyes.", "metadata") == ["A smiling yellow cat, with "
+                                                                                  "closed eyes."] * 2
+    assert caption_forms("cat face emoji (animals & nature), orange, on a transparent background",
+                         "as-typed") == ["cat face emoji (animals & nature), orange, on a transparent background"]
+    with pytest.raises(ValueError, match="'fancy'"):
+        caption_forms("cat face", "fancy")
 
 
 def test_the_sampler_gives_the_model_the_card_styles_prompt(tmp_path):

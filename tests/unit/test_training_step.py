@@ -196,6 +196,32 @@ def test_training_step_uses_the_recipe():
     assert torch.isfinite(loss) and grad_norm(engine) > 0
 
 
+def test_each_image_trains_on_one_form_of_its_caption():
+    """A latent table's text_emb (B, K, L, D) holds K forms of each caption (the caption, its name form): the step
+    gives the UNet one of them per image, each form about as often, and never one of another image."""
+    from types import SimpleNamespace
+
+    from emoji_ldm.train.step import micro_batch_loss
+
+    seen = []
+
+    class Engine:
+        def __call__(self, noisy, t, encoder_hidden_states):
+            seen.append(encoder_hidden_states[:, 0, 0].clone())  # (B,): which form of which image
+            return SimpleNamespace(sample=torch.zeros_like(noisy))
+
+    recipe = SimpleNamespace(caption_dropout=0.0, noise_offset=0.0, snr_gamma=None)
+    images = torch.arange(8.0).view(8, 1, 1, 1)  # image b, form k: all (L, D) values 10 b + k
+    text = (10 * images + torch.tensor([0.0, 1.0]).view(1, 2, 1, 1)).expand(8, 2, 3, 5).contiguous()  # (B, K, L, D)
+    torch.manual_seed(0)
+    for _ in range(50):
+        micro_batch_loss(Engine(), _sched("epsilon"), torch.zeros(8, 4, 2, 2), text, torch.zeros(3, 5), recipe,
+                         "epsilon", torch.float32)
+    seen = torch.stack(seen)  # (steps, B)
+    assert torch.equal(seen // 10, torch.arange(8.0).expand_as(seen))  # each image its own caption
+    assert 0.35 < (seen % 10).mean() < 0.65  # form 0 or 1, half and half
+
+
 def test_prior_preservation_loss_matches_diffusers():
     """train_dreambooth.py: MSE over the instance half + prior_loss_weight x MSE over the class half."""
     from emoji_ldm.train.dreambooth import prior_preservation_loss
