@@ -40,6 +40,13 @@ def parse(target: str, log: str) -> dict:
         figures["steps_s"] = {name: float(s) for name, s in steps}
         total = re.search(r"^total\s+([0-9.]+) s", log, re.M)
         figures["demo_total_s"] = float(total[1]) if total else None
+        # eval's summary line: prompt accuracy (no flags) with its interval, the real images and the baselines
+        acc = re.search(r"prompt accuracy \(no flags\) ([0-9.]+)% \[([0-9.]+), ([0-9.]+)\] = [0-9.]+x real images "
+                        r"\(([0-9.]+)%\), empty prompt ([0-9.]+)%, caption retrieval ([0-9.]+)% \((\d+) captions\)",
+                        log)
+        if acc:
+            figures["eval"] = dict(zip(("accuracy", "low", "high", "real", "empty", "retrieval"),
+                                       map(float, acc.groups()[:6])), captions=int(acc[7]))
     return figures
 
 
@@ -74,6 +81,7 @@ def main() -> int:
     parser.add_argument("--note", default=None, help="what the machine was doing besides (with --from-log)")
     parser.add_argument("--commit", default=None, help="with --from-log: the commit the run was made at")
     parser.add_argument("--keep", action="store_true", help="keep the clone")
+    parser.add_argument("--fresh-clone", action="store_true", help="with --from-log: the log is of a fresh clone")
     args = parser.parse_args()
     extra = {}
     if args.from_log:
@@ -86,13 +94,22 @@ def main() -> int:
         wall, log, rc, extra["commit"] = run(args.target, args.keep)
     figures = {"make_wall_s": wall, "returncode": rc, **parse(args.target, log)}
     minutes = (wall or figures.get("demo_total_s") or 0) / 60
-    where = "" if args.from_log else " on a fresh clone"
+    where = " on a fresh clone" if args.fresh_clone or not args.from_log else ""
     summary = [row(f"make: {args.target}", f"`make {args.target}` wall time{where}", minutes, unit="min",
                    goal=f"<= {GOAL_MIN[args.target]}", note=args.note)]
     if args.target == "test" and "pytest_wall_s" in figures:
         summary.append(row(f"make: {args.target}", f"its pytest ({figures.get('passed', 0)} passed, "
                            f"{figures.get('failed', 0)} failed)", figures["pytest_wall_s"] / 60, unit="min",
                            goal=f"<= {GOAL_MIN['test']}"))
+    if "eval" in figures:
+        e = figures["eval"]
+        about = (f"{e['captions']} held-out captions x 4 samples, the frozen judge; ours {e['accuracy']}% "
+                 f"[{e['low']}, {e['high']}]")
+        summary += [row("demo quality", "its eval: prompt accuracy without flags, vs the real held-out images",
+                        e["accuracy"], e["real"], unit="%", goal=">= 0.75", note=about),
+                    row("demo quality", "the same, vs the empty prompt", e["accuracy"], e["empty"], unit="%"),
+                    row("demo quality", "the same, vs caption retrieval (the nearest training caption's image)",
+                        e["accuracy"], e["retrieval"], unit="%")]
     write_record(f"make_{args.target}", figures, summary, **extra)
     print(f"make {args.target}: {minutes:.1f} min, rc {rc}")
     return 0 if rc in (0, None) else 1

@@ -25,6 +25,7 @@ SECTIONS = {  # section -> heading, in page order; a section not listed comes af
     "scale_train": "Training at scale", "scale_data": "Data stages at scale", "fast_path": "Fast-path options on CPU",
     "quality": "Training recipe and model", "dreambooth": "DreamBooth", "animation": "Animated emoji",
     "make": "`make test` and `make demo`: wall time", "security": "Security",
+    "demo quality": "The demo's model: eval with the frozen judge",
     "blind naming": "Blind naming test of the demo's model",
 }
 AREAS = ["build", "caption", "encode", "train", "bulk", "bulk commits", "ingest", "keying", "tiny", "vae",
