@@ -155,9 +155,8 @@ def _text_rows(batch: dict) -> dict:
     return {**batch, "caption": np.array(text, dtype=object)}
 
 
-def _previous_encode(out: str, preset: Preset, vae: str | None, full: bool, forms: int):
-    """The latent table's current version and its encode metadata, when this encode may build on it: not when
-    its rows hold another number of caption forms (`text_forms`: the captions' style changed)."""
+def _previous_encode(out: str, preset: Preset, vae: str | None, full: bool):
+    """The latent table's current version and its encode metadata, when this encode may build on it."""
     from emoji_ldm.store.delta import commit_metadata, open_table, table_exists
 
     if full or not table_exists(out):
@@ -175,10 +174,6 @@ def _previous_encode(out: str, preset: Preset, vae: str | None, full: bool, form
         raise UserError(f"the latent table {out!r} was encoded with another preset, VAE or text encoder "
                         f"({meta.get('preset', {}).get('name')!r}, VAE {meta.get('vae')!r}): pass --full to "
                         "re-encode every row, or choose another --out")
-    if meta.get("text_forms", 1) != forms:
-        print(f"[encode] the latent table {out!r} holds {meta.get('text_forms', 1)} caption form(s) a row and "
-              f"these captions take {forms}: encoding every row again", flush=True)
-        return None
     return table, meta
 
 
@@ -229,15 +224,21 @@ def _vae_to_use(config: EncodeConfig, preset: Preset, out: str, vae_path: str | 
 
 
 def _rows_to_encode(ds, out: str, table, previous, preset: Preset, metadata: dict):
-    """(write mode, rows to encode, rows removed). A new table: every row, overwritten, with the empty caption's
-    embedding beside it. Else only the rows whose (id, caption) the table lacks, after removing the table's rows
-    whose (id, caption) the dataset no longer has; every row, overwritten, when those are half the table."""
+    """(write mode, rows to encode, rows removed). A new table, or one whose rows hold another number of caption
+    forms (`text_forms`: the captions' style changed, and rows of two shapes cannot be stacked): every row,
+    overwritten, with the empty caption's embedding beside it. Else only the rows whose (id, caption) the table
+    lacks, after removing the table's rows whose (id, caption) the dataset no longer has; every row, overwritten,
+    when those are half the table."""
     from emoji_ldm.runtime.partitions import shuffle_partitions
     from emoji_ldm.store.artifacts import artifact_uri, write_bytes
     from emoji_ldm.store.delta import read_dataset, row_count
     from emoji_ldm.store.log import file_actions
     from emoji_ldm.store.uri import DatasetRef
 
+    if previous is not None and previous[1].get("text_forms", 1) != metadata["text_forms"]:
+        print(f"[encode] the latent table {out!r} holds {previous[1].get('text_forms', 1)} caption form(s) a row "
+              f"and these captions take {metadata['text_forms']}: encoding every row again", flush=True)
+        previous = None
     if previous is None:
         buf = io.BytesIO()
         np.savez(buf, emb=empty_caption_embedding(preset))
@@ -302,7 +303,7 @@ def encode(config: EncodeConfig) -> dict:
     version = table.version()
     vae_given = normalize_uri(config.vae) if config.vae else None
     style = _caption_style(table)
-    previous = _previous_encode(out, preset, vae_given, config.full, FORMS[style])
+    previous = _previous_encode(out, preset, vae_given, config.full)
     ensure_ray(dashboard=True)  # Ray Train's cleaner needs the State API
     dataset_uri = DatasetRef.parse(config.dataset).uri
     ds, _ = read_dataset(DatasetRef(dataset_uri, version=version), columns=["id", "image", "caption", "title"])

@@ -218,6 +218,7 @@ def test_encode_is_incremental(ray_local, tiny, tmp_path, monkeypatch):
                                               "transparent background')"})
     forms = encode(EncodeConfig(dataset=ds, out=lat))
     assert (forms["encoded"], forms["removed"], forms["incremental"]) == (29, 0, False)
+    assert forms["vae"] == full["vae"] == tiny.vae  # the table's VAE again, no new one trained
     assert {shape[0] for shape in _text_shapes(lat)} == {2}
     with pytest.raises(UserError, match="pass --full"):
         encode(EncodeConfig(dataset=ds, out=lat, overrides={"text.max_length": "8"}))
