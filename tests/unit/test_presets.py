@@ -28,6 +28,8 @@ def test_presets_round_trip_and_overrides():
                                            "unet.up_block_types=UpBlock2D,CrossAttnUpBlock2D,UpBlock2D"]))
     assert len(three.unet.down_block_types) == 3
     assert get_preset("emoji64").noise.beta_schedule == "scaled_linear"
+    pixels = get_preset("pixel32").noise  # pixel space: DDPM's linear betas
+    assert (pixels.beta_schedule, pixels.beta_start, pixels.beta_end) == ("linear", 0.0001, 0.02)
 
 
 @pytest.mark.parametrize("name, sets, text", [

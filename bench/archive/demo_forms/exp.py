@@ -48,8 +48,9 @@ def main(cfg):
         unet = unet.to(memory_format=torch.channels_last)
     print("params", sum(q.numel() for q in unet.parameters()) / 1e6, "M")
     ema = [q.detach().clone() for q in unet.parameters()]
-    noise = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                          prediction_type=cfg.get("pred", "sample"))
+    beta_start, beta_end, beta_schedule = cfg.get("betas", (0.00085, 0.012, "scaled_linear"))
+    noise = DDPMScheduler(num_train_timesteps=1000, beta_start=beta_start, beta_end=beta_end,
+                          beta_schedule=beta_schedule, prediction_type=cfg.get("pred", "sample"))
     lr, steps, bs = cfg.get("lr", 3e-3), cfg.get("steps", 1000), cfg.get("bs", 64)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     warm = 50
