@@ -24,7 +24,8 @@ sys.path.insert(0, str(REPO))
 from emoji_ldm.eval.legibility import CHAT_PX, THEMES, at_chat_size  # noqa: E402
 from emoji_ldm.imaging import on_checkerboard, resize_rgba  # noqa: E402
 
-PROMPTS = ("grinning face", "red heart", "blue heart", "cat face", "ghost", "thumbs up")
+# make demo's set (infra/demo_set.sh)
+PROMPTS = ("red heart", "grinning face", "face with tears of joy", "soccer ball", "pizza", "thumbs up")
 ZOOM = 3  # the chat-size copies, enlarged this many times with nearest-neighbour
 
 
