@@ -7,12 +7,13 @@ not change with the machine's load the way wall time does, so it ranks what a te
 beside it. As root, on a machine with cgroup v1 (this one):
 
     rm -f /tmp/suite-cpu.jsonl
-    PYTHONPATH=bench SUITE_CPU=/tmp/suite-cpu.jsonl .venv/bin/python -m pytest -n 2 -p suite_cpu
+    SUITE_CPU=/tmp/suite-cpu.jsonl .venv/bin/python -m pytest -n 2 -p bench.suite_cpu
     .venv/bin/python bench/suite_cpu.py /tmp/suite-cpu.jsonl      # per module and per worker, costliest first
 
 A test's figure includes its fixtures' set-up (a module's first test carries the module fixture) and whatever its
 worker's background (an idle Ray head, a leftover replica) spent meanwhile. Without a writable cpuacct hierarchy
-the plugin says so and records nothing.
+the plugin says so and records nothing. (`-p bench.suite_cpu`, not `PYTHONPATH=bench`: bench/gpu_check.py would
+shadow the gpu_check package that tests/unit/test_gpu_train.py imports.)
 """
 
 from __future__ import annotations
