@@ -39,13 +39,17 @@ from emoji_ldm.train.metrics import busy_share  # noqa: E402
 from gpu_check.bundle import GpuLoader, caption_table, load_data, loader_rate, sync  # noqa: E402
 from gpu_check.gallery import evaluate, export, sheets  # noqa: E402
 
+# Pixel space as `pixel32` trains it: the clean image predicted, under DDPM's linear betas (SD's scaled-linear ones
+# are for latents: on pixels they drew speckle, bench/archive/demo_forms/README.md)
+PIXEL_NOISE = {"noise.prediction_type": "sample", "noise.beta_start": "0.0001", "noise.beta_end": "0.02",
+               "noise.beta_schedule": "linear"}
 # VAE-free candidates, largest first: (preset, overrides as `--set` takes them, lr, warm-up steps)
 CANDIDATES = {
     "emoji64-pixels": ("emoji64", {"vae.kind": "patches", "vae.pretrained": "none", "vae.patch_size": "8",
-                                   "vae.latent_channels": "256", "vae.scaling_factor": "none",
-                                   "noise.prediction_type": "sample"}, 4e-4, 200),
+                                   "vae.latent_channels": "256", "vae.scaling_factor": "none", **PIXEL_NOISE},
+                       4e-4, 200),
     "small64-pixels": ("small64", {"vae.kind": "patches", "vae.patch_size": "4", "vae.latent_channels": "64",
-                                   "noise.prediction_type": "sample"}, 1e-3, 200),
+                                   **PIXEL_NOISE}, 1e-3, 200),
     "pixel32": ("pixel32", {}, 2e-3, 50),
 }
 MIN_EPOCHS = 300  # the seeds trained their model 300 epochs

@@ -83,3 +83,14 @@ def test_missing_bundle_is_one_line_naming_the_make_target(tmp_path, capsys):
         train.RunConfig(device="cpu", bundle=tmp_path)
     assert train.main(["--device", "cpu", "--bundle", str(tmp_path / "none")]) == 2
     assert "gpu-train: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(train.CANDIDATES))
+def test_every_candidate_draws_pixels_as_pixel32_trains_them(name):
+    """Predicting the clean image under DDPM's linear betas: SD's scaled-linear betas are for latents."""
+    from emoji_ldm.models.presets import get_preset
+
+    base, overrides, _, _ = train.CANDIDATES[name]
+    preset = get_preset(base, overrides)
+    assert preset.vae.kind == "patches" and preset.noise.prediction_type == "sample"
+    assert (preset.noise.beta_schedule, preset.noise.beta_start, preset.noise.beta_end) == ("linear", 0.0001, 0.02)
