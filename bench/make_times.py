@@ -86,7 +86,7 @@ def main() -> int:
     extra = {}
     if args.from_log:
         log = Path(args.from_log).read_text()
-        said = re.findall(r"^exit (\d+)$", log, re.M)  # the exit status the log's last line gives, if any
+        said = re.findall(r"^exit (\d+)(?: wall \d+)?$", log, re.M)  # the exit status the log's last line gives, if any
         rc, wall = (int(said[-1]) if said else None), args.wall_s
         if args.commit:
             extra["commit"] = args.commit
