@@ -35,14 +35,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # emoji_ldm from the working tree (not installed on the GPU machine)
 
 from emoji_ldm.errors import UserError  # noqa: E402
+from emoji_ldm.models.presets import get_preset  # noqa: E402
 from emoji_ldm.train.metrics import busy_share  # noqa: E402
 from gpu_check.bundle import GpuLoader, caption_table, load_data, loader_rate, sync  # noqa: E402
 from gpu_check.gallery import evaluate, export, sheets  # noqa: E402
 
-# Pixel space as `pixel32` trains it: the clean image predicted, under DDPM's linear betas (SD's scaled-linear ones
-# are for latents: on pixels they drew speckle, bench/archive/demo_forms/README.md)
-PIXEL_NOISE = {"noise.prediction_type": "sample", "noise.beta_start": "0.0001", "noise.beta_end": "0.02",
-               "noise.beta_schedule": "linear"}
+# Pixel space as `pixel32` trains it, its noise section as `--set`s: the clean image predicted, under DDPM's linear
+# betas (SD's scaled-linear ones are for latents: on pixels they drew speckle, bench/archive/demo_forms/README.md)
+PIXEL_NOISE = {f"noise.{k}": str(v) for k, v in asdict(get_preset("pixel32").noise).items()}
 # VAE-free candidates, largest first: (preset, overrides as `--set` takes them, lr, warm-up steps)
 CANDIDATES = {
     "emoji64-pixels": ("emoji64", {"vae.kind": "patches", "vae.pretrained": "none", "vae.patch_size": "8",
@@ -101,8 +101,6 @@ class RunConfig:
 
 def candidate(name: str, config: RunConfig, max_steps: int | None = None):
     """The candidate's preset with MiniLM from the bundle, the run's batch, LR and (once known) length."""
-    from emoji_ldm.models.presets import get_preset
-
     base, overrides, lr, warmup = CANDIDATES[name]
     recipe = {"text.pretrained": str(config.text_folder), "text.kind": "bert", "text.max_length": "16",
               "text.hidden_size": "none", "train.batch_size": str(config.batch), "train.lr": str(lr),
