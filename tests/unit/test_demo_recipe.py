@@ -99,3 +99,12 @@ def test_demo_refuses_an_unknown_twemoji_subset(tmp_path, value):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and f"DEMO_TWEMOJI must be base, everyday or all, got '{value}'" in r.stderr
     assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+@pytest.mark.parametrize("value", ["high", "2,5", "-1"])
+def test_demo_refuses_a_guidance_that_is_not_a_number(tmp_path, value):
+    env = {**os.environ, "DEMO_GUIDANCE": value}
+    r = subprocess.run(["bash", str(REPO / "infra" / "demo.sh"), str(tmp_path / "out")], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and f"DEMO_GUIDANCE must be a number such as 2.5, got '{value}'" in r.stderr
+    assert not (tmp_path / "out").exists()
