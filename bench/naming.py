@@ -24,19 +24,27 @@ from emoji_ldm.eval.naming import naming_sheet, options_only, score  # noqa: E40
 
 
 def draw(model: str, out: Path, steps: int, guidance: float) -> None:
+    from emoji_ldm.inference.sampler import InferenceOptions, Sampler
+
+    sampler = Sampler.load(model, device="cpu", options=InferenceOptions(dtype="auto"))
+    write_sheet(sampler, out, {"model": model, "seed": 0, "steps": steps, "guidance": guidance})
+    print(f"{out / 'naming-sheet.png'} (give the reader it and naming-options.json, not naming-key.json)")
+
+
+def write_sheet(sampler, out: Path, key: dict, scheduler: str | None = "dpmpp") -> None:
+    """The sheet `sampler` draws at `key`'s seed, steps and guidance (`scheduler` None: the pipeline's current
+    one), into OUT: naming-sheet.png, naming-options.json and naming-key.json (`key` and the tiles)."""
     from emoji_ldm.inference.images import image_grid
-    from emoji_ldm.inference.sampler import InferenceOptions, SampleJob, Sampler
+    from emoji_ldm.inference.sampler import SampleJob
 
     tiles = naming_sheet()
-    sampler = Sampler.load(model, device="cpu", options=InferenceOptions(dtype="auto"))
-    job = SampleJob(tuple(t["answer"] for t in tiles), (0,) * len(tiles), steps=steps, guidance=guidance)
+    job = SampleJob(tuple(t["answer"] for t in tiles), (key["seed"],) * len(tiles), steps=key["steps"],
+                    guidance=key["guidance"], scheduler=scheduler)
     images = sampler.sample([job])[0]
     out.mkdir(parents=True, exist_ok=True)
     image_grid(images, [str(t["tile"]) for t in tiles], columns=6).save(out / "naming-sheet.png")
     (out / "naming-options.json").write_text(json.dumps(options_only(tiles), indent=1))
-    (out / "naming-key.json").write_text(json.dumps({"model": model, "seed": 0, "steps": steps,
-                                                     "guidance": guidance, "tiles": tiles}, indent=1))
-    print(f"{out / 'naming-sheet.png'} (give the reader it and naming-options.json, not naming-key.json)")
+    (out / "naming-key.json").write_text(json.dumps({**key, "tiles": tiles}, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
