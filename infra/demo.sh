@@ -37,11 +37,14 @@ default_steps=1000
 train_steps=${DEMO_TRAIN_STEPS:-$default_steps}
 # The guidance the demo samples its model at (generate, the set, eval): 2.5 for pixel32, where a sweep of the same
 # model on the same 49 held-out captions, 12 seeds each, found prompt accuracy flat from 1.5 to 3 (17.0-19.4%) and
-# falling above (13.6% at 4, 11.1% at 5), oversaturated speckle at 5 (docs/demo.md); the Sampler's 5.0 for tiny.
+# falling above (13.6% at 4, 11.1% at 5), oversaturated speckle at 5 (docs/demo.md); the sampler's own for tiny.
 default_guidance=2.5
-[ "$preset" = tiny ] && default_guidance=5.0
+[ "$preset" = tiny ] && default_guidance=
 guidance=${DEMO_GUIDANCE:-$default_guidance}
-[[ $guidance =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "DEMO_GUIDANCE must be a number such as 2.5, got '$guidance'" >&2; exit 2; }
+[[ -z $guidance || $guidance =~ ^[0-9]+([.][0-9]+)?$ ]] ||
+  { echo "DEMO_GUIDANCE must be a number such as 2.5, got '$guidance'" >&2; exit 2; }
+guidance_args=()
+[ -n "$guidance" ] && guidance_args=(--guidance "$guidance")
 # Which Twemoji: "everyday" (default) keeps the smileys and the Unicode subgroups of the naming test's emoji
 # without skin-tone variants (540: animals, food, weather, ...; infra/demo_twemoji.py), so the demo's minutes go
 # to fewer, coherent things a person names (docs/demo.md); "base" is every emoji without skin tones (1,949);
@@ -165,12 +168,12 @@ step encode "$cli" encode --dataset "$out/twemoji" --preset "$preset" --out "$ou
 step train "$cli" train --data "$out/latents" --preset "$preset" --out "$out/run" --workers 2 --zero-stage 2 \
   --max-steps "$train_steps" --channels-last
 # typed as a user types it: the model card's prompt_style gives it the form of the captions it learned
-step generate "$cli" generate --model "$out/run" --prompt "grinning face" --n 8 --guidance "$guidance" \
+step generate "$cli" generate --model "$out/run" --prompt "grinning face" --n 8 "${guidance_args[@]}" \
   --out "$out/generated"
 step serve-set "$root/infra/demo_set.sh" "$out/run" "$out/serve" "$port" "$guidance"
 step lineage "$cli" lineage "$out"/serve/emoji-set/set-*/red_heart.png
 # not beside generate and serve: their torch thread pools and eval's would fight over the same 2 cores
-step eval "$cli" eval --model "$out/run" --data "$out/latents" --guidance "$guidance" --out "$out/eval.json"
+step eval "$cli" eval --model "$out/run" --data "$out/latents" "${guidance_args[@]}" --out "$out/eval.json"
 t0=$(now_ms)
 stop_head
 printf '%-10s %7s s\n' ray-stop "$(secs $(($(now_ms) - t0)))" | tee -a "$timings"

@@ -5,12 +5,12 @@
 # demo's model drew best in the blind naming test (bench/naming.py; docs/demo.md), so that its first set is one a
 # newcomer names.
 #
-#   infra/demo_set.sh MODEL OUT_DIR [PORT] [GUIDANCE]     (GUIDANCE: the sampler's 5.0 when not given)
+#   infra/demo_set.sh MODEL OUT_DIR [PORT] [GUIDANCE]     (GUIDANCE: the service's default when not given)
 set -euo pipefail
 model=$1
 out=$2
 port=${3:-8000}
-guidance=${4:-5.0}
+guidance=${4:-}
 bin=$(dirname "$0")/../.venv/bin
 url=http://127.0.0.1:$port
 mkdir -p "$out"
@@ -37,7 +37,7 @@ curl -sf "$url/healthz" > /dev/null || { echo "the service did not come up in 18
 echo "service up at $url/ ; POST /v1/emoji-sets ..."
 
 curl -sS --fail-with-body -X POST "$url/v1/emoji-sets" -H 'content-type: application/json' \
-  -d '{"theme": "everyday", "template": "{item}", "seed": 1, "target": "slack", "guidance": '"$guidance"',
+  -d '{"theme": "everyday", "template": "{item}", "seed": 1, "target": "slack"'"${guidance:+, \"guidance\": $guidance}"',
        "items": ["red heart", "grinning face", "face with tears of joy", "soccer ball", "pizza", "thumbs up"]}' \
   -o "$out/emoji-set.zip"
 rm -rf "$out/emoji-set"
