@@ -5,8 +5,8 @@
     python bench/naming.py score --key naming/naming-key.json --answers answers.json [--record]
 
 `draw`: one image per tile, the 24 names typed as a user types them (the model card's prompt style gives them the
-form of its captions), seed 0, the Sampler's defaults (25 DPM-Solver++ steps, guidance 5). The reader gets the
-sheet and the options only, and answers [{"tile": 1, "choice": "...", "recognised": true|false}, ...].
+form of its captions), seed 0, the Sampler's defaults (25 DPM-Solver++ steps, the model's own guidance). The reader
+gets the sheet and the options only, and answers [{"tile": 1, "choice": "...", "recognised": true|false}, ...].
 `score --record` writes bench/results/naming-*.json with the model, the commit and the date.
 """
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 from emoji_ldm.eval.naming import naming_sheet, options_only, score  # noqa: E402
 
 
-def draw(model: str, out: Path, steps: int, guidance: float) -> None:
+def draw(model: str, out: Path, steps: int, guidance: float | None) -> None:
     from emoji_ldm.inference.sampler import InferenceOptions, Sampler
 
     sampler = Sampler.load(model, device="cpu", options=InferenceOptions(dtype="auto"))
@@ -32,19 +32,20 @@ def draw(model: str, out: Path, steps: int, guidance: float) -> None:
 
 
 def write_sheet(sampler, out: Path, key: dict, scheduler: str | None = "dpmpp") -> None:
-    """The sheet `sampler` draws at `key`'s seed, steps and guidance (`scheduler` None: the pipeline's current
-    one), into OUT: naming-sheet.png, naming-options.json and naming-key.json (`key` and the tiles)."""
+    """The sheet `sampler` draws at `key`'s seed, steps and guidance (None: the model's own; `scheduler` None: the
+    pipeline's current one), into OUT: naming-sheet.png, naming-options.json and naming-key.json (`key`, with the
+    guidance drawn at, and the tiles)."""
     from emoji_ldm.inference.images import image_grid
     from emoji_ldm.inference.sampler import SampleJob
 
     tiles = naming_sheet()
-    job = SampleJob(tuple(t["answer"] for t in tiles), (key["seed"],) * len(tiles), steps=key["steps"],
-                    guidance=key["guidance"], scheduler=scheduler)
+    job = sampler.resolve(SampleJob(tuple(t["answer"] for t in tiles), (key["seed"],) * len(tiles),
+                                    steps=key["steps"], guidance=key["guidance"], scheduler=scheduler))
     images = sampler.sample([job])[0]
     out.mkdir(parents=True, exist_ok=True)
     image_grid(images, [str(t["tile"]) for t in tiles], columns=6).save(out / "naming-sheet.png")
     (out / "naming-options.json").write_text(json.dumps(options_only(tiles), indent=1))
-    (out / "naming-key.json").write_text(json.dumps({**key, "tiles": tiles}, indent=1))
+    (out / "naming-key.json").write_text(json.dumps({**key, "guidance": job.guidance, "tiles": tiles}, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--model", required=True)
     d.add_argument("--out", type=Path, required=True)
     d.add_argument("--steps", type=int, default=25)
-    d.add_argument("--guidance", type=float, default=5.0)
+    d.add_argument("--guidance", type=float, default=None, help="default: the model's own (its model card)")
     s = sub.add_parser("score")
     s.add_argument("--key", type=Path, required=True)
     s.add_argument("--answers", type=Path, required=True)

@@ -35,12 +35,11 @@ vae_batch=${DEMO_VAE_BATCH:-8}
 default_steps=1000
 [ "$preset" = tiny ] && default_steps=500
 train_steps=${DEMO_TRAIN_STEPS:-$default_steps}
-# The guidance the demo samples its model at (generate, the set, eval): 2.5 for pixel32, where a sweep of the same
-# model on the same 49 held-out captions, 12 seeds each, found prompt accuracy flat from 1.5 to 3 (17.0-19.4%) and
-# falling above (13.6% at 4, 11.1% at 5), oversaturated speckle at 5 (docs/demo.md); the sampler's own for tiny.
-default_guidance=2.5
-[ "$preset" = tiny ] && default_guidance=
-guidance=${DEMO_GUIDANCE:-$default_guidance}
+# The guidance the demo samples its model at (generate, the set, eval): by default the model's own, which its card
+# names (the preset's: 2.5 for pixel32, where a sweep of one model on 49 held-out captions, 12 seeds each, found
+# prompt accuracy flat from 1.5 to 3 and falling above, oversaturated speckle at 5; docs/demo.md). DEMO_GUIDANCE
+# sets another.
+guidance=${DEMO_GUIDANCE:-}
 [[ -z $guidance || $guidance =~ ^[0-9]+([.][0-9]+)?$ ]] ||
   { echo "DEMO_GUIDANCE must be a number such as 2.5, got '$guidance'" >&2; exit 2; }
 guidance_args=()

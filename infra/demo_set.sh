@@ -5,7 +5,7 @@
 # demo's model drew best in the blind naming test (bench/naming.py; docs/demo.md), so that its first set is one a
 # newcomer names.
 #
-#   infra/demo_set.sh MODEL OUT_DIR [PORT] [GUIDANCE]     (GUIDANCE: the service's default when not given)
+#   infra/demo_set.sh MODEL OUT_DIR [PORT] [GUIDANCE]     (GUIDANCE: the model's own when not given)
 set -euo pipefail
 model=$1
 out=$2

@@ -61,7 +61,7 @@ from emoji_ldm.eval.scores import (
     uint8_on_grey,
     vae_reconstruction,
 )
-from emoji_ldm.inference.settings import SamplerSettings
+from emoji_ldm.inference.settings import SamplerSettings, model_guidance
 
 
 @dataclass(frozen=True)
@@ -127,15 +127,17 @@ def _model_measures(config: EvalConfig, pipe, table, meta: dict, heldout: dict) 
     from emoji_ldm.models.presets import preset_from_dict
     from emoji_ldm.store.latents import decode_latents, own_caption
 
-    s = config.sampler
+    card = model_card(config.model)
+    s = config.sampler if config.sampler.guidance is not None else config.sampler.replace(
+        guidance=model_guidance(card))  # the model's own guidance, as `generate` and the service draw it
     preset = preset_from_dict(meta["preset"])
     val = val_rows(table, config.val_rows)
     decoded = decode_latents({k: val.column(k).to_pylist() for k in ("latent", "latent_shape", "text_emb",
                                                                       "text_shape")})
-    measures = {"val_rows": val.num_rows, "timesteps": list(TIMESTEPS), "heldout_loss": heldout_loss(
-        pipe.unet, noise_scheduler(preset), torch.from_numpy(decoded["latent"]).float(),
-        torch.from_numpy(own_caption(decoded["text_emb"])).float(), seed=s.seed)}
-    image_alpha = ImageAlpha.of(model_card(config.model))
+    loss = heldout_loss(pipe.unet, noise_scheduler(preset), torch.from_numpy(decoded["latent"]).float(),
+                        torch.from_numpy(own_caption(decoded["text_emb"])).float(), seed=s.seed)
+    measures = {"guidance": s.guidance, "val_rows": val.num_rows, "timesteps": list(TIMESTEPS), "heldout_loss": loss}
+    image_alpha = ImageAlpha.of(card)
     k = config.samples_per_caption
     images = generate_samples(pipe, [c for c in heldout["caption"] for _ in range(k)], s, alpha=image_alpha)
     # the empty prompt, one image per caption, on seeds after the captions' own
@@ -204,8 +206,9 @@ def format_report(r: dict) -> str:
     from emoji_ldm.eval.protocol import group_lines, summary_line
 
     j, figures = r["judge"], r["protocol"]["figures"]
+    drawn = f", guidance {r['guidance']:g}" if r.get("guidance") is not None else ""
     lines = [f"eval {r['model']} on {r['dataset']} ({r['samples']} held-out captions x {r['samples_per_caption']} "
-             f"samples; latents {r['latent_table']})",
+             f"samples{drawn}; latents {r['latent_table']})",
              f"  {r['summary']}",
              f"  {summary_line(figures, 'all')}",
              f"  ({r['protocol']['interval']}; judge {j['uri']}, content id {short_id(j['content_id'])}, "

@@ -1,7 +1,7 @@
 """The `generate` command: emoji PNGs and a sheet from a trained model folder.
 
     emoji-ldm generate --model URI --prompt TEXT [--negative-prompt TEXT] [--n 4] [--steps 25]
-                       [--guidance 5.0] [--seed S] [--scheduler dpmpp|ddim|ddpm] [--size PX]
+                       [--guidance G] [--seed S] [--scheduler dpmpp|ddim|ddpm] [--size PX]
                        [--target raw|slack|discord|github] [--frames N --format apng|gif|webp
                        --motion 0.3 --fps 12 --matte light|dark|#rrggbb] [--no-png-metadata] --out DIR
 
@@ -64,7 +64,7 @@ def generate(config: GenerateConfig) -> list[str]:
     settings = config.sampler
     sampler = Sampler.load(config.model, device=inference_device(config.use_gpu))
     seeds = tuple(settings.seed + i for i in range(settings.count))
-    job = SampleJob.of((config.prompt,) * settings.count, seeds, settings)
+    job = sampler.resolve(SampleJob.of((config.prompt,) * settings.count, seeds, settings))  # the card's guidance
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     keys = SigningKeys.from_env()  # the operator's C2PA keys (EMOJI_LDM_C2PA_CERT / _KEY); None: unsigned

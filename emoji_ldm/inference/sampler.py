@@ -22,7 +22,7 @@ from emoji_ldm.inference.compile import COMPILE_MODES, compile_kwargs, require_c
 # the images' alpha, PNG bytes and contact sheets: imported from here too (they began here)
 from emoji_ldm.inference.images import ImageAlpha, image_grid, png_bytes, to_rgba  # noqa: F401
 from emoji_ldm.inference.prompts import clean, model_prompt
-from emoji_ldm.inference.settings import SamplerSettings
+from emoji_ldm.inference.settings import DEFAULT_GUIDANCE, SamplerSettings, model_guidance
 
 if TYPE_CHECKING:
     from emoji_ldm.inference.animation import AnimationSettings
@@ -138,7 +138,7 @@ class SampleJob:
     seeds: tuple[int, ...]
     negative_prompt: str = ""
     steps: int = 25
-    guidance: float = 5.0
+    guidance: float | None = None  # None: the model's own (`Sampler.resolve`)
     scheduler: str | None = "dpmpp"  # None: the pipeline's current scheduler
     size: int | None = None  # pixels; None: the model's own size
     adapter: str | None = None  # a LoRA adapter the Sampler has loaded (`Sampler.load_adapter`); None: the base
@@ -186,11 +186,13 @@ class Sampler:
     """A loaded pipeline that samples many jobs in as few pipeline calls as their settings allow.
 
     `model_uri` and `content_id` (from the model card) name the model in the PNGs it encodes. Every image
-    comes out RGBA, as `alpha` (from the card's `image`) says: see `ImageAlpha`.
+    comes out RGBA, as `alpha` (from the card's `image`) says: see `ImageAlpha`. A job that sets no guidance is
+    drawn at `guidance`, the card's (`settings.model_guidance`), and its PNGs record that value.
     """
 
     def __init__(self, pipe, model_uri: str | None = None, content_id: str | None = None,
-                 alpha: "ImageAlpha | None" = None, prompt_style: str = "as-typed"):
+                 alpha: "ImageAlpha | None" = None, prompt_style: str = "as-typed",
+                 guidance: float = DEFAULT_GUIDANCE):
         from emoji_ldm.models.builders import SCHEDULERS, sampling_scheduler
 
         self.pipe = pipe
@@ -199,6 +201,7 @@ class Sampler:
         logging.getLogger(type(pipe).__module__).setLevel(logging.ERROR)
         self.model_uri, self.content_id, self.alpha = model_uri, content_id, alpha or ImageAlpha()
         self.prompt_style = prompt_style  # the card's: how a typed prompt reaches the model (inference/prompts.py)
+        self.guidance = guidance  # the card's: what a job without a guidance of its own is drawn at
         self._schedulers = {name: sampling_scheduler(name, pipe.scheduler.config) for name in SCHEDULERS}
         self.image_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.calls = 0  # pipeline calls so far (the batching tests count them)
@@ -209,7 +212,11 @@ class Sampler:
         resolved = model_uri(uri)
         card = model_card(resolved)
         return cls(load_pipeline(resolved, device=device, options=options), resolved, card.get("content_id"),
-                   ImageAlpha.of(card), card.get("prompt_style", "as-typed"))
+                   ImageAlpha.of(card), card.get("prompt_style", "as-typed"), model_guidance(card))
+
+    def resolve(self, job: SampleJob) -> SampleJob:
+        """`job` with the model's guidance where it sets none: what it is drawn at and what its PNGs record."""
+        return job if job.guidance is not None else replace(job, guidance=self.guidance)
 
     def load_adapter(self, name: str, uri: str) -> dict:
         """Load a LoRA adapter (`dreambooth --method lora`'s OUT/lora, diffusers/peft format) under `name`,
@@ -253,7 +260,7 @@ class Sampler:
 
         start = time.perf_counter()
         for n in sorted(set(batch_sizes)):
-            self._call([SampleJob(("warm-up",) * n, tuple(range(n)), "", steps, 5.0, scheduler=None)])
+            self._call([SampleJob(("warm-up",) * n, tuple(range(n)), "", steps, self.guidance, scheduler=None)])
         self.calls = 0
         return time.perf_counter() - start
 
@@ -264,6 +271,7 @@ class Sampler:
         each a lossless APNG of all its frames at the size drawn (`animation.drawn_loop`)."""
         from emoji_ldm.inference.animation import drawn_loop
 
+        jobs = [self.resolve(job) for job in jobs]
         out = []
         stills = [job for job in jobs if job.animation is None]
         drawn = iter(self.sample(stills, max_batch))
@@ -294,6 +302,7 @@ class Sampler:
         """Images per job, in order; one pipeline call per distinct (steps, guidance, scheduler), split into calls of
         at most `max_batch` images (a job larger than that spans several calls). An image depends only on its own
         prompt, seed and settings, so the split changes no image."""
+        jobs = [self.resolve(job) for job in jobs]
         out: list[list[Image.Image]] = [[] for _ in jobs]
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
@@ -321,6 +330,7 @@ class Sampler:
         from emoji_ldm.inference.animation import loop_noise
 
         animation.check_scheduler(job.scheduler)
+        job = self.resolve(job)
         n, size = animation.frames, job.size or self.image_size
         out = []
         for prompt, seed in zip(job.prompts, job.seeds):
@@ -371,7 +381,7 @@ class Sampler:
         return [to_rgba(im, self.alpha) for im in images]
 
 
-def run_pipeline(pipe, prompts: list[str], negative: str = "", steps: int = 25, guidance: float = 5.0,
+def run_pipeline(pipe, prompts: list[str], negative: str = "", steps: int = 25, guidance: float = DEFAULT_GUIDANCE,
                  seed: int = 0, alpha: "ImageAlpha | None" = None) -> list[Image.Image]:
     """One batched call with the pipeline's current scheduler; image i uses seed `seed + i`."""
     job = SampleJob(tuple(prompts), tuple(seed + i for i in range(len(prompts))), negative, steps, guidance,

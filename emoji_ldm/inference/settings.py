@@ -19,6 +19,14 @@ MAX_COUNT = 64
 MAX_SEED = 2**32 - 1
 MAX_GUIDANCE = 30.0
 MAX_PROMPT_CHARS = 500
+DEFAULT_GUIDANCE = 5.0  # the guidance of a model whose card names none of its own
+
+
+def model_guidance(card: dict) -> float:
+    """The guidance a model is sampled at unless the caller sets one: its card's `guidance` (its preset's, written
+    when it was exported: `pixel32` draws best at 2.5, docs/demo.md), else `DEFAULT_GUIDANCE`."""
+    value = card.get("guidance")
+    return DEFAULT_GUIDANCE if value is None else float(value)
 
 
 def _check_size(value):
@@ -30,7 +38,8 @@ _RULES = {
     "negative_prompt": (lambda v: isinstance(v, str) and len(v) <= MAX_PROMPT_CHARS,
                         f"at most {MAX_PROMPT_CHARS} characters"),
     "steps": (lambda v: isinstance(v, int) and 1 <= v <= MAX_STEPS, f"a whole number from 1 to {MAX_STEPS}"),
-    "guidance": (lambda v: isinstance(v, (int, float)) and 0.0 <= v <= MAX_GUIDANCE, f"from 0 to {MAX_GUIDANCE:g}"),
+    "guidance": (lambda v: v is None or isinstance(v, (int, float)) and 0.0 <= v <= MAX_GUIDANCE,
+                 f"from 0 to {MAX_GUIDANCE:g}"),
     "seed": (lambda v: isinstance(v, int) and 0 <= v <= MAX_SEED, f"a whole number from 0 to {MAX_SEED}"),
     "scheduler": (lambda v: v in SCHEDULERS, f"one of {', '.join(SCHEDULERS)}"),
     "size": (_check_size, "a multiple of 8 from 16 to 1024 pixels (or unset: the model's own size)"),
@@ -51,7 +60,8 @@ def check(name: str, value):
 class SamplerSettings:
     negative_prompt: str = opt("", help="what the images should not show")
     steps: int = opt(25, help=f"sampler steps, 1-{MAX_STEPS}")
-    guidance: float = opt(5.0, help=f"classifier-free guidance scale, 0-{MAX_GUIDANCE:g}")
+    guidance: float | None = opt(None, help=f"classifier-free guidance scale, 0-{MAX_GUIDANCE:g} (default: the model's "
+                                            f"own, from its model card; {DEFAULT_GUIDANCE:g} if it names none)")
     seed: int = opt(0, help="image k starts from the noise of seed + k")
     scheduler: str = opt("dpmpp", help=f"sampler: {' | '.join(SCHEDULERS)}")
     size: int | None = opt(None, help="image size in pixels, a multiple of 8 (default: the model's own)")

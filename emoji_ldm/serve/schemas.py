@@ -47,7 +47,8 @@ class Settings(BaseModel):
 
     negative_prompt: str = Field("", description=f"at most {MAX_PROMPT_CHARS} characters")
     steps: int = Field(25, description="sampler steps")
-    guidance: float = Field(5.0, description="classifier-free guidance scale")
+    guidance: float | None = Field(None, description="classifier-free guidance scale (default: the model's own, "
+                                                     "`guidance` in GET /v1/model)")
     seed: int = Field(0, description="image i of a request starts from the noise of seed + i")
     scheduler: str = Field("dpmpp", description=f"one of {', '.join(SCHEDULERS)}")
     size: int | None = Field(None, description="image size in pixels, a multiple of 8 (default: the model's)")

@@ -50,6 +50,7 @@ def set_manifest(set_id: str, theme: str, items: list[str], prompts: list[str], 
     from dataclasses import asdict
 
     from emoji_ldm.inference.animation import EXTENSIONS, LOOP_PATH
+    from emoji_ldm.inference.settings import model_guidance
     from emoji_ldm.inference.targets import emoji_name, get_target
 
     spec = get_target(target)
@@ -70,7 +71,9 @@ def set_manifest(set_id: str, theme: str, items: list[str], prompts: list[str], 
         "items": [{"index": i, "item": item, "prompt": prompt, "file": f, "name": name, "alias": f":{name}:",
                    "seed": seeds[i]}
                   for i, (item, prompt, f, name) in enumerate(zip(items, prompts, files, names))],
-        "settings": settings,
+        # the guidance it was drawn at: the request's, or the model's own when it set none
+        "settings": {**settings, "guidance": model_guidance(card) if settings.get("guidance") is None
+                     else settings["guidance"]},
         "animation": {**asdict(animation), "path": LOOP_PATH} if animated else None,
         "model": {"uri": model_uri, **lineage(card)},
         "server_code_version": code_version(),

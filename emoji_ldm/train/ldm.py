@@ -219,7 +219,7 @@ class _Validation:
                 self.pipe.vae.to(torch.float32)  # (the Sampler decodes in the VAE's dtype)
         ema.copy_to(self.params)
         prompts = list(self.preset.sample_prompts)
-        images = run_pipeline(self.pipe, prompts, steps=20, guidance=4.0, seed=0,
+        images = run_pipeline(self.pipe, prompts, steps=20, guidance=self.preset.guidance, seed=0,
                               alpha=ImageAlpha.of({"image": self.run.image}))
         log.grid(image_grid(images, prompts), step)
 
@@ -321,6 +321,7 @@ def _export(config: TrainConfig, preset, latent_uri: str, latent_version: int, e
         "text_encoder": preset.text.pretrained, "code_version": code_version(), "image": enc_meta["image"],
         # how typed prompts reach the model (inference/prompts.py): in the form of the captions it learned
         "prompt_style": enc_meta.get("caption_style", "as-typed"),
+        "guidance": preset.guidance,  # what the Sampler draws it at unless a caller sets one
         "training": {"workers": config.workers, "zero_stage": config.zero_stage, "steps": final[1]["step"],
                      "global_batch": preset.train.batch_size},
         "metrics": metrics,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -13,7 +14,11 @@ from tests.tiny_models import tiny_model_with_card
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return str(tiny_model_with_card(tmp_path_factory.mktemp("bulk") / "model"))
+    """A tiny model whose card names its own guidance (2.5), as `pixel32`'s does."""
+    folder = tiny_model_with_card(tmp_path_factory.mktemp("bulk") / "model")
+    card = folder / "model_card.json"
+    card.write_text(json.dumps({**json.loads(card.read_text()), "guidance": 2.5}))
+    return str(folder)
 
 
 def manifest(uri: str):
@@ -61,6 +66,7 @@ def test_bulk_writes_images_and_manifest_and_resumes(s3_server, ray_local, model
     assert sorted((r["prompt"], r["index"], r["seed"]) for r in rows if r["prompt"] == "face number 3") == [
         ("face number 3", 0, 0), ("face number 3", 1, 1)]
     assert all(exists(r["uri"]) and r["width"] == 32 for r in rows)
+    assert {r["guidance"] for r in rows} == {2.5}  # no --guidance: the model's own, as drawn
     # each commit ran as a task on its own fresh worker, never in the driver: a process that commits again and
     # again grows with the manifest's commits (bench/manifest_commits.py)
     pids = commit_workers(summary["commits"])

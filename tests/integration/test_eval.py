@@ -44,6 +44,7 @@ def test_eval_of_the_tiny_model(tiny, tmp_path, capsys):
     n = report["samples"]
     assert 2 <= n <= 3  # the held-out rows (by content hash) among the pipeline's, at most --samples
     assert report["images"] == 2 * n and report["samples_per_caption"] == 2
+    assert report["guidance"] == 5.0  # no --guidance: the model's own (the tiny preset's), recorded
     assert report["judge"]["content_id"] == judge_id and report["judge"]["uri"] == str(tmp_path / "judge")
     assert report["heldout_loss"] > 0
     # a 4-step model draws no copy of a training image; the share and the median are of each caption's first sample

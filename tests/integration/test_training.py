@@ -35,6 +35,7 @@ def test_tiny_pipeline_zero2_end_to_end(tiny):
     assert card["training"] == {"workers": 2, "zero_stage": 2, "steps": 4, "global_batch": 8}
     assert card["dataset_version"] == 2 and card["latent_table_version"] == 0
     assert card["prompt_style"] == "metadata"  # the metadata captioner's captions: typed names are rewritten
+    assert card["guidance"] == card["config"]["guidance"] == 5.0  # the preset's: what the Sampler draws it at
     # and train as two forms, the caption and its name form (what a typed name becomes): (K, L, D)
     assert {shape[:1] for shape in _text_shapes(tiny.encoded["out"])} == {(2,)}
     for name in ("model/model_index.json", "model/model_card.json", "config.json", "loss.png",

@@ -141,7 +141,7 @@ def test_sample_job_splits_keep_each_image_with_its_seed():
     pieces = job.split(2)
     assert [p.prompts for p in pieces] == [("a", "b"), ("c", "d"), ("e",)]
     assert [p.seeds for p in pieces] == [(10, 11), (12, 13), (14,)]
-    assert all(p.settings == (7, 5.0, "dpmpp", 64, None) for p in pieces)  # (steps, guidance, sampler, size, adapter)
+    assert all(p.settings == (7, None, "dpmpp", 64, None) for p in pieces)  # (steps, guidance, sampler, size, adapter)
     mine = SampleJob.of(("a",), (1,), SamplerSettings(steps=7, size=64), adapter="my-cat")
     assert mine.settings != pieces[0].settings  # another adapter: another pipeline call
     with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
