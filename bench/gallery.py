@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="the dataset (for the real image of each trained prompt)")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--guidance", type=float, default=None, help="default: the model's own (its model card)")
     parser.add_argument("--cell", type=int, default=64)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

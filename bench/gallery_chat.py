@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--prompts", default=",".join(PROMPTS), help="comma-separated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--guidance", type=float, default=None, help="default: the model's own (its model card)")
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument("--fps", type=int, default=10)
     parser.add_argument("--cell", type=int, default=64)

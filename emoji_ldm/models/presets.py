@@ -174,6 +174,11 @@ class TrainSpec:
     ema_power: float = 2 / 3  # 2/3 for long runs, 3/4 for short ones (diffusers' EMAModel)
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5.0 recommended); None: plain MSE
     noise_offset: float = 0.0  # offset noise (diffusers' --noise_offset, 0.05-0.1 typical); 0: off
+    # which timesteps a step trains: "uniform" over all, or "logit-normal" (SD3's: t/T = sigmoid(N(mean, std)),
+    # most of the steps in the middle of the schedule, few at its nearly clean and nearly pure-noise ends)
+    timesteps: str = "uniform"
+    timestep_logit_mean: float = 0.0
+    timestep_logit_std: float = 1.0
     checkpoint_every: int = 250
     sample_every: int = 250  # validation: a grid of `sample_prompts` every K steps (0: only at the end)
     log_every: int = 10
@@ -188,6 +193,9 @@ class TrainSpec:
         if self.gpu_micro_batch is not None and self.gpu_micro_batch <= 0:
             raise UserError(f"train.gpu_micro_batch must be positive or None, got {self.gpu_micro_batch}")
         check_choice("train.precision", self.precision, ("auto", "bf16", "fp16", "no"))
+        check_choice("train.timesteps", self.timesteps, ("uniform", "logit-normal"))
+        if not self.timestep_logit_std > 0:
+            raise UserError(f"train.timestep_logit_std must be positive, got {self.timestep_logit_std}")
         if self.batch_size <= 0 or self.grad_accum <= 0 or self.max_steps <= 0:
             raise UserError(
                 f"batch_size, grad_accum and max_steps must be positive, got "

@@ -53,6 +53,18 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, no
     return (per_image * weight).mean()
 
 
+def sample_timesteps(recipe, num_train_timesteps: int, n: int, device) -> torch.Tensor:
+    """(n,) int64 timesteps on `device`: uniform, or logit-normal as SD3 samples them (diffusers'
+    `compute_density_for_timestep_sampling`, drawn on the CPU), per the preset's `TrainSpec.timesteps`."""
+    if recipe.timesteps == "uniform":
+        return torch.randint(0, num_train_timesteps, (n,), device=device)
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling("logit_normal", n, recipe.timestep_logit_mean,
+                                              recipe.timestep_logit_std)  # (n,) in (0, 1)
+    return (u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1).to(device)
+
+
 def micro_batch_loss(engine, noise_scheduler, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor,
                      recipe, prediction_type: str, dtype: torch.dtype) -> torch.Tensor:
     """The loss of one micro-batch on the engine's device: caption form, caption dropout, noise, forward.
@@ -69,7 +81,7 @@ def micro_batch_loss(engine, noise_scheduler, latents: torch.Tensor, text: torch
     drop = drop.to(text.device, non_blocking=True).view(-1, 1, 1)  # (B, 1, 1)
     cond = torch.where(drop, empty, text)  # (B, L, D) classifier-free guidance: learn the unconditional too
     eps = sample_noise(latents, recipe.noise_offset)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), device=latents.device)
+    t = sample_timesteps(recipe, noise_scheduler.config.num_train_timesteps, len(latents), latents.device)
     noisy = noise_scheduler.add_noise(latents, eps, t)  # (B, C, h, w)
     pred = engine(noisy.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample
     target = diffusion_target(noise_scheduler, latents, eps, t, prediction_type)

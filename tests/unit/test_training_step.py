@@ -175,6 +175,29 @@ def test_recipe_options_are_validated():
             get_preset("tiny", {key: value})
 
 
+def test_timesteps_uniform_or_logit_normal():
+    """Uniform draws are torch.randint's, as before (a resumed run draws what it drew); logit-normal ones (SD3's,
+    t/T = sigmoid(N(0, 1))) crowd the middle of the schedule and leave its ends, and repeat under a seed."""
+    from emoji_ldm.train.step import sample_timesteps
+
+    uniform, logit = get_preset("pixel32").train, get_preset("pixel32", {"train.timesteps": "logit-normal"}).train
+    torch.manual_seed(3)
+    drawn = sample_timesteps(uniform, 1000, 5, "cpu")
+    torch.manual_seed(3)
+    assert torch.equal(drawn, torch.randint(0, 1000, (5,)))
+    torch.manual_seed(3)
+    t = sample_timesteps(logit, 1000, 20000, "cpu")  # (20000,)
+    torch.manual_seed(3)
+    assert torch.equal(t, sample_timesteps(logit, 1000, 20000, "cpu")) and t.dtype == torch.int64
+    assert 0 <= t.min() and t.max() <= 999 and 450 <= t.float().median() <= 550
+    ends = ((t < 100) | (t >= 900)).float().mean()  # uniform: 20%; logit-normal(0, 1): about 3%
+    assert ends < 0.05
+    with pytest.raises(UserError, match="train.timesteps must be one of uniform, logit-normal, got 'lognormal'"):
+        get_preset("pixel32", {"train.timesteps": "lognormal"})
+    with pytest.raises(UserError, match="timestep_logit_std must be positive, got 0.0"):
+        get_preset("pixel32", {"train.timesteps": "logit-normal", "train.timestep_logit_std": "0"})
+
+
 def test_training_step_uses_the_recipe():
     """The loop's step with snr_gamma and noise_offset on a tiny UNet in one process: a finite loss and a measured
     grad norm."""
@@ -210,7 +233,7 @@ def test_each_image_trains_on_one_form_of_its_caption():
             seen.append(encoder_hidden_states[:, 0, 0].clone())  # (B,): which form of which image
             return SimpleNamespace(sample=torch.zeros_like(noisy))
 
-    recipe = SimpleNamespace(caption_dropout=0.0, noise_offset=0.0, snr_gamma=None)
+    recipe = SimpleNamespace(caption_dropout=0.0, noise_offset=0.0, snr_gamma=None, timesteps="uniform")
     images = torch.arange(8.0).view(8, 1, 1, 1)  # image b, form k: all (L, D) values 10 b + k
     text = (10 * images + torch.tensor([0.0, 1.0]).view(1, 2, 1, 1)).expand(8, 2, 3, 5).contiguous()  # (B, K, L, D)
     torch.manual_seed(0)
