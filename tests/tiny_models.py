@@ -99,10 +99,10 @@ def tiny_clip_model(folder: Path) -> Path:
     return folder
 
 
-def tiny_model_with_card(folder: Path, image: dict | None = None) -> Path:
+def tiny_model_with_card(folder: Path, image: dict | None = None, guidance: float | None = None) -> Path:
     """A tiny SD pipeline folder plus the model_card.json a training run writes (for serving tests); `image`:
     the card's `image` (how the model gets alpha, `encode.image_lineage`); the VAE has its `vae_channels`
-    (default 3)."""
+    (default 3); `guidance`: the card's own guidance (None: it names none, as a model trained before)."""
     from emoji_ldm.store.artifacts import weights_content_id
 
     tiny_sd_pipeline(folder, (image or {}).get("vae_channels", 3))
@@ -111,6 +111,8 @@ def tiny_model_with_card(folder: Path, image: dict | None = None) -> Path:
             "content_id": weights_content_id(folder)}
     if image is not None:
         card["image"] = image
+    if guidance is not None:
+        card["guidance"] = guidance
     (folder / "model_card.json").write_text(json.dumps(card))
     return folder
 

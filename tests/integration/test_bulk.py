@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -15,10 +14,7 @@ from tests.tiny_models import tiny_model_with_card
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A tiny model whose card names its own guidance (2.5), as `pixel32`'s does."""
-    folder = tiny_model_with_card(tmp_path_factory.mktemp("bulk") / "model")
-    card = folder / "model_card.json"
-    card.write_text(json.dumps({**json.loads(card.read_text()), "guidance": 2.5}))
-    return str(folder)
+    return str(tiny_model_with_card(tmp_path_factory.mktemp("bulk") / "model", guidance=2.5))
 
 
 def manifest(uri: str):

@@ -4,7 +4,6 @@ route that samples it without a guidance of the caller's draws at that value and
 from __future__ import annotations
 
 import io
-import json
 
 import pytest
 from PIL import Image
@@ -24,10 +23,7 @@ def png_guidance(png: bytes) -> float:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    folder = tiny_model_with_card(tmp_path_factory.mktemp("guidance") / "model")
-    card = folder / "model_card.json"
-    card.write_text(json.dumps({**json.loads(card.read_text()), "guidance": 2.5}))
-    return str(folder)
+    return str(tiny_model_with_card(tmp_path_factory.mktemp("guidance") / "model", guidance=2.5))
 
 
 def test_the_card_names_the_guidance_and_a_card_without_one_gets_the_default():
