@@ -230,6 +230,9 @@ class Preset:
     def __post_init__(self):
         if self.image_size % 8 or not 16 <= self.image_size <= 1024:
             raise UserError(f"image_size must be a multiple of 8 from 16 to 1024, got {self.image_size}")
+        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) or not (
+                0 <= self.guidance <= 30):
+            raise UserError(f"guidance must be a number from 0 to 30 (the sampler's limit), got {self.guidance!r}")
         if self.vae.kind == "patches" and self.image_size % self.vae.patch_size:
             raise UserError(f"image_size {self.image_size} is not a multiple of vae.patch_size {self.vae.patch_size}")
 

@@ -8,6 +8,7 @@ import io
 import pytest
 from PIL import Image
 
+from emoji_ldm.errors import UserError
 from emoji_ldm.inference.pngmeta import read_params
 from emoji_ldm.inference.sampler import SampleJob, Sampler
 from emoji_ldm.inference.settings import DEFAULT_GUIDANCE, SamplerSettings, model_guidance
@@ -31,6 +32,9 @@ def test_the_card_names_the_guidance_and_a_card_without_one_gets_the_default():
     assert model_guidance({"guidance": 0}) == 0.0  # no guidance at all is a value, not "unset"
     assert model_guidance({}) == model_guidance({"guidance": None}) == DEFAULT_GUIDANCE == 5.0
     assert get_preset("pixel32").guidance == 2.5 and get_preset("tiny").guidance == DEFAULT_GUIDANCE
+    assert get_preset("pixel32", {"guidance": "3"}).guidance == 3.0  # --set guidance=3
+    with pytest.raises(UserError, match=r"guidance must be a number from 0 to 30 \(the sampler's limit\), got 31.0"):
+        get_preset("pixel32", {"guidance": "31"})
 
 
 def test_a_job_without_guidance_is_drawn_at_the_cards_and_its_pngs_say_so(model):
