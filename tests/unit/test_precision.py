@@ -49,7 +49,7 @@ def _unet_step(engine, preset, dtype=torch.bfloat16, layout=torch.contiguous_for
     from emoji_ldm.train.step import micro_batch_loss
 
     width = engine.module.config.cross_attention_dim
-    recipe = SimpleNamespace(caption_dropout=0.0, noise_offset=0.0, snr_gamma=None)
+    recipe = SimpleNamespace(caption_dropout=0.0, noise_offset=0.0, snr_gamma=None, timesteps="uniform")
     latents = torch.randn(2, 4, 8, 8).contiguous(memory_format=layout)  # (B, C, h, w)
     loss = micro_batch_loss(engine, noise_scheduler(preset), latents, torch.randn(2, 16, width),
                             torch.zeros(16, width), recipe, "epsilon", dtype)
@@ -161,7 +161,7 @@ def test_a_training_step_does_not_wait_for_the_device():
     opt = torch.optim.SGD(unet.parameters(), lr=1e-3)
     engine = PlainEngine(unet, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 1.0, unet.parameters())
     noise, width = noise_scheduler(preset), unet.config.cross_attention_dim
-    recipe = SimpleNamespace(caption_dropout=0.5, noise_offset=0.1, snr_gamma=5.0)
+    recipe = SimpleNamespace(caption_dropout=0.5, noise_offset=0.1, snr_gamma=5.0, timesteps="uniform")
 
     def forward(_):
         latents, text = torch.randn(4, 4, 8, 8), torch.randn(4, 16, width)  # (B, C, h, w), (B, L, D)
@@ -216,7 +216,8 @@ def test_caption_dropout_without_a_mask_index():
     drop = torch.rand(6) < 0.5  # the draws micro_batch_loss makes first
     torch.manual_seed(1)
     micro_batch_loss(engine, noise_scheduler(get_preset("tiny")), latents, text, empty,
-                     SimpleNamespace(caption_dropout=0.5, noise_offset=0.0, snr_gamma=None), "epsilon", torch.float32)
+                     SimpleNamespace(caption_dropout=0.5, noise_offset=0.0, snr_gamma=None, timesteps="uniform"),
+                     "epsilon", torch.float32)
     assert 0 < drop.sum() < 6
     assert torch.equal(seen["cond"][drop], empty.expand(int(drop.sum()), 3, 5))
     assert torch.equal(seen["cond"][~drop], text[~drop])

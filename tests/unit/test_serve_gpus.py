@@ -170,6 +170,7 @@ def stub_sampler(image_size: int = 64) -> Sampler:
     sampler = object.__new__(Sampler)
     sampler.model_uri, sampler.content_id, sampler.image_size, sampler.calls, sampler.adapters = "/m", "c", \
         image_size, 0, {}
+    sampler.guidance = 5.0  # the card's
     sampler.pipe = SimpleNamespace(vae_scale_factor=8, unet=SimpleNamespace(config=SimpleNamespace(in_channels=4)))
     sampler.drawn = []
 
