@@ -26,7 +26,7 @@ def served(s3_server, ray_local, tmp_path_factory):
 
     s3_server.client().create_bucket(Bucket="sets")
     root = tmp_path_factory.mktemp("serve")
-    model = tiny_model_with_card(root / "model")
+    model = tiny_model_with_card(root / "model", guidance=2.5)  # its own guidance, as pixel32's card names
     lora = tiny_lora(model, root / "my-cat")  # a personal adapter on this base, chosen per request
     url = deploy(str(model), sets_uri="s3://sets/emoji",
                  generator={"max_ongoing_requests": 4, "max_queued_requests": 4, "num_replicas": 1},
@@ -51,6 +51,7 @@ def test_health_model_card_and_openapi(served):
     assert health.status == 200 and health.json() == {"status": "ok"}  # open to anyone: no model URI
     card = get(served["url"] + "/v1/model").json()
     assert card["dataset"] == "s3://data/emoji" and card["dataset_version"] == 3 and card["image_size"] == 32
+    assert card["guidance"] == 2.5
     assert card["runtime"] == {"device": "cpu", "dtype": "float32", "vae_dtype": "float32", "compiled": False,
                                "warmup_s": None}  # dtype auto: fp32 on CPU
     schema = get(served["url"] + "/openapi.json").json()
@@ -68,6 +69,9 @@ def test_generate_json_png_and_seeds(served):
     assert resp.status == 200, resp.data
     body = resp.json()
     assert body["seeds"] == [10, 11, 12] and len(body["images"]) == 3
+    assert [m["guidance"] for m in body["metadata"]] == [2.5] * 3  # no guidance asked: the model's own
+    given = post(url, {"prompt": "red heart", "steps": 4, "guidance": 4}).json()
+    assert given["metadata"][0]["guidance"] == 4.0
     images = [b64png(b) for b in body["images"]]
     assert all(im.size == (32, 32) for im in images)
     # image i of a request is the image of seed + i alone: batching never changes a result
@@ -93,7 +97,7 @@ def test_emoji_set_zip_shares_noise_and_carries_lineage(served):
     assert [it["prompt"] for it in manifest["items"]] == ["happy blob", "sad blob", "thinking blob"]
     assert {it["seed"] for it in manifest["items"]} == {7}
     assert manifest["model"]["dataset"] == "s3://data/emoji" and manifest["model"]["latent_table_version"] == 1
-    assert manifest["settings"]["steps"] == 4
+    assert manifest["settings"]["steps"] == 4 and manifest["settings"]["guidance"] == 2.5
     pngs = [png(zf.read(f"{folder}/{it['file']}")) for it in manifest["items"]]
     assert len(pngs) == 3 and all(p.size == (32, 32) for p in pngs)
     assert f"{folder}/sheet.png" in names
@@ -199,6 +203,7 @@ def test_web_page_generates_and_downloads_zip_in_chromium(served, tmp_path):
     try:
         driver.get(served["url"] + "/")
         WebDriverWait(driver, 30).until(lambda d: "preset" in d.find_element(By.ID, "model").text)
+        assert driver.find_element(By.ID, "guidance").get_attribute("value") == "2.5"  # the model's own
         prompt = driver.find_element(By.ID, "prompt")
         prompt.clear()
         prompt.send_keys("<img src=x onerror=alert(1)> red heart")  # text, never markup
