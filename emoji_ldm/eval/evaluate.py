@@ -61,7 +61,7 @@ from emoji_ldm.eval.scores import (
     uint8_on_grey,
     vae_reconstruction,
 )
-from emoji_ldm.inference.settings import SamplerSettings, model_guidance
+from emoji_ldm.inference.settings import SamplerSettings
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,7 @@ def _model_measures(config: EvalConfig, pipe, table, meta: dict, heldout: dict) 
     from emoji_ldm.store.latents import decode_latents, own_caption
 
     card = model_card(config.model)
-    s = config.sampler if config.sampler.guidance is not None else config.sampler.replace(
-        guidance=model_guidance(card))  # the model's own guidance, as `generate` and the service draw it
+    s = config.sampler.with_model_guidance(card)  # as `generate` and the service draw it
     preset = preset_from_dict(meta["preset"])
     val = val_rows(table, config.val_rows)
     decoded = decode_latents({k: val.column(k).to_pylist() for k in ("latent", "latent_shape", "text_emb",

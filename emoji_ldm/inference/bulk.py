@@ -45,7 +45,7 @@ from emoji_ldm.errors import UserError
 from emoji_ldm.inference.animation import EXTENSIONS, AnimationSettings
 from emoji_ldm.inference.prompt_file import check_prompts, prompt_dataset, prompt_partitions
 from emoji_ldm.inference.sampler import InferenceOptions
-from emoji_ldm.inference.settings import SamplerSettings, model_guidance
+from emoji_ldm.inference.settings import SamplerSettings
 from emoji_ldm.inference.targets import TARGETS
 from emoji_ldm.runtime.partitions import shuffle_partitions
 
@@ -334,9 +334,8 @@ def bulk_generate(config: BulkConfig) -> dict:
     manifest_uri, images_uri = join(out, "manifest"), join(out, "images")
     check_manifest(manifest_uri)
     per_prompt = config.sampler.count
-    if config.sampler.guidance is None:  # the model's own, in the actors' settings, the rows and the commits
-        guidance = model_guidance(model_card(folder))
-        config = dataclasses.replace(config, sampler=config.sampler.replace(guidance=guidance))
+    # the model's own guidance where none is set: in the actors' settings, the rows and the commits
+    config = dataclasses.replace(config, sampler=config.sampler.with_model_guidance(model_card(folder)))
     ensure_ray()
     for uri, what in ((out, "the output (--out)"), (prompts_uri, "the prompt file (--prompts)"),
                       (model, "the model (--model)")):

@@ -75,3 +75,7 @@ class SamplerSettings:
 
     def replace(self, **changes) -> "SamplerSettings":
         return dataclasses.replace(self, **changes)
+
+    def with_model_guidance(self, card: dict) -> "SamplerSettings":
+        """These settings, with the model's own guidance (`model_guidance` of its card) where they set none."""
+        return self if self.guidance is not None else self.replace(guidance=model_guidance(card))

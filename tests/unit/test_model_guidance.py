@@ -53,6 +53,8 @@ def test_a_job_without_guidance_is_drawn_at_the_cards_and_its_pngs_say_so(model)
 
 def test_the_service_and_the_cli_leave_guidance_to_the_model_unless_given():
     assert SamplerSettings().guidance is None and SamplerSettings(guidance=3).guidance == 3.0
+    assert SamplerSettings().with_model_guidance({"guidance": 2.5}).guidance == 2.5  # bulk's and eval's
+    assert SamplerSettings(guidance=4).with_model_guidance({"guidance": 2.5}).guidance == 4.0
     assert GenerateRequest(prompt="red heart").sampler().guidance is None
     assert GenerateRequest(prompt="red heart", guidance=4).sampler().guidance == 4.0
 
