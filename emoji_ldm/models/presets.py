@@ -167,6 +167,7 @@ class TrainSpec:
     warmup_steps: int = 50
     max_steps: int = 1000
     weight_decay: float = 1e-2
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (torch's default); 0.99-0.95 adapts faster in short runs
     grad_clip: float = 1.0
     caption_dropout: float = 0.5  # share of captions replaced by "" (classifier-free guidance)
     ema_decay: float = 0.999  # the EMA's decay (with ema_warmup: its ceiling)
@@ -174,8 +175,10 @@ class TrainSpec:
     ema_power: float = 2 / 3  # 2/3 for long runs, 3/4 for short ones (diffusers' EMAModel)
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5.0 recommended); None: plain MSE
     noise_offset: float = 0.0  # offset noise (diffusers' --noise_offset, 0.05-0.1 typical); 0: off
-    # which timesteps a step trains: "uniform" over all, or "logit-normal" (SD3's: t/T = sigmoid(N(mean, std)),
-    # most of the steps in the middle of the schedule, few at its nearly clean and nearly pure-noise ends)
+    # which timesteps a step trains: "uniform" over all; "stratified", uniform too but spread evenly over each
+    # micro-batch (VDM's low-discrepancy sampler: one random offset, then steps of T/B, so no batch bunches up at one
+    # end of the schedule); or "logit-normal" (SD3's: t/T = sigmoid(N(mean, std)), most of the steps in the middle
+    # of the schedule, few at its nearly clean and nearly pure-noise ends)
     timesteps: str = "uniform"
     timestep_logit_mean: float = 0.0
     timestep_logit_std: float = 1.0
@@ -193,7 +196,7 @@ class TrainSpec:
         if self.gpu_micro_batch is not None and self.gpu_micro_batch <= 0:
             raise UserError(f"train.gpu_micro_batch must be positive or None, got {self.gpu_micro_batch}")
         check_choice("train.precision", self.precision, ("auto", "bf16", "fp16", "no"))
-        check_choice("train.timesteps", self.timesteps, ("uniform", "logit-normal"))
+        check_choice("train.timesteps", self.timesteps, ("uniform", "stratified", "logit-normal"))
         if not self.timestep_logit_std > 0:
             raise UserError(f"train.timestep_logit_std must be positive, got {self.timestep_logit_std}")
         if self.batch_size <= 0 or self.grad_accum <= 0 or self.max_steps <= 0:
@@ -203,6 +206,8 @@ class TrainSpec:
             )
         if not 0.0 <= self.caption_dropout < 1.0:
             raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not 0.0 < self.adam_beta2 < 1.0:
+            raise UserError(f"train.adam_beta2 must be in (0, 1) (0.999 is AdamW's default), got {self.adam_beta2}")
         if not 0.0 < self.ema_decay < 1.0:
             raise UserError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if not 0.0 < self.ema_power <= 1.0:

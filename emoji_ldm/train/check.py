@@ -133,7 +133,8 @@ def _step(config: StepCheckConfig, preset, device, precision: str, autocast):
     torch.manual_seed(preset.train.seed)
     unet = prepare_unet(build_unet(preset).to(device).train(), config.speed)
     params = configure_trainable(unet, preset)
-    optimizer = torch.optim.AdamW(params, lr=preset.train.lr, weight_decay=preset.train.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=preset.train.lr, betas=(0.9, preset.train.adam_beta2),
+                                  weight_decay=preset.train.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     engine = PlainEngine(unet, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, preset_schedule(preset)),
                          preset.train.grad_clip, params, scaler=scaler)

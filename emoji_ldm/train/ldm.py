@@ -152,7 +152,8 @@ def _recipe(run: WorkerConfig):
     params = configure_trainable(unet, preset)
     engine, scheduler = runner.create_engine(
         unet, params, lr=tc.lr, weight_decay=tc.weight_decay, lr_lambda=preset_schedule(preset), micro=micro,
-        grad_accum=tc.grad_accum, grad_clip=tc.grad_clip, zero_stage=run.zero_stage, worker=w, speed=run.speed)
+        grad_accum=tc.grad_accum, grad_clip=tc.grad_clip, zero_stage=run.zero_stage, worker=w, speed=run.speed,
+        adam_beta2=tc.adam_beta2)
     noise = noise_scheduler(preset)
 
     def batches(counters: dict):

@@ -208,9 +208,9 @@ def deepspeed_config(micro: int, grad_accum: int, grad_clip: float, zero_stage: 
 
 
 def create_engine(module, params, *, lr: float, weight_decay: float, lr_lambda, micro: int, grad_accum: int,
-                  grad_clip: float, zero_stage: int, worker: Worker, speed):
-    """A DeepSpeed engine training `params` of `module` with AdamW and a `LambdaLR` schedule, channels-last and
-    compiled on request; returns (engine, lr_scheduler)."""
+                  grad_clip: float, zero_stage: int, worker: Worker, speed, adam_beta2: float = 0.999):
+    """A DeepSpeed engine training `params` of `module` with AdamW (betas 0.9, `adam_beta2`) and a `LambdaLR`
+    schedule, channels-last and compiled on request; returns (engine, lr_scheduler)."""
     import deepspeed
     import torch
 
@@ -218,7 +218,7 @@ def create_engine(module, params, *, lr: float, weight_decay: float, lr_lambda, 
 
     if worker.device.type == "cpu":
         no_shared_memory_all_reduce()
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, adam_beta2), weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     engine, _, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler,

@@ -54,10 +54,15 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, no
 
 
 def sample_timesteps(recipe, num_train_timesteps: int, n: int, device) -> torch.Tensor:
-    """(n,) int64 timesteps on `device`: uniform, or logit-normal as SD3 samples them (diffusers'
-    `compute_density_for_timestep_sampling`, drawn on the CPU), per the preset's `TrainSpec.timesteps`."""
+    """(n,) int64 timesteps on `device`: uniform; stratified (uniform, one in each of n equal strata, drawn on the
+    CPU); or logit-normal as SD3 samples them (diffusers' `compute_density_for_timestep_sampling`, on the CPU), per
+    the preset's `TrainSpec.timesteps`."""
     if recipe.timesteps == "uniform":
         return torch.randint(0, num_train_timesteps, (n,), device=device)
+    if recipe.timesteps == "stratified":
+        u = (torch.rand(()) + torch.arange(n) / n) % 1.0  # (n,) in [0, 1): one offset, then evenly spaced
+        u = u[torch.randperm(n)]  # (n,) no link between an image's place in the batch and its timestep
+        return (u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1).to(device)
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
     u = compute_density_for_timestep_sampling("logit_normal", n, recipe.timestep_logit_mean,

@@ -410,3 +410,16 @@ def test_every_recipe_shares_one_lr_schedule():
     assert preset_schedule(get_preset("tiny"))(t.max_steps) == pytest.approx(t.min_lr / t.lr)
     with pytest.raises(ValueError, match="floor 2"):
         warmup_cosine(0, 10, 2)
+
+
+def test_engine_adam_beta2(one_rank_gloo):
+    """`train.adam_beta2` reaches the engine's AdamW (torch's default 0.999 otherwise)."""
+    from emoji_ldm.train import runner
+
+    layer = torch.nn.Linear(4, 4)
+    for beta2 in (None, 0.95):
+        extra = {} if beta2 is None else {"adam_beta2": beta2}
+        engine, _ = runner.create_engine(layer, list(layer.parameters()), lr=1e-3, weight_decay=0.0,
+                                         lr_lambda=lambda s: 1.0, micro=2, grad_accum=1, grad_clip=1.0, zero_stage=0,
+                                         worker=_worker("no"), speed=SpeedOptions(), **extra)
+        assert engine.optimizer.param_groups[0]["betas"] == (0.9, beta2 or 0.999)

@@ -170,7 +170,8 @@ def test_ema_warmup_follows_diffusers_schedule():
 def test_recipe_options_are_validated():
     for key, value, message in [("train.snr_gamma", "0", "snr_gamma must be positive"),
                                 ("train.noise_offset", "2", "noise_offset must be in"),
-                                ("train.ema_power", "0", "ema_power must be in")]:
+                                ("train.ema_power", "0", "ema_power must be in"),
+                                ("train.adam_beta2", "1", r"train.adam_beta2 must be in \(0, 1\) .*got 1.0")]:
         with pytest.raises(UserError, match=message):
             get_preset("tiny", {key: value})
 
@@ -192,10 +193,28 @@ def test_timesteps_uniform_or_logit_normal():
     assert 0 <= t.min() and t.max() <= 999 and 450 <= t.float().median() <= 550
     ends = ((t < 100) | (t >= 900)).float().mean()  # uniform: 20%; logit-normal(0, 1): about 3%
     assert ends < 0.05
-    with pytest.raises(UserError, match="train.timesteps must be one of uniform, logit-normal, got 'lognormal'"):
+    with pytest.raises(UserError, match="train.timesteps must be one of uniform, stratified, logit-normal, got 'logn"):
         get_preset("pixel32", {"train.timesteps": "lognormal"})
     with pytest.raises(UserError, match="timestep_logit_std must be positive, got 0.0"):
         get_preset("pixel32", {"train.timesteps": "logit-normal", "train.timestep_logit_std": "0"})
+
+
+def test_timesteps_stratified():
+    """Stratified draws put one timestep in each of the micro-batch's n equal strata of the schedule, in a random
+    order, and repeat under a seed."""
+    from emoji_ldm.train.step import sample_timesteps
+
+    recipe = get_preset("pixel32", {"train.timesteps": "stratified"}).train
+    for n in (1, 8, 40):  # sizes that divide the 1,000 timesteps into whole strata
+        torch.manual_seed(n)
+        t = sample_timesteps(recipe, 1000, n, "cpu")  # (n,)
+        torch.manual_seed(n)
+        assert torch.equal(t, sample_timesteps(recipe, 1000, n, "cpu")) and t.dtype == torch.int64
+        assert 0 <= t.min() and t.max() <= 999
+        assert torch.equal(torch.sort(t * n // 1000).values, torch.arange(n))  # one draw in each stratum
+    torch.manual_seed(0)
+    t = sample_timesteps(recipe, 1000, 32, "cpu")
+    assert not torch.equal(t, torch.sort(t).values)  # shuffled: the first image is not always the least noisy
 
 
 def test_training_step_uses_the_recipe():
