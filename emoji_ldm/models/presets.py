@@ -349,8 +349,16 @@ def _convert(value: str, current: Any) -> Any:
         return int(value)
     if isinstance(current, float):
         return float(value)
-    if isinstance(current, tuple):
-        items = [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(current, tuple):  # "32,64,128", or as a list is written: "[32, 64, 128]", "(32, 64, 128)"
+        inner = value.strip()
+        if inner[:1] + inner[-1:] in ("[]", "()"):
+            inner = inner[1:-1]
+        items = [v.strip().strip("'\"") for v in inner.split(",") if v.strip()]
+        if current and all(isinstance(v, int) for v in current):  # a tuple of numbers: every item a number
+            bad = [v for v in items if not v.lstrip("-").isdigit()]
+            if bad:
+                raise ValueError(f"{value!r} is not a list of whole numbers such as 32,64,128 ({bad[0]!r} is not)")
+            return tuple(int(v) for v in items)
         return tuple(int(v) if v.lstrip("-").isdigit() else v for v in items)
     if current is None:
         try:

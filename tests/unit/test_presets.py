@@ -27,6 +27,8 @@ def test_presets_round_trip_and_overrides():
                                            "unet.down_block_types=DownBlock2D,CrossAttnDownBlock2D,DownBlock2D",
                                            "unet.up_block_types=UpBlock2D,CrossAttnUpBlock2D,UpBlock2D"]))
     assert len(three.unet.down_block_types) == 3
+    for written in ("[32, 64]", "(32,64)", " 32, 64 "):  # a list as people write one
+        assert get_preset("tiny", parse_sets([f"unet.block_out_channels={written}"])).unet.block_out_channels == (32, 64)
     assert get_preset("emoji64").noise.beta_schedule == "scaled_linear"
     pixels = get_preset("pixel32").noise  # pixel space: DDPM's linear betas
     assert (pixels.beta_schedule, pixels.beta_start, pixels.beta_end) == ("linear", 0.0001, 0.02)
@@ -41,6 +43,7 @@ def test_presets_round_trip_and_overrides():
     ("tiny", ["image_size=30"], "multiple of 8"),
     ("tiny", ["train.caption_dropout=1.5"], "caption_dropout"),
     ("tiny", ["unet.block_out_channels=32,64,64"], "down_block_types has 2 entries"),
+    ("tiny", ["unet.block_out_channels=[32,x64]"], r"'\[32,x64\]' is not a list of whole numbers .*\('x64' is not\)"),
     ("tiny", ["vae.colour_loss=visible"], "vae.colour_loss must be premultiplied or straight, got 'visible'"),
     ("tiny", ["vae.kind=pixels"], "vae.kind must be kl or patches, got 'pixels'"),
     ("tiny", ["train.zero_stage=4"], "train.zero_stage must be 0, 1, 2 or 3, got 4"),
