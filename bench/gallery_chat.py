@@ -25,7 +25,7 @@ from emoji_ldm.eval.legibility import CHAT_PX, THEMES, at_chat_size  # noqa: E40
 from emoji_ldm.imaging import on_checkerboard, resize_rgba  # noqa: E402
 
 # make demo's set (infra/demo_set.sh)
-PROMPTS = ("red heart", "grinning face", "face with tears of joy", "soccer ball", "pizza", "thumbs up")
+PROMPTS = ("red heart", "grinning face", "face with tears of joy", "soccer ball", "pizza", "rainbow")
 ZOOM = 3  # the chat-size copies, enlarged this many times with nearest-neighbour
 
 

@@ -28,7 +28,8 @@ def test_presets_round_trip_and_overrides():
                                            "unet.up_block_types=UpBlock2D,CrossAttnUpBlock2D,UpBlock2D"]))
     assert len(three.unet.down_block_types) == 3
     for written in ("[32, 64]", "(32,64)", " 32, 64 "):  # a list as people write one
-        assert get_preset("tiny", parse_sets([f"unet.block_out_channels={written}"])).unet.block_out_channels == (32, 64)
+        preset = get_preset("tiny", parse_sets([f"unet.block_out_channels={written}"]))
+        assert preset.unet.block_out_channels == (32, 64)
     assert get_preset("emoji64").noise.beta_schedule == "scaled_linear"
     pixels = get_preset("pixel32").noise  # pixel space: DDPM's linear betas
     assert (pixels.beta_schedule, pixels.beta_start, pixels.beta_end) == ("linear", 0.0001, 0.02)
