@@ -30,11 +30,14 @@ case $preset in
 esac
 vae_steps=${DEMO_VAE_STEPS:-1200}
 vae_batch=${DEMO_VAE_BATCH:-8}
-# The UNet's steps (the preset's own for pixel32; tiny's VAE leaves it 500), so that the whole demo, install
-# included, fits in 15 minutes on 2 cores.
-default_steps=1600
-[ "$preset" = tiny ] && default_steps=500
-train_steps=${DEMO_TRAIN_STEPS:-$default_steps}
+# The UNet's steps, so that the whole demo, install included, fits in 15 minutes on 2 cores: the preset's own for
+# pixel32 (1,600), 500 for tiny (its VAE takes the rest of the minutes); DEMO_TRAIN_STEPS sets another.
+train_steps=${DEMO_TRAIN_STEPS:-}
+[[ -z $train_steps || $train_steps =~ ^[1-9][0-9]*$ ]] ||
+  { echo "DEMO_TRAIN_STEPS must be a whole number of steps such as 1600, got '$train_steps'" >&2; exit 2; }
+if [ -z "$train_steps" ] && [ "$preset" = tiny ]; then train_steps=500; fi
+steps_args=()
+[ -n "$train_steps" ] && steps_args=(--max-steps "$train_steps")
 # The guidance the demo samples its model at (generate, the set, eval): by default the model's own, which its card
 # names (the preset's: 2.5 for pixel32, where a sweep of one model on 49 held-out captions, 12 seeds each, found
 # prompt accuracy flat from 1.5 to 3 and falling above, oversaturated speckle at 5; docs/demo.md). DEMO_GUIDANCE
@@ -162,10 +165,9 @@ step show "$cli" dataset show "$out/twemoji" --sheet "$out/twemoji-sheet.png"
 vae_args=()
 [ "$preset" = tiny ] && vae_args=(--vae-steps "$vae_steps" --set vae.train_batch_size="$vae_batch")
 step encode "$cli" encode --dataset "$out/twemoji" --preset "$preset" --out "$out/latents" "${vae_args[@]}"
-# the UNet's cosine schedule fitted to DEMO_TRAIN_STEPS; channels-last convolutions (about 10% faster on CPU,
-# the same work)
+# the UNet's cosine schedule fitted to its steps; channels-last convolutions (about 10% faster on CPU, the same work)
 step train "$cli" train --data "$out/latents" --preset "$preset" --out "$out/run" --workers 2 --zero-stage 2 \
-  --max-steps "$train_steps" --channels-last
+  "${steps_args[@]}" --channels-last
 # typed as a user types it: the model card's prompt_style gives it the form of the captions it learned
 step generate "$cli" generate --model "$out/run" --prompt "grinning face" --n 8 "${guidance_args[@]}" \
   --out "$out/generated"

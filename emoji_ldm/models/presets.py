@@ -270,7 +270,7 @@ PRESETS: dict[str, Preset] = {
         # patch's 4x4 pixels from one latent pixel, a grid that showed in every image. 24/48/96 channels, not
         # 32/64/128: 0.58x the FLOPs and 0.7x the step on 2 cores, so the demo's minutes train 1,600 steps instead
         # of 1,000, and blind readers recognised 16 and 15 of 24 tiles against 8 to 11 for the wider model
-        # (bench/archive/demo_forms/README.md#the-unets-width-2026-11-29)
+        # (bench/archive/demo_forms/README.md#the-unets-width-2026-11-29-later)
         name="pixel32",
         image_size=32,
         vae=VAESpec(kind="patches", patch_size=2, latent_channels=16),
