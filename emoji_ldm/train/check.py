@@ -125,7 +125,7 @@ def _step(config: StepCheckConfig, preset, device, precision: str, autocast):
     import torch
 
     from emoji_ldm.models.builders import build_unet, configure_trainable, noise_scheduler, text_hidden_size
-    from emoji_ldm.train import loop
+    from emoji_ldm.train import loop, runner
     from emoji_ldm.train.lr import preset_schedule
     from emoji_ldm.train.speed import prepare_unet
     from emoji_ldm.train.step import PlainEngine, latent_forward
@@ -133,8 +133,8 @@ def _step(config: StepCheckConfig, preset, device, precision: str, autocast):
     torch.manual_seed(preset.train.seed)
     unet = prepare_unet(build_unet(preset).to(device).train(), config.speed)
     params = configure_trainable(unet, preset)
-    optimizer = torch.optim.AdamW(params, lr=preset.train.lr, betas=(0.9, preset.train.adam_beta2),
-                                  weight_decay=preset.train.weight_decay)
+    optimizer = runner.adamw(params, lr=preset.train.lr, weight_decay=preset.train.weight_decay,
+                             adam_beta2=preset.train.adam_beta2)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     engine = PlainEngine(unet, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, preset_schedule(preset)),
                          preset.train.grad_clip, params, scaler=scaler)

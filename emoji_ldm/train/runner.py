@@ -207,6 +207,13 @@ def deepspeed_config(micro: int, grad_accum: int, grad_clip: float, zero_stage: 
     }
 
 
+def adamw(params, *, lr: float, weight_decay: float, adam_beta2: float = 0.999):
+    """The AdamW every recipe trains with (betas 0.9, `adam_beta2`): DeepSpeed's engine and `train-step-check`."""
+    import torch
+
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, adam_beta2), weight_decay=weight_decay)
+
+
 def create_engine(module, params, *, lr: float, weight_decay: float, lr_lambda, micro: int, grad_accum: int,
                   grad_clip: float, zero_stage: int, worker: Worker, speed, adam_beta2: float = 0.999):
     """A DeepSpeed engine training `params` of `module` with AdamW (betas 0.9, `adam_beta2`) and a `LambdaLR`
@@ -218,7 +225,7 @@ def create_engine(module, params, *, lr: float, weight_decay: float, lr_lambda, 
 
     if worker.device.type == "cpu":
         no_shared_memory_all_reduce()
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, adam_beta2), weight_decay=weight_decay)
+    optimizer = adamw(params, lr=lr, weight_decay=weight_decay, adam_beta2=adam_beta2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     engine, _, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler,

@@ -62,11 +62,11 @@ def sample_timesteps(recipe, num_train_timesteps: int, n: int, device) -> torch.
     if recipe.timesteps == "stratified":
         u = (torch.rand(()) + torch.arange(n) / n) % 1.0  # (n,) in [0, 1): one offset, then evenly spaced
         u = u[torch.randperm(n)]  # (n,) no link between an image's place in the batch and its timestep
-        return (u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1).to(device)
-    from diffusers.training_utils import compute_density_for_timestep_sampling
+    else:
+        from diffusers.training_utils import compute_density_for_timestep_sampling
 
-    u = compute_density_for_timestep_sampling("logit_normal", n, recipe.timestep_logit_mean,
-                                              recipe.timestep_logit_std)  # (n,) in (0, 1)
+        u = compute_density_for_timestep_sampling("logit_normal", n, recipe.timestep_logit_mean,
+                                                  recipe.timestep_logit_std)  # (n,) in (0, 1)
     return (u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1).to(device)
 
 
